@@ -1,0 +1,178 @@
+"""Configuration: environment variables, every problem at once, secrets redacted."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from worker.config import Settings, load_settings, redact_url
+from worker.errors import ConfigError
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {"PATH": "/usr/bin:/bin", "HOME": "/tmp"}
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        capture_output=True,
+        text=True,
+        env={**base, **(env or {})},
+        timeout=60,
+        check=False,
+    )
+
+
+def test_defaults_match_the_documented_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("COST_WORKER_"):
+            monkeypatch.delenv(key)
+    settings = load_settings()
+    assert settings.kafka_group_id == "cost-ingestion-worker"
+    assert settings.topic_provider_buckets == "cost.provider-buckets"
+    assert settings.topic_api_usage == "usage.api-events"
+    assert settings.topic_budget_alerts == "cost.budget-alerts"
+    assert settings.topic_dead_letter == "cost.dead-letter"
+    assert settings.kafka_producer_idempotence is True
+
+
+def test_reads_prefixed_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COST_WORKER_DATABASE_URL", "postgresql://u:pw@db:5432/x")
+    monkeypatch.setenv("COST_WORKER_KAFKA_BOOTSTRAP_SERVERS", "k1:9092,k2:9092")
+    monkeypatch.setenv("COST_WORKER_BATCH_MAX_RECORDS", "1234")
+    monkeypatch.setenv("COST_WORKER_LOG_LEVEL", "debug")
+    settings = load_settings(require=("database_url", "kafka_bootstrap_servers"))
+    assert settings.batch_max_records == 1234
+    assert settings.log_level == "DEBUG"
+    assert settings.dsn() == "postgresql://u:pw@db:5432/x"
+
+
+def test_every_problem_is_reported_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COST_WORKER_BATCH_MAX_RECORDS", "zero")
+    monkeypatch.setenv("COST_WORKER_METRICS_PORT", "99999")
+    monkeypatch.setenv("COST_WORKER_LOG_FORMAT", "xml")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    text = "\n".join(caught.value.problems)
+    assert "COST_WORKER_BATCH_MAX_RECORDS" in text
+    assert "COST_WORKER_METRICS_PORT" in text
+    assert "COST_WORKER_LOG_FORMAT" in text
+    assert len(caught.value.problems) == 3
+
+
+def test_cross_field_problems_are_all_listed() -> None:
+    settings = Settings(
+        database_url="mysql://x@y/z",
+        kafka_bootstrap_servers="nohostport",
+        kafka_security_protocol="SASL_SSL",
+        database_pool_min=5,
+        database_pool_max=2,
+        topic_api_usage="same",
+        topic_provider_buckets="same",
+    )
+    problems = settings.problems(require=("database_url",))
+    joined = "\n".join(problems)
+    for expected in (
+        "postgresql:// URL",
+        "not host:port",
+        "COST_WORKER_KAFKA_SASL_MECHANISM: required",
+        "COST_WORKER_KAFKA_SASL_USERNAME: required",
+        "COST_WORKER_KAFKA_SASL_PASSWORD: required",
+        "COST_WORKER_DATABASE_POOL_MIN",
+        "distinct",
+    ):
+        assert expected in joined, expected
+
+
+def test_redaction_hides_passwords() -> None:
+    assert redact_url("postgresql://app:s3cret@db:5432/x") == "postgresql://app:***@db:5432/x"
+    assert redact_url("postgresql://db/x") == "postgresql://db/x"
+    settings = Settings(
+        database_url="postgresql://app:s3cret@db/x",
+        kafka_security_protocol="SASL_PLAINTEXT",
+        kafka_sasl_mechanism="PLAIN",
+        kafka_sasl_username="svc",
+        kafka_sasl_password="hunter2",
+    )
+    shown = "\n".join(f"{k}={v}" for k, v in settings.redacted().items())
+    assert "s3cret" not in shown
+    assert "hunter2" not in shown
+    assert "COST_WORKER_KAFKA_SASL_USERNAME=svc" in shown
+    assert sorted(settings.secrets()) == ["hunter2", "s3cret"]
+
+
+def test_check_config_prints_redacted_configuration() -> None:
+    result = run_cli(
+        "check-config",
+        env={
+            "COST_WORKER_DATABASE_URL": "postgresql://app:topsecretpw@db/x",
+            "COST_WORKER_KAFKA_BOOTSTRAP_SERVERS": "k:9092",
+            "COST_WORKER_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+            "COST_WORKER_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+            "COST_WORKER_KAFKA_SASL_USERNAME": "svc",
+            "COST_WORKER_KAFKA_SASL_PASSWORD": "saslsecretpw",
+        },
+    )
+    assert result.returncode == 0, result.stderr
+    assert "configuration OK" in result.stdout
+    assert "postgresql://app:***@db/x" in result.stdout
+    assert "topsecretpw" not in result.stdout + result.stderr
+    assert "saslsecretpw" not in result.stdout + result.stderr
+
+
+def test_check_config_reports_all_problems_without_traceback() -> None:
+    result = run_cli(
+        "check-config",
+        env={
+            "COST_WORKER_DATABASE_URL": "postgresql://app:leakme@db/x",
+            "COST_WORKER_BATCH_MAX_WAIT": "-1",
+            "COST_WORKER_KAFKA_SECURITY_PROTOCOL": "CARRIER_PIGEON",
+        },
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2, result.stderr
+    assert all(line.startswith("cost-worker: config error: ") for line in lines)
+    assert "Traceback" not in result.stderr
+    assert "leakme" not in result.stderr + result.stdout
+
+
+def test_wrong_flag_is_one_line_and_nonzero() -> None:
+    result = run_cli("run", "--no-such-flag")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "unrecognized arguments: --no-such-flag" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_required_setting_is_named() -> None:
+    result = run_cli("migrate")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "cost-worker: config error: COST_WORKER_DATABASE_URL: required"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["migrate"],
+        ["run"],
+        ["dev"],
+        ["check-config"],
+        ["quarantine", "list"],
+        ["quarantine", "replay"],
+        ["budgets", "status"],
+    ],
+)
+def test_every_command_has_help(command: list[str]) -> None:
+    result = run_cli(*command, "--help")
+    assert result.returncode == 0
+    assert "usage: cost-worker" in result.stdout
+    assert len(result.stdout.splitlines()) > 3
+
+
+def test_unknown_fault_point_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COST_WORKER_FAULT_POINTS", "before_db_commit,nowhere")
+    with pytest.raises(ConfigError, match="unknown fault point 'nowhere'"):
+        load_settings()

@@ -1,0 +1,222 @@
+"""``cost-worker`` command line: one subcommand per job an operator or developer has.
+
+Every failure ends as one line on stderr and a non-zero exit code, never a traceback:
+2 for usage and configuration errors, 1 for everything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import traceback
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, NoReturn
+
+from worker import __version__
+from worker.config import Settings, load_settings
+from worker.errors import ConfigError, CostWorkerError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line instead of the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="cost-worker",
+        description="Turns AI-provider cost and usage events from Kafka into a cost ledger and budget alerts. "
+        "Configuration comes from COST_WORKER_* environment variables (see README.md).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    sub.add_parser(
+        "migrate",
+        help="apply pending database migrations",
+        description="Create the roles if missing and apply every pending migration from schema/, each in its "
+        "own transaction under an advisory lock. Refuses edited migrations and databases newer than the code.",
+    )
+
+    run = sub.add_parser(
+        "run",
+        help="consume Kafka and write the ledger until SIGTERM",
+        description="Consume the provider-bucket and API-usage topics, write the ledger exactly once in "
+        "effect, evaluate budgets and publish alerts. Runs until SIGTERM/SIGINT.",
+    )
+    run.add_argument(
+        "--exit-when-idle",
+        type=float,
+        metavar="SECONDS",
+        help="exit 0 once every assigned partition is caught up and nothing arrived for SECONDS",
+    )
+
+    dev = sub.add_parser(
+        "dev",
+        help="run the worker on an embedded PostgreSQL and broker with demo data",
+        description="Start (or reuse) an embedded PostgreSQL server and Kafka-protocol broker under a local "
+        "state directory, migrate, seed a demo organization, publish a demo stream, run the worker until "
+        "idle and print a summary. URLs set in the environment are used instead of the embedded servers.",
+    )
+    dev.add_argument("--state-dir", default=".dev", help="where the embedded servers keep their data (.dev)")
+    dev.add_argument("--once", action="store_true", help="exit after the demo summary instead of running on")
+
+    sub.add_parser(
+        "check-config",
+        help="validate the configuration and print it with secrets redacted",
+        description="Validate every COST_WORKER_* setting, report every problem at once and exit 2 if there "
+        "is any; otherwise print the effective configuration with secrets redacted and exit 0.",
+    )
+
+    quarantine = sub.add_parser(
+        "quarantine",
+        help="inspect and replay quarantined messages",
+        description="Quarantined messages keep their raw payload, reason and source offset.",
+    )
+    qsub = quarantine.add_subparsers(dest="quarantine_command", metavar="ACTION", parser_class=_Parser)
+    qsub.required = True
+    qlist = qsub.add_parser(
+        "list", help="list quarantined messages", description="List quarantined messages, newest first."
+    )
+    qlist.add_argument("--reason", help="only this reason")
+    qlist.add_argument("--status", choices=["pending", "replayed", "all"], default="pending")
+    qlist.add_argument("--limit", type=int, default=50, help="at most this many rows (50)")
+    qreplay = qsub.add_parser(
+        "replay",
+        help="reprocess pending quarantined messages",
+        description="Run pending quarantined messages through validation and attribution again (for example "
+        "after adding a missing project mapping). Those that pass are applied exactly as if consumed; the "
+        "rest stay quarantined with their new reason.",
+    )
+    qreplay.add_argument("--reason", help="only messages quarantined for this reason")
+    qreplay.add_argument("--limit", type=int, default=10_000, help="at most this many messages (10000)")
+
+    budgets = sub.add_parser("budgets", help="budget reports", description="Budget reports.")
+    bsub = budgets.add_subparsers(dest="budgets_command", metavar="ACTION", parser_class=_Parser)
+    bsub.required = True
+    bstatus = bsub.add_parser(
+        "status",
+        help="each active budget's current period, spend and crossed thresholds",
+        description="Print each active budget's current period, spend, percent used and the thresholds "
+        "already alerted, as a table.",
+    )
+    bstatus.add_argument("--organization", metavar="ID", help="only this organization (uuid)")
+    return parser
+
+
+def _settings(*, require: tuple[str, ...] = ()) -> Settings:
+    return load_settings(require=require)
+
+
+def _run(coro_fn: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    return asyncio.run(coro_fn())
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _settings()
+    width = max(len(name) for name in settings.redacted())
+    for name, value in settings.redacted().items():
+        print(f"{name:<{width}}  {value}")
+    missing = [name for name in ("database_url", "kafka_bootstrap_servers") if getattr(settings, name) is None]
+    if missing:
+        # Not fatal for check-config itself (dev fills them in), but `run` needs them.
+        print("note: `run` and `migrate` also need " + ", ".join(f"COST_WORKER_{m.upper()}" for m in missing))
+    print("configuration OK")
+    return EXIT_OK
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from worker import logs  # noqa: PLC0415 - keep `--help` fast
+    from worker.migrate import migrate  # noqa: PLC0415
+
+    settings = _settings(require=("database_url",))
+    logs.configure(level=settings.log_level, fmt=settings.log_format, secrets=settings.secrets())
+    return _run(lambda: _migrate(settings, migrate))
+
+
+async def _migrate(settings: Settings, migrate: Any) -> int:
+    report = await migrate(settings.dsn())
+    if report.applied:
+        print(f"applied {len(report.applied)} migration(s): {', '.join(report.applied)}")
+    else:
+        print(f"database is up to date ({report.already_applied} migration(s) applied)")
+    if not report.as_owner:
+        print("note: this login cannot act as cost_worker_owner; objects are owned by the login role")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from worker import app  # noqa: PLC0415
+
+    settings = _settings(require=("database_url", "kafka_bootstrap_servers"))
+    if args.exit_when_idle is not None and args.exit_when_idle <= 0:
+        raise ConfigError(["--exit-when-idle: must be a positive number of seconds"])
+    return app.run(settings, exit_when_idle=args.exit_when_idle)
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from pathlib import Path  # noqa: PLC0415
+
+    from worker import dev  # noqa: PLC0415
+
+    return dev.main(_settings(), state_dir=Path(args.state_dir), once=args.once)
+
+
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    from worker import admin  # noqa: PLC0415
+
+    settings = _settings(require=("database_url",))
+    if args.quarantine_command == "list":
+        return _run(lambda: admin.quarantine_list(settings, reason=args.reason, status=args.status, limit=args.limit))
+    return _run(lambda: admin.quarantine_replay(settings, reason=args.reason, limit=args.limit))
+
+
+def cmd_budgets(args: argparse.Namespace) -> int:
+    from worker import admin  # noqa: PLC0415
+
+    settings = _settings(require=("database_url",))
+    return _run(lambda: admin.budgets_status(settings, organization=args.organization))
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "check-config": cmd_check_config,
+    "migrate": cmd_migrate,
+    "run": cmd_run,
+    "dev": cmd_dev,
+    "quarantine": cmd_quarantine,
+    "budgets": cmd_budgets,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"cost-worker: config error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except CostWorkerError as exc:
+        print(f"cost-worker: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug: still one line, the traceback only when asked for
+        if os.environ.get("COST_WORKER_LOG_LEVEL", "").upper() == "DEBUG":
+            traceback.print_exc()
+        print(
+            f"cost-worker: internal error: {type(exc).__name__}: {exc} "
+            "(set COST_WORKER_LOG_LEVEL=DEBUG for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE

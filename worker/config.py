@@ -1,0 +1,301 @@
+"""Settings: every knob, read from ``COST_WORKER_*`` environment variables.
+
+Defaults are named constants with their units. ``load_settings`` validates everything and reports every
+problem at once (``cost-worker check-config`` prints them); secrets never leave this module unredacted.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.errors import ConfigError
+
+ENV_PREFIX = "COST_WORKER_"
+
+# --- defaults, with units -----------------------------------------------------------------------------
+KAFKA_GROUP_ID = "cost-ingestion-worker"
+TOPIC_PROVIDER_BUCKETS = "cost.provider-buckets"
+TOPIC_API_USAGE = "usage.api-events"
+TOPIC_BUDGET_ALERTS = "cost.budget-alerts"
+TOPIC_DEAD_LETTER = "cost.dead-letter"
+
+BATCH_MAX_RECORDS = 5_000  # messages per database transaction
+BATCH_MAX_WAIT = 0.5  # seconds to wait for a batch to fill
+MAX_MESSAGE_BYTES = 1_048_576  # bytes; larger messages are quarantined as oversized
+MAX_RESULTS_PER_MESSAGE = 50_000  # provider results in one message; more is quarantined
+DEAD_LETTER_MAX_BYTES = 524_288  # bytes of the raw payload mirrored to the dead-letter topic
+
+DATABASE_POOL_MIN = 1  # connections
+DATABASE_POOL_MAX = 4  # connections
+DATABASE_CONNECT_TIMEOUT = 10.0  # seconds
+DATABASE_STATEMENT_TIMEOUT = 30.0  # seconds
+
+KAFKA_SESSION_TIMEOUT = 30.0  # seconds before the group coordinator declares a silent member dead
+KAFKA_HEARTBEAT_INTERVAL = 3.0  # seconds
+KAFKA_MAX_POLL_INTERVAL = 300.0  # seconds between polls before the member is evicted
+KAFKA_REQUEST_TIMEOUT = 40.0  # seconds
+
+RETRY_INITIAL_BACKOFF = 0.1  # seconds before the first retry of a failed batch
+RETRY_MAX_BACKOFF = 30.0  # seconds; backoff is exponential with jitter up to this
+READY_MAX_RETRYING = 60.0  # seconds stuck in retries before /readyz says not ready
+
+OUTBOX_POLL_INTERVAL = 1.0  # seconds between outbox scans when nothing woke the publisher
+OUTBOX_BATCH = 500  # outbox rows published per round
+BUDGET_SWEEP_INTERVAL = 300.0  # seconds between sweeps of every active budget
+SHUTDOWN_GRACE = 20.0  # seconds to finish the in-flight batch and flush the outbox after SIGTERM
+
+BREAKER_WINDOW = 1_000  # most recent messages the circuit breaker looks at
+BREAKER_MIN_MESSAGES = 200  # messages seen before the breaker may open
+BREAKER_INVALID_RATIO = 0.9  # share of invalid messages in the window that stops the worker
+
+METRICS_HOST = "0.0.0.0"  # noqa: S104 - the metrics port must be reachable by Prometheus in a pod
+METRICS_PORT = 9108
+
+FAULT_POINTS = ("before_db_commit", "after_db_commit", "before_outbox_publish")
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+
+
+class Settings(BaseSettings):
+    """The worker's configuration. Field names map to ``COST_WORKER_<NAME>`` variables."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
+
+    # database
+    database_url: SecretStr | None = Field(
+        default=None, description="PostgreSQL URL, e.g. postgresql://user:pass@host:5432/db"
+    )
+    database_role: str | None = Field(
+        default=None, description="Role to SET after connecting (e.g. cost_worker_writer); empty: login role"
+    )
+    database_pool_min: int = Field(default=DATABASE_POOL_MIN, ge=1, description="Minimum pool connections")
+    database_pool_max: int = Field(default=DATABASE_POOL_MAX, ge=1, description="Maximum pool connections")
+    database_connect_timeout: float = Field(default=DATABASE_CONNECT_TIMEOUT, gt=0, description="Seconds")
+    database_statement_timeout: float = Field(default=DATABASE_STATEMENT_TIMEOUT, gt=0, description="Seconds")
+
+    # kafka
+    kafka_bootstrap_servers: str | None = Field(default=None, description="host:port[,host:port...]")
+    kafka_group_id: str = Field(default=KAFKA_GROUP_ID, min_length=1, description="Consumer group")
+    kafka_client_id: str = Field(default="cost-worker", min_length=1, description="Client id sent to brokers")
+    kafka_security_protocol: SecurityProtocol = Field(default="PLAINTEXT", description="Broker security")
+    kafka_sasl_mechanism: SaslMechanism | None = Field(default=None, description="SASL mechanism")
+    kafka_sasl_username: str | None = Field(default=None, description="SASL username")
+    kafka_sasl_password: SecretStr | None = Field(default=None, description="SASL password")
+    kafka_ssl_cafile: Path | None = Field(default=None, description="CA bundle for SSL")
+    kafka_ssl_certfile: Path | None = Field(default=None, description="Client certificate for mutual TLS")
+    kafka_ssl_keyfile: Path | None = Field(default=None, description="Client key for mutual TLS")
+    kafka_producer_idempotence: bool = Field(
+        default=True, description="Idempotent producer (off for the development broker)"
+    )
+    kafka_session_timeout: float = Field(default=KAFKA_SESSION_TIMEOUT, gt=0, description="Seconds")
+    kafka_heartbeat_interval: float = Field(default=KAFKA_HEARTBEAT_INTERVAL, gt=0, description="Seconds")
+    kafka_max_poll_interval: float = Field(default=KAFKA_MAX_POLL_INTERVAL, gt=0, description="Seconds")
+    kafka_request_timeout: float = Field(default=KAFKA_REQUEST_TIMEOUT, gt=0, description="Seconds")
+
+    topic_provider_buckets: str = Field(default=TOPIC_PROVIDER_BUCKETS, min_length=1, description="Input")
+    topic_api_usage: str = Field(default=TOPIC_API_USAGE, min_length=1, description="Input")
+    topic_budget_alerts: str = Field(default=TOPIC_BUDGET_ALERTS, min_length=1, description="Output")
+    topic_dead_letter: str = Field(default=TOPIC_DEAD_LETTER, min_length=1, description="Output")
+
+    # batching and limits
+    batch_max_records: int = Field(default=BATCH_MAX_RECORDS, ge=1, le=100_000, description="Messages")
+    batch_max_wait: float = Field(default=BATCH_MAX_WAIT, gt=0, le=60, description="Seconds")
+    max_message_bytes: int = Field(default=MAX_MESSAGE_BYTES, ge=1_024, description="Bytes")
+    max_results_per_message: int = Field(default=MAX_RESULTS_PER_MESSAGE, ge=1, description="Results")
+    dead_letter_max_bytes: int = Field(default=DEAD_LETTER_MAX_BYTES, ge=1_024, description="Bytes")
+
+    # retries, readiness, background work
+    retry_initial_backoff: float = Field(default=RETRY_INITIAL_BACKOFF, gt=0, description="Seconds")
+    retry_max_backoff: float = Field(default=RETRY_MAX_BACKOFF, gt=0, description="Seconds")
+    ready_max_retrying: float = Field(default=READY_MAX_RETRYING, gt=0, description="Seconds")
+    outbox_poll_interval: float = Field(default=OUTBOX_POLL_INTERVAL, gt=0, description="Seconds")
+    outbox_batch: int = Field(default=OUTBOX_BATCH, ge=1, description="Rows per publish round")
+    budget_sweep_interval: float = Field(default=BUDGET_SWEEP_INTERVAL, gt=0, description="Seconds")
+    shutdown_grace: float = Field(default=SHUTDOWN_GRACE, gt=0, description="Seconds")
+
+    # circuit breaker
+    breaker_window: int = Field(default=BREAKER_WINDOW, ge=10, description="Messages")
+    breaker_min_messages: int = Field(default=BREAKER_MIN_MESSAGES, ge=1, description="Messages")
+    breaker_invalid_ratio: float = Field(default=BREAKER_INVALID_RATIO, gt=0, le=1, description="0..1")
+
+    # observability
+    metrics_host: str = Field(default=METRICS_HOST, description="Address of the HTTP server")
+    metrics_port: int = Field(default=METRICS_PORT, ge=0, le=65_535, description="Port; 0 picks a free one")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Level")
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto", description="auto: console on a terminal, JSON lines otherwise"
+    )
+
+    # tests only
+    fault_points: str = Field(
+        default="",
+        description="Test-only: crash (SIGKILL) at these named points, comma-separated, e.g. before_db_commit@3",
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("database_role", "kafka_sasl_username", "kafka_bootstrap_servers", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("fault_points")
+    @classmethod
+    def _known_points(cls, value: str) -> str:
+        for point in split_list(value):
+            name, _, nth = point.partition("@")
+            if name not in FAULT_POINTS or (nth and not nth.isdigit()):
+                raise ValueError(f"unknown fault point {point!r}; known: {', '.join(FAULT_POINTS)}")
+        return value
+
+    # --- cross-field checks, all reported together ----------------------------------------------------
+
+    def problems(self, *, require: tuple[str, ...] = ()) -> list[str]:
+        """Everything wrong with these settings beyond single-field validation."""
+        found: list[str] = []
+        for name in require:
+            if getattr(self, name) is None:
+                found.append(f"{env_name(name)}: required")
+        if self.database_url is not None:
+            scheme = urlsplit(self.database_url.get_secret_value()).scheme
+            if scheme not in ("postgres", "postgresql"):
+                found.append(f"{env_name('database_url')}: must be a postgresql:// URL, got {scheme or 'none'}://")
+        if self.database_pool_min > self.database_pool_max:
+            found.append(f"{env_name('database_pool_min')}: larger than {env_name('database_pool_max')}")
+        if self.kafka_bootstrap_servers is not None:
+            for server in self.kafka_bootstrap_servers.split(","):
+                host, _, port = server.strip().rpartition(":")
+                if not host or not port.isdigit():
+                    found.append(f"{env_name('kafka_bootstrap_servers')}: {server.strip()!r} is not host:port")
+        sasl = self.kafka_security_protocol.startswith("SASL")
+        if sasl:
+            for name in ("kafka_sasl_mechanism", "kafka_sasl_username", "kafka_sasl_password"):
+                if getattr(self, name) is None:
+                    found.append(f"{env_name(name)}: required when security protocol is {self.kafka_security_protocol}")
+        elif self.kafka_sasl_mechanism is not None:
+            found.append(f"{env_name('kafka_sasl_mechanism')}: set, but the security protocol uses no SASL")
+        for name in ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                found.append(f"{env_name(name)}: no such file: {path}")
+        if (self.kafka_ssl_certfile is None) != (self.kafka_ssl_keyfile is None):
+            found.append(f"{env_name('kafka_ssl_certfile')}/{env_name('kafka_ssl_keyfile')}: set both or neither")
+        if self.kafka_heartbeat_interval * 3 > self.kafka_session_timeout:
+            found.append(f"{env_name('kafka_heartbeat_interval')}: must be at most a third of the session timeout")
+        if self.retry_initial_backoff > self.retry_max_backoff:
+            found.append(f"{env_name('retry_initial_backoff')}: larger than {env_name('retry_max_backoff')}")
+        topics = [
+            self.topic_provider_buckets,
+            self.topic_api_usage,
+            self.topic_budget_alerts,
+            self.topic_dead_letter,
+        ]
+        if len(set(topics)) != len(topics):
+            found.append("COST_WORKER_TOPIC_*: the four topics must be distinct")
+        return found
+
+    # --- derived ----------------------------------------------------------------------------------------
+
+    @property
+    def input_topics(self) -> tuple[str, str]:
+        return (self.topic_provider_buckets, self.topic_api_usage)
+
+    def dsn(self) -> str:
+        assert self.database_url is not None, "database_url is required here"
+        return self.database_url.get_secret_value()
+
+    def kafka_options(self) -> dict[str, Any]:
+        """Connection options shared by every aiokafka client."""
+        assert self.kafka_bootstrap_servers is not None, "kafka_bootstrap_servers is required here"
+        options: dict[str, Any] = {
+            "bootstrap_servers": self.kafka_bootstrap_servers,
+            "client_id": self.kafka_client_id,
+            "security_protocol": self.kafka_security_protocol,
+            "request_timeout_ms": int(self.kafka_request_timeout * 1000),
+        }
+        if self.kafka_security_protocol in ("SSL", "SASL_SSL"):
+            context = ssl.create_default_context(cafile=str(self.kafka_ssl_cafile) if self.kafka_ssl_cafile else None)
+            if self.kafka_ssl_certfile and self.kafka_ssl_keyfile:
+                context.load_cert_chain(str(self.kafka_ssl_certfile), str(self.kafka_ssl_keyfile))
+            options["ssl_context"] = context
+        if self.kafka_sasl_mechanism is not None:
+            options["sasl_mechanism"] = self.kafka_sasl_mechanism
+            options["sasl_plain_username"] = self.kafka_sasl_username
+            options["sasl_plain_password"] = (
+                self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else None
+            )
+        return options
+
+    def redacted(self) -> dict[str, str]:
+        """Every setting as ``COST_WORKER_NAME -> value`` with secrets masked, for display."""
+        shown: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if name == "database_url" and value is not None:
+                text = redact_url(value.get_secret_value())
+            elif isinstance(value, SecretStr):
+                text = "**********"
+            elif value is None:
+                text = ""
+            else:
+                text = str(value)
+            shown[env_name(name)] = text
+        return shown
+
+    def secrets(self) -> list[str]:
+        """Secret values that must never appear in logs (the log redactor scrubs them)."""
+        values: list[str] = []
+        if self.database_url is not None:
+            password = urlsplit(self.database_url.get_secret_value()).password
+            if password:
+                values.append(password)
+        if self.kafka_sasl_password is not None and self.kafka_sasl_password.get_secret_value():
+            values.append(self.kafka_sasl_password.get_secret_value())
+        return values
+
+
+def split_list(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def redact_url(url: str) -> str:
+    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[-1]}"))
+
+
+def load_settings(*, require: tuple[str, ...] = (), **overrides: Any) -> Settings:
+    """Read the environment, validate, and raise ``ConfigError`` listing every problem at once."""
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_url=False, include_input=False):
+            field = ".".join(str(part) for part in error["loc"])
+            problems.append(f"{env_name(field)}: {error['msg']}")
+        raise ConfigError(problems) from None
+    problems = settings.problems(require=require)
+    if problems:
+        raise ConfigError(problems)
+    return settings

@@ -1,0 +1,107 @@
+"""Every Prometheus metric the worker exports, in one place.
+
+Names carry the ``cost_worker_`` prefix and base units; counters end in ``_total``.
+"""
+
+from __future__ import annotations
+
+import platform
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from worker import __version__
+
+BATCH_SIZE_BUCKETS = (1, 10, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000)
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+BUILD_INFO = Gauge("cost_worker_build_info", "Always 1; labels say which build is running.", ["version", "python"])
+BUILD_INFO.labels(version=__version__, python=platform.python_version()).set(1)
+
+# --- ingestion ------------------------------------------------------------------------------------------
+MESSAGES = Counter(
+    "cost_worker_messages_total",
+    "Messages consumed, by input topic and outcome "
+    "(inserted, updated, unchanged, stale_revision, duplicate, quarantined).",
+    ["topic", "outcome"],
+)
+QUARANTINED = Counter(
+    "cost_worker_quarantined_total", "Messages quarantined, by input topic and reason.", ["topic", "reason"]
+)
+LEDGER_LINES = Counter(
+    "cost_worker_ledger_lines_total",
+    "Ledger lines written to cost_data, by api_version and outcome (inserted, updated, unchanged, stale_revision).",
+    ["api_version", "outcome"],
+)
+UNPRICED_LINES = Counter(
+    "cost_worker_unpriced_usage_lines_total",
+    "Usage ledger lines stored without an amount because model_prices had no price for them.",
+    ["provider"],
+)
+BATCH_SIZE = Histogram("cost_worker_batch_size_messages", "Messages per batch.", buckets=BATCH_SIZE_BUCKETS)
+BATCH_DURATION = Histogram(
+    "cost_worker_batch_duration_seconds",
+    "Time spent per batch, by stage (decode, database, budgets, kafka_commit, total).",
+    ["stage"],
+    buckets=DURATION_BUCKETS,
+)
+BATCHES = Counter(
+    "cost_worker_batches_total",
+    "Batches by result (committed, retried, fenced, abandoned).",
+    ["result"],
+)
+DATABASE_RETRIES = Counter(
+    "cost_worker_database_retries_total",
+    "Batch attempts that failed transiently and were retried.",
+    ["error"],
+)
+
+# --- consumer position ----------------------------------------------------------------------------------
+CONSUMER_LAG = Gauge(
+    "cost_worker_consumer_lag_messages",
+    "Messages between the partition's high watermark (from fetch responses) and the offset stored in the database.",
+    ["topic", "partition"],
+)
+LAST_COMMIT = Gauge(
+    "cost_worker_last_commit_timestamp_seconds",
+    "Unix time of the last database commit that advanced the partition's stored offset.",
+    ["topic", "partition"],
+)
+ASSIGNED_PARTITIONS = Gauge("cost_worker_assigned_partitions", "Partitions currently assigned to this worker.")
+REBALANCES = Counter("cost_worker_rebalances_total", "Partition assignments and revocations.", ["event"])
+CIRCUIT_INVALID_RATIO = Gauge(
+    "cost_worker_circuit_breaker_invalid_ratio", "Share of invalid messages among the most recent window."
+)
+READY = Gauge("cost_worker_ready", "1 when /readyz answers ready, else 0.")
+
+# --- outbox ---------------------------------------------------------------------------------------------
+OUTBOX_BACKLOG = Gauge("cost_worker_outbox_backlog_messages", "Rows waiting in the outbox.")
+OUTBOX_OLDEST_AGE = Gauge("cost_worker_outbox_oldest_age_seconds", "Age of the oldest outbox row (0 when empty).")
+OUTBOX_PUBLISHED = Counter(
+    "cost_worker_outbox_published_total", "Outbox messages acknowledged by the broker, by topic.", ["topic"]
+)
+OUTBOX_FAILURES = Counter(
+    "cost_worker_outbox_failures_total", "Outbox publish attempts that failed, by error.", ["error"]
+)
+
+# --- budgets --------------------------------------------------------------------------------------------
+ALERTS_RAISED = Counter(
+    "cost_worker_alerts_raised_total",
+    "Budget alerts raised, by scope and threshold percent.",
+    ["scope", "threshold"],
+)
+BUDGET_EVALUATIONS = Counter(
+    "cost_worker_budget_evaluations_total",
+    "Budget periods evaluated, by trigger (batch, sweep).",
+    ["trigger"],
+)
+BUDGET_EVALUATION_DURATION = Histogram(
+    "cost_worker_budget_evaluation_duration_seconds",
+    "Time spent evaluating budgets, per batch or sweep round.",
+    ["trigger"],
+    buckets=DURATION_BUCKETS,
+)
+FOREIGN_CURRENCY_ROWS = Counter(
+    "cost_worker_budget_foreign_currency_rows_total",
+    "Ledger rows in a period left out of a budget's spend because their currency differs from the budget's.",
+    ["budget_currency", "row_currency"],
+)

@@ -1,0 +1,180 @@
+"""The one module that executes SQL. Statements come from ``worker/sql/queries.sql``.
+
+Driver errors are translated here, at the boundary: transient ones become ``DatabaseUnavailable`` (the
+caller retries the batch), data the database refuses becomes ``DataRejected``, anything else is a bug or a
+misconfiguration and becomes ``FatalError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
+
+import asyncpg
+
+from worker.errors import DatabaseUnavailable, DataRejected, FatalError
+from worker.sql import query
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+APPLICATION_NAME = "cost-worker"
+# SQLSTATE classes worth retrying: connection exception, transaction rollback (serialization failure,
+# deadlock), insufficient resources, operator intervention (admin shutdown, statement timeout), system error.
+TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+TRANSIENT_SQLSTATES = frozenset({"55P03"})  # lock_not_available
+DATA_SQLSTATE_CLASSES = frozenset({"22", "23"})  # data exception, integrity constraint violation
+
+
+def translate(exc: BaseException) -> Exception:
+    """Map a driver exception to the worker's error families (the caller raises it ``from exc``)."""
+    if isinstance(exc, asyncpg.PostgresError):
+        sqlstate = exc.sqlstate or ""
+        if sqlstate[:2] in TRANSIENT_SQLSTATE_CLASSES or sqlstate in TRANSIENT_SQLSTATES:
+            return DatabaseUnavailable(f"database: {type(exc).__name__}: {exc}")
+        if sqlstate[:2] in DATA_SQLSTATE_CLASSES:
+            return DataRejected(f"database rejected data: {type(exc).__name__} ({sqlstate}): {exc}")
+        return FatalError(f"database error {type(exc).__name__} ({sqlstate}): {exc}")
+    if isinstance(exc, (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.InternalClientError)):
+        return DatabaseUnavailable(f"database unreachable: {type(exc).__name__}: {exc}")
+    if isinstance(exc, Exception):
+        return exc
+    raise exc
+
+
+def translated(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Decorator: driver errors raised by ``fn`` come out translated."""
+
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError) as exc:
+            raise translate(exc) from exc
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+def server_settings(*, role: str | None, statement_timeout: float | None) -> dict[str, str]:
+    settings = {"application_name": APPLICATION_NAME}
+    if role:
+        # A startup parameter, so it is the session default and survives the pool's RESET ALL.
+        settings["role"] = role
+    if statement_timeout:
+        settings["statement_timeout"] = str(int(statement_timeout * 1000))
+    return settings
+
+
+@translated
+async def connect(
+    dsn: str, *, role: str | None = None, statement_timeout: float | None = None, timeout: float = 10.0
+) -> asyncpg.Connection:
+    """One connection, outside any pool (migrations, CLI commands)."""
+    return await asyncpg.connect(
+        dsn, timeout=timeout, server_settings=server_settings(role=role, statement_timeout=statement_timeout)
+    )
+
+
+class Database:
+    """A connection pool and the statements the worker runs through it."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    @classmethod
+    @translated
+    async def open(
+        cls,
+        dsn: str,
+        *,
+        role: str | None = None,
+        min_size: int = 1,
+        max_size: int = 4,
+        statement_timeout: float | None = None,
+        connect_timeout: float = 10.0,
+    ) -> Database:
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=connect_timeout,
+            server_settings=server_settings(role=role, statement_timeout=statement_timeout),
+        )
+        return cls(pool)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        try:
+            await asyncio.wait_for(self.pool.close(), timeout)
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            self.pool.terminate()
+
+    @translated
+    async def ping(self) -> None:
+        async with self.pool.acquire(timeout=5.0) as conn:
+            await conn.fetchval("SELECT 1", timeout=5.0)
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
+        try:
+            async with self.pool.acquire() as conn:
+                yield conn
+        except (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError) as exc:
+            raise translate(exc) from exc
+
+
+# ============================================================================================ migrations
+
+
+@dataclass(frozen=True)
+class AppliedMigration:
+    version: int
+    name: str
+    checksum: str
+
+
+@translated
+async def migration_lock(conn: asyncpg.Connection) -> None:
+    await conn.execute(query("migration_lock"))
+
+
+@translated
+async def migration_unlock(conn: asyncpg.Connection) -> None:
+    await conn.execute(query("migration_unlock"))
+
+
+@translated
+async def run_script(conn: asyncpg.Connection, sql: str) -> None:
+    """Run a whole SQL file (several statements) with the simple query protocol."""
+    await conn.execute(sql)
+
+
+@translated
+async def applied_migrations(conn: asyncpg.Connection, *, create: bool) -> list[AppliedMigration]:
+    if create:
+        await conn.execute(query("migration_table_create"))
+        await conn.execute(query("migration_table_grant"))
+    elif not await conn.fetchval(query("migration_table_exists")):
+        return []
+    rows = await conn.fetch(query("migrations_applied"))
+    return [AppliedMigration(row["version"], row["name"], row["checksum"]) for row in rows]
+
+
+@translated
+async def become_owner(conn: asyncpg.Connection) -> bool:
+    """Act as the owner role for the rest of the session, when this login may. Returns whether it did."""
+    if not await conn.fetchval(query("migration_can_become_owner")):
+        return False
+    await conn.execute(query("migration_become_owner"))
+    return True
+
+
+@translated
+async def apply_migration(conn: asyncpg.Connection, version: int, name: str, sql: str, checksum: str) -> None:
+    """Apply one migration file and record it, in one transaction."""
+    async with conn.transaction():
+        await conn.execute(sql)
+        await conn.execute(query("migration_record"), version, name, checksum)
