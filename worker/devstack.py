@@ -100,14 +100,14 @@ class EmbeddedBroker:
 def start_broker(*, port: int = 0, host: str = "127.0.0.1", log_path: Path | None = None) -> EmbeddedBroker:
     """Start Tansu on a free loopback port and wait until it accepts connections."""
     port = port or free_port(host)
-    log = log_path.open("ab") if log_path else subprocess.DEVNULL
     url = f"tcp://{host}:{port}"
-    process = subprocess.Popen(  # noqa: S603 - a fixed binary with our own arguments
-        [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
-        stdout=log,
-        stderr=log,
-        start_new_session=True,
-    )
+    with log_path.open("ab") if log_path else open(os.devnull, "ab") as log:  # noqa: PTH123, SIM115
+        process = subprocess.Popen(  # noqa: S603 - a fixed binary with our own arguments
+            [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + BROKER_START_TIMEOUT
     while time.monotonic() < deadline:
         if process.poll() is not None:

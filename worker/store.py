@@ -8,10 +8,11 @@ misconfiguration and becomes ``FatalError``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
+from uuid import UUID
 
 import asyncpg
 
@@ -27,6 +28,7 @@ APPLICATION_NAME = "cost-worker"
 TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
 TRANSIENT_SQLSTATES = frozenset({"55P03"})  # lock_not_available
 DATA_SQLSTATE_CLASSES = frozenset({"22", "23"})  # data exception, integrity constraint violation
+CLIENT_TIMEOUT_MARGIN = 5.0  # seconds the client waits beyond the server's statement_timeout
 
 
 def translate(exc: BaseException) -> Exception:
@@ -102,6 +104,8 @@ class Database:
             min_size=min_size,
             max_size=max_size,
             timeout=connect_timeout,
+            # Client-side bound too: a frozen server (SIGSTOP, a black-holed network) never answers at all.
+            command_timeout=(statement_timeout + CLIENT_TIMEOUT_MARGIN) if statement_timeout else None,
             server_settings=server_settings(role=role, statement_timeout=statement_timeout),
         )
         return cls(pool)
@@ -118,12 +122,33 @@ class Database:
             await conn.fetchval("SELECT 1", timeout=5.0)
 
     @asynccontextmanager
-    async def connection(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
+    async def transaction(self) -> AsyncIterator[Tx]:
+        """One transaction: committed when the block ends normally, rolled back when it raises."""
         try:
-            async with self.pool.acquire() as conn:
-                yield conn
-        except (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError) as exc:
+            async with self.pool.acquire() as conn, conn.transaction():
+                yield Tx(conn)
+        except DRIVER_ERRORS as exc:
             raise translate(exc) from exc
+
+    @translated
+    async def load_offsets(self, group_id: str, partitions: list[tuple[str, int]]) -> list[StoredOffset]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                query("offsets_load"), group_id, [p[0] for p in partitions], [p[1] for p in partitions]
+            )
+        return [StoredOffset(row["topic"], row["partition"], row["next_offset"]) for row in rows]
+
+    @translated
+    async def outbox_stats(self) -> tuple[int, float]:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(query("outbox_stats"))
+        assert row is not None
+        return int(row["backlog"]), float(row["oldest_age"])
+
+    @translated
+    async def quarantine_list(self, reason: str | None, status: str | None, limit: int) -> list[asyncpg.Record]:
+        async with self.pool.acquire() as conn:
+            return await conn.fetch(query("quarantine_list"), reason, status, limit)
 
 
 # ============================================================================================ migrations
@@ -178,3 +203,87 @@ async def apply_migration(conn: asyncpg.Connection, version: int, name: str, sql
     async with conn.transaction():
         await conn.execute(sql)
         await conn.execute(query("migration_record"), version, name, checksum)
+
+
+# ============================================================================================ batches
+
+DRIVER_ERRORS = (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredOffset:
+    topic: str
+    partition: int
+    next_offset: int
+
+
+class Tx:
+    """Statements that run inside one transaction (``Database.transaction``)."""
+
+    def __init__(self, conn: asyncpg.pool.PoolConnectionProxy) -> None:
+        self.conn = conn
+
+    async def advance_offsets(self, group_id: str, moves: list[tuple[str, int, int | None, int]]) -> bool:
+        """Compare-and-set (topic, partition, expected, next). False when any partition did not move."""
+        moves = sorted(moves)
+        moved = await self.conn.fetchval(
+            query("offsets_advance"),
+            group_id,
+            [m[0] for m in moves],
+            [m[1] for m in moves],
+            [m[2] for m in moves],
+            [m[3] for m in moves],
+        )
+        return int(moved) == len(moves)
+
+    async def set_tenants(self, organization_ids: set[UUID]) -> None:
+        await self.conn.execute(query("set_tenants"), ",".join(sorted(str(o) for o in organization_ids)))
+
+    async def lookup_event_references(
+        self, organizations: set[UUID], projects: set[UUID], users: set[UUID]
+    ) -> list[asyncpg.Record]:
+        return await self.conn.fetch(query("lookup_event_references"), list(organizations), list(projects), list(users))
+
+    async def lookup_provider_projects(
+        self, provider_orgs: set[tuple[str, str]], legacy_ids: set[str]
+    ) -> list[asyncpg.Record]:
+        pairs = sorted(provider_orgs)
+        return await self.conn.fetch(
+            query("lookup_provider_projects"), [p[0] for p in pairs], [p[1] for p in pairs], sorted(legacy_ids)
+        )
+
+    async def lookup_prices(self, keys: set[tuple[str, str]]) -> list[asyncpg.Record]:
+        pairs = sorted(keys)
+        return await self.conn.fetch(query("lookup_prices"), [p[0] for p in pairs], [p[1] for p in pairs])
+
+    async def upsert_cost_data(self, columns: Sequence[Sequence[Any]]) -> list[asyncpg.Record]:
+        return await self.conn.fetch(query("upsert_cost_data"), *columns)
+
+    async def insert_api_usage(self, columns: Sequence[Sequence[Any]]) -> list[asyncpg.Record]:
+        return await self.conn.fetch(query("insert_api_usage"), *columns)
+
+    async def insert_quarantine(
+        self, columns: Sequence[Sequence[Any]], *, dead_letter_topic: str, max_bytes: int
+    ) -> int:
+        rows = await self.conn.fetch(query("insert_quarantine"), *columns, dead_letter_topic, max_bytes)
+        return len(rows)
+
+    async def quarantine_pending(self, reason: str | None, limit: int) -> list[asyncpg.Record]:
+        return await self.conn.fetch(query("quarantine_pending"), reason, limit)
+
+    async def quarantine_mark_replayed(self, ids: list[int]) -> None:
+        await self.conn.execute(query("quarantine_mark_replayed"), ids)
+
+    async def quarantine_requarantine(self, rows: list[tuple[int, str, str]]) -> None:
+        await self.conn.execute(
+            query("quarantine_requarantine"), [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+        )
+
+    async def outbox_claim(self, limit: int) -> list[asyncpg.Record]:
+        return await self.conn.fetch(query("outbox_claim"), limit)
+
+    async def outbox_delete(self, ids: list[int]) -> None:
+        await self.conn.execute(query("outbox_delete"), ids)
+
+    async def outbox_failed(self, ids: list[int], error: str) -> None:
+        await self.conn.execute(query("outbox_failed"), ids, error[:1000])

@@ -37,3 +37,313 @@ SELECT EXISTS (SELECT FROM pg_roles WHERE rolname = 'cost_worker_owner')
 -- name: migration_become_owner
 -- Objects created by migrations belong to the owner role, whoever logged in.
 SET ROLE cost_worker_owner;
+
+-- ============================================================================================ offsets
+
+-- name: offsets_load
+-- The consumed position of the given partitions; partitions never consumed have no row.
+SELECT topic, partition, next_offset
+FROM consumer_offsets
+WHERE group_id = $1 AND (topic, partition) IN (SELECT * FROM unnest($2::text[], $3::int[]));
+
+-- name: offsets_advance
+-- Compare-and-set: each partition moves from the offset this worker last saw (expected; NULL = never
+-- stored) to the end of its batch. The UPDATE locks the row for the rest of the transaction, so a second
+-- consumer of the same partition waits here and then fails the comparison. The caller checks that every
+-- partition moved; if one did not, another consumer owns it now and the whole batch is rolled back.
+WITH input AS (
+    SELECT * FROM unnest($2::text[], $3::int[], $4::bigint[], $5::bigint[]) AS t(topic, partition, expected, next_offset)
+),
+advanced AS (
+    UPDATE consumer_offsets o
+    SET next_offset = i.next_offset, updated_at = now()
+    FROM input i
+    WHERE o.group_id = $1 AND o.topic = i.topic AND o.partition = i.partition AND o.next_offset = i.expected
+    RETURNING o.topic
+),
+created AS (
+    INSERT INTO consumer_offsets (group_id, topic, partition, next_offset)
+    SELECT $1, topic, partition, next_offset FROM input WHERE expected IS NULL
+    ON CONFLICT (group_id, topic, partition) DO NOTHING
+    RETURNING topic
+)
+SELECT (SELECT count(*) FROM advanced) + (SELECT count(*) FROM created);
+
+-- ============================================================================================ tenancy
+
+-- name: set_tenants
+-- Row-level security scope of this transaction: the organizations its rows belong to (comma-separated).
+SELECT set_config('cost_worker.organization_ids', $1, true);
+
+-- ============================================================================================ lookups
+
+-- name: lookup_event_references
+-- Which of the organizations, projects and users named by API-usage events exist, and whose they are.
+SELECT 'organization' AS kind, id, id AS organization_id FROM organizations WHERE id = ANY($1::uuid[])
+UNION ALL
+SELECT 'project', id, organization_id FROM projects WHERE id = ANY($2::uuid[])
+UNION ALL
+SELECT 'user', id, organization_id FROM users WHERE id = ANY($3::uuid[]);
+
+-- name: lookup_provider_projects
+-- Every project of the given provider organizations, plus projects known by their legacy OpenAI id.
+SELECT id, organization_id, ai_provider, ai_organization_id, ai_project_id, openai_project_id
+FROM projects
+WHERE (ai_provider, ai_organization_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+   OR openai_project_id = ANY($3::text[]);
+
+-- name: lookup_prices
+-- Every price version of the given (provider, model) pairs.
+SELECT provider, model, token_type, price_per_million, currency, effective_from
+FROM model_prices
+WHERE (provider, model) IN (SELECT * FROM unnest($1::text[], $2::text[]));
+
+-- ============================================================================================ ledger
+
+-- name: upsert_cost_data
+-- Set-based upsert of ledger rows (already one row per key, ordered by key so concurrent writers lock
+-- rows in the same order). A newer revision (collected_at) replaces the row; an older or equal one changes
+-- nothing. Returns, for each input row that already existed before this statement, its previous revision
+-- (two joins, because the NULL project key needs an IS NULL probe to use the index).
+WITH input AS (
+    SELECT *
+    FROM unnest(
+        $1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::cost_api_version[],
+        $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[], $11::numeric[], $12::numeric[],
+        $13::text[], $14::text[], $15::timestamptz[], $16::int[], $17::bigint[]
+    ) WITH ORDINALITY AS t(
+        organization_id, project_id, provider, ai_organization_id, ai_project_id, api_version,
+        bucket_start_time, bucket_end_time, line_item, currency, amount, quantity,
+        unit, metadata, collected_at, source_partition, source_offset, ord
+    )
+),
+existing AS (
+    SELECT i.ord, c.collected_at
+    FROM input i
+    JOIN cost_data c
+      ON c.project_id = i.project_id
+     AND c.bucket_start_time = i.bucket_start_time AND c.bucket_end_time = i.bucket_end_time
+     AND c.line_item = i.line_item AND c.api_version = i.api_version
+     AND c.organization_id = i.organization_id AND c.provider = i.provider
+     AND c.ai_organization_id = i.ai_organization_id
+    UNION ALL
+    SELECT i.ord, c.collected_at
+    FROM input i
+    JOIN cost_data c
+      ON c.project_id IS NULL AND i.project_id IS NULL
+     AND c.bucket_start_time = i.bucket_start_time AND c.bucket_end_time = i.bucket_end_time
+     AND c.line_item = i.line_item AND c.api_version = i.api_version
+     AND c.organization_id = i.organization_id AND c.provider = i.provider
+     AND c.ai_organization_id = i.ai_organization_id
+),
+written AS (
+    INSERT INTO cost_data AS c (
+        organization_id, project_id, provider, ai_organization_id, ai_project_id, api_version,
+        bucket_start_time, bucket_end_time, line_item, currency, amount, quantity, unit, metadata,
+        collected_at, source_partition, source_offset
+    )
+    SELECT organization_id, project_id, provider, ai_organization_id, ai_project_id, api_version,
+           bucket_start_time, bucket_end_time, line_item, currency, amount, quantity, unit, metadata::jsonb,
+           collected_at, source_partition, source_offset
+    FROM input
+    ORDER BY ord
+    ON CONFLICT (project_id, bucket_start_time, bucket_end_time, line_item, api_version,
+                 organization_id, provider, ai_organization_id)
+    DO UPDATE SET
+        ai_project_id = EXCLUDED.ai_project_id,
+        currency = EXCLUDED.currency,
+        amount = EXCLUDED.amount,
+        quantity = EXCLUDED.quantity,
+        unit = EXCLUDED.unit,
+        metadata = EXCLUDED.metadata,
+        collected_at = EXCLUDED.collected_at,
+        source_partition = EXCLUDED.source_partition,
+        source_offset = EXCLUDED.source_offset,
+        updated_at = now()
+    WHERE c.collected_at < EXCLUDED.collected_at
+    RETURNING 1
+)
+SELECT ord, collected_at FROM existing;
+
+-- name: insert_api_usage
+-- Set-based insert of API-usage events (one per (organization, event_id), ordered by key). First write
+-- wins. Only rows this statement inserted add into the hourly rollups, in the same statement, so a
+-- replayed event changes nothing. Returns the ids whose stored content differs (conflicting duplicates)
+-- and, per (organization, project, user, hour), how many events were inserted.
+WITH input AS (
+    SELECT *
+    FROM unnest(
+        $1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::text[], $6::text[], $7::smallint[], $8::int[],
+        $9::timestamptz[], $10::bigint[], $11::bigint[], $12::bigint[], $13::text[], $14::numeric[],
+        $15::int[], $16::bigint[]
+    ) AS t(
+        organization_id, event_id, project_id, user_id, endpoint, method, status_code, response_time_ms,
+        occurred_at, prompt_tokens, completion_tokens, total_tokens, model, cost_usd,
+        source_partition, source_offset
+    )
+),
+conflicts AS (
+    SELECT i.organization_id, i.event_id
+    FROM input i
+    JOIN api_usage a ON a.organization_id = i.organization_id AND a.event_id = i.event_id
+    WHERE (a.project_id, a.user_id, a.endpoint, a.method, a.status_code, a.response_time_ms, a.occurred_at,
+           a.prompt_tokens, a.completion_tokens, a.total_tokens, a.model, a.cost_usd)
+          IS DISTINCT FROM
+          (i.project_id, i.user_id, i.endpoint, i.method, i.status_code, i.response_time_ms, i.occurred_at,
+           i.prompt_tokens, i.completion_tokens, i.total_tokens, i.model, i.cost_usd)
+),
+inserted AS (
+    INSERT INTO api_usage (
+        organization_id, event_id, project_id, user_id, endpoint, method, status_code, response_time_ms,
+        occurred_at, prompt_tokens, completion_tokens, total_tokens, model, cost_usd,
+        source_partition, source_offset
+    )
+    SELECT * FROM input
+    ON CONFLICT (organization_id, event_id) DO NOTHING
+    RETURNING organization_id, project_id, user_id, status_code, response_time_ms, occurred_at,
+              prompt_tokens, completion_tokens, total_tokens, cost_usd
+),
+hourly AS (
+    SELECT organization_id, project_id, user_id,
+           date_trunc('hour', occurred_at, 'UTC') AS hour,
+           count(*) AS requests,
+           count(*) FILTER (WHERE status_code >= 400) AS errors,
+           coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
+           coalesce(sum(completion_tokens), 0) AS completion_tokens,
+           coalesce(sum(total_tokens), 0) AS total_tokens,
+           coalesce(sum(cost_usd), 0) AS cost,
+           coalesce(sum(response_time_ms), 0) AS latency_sum,
+           coalesce(max(response_time_ms), 0) AS latency_max
+    FROM inserted
+    GROUP BY 1, 2, 3, 4
+),
+project_rollup AS (
+    INSERT INTO project_metrics AS m (
+        organization_id, project_id, hour, request_count, error_count, prompt_tokens, completion_tokens,
+        total_tokens, estimated_cost_usd, latency_sum_ms, latency_max_ms
+    )
+    SELECT organization_id, project_id, hour, sum(requests), sum(errors), sum(prompt_tokens),
+           sum(completion_tokens), sum(total_tokens), sum(cost), sum(latency_sum), max(latency_max)
+    FROM hourly
+    GROUP BY organization_id, project_id, hour
+    ORDER BY organization_id, project_id, hour
+    ON CONFLICT (organization_id, project_id, hour) DO UPDATE SET
+        request_count = m.request_count + EXCLUDED.request_count,
+        error_count = m.error_count + EXCLUDED.error_count,
+        prompt_tokens = m.prompt_tokens + EXCLUDED.prompt_tokens,
+        completion_tokens = m.completion_tokens + EXCLUDED.completion_tokens,
+        total_tokens = m.total_tokens + EXCLUDED.total_tokens,
+        estimated_cost_usd = m.estimated_cost_usd + EXCLUDED.estimated_cost_usd,
+        latency_sum_ms = m.latency_sum_ms + EXCLUDED.latency_sum_ms,
+        latency_max_ms = greatest(m.latency_max_ms, EXCLUDED.latency_max_ms),
+        updated_at = now()
+),
+user_rollup AS (
+    INSERT INTO user_metrics AS m (
+        organization_id, user_id, project_id, hour, request_count, total_tokens, estimated_cost_usd
+    )
+    SELECT organization_id, user_id, project_id, hour, requests, total_tokens, cost
+    FROM hourly
+    WHERE user_id IS NOT NULL
+    ORDER BY user_id, hour, project_id
+    ON CONFLICT (user_id, hour, project_id) DO UPDATE SET
+        request_count = m.request_count + EXCLUDED.request_count,
+        total_tokens = m.total_tokens + EXCLUDED.total_tokens,
+        estimated_cost_usd = m.estimated_cost_usd + EXCLUDED.estimated_cost_usd,
+        updated_at = now()
+)
+SELECT 'conflict' AS kind, organization_id, event_id, NULL::uuid AS project_id, NULL::uuid AS user_id,
+       NULL::timestamptz AS hour, 0::bigint AS requests
+FROM conflicts
+UNION ALL
+SELECT 'inserted', organization_id, NULL, project_id, user_id, hour, requests
+FROM hourly;
+
+-- ============================================================================================ quarantine
+
+-- name: insert_quarantine
+-- Quarantine rows (one per source message: a redelivered bad message is not stored twice) and, for each
+-- newly quarantined message, a dead-letter copy in the outbox: key = source coordinates, value = the raw
+-- payload (truncated to $11 bytes; the full payload stays in the quarantine table).
+WITH input AS (
+    SELECT *
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[], $6::bytea[], $7::bytea[],
+                $8::text[], $9::uuid[])
+      AS t(reason, detail, source_topic, source_partition, source_offset, message_key, payload, headers,
+           organization_id)
+),
+quarantined AS (
+    INSERT INTO quarantine (
+        reason, detail, source_topic, source_partition, source_offset, message_key, payload, headers,
+        organization_id
+    )
+    SELECT reason, detail, source_topic, source_partition, source_offset, message_key, payload,
+           headers::jsonb, organization_id
+    FROM input
+    ON CONFLICT (source_topic, source_partition, source_offset) DO NOTHING
+    RETURNING id, reason, detail, source_topic, source_partition, source_offset, payload
+)
+INSERT INTO outbox (topic, key, value, headers)
+SELECT $10,
+       convert_to(source_topic || ':' || source_partition || ':' || source_offset, 'UTF8'),
+       substring(payload FROM 1 FOR $11),
+       jsonb_build_object(
+           'source_topic', source_topic,
+           'source_partition', source_partition::text,
+           'source_offset', source_offset::text,
+           'reason', reason,
+           'detail', left(detail, 500),
+           'quarantine_id', id::text,
+           'truncated', (length(payload) > $11)::text
+       )
+FROM quarantined
+ORDER BY id
+RETURNING id;
+
+-- name: quarantine_list
+SELECT id, reason, detail, source_topic, source_partition, source_offset, length(payload) AS size,
+       status, replay_count, quarantined_at, replayed_at
+FROM quarantine
+WHERE ($1::text IS NULL OR reason = $1) AND ($2::text IS NULL OR status = $2)
+ORDER BY id DESC
+LIMIT $3;
+
+-- name: quarantine_pending
+-- Pending quarantined messages to replay, oldest first, locked so two replays never take the same rows.
+SELECT id, reason, source_topic, source_partition, source_offset, message_key, payload, headers
+FROM quarantine
+WHERE status = 'pending' AND ($1::text IS NULL OR reason = $1)
+ORDER BY id
+LIMIT $2
+FOR UPDATE SKIP LOCKED;
+
+-- name: quarantine_mark_replayed
+UPDATE quarantine SET status = 'replayed', replayed_at = now(), replay_count = replay_count + 1
+WHERE id = ANY($1::bigint[]);
+
+-- name: quarantine_requarantine
+-- A replayed message that is still bad keeps its row, with the reason it fails for now.
+UPDATE quarantine q SET reason = i.reason, detail = i.detail, replay_count = q.replay_count + 1
+FROM unnest($1::bigint[], $2::text[], $3::text[]) AS i(id, reason, detail)
+WHERE q.id = i.id;
+
+-- ============================================================================================ outbox
+
+-- name: outbox_claim
+-- The oldest unpublished rows, locked so several replicas split the backlog instead of racing on it.
+-- Rows that failed before go last, so one poison message cannot hold up the rest.
+SELECT id, topic, key, value, headers
+FROM outbox
+ORDER BY attempts, id
+LIMIT $1
+FOR UPDATE SKIP LOCKED;
+
+-- name: outbox_delete
+DELETE FROM outbox WHERE id = ANY($1::bigint[]);
+
+-- name: outbox_failed
+UPDATE outbox SET attempts = attempts + 1, last_error = $2 WHERE id = ANY($1::bigint[]);
+
+-- name: outbox_stats
+SELECT count(*) AS backlog, coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_age
+FROM outbox;

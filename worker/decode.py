@@ -1,0 +1,227 @@
+"""Bytes -> a validated message or a quarantine outcome. Pure: no I/O, never raises for bad input.
+
+Parsing uses jiter directly on the bytes: numbers become exact ``Decimal``s (never floats), a repeated key
+in an object is an error, and NaN/Infinity are let through the parser so that validation can name them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+import jiter
+from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticCustomError
+
+from worker.models import BUCKET_MODELS, ApiUsageEvent, ProviderEnvelope
+from worker.providers import LedgerLine, lines_for
+from worker.quarantine import Quarantined, Reason, Source
+
+MAX_DETAIL = 500  # characters of validation detail kept with a quarantined message
+
+# pydantic's own error types, mapped to reasons (custom errors already carry a reason as their type).
+NATIVE_REASONS: dict[str, Reason] = {
+    "finite_number": Reason.INVALID_NUMBER,
+    "decimal_max_places": Reason.INVALID_AMOUNT,
+    "decimal_max_digits": Reason.INVALID_AMOUNT,
+    "decimal_whole_digits": Reason.INVALID_AMOUNT,
+    "timezone_aware": Reason.INVALID_TIMESTAMP,
+    "datetime_parsing": Reason.INVALID_TIMESTAMP,
+    "datetime_from_date_parsing": Reason.INVALID_TIMESTAMP,
+    "datetime_object_invalid": Reason.INVALID_TIMESTAMP,
+    "string_pattern_mismatch": Reason.INVALID_TEXT,
+    "greater_than": Reason.INVALID_AMOUNT,  # the lower bounds of money and counts: negative values
+    "greater_than_equal": Reason.INVALID_AMOUNT,
+    "less_than": Reason.INVALID_NUMBER,  # the upper bounds: absurd magnitudes
+    "less_than_equal": Reason.INVALID_NUMBER,
+}
+SOURCE_FIELDS = frozenset({"provider", "api_version"})
+PLAIN_RANGE_FIELDS = frozenset({"status_code"})  # out of range there is a contract violation, not a number
+_CUSTOM_REASONS = {reason.value: reason for reason in Reason}
+
+
+@dataclass(frozen=True, slots=True)
+class ApiEvent:
+    """A validated API-usage event, flattened in the column order of ``api_usage``."""
+
+    organization_id: UUID
+    event_id: str
+    project_id: UUID | None
+    user_id: UUID | None
+    endpoint: str
+    method: str
+    status_code: int
+    response_time_ms: int | None
+    occurred_at: datetime
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+    model: str | None
+    cost_usd: Decimal | None
+    source: Source
+    payload: bytes
+
+    def content(self) -> tuple[Any, ...]:
+        """Everything that makes two deliveries of one event id the same event."""
+        return (
+            self.project_id,
+            self.user_id,
+            self.endpoint,
+            self.method,
+            self.status_code,
+            self.response_time_ms,
+            self.occurred_at,
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.total_tokens,
+            self.model,
+            self.cost_usd,
+        )
+
+
+@dataclass(slots=True)
+class ProviderMessage:
+    """A validated provider envelope and its ledger lines (provider ids, not yet attributed or priced)."""
+
+    source: Source
+    payload: bytes
+    provider: str
+    ai_organization_id: str
+    api_version: str
+    collected_at: datetime
+    lines: list[LedgerLine] = field(default_factory=list)
+
+
+class _Invalid(Exception):
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def parse_json(payload: bytes, *, max_bytes: int) -> dict[str, Any]:
+    if len(payload) > max_bytes:
+        raise _Invalid(Reason.OVERSIZED, f"{len(payload)} bytes, more than the limit of {max_bytes}")
+    try:
+        parsed = jiter.from_json(
+            payload, float_mode="decimal", catch_duplicate_keys=True, allow_inf_nan=True, cache_mode="keys"
+        )
+    except ValueError as exc:
+        message = str(exc)
+        try:
+            payload.decode("utf-8")
+        except UnicodeDecodeError as utf8:
+            raise _Invalid(Reason.NOT_UTF8, f"not UTF-8 at byte {utf8.start}") from None
+        if "duplicate key" in message:
+            raise _Invalid(Reason.DUPLICATE_KEY, message) from None
+        raise _Invalid(Reason.NOT_JSON, message) from None
+    if not isinstance(parsed, dict):
+        raise _Invalid(Reason.SCHEMA_VIOLATION, f"the message must be a JSON object, not {type(parsed).__name__}")
+    return parsed
+
+
+def reason_for(error: ValidationError) -> tuple[Reason, str]:
+    """The most specific reason among a validation error's details, and a short readable detail."""
+    chosen = Reason.SCHEMA_VIOLATION
+    parts = []
+    for item in error.errors(include_url=False, include_input=False):
+        loc = item["loc"]
+        last = str(loc[-1]) if loc else ""
+        reason = _CUSTOM_REASONS.get(item["type"]) or NATIVE_REASONS.get(item["type"], Reason.SCHEMA_VIOLATION)
+        if item["type"] == "literal_error" and last in SOURCE_FIELDS and len(loc) == 1:
+            reason = Reason.UNSUPPORTED_SOURCE
+        if last in PLAIN_RANGE_FIELDS:
+            reason = Reason.SCHEMA_VIOLATION
+        if chosen is Reason.SCHEMA_VIOLATION and reason is not Reason.SCHEMA_VIOLATION:
+            chosen = reason
+        parts.append(f"{'.'.join(str(p) for p in loc) or '<message>'}: {item['msg']}")
+    detail = "; ".join(parts[:5]) + (f"; and {len(parts) - 5} more" if len(parts) > 5 else "")
+    return chosen, detail[:MAX_DETAIL]
+
+
+def _organization_hint(parsed: dict[str, Any]) -> UUID | None:
+    value = parsed.get("organization_id")
+    if isinstance(value, str):
+        try:
+            return UUID(value)
+        except ValueError:
+            return None
+    return None
+
+
+def decode_api_event(payload: bytes, source: Source, *, max_bytes: int) -> ApiEvent | Quarantined:
+    parsed: dict[str, Any] | None = None
+    try:
+        parsed = parse_json(payload, max_bytes=max_bytes)
+        event = ApiUsageEvent.model_validate(parsed)
+    except _Invalid as bad:
+        return Quarantined(source, payload, bad.reason, bad.detail[:MAX_DETAIL])
+    except ValidationError as exc:
+        reason, detail = reason_for(exc)
+        return Quarantined(source, payload, reason, detail, _organization_hint(parsed or {}))
+    usage = event.token_usage
+    return ApiEvent(
+        organization_id=event.organization_id,
+        event_id=event.event_id,
+        project_id=event.project_id,
+        user_id=event.user_id,
+        endpoint=event.endpoint,
+        method=event.method,
+        status_code=event.status_code,
+        response_time_ms=event.response_time_ms,
+        occurred_at=event.occurred_at,
+        prompt_tokens=usage.prompt_tokens if usage else None,
+        completion_tokens=usage.completion_tokens if usage else None,
+        total_tokens=usage.total_tokens if usage else None,
+        model=usage.model if usage else None,
+        cost_usd=usage.cost_usd if usage else None,
+        source=source,
+        payload=payload,
+    )
+
+
+def decode_provider_message(
+    payload: bytes, source: Source, *, max_bytes: int, max_results: int
+) -> ProviderMessage | Quarantined:
+    try:
+        parsed = parse_json(payload, max_bytes=max_bytes)
+        envelope = ProviderEnvelope.model_validate(parsed)
+        raw_buckets = envelope.buckets()
+        total = sum(
+            len(b["results"]) for b in raw_buckets if isinstance(b, dict) and isinstance(b.get("results"), list)
+        )
+        if total > max_results:
+            raise _Invalid(Reason.TOO_MANY_RESULTS, f"{total} results, more than the limit of {max_results}")
+        model = BUCKET_MODELS[(envelope.provider, envelope.api_version)]
+        message = ProviderMessage(
+            source=source,
+            payload=payload,
+            provider=envelope.provider,
+            ai_organization_id=envelope.ai_organization_id,
+            api_version=envelope.api_version,
+            collected_at=envelope.collected_at,
+        )
+        for index, raw in enumerate(raw_buckets):
+            try:
+                bucket: BaseModel = model.model_validate(raw)
+                message.lines.extend(
+                    lines_for(envelope.provider, envelope.api_version, envelope.ai_organization_id, bucket)
+                )
+            except ValidationError as exc:
+                reason, detail = reason_for(exc)
+                raise _Invalid(reason, f"bucket {index}: {detail}") from None
+            except PydanticCustomError as exc:
+                raise _Invalid(
+                    _CUSTOM_REASONS.get(exc.type, Reason.SCHEMA_VIOLATION), f"bucket {index}: {exc}"
+                ) from None
+    except _Invalid as bad:
+        return Quarantined(source, payload, bad.reason, bad.detail[:MAX_DETAIL])
+    except ValidationError as exc:
+        reason, detail = reason_for(exc)
+        return Quarantined(source, payload, reason, detail)
+    except PydanticCustomError as exc:  # raised outside a model (envelope.buckets())
+        return Quarantined(source, payload, _CUSTOM_REASONS.get(exc.type, Reason.SCHEMA_VIOLATION), str(exc))
+    return message

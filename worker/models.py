@@ -1,0 +1,376 @@
+"""The input contracts, as pydantic models: API-usage events and provider cost/usage envelopes.
+
+Field validators raise ``PydanticCustomError`` whose *type* is a quarantine ``Reason`` value, so a
+validation failure maps to a precise reason code. Unknown extra fields are ignored, never an error.
+The JSON Schemas under ``schema/events/`` are generated from these models (``python -m worker.models``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    Strict,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from worker.quarantine import Reason
+
+# --- bounds, with units ---------------------------------------------------------------------------------
+EARLIEST_TIMESTAMP = datetime(2015, 1, 1, tzinfo=UTC)  # nothing these providers bill predates it
+MAX_FUTURE = timedelta(days=2)  # clock skew plus the provider's current, still-open bucket
+MAX_WINDOW = timedelta(days=31)  # longest bucket accepted (providers use 1m, 1h and 1d)
+MAX_MAGNITUDE = Decimal("1e15")  # any number beyond is absurd for costs, tokens or latencies
+MAX_AMOUNT = Decimal("1e12")  # money, in the currency's unit (matches the database CHECK)
+MAX_DECIMAL_PLACES = 34  # float noise such as 3.3306690738754696e-16 has 31
+MAX_TOKENS = 10**15
+
+_ISO_4217_CODES = """
+AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB BOV BRL BSD BTN BWP BYN
+BZD CAD CDF CHE CHF CHW CLF CLP CNY COP COU CRC CUC CUP CVE CZK DJF DKK DOP DZD EGP ERN ETB EUR FJD
+FKP GBP GEL GHS GIP GMD GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR IQD IRR ISK JMD JOD JPY KES KGS KHR
+KMF KPW KRW KWD KYD KZT LAK LBP LKR LRD LSL LYD MAD MDL MGA MKD MMK MNT MOP MRU MUR MVR MWK MXN MXV
+MYR MZN NAD NGN NIO NOK NPR NZD OMR PAB PEN PGK PHP PKR PLN PYG QAR RON RSD RUB RWF SAR SBD SCR SDG
+SEK SGD SHP SLE SLL SOS SRD SSP STN SVC SYP SZL THB TJS TMT TND TOP TRY TTD TWD TZS UAH UGX USD USN
+UYI UYU UYW UZS VED VES VND VUV WST XAF XAG XAU XBA XBB XBC XBD XCD XCG XDR XOF XPD XPF XPT XSU XUA
+YER ZAR ZMW ZWG ZWL
+"""
+ISO_4217 = frozenset(_ISO_4217_CODES.split())  # active codes, minus XTS (testing) and XXX (none)
+
+
+def _fail(reason: Reason, message: str, **context: Any) -> PydanticCustomError:
+    return PydanticCustomError(reason.value, message, context or None)
+
+
+# --- scalar types -----------------------------------------------------------------------------------------
+# Constraints are pydantic's native ones wherever possible (they run in Rust, on the hot path); the decoder
+# maps their error types to reasons (see ``worker.decode.NATIVE_REASONS``).
+
+_NO_NUL = r"^[^\x00]*$"  # PostgreSQL text cannot hold NUL; jiter already rejects lone surrogates
+ShortText = Annotated[str, Strict(), Field(max_length=64, pattern=_NO_NUL)]
+Name = Annotated[str, Strict(), Field(max_length=255, pattern=_NO_NUL)]
+LongText = Annotated[str, Strict(), Field(max_length=512, pattern=_NO_NUL)]
+RequiredName = Annotated[str, Strict(), Field(min_length=1, max_length=255, pattern=_NO_NUL)]
+EventId = Annotated[str, Strict(), Field(min_length=1, max_length=128, pattern=_NO_NUL)]
+
+# Token counts and other tallies: JSON integers only (no strings, no 1.0), never negative.
+Count = Annotated[int, Strict(), Field(ge=0, lt=MAX_TOKENS)]
+
+_DECIMAL = {"allow_inf_nan": False, "decimal_places": MAX_DECIMAL_PLACES}
+_NUMBER_SCHEMA = WithJsonSchema({"anyOf": [{"type": "number"}, {"type": "string", "pattern": r"^-?\d+(\.\d+)?$"}]})
+_AS_STR = PlainSerializer(str, return_type=str)
+
+
+def _no_negative_zero(value: Decimal) -> Decimal:
+    if value.is_zero() and value.is_signed():
+        raise _fail(Reason.INVALID_NUMBER, "negative zero (money computed in floats?)")
+    return value
+
+
+# A signed amount of money (provider credits can be negative). Numbers arrive as exact Decimals: the JSON
+# parser never goes through float.
+Money = Annotated[
+    Decimal,
+    Field(gt=-MAX_AMOUNT, lt=MAX_AMOUNT, **_DECIMAL),
+    AfterValidator(_no_negative_zero),
+    _NUMBER_SCHEMA,
+    _AS_STR,
+]
+# Money that cannot be negative (a request's estimated cost).
+Cost = Annotated[
+    Decimal,
+    Field(ge=0, lt=MAX_AMOUNT, **_DECIMAL),
+    AfterValidator(_no_negative_zero),
+    _NUMBER_SCHEMA,
+    _AS_STR,
+]
+
+
+def check_time(value: datetime) -> datetime:
+    """Bounds every timestamp must respect (the upper one moves with the clock)."""
+    if value < EARLIEST_TIMESTAMP:
+        raise _fail(Reason.INVALID_TIMESTAMP, "timestamp before 2015: {value}", value=value.isoformat())
+    if value > datetime.now(UTC) + MAX_FUTURE:
+        raise _fail(Reason.INVALID_TIMESTAMP, "timestamp in the future: {value}", value=value.isoformat())
+    return value
+
+
+def _from_unix(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return value
+    try:
+        return datetime.fromtimestamp(value, tz=UTC)
+    except (OverflowError, ValueError, OSError):
+        raise _fail(Reason.INVALID_TIMESTAMP, "unix time out of range: {value}", value=str(value)[:40]) from None
+
+
+# An ISO 8601 timestamp with a time zone, within sane bounds.
+Timestamp = Annotated[AwareDatetime, AfterValidator(check_time)]
+# Unix seconds (OpenAI's bucket bounds).
+UnixTime = Annotated[
+    AwareDatetime, BeforeValidator(_from_unix), AfterValidator(check_time), WithJsonSchema({"type": "integer"})
+]
+
+
+def _currency(value: Any) -> Any:
+    if isinstance(value, str):
+        code = value.strip().upper()
+        if code not in ISO_4217:
+            raise _fail(Reason.UNKNOWN_CURRENCY, "not an ISO 4217 currency: {value}", value=value[:12])
+        return code
+    return value
+
+
+Currency = Annotated[str, BeforeValidator(_currency), Strict(), WithJsonSchema({"type": "string", "minLength": 3})]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True, str_strip_whitespace=False)
+
+
+def _window(start: datetime, end: datetime) -> None:
+    if end <= start:
+        raise _fail(Reason.INVALID_WINDOW, "bucket ends at or before its start")
+    if end - start > MAX_WINDOW:
+        raise _fail(Reason.INVALID_WINDOW, "bucket longer than 31 days")
+
+
+# ============================================================================ API-usage events
+
+
+class TokenUsage(_Model):
+    prompt_tokens: Count = 0
+    completion_tokens: Count = 0
+    total_tokens: Count = 0
+    model: Name | None = None
+    cost_usd: Cost | None = None
+
+
+class ApiUsageEvent(_Model):
+    """One request through the platform's API (topic ``usage.api-events``)."""
+
+    event_id: EventId
+    occurred_at: Timestamp
+    organization_id: UUID
+    project_id: UUID | None = None
+    user_id: UUID | None = None
+    endpoint: RequiredName
+    method: Annotated[
+        Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
+        BeforeValidator(lambda v: v.upper() if isinstance(v, str) else v),
+    ]
+    status_code: Annotated[int, Strict(), Field(ge=100, le=599)]
+    response_time_ms: Annotated[Count, Field(le=86_400_000)] | None = None
+    token_usage: TokenUsage | None = None
+
+
+# ============================================================================ provider envelopes
+
+
+class ProviderEnvelope(_Model):
+    """What producers publish to ``cost.provider-buckets``: a provider's response, verbatim, wrapped.
+
+    ``page`` is the provider's page object (``data`` = list of buckets); ``bucket`` is one bucket object.
+    Exactly one of them is present.
+    """
+
+    provider: Literal["openai", "anthropic"]
+    ai_organization_id: RequiredName
+    api_version: Literal["usage_v1", "costs_v1"]
+    collected_at: Timestamp
+    page: dict[str, Any] | None = None
+    bucket: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_body(self) -> ProviderEnvelope:
+        if (self.page is None) == (self.bucket is None):
+            raise _fail(Reason.SCHEMA_VIOLATION, "exactly one of 'page' and 'bucket' is required")
+        return self
+
+    def buckets(self) -> list[Any]:
+        if self.bucket is not None:
+            return [self.bucket]
+        assert self.page is not None
+        data = self.page.get("data")
+        if not isinstance(data, list):
+            raise _fail(Reason.SCHEMA_VIOLATION, "page.data must be a list of buckets")
+        return data
+
+
+# --- OpenAI ---------------------------------------------------------------------------------------------
+
+
+class OpenAIAmount(_Model):
+    value: Money
+    currency: Currency
+
+
+class OpenAICostResult(_Model):
+    object: ShortText | None = None
+    amount: OpenAIAmount
+    line_item: LongText | None = None
+    project_id: Name | None = None
+    api_key_id: Name | None = None
+    quantity: Cost | None = None
+    quantity_unit: ShortText | None = None
+
+
+class OpenAIUsageResult(_Model):
+    """Completions usage. Only the counts are guaranteed; the grouping fields are null unless grouped by."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)  # newer token breakdowns arrive as extra *_tokens
+
+    object: ShortText | None = None
+    input_tokens: Count = 0
+    output_tokens: Count = 0
+    input_cached_tokens: Count = 0
+    input_audio_tokens: Count = 0
+    output_audio_tokens: Count = 0
+    num_model_requests: Count = 0
+    project_id: Name | None = None
+    user_id: Name | None = None
+    api_key_id: Name | None = None
+    model: Name | None = None
+    batch: Annotated[bool, Strict()] | None = None
+    service_tier: ShortText | None = None
+
+
+class _OpenAIBucket(_Model):
+    object: ShortText | None = None
+    start_time: UnixTime
+    end_time: UnixTime
+
+    @model_validator(mode="after")
+    def _check_window(self) -> _OpenAIBucket:
+        _window(self.start_time, self.end_time)
+        return self
+
+
+class OpenAICostBucket(_OpenAIBucket):
+    results: list[OpenAICostResult]
+
+
+class OpenAIUsageBucket(_OpenAIBucket):
+    results: list[OpenAIUsageResult]
+
+
+# --- Anthropic ------------------------------------------------------------------------------------------
+
+
+class AnthropicCostResult(_Model):
+    amount: Money  # a decimal string, in cents of ``currency``
+    currency: Currency
+    cost_type: ShortText | None = None
+    description: LongText | None = None
+    model: Name | None = None
+    service_tier: ShortText | None = None
+    token_type: ShortText | None = None
+    context_window: ShortText | None = None
+    workspace_id: Name | None = None
+    inference_geo: ShortText | None = None
+
+
+class AnthropicCacheCreation(_Model):
+    ephemeral_1h_input_tokens: Count = 0
+    ephemeral_5m_input_tokens: Count = 0
+
+
+class AnthropicServerToolUse(_Model):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    web_search_requests: Count = 0
+
+
+class AnthropicUsageResult(_Model):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    uncached_input_tokens: Count = 0
+    cache_read_input_tokens: Count = 0
+    cache_creation: AnthropicCacheCreation | None = None
+    output_tokens: Count = 0
+    server_tool_use: AnthropicServerToolUse | None = None
+    model: Name | None = None
+    workspace_id: Name | None = None
+    api_key_id: Name | None = None
+    service_tier: ShortText | None = None
+    context_window: ShortText | None = None
+    inference_geo: ShortText | None = None
+
+
+class _AnthropicBucket(_Model):
+    starting_at: Timestamp
+    ending_at: Timestamp
+
+    @model_validator(mode="after")
+    def _check_window(self) -> _AnthropicBucket:
+        _window(self.starting_at, self.ending_at)
+        return self
+
+
+class AnthropicCostBucket(_AnthropicBucket):
+    results: list[AnthropicCostResult]
+
+
+class AnthropicUsageBucket(_AnthropicBucket):
+    results: list[AnthropicUsageResult]
+
+
+BUCKET_MODELS: dict[tuple[str, str], type[_Model]] = {
+    ("openai", "costs_v1"): OpenAICostBucket,
+    ("openai", "usage_v1"): OpenAIUsageBucket,
+    ("anthropic", "costs_v1"): AnthropicCostBucket,
+    ("anthropic", "usage_v1"): AnthropicUsageBucket,
+}
+
+
+# ============================================================================ JSON Schema export
+
+SCHEMA_FILES: dict[str, type[BaseModel]] = {
+    "api-usage-event.schema.json": ApiUsageEvent,
+    "provider-envelope.schema.json": ProviderEnvelope,
+    "openai-costs-bucket.schema.json": OpenAICostBucket,
+    "openai-usage-bucket.schema.json": OpenAIUsageBucket,
+    "anthropic-costs-bucket.schema.json": AnthropicCostBucket,
+    "anthropic-usage-bucket.schema.json": AnthropicUsageBucket,
+}
+
+
+def json_schemas() -> dict[str, str]:
+    """File name -> JSON Schema text, generated from the models (what producers validate against)."""
+    rendered = {}
+    for name, model in SCHEMA_FILES.items():
+        schema = model.model_json_schema(mode="validation")
+        schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+        schema["$id"] = f"https://cost-worker.invalid/schema/events/{name}"
+        rendered[name] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
+    return rendered
+
+
+def write_json_schemas(directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in json_schemas().items():
+        path = directory / name
+        path.write_text(text, encoding="utf-8")
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m worker.models schema/events`
+    for path in write_json_schemas(Path(sys.argv[1] if len(sys.argv) > 1 else "schema/events")):
+        print(path)

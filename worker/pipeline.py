@@ -1,0 +1,560 @@
+"""One batch, from Kafka records to one committed PostgreSQL transaction.
+
+``decode_batch`` is pure: bytes become validated messages or quarantine outcomes. ``Pipeline.apply`` does
+everything else inside ONE transaction: the offset compare-and-set, attribution, pricing, the ledger upsert,
+API-usage inserts with their rollups, quarantine rows with their dead letters, budget alerts with their
+outbox rows. Either all of a batch lands, with the offsets that say it did, or none of it does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Protocol
+from uuid import UUID
+
+from worker.breaker import CircuitBreaker
+from worker.config import Settings
+from worker.decode import ApiEvent, ProviderMessage, decode_api_event, decode_provider_message
+from worker.errors import StaleOffsets
+from worker.faults import NO_FAULTS, Faults
+from worker.pricing import Price, PriceBook, price_keys
+from worker.providers import LedgerLine
+from worker.quarantine import Quarantined, Reason, Source
+from worker.store import Database, Tx
+
+# Message outcomes, best first: a message that inserted anything counts as inserted.
+INSERTED, UPDATED, UNCHANGED, STALE, DUPLICATE, QUARANTINED = (
+    "inserted",
+    "updated",
+    "unchanged",
+    "stale_revision",
+    "duplicate",
+    "quarantined",
+)
+_RANK = {INSERTED: 0, UPDATED: 1, UNCHANGED: 2, STALE: 3}
+
+
+def _note(best: dict[int, str], message: int, result: str) -> None:
+    """Remember the best outcome among a provider message's lines."""
+    if message not in best or _RANK[result] < _RANK[best[message]]:
+        best[message] = result
+
+
+class KafkaRecord(Protocol):
+    """The part of aiokafka's ConsumerRecord the pipeline reads."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Touch:
+    """A scope whose spend changed, and when (budgets evaluate the period that contains ``at``)."""
+
+    organization_id: UUID
+    project_id: UUID | None
+    user_id: UUID | None
+    at: datetime
+
+
+class BudgetEvaluator(Protocol):
+    """Evaluates the budgets whose scope a batch touched, inside the batch's transaction.
+
+    Inserts one ``budget_alerts`` row per newly crossed (budget, period start, threshold) with
+    ``ON CONFLICT DO NOTHING`` and an outbox row for each inserted alert; returns the alerts it raised.
+    """
+
+    async def evaluate(self, tx: Tx, touched: Iterable[Touch]) -> list[Any]: ...
+
+
+@dataclass
+class Batch:
+    events: list[ApiEvent] = field(default_factory=list)
+    messages: list[ProviderMessage] = field(default_factory=list)
+    quarantined: list[Quarantined] = field(default_factory=list)
+    last_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    sizes: Counter[str] = field(default_factory=Counter)
+
+    def __len__(self) -> int:
+        return sum(self.sizes.values())
+
+    def without(self, partitions: set[tuple[str, int]]) -> Batch:
+        """This batch minus the messages of some partitions (revoked while the batch was prepared)."""
+        items: list[ApiEvent | ProviderMessage | Quarantined] = [*self.events, *self.messages, *self.quarantined]
+        keep = [item for item in items if (item.source.topic, item.source.partition) not in partitions]
+        rest = Batch(last_offsets={tp: o for tp, o in self.last_offsets.items() if tp not in partitions})
+        for item in keep:
+            rest.sizes[item.source.topic] += 1
+            if isinstance(item, ApiEvent):
+                rest.events.append(item)
+            elif isinstance(item, ProviderMessage):
+                rest.messages.append(item)
+            else:
+                rest.quarantined.append(item)
+        return rest
+
+
+@dataclass
+class Outcome:
+    """What a committed batch did (metrics and the canonical log line are recorded from it)."""
+
+    messages: Counter[tuple[str, str]] = field(default_factory=Counter)  # (topic, outcome)
+    quarantined: Counter[tuple[str, str]] = field(default_factory=Counter)  # (topic, reason)
+    ledger_lines: Counter[tuple[str, str]] = field(default_factory=Counter)  # (api_version, outcome)
+    unpriced: Counter[str] = field(default_factory=Counter)  # provider
+    new_quarantine_rows: int = 0
+    alerts: list[Any] = field(default_factory=list)
+    replayed_ok: list[int] = field(default_factory=list)
+    replayed_bad: list[tuple[int, str, str]] = field(default_factory=list)
+
+    @property
+    def outbox_rows(self) -> int:
+        return self.new_quarantine_rows + len(self.alerts)
+
+
+def _source(record: KafkaRecord) -> Source:
+    return Source(record.topic, record.partition, record.offset, record.key, tuple(record.headers or ()))
+
+
+def decode_batch(records: Iterable[KafkaRecord], settings: Settings) -> Batch:
+    """Validate every record; bad ones become quarantine outcomes. Pure and CPU-bound."""
+    batch = Batch()
+    for record in records:
+        source = _source(record)
+        payload = record.value if record.value is not None else b""
+        batch.sizes[record.topic] += 1
+        tp = (record.topic, record.partition)
+        batch.last_offsets[tp] = max(record.offset, batch.last_offsets.get(tp, -1))
+        decoded: ApiEvent | ProviderMessage | Quarantined
+        if record.topic == settings.topic_api_usage:
+            decoded = decode_api_event(payload, source, max_bytes=settings.max_message_bytes)
+        else:
+            decoded = decode_provider_message(
+                payload, source, max_bytes=settings.max_message_bytes, max_results=settings.max_results_per_message
+            )
+        if isinstance(decoded, ApiEvent):
+            batch.events.append(decoded)
+        elif isinstance(decoded, ProviderMessage):
+            batch.messages.append(decoded)
+        else:
+            batch.quarantined.append(decoded)
+    return batch
+
+
+# ---------------------------------------------------------------------------------------- attribution
+
+
+class _Attribution:
+    """Provider ids -> (organization, project), from the projects table rows a batch needs."""
+
+    def __init__(self, rows: Iterable[Any]) -> None:
+        self.projects: dict[tuple[str, str, str], set[tuple[UUID, UUID]]] = defaultdict(set)
+        self.legacy: dict[str, tuple[UUID, UUID]] = {}
+        self.organizations: dict[tuple[str, str], set[UUID]] = defaultdict(set)
+        for row in rows:
+            target = (row["organization_id"], row["id"])
+            if row["ai_provider"] and row["ai_organization_id"]:
+                self.organizations[(row["ai_provider"], row["ai_organization_id"])].add(row["organization_id"])
+                if row["ai_project_id"]:
+                    self.projects[(row["ai_provider"], row["ai_organization_id"], row["ai_project_id"])].add(target)
+            if row["openai_project_id"]:
+                self.legacy[row["openai_project_id"]] = target
+
+    def resolve(self, line: LedgerLine) -> tuple[UUID, UUID | None] | tuple[Reason, str]:
+        owners = self.organizations.get((line.provider, line.ai_organization_id), set())
+        if line.ai_project_id is None:
+            if len(owners) == 1:
+                return next(iter(owners)), None
+            if not owners:
+                return (
+                    Reason.UNATTRIBUTED,
+                    f"{line.provider} organization {line.ai_organization_id!r} maps to no organization",
+                )
+            return (
+                Reason.AMBIGUOUS_ATTRIBUTION,
+                f"{line.provider} organization {line.ai_organization_id!r} maps to {len(owners)} organizations",
+            )
+        candidates = set(self.projects.get((line.provider, line.ai_organization_id, line.ai_project_id), set()))
+        if line.provider == "openai" and line.ai_project_id in self.legacy:
+            legacy = self.legacy[line.ai_project_id]
+            if owners and legacy[0] not in owners:
+                return (
+                    Reason.AMBIGUOUS_ATTRIBUTION,
+                    f"legacy project {line.ai_project_id!r} belongs to another organization than "
+                    f"{line.ai_organization_id!r}",
+                )
+            candidates.add(legacy)
+        if len(candidates) == 1:
+            organization, project = next(iter(candidates))
+            return organization, project
+        if not candidates:
+            return (
+                Reason.UNATTRIBUTED,
+                f"{line.provider} project {line.ai_project_id!r} of {line.ai_organization_id!r} maps to no project",
+            )
+        return Reason.AMBIGUOUS_ATTRIBUTION, f"{line.provider} project {line.ai_project_id!r} maps to several projects"
+
+
+# ---------------------------------------------------------------------------------------- ledger rows
+
+_LedgerKey = tuple[UUID, UUID | None, str, str, str, datetime, datetime, str]
+
+
+@dataclass(slots=True)
+class _Row:
+    key: _LedgerKey
+    line: LedgerLine
+    message: int  # index of the message in the batch
+    collected_at: datetime
+    source: Source
+
+
+def _sort_key(key: _LedgerKey) -> tuple[Any, ...]:
+    organization, project, *rest = key
+    return (project.int if project else -1, *rest, organization.int)
+
+
+def _sum_lines(a: LedgerLine, b: LedgerLine) -> LedgerLine | None:
+    if a.currency != b.currency:
+        return None
+    a.amount = None if a.amount is None or b.amount is None else a.amount + b.amount
+    if a.quantity is not None or b.quantity is not None:
+        a.quantity = (a.quantity or Decimal(0)) + (b.quantity or Decimal(0))
+    a.metadata["results"] = a.metadata.get("results", 1) + b.metadata.get("results", 1)
+    return a
+
+
+# ---------------------------------------------------------------------------------------- the pipeline
+
+
+class Pipeline:
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        *,
+        budgets: BudgetEvaluator | None = None,
+        breaker: CircuitBreaker | None = None,
+        faults: Faults = NO_FAULTS,
+    ) -> None:
+        self.db = db
+        self.settings = settings
+        self.budgets = budgets
+        self.breaker = breaker
+        self.faults = faults
+
+    async def apply(self, batch: Batch, expected: dict[tuple[str, int], int | None]) -> Outcome:
+        """Apply a batch and advance the stored offsets of its partitions, atomically.
+
+        Delivery guarantee, enforced here: the data of a batch and the offsets that cover it commit in
+        one PostgreSQL transaction, and the offsets move only by compare-and-set from the position this
+        worker last saw. So a batch is applied at most once even if the broker redelivers it, the worker
+        crashes anywhere, or a zombie consumer wakes up (it fails the compare-and-set: ``StaleOffsets``);
+        and every offset is either applied-and-stored or neither, so nothing is lost.
+        """
+        moves = [
+            (topic, partition, expected.get((topic, partition)), last + 1)
+            for (topic, partition), last in batch.last_offsets.items()
+        ]
+        checked = False
+        try:
+            async with self.db.transaction() as tx:
+                if moves and not await tx.advance_offsets(self.settings.kafka_group_id, moves):
+                    raise StaleOffsets()
+                outcome = await self.write(tx, batch)
+                if self.breaker is not None:
+                    bad = [reason for (_, reason), n in outcome.quarantined.items() for _ in range(n)]
+                    self.breaker.check(len(batch) - len(bad), bad)
+                    checked = True
+                self.faults.hit("before_db_commit")
+        except BaseException:
+            if checked and self.breaker is not None:
+                self.breaker.forget(len(batch), 0)
+            raise
+        return outcome
+
+    async def write(self, tx: Tx, batch: Batch, *, tenants: set[UUID] | None = None) -> Outcome:
+        """Every write of a batch, inside the caller's transaction."""
+        outcome = Outcome()
+        quarantine = list(batch.quarantined)
+        touched: list[Touch] = []
+
+        best: dict[int, str] = {}
+        events = await self._checked_events(tx, batch.events, quarantine, outcome)
+        rows = await self._ledger_rows(tx, batch.messages, quarantine, outcome, best)
+
+        organizations = {e.organization_id for e in events} | {r.key[0] for r in rows} | (tenants or set())
+        if organizations:
+            await tx.set_tenants(organizations)
+        if rows:
+            touched.extend(await self._upsert_ledger(tx, rows, outcome, best))
+        flagged = {q.source for q in quarantine}
+        for index, message in enumerate(batch.messages):
+            if message.source not in flagged:  # quarantined messages are counted as such below
+                outcome.messages[(message.source.topic, best.get(index, UNCHANGED))] += 1
+        if events:
+            touched.extend(await self._insert_events(tx, events, quarantine, outcome))
+        for item in quarantine:
+            outcome.quarantined[(item.source.topic, item.reason.value)] += 1
+            outcome.messages[(item.source.topic, QUARANTINED)] += 1
+        if quarantine:
+            outcome.new_quarantine_rows = await tx.insert_quarantine(
+                _quarantine_columns(quarantine),
+                dead_letter_topic=self.settings.topic_dead_letter,
+                max_bytes=self.settings.dead_letter_max_bytes,
+            )
+        if touched and self.budgets is not None:
+            outcome.alerts = await self.budgets.evaluate(tx, touched)
+        return outcome
+
+    # -- API-usage events ------------------------------------------------------------------------------
+
+    async def _checked_events(
+        self, tx: Tx, events: list[ApiEvent], quarantine: list[Quarantined], outcome: Outcome
+    ) -> list[ApiEvent]:
+        """In-batch dedupe (first delivery wins), then reference checks against the platform tables."""
+        unique: dict[tuple[UUID, str], ApiEvent] = {}
+        for event in events:
+            key = (event.organization_id, event.event_id)
+            first = unique.get(key)
+            if first is None:
+                unique[key] = event
+            elif first.content() == event.content():
+                outcome.messages[(event.source.topic, DUPLICATE)] += 1
+            else:
+                quarantine.append(_conflict(event, first.source))
+        if not unique:
+            return []
+        rows = await tx.lookup_event_references(
+            {e.organization_id for e in unique.values()},
+            {e.project_id for e in unique.values() if e.project_id},
+            {e.user_id for e in unique.values() if e.user_id},
+        )
+        known = {(row["kind"], row["id"]): row["organization_id"] for row in rows}
+        checked = []
+        for event in unique.values():
+            problem = None
+            if ("organization", event.organization_id) not in known:
+                problem = Reason.UNKNOWN_ORGANIZATION, f"organization {event.organization_id} does not exist"
+            elif event.project_id and known.get(("project", event.project_id)) != event.organization_id:
+                problem = Reason.UNKNOWN_PROJECT, f"project {event.project_id} is not a project of the organization"
+            elif event.user_id and known.get(("user", event.user_id)) != event.organization_id:
+                problem = Reason.UNKNOWN_USER, f"user {event.user_id} is not a user of the organization"
+            if problem is None:
+                checked.append(event)
+            else:
+                quarantine.append(Quarantined(event.source, event.payload, *problem, event.organization_id))
+        return sorted(checked, key=lambda e: (e.organization_id.int, e.event_id))
+
+    async def _insert_events(
+        self, tx: Tx, events: list[ApiEvent], quarantine: list[Quarantined], outcome: Outcome
+    ) -> list[Touch]:
+        result = await tx.insert_api_usage(_event_columns(events))
+        by_key = {(e.organization_id, e.event_id): e for e in events}
+        touched = []
+        inserted = 0
+        conflicts = 0
+        for row in result:
+            if row["kind"] == "conflict":
+                event = by_key[(row["organization_id"], row["event_id"])]
+                quarantine.append(
+                    Quarantined(
+                        event.source,
+                        event.payload,
+                        Reason.CONFLICTING_DUPLICATE,
+                        f"event {event.event_id} was stored before with different content",
+                        event.organization_id,
+                    )
+                )
+                conflicts += 1
+            else:
+                inserted += row["requests"]
+                touched.append(Touch(row["organization_id"], row["project_id"], row["user_id"], row["hour"]))
+        topic = self.settings.topic_api_usage
+        outcome.messages[(topic, INSERTED)] += inserted
+        outcome.messages[(topic, DUPLICATE)] += len(events) - inserted - conflicts
+        return touched
+
+    # -- provider messages -----------------------------------------------------------------------------
+
+    async def _ledger_rows(
+        self,
+        tx: Tx,
+        messages: list[ProviderMessage],
+        quarantine: list[Quarantined],
+        outcome: Outcome,
+        best: dict[int, str],
+    ) -> list[_Row]:
+        """Attribute and price every line, sum lines that share a key within a message, then keep the
+        newest revision of each key across the batch."""
+        if not messages:
+            return []
+        lines = [line for message in messages for line in message.lines]
+        provider_orgs = {(line.provider, line.ai_organization_id) for line in lines}
+        legacy = {line.ai_project_id for line in lines if line.provider == "openai" and line.ai_project_id}
+        attribution = _Attribution(await tx.lookup_provider_projects(provider_orgs, legacy) if lines else [])
+        keys = price_keys(lines)
+        book = PriceBook(
+            Price(
+                r["provider"], r["model"], r["token_type"], r["price_per_million"], r["currency"], r["effective_from"]
+            )
+            for r in (await tx.lookup_prices(keys) if keys else [])
+        )
+
+        newest: dict[_LedgerKey, _Row] = {}
+        for index, message in enumerate(messages):
+            summed: dict[_LedgerKey, LedgerLine] = {}
+            problems: list[str] = []
+            problem_reason: Reason | None = None
+            for line in message.lines:
+                resolved = attribution.resolve(line)
+                if isinstance(resolved[0], Reason):
+                    problem_reason = problem_reason or resolved[0]
+                    problems.append(str(resolved[1]))
+                    continue
+                organization, project = resolved
+                assert isinstance(organization, UUID)
+                if line.price_model is not None and not book.price(line):
+                    outcome.unpriced[line.provider] += 1
+                key = (
+                    organization,
+                    project,
+                    line.provider,
+                    line.ai_organization_id,
+                    line.api_version,
+                    line.bucket_start,
+                    line.bucket_end,
+                    line.line_item,
+                )
+                earlier = summed.get(key)
+                if earlier is None:
+                    summed[key] = line
+                elif _sum_lines(earlier, line) is None:
+                    problem_reason, summed = Reason.INCONSISTENT_DATA, {}
+                    problems = [f"line item {line.line_item!r} is reported in two currencies"]
+                    break
+            if problem_reason is not None:
+                detail = "; ".join(sorted(set(problems))[:5])
+                quarantine.append(Quarantined(message.source, message.payload, problem_reason, detail[:500]))
+            for key, line in summed.items():
+                row = _Row(key, line, index, message.collected_at, message.source)
+                current = newest.get(key)
+                if current is None or row.collected_at > current.collected_at:
+                    if current is not None:  # superseded within the batch by a newer revision
+                        outcome.ledger_lines[(line.api_version, STALE)] += 1
+                        _note(best, current.message, STALE)
+                    newest[key] = row
+                else:  # an older or equal revision of a key this batch already has
+                    result = STALE if row.collected_at < current.collected_at else UNCHANGED
+                    outcome.ledger_lines[(line.api_version, result)] += 1
+                    _note(best, index, result)
+        return sorted(newest.values(), key=lambda r: _sort_key(r.key))
+
+    async def _upsert_ledger(self, tx: Tx, rows: list[_Row], outcome: Outcome, best: dict[int, str]) -> list[Touch]:
+        """Upsert the rows; record each line's outcome and, per message, the best outcome of its lines."""
+        previous = {
+            record["ord"]: record["collected_at"] for record in await tx.upsert_cost_data(_ledger_columns(rows))
+        }
+        touched = []
+        for ord_, row in enumerate(rows, start=1):
+            before = previous.get(ord_)
+            if before is None:
+                result = INSERTED
+            elif before < row.collected_at:
+                result = UPDATED
+            elif before == row.collected_at:
+                result = UNCHANGED
+            else:
+                result = STALE
+            outcome.ledger_lines[(row.line.api_version, result)] += 1
+            if result in (INSERTED, UPDATED):
+                organization, project = row.key[0], row.key[1]
+                touched.append(Touch(organization, project, None, row.line.bucket_start))
+            _note(best, row.message, result)
+        return touched
+
+
+# ---------------------------------------------------------------------------------------- columns
+
+
+def _conflict(event: ApiEvent, first: Source) -> Quarantined:
+    return Quarantined(
+        event.source,
+        event.payload,
+        Reason.CONFLICTING_DUPLICATE,
+        f"event {event.event_id} was delivered earlier (offset {first.offset}) with different content",
+        event.organization_id,
+    )
+
+
+def _event_columns(events: list[ApiEvent]) -> list[list[Any]]:
+    return [
+        [e.organization_id for e in events],
+        [e.event_id for e in events],
+        [e.project_id for e in events],
+        [e.user_id for e in events],
+        [e.endpoint for e in events],
+        [e.method for e in events],
+        [e.status_code for e in events],
+        [e.response_time_ms for e in events],
+        [e.occurred_at for e in events],
+        [e.prompt_tokens for e in events],
+        [e.completion_tokens for e in events],
+        [e.total_tokens for e in events],
+        [e.model for e in events],
+        [e.cost_usd for e in events],
+        [e.source.partition for e in events],
+        [e.source.offset for e in events],
+    ]
+
+
+def _ledger_columns(rows: list[_Row]) -> list[list[Any]]:
+    return [
+        [r.key[0] for r in rows],
+        [r.key[1] for r in rows],
+        [r.line.provider for r in rows],
+        [r.line.ai_organization_id for r in rows],
+        [r.line.ai_project_id for r in rows],
+        [r.line.api_version for r in rows],
+        [r.line.bucket_start for r in rows],
+        [r.line.bucket_end for r in rows],
+        [r.line.line_item for r in rows],
+        [r.line.currency for r in rows],
+        [r.line.amount for r in rows],
+        [r.line.quantity for r in rows],
+        [r.line.unit for r in rows],
+        [json.dumps(r.line.metadata, sort_keys=True, default=str) for r in rows],
+        [r.collected_at for r in rows],
+        [r.source.partition for r in rows],
+        [r.source.offset for r in rows],
+    ]
+
+
+def _quarantine_columns(items: list[Quarantined]) -> list[list[Any]]:
+    items = sorted(items, key=lambda q: (q.source.topic, q.source.partition, q.source.offset))
+    return [
+        [q.reason.value for q in items],
+        [q.detail for q in items],
+        [q.source.topic for q in items],
+        [q.source.partition for q in items],
+        [q.source.offset for q in items],
+        [q.source.key for q in items],
+        [q.payload for q in items],
+        [json.dumps({k: v.decode("utf-8", "replace") for k, v in q.source.headers}) for q in items],
+        [q.organization_id for q in items],
+    ]
