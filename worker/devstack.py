@@ -101,7 +101,7 @@ def start_broker(*, port: int = 0, host: str = "127.0.0.1", log_path: Path | Non
     """Start Tansu on a free loopback port and wait until it accepts connections."""
     port = port or free_port(host)
     url = f"tcp://{host}:{port}"
-    with log_path.open("ab") if log_path else open(os.devnull, "ab") as log:  # noqa: PTH123, SIM115
+    with log_path.open("ab") if log_path else open(os.devnull, "ab") as log:
         process = subprocess.Popen(  # noqa: S603 - a fixed binary with our own arguments
             [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
             stdout=log,

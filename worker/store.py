@@ -8,9 +8,12 @@ misconfiguration and becomes ``FatalError``.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
 from typing import Any, ParamSpec, TypeVar
 from uuid import UUID
 
@@ -137,6 +140,25 @@ class Database:
                 query("offsets_load"), group_id, [p[0] for p in partitions], [p[1] for p in partitions]
             )
         return [StoredOffset(row["topic"], row["partition"], row["next_offset"]) for row in rows]
+
+    @translated
+    async def budget_sweep_organizations(self) -> list[UUID]:
+        async with self.pool.acquire() as conn:
+            return [row["organization_id"] for row in await conn.fetch(query("budget_sweep_organizations"))]
+
+    @asynccontextmanager
+    async def sweep_lock(self) -> AsyncIterator[bool]:
+        """Hold the cluster-wide sweep lock for the block, if no other replica holds it (yields False then)."""
+        try:
+            async with self.pool.acquire() as conn:
+                mine = bool(await conn.fetchval(query("sweep_try_lock")))
+                try:
+                    yield mine
+                finally:
+                    if mine:
+                        await conn.fetchval(query("sweep_unlock"))
+        except DRIVER_ERRORS as exc:
+            raise translate(exc) from exc
 
     @translated
     async def outbox_stats(self) -> tuple[int, float]:
@@ -278,6 +300,59 @@ class Tx:
         await self.conn.execute(
             query("quarantine_requarantine"), [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
         )
+
+    async def budget_candidates(self, touched: Sequence[Any]) -> list[asyncpg.Record]:
+        return await self.conn.fetch(
+            query("budget_candidates"),
+            [t.organization_id for t in touched],
+            [t.project_id for t in touched],
+            [t.user_id for t in touched],
+            [t.at for t in touched],
+        )
+
+    async def budget_active(self, organizations: set[UUID], at: datetime) -> list[asyncpg.Record]:
+        return await self.conn.fetch(query("budget_active"), sorted(organizations), at)
+
+    async def lock_organizations(self, organizations: set[UUID]) -> None:
+        await self.conn.fetchval(query("budget_lock_organizations"), sorted(organizations))
+
+    async def budget_spend(self, candidates: Sequence[Any]) -> list[tuple[Decimal, dict[str, int]]]:
+        rows = await self.conn.fetch(
+            query("budget_spend"),
+            [c.scope for c in candidates],
+            [c.organization_id for c in candidates],
+            [c.project_id for c in candidates],
+            [c.user_id for c in candidates],
+            [c.period_start for c in candidates],
+            [c.period_end for c in candidates],
+            [c.currency for c in candidates],
+        )
+        by_ord = {row["ord"]: (row["spend"], json.loads(row["foreign_rows"])) for row in rows}
+        return [by_ord[i] for i in range(1, len(candidates) + 1)]
+
+    async def insert_alerts(self, alerts: Sequence[Any], *, topic: str, raised_at: datetime) -> set[str]:
+        """Insert alerts (ON CONFLICT DO NOTHING) with an outbox row each; returns the ids inserted."""
+        rows = await self.conn.fetch(
+            query("insert_alerts"),
+            [a.id for a in alerts],
+            [a.scope for a in alerts],
+            [a.budget_id for a in alerts],
+            [a.organization_id for a in alerts],
+            [a.project_id for a in alerts],
+            [a.user_id for a in alerts],
+            [a.period_start for a in alerts],
+            [a.period_end for a in alerts],
+            [a.threshold for a in alerts],
+            [a.spend for a in alerts],
+            [a.amount for a in alerts],
+            [a.currency for a in alerts],
+            [a.percent_used for a in alerts],
+            [a.message() for a in alerts],
+            [a.key for a in alerts],
+            topic,
+            raised_at,
+        )
+        return {row["alert_id"] for row in rows}
 
     async def outbox_claim(self, limit: int) -> list[asyncpg.Record]:
         return await self.conn.fetch(query("outbox_claim"), limit)

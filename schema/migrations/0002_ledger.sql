@@ -76,6 +76,8 @@ CREATE TABLE project_metrics (
     updated_at         timestamptz NOT NULL DEFAULT now()
 );
 CREATE UNIQUE INDEX project_metrics_key ON project_metrics (organization_id, project_id, hour) NULLS NOT DISTINCT;
+-- Organization budgets: all of an organization's rollups in a period, without reading its history.
+CREATE INDEX project_metrics_organization_hour_idx ON project_metrics (organization_id, hour);
 
 -- Hourly spend per user (and project), so a user budget never scans raw events.
 CREATE TABLE user_metrics (

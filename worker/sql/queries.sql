@@ -347,3 +347,128 @@ UPDATE outbox SET attempts = attempts + 1, last_error = $2 WHERE id = ANY($1::bi
 -- name: outbox_stats
 SELECT count(*) AS backlog, coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_age
 FROM outbox;
+
+-- ============================================================================================ budgets
+
+-- name: budget_candidates
+-- The (budget, period) pairs a batch touched: active budgets whose scope matches a touched row, for the
+-- period containing the touched time (late data re-evaluates the period it belongs to). Pairs whose every
+-- threshold already alerted are left out: nothing more can happen to them.
+WITH touched AS (
+    SELECT DISTINCT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::timestamptz[])
+        AS t(organization_id, project_id, user_id, at)
+),
+matched AS (
+    SELECT 'organization'::text AS scope, b.id, b.organization_id, NULL::uuid AS project_id,
+           NULL::uuid AS user_id, b.name, b.amount, b.currency::text AS currency, b.period, b.timezone, b.thresholds, t.at
+    FROM ai_organization_budgets b JOIN touched t ON t.organization_id = b.organization_id
+    WHERE b.is_active
+    UNION ALL
+    SELECT 'project', b.id, b.organization_id, b.project_id, NULL, b.name, b.amount, b.currency, b.period, b.timezone,
+           b.thresholds, t.at
+    FROM ai_project_budgets b JOIN touched t ON t.project_id = b.project_id
+    WHERE b.is_active
+    UNION ALL
+    SELECT 'user', b.id, b.organization_id, b.project_id, b.user_id, b.name, b.amount, b.currency, b.period, b.timezone,
+           b.thresholds, t.at
+    FROM ai_budgets b JOIN touched t ON t.user_id = b.user_id AND (b.project_id IS NULL OR b.project_id = t.project_id)
+    WHERE b.is_active
+),
+periods AS (
+    SELECT DISTINCT m.scope, m.id, m.organization_id, m.project_id, m.user_id, m.name, m.amount, m.currency,
+           m.period::text AS period, m.timezone, m.thresholds, p.period_start, p.period_end
+    FROM matched m CROSS JOIN LATERAL cost_worker_period(m.period, m.timezone, m.at) p
+)
+SELECT p.*, coalesce(a.alerted, '{}') AS alerted
+FROM periods p
+LEFT JOIN LATERAL (
+    SELECT array_agg(threshold) AS alerted FROM budget_alerts
+    WHERE scope = p.scope AND budget_id = p.id AND period_start = p.period_start
+) a ON true
+WHERE NOT (p.thresholds <@ coalesce(a.alerted, '{}'));
+
+-- name: budget_sweep_organizations
+-- Organizations with at least one active budget (the sweep evaluates them a chunk at a time).
+SELECT organization_id FROM ai_organization_budgets WHERE is_active
+UNION
+SELECT organization_id FROM ai_project_budgets WHERE is_active
+UNION
+SELECT organization_id FROM ai_budgets WHERE is_active
+ORDER BY 1;
+
+-- name: budget_active
+-- Every active budget of the given organizations in the period containing $2 (the sweep; `budgets status`).
+WITH matched AS (
+    SELECT 'organization'::text AS scope, b.id, b.organization_id, NULL::uuid AS project_id,
+           NULL::uuid AS user_id, b.name, b.amount, b.currency::text AS currency, b.period, b.timezone, b.thresholds
+    FROM ai_organization_budgets b WHERE b.is_active AND b.organization_id = ANY($1::uuid[])
+    UNION ALL
+    SELECT 'project', b.id, b.organization_id, b.project_id, NULL, b.name, b.amount, b.currency, b.period,
+           b.timezone, b.thresholds
+    FROM ai_project_budgets b WHERE b.is_active AND b.organization_id = ANY($1::uuid[])
+    UNION ALL
+    SELECT 'user', b.id, b.organization_id, b.project_id, b.user_id, b.name, b.amount, b.currency, b.period,
+           b.timezone, b.thresholds
+    FROM ai_budgets b WHERE b.is_active AND b.organization_id = ANY($1::uuid[])
+)
+SELECT m.scope, m.id, m.organization_id, m.project_id, m.user_id, m.name, m.amount, m.currency,
+       m.period::text AS period, m.timezone, m.thresholds, p.period_start, p.period_end,
+       coalesce(a.alerted, '{}') AS alerted
+FROM matched m
+CROSS JOIN LATERAL cost_worker_period(m.period, m.timezone, $2::timestamptz) p
+LEFT JOIN LATERAL (
+    SELECT array_agg(threshold ORDER BY threshold) AS alerted FROM budget_alerts
+    WHERE scope = m.scope AND budget_id = m.id AND period_start = p.period_start
+) a ON true
+ORDER BY m.organization_id, m.scope, m.name, m.id;
+
+-- name: budget_lock_organizations
+-- Serialises budget evaluation per organization across workers until this transaction ends, so the
+-- second of two concurrent batches sees the first one's committed spend (no threshold slips between
+-- them). Taken in one order (sorted) by everyone, so the locks cannot deadlock among themselves.
+SELECT count(pg_advisory_xact_lock(hashtextextended('cost_worker.budgets:' || o::text, 0)))
+FROM (SELECT o FROM unnest($1::uuid[]) AS o ORDER BY o) AS sorted;
+
+-- name: budget_spend
+-- Spend of each (scope, period) in the budget's currency, by the rule in cost_worker_spend().
+SELECT i.ord, s.spend, s.foreign_rows
+FROM unnest($1::text[], $2::uuid[], $3::uuid[], $4::uuid[], $5::timestamptz[], $6::timestamptz[], $7::text[])
+    WITH ORDINALITY AS i(scope, organization_id, project_id, user_id, period_start, period_end, currency, ord)
+CROSS JOIN LATERAL cost_worker_spend(i.scope, i.organization_id, i.project_id, i.user_id,
+                                     i.period_start, i.period_end, i.currency) s;
+
+-- name: insert_alerts
+-- One alert per (budget, period start, threshold): ON CONFLICT DO NOTHING makes a second evaluation of
+-- the same crossing (a replay, a concurrent worker, the sweep) a no-op. Only alerts inserted here get an
+-- outbox row, so each alert is published once (at least once, keyed by the stable alert id).
+WITH input AS (
+    SELECT *
+    FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::uuid[], $6::uuid[], $7::timestamptz[],
+                $8::timestamptz[], $9::numeric[], $10::numeric[], $11::numeric[], $12::text[], $13::numeric[],
+                $14::bytea[], $15::bytea[])
+      AS t(id, scope, budget_id, organization_id, project_id, user_id, period_start, period_end, threshold,
+           spend, amount, currency, percent_used, message, message_key)
+),
+inserted AS (
+    INSERT INTO budget_alerts (
+        id, scope, budget_id, organization_id, project_id, user_id, period_start, period_end, threshold,
+        spend, amount, currency, percent_used, raised_at
+    )
+    SELECT id, scope, budget_id, organization_id, project_id, user_id, period_start, period_end, threshold,
+           spend, amount, currency, percent_used, $17
+    FROM input
+    ORDER BY scope, budget_id, period_start, threshold
+    ON CONFLICT DO NOTHING
+    RETURNING id
+)
+INSERT INTO outbox (topic, key, value, headers)
+SELECT $16, i.message_key, i.message, jsonb_build_object('alert_id', i.id::text, 'scope', i.scope)
+FROM input i JOIN inserted USING (id)
+RETURNING headers->>'alert_id' AS alert_id;
+
+-- name: sweep_try_lock
+-- Only one replica sweeps at a time (session-level; released right after the sweep).
+SELECT pg_try_advisory_lock(hashtextextended('cost_worker.sweep', 0));
+
+-- name: sweep_unlock
+SELECT pg_advisory_unlock(hashtextextended('cost_worker.sweep', 0));

@@ -1,0 +1,237 @@
+"""The running worker: wires the components together and owns startup and shutdown.
+
+Shutdown (SIGTERM or SIGINT): the signal handler only sets an event. The consumer stops fetching and
+finishes its in-flight batch; if that takes longer than ``shutdown_grace`` the batch is cancelled, its
+transaction rolls back and Kafka redelivers it to the next owner. Then the outbox is flushed within what is
+left of the grace period, the consumer leaves the group, and the process exits 0. A second signal exits at
+once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+
+from worker import logs, metrics
+from worker.breaker import CircuitBreaker
+from worker.budgets import BudgetEngine
+from worker.config import Settings
+from worker.consumer import Consumer
+from worker.errors import CostWorkerError, FatalError, TransientError
+from worker.faults import Faults
+from worker.http import Health, HealthServer
+from worker.migrate import check_current
+from worker.outbox import OutboxPublisher
+from worker.pipeline import Outcome, Pipeline
+from worker.store import Database, connect
+
+log = structlog.get_logger("worker.app")
+
+DATABASE_CHECK_INTERVAL = 5.0  # seconds between readiness pings of the database
+STARTUP_RETRY_MAX = 30.0  # seconds between attempts to reach the database or broker at startup
+EXIT_OK, EXIT_FATAL, EXIT_SECOND_SIGNAL = 0, 1, 130
+
+
+class Worker:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stop = asyncio.Event()
+        self.health = Health(ready_max_retrying=settings.ready_max_retrying)
+        self.faults = Faults(settings.fault_points)
+        self.db: Database | None = None
+        self.http: HealthServer | None = None
+        self.consumer: Consumer | None = None
+        self.publisher: OutboxPublisher | None = None
+        self.budgets = BudgetEngine(settings)
+        self._signals = 0
+
+    # --- signals ------------------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second_signal_exit", signal=sig.name)
+            os._exit(EXIT_SECOND_SIGNAL)
+        log.info("shutdown_requested", signal=sig.name, grace_seconds=self.settings.shutdown_grace)
+        self.health.stopping = True
+        self.stop.set()
+
+    # --- main ---------------------------------------------------------------------------------------
+
+    async def run(self, *, exit_when_idle: float | None = None) -> int:
+        started = time.monotonic()
+        try:
+            await self._start()
+            return await self._serve(exit_when_idle)
+        finally:
+            await self._close()
+            log.info("stopped", uptime_seconds=round(time.monotonic() - started, 1))
+
+    async def _start(self) -> None:
+        settings = self.settings
+        self.http = HealthServer(self.health, settings.metrics_host, settings.metrics_port)
+        port = await self.http.start()
+        log.info("http_listening", port=port)
+        self.db = await _until_ready("database", self.stop, self._open_database)
+        self.health.database_ok = True
+        self.publisher = OutboxPublisher(settings, self.db, faults=self.faults)
+        breaker = CircuitBreaker(
+            window=settings.breaker_window,
+            min_messages=settings.breaker_min_messages,
+            invalid_ratio=settings.breaker_invalid_ratio,
+        )
+        pipeline = Pipeline(self.db, settings, budgets=self.budgets, breaker=breaker, faults=self.faults)
+        self.consumer = Consumer(
+            settings, self.db, pipeline, self.health, on_commit=self._committed, faults=self.faults
+        )
+        consumer = self.consumer
+        await _until_ready("kafka", self.stop, consumer.start)
+
+    async def _open_database(self) -> Database:
+        settings = self.settings
+        conn = await connect(settings.dsn(), role=settings.database_role, timeout=settings.database_connect_timeout)
+        try:
+            await check_current(conn)
+        finally:
+            await conn.close()
+        return await Database.open(
+            settings.dsn(),
+            role=settings.database_role,
+            min_size=settings.database_pool_min,
+            max_size=settings.database_pool_max,
+            statement_timeout=settings.database_statement_timeout,
+            connect_timeout=settings.database_connect_timeout,
+        )
+
+    async def _serve(self, exit_when_idle: float | None) -> int:
+        assert self.consumer is not None
+        assert self.publisher is not None
+        assert self.db is not None
+        consume = asyncio.create_task(self.consumer.run(self.stop, exit_when_idle=exit_when_idle), name="consume")
+        background = [
+            asyncio.create_task(self.publisher.run(self.stop), name="outbox"),
+            asyncio.create_task(self.budgets.run_sweeps(self.db, self.stop, on_alerts=self._alerts), name="sweep"),
+            asyncio.create_task(self._watch_database(), name="database-check"),
+        ]
+        stopping = asyncio.create_task(self.stop.wait(), name="stop")
+        code = EXIT_OK
+        try:
+            done, _ = await asyncio.wait([consume, stopping, *background], return_when=asyncio.FIRST_COMPLETED)
+            if consume in done:
+                code = self._outcome(consume)
+            elif not self.stop.is_set():  # a background task died: that is a bug or a fatal error
+                for task in done:
+                    code = self._outcome(task) or EXIT_FATAL
+                    self.health.dead = task.get_name()
+            self.stop.set()
+            self.health.stopping = True
+            if not consume.done():
+                # Finish the in-flight batch within the grace period; past it, cancel (the transaction rolls
+                # back and the batch is redelivered).
+                try:
+                    await asyncio.wait_for(asyncio.shield(consume), timeout=self.settings.shutdown_grace * 0.75)
+                except TimeoutError:
+                    metrics.BATCHES.labels(result="abandoned").inc()
+                    log.warning("in_flight_batch_abandoned", grace_seconds=self.settings.shutdown_grace)
+                    consume.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await consume
+                except CostWorkerError:
+                    code = self._outcome(consume)
+            loop = asyncio.get_running_loop()
+            flushed = await self.publisher.flush(loop.time() + self.settings.shutdown_grace * 0.2)
+            log.info("outbox_flushed" if flushed else "outbox_left_for_next_start")
+            return code
+        finally:
+            for task in (*background, stopping):
+                task.cancel()
+            await asyncio.gather(*background, stopping, return_exceptions=True)
+
+    def _outcome(self, task: asyncio.Task[Any]) -> int:
+        if task.cancelled():
+            return EXIT_OK
+        error = task.exception()
+        if error is None:
+            return EXIT_OK
+        if isinstance(error, FatalError):
+            log.error("fatal", error=str(error))
+            raise error
+        log.error("component_failed", component=task.get_name(), error=f"{type(error).__name__}: {error}")
+        raise error
+
+    async def _committed(self, outcome: Outcome) -> None:
+        if outcome.outbox_rows and self.publisher is not None:
+            self.publisher.wake.set()
+
+    async def _alerts(self, alerts: list[Any]) -> None:
+        if self.publisher is not None:
+            self.publisher.wake.set()
+
+    async def _watch_database(self) -> None:
+        assert self.db is not None
+        while not self.stop.is_set():
+            try:
+                await self.db.ping()
+                self.health.database_ok = True
+            except TransientError as exc:
+                if self.health.database_ok:
+                    log.warning("database_unreachable", error=str(exc))
+                self.health.database_ok = False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), timeout=DATABASE_CHECK_INTERVAL)
+
+    async def _close(self) -> None:
+        if self.consumer is not None:
+            await self.consumer.stop()
+        if self.publisher is not None:
+            await self.publisher.close()
+        if self.db is not None:
+            await self.db.close()
+        if self.http is not None:
+            await self.http.stop()
+
+
+async def _until_ready(what: str, stop: asyncio.Event, attempt: Callable[[], Awaitable[Any]]) -> Any:
+    """Retry a startup step while its service is unreachable (not while it is misconfigured)."""
+    delay = 0.5
+    while True:
+        try:
+            return await attempt()
+        except TransientError as exc:
+            log.warning("waiting_for", service=what, error=str(exc), retry_in=delay)
+        except (OSError, ConnectionError) as exc:
+            log.warning("waiting_for", service=what, error=str(exc), retry_in=delay)
+        except Exception as exc:
+            if type(exc).__module__.startswith("aiokafka"):
+                log.warning("waiting_for", service=what, error=str(exc), retry_in=delay)
+            else:
+                raise
+        if stop.is_set():
+            raise FatalError(f"stopped while waiting for the {what}")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=delay)
+        delay = min(delay * 2, STARTUP_RETRY_MAX)
+
+
+def run(settings: Settings, *, exit_when_idle: float | None = None) -> int:
+    """Entry point of ``cost-worker run``."""
+    logs.configure(level=settings.log_level, fmt=settings.log_format, secrets=settings.secrets())
+
+    async def main() -> int:
+        worker = Worker(settings)
+        worker.install_signal_handlers()
+        return await worker.run(exit_when_idle=exit_when_idle)
+
+    return asyncio.run(main())

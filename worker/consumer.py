@@ -1,0 +1,334 @@
+"""The consume loop: Kafka records in batches, one database transaction each, offsets from PostgreSQL.
+
+Positions: PostgreSQL is the source of truth for what was consumed. On assignment the consumer seeks each
+partition to the offset stored in ``consumer_offsets`` (from the beginning when there is none); a batch
+advances those offsets in its own transaction; Kafka's committed offsets are written only afterwards, for
+lag tooling, and never read back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+from aiokafka.structs import OffsetAndMetadata
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never, wait_random_exponential
+
+from worker import kafka, metrics
+from worker.config import Settings
+from worker.errors import StaleOffsets, TransientError
+from worker.faults import NO_FAULTS, Faults
+from worker.http import Health
+from worker.pipeline import Batch, Outcome, Pipeline, decode_batch
+from worker.store import Database
+
+log = structlog.get_logger("worker.consumer")
+
+REVOKE_WAIT = 10.0  # seconds a revocation waits for the in-flight batch to commit before letting go
+KAFKA_COMMIT_TIMEOUT = 5.0  # seconds; the Kafka commit is informational and must never stall the loop
+IDLE_POLL = 0.2  # seconds between checks while waiting for an assignment
+
+TP = tuple[str, int]
+
+
+class Consumer:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        pipeline: Pipeline,
+        health: Health,
+        *,
+        on_commit: Callable[[Outcome], Awaitable[None]] | None = None,
+        faults: Faults = NO_FAULTS,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.pipeline = pipeline
+        self.health = health
+        self.on_commit = on_commit
+        self.faults = faults
+        self.kafka: Any = None
+        self.assigned: set[TP] = set()
+        self.positions: dict[TP, int | None] = {}  # next offset stored in the database (None: none yet)
+        self.unsynced: set[TP] = set()  # assigned, but not yet sought to the stored position
+        self.batch_lock = asyncio.Lock()  # held while a batch is applied, so revocation can wait for it
+        self.sync_lock = asyncio.Lock()  # one position sync at a time (rebalance callback or loop)
+        self.last_record = time.monotonic()
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.kafka = kafka.consumer(self.settings)
+        self.kafka.subscribe(topics=list(self.settings.input_topics), listener=_Rebalance(self))
+        await self.kafka.start()
+
+    async def stop(self) -> None:
+        """Leave the group (the coordinator reassigns our partitions right away)."""
+        if self.kafka is not None:
+            with contextlib.suppress(KafkaError, OSError, asyncio.TimeoutError):
+                await asyncio.wait_for(self.kafka.stop(), timeout=10)
+
+    async def run(self, stop: asyncio.Event, *, exit_when_idle: float | None = None) -> None:
+        """Consume until ``stop`` is set (or, with ``exit_when_idle``, until caught up and quiet)."""
+        while not stop.is_set():
+            await self._sync_positions(stop)
+            try:
+                fetched = await self.kafka.getmany(
+                    timeout_ms=int(self.settings.batch_max_wait * 1000), max_records=self.settings.batch_max_records
+                )
+            except KafkaError as exc:
+                log.warning("fetch_failed", error=str(exc))
+                await _sleep_or_stop(stop, 1.0)
+                continue
+            live = self._live()
+            # Only partitions we own and have sought; never records below the stored position (those are
+            # already applied, and taking them would move the stored offset backwards).
+            records = [
+                record
+                for tp, batch in fetched.items()
+                if (tp.topic, tp.partition) in live
+                for record in batch
+                if record.offset >= (self.positions.get((tp.topic, tp.partition)) or 0)
+            ]
+            self._update_lag()
+            if not records:
+                if exit_when_idle is not None and self._idle_for(exit_when_idle):
+                    log.info("idle_exit", idle_seconds=exit_when_idle, partitions=len(self.assigned))
+                    return
+                continue
+            self.last_record = time.monotonic()
+            started = time.perf_counter()
+            batch = decode_batch(records, self.settings)
+            decoded = time.perf_counter()
+            metrics.BATCH_DURATION.labels(stage="decode").observe(decoded - started)
+            await self._apply(batch, stop, started)
+
+    # --- one batch ----------------------------------------------------------------------------------
+
+    async def _apply(self, batch: Batch, stop: asyncio.Event, started: float) -> None:
+        def before_sleep(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            if self.health.retrying_since is None:
+                self.health.retrying_since = time.monotonic()
+            metrics.DATABASE_RETRIES.labels(error=type(error).__name__).inc()
+            metrics.BATCHES.labels(result="retried").inc()
+            log.warning("batch_retry", attempt=state.attempt_number, error=str(error), messages=len(batch))
+
+        # Transient failures retry the whole batch with exponential backoff and jitter, for as long as it
+        # takes: skipping would lose data. A shutdown cancels the wait; the batch is then redelivered.
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(TransientError),
+            wait=wait_random_exponential(
+                multiplier=self.settings.retry_initial_backoff, max=self.settings.retry_max_backoff
+            ),
+            stop=stop_never,
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        outcome: Outcome | None = None
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    outcome = await self._apply_once(batch, started)
+        except StaleOffsets:
+            metrics.BATCHES.labels(result="fenced").inc()
+            log.warning("batch_fenced", partitions=sorted(batch.last_offsets))
+            self.unsynced.update(tp for tp in batch.last_offsets if tp in self.assigned)
+            return
+        finally:
+            self.health.retrying_since = None
+        if outcome is None:
+            return
+        if self.on_commit is not None:
+            await self.on_commit(outcome)
+
+    async def _apply_once(self, batch: Batch, started: float) -> Outcome | None:
+        async with self.batch_lock:
+            # Partitions revoked (or re-sought) since the batch was fetched are not ours to write.
+            gone = {tp for tp in batch.last_offsets if tp not in self._live()}
+            if gone:
+                batch = batch.without(gone)
+            if not batch.last_offsets:
+                return None
+            expected = {tp: self.positions.get(tp) for tp in batch.last_offsets}
+            db_started = time.perf_counter()
+            outcome = await self.pipeline.apply(batch, expected)
+            committed = time.perf_counter()
+            # The database transaction committed: data and offsets are durable together.
+            now = time.time()
+            for (topic, partition), last in batch.last_offsets.items():
+                self.positions[(topic, partition)] = last + 1
+                metrics.LAST_COMMIT.labels(topic=topic, partition=str(partition)).set(now)
+            self.faults.hit("after_db_commit")
+            await self._commit_kafka(batch)
+            done = time.perf_counter()
+        metrics.BATCH_DURATION.labels(stage="database").observe(committed - db_started)
+        metrics.BATCH_DURATION.labels(stage="kafka_commit").observe(done - committed)
+        metrics.BATCH_DURATION.labels(stage="total").observe(done - started)
+        metrics.BATCH_SIZE.observe(len(batch))
+        metrics.BATCHES.labels(result="committed").inc()
+        _record(outcome)
+        self._update_lag()
+        log.info(
+            "batch",
+            messages=len(batch),
+            topics=dict(batch.sizes),
+            partitions=sorted(f"{t}:{p}" for t, p in batch.last_offsets),
+            outcomes={f"{t}:{o}": n for (t, o), n in sorted(outcome.messages.items())},
+            quarantined={f"{t}:{r}": n for (t, r), n in sorted(outcome.quarantined.items())},
+            alerts=len(outcome.alerts),
+            duration_ms=round((done - started) * 1000, 1),
+            database_ms=round((committed - db_started) * 1000, 1),
+        )
+        return outcome
+
+    async def _commit_kafka(self, batch: Batch) -> None:
+        """Mirror the stored offsets to Kafka for lag tooling. Best effort: PostgreSQL is the truth."""
+        offsets = {
+            TopicPartition(topic, partition): OffsetAndMetadata(last + 1, "")
+            for (topic, partition), last in batch.last_offsets.items()
+        }
+        try:
+            await asyncio.wait_for(self.kafka.commit(offsets), timeout=KAFKA_COMMIT_TIMEOUT)
+        except (TimeoutError, KafkaError, OSError) as exc:
+            log.debug("kafka_commit_skipped", error=str(exc))
+
+    # --- positions ----------------------------------------------------------------------------------
+
+    def _live(self) -> set[TP]:
+        return self.assigned - self.unsynced
+
+    async def _sync_positions(self, stop: asyncio.Event) -> None:
+        """Seek partitions that need it to the offsets stored in the database (retrying until it answers)."""
+        delay = self.settings.retry_initial_backoff
+        while self.unsynced & self.assigned and not stop.is_set():
+            try:
+                await self.seek_to_stored(sorted(self.unsynced & self.assigned))
+                self.health.database_ok = True
+                return
+            except TransientError as exc:
+                self.health.database_ok = False
+                log.warning("position_sync_failed", error=str(exc))
+                await _sleep_or_stop(stop, delay)
+                delay = min(delay * 2, self.settings.retry_max_backoff)
+
+    async def seek_to_stored(self, partitions: list[TP]) -> None:
+        async with self.sync_lock:
+            partitions = [tp for tp in partitions if tp in self.unsynced and tp in self.assigned]
+            if partitions:
+                await self._seek_to_stored(partitions)
+
+    async def _seek_to_stored(self, partitions: list[TP]) -> None:
+        stored = {
+            (o.topic, o.partition): o.next_offset
+            for o in await self.db.load_offsets(self.settings.kafka_group_id, partitions)
+        }
+        for topic, partition in partitions:
+            tp = TopicPartition(topic, partition)
+            if (topic, partition) not in self.assigned:
+                continue
+            if (topic, partition) in stored:
+                self.kafka.seek(tp, stored[(topic, partition)])
+            else:
+                await self.kafka.seek_to_beginning(tp)
+            self.positions[(topic, partition)] = stored.get((topic, partition))
+            self.unsynced.discard((topic, partition))
+        log.info("positions_synced", positions={f"{t}:{p}": stored.get((t, p)) for t, p in partitions})
+
+    # --- lag and idleness ---------------------------------------------------------------------------
+
+    def _lag(self, tp: TP) -> int | None:
+        """High watermark from fetch responses minus the stored position (ListOffsets is not trusted)."""
+        if self.kafka is None or tp in self.unsynced:
+            return None
+        highwater = self.kafka.highwater(TopicPartition(*tp))
+        if highwater is None:
+            return None
+        return max(0, int(highwater) - (self.positions.get(tp) or 0))
+
+    def _update_lag(self) -> None:
+        for tp in self.assigned:
+            lag = self._lag(tp)
+            if lag is not None:
+                metrics.CONSUMER_LAG.labels(topic=tp[0], partition=str(tp[1])).set(lag)
+
+    def caught_up(self) -> bool:
+        return self.health.joined_group and all(self._lag(tp) == 0 for tp in self.assigned)
+
+    def _idle_for(self, seconds: float) -> bool:
+        return self.caught_up() and time.monotonic() - self.last_record >= seconds
+
+    def forget(self, partitions: set[TP]) -> None:
+        for topic, partition in partitions:
+            self.positions.pop((topic, partition), None)
+            with contextlib.suppress(KeyError):
+                metrics.CONSUMER_LAG.remove(topic, str(partition))
+            with contextlib.suppress(KeyError):
+                metrics.LAST_COMMIT.remove(topic, str(partition))
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Stop work on revoked partitions; start assigned ones from the offsets stored in the database."""
+
+    def __init__(self, consumer: Consumer) -> None:
+        self.consumer = consumer
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        consumer = self.consumer
+        metrics.REBALANCES.labels(event="revoked").inc()
+        # Let the in-flight batch commit first (its offsets then tell the next owner where to start).
+        # If it takes too long we let go anyway: the offset compare-and-set stops it from landing late.
+        acquired = False
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(consumer.batch_lock.acquire(), REVOKE_WAIT)
+            acquired = True
+        try:
+            gone = {(tp.topic, tp.partition) for tp in revoked}
+            consumer.assigned -= gone
+            consumer.unsynced -= gone
+            consumer.forget(gone)
+            metrics.ASSIGNED_PARTITIONS.set(len(consumer.assigned))
+            consumer.health.assigned = len(consumer.assigned)
+        finally:
+            if acquired:
+                consumer.batch_lock.release()
+        log.info("partitions_revoked", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        consumer = self.consumer
+        metrics.REBALANCES.labels(event="assigned").inc()
+        new = {(tp.topic, tp.partition) for tp in assigned}
+        consumer.assigned = set(new)
+        # Another member may have moved these partitions on: always re-read the stored positions.
+        consumer.unsynced = set(new)
+        consumer.health.joined_group = True
+        consumer.health.assigned = len(new)
+        metrics.ASSIGNED_PARTITIONS.set(len(new))
+        log.info("partitions_assigned", partitions=sorted(f"{t}:{p}" for t, p in new))
+        try:
+            await consumer.seek_to_stored(sorted(new))
+        except TransientError as exc:  # the loop retries until the database answers
+            log.warning("position_sync_deferred", error=str(exc))
+
+
+def _record(outcome: Outcome) -> None:
+    for (topic, result), count in outcome.messages.items():
+        metrics.MESSAGES.labels(topic=topic, outcome=result).inc(count)
+    for (topic, reason), count in outcome.quarantined.items():
+        metrics.QUARANTINED.labels(topic=topic, reason=reason).inc(count)
+    for (api_version, result), count in outcome.ledger_lines.items():
+        metrics.LEDGER_LINES.labels(api_version=api_version, outcome=result).inc(count)
+    for provider, count in outcome.unpriced.items():
+        metrics.UNPRICED_LINES.labels(provider=provider).inc(count)
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
