@@ -19,9 +19,13 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from tests.feeding import Feeder
 from worker import devstack
+from worker.budgets import BudgetEngine
 from worker.config import Settings
 from worker.migrate import migrate
+from worker.pipeline import Pipeline
+from worker.store import Database
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -156,3 +160,17 @@ def settings(database_url: str, kafka_bootstrap: str, topics: Topics) -> Setting
         budget_sweep_interval=3600.0,
         outbox_poll_interval=0.2,
     )
+
+
+@pytest.fixture
+async def database(settings: Settings) -> AsyncIterator[Database]:
+    """The worker's own pool on this test's database (as the writer role)."""
+    pool = await Database.open(settings.dsn(), role=settings.database_role)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+def feeder(database: Database, settings: Settings) -> Feeder:
+    """A pipeline (with budget evaluation) fed in-memory records, as a consumer would feed it."""
+    return Feeder(Pipeline(database, settings, budgets=BudgetEngine(settings)), settings)

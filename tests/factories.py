@@ -50,33 +50,56 @@ async def make_org(
         user = uuid.uuid4()
         await db.execute(
             "INSERT INTO users (id, organization_id, email, username) VALUES ($1, $2, $3, $3)",
-            user, org.id, f"{user.hex[:12]}@example.com",
+            user,
+            org.id,
+            f"{user.hex[:12]}@example.com",
         )
         org.users.append(user)
     for pid in project_ids:
         project = uuid.uuid4()
         await db.execute(
             "INSERT INTO projects (id, organization_id, name, ai_provider, ai_organization_id, ai_project_id) "
-            "VALUES ($1, $2, $3, $4, $5, $6)", project, org.id, pid, provider, org.ai_org, pid,
+            "VALUES ($1, $2, $3, $4, $5, $6)",
+            project,
+            org.id,
+            pid,
+            provider,
+            org.ai_org,
+            pid,
         )
         org.projects[pid] = project
     for legacy_id, name in (legacy or {}).items():
         project = uuid.uuid4()
         await db.execute(
             "INSERT INTO projects (id, organization_id, name, openai_project_id) VALUES ($1, $2, $3, $4)",
-            project, org.id, name, legacy_id,
+            project,
+            org.id,
+            name,
+            legacy_id,
         )
         org.projects[legacy_id] = project
     return org
 
 
 async def add_price(
-    db: asyncpg.Connection, provider: str, model: str, token_type: str, per_million: str,
-    *, effective_from: datetime = datetime(2020, 1, 1, tzinfo=UTC), currency: str = "USD",
+    db: asyncpg.Connection,
+    provider: str,
+    model: str,
+    token_type: str,
+    per_million: str,
+    *,
+    effective_from: datetime = datetime(2020, 1, 1, tzinfo=UTC),
+    currency: str = "USD",
 ) -> None:
     await db.execute(
         "INSERT INTO model_prices (provider, model, token_type, price_per_million, currency, effective_from) "
-        "VALUES ($1, $2, $3, $4, $5, $6)", provider, model, token_type, Decimal(per_million), currency, effective_from,
+        "VALUES ($1, $2, $3, $4, $5, $6)",
+        provider,
+        model,
+        token_type,
+        Decimal(per_million),
+        currency,
+        effective_from,
     )
 
 
@@ -113,30 +136,51 @@ def api_event(
         "status_code": status,
         "response_time_ms": latency,
         "token_usage": {
-            "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "model": model, "cost_usd": cost,
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "model": model,
+            "cost_usd": cost,
         },
     }
 
 
 def envelope(
-    provider: str, ai_org: str, api_version: str, buckets: list[dict[str, Any]], *,
-    collected_at: str = "2026-11-20T06:00:00Z", single: bool = False,
+    provider: str,
+    ai_org: str,
+    api_version: str,
+    buckets: list[dict[str, Any]],
+    *,
+    collected_at: str = "2026-11-20T06:00:00Z",
+    single: bool = False,
 ) -> dict[str, Any]:
-    body: dict[str, Any] = {"bucket": buckets[0]} if single else {
-        "page": {"object": "page", "data": buckets, "has_more": False, "next_page": None}
+    body: dict[str, Any] = (
+        {"bucket": buckets[0]}
+        if single
+        else {"page": {"object": "page", "data": buckets, "has_more": False, "next_page": None}}
+    )
+    return {
+        "provider": provider,
+        "ai_organization_id": ai_org,
+        "api_version": api_version,
+        "collected_at": collected_at,
+        **body,
     }
-    return {"provider": provider, "ai_organization_id": ai_org, "api_version": api_version,
-            "collected_at": collected_at, **body}
 
 
 def openai_cost_bucket(start: str, end: str, results: list[tuple[str | None, str | None, Any]]) -> dict[str, Any]:
     """results: (project_id, line_item, amount value)."""
     return {
-        "object": "bucket", "start_time": ts(start), "end_time": ts(end),
+        "object": "bucket",
+        "start_time": ts(start),
+        "end_time": ts(end),
         "results": [
-            {"object": "organization.costs.result", "amount": {"value": value, "currency": "usd"},
-             "line_item": line_item, "project_id": project}
+            {
+                "object": "organization.costs.result",
+                "amount": {"value": value, "currency": "usd"},
+                "line_item": line_item,
+                "project_id": project,
+            }
             for project, line_item, value in results
         ],
     }
@@ -145,10 +189,20 @@ def openai_cost_bucket(start: str, end: str, results: list[tuple[str | None, str
 def openai_usage_bucket(start: str, end: str, results: list[dict[str, Any]]) -> dict[str, Any]:
     full = []
     for result in results:
-        item = {"object": "organization.usage.completions.result", "input_tokens": 0, "output_tokens": 0,
-                "input_cached_tokens": 0, "input_audio_tokens": 0, "output_audio_tokens": 0,
-                "num_model_requests": 1, "project_id": None, "user_id": None, "api_key_id": None,
-                "model": None, "batch": None}
+        item = {
+            "object": "organization.usage.completions.result",
+            "input_tokens": 0,
+            "output_tokens": 0,
+            "input_cached_tokens": 0,
+            "input_audio_tokens": 0,
+            "output_audio_tokens": 0,
+            "num_model_requests": 1,
+            "project_id": None,
+            "user_id": None,
+            "api_key_id": None,
+            "model": None,
+            "batch": None,
+        }
         item.update(result)
         full.append(item)
     return {"object": "bucket", "start_time": ts(start), "end_time": ts(end), "results": full}

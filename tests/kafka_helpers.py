@@ -40,8 +40,9 @@ async def produce(
     keys: Sequence[bytes | None] | None = None,
     partition: int | None = None,
 ) -> int:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, linger_ms=5,
-                                max_request_size=8 * 1024 * 1024)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap_servers, linger_ms=5, max_request_size=8 * 1024 * 1024
+    )
     await producer.start()
     count = 0
     try:
@@ -59,8 +60,11 @@ async def produce(
 async def consume_all(settings: Settings, topic: str, *, expect: int, timeout: float = 30.0) -> list[Any]:
     """Every record of a topic (from the beginning), waiting until at least ``expect`` arrived."""
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=settings.kafka_bootstrap_servers, auto_offset_reset="earliest",
-        enable_auto_commit=False, group_id=None,
+        topic,
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
     )
     await consumer.start()
     records: list[Any] = []
@@ -99,9 +103,11 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
 def spawn_worker(settings: Settings, *args: str, log: Path, **extra: str) -> subprocess.Popen[bytes]:
     """``cost-worker run`` as a real process (for signals: SIGKILL, SIGTERM, SIGSTOP)."""
     with log.open("ab") as out:
-        return subprocess.Popen(  # noqa: S603
+        return subprocess.Popen(
             [sys.executable, "-m", "worker", "run", *args],
-            stdout=out, stderr=subprocess.STDOUT, env=worker_env(settings, **extra),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=worker_env(settings, **extra),
         )
 
 

@@ -14,7 +14,13 @@ import asyncpg
 import pytest
 
 from tests.factories import (
-    Org, anthropic_cost_bucket, api_event, dumps, envelope, make_org, openai_cost_bucket,
+    Org,
+    anthropic_cost_bucket,
+    api_event,
+    dumps,
+    envelope,
+    make_org,
+    openai_cost_bucket,
 )
 from tests.kafka_helpers import consume_all, create_topics, kill, produce, run_worker, spawn_worker
 from worker.config import Settings
@@ -23,18 +29,40 @@ from worker.config import Settings
 async def snapshot(db: asyncpg.Connection) -> dict[str, Any]:
     """Everything the worker writes that must be identical between runs (no timestamps of writing)."""
     return {
-        "cost_data": [tuple(r) for r in await db.fetch(
-            "SELECT organization_id, project_id, api_version::text, bucket_start_time, line_item, currency, amount, "
-            "quantity, collected_at FROM cost_data ORDER BY 1, 2 NULLS FIRST, 3, 4, 5")],
-        "api_usage": [tuple(r) for r in await db.fetch(
-            "SELECT organization_id, event_id, project_id, cost_usd, occurred_at FROM api_usage ORDER BY 1, 2")],
-        "project_metrics": [tuple(r) for r in await db.fetch(
-            "SELECT organization_id, project_id, hour, request_count, error_count, total_tokens, estimated_cost_usd, "
-            "latency_sum_ms, latency_max_ms FROM project_metrics ORDER BY 1, 2 NULLS FIRST, 3")],
-        "user_metrics": [tuple(r) for r in await db.fetch(
-            "SELECT user_id, hour, project_id, request_count, estimated_cost_usd FROM user_metrics ORDER BY 1, 2, 3")],
-        "quarantine": [tuple(r) for r in await db.fetch(
-            "SELECT source_topic, source_partition, source_offset, reason FROM quarantine ORDER BY 1, 2, 3")],
+        "cost_data": [
+            tuple(r)
+            for r in await db.fetch(
+                "SELECT organization_id, project_id, api_version::text, bucket_start_time, line_item, currency, "
+                "amount, "
+                "quantity, collected_at FROM cost_data ORDER BY 1, 2 NULLS FIRST, 3, 4, 5"
+            )
+        ],
+        "api_usage": [
+            tuple(r)
+            for r in await db.fetch(
+                "SELECT organization_id, event_id, project_id, cost_usd, occurred_at FROM api_usage ORDER BY 1, 2"
+            )
+        ],
+        "project_metrics": [
+            tuple(r)
+            for r in await db.fetch(
+                "SELECT organization_id, project_id, hour, request_count, error_count, total_tokens, "
+                "estimated_cost_usd, "
+                "latency_sum_ms, latency_max_ms FROM project_metrics ORDER BY 1, 2 NULLS FIRST, 3"
+            )
+        ],
+        "user_metrics": [
+            tuple(r)
+            for r in await db.fetch(
+                "SELECT user_id, hour, project_id, request_count, estimated_cost_usd FROM user_metrics ORDER BY 1, 2, 3"
+            )
+        ],
+        "quarantine": [
+            tuple(r)
+            for r in await db.fetch(
+                "SELECT source_topic, source_partition, source_offset, reason FROM quarantine ORDER BY 1, 2, 3"
+            )
+        ],
     }
 
 
@@ -47,7 +75,11 @@ def stream(orgs: list[Org], n_events: int, seed: int = 7) -> tuple[list[bytes], 
         org = orgs[i % len(orgs)]
         cost = Decimal(rng.randint(1, 10_000)) / Decimal(100_000)
         payload = api_event(
-            org, event_id=f"ev-{i}", project=org.projects["proj_a"], user=org.users[0], cost=str(cost),
+            org,
+            event_id=f"ev-{i}",
+            project=org.projects["proj_a"],
+            user=org.users[0],
+            cost=str(cost),
             occurred_at=f"2026-11-{1 + i % 20:02d}T{i % 24:02d}:{i % 60:02d}:00Z",
         )
         events.append(dumps(payload))
@@ -57,13 +89,26 @@ def stream(orgs: list[Org], n_events: int, seed: int = 7) -> tuple[list[bytes], 
     for org in orgs:
         for day in range(1, 4):
             for revision in (1, 2):
-                buckets.append(dumps(envelope(
-                    "openai", org.ai_org, "costs_v1",
-                    [openai_cost_bucket(f"2026-11-{day:02d}", f"2026-11-{day + 1:02d}", [
-                        ("proj_a", "GPT-4o", f"{day}.{revision}5"), (None, "support", "0.1"),
-                    ])],
-                    collected_at=f"2026-11-{day + 1:02d}T0{revision}:00:00Z",
-                )))
+                buckets.append(
+                    dumps(
+                        envelope(
+                            "openai",
+                            org.ai_org,
+                            "costs_v1",
+                            [
+                                openai_cost_bucket(
+                                    f"2026-11-{day:02d}",
+                                    f"2026-11-{day + 1:02d}",
+                                    [
+                                        ("proj_a", "GPT-4o", f"{day}.{revision}5"),
+                                        (None, "support", "0.1"),
+                                    ],
+                                )
+                            ],
+                            collected_at=f"2026-11-{day + 1:02d}T0{revision}:00:00Z",
+                        )
+                    )
+                )
     rng.shuffle(buckets)  # revisions out of order: the newest must still win
     return events, buckets, expected
 
@@ -118,13 +163,15 @@ async def test_two_workers_split_partitions_and_agree_with_one(
     await produce(settings, settings.topic_api_usage, events)
     await produce(settings, settings.topic_provider_buckets, buckets)
     codes = await asyncio.gather(run_worker(settings, idle=2.0), run_worker(settings, idle=2.0))
-    assert codes == [0, 0]
+    assert list(codes) == [0, 0]
     assert await db.fetchval("SELECT sum(cost_usd) FROM api_usage") == expected
     assert await db.fetchval("SELECT sum(request_count) FROM project_metrics") == 600
     assert await db.fetchval("SELECT count(*) FROM consumer_offsets") == 8
     together = await snapshot(db)
 
-    await db.execute("TRUNCATE cost_data, api_usage, project_metrics, user_metrics, quarantine, outbox, consumer_offsets")
+    await db.execute(
+        "TRUNCATE cost_data, api_usage, project_metrics, user_metrics, quarantine, outbox, consumer_offsets"
+    )
     assert await run_worker(settings) == 0
     assert await snapshot(db) == together
 
@@ -147,7 +194,9 @@ async def test_sigkill_mid_stream_then_restart_matches_an_undisturbed_run(
     assert await db.fetchval("SELECT sum(cost_usd) FROM api_usage") == expected
     assert await db.fetchval("SELECT sum(request_count) FROM project_metrics") == 3000
 
-    await db.execute("TRUNCATE cost_data, api_usage, project_metrics, user_metrics, quarantine, outbox, consumer_offsets")
+    await db.execute(
+        "TRUNCATE cost_data, api_usage, project_metrics, user_metrics, quarantine, outbox, consumer_offsets"
+    )
     assert await run_worker(settings) == 0
     assert await snapshot(db) == killed
 
@@ -155,9 +204,18 @@ async def test_sigkill_mid_stream_then_restart_matches_an_undisturbed_run(
 async def test_anthropic_and_openai_side_by_side(db: asyncpg.Connection, settings: Settings) -> None:
     await create_topics(settings)
     org = await make_org(db, provider="anthropic", project_ids=("wrkspc_1",))
-    page = envelope("anthropic", org.ai_org, "costs_v1", [anthropic_cost_bucket(
-        "2026-11-01T00:00:00Z", "2026-11-02T00:00:00Z",
-        [{"amount": "250", "currency": "USD", "workspace_id": "wrkspc_1", "description": "tokens"}])])
+    page = envelope(
+        "anthropic",
+        org.ai_org,
+        "costs_v1",
+        [
+            anthropic_cost_bucket(
+                "2026-11-01T00:00:00Z",
+                "2026-11-02T00:00:00Z",
+                [{"amount": "250", "currency": "USD", "workspace_id": "wrkspc_1", "description": "tokens"}],
+            )
+        ],
+    )
     await produce(settings, settings.topic_provider_buckets, [dumps(page)])
     assert await run_worker(settings) == 0
     assert await db.fetchval("SELECT amount FROM cost_data") == Decimal("2.50")

@@ -7,7 +7,6 @@ tests/test_ingestion.py runs the same flows end to end through Kafka.
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -16,56 +15,19 @@ import asyncpg
 import pytest
 
 from tests.factories import (
-    FakeRecord, add_price, anthropic_cost_bucket, anthropic_usage_bucket, api_event, dumps, envelope,
-    make_org, openai_cost_bucket, openai_usage_bucket,
+    add_price,
+    anthropic_cost_bucket,
+    anthropic_usage_bucket,
+    api_event,
+    dumps,
+    envelope,
+    make_org,
+    openai_cost_bucket,
+    openai_usage_bucket,
 )
-from worker.config import Settings
+from tests.feeding import Feeder
 from worker.errors import StaleOffsets
-from worker.pipeline import Pipeline, decode_batch
-from worker.store import Database
-
-
-@pytest.fixture
-async def database(settings: Settings) -> AsyncIterator[Database]:
-    db = await Database.open(settings.dsn(), role=settings.database_role)
-    yield db
-    await db.close()
-
-
-class Feeder:
-    """Numbers records per partition and applies them as batches, tracking expected offsets like a consumer."""
-
-    def __init__(self, pipeline: Pipeline, settings: Settings) -> None:
-        self.pipeline = pipeline
-        self.settings = settings
-        self.next: dict[tuple[str, int], int] = {}
-        self.stored: dict[tuple[str, int], int | None] = {}
-
-    def record(self, topic: str, value: bytes, partition: int = 0) -> FakeRecord:
-        offset = self.next.get((topic, partition), 0)
-        self.next[(topic, partition)] = offset + 1
-        return FakeRecord(topic, partition, offset, value)
-
-    async def apply(self, records: list[FakeRecord]) -> Any:
-        batch = decode_batch(records, self.settings)
-        outcome = await self.pipeline.apply(batch, dict(self.stored))
-        for tp, last in batch.last_offsets.items():
-            self.stored[tp] = last + 1
-        return outcome
-
-    async def events(self, *payloads: dict[str, Any], partition: int = 0) -> Any:
-        return await self.apply([self.record(self.settings.topic_api_usage, dumps(p), partition) for p in payloads])
-
-    async def buckets(self, *payloads: dict[str, Any] | bytes, partition: int = 0) -> Any:
-        return await self.apply([
-            self.record(self.settings.topic_provider_buckets, p if isinstance(p, bytes) else dumps(p), partition)
-            for p in payloads
-        ])
-
-
-@pytest.fixture
-def feeder(database: Database, settings: Settings) -> Feeder:
-    return Feeder(Pipeline(database, settings), settings)
+from worker.pipeline import decode_batch
 
 
 async def ledger(db: asyncpg.Connection) -> list[tuple[Any, ...]]:
@@ -78,13 +40,24 @@ async def ledger(db: asyncpg.Connection) -> list[tuple[Any, ...]]:
 
 async def test_openai_costs_land_exactly_and_replays_change_nothing(db: asyncpg.Connection, feeder: Feeder) -> None:
     org = await make_org(db, project_ids=("proj_a", "proj_b"))
-    page = envelope("openai", org.ai_org, "costs_v1", [
-        openai_cost_bucket("2026-11-01", "2026-11-02", [
-            ("proj_a", "GPT-4o input", 0.06), ("proj_a", "GPT-4o input", 0.30000000000000004),
-            ("proj_b", None, 1.5), (None, "web search", 0.01),
-        ]),
-        openai_cost_bucket("2026-11-02", "2026-11-03", []),
-    ])
+    page = envelope(
+        "openai",
+        org.ai_org,
+        "costs_v1",
+        [
+            openai_cost_bucket(
+                "2026-11-01",
+                "2026-11-02",
+                [
+                    ("proj_a", "GPT-4o input", 0.06),
+                    ("proj_a", "GPT-4o input", 0.30000000000000004),
+                    ("proj_b", None, 1.5),
+                    (None, "web search", 0.01),
+                ],
+            ),
+            openai_cost_bucket("2026-11-02", "2026-11-03", []),
+        ],
+    )
     outcome = await feeder.buckets(page)
     assert outcome.messages[(feeder.settings.topic_provider_buckets, "inserted")] == 1
     rows = await db.fetch("SELECT project_id, line_item, amount, currency FROM cost_data ORDER BY amount")
@@ -103,8 +76,13 @@ async def test_openai_costs_land_exactly_and_replays_change_nothing(db: asyncpg.
 async def test_newest_revision_wins_in_any_order(db: asyncpg.Connection, feeder: Feeder) -> None:
     org = await make_org(db)
     revisions = [
-        envelope("openai", org.ai_org, "costs_v1",
-                 [openai_cost_bucket("2026-11-01", "2026-11-02", [("proj_a", "x", value)])], collected_at=at)
+        envelope(
+            "openai",
+            org.ai_org,
+            "costs_v1",
+            [openai_cost_bucket("2026-11-01", "2026-11-02", [("proj_a", "x", value)])],
+            collected_at=at,
+        )
         for value, at in ((1, "2026-11-02T01:00:00Z"), (2, "2026-11-02T05:00:00Z"), (3, "2026-11-02T03:00:00Z"))
     ]
     await feeder.buckets(revisions[1])
@@ -112,9 +90,13 @@ async def test_newest_revision_wins_in_any_order(db: asyncpg.Connection, feeder:
     assert outcome.ledger_lines[("costs_v1", "stale_revision")] == 2
     assert (await db.fetchval("SELECT amount FROM cost_data")) == Decimal(2)
     # In one batch, out of order: the newest still wins.
-    newest = envelope("openai", org.ai_org, "costs_v1",
-                      [openai_cost_bucket("2026-11-01", "2026-11-02", [("proj_a", "x", 7)])],
-                      collected_at="2026-11-03T00:00:00Z")
+    newest = envelope(
+        "openai",
+        org.ai_org,
+        "costs_v1",
+        [openai_cost_bucket("2026-11-01", "2026-11-02", [("proj_a", "x", 7)])],
+        collected_at="2026-11-03T00:00:00Z",
+    )
     await feeder.buckets(newest, revisions[0])
     assert (await db.fetchval("SELECT amount FROM cost_data")) == Decimal(7)
 
@@ -125,20 +107,41 @@ async def test_openai_usage_is_priced_per_model_and_token_type(db: asyncpg.Conne
     await add_price(db, "openai", "gpt-4o", "input_cached_tokens", "1.25")
     await add_price(db, "openai", "gpt-4o", "output_tokens", "10")
     await add_price(db, "openai", "gpt-4o", "output_tokens", "12", effective_from=datetime(2026, 11, 15, tzinfo=UTC))
-    page = envelope("openai", org.ai_org, "usage_v1", [
-        openai_usage_bucket("2026-11-01", "2026-11-02", [
-            {"model": "gpt-4o", "project_id": "proj_a", "input_tokens": 1_000_000, "input_cached_tokens": 400_000,
-             "output_tokens": 3_000, "num_model_requests": 10},
-            {"model": "gpt-4o-mini", "project_id": "proj_a", "input_tokens": 5},
-        ]),
-        openai_usage_bucket("2026-11-20", "2026-11-21", [
-            {"model": "gpt-4o", "project_id": "proj_a", "output_tokens": 1_000_000},
-        ]),
-    ])
+    page = envelope(
+        "openai",
+        org.ai_org,
+        "usage_v1",
+        [
+            openai_usage_bucket(
+                "2026-11-01",
+                "2026-11-02",
+                [
+                    {
+                        "model": "gpt-4o",
+                        "project_id": "proj_a",
+                        "input_tokens": 1_000_000,
+                        "input_cached_tokens": 400_000,
+                        "output_tokens": 3_000,
+                        "num_model_requests": 10,
+                    },
+                    {"model": "gpt-4o-mini", "project_id": "proj_a", "input_tokens": 5},
+                ],
+            ),
+            openai_usage_bucket(
+                "2026-11-20",
+                "2026-11-21",
+                [
+                    {"model": "gpt-4o", "project_id": "proj_a", "output_tokens": 1_000_000},
+                ],
+            ),
+        ],
+    )
     outcome = await feeder.buckets(page)
     assert outcome.unpriced["openai"] == 1  # gpt-4o-mini input has no price; its zero lines cost zero
-    rows = {(r["line_item"], r["bucket_start_time"].day): (r["quantity"], r["amount"]) for r in await db.fetch(
-        "SELECT line_item, bucket_start_time, quantity, amount FROM cost_data")}
+    rows = {
+        (r["line_item"], r["bucket_start_time"].day): (r["quantity"], r["amount"])
+        for r in await db.fetch("SELECT line_item, bucket_start_time, quantity, amount FROM cost_data")
+    }
     assert rows[("gpt-4o:input_uncached_tokens", 1)] == (Decimal(600_000), Decimal("1.50"))
     assert rows[("gpt-4o:input_cached_tokens", 1)] == (Decimal(400_000), Decimal("0.50"))
     assert rows[("gpt-4o:output_tokens", 1)] == (Decimal(3_000), Decimal("0.030"))
@@ -151,29 +154,79 @@ async def test_anthropic_costs_in_cents_and_usage(db: asyncpg.Connection, feeder
     org = await make_org(db, provider="anthropic", project_ids=("wrkspc_01",))
     await add_price(db, "anthropic", "claude-sonnet-4", "uncached_input_tokens", "3")
     await add_price(db, "anthropic", "claude-sonnet-4", "cache_creation_1h_input_tokens", "6")
-    costs = envelope("anthropic", org.ai_org, "costs_v1", [anthropic_cost_bucket(
-        "2025-08-01T00:00:00Z", "2025-08-02T00:00:00Z", [
-            {"amount": "123.78912", "currency": "USD", "description": "Claude Sonnet 4 Usage - Input Tokens",
-             "model": "claude-sonnet-4", "token_type": "uncached_input_tokens", "cost_type": "tokens",
-             "workspace_id": "wrkspc_01", "service_tier": "standard", "context_window": "0-200k"},
-            {"amount": "0.5", "currency": "USD", "cost_type": "web_search", "workspace_id": None,
-             "description": None, "model": None, "token_type": None, "service_tier": None, "context_window": None},
-        ])])
-    usage = envelope("anthropic", org.ai_org, "usage_v1", [
-        anthropic_usage_bucket("2025-08-01T00:00:00Z", "2025-08-01T01:00:00Z", [
-            {"uncached_input_tokens": 2_000_000, "cache_read_input_tokens": 0, "output_tokens": 10,
-             "cache_creation": {"ephemeral_1h_input_tokens": 1_000, "ephemeral_5m_input_tokens": 0},
-             "server_tool_use": {"web_search_requests": 2}, "model": "claude-sonnet-4", "workspace_id": "wrkspc_01",
-             "api_key_id": "apikey_01", "service_tier": "standard", "context_window": "0-200k"},
-        ]),
-        anthropic_usage_bucket("2025-08-01T01:00:00Z", "2025-08-01T02:00:00Z", []),
-    ])
+    costs = envelope(
+        "anthropic",
+        org.ai_org,
+        "costs_v1",
+        [
+            anthropic_cost_bucket(
+                "2025-08-01T00:00:00Z",
+                "2025-08-02T00:00:00Z",
+                [
+                    {
+                        "amount": "123.78912",
+                        "currency": "USD",
+                        "description": "Claude Sonnet 4 Usage - Input Tokens",
+                        "model": "claude-sonnet-4",
+                        "token_type": "uncached_input_tokens",
+                        "cost_type": "tokens",
+                        "workspace_id": "wrkspc_01",
+                        "service_tier": "standard",
+                        "context_window": "0-200k",
+                    },
+                    {
+                        "amount": "0.5",
+                        "currency": "USD",
+                        "cost_type": "web_search",
+                        "workspace_id": None,
+                        "description": None,
+                        "model": None,
+                        "token_type": None,
+                        "service_tier": None,
+                        "context_window": None,
+                    },
+                ],
+            )
+        ],
+    )
+    usage = envelope(
+        "anthropic",
+        org.ai_org,
+        "usage_v1",
+        [
+            anthropic_usage_bucket(
+                "2025-08-01T00:00:00Z",
+                "2025-08-01T01:00:00Z",
+                [
+                    {
+                        "uncached_input_tokens": 2_000_000,
+                        "cache_read_input_tokens": 0,
+                        "output_tokens": 10,
+                        "cache_creation": {"ephemeral_1h_input_tokens": 1_000, "ephemeral_5m_input_tokens": 0},
+                        "server_tool_use": {"web_search_requests": 2},
+                        "model": "claude-sonnet-4",
+                        "workspace_id": "wrkspc_01",
+                        "api_key_id": "apikey_01",
+                        "service_tier": "standard",
+                        "context_window": "0-200k",
+                    },
+                ],
+            ),
+            anthropic_usage_bucket("2025-08-01T01:00:00Z", "2025-08-01T02:00:00Z", []),
+        ],
+    )
     await feeder.buckets(costs, usage)
-    rows = {r["line_item"]: (r["project_id"], r["quantity"], r["amount"]) for r in await db.fetch(
-        "SELECT line_item, project_id, quantity, amount FROM cost_data")}
+    rows = {
+        r["line_item"]: (r["project_id"], r["quantity"], r["amount"])
+        for r in await db.fetch("SELECT line_item, project_id, quantity, amount FROM cost_data")
+    }
     assert rows["Claude Sonnet 4 Usage - Input Tokens"] == (org.projects["wrkspc_01"], None, Decimal("1.2378912"))
     assert rows["web_search"] == (None, None, Decimal("0.005"))
-    assert rows["claude-sonnet-4:uncached_input_tokens:0-200k"] == (org.projects["wrkspc_01"], Decimal(2_000_000), Decimal(6))
+    assert rows["claude-sonnet-4:uncached_input_tokens:0-200k"] == (
+        org.projects["wrkspc_01"],
+        Decimal(2_000_000),
+        Decimal(6),
+    )
     assert rows["claude-sonnet-4:cache_creation_1h_input_tokens:0-200k"][2] == Decimal("0.006")
     assert rows["claude-sonnet-4:web_search_requests:0-200k"][1:] == (Decimal(2), None)
 
@@ -182,8 +235,16 @@ async def test_api_events_dedupe_rollup_once_and_conflicts_quarantine(db: asyncp
     org = await make_org(db)
     project, user = org.projects["proj_a"], org.users[0]
     first = api_event(org, event_id="e1", project=project, user=user, cost="0.028")
-    second = api_event(org, event_id="e2", project=project, user=user, cost="0.5", status=500, latency=100,
-                       occurred_at="2026-11-21T10:59:59Z")
+    second = api_event(
+        org,
+        event_id="e2",
+        project=project,
+        user=user,
+        cost="0.5",
+        status=500,
+        latency=100,
+        occurred_at="2026-11-21T10:59:59Z",
+    )
     outcome = await feeder.events(first, second, first)
     topic = feeder.settings.topic_api_usage
     assert outcome.messages[(topic, "inserted")] == 2
@@ -222,8 +283,11 @@ async def test_bad_messages_are_quarantined_while_batch_mates_land(db: asyncpg.C
     topic = feeder.settings.topic_api_usage
     assert outcome.messages[(topic, "inserted")] == 1
     assert dict(outcome.quarantined) == {
-        (topic, "not_json"): 1, (topic, "unknown_project"): 1, (topic, "unknown_organization"): 1,
-        (topic, "unknown_user"): 1, (topic, "duplicate_key"): 1,
+        (topic, "not_json"): 1,
+        (topic, "unknown_project"): 1,
+        (topic, "unknown_organization"): 1,
+        (topic, "unknown_user"): 1,
+        (topic, "duplicate_key"): 1,
     }
     assert await db.fetchval("SELECT count(*) FROM api_usage") == 1
     dead = await db.fetch("SELECT key, headers FROM outbox ORDER BY id")
@@ -233,21 +297,27 @@ async def test_bad_messages_are_quarantined_while_batch_mates_land(db: asyncpg.C
 
 async def test_unattributed_lines_are_quarantined_and_the_rest_lands(db: asyncpg.Connection, feeder: Feeder) -> None:
     org = await make_org(db)
-    page = envelope("openai", org.ai_org, "costs_v1", [openai_cost_bucket(
-        "2026-11-01", "2026-11-02", [("proj_a", "x", 1), ("proj_unknown", "x", 2)])])
+    page = envelope(
+        "openai",
+        org.ai_org,
+        "costs_v1",
+        [openai_cost_bucket("2026-11-01", "2026-11-02", [("proj_a", "x", 1), ("proj_unknown", "x", 2)])],
+    )
     outcome = await feeder.buckets(page)
     assert outcome.quarantined[(feeder.settings.topic_provider_buckets, "unattributed")] == 1
     assert await db.fetchval("SELECT sum(amount) FROM cost_data") == Decimal(1)
-    unknown_org = envelope("openai", "org-nobody", "costs_v1", [openai_cost_bucket(
-        "2026-11-01", "2026-11-02", [(None, "x", 1)])])
+    unknown_org = envelope(
+        "openai", "org-nobody", "costs_v1", [openai_cost_bucket("2026-11-01", "2026-11-02", [(None, "x", 1)])]
+    )
     outcome = await feeder.buckets(unknown_org)
     assert outcome.quarantined[(feeder.settings.topic_provider_buckets, "unattributed")] == 1
 
 
 async def test_legacy_openai_project_ids_attribute(db: asyncpg.Connection, feeder: Feeder) -> None:
     org = await make_org(db, legacy={"proj_legacy": "old"})
-    page = envelope("openai", org.ai_org, "costs_v1", [openai_cost_bucket(
-        "2026-11-01", "2026-11-02", [("proj_legacy", "x", 4)])])
+    page = envelope(
+        "openai", org.ai_org, "costs_v1", [openai_cost_bucket("2026-11-01", "2026-11-02", [("proj_legacy", "x", 4)])]
+    )
     await feeder.buckets(page)
     assert await db.fetchval("SELECT project_id FROM cost_data") == org.projects["proj_legacy"]
 
@@ -272,12 +342,18 @@ async def test_events_without_project_or_user(db: asyncpg.Connection, feeder: Fe
 
 
 @pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
-async def test_order_of_deliveries_does_not_matter(db: asyncpg.Connection, feeder: Feeder, order: tuple[int, ...]) -> None:
+async def test_order_of_deliveries_does_not_matter(
+    db: asyncpg.Connection, feeder: Feeder, order: tuple[int, ...]
+) -> None:
     org = await make_org(db)
     revisions = [
-        envelope("openai", org.ai_org, "costs_v1",
-                 [openai_cost_bucket("2026-11-01", "2026-11-02", [("proj_a", "x", v), (None, "y", v)])],
-                 collected_at=f"2026-11-02T0{v}:00:00Z")
+        envelope(
+            "openai",
+            org.ai_org,
+            "costs_v1",
+            [openai_cost_bucket("2026-11-01", "2026-11-02", [("proj_a", "x", v), (None, "y", v)])],
+            collected_at=f"2026-11-02T0{v}:00:00Z",
+        )
         for v in (1, 2, 3)
     ]
     for i in order:

@@ -28,8 +28,13 @@ def alert_id(scope: str, budget_id: uuid.UUID, period_start: datetime, threshold
 
 
 def _plain(value: Decimal) -> str:
-    """Decimal without exponent or trailing zeros: 80, 80.5, 0.000001."""
+    """Decimal without exponent or trailing zeros: 80, 80.5, 0.000001 (thresholds)."""
     return format(value.normalize(), "f")
+
+
+def _money(value: Decimal) -> str:
+    """Decimal as computed, never in exponent notation: 8.00 stays 8.00."""
+    return format(value, "f")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +82,10 @@ class Alert:
             "period_start": self.period_start.astimezone(zone).isoformat(),
             "period_end": self.period_end.astimezone(zone).isoformat(),
             "threshold_percent": _plain(self.threshold),
-            "spend": _plain(self.spend),
-            "amount": _plain(self.amount),
+            "spend": _money(self.spend),
+            "amount": _money(self.amount),
             "currency": self.currency,
-            "percent_used": _plain(self.percent_used),
+            "percent_used": _money(self.percent_used),
             "raised_at": self.raised_at.isoformat(),
         }
         return json.dumps(body, separators=(",", ":")).encode()

@@ -1,0 +1,352 @@
+"""Budgets: periods in time zones, the spend rule, the hierarchy, and alerts exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tests.factories import Org, api_event, envelope, make_org, openai_cost_bucket
+from tests.feeding import Feeder
+from worker.budgets import BudgetEngine
+from worker.config import Settings
+from worker.pipeline import Pipeline
+from worker.store import Database
+
+
+async def add_budget(
+    db: asyncpg.Connection,
+    scope: str,
+    org: Org,
+    amount: str,
+    *,
+    project: uuid.UUID | None = None,
+    user: uuid.UUID | None = None,
+    period: str = "monthly",
+    timezone: str = "UTC",
+    thresholds: tuple[int, ...] = (50, 80, 100),
+    currency: str = "USD",
+) -> uuid.UUID:
+    budget = uuid.uuid4()
+    common = (budget, org.id, Decimal(amount), currency, period, timezone, [Decimal(t) for t in thresholds])
+    if scope == "organization":
+        await db.execute(
+            "INSERT INTO ai_organization_budgets (id, organization_id, amount, currency, period, timezone, thresholds)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            *common,
+        )
+    elif scope == "project":
+        await db.execute(
+            "INSERT INTO ai_project_budgets (id, organization_id, amount, currency, period, timezone, thresholds, "
+            "project_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            *common,
+            project,
+        )
+    else:
+        await db.execute(
+            "INSERT INTO ai_budgets (id, organization_id, amount, currency, period, timezone, thresholds, user_id, "
+            "project_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            *common,
+            user,
+            project,
+        )
+    return budget
+
+
+async def alerts(db: asyncpg.Connection) -> list[tuple[Any, ...]]:
+    rows = await db.fetch(
+        "SELECT scope, budget_id, period_start, threshold, spend FROM budget_alerts "
+        "ORDER BY scope, budget_id, period_start, threshold"
+    )
+    return [tuple(r) for r in rows]
+
+
+async def outbox_alerts(db: asyncpg.Connection, settings: Settings) -> list[dict[str, Any]]:
+    rows = await db.fetch("SELECT key, value FROM outbox WHERE topic = $1 ORDER BY id", settings.topic_budget_alerts)
+    return [json.loads(r["value"]) | {"_key": r["key"].decode()} for r in rows]
+
+
+def spend_event(
+    org: Org, cost: str, *, at: str = "2026-11-10T10:00:00Z", user: bool = True, event_id: str | None = None
+) -> dict[str, Any]:
+    return api_event(
+        org,
+        event_id=event_id,
+        project=org.projects["proj_a"],
+        user=org.users[0] if user else None,
+        cost=cost,
+        occurred_at=at,
+    )
+
+
+async def test_thresholds_alert_once_each_and_replays_add_nothing(
+    db: asyncpg.Connection, feeder: Feeder, settings: Settings
+) -> None:
+    org = await make_org(db)
+    budget = await add_budget(db, "organization", org, "10")
+    await feeder.events(spend_event(org, "4.99", event_id="a"))
+    assert await alerts(db) == []
+    outcome = await feeder.events(spend_event(org, "3.01", event_id="b"))  # 8.00: crosses 50 and 80 at once
+    assert [(a.threshold, a.spend) for a in outcome.alerts] == [(Decimal(50), Decimal(8)), (Decimal(80), Decimal(8))]
+    await feeder.events(spend_event(org, "1", event_id="c"), spend_event(org, "0.5", event_id="d"))
+    assert await alerts(db) == [
+        ("organization", budget, datetime(2026, 11, 1, tzinfo=UTC), Decimal(50), Decimal(8)),
+        ("organization", budget, datetime(2026, 11, 1, tzinfo=UTC), Decimal(80), Decimal(8)),
+    ]
+    await feeder.events(spend_event(org, "0.5", event_id="e"))  # 10.00: exactly 100 %
+    assert len(await alerts(db)) == 3
+    # Replays, duplicates, reordering: nothing new.
+    for event_id, cost in (("a", "4.99"), ("e", "0.5"), ("b", "3.01")):
+        await feeder.events(spend_event(org, cost, event_id=event_id))
+    assert len(await alerts(db)) == 3
+    messages = await outbox_alerts(db, settings)
+    assert len(messages) == 3
+    first = messages[0]
+    assert first["_key"] == str(budget)
+    assert first["scope"] == "organization"
+    assert first["threshold_percent"] == "50"
+    assert first["spend"] == "8.00"
+    assert first["amount"] == "10"
+    assert first["percent_used"] == "80.00"
+    assert first["currency"] == "USD"
+    assert first["period_start"] == "2026-11-01T00:00:00+00:00"
+    assert first["period_end"] == "2026-12-01T00:00:00+00:00"
+    stored_ids = {str(r["id"]) for r in await db.fetch("SELECT id FROM budget_alerts")}
+    assert {m["alert_id"] for m in messages} == stored_ids
+
+
+async def test_hierarchy_each_level_alerts_on_its_own_spend(db: asyncpg.Connection, feeder: Feeder) -> None:
+    org = await make_org(db, project_ids=("proj_a", "proj_b"), users=2)
+    a, b = org.projects["proj_a"], org.projects["proj_b"]
+    alice, bob = org.users
+    org_budget = await add_budget(db, "organization", org, "100", thresholds=(50,))
+    project_budget = await add_budget(db, "project", org, "40", project=a, thresholds=(50,))
+    user_in_project = await add_budget(db, "user", org, "10", user=alice, project=b, thresholds=(50,))
+    user_anywhere = await add_budget(db, "user", org, "30", user=alice, thresholds=(50,))
+    await feeder.events(
+        api_event(org, project=a, user=alice, cost="16"),  # alice in A
+        api_event(org, project=b, user=alice, cost="6"),  # alice in B
+        api_event(org, project=b, user=bob, cost="30"),  # bob in B
+    )
+    raised = {(scope, budget) for scope, budget, *_ in await alerts(db)}
+    assert raised == {
+        ("organization", org_budget),  # 52 of 100
+        ("user", user_in_project),  # 6 of 10 (only project B counts)
+        ("user", user_anywhere),  # 22 of 30
+    }
+    assert ("project", project_budget) not in raised  # project A: 16 of 40
+    await feeder.events(api_event(org, project=a, user=bob, cost="4"))
+    assert ("project", project_budget) in {(s, b) for s, b, *_ in await alerts(db)}  # 20 of 40
+
+
+async def test_periods_follow_the_budget_time_zone_across_dst(db: asyncpg.Connection) -> None:
+    async def period(kind: str, tz: str, at: str) -> tuple[datetime, datetime]:
+        row = await db.fetchrow(
+            "SELECT * FROM cost_worker_period($1::budget_period, $2, $3::text::timestamptz)", kind, tz, at
+        )
+        assert row is not None
+        return row["period_start"], row["period_end"]
+
+    # Berlin, March 2026: CET -> CEST on the 29th. The month starts at local midnight (UTC+1) and ends
+    # at local midnight (UTC+2); the DST day is 23 hours long.
+    assert await period("monthly", "Europe/Berlin", "2026-03-15T12:00:00Z") == (
+        datetime(2026, 2, 28, 23, tzinfo=UTC),
+        datetime(2026, 3, 31, 22, tzinfo=UTC),
+    )
+    start, end = await period("daily", "Europe/Berlin", "2026-03-29T12:00:00Z")
+    assert (start, end - start) == (
+        datetime(2026, 3, 28, 23, tzinfo=UTC),
+        datetime(2026, 3, 29, 22, tzinfo=UTC) - start,
+    )
+    assert (end - start).total_seconds() == 23 * 3600
+    # New York, November 2026: EDT -> EST on Sunday the 1st. Weeks start on Monday.
+    start, end = await period("weekly", "America/New_York", "2026-11-01T12:00:00Z")
+    assert start == datetime(2026, 10, 26, 4, tzinfo=UTC)  # Monday 00:00 EDT
+    assert end == datetime(2026, 11, 2, 5, tzinfo=UTC)  # next Monday 00:00 EST: a 169-hour week
+    assert await period("quarterly", "UTC", "2026-11-22T00:00:00Z") == (
+        datetime(2026, 10, 1, tzinfo=UTC),
+        datetime(2027, 1, 1, tzinfo=UTC),
+    )
+    assert await period("yearly", "Asia/Kolkata", "2026-12-31T20:00:00Z") == (
+        datetime(2026, 12, 31, 18, 30, tzinfo=UTC),
+        datetime(2027, 12, 31, 18, 30, tzinfo=UTC),
+    )
+
+
+async def test_spend_lands_in_the_period_of_the_budget_time_zone(db: asyncpg.Connection, feeder: Feeder) -> None:
+    org = await make_org(db)
+    berlin = await add_budget(db, "organization", org, "10", timezone="Europe/Berlin", thresholds=(50,))
+    utc = await add_budget(db, "organization", org, "10", timezone="UTC", thresholds=(50,))
+    # 2026-10-31T23:30Z is already November in Berlin (UTC+1 after the October DST change).
+    await feeder.events(spend_event(org, "6", at="2026-10-31T23:30:00Z"))
+    rows = {budget: start for _, budget, start, *_ in await alerts(db)}
+    assert rows == {berlin: datetime(2026, 10, 31, 23, tzinfo=UTC), utc: datetime(2026, 10, 1, tzinfo=UTC)}
+
+
+async def test_provider_costs_replace_estimates_never_add_to_them(db: asyncpg.Connection, feeder: Feeder) -> None:
+    org = await make_org(db, project_ids=("proj_a", "proj_b"))
+    a = org.projects["proj_a"]
+    project_budget = await add_budget(db, "project", org, "100", project=a, thresholds=(20, 30))
+    org_budget = await add_budget(db, "organization", org, "100", thresholds=(20, 30))
+    # The platform's estimate first: 25 on Nov 3 (hours 10 and 11) for project A.
+    await feeder.events(
+        api_event(org, project=a, cost="15", occurred_at="2026-11-03T10:00:00Z"),
+        api_event(org, project=a, cost="10", occurred_at="2026-11-03T11:59:00Z"),
+    )
+
+    async def spend(scope: str, project: uuid.UUID | None) -> Decimal:
+        value = await db.fetchval(
+            "SELECT spend FROM cost_worker_spend($1, $2, $3, NULL, '2026-11-01Z', '2026-12-01Z', 'USD')",
+            scope,
+            org.id,
+            project,
+        )
+        assert isinstance(value, Decimal)
+        return value
+
+    assert await spend("project", a) == 25
+    assert {t for *_, t, _ in await alerts(db)} == {Decimal(20)}
+    # Then the provider's authoritative cost for that day arrives (lower: 12), plus usage for the same
+    # window (costs_v1 wins over usage_v1) and an older day the platform never saw.
+    await feeder.buckets(
+        envelope(
+            "openai",
+            org.ai_org,
+            "costs_v1",
+            [
+                openai_cost_bucket("2026-11-03", "2026-11-04", [("proj_a", "x", 12)]),
+                openai_cost_bucket("2026-11-02", "2026-11-03", [("proj_a", "x", 1)]),
+            ],
+        )
+    )
+    assert await spend("project", a) == 13  # 12 + 1; the 25 of estimates for Nov 3 are replaced, not added
+    assert await spend("organization", None) == 13
+    # Provider rows without a project cover every project of that provider organization for the org budget.
+    await feeder.events(api_event(org, project=org.projects["proj_b"], cost="5", occurred_at="2026-11-05T10:00:00Z"))
+    assert await spend("organization", None) == 18
+    await feeder.buckets(
+        envelope("openai", org.ai_org, "costs_v1", [openai_cost_bucket("2026-11-05", "2026-11-06", [(None, "all", 7)])])
+    )
+    assert await spend("organization", None) == 20  # 13 + 7: project B's estimate of 5 is covered
+    assert await spend("project", org.projects["proj_b"]) == 5  # its own budget still has only the estimate
+    await feeder.events(api_event(org, project=a, cost="20", occurred_at="2026-11-07T10:00:00Z"))  # 33 / 40
+    assert {(b, t) for _, b, _, t, _ in await alerts(db)} == {
+        (project_budget, Decimal(20)),
+        (org_budget, Decimal(20)),
+        (project_budget, Decimal(30)),
+        (org_budget, Decimal(30)),
+    }
+
+
+async def test_late_data_alerts_in_its_own_period(db: asyncpg.Connection, feeder: Feeder) -> None:
+    org = await make_org(db)
+    budget = await add_budget(db, "project", org, "10", project=org.projects["proj_a"], thresholds=(100,))
+    await feeder.buckets(
+        envelope(
+            "openai",
+            org.ai_org,
+            "costs_v1",
+            [openai_cost_bucket("2026-10-30", "2026-10-31", [("proj_a", "x", 4)])],
+            collected_at="2026-10-31T06:00:00Z",
+        )
+    )
+    assert await alerts(db) == []
+    # A revision for last month, arriving now, pushes October over.
+    await feeder.buckets(
+        envelope(
+            "openai",
+            org.ai_org,
+            "costs_v1",
+            [openai_cost_bucket("2026-10-30", "2026-10-31", [("proj_a", "x", 11)])],
+            collected_at="2026-11-20T06:00:00Z",
+        )
+    )
+    assert await alerts(db) == [("project", budget, datetime(2026, 10, 1, tzinfo=UTC), Decimal(100), Decimal(11))]
+
+
+async def test_other_currencies_never_count(db: asyncpg.Connection, feeder: Feeder) -> None:
+    org = await make_org(db)
+    eur = await add_budget(db, "project", org, "10", project=org.projects["proj_a"], currency="EUR", thresholds=(50,))
+    usd = await add_budget(db, "project", org, "10", project=org.projects["proj_a"], thresholds=(50,))
+    await feeder.buckets(
+        envelope(
+            "openai", org.ai_org, "costs_v1", [openai_cost_bucket("2026-11-03", "2026-11-04", [("proj_a", "x", 6)])]
+        )
+    )
+    assert {b for _, b, *_ in await alerts(db)} == {usd}
+    assert eur not in {b for _, b, *_ in await alerts(db)}
+
+
+async def test_sweep_alerts_a_lowered_or_new_budget(
+    db: asyncpg.Connection, feeder: Feeder, database: Database, settings: Settings
+) -> None:
+    org = await make_org(db)
+    budget = await add_budget(db, "organization", org, "100", thresholds=(50, 100))
+    now = datetime.now(UTC).replace(microsecond=0)
+    await feeder.events(spend_event(org, "60", at=now.isoformat()))
+    assert [t for *_, t, _ in await alerts(db)] == [Decimal(50)]
+    await db.execute("UPDATE ai_organization_budgets SET amount = 50 WHERE id = $1", budget)
+    engine = BudgetEngine(settings)
+    raised = await engine.sweep(database)
+    assert [(a.budget_id, a.threshold) for a in raised] == [(budget, Decimal(100))]
+    assert await engine.sweep(database) == []  # and only once
+    inactive = await add_budget(db, "organization", org, "1", thresholds=(100,))
+    await db.execute("UPDATE ai_organization_budgets SET is_active = false WHERE id = $1", inactive)
+    assert await engine.sweep(database) == []
+    await db.execute("UPDATE ai_organization_budgets SET is_active = true WHERE id = $1", inactive)
+    assert [a.budget_id for a in await engine.sweep(database)] == [inactive]
+
+
+async def test_two_workers_on_one_organization_raise_each_alert_once(
+    db: asyncpg.Connection, settings: Settings
+) -> None:
+    """Two batches for one organization commit at the same moment; only together do they cross 100 %.
+
+    Without serialising evaluation per organization, each would see only its own spend (9.3 of 10) and the
+    crossing would be missed until the next sweep. With it, the second evaluation sees both: one alert.
+    """
+    pools = [await Database.open(settings.dsn(), role=settings.database_role) for _ in range(2)]
+    try:
+        feeders = [Feeder(Pipeline(pool, settings, budgets=BudgetEngine(settings)), settings) for pool in pools]
+        for trial in range(5):
+            org = await make_org(db)
+            await add_budget(db, "organization", org, "10", thresholds=(50, 100))
+            await feeders[0].events(spend_event(org, "8.6", event_id=f"base-{trial}"), partition=2 * trial)
+            await asyncio.gather(
+                # Different hours, so the two batches share no rollup row (whose lock would serialise them).
+                feeders[0].events(
+                    spend_event(org, "0.7", event_id=f"w0-{trial}", at="2026-11-10T11:00:00Z"), partition=2 * trial
+                ),
+                feeders[1].events(
+                    spend_event(org, "0.7", event_id=f"w1-{trial}", at="2026-11-10T12:00:00Z"), partition=2 * trial + 1
+                ),
+            )
+            rows = await db.fetch(
+                "SELECT threshold, spend FROM budget_alerts WHERE organization_id = $1 ORDER BY threshold", org.id
+            )
+            assert [(r["threshold"], r["spend"]) for r in rows] == [
+                (Decimal(50), Decimal("8.6")),
+                (Decimal(100), Decimal("10.0")),
+            ], trial
+    finally:
+        for pool in pools:
+            await pool.close()
+    assert await db.fetchval("SELECT count(*) FROM outbox WHERE topic = $1", settings.topic_budget_alerts) == 10
+
+
+@pytest.mark.parametrize("thresholds", [(150,), (50, 100, 150)])
+async def test_thresholds_above_one_hundred(
+    db: asyncpg.Connection, feeder: Feeder, thresholds: tuple[int, ...]
+) -> None:
+    org = await make_org(db)
+    await add_budget(db, "organization", org, "10", thresholds=thresholds)
+    await feeder.events(spend_event(org, "14.99"))
+    assert 150 not in {t for *_, t, _ in await alerts(db)}
+    await feeder.events(spend_event(org, "0.01"))
+    assert Decimal(150) in {t for *_, t, _ in await alerts(db)}
