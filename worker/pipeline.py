@@ -119,8 +119,7 @@ class Outcome:
     unpriced: Counter[str] = field(default_factory=Counter)  # provider
     new_quarantine_rows: int = 0
     alerts: list[Any] = field(default_factory=list)
-    replayed_ok: list[int] = field(default_factory=list)
-    replayed_bad: list[tuple[int, str, str]] = field(default_factory=list)
+    quarantine: list[Quarantined] = field(default_factory=list)  # every message quarantined by this batch
 
     @property
     def outbox_rows(self) -> int:
@@ -312,6 +311,7 @@ class Pipeline:
         for item in quarantine:
             outcome.quarantined[(item.source.topic, item.reason.value)] += 1
             outcome.messages[(item.source.topic, QUARANTINED)] += 1
+        outcome.quarantine = quarantine
         if quarantine:
             outcome.new_quarantine_rows = await tx.insert_quarantine(
                 _quarantine_columns(quarantine),

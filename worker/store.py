@@ -75,6 +75,17 @@ def server_settings(*, role: str | None, statement_timeout: float | None) -> dic
 
 
 @translated
+async def recreate_database(admin_url: str, name: str) -> None:
+    """Drop (forcing out connections) and create a database: the dev stack's fresh start."""
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+@translated
 async def connect(
     dsn: str, *, role: str | None = None, statement_timeout: float | None = None, timeout: float = 10.0
 ) -> asyncpg.Connection:
@@ -353,6 +364,11 @@ class Tx:
             raised_at,
         )
         return {row["alert_id"] for row in rows}
+
+    async def report(self, name: str, *args: Any) -> list[asyncpg.Record]:
+        """One of the read-only ``report_*`` queries (dev summary, operator commands)."""
+        assert name.startswith("report_"), name
+        return await self.conn.fetch(query(name), *args)
 
     async def outbox_claim(self, limit: int) -> list[asyncpg.Record]:
         return await self.conn.fetch(query("outbox_claim"), limit)

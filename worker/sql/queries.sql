@@ -472,3 +472,45 @@ SELECT pg_try_advisory_lock(hashtextextended('cost_worker.sweep', 0));
 
 -- name: sweep_unlock
 SELECT pg_advisory_unlock(hashtextextended('cost_worker.sweep', 0));
+
+-- ============================================================================================ reports
+
+-- name: report_table_counts
+-- Rows per table the worker writes (visible in the current tenant scope).
+SELECT 'cost_data' AS table_name, count(*) AS rows FROM cost_data
+UNION ALL SELECT 'api_usage', count(*) FROM api_usage
+UNION ALL SELECT 'project_metrics', count(*) FROM project_metrics
+UNION ALL SELECT 'user_metrics', count(*) FROM user_metrics
+UNION ALL SELECT 'budget_alerts', count(*) FROM budget_alerts
+UNION ALL SELECT 'quarantine', count(*) FROM quarantine
+UNION ALL SELECT 'outbox', count(*) FROM outbox;
+
+-- name: report_project_spend
+-- Ledger and estimate per project (visible in the current tenant scope), all time.
+SELECT p.name AS project,
+       coalesce((SELECT sum(amount) FROM cost_data c WHERE c.project_id = p.id AND c.api_version = 'costs_v1'), 0)
+           AS provider_costs,
+       coalesce((SELECT sum(amount) FROM cost_data c WHERE c.project_id = p.id AND c.api_version = 'usage_v1'), 0)
+           AS priced_usage,
+       coalesce((SELECT sum(estimated_cost_usd) FROM project_metrics m WHERE m.project_id = p.id), 0) AS estimate,
+       coalesce((SELECT sum(request_count) FROM project_metrics m WHERE m.project_id = p.id), 0) AS requests
+FROM projects p
+WHERE p.organization_id = ANY($1::uuid[])
+ORDER BY p.name;
+
+-- name: report_quarantine_reasons
+SELECT reason, count(*) AS messages FROM quarantine WHERE status = 'pending' GROUP BY reason ORDER BY 2 DESC, 1;
+
+-- name: report_alerts
+SELECT a.scope, a.threshold, a.spend, a.amount, a.currency, a.period_start, a.percent_used,
+       coalesce(o.name, p.name, u.name) AS budget_name
+FROM budget_alerts a
+LEFT JOIN ai_organization_budgets o ON a.scope = 'organization' AND o.id = a.budget_id
+LEFT JOIN ai_project_budgets p ON a.scope = 'project' AND p.id = a.budget_id
+LEFT JOIN ai_budgets u ON a.scope = 'user' AND u.id = a.budget_id
+ORDER BY a.raised_at, a.scope, a.threshold;
+
+-- name: report_organizations
+-- Organizations with active budgets, or just the one asked for.
+SELECT id FROM organizations WHERE $1::uuid IS NULL OR id = $1
+ORDER BY id;

@@ -1,0 +1,193 @@
+"""Operator commands: ``quarantine list``, ``quarantine replay`` and ``budgets status``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+from zoneinfo import ZoneInfo
+
+from worker.budgets import BudgetEngine, Candidate
+from worker.config import Settings
+from worker.errors import ConfigError
+from worker.pipeline import Pipeline, decode_batch
+from worker.quarantine import Reason
+from worker.store import Database
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain text table a person can read (and a terminal can't mangle)."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="seconds")
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    return str(value)
+
+
+async def _open(settings: Settings) -> Database:
+    return await Database.open(settings.dsn(), role=settings.database_role, max_size=2)
+
+
+# ================================================================================================ quarantine
+
+
+async def quarantine_list(settings: Settings, *, reason: str | None, status: str, limit: int) -> int:
+    _check_reason(reason)
+    db = await _open(settings)
+    try:
+        rows = await db.quarantine_list(reason, None if status == "all" else status, limit)
+    finally:
+        await db.close()
+    print(
+        table(
+            ["id", "reason", "topic", "partition", "offset", "bytes", "status", "replays", "quarantined_at", "detail"],
+            [
+                (
+                    r["id"],
+                    r["reason"],
+                    r["source_topic"],
+                    r["source_partition"],
+                    r["source_offset"],
+                    r["size"],
+                    r["status"],
+                    r["replay_count"],
+                    r["quarantined_at"],
+                    (r["detail"] or "")[:80],
+                )
+                for r in rows
+            ],
+        )
+    )
+    print(f"{len(rows)} row(s)")
+    return 0
+
+
+@dataclass(frozen=True)
+class _Replayed:
+    """A quarantined message as the pipeline sees a Kafka record."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...]
+
+
+async def quarantine_replay(settings: Settings, *, reason: str | None, limit: int) -> int:
+    """Reprocess pending quarantined messages in one transaction: those that pass now are applied exactly
+    as if consumed (same dedupe, same revision rule, same budgets); the others keep their row, with the reason
+    they fail for now. Offsets are not touched: these messages were already consumed."""
+    _check_reason(reason)
+    db = await _open(settings)
+    try:
+        pipeline = Pipeline(db, settings, budgets=BudgetEngine(settings))
+        async with db.transaction() as tx:
+            rows = await tx.quarantine_pending(reason, limit)
+            if not rows:
+                print("nothing to replay")
+                return 0
+            records = [
+                _Replayed(
+                    r["source_topic"],
+                    r["source_partition"],
+                    r["source_offset"],
+                    r["message_key"],
+                    bytes(r["payload"]),
+                    tuple((k, str(v).encode()) for k, v in json.loads(r["headers"]).items()),
+                )
+                for r in rows
+            ]
+            batch = decode_batch(records, settings)
+            batch.last_offsets.clear()  # replay never moves offsets
+            outcome = await pipeline.write(tx, batch)
+            still_bad = {(q.source.topic, q.source.partition, q.source.offset): q for q in outcome.quarantine}
+            replayed, failed = [], []
+            for row in rows:
+                bad = still_bad.get((row["source_topic"], row["source_partition"], row["source_offset"]))
+                if bad is None:
+                    replayed.append(row["id"])
+                else:
+                    failed.append((row["id"], bad.reason.value, bad.detail))
+            if replayed:
+                await tx.quarantine_mark_replayed(replayed)
+            if failed:
+                await tx.quarantine_requarantine(failed)
+    finally:
+        await db.close()
+    print(f"replayed {len(replayed)} message(s); {len(failed)} still quarantined")
+    for (topic, result), count in sorted(outcome.messages.items()):
+        if result != "quarantined":
+            print(f"  {topic}: {count} {result}")
+    for (topic, why), count in sorted(outcome.quarantined.items()):
+        print(f"  {topic}: {count} still {why}")
+    if outcome.alerts:
+        print(f"  {len(outcome.alerts)} budget alert(s) raised")
+    return 0
+
+
+def _check_reason(reason: str | None) -> None:
+    if reason is not None and reason not in {r.value for r in Reason}:
+        raise ConfigError([f"--reason: unknown reason {reason!r}; known: {', '.join(r.value for r in Reason)}"])
+
+
+# ================================================================================================ budgets
+
+
+async def budgets_status(settings: Settings, *, organization: str | None) -> int:
+    org_id: UUID | None = None
+    if organization is not None:
+        try:
+            org_id = UUID(organization)
+        except ValueError:
+            raise ConfigError([f"--organization: not a uuid: {organization!r}"]) from None
+    db = await _open(settings)
+    try:
+        organizations = [org_id] if org_id else await db.budget_sweep_organizations()
+        now = datetime.now(UTC)
+        rows: list[tuple[Any, ...]] = []
+        if organizations:
+            async with db.transaction() as tx:
+                await tx.set_tenants(set(organizations))
+                candidates = [Candidate.from_row(r) for r in await tx.budget_active(set(organizations), now)]
+                spends = await tx.budget_spend(candidates) if candidates else []
+            for candidate, (spend, _) in zip(candidates, spends, strict=True):
+                zone = ZoneInfo(candidate.timezone)
+                percent = (spend * 100 / candidate.amount).quantize(Decimal("0.1"))
+                rows.append(
+                    (
+                        candidate.scope,
+                        candidate.name or str(candidate.budget_id)[:8],
+                        candidate.period,
+                        f"{candidate.period_start.astimezone(zone):%Y-%m-%d %H:%M} .. "
+                        f"{candidate.period_end.astimezone(zone):%Y-%m-%d %H:%M} {candidate.timezone}",
+                        f"{format(spend, 'f')} / {format(candidate.amount, 'f')} {candidate.currency}",
+                        f"{percent}%",
+                        ",".join(format(t.normalize(), "f") for t in sorted(candidate.alerted)) or "-",
+                        ",".join(format(t.normalize(), "f") for t in candidate.thresholds),
+                    )
+                )
+    finally:
+        await db.close()
+    if not rows:
+        print("no active budgets")
+        return 0
+    print(
+        table(["scope", "budget", "period", "current period", "spend / amount", "used", "alerted", "thresholds"], rows)
+    )
+    return 0
