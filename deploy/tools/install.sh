@@ -10,7 +10,7 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 PYTHON="${PYTHON:-python3}"
 
-venv() {
+install_venv() {
     local dir="$1"
     "$PYTHON" -m venv "$dir"
     "$dir/bin/python" -m pip install --quiet --upgrade pip
@@ -19,7 +19,7 @@ venv() {
     "$dir/bin/python" "$here/fetch_kubectl.py" "$dir/bin"
 }
 
-promtool() {
+install_promtool() {
     if command -v promtool >/dev/null 2>&1; then
         return 0
     fi
@@ -38,7 +38,7 @@ MSG
 }
 
 case "${1:-}" in
-    venv) venv "${2:?usage: install.sh venv DIR}" ;;
-    promtool) promtool ;;
+    venv) install_venv "${2:?usage: install.sh venv DIR}" ;;
+    promtool) install_promtool ;;
     *) echo "usage: install.sh venv DIR | install.sh promtool" >&2; exit 2 ;;
 esac
