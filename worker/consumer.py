@@ -32,7 +32,7 @@ log = structlog.get_logger("worker.consumer")
 
 REVOKE_WAIT = 10.0  # seconds a revocation waits for the in-flight batch to commit before letting go
 KAFKA_COMMIT_TIMEOUT = 5.0  # seconds; the Kafka commit is informational and must never stall the loop
-IDLE_POLL = 0.2  # seconds between checks while waiting for an assignment
+GROUP_SETTLE_FACTOR = 1.5  # x session timeout an assignment must have lasted before the worker calls itself idle
 
 TP = tuple[str, int]
 
@@ -61,6 +61,7 @@ class Consumer:
         self.batch_lock = asyncio.Lock()  # held while a batch is applied, so revocation can wait for it
         self.sync_lock = asyncio.Lock()  # one position sync at a time (rebalance callback or loop)
         self.last_record = time.monotonic()
+        self.assigned_at = time.monotonic()  # the last (re)assignment
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
@@ -263,7 +264,12 @@ class Consumer:
         return self.health.joined_group and all(self._lag(tp) == 0 for tp in self.assigned)
 
     def _idle_for(self, seconds: float) -> bool:
-        return self.caught_up() and time.monotonic() - self.last_record >= seconds
+        """Caught up, nothing new for ``seconds``, and the group settled: members that died without leaving
+        hold their partitions until the coordinator expires them (one session timeout), so an assignment
+        younger than that may not be the final one."""
+        now = time.monotonic()
+        settled = now - self.assigned_at >= self.settings.kafka_session_timeout * GROUP_SETTLE_FACTOR
+        return settled and self.caught_up() and now - self.last_record >= seconds
 
     def forget(self, partitions: set[TP]) -> None:
         for topic, partition in partitions:
@@ -310,6 +316,10 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         consumer.unsynced = set(new)
         consumer.health.joined_group = True
         consumer.health.assigned = len(new)
+        consumer.assigned_at = time.monotonic()
+        now = time.time()
+        for topic, partition in new:  # "no commit since" counts from the assignment, not from the epoch
+            metrics.LAST_COMMIT.labels(topic=topic, partition=str(partition)).set(now)
         metrics.ASSIGNED_PARTITIONS.set(len(new))
         log.info("partitions_assigned", partitions=sorted(f"{t}:{p}" for t, p in new))
         try:

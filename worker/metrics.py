@@ -63,7 +63,8 @@ CONSUMER_LAG = Gauge(
 )
 LAST_COMMIT = Gauge(
     "cost_worker_last_commit_timestamp_seconds",
-    "Unix time of the last database commit that advanced the partition's stored offset.",
+    "Unix time of the last database commit that advanced the partition's stored offset "
+    "(or of the partition's assignment to this worker, when that is later).",
     ["topic", "partition"],
 )
 ASSIGNED_PARTITIONS = Gauge("cost_worker_assigned_partitions", "Partitions currently assigned to this worker.")
