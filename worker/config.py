@@ -75,60 +75,145 @@ class Settings(BaseSettings):
     database_role: str | None = Field(
         default=None, description="Role to SET after connecting (e.g. cost_worker_writer); empty: login role"
     )
-    database_pool_min: int = Field(default=DATABASE_POOL_MIN, ge=1, description="Minimum pool connections")
-    database_pool_max: int = Field(default=DATABASE_POOL_MAX, ge=1, description="Maximum pool connections")
-    database_connect_timeout: float = Field(default=DATABASE_CONNECT_TIMEOUT, gt=0, description="Seconds")
-    database_statement_timeout: float = Field(default=DATABASE_STATEMENT_TIMEOUT, gt=0, description="Seconds")
+    database_pool_min: int = Field(default=DATABASE_POOL_MIN, ge=1, description="Connections the pool keeps open")
+    database_pool_max: int = Field(
+        default=DATABASE_POOL_MAX,
+        ge=1,
+        description="Connections the pool may open (batches use one; outbox, sweep and probes share the rest)",
+    )
+    database_connect_timeout: float = Field(
+        default=DATABASE_CONNECT_TIMEOUT, gt=0, description="Seconds to wait for a database connection"
+    )
+    database_statement_timeout: float = Field(
+        default=DATABASE_STATEMENT_TIMEOUT,
+        gt=0,
+        description="Seconds a statement may run (server side; the client waits 5 s longer)",
+    )
 
     # kafka
-    kafka_bootstrap_servers: str | None = Field(default=None, description="host:port[,host:port...]")
-    kafka_group_id: str = Field(default=KAFKA_GROUP_ID, min_length=1, description="Consumer group")
+    kafka_bootstrap_servers: str | None = Field(default=None, description="Kafka brokers, host:port[,host:port...]")
+    kafka_group_id: str = Field(default=KAFKA_GROUP_ID, min_length=1, description="Consumer group of the input topics")
     kafka_client_id: str = Field(default="cost-worker", min_length=1, description="Client id sent to brokers")
-    kafka_security_protocol: SecurityProtocol = Field(default="PLAINTEXT", description="Broker security")
-    kafka_sasl_mechanism: SaslMechanism | None = Field(default=None, description="SASL mechanism")
+    kafka_security_protocol: SecurityProtocol = Field(
+        default="PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"
+    )
+    kafka_sasl_mechanism: SaslMechanism | None = Field(
+        default=None, description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (SASL protocols only)"
+    )
     kafka_sasl_username: str | None = Field(default=None, description="SASL username")
     kafka_sasl_password: SecretStr | None = Field(default=None, description="SASL password")
-    kafka_ssl_cafile: Path | None = Field(default=None, description="CA bundle for SSL")
+    kafka_ssl_cafile: Path | None = Field(default=None, description="CA bundle to verify the brokers (SSL protocols)")
     kafka_ssl_certfile: Path | None = Field(default=None, description="Client certificate for mutual TLS")
     kafka_ssl_keyfile: Path | None = Field(default=None, description="Client key for mutual TLS")
     kafka_producer_idempotence: bool = Field(
-        default=True, description="Idempotent producer (off for the development broker)"
+        default=True, description="Idempotent producer for the outbox (turn off only for the development broker)"
     )
-    kafka_session_timeout: float = Field(default=KAFKA_SESSION_TIMEOUT, gt=0, description="Seconds")
-    kafka_heartbeat_interval: float = Field(default=KAFKA_HEARTBEAT_INTERVAL, gt=0, description="Seconds")
-    kafka_max_poll_interval: float = Field(default=KAFKA_MAX_POLL_INTERVAL, gt=0, description="Seconds")
-    kafka_request_timeout: float = Field(default=KAFKA_REQUEST_TIMEOUT, gt=0, description="Seconds")
+    kafka_session_timeout: float = Field(
+        default=KAFKA_SESSION_TIMEOUT,
+        gt=0,
+        description="Seconds before the group coordinator declares a silent member dead",
+    )
+    kafka_heartbeat_interval: float = Field(
+        default=KAFKA_HEARTBEAT_INTERVAL,
+        gt=0,
+        description="Seconds between heartbeats (at most a third of the session timeout)",
+    )
+    kafka_max_poll_interval: float = Field(
+        default=KAFKA_MAX_POLL_INTERVAL,
+        gt=0,
+        description="Seconds between polls before the member is evicted from the group",
+    )
+    kafka_request_timeout: float = Field(
+        default=KAFKA_REQUEST_TIMEOUT, gt=0, description="Seconds a Kafka request may take"
+    )
 
-    topic_provider_buckets: str = Field(default=TOPIC_PROVIDER_BUCKETS, min_length=1, description="Input")
-    topic_api_usage: str = Field(default=TOPIC_API_USAGE, min_length=1, description="Input")
-    topic_budget_alerts: str = Field(default=TOPIC_BUDGET_ALERTS, min_length=1, description="Output")
-    topic_dead_letter: str = Field(default=TOPIC_DEAD_LETTER, min_length=1, description="Output")
+    topic_provider_buckets: str = Field(
+        default=TOPIC_PROVIDER_BUCKETS, min_length=1, description="Input: provider cost/usage buckets"
+    )
+    topic_api_usage: str = Field(
+        default=TOPIC_API_USAGE, min_length=1, description="Input: per-request API-usage events"
+    )
+    topic_budget_alerts: str = Field(
+        default=TOPIC_BUDGET_ALERTS, min_length=1, description="Output: budget alerts (key = budget id)"
+    )
+    topic_dead_letter: str = Field(
+        default=TOPIC_DEAD_LETTER,
+        min_length=1,
+        description="Output: copies of quarantined messages (key = source topic:partition:offset)",
+    )
 
     # batching and limits
-    batch_max_records: int = Field(default=BATCH_MAX_RECORDS, ge=1, le=100_000, description="Messages")
-    batch_max_wait: float = Field(default=BATCH_MAX_WAIT, gt=0, le=60, description="Seconds")
-    max_message_bytes: int = Field(default=MAX_MESSAGE_BYTES, ge=1_024, description="Bytes")
-    max_results_per_message: int = Field(default=MAX_RESULTS_PER_MESSAGE, ge=1, description="Results")
-    dead_letter_max_bytes: int = Field(default=DEAD_LETTER_MAX_BYTES, ge=1_024, description="Bytes")
+    batch_max_records: int = Field(
+        default=BATCH_MAX_RECORDS, ge=1, le=100_000, description="Messages per batch, i.e. per database transaction"
+    )
+    batch_max_wait: float = Field(
+        default=BATCH_MAX_WAIT, gt=0, le=60, description="Seconds to wait for a batch to fill"
+    )
+    max_message_bytes: int = Field(
+        default=MAX_MESSAGE_BYTES, ge=1_024, description="Larger messages are quarantined as `oversized`"
+    )
+    max_results_per_message: int = Field(
+        default=MAX_RESULTS_PER_MESSAGE,
+        ge=1,
+        description="Provider results in one message beyond which it is quarantined as `too_many_results`",
+    )
+    dead_letter_max_bytes: int = Field(
+        default=DEAD_LETTER_MAX_BYTES,
+        ge=1_024,
+        description="Bytes of a quarantined payload copied to the dead-letter topic (the database keeps it whole)",
+    )
 
     # retries, readiness, background work
-    retry_initial_backoff: float = Field(default=RETRY_INITIAL_BACKOFF, gt=0, description="Seconds")
-    retry_max_backoff: float = Field(default=RETRY_MAX_BACKOFF, gt=0, description="Seconds")
-    ready_max_retrying: float = Field(default=READY_MAX_RETRYING, gt=0, description="Seconds")
-    outbox_poll_interval: float = Field(default=OUTBOX_POLL_INTERVAL, gt=0, description="Seconds")
-    outbox_batch: int = Field(default=OUTBOX_BATCH, ge=1, description="Rows per publish round")
-    budget_sweep_interval: float = Field(default=BUDGET_SWEEP_INTERVAL, gt=0, description="Seconds")
-    shutdown_grace: float = Field(default=SHUTDOWN_GRACE, gt=0, description="Seconds")
+    retry_initial_backoff: float = Field(
+        default=RETRY_INITIAL_BACKOFF,
+        gt=0,
+        description="Seconds before the first retry of a failed batch (exponential, with jitter)",
+    )
+    retry_max_backoff: float = Field(
+        default=RETRY_MAX_BACKOFF, gt=0, description="Longest wait between retries, in seconds"
+    )
+    ready_max_retrying: float = Field(
+        default=READY_MAX_RETRYING, gt=0, description="Seconds a batch may keep failing before /readyz says not ready"
+    )
+    outbox_poll_interval: float = Field(
+        default=OUTBOX_POLL_INTERVAL, gt=0, description="Seconds between outbox scans when no batch woke the publisher"
+    )
+    outbox_batch: int = Field(default=OUTBOX_BATCH, ge=1, description="Outbox rows published per round")
+    budget_sweep_interval: float = Field(
+        default=BUDGET_SWEEP_INTERVAL,
+        gt=0,
+        description="Seconds between sweeps of every active budget (one replica sweeps at a time)",
+    )
+    shutdown_grace: float = Field(
+        default=SHUTDOWN_GRACE,
+        gt=0,
+        description="Seconds to drain after SIGTERM (in-flight batch, then outbox); keep below the pod's grace period",
+    )
 
     # circuit breaker
-    breaker_window: int = Field(default=BREAKER_WINDOW, ge=10, description="Messages")
-    breaker_min_messages: int = Field(default=BREAKER_MIN_MESSAGES, ge=1, description="Messages")
-    breaker_invalid_ratio: float = Field(default=BREAKER_INVALID_RATIO, gt=0, le=1, description="0..1")
+    breaker_window: int = Field(
+        default=BREAKER_WINDOW, ge=10, description="Most recent messages the circuit breaker looks at"
+    )
+    breaker_min_messages: int = Field(
+        default=BREAKER_MIN_MESSAGES, ge=1, description="Messages seen before the breaker may open"
+    )
+    breaker_invalid_ratio: float = Field(
+        default=BREAKER_INVALID_RATIO,
+        gt=0,
+        le=1,
+        description="Share of invalid messages in the window that stops the worker (0..1)",
+    )
 
     # observability
-    metrics_host: str = Field(default=METRICS_HOST, description="Address of the HTTP server")
-    metrics_port: int = Field(default=METRICS_PORT, ge=0, le=65_535, description="Port; 0 picks a free one")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Level")
+    metrics_host: str = Field(
+        default=METRICS_HOST, description="Address of the HTTP server (/metrics, /healthz, /readyz)"
+    )
+    metrics_port: int = Field(
+        default=METRICS_PORT, ge=0, le=65_535, description="Port of the HTTP server; 0 picks a free one"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="DEBUG, INFO, WARNING or ERROR"
+    )
     log_format: Literal["auto", "json", "console"] = Field(
         default="auto", description="auto: console on a terminal, JSON lines otherwise"
     )
@@ -299,3 +384,16 @@ def load_settings(*, require: tuple[str, ...] = (), **overrides: Any) -> Setting
     if problems:
         raise ConfigError(problems)
     return settings
+
+
+def settings_table() -> str:
+    """The configuration reference as a Markdown table (README.md embeds it; a test keeps them in sync)."""
+    rows = ["| variable | default | description |", "| --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        shown = "" if field.default is None else str(field.default)
+        rows.append(f"| `{env_name(name)}` | `{shown}` | {field.description or ''} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m worker.config` prints the README table
+    print(settings_table())
