@@ -26,7 +26,7 @@ from worker.config import Settings
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - loopback test URL
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
@@ -113,7 +113,7 @@ async def test_a_real_prometheus_scrapes_the_worker(
         "scrape_configs:\n  - job_name: cost-worker\n    static_configs:\n"
         f"      - targets: ['127.0.0.1:{running.http.port}']\n"
     )
-    process = subprocess.Popen(  # noqa: S603
+    process = subprocess.Popen(
         [
             "prometheus",
             f"--config.file={config}",
@@ -141,7 +141,7 @@ async def test_a_real_prometheus_scrapes_the_worker(
         assert await eventually(scraped, timeout=90) == 137
     finally:
         process.terminate()
-        process.wait(30)
+        await asyncio.wait_for(process.wait(), 30)
 
 
 async def backlog(db: asyncpg.Connection, settings: Settings, n: int) -> Org:
