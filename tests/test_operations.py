@@ -113,13 +113,11 @@ async def test_a_real_prometheus_scrapes_the_worker(
         "scrape_configs:\n  - job_name: cost-worker\n    static_configs:\n"
         f"      - targets: ['127.0.0.1:{running.http.port}']\n"
     )
-    process = subprocess.Popen(
-        [
-            "prometheus",
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
+    process = await asyncio.create_subprocess_exec(
+        "prometheus",
+        f"--config.file={config}",
+        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -174,7 +172,7 @@ def json_lines(path: Path) -> list[dict[str, Any]]:
 
 async def wait_for_line(path: Path, event: str, timeout: float = 60.0) -> None:
     async def seen() -> bool:
-        return path.exists() and any(line.get("event") == event for line in json_lines(path))
+        return path.exists() and any(line.get("event") == event for line in json_lines(path))  # noqa: ASYNC240
 
     await eventually(seen, timeout=timeout)
 
