@@ -77,39 +77,59 @@ class Consumer:
                 await asyncio.wait_for(self.kafka.stop(), timeout=10)
 
     async def run(self, stop: asyncio.Event, *, exit_when_idle: float | None = None) -> None:
-        """Consume until ``stop`` is set (or, with ``exit_when_idle``, until caught up and quiet)."""
-        while not stop.is_set():
-            await self._sync_positions(stop)
-            try:
-                fetched = await self.kafka.getmany(
-                    timeout_ms=int(self.settings.batch_max_wait * 1000), max_records=self.settings.batch_max_records
-                )
-            except KafkaError as exc:
-                log.warning("fetch_failed", error=str(exc))
-                await _sleep_or_stop(stop, 1.0)
-                continue
-            live = self._live()
-            # Only partitions we own and have sought; never records below the stored position (those are
-            # already applied, and taking them would move the stored offset backwards).
-            records = [
-                record
-                for tp, batch in fetched.items()
-                if (tp.topic, tp.partition) in live
-                for record in batch
-                if record.offset >= (self.positions.get((tp.topic, tp.partition)) or 0)
-            ]
-            self._update_lag()
-            if not records:
-                if exit_when_idle is not None and self._idle_for(exit_when_idle):
-                    log.info("idle_exit", idle_seconds=exit_when_idle, partitions=len(self.assigned))
-                    return
-                continue
-            self.last_record = time.monotonic()
-            started = time.perf_counter()
-            batch = decode_batch(records, self.settings)
-            decoded = time.perf_counter()
-            metrics.BATCH_DURATION.labels(stage="decode").observe(decoded - started)
-            await self._apply(batch, stop, started)
+        """Consume until ``stop`` is set (or, with ``exit_when_idle``, until caught up and quiet).
+
+        Two batches overlap: while one is written to the database (I/O, on PostgreSQL's core) the next one is
+        fetched and decoded (CPU, on ours). Batches are still applied strictly one after the other, in
+        offset order, each with the positions its predecessor committed.
+        """
+        in_flight: asyncio.Task[None] | None = None
+        try:
+            while not stop.is_set():
+                await self._sync_positions(stop)
+                try:
+                    fetched = await self.kafka.getmany(
+                        timeout_ms=int(self.settings.batch_max_wait * 1000),
+                        max_records=self.settings.batch_max_records,
+                    )
+                except KafkaError as exc:
+                    log.warning("fetch_failed", error=str(exc))
+                    await _sleep_or_stop(stop, 1.0)
+                    continue
+                live = self._live()
+                # Only partitions we own and have sought; never records below the stored position (those are
+                # already applied, and taking them would move the stored offset backwards).
+                records = [
+                    record
+                    for tp, batch in fetched.items()
+                    if (tp.topic, tp.partition) in live
+                    for record in batch
+                    if record.offset >= (self.positions.get((tp.topic, tp.partition)) or 0)
+                ]
+                self._update_lag()
+                if not records:
+                    if in_flight is not None and in_flight.done():
+                        await in_flight  # surfaces its failure, if any
+                        in_flight = None
+                    if in_flight is None and exit_when_idle is not None and self._idle_for(exit_when_idle):
+                        log.info("idle_exit", idle_seconds=exit_when_idle, partitions=len(self.assigned))
+                        return
+                    continue
+                self.last_record = time.monotonic()
+                started = time.perf_counter()
+                batch = decode_batch(records, self.settings)
+                metrics.BATCH_DURATION.labels(stage="decode").observe(time.perf_counter() - started)
+                if in_flight is not None:
+                    await in_flight
+                in_flight = asyncio.create_task(self._apply(batch, stop, started), name="apply-batch")
+            if in_flight is not None:
+                await in_flight  # a stop request lets the batch in flight finish (the caller bounds how long)
+        except BaseException:
+            if in_flight is not None and not in_flight.done():
+                in_flight.cancel()  # rolls its transaction back; the batch is redelivered
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await in_flight
+            raise
 
     # --- one batch ----------------------------------------------------------------------------------
 
@@ -221,7 +241,8 @@ class Consumer:
                 delay = min(delay * 2, self.settings.retry_max_backoff)
 
     async def seek_to_stored(self, partitions: list[TP]) -> None:
-        async with self.sync_lock:
+        # After the batch in flight (if any) committed: it may advance the very positions we are about to read.
+        async with self.sync_lock, self.batch_lock:
             partitions = [tp for tp in partitions if tp in self.unsynced and tp in self.assigned]
             if partitions:
                 await self._seek_to_stored(partitions)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -101,11 +102,17 @@ Cost = Annotated[
 ]
 
 
+_EARLIEST = EARLIEST_TIMESTAMP.timestamp()
+_MAX_FUTURE = MAX_FUTURE.total_seconds()
+
+
 def check_time(value: datetime) -> datetime:
-    """Bounds every timestamp must respect (the upper one moves with the clock)."""
-    if value < EARLIEST_TIMESTAMP:
+    """Bounds every timestamp must respect (the upper one moves with the clock). On the hot path: compares
+    POSIX seconds, which is several times cheaper than aware-datetime arithmetic."""
+    seconds = value.timestamp()
+    if seconds < _EARLIEST:
         raise _fail(Reason.INVALID_TIMESTAMP, "timestamp before 2015: {value}", value=value.isoformat())
-    if value > datetime.now(UTC) + MAX_FUTURE:
+    if seconds > time.time() + _MAX_FUTURE:
         raise _fail(Reason.INVALID_TIMESTAMP, "timestamp in the future: {value}", value=value.isoformat())
     return value
 

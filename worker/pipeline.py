@@ -19,7 +19,7 @@ from uuid import UUID
 
 from worker.breaker import CircuitBreaker
 from worker.config import Settings
-from worker.decode import ApiEvent, ProviderMessage, decode_api_event, decode_provider_message
+from worker.decode import API_USAGE_COLUMNS, ApiEvent, ProviderMessage, decode_api_event, decode_provider_message
 from worker.errors import StaleOffsets
 from worker.faults import NO_FAULTS, Faults
 from worker.pricing import Price, PriceBook, price_keys
@@ -297,9 +297,11 @@ class Pipeline:
         events = await self._checked_events(tx, batch.events, quarantine, outcome)
         rows = await self._ledger_rows(tx, batch.messages, quarantine, outcome, best)
 
-        organizations = {e.organization_id for e in events} | {r.key[0] for r in rows} | (tenants or set())
+        organizations = {event.organization_id.int: event.organization_id for event in events}
+        organizations.update((r.key[0].int, r.key[0]) for r in rows)
+        organizations.update((t.int, t) for t in tenants or ())
         if organizations:
-            await tx.set_tenants(organizations)
+            await tx.set_tenants(set(organizations.values()))
         if rows:
             touched.extend(await self._upsert_ledger(tx, rows, outcome, best))
         flagged = {q.source for q in quarantine}
@@ -327,10 +329,13 @@ class Pipeline:
     async def _checked_events(
         self, tx: Tx, events: list[ApiEvent], quarantine: list[Quarantined], outcome: Outcome
     ) -> list[ApiEvent]:
-        """In-batch dedupe (first delivery wins), then reference checks against the platform tables."""
-        unique: dict[tuple[UUID, str], ApiEvent] = {}
+        """In-batch dedupe (first delivery wins), then reference checks against the platform tables.
+
+        Keys use ``UUID.int``: hashing a UUID object runs Python code, hashing its int does not.
+        """
+        unique: dict[tuple[int, str], ApiEvent] = {}
         for event in events:
-            key = (event.organization_id, event.event_id)
+            key = (event.organization_id.int, event.event_id)
             first = unique.get(key)
             if first is None:
                 unique[key] = event
@@ -340,38 +345,52 @@ class Pipeline:
                 quarantine.append(_conflict(event, first.source))
         if not unique:
             return []
+        organizations: dict[int, UUID] = {}
+        projects: dict[int, UUID] = {}
+        users: dict[int, UUID] = {}
+        for event in unique.values():
+            organizations[event.organization_id.int] = event.organization_id
+            if event.project_id is not None:
+                projects[event.project_id.int] = event.project_id
+            if event.user_id is not None:
+                users[event.user_id.int] = event.user_id
         rows = await tx.lookup_event_references(
-            {e.organization_id for e in unique.values()},
-            {e.project_id for e in unique.values() if e.project_id},
-            {e.user_id for e in unique.values() if e.user_id},
+            set(organizations.values()), set(projects.values()), set(users.values())
         )
-        known = {(row["kind"], row["id"]): row["organization_id"] for row in rows}
+        known = {(row["kind"], row["id"].int): row["organization_id"] for row in rows}
         checked = []
         for event in unique.values():
             problem = None
-            if ("organization", event.organization_id) not in known:
+            if ("organization", event.organization_id.int) not in known:
                 problem = Reason.UNKNOWN_ORGANIZATION, f"organization {event.organization_id} does not exist"
-            elif event.project_id and known.get(("project", event.project_id)) != event.organization_id:
+            elif event.project_id and known.get(("project", event.project_id.int)) != event.organization_id:
                 problem = Reason.UNKNOWN_PROJECT, f"project {event.project_id} is not a project of the organization"
-            elif event.user_id and known.get(("user", event.user_id)) != event.organization_id:
+            elif event.user_id and known.get(("user", event.user_id.int)) != event.organization_id:
                 problem = Reason.UNKNOWN_USER, f"user {event.user_id} is not a user of the organization"
             if problem is None:
                 checked.append(event)
             else:
                 quarantine.append(Quarantined(event.source, event.payload, *problem, event.organization_id))
-        return sorted(checked, key=lambda e: (e.organization_id.int, e.event_id))
+        checked.sort(key=lambda e: (e.organization_id.int, e.event_id))
+        return checked
 
     async def _insert_events(
         self, tx: Tx, events: list[ApiEvent], quarantine: list[Quarantined], outcome: Outcome
     ) -> list[Touch]:
-        result = await tx.insert_api_usage(_event_columns(events))
-        by_key = {(e.organization_id, e.event_id): e for e in events}
+        result = await tx.insert_api_usage(list(zip(*events, strict=True))[:API_USAGE_COLUMNS])
         touched = []
         inserted = 0
-        conflicts = 0
+        conflicts = []
         for row in result:
             if row["kind"] == "conflict":
-                event = by_key[(row["organization_id"], row["event_id"])]
+                conflicts.append((row["organization_id"], row["event_id"]))
+            else:
+                inserted += row["requests"]
+                touched.append(Touch(row["organization_id"], row["project_id"], row["user_id"], row["hour"]))
+        if conflicts:
+            by_key = {(e.organization_id, e.event_id): e for e in events}
+            for key in conflicts:
+                event = by_key[key]
                 quarantine.append(
                     Quarantined(
                         event.source,
@@ -381,13 +400,9 @@ class Pipeline:
                         event.organization_id,
                     )
                 )
-                conflicts += 1
-            else:
-                inserted += row["requests"]
-                touched.append(Touch(row["organization_id"], row["project_id"], row["user_id"], row["hour"]))
         topic = self.settings.topic_api_usage
         outcome.messages[(topic, INSERTED)] += inserted
-        outcome.messages[(topic, DUPLICATE)] += len(events) - inserted - conflicts
+        outcome.messages[(topic, DUPLICATE)] += len(events) - inserted - len(conflicts)
         return touched
 
     # -- provider messages -----------------------------------------------------------------------------
@@ -500,27 +515,6 @@ def _conflict(event: ApiEvent, first: Source) -> Quarantined:
         f"event {event.event_id} was delivered earlier (offset {first.offset}) with different content",
         event.organization_id,
     )
-
-
-def _event_columns(events: list[ApiEvent]) -> list[list[Any]]:
-    return [
-        [e.organization_id for e in events],
-        [e.event_id for e in events],
-        [e.project_id for e in events],
-        [e.user_id for e in events],
-        [e.endpoint for e in events],
-        [e.method for e in events],
-        [e.status_code for e in events],
-        [e.response_time_ms for e in events],
-        [e.occurred_at for e in events],
-        [e.prompt_tokens for e in events],
-        [e.completion_tokens for e in events],
-        [e.total_tokens for e in events],
-        [e.model for e in events],
-        [e.cost_usd for e in events],
-        [e.source.partition for e in events],
-        [e.source.offset for e in events],
-    ]
 
 
 def _ledger_columns(rows: list[_Row]) -> list[list[Any]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 from uuid import UUID
 
 
@@ -38,9 +39,8 @@ class Reason(StrEnum):
     CONFLICTING_DUPLICATE = "conflicting_duplicate"  # an event id reused with different content
 
 
-@dataclass(frozen=True, slots=True)
-class Source:
-    """Where a message came from."""
+class Source(NamedTuple):
+    """Where a message came from. (A NamedTuple: one is built per message, on the hot path.)"""
 
     topic: str
     partition: int
