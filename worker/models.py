@@ -37,6 +37,7 @@ MAX_FUTURE = timedelta(days=2)  # clock skew plus the provider's current, still-
 MAX_WINDOW = timedelta(days=31)  # longest bucket accepted (providers use 1m, 1h and 1d)
 MAX_MAGNITUDE = Decimal("1e15")  # any number beyond is absurd for costs, tokens or latencies
 MAX_AMOUNT = Decimal("1e12")  # money, in the currency's unit (matches the database CHECK)
+MAX_REQUEST_COST = Decimal("1e9")  # one API request's estimated cost, USD (matches api_usage's CHECK)
 MAX_DECIMAL_PLACES = 34  # float noise such as 3.3306690738754696e-16 has 31
 MAX_TOKENS = 10**15
 
@@ -158,7 +159,7 @@ class TokenUsage(_Model):
     completion_tokens: Count = 0
     total_tokens: Count = 0
     model: Name | None = None
-    cost_usd: Cost | None = None
+    cost_usd: Annotated[Cost, Field(lt=MAX_REQUEST_COST)] | None = None
 
 
 class ApiUsageEvent(_Model):
