@@ -68,6 +68,7 @@ Name = Annotated[str, Strict(), Field(max_length=255, pattern=_NO_NUL)]
 LongText = Annotated[str, Strict(), Field(max_length=512, pattern=_NO_NUL)]
 RequiredName = Annotated[str, Strict(), Field(min_length=1, max_length=255, pattern=_NO_NUL)]
 EventId = Annotated[str, Strict(), Field(min_length=1, max_length=128, pattern=_NO_NUL)]
+Unit = Annotated[str, Strict(), Field(max_length=32, pattern=_NO_NUL)]  # cost_data.unit is varchar(32)
 
 # Token counts and other tallies: JSON integers only (no strings, no 1.0), never negative.
 Count = Annotated[int, Strict(), Field(ge=0, lt=MAX_TOKENS)]
@@ -228,7 +229,7 @@ class OpenAICostResult(_Model):
     project_id: Name | None = None
     api_key_id: Name | None = None
     quantity: Cost | None = None
-    quantity_unit: ShortText | None = None
+    quantity_unit: Unit | None = None
 
 
 class OpenAIUsageResult(_Model):
