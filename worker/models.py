@@ -8,6 +8,7 @@ The JSON Schemas under ``schema/events/`` are generated from these models (``pyt
 from __future__ import annotations
 
 import json
+import re
 import sys
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -78,6 +79,17 @@ _NUMBER_SCHEMA = WithJsonSchema({"anyOf": [{"type": "number"}, {"type": "string"
 _AS_STR = PlainSerializer(str, return_type=str)
 
 
+# What a decimal string may look like: ASCII digits, an optional sign, point and exponent. Python's Decimal
+# also reads other scripts' digits ("١٢" is 12), digit separators ("1_000") and surrounding whitespace.
+_DECIMAL_STRING = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def _plain_decimal(value: Any) -> Any:
+    if isinstance(value, str) and not _DECIMAL_STRING.fullmatch(value):
+        raise _fail(Reason.INVALID_NUMBER, "not a plain decimal number")
+    return value
+
+
 def _no_negative_zero(value: Decimal) -> Decimal:
     if value.is_zero() and value.is_signed():
         raise _fail(Reason.INVALID_NUMBER, "negative zero (money computed in floats?)")
@@ -88,6 +100,7 @@ def _no_negative_zero(value: Decimal) -> Decimal:
 # parser never goes through float.
 Money = Annotated[
     Decimal,
+    BeforeValidator(_plain_decimal),
     Field(gt=-MAX_AMOUNT, lt=MAX_AMOUNT, **_DECIMAL),
     AfterValidator(_no_negative_zero),
     _NUMBER_SCHEMA,
@@ -96,6 +109,7 @@ Money = Annotated[
 # Money that cannot be negative (a request's estimated cost).
 Cost = Annotated[
     Decimal,
+    BeforeValidator(_plain_decimal),
     Field(ge=0, lt=MAX_AMOUNT, **_DECIMAL),
     AfterValidator(_no_negative_zero),
     _NUMBER_SCHEMA,
