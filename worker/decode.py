@@ -142,6 +142,11 @@ def reason_for(error: ValidationError) -> tuple[Reason, str]:
     return chosen, detail[:MAX_DETAIL]
 
 
+def _clean(detail: str) -> str:
+    """Detail as PostgreSQL text can hold it: messages may echo input (a currency code), NUL included."""
+    return detail.replace("\x00", "\\x00")[:MAX_DETAIL]
+
+
 def _organization_hint(parsed: dict[str, Any]) -> UUID | None:
     value = parsed.get("organization_id")
     if isinstance(value, str):
@@ -158,10 +163,10 @@ def decode_api_event(payload: bytes, source: Source, *, max_bytes: int) -> ApiEv
         parsed = parse_json(payload, max_bytes=max_bytes)
         event = ApiUsageEvent.model_validate(parsed)
     except _Invalid as bad:
-        return Quarantined(source, payload, bad.reason, bad.detail[:MAX_DETAIL])
+        return Quarantined(source, payload, bad.reason, _clean(bad.detail))
     except ValidationError as exc:
         reason, detail = reason_for(exc)
-        return Quarantined(source, payload, reason, detail, _organization_hint(parsed or {}))
+        return Quarantined(source, payload, reason, _clean(detail), _organization_hint(parsed or {}))
     usage = event.token_usage
     return ApiEvent(
         organization_id=event.organization_id,
@@ -218,10 +223,11 @@ def decode_provider_message(
                     _CUSTOM_REASONS.get(exc.type, Reason.SCHEMA_VIOLATION), f"bucket {index}: {exc}"
                 ) from None
     except _Invalid as bad:
-        return Quarantined(source, payload, bad.reason, bad.detail[:MAX_DETAIL])
+        return Quarantined(source, payload, bad.reason, _clean(bad.detail))
     except ValidationError as exc:
         reason, detail = reason_for(exc)
-        return Quarantined(source, payload, reason, detail)
+        return Quarantined(source, payload, reason, _clean(detail))
     except PydanticCustomError as exc:  # raised outside a model (envelope.buckets())
-        return Quarantined(source, payload, _CUSTOM_REASONS.get(exc.type, Reason.SCHEMA_VIOLATION), str(exc))
+        reason = _CUSTOM_REASONS.get(exc.type, Reason.SCHEMA_VIOLATION)
+        return Quarantined(source, payload, reason, _clean(str(exc)))
     return message
