@@ -41,6 +41,8 @@ NATIVE_REASONS: dict[str, Reason] = {
 SOURCE_FIELDS = frozenset({"provider", "api_version"})
 PLAIN_RANGE_FIELDS = frozenset({"status_code"})  # out of range there is a contract violation, not a number
 _CUSTOM_REASONS = {reason.value: reason for reason in Reason}
+# jiter's errors for numbers it cannot represent: an integer of thousands of digits, an exponent beyond Decimal's.
+_OUT_OF_RANGE = ("number out of range", "InvalidOperation")
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +119,8 @@ def parse_json(payload: bytes, *, max_bytes: int) -> dict[str, Any]:
             raise _Invalid(Reason.NOT_UTF8, f"not UTF-8 at byte {utf8.start}") from None
         if "duplicate key" in message:
             raise _Invalid(Reason.DUPLICATE_KEY, message) from None
+        if any(marker in message for marker in _OUT_OF_RANGE):  # valid JSON, absurd magnitude
+            raise _Invalid(Reason.INVALID_NUMBER, f"number out of range ({message.rpartition(' at ')[2]})") from None
         raise _Invalid(Reason.NOT_JSON, message) from None
     if not isinstance(parsed, dict):
         raise _Invalid(Reason.SCHEMA_VIOLATION, f"the message must be a JSON object, not {type(parsed).__name__}")
