@@ -16,7 +16,7 @@ import jiter
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticCustomError
 
-from worker.models import BUCKET_MODELS, ApiUsageEvent, ProviderEnvelope
+from worker.models import BUCKET_MODELS, MAX_MAGNITUDE, ApiUsageEvent, ProviderEnvelope
 from worker.providers import LedgerLine, lines_for
 from worker.quarantine import Quarantined, Reason, Source
 
@@ -127,21 +127,32 @@ def parse_json(payload: bytes, *, max_bytes: int) -> dict[str, Any]:
     return parsed
 
 
+def _absurd_number(value: Any) -> bool:
+    """A non-integer JSON number that is not finite, or too large for any count."""
+    if not isinstance(value, (Decimal, float)):
+        return False
+    number = Decimal(value)
+    return not number.is_finite() or abs(number) >= MAX_MAGNITUDE
+
+
 def reason_for(error: ValidationError) -> tuple[Reason, str]:
     """The most specific reason among a validation error's details, and a short readable detail."""
     chosen = Reason.SCHEMA_VIOLATION
     parts = []
-    for item in error.errors(include_url=False, include_input=False):
+    for item in error.errors(include_url=False):
         loc = item["loc"]
         last = str(loc[-1]) if loc else ""
         reason = _CUSTOM_REASONS.get(item["type"]) or NATIVE_REASONS.get(item["type"], Reason.SCHEMA_VIOLATION)
+        message = item["msg"]
+        if item["type"] == "int_type" and _absurd_number(item.get("input")):  # NaN or 1e400 where a count goes
+            reason, message = Reason.INVALID_NUMBER, "Input should be an integer, not NaN, Infinity or beyond 1e15"
         if item["type"] == "literal_error" and last in SOURCE_FIELDS and len(loc) == 1:
             reason = Reason.UNSUPPORTED_SOURCE
         if last in PLAIN_RANGE_FIELDS:
             reason = Reason.SCHEMA_VIOLATION
         if chosen is Reason.SCHEMA_VIOLATION and reason is not Reason.SCHEMA_VIOLATION:
             chosen = reason
-        parts.append(f"{'.'.join(str(p) for p in loc) or '<message>'}: {item['msg']}")
+        parts.append(f"{'.'.join(str(p) for p in loc) or '<message>'}: {message}")
     detail = "; ".join(parts[:5]) + (f"; and {len(parts) - 5} more" if len(parts) > 5 else "")
     return chosen, detail[:MAX_DETAIL]
 
