@@ -16,11 +16,12 @@ import jiter
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticCustomError
 
-from worker.models import BUCKET_MODELS, MAX_MAGNITUDE, ApiUsageEvent, ProviderEnvelope
+from worker.models import BUCKET_MODELS, MAX_AMOUNT, MAX_MAGNITUDE, ApiUsageEvent, ProviderEnvelope
 from worker.providers import LedgerLine, lines_for
 from worker.quarantine import Quarantined, Reason, Source
 
 MAX_DETAIL = 500  # characters of validation detail kept with a quarantined message
+MAX_LINE_ITEM = 512  # characters of a ledger line item (cost_data's CHECK)
 
 # pydantic's own error types, mapped to reasons (custom errors already carry a reason as their type).
 NATIVE_REASONS: dict[str, Reason] = {
@@ -203,6 +204,32 @@ def decode_api_event(payload: bytes, source: Source, *, max_bytes: int) -> ApiEv
     )
 
 
+def _check_lines(lines: list[LedgerLine]) -> None:
+    """What the ledger's constraints need beyond each field's own bounds: a line item built from several
+    fields (or named by a new *_tokens field) fits cost_data.line_item, and lines the pipeline may sum into
+    one row (same key in one message) stay within the amount and quantity bounds. The totals are checked
+    over the whole message, which bounds every such sum."""
+    amounts = Decimal(0)
+    quantities = Decimal(0)
+    for line in lines:
+        if "\x00" in line.line_item:
+            raise _Invalid(Reason.INVALID_TEXT, "a line item holds a NUL character")
+        if len(line.line_item) > MAX_LINE_ITEM:
+            raise _Invalid(
+                Reason.SCHEMA_VIOLATION, f"a line item of {len(line.line_item)} characters, more than {MAX_LINE_ITEM}"
+            )
+        if line.amount is not None:
+            amounts += abs(line.amount)
+        if line.quantity is not None:
+            quantities += line.quantity
+    if amounts >= MAX_AMOUNT:
+        raise _Invalid(Reason.INVALID_NUMBER, f"the message's amounts add up to {amounts:.3E}, {MAX_AMOUNT} or more")
+    if quantities >= MAX_MAGNITUDE:
+        raise _Invalid(
+            Reason.INVALID_NUMBER, f"the message's quantities add up to {quantities:.3E}, {MAX_MAGNITUDE} or more"
+        )
+
+
 def decode_provider_message(
     payload: bytes, source: Source, *, max_bytes: int, max_results: int
 ) -> ProviderMessage | Quarantined:
@@ -237,6 +264,7 @@ def decode_provider_message(
                 raise _Invalid(
                     _CUSTOM_REASONS.get(exc.type, Reason.SCHEMA_VIOLATION), f"bucket {index}: {exc}"
                 ) from None
+        _check_lines(message.lines)
     except _Invalid as bad:
         return Quarantined(source, payload, bad.reason, _clean(bad.detail))
     except ValidationError as exc:
