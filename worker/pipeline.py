@@ -13,7 +13,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from typing import Any, Protocol
 from uuid import UUID
 
@@ -23,7 +23,7 @@ from worker.decode import ApiEvent, ProviderMessage, decode_api_event, decode_pr
 from worker.errors import StaleOffsets
 from worker.faults import NO_FAULTS, Faults
 from worker.pricing import Price, PriceBook, price_keys
-from worker.providers import LedgerLine
+from worker.providers import EXACT, LedgerLine
 from worker.quarantine import Quarantined, Reason, Source
 from worker.store import Database, Tx
 
@@ -232,9 +232,10 @@ def _sort_key(key: _LedgerKey) -> tuple[Any, ...]:
 def _sum_lines(a: LedgerLine, b: LedgerLine) -> LedgerLine | None:
     if a.currency != b.currency:
         return None
-    a.amount = None if a.amount is None or b.amount is None else a.amount + b.amount
-    if a.quantity is not None or b.quantity is not None:
-        a.quantity = (a.quantity or Decimal(0)) + (b.quantity or Decimal(0))
+    with localcontext(EXACT):  # money has up to 46 significant digits; the default context keeps 28
+        a.amount = None if a.amount is None or b.amount is None else a.amount + b.amount
+        if a.quantity is not None or b.quantity is not None:
+            a.quantity = (a.quantity or Decimal(0)) + (b.quantity or Decimal(0))
     a.metadata["results"] = a.metadata.get("results", 1) + b.metadata.get("results", 1)
     return a
 
