@@ -59,7 +59,7 @@ class KafkaRecord(Protocol):
     @property
     def value(self) -> bytes | None: ...
     @property
-    def headers(self) -> Sequence[tuple[str, bytes]]: ...
+    def headers(self) -> Sequence[tuple[str, bytes | None]]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -556,6 +556,16 @@ def _quarantine_columns(items: list[Quarantined]) -> list[list[Any]]:
         [q.source.offset for q in items],
         [q.source.key for q in items],
         [q.payload for q in items],
-        [json.dumps({k: v.decode("utf-8", "replace") for k, v in q.source.headers}) for q in items],
+        [json.dumps({_text(k): _header_value(v) for k, v in q.source.headers}) for q in items],
         [q.organization_id for q in items],
     ]
+
+
+def _text(value: str) -> str:
+    """Header text as jsonb can hold it: jsonb refuses \\u0000, which a producer may well send."""
+    return value.replace("\x00", "\ufffd")
+
+
+def _header_value(value: bytes | None) -> str | None:
+    """A Kafka header value for the quarantine row: any bytes, or null (Kafka allows a header without one)."""
+    return None if value is None else _text(value.decode("utf-8", "replace"))
