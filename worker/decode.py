@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from typing import Any
 from uuid import UUID
 
@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticCustomError
 
 from worker.models import BUCKET_MODELS, MAX_AMOUNT, MAX_MAGNITUDE, ApiUsageEvent, ProviderEnvelope
-from worker.providers import LedgerLine, lines_for
+from worker.providers import EXACT, LedgerLine, lines_for
 from worker.quarantine import Quarantined, Reason, Source
 
 MAX_DETAIL = 500  # characters of validation detail kept with a quarantined message
@@ -218,10 +218,11 @@ def _check_lines(lines: list[LedgerLine]) -> None:
             raise _Invalid(
                 Reason.SCHEMA_VIOLATION, f"a line item of {len(line.line_item)} characters, more than {MAX_LINE_ITEM}"
             )
-        if line.amount is not None:
-            amounts += abs(line.amount)
-        if line.quantity is not None:
-            quantities += line.quantity
+        with localcontext(EXACT):  # rounding could carry a total just below a bound across it
+            if line.amount is not None:
+                amounts += abs(line.amount)
+            if line.quantity is not None:
+                quantities += line.quantity
     if amounts >= MAX_AMOUNT:
         raise _Invalid(Reason.INVALID_NUMBER, f"the message's amounts add up to {amounts:.3E}, {MAX_AMOUNT} or more")
     if quantities >= MAX_MAGNITUDE:
