@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from typing import Any, NamedTuple
 from uuid import UUID
 
@@ -16,11 +16,12 @@ import jiter
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticCustomError
 
-from worker.models import BUCKET_MODELS, ApiUsageEvent, ProviderEnvelope
-from worker.providers import LedgerLine, lines_for
+from worker.models import BUCKET_MODELS, MAX_AMOUNT, MAX_MAGNITUDE, ApiUsageEvent, ProviderEnvelope
+from worker.providers import EXACT, LedgerLine, lines_for
 from worker.quarantine import Quarantined, Reason, Source
 
 MAX_DETAIL = 500  # characters of validation detail kept with a quarantined message
+MAX_LINE_ITEM = 512  # characters of a ledger line item (cost_data's CHECK)
 
 # pydantic's own error types, mapped to reasons (custom errors already carry a reason as their type).
 NATIVE_REASONS: dict[str, Reason] = {
@@ -41,6 +42,8 @@ NATIVE_REASONS: dict[str, Reason] = {
 SOURCE_FIELDS = frozenset({"provider", "api_version"})
 PLAIN_RANGE_FIELDS = frozenset({"status_code"})  # out of range there is a contract violation, not a number
 _CUSTOM_REASONS = {reason.value: reason for reason in Reason}
+# jiter's errors for numbers it cannot represent: an integer of thousands of digits, an exponent beyond Decimal's.
+_OUT_OF_RANGE = ("number out of range", "InvalidOperation")
 
 
 API_USAGE_COLUMNS = 16  # leading fields of ApiEvent that are insert_api_usage's parameters
@@ -123,29 +126,47 @@ def parse_json(payload: bytes, *, max_bytes: int) -> dict[str, Any]:
             raise _Invalid(Reason.NOT_UTF8, f"not UTF-8 at byte {utf8.start}") from None
         if "duplicate key" in message:
             raise _Invalid(Reason.DUPLICATE_KEY, message) from None
+        if any(marker in message for marker in _OUT_OF_RANGE):  # valid JSON, absurd magnitude
+            raise _Invalid(Reason.INVALID_NUMBER, f"number out of range ({message.rpartition(' at ')[2]})") from None
         raise _Invalid(Reason.NOT_JSON, message) from None
     if not isinstance(parsed, dict):
         raise _Invalid(Reason.SCHEMA_VIOLATION, f"the message must be a JSON object, not {type(parsed).__name__}")
     return parsed
 
 
+def _absurd_number(value: Any) -> bool:
+    """A non-integer JSON number that is not finite, or too large for any count."""
+    if not isinstance(value, (Decimal, float)):
+        return False
+    number = Decimal(value)
+    return not number.is_finite() or abs(number) >= MAX_MAGNITUDE
+
+
 def reason_for(error: ValidationError) -> tuple[Reason, str]:
     """The most specific reason among a validation error's details, and a short readable detail."""
     chosen = Reason.SCHEMA_VIOLATION
     parts = []
-    for item in error.errors(include_url=False, include_input=False):
+    for item in error.errors(include_url=False):
         loc = item["loc"]
         last = str(loc[-1]) if loc else ""
         reason = _CUSTOM_REASONS.get(item["type"]) or NATIVE_REASONS.get(item["type"], Reason.SCHEMA_VIOLATION)
+        message = item["msg"]
+        if item["type"] == "int_type" and _absurd_number(item.get("input")):  # NaN or 1e400 where a count goes
+            reason, message = Reason.INVALID_NUMBER, "Input should be an integer, not NaN, Infinity or beyond 1e15"
         if item["type"] == "literal_error" and last in SOURCE_FIELDS and len(loc) == 1:
             reason = Reason.UNSUPPORTED_SOURCE
         if last in PLAIN_RANGE_FIELDS:
             reason = Reason.SCHEMA_VIOLATION
         if chosen is Reason.SCHEMA_VIOLATION and reason is not Reason.SCHEMA_VIOLATION:
             chosen = reason
-        parts.append(f"{'.'.join(str(p) for p in loc) or '<message>'}: {item['msg']}")
+        parts.append(f"{'.'.join(str(p) for p in loc) or '<message>'}: {message}")
     detail = "; ".join(parts[:5]) + (f"; and {len(parts) - 5} more" if len(parts) > 5 else "")
     return chosen, detail[:MAX_DETAIL]
+
+
+def _clean(detail: str) -> str:
+    """Detail as PostgreSQL text can hold it: messages may echo input (a currency code), NUL included."""
+    return detail.replace("\x00", "\\x00")[:MAX_DETAIL]
 
 
 def _organization_hint(parsed: dict[str, Any]) -> UUID | None:
@@ -164,10 +185,10 @@ def decode_api_event(payload: bytes, source: Source, *, max_bytes: int) -> ApiEv
         parsed = parse_json(payload, max_bytes=max_bytes)
         event = ApiUsageEvent.model_validate(parsed)
     except _Invalid as bad:
-        return Quarantined(source, payload, bad.reason, bad.detail[:MAX_DETAIL])
+        return Quarantined(source, payload, bad.reason, _clean(bad.detail))
     except ValidationError as exc:
         reason, detail = reason_for(exc)
-        return Quarantined(source, payload, reason, detail, _organization_hint(parsed or {}))
+        return Quarantined(source, payload, reason, _clean(detail), _organization_hint(parsed or {}))
     usage = event.token_usage
     if usage is None:
         return ApiEvent(
@@ -212,6 +233,33 @@ def decode_api_event(payload: bytes, source: Source, *, max_bytes: int) -> ApiEv
     )
 
 
+def _check_lines(lines: list[LedgerLine]) -> None:
+    """What the ledger's constraints need beyond each field's own bounds: a line item built from several
+    fields (or named by a new *_tokens field) fits cost_data.line_item, and lines the pipeline may sum into
+    one row (same key in one message) stay within the amount and quantity bounds. The totals are checked
+    over the whole message, which bounds every such sum."""
+    amounts = Decimal(0)
+    quantities = Decimal(0)
+    for line in lines:
+        if "\x00" in line.line_item:
+            raise _Invalid(Reason.INVALID_TEXT, "a line item holds a NUL character")
+        if len(line.line_item) > MAX_LINE_ITEM:
+            raise _Invalid(
+                Reason.SCHEMA_VIOLATION, f"a line item of {len(line.line_item)} characters, more than {MAX_LINE_ITEM}"
+            )
+        with localcontext(EXACT):  # rounding could carry a total just below a bound across it
+            if line.amount is not None:
+                amounts += abs(line.amount)
+            if line.quantity is not None:
+                quantities += line.quantity
+    if amounts >= MAX_AMOUNT:
+        raise _Invalid(Reason.INVALID_NUMBER, f"the message's amounts add up to {amounts:.3E}, {MAX_AMOUNT} or more")
+    if quantities >= MAX_MAGNITUDE:
+        raise _Invalid(
+            Reason.INVALID_NUMBER, f"the message's quantities add up to {quantities:.3E}, {MAX_MAGNITUDE} or more"
+        )
+
+
 def decode_provider_message(
     payload: bytes, source: Source, *, max_bytes: int, max_results: int
 ) -> ProviderMessage | Quarantined:
@@ -246,11 +294,13 @@ def decode_provider_message(
                 raise _Invalid(
                     _CUSTOM_REASONS.get(exc.type, Reason.SCHEMA_VIOLATION), f"bucket {index}: {exc}"
                 ) from None
+        _check_lines(message.lines)
     except _Invalid as bad:
-        return Quarantined(source, payload, bad.reason, bad.detail[:MAX_DETAIL])
+        return Quarantined(source, payload, bad.reason, _clean(bad.detail))
     except ValidationError as exc:
         reason, detail = reason_for(exc)
-        return Quarantined(source, payload, reason, detail)
+        return Quarantined(source, payload, reason, _clean(detail))
     except PydanticCustomError as exc:  # raised outside a model (envelope.buckets())
-        return Quarantined(source, payload, _CUSTOM_REASONS.get(exc.type, Reason.SCHEMA_VIOLATION), str(exc))
+        reason = _CUSTOM_REASONS.get(exc.type, Reason.SCHEMA_VIOLATION)
+        return Quarantined(source, payload, reason, _clean(str(exc)))
     return message

@@ -8,6 +8,7 @@ The JSON Schemas under ``schema/events/`` are generated from these models (``pyt
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from datetime import UTC, datetime, timedelta
@@ -38,6 +39,7 @@ MAX_FUTURE = timedelta(days=2)  # clock skew plus the provider's current, still-
 MAX_WINDOW = timedelta(days=31)  # longest bucket accepted (providers use 1m, 1h and 1d)
 MAX_MAGNITUDE = Decimal("1e15")  # any number beyond is absurd for costs, tokens or latencies
 MAX_AMOUNT = Decimal("1e12")  # money, in the currency's unit (matches the database CHECK)
+MAX_REQUEST_COST = Decimal("1e9")  # one API request's estimated cost, USD (matches api_usage's CHECK)
 MAX_DECIMAL_PLACES = 34  # float noise such as 3.3306690738754696e-16 has 31
 MAX_TOKENS = 10**15
 
@@ -68,6 +70,7 @@ Name = Annotated[str, Strict(), Field(max_length=255, pattern=_NO_NUL)]
 LongText = Annotated[str, Strict(), Field(max_length=512, pattern=_NO_NUL)]
 RequiredName = Annotated[str, Strict(), Field(min_length=1, max_length=255, pattern=_NO_NUL)]
 EventId = Annotated[str, Strict(), Field(min_length=1, max_length=128, pattern=_NO_NUL)]
+Unit = Annotated[str, Strict(), Field(max_length=32, pattern=_NO_NUL)]  # cost_data.unit is varchar(32)
 
 # Token counts and other tallies: JSON integers only (no strings, no 1.0), never negative.
 Count = Annotated[int, Strict(), Field(ge=0, lt=MAX_TOKENS)]
@@ -75,6 +78,17 @@ Count = Annotated[int, Strict(), Field(ge=0, lt=MAX_TOKENS)]
 _DECIMAL = {"allow_inf_nan": False, "decimal_places": MAX_DECIMAL_PLACES}
 _NUMBER_SCHEMA = WithJsonSchema({"anyOf": [{"type": "number"}, {"type": "string", "pattern": r"^-?\d+(\.\d+)?$"}]})
 _AS_STR = PlainSerializer(str, return_type=str)
+
+
+# What a decimal string may look like: ASCII digits, an optional sign, point and exponent. Python's Decimal
+# also reads other scripts' digits ("١٢" is 12), digit separators ("1_000") and surrounding whitespace.
+_DECIMAL_STRING = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def _plain_decimal(value: Any) -> Any:
+    if isinstance(value, str) and not _DECIMAL_STRING.fullmatch(value):
+        raise _fail(Reason.INVALID_NUMBER, "not a plain decimal number")
+    return value
 
 
 def _no_negative_zero(value: Decimal) -> Decimal:
@@ -87,6 +101,7 @@ def _no_negative_zero(value: Decimal) -> Decimal:
 # parser never goes through float.
 Money = Annotated[
     Decimal,
+    BeforeValidator(_plain_decimal),
     Field(gt=-MAX_AMOUNT, lt=MAX_AMOUNT, **_DECIMAL),
     AfterValidator(_no_negative_zero),
     _NUMBER_SCHEMA,
@@ -95,6 +110,7 @@ Money = Annotated[
 # Money that cannot be negative (a request's estimated cost).
 Cost = Annotated[
     Decimal,
+    BeforeValidator(_plain_decimal),
     Field(ge=0, lt=MAX_AMOUNT, **_DECIMAL),
     AfterValidator(_no_negative_zero),
     _NUMBER_SCHEMA,
@@ -165,7 +181,7 @@ class TokenUsage(_Model):
     completion_tokens: Count = 0
     total_tokens: Count = 0
     model: Name | None = None
-    cost_usd: Cost | None = None
+    cost_usd: Annotated[Cost, Field(lt=MAX_REQUEST_COST)] | None = None
 
 
 class ApiUsageEvent(_Model):
@@ -234,7 +250,7 @@ class OpenAICostResult(_Model):
     project_id: Name | None = None
     api_key_id: Name | None = None
     quantity: Cost | None = None
-    quantity_unit: ShortText | None = None
+    quantity_unit: Unit | None = None
 
 
 class OpenAIUsageResult(_Model):

@@ -13,7 +13,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from typing import Any, Protocol
 from uuid import UUID
 
@@ -23,7 +23,7 @@ from worker.decode import API_USAGE_COLUMNS, ApiEvent, ProviderMessage, decode_a
 from worker.errors import StaleOffsets
 from worker.faults import NO_FAULTS, Faults
 from worker.pricing import Price, PriceBook, price_keys
-from worker.providers import LedgerLine
+from worker.providers import EXACT, LedgerLine
 from worker.quarantine import Quarantined, Reason, Source
 from worker.store import Database, Tx
 
@@ -59,7 +59,7 @@ class KafkaRecord(Protocol):
     @property
     def value(self) -> bytes | None: ...
     @property
-    def headers(self) -> Sequence[tuple[str, bytes]]: ...
+    def headers(self) -> Sequence[tuple[str, bytes | None]]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,9 +231,10 @@ def _sort_key(key: _LedgerKey) -> tuple[Any, ...]:
 def _sum_lines(a: LedgerLine, b: LedgerLine) -> LedgerLine | None:
     if a.currency != b.currency:
         return None
-    a.amount = None if a.amount is None or b.amount is None else a.amount + b.amount
-    if a.quantity is not None or b.quantity is not None:
-        a.quantity = (a.quantity or Decimal(0)) + (b.quantity or Decimal(0))
+    with localcontext(EXACT):  # money has up to 46 significant digits; the default context keeps 28
+        a.amount = None if a.amount is None or b.amount is None else a.amount + b.amount
+        if a.quantity is not None or b.quantity is not None:
+            a.quantity = (a.quantity or Decimal(0)) + (b.quantity or Decimal(0))
     a.metadata["results"] = a.metadata.get("results", 1) + b.metadata.get("results", 1)
     return a
 
@@ -549,6 +550,16 @@ def _quarantine_columns(items: list[Quarantined]) -> list[list[Any]]:
         [q.source.offset for q in items],
         [q.source.key for q in items],
         [q.payload for q in items],
-        [json.dumps({k: v.decode("utf-8", "replace") for k, v in q.source.headers}) for q in items],
+        [json.dumps({_text(k): _header_value(v) for k, v in q.source.headers}) for q in items],
         [q.organization_id for q in items],
     ]
+
+
+def _text(value: str) -> str:
+    """Header text as jsonb can hold it: jsonb refuses \\u0000, which a producer may well send."""
+    return value.replace("\x00", "\ufffd")
+
+
+def _header_value(value: bytes | None) -> str | None:
+    """A Kafka header value for the quarantine row: any bytes, or null (Kafka allows a header without one)."""
+    return None if value is None else _text(value.decode("utf-8", "replace"))

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import Decimal
+from decimal import Context, Decimal
 from typing import Any
 
 from pydantic import BaseModel
@@ -41,6 +41,9 @@ UNKNOWN_MODEL = "unknown-model"  # usage results not grouped by model
 DEFAULT_TIERS = frozenset({"default", "standard", "auto"})
 TOKENS = "tokens"
 REQUESTS = "requests"
+# Decimal arithmetic rounds to the context's precision (28 digits by default); money has up to 46 (12 whole
+# digits, 34 decimal places), so exact operations on it get a context wide enough never to round.
+EXACT = Context(prec=60)
 
 
 @dataclass(slots=True)
@@ -105,7 +108,7 @@ def lines_for(provider: str, api_version: str, ai_organization_id: str, bucket: 
                 )
                 or ALL_LINE_ITEMS,
                 currency=charge.currency,
-                amount=charge.amount.scaleb(-2),  # cents -> units, exact (only the exponent changes)
+                amount=charge.amount.scaleb(-2, EXACT),  # cents -> units, exact (only the exponent changes)
                 quantity=None,
                 unit=None,
                 metadata=_present(

@@ -46,7 +46,7 @@ class Source(NamedTuple):
     partition: int
     offset: int
     key: bytes | None = None
-    headers: tuple[tuple[str, bytes], ...] = ()
+    headers: tuple[tuple[str, bytes | None], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
