@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -37,6 +39,8 @@ log = structlog.get_logger("worker.app")
 DATABASE_CHECK_INTERVAL = 5.0  # seconds between readiness pings of the database
 STARTUP_RETRY_MAX = 30.0  # seconds between attempts to reach the database or broker at startup
 EXIT_OK, EXIT_FATAL, EXIT_SECOND_SIGNAL = 0, 1, 130
+TASK_STOP_TIMEOUT = 5.0  # seconds background tasks get to finish after being cancelled
+EXIT_DEADLINE = 15.0  # seconds from the end of the drain to process exit, whatever still runs
 
 
 class Worker:
@@ -157,7 +161,9 @@ class Worker:
         finally:
             for task in (*background, stopping):
                 task.cancel()
-            await asyncio.gather(*background, stopping, return_exceptions=True)
+            _, stuck = await asyncio.wait([*background, stopping], timeout=TASK_STOP_TIMEOUT)
+            if stuck:
+                log.warning("tasks_did_not_stop", tasks=sorted(t.get_name() for t in stuck))
 
     def _outcome(self, task: asyncio.Task[Any]) -> int:
         if task.cancelled():
@@ -225,6 +231,19 @@ async def _until_ready(what: str, stop: asyncio.Event, attempt: Callable[[], Awa
         delay = min(delay * 2, STARTUP_RETRY_MAX)
 
 
+def _exit_after(seconds: float, code: int) -> None:
+    """The hard deadline: if the interpreter has not exited ``seconds`` after shutdown began (a library task
+    that ignores cancellation, a connection that never closes), leave anyway with ``code``."""
+
+    def watchdog() -> None:
+        time.sleep(seconds)
+        print(f"cost-worker: shutdown exceeded its {seconds:.0f}s deadline; exiting", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(code)
+
+    threading.Thread(target=watchdog, name="exit-deadline", daemon=True).start()
+
+
 def run(settings: Settings, *, exit_when_idle: float | None = None) -> int:
     """Entry point of ``cost-worker run``."""
     logs.configure(level=settings.log_level, fmt=settings.log_format, secrets=settings.secrets())
@@ -232,6 +251,11 @@ def run(settings: Settings, *, exit_when_idle: float | None = None) -> int:
     async def main() -> int:
         worker = Worker(settings)
         worker.install_signal_handlers()
-        return await worker.run(exit_when_idle=exit_when_idle)
+        code = EXIT_FATAL
+        try:
+            code = await worker.run(exit_when_idle=exit_when_idle)
+            return code
+        finally:
+            _exit_after(EXIT_DEADLINE, code)
 
     return asyncio.run(main())

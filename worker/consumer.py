@@ -66,9 +66,15 @@ class Consumer:
     # --- lifecycle ----------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.kafka = kafka.consumer(self.settings)
-        self.kafka.subscribe(topics=list(self.settings.input_topics), listener=_Rebalance(self))
-        await self.kafka.start()
+        consumer = kafka.consumer(self.settings)
+        consumer.subscribe(topics=list(self.settings.input_topics), listener=_Rebalance(self))
+        try:
+            await consumer.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await consumer.stop()  # release its connections before the caller retries
+            raise
+        self.kafka = consumer
 
     async def stop(self) -> None:
         """Leave the group (the coordinator reassigns our partitions right away)."""
