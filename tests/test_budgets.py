@@ -350,3 +350,30 @@ async def test_thresholds_above_one_hundred(
     assert 150 not in {t for *_, t, _ in await alerts(db)}
     await feeder.events(spend_event(org, "0.01"))
     assert Decimal(150) in {t for *_, t, _ in await alerts(db)}
+
+
+async def test_a_crash_between_commit_and_publish_still_publishes_each_alert_once(
+    db: asyncpg.Connection, settings: Settings, tmp_path: Any
+) -> None:
+    """SIGKILL after the alerts were committed and before the outbox was published (a fault hook): the
+    restarted worker publishes them, once each."""
+    from tests.factories import dumps  # noqa: PLC0415
+    from tests.kafka_helpers import consume_all, create_topics, produce, spawn_worker  # noqa: PLC0415
+
+    await create_topics(settings)
+    org = await make_org(db)
+    await add_budget(db, "organization", org, "10", thresholds=(50, 80, 100))
+    await produce(settings, settings.topic_api_usage, [dumps(spend_event(org, "3.5")) for _ in range(3)])
+    crashing = spawn_worker(
+        settings, "--exit-when-idle", "2", log=tmp_path / "crash.log", COST_WORKER_FAULT_POINTS="before_outbox_publish"
+    )
+    assert await asyncio.to_thread(crashing.wait, 120) == -9
+    assert await db.fetchval("SELECT count(*) FROM budget_alerts") == 3  # committed...
+    assert await db.fetchval("SELECT count(*) FROM outbox") == 3  # ...but not published
+    restarted = spawn_worker(settings, "--exit-when-idle", "2", log=tmp_path / "restart.log")
+    assert await asyncio.to_thread(restarted.wait, 120) == 0
+    published = await consume_all(settings, settings.topic_budget_alerts, expect=3)
+    ids = [json.loads(record.value)["alert_id"] for record in published]
+    assert sorted(ids) == sorted(str(r["id"]) for r in await db.fetch("SELECT id FROM budget_alerts"))
+    assert len(ids) == len(set(ids)) == 3
+    assert await db.fetchval("SELECT count(*) FROM outbox") == 0

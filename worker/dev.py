@@ -38,6 +38,7 @@ SEARCH = "0d3c0000-0000-4000-8000-0000000000f2"
 CLAUDE_APPS = "0d3c0000-0000-4000-8000-0000000000f3"
 DEMO_IDLE = 2.0  # seconds of quiet after which the demo run is over
 TOPIC_PARTITIONS = 3
+DEV_SESSION_TIMEOUT = 6.0  # seconds, with the embedded broker
 
 
 def main(settings: Settings, *, state_dir: Path, once: bool) -> int:
@@ -65,6 +66,10 @@ async def _main(settings: Settings, state_dir: Path, once: bool) -> int:
             broker = devstack.start_broker(log_path=state_dir / "broker.log")
             updates["kafka_bootstrap_servers"] = broker.bootstrap_servers
             updates["kafka_producer_idempotence"] = False  # the embedded broker does not support it
+            # Tansu completes a group join only after a fraction of the session timeout: keep it short so
+            # the demo starts in seconds (real Kafka needs no such thing).
+            updates["kafka_session_timeout"] = min(settings.kafka_session_timeout, DEV_SESSION_TIMEOUT)
+            updates["kafka_heartbeat_interval"] = min(settings.kafka_heartbeat_interval, DEV_SESSION_TIMEOUT / 3)
         if not _port_free(settings.metrics_host, settings.metrics_port):
             updates["metrics_port"] = 0
         settings = settings.model_copy(update=updates)
