@@ -176,3 +176,15 @@ def test_unknown_fault_point_is_rejected(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("COST_WORKER_FAULT_POINTS", "before_db_commit,nowhere")
     with pytest.raises(ConfigError, match="unknown fault point 'nowhere'"):
         load_settings()
+
+
+def test_field_errors_and_cross_field_problems_are_reported_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COST_WORKER_BATCH_MAX_WAIT", "soon")
+    monkeypatch.setenv("COST_WORKER_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")  # needs mechanism, user, password
+    monkeypatch.setenv("COST_WORKER_DATABASE_URL", "mysql://x@y/z")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    text = "\n".join(caught.value.problems)
+    assert "COST_WORKER_BATCH_MAX_WAIT" in text
+    assert "COST_WORKER_KAFKA_SASL_MECHANISM: required" in text
+    assert "postgresql:// URL" in text

@@ -376,9 +376,20 @@ def load_settings(*, require: tuple[str, ...] = (), **overrides: Any) -> Setting
         settings = Settings(**overrides)
     except ValidationError as exc:
         problems = []
+        bad: set[str] = set()
         for error in exc.errors(include_url=False, include_input=False):
             field = ".".join(str(part) for part in error["loc"])
+            bad.add(str(error["loc"][0]) if error["loc"] else field)
             problems.append(f"{env_name(field)}: {error['msg']}")
+        # Cross-field checks too: re-read with the broken fields at their defaults (arguments win over the
+        # environment) and keep the problems that do not involve them.
+        defaults = {name: Settings.model_fields[name].default for name in bad if name in Settings.model_fields}
+        try:
+            partial = Settings(**{**overrides, **defaults})
+        except ValidationError:
+            pass
+        else:
+            problems += [p for p in partial.problems(require=require) if not any(env_name(b) in p for b in bad)]
         raise ConfigError(problems) from None
     problems = settings.problems(require=require)
     if problems:
