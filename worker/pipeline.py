@@ -483,20 +483,19 @@ class Pipeline:
 
     async def _upsert_ledger(self, tx: Tx, rows: list[_Row], outcome: Outcome, best: dict[int, str]) -> list[Touch]:
         """Upsert the rows; record each line's outcome and, per message, the best outcome of its lines."""
-        previous = {
-            record["ord"]: record["collected_at"] for record in await tx.upsert_cost_data(_ledger_columns(rows))
+        written = {
+            record["ord"]: (record["result"], record["kept_revision"])
+            for record in await tx.upsert_cost_data(_ledger_columns(rows))
         }
         touched = []
         for ord_, row in enumerate(rows, start=1):
-            before = previous.get(ord_)
-            if before is None:
-                result = INSERTED
-            elif before < row.collected_at:
-                result = UPDATED
-            elif before == row.collected_at:
-                result = UNCHANGED
-            else:
+            done, kept = written[ord_]
+            if done is not None:
+                result = INSERTED if done == "inserted" else UPDATED
+            elif kept is not None and kept > row.collected_at:
                 result = STALE
+            else:  # the same revision was there (or a concurrent writer just stored one)
+                result = UNCHANGED
             outcome.ledger_lines[(row.line.api_version, result)] += 1
             if result in (INSERTED, UPDATED):
                 organization, project = row.key[0], row.key[1]

@@ -53,19 +53,14 @@ CREATE FUNCTION cost_worker_project_spend(
 LANGUAGE sql STABLE
 AS $$
     WITH in_period AS (
-        SELECT api_version, bucket_start_time, bucket_end_time, currency, amount
+        SELECT api_version, currency, amount,
+               -- One pass (a window over the window): does this bucket window have costs_v1 rows?
+               bool_or(api_version = 'costs_v1') OVER (PARTITION BY bucket_start_time, bucket_end_time) AS costed
         FROM cost_data
         WHERE project_id = project AND bucket_start_time >= period_start AND bucket_start_time < period_end
     ),
-    costed AS (
-        SELECT DISTINCT bucket_start_time, bucket_end_time FROM in_period WHERE api_version = 'costs_v1'
-    ),
     counted AS (
-        SELECT r.currency, r.amount
-        FROM in_period r
-        WHERE r.api_version = 'costs_v1'
-           OR NOT EXISTS (SELECT FROM costed c
-                          WHERE c.bucket_start_time = r.bucket_start_time AND c.bucket_end_time = r.bucket_end_time)
+        SELECT currency, amount FROM in_period WHERE api_version = 'costs_v1' OR NOT costed
     ),
     covered AS (
         SELECT DISTINCT h.hour
@@ -100,23 +95,17 @@ CREATE FUNCTION cost_worker_organization_spend(
 LANGUAGE sql STABLE
 AS $$
     WITH in_period AS (
-        SELECT project_id, provider, ai_organization_id, api_version, bucket_start_time, bucket_end_time,
-               currency, amount
+        SELECT api_version, currency, amount,
+               -- One pass (a window function), linear in the rows: does this key's bucket window have costs_v1
+               -- rows? (PARTITION BY groups NULL projects together, as the dedupe key does.)
+               bool_or(api_version = 'costs_v1') OVER (
+                   PARTITION BY project_id, provider, ai_organization_id, bucket_start_time, bucket_end_time
+               ) AS costed
         FROM cost_data
         WHERE organization_id = org AND bucket_start_time >= period_start AND bucket_start_time < period_end
     ),
-    costed AS (
-        SELECT DISTINCT project_id, provider, ai_organization_id, bucket_start_time, bucket_end_time
-        FROM in_period WHERE api_version = 'costs_v1'
-    ),
     counted AS (
-        SELECT r.currency, r.amount
-        FROM in_period r
-        WHERE r.api_version = 'costs_v1'
-           OR NOT EXISTS (SELECT FROM costed c
-                          WHERE c.project_id IS NOT DISTINCT FROM r.project_id AND c.provider = r.provider
-                            AND c.ai_organization_id = r.ai_organization_id
-                            AND c.bucket_start_time = r.bucket_start_time AND c.bucket_end_time = r.bucket_end_time)
+        SELECT currency, amount FROM in_period WHERE api_version = 'costs_v1' OR NOT costed
     ),
     windows AS (
         SELECT DISTINCT project_id, provider, ai_organization_id, bucket_start_time, bucket_end_time

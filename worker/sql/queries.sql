@@ -103,8 +103,9 @@ WHERE (provider, model) IN (SELECT * FROM unnest($1::text[], $2::text[]));
 -- name: upsert_cost_data
 -- Set-based upsert of ledger rows (already one row per key, ordered by key so concurrent writers lock
 -- rows in the same order). A newer revision (collected_at) replaces the row; an older or equal one changes
--- nothing. Returns, for each input row that already existed before this statement, its previous revision
--- (two joins, because the NULL project key needs an IS NULL probe to use the index).
+-- nothing. Returns, per input row (ord): written = 'inserted' | 'updated' | NULL (not written), and for
+-- rows not written, the revision that stayed (a primary-key-like probe each; LIMIT 1 keeps the planner from
+-- scanning the tenants' rows instead, which it cannot count under row-level security).
 WITH input AS (
     SELECT *
     FROM unnest(
@@ -116,25 +117,6 @@ WITH input AS (
         bucket_start_time, bucket_end_time, line_item, currency, amount, quantity,
         unit, metadata, collected_at, source_partition, source_offset, ord
     )
-),
-existing AS (
-    SELECT i.ord, c.collected_at
-    FROM input i
-    JOIN cost_data c
-      ON c.project_id = i.project_id
-     AND c.bucket_start_time = i.bucket_start_time AND c.bucket_end_time = i.bucket_end_time
-     AND c.line_item = i.line_item AND c.api_version = i.api_version
-     AND c.organization_id = i.organization_id AND c.provider = i.provider
-     AND c.ai_organization_id = i.ai_organization_id
-    UNION ALL
-    SELECT i.ord, c.collected_at
-    FROM input i
-    JOIN cost_data c
-      ON c.project_id IS NULL AND i.project_id IS NULL
-     AND c.bucket_start_time = i.bucket_start_time AND c.bucket_end_time = i.bucket_end_time
-     AND c.line_item = i.line_item AND c.api_version = i.api_version
-     AND c.organization_id = i.organization_id AND c.provider = i.provider
-     AND c.ai_organization_id = i.ai_organization_id
 ),
 written AS (
     INSERT INTO cost_data AS c (
@@ -161,15 +143,50 @@ written AS (
         source_offset = EXCLUDED.source_offset,
         updated_at = now()
     WHERE c.collected_at < EXCLUDED.collected_at
-    RETURNING 1
+    -- xmax is 0 on a freshly inserted row and set on a row that ON CONFLICT updated.
+    RETURNING c.organization_id, c.project_id, c.provider, c.ai_organization_id, c.api_version,
+              c.bucket_start_time, c.bucket_end_time, c.line_item, (c.xmax = 0) AS inserted
+),
+outcome AS (
+    SELECT i.*, CASE WHEN w.inserted THEN 'inserted' WHEN w.inserted IS NOT NULL THEN 'updated' END AS result
+    FROM input i
+    LEFT JOIN written w
+      ON coalesce(w.project_id, '00000000-0000-0000-0000-000000000000'::uuid)
+         = coalesce(i.project_id, '00000000-0000-0000-0000-000000000000'::uuid)
+     AND w.bucket_start_time = i.bucket_start_time AND w.bucket_end_time = i.bucket_end_time
+     AND w.line_item = i.line_item AND w.api_version = i.api_version
+     AND w.organization_id = i.organization_id AND w.provider = i.provider
+     AND w.ai_organization_id = i.ai_organization_id
 )
-SELECT ord, collected_at FROM existing;
+SELECT o.ord, o.result, kept.collected_at AS kept_revision
+FROM outcome o
+LEFT JOIN LATERAL (
+    (SELECT c.collected_at FROM cost_data c
+     WHERE o.result IS NULL AND c.project_id = o.project_id
+       AND c.bucket_start_time = o.bucket_start_time AND c.bucket_end_time = o.bucket_end_time
+       AND c.line_item = o.line_item AND c.api_version = o.api_version
+       AND c.organization_id = o.organization_id AND c.provider = o.provider
+       AND c.ai_organization_id = o.ai_organization_id
+     LIMIT 1)
+    UNION ALL
+    (SELECT c.collected_at FROM cost_data c
+     WHERE o.result IS NULL AND o.project_id IS NULL AND c.project_id IS NULL
+       AND c.bucket_start_time = o.bucket_start_time AND c.bucket_end_time = o.bucket_end_time
+       AND c.line_item = o.line_item AND c.api_version = o.api_version
+       AND c.organization_id = o.organization_id AND c.provider = o.provider
+       AND c.ai_organization_id = o.ai_organization_id
+     LIMIT 1)
+    LIMIT 1
+) kept ON true;
 
 -- name: insert_api_usage
 -- Set-based insert of API-usage events (one per (organization, event_id), ordered by key). First write
 -- wins. Only rows this statement inserted add into the hourly rollups, in the same statement, so a
 -- replayed event changes nothing. Returns the ids whose stored content differs (conflicting duplicates)
 -- and, per (organization, project, user, hour), how many events were inserted.
+-- Stored content is looked up only for the rows the insert did not take (none, usually), one primary-key
+-- probe each (LIMIT 1 keeps the planner from turning the probes into a scan of the tenants' rows: under
+-- row-level security it cannot see how many rows that is).
 WITH input AS (
     SELECT *
     FROM unnest(
@@ -182,16 +199,6 @@ WITH input AS (
         source_partition, source_offset
     )
 ),
-conflicts AS (
-    SELECT i.organization_id, i.event_id
-    FROM input i
-    JOIN api_usage a ON a.organization_id = i.organization_id AND a.event_id = i.event_id
-    WHERE (a.project_id, a.user_id, a.endpoint, a.method, a.status_code, a.response_time_ms, a.occurred_at,
-           a.prompt_tokens, a.completion_tokens, a.total_tokens, a.model, a.cost_usd)
-          IS DISTINCT FROM
-          (i.project_id, i.user_id, i.endpoint, i.method, i.status_code, i.response_time_ms, i.occurred_at,
-           i.prompt_tokens, i.completion_tokens, i.total_tokens, i.model, i.cost_usd)
-),
 inserted AS (
     INSERT INTO api_usage (
         organization_id, event_id, project_id, user_id, endpoint, method, status_code, response_time_ms,
@@ -200,8 +207,26 @@ inserted AS (
     )
     SELECT * FROM input
     ON CONFLICT (organization_id, event_id) DO NOTHING
-    RETURNING organization_id, project_id, user_id, status_code, response_time_ms, occurred_at,
+    RETURNING organization_id, event_id, project_id, user_id, status_code, response_time_ms, occurred_at,
               prompt_tokens, completion_tokens, total_tokens, cost_usd
+),
+conflicts AS (
+    SELECT i.organization_id, i.event_id
+    FROM (SELECT * FROM input i
+          WHERE NOT EXISTS (SELECT FROM inserted n
+                            WHERE n.organization_id = i.organization_id AND n.event_id = i.event_id)) i
+    CROSS JOIN LATERAL (
+        SELECT a.project_id, a.user_id, a.endpoint, a.method, a.status_code, a.response_time_ms, a.occurred_at,
+               a.prompt_tokens, a.completion_tokens, a.total_tokens, a.model, a.cost_usd
+        FROM api_usage a
+        WHERE a.organization_id = i.organization_id AND a.event_id = i.event_id
+        LIMIT 1
+    ) a
+    WHERE (a.project_id, a.user_id, a.endpoint, a.method, a.status_code, a.response_time_ms, a.occurred_at,
+           a.prompt_tokens, a.completion_tokens, a.total_tokens, a.model, a.cost_usd)
+          IS DISTINCT FROM
+          (i.project_id, i.user_id, i.endpoint, i.method, i.status_code, i.response_time_ms, i.occurred_at,
+           i.prompt_tokens, i.completion_tokens, i.total_tokens, i.model, i.cost_usd)
 ),
 hourly AS (
     SELECT organization_id, project_id, user_id,
