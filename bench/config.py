@@ -41,6 +41,11 @@ class BenchConfig:
     budgets: tuple[int, int]
     budget_repeats: int
     growth_fraction: float = GROWTH_FRACTION
+    budget_case_seconds: float = 20.0  # a budget case stops repeating after this (at least one evaluation)
+    # Time boxes (seconds after the worker process starts) that keep a run within its 15 minutes however slow
+    # the worker is: (events drain, lines drain). A boxed drain reports what it stored by then.
+    drain_max_seconds: tuple[float, float] = (420.0, 240.0)
+    growth_max_seconds: tuple[float, float] = (90.0, 75.0)
     partitions: int = 3
     organizations: int = 20
     projects_per_org: int = 5
@@ -53,6 +58,8 @@ class BenchConfig:
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["budgets"] = list(self.budgets)
+        data["drain_max_seconds"] = list(self.drain_max_seconds)
+        data["growth_max_seconds"] = list(self.growth_max_seconds)
         data["phases"] = list(self.phases)
         return data
 
@@ -74,6 +81,7 @@ def from_scale(scale: str | float | None = None, *, phases: tuple[str, ...] = PH
             budgets=(10, 1_000),
             budget_repeats=3,
             growth_fraction=1.0,
+            budget_case_seconds=3.0,
             idle_exit=0.5,
             phases=phases,
             worker_env=worker_env,
