@@ -3,16 +3,17 @@
 One realistic batch (5,000 API-usage events over the world's organizations, projects and users) gives the
 touched scopes (``Touch``: organization, project, user, hour) exactly as ``insert_api_usage`` reports them.
 ``BudgetEngine.evaluate`` then runs for them as the worker's role, inside a transaction that is rolled back
-(nothing changes between repetitions), in three cases:
+(nothing changes between repetitions), in three states of the same database:
 
-- ``few``: 10 active budgets, all of them on scopes the batch touches;
-- ``many``: the same 10 plus enough budgets on other organizations (never touched) to reach 10,000;
-- ``many_touched``: 10,000 active budgets of which the batch touches many more: every project and user of
-  the world has one (302 touched with the default world: the 2 organization budgets, 100 projects, 200 users).
+- ``few``: 10 active budgets, all of them on scopes the batch touches (2 organizations, 4 projects, 4 users);
+- ``many``: the same 10 plus 9,990 on organizations no batch touches: 10,000 active, the same 10 touched;
+- ``many_touched``: 10,000 active of which every project and user of the world has one (302 touched).
 
-Budget amounts are far above any spend, so every candidate's spend is computed on every repetition (the
-worst case: a candidate whose thresholds have all alerted is skipped by the candidate query). Each case
-stops repeating once it has used ``case_seconds`` (at least one measured evaluation).
+All budgets exist from the start; a state only switches ``is_active`` (then ANALYZE), and ``few`` and ``many``
+are measured alternately (few, many, few, many, ...) so that drift on a shared machine hits both alike.
+Budget amounts are far above any spend, so every candidate's spend is computed on every repetition (the worst
+case: a candidate whose thresholds have all alerted is skipped by the candidate query). A state stops repeating
+once it has used ``case_seconds`` (at least one measured evaluation).
 """
 
 from __future__ import annotations
@@ -51,38 +52,51 @@ def batch_touches(world: w.World, size: int = CEILING_BATCH) -> list[Touch]:
     return sorted(touches, key=lambda t: (str(t.organization_id), str(t.project_id), str(t.user_id), t.at))
 
 
-async def _hot_budgets(conn: asyncpg.Connection, world: w.World, *, every_scope: bool) -> int:
-    """Budgets on scopes the batch touches: organization budgets on the first two organizations, and project
-    and user budgets on two of each of theirs (or, ``every_scope``, on every project and user of the world)."""
-    orgs = world.orgs if every_scope else world.orgs[:HOT_ORGS]
-    created = 0
-    for index, org in enumerate(orgs):
-        projects = org.projects if every_scope else org.projects[:2]
-        users = org.users if every_scope else org.users[:2]
-        if index < HOT_ORGS:
-            await conn.execute(
-                "INSERT INTO ai_organization_budgets (organization_id, name, amount) VALUES ($1, 'bench-hot', 1e9)",
-                org.id,
-            )
-            created += 1
-        await conn.executemany(
-            "INSERT INTO ai_project_budgets (organization_id, project_id, name, amount) "
-            "VALUES ($1, $2, 'bench-hot', 1e9)",
-            [(org.id, project) for project, _ in projects],
-        )
-        await conn.executemany(
-            "INSERT INTO ai_budgets (organization_id, user_id, name, amount) VALUES ($1, $2, 'bench-hot', 1e9)",
-            [(org.id, user) for user in users],
-        )
-        created += len(projects) + len(users)
-    return created
+TABLES = ("ai_organization_budgets", "ai_project_budgets", "ai_budgets")
+# Which budget names are active in each state.
+STATES = {
+    "few": ("bench-hot",),
+    "many": ("bench-hot", "bench-cold", "bench-spare"),
+    "many_touched": ("bench-hot", "bench-wide", "bench-cold"),
+}
 
 
-async def _cold_budgets(conn: asyncpg.Connection, count: int) -> int:
-    """``count`` active budgets on organizations no batch touches (10% organization, 30% project, 60% user
-    budgets), with the organizations, projects and users they need."""
+async def _budgets(conn: asyncpg.Connection, table: str, rows: list[tuple[Any, ...]]) -> None:
+    if not rows:
+        return
+    if table == "ai_organization_budgets":
+        sql = "INSERT INTO ai_organization_budgets (organization_id, name, amount) VALUES ($1, $2, 1e9)"
+    elif table == "ai_project_budgets":
+        sql = "INSERT INTO ai_project_budgets (organization_id, project_id, name, amount) VALUES ($1, $2, $3, 1e9)"
+    else:
+        sql = "INSERT INTO ai_budgets (organization_id, user_id, name, amount) VALUES ($1, $2, $3, 1e9)"
+    await conn.executemany(sql, rows)
+
+
+async def _touched_budgets(conn: asyncpg.Connection, world: w.World) -> int:
+    """``bench-hot``: organization budgets on the first two organizations, project and user budgets on two
+    of each of theirs (10). ``bench-wide``: every other project and user of the world."""
+    orgs, projects, users = [], [], []
+    for index, org in enumerate(world.orgs):
+        hot = index < HOT_ORGS
+        if hot:
+            orgs.append((org.id, "bench-hot"))
+        for j, (project, _) in enumerate(org.projects):
+            projects.append((org.id, project, "bench-hot" if hot and j < 2 else "bench-wide"))
+        for j, user in enumerate(org.users):
+            users.append((org.id, user, "bench-hot" if hot and j < 2 else "bench-wide"))
+    await _budgets(conn, "ai_organization_budgets", orgs)
+    await _budgets(conn, "ai_project_budgets", projects)
+    await _budgets(conn, "ai_budgets", users)
+    return sum(1 for rows in (projects, users) for row in rows if row[-1] == "bench-wide")
+
+
+async def _cold_budgets(conn: asyncpg.Connection, count: int, spare: int) -> None:
+    """``count`` budgets on organizations no batch touches (10% organization, 30% project, 60% user budgets),
+    with the organizations, projects and users they need; ``spare`` of the user budgets are named
+    ``bench-spare`` (inactive in ``many_touched``, which keeps the total at ``count`` + 10)."""
     if count <= 0:
-        return 0
+        return
     org_budgets = max(1, count // 10)
     project_budgets = (count * 3) // 10
     user_budgets = count - org_budgets - project_budgets
@@ -118,12 +132,20 @@ async def _cold_budgets(conn: asyncpg.Connection, count: int) -> int:
     )
     await conn.execute(
         "INSERT INTO ai_budgets (organization_id, user_id, name, amount) "
-        "SELECT u.organization_id, u.id, 'bench-cold', 1e9 FROM users u JOIN cold_orgs o "
+        "SELECT u.organization_id, u.id, CASE WHEN row_number() OVER (ORDER BY u.id) <= $2 "
+        "THEN 'bench-spare' ELSE 'bench-cold' END, 1e9 FROM users u JOIN cold_orgs o "
         "ON o.id = u.organization_id ORDER BY u.id LIMIT $1",
         user_budgets,
+        min(spare, user_budgets),
     )
     await conn.execute("DROP TABLE cold_orgs")
-    return org_budgets + project_budgets + user_budgets
+
+
+async def _activate(conn: asyncpg.Connection, state: str) -> int:
+    for table in TABLES:
+        await conn.execute(f"UPDATE {table} SET is_active = (name = ANY($1::text[]))", list(STATES[state]))
+        await conn.execute(f"ANALYZE {table}")
+    return await _active(conn)
 
 
 async def _active(conn: asyncpg.Connection) -> int:
@@ -136,86 +158,74 @@ async def _active(conn: asyncpg.Connection) -> int:
     )
 
 
-async def _time_evaluation(
-    db: Database, engine: BudgetEngine, touches: list[Touch], repeats: int, case_seconds: float
-) -> dict[str, Any]:
-    tenants = {t.organization_id for t in touches}
-    evaluate_ms: list[float] = []
-    candidates_ms: list[float] = []
-    candidates = 0
-    case_started = time.perf_counter()
-    while len(evaluate_ms) < repeats + 1:  # the first round warms caches and plans; it is not counted...
-        over = time.perf_counter() - case_started > case_seconds
-        if over and (len(evaluate_ms) > 1 or (evaluate_ms and evaluate_ms[0] >= 1_000)):
-            break
-        try:
-            async with db.transaction() as tx:
-                await tx.set_tenants(tenants)
-                started = time.perf_counter()
-                rows = await tx.budget_candidates(touches)
-                candidates_ms.append((time.perf_counter() - started) * 1000)
-                candidates = len(rows)
-                started = time.perf_counter()
-                alerts = await engine.evaluate(tx, touches)
-                evaluate_ms.append((time.perf_counter() - started) * 1000)
-                assert not alerts, "bench budgets are never crossed"
-                raise _Rollback
-        except _Rollback:
-            pass
-    if len(evaluate_ms) > 1 or evaluate_ms[0] < 1_000:  # ...unless it is the only one, being slow
-        evaluate_ms, candidates_ms = evaluate_ms[1:] or evaluate_ms, candidates_ms[1:] or candidates_ms
+async def _evaluate_once(db: Database, engine: BudgetEngine, touches: list[Touch]) -> tuple[float, float, int]:
+    """(evaluate ms, candidate query ms, candidates) of one rolled-back evaluation."""
+    result = (0.0, 0.0, 0)
+    try:
+        async with db.transaction() as tx:
+            await tx.set_tenants({t.organization_id for t in touches})
+            started = time.perf_counter()
+            rows = await tx.budget_candidates(touches)
+            candidates_ms = (time.perf_counter() - started) * 1000
+            started = time.perf_counter()
+            alerts = await engine.evaluate(tx, touches)
+            result = ((time.perf_counter() - started) * 1000, candidates_ms, len(rows))
+            assert not alerts, "bench budgets are never crossed"
+            raise _Rollback
+    except _Rollback:
+        pass
+    return result
+
+
+def _stats(runs: list[tuple[float, float, int]], active: int) -> dict[str, Any]:
+    evaluate_ms = sorted(r[0] for r in runs)
     return {
-        "candidates": candidates,
-        "repeats": len(evaluate_ms),
+        "active": active,
+        "candidates": runs[-1][2],
+        "repeats": len(runs),
         "median_ms": round(statistics.median(evaluate_ms), 2),
-        "p95_ms": round(sorted(evaluate_ms)[min(len(evaluate_ms) - 1, int(0.95 * len(evaluate_ms)))], 2),
+        "p95_ms": round(evaluate_ms[min(len(evaluate_ms) - 1, int(0.95 * len(evaluate_ms)))], 2),
         "mean_ms": round(statistics.fmean(evaluate_ms), 2),
-        "candidate_query_median_ms": round(statistics.median(candidates_ms), 2),
+        "candidate_query_median_ms": round(statistics.median(r[1] for r in runs), 2),
     }
 
 
 async def budget_phase(
     url: str, world: w.World, totals: tuple[int, int], repeats: int, case_seconds: float
 ) -> dict[str, Any]:
-    few_total, many_total = totals
+    _, many_total = totals  # the few state is the 10 budgets on touched scopes
     touches = batch_touches(world)
     settings = Settings(database_url=url, kafka_bootstrap_servers="127.0.0.1:9")
     engine = BudgetEngine(settings)
     admin = await asyncpg.connect(url)
     db = await Database.open(url, role="cost_worker_writer", min_size=1, max_size=1)
-    cases: dict[str, Any] = {}
+    runs: dict[str, list[tuple[float, float, int]]] = {state: [] for state in STATES}
+    active: dict[str, int] = {}
     try:
-        hot = await _hot_budgets(admin, world, every_scope=False)
-        await _cold_budgets(admin, few_total - hot)
-        await admin.execute("ANALYZE")
-        cases["few"] = await _time_evaluation(db, engine, touches, repeats, case_seconds) | {
-            "active": await _active(admin)
-        }
-        await _cold_budgets(admin, many_total - await _active(admin))
-        await admin.execute("ANALYZE")
-        cases["many"] = await _time_evaluation(db, engine, touches, repeats, case_seconds) | {
-            "active": await _active(admin)
-        }
-        # Every project and user of the world gets a budget too; as many cold ones are deactivated.
-        await admin.execute("UPDATE ai_organization_budgets SET is_active = false WHERE name = 'bench-hot'")
-        await admin.execute("UPDATE ai_project_budgets SET is_active = false WHERE name = 'bench-hot'")
-        await admin.execute("UPDATE ai_budgets SET is_active = false WHERE name = 'bench-hot'")
-        added = await _hot_budgets(admin, world, every_scope=True)
-        extra = await _active(admin) - many_total
-        if extra > 0:
-            await admin.execute(
-                "UPDATE ai_budgets SET is_active = false WHERE id IN "
-                "(SELECT id FROM ai_budgets WHERE name = 'bench-cold' AND is_active ORDER BY id LIMIT $1)",
-                extra,
-            )
-        await admin.execute("ANALYZE")
-        cases["many_touched"] = await _time_evaluation(db, engine, touches, repeats, case_seconds) | {
-            "active": await _active(admin),
-            "hot_budgets": added,
-        }
+        wide = await _touched_budgets(admin, world)
+        hot = HOT_ORGS * 5
+        await _cold_budgets(admin, many_total - hot, wide)
+        # Warm-up of each state (plans, caches), not counted; a slow one (>= 1 s) is counted instead.
+        for state in STATES:
+            active[state] = await _activate(admin, state)
+            first = await _evaluate_once(db, engine, touches)
+            if first[0] >= 1_000:
+                runs[state].append(first)
+        started = time.perf_counter()
+        while len(runs["few"]) < repeats and (time.perf_counter() - started < 2 * case_seconds or not runs["few"]):
+            for state in ("few", "many"):
+                await _activate(admin, state)
+                runs[state].append(await _evaluate_once(db, engine, touches))
+        await _activate(admin, "many_touched")
+        started = time.perf_counter()
+        while len(runs["many_touched"]) < repeats and (
+            time.perf_counter() - started < case_seconds or not runs["many_touched"]
+        ):
+            runs["many_touched"].append(await _evaluate_once(db, engine, touches))
     finally:
         await db.close()
         await admin.close()
+    cases = {state: _stats(runs[state], active[state]) for state in STATES}
     few, many = cases["few"]["median_ms"], cases["many"]["median_ms"]
     return {
         "batch_events": CEILING_BATCH,
