@@ -41,11 +41,11 @@ class BenchConfig:
     budgets: tuple[int, int]
     budget_repeats: int
     growth_fraction: float = GROWTH_FRACTION
-    budget_case_seconds: float = 20.0  # a budget case stops repeating after this (at least one evaluation)
+    budget_case_seconds: float = 15.0  # a budget case stops repeating after this (at least one evaluation)
     # Time boxes (seconds after the worker process starts) that keep a run within its 15 minutes however slow
     # the worker is: (events drain, lines drain). A boxed drain reports what it stored by then.
     drain_max_seconds: tuple[float, float] = (420.0, 240.0)
-    growth_max_seconds: tuple[float, float] = (90.0, 75.0)
+    growth_max_seconds: tuple[float, float] = (75.0, 60.0)
     partitions: int = 3
     organizations: int = 20
     projects_per_org: int = 5

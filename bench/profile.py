@@ -47,14 +47,19 @@ STAGES = (  # (name, marker in a stack), first match wins
     ("statements: asyncpg (argument encoding, protocol, results)", "(asyncpg/"),
     ("pipeline Python (dedupe, attribution, pricing, columns)", "worker/pipeline.py"),
     ("aiokafka (fetch, record parsing, commit)", "(aiokafka/"),
+    ("socket reads (asyncio; asyncpg's Cython protocol parses results there)", "_read_ready__data_received"),
     ("logging (structlog)", "(structlog/"),
     ("metrics (prometheus_client)", "(prometheus_client/"),
 )
 
 
 def _short(path: str | None) -> str:
-    """``/…/site-packages/asyncpg/connection.py`` -> ``asyncpg/connection.py``."""
-    parts = Path(path or "?").parts
+    """``/.../site-packages/aiokafka/consumer/fetcher.py`` -> ``aiokafka/consumer/fetcher.py``; elsewhere the
+    file and its folder (``worker/pipeline.py``, ``asyncio/events.py``)."""
+    text = path or "?"
+    if "site-packages/" in text:
+        return text.rsplit("site-packages/", 1)[1]
+    parts = Path(text).parts
     return "/".join(parts[-2:]) if len(parts) > 1 else parts[-1]
 
 

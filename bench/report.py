@@ -204,7 +204,9 @@ def markdown(results: dict[str, Any]) -> str:
         "Per second: from the moment the worker process had joined the group and sought its partitions (its "
         "`positions_synced` log line, *Ready s* after start) to the moment the last offset of the backlog was "
         "stored in `consumer_offsets` with its data (*Done s* after start); wall: from process start. CPU: "
-        "seconds used by each process during the drain. Per-batch stages: the worker's own histograms.",
+        "seconds used by each process during the drain. Per-batch stages: the worker's own histograms "
+        "(`cost_worker_batch_duration_seconds`); *DB* is its whole transaction, Python work inside it included "
+        "(attribution, pricing, building and encoding the statements' arrays).",
         "",
     ]
     drains = [
@@ -459,7 +461,7 @@ def chart(results: dict[str, Any], path: Path) -> bool:
         ("growth", "lines", "lines, pre-filled"),
     ):
         progress = _get(results, section, kind, "progress") or []
-        end = _get(results, section, kind, "messages")
+        end = _get(results, section, kind, "backlog_messages") or _get(results, section, kind, "messages")
         if progress and end:
             ax.plot([t for t, _ in progress], [n / end * 100 for _, n in progress], label=label)
     ax.set_xlabel("seconds since the worker process started")
