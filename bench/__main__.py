@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{kind}: {path}", file=sys.stderr)
         return 1 if results.get("errors") else 0
 
-    from bench import profile as profiling  # noqa: PLC0415
+    from bench import profiling  # noqa: PLC0415
 
     return asyncio.run(profiling.main(events=args.events, lines=args.lines, out=args.out))
 

@@ -344,9 +344,10 @@ async def drain(
                 boxed = max_seconds is not None and now - started > max_seconds and stored > 0
                 if stored >= target or boxed:
                     if boxed and stored < target:
-                        target = stored  # what was stored, when it was: the first sample showing it
                         time_boxed = True
                         now = started + next(t for t, n in samples if n >= stored)
+                    # What was stored (a batch may overshoot ``stop_at``), when it was: the first sample showing it.
+                    target = min(stored, end)
                     done_at = now - started
                     worker_cpu = procs.cpu_seconds(process.pid)
                     pg_after = procs.tree_cpu(servers.postmaster_pid) if servers.postmaster_pid else None
