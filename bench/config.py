@@ -68,8 +68,11 @@ def from_scale(scale: str | float | None = None, *, phases: tuple[str, ...] = PH
     """``scale``: ``"tiny"``, ``"full"`` (= 1) or a factor applied to every full-size count."""
     raw = str(scale if scale is not None else os.environ.get("BENCH_SCALE", "1")).strip().lower()
     extra = {k: v for k, v in os.environ.items() if k.startswith("BENCH_WORKER_COST_WORKER_")}
-    worker_env = WORKER_DEFAULTS | {k.removeprefix("BENCH_WORKER_"): v for k, v in extra.items()}
+    overrides = {k.removeprefix("BENCH_WORKER_"): v for k, v in extra.items()}
+    worker_env = WORKER_DEFAULTS | overrides
     if raw == "tiny":
+        # Seconds matter more than realism here: the group join takes half the session timeout on Tansu.
+        worker_env = WORKER_DEFAULTS | {"COST_WORKER_KAFKA_SESSION_TIMEOUT": "3"} | overrides
         return BenchConfig(
             scale_label="tiny",
             events=3_000,
