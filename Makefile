@@ -9,7 +9,9 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 # tests then run on it as well as on the embedded PostgreSQL 18.
 SYSTEM_PG_URL ?= $(shell pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null && echo postgresql://postgres@127.0.0.1:5432/postgres)
 
-.PHONY: install dev test lint typecheck pytest clean
+BENCH_STAMP := $(VENV)/.bench-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+
+.PHONY: install dev test lint typecheck pytest clean bench bench-profile
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is required")'
@@ -23,6 +25,18 @@ install: $(STAMP)
 
 dev: install
 	$(BIN)/cost-worker dev
+
+# The benchmark of issue 7 (bench/README.md): BENCH_SCALE=tiny|full|<factor>, default full (~10 minutes).
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	@rm -f $(VENV)/.bench-*
+	@touch $@
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench run $(if $(BENCH_SCALE),--scale $(BENCH_SCALE))
+
+bench-profile: $(BENCH_STAMP)
+	$(BIN)/python -m bench profile
 
 lint: install
 	$(BIN)/ruff check .

@@ -1,0 +1,493 @@
+"""Results -> the issue's targets with PASS/FAIL, a Markdown report, a PNG chart, and the files on disk."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+# (key, what the issue asks, comparison, required value)
+TARGETS = (
+    ("api_events_vs_upsert", "API-usage events end to end vs the set-based upsert ceiling", ">=", 0.6),
+    ("api_events_vs_naive", "API-usage events end to end vs the naive worker", ">=", 10.0),
+    ("lines_vs_upsert", "Provider ledger lines end to end vs the set-based upsert ceiling", ">=", 0.5),
+    ("latency_p99", "p99 produce-to-committed latency at half load (ms)", "<=", 500.0),
+    ("peak_rss", "Peak RSS draining the API-usage backlog (MB)", "<=", 300.0),
+    ("growth_events", "API-usage throughput with 10M existing rows vs empty", ">=", 0.85),
+    ("growth_lines", "Ledger-line throughput with 10M existing rows vs empty", ">=", 0.85),
+    ("budgets_scaling", "Budget evaluation per batch: 10,000 vs 10 active budgets, same touched", "<=", 1.5),
+)
+SECTIONS = (
+    "Targets",
+    "Ceilings",
+    "Worker drains",
+    "Database time",
+    "Latency",
+    "Growth",
+    "Budgets",
+    "Phases",
+    "Machine",
+)
+
+
+def _get(data: dict[str, Any], *path: str) -> Any:
+    for key in path:
+        if not isinstance(data, dict) or data.get(key) is None:
+            return None
+        data = data[key]
+    return data
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
+        return round(a / b, 3)
+    return None
+
+
+def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    events = _get(results, "drain", "events", "per_second")
+    lines = _get(results, "drain", "lines", "per_second")
+    measured: dict[str, tuple[float | None, str]] = {
+        "api_events_vs_upsert": (
+            _ratio(events, _get(results, "ceilings", "database", "api_usage", "upsert", "per_second")),
+            f"{events} events/s vs {_get(results, 'ceilings', 'database', 'api_usage', 'upsert', 'per_second')} rows/s",
+        ),
+        "api_events_vs_naive": (
+            _ratio(events, _get(results, "naive", "per_second")),
+            f"{events} vs {_get(results, 'naive', 'per_second')} events/s",
+        ),
+        "lines_vs_upsert": (
+            _ratio(lines, _get(results, "ceilings", "database", "cost_data", "upsert", "per_second")),
+            f"{lines} lines/s vs {_get(results, 'ceilings', 'database', 'cost_data', 'upsert', 'per_second')} rows/s",
+        ),
+        "latency_p99": (
+            _get(results, "latency", "p99_ms"),
+            f"p50 {_get(results, 'latency', 'p50_ms')} / p99 {_get(results, 'latency', 'p99_ms')} / "
+            f"max {_get(results, 'latency', 'max_ms')} ms at {_get(results, 'latency', 'offered_per_second')}/s "
+            f"({_get(results, 'latency', 'method')})",
+        ),
+        "peak_rss": (
+            _get(results, "drain", "events", "peak_rss_mb"),
+            f"{_get(results, 'drain', 'events', 'peak_rss_mb')} MB over "
+            f"{_get(results, 'drain', 'events', 'units')} events",
+        ),
+        "growth_events": (
+            _ratio(
+                _get(results, "growth", "events", "per_second"), _get(results, "growth", "events", "empty_per_second")
+            ),
+            f"{_get(results, 'growth', 'events', 'per_second')} vs "
+            f"{_get(results, 'growth', 'events', 'empty_per_second')} events/s over the first "
+            f"{_get(results, 'growth', 'events', 'units')} events",
+        ),
+        "growth_lines": (
+            _ratio(
+                _get(results, "growth", "lines", "per_second"), _get(results, "growth", "lines", "empty_per_second")
+            ),
+            f"{_get(results, 'growth', 'lines', 'per_second')} vs "
+            f"{_get(results, 'growth', 'lines', 'empty_per_second')} lines/s over the first "
+            f"{_get(results, 'growth', 'lines', 'units')} lines",
+        ),
+        "budgets_scaling": (
+            _get(results, "budgets", "many_over_few"),
+            f"median {_get(results, 'budgets', 'cases', 'few', 'median_ms')} ms "
+            f"({_get(results, 'budgets', 'cases', 'few', 'active')} active) vs "
+            f"{_get(results, 'budgets', 'cases', 'many', 'median_ms')} ms "
+            f"({_get(results, 'budgets', 'cases', 'many', 'active')} active), "
+            f"{_get(results, 'budgets', 'cases', 'many', 'candidates')} touched; "
+            f"{_get(results, 'budgets', 'cases', 'many_touched', 'median_ms')} ms with "
+            f"{_get(results, 'budgets', 'cases', 'many_touched', 'candidates')} touched",
+        ),
+    }
+    rows = []
+    for key, what, op, required in TARGETS:
+        value, detail = measured[key]
+        if value is None:
+            status = "N/A"
+        elif op == ">=":
+            status = "PASS" if value >= required else "FAIL"
+        else:
+            status = "PASS" if value <= required else "FAIL"
+        rows.append(
+            {
+                "key": key,
+                "target": what,
+                "required": f"{op} {required:g}",
+                "value": value,
+                "detail": detail,
+                "status": status,
+            }
+        )
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ Markdown
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.1f}" if abs(value) >= 100 else f"{value:,.3g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(_fmt(cell) for cell in row) + " |" for row in rows]
+    return lines
+
+
+def markdown(results: dict[str, Any]) -> str:
+    cfg = results.get("config", {})
+    out = [
+        f"# cost-worker benchmark, {results.get('started_at')}",
+        "",
+        f"Scale **{cfg.get('scale_label')}**: {_fmt(cfg.get('events'))} API-usage events, "
+        f"{_fmt(cfg.get('lines'))}+ ledger lines, {_fmt(cfg.get('prefill'))} pre-filled rows per table, "
+        f"{_fmt(cfg.get('partitions'))} partitions per topic. Whole run: {_fmt(results.get('total_seconds'))} s. "
+        f"Load average at start / end: {_get(results, 'machine', 'load_average_start')} / "
+        f"{_get(results, 'machine', 'load_average_end')} (other work on the machine distorts timings).",
+        "",
+    ]
+    if cfg.get("scale_label") != "full":
+        out += ["> Not the full size of issue 7: ratios are indicative only.", ""]
+    if results.get("errors"):
+        out += ["**Errors:** " + "; ".join(f"{k}: {v}" for k, v in results["errors"].items()), ""]
+
+    out += ["## Targets", ""]
+    out += _table(
+        ["Target (issue 7)", "Required", "Measured", "Detail", "Result"],
+        [
+            [t["target"], t["required"], t["value"], t["detail"], f"**{t['status']}**"]
+            for t in results.get("targets", [])
+        ],
+    )
+
+    out += ["", "## Ceilings", ""]
+    ceilings = results.get("ceilings", {})
+    rows: list[list[Any]] = [
+        ["aiokafka consume-only (raw bytes, the events topic)", _get(ceilings, "consume", "per_second"), "records"],
+        [
+            "Worker decode_batch, API-usage events (one core)",
+            _get(ceilings, "decode", "api_usage_events", "per_second"),
+            "events",
+        ],
+        [
+            "Worker decode_batch, provider envelopes (one core)",
+            _get(ceilings, "decode", "provider_lines", "per_second"),
+            "lines",
+        ],
+    ]
+    for table in ("api_usage", "cost_data"):
+        rows.append(
+            [
+                f"COPY into {table} (5,000-row chunks, superuser)",
+                _get(ceilings, "database", table, "copy", "per_second"),
+                "rows",
+            ]
+        )
+        rows.append(
+            [
+                f"INSERT … SELECT unnest … ON CONFLICT DO NOTHING into {table} (5,000-row batches, writer role)",
+                _get(ceilings, "database", table, "upsert", "per_second"),
+                "rows",
+            ]
+        )
+    rows.append(["Naive worker: one upsert + one commit per event", _get(results, "naive", "per_second"), "events"])
+    out += _table(["Ceiling", "Per second", "Unit"], rows)
+
+    out += ["", "## Worker drains", ""]
+    out += [
+        "Per second: from the moment the worker process had joined the group and sought its partitions (its "
+        "`positions_synced` log line, *Ready s* after start) to the moment the last offset of the backlog was "
+        "stored in `consumer_offsets` with its data (*Done s* after start); wall: from process start. CPU: "
+        "seconds used by each process during the drain. Per-batch stages: the worker's own histograms "
+        "(`cost_worker_batch_duration_seconds`); *DB* is its whole transaction, Python work inside it included "
+        "(attribution, pricing, building and encoding the statements' arrays).",
+        "",
+    ]
+    drains = [
+        ("drain", "events", "empty tables"),
+        ("drain", "lines", "empty tables"),
+        ("growth", "events", "pre-filled"),
+        ("growth", "lines", "pre-filled"),
+    ]
+    rows = []
+    for section, kind, state in drains:
+        d = _get(results, section, kind)
+        if not d:
+            continue
+        m = d.get("worker_metrics") or {}
+        stages = m.get("batch_stage_seconds", {})
+        cpu = d.get("cpu_seconds", {})
+        rows.append(
+            [
+                f"{d['unit']} ({state})" + (" **time-boxed**" if d.get("time_boxed") else ""),
+                d["units"],
+                d.get("per_second"),
+                d.get("ready_seconds"),
+                d.get("done_seconds"),
+                d.get("wall_per_second"),
+                d.get("peak_rss_mb"),
+                cpu.get("worker"),
+                cpu.get("postgres"),
+                cpu.get("broker"),
+                m.get("batches"),
+                m.get("mean_batch_messages"),
+                _get(stages, "decode", "mean_ms"),
+                _get(stages, "database", "mean_ms"),
+                _get(stages, "kafka_commit", "mean_ms"),
+                _get(stages, "total", "mean_ms"),
+            ]
+        )
+    out += _table(
+        [
+            "Drain",
+            "Units",
+            "Per second",
+            "Ready s",
+            "Done s",
+            "Per second (wall)",
+            "Peak RSS MB",
+            "Worker CPU s",
+            "PostgreSQL CPU s",
+            "Broker CPU s",
+            "Batches",
+            "Msgs/batch",
+            "Decode ms/batch",
+            "DB ms/batch",
+            "Kafka commit ms/batch",
+            "Total ms/batch",
+        ],
+        rows,
+    )
+
+    out += ["", "## Database time", ""]
+    out += ["Top statements by total execution time during each drain (pg_stat_statements).", ""]
+    for section, kind, state in drains:
+        d = _get(results, section, kind)
+        if not d or not d.get("statements"):
+            continue
+        out += [f"**{d['unit']} ({state})**", ""]
+        out += _table(
+            ["Statement", "Calls", "Total ms", "Mean ms", "Rows", "Blocks hit", "Blocks read", "WAL MB"],
+            [
+                [
+                    s["statement"],
+                    s["calls"],
+                    s["total_ms"],
+                    s["mean_ms"],
+                    s["rows"],
+                    s["blocks_hit"],
+                    s["blocks_read"],
+                    s["wal_mb"],
+                ]
+                for s in d["statements"][:6]
+            ],
+        )
+        out += [""]
+
+    out += ["## Latency", ""]
+    lat = results.get("latency") or {}
+    if lat:
+        out += [
+            f"Steady offered load {_fmt(lat.get('offered_per_second'))}/s (half the measured API-usage throughput) "
+            f"for {_fmt(lat.get('duration_seconds'))} s; produce time = just before `send()`, committed = "
+            f"commit of the event's database transaction. Method: `{lat.get('method')}`.",
+            "",
+        ]
+        out += _table(
+            ["Method", "Events", "p50 ms", "p90 ms", "p99 ms", "Max ms", "Mean ms"],
+            [
+                [
+                    name,
+                    m.get("count"),
+                    m.get("p50_ms"),
+                    m.get("p90_ms"),
+                    m.get("p99_ms"),
+                    m.get("max_ms"),
+                    m.get("mean_ms"),
+                ]
+                for name, m in lat.get("methods", {}).items()
+            ]
+            + [
+                [
+                    "broker only (produce -> consumer, no database)",
+                    f.get("count"),
+                    f.get("p50_ms"),
+                    f.get("p90_ms"),
+                    f.get("p99_ms"),
+                    f.get("max_ms"),
+                    f.get("mean_ms"),
+                ]
+                for f in [lat.get("broker_floor") or {}]
+                if f.get("count")
+            ],
+        )
+    out += ["", "## Growth", ""]
+    growth = results.get("growth") or {}
+    if growth:
+        prefill = growth.get("prefill", {})
+        out += [
+            f"`cost_data` and `api_usage` pre-filled with {_fmt(_get(prefill, 'api_usage', 'rows'))} and "
+            f"{_fmt(_get(prefill, 'cost_data', 'rows'))} rows over {_fmt(prefill.get('organizations'))} organizations "
+            f"({_fmt(prefill.get('seconds'))} s), then the same backlogs drained again into them, each up to "
+            f"{_fmt(_get(growth, 'events', 'fraction'))} of its messages (or a time box), and compared with the "
+            "empty-table drains' rate over the same first messages.",
+            "",
+        ]
+        out += _table(
+            ["Stream", "Units", "Empty per second", "Pre-filled per second", "Ratio"],
+            [
+                [
+                    kind,
+                    _get(growth, kind, "units"),
+                    _get(growth, kind, "empty_per_second"),
+                    _get(growth, kind, "per_second"),
+                    _ratio(_get(growth, kind, "per_second"), _get(growth, kind, "empty_per_second")),
+                ]
+                for kind in ("events", "lines")
+            ],
+        )
+    out += ["", "## Budgets", ""]
+    budgets = results.get("budgets") or {}
+    if budgets:
+        out += [
+            f"`BudgetEngine.evaluate` for one batch of {_fmt(budgets.get('batch_events'))} events "
+            f"({_fmt(budgets.get('touched_scopes'))} touched scopes), rolled back each time.",
+            "",
+        ]
+        out += _table(
+            ["Case", "Active budgets", "Touched (candidates)", "Median ms", "p95 ms", "Candidate query ms"],
+            [
+                [
+                    name,
+                    c.get("active"),
+                    c.get("candidates"),
+                    c.get("median_ms"),
+                    c.get("p95_ms"),
+                    c.get("candidate_query_median_ms"),
+                ]
+                for name, c in budgets.get("cases", {}).items()
+            ],
+        )
+    out += ["", "## Phases", ""]
+    out += _table(["Phase", "Seconds"], [[k, v] for k, v in results.get("phase_seconds", {}).items()])
+    out += ["", "## Machine", ""]
+    machine = results.get("machine", {})
+    pg = results.get("postgres", {})
+    out += _table(
+        ["What", "Value"],
+        [
+            ["CPU", f"{machine.get('cpu_model')} ({machine.get('cores')} cores)"],
+            ["Memory", f"{machine.get('memory_gib')} GiB"],
+            ["OS", machine.get("os")],
+            ["Python", machine.get("python")],
+            ["PostgreSQL", f"{pg.get('server_version')} ({'embedded' if pg.get('embedded') else 'configured'})"],
+            [
+                "PostgreSQL settings",
+                ", ".join(f"{k}={v}" for k, v in pg.items() if k not in ("server_version", "embedded")),
+            ],
+            ["Broker", f"{machine.get('tansu') or 'configured'}"],
+            ["Packages", ", ".join(f"{k} {v}" for k, v in machine.get("packages", {}).items())],
+        ],
+    )
+    return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ chart
+
+
+def chart(results: dict[str, Any], path: Path) -> bool:
+    """Throughput bars, the latency distribution and the drains' progress, as one PNG. False without
+    matplotlib (the ``bench`` extra)."""
+    try:
+        import matplotlib  # noqa: PLC0415
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
+    bars = [
+        ("consume-only", _get(results, "ceilings", "consume", "per_second")),
+        ("COPY api_usage", _get(results, "ceilings", "database", "api_usage", "copy", "per_second")),
+        ("upsert api_usage", _get(results, "ceilings", "database", "api_usage", "upsert", "per_second")),
+        ("COPY cost_data", _get(results, "ceilings", "database", "cost_data", "copy", "per_second")),
+        ("upsert cost_data", _get(results, "ceilings", "database", "cost_data", "upsert", "per_second")),
+        ("naive worker", _get(results, "naive", "per_second")),
+        ("worker: events", _get(results, "drain", "events", "per_second")),
+        ("worker: lines", _get(results, "drain", "lines", "per_second")),
+        ("worker: events, pre-filled", _get(results, "growth", "events", "per_second")),
+        ("worker: lines, pre-filled", _get(results, "growth", "lines", "per_second")),
+    ]
+    bars = [(name, value) for name, value in bars if value]
+    ax = axes[0]
+    colors = ["#4c72b0" if not name.startswith(("worker", "naive")) else "#dd8452" for name, _ in bars]
+    ax.barh([n for n, _ in bars], [v for _, v in bars], color=colors)
+    ax.set_xscale("log")
+    ax.invert_yaxis()
+    ax.set_xlabel("per second (log)")
+    ax.set_title("Throughput: ceilings (blue) and workers (orange)")
+    for i, (_, value) in enumerate(bars):
+        ax.text(value, i, f" {value:,.0f}", va="center", fontsize=8)
+
+    ax = axes[1]
+    hist = _get(results, "latency", "histogram_ms") or []
+    if hist:
+        edges = [e for e, _ in hist]
+        lefts = [edges[0] / (edges[1] / edges[0]), *edges[:-1]] if len(edges) > 1 else [0.0]
+        widths = [right - left for left, right in zip(lefts, edges, strict=True)]
+        ax.bar(lefts, [c for _, c in hist], width=widths, align="edge")
+        ax.set_xscale("log")
+        for key, style in (("p50_ms", "--"), ("p99_ms", "-")):
+            value = _get(results, "latency", key)
+            if value:
+                ax.axvline(value, color="red", linestyle=style, label=f"{key[:-3]} {value:.0f} ms")
+        ax.axvline(500, color="black", linestyle=":", label="target p99 500 ms")
+        ax.legend()
+    ax.set_xlabel("produce -> committed (ms, log)")
+    ax.set_ylabel("events")
+    ax.set_title(f"Latency at {_get(results, 'latency', 'offered_per_second') or '?'} events/s offered")
+
+    ax = axes[2]
+    for section, kind, label in (
+        ("drain", "events", "events"),
+        ("drain", "lines", "lines"),
+        ("growth", "events", "events, pre-filled"),
+        ("growth", "lines", "lines, pre-filled"),
+    ):
+        progress = _get(results, section, kind, "progress") or []
+        end = _get(results, section, kind, "backlog_messages") or _get(results, section, kind, "messages")
+        if progress and end:
+            ax.plot([t for t, _ in progress], [n / end * 100 for _, n in progress], label=label)
+    ax.set_xlabel("seconds since the worker process started")
+    ax.set_ylabel("% of the backlog's offsets stored")
+    ax.set_title("Drains")
+    ax.legend()
+    fig.suptitle(f"cost-worker benchmark {results.get('started_at')} (scale {_get(results, 'config', 'scale_label')})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def write(results: dict[str, Any], out_dir: Path, stamp: str) -> dict[str, str]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results["targets"] = evaluate_targets(results)
+    paths = {"json": out_dir / f"{stamp}.json", "markdown": out_dir / f"{stamp}.md", "chart": out_dir / f"{stamp}.png"}
+    results["files"] = {k: p.name for k, p in paths.items()}
+    if not chart(results, paths["chart"]):
+        results["files"].pop("chart")
+    paths["markdown"].write_text(markdown(results), encoding="utf-8")
+    paths["json"].write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    written = {}
+    for kind, path in paths.items():
+        if path.exists():
+            latest = out_dir / f"latest{path.suffix}"
+            shutil.copyfile(path, latest)
+            written[kind] = str(path)
+    return written
