@@ -25,6 +25,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    PlainValidator,
     Strict,
     WithJsonSchema,
     model_validator,
@@ -75,7 +76,6 @@ Unit = Annotated[str, Strict(), Field(max_length=32, pattern=_NO_NUL)]  # cost_d
 # Token counts and other tallies: JSON integers only (no strings, no 1.0), never negative.
 Count = Annotated[int, Strict(), Field(ge=0, lt=MAX_TOKENS)]
 
-_DECIMAL = {"allow_inf_nan": False, "decimal_places": MAX_DECIMAL_PLACES}
 _NUMBER_SCHEMA = WithJsonSchema({"anyOf": [{"type": "number"}, {"type": "string", "pattern": r"^-?\d+(\.\d+)?$"}]})
 _AS_STR = PlainSerializer(str, return_type=str)
 
@@ -85,36 +85,46 @@ _AS_STR = PlainSerializer(str, return_type=str)
 _DECIMAL_STRING = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
-def _plain_decimal(value: Any) -> Any:
-    if isinstance(value, str) and not _DECIMAL_STRING.fullmatch(value):
-        raise _fail(Reason.INVALID_NUMBER, "not a plain decimal number")
-    return value
+def _decimal_validator(lower: Decimal, upper: Decimal, *, lower_inclusive: bool) -> Any:
+    """One validator for money: a single Python call per value on the hot path (pydantic's own Decimal
+    constraints check decimal places in Python, and chained validators are a call each)."""
 
+    def validate(value: Any) -> Decimal:
+        if isinstance(value, Decimal):
+            number = value
+        elif isinstance(value, int) and not isinstance(value, bool):
+            number = Decimal(value)
+        elif isinstance(value, str):
+            if not _DECIMAL_STRING.fullmatch(value):
+                raise _fail(Reason.INVALID_NUMBER, "not a plain decimal number")
+            number = Decimal(value)
+        else:
+            raise PydanticCustomError("decimal_type", "a number or a decimal string is required")
+        if not number.is_finite():
+            raise _fail(Reason.INVALID_NUMBER, "not a finite number: {value}", value=str(number))
+        exponent = number.as_tuple().exponent
+        assert isinstance(exponent, int)
+        if exponent < -MAX_DECIMAL_PLACES:
+            raise _fail(Reason.INVALID_AMOUNT, "more than {places} decimal places", places=MAX_DECIMAL_PLACES)
+        if number < lower or (number == lower and not lower_inclusive):
+            raise _fail(Reason.INVALID_AMOUNT, "below the allowed range: {value}", value=str(number)[:60])
+        if number >= upper:
+            raise _fail(Reason.INVALID_NUMBER, "absurd magnitude: {value}", value=str(number)[:60])
+        if number.is_zero() and number.is_signed():
+            raise _fail(Reason.INVALID_NUMBER, "negative zero (money computed in floats?)")
+        return number
 
-def _no_negative_zero(value: Decimal) -> Decimal:
-    if value.is_zero() and value.is_signed():
-        raise _fail(Reason.INVALID_NUMBER, "negative zero (money computed in floats?)")
-    return value
+    return PlainValidator(validate)
 
 
 # A signed amount of money (provider credits can be negative). Numbers arrive as exact Decimals: the JSON
 # parser never goes through float.
-Money = Annotated[
-    Decimal,
-    BeforeValidator(_plain_decimal),
-    Field(gt=-MAX_AMOUNT, lt=MAX_AMOUNT, **_DECIMAL),
-    AfterValidator(_no_negative_zero),
-    _NUMBER_SCHEMA,
-    _AS_STR,
-]
-# Money that cannot be negative (a request's estimated cost).
-Cost = Annotated[
-    Decimal,
-    BeforeValidator(_plain_decimal),
-    Field(ge=0, lt=MAX_AMOUNT, **_DECIMAL),
-    AfterValidator(_no_negative_zero),
-    _NUMBER_SCHEMA,
-    _AS_STR,
+Money = Annotated[Decimal, _decimal_validator(-MAX_AMOUNT, MAX_AMOUNT, lower_inclusive=False), _NUMBER_SCHEMA, _AS_STR]
+# Money that cannot be negative (a provider quantity).
+Cost = Annotated[Decimal, _decimal_validator(Decimal(0), MAX_AMOUNT, lower_inclusive=True), _NUMBER_SCHEMA, _AS_STR]
+# One API request's estimated cost (api_usage.cost_usd's CHECK).
+RequestCost = Annotated[
+    Decimal, _decimal_validator(Decimal(0), MAX_REQUEST_COST, lower_inclusive=True), _NUMBER_SCHEMA, _AS_STR
 ]
 
 
@@ -181,7 +191,7 @@ class TokenUsage(_Model):
     completion_tokens: Count = 0
     total_tokens: Count = 0
     model: Name | None = None
-    cost_usd: Annotated[Cost, Field(lt=MAX_REQUEST_COST)] | None = None
+    cost_usd: RequestCost | None = None
 
 
 class ApiUsageEvent(_Model):
@@ -193,10 +203,7 @@ class ApiUsageEvent(_Model):
     project_id: UUID | None = None
     user_id: UUID | None = None
     endpoint: RequiredName
-    method: Annotated[
-        Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
-        BeforeValidator(lambda v: v.upper() if isinstance(v, str) else v),
-    ]
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]  # case-sensitive (RFC 9110)
     status_code: Annotated[int, Strict(), Field(ge=100, le=599)]
     response_time_ms: Annotated[Count, Field(le=86_400_000)] | None = None
     token_usage: TokenUsage | None = None

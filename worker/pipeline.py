@@ -84,7 +84,8 @@ class BudgetEvaluator(Protocol):
 
 @dataclass
 class Batch:
-    events: list[ApiEvent] = field(default_factory=list)
+    events: list[ApiEvent] = field(default_factory=list)  # one per (organization, event_id), in key order
+    duplicates: list[ApiEvent] = field(default_factory=list)  # identical re-deliveries within the batch
     messages: list[ProviderMessage] = field(default_factory=list)
     quarantined: list[Quarantined] = field(default_factory=list)
     last_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
@@ -95,17 +96,24 @@ class Batch:
 
     def without(self, partitions: set[tuple[str, int]]) -> Batch:
         """This batch minus the messages of some partitions (revoked while the batch was prepared)."""
-        items: list[ApiEvent | ProviderMessage | Quarantined] = [*self.events, *self.messages, *self.quarantined]
-        keep = [item for item in items if (item.source.topic, item.source.partition) not in partitions]
-        rest = Batch(last_offsets={tp: o for tp, o in self.last_offsets.items() if tp not in partitions})
-        for item in keep:
-            rest.sizes[item.source.topic] += 1
-            if isinstance(item, ApiEvent):
-                rest.events.append(item)
-            elif isinstance(item, ProviderMessage):
-                rest.messages.append(item)
-            else:
-                rest.quarantined.append(item)
+
+        def kept(item: ApiEvent | ProviderMessage | Quarantined) -> bool:
+            return (item.source.topic, item.source.partition) not in partitions
+
+        rest = Batch(
+            events=[e for e in self.events if kept(e)],
+            duplicates=[e for e in self.duplicates if kept(e)],
+            messages=[m for m in self.messages if kept(m)],
+            quarantined=[q for q in self.quarantined if kept(q)],
+            last_offsets={tp: o for tp, o in self.last_offsets.items() if tp not in partitions},
+        )
+        items: list[ApiEvent | ProviderMessage | Quarantined] = [
+            *rest.events,
+            *rest.duplicates,
+            *rest.messages,
+            *rest.quarantined,
+        ]
+        rest.sizes.update(item.source.topic for item in items)
         return rest
 
 
@@ -152,7 +160,28 @@ def decode_batch(records: Iterable[KafkaRecord], settings: Settings) -> Batch:
             batch.messages.append(decoded)
         else:
             batch.quarantined.append(decoded)
+    _dedupe_events(batch)
     return batch
+
+
+def _dedupe_events(batch: Batch) -> None:
+    """First delivery of an event id wins within the batch; an identical repeat is a duplicate, a different
+    one is quarantined. Leaves the events in key order (the order rows are locked in, across workers).
+
+    Pure, so it runs while the previous batch is in the database. Keys hash ``UUID.int``: hashing a UUID
+    object runs Python code, hashing its int does not.
+    """
+    unique: dict[tuple[int, str], ApiEvent] = {}
+    for event in batch.events:
+        key = (event.organization_id.int, event.event_id)
+        first = unique.get(key)
+        if first is None:
+            unique[key] = event
+        elif first.content() == event.content():
+            batch.duplicates.append(event)
+        else:
+            batch.quarantined.append(_conflict(event, first.source))
+    batch.events = sorted(unique.values(), key=lambda e: (e.organization_id.int, e.event_id))
 
 
 # ---------------------------------------------------------------------------------------- attribution
@@ -295,6 +324,8 @@ class Pipeline:
         touched: list[Touch] = []
 
         best: dict[int, str] = {}
+        for duplicate in batch.duplicates:
+            outcome.messages[(duplicate.source.topic, DUPLICATE)] += 1
         events = await self._checked_events(tx, batch.events, quarantine, outcome)
         rows = await self._ledger_rows(tx, batch.messages, quarantine, outcome, best)
 
@@ -330,26 +361,13 @@ class Pipeline:
     async def _checked_events(
         self, tx: Tx, events: list[ApiEvent], quarantine: list[Quarantined], outcome: Outcome
     ) -> list[ApiEvent]:
-        """In-batch dedupe (first delivery wins), then reference checks against the platform tables.
-
-        Keys use ``UUID.int``: hashing a UUID object runs Python code, hashing its int does not.
-        """
-        unique: dict[tuple[int, str], ApiEvent] = {}
-        for event in events:
-            key = (event.organization_id.int, event.event_id)
-            first = unique.get(key)
-            if first is None:
-                unique[key] = event
-            elif first.content() == event.content():
-                outcome.messages[(event.source.topic, DUPLICATE)] += 1
-            else:
-                quarantine.append(_conflict(event, first.source))
-        if not unique:
+        """Reference checks against the platform tables (the batch is already deduplicated and in key order)."""
+        if not events:
             return []
         organizations: dict[int, UUID] = {}
         projects: dict[int, UUID] = {}
         users: dict[int, UUID] = {}
-        for event in unique.values():
+        for event in events:
             organizations[event.organization_id.int] = event.organization_id
             if event.project_id is not None:
                 projects[event.project_id.int] = event.project_id
@@ -360,7 +378,7 @@ class Pipeline:
         )
         known = {(row["kind"], row["id"].int): row["organization_id"] for row in rows}
         checked = []
-        for event in unique.values():
+        for event in events:
             problem = None
             if ("organization", event.organization_id.int) not in known:
                 problem = Reason.UNKNOWN_ORGANIZATION, f"organization {event.organization_id} does not exist"
@@ -372,7 +390,6 @@ class Pipeline:
                 checked.append(event)
             else:
                 quarantine.append(Quarantined(event.source, event.payload, *problem, event.organization_id))
-        checked.sort(key=lambda e: (e.organization_id.int, e.event_id))
         return checked
 
     async def _insert_events(
