@@ -25,13 +25,14 @@ from worker.config import Settings
 from worker.errors import StaleOffsets, TransientError
 from worker.faults import NO_FAULTS, Faults
 from worker.http import Health
-from worker.pipeline import Batch, Outcome, Pipeline, decode_batch
+from worker.pipeline import Batch, Outcome, Pipeline, decode_into, finish_batch
 from worker.store import Database
 
 log = structlog.get_logger("worker.consumer")
 
 REVOKE_WAIT = 10.0  # seconds a revocation waits for the in-flight batch to commit before letting go
 KAFKA_COMMIT_TIMEOUT = 5.0  # seconds; the Kafka commit is informational and must never stall the loop
+DECODE_SLICE = 250  # records decoded between two yields to the event loop (~4 ms of CPU)
 GROUP_SETTLE_FACTOR = 1.5  # x session timeout an assignment must have lasted before the worker calls itself idle
 
 TP = tuple[str, int]
@@ -123,7 +124,13 @@ class Consumer:
                     continue
                 self.last_record = time.monotonic()
                 started = time.perf_counter()
-                batch = decode_batch(records, self.settings)
+                batch = Batch()
+                for first in range(0, len(records), DECODE_SLICE):
+                    decode_into(batch, records[first : first + DECODE_SLICE], self.settings)
+                    # Let the batch in flight take its next step now, not after the whole decode: its
+                    # round trips (lookups, COPY, the statement itself) then overlap with our CPU work.
+                    await asyncio.sleep(0)
+                finish_batch(batch)
                 metrics.BATCH_DURATION.labels(stage="decode").observe(time.perf_counter() - started)
                 if in_flight is not None:
                     await in_flight
