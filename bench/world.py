@@ -447,7 +447,7 @@ INSERT INTO cost_data (organization_id, project_id, provider, ai_organization_id
                        collected_at, source_partition, source_offset, created_at, updated_at)
 SELECT p.organization_id, p.id, p.ai_provider, p.ai_organization_id, p.ai_project_id, i.version::cost_api_version,
        s.start, s.start + interval '1 hour', i.item, 'USD', ((h * 7919) % 100000) / 1000.0,
-       CASE WHEN i.version = 'usage_v1' THEN (h * 104729) % 5000000 END,
+       CASE WHEN i.version = 'usage_v1' THEN (h::bigint * 104729) % 5000000 END,
        CASE WHEN i.version = 'usage_v1' THEN 'tokens' END, '{}'::jsonb,
        s.start + interval '6 hours', 0, h, s.start + interval '6 hours', s.start + interval '6 hours'
 FROM (SELECT * FROM projects WHERE ai_provider IS NOT NULL AND organization_id = ANY($3::uuid[]) ORDER BY id) p

@@ -401,7 +401,7 @@ class Pipeline:
     async def _insert_events(
         self, tx: Tx, events: list[ApiEvent], quarantine: list[Quarantined], outcome: Outcome
     ) -> list[Touch]:
-        result = await tx.insert_api_usage([event[:API_USAGE_COLUMNS] for event in events])
+        result = await tx.insert_api_usage(list(zip(*events, strict=True))[:API_USAGE_COLUMNS])
         touched = []
         inserted = 0
         conflicts = []
@@ -508,7 +508,7 @@ class Pipeline:
         """Upsert the rows; record each line's outcome and, per message, the best outcome of its lines."""
         written = {
             record["ord"]: (record["result"], record["kept_revision"])
-            for record in await tx.upsert_cost_data(_ledger_rows_for_copy(rows))
+            for record in await tx.upsert_cost_data(_ledger_columns(rows))
         }
         touched = []
         for ord_, row in enumerate(rows, start=1):
@@ -540,30 +540,25 @@ def _conflict(event: ApiEvent, first: Source) -> Quarantined:
     )
 
 
-def _ledger_rows_for_copy(rows: list[_Row]) -> list[tuple[Any, ...]]:
-    """Rows in store.BATCH_COST_DATA_COLUMNS order; ``ord`` (1-based) is the key order of the batch."""
+def _ledger_columns(rows: list[_Row]) -> list[list[Any]]:
     return [
-        (
-            r.key[0],
-            r.key[1],
-            r.line.provider,
-            r.line.ai_organization_id,
-            r.line.ai_project_id,
-            r.line.api_version,
-            r.line.bucket_start,
-            r.line.bucket_end,
-            r.line.line_item,
-            r.line.currency,
-            r.line.amount,
-            r.line.quantity,
-            r.line.unit,
-            json.dumps(r.line.metadata, sort_keys=True, default=str),
-            r.collected_at,
-            r.source.partition,
-            r.source.offset,
-            ordinal,
-        )
-        for ordinal, r in enumerate(rows, start=1)
+        [r.key[0] for r in rows],
+        [r.key[1] for r in rows],
+        [r.line.provider for r in rows],
+        [r.line.ai_organization_id for r in rows],
+        [r.line.ai_project_id for r in rows],
+        [r.line.api_version for r in rows],
+        [r.line.bucket_start for r in rows],
+        [r.line.bucket_end for r in rows],
+        [r.line.line_item for r in rows],
+        [r.line.currency for r in rows],
+        [r.line.amount for r in rows],
+        [r.line.quantity for r in rows],
+        [r.line.unit for r in rows],
+        [json.dumps(r.line.metadata, sort_keys=True, default=str) for r in rows],
+        [r.collected_at for r in rows],
+        [r.source.partition for r in rows],
+        [r.source.offset for r in rows],
     ]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -95,11 +95,6 @@ async def connect(
     )
 
 
-async def _prepare_connection(conn: asyncpg.Connection) -> None:
-    """Every pooled connection gets its batch staging tables once (they live as long as the session)."""
-    await conn.execute(query("batch_tables"))
-
-
 class Database:
     """A connection pool and the statements the worker runs through it."""
 
@@ -120,7 +115,6 @@ class Database:
     ) -> Database:
         pool = await asyncpg.create_pool(
             dsn,
-            init=_prepare_connection,
             min_size=min_size,
             max_size=max_size,
             timeout=connect_timeout,
@@ -247,44 +241,6 @@ async def apply_migration(conn: asyncpg.Connection, version: int, name: str, sql
 # ============================================================================================ batches
 
 DRIVER_ERRORS = (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError)
-BATCH_API_USAGE_COLUMNS = (
-    "organization_id",
-    "event_id",
-    "project_id",
-    "user_id",
-    "endpoint",
-    "method",
-    "status_code",
-    "response_time_ms",
-    "occurred_at",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "model",
-    "cost_usd",
-    "source_partition",
-    "source_offset",
-)
-BATCH_COST_DATA_COLUMNS = (
-    "organization_id",
-    "project_id",
-    "provider",
-    "ai_organization_id",
-    "ai_project_id",
-    "api_version",
-    "bucket_start_time",
-    "bucket_end_time",
-    "line_item",
-    "currency",
-    "amount",
-    "quantity",
-    "unit",
-    "metadata",
-    "collected_at",
-    "source_partition",
-    "source_offset",
-    "ord",
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,15 +289,11 @@ class Tx:
         pairs = sorted(keys)
         return await self.conn.fetch(query("lookup_prices"), [p[0] for p in pairs], [p[1] for p in pairs])
 
-    async def upsert_cost_data(self, rows: Iterable[Sequence[Any]]) -> list[asyncpg.Record]:
-        """Rows in ``BATCH_COST_DATA_COLUMNS`` order, ``ord`` last (the key order)."""
-        await self.conn.copy_records_to_table("batch_cost_data", records=rows, columns=BATCH_COST_DATA_COLUMNS)
-        return await self.conn.fetch(query("upsert_cost_data"))
+    async def upsert_cost_data(self, columns: Sequence[Sequence[Any]]) -> list[asyncpg.Record]:
+        return await self.conn.fetch(query("upsert_cost_data"), *columns)
 
-    async def insert_api_usage(self, rows: Iterable[Sequence[Any]]) -> list[asyncpg.Record]:
-        """Rows in ``BATCH_API_USAGE_COLUMNS`` order."""
-        await self.conn.copy_records_to_table("batch_api_usage", records=rows, columns=BATCH_API_USAGE_COLUMNS)
-        return await self.conn.fetch(query("insert_api_usage"))
+    async def insert_api_usage(self, columns: Sequence[Sequence[Any]]) -> list[asyncpg.Record]:
+        return await self.conn.fetch(query("insert_api_usage"), *columns)
 
     async def insert_quarantine(
         self, columns: Sequence[Sequence[Any]], *, dead_letter_topic: str, max_bytes: int

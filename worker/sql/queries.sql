@@ -69,25 +69,6 @@ created AS (
 )
 SELECT (SELECT count(*) FROM advanced) + (SELECT count(*) FROM created);
 
--- ============================================================================================ batch tables
-
--- name: batch_tables
--- Per-connection staging tables for a batch's rows: binary COPY fills them (half the client CPU of
--- encoding arrays for unnest), the set-based statements read them, and every commit or rollback empties
--- them. Temporary tables need the database's TEMP right, which PUBLIC has by default.
-CREATE TEMP TABLE IF NOT EXISTS batch_api_usage (
-    organization_id uuid, event_id text, project_id uuid, user_id uuid, endpoint text, method text,
-    status_code smallint, response_time_ms integer, occurred_at timestamptz, prompt_tokens bigint,
-    completion_tokens bigint, total_tokens bigint, model text, cost_usd numeric, source_partition integer,
-    source_offset bigint
-) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE IF NOT EXISTS batch_cost_data (
-    organization_id uuid, project_id uuid, provider text, ai_organization_id text, ai_project_id text,
-    api_version cost_api_version, bucket_start_time timestamptz, bucket_end_time timestamptz, line_item text,
-    currency text, amount numeric, quantity numeric, unit text, metadata jsonb, collected_at timestamptz,
-    source_partition integer, source_offset bigint, ord bigint
-) ON COMMIT DELETE ROWS;
-
 -- ============================================================================================ tenancy
 
 -- name: set_tenants
@@ -120,13 +101,22 @@ WHERE (provider, model) IN (SELECT * FROM unnest($1::text[], $2::text[]));
 -- ============================================================================================ ledger
 
 -- name: upsert_cost_data
--- Set-based upsert of the ledger rows COPY put into batch_cost_data (already one row per key; `ord` is the
--- key order, which concurrent writers lock rows in). A newer revision (collected_at) replaces the row; an older or equal one changes
+-- Set-based upsert of ledger rows (already one row per key, ordered by key so concurrent writers lock
+-- rows in the same order). A newer revision (collected_at) replaces the row; an older or equal one changes
 -- nothing. Returns, per input row (ord): written = 'inserted' | 'updated' | NULL (not written), and for
 -- rows not written, the revision that stayed (a primary-key-like probe each; LIMIT 1 keeps the planner from
 -- scanning the tenants' rows instead, which it cannot count under row-level security).
 WITH input AS (
-    SELECT * FROM batch_cost_data  -- filled by COPY in the same transaction (see batch_tables)
+    SELECT *
+    FROM unnest(
+        $1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::cost_api_version[],
+        $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[], $11::numeric[], $12::numeric[],
+        $13::text[], $14::text[], $15::timestamptz[], $16::int[], $17::bigint[]
+    ) WITH ORDINALITY AS t(
+        organization_id, project_id, provider, ai_organization_id, ai_project_id, api_version,
+        bucket_start_time, bucket_end_time, line_item, currency, amount, quantity,
+        unit, metadata, collected_at, source_partition, source_offset, ord
+    )
 ),
 written AS (
     INSERT INTO cost_data AS c (
@@ -190,7 +180,7 @@ LEFT JOIN LATERAL (
 ) kept ON true;
 
 -- name: insert_api_usage
--- Set-based insert of the API-usage events COPY put into batch_api_usage (one per (organization, event_id)). First write
+-- Set-based insert of API-usage events (one per (organization, event_id), ordered by key). First write
 -- wins. Only rows this statement inserted add into the hourly rollups, in the same statement, so a
 -- replayed event changes nothing. Returns the ids whose stored content differs (conflicting duplicates)
 -- and, per (organization, project, user, hour), how many events were inserted.
@@ -198,7 +188,16 @@ LEFT JOIN LATERAL (
 -- probe each (LIMIT 1 keeps the planner from turning the probes into a scan of the tenants' rows: under
 -- row-level security it cannot see how many rows that is).
 WITH input AS (
-    SELECT * FROM batch_api_usage  -- filled by COPY in the same transaction (see batch_tables)
+    SELECT *
+    FROM unnest(
+        $1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::text[], $6::text[], $7::smallint[], $8::int[],
+        $9::timestamptz[], $10::bigint[], $11::bigint[], $12::bigint[], $13::text[], $14::numeric[],
+        $15::int[], $16::bigint[]
+    ) AS t(
+        organization_id, event_id, project_id, user_id, endpoint, method, status_code, response_time_ms,
+        occurred_at, prompt_tokens, completion_tokens, total_tokens, model, cost_usd,
+        source_partition, source_offset
+    )
 ),
 inserted AS (
     INSERT INTO api_usage (
@@ -207,7 +206,6 @@ inserted AS (
         source_partition, source_offset
     )
     SELECT * FROM input
-    ORDER BY organization_id, event_id  -- one lock order for every writer
     ON CONFLICT (organization_id, event_id) DO NOTHING
     RETURNING organization_id, event_id, project_id, user_id, status_code, response_time_ms, occurred_at,
               prompt_tokens, completion_tokens, total_tokens, cost_usd
