@@ -65,10 +65,13 @@ def hour_of(moment: datetime) -> datetime:
     return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
 
 
-def expect(deliveries: Iterable[Delivered]) -> Expected:
-    """Tables, quarantine and offsets after every delivery was consumed once, in partition order."""
+def expect(deliveries: Iterable[Delivered], *, applied_in_order: bool = False) -> Expected:
+    """Tables, quarantine and offsets after every delivery was consumed once, in partition order (or, with
+    ``applied_in_order``, in the order given: how a test that feeds batches itself applied them)."""
     result = Expected()
-    for delivered in sorted(deliveries, key=lambda d: d.coordinates):
+    deliveries = list(deliveries)
+    ordered = deliveries if applied_in_order else sorted(deliveries, key=lambda d: d.coordinates)
+    for delivered in ordered:
         message = delivered.message
         where = delivered.coordinates
         result.ends[(message.kind, delivered.partition)] = max(

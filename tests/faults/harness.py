@@ -308,3 +308,33 @@ async def scenario(name: str, *, timeout: float) -> AsyncIterator[Record]:
         record.passed = True
     finally:
         record.seconds = time.monotonic() - started
+
+
+def ends_by_topic(settings: Settings, delivered: Sequence[Delivered]) -> dict[tuple[str, int], int]:
+    ends: dict[tuple[str, int], int] = {}
+    for d in delivered:
+        tp = (topic_of(settings, d.message.kind), d.partition)
+        ends[tp] = max(ends.get(tp, 0), d.offset + 1)
+    return ends
+
+
+async def stored_offsets(db: asyncpg.Connection, settings: Settings) -> dict[tuple[str, int], int]:
+    rows = await db.fetch(
+        "SELECT topic, partition, next_offset FROM consumer_offsets WHERE group_id = $1", settings.kafka_group_id
+    )
+    return {(r[0], r[1]): r[2] for r in rows}
+
+
+async def wait_caught_up(
+    db: asyncpg.Connection, settings: Settings, delivered: Sequence[Delivered], timeout: float
+) -> None:
+    """Until the stored offsets reach the end of every partition (the lag drained)."""
+    ends = ends_by_topic(settings, delivered)
+    deadline = time.monotonic() + timeout
+    stored: dict[tuple[str, int], int] = {}
+    while time.monotonic() < deadline:
+        stored = await stored_offsets(db, settings)
+        if all(stored.get(tp, 0) >= end for tp, end in ends.items()):
+            return
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"not caught up within {timeout}s: stored {stored}, ends {ends}")

@@ -12,15 +12,42 @@ an outbox round and the commit of its DELETE. Scenarios whose faults never fall 
 
 from __future__ import annotations
 
+import asyncio
+import random
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
+from pydantic import SecretStr
 
-from tests.faults.harness import finish, log_events, produce_all, scenario, verify, workers
+from tests.faults.harness import (
+    Supervisor,
+    finish,
+    http_get,
+    log_events,
+    metric,
+    poll_ready,
+    produce_all,
+    produce_slowly,
+    scenario,
+    stored_offsets,
+    verify,
+    wait_caught_up,
+    workers,
+)
+from tests.faults.proxy import Moment
+from tests.faults.servers import own_postgres, pg_proxy, proxied_broker, via
 from tests.faults.setup import prepared
 from worker.config import Settings
+from worker.devstack import free_port
+
+OFFSETS_UPDATE = "UPDATE consumer_offsets"  # the offset compare-and-set: marks a batch transaction
+STATEMENT_TIMEOUT = 3.0  # seconds, for the frozen-server scenario
+SHUTDOWN_GRACE = 10.0  # seconds
+EXIT_MARGIN = 3.0  # seconds for the interpreter to exit after the worker returned
 
 SNAPSHOT_TABLES = {
     "cost_data": "organization_id, project_id, line_item, api_version, bucket_start_time",
@@ -98,3 +125,313 @@ async def test_full_replay_changes_nothing(db: asyncpg.Connection, settings: Set
         assert await snapshot(db) == before
         assert log_events(group.log("replay"), "budget_alert") == []
         await verify(record, db, settings, stream, delivered, exactly_once_publish=True)
+
+
+# --------------------------------------------------------------------------------------- 2. random kills
+
+
+@pytest.mark.slow
+async def test_twenty_random_sigkills_while_producing(
+    db: asyncpg.Connection, settings: Settings, tmp_path: Path
+) -> None:
+    """A supervisor restarts the worker after each of twenty SIGKILLs at random moments while the stream
+    is being produced."""
+    async with scenario("2. 20 random SIGKILLs while producing", timeout=1500) as record:
+        stream = await prepared(db, settings, seed=202, n_events=2_500)
+        rng = random.Random(202)
+        async with workers(small_batches(settings), tmp_path) as group:
+            supervisor = Supervisor(group)
+            supervisor.start()
+            producing = asyncio.create_task(produce_slowly(settings, stream.messages, chunks=40, pause=1.0))
+            while record.faults < 20:
+                await asyncio.sleep(rng.uniform(1.5, 4.0))
+                if supervisor.process.poll() is None:
+                    group.signal(supervisor.process, signal.SIGKILL)
+                    record.faults += 1
+                    record.fault_kinds.append("SIGKILL")
+            delivered = await producing
+            await supervisor.stop()
+            assert supervisor.restarts >= 20
+            group.signal(supervisor.process, signal.SIGTERM)
+            assert await group.wait(supervisor.process, 120) == 0, group.logs()
+            await finish(group)
+        # A kill can fall between the broker's ack of an outbox round and its DELETE: re-publication allowed.
+        await verify(record, db, settings, stream, delivered, exactly_once_publish=False)
+
+
+# --------------------------------------------------------------------------------------- 3. PostgreSQL down
+
+
+@pytest.mark.slow
+async def test_postgres_stopped_then_frozen(settings: Settings, tmp_path: Path) -> None:
+    """PostgreSQL killed (``pg_ctl stop -m immediate``) for 20 s mid-stream, then started; later every server
+    process frozen (SIGSTOP) for longer than the statement timeout. The same worker process rides both out:
+    /readyz goes false and back to true, the pool recovers, nothing is lost or doubled."""
+    async with scenario("3. PostgreSQL stopped 20 s, then frozen", timeout=1500) as record, own_postgres() as pg:
+        url = await pg.database()
+        port = free_port()
+        own = settings.model_copy(
+            update={
+                "database_url": SecretStr(url),
+                "database_statement_timeout": STATEMENT_TIMEOUT,
+                "metrics_port": port,
+                "batch_max_records": 100,
+            }
+        )
+        db = await asyncpg.connect(url)
+        stream = await prepared(db, own, seed=303)
+        await db.close()
+        async with workers(own, tmp_path) as group:
+            process = group.spawn()
+            await poll_ready(port, True, 120)
+            producing = asyncio.create_task(produce_slowly(own, stream.messages, chunks=40, pause=1.5))
+            await asyncio.sleep(5)
+
+            stopped = time.monotonic()
+            await asyncio.to_thread(pg.stop_immediate)
+            record.faults += 1
+            record.fault_kinds.append("pg_ctl stop -m immediate")
+            await poll_ready(port, False, 60)
+            await asyncio.sleep(max(0.0, 20 - (time.monotonic() - stopped)))
+            await asyncio.to_thread(pg.start)
+            await poll_ready(port, True, 180)
+            assert process.poll() is None, group.logs()
+
+            await asyncio.sleep(3)
+            frozen_at = time.monotonic()
+            frozen = pg.freeze()
+            record.faults += 1
+            record.fault_kinds.append("SIGSTOP PostgreSQL")
+            try:
+                await poll_ready(port, False, 60)
+                # Frozen well past the statement timeout and the client-side bound on top of it.
+                await asyncio.sleep(max(0.0, STATEMENT_TIMEOUT + 12 - (time.monotonic() - frozen_at)))
+            finally:
+                pg.thaw(frozen)
+            await poll_ready(port, True, 180)
+
+            delivered = await producing
+            db = await asyncpg.connect(url)
+            await wait_caught_up(db, own, delivered, 300)
+            assert process.poll() is None, "the worker restarted: " + group.logs()
+            text = (await asyncio.to_thread(http_get, port, "/metrics"))[1]
+            assert metric(text, "cost_worker_batches_total", result="retried") >= 1
+            group.signal(process, signal.SIGTERM)
+            assert await group.wait(process, 120) == 0, group.logs()
+            await finish(group)
+        try:
+            # A round acknowledged by the broker whose DELETE died with the server is published again.
+            await verify(record, db, own, stream, delivered, exactly_once_publish=False)
+        finally:
+            await db.close()
+
+
+# --------------------------------------------------------------------------------------- 4. broker down
+
+
+@pytest.mark.slow
+async def test_broker_unreachable_for_a_minute(db: asyncpg.Connection, settings: Settings, tmp_path: Path) -> None:
+    """Every broker connection black-holed for 60 s (through a proxy the broker advertises), then reset and
+    restored: the same worker process survives (no crash loop), rejoins and drains the lag."""
+    async with (
+        scenario("4. broker unreachable for a minute", timeout=1500) as record,
+        proxied_broker(tmp_path / "broker.log") as broker,
+    ):
+        own = settings.model_copy(
+            update={"kafka_bootstrap_servers": broker.bootstrap_servers, "batch_max_records": 100}
+        )
+        stream = await prepared(db, own, seed=404)
+        half = len(stream.messages) // 2
+        delivered = await produce_all(own, stream.messages[:half])
+        async with workers(own, tmp_path) as group:
+            process = group.spawn()
+            await wait_caught_up(db, own, delivered, 180)
+            broker.proxy.blackhole()
+            record.faults += 1
+            record.fault_kinds.append("broker black-holed 60 s")
+            outage_end = time.monotonic() + 60
+            while time.monotonic() < outage_end:
+                assert process.poll() is None, "the worker died during the outage: " + group.logs()
+                await asyncio.sleep(1)
+            broker.proxy.restore(reset=True)
+            delivered += await produce_all(own, stream.messages[half:])
+            await wait_caught_up(db, own, delivered, 300)
+            assert process.poll() is None, "the worker restarted: " + group.logs()
+            group.signal(process, signal.SIGTERM)
+            assert await group.wait(process, 120) == 0, group.logs()
+            await finish(group)
+        await verify(record, db, own, stream, delivered, exactly_once_publish=False)
+
+
+# --------------------------------------------------------------------------------------- 5. ambiguous commit
+
+
+@pytest.mark.slow
+async def test_connection_cut_around_commit(settings: Settings, tmp_path: Path) -> None:
+    """The connection dropped right after the COMMIT reached the server (it committed; the worker cannot
+    know) or right before (it did not): either way the batch is applied exactly once. The retry of a batch
+    that did commit is rejected by the offset fence and the worker re-reads its positions."""
+    async with (
+        scenario("5. connection cut around COMMIT", timeout=1200) as record,
+        own_postgres() as pg,
+        pg_proxy(pg) as proxy,
+    ):
+        url = await pg.database()
+        own = settings.model_copy(update={"database_url": SecretStr(via(proxy, url)), "batch_max_records": 100})
+        db = await asyncpg.connect(url)
+        try:
+            stream = await prepared(db, own, seed=505)
+            delivered = await produce_all(own, stream.messages)
+            async with workers(own, tmp_path) as group:
+                moments: list[Moment] = ["after", "before"] * 3
+                proxy.cut_commit(moments[0], OFFSETS_UPDATE)
+                process = group.spawn()
+                for number, moment in enumerate(moments):
+                    if number:
+                        proxy.cut_commit(moment, OFFSETS_UPDATE)
+                    deadline = time.monotonic() + 120
+                    while len(proxy.cuts_done) <= number:
+                        assert time.monotonic() < deadline, "no batch COMMIT to cut: " + group.logs()
+                        await asyncio.sleep(0.1)
+                    record.faults += 1
+                    record.fault_kinds.append(f"cut {moment} COMMIT")
+                await wait_caught_up(db, own, delivered, 300)
+                assert process.poll() is None, group.logs()
+                group.signal(process, signal.SIGTERM)
+                assert await group.wait(process, 120) == 0, group.logs()
+                retried = len(log_events(group.log(), "batch_retry"))
+                fenced = len(log_events(group.log(), "batch_fenced"))
+                assert retried >= len(moments)
+                assert fenced >= 1, "no retry of a committed batch was fenced"
+                await finish(group)
+            # Only batch transactions are cut, never an outbox round: every alert is published once.
+            await verify(record, db, own, stream, delivered, exactly_once_publish=True)
+        finally:
+            await db.close()
+
+
+# --------------------------------------------------------------------------------------- 6. rebalance churn
+
+
+@pytest.mark.slow
+async def test_rebalance_churn(db: asyncpg.Connection, settings: Settings, tmp_path: Path) -> None:
+    """Up to three workers in one group; every few seconds one of them is started, stopped (SIGTERM) or
+    killed (SIGKILL) while the stream is produced."""
+    async with scenario("6. rebalance churn, 3 workers", timeout=1500) as record:
+        stream = await prepared(db, settings, seed=606, n_events=2_000)
+        rng = random.Random(606)
+        async with workers(small_batches(settings), tmp_path) as group:
+            slots: list[Any] = [group.spawn(name="w0"), None, None]
+            producing = asyncio.create_task(produce_slowly(settings, stream.messages, chunks=30, pause=2.0))
+            for _ in range(18):
+                await asyncio.sleep(rng.uniform(2.0, 5.0))
+                index = rng.randrange(3)
+                process = slots[index]
+                if process is None or process.poll() is not None:
+                    slots[index] = group.spawn(name=f"w{index}")
+                    record.fault_kinds.append("worker started")
+                elif rng.random() < 0.7:
+                    group.signal(process, signal.SIGTERM)
+                    assert await group.wait(process, 120) == 0, group.logs(f"w{index}")
+                    slots[index] = None
+                    record.fault_kinds.append("worker stopped")
+                else:
+                    await group.kill(process)
+                    slots[index] = None
+                    record.fault_kinds.append("worker killed")
+                record.faults += 1
+            delivered = await producing
+            for index, process in enumerate(slots):
+                if process is not None and process.poll() is None:
+                    group.signal(process, signal.SIGTERM)
+                    assert await group.wait(process, 120) == 0, group.logs(f"w{index}")
+            await finish(group)
+        await verify(record, db, settings, stream, delivered, exactly_once_publish=False)
+
+
+# --------------------------------------------------------------------------------------- 7. zombie
+
+
+@pytest.mark.slow
+async def test_zombie_batch_is_fenced(settings: Settings, tmp_path: Path) -> None:
+    """A worker frozen (SIGSTOP) in the middle of a batch, past its session timeout, while a second worker
+    takes its partitions and moves on; resumed (SIGCONT), its stale batch hits the offset fence.
+
+    The zombie reaches PostgreSQL through a proxy that holds its batch just before the offset compare-and-
+    set, so the freeze lands exactly inside a batch (not between two)."""
+    async with (
+        scenario("7. zombie frozen past the session timeout", timeout=1200) as record,
+        own_postgres() as pg,
+        pg_proxy(pg) as proxy,
+    ):
+        url = await pg.database()
+        port = free_port()
+        direct = settings.model_copy(update={"database_url": SecretStr(url), "batch_max_records": 50})
+        zombie_settings = direct.model_copy(update={"database_url": SecretStr(via(proxy, url)), "metrics_port": port})
+        db = await asyncpg.connect(url)
+        try:
+            stream = await prepared(db, direct, seed=707)
+            third = len(stream.messages) // 3
+            delivered = await produce_all(direct, stream.messages[:third])
+            async with workers(zombie_settings, tmp_path) as zombies, workers(direct, tmp_path) as successors:
+                zombie = zombies.spawn(name="zombie")
+                await wait_caught_up(db, direct, delivered, 180)
+                proxy.hold(OFFSETS_UPDATE)
+                delivered += await produce_all(direct, stream.messages[third : 2 * third])
+                await asyncio.wait_for(proxy.held.wait(), 120)
+                zombie.send_signal(signal.SIGSTOP)
+                record.faults += 1
+                record.fault_kinds.append("SIGSTOP past the session timeout")
+                try:
+                    successor = successors.spawn(name="successor")
+                    await wait_caught_up(db, direct, delivered, 240)
+                finally:
+                    zombie.send_signal(signal.SIGCONT)
+                    proxy.release()
+                deadline = time.monotonic() + 120
+                while not log_events(zombies.log("zombie"), "batch_fenced"):
+                    assert time.monotonic() < deadline, "the zombie's batch was not fenced: " + zombies.logs("zombie")
+                    await asyncio.sleep(0.5)
+                text = (await asyncio.to_thread(http_get, port, "/metrics"))[1]
+                assert metric(text, "cost_worker_batches_total", result="fenced") >= 1
+                delivered += await produce_all(direct, stream.messages[2 * third :])
+                await wait_caught_up(db, direct, delivered, 240)
+                for group, process in ((zombies, zombie), (successors, successor)):
+                    group.signal(process, signal.SIGTERM)
+                    assert await group.wait(process, 120) == 0, group.logs()
+                await finish(successors)
+            await verify(record, db, direct, stream, delivered, exactly_once_publish=False)
+        finally:
+            await db.close()
+
+
+# --------------------------------------------------------------------------------------- 9. SIGTERM
+
+
+@pytest.mark.slow
+async def test_sigterm_mid_batch(db: asyncpg.Connection, settings: Settings, tmp_path: Path) -> None:
+    """SIGTERM while batches are in flight: exit 0 within COST_WORKER_SHUTDOWN_GRACE, every time; restarts
+    pick up where the stored offsets say."""
+    async with scenario("9. SIGTERM mid-batch", timeout=1200) as record:
+        stream = await prepared(db, settings, seed=909, n_events=3_000)
+        delivered = await produce_all(settings, stream.messages)
+        own = small_batches(settings).model_copy(update={"shutdown_grace": SHUTDOWN_GRACE})
+        total = len(delivered)
+        async with workers(own, tmp_path) as group:
+            for round_ in range(3):
+                process = group.spawn(name=f"term{round_}")
+                start = sum((await stored_offsets(db, own)).values())
+                deadline = time.monotonic() + 120
+                while sum((await stored_offsets(db, own)).values()) < min(total - 1, start + total // 6):
+                    assert time.monotonic() < deadline, group.logs(f"term{round_}")
+                    await asyncio.sleep(0.05)
+                signalled = time.monotonic()
+                group.signal(process, signal.SIGTERM)
+                record.faults += 1
+                record.fault_kinds.append("SIGTERM")
+                code = await group.wait(process, SHUTDOWN_GRACE + 60)
+                took = time.monotonic() - signalled
+                assert code == 0, group.logs(f"term{round_}")
+                assert took <= SHUTDOWN_GRACE + EXIT_MARGIN, f"exit took {took:.1f}s, grace {SHUTDOWN_GRACE}s"
+            await finish(group)
+        await verify(record, db, settings, stream, delivered, exactly_once_publish=False)
