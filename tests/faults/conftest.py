@@ -29,14 +29,15 @@ def render(records: list[Record], wall: float) -> str:
         f"the whole run took {wall / 60:.1f} minutes.",
         "",
         "| scenario | result | faults injected | messages | bad inputs | alerts | events lost | double counted "
-        "| duplicate alerts | re-published (at least once) | seconds |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| duplicate alerts | re-published (at least once) | seconds | observed |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in records:
         kinds = f" ({', '.join(sorted(set(r.fault_kinds)))})" if r.fault_kinds else ""
         lines.append(
             f"| {r.name} | {'passed' if r.passed else 'FAILED'} | {r.faults}{kinds} | {r.messages} | {r.bad_inputs} "
-            f"| {r.alerts} | {r.lost} | {r.double_counted} | {r.duplicate_alerts} | {r.republished} | {r.seconds:.0f} |"
+            f"| {r.alerts} | {r.lost} | {r.double_counted} | {r.duplicate_alerts} | {r.republished} | {r.seconds:.0f} "
+            f"| {'; '.join(r.notes)} |"
         )
     total = Record("total")
     for r in records:
@@ -53,7 +54,7 @@ def render(records: list[Record], wall: float) -> str:
         f"| **{passed} of {len(records)} passed** | | **{total.faults}** | **{total.messages}** "
         f"| **{total.bad_inputs}** "
         f"| **{total.alerts}** | **{total.lost}** | **{total.double_counted}** | **{total.duplicate_alerts}** "
-        f"| {total.republished} | {total.seconds:.0f} |",
+        f"| {total.republished} | {total.seconds:.0f} | |",
         "",
         "Events lost: expected rows missing from `api_usage`/`cost_data`. Double counted: requests in the rollups or",
         "events beyond the expected ones. Duplicate alerts: `budget_alerts` rows for an already alerted (budget,",

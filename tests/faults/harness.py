@@ -46,6 +46,7 @@ class Record:
     alerts: int = 0
     passed: bool = False
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
 
 RESULTS: list[Record] = []

@@ -38,7 +38,7 @@ class Link:
     # PostgreSQL protocol state (client -> server)
     started: bool = False
     buffer: bytes = b""
-    marked: set[str] = field(default_factory=set)  # prepared statements whose text has the marker
+    statements: dict[str, str] = field(default_factory=dict)  # prepared statement name -> text
     in_marked_tx: bool = False
 
     def abort(self) -> None:
@@ -185,14 +185,14 @@ class PgWire(Proxy):
         if kind == b"P":  # Parse: statement name, query text
             name, rest = _cstring(message, 5)
             query, _ = _cstring(message, rest)
+            link.statements[name] = query
             if self._marked(query):
-                link.marked.add(name)
                 await self._maybe_hold(link)
                 link.in_marked_tx = True
         elif kind == b"B":  # Bind: portal name, statement name
             _, rest = _cstring(message, 5)
             statement, _ = _cstring(message, rest)
-            if statement in link.marked:
+            if self._marked(link.statements.get(statement, "")):
                 await self._maybe_hold(link)
                 link.in_marked_tx = True
         elif kind == b"Q":  # a simple query: BEGIN; / COMMIT; / anything else

@@ -191,10 +191,12 @@ async def test_postgres_stopped_then_frozen(settings: Settings, tmp_path: Path) 
             await asyncio.to_thread(pg.stop_immediate)
             record.faults += 1
             record.fault_kinds.append("pg_ctl stop -m immediate")
-            await poll_ready(port, False, 60)
+            unready = await poll_ready(port, False, 60) - stopped
             await asyncio.sleep(max(0.0, 20 - (time.monotonic() - stopped)))
+            started = time.monotonic()
             await asyncio.to_thread(pg.start)
-            await poll_ready(port, True, 180)
+            ready = await poll_ready(port, True, 180) - started
+            record.notes.append(f"stopped: /readyz false after {unready:.0f}s, true {ready:.0f}s after the start")
             assert process.poll() is None, group.logs()
 
             await asyncio.sleep(3)
@@ -203,12 +205,16 @@ async def test_postgres_stopped_then_frozen(settings: Settings, tmp_path: Path) 
             record.faults += 1
             record.fault_kinds.append("SIGSTOP PostgreSQL")
             try:
-                await poll_ready(port, False, 60)
+                unready = await poll_ready(port, False, 60) - frozen_at
                 # Frozen well past the statement timeout and the client-side bound on top of it.
                 await asyncio.sleep(max(0.0, STATEMENT_TIMEOUT + 12 - (time.monotonic() - frozen_at)))
             finally:
                 pg.thaw(frozen)
-            await poll_ready(port, True, 180)
+                thawed = time.monotonic()
+            ready = await poll_ready(port, True, 180) - thawed
+            record.notes.append(
+                f"frozen {thawed - frozen_at:.0f}s: /readyz false after {unready:.0f}s, true {ready:.0f}s after SIGCONT"
+            )
 
             delivered = await producing
             db = await asyncpg.connect(url)
@@ -301,6 +307,7 @@ async def test_connection_cut_around_commit(settings: Settings, tmp_path: Path) 
                 assert await group.wait(process, 120) == 0, group.logs()
                 retried = len(log_events(group.log(), "batch_retry"))
                 fenced = len(log_events(group.log(), "batch_fenced"))
+                record.notes.append(f"{retried} batch retries, {fenced} retries fenced (their COMMIT had landed)")
                 assert retried >= len(moments)
                 assert fenced >= 1, "no retry of a committed batch was fenced"
                 await finish(group)
@@ -366,7 +373,9 @@ async def test_zombie_batch_is_fenced(settings: Settings, tmp_path: Path) -> Non
     ):
         url = await pg.database()
         port = free_port()
-        direct = settings.model_copy(update={"database_url": SecretStr(url), "batch_max_records": 50})
+        direct = settings.model_copy(
+            update={"database_url": SecretStr(url), "batch_max_records": 50, "kafka_max_poll_interval": 30.0}
+        )
         zombie_settings = direct.model_copy(update={"database_url": SecretStr(via(proxy, url)), "metrics_port": port})
         db = await asyncpg.connect(url)
         try:
@@ -393,13 +402,23 @@ async def test_zombie_batch_is_fenced(settings: Settings, tmp_path: Path) -> Non
                     assert time.monotonic() < deadline, "the zombie's batch was not fenced: " + zombies.logs("zombie")
                     await asyncio.sleep(0.5)
                 text = (await asyncio.to_thread(http_get, port, "/metrics"))[1]
-                assert metric(text, "cost_worker_batches_total", result="fenced") >= 1
+                fenced = metric(text, "cost_worker_batches_total", result="fenced")
+                record.notes.append(f"zombie: batches_total{{result=fenced}} = {fenced:.0f}")
+                assert fenced >= 1
                 delivered += await produce_all(direct, stream.messages[2 * third :])
                 await wait_caught_up(db, direct, delivered, 240)
                 for group, process in ((zombies, zombie), (successors, successor)):
                     group.signal(process, signal.SIGTERM)
                     assert await group.wait(process, 120) == 0, group.logs()
-                await finish(successors)
+                if await db.fetchval("SELECT count(*) FROM outbox"):
+                    # Tansu 0.6 leaves a group stuck (state "Unknown", joins never answered) after a member's
+                    # OffsetCommit was refused with UnknownMemberId, which is exactly what a zombie sends.
+                    # Real Kafka does not; here the leftover outbox is drained by a worker of another group.
+                    drain = workers(
+                        direct.model_copy(update={"kafka_group_id": direct.kafka_group_id + "-drain"}), tmp_path
+                    )
+                    async with drain as drainers:
+                        await finish(drainers, name="drain")
             await verify(record, db, direct, stream, delivered, exactly_once_publish=False)
         finally:
             await db.close()
@@ -432,6 +451,7 @@ async def test_sigterm_mid_batch(db: asyncpg.Connection, settings: Settings, tmp
                 code = await group.wait(process, SHUTDOWN_GRACE + 60)
                 took = time.monotonic() - signalled
                 assert code == 0, group.logs(f"term{round_}")
+                record.notes.append(f"exit 0 in {took:.1f}s")
                 assert took <= SHUTDOWN_GRACE + EXIT_MARGIN, f"exit took {took:.1f}s, grace {SHUTDOWN_GRACE}s"
             await finish(group)
         await verify(record, db, settings, stream, delivered, exactly_once_publish=False)
