@@ -150,6 +150,14 @@ class Workers:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     await asyncio.to_thread(process.wait, 30)
 
+    async def wait_started(self, name: str, timeout: float = 60.0) -> None:
+        """Until the worker logged that it listens (its signal handlers are installed by then: a SIGTERM
+        earlier, while the interpreter is still importing, ends it like any unprepared process)."""
+        deadline = time.monotonic() + timeout
+        while "http_listening" not in self.logs(name, tail=10**9):
+            assert time.monotonic() < deadline, f"{name} did not start: " + self.logs(name)
+            await asyncio.sleep(0.1)
+
     def logs(self, name: str = "worker", tail: int = 4000) -> str:
         path = self.log(name)
         return path.read_text(errors="replace")[-tail:] if path.exists() else ""
@@ -176,8 +184,8 @@ class Supervisor:
         self.args = args
         self.name = name
         self.extra = extra
-        self.process = group.spawn(*args, name=name, **extra)
         self.restarts = 0
+        self.process = group.spawn(*args, name=self.current, **extra)
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
 
@@ -186,15 +194,24 @@ class Supervisor:
 
     async def _watch(self) -> None:
         while not self._stop.is_set():
-            if self.process.poll() is not None:
-                self.process = self.group.spawn(*self.args, name=self.name, **self.extra)
-                self.restarts += 1
+            self._restart_if_dead()
             await asyncio.sleep(0.2)
 
+    @property
+    def current(self) -> str:
+        return f"{self.name}-{self.restarts}"
+
+    def _restart_if_dead(self) -> None:
+        if self.process.poll() is not None:
+            self.restarts += 1
+            self.process = self.group.spawn(*self.args, name=self.current, **self.extra)
+
     async def stop(self) -> None:
+        """Stop watching; the worker that is running (restarted if it just died) is left running."""
         self._stop.set()
         if self._task is not None:
             await self._task
+        self._restart_if_dead()
 
 
 # ------------------------------------------------------------------------------------------ finishing

@@ -151,9 +151,10 @@ async def test_twenty_random_sigkills_while_producing(
                     record.fault_kinds.append("SIGKILL")
             delivered = await producing
             await supervisor.stop()
-            assert supervisor.restarts >= 20
+            assert supervisor.restarts == 20
+            await group.wait_started(supervisor.current)
             group.signal(supervisor.process, signal.SIGTERM)
-            assert await group.wait(supervisor.process, 120) == 0, group.logs()
+            assert await group.wait(supervisor.process, 120) == 0, group.logs(supervisor.current)
             await finish(group)
         # A kill can fall between the broker's ack of an outbox round and its DELETE: re-publication allowed.
         await verify(record, db, settings, stream, delivered, exactly_once_publish=False)
@@ -328,30 +329,40 @@ async def test_rebalance_churn(db: asyncpg.Connection, settings: Settings, tmp_p
         stream = await prepared(db, settings, seed=606, n_events=2_000)
         rng = random.Random(606)
         async with workers(small_batches(settings), tmp_path) as group:
-            slots: list[Any] = [group.spawn(name="w0"), None, None]
+            spawned = 0
+
+            def spawn(index: int) -> tuple[Any, str]:
+                nonlocal spawned
+                spawned += 1
+                return group.spawn(name=f"w{index}-{spawned}"), f"w{index}-{spawned}"
+
+            slots: list[tuple[Any, str] | None] = [spawn(0), None, None]
             producing = asyncio.create_task(produce_slowly(settings, stream.messages, chunks=30, pause=2.0))
             for _ in range(18):
                 await asyncio.sleep(rng.uniform(2.0, 5.0))
                 index = rng.randrange(3)
-                process = slots[index]
-                if process is None or process.poll() is not None:
-                    slots[index] = group.spawn(name=f"w{index}")
+                slot = slots[index]
+                if slot is None or slot[0].poll() is not None:
+                    slots[index] = spawn(index)
                     record.fault_kinds.append("worker started")
                 elif rng.random() < 0.7:
+                    process, name = slot
+                    await group.wait_started(name)
                     group.signal(process, signal.SIGTERM)
-                    assert await group.wait(process, 120) == 0, group.logs(f"w{index}")
+                    assert await group.wait(process, 120) == 0, group.logs(name)
                     slots[index] = None
                     record.fault_kinds.append("worker stopped")
                 else:
-                    await group.kill(process)
+                    await group.kill(slot[0])
                     slots[index] = None
                     record.fault_kinds.append("worker killed")
                 record.faults += 1
             delivered = await producing
-            for index, process in enumerate(slots):
-                if process is not None and process.poll() is None:
-                    group.signal(process, signal.SIGTERM)
-                    assert await group.wait(process, 120) == 0, group.logs(f"w{index}")
+            for slot in slots:
+                if slot is not None and slot[0].poll() is None:
+                    await group.wait_started(slot[1])
+                    group.signal(slot[0], signal.SIGTERM)
+                    assert await group.wait(slot[0], 120) == 0, group.logs(slot[1])
             await finish(group)
         await verify(record, db, settings, stream, delivered, exactly_once_publish=False)
 
