@@ -159,7 +159,7 @@ class Message:
     bad: str | None = None  # the quarantine reason of a message that is bad by itself
 
 
-@dataclass
+@dataclass(repr=False)
 class Stream:
     seed: int
     partitions: int
@@ -177,6 +177,9 @@ class Stream:
         return sum(1 for m in self.messages if m.bad is not None) + self.conflicts
 
     conflicts: int = 0
+
+    def __repr__(self) -> str:  # short: hypothesis prints it with a falsifying example
+        return f"Stream(seed={self.seed}, messages={len(self.messages)}, budgets={len(self.budgets)})"
 
 
 def dumps(value: Any) -> bytes:
