@@ -217,9 +217,16 @@ class Supervisor:
 # ------------------------------------------------------------------------------------------ finishing
 
 
-async def finish(group: Workers, *, idle: float = 3.0, name: str = "final", **extra: str) -> None:
+def idle_exit(settings: Settings) -> str:
+    """``--exit-when-idle`` longer than the session timeout: partitions the group still gives to a member that
+    died (SIGKILL) come back to the live worker when its session expires, before the live one may call itself
+    idle (idle means "every *assigned* partition caught up")."""
+    return str(settings.kafka_session_timeout + 2)
+
+
+async def finish(group: Workers, *, name: str = "final", **extra: str) -> None:
     """One last undisturbed worker drains whatever is left (and the outbox), then exits 0 when idle."""
-    process = group.spawn("--exit-when-idle", str(idle), name=name, **extra)
+    process = group.spawn("--exit-when-idle", idle_exit(group.settings), name=name, **extra)
     code = await group.wait(process, FINISH_TIMEOUT)
     assert code == 0, group.logs(name)
 

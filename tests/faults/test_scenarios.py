@@ -27,6 +27,7 @@ from tests.faults.harness import (
     Supervisor,
     finish,
     http_get,
+    idle_exit,
     log_events,
     metric,
     poll_ready,
@@ -83,7 +84,9 @@ async def test_sigkill_at_named_points(db: asyncpg.Connection, settings: Setting
         async with workers(small_batches(settings), tmp_path) as group:
             # Between the alert insert and the publish: repeat until a kill left alert rows unpublished.
             for _ in range(5):
-                process = group.spawn("--exit-when-idle", "3", COST_WORKER_FAULT_POINTS="before_outbox_publish@1")
+                process = group.spawn(
+                    "--exit-when-idle", idle_exit(settings), COST_WORKER_FAULT_POINTS="before_outbox_publish@1"
+                )
                 assert await group.wait(process, 180) == -signal.SIGKILL, group.logs()
                 record.faults += 1
                 record.fault_kinds.append("before_outbox_publish")
@@ -94,7 +97,7 @@ async def test_sigkill_at_named_points(db: asyncpg.Connection, settings: Setting
                     break
             assert pending, "no kill ever left an alert in the outbox"
             for point in ("before_db_commit@2", "after_db_commit@2", "before_db_commit@3", "after_db_commit@4"):
-                process = group.spawn("--exit-when-idle", "3", COST_WORKER_FAULT_POINTS=point)
+                process = group.spawn("--exit-when-idle", idle_exit(settings), COST_WORKER_FAULT_POINTS=point)
                 assert await group.wait(process, 180) == -signal.SIGKILL, group.logs()
                 record.faults += 1
                 record.fault_kinds.append(point.partition("@")[0])
