@@ -526,7 +526,7 @@ def generate(seed: int, *, n_events: int = 1_200, days: int = 8, partitions: int
     # A big spender first: the very first batch crosses a budget, so an alert is in the outbox from the
     # first round on (the fault point between the alert insert and the publish needs one there).
     spender = replace(
-        b.event(orgs[0], f"first-{seed}", MONTH, cost_scale=40), user_id=orgs[0].users[0], project_id=None
+        b.event(orgs[0], f"first-{seed}", MONTH), user_id=orgs[0].users[0], project_id=None, cost_usd=Decimal("0.05")
     )
     body.insert(0, b.event_message(spender))
 
