@@ -39,9 +39,9 @@ from tests.faults.harness import (
     wait_caught_up,
     workers,
 )
+from tests.faults.preparing import prepared
 from tests.faults.proxy import Moment
 from tests.faults.servers import own_postgres, pg_proxy, proxied_broker, via
-from tests.faults.setup import prepared
 from worker.config import Settings
 from worker.devstack import free_port
 
