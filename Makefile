@@ -36,7 +36,7 @@ pytest: install
 
 test: lint typecheck pytest
 
-# The whole fault suite, slow scenarios included (about half an hour on 2 cores); writes the figures of the
+# The whole fault suite, slow scenarios included (about ten minutes on 2 cores); writes the figures of the
 # run to tests/faults/RESULTS.md. `make test` runs only its quick part (slow scenarios are deselected).
 test-faults: install
 	COST_WORKER_FAULT_RESULTS=tests/faults/RESULTS.md $(BIN)/pytest tests/faults -m "" -v
