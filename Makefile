@@ -11,7 +11,7 @@ SYSTEM_PG_URL ?= $(shell pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null && echo 
 
 BENCH_STAMP := $(VENV)/.bench-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: install dev test lint typecheck pytest clean bench bench-profile
+.PHONY: install dev test test-faults test-all lint typecheck pytest clean bench bench-profile
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is required")'
@@ -49,6 +49,16 @@ pytest: install
 	COST_WORKER_TEST_SYSTEM_DATABASE_URL=$(SYSTEM_PG_URL) $(BIN)/pytest
 
 test: lint typecheck pytest
+
+# The whole fault suite, slow scenarios included (about ten minutes on 2 cores); writes the figures of the
+# run to tests/faults/RESULTS.md. `make test` runs only its quick part (slow scenarios are deselected).
+test-faults: install
+	COST_WORKER_FAULT_RESULTS=tests/faults/RESULTS.md $(BIN)/pytest tests/faults -m "" -v
+
+# Everything: lint, types, the default suite and the slow scenarios.
+test-all: lint typecheck
+	COST_WORKER_TEST_SYSTEM_DATABASE_URL=$(SYSTEM_PG_URL) COST_WORKER_FAULT_RESULTS=tests/faults/RESULTS.md \
+		$(BIN)/pytest -m ""
 
 clean:
 	rm -rf $(VENV) .dev .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -55,6 +55,7 @@ class Worker:
         self.publisher: OutboxPublisher | None = None
         self.budgets = BudgetEngine(settings)
         self._signals = 0
+        self._deadline: float | None = None  # loop time by which a shutdown must be over
 
     # --- signals ------------------------------------------------------------------------------------
 
@@ -141,6 +142,7 @@ class Worker:
                     self.health.dead = task.get_name()
             self.stop.set()
             self.health.stopping = True
+            self._deadline = asyncio.get_running_loop().time() + self.settings.shutdown_grace
             if not consume.done():
                 # Finish the in-flight batch within the grace period; past it, cancel (the transaction rolls
                 # back and the batch is redelivered).
@@ -150,8 +152,10 @@ class Worker:
                     metrics.BATCHES.labels(result="abandoned").inc()
                     log.warning("in_flight_batch_abandoned", grace_seconds=self.settings.shutdown_grace)
                     consume.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await consume
+                    # Its rollback needs the database too: on a connection that stopped answering, the driver
+                    # waits for the command timeout, far past the grace. Do not wait for it: closing the pool
+                    # below ends it (and the server rolls back when the connection closes).
+                    await asyncio.wait({consume}, timeout=self.settings.shutdown_grace * 0.05)
                 except CostWorkerError:
                     code = self._outcome(consume)
             loop = asyncio.get_running_loop()
@@ -204,7 +208,9 @@ class Worker:
         if self.publisher is not None:
             await self.publisher.close()
         if self.db is not None:
-            await self.db.close()
+            # Within what is left of the grace (a connection stuck on an abandoned batch is then terminated).
+            left = None if self._deadline is None else self._deadline - asyncio.get_running_loop().time()
+            await self.db.close() if left is None else await self.db.close(timeout=max(0.5, left))
         if self.http is not None:
             await self.http.stop()
 

@@ -142,6 +142,11 @@ class Database:
             async with self.pool.acquire() as conn, conn.transaction():
                 yield Tx(conn)
         except DRIVER_ERRORS as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Cancelled (shutdown past its grace) and then the ROLLBACK failed too: stay cancelled. A
+                # transient error here would be retried, and the cancellation would be lost.
+                raise asyncio.CancelledError from exc
             raise translate(exc) from exc
 
     @translated
