@@ -373,9 +373,10 @@ async def drain(
         process.terminate()
         await watch.close()
     assert rows is not None
-    # wait4's ru_maxrss is the worker's own peak (a profiler's, under a prefix: then only VmHWM counts).
-    maxrss_kib = int(process.rusage.ru_maxrss) if process.rusage is not None and not prefix else 0
-    peak_kib = max(hwm_kib, maxrss_kib)
+    # The worker's own high-water mark (VmHWM, polled until it exits). Not wait4's ru_maxrss: Linux carries
+    # the pre-exec image's peak into it, and a child forked from this benchmark process starts with the
+    # parent's resident pages (hundreds of MB of prepared backlog), which every drain would then report.
+    peak_kib = hwm_kib
     per_message = units / end
     ready = ready_at(log)
     ready_seconds = ready - spawned if ready is not None else None
