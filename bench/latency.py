@@ -33,6 +33,7 @@ from bench import world as w
 from bench.drain import Topics, WorkerProcess, worker_env
 from bench.services import Servers
 from worker import devstack
+from worker.config import KAFKA_FETCH_MAX_WAIT
 
 POLL = 0.01  # seconds between consumer_offsets polls
 TICK = 0.005  # seconds between production rounds of the paced producer
@@ -103,6 +104,7 @@ async def broker_floor(bootstrap: str, topic: str, world: w.World, *, rate: floa
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         max_partition_fetch_bytes=kafka_io.FETCH_BYTES,
+        fetch_max_wait_ms=int(KAFKA_FETCH_MAX_WAIT * 1000),  # the worker's default too
     )
     await consumer.start()
     producer = kafka_io.producer(bootstrap, linger_ms=5, batch_bytes=65_536)

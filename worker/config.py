@@ -40,6 +40,7 @@ KAFKA_SESSION_TIMEOUT = 30.0  # seconds before the group coordinator declares a 
 KAFKA_HEARTBEAT_INTERVAL = 3.0  # seconds
 KAFKA_MAX_POLL_INTERVAL = 300.0  # seconds between polls before the member is evicted
 KAFKA_REQUEST_TIMEOUT = 40.0  # seconds
+KAFKA_FETCH_MAX_WAIT = 0.1  # seconds a fetch may wait at the broker for data (bounds latency when caught up)
 
 RETRY_INITIAL_BACKOFF = 0.1  # seconds before the first retry of a failed batch
 RETRY_MAX_BACKOFF = 30.0  # seconds; backoff is exponential with jitter up to this
@@ -122,6 +123,12 @@ class Settings(BaseSettings):
         default=KAFKA_MAX_POLL_INTERVAL,
         gt=0,
         description="Seconds between polls before the member is evicted from the group",
+    )
+    kafka_fetch_max_wait: float = Field(
+        default=KAFKA_FETCH_MAX_WAIT,
+        gt=0,
+        le=10,
+        description="Seconds a fetch may wait at the broker for new data (latency when caught up vs idle polls)",
     )
     kafka_request_timeout: float = Field(
         default=KAFKA_REQUEST_TIMEOUT, gt=0, description="Seconds a Kafka request may take"

@@ -28,6 +28,7 @@ def consumer(settings: Settings) -> Any:
         heartbeat_interval_ms=int(settings.kafka_heartbeat_interval * 1000),
         max_poll_interval_ms=int(settings.kafka_max_poll_interval * 1000),
         max_partition_fetch_bytes=max(1_048_576, settings.max_message_bytes + 65_536),
+        fetch_max_wait_ms=int(settings.kafka_fetch_max_wait * 1000),
     )
 
 
