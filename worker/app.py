@@ -108,9 +108,12 @@ class Worker:
         settings = self.settings
         conn = await connect(settings.dsn(), role=settings.database_role, timeout=settings.database_connect_timeout)
         try:
-            await check_current(conn)
+            ahead = await check_current(conn)
         finally:
             await conn.close()
+        if ahead:
+            # The compatibility window: a newer release migrated (expand only); this older code still fits.
+            log.warning("schema_ahead_of_code", expand_migrations=ahead)
         return await Database.open(
             settings.dsn(),
             role=settings.database_role,
