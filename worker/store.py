@@ -43,6 +43,9 @@ def translate(exc: BaseException) -> Exception:
         if sqlstate[:2] in DATA_SQLSTATE_CLASSES:
             return DataRejected(f"database rejected data: {type(exc).__name__} ({sqlstate}): {exc}")
         return FatalError(f"database error {type(exc).__name__} ({sqlstate}): {exc}")
+    if isinstance(exc, (asyncpg.ClientConfigurationError, FileNotFoundError)):
+        # Not an outage: a setting names what does not exist (a CA file for sslmode=verify-full, ...).
+        return FatalError(f"database connection settings: {exc}")
     if isinstance(exc, (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.InternalClientError)):
         return DatabaseUnavailable(f"database unreachable: {type(exc).__name__}: {exc}")
     if isinstance(exc, Exception):
