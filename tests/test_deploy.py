@@ -375,8 +375,9 @@ def volume(doc: Doc, mount_path: str) -> Doc:
     pod = doc["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     (name,) = [m["name"] for m in container["volumeMounts"] if m["mountPath"] == mount_path]
-    (found,) = [v for v in pod["volumes"] if v["name"] == name]
-    return found
+    found: list[Doc] = [v for v in pod["volumes"] if v["name"] == name]
+    assert len(found) == 1, f"one volume {name}"
+    return found[0]
 
 
 def projected_items(doc: Doc, mount_path: str, kind: str) -> dict[str, tuple[str, str]]:
