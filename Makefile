@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed-$(shell cat $(LOCKED) | sha1sum | cut -c1-12)
 # tests then run on it as well as on the embedded PostgreSQL 18.
 SYSTEM_PG_URL ?= $(shell pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null && echo postgresql://postgres@127.0.0.1:5432/postgres)
 
-BENCH_STAMP := $(VENV)/.bench-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+BENCH_STAMP := $(VENV)/.bench-$(shell cat pyproject.toml requirements/bench.txt | sha1sum | cut -c1-12)
 
 .PHONY: install dev test test-faults test-all lint typecheck pytest clean bench bench-profile lock sbom
 
@@ -32,8 +32,8 @@ dev: install
 	$(BIN)/cost-worker dev
 
 # The benchmark of issue 7 (bench/README.md): BENCH_SCALE=tiny|full|<factor>, default full (~10 minutes).
-$(BENCH_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+$(BENCH_STAMP): $(STAMP) requirements/bench.txt
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r requirements/bench.txt
 	@rm -f $(VENV)/.bench-*
 	@touch $@
 
@@ -51,6 +51,7 @@ lock: install
 	$(UV_EXPORT) --no-default-groups -o requirements/runtime.txt
 	$(UV_EXPORT) --only-group build -o requirements/build.txt
 	$(UV_EXPORT) --no-default-groups --group build --extra dev --extra deploy -o requirements/dev.txt
+	$(UV_EXPORT) --no-default-groups --group build --extra dev --extra deploy --extra bench -o requirements/bench.txt
 	$(MAKE) sbom
 
 # The CycloneDX SBOM of what the image installs (requirements/runtime.txt), reproducible (no timestamp or

@@ -23,6 +23,7 @@ EXPORTS = {
     "runtime.txt": ["--no-default-groups"],
     "build.txt": ["--only-group", "build"],
     "dev.txt": ["--no-default-groups", "--group", "build", "--extra", "dev", "--extra", "deploy"],
+    "bench.txt": ["--no-default-groups", "--group", "build", "--extra", "dev", "--extra", "deploy", "--extra", "bench"],
 }
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)")
 
