@@ -125,14 +125,15 @@ class Consumer:
                 self.last_record = time.monotonic()
                 started = time.perf_counter()
                 span = tracing.start_batch()
+                decoding = tracing.child(span, "decode")
                 batch = Batch()
-                with tracing.stage(span, "decode"):
-                    for first in range(0, len(records), DECODE_SLICE):
-                        decode_into(batch, records[first : first + DECODE_SLICE], self.settings)
-                        # Let the batch in flight take its next step now, not after the whole decode: its
-                        # round trips (lookups, COPY, the statement itself) then overlap with our CPU work.
-                        await asyncio.sleep(0)
-                    finish_batch(batch)
+                for first in range(0, len(records), DECODE_SLICE):
+                    decode_into(batch, records[first : first + DECODE_SLICE], self.settings)
+                    # Let the batch in flight take its next step now, not after the whole decode: its
+                    # round trips (lookups, COPY, the statement itself) then overlap with our CPU work.
+                    await asyncio.sleep(0)
+                finish_batch(batch)
+                decoding.end()
                 metrics.BATCH_DURATION.labels(stage="decode").observe(time.perf_counter() - started)
                 if in_flight is not None:
                     await in_flight

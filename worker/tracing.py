@@ -26,7 +26,7 @@ from worker import __version__
 if TYPE_CHECKING:  # the SDK is imported only when tracing is switched on
     from opentelemetry.sdk.trace import TracerProvider
 
-__all__ = ["Span", "configure", "instrument_drivers", "log_fields", "shutdown", "stage", "start_batch", "use"]
+__all__ = ["Span", "child", "configure", "instrument_drivers", "log_fields", "shutdown", "stage", "start_batch", "use"]
 
 log = structlog.get_logger("worker.tracing")
 
@@ -93,6 +93,11 @@ def shutdown(provider: TracerProvider | None) -> None:
 def start_batch() -> Span:
     """The span of one batch; the caller ends it when the batch is committed, fenced or abandoned."""
     return _tracer.start_span("batch")
+
+
+def child(batch: Span, name: str) -> Span:
+    """A child span of the batch that is not made current (CPU-only work: nothing nests under it)."""
+    return _tracer.start_span(name, context=trace.set_span_in_context(batch))
 
 
 @contextmanager
