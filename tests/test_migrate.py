@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import create_database, drop_database, system_server_url
 from tests.factories import api_event, dumps, make_org
-from tests.kafka_helpers import create_topics, produce, run_worker
+from tests.kafka_helpers import create_topics, produce, run_worker, run_worker_until
 from worker.config import Settings
 from worker.errors import MigrationError, SchemaMismatch
 from worker.migrate import (
@@ -230,8 +230,12 @@ async def test_the_previous_release_runs_on_a_schema_ahead_by_expand_migrations(
     try:
         org = await make_org(conn)
         await produce(settings, settings.topic_api_usage, [dumps(api_event(org)) for _ in range(7)])
-        assert await run_worker(settings) == 0
-        assert await conn.fetchval("SELECT count(*) FROM api_usage WHERE organization_id = $1", org.id) == 7
+
+        async def landed() -> bool:
+            count = await conn.fetchval("SELECT count(*) FROM api_usage WHERE organization_id = $1", org.id)
+            return bool(count == 7)
+
+        assert await run_worker_until(settings, landed) == 0
     finally:
         await conn.close()
 

@@ -27,12 +27,12 @@ from cryptography.x509.oid import NameOID
 from pydantic import SecretStr
 
 from tests.factories import api_event, dumps, make_org
-from tests.kafka_helpers import create_topics, produce, run_worker, worker_env
+from tests.kafka_helpers import create_topics, produce, run_worker_until, worker_env
 from worker import devstack
 from worker.config import Settings, load_settings
 from worker.errors import ConfigError, FatalError
 from worker.migrate import migrate
-from worker.store import connect
+from worker.store import APPLICATION_NAME, connect
 
 SERVER_USER = "postgres"  # initdb and postgres refuse to run as root: the Debian package's account
 
@@ -201,12 +201,24 @@ async def test_the_documented_url_migrates_and_the_worker_writes_a_batch_over_ve
     try:
         org = await make_org(conn)
         await produce(tls, tls.topic_api_usage, [dumps(api_event(org)) for _ in range(5)])
-        assert await run_worker(tls) == 0
-        assert await conn.fetchval("SELECT count(*) FROM api_usage") == 5
-        # Every connection of the worker's role was encrypted and verified against our CA.
-        ssl = await conn.fetch("SELECT ssl FROM pg_stat_ssl")
-        assert ssl
-        assert all(row["ssl"] for row in ssl)
+
+        worker_connections: list[tuple[bool, int]] = []
+
+        async def landed() -> bool:
+            # While the worker runs: its connections (pool and outbox) are encrypted and verified.
+            row = await conn.fetchrow(
+                "SELECT coalesce(bool_and(s.ssl), false) AS ssl, count(*) AS n FROM pg_stat_ssl s "
+                "JOIN pg_stat_activity a USING (pid) WHERE a.application_name = $1 AND a.pid <> pg_backend_pid()",
+                APPLICATION_NAME,
+            )
+            assert row is not None
+            worker_connections.append((row["ssl"], row["n"]))
+            return bool(await conn.fetchval("SELECT count(*) FROM api_usage") == 5)
+
+        assert await run_worker_until(tls, landed) == 0
+        ssl, connections = worker_connections[-1]
+        assert connections >= 1
+        assert ssl, "a worker connection without TLS"
     finally:
         await conn.close()
 

@@ -15,7 +15,7 @@ from opentelemetry.trace import format_trace_id
 from structlog.testing import capture_logs
 
 from tests.factories import api_event, dumps, make_org
-from tests.kafka_helpers import create_topics, produce, run_worker
+from tests.kafka_helpers import create_topics, produce, run_worker_until
 from worker import tracing
 from worker.config import Settings
 
@@ -70,8 +70,12 @@ async def test_one_span_per_batch_with_stages_and_the_trace_id_in_the_log_line(
     await create_topics(settings)
     org = await make_org(db)
     await produce(settings, settings.topic_api_usage, [dumps(api_event(org)) for _ in range(12)])
+
+    async def landed() -> bool:
+        return bool(await db.fetchval("SELECT count(*) FROM api_usage WHERE organization_id = $1", org.id) == 12)
+
     with capture_logs() as logs:
-        assert await run_worker(settings) == 0
+        assert await run_worker_until(settings, landed) == 0
 
     spans = list(exporter.get_finished_spans())
     batches = [s for s in spans if s.name == "batch"]
