@@ -146,7 +146,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 async def _migrate(settings: Settings, migrate: Any) -> int:
     report = await migrate(settings.dsn())
-    if report.applied:
+    if report.ahead:
+        print(f"database is ahead of this code by expand migration(s) {', '.join(report.ahead)}: nothing to do")
+    elif report.applied:
         print(f"applied {len(report.applied)} migration(s): {', '.join(report.applied)}")
     else:
         print(f"database is up to date ({report.already_applied} migration(s) applied)")

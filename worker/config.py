@@ -6,10 +6,11 @@ problem at once (``cost-worker check-config`` prints them); secrets never leave 
 
 from __future__ import annotations
 
+import os
 import ssl
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from worker.errors import ConfigError
 
 ENV_PREFIX = "COST_WORKER_"
+SECRETS_DIR_ENV = ENV_PREFIX + "SECRETS_DIR"  # files named like the variables (Kubernetes Secret volumes)
 
 # --- defaults, with units -----------------------------------------------------------------------------
 KAFKA_GROUP_ID = "cost-ingestion-worker"
@@ -59,6 +61,7 @@ METRICS_HOST = "0.0.0.0"  # noqa: S104 - the metrics port must be reachable by P
 METRICS_PORT = 9108
 
 FAULT_POINTS = ("before_db_commit", "after_db_commit", "before_outbox_publish")
+VERIFYING_SSLMODES = ("verify-ca", "verify-full")  # libpq modes that check the server's certificate
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
@@ -68,6 +71,13 @@ class Settings(BaseSettings):
     """The worker's configuration. Field names map to ``COST_WORKER_<NAME>`` variables."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
+
+    # secret files (issue 16): read first, so that every setting below may come from a file
+    secrets_dir: Path | None = Field(
+        default=None,
+        description="Directory of files named like these variables (e.g. COST_WORKER_DATABASE_URL), "
+        "each holding one value; a variable that is also set in the environment wins",
+    )
 
     # database
     database_url: SecretStr | None = Field(
@@ -262,6 +272,7 @@ class Settings(BaseSettings):
             scheme = urlsplit(self.database_url.get_secret_value()).scheme
             if scheme not in ("postgres", "postgresql"):
                 found.append(f"{env_name('database_url')}: must be a postgresql:// URL, got {scheme or 'none'}://")
+            found += database_ca_problems(self.database_url.get_secret_value())
         if self.database_pool_min > self.database_pool_max:
             found.append(f"{env_name('database_pool_min')}: larger than {env_name('database_pool_max')}")
         if self.kafka_bootstrap_servers is not None:
@@ -356,6 +367,34 @@ class Settings(BaseSettings):
         return values
 
 
+def database_ca_problems(url: str) -> list[str]:
+    """``sslmode=verify-full`` (or ``verify-ca``) without a readable CA file: say so once, before connecting.
+
+    The CA file is, as in libpq and asyncpg: ``sslrootcert`` in the URL, else ``PGSSLROOTCERT``, else
+    ``~/.postgresql/root.crt`` (which does not exist in the image: its user has no home directory).
+    """
+    try:
+        query = parse_qs(urlsplit(url).query)
+    except ValueError:
+        return []
+    sslmode = (query.get("sslmode") or [os.environ.get("PGSSLMODE", "")])[-1]
+    if sslmode not in VERIFYING_SSLMODES:
+        return []
+    root = (query.get("sslrootcert") or [os.environ.get("PGSSLROOTCERT", "")])[-1]
+    if not root:
+        try:
+            root = str(Path.home() / ".postgresql" / "root.crt")
+        except RuntimeError:
+            root = "~/.postgresql/root.crt"
+    if Path(root).is_file():
+        return []
+    return [
+        f"{env_name('database_url')}: sslmode={sslmode} needs the CA certificate of the PostgreSQL server, but "
+        f"{root} does not exist: mount the CA bundle and name it with sslrootcert= in the URL or PGSSLROOTCERT "
+        '(deploy/README.md "TLS")'
+    ]
+
+
 def split_list(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
@@ -379,8 +418,11 @@ def redact_url(url: str) -> str:
 
 def load_settings(*, require: tuple[str, ...] = (), **overrides: Any) -> Settings:
     """Read the environment, validate, and raise ``ConfigError`` listing every problem at once."""
+    secrets_dir = overrides.get("secrets_dir") or os.environ.get(SECRETS_DIR_ENV) or None
+    if secrets_dir is not None and not Path(secrets_dir).is_dir():
+        raise ConfigError([f"{SECRETS_DIR_ENV}: no such directory: {secrets_dir}"])
     try:
-        settings = Settings(**overrides)
+        settings = Settings(**overrides, _secrets_dir=secrets_dir)
     except ValidationError as exc:
         problems = []
         bad: set[str] = set()
@@ -392,7 +434,7 @@ def load_settings(*, require: tuple[str, ...] = (), **overrides: Any) -> Setting
         # environment) and keep the problems that do not involve them.
         defaults = {name: Settings.model_fields[name].default for name in bad if name in Settings.model_fields}
         try:
-            partial = Settings(**{**overrides, **defaults})
+            partial = Settings(**{**overrides, **defaults}, _secrets_dir=secrets_dir)
         except ValidationError:
             pass
         else:
