@@ -95,10 +95,16 @@ WHERE id = $1 AND attempts = $2 AND status = 'pending'
 RETURNING id;
 
 -- name: notify_destination_backoff
--- Per-destination backoff: the destination's other pending deliveries wait at least as long.
+-- Per-destination backoff: the destination's other pending deliveries wait at least as long. Rows locked
+-- by a concurrent attempt's record are skipped (waiting for them could deadlock; that attempt sets its own).
 UPDATE notify_deliveries
 SET next_attempt_at = greatest(next_attempt_at, $2)
-WHERE destination_id = $1 AND status = 'pending';
+WHERE id IN (
+    SELECT id FROM notify_deliveries
+    WHERE destination_id = $1 AND status = 'pending'
+    ORDER BY id
+    FOR UPDATE SKIP LOCKED
+);
 
 -- name: notify_destination_disable
 -- 410 Gone: the receiver says this URL is gone for good. Disable it and fail what was waiting for it.
