@@ -307,10 +307,11 @@ async def test_sigkill_between_send_and_commit_resends_the_same_id_recorded_once
     assert code == -signal.SIGKILL, log.read_text()[-3000:]
     assert receiver.ids == [alert_id]  # sent...
     row = await db.fetchrow("SELECT status, attempts FROM notify_deliveries")
+    assert row is not None
     assert (row["status"], row["attempts"]) == ("pending", 1)  # ...but not recorded
 
     async def delivered() -> bool:
-        return await db.fetchval("SELECT status FROM notify_deliveries") == "delivered"
+        return bool(await db.fetchval("SELECT status FROM notify_deliveries") == "delivered")
 
     await run_notify(settings, delivered)
     assert receiver.ids == [alert_id, alert_id]  # at least once on the wire, with the same webhook-id
@@ -353,7 +354,7 @@ async def test_private_addresses_are_refused_when_added_and_when_sent(
     await produce(strict, strict.topic_budget_alerts, [alert_message(org)])
 
     async def failed() -> bool:
-        return await db.fetchval("SELECT status FROM notify_deliveries") == "failed"
+        return bool(await db.fetchval("SELECT status FROM notify_deliveries") == "failed")
 
     await run_notify(strict, failed)
     assert receiver.requests == []
@@ -371,6 +372,7 @@ async def test_operator_commands(
     receiver = await serve(ok)
     ident, receiver.secret = await add(settings, capsys, org, receiver.url, name="ops", scopes=["project"])
     stored = await db.fetchrow("SELECT url_sealed, secret_sealed, url_origin FROM notify_destinations")
+    assert stored is not None
     assert receiver.url.encode() not in stored["url_sealed"]
     assert receiver.secret is not None
     assert receiver.secret.encode() not in stored["secret_sealed"]
@@ -416,7 +418,7 @@ async def test_a_budget_crossing_in_the_worker_arrives_signed_once(
     alert_id = str(await db.fetchval("SELECT id FROM budget_alerts"))
 
     async def delivered() -> bool:
-        return await db.fetchval("SELECT status FROM notify_deliveries") == "delivered"
+        return bool(await db.fetchval("SELECT status FROM notify_deliveries") == "delivered")
 
     await run_notify(settings, delivered)
     assert receiver.ids == [alert_id]
