@@ -51,6 +51,8 @@ EXPECTED_CHECKOV_SKIPS = {
     ("kubernetes", "CKV_K8S_43", "Job.cost-worker-migrate"),
     ("kubernetes", "CKV_K8S_35", "Deployment.cost-worker"),
     ("kubernetes", "CKV_K8S_35", "Job.cost-worker-migrate"),
+    ("kubernetes", "CKV_K8S_43", "Deployment.cost-worker-notify"),
+    ("kubernetes", "CKV_K8S_35", "Deployment.cost-worker-notify"),
     ("dockerfile", "CKV_DOCKER_2", "Dockerfile"),
 }
 EXPECTED_ALERTS = {
@@ -62,6 +64,9 @@ EXPECTED_ALERTS = {
     "CostWorkerOutboxBacklogHigh",
     "CostWorkerOutboxOldestAgeHigh",
     "CostWorkerNotReady",
+    "CostWorkerNotifyDown",
+    "CostWorkerNotifyDeliveriesDelayed",
+    "CostWorkerNotifyDeliveriesFailed",
 }
 
 # --- tools ------------------------------------------------------------------------------------------------
@@ -266,7 +271,7 @@ def test_dockerfile_is_multi_stage_pinned_and_unprivileged(production: Rendered)
     assert "[deploy" not in builder, "no deploy extras in the image"
     # The image's user is the one the pods run as.
     uid = users[-1].split(":")[0]
-    pod = production.one("Deployment")["spec"]["template"]["spec"]
+    pod = production.one("Deployment", "cost-worker")["spec"]["template"]["spec"]
     assert str(pod["securityContext"]["runAsUser"]) == uid
 
 
@@ -403,11 +408,11 @@ def test_service_pdb_networkpolicy_select_the_right_pods(rendered: dict[str, Ren
     output = rendered[kustomization]
     worker = pod_labels(output.one("Deployment", "cost-worker"))
     migrate = pod_labels(output.one("Job", "cost-worker-migrate"))
-    service = output.one("Service")
+    service = output.one("Service", "cost-worker")
     assert selects(service["spec"]["selector"], worker)
     assert not selects(service["spec"]["selector"], migrate)
     assert [(p["name"], p["targetPort"]) for p in service["spec"]["ports"]] == [("metrics", "metrics")]
-    monitor = output.one("ServiceMonitor")
+    monitor = output.one("ServiceMonitor", "cost-worker")
     assert selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
     pdb = output.one("PodDisruptionBudget")
@@ -435,13 +440,55 @@ def test_service_pdb_networkpolicy_select_the_right_pods(rendered: dict[str, Ren
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_notify_pods_are_hardened_scraped_and_reach_only_public_https(
+    rendered: dict[str, Rendered], kustomization: str
+) -> None:
+    output = rendered[kustomization]
+    deployment = output.one("Deployment", "cost-worker-notify")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    labels = pod_labels(deployment)
+    assert container["args"] == ["notify", "run"]
+    assert deployment["spec"]["replicas"] >= 2  # two dispatchers: one down delays nothing
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["terminationGracePeriodSeconds"] >= float(config_env(output)["COST_WORKER_SHUTDOWN_GRACE"]) + 15
+    refs = {
+        env["name"]: (env["valueFrom"]["secretKeyRef"]["name"], env["valueFrom"]["secretKeyRef"]["key"])
+        for env in container["env"]
+    }
+    assert refs["COST_WORKER_NOTIFY_SECRETS_KEY"] == ("cost-worker-notify", "secrets-key")
+    assert "writer" in refs["COST_WORKER_DATABASE_URL"][0]
+    readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    assert "`cost-worker-notify`" in readme
+    assert "`secrets-key`" in readme
+    # The worker's Service, PDB and scaling do not pick up notify pods; notify's own Service does.
+    assert not selects(output.one("Service", "cost-worker")["spec"]["selector"], labels)
+    assert not selects(output.one("PodDisruptionBudget")["spec"]["selector"]["matchLabels"], labels)
+    assert selects(output.one("Service", "cost-worker-notify")["spec"]["selector"], labels)
+    monitor = output.one("ServiceMonitor", "cost-worker-notify")
+    assert selects(
+        monitor["spec"]["selector"]["matchLabels"], output.one("Service", "cost-worker-notify")["metadata"]["labels"]
+    )
+    policy = {p["metadata"]["name"]: p for p in output.all("NetworkPolicy")}["cost-worker-notify"]["spec"]
+    assert selects(policy["podSelector"]["matchLabels"], labels)
+    (https,) = [rule for rule in policy["egress"] if {p["port"] for p in rule["ports"]} == {443}]
+    (block,) = https["to"]
+    assert block["ipBlock"]["cidr"] == "0.0.0.0/0"
+    assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16"} <= set(block["ipBlock"]["except"])
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_scaling_never_exceeds_the_partition_count(rendered: dict[str, Rendered], kustomization: str) -> None:
     output = rendered[kustomization]
     scaled = output.one("ScaledObject")
     partitions = int(scaled["metadata"]["annotations"]["cost-worker/input-topic-partitions"])
     spec = scaled["spec"]
     assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"] <= partitions
-    assert spec["scaleTargetRef"]["name"] == output.one("Deployment")["metadata"]["name"]
+    assert spec["scaleTargetRef"]["name"] == output.one("Deployment", "cost-worker")["metadata"]["name"]
     (trigger,) = spec["triggers"]
     assert trigger["type"] == "prometheus"
     assert metric_names(trigger["metadata"]["query"]) == {"cost_worker_consumer_lag_messages"}
@@ -453,7 +500,7 @@ def test_scaling_never_exceeds_the_partition_count(rendered: dict[str, Rendered]
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_namespace_matchers_name_the_namespace_deployed_to(rendered: dict[str, Rendered], kustomization: str) -> None:
     output = rendered[kustomization]
-    namespace = output.one("Deployment")["metadata"]["namespace"]
+    namespace = output.one("Deployment", "cost-worker")["metadata"]["namespace"]
     assert {doc["metadata"].get("namespace") for doc in output.docs if doc["kind"] != "Namespace"} == {namespace}
     expressions = [r["expr"] for g in output.one("PrometheusRule")["spec"]["groups"] for r in g["rules"]]
     expressions.append(output.one("ScaledObject")["spec"]["triggers"][0]["metadata"]["query"])
