@@ -317,7 +317,10 @@ async def test_sigkill_between_send_and_commit_resends_the_same_id_recorded_once
     assert receiver.ids == [alert_id, alert_id]  # at least once on the wire, with the same webhook-id
     assert len(receiver.verified) == 2
     assert await db.fetchval("SELECT count(*) FROM notify_deliveries") == 1  # once in effect
-    assert "whsec_" not in log.read_text()  # the secret is never logged
+    logged = log.read_text()
+    assert "whsec_" not in logged  # the signing secret is never logged...
+    assert "t0ken" not in logged  # ...nor the URL's token
+    assert KEY not in logged
 
 
 def _spawn_notify(settings: Settings, log: Path, **extra: str) -> Any:

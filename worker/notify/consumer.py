@@ -170,15 +170,6 @@ class AlertConsumer:
                 self.unsynced.discard((topic, partition))
         self.health.database_ok = True
 
-    def caught_up(self) -> bool:
-        if not self.health.joined_group or self.unsynced:
-            return False
-        for tp in self.assigned:
-            highwater = self.kafka.highwater(TopicPartition(*tp))
-            if highwater is None or highwater > (self.positions.get(tp) or 0):
-                return False
-        return True
-
 
 def _deliveries(alerts: list[messages.AlertMessage], destinations: list[Any]) -> list[NewDelivery]:
     by_org: dict[Any, list[tuple[Any, messages.Filter]]] = {}

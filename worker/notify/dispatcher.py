@@ -56,14 +56,16 @@ class Dispatcher:
         self._stats_at = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Claim and send until ``stop``; attempts in flight are left to ``drain`` (the caller's grace)."""
         try:
             while not stop.is_set():
                 claimed = await self.round()
                 await self._stats()
                 if claimed == 0:
                     await self._wait(stop)
-        finally:
+        except asyncio.CancelledError:
             await self.drain(0.0)
+            raise
 
     async def round(self) -> int:
         """Claim what is due for destinations not busy here, and start their tasks. Returns the count."""
