@@ -247,3 +247,31 @@ def test_sealed_values_open_only_with_the_key_and_on_their_row() -> None:
         Sealer(bytes(32)).open(sealed, owner)
     with pytest.raises(ConfigError):
         Sealer.from_settings(Settings())
+
+
+# --- the command line and the SQL file ------------------------------------------------------------------
+
+
+def test_notify_queries_load() -> None:
+    from worker.notify.store import _queries  # noqa: PLC0415
+
+    loaded = _queries()
+    assert {"notify_claim", "notify_deliveries_insert", "notify_record_delivered"} <= set(loaded)
+    assert all(statement.strip() for statement in loaded.values())
+
+
+def test_cli_refuses_a_private_url_with_one_line_and_no_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from worker.cli import main  # noqa: PLC0415
+
+    monkeypatch.setenv("COST_WORKER_DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
+    monkeypatch.setenv("COST_WORKER_NOTIFY_SECRETS_KEY", base64.b64encode(bytes(32)).decode())
+    args = ["notify", "destinations", "add", "--organization", str(uuid.uuid4()), "--name", "x"]
+    assert main([*args, "--url", "https://169.254.169.254/latest/meta-data"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("cost-worker: error: address 169.254.169.254 is not public")
+    assert "Traceback" not in error
+    monkeypatch.delenv("COST_WORKER_NOTIFY_SECRETS_KEY")
+    assert main([*args, "--url", "https://hooks.example.com/x"]) == 2
+    assert "COST_WORKER_NOTIFY_SECRETS_KEY: required" in capsys.readouterr().err

@@ -81,6 +81,7 @@ class AlertConsumer:
                 if records:
                     self.last_record = time.monotonic()
                     await self.apply(records)
+                self._update_lag()
                 pause = self.settings.retry_initial_backoff
                 self.health.retrying_since = None
             except KafkaError as exc:
@@ -139,8 +140,10 @@ class AlertConsumer:
                 log.warning("notify_batch_fenced", partitions=sorted(f"{t}:{p}" for t, p in last))
                 self.unsynced |= set(last)
                 return
+            now = time.time()
             for (topic, partition), offset in last.items():
                 self.positions[(topic, partition)] = offset + 1
+                metrics.LAST_COMMIT.labels(topic=topic, partition=str(partition)).set(now)
         metrics.NOTIFY_ALERTS.labels(outcome="invalid").inc(invalid)
         metrics.NOTIFY_ALERTS.labels(outcome="matched").inc(sum(1 for a in alerts if a.webhook_id in matched))
         metrics.NOTIFY_ALERTS.labels(outcome="unmatched").inc(sum(1 for a in alerts if a.webhook_id not in matched))
@@ -148,6 +151,14 @@ class AlertConsumer:
         log.info("notify_batch", messages=len(records), alerts=len(alerts), invalid=invalid, deliveries=created)
         if created:
             self.on_created()
+
+    def _update_lag(self) -> None:
+        """The worker's lag gauge, for the alerts topic: high watermark minus the stored position."""
+        for tp in self.assigned - self.unsynced:
+            highwater = self.kafka.highwater(TopicPartition(*tp))
+            if highwater is not None:
+                lag = max(0, int(highwater) - (self.positions.get(tp) or 0))
+                metrics.CONSUMER_LAG.labels(topic=tp[0], partition=str(tp[1])).set(lag)
 
     async def _sync(self) -> None:
         pending = sorted(self.unsynced & self.assigned)

@@ -129,7 +129,10 @@ class Dispatcher:
 
     async def _destination(self, destination: UUID, items: list[Claimed]) -> None:
         try:
-            await asyncio.gather(*(self._deliver(item) for item in items))
+            results = await asyncio.gather(*(self._deliver(item) for item in items), return_exceptions=True)
+            for item, result in zip(items, results, strict=True):
+                if isinstance(result, Exception):  # a bug: logged; the lease expires and the delivery is retried
+                    log.error("notify_attempt_crashed", delivery=item.id, error=f"{type(result).__name__}: {result}")
         finally:
             self._done(destination, len(items))
 
