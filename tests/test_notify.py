@@ -442,3 +442,33 @@ async def test_a_budget_crossing_in_the_worker_arrives_signed_once(
     await asyncio.sleep(0.3)
     assert receiver.ids == [alert_id]
     assert await db.fetchval("SELECT count(*) FROM notify_deliveries") == 1
+
+
+async def test_sigterm_lets_the_attempt_in_flight_finish_and_record(
+    db: asyncpg.Connection, notify_settings: Settings, serve: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    settings = notify_settings
+    await create_topics(settings)
+    org = await make_org(db)
+    arrived = asyncio.Event()
+
+    async def slow(receiver: Receiver, request: web.Request, body: bytes) -> web.StreamResponse:
+        arrived.set()
+        await asyncio.sleep(1.5)
+        return web.Response(status=200)
+
+    receiver = await serve(slow)
+    _, receiver.secret = await add(settings, capsys, org, receiver.url)
+    await produce(settings, settings.topic_budget_alerts, [alert_message(org)])
+    log = tmp_path / "notify.log"
+    process = _spawn_notify(settings, log, COST_WORKER_NOTIFY_TIMEOUT="5")
+    try:
+        await asyncio.wait_for(arrived.wait(), 60)
+        process.send_signal(signal.SIGTERM)  # mid-attempt: the receiver answers in 1.5 s
+        code = await asyncio.to_thread(process.wait, 30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert code == 0, log.read_text()[-3000:]
+    assert len(receiver.requests) == 1
+    assert await db.fetchval("SELECT status FROM notify_deliveries") == "delivered"
