@@ -52,13 +52,13 @@ class Dispatcher:
         self.wake = asyncio.Event()
         self.busy: dict[UUID, asyncio.Task[None]] = {}
         self.in_flight = 0
-        self.database_ok = True
         self._stats_at = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and send until ``stop``; attempts in flight are left to ``drain`` (the caller's grace)."""
         try:
             while not stop.is_set():
+                self.wake.clear()  # before the claim: a wake-up during it is not lost
                 claimed = await self.round()
                 await self._stats()
                 if claimed == 0:
@@ -74,9 +74,7 @@ class Dispatcher:
             return 0
         try:
             claimed = await self.store.claim(list(self.busy), self.settings.notify_per_destination, free, self.lease)
-            self.database_ok = True
         except TransientError as exc:
-            self.database_ok = False
             log.warning("notify_claim_failed", error=str(exc))
             await asyncio.sleep(ERROR_PAUSE)
             return 0
@@ -95,7 +93,6 @@ class Dispatcher:
         self.wake.set()  # the destination may have more due: claim again now
 
     async def _wait(self, stop: asyncio.Event) -> None:
-        self.wake.clear()
         waiters = [asyncio.ensure_future(self.wake.wait()), asyncio.ensure_future(stop.wait())]
         try:
             await asyncio.wait(waiters, timeout=self.settings.notify_poll_interval, return_when="FIRST_COMPLETED")
