@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -426,7 +427,8 @@ async def test_a_budget_crossing_in_the_worker_arrives_signed_once(
     await run_notify(settings, delivered)
     assert receiver.ids == [alert_id]
     body = receiver.verified[0]
-    assert (body["budget_id"], body["threshold_percent"], body["spend"]) == (str(budget), "80", "9")
+    assert (body["budget_id"], Decimal(body["threshold_percent"]), Decimal(body["spend"])) == (str(budget), 80, 9)
+    assert body.get("type", TRIGGERED) == TRIGGERED
 
     # The worker publishing the alert again (at least once) changes nothing for the receiver.
     await produce(settings, settings.topic_budget_alerts, [receiver.requests[0][2]], keys=[str(budget).encode()])
