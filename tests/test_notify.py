@@ -20,7 +20,8 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp import web
+from aiohttp import ClientSession, web
+from prometheus_client import REGISTRY
 from pydantic import SecretStr
 from standardwebhooks.webhooks import Webhook
 
@@ -172,8 +173,15 @@ def alert_message(org: Org, *, threshold: str = "80", kind: str = TRIGGERED, ale
     return dumps(body)
 
 
-async def run_notify(settings: Settings, until: Callable[[], Awaitable[bool]], timeout: float = 40.0) -> float:
-    """Run ``notify run`` in this process until ``until()`` holds; returns the seconds it took."""
+async def run_notify(
+    settings: Settings,
+    until: Callable[[], Awaitable[bool]],
+    timeout: float = 40.0,
+    *,
+    probes: dict[str, str] | None = None,
+) -> float:
+    """Run ``notify run`` in this process until ``until()`` holds; returns the seconds it took. With
+    ``probes``, also fetches /readyz and /metrics into it before stopping."""
     service = NotifyService(settings)
     task = asyncio.create_task(service.run())
     started = time.monotonic()
@@ -182,6 +190,12 @@ async def run_notify(settings: Settings, until: Callable[[], Awaitable[bool]], t
             assert not task.done(), task.exception() if task.done() else ""
             assert time.monotonic() - started < timeout, "condition not reached in time"
             await asyncio.sleep(0.05)
+        if probes is not None:
+            assert service.http is not None
+            async with ClientSession() as client:
+                for path in ("/readyz", "/healthz", "/metrics"):
+                    async with client.get(f"http://127.0.0.1:{service.http.port}{path}") as response:
+                        probes[path] = f"{response.status} {await response.text()}"
         return time.monotonic() - started
     finally:
         service.stop.set()
@@ -424,7 +438,15 @@ async def test_a_budget_crossing_in_the_worker_arrives_signed_once(
     async def delivered() -> bool:
         return bool(await db.fetchval("SELECT status FROM notify_deliveries") == "delivered")
 
-    await run_notify(settings, delivered)
+    probes: dict[str, str] = {}
+    delivered_series = 'cost_worker_notify_attempts_total{kind="webhook",outcome="delivered"}'
+    before = REGISTRY.get_sample_value("cost_worker_notify_attempts_total", {"kind": "webhook", "outcome": "delivered"})
+    await run_notify(settings, delivered, probes=probes)
+    assert probes["/readyz"].startswith("200 ok")
+    assert probes["/healthz"].startswith("200")
+    exported = dict(line.rsplit(" ", 1) for line in probes["/metrics"].splitlines() if line.startswith("cost_worker_"))
+    assert float(exported[delivered_series]) == (before or 0) + 1  # the metrics are this process's, cumulative
+    assert "cost_worker_notify_backlog_deliveries" in exported
     assert receiver.ids == [alert_id]
     body = receiver.verified[0]
     assert (body["budget_id"], Decimal(body["threshold_percent"]), Decimal(body["spend"])) == (str(budget), 80, 9)
