@@ -28,7 +28,7 @@ from worker.errors import TransientError
 from worker.faults import NO_FAULTS, Faults
 from worker.notify.backoff import Backoff
 from worker.notify.sealing import SealBroken, Sealer
-from worker.notify.sender import Attempt, Sender
+from worker.notify.sender import ERROR_EXCERPT_CHARS, Attempt, Sender
 from worker.notify.store import Claimed, NotifyStore
 
 log = structlog.get_logger("worker.notify.dispatcher")
@@ -171,7 +171,8 @@ class Dispatcher:
                 at = self.backoff.next_attempt(item.attempts, item.created_at, datetime.now(UTC))
                 if at is None:
                     outcome = "failed"
-                    recorded = await self.store.failed(item, attempt.status, f"gave up: {attempt.error}"[:500])
+                    error = f"gave up: {attempt.error}"[:ERROR_EXCERPT_CHARS]
+                    recorded = await self.store.failed(item, attempt.status, error)
                 else:
                     recorded = await self.store.retry(item, at, attempt.status, attempt.error, destination_backoff=True)
         except TransientError as exc:
