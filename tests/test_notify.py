@@ -498,3 +498,33 @@ async def test_sigterm_lets_the_attempt_in_flight_finish_and_record(
     assert code == 0, log.read_text()[-3000:]
     assert len(receiver.requests) == 1
     assert await db.fetchval("SELECT status FROM notify_deliveries") == "delivered"
+
+
+async def test_a_receiver_that_never_recovers_is_given_up_at_the_maximum_age(
+    db: asyncpg.Connection, notify_settings: Settings, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = notify_settings.model_copy(update={"notify_max_age": 2.0})
+    await create_topics(settings)
+    org = await make_org(db)
+
+    async def broken(receiver: Receiver, request: web.Request, body: bytes) -> web.StreamResponse:
+        return web.Response(status=500, text="internal error")
+
+    receiver = await serve(broken)
+    _, receiver.secret = await add(settings, capsys, org, receiver.url)
+    alert_id = str(uuid.uuid4())
+    await produce(settings, settings.topic_budget_alerts, [alert_message(org, alert_id=alert_id)])
+
+    async def given_up() -> bool:
+        return bool(await db.fetchval("SELECT status FROM notify_deliveries") == "failed")
+
+    await run_notify(settings, given_up)
+    row = await db.fetchrow(
+        "SELECT attempts, last_status, last_error, created_at, last_attempt_at FROM notify_deliveries"
+    )
+    assert row is not None
+    assert row["attempts"] == len(receiver.requests) >= 3  # retried (backoff 0.2-0.4 s) until the age ran out
+    assert set(receiver.ids) == {alert_id}
+    assert row["last_status"] == 500
+    assert row["last_error"] == "gave up: HTTP 500: internal error"
+    assert (row["last_attempt_at"] - row["created_at"]).total_seconds() <= settings.notify_max_age
