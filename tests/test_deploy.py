@@ -50,6 +50,7 @@ RULES_FILE = "cost-worker.rules.yaml"  # the name the promtool unit tests load
 EXPECTED_CHECKOV_SKIPS = {
     ("kubernetes", "CKV_K8S_43", "Deployment.cost-worker"),
     ("kubernetes", "CKV_K8S_43", "Job.cost-worker-migrate"),
+    ("kubernetes", "CKV_K8S_43", "Deployment.cost-worker-notify"),
     ("dockerfile", "CKV_DOCKER_2", "Dockerfile"),
 }
 EXPECTED_ALERTS = {
@@ -61,6 +62,9 @@ EXPECTED_ALERTS = {
     "CostWorkerOutboxBacklogHigh",
     "CostWorkerOutboxOldestAgeHigh",
     "CostWorkerNotReady",
+    "CostWorkerNotifyDown",
+    "CostWorkerNotifyDeliveriesDelayed",
+    "CostWorkerNotifyDeliveriesFailed",
 }
 
 # --- tools ------------------------------------------------------------------------------------------------
@@ -265,7 +269,7 @@ def test_dockerfile_is_multi_stage_pinned_and_unprivileged(production: Rendered)
     assert "[deploy" not in builder, "no deploy extras in the image"
     # The image's user is the one the pods run as.
     uid = users[-1].split(":")[0]
-    pod = production.one("Deployment")["spec"]["template"]["spec"]
+    pod = production.one("Deployment", "cost-worker")["spec"]["template"]["spec"]
     assert str(pod["securityContext"]["runAsUser"]) == uid
 
 
@@ -465,11 +469,11 @@ def test_service_pdb_networkpolicy_select_the_right_pods(rendered: dict[str, Ren
     output = rendered[kustomization]
     worker = pod_labels(output.one("Deployment", "cost-worker"))
     migrate = pod_labels(output.one("Job", "cost-worker-migrate"))
-    service = output.one("Service")
+    service = output.one("Service", "cost-worker")
     assert selects(service["spec"]["selector"], worker)
     assert not selects(service["spec"]["selector"], migrate)
     assert [(p["name"], p["targetPort"]) for p in service["spec"]["ports"]] == [("metrics", "metrics")]
-    monitor = output.one("ServiceMonitor")
+    monitor = output.one("ServiceMonitor", "cost-worker")
     assert selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
     pdb = output.one("PodDisruptionBudget")
@@ -497,13 +501,55 @@ def test_service_pdb_networkpolicy_select_the_right_pods(rendered: dict[str, Ren
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_notify_pods_are_hardened_scraped_and_reach_only_public_https(
+    rendered: dict[str, Rendered], kustomization: str
+) -> None:
+    output = rendered[kustomization]
+    deployment = output.one("Deployment", "cost-worker-notify")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    labels = pod_labels(deployment)
+    assert container["args"] == ["notify", "run"]
+    assert deployment["spec"]["replicas"] >= 2  # two dispatchers: one down delays nothing
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["terminationGracePeriodSeconds"] >= float(config_env(output)["COST_WORKER_SHUTDOWN_GRACE"]) + 15
+    refs = {
+        env["name"]: (env["valueFrom"]["secretKeyRef"]["name"], env["valueFrom"]["secretKeyRef"]["key"])
+        for env in container["env"]
+    }
+    assert refs["COST_WORKER_NOTIFY_SECRETS_KEY"] == ("cost-worker-notify", "secrets-key")
+    assert "writer" in refs["COST_WORKER_DATABASE_URL"][0]
+    readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    assert "`cost-worker-notify`" in readme
+    assert "`secrets-key`" in readme
+    # The worker's Service, PDB and scaling do not pick up notify pods; notify's own Service does.
+    assert not selects(output.one("Service", "cost-worker")["spec"]["selector"], labels)
+    assert not selects(output.one("PodDisruptionBudget")["spec"]["selector"]["matchLabels"], labels)
+    assert selects(output.one("Service", "cost-worker-notify")["spec"]["selector"], labels)
+    monitor = output.one("ServiceMonitor", "cost-worker-notify")
+    assert selects(
+        monitor["spec"]["selector"]["matchLabels"], output.one("Service", "cost-worker-notify")["metadata"]["labels"]
+    )
+    policy = {p["metadata"]["name"]: p for p in output.all("NetworkPolicy")}["cost-worker-notify"]["spec"]
+    assert selects(policy["podSelector"]["matchLabels"], labels)
+    (https,) = [rule for rule in policy["egress"] if {p["port"] for p in rule["ports"]} == {443}]
+    (block,) = https["to"]
+    assert block["ipBlock"]["cidr"] == "0.0.0.0/0"
+    assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16"} <= set(block["ipBlock"]["except"])
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_scaling_never_exceeds_the_partition_count(rendered: dict[str, Rendered], kustomization: str) -> None:
     output = rendered[kustomization]
     scaled = output.one("ScaledObject")
     partitions = int(scaled["metadata"]["annotations"]["cost-worker/input-topic-partitions"])
     spec = scaled["spec"]
     assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"] <= partitions
-    assert spec["scaleTargetRef"]["name"] == output.one("Deployment")["metadata"]["name"]
+    assert spec["scaleTargetRef"]["name"] == output.one("Deployment", "cost-worker")["metadata"]["name"]
     (trigger,) = spec["triggers"]
     assert trigger["type"] == "prometheus"
     assert metric_names(trigger["metadata"]["query"]) == {"cost_worker_consumer_lag_messages"}
@@ -512,15 +558,15 @@ def test_scaling_never_exceeds_the_partition_count(rendered: dict[str, Rendered]
     assert spec["minReplicaCount"] >= 2
 
 
-def check_queries_follow_the_deployment(output: Rendered) -> None:
+def check_queries_follow_the_deployment(output: Rendered, prefix: str = "") -> None:
     """No namespace or job written into the alert rules; the KEDA query names the namespace deployed to; `up` is
     selected by the job label the ServiceMonitor takes from the Service's app label."""
-    namespace = output.one("Deployment")["metadata"]["namespace"]
+    namespace = output.one("Deployment", prefix + "cost-worker")["metadata"]["namespace"]
     assert {doc["metadata"].get("namespace") for doc in output.docs if doc["kind"] != "Namespace"} == {namespace}
     rules = [r["expr"] for g in output.one("PrometheusRule")["spec"]["groups"] for r in g["rules"]]
     assert not [value for expr in rules for value in label_values(expr, "namespace")], "a namespace in a rule"
-    monitor = output.one("ServiceMonitor")
-    job = output.one("Service")["metadata"]["labels"][monitor["spec"]["jobLabel"]]
+    monitor = output.one("ServiceMonitor", prefix + "cost-worker")
+    job = output.one("Service", prefix + "cost-worker")["metadata"]["labels"][monitor["spec"]["jobLabel"]]
     for expr in rules:
         for selector in selectors(expr):
             jobs = [m.value for m in selector.matchers.matchers if m.name == "job"]
@@ -553,9 +599,8 @@ def test_a_second_environment_needs_no_query_edits(production: Rendered, tmp_pat
     result = run([kubectl, "kustomize", str(staging)])
     assert result.returncode == 0, result.stderr
     output = Rendered("staging", staging, [doc for doc in yaml.safe_load_all(result.stdout) if doc])
-    assert output.one("Deployment")["metadata"]["name"] == "staging-cost-worker"
-    assert output.one("Deployment")["metadata"]["namespace"] == "cost-staging"
-    check_queries_follow_the_deployment(output)
+    assert output.one("Deployment", "staging-cost-worker")["metadata"]["namespace"] == "cost-staging"
+    check_queries_follow_the_deployment(output, "staging-")
     assert output.one("PrometheusRule")["spec"] == production.one("PrometheusRule")["spec"], "rules unchanged"
 
 

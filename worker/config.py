@@ -7,6 +7,8 @@ problem at once (``cost-worker check-config`` prints them); secrets never leave 
 from __future__ import annotations
 
 import os
+import base64
+import ipaddress
 import ssl
 from pathlib import Path
 from typing import Any, Literal
@@ -60,8 +62,19 @@ BREAKER_INVALID_RATIO = 0.9  # share of invalid messages in the window that stop
 METRICS_HOST = "0.0.0.0"  # noqa: S104 - the metrics port must be reachable by Prometheus in a pod
 METRICS_PORT = 9108
 
-FAULT_POINTS = ("before_db_commit", "after_db_commit", "before_outbox_publish")
 VERIFYING_SSLMODES = ("verify-ca", "verify-full")  # libpq modes that check the server's certificate
+# --- notify (issue 15) ---
+NOTIFY_GROUP_ID = "cost-worker-notify"  # consumer group of the alerts topic (offsets stored in PostgreSQL)
+NOTIFY_TIMEOUT = 5.0  # seconds one HTTP attempt may take, connecting included
+NOTIFY_MAX_AGE = 86_400.0  # seconds after its creation a delivery is given up as failed
+NOTIFY_BACKOFF_INITIAL = 2.0  # seconds before the first retry of a failed attempt
+NOTIFY_BACKOFF_MAX = 900.0  # seconds; exponential backoff with jitter up to this
+NOTIFY_PER_DESTINATION = 2  # concurrent attempts per destination
+NOTIFY_MAX_IN_FLIGHT = 64  # concurrent attempts in all
+NOTIFY_POLL_INTERVAL = 1.0  # seconds between scans for due deliveries when nothing woke the dispatcher
+NOTIFY_SECRETS_KEY_BYTES = 32  # AES-256-GCM key of destination URLs and signing secrets
+
+FAULT_POINTS = ("before_db_commit", "after_db_commit", "before_outbox_publish", "notify_after_send")
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
@@ -235,6 +248,50 @@ class Settings(BaseSettings):
         default="auto", description="auto: console on a terminal, JSON lines otherwise"
     )
 
+    # notify (issue 15)
+    notify_group_id: str = Field(
+        default=NOTIFY_GROUP_ID, min_length=1, description="Consumer group of `notify run` on the alerts topic"
+    )
+    notify_secrets_key: SecretStr | None = Field(
+        default=None,
+        description="Base64 of 32 random bytes: the AES-GCM key of destination URLs and signing secrets "
+        "(required by `notify`)",
+    )
+    notify_allow_http: bool = Field(
+        default=False, description="Allow http:// destination URLs (tests and development only)"
+    )
+    notify_allowed_networks: str = Field(
+        default="",
+        description="CIDRs a destination may resolve to although private, loopback or link-local, "
+        "comma-separated (e.g. 127.0.0.0/8 in tests)",
+    )
+    notify_timeout: float = Field(
+        default=NOTIFY_TIMEOUT, gt=0, le=60, description="Seconds one delivery attempt may take, connecting included"
+    )
+    notify_max_age: float = Field(
+        default=NOTIFY_MAX_AGE, gt=0, description="Seconds after which an undelivered delivery is marked failed"
+    )
+    notify_backoff_initial: float = Field(
+        default=NOTIFY_BACKOFF_INITIAL, gt=0, description="Seconds before the first retry of a destination"
+    )
+    notify_backoff_max: float = Field(
+        default=NOTIFY_BACKOFF_MAX, gt=0, description="Longest wait between attempts (exponential, with jitter)"
+    )
+    notify_per_destination: int = Field(
+        default=NOTIFY_PER_DESTINATION, ge=1, le=32, description="Concurrent delivery attempts per destination"
+    )
+    notify_max_in_flight: int = Field(
+        default=NOTIFY_MAX_IN_FLIGHT, ge=1, description="Concurrent delivery attempts in all"
+    )
+    notify_poll_interval: float = Field(
+        default=NOTIFY_POLL_INTERVAL, gt=0, description="Seconds between scans for due deliveries"
+    )
+    notify_link_template: str = Field(
+        default="",
+        description="Link shown in Slack messages, with {organization_id} {budget_id} {alert_id} {scope} "
+        "{project_id} {user_id} placeholders; empty: no link",
+    )
+
     # tests only
     fault_points: str = Field(
         default="",
@@ -305,6 +362,27 @@ class Settings(BaseSettings):
         ]
         if len(set(topics)) != len(topics):
             found.append("COST_WORKER_TOPIC_*: the four topics must be distinct")
+        found += self._notify_problems()
+        return found
+
+    def _notify_problems(self) -> list[str]:
+        found: list[str] = []
+        if self.notify_secrets_key is not None:
+            try:
+                key = base64.b64decode(self.notify_secrets_key.get_secret_value(), validate=True)
+            except ValueError:
+                key = b""
+            if len(key) != NOTIFY_SECRETS_KEY_BYTES:
+                found.append(f"{env_name('notify_secrets_key')}: must be base64 of {NOTIFY_SECRETS_KEY_BYTES} bytes")
+        for network in split_list(self.notify_allowed_networks):
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                found.append(f"{env_name('notify_allowed_networks')}: {network!r} is not a network (CIDR)")
+        if self.notify_backoff_initial > self.notify_backoff_max:
+            found.append(f"{env_name('notify_backoff_initial')}: larger than {env_name('notify_backoff_max')}")
+        if self.notify_group_id == self.kafka_group_id:
+            found.append(f"{env_name('notify_group_id')}: must differ from {env_name('kafka_group_id')}")
         return found
 
     # --- derived ----------------------------------------------------------------------------------------
@@ -364,6 +442,8 @@ class Settings(BaseSettings):
                 values.append(password)
         if self.kafka_sasl_password is not None and self.kafka_sasl_password.get_secret_value():
             values.append(self.kafka_sasl_password.get_secret_value())
+        if self.notify_secrets_key is not None and self.notify_secrets_key.get_secret_value():
+            values.append(self.notify_secrets_key.get_secret_value())
         return values
 
 
