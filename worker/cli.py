@@ -15,6 +15,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
 
 from worker import __version__
+from worker.collect import cli as collect_cli
 from worker.config import Settings, load_settings
 from worker.errors import ConfigError, CostWorkerError
 
@@ -111,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
         "already alerted, as a table.",
     )
     bstatus.add_argument("--organization", metavar="ID", help="only this organization (uuid)")
+
+    collect_cli.add_parsers(sub)  # `collect` and `keys` (issue 14)
     return parser
 
 
@@ -195,6 +198,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "dev": cmd_dev,
     "quarantine": cmd_quarantine,
     "budgets": cmd_budgets,
+    **collect_cli.COMMANDS,
 }
 
 

@@ -106,3 +106,48 @@ FOREIGN_CURRENCY_ROWS = Counter(
     "Ledger rows in a period left out of a budget's spend because their currency differs from the budget's.",
     ["budget_currency", "row_currency"],
 )
+
+# --- collector (issue 14: `cost-worker collect`) ------------------------------------------------------------
+# Accounts are labelled by the provider's organization id (never by a key or its fingerprint).
+COLLECT_REQUESTS = Counter(
+    "cost_worker_collect_requests_total",
+    "Provider admin API requests, by provider, report and HTTP status (or timeout, connection_error).",
+    ["provider", "report", "status"],
+)
+COLLECT_PAGES = Counter(
+    "cost_worker_collect_pages_total", "Provider pages fetched in complete windows, by report.", ["provider", "report"]
+)
+COLLECT_BUCKETS = Counter(
+    "cost_worker_collect_buckets_published_total",
+    "Provider buckets acknowledged by the broker, by report.",
+    ["provider", "report"],
+)
+COLLECT_POLLS = Counter(
+    "cost_worker_collect_polls_total",
+    "Endpoint polls by result (ok, failed, auth_failed).",
+    ["provider", "report", "result"],
+)
+COLLECT_AUTH_FAILURES = Counter(
+    "cost_worker_collect_auth_failures_total",
+    "Polls stopped because the provider refused the account's admin key (401/403).",
+    ["provider", "account"],
+)
+COLLECT_LAST_SUCCESS = Gauge(
+    "cost_worker_collect_last_success_timestamp_seconds",
+    "Unix time of the last successful poll, per account and report.",
+    ["provider", "account", "report"],
+)
+COLLECT_SINCE_SUCCESS = Gauge(
+    "cost_worker_collect_seconds_since_last_success",
+    "Seconds since the last successful poll, per account and report (updated every poll round).",
+    ["provider", "account", "report"],
+)
+COLLECT_DATA_FRESHNESS = Gauge(
+    "cost_worker_collect_newest_bucket_end_timestamp_seconds",
+    "Unix time of the end of the newest bucket collected, per account and report (data freshness).",
+    ["provider", "account", "report"],
+)
+COLLECT_ACTIVE = Gauge("cost_worker_collect_active", "1 when this replica holds the poller lock, else 0.")
+COLLECT_OUTBOX_BACKLOG = Gauge(
+    "cost_worker_collect_outbox_backlog_messages", "Staged collector messages not yet acknowledged by the broker."
+)
