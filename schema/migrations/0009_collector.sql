@@ -57,7 +57,7 @@ CREATE TABLE collector_outbox (
 REVOKE ALL ON organization_api_keys FROM PUBLIC;
 GRANT SELECT, INSERT, UPDATE ON organization_api_keys TO cost_worker_collector;
 GRANT SELECT, INSERT, UPDATE ON collector_state TO cost_worker_collector;
-GRANT SELECT, INSERT, DELETE ON collector_outbox TO cost_worker_collector;
+GRANT SELECT, INSERT, UPDATE, DELETE ON collector_outbox TO cost_worker_collector;  -- UPDATE: FOR UPDATE claims
 GRANT SELECT ON collector_state TO cost_worker_reader;
 GRANT SELECT ON schema_migrations TO cost_worker_collector;
 -- `keys add` names the organization that owns the provider account.

@@ -35,7 +35,7 @@ class _RetryAfterOrBackoff(wait_base):
     """Retry-After when the provider sent one, else exponential backoff with jitter."""
 
     def __init__(self, initial: float, maximum: float, ceiling: float) -> None:
-        self.backoff = wait_exponential_jitter(initial=initial, max=maximum)
+        self.backoff = wait_exponential_jitter(multiplier=initial, max=maximum, jitter=initial)
         self.ceiling = ceiling
 
     def __call__(self, retry_state: Any) -> float:

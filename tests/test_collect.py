@@ -1,0 +1,353 @@
+"""The collector against a fake provider (tests/fake_providers.py), a real broker, PostgreSQL and the worker.
+
+Proof for issue 14: documented shapes with cursor pagination, a 429 with Retry-After, flaky 5xx, a 401 for one
+account, data that changes between two polls; the ledger equals the fake provider's final truth; a collector
+killed mid-poll publishes nothing of that window and the next poll completes it; no admin key in any log line,
+metric, error or message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import signal
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from prometheus_client import REGISTRY, generate_latest
+
+from tests.factories import Org, make_org
+from tests.fake_providers import (
+    OPENAI_USAGE,
+    Canned,
+    FakeProviders,
+    anthropic_cost,
+    anthropic_usage,
+    openai_completions,
+    openai_cost,
+)
+from tests.kafka_helpers import consume_all, create_topics, kill, run_worker, worker_env
+from worker import logs
+from worker.collect import admin
+from worker.collect.runner import Collector
+from worker.collect.windows import day_start
+from worker.config import Settings
+
+COSTS = "/v1/organization/costs"
+COMPLETIONS = "/v1/organization/usage/completions"
+A_COSTS = "/v1/organizations/cost_report"
+A_USAGE = "/v1/organizations/usage_report/messages"
+DAY = timedelta(days=1)
+TODAY = day_start(datetime.now(UTC))
+D2, D1, D0 = TODAY - 2 * DAY, TODAY - DAY, TODAY
+
+
+@dataclass
+class World:
+    fake: FakeProviders
+    settings: Settings  # the collector's (role cost_worker_collector)
+    keys: dict[str, str]  # account -> admin key
+    orgs: dict[str, Org]
+    log: io.StringIO
+
+
+def _sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture
+async def world(db: asyncpg.Connection, settings: Settings, tmp_path: Path) -> AsyncIterator[World]:
+    keys = {acc: f"sk-admin-{acc}-{uuid.uuid4().hex}" for acc in ("org-oa", "org-an", "org-bad")}
+    fake = FakeProviders({("openai", "org-oa"): keys["org-oa"], ("anthropic", "org-an"): keys["org-an"]})
+    url = await fake.start()
+    kek = tmp_path / "kek"
+    kek.write_bytes(bytes(range(32)))
+    collector_settings = settings.model_copy(
+        update={
+            "database_role": "cost_worker_collector",
+            "collect_openai_base_url": url,
+            "collect_anthropic_base_url": url,
+            "collect_key_encryption_key_file": kek,
+            "collect_trailing_days": 2,
+            "collect_backfill_start": D2.date(),
+            "collect_max_retry_after": 5.0,
+        }
+    )
+    orgs = {
+        "org-oa": await make_org(db, provider="openai", ai_org="org-oa", project_ids=("proj_a", "proj_b")),
+        "org-an": await make_org(db, provider="anthropic", ai_org="org-an", project_ids=("wrk_a", "wrk_b")),
+        "org-bad": await make_org(db, provider="openai", ai_org="org-bad", project_ids=("proj_x",)),
+    }
+    for account, provider in (("org-oa", "openai"), ("org-an", "anthropic"), ("org-bad", "openai")):
+        await admin.add(
+            collector_settings,
+            organization=orgs[account].id,
+            provider=provider,
+            account=account,
+            name=account,
+            secret_file=None,
+            stdin=io.StringIO(keys[account] + "\n"),
+        )
+    await create_topics(settings)
+    buffer = io.StringIO()
+    logs.configure(level="DEBUG", fmt="json", secrets=collector_settings.secrets(), stream=buffer)
+    yield World(fake, collector_settings, keys, orgs, buffer)
+    await fake.stop()
+
+
+def seed_truth(fake: FakeProviders) -> None:
+    """Poll 1's truth: three days (two closed, today's open bucket) of every report."""
+    fake.openai_bucket(
+        "org-oa",
+        COSTS,
+        D2,
+        [
+            openai_cost("1.25", "Input tokens", "proj_a"),
+            openai_cost("0.000123456789012345678", "Output tokens", "proj_a"),
+        ],
+    )
+    fake.openai_bucket(
+        "org-oa", COSTS, D1, [openai_cost("2.5", "Input tokens", "proj_a"), openai_cost("0.75", "Web search", "proj_a")]
+    )
+    fake.openai_bucket("org-oa", COSTS, D0, [openai_cost("0.1", "Input tokens", "proj_b")])
+    fake.openai_bucket("org-oa", COMPLETIONS, D1, [openai_completions("proj_a", "gpt-4o", 1000, 200, 50)])
+    fake.openai_bucket("org-oa", COMPLETIONS, D0, [openai_completions("proj_b", "gpt-4o-mini", 10, 0, 5)])
+    for name in OPENAI_USAGE[1:]:
+        fake.openai_bucket("org-oa", f"/v1/organization/usage/{name}", D1, [])
+    fake.anthropic_bucket(
+        "org-an", A_COSTS, D2, [anthropic_cost("1234.5", "wrk_a", "Claude Sonnet 4 Usage - Input Tokens")]
+    )
+    fake.anthropic_bucket(
+        "org-an",
+        A_COSTS,
+        D1,
+        [
+            anthropic_cost("99", "wrk_b", "Claude Sonnet 4 Usage - Output Tokens"),
+            anthropic_cost("10", None, "Web Search"),
+        ],
+    )
+    fake.anthropic_bucket("org-an", A_USAGE, D1, [anthropic_usage("wrk_a", "claude-sonnet-4-20250514", 100, 20)])
+
+
+def revise_truth(fake: FakeProviders) -> None:
+    """Between the polls: a late revision, a line moved between projects, and today's bucket growing."""
+    fake.openai_bucket(
+        "org-oa",
+        COSTS,
+        D1,
+        [openai_cost("2.75", "Input tokens", "proj_a"), openai_cost("0.75", "Web search", "proj_b")],
+    )
+    fake.openai_bucket(
+        "org-oa",
+        COSTS,
+        D0,
+        [openai_cost("0.1", "Input tokens", "proj_b"), openai_cost("0.3", "Output tokens", "proj_b")],
+    )
+    fake.anthropic_bucket(
+        "org-an",
+        A_COSTS,
+        D1,
+        [
+            anthropic_cost("120.25", "wrk_b", "Claude Sonnet 4 Usage - Output Tokens"),
+            anthropic_cost("10", None, "Web Search"),
+        ],
+    )
+
+
+def cost_truth(world: World) -> set[tuple[Any, ...]]:
+    """The independent model: every cost result the fake serves now, as a ledger line."""
+    lines = set()
+    oa, an = world.orgs["org-oa"], world.orgs["org-an"]
+    for bucket in world.fake.buckets[("openai", "org-oa", COSTS)]:
+        for r in bucket["results"]:
+            amount = Decimal(r["amount"]["value"].removeprefix("__number__:"))
+            start = datetime.fromtimestamp(bucket["start_time"], tz=UTC)
+            lines.add((oa.projects[r["project_id"]], start, r["line_item"], amount, "USD"))
+    for bucket in world.fake.buckets[("anthropic", "org-an", A_COSTS)]:
+        for r in bucket["results"]:
+            project = an.projects[r["workspace_id"]] if r["workspace_id"] else None
+            start = datetime.fromisoformat(bucket["starting_at"])
+            lines.add((project, start, r["description"], Decimal(r["amount"]) / 100, "USD"))
+    return lines
+
+
+async def cost_ledger(db: asyncpg.Connection) -> set[tuple[Any, ...]]:
+    rows = await db.fetch(
+        "SELECT project_id, bucket_start_time, line_item, amount, currency FROM cost_data WHERE api_version = 'costs_v1'"
+    )
+    return {(r["project_id"], r["bucket_start_time"], r["line_item"], r["amount"], r["currency"]) for r in rows}
+
+
+def assert_no_key(world: World, *texts: str) -> None:
+    for text in texts:
+        for key in world.keys.values():
+            assert key not in text
+            assert key[-16:] not in text  # not even the key's tail
+
+
+async def test_collect_end_to_end_ledger_equals_the_providers_truth(
+    world: World, db: asyncpg.Connection, settings: Settings
+) -> None:
+    fake = world.fake
+    seed_truth(fake)
+    fake.script[("org-oa", COSTS)] = [Canned(429, {"Retry-After": "1"}, '{"error": {"type": "rate_limit"}}')]
+    fake.script[("org-oa", COMPLETIONS)] = [Canned(500)]
+    fake.script[("org-an", A_COSTS)] = [Canned(503), Canned(502)]
+    auth_before = _sample("cost_worker_collect_auth_failures_total", provider="openai", account="org-bad")
+
+    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+
+    # 429: the retry waited for Retry-After; the 5xx were retried; every page of every window was followed.
+    costs = [(status, at) for acc, path, _, status, at in fake.requests if acc == "org-oa" and path == COSTS]
+    assert costs[0][0] == 429 and costs[1][0] == 200
+    assert costs[1][1] - costs[0][1] >= 0.95
+    assert [s for acc, p, _, s, _ in fake.requests if acc == "org-an" and p == A_COSTS][:3] == [503, 502, 200]
+    assert len([1 for acc, p, _, s, _ in fake.requests if acc == "org-oa" and p == COSTS and s == 200]) == 3  # pages
+    grouped = next(q for acc, p, q, s, _ in fake.requests if p == COMPLETIONS and s == 200)
+    assert grouped["group_by"] == ["project_id", "model", "batch", "service_tier"]
+    # 401 for one account: stopped after one request, counted, the others went on.
+    assert [p for acc, p, _, s, _ in fake.requests if acc == "?"] == [COSTS]
+    assert _sample("cost_worker_collect_auth_failures_total", provider="openai", account="org-bad") == auth_before + 1
+    states = await db.fetch(
+        "SELECT k.organization_id, s.report, s.last_collected_at FROM collector_state s "
+        "JOIN organization_api_keys k ON k.id = s.account_id"
+    )
+    assert {(r["organization_id"]) for r in states} == {"org-oa", "org-an"}
+    assert len(states) == 9 + 2
+    assert len({r["last_collected_at"] for r in states}) == 1  # one collected_at per poll
+
+    revise_truth(fake)
+    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+    assert await db.fetchval("SELECT count(*) FROM collector_outbox") == 0
+
+    messages = await consume_all(settings, settings.topic_provider_buckets, expect=1, timeout=10)
+    envelopes = [json.loads(m.value) for m in messages]
+    assert {m.key for m in messages} == {b"org-oa", b"org-an"}
+    usage = [e for e in envelopes if e["provider"] == "openai" and e["api_version"] == "usage_v1"]
+    assert usage and all(e["endpoint"] in OPENAI_USAGE for e in usage)
+    # A bucket is never split: each (poll, report, window) is exactly one message.
+    seen = [
+        (
+            e["collected_at"],
+            e["provider"],
+            e.get("endpoint"),
+            e["api_version"],
+            json.dumps([e["bucket"].get(k) for k in ("start_time", "starting_at")]),
+        )
+        for e in envelopes
+    ]
+    assert len(seen) == len(set(seen))
+
+    assert await run_worker(settings, idle=1.5) == 0
+    assert await db.fetchval("SELECT count(*) FROM quarantine") == 0
+    truth = cost_truth(world)
+    ledger = await cost_ledger(db)
+    # The late revisions are applied, exactly (Decimal, every digit), and nothing is missing.
+    assert truth <= ledger
+    # The line moved from proj_a to proj_b leaves its old copy until the snapshot rule (issue 11: the newest
+    # collected_at of a window replaces all its lines) lands; today's upsert grain keeps it.
+    moved = (world.orgs["org-oa"].projects["proj_a"], D1, "Web search", Decimal("0.75"), "USD")
+    assert ledger - truth <= {moved}
+
+    usage_rows = await db.fetch(
+        "SELECT project_id, line_item, quantity FROM cost_data WHERE api_version = 'usage_v1' AND quantity > 0"
+    )
+    oa, an = world.orgs["org-oa"].projects, world.orgs["org-an"].projects
+    assert {(r["project_id"], r["line_item"], r["quantity"]) for r in usage_rows} == {
+        (oa["proj_a"], "gpt-4o:input_uncached_tokens", 800),
+        (oa["proj_a"], "gpt-4o:input_cached_tokens", 200),
+        (oa["proj_a"], "gpt-4o:output_tokens", 50),
+        (oa["proj_b"], "gpt-4o-mini:input_uncached_tokens", 10),
+        (oa["proj_b"], "gpt-4o-mini:output_tokens", 5),
+        (an["wrk_a"], "claude-sonnet-4-20250514:uncached_input_tokens:0-200k", 100),
+        (an["wrk_a"], "claude-sonnet-4-20250514:output_tokens:0-200k", 20),
+    }
+
+    # No admin key anywhere: logs (every failure path above logged), metrics, messages, stored rows.
+    log_text = world.log.getvalue()
+    assert "collect_auth_failed" in log_text and "collect_window_staged" in log_text
+    stored = await db.fetch("SELECT * FROM organization_api_keys")
+    assert_no_key(
+        world,
+        log_text,
+        generate_latest(REGISTRY).decode(),
+        *(m.value.decode() for m in messages),
+        repr([dict(r) for r in stored]),
+    )
+
+
+async def test_keys_are_readable_only_by_the_collector_role(world: World, db: asyncpg.Connection) -> None:
+    for role in ("cost_worker_writer", "cost_worker_reader"):
+        async with db.transaction():
+            await db.execute(f"SET LOCAL ROLE {role}")
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await db.fetch("SELECT * FROM organization_api_keys")
+    async with db.transaction():
+        await db.execute("SET LOCAL ROLE cost_worker_collector")
+        assert await db.fetchval("SELECT count(*) FROM organization_api_keys") == 3
+
+
+async def test_keys_commands_show_fingerprints_and_rotation_resumes_a_refused_account(
+    world: World, db: asyncpg.Connection, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seed_truth(world.fake)
+    await admin.list_keys(world.settings)
+    listing = capsys.readouterr().out
+    assert "org-bad" in listing and "sha256:" in listing
+    assert_no_key(world, listing)
+    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+    bad_id = await db.fetchval("SELECT id FROM organization_api_keys WHERE organization_id = 'org-bad'")
+    # The operator fixes the key: the fake now knows a new one; rotate reads it from stdin.
+    new_key = f"sk-admin-rotated-{uuid.uuid4().hex}"
+    world.keys["new"] = new_key
+    world.fake.keys[("openai", "org-bad")] = new_key
+    await admin.rotate(world.settings, key_id=bad_id, secret_file=None, stdin=io.StringIO(new_key + "\n"))
+    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+    assert await db.fetchval("SELECT count(*) FROM collector_state WHERE account_id = $1", bad_id) == 9
+    await admin.deactivate(world.settings, key_id=bad_id)
+    out = capsys.readouterr().out
+    assert "rotated" in out and "deactivated" in out
+    assert_no_key(world, out, world.log.getvalue())
+
+
+async def test_killed_mid_poll_publishes_nothing_of_that_window_and_the_next_poll_completes_it(
+    world: World, db: asyncpg.Connection, settings: Settings, tmp_path: Path
+) -> None:
+    fake = world.fake
+    seed_truth(fake)
+    for day in (D2, D1, D0):  # three pages of completions; park the second
+        fake.openai_bucket("org-oa", COMPLETIONS, day, [openai_completions("proj_a", "gpt-4o", 10, 0, 1)])
+    fake.holds[COMPLETIONS] = (1, asyncio.Event())
+    log_path = tmp_path / "collector.log"
+    env = worker_env(world.settings)
+    env["COST_WORKER_DATABASE_ROLE"] = "cost_worker_collector"
+    with log_path.open("ab") as out:
+        process = await asyncio.create_subprocess_exec(
+            *(__import__("sys").executable, "-m", "worker", "collect", "--once"), stdout=out, stderr=out, env=env
+        )
+    await asyncio.wait_for(fake.held.wait(), 60)
+    process.send_signal(signal.SIGKILL)
+    await process.wait()
+    fake.holds.clear()
+
+    reports = {r["report"] for r in await db.fetch("SELECT report FROM collector_state")}
+    assert "openai.costs" in reports and "openai.usage.completions" not in reports
+    staged = await db.fetch("SELECT report FROM collector_outbox")
+    assert "openai.usage.completions" not in {r["report"] for r in staged}
+    before = await consume_all(settings, settings.topic_provider_buckets, expect=1, timeout=5)
+    assert not [m for m in before if json.loads(m.value).get("endpoint") == "completions"]
+
+    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+    after = await consume_all(settings, settings.topic_provider_buckets, expect=len(before) + 1, timeout=10)
+    completions = [json.loads(m.value) for m in after if json.loads(m.value).get("endpoint") == "completions"]
+    assert sorted(e["bucket"]["start_time"] for e in completions) == [int(d.timestamp()) for d in (D2, D1, D0)]
+    assert len({e["collected_at"] for e in completions}) == 1
+    assert_no_key(world, log_path.read_text(), world.log.getvalue())
