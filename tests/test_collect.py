@@ -12,6 +12,7 @@ import asyncio
 import io
 import json
 import signal
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from tests.fake_providers import (
     openai_completions,
     openai_cost,
 )
-from tests.kafka_helpers import consume_all, create_topics, kill, run_worker, worker_env
+from tests.kafka_helpers import consume_all, create_topics, run_worker, worker_env
 from worker import logs
 from worker.collect import admin
 from worker.collect.runner import Collector
@@ -181,7 +182,8 @@ def cost_truth(world: World) -> set[tuple[Any, ...]]:
 
 async def cost_ledger(db: asyncpg.Connection) -> set[tuple[Any, ...]]:
     rows = await db.fetch(
-        "SELECT project_id, bucket_start_time, line_item, amount, currency FROM cost_data WHERE api_version = 'costs_v1'"
+        "SELECT project_id, bucket_start_time, line_item, amount, currency FROM cost_data "
+        "WHERE api_version = 'costs_v1'"
     )
     return {(r["project_id"], r["bucket_start_time"], r["line_item"], r["amount"], r["currency"]) for r in rows}
 
@@ -207,7 +209,8 @@ async def test_collect_end_to_end_ledger_equals_the_providers_truth(
 
     # 429: the retry waited for Retry-After; the 5xx were retried; every page of every window was followed.
     costs = [(status, at) for acc, path, _, status, at in fake.requests if acc == "org-oa" and path == COSTS]
-    assert costs[0][0] == 429 and costs[1][0] == 200
+    assert costs[0][0] == 429
+    assert costs[1][0] == 200
     assert costs[1][1] - costs[0][1] >= 0.95
     assert [s for acc, p, _, s, _ in fake.requests if acc == "org-an" and p == A_COSTS][:3] == [503, 502, 200]
     assert len([1 for acc, p, _, s, _ in fake.requests if acc == "org-oa" and p == COSTS and s == 200]) == 3  # pages
@@ -232,7 +235,8 @@ async def test_collect_end_to_end_ledger_equals_the_providers_truth(
     envelopes = [json.loads(m.value) for m in messages]
     assert {m.key for m in messages} == {b"org-oa", b"org-an"}
     usage = [e for e in envelopes if e["provider"] == "openai" and e["api_version"] == "usage_v1"]
-    assert usage and all(e["endpoint"] in OPENAI_USAGE for e in usage)
+    assert usage
+    assert all(e["endpoint"] in OPENAI_USAGE for e in usage)
     # A bucket is never split: each (poll, report, window) is exactly one message.
     seen = [
         (
@@ -273,7 +277,8 @@ async def test_collect_end_to_end_ledger_equals_the_providers_truth(
 
     # No admin key anywhere: logs (every failure path above logged), metrics, messages, stored rows.
     log_text = world.log.getvalue()
-    assert "collect_auth_failed" in log_text and "collect_window_staged" in log_text
+    assert "collect_auth_failed" in log_text
+    assert "collect_window_staged" in log_text
     stored = await db.fetch("SELECT * FROM organization_api_keys")
     assert_no_key(
         world,
@@ -301,7 +306,8 @@ async def test_keys_commands_show_fingerprints_and_rotation_resumes_a_refused_ac
     seed_truth(world.fake)
     await admin.list_keys(world.settings)
     listing = capsys.readouterr().out
-    assert "org-bad" in listing and "sha256:" in listing
+    assert "org-bad" in listing
+    assert "sha256:" in listing
     assert_no_key(world, listing)
     assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
     bad_id = await db.fetchval("SELECT id FROM organization_api_keys WHERE organization_id = 'org-bad'")
@@ -314,7 +320,8 @@ async def test_keys_commands_show_fingerprints_and_rotation_resumes_a_refused_ac
     assert await db.fetchval("SELECT count(*) FROM collector_state WHERE account_id = $1", bad_id) == 9
     await admin.deactivate(world.settings, key_id=bad_id)
     out = capsys.readouterr().out
-    assert "rotated" in out and "deactivated" in out
+    assert "rotated" in out
+    assert "deactivated" in out
     assert_no_key(world, out, world.log.getvalue())
 
 
@@ -331,7 +338,7 @@ async def test_killed_mid_poll_publishes_nothing_of_that_window_and_the_next_pol
     env["COST_WORKER_DATABASE_ROLE"] = "cost_worker_collector"
     with log_path.open("ab") as out:
         process = await asyncio.create_subprocess_exec(
-            *(__import__("sys").executable, "-m", "worker", "collect", "--once"), stdout=out, stderr=out, env=env
+            *(sys.executable, "-m", "worker", "collect", "--once"), stdout=out, stderr=out, env=env
         )
     await asyncio.wait_for(fake.held.wait(), 60)
     process.send_signal(signal.SIGKILL)
@@ -339,7 +346,8 @@ async def test_killed_mid_poll_publishes_nothing_of_that_window_and_the_next_pol
     fake.holds.clear()
 
     reports = {r["report"] for r in await db.fetch("SELECT report FROM collector_state")}
-    assert "openai.costs" in reports and "openai.usage.completions" not in reports
+    assert "openai.costs" in reports
+    assert "openai.usage.completions" not in reports
     staged = await db.fetch("SELECT report FROM collector_outbox")
     assert "openai.usage.completions" not in {r["report"] for r in staged}
     before = await consume_all(settings, settings.topic_provider_buckets, expect=1, timeout=5)
