@@ -52,6 +52,8 @@ EXPECTED_CHECKOV_SKIPS = {
     ("kubernetes", "CKV_K8S_35", "Deployment.cost-worker"),
     ("kubernetes", "CKV_K8S_35", "Job.cost-worker-migrate"),
     ("dockerfile", "CKV_DOCKER_2", "Dockerfile"),
+    ("kubernetes", "CKV_K8S_43", "Deployment.cost-collector"),
+    ("kubernetes", "CKV_K8S_35", "Deployment.cost-collector"),
 }
 EXPECTED_ALERTS = {
     "CostWorkerDown",
@@ -62,6 +64,10 @@ EXPECTED_ALERTS = {
     "CostWorkerOutboxBacklogHigh",
     "CostWorkerOutboxOldestAgeHigh",
     "CostWorkerNotReady",
+    "CostCollectorDown",
+    "CostCollectorNoActivePoller",
+    "CostCollectorStale",
+    "CostCollectorAuthFailures",
 }
 
 # --- tools ------------------------------------------------------------------------------------------------
@@ -266,8 +272,9 @@ def test_dockerfile_is_multi_stage_pinned_and_unprivileged(production: Rendered)
     assert "[deploy" not in builder, "no deploy extras in the image"
     # The image's user is the one the pods run as.
     uid = users[-1].split(":")[0]
-    pod = production.one("Deployment")["spec"]["template"]["spec"]
-    assert str(pod["securityContext"]["runAsUser"]) == uid
+    for deployment in production.all("Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        assert str(pod["securityContext"]["runAsUser"]) == uid
 
 
 def dockerignored(path: str, patterns: list[str]) -> bool:
@@ -403,11 +410,11 @@ def test_service_pdb_networkpolicy_select_the_right_pods(rendered: dict[str, Ren
     output = rendered[kustomization]
     worker = pod_labels(output.one("Deployment", "cost-worker"))
     migrate = pod_labels(output.one("Job", "cost-worker-migrate"))
-    service = output.one("Service")
+    service = output.one("Service", "cost-worker")
     assert selects(service["spec"]["selector"], worker)
     assert not selects(service["spec"]["selector"], migrate)
     assert [(p["name"], p["targetPort"]) for p in service["spec"]["ports"]] == [("metrics", "metrics")]
-    monitor = output.one("ServiceMonitor")
+    monitor = output.one("ServiceMonitor", "cost-worker")
     assert selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
     pdb = output.one("PodDisruptionBudget")
@@ -441,7 +448,7 @@ def test_scaling_never_exceeds_the_partition_count(rendered: dict[str, Rendered]
     partitions = int(scaled["metadata"]["annotations"]["cost-worker/input-topic-partitions"])
     spec = scaled["spec"]
     assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"] <= partitions
-    assert spec["scaleTargetRef"]["name"] == output.one("Deployment")["metadata"]["name"]
+    assert spec["scaleTargetRef"]["name"] == output.one("Deployment", "cost-worker")["metadata"]["name"]
     (trigger,) = spec["triggers"]
     assert trigger["type"] == "prometheus"
     assert metric_names(trigger["metadata"]["query"]) == {"cost_worker_consumer_lag_messages"}
@@ -453,7 +460,7 @@ def test_scaling_never_exceeds_the_partition_count(rendered: dict[str, Rendered]
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_namespace_matchers_name_the_namespace_deployed_to(rendered: dict[str, Rendered], kustomization: str) -> None:
     output = rendered[kustomization]
-    namespace = output.one("Deployment")["metadata"]["namespace"]
+    namespace = output.one("Deployment", "cost-worker")["metadata"]["namespace"]
     assert {doc["metadata"].get("namespace") for doc in output.docs if doc["kind"] != "Namespace"} == {namespace}
     expressions = [r["expr"] for g in output.one("PrometheusRule")["spec"]["groups"] for r in g["rules"]]
     expressions.append(output.one("ScaledObject")["spec"]["triggers"][0]["metadata"]["query"])
@@ -656,3 +663,46 @@ def test_dashboard_and_keda_queries_parse_with_prometheus(promtool: str, product
     (tmp_path / "queries.yaml").write_text(yaml.safe_dump({"groups": [{"name": "q", "rules": rules}]}), "utf-8")
     result = run([promtool, "check", "rules", "queries.yaml"], cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- the collector (issue 14) -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_collector_pod_spec_secrets_and_egress(rendered: dict[str, Rendered], kustomization: str) -> None:
+    output = rendered[kustomization]
+    deployment = output.one("Deployment", "cost-collector")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"] == ["collect"]
+    assert deployment["spec"]["replicas"] >= 2, "a standby takes over the poller lock"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["COST_WORKER_DATABASE_ROLE"]["value"] == "cost_worker_collector"
+    refs = {name: e["valueFrom"]["secretKeyRef"] for name, e in env.items() if "valueFrom" in e}
+    assert refs["COST_WORKER_DATABASE_URL"] == {"name": "cost-worker-db-collector", "key": "url"}
+    assert "value" not in env["COST_WORKER_KAFKA_SASL_PASSWORD"]
+    # The key-encryption key is a mounted Secret file, read-only; the env var holds only its path.
+    kek_path = env["COST_WORKER_COLLECT_KEY_ENCRYPTION_KEY_FILE"]["value"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "kek"]
+    assert mount["readOnly"] is True
+    assert kek_path.startswith(mount["mountPath"] + "/")
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "kek"]
+    assert volume["secret"]["secretName"] == "cost-collector-kek"
+    readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    for documented in ("`cost-worker-db-collector`", "`cost-collector-kek`", "`kek`"):
+        assert documented in readme
+    assert {p: container[p]["httpGet"]["path"] for p in ("livenessProbe", "readinessProbe")} == {
+        "livenessProbe": "/healthz",
+        "readinessProbe": "/readyz",
+    }
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    # Scraped as job cost-collector (the alert rules' job), and only the collector may reach the providers.
+    service = output.one("Service", "cost-collector")
+    assert selects(service["spec"]["selector"], pod_labels(deployment))
+    assert not selects(service["spec"]["selector"], pod_labels(output.one("Deployment", "cost-worker")))
+    monitor = output.one("ServiceMonitor", "cost-collector")
+    assert selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+    policies = {p["metadata"]["name"]: p["spec"] for p in output.all("NetworkPolicy")}
+    assert selects(policies["cost-collector"]["podSelector"]["matchLabels"], pod_labels(deployment))
+    assert 443 in {p["port"] for rule in policies["cost-collector"]["egress"] for p in rule["ports"]}
+    assert 443 not in {p["port"] for rule in policies["cost-worker"]["egress"] for p in rule["ports"]}
