@@ -359,3 +359,16 @@ async def test_killed_mid_poll_publishes_nothing_of_that_window_and_the_next_pol
     assert sorted(e["bucket"]["start_time"] for e in completions) == [int(d.timestamp()) for d in (D2, D1, D0)]
     assert len({e["collected_at"] for e in completions}) == 1
     assert_no_key(world, log_path.read_text(), world.log.getvalue())
+
+
+async def test_only_the_replica_holding_the_lock_polls(world: World, database_url: str) -> None:
+    seed_truth(world.fake)
+    holder = await asyncpg.connect(database_url)  # another replica, mid-poll
+    try:
+        assert await holder.fetchval("SELECT pg_try_advisory_lock(hashtextextended('cost_worker.collector', 0))")
+        assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 1
+        assert world.fake.requests == []  # the standby asked the providers nothing
+    finally:
+        await holder.close()  # the lock goes with the connection: the standby takes over
+    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+    assert world.fake.requests

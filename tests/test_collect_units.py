@@ -157,3 +157,22 @@ def test_request_parameters_per_provider() -> None:
     assert ("group_by[]", "workspace_id") in anthropic_params
     assert all(name != "page" for name, _ in anthropic_params)
     assert headers("anthropic", "k")["anthropic-version"] == "2023-06-01"
+
+
+def test_check_config_redacts_credentials_in_the_collector_base_urls() -> None:
+    from worker.config import Settings  # noqa: PLC0415
+
+    settings = Settings(collect_openai_base_url="https://user:hunter2@egress.example:8443")
+    assert settings.redacted()["COST_WORKER_COLLECT_OPENAI_BASE_URL"] == "https://user:***@egress.example:8443"
+    assert "hunter2" in settings.secrets()  # so the log redactor masks it too
+    assert "hunter2" not in repr(settings.redacted())
+
+
+def test_check_config_reports_bad_collector_settings_together(tmp_path: Path) -> None:
+    from worker.config import Settings  # noqa: PLC0415
+
+    problems = Settings(
+        collect_anthropic_base_url="ftp://x", collect_key_encryption_key_file=tmp_path / "missing"
+    ).problems()
+    assert any("COLLECT_ANTHROPIC_BASE_URL" in p for p in problems)
+    assert any("COLLECT_KEY_ENCRYPTION_KEY_FILE" in p for p in problems)

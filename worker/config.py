@@ -424,6 +424,13 @@ class Settings(BaseSettings):
                 values.append(password)
         if self.kafka_sasl_password is not None and self.kafka_sasl_password.get_secret_value():
             values.append(self.kafka_sasl_password.get_secret_value())
+        for url in (self.collect_openai_base_url, self.collect_anthropic_base_url):
+            try:
+                password = urlsplit(url).password
+            except ValueError:
+                continue
+            if password:
+                values.append(password)
         return values
 
 
