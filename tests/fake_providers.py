@@ -118,8 +118,8 @@ class FakeProviders:
         query = {name: request.query.getall(name) for name in request.query}
         if account is None:
             self.requests.append(("?", path, query, 401, time.monotonic()))
-            body = {"error": {"message": f"Incorrect API key provided: {key}", "type": "invalid_request_error"}}
-            return web.json_response(body, status=401)
+            refusal = {"error": {"message": f"Incorrect API key provided: {key}", "type": "invalid_request_error"}}
+            return web.json_response(refusal, status=401)
         if path in self.holds and self.served[path] >= self.holds[path][0]:
             self.held.set()
             await self.holds[path][1].wait()

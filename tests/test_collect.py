@@ -165,7 +165,7 @@ def revise_truth(fake: FakeProviders) -> None:
 
 def cost_truth(world: World) -> set[tuple[Any, ...]]:
     """The independent model: every cost result the fake serves now, as a ledger line."""
-    lines = set()
+    lines: set[tuple[Any, ...]] = set()
     oa, an = world.orgs["org-oa"], world.orgs["org-an"]
     for bucket in world.fake.buckets[("openai", "org-oa", COSTS)]:
         for r in bucket["results"]:
