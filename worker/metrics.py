@@ -29,7 +29,8 @@ QUARANTINED = Counter(
 )
 LEDGER_LINES = Counter(
     "cost_worker_ledger_lines_total",
-    "Ledger lines written to cost_data, by api_version and outcome (inserted, updated, unchanged, stale_revision).",
+    "Ledger lines written to cost_data, by api_version and outcome (inserted, updated, unchanged, stale_revision, "
+    "superseded: a stored line a newer snapshot of its window no longer has).",
     ["api_version", "outcome"],
 )
 UNPRICED_LINES = Counter(
@@ -150,4 +151,10 @@ COLLECT_DATA_FRESHNESS = Gauge(
 COLLECT_ACTIVE = Gauge("cost_worker_collect_active", "1 when this replica holds the poller lock, else 0.")
 COLLECT_OUTBOX_BACKLOG = Gauge(
     "cost_worker_collect_outbox_backlog_messages", "Staged collector messages not yet acknowledged by the broker."
+)
+
+# --- spend rules (issue 11)
+UNKNOWN_MODEL_EVENTS = Counter(
+    "cost_worker_unknown_model_events_total",
+    "API-usage events whose model has no provider in the price catalogue (their estimate is never replaced).",
 )
