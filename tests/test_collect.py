@@ -183,7 +183,7 @@ def cost_truth(world: World) -> set[tuple[Any, ...]]:
 async def cost_ledger(db: asyncpg.Connection) -> set[tuple[Any, ...]]:
     rows = await db.fetch(
         "SELECT project_id, bucket_start_time, line_item, amount, currency FROM cost_data "
-        "WHERE api_version = 'costs_v1'"
+        "WHERE api_version = 'costs_v1' AND superseded_at IS NULL"
     )
     return {(r["project_id"], r["bucket_start_time"], r["line_item"], r["amount"], r["currency"]) for r in rows}
 
@@ -227,6 +227,10 @@ async def test_collect_end_to_end_ledger_equals_the_providers_truth(
     assert len(states) == 9 + 2
     assert len({r["last_collected_at"] for r in states}) == 1  # one collected_at per poll
 
+    # The worker applies poll 1: the ledger is the first truth.
+    assert await run_worker(settings, idle=1.5) == 0
+    assert await cost_ledger(db) == cost_truth(world)
+
     revise_truth(fake)
     assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
     assert await db.fetchval("SELECT count(*) FROM collector_outbox") == 0
@@ -254,15 +258,18 @@ async def test_collect_end_to_end_ledger_equals_the_providers_truth(
     assert await db.fetchval("SELECT count(*) FROM quarantine") == 0
     truth = cost_truth(world)
     ledger = await cost_ledger(db)
-    # The late revisions are applied, exactly (Decimal, every digit), and nothing is missing.
-    assert truth <= ledger
-    # The line moved from proj_a to proj_b leaves its old copy until the snapshot rule (issue 11: the newest
-    # collected_at of a window replaces all its lines) lands; today's upsert grain keeps it.
+    # Exactly the provider's final truth (Decimal, every digit): the late revisions are applied, and the line
+    # moved from proj_a to proj_b left proj_a, because the newest collected_at of a window is its whole truth
+    # (issue 11's snapshot rule: the old line is kept, marked superseded, and no longer counts).
+    assert ledger == truth
     moved = (world.orgs["org-oa"].projects["proj_a"], D1, "Web search", Decimal("0.75"), "USD")
-    assert ledger - truth <= {moved}
+    assert moved not in ledger
+    superseded = await db.fetch("SELECT project_id, line_item FROM cost_data WHERE superseded_at IS NOT NULL")
+    assert (moved[0], "Web search") in {(r["project_id"], r["line_item"]) for r in superseded}
 
     usage_rows = await db.fetch(
-        "SELECT project_id, line_item, quantity FROM cost_data WHERE api_version = 'usage_v1' AND quantity > 0"
+        "SELECT project_id, line_item, quantity FROM cost_data "
+        "WHERE api_version = 'usage_v1' AND quantity > 0 AND superseded_at IS NULL"
     )
     oa, an = world.orgs["org-oa"].projects, world.orgs["org-an"].projects
     assert {(r["project_id"], r["line_item"], r["quantity"]) for r in usage_rows} == {
