@@ -220,10 +220,10 @@ async def test_collect_end_to_end_ledger_equals_the_providers_truth(
     assert [p for acc, p, _, s, _ in fake.requests if acc == "?"] == [COSTS]
     assert _sample("cost_worker_collect_auth_failures_total", provider="openai", account="org-bad") == auth_before + 1
     states = await db.fetch(
-        "SELECT k.organization_id, s.report, s.last_collected_at FROM collector_state s "
+        "SELECT k.ai_organization_id, s.report, s.last_collected_at FROM collector_state s "
         "JOIN organization_api_keys k ON k.id = s.account_id"
     )
-    assert {(r["organization_id"]) for r in states} == {"org-oa", "org-an"}
+    assert {(r["ai_organization_id"]) for r in states} == {"org-oa", "org-an"}
     assert len(states) == 9 + 2
     assert len({r["last_collected_at"] for r in states}) == 1  # one collected_at per poll
 
@@ -317,7 +317,7 @@ async def test_keys_commands_show_fingerprints_and_rotation_resumes_a_refused_ac
     assert "sha256:" in listing
     assert_no_key(world, listing)
     assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
-    bad_id = await db.fetchval("SELECT id FROM organization_api_keys WHERE organization_id = 'org-bad'")
+    bad_id = await db.fetchval("SELECT id FROM organization_api_keys WHERE ai_organization_id = 'org-bad'")
     # The operator fixes the key: the fake now knows a new one; rotate reads it from stdin.
     new_key = f"sk-admin-rotated-{uuid.uuid4().hex}"
     world.keys["new"] = new_key

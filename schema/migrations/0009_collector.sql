@@ -9,7 +9,9 @@ CREATE TABLE IF NOT EXISTS organization_api_keys (
     id              uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     team_id         uuid         NOT NULL REFERENCES organizations (id) ON DELETE CASCADE,
     provider        varchar(32)  NOT NULL CHECK (provider IN ('openai', 'anthropic')),
-    organization_id varchar(255) NOT NULL,  -- the provider's organization id (ai_organization_id)
+    -- The provider's organization id (seed 004 calls it organization_id; named as projects.ai_organization_id
+    -- here, since organization_id means a tenant uuid everywhere else in this schema and row-level security).
+    ai_organization_id varchar(255) NOT NULL,
     name            varchar(255) NOT NULL DEFAULT '',
     key_ciphertext  bytea,                  -- AES-GCM(data key, admin key), nonce prepended
     wrapped_key     bytea,                  -- AES-GCM(key-encryption key, data key), nonce prepended
@@ -21,7 +23,7 @@ CREATE TABLE IF NOT EXISTS organization_api_keys (
     updated_at      timestamptz  NOT NULL DEFAULT now(),
     rotated_at      timestamptz,
     deactivated_at  timestamptz,
-    CONSTRAINT organization_api_keys_account_key UNIQUE (team_id, provider, organization_id),
+    CONSTRAINT organization_api_keys_account_key UNIQUE (team_id, provider, ai_organization_id),
     CONSTRAINT organization_api_keys_one_source CHECK (
         (key_ciphertext IS NOT NULL AND wrapped_key IS NOT NULL AND kek_id IS NOT NULL AND secret_file IS NULL)
         OR (key_ciphertext IS NULL AND wrapped_key IS NULL AND secret_file IS NOT NULL)

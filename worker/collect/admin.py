@@ -76,12 +76,12 @@ async def rotate(settings: Settings, *, key_id: UUID, secret_file: Path | None, 
         if row is None:
             raise KeyStoreError(f"no key {key_id} (see `cost-worker keys list`)")
         ciphertext, wrapped, kek, path, fingerprint = _material(
-            settings, row["provider"], row["organization_id"], secret_file, stdin
+            settings, row["provider"], row["ai_organization_id"], secret_file, stdin
         )
         await store.keys_rotate(conn, key_id, ciphertext, wrapped, kek, path, fingerprint)
     finally:
         await conn.close()
-    print(f"rotated key {key_id} of {row['provider']} account {row['organization_id']} ({fingerprint})")
+    print(f"rotated key {key_id} of {row['provider']} account {row['ai_organization_id']} ({fingerprint})")
     return EXIT_OK
 
 
@@ -111,7 +111,7 @@ async def list_keys(settings: Settings) -> int:
         source = "secret file" if r["in_secret_file"] else "sealed"
         last = r["last_success_at"].isoformat(timespec="seconds") if r["last_success_at"] else "never"
         print(
-            f"{r['id']}  {r['provider']:<9}  {r['organization_id']:<25}  {'yes' if r['is_active'] else 'no':<6}  "
+            f"{r['id']}  {r['provider']:<9}  {r['ai_organization_id']:<25}  {'yes' if r['is_active'] else 'no':<6}  "
             f"{r['fingerprint']:<23}  {source:<11}  {last}"
         )
     return EXIT_OK

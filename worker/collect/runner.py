@@ -249,13 +249,13 @@ class Collector:
         now = time.time()
         stale = []
         for row in await poller.all_state():
-            labels = {"provider": row["provider"], "account": row["organization_id"], "report": row["report"]}
+            labels = {"provider": row["provider"], "account": row["ai_organization_id"], "report": row["report"]}
             success = row["last_success_at"].timestamp()
             metrics.COLLECT_LAST_SUCCESS.labels(**labels).set(success)
             metrics.COLLECT_SINCE_SUCCESS.labels(**labels).set(now - success)
             metrics.COLLECT_DATA_FRESHNESS.labels(**labels).set(row["collected_through"].timestamp())
             if now - success > self.settings.collect_stale_after:
-                stale.append(f"{row['provider']}/{row['organization_id']}/{row['report']}")
+                stale.append(f"{row['provider']}/{row['ai_organization_id']}/{row['report']}")
         self.health.stale = stale
 
     # --- helpers ------------------------------------------------------------------------------------------

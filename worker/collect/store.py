@@ -77,7 +77,7 @@ class PollerConnection:
                 id=r["id"],
                 team_id=r["team_id"],
                 provider=r["provider"],
-                organization_id=r["organization_id"],
+                organization_id=r["ai_organization_id"],
                 ciphertext=r["key_ciphertext"],
                 wrapped_key=r["wrapped_key"],
                 kek_id=r["kek_id"],

@@ -10,10 +10,10 @@ SELECT pg_advisory_unlock(hashtextextended('cost_worker.collector', 0));
 
 -- name: collect_accounts
 -- Every active provider account, with what is needed to read its admin key.
-SELECT id, team_id, provider, organization_id, key_ciphertext, wrapped_key, kek_id, secret_file, fingerprint
+SELECT id, team_id, provider, ai_organization_id, key_ciphertext, wrapped_key, kek_id, secret_file, fingerprint
 FROM organization_api_keys
 WHERE is_active
-ORDER BY provider, organization_id, id;
+ORDER BY provider, ai_organization_id, id;
 
 -- name: collect_state
 SELECT report, collected_through, last_collected_at, last_success_at
@@ -21,7 +21,7 @@ FROM collector_state
 WHERE account_id = $1;
 
 -- name: collect_state_all
-SELECT k.provider, k.organization_id, s.report, s.collected_through, s.last_success_at
+SELECT k.provider, k.ai_organization_id, s.report, s.collected_through, s.last_success_at
 FROM collector_state s JOIN organization_api_keys k ON k.id = s.account_id
 WHERE k.is_active;
 
@@ -58,7 +58,7 @@ SELECT count(*) FROM collector_outbox;
 
 -- name: keys_insert
 INSERT INTO organization_api_keys
-    (team_id, provider, organization_id, name, key_ciphertext, wrapped_key, kek_id, secret_file, fingerprint)
+    (team_id, provider, ai_organization_id, name, key_ciphertext, wrapped_key, kek_id, secret_file, fingerprint)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
 RETURNING id;
 
@@ -77,12 +77,12 @@ WHERE id = $1 AND is_active
 RETURNING id;
 
 -- name: keys_get
-SELECT id, provider, organization_id FROM organization_api_keys WHERE id = $1;
+SELECT id, provider, ai_organization_id FROM organization_api_keys WHERE id = $1;
 
 -- name: keys_list
 -- Never the key material: its fingerprint only.
-SELECT k.id, k.team_id, k.provider, k.organization_id, k.name, k.fingerprint, k.is_active,
+SELECT k.id, k.team_id, k.provider, k.ai_organization_id, k.name, k.fingerprint, k.is_active,
        (k.secret_file IS NOT NULL) AS in_secret_file, k.created_at, k.rotated_at,
        (SELECT max(s.last_success_at) FROM collector_state s WHERE s.account_id = k.id) AS last_success_at
 FROM organization_api_keys k
-ORDER BY k.provider, k.organization_id, k.team_id;
+ORDER BY k.provider, k.ai_organization_id, k.team_id;
