@@ -43,6 +43,8 @@ OPENAI_USAGE = (
     "audio_transcriptions",
     "vector_stores",
     "code_interpreter_sessions",
+    "file_search_calls",
+    "web_search_calls",
 )
 
 

@@ -39,6 +39,7 @@ from tests.kafka_helpers import consume_all, create_topics, run_worker, worker_e
 from worker import logs
 from worker.collect import admin
 from worker.collect.runner import Collector
+from worker.collect.sources import ANTHROPIC_ENDPOINTS, OPENAI_ENDPOINTS
 from worker.collect.windows import day_start
 from worker.config import Settings
 
@@ -224,7 +225,7 @@ async def test_collect_end_to_end_ledger_equals_the_providers_truth(
         "JOIN organization_api_keys k ON k.id = s.account_id"
     )
     assert {(r["ai_organization_id"]) for r in states} == {"org-oa", "org-an"}
-    assert len(states) == 9 + 2
+    assert len(states) == len(OPENAI_ENDPOINTS) + len(ANTHROPIC_ENDPOINTS)
     assert len({r["last_collected_at"] for r in states}) == 1  # one collected_at per poll
 
     # The worker applies poll 1: the ledger is the first truth.
@@ -324,7 +325,9 @@ async def test_keys_commands_show_fingerprints_and_rotation_resumes_a_refused_ac
     world.fake.keys[("openai", "org-bad")] = new_key
     await admin.rotate(world.settings, key_id=bad_id, secret_file=None, stdin=io.StringIO(new_key + "\n"))
     assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
-    assert await db.fetchval("SELECT count(*) FROM collector_state WHERE account_id = $1", bad_id) == 9
+    assert await db.fetchval("SELECT count(*) FROM collector_state WHERE account_id = $1", bad_id) == len(
+        OPENAI_ENDPOINTS
+    )
     await admin.deactivate(world.settings, key_id=bad_id)
     out = capsys.readouterr().out
     assert "rotated" in out

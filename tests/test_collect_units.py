@@ -126,6 +126,8 @@ def test_every_endpoint_groups_by_project_and_the_price_dimensions() -> None:
     assert reports["openai.costs"] == ("project_id", "line_item")
     assert reports["openai.usage.completions"] == ("project_id", "model", "batch", "service_tier")
     assert reports["openai.usage.images"] == ("project_id", "model", "size", "source")
+    assert reports["openai.usage.web_search_calls"] == ("project_id", "model", "context_level")
+    assert reports["openai.usage.file_search_calls"] == ("project_id", "vector_store_id")
     assert reports["anthropic.cost_report"] == ("workspace_id", "description")
     assert set(reports["anthropic.usage_report.messages"]) >= {
         "workspace_id",
@@ -142,6 +144,8 @@ def test_every_endpoint_groups_by_project_and_the_price_dimensions() -> None:
         "audio_transcriptions",
         "vector_stores",
         "code_interpreter_sessions",
+        "file_search_calls",
+        "web_search_calls",
     }
     assert set(ENDPOINTS) == {"openai", "anthropic"}
 

@@ -83,7 +83,8 @@ def _openai_usage(name: str, *group_by: str) -> Endpoint:
 
 
 # Grouped by project and by every field that changes the price (model, batch, service tier, image size and
-# source); not by user or API key, which only multiply the rows.
+# source, web search context level, vector store); not by user or API key, which only multiply the rows.
+# Anthropic's ``speed`` needs a beta header and is left out.
 OPENAI_ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(
         provider="openai",
@@ -101,6 +102,8 @@ OPENAI_ENDPOINTS: tuple[Endpoint, ...] = (
     _openai_usage("audio_transcriptions", "model"),
     _openai_usage("vector_stores"),
     _openai_usage("code_interpreter_sessions"),
+    _openai_usage("file_search_calls", "vector_store_id"),
+    _openai_usage("web_search_calls", "model", "context_level"),
 )
 
 ANTHROPIC_ENDPOINTS: tuple[Endpoint, ...] = (
