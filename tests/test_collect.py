@@ -38,10 +38,12 @@ from tests.fake_providers import (
 from tests.kafka_helpers import consume_all, create_topics, run_worker, worker_env
 from worker import logs
 from worker.collect import admin
+from worker.collect.publisher import CollectorPublisher
 from worker.collect.runner import Collector
 from worker.collect.sources import ANTHROPIC_ENDPOINTS, OPENAI_ENDPOINTS
 from worker.collect.windows import day_start
 from worker.config import Settings
+from worker.errors import TransientError
 
 COSTS = "/v1/organization/costs"
 COMPLETIONS = "/v1/organization/usage/completions"
@@ -382,3 +384,37 @@ async def test_only_the_replica_holding_the_lock_polls(world: World, database_ur
         await holder.close()  # the lock goes with the connection: the standby takes over
     assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
     assert world.fake.requests
+
+
+async def test_staged_windows_survive_a_broker_outage_and_go_out_whole_on_the_next_start(
+    world: World, db: asyncpg.Connection, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed_truth(world.fake)
+    del world.keys["org-bad"]
+    await db.execute("UPDATE organization_api_keys SET is_active = false WHERE ai_organization_id = 'org-bad'")
+
+    async def broker_down(self: CollectorPublisher, rows: object) -> None:
+        raise TransientError("broker unreachable (test)")
+
+    monkeypatch.setattr(CollectorPublisher, "_send", broker_down)
+    collector = Collector(world.settings)
+    running = asyncio.ensure_future(collector.run())
+    staged = 0
+    for _ in range(200):  # the whole poll is staged, then delivery keeps failing
+        await asyncio.sleep(0.1)
+        staged = await db.fetchval("SELECT count(*) FROM collector_outbox")
+        done = await db.fetchval("SELECT count(*) FROM collector_state")
+        if done == len(OPENAI_ENDPOINTS) + len(ANTHROPIC_ENDPOINTS):
+            break
+    collector.stop.set()  # SIGTERM during the outage: the staged rows stay
+    assert await asyncio.wait_for(running, 60) == 0
+    assert staged > 0
+    assert await db.fetchval("SELECT count(*) FROM collector_outbox") == staged
+    first_poll = {r["message"] for r in await db.fetch("SELECT message FROM collector_outbox")}
+
+    monkeypatch.undo()
+    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+    assert await db.fetchval("SELECT count(*) FROM collector_outbox") == 0
+    delivered = await consume_all(settings, settings.topic_provider_buckets, expect=2 * staged, timeout=15)
+    assert first_poll <= {m.value for m in delivered}  # the first poll went out whole, byte for byte
+    assert len({json.loads(m.value)["collected_at"] for m in delivered}) == 2

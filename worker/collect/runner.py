@@ -19,10 +19,11 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import structlog
@@ -135,8 +136,9 @@ class Collector:
                     if self.health.active:
                         log.info("collector_active")
                 if self.health.active:
-                    await self._round(poller, publisher, client)
-                    await publisher.drain()
+                    if not await self._until_stopped(self._round(poller, publisher, client)):
+                        break
+                    await self._deliver(publisher)
                     await self._freshness(poller)
                 elif once:
                     log.error("collector_not_active", reason="another replica holds the poller lock")
@@ -157,6 +159,39 @@ class Collector:
                 return EXIT_OK
             await _wait(self.stop, self.settings.collect_interval)
         return EXIT_OK
+
+    async def _deliver(self, publisher: CollectorPublisher) -> None:
+        """Publish everything staged, retrying the broker with backoff (never re-polling for it)."""
+        delay = self.settings.retry_initial_backoff
+        while True:
+            try:
+                await publisher.drain()
+                return
+            except TransientError as exc:
+                if self.stop.is_set():
+                    log.warning("collect_publish_left_for_next_start", error=str(exc))
+                    return
+                log.warning("collect_publish_failed", error=str(exc), retry_in=delay)
+                await _wait(self.stop, delay)
+                delay = min(delay * 2, self.settings.retry_max_backoff)
+
+    async def _until_stopped(self, work: Coroutine[Any, Any, None]) -> bool:
+        """Run ``work`` unless ``stop`` is set first; then cancel it (a window being read is dropped, a staging
+        transaction rolls back: nothing is half-staged). True when the work finished."""
+        task = asyncio.ensure_future(work)
+        stopping = asyncio.ensure_future(self.stop.wait())
+        try:
+            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if task.done():
+            task.result()  # raises what the round raised
+            return True
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        log.info("collect_round_abandoned", reason="shutdown")
+        return False
 
     async def _round(self, poller: PollerConnection, publisher: CollectorPublisher, client: ProviderClient) -> None:
         collected_at = datetime.now(UTC)  # one per poll, for every page of every endpoint
