@@ -12,6 +12,7 @@ import asyncio
 import io
 import json
 import signal
+import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -418,3 +419,83 @@ async def test_staged_windows_survive_a_broker_outage_and_go_out_whole_on_the_ne
     delivered = await consume_all(settings, settings.topic_provider_buckets, expect=2 * staged, timeout=15)
     assert first_poll <= {m.value for m in delivered}  # the first poll went out whole, byte for byte
     assert len({json.loads(m.value)["collected_at"] for m in delivered}) == 2
+
+
+def test_keys_commands_as_processes_read_the_key_from_stdin_and_never_print_it(world: World, tmp_path: Path) -> None:
+    env = worker_env(world.settings)
+    env["COST_WORKER_DATABASE_ROLE"] = "cost_worker_collector"
+    key = f"sk-admin-cli-{uuid.uuid4().hex}"
+    world.keys["cli"] = key
+    cli = [sys.executable, "-m", "worker"]
+    added = subprocess.run(
+        [
+            *cli,
+            "keys",
+            "add",
+            "--organization",
+            str(world.orgs["org-oa"].id),
+            "--provider",
+            "anthropic",
+            "--account",
+            "org-cli",
+        ],
+        input=key + "\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert added.returncode == 0, added.stderr
+    listed = subprocess.run([*cli, "keys", "list"], capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert "org-cli" in listed.stdout
+    # The same account again: one clear line, no traceback, no key.
+    again = subprocess.run(
+        [
+            *cli,
+            "keys",
+            "add",
+            "--organization",
+            str(world.orgs["org-oa"].id),
+            "--provider",
+            "anthropic",
+            "--account",
+            "org-cli",
+        ],
+        input=key + "\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert again.returncode == 1
+    assert "Traceback" not in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
+    empty = subprocess.run(
+        [
+            *cli,
+            "keys",
+            "add",
+            "--organization",
+            str(world.orgs["org-oa"].id),
+            "--provider",
+            "openai",
+            "--account",
+            "org-empty",
+        ],
+        input="",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert empty.returncode == 2
+    assert "standard input" in empty.stderr
+    env["COST_WORKER_COLLECT_ANTHROPIC_BASE_URL"] = "https://proxy-user:proxy-pass@egress.example"
+    shown = subprocess.run([*cli, "check-config"], capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert shown.returncode == 0, shown.stderr
+    assert "proxy-pass" not in shown.stdout
+    assert "https://proxy-user:***@egress.example" in shown.stdout
+    assert_no_key(world, *(p.stdout + p.stderr for p in (added, listed, again, empty, shown)))

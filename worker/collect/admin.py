@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import TextIO
 from uuid import UUID
 
+import asyncpg
+
 from worker.collect import keys as keystore
 from worker.collect import store
 from worker.collect.errors import KeyStoreError
 from worker.config import Settings
-from worker.errors import ConfigError
+from worker.errors import ConfigError, DataRejected
 from worker.store import connect
 
 EXIT_OK, EXIT_FAILURE = 0, 1
@@ -63,6 +65,17 @@ async def add(
         key_id = await store.keys_insert(
             conn, organization, provider, account, name, ciphertext, wrapped, kek, path, fingerprint
         )
+    except DataRejected as exc:
+        # One line, and never the row (a DETAIL would list it): the usual causes are named.
+        cause = exc.__cause__
+        if isinstance(cause, asyncpg.UniqueViolationError):
+            raise KeyStoreError(
+                f"{provider} account {account} already has a key for organization {organization}: "
+                "use `cost-worker keys rotate KEY_ID` (see `cost-worker keys list`)"
+            ) from None
+        if isinstance(cause, asyncpg.ForeignKeyViolationError):
+            raise KeyStoreError(f"no organization {organization}") from None
+        raise KeyStoreError(f"the database refused the key of {provider} account {account}") from None
     finally:
         await conn.close()
     print(f"added {provider} account {account}: key {key_id} ({fingerprint})")
