@@ -9,6 +9,7 @@ metric, error or message.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import io
 import json
 import signal
@@ -22,6 +23,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 from prometheus_client import REGISTRY, generate_latest
@@ -39,6 +41,8 @@ from tests.fake_providers import (
 from tests.kafka_helpers import consume_all, create_topics, run_worker, worker_env
 from worker import logs
 from worker.collect import admin
+from worker.collect.client import ProviderClient
+from worker.collect.errors import ProviderAuthFailed, ProviderRejected, ProviderUnavailable
 from worker.collect.publisher import CollectorPublisher
 from worker.collect.runner import Collector
 from worker.collect.sources import ANTHROPIC_ENDPOINTS, OPENAI_ENDPOINTS
@@ -498,3 +502,51 @@ def test_keys_commands_as_processes_read_the_key_from_stdin_and_never_print_it(w
     assert "proxy-pass" not in shown.stdout
     assert "https://proxy-user:***@egress.example" in shown.stdout
     assert_no_key(world, *(p.stdout + p.stderr for p in (added, listed, again, empty, shown)))
+
+
+async def test_retry_policy_against_the_fake_provider() -> None:
+    key = f"sk-admin-{uuid.uuid4().hex}"
+    fake = FakeProviders({("openai", "org-1"): key})
+    url = await fake.start()
+    waits: list[float] = []
+
+    async def record(seconds: float) -> None:
+        waits.append(seconds)
+
+    endpoint = OPENAI_ENDPOINTS[0]
+    params = endpoint.params(D1, D0 + DAY, None)
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = ProviderClient(session, max_attempts=3, max_retry_after=30.0, backoff_initial=0.5, sleep=record)
+            auth = {"Authorization": f"Bearer {key}"}
+            # Retry-After as an HTTP date is honoured too; then the page arrives.
+            later = email.utils.format_datetime(datetime.now(UTC) + timedelta(seconds=20), usegmt=True)
+            fake.script[("org-1", COSTS)] = [Canned(429, {"Retry-After": later})]
+            assert (await client.get_page(url, endpoint, "org-1", auth, params))["object"] == "page"
+            assert 15 <= waits[-1] <= 20
+            # 5xx until the attempts run out: the last error, after exponential backoff.
+            waits.clear()
+            fake.script[("org-1", COSTS)] = [Canned(500), Canned(502), Canned(503)]
+            with pytest.raises(ProviderUnavailable, match="HTTP 503"):
+                await client.get_page(url, endpoint, "org-1", auth, params)
+            assert len(waits) == 2
+            assert waits[1] > waits[0] * 1.2 or waits[1] >= 1.0
+            # A Retry-After beyond the ceiling fails at once (the next poll retries), never sleeping an hour.
+            waits.clear()
+            fake.script[("org-1", COSTS)] = [Canned(429, {"Retry-After": "3600"})]
+            with pytest.raises(ProviderRejected, match="Retry-After"):
+                await client.get_page(url, endpoint, "org-1", auth, params)
+            assert waits == []
+            # A refused key: no retry, and neither the key nor the provider's echo of it in the error.
+            wrong = f"sk-admin-wrong-{uuid.uuid4().hex}"
+            with pytest.raises(ProviderAuthFailed) as refused:
+                await client.get_page(url, endpoint, "org-1", {"Authorization": f"Bearer {wrong}"}, params)
+            assert wrong not in str(refused.value)
+            assert wrong[-12:] not in repr(refused.value)
+            assert waits == []
+            # Connection refused: retried, then a transient error naming no URL credentials or key.
+            await fake.stop()
+            with pytest.raises(ProviderUnavailable, match="cannot reach"):
+                await client.get_page(url, endpoint, "org-1", auth, params)
+    finally:
+        await fake.stop()

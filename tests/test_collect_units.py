@@ -6,16 +6,17 @@ import json
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import jiter
 import pytest
 
 from worker.collect import keys as keystore
-from worker.collect.client import retry_after_seconds
+from worker.collect.client import ProviderClient, retry_after_seconds
 from worker.collect.errors import KeyStoreError, ProviderRejected
 from worker.collect.publisher import dump_exact, envelope
-from worker.collect.sources import ANTHROPIC_ENDPOINTS, ENDPOINTS, OPENAI_ENDPOINTS, headers
-from worker.collect.windows import window_for
+from worker.collect.sources import ANTHROPIC_ENDPOINTS, ENDPOINTS, OPENAI_ENDPOINTS, Endpoint, headers
+from worker.collect.windows import read_window, window_for
 from worker.models import ProviderEnvelope
 
 NOW = datetime(2026, 11, 20, 15, 30, tzinfo=UTC)
@@ -159,6 +160,7 @@ def test_request_parameters_per_provider() -> None:
     anthropic_params = ANTHROPIC_ENDPOINTS[0].params(TODAY - DAY, TODAY + DAY, None)
     assert ("starting_at", "2026-11-19T00:00:00Z") in anthropic_params
     assert ("group_by[]", "workspace_id") in anthropic_params
+    assert "ending_at" not in dict(anthropic_params)  # up to now: the open bucket included
     assert all(name != "page" for name, _ in anthropic_params)
     assert headers("anthropic", "k")["anthropic-version"] == "2023-06-01"
 
@@ -180,3 +182,51 @@ def test_check_config_reports_bad_collector_settings_together(tmp_path: Path) ->
     ).problems()
     assert any("COLLECT_ANTHROPIC_BASE_URL" in p for p in problems)
     assert any("COLLECT_KEY_ENCRYPTION_KEY_FILE" in p for p in problems)
+
+
+class _ScriptedClient(ProviderClient):
+    """Pages in order, as a provider would send them (no HTTP)."""
+
+    def __init__(self, pages: list[dict[str, Any]]) -> None:
+        self.pages = pages
+        self.cursors: list[str | None] = []
+
+    async def get_page(
+        self, base_url: str, endpoint: Endpoint, account: str, headers: dict[str, str], params: list[tuple[str, str]]
+    ) -> dict[str, Any]:
+        self.cursors.append(dict(params).get("page"))
+        return self.pages.pop(0)
+
+
+def _bucket(day: datetime, *results: str) -> dict[str, Any]:
+    start = int(day.timestamp())
+    return {
+        "object": "bucket",
+        "start_time": start,
+        "end_time": start + 86_400,
+        "results": [{"id": r} for r in results],
+    }
+
+
+async def test_a_bucket_continued_on_the_next_page_is_merged_into_one() -> None:
+    client = _ScriptedClient(
+        [
+            {"object": "page", "data": [_bucket(TODAY - DAY, "a")], "has_more": True, "next_page": "c1"},
+            {"object": "page", "data": [_bucket(TODAY - DAY, "b"), _bucket(TODAY, "c")], "has_more": False},
+        ]
+    )
+    window = window_for(NOW, collected_through=None, trailing_days=1, backfill_start=None, backfill_days=1)
+    got = await read_window(client, OPENAI_ENDPOINTS[0], window, base_url="http://x", account="org", headers={})
+    assert got.pages == 2
+    assert client.cursors == [None, "c1"]
+    assert [[r["id"] for r in b["results"]] for b in got.buckets] == [["a", "b"], ["c"]]
+
+
+async def test_a_cursor_that_repeats_or_is_missing_fails_the_window() -> None:
+    page = {"object": "page", "data": [], "has_more": True, "next_page": "same"}
+    window = window_for(NOW, collected_through=None, trailing_days=1, backfill_start=None, backfill_days=1)
+    for pages in ([page, dict(page)], [{**page, "next_page": None}]):
+        with pytest.raises(ProviderRejected, match="next_page"):
+            await read_window(
+                _ScriptedClient(pages), OPENAI_ENDPOINTS[0], window, base_url="http://x", account="org", headers={}
+            )

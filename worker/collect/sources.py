@@ -47,9 +47,11 @@ class Endpoint:
             ]
             params += [("group_by", field) for field in self.group_by]
         else:
+            # No ending_at: the documentation returns buckets that "end before" it, which may or may not
+            # include the open bucket ending exactly there; without it the report runs up to now, open
+            # bucket included. (``end`` is always the open bucket's end.)
             params = [
                 ("starting_at", _rfc3339(start)),
-                ("ending_at", _rfc3339(end)),
                 ("bucket_width", DAY),
                 ("limit", str(self.page_limit)),
             ]
