@@ -29,6 +29,8 @@ import aiohttp
 import structlog
 
 from worker import logs, metrics
+from worker.app import _until_ready as until_ready
+from worker.app import run_loop
 from worker.collect import keys as keystore
 from worker.collect.client import ProviderClient
 from worker.collect.errors import KeyStoreError, ProviderAuthFailed, ProviderRejected, ProviderUnavailable
@@ -92,17 +94,17 @@ class Collector:
         publisher: CollectorPublisher | None = None
         timeout = aiohttp.ClientTimeout(total=settings.collect_request_timeout)
         try:
-            poller = await PollerConnection.open(
-                settings.dsn(), role=settings.database_role, timeout=settings.database_connect_timeout
-            )
-            await check_current(poller.conn)
-            outbox_conn = await connect(
-                settings.dsn(), role=settings.database_role, timeout=settings.database_connect_timeout
+            # Unreachable services at startup are waited for (as `run` does); a misconfiguration is not.
+            poller = await until_ready("database", self.stop, self._open_poller)
+            outbox_conn = await until_ready(
+                "database",
+                self.stop,
+                lambda: connect(settings.dsn(), role=settings.database_role, timeout=settings.database_connect_timeout),
             )
             self.health.database_ok = True
             publisher = CollectorPublisher(settings, OutboxConnection(outbox_conn))
-            await publisher.start()
-            await publisher.drain()  # what a previous run staged but did not deliver
+            await until_ready("kafka", self.stop, publisher.start)
+            await self._deliver(publisher)  # what a previous run staged but did not deliver
             async with aiohttp.ClientSession(timeout=timeout, raise_for_status=False) as session:
                 client = ProviderClient(
                     session,
@@ -123,6 +125,18 @@ class Collector:
                 await poller.close()
             metrics.COLLECT_ACTIVE.set(0)
             await http.stop()
+
+    async def _open_poller(self) -> PollerConnection:
+        settings = self.settings
+        poller = await PollerConnection.open(
+            settings.dsn(), role=settings.database_role, timeout=settings.database_connect_timeout
+        )
+        try:
+            await check_current(poller.conn)
+        except BaseException:
+            await poller.close()
+            raise
+        return poller
 
     async def _loop(
         self, poller: PollerConnection, publisher: CollectorPublisher, client: ProviderClient, *, once: bool
@@ -324,7 +338,6 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
 def run(settings: Settings, *, once: bool = False) -> int:
     """Entry point of ``cost-worker collect``."""
     logs.configure(level=settings.log_level, fmt=settings.log_format, secrets=settings.secrets())
-    from worker.app import run_loop  # noqa: PLC0415 - the worker's event-loop choice
 
     async def main() -> int:
         collector = Collector(settings)
@@ -333,7 +346,7 @@ def run(settings: Settings, *, once: bool = False) -> int:
             loop.add_signal_handler(sig, _stopper(collector))
         return await collector.run(once=once)
 
-    return run_loop(main())
+    return run_loop(main())  # the worker's event-loop choice (uvloop where available)
 
 
 def _stopper(collector: Collector) -> Callable[[], None]:
