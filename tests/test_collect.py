@@ -550,3 +550,29 @@ async def test_retry_policy_against_the_fake_provider() -> None:
                 await client.get_page(url, endpoint, "org-1", auth, params)
     finally:
         await fake.stop()
+
+
+async def test_sigterm_stops_the_collector_cleanly(world: World, db: asyncpg.Connection, tmp_path: Path) -> None:
+    seed_truth(world.fake)
+    env = worker_env(world.settings)
+    env["COST_WORKER_DATABASE_ROLE"] = "cost_worker_collector"
+    log_path = tmp_path / "collector.log"
+    with log_path.open("ab") as out:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "worker", "collect", stdout=out, stderr=out, env=env
+        )
+    try:
+        for _ in range(300):  # a first poll completes, then the collector waits for the next interval
+            await asyncio.sleep(0.1)
+            if await db.fetchval("SELECT count(*) FROM collector_state") and not await db.fetchval(
+                "SELECT count(*) FROM collector_outbox"
+            ):
+                break
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+    text = log_path.read_text()
+    assert "shutdown_requested" in text
+    assert_no_key(world, text)

@@ -29,8 +29,9 @@ import aiohttp
 import structlog
 
 from worker import logs, metrics
+from worker.app import EXIT_DEADLINE, run_loop
+from worker.app import _exit_after as exit_after
 from worker.app import _until_ready as until_ready
-from worker.app import run_loop
 from worker.collect import keys as keystore
 from worker.collect.client import ProviderClient
 from worker.collect.errors import KeyStoreError, ProviderAuthFailed, ProviderRejected, ProviderUnavailable
@@ -344,7 +345,12 @@ def run(settings: Settings, *, once: bool = False) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, _stopper(collector))
-        return await collector.run(once=once)
+        code = EXIT_FAILURE
+        try:
+            code = await collector.run(once=once)
+            return code
+        finally:
+            exit_after(EXIT_DEADLINE, code)  # the hard deadline, as for `run`
 
     return run_loop(main())  # the worker's event-loop choice (uvloop where available)
 
