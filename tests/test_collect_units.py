@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -10,6 +12,9 @@ from typing import Any
 
 import jiter
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from worker.collect import keys as keystore
 from worker.collect.client import ProviderClient, retry_after_seconds
@@ -230,3 +235,34 @@ async def test_a_cursor_that_repeats_or_is_missing_fails_the_window() -> None:
             await read_window(
                 _ScriptedClient(pages), OPENAI_ENDPOINTS[0], window, base_url="http://x", account="org", headers={}
             )
+
+
+@hypothesis_settings(max_examples=150, deadline=None)
+@given(
+    days=st.lists(st.lists(st.integers(0, 999), max_size=6), min_size=0, max_size=8),
+    cuts=st.lists(st.integers(0, 60), max_size=10),
+)
+def test_any_split_of_buckets_over_pages_gives_each_bucket_whole_once(days: list[list[int]], cuts: list[int]) -> None:
+    """A provider may cut its pages anywhere, even inside a bucket's results: the window still has each bucket
+    once, with all its results in order (a bucket is never split across messages)."""
+    truth = [_bucket(TODAY - (len(days) - i) * DAY, *(str(r) for r in results)) for i, results in enumerate(days)]
+    flat = [(b, r) for b in truth for r in b["results"]] or []
+    positions = sorted({min(c, len(flat)) for c in cuts} | {0, len(flat)})
+    pages: list[dict[str, Any]] = []
+    for n, (lo, hi) in enumerate(itertools.pairwise(positions)):
+        chunk: list[dict[str, Any]] = []
+        for bucket, result in flat[lo:hi]:
+            if chunk and chunk[-1]["start_time"] == bucket["start_time"]:
+                chunk[-1]["results"].append(result)
+            else:
+                chunk.append({**bucket, "results": [result]})
+        pages.append({"object": "page", "data": chunk, "has_more": True, "next_page": f"c{n}"})
+    empty = [b for b in truth if not b["results"]]  # buckets without results come on the last page
+    pages.append({"object": "page", "data": [{**b, "results": []} for b in empty], "has_more": False})
+    window = window_for(NOW, collected_through=None, trailing_days=1, backfill_start=None, backfill_days=10)
+    got = asyncio.run(
+        read_window(_ScriptedClient(pages), OPENAI_ENDPOINTS[0], window, base_url="http://x", account="o", headers={})
+    )
+    by_start = {b["start_time"]: b["results"] for b in got.buckets}
+    assert len(by_start) == len(got.buckets)  # each bucket once
+    assert by_start == {b["start_time"]: b["results"] for b in truth}
