@@ -309,7 +309,25 @@ BEGIN
 END
 $$;
 
-GRANT EXECUTE ON FUNCTION cost_worker_spend_rows(text, uuid, uuid, uuid, timestamptz, timestamptz),
+-- Usage lines of a scope that could not be priced (amount NULL) among the current rows counting in the period:
+-- they count nothing and cover nothing (their hours keep the estimate); `budgets status` shows how many.
+CREATE FUNCTION cost_worker_unpriced_lines(
+    scope text, org uuid, project uuid, period_start timestamptz, period_end timestamptz
+) RETURNS bigint
+LANGUAGE sql STABLE
+AS $$
+    SELECT count(*)
+    FROM cost_data c
+    WHERE scope IN ('organization', 'project') AND c.organization_id = org
+      AND (scope = 'organization' OR c.project_id = project)
+      AND c.superseded_at IS NULL AND c.amount IS NULL
+      AND c.bucket_start_time >= period_start - interval '31 days' AND c.bucket_start_time < period_end
+      AND cost_worker_midpoint(c.bucket_start_time, c.bucket_end_time) >= period_start
+      AND cost_worker_midpoint(c.bucket_start_time, c.bucket_end_time) < period_end
+$$;
+
+GRANT EXECUTE ON FUNCTION cost_worker_unpriced_lines(text, uuid, uuid, timestamptz, timestamptz),
+    cost_worker_spend_rows(text, uuid, uuid, uuid, timestamptz, timestamptz),
     cost_worker_spend(text, uuid, uuid, uuid, timestamptz, timestamptz, text),
     cost_worker_periods(budget_period, text, timestamptz, timestamptz),
     cost_worker_midpoint(timestamptz, timestamptz),
