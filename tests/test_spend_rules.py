@@ -10,11 +10,13 @@ Asia/Kolkata and Pacific/Chatham, around DST changes.
 
 from __future__ import annotations
 
+import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -33,6 +35,7 @@ from tests.factories import (
 )
 from tests.feeding import Feeder
 from tests.spend_model import Estimate, Ledger, Row, SpendModel, period, periods_overlapping, sum_lines
+from worker.migrate import migrate, schema_dir
 
 EXAMPLES = 40
 HOUR = timedelta(hours=1)
@@ -779,3 +782,102 @@ async def test_usage_of_zero_tokens_covers_no_estimate(db: asyncpg.Connection, f
         )
     )
     assert await spend_of(db, "project", org, a, "2026-11-03Z", "2026-11-04Z") == 3
+
+
+async def test_migration_0006_moves_an_existing_database_to_the_new_rules(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """A database at 0005 with data written by the old worker: lines get their report, lines an old re-poll no
+    longer had are marked superseded (kept), rollups get their project's provider, alerts stay as they were."""
+    before = tmp_path / "schema"
+    shutil.copytree(schema_dir(), before)
+    for path in (before / "migrations").glob("*.sql"):
+        if int(path.name[:4]) >= 6:
+            path.unlink()
+    await migrate(empty_database_url, directory=before)
+    db = await asyncpg.connect(empty_database_url)
+    try:
+        org = await make_org(db, project_ids=("proj_a", "proj_b"))
+        a = org.projects["proj_a"]
+        common = "organization_id, project_id, provider, ai_organization_id, api_version, bucket_start_time, "
+        insert = (
+            f"INSERT INTO cost_data ({common}bucket_end_time, line_item, currency, amount, collected_at, metadata) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'USD', $9, $10, $11)"
+        )
+        day = (datetime(2026, 11, 3, tzinfo=UTC), datetime(2026, 11, 4, tzinfo=UTC))
+        first, second = datetime(2026, 11, 4, 1, tzinfo=UTC), datetime(2026, 11, 4, 5, tzinfo=UTC)
+        # The old worker kept proj_a's line of the first poll although the re-poll moved the spend to proj_b.
+        await db.execute(insert, org.id, a, "openai", org.ai_org, "costs_v1", *day, "x", Decimal(30), first, "{}")
+        await db.execute(
+            insert,
+            org.id,
+            org.projects["proj_b"],
+            "openai",
+            org.ai_org,
+            "costs_v1",
+            *day,
+            "x",
+            Decimal(30),
+            second,
+            "{}",
+        )
+        await db.execute(
+            insert,
+            org.id,
+            None,
+            "anthropic",
+            "anth-1",
+            "usage_v1",
+            *day,
+            "a1:output_tokens:priority",
+            Decimal(2),
+            second,
+            '{"service_tier": "priority"}',
+        )
+        await db.execute(
+            "INSERT INTO project_metrics (organization_id, project_id, hour, request_count, estimated_cost_usd) "
+            "VALUES ($1, $2, '2026-11-03T10:00Z', 1, 5), ($1, $2, '2026-11-05T10:00Z', 1, 7)",
+            org.id,
+            a,
+        )
+        budget = uuid.uuid4()
+        await db.execute(
+            "INSERT INTO budget_alerts (id, scope, budget_id, organization_id, period_start, period_end, threshold, "
+            "spend, amount, currency, percent_used) VALUES ($1, 'organization', $2, $3, '2026-11-01Z', "
+            "'2026-12-01Z', 50, 67, 100, 'USD', 67)",
+            uuid.uuid4(),
+            budget,
+            org.id,
+        )
+        old_spend = await spend_of(db, "organization", org, None, "2026-11-01Z", "2026-12-01Z")
+        assert old_spend == 30 + 30 + 2 + 7  # the old rule: both polls' lines, Nov 3's estimate covered
+
+        await migrate(empty_database_url)
+
+        rows = await db.fetch(
+            "SELECT project_id, report, superseded_at IS NOT NULL AS retired, outside_cost_report FROM cost_data "
+            "ORDER BY provider, collected_at"
+        )
+        assert [tuple(r) for r in rows] == [
+            (None, "anthropic.usage_report.messages", False, True),
+            (a, "openai.costs", True, False),  # kept, no longer counted
+            (org.projects["proj_b"], "openai.costs", False, False),
+        ]
+        assert await db.fetchval("SELECT count(*) FROM cost_windows") == 2
+        assert set(await db.fetchval("SELECT array_agg(DISTINCT provider) FROM project_metrics")) == {"openai"}
+        assert await db.fetchval("SELECT count(*) FROM budget_alerts") == 1  # alerts already raised stay
+        # proj_a's retired line no longer covers its estimate of Nov 3 (absent lines cover nothing).
+        assert await spend_of(db, "organization", org, None, "2026-11-01Z", "2026-12-01Z") == 30 + 2 + 5 + 7
+        # Data written by the new worker after the upgrade meets the migrated rows.
+        await db.execute(
+            "INSERT INTO cost_data (organization_id, project_id, provider, ai_organization_id, api_version, "
+            "bucket_start_time, bucket_end_time, line_item, currency, amount, collected_at) "
+            "VALUES ($1, $2, 'openai', $3, 'costs_v1', '2026-11-05Z', '2026-11-06Z', 'x', 'USD', 1, now())",
+            org.id,
+            a,
+            org.ai_org,
+        )
+        assert await db.fetchval("SELECT report FROM cost_data WHERE amount = 1") == "openai.costs"
+        assert await spend_of(db, "organization", org, None, "2026-11-01Z", "2026-12-01Z") == 30 + 2 + 5 + 1
+    finally:
+        await db.close()
