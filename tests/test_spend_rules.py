@@ -28,13 +28,16 @@ from tests.factories import (
     anthropic_cost_bucket,
     anthropic_usage_bucket,
     api_event,
+    dumps,
     envelope,
     make_org,
     openai_cost_bucket,
     openai_usage_bucket,
 )
 from tests.feeding import Feeder
+from tests.kafka_helpers import create_topics, produce, run_worker
 from tests.spend_model import Estimate, Ledger, Row, SpendModel, period, periods_overlapping, sum_lines
+from worker.config import Settings
 from worker.migrate import migrate, schema_dir
 
 EXAMPLES = 40
@@ -881,3 +884,151 @@ async def test_migration_0006_moves_an_existing_database_to_the_new_rules(
         assert await spend_of(db, "organization", org, None, "2026-11-01Z", "2026-12-01Z") == 30 + 2 + 5 + 1
     finally:
         await db.close()
+
+
+async def test_rows_1_to_6_and_10_through_the_worker(db: asyncpg.Connection, settings: Settings) -> None:
+    """The audit's rows again, each in its own organization, produced to the broker and consumed by the worker."""
+    await create_topics(settings)
+    await add_prices(db)
+    day = ("2026-11-03", "2026-11-04")
+    buckets: list[dict[str, Any]] = []
+    events_out: list[dict[str, Any]] = []
+    row1, row2, row3, row4, row5, row6, row10 = [await make_org(db, project_ids=("proj_a", "proj_b")) for _ in range(7)]
+    # 1: hourly usage (100) and the daily cost (100) of the same day.
+    hourly = [
+        openai_usage_bucket(
+            f"2026-11-03T{h:02d}:00:00",
+            f"2026-11-03T{h + 1:02d}:00:00",
+            [{"project_id": "proj_a", "model": "m1", "input_tokens": 4}],
+        )
+        for h in range(23)
+    ] + [
+        openai_usage_bucket(
+            "2026-11-03T23:00:00", "2026-11-04T00:00:00", [{"project_id": "proj_a", "model": "m1", "input_tokens": 8}]
+        )
+    ]
+    buckets += [
+        envelope("openai", row1.ai_org, "usage_v1", hourly, collected_at="2026-11-04T02:00:00Z"),
+        envelope(
+            "openai",
+            row1.ai_org,
+            "costs_v1",
+            [openai_cost_bucket(*day, [("proj_a", "x", "100")])],
+            collected_at="2026-11-04T03:00:00Z",
+        ),
+    ]
+    # 2: org-level costs (50) plus the projects' usage (30 + 20) of that day.
+    buckets += [
+        envelope(
+            "openai",
+            row2.ai_org,
+            "usage_v1",
+            [
+                openai_usage_bucket(
+                    *day,
+                    [
+                        {"project_id": "proj_a", "model": "m1", "input_tokens": 30},
+                        {"project_id": "proj_b", "model": "m1", "input_tokens": 20},
+                    ],
+                )
+            ],
+            collected_at="2026-11-04T02:00:00Z",
+        ),
+        envelope(
+            "openai",
+            row2.ai_org,
+            "costs_v1",
+            [openai_cost_bucket(*day, [(None, "all", "50")])],
+            collected_at="2026-11-04T03:00:00Z",
+        ),
+    ]
+    # 3: a re-poll moves the line to project B and drops the grouping by line item.
+    buckets += [
+        envelope(
+            "openai",
+            row3.ai_org,
+            "costs_v1",
+            [openai_cost_bucket(*day, [("proj_a", "GPT-4o", "30")])],
+            collected_at="2026-11-04T01:00:00Z",
+        ),
+        envelope(
+            "openai",
+            row3.ai_org,
+            "costs_v1",
+            [openai_cost_bucket(*day, [("proj_b", None, "30")])],
+            collected_at="2026-11-04T05:00:00Z",
+        ),
+    ]
+    # 4: today's bucket polled at 06:00; 5: a usage line without a price. One estimate of 1 per hour each.
+    for org in (row4, row5):
+        events_out += [
+            api_event(
+                org, project=org.projects["proj_a"], cost="1", occurred_at=f"2026-11-03T{h:02d}:10:00Z", model="gpt-4o"
+            )
+            for h in range(24)
+        ]
+    buckets.append(
+        envelope(
+            "openai",
+            row4.ai_org,
+            "costs_v1",
+            [openai_cost_bucket(*day, [("proj_a", "x", "6")])],
+            collected_at="2026-11-03T06:00:00Z",
+        )
+    )
+    buckets.append(
+        envelope(
+            "openai",
+            row5.ai_org,
+            "usage_v1",
+            [openai_usage_bucket(*day, [{"project_id": "proj_a", "model": "no-price", "input_tokens": 1000}])],
+            collected_at="2026-11-04T02:00:00Z",
+        )
+    )
+    # 6: a daily Los Angeles budget and the UTC-day bucket of 1 November.
+    la_budget = uuid.uuid4()
+    await db.execute(
+        "INSERT INTO ai_organization_budgets (id, organization_id, amount, period, timezone, thresholds) "
+        "VALUES ($1, $2, 10, 'daily', 'America/Los_Angeles', '{100}')",
+        la_budget,
+        row6.id,
+    )
+    buckets.append(
+        envelope(
+            "openai",
+            row6.ai_org,
+            "costs_v1",
+            [openai_cost_bucket("2026-11-01", "2026-11-02", [("proj_a", "x", "10")])],
+            collected_at="2026-11-02T03:00:00Z",
+        )
+    )
+    # 10: estimates of three providers and an unknown model; OpenAI reports the day.
+    events_out += [
+        api_event(row10, project=row10.projects["proj_a"], cost=cost, occurred_at="2026-11-03T10:00:00Z", model=m)
+        for cost, m in (("5", "gpt-4o"), ("7", "claude-sonnet-4-0"), ("3", "gemini-1.5-pro"), ("2", "unknown-x"))
+    ]
+    buckets.append(
+        envelope(
+            "openai",
+            row10.ai_org,
+            "costs_v1",
+            [openai_cost_bucket(*day, [("proj_a", "x", "6")])],
+            collected_at="2026-11-04T03:00:00Z",
+        )
+    )
+
+    await produce(settings, settings.topic_api_usage, [dumps(e) for e in events_out])
+    await produce(settings, settings.topic_provider_buckets, [dumps(b) for b in buckets])
+    assert await run_worker(settings) == 0
+
+    nov3 = ("2026-11-03Z", "2026-11-04Z")
+    assert await spend_of(db, "organization", row1, None, *nov3) == 100
+    assert await spend_of(db, "organization", row2, None, *nov3) == 50
+    assert await spend_of(db, "organization", row3, None, *nov3) == 30
+    assert await spend_of(db, "project", row4, row4.projects["proj_a"], *nov3) == 24
+    assert await spend_of(db, "project", row5, row5.projects["proj_a"], *nov3) == 24
+    assert await db.fetchval("SELECT period_start FROM budget_alerts WHERE budget_id = $1", la_budget) == datetime(
+        2026, 11, 1, 7, tzinfo=UTC
+    )
+    assert await spend_of(db, "project", row10, row10.projects["proj_a"], *nov3) == 6 + 7 + 3 + 2
+    assert await db.fetchval("SELECT count(*) FROM quarantine") == 0
