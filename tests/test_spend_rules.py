@@ -223,7 +223,11 @@ def window_of(world: World, snap: Snapshot) -> tuple[datetime, datetime]:
     return start, start + (HOUR if snap.hour is not None else DAY)
 
 
-def payload_and_rows(world: World, snap: Snapshot) -> tuple[dict[str, Any], list[Row], tuple[str, ...]]:
+Window = tuple[str, str, str, datetime, datetime]
+Touched = tuple[uuid.UUID | None, uuid.UUID | None, datetime, datetime, datetime]
+
+
+def payload_and_rows(world: World, snap: Snapshot) -> tuple[dict[str, Any], list[Row], Window]:
     """The provider message as a producer sends it, and the ledger rows the model expects from it."""
     start, end = window_of(world, snap)
     collected = start + HOUR * snap.collected_after
@@ -313,7 +317,7 @@ def payload_and_rows(world: World, snap: Snapshot) -> tuple[dict[str, Any], list
         api = "usage_v1"
     report = rows[0].report if rows else _report_name(snap.report)
     message = envelope(provider, account, api, [bucket], collected_at=_iso(collected))
-    return message, sum_lines(rows), (provider, account, report, start, end)  # type: ignore[return-value]
+    return message, sum_lines(rows), (provider, account, report, start, end)
 
 
 def _report_name(short: str) -> str:
@@ -343,7 +347,7 @@ class Expected:
     def spend(self, budget: dict[str, Any], start: datetime, end: datetime) -> Decimal:
         return self.model().spend(budget["scope"], self.world.org, budget["project"], budget["user"], start, end)
 
-    def evaluate(self, touches: list[tuple[uuid.UUID | None, uuid.UUID | None, datetime, datetime, datetime]]) -> None:
+    def evaluate(self, touches: list[Touched]) -> None:
         """touches: (project, user, at, span start, span end). Raises every crossed, not yet alerted threshold."""
         candidates: set[tuple[int, datetime, datetime]] = set()
         for index, budget in enumerate(self.world.budgets):
@@ -367,7 +371,7 @@ class Expected:
 
     def snapshot(self, rows: list[Row], window: tuple[str, str, str, datetime, datetime], collected: datetime) -> None:
         changed = self.ledger.apply([window], rows, collected)
-        touches = []
+        touches: list[Touched] = []
         for r in changed:
             scopes: list[uuid.UUID | None] = [r.project_id]
             if r.project_id is None:
