@@ -130,10 +130,13 @@ written AS (
     RETURNING w.provider, w.ai_organization_id, w.report, w.bucket_start_time, w.bucket_end_time,
               w.organization_ids, (w.xmax = 0) AS inserted
 )
+-- Not written: a newer revision is stored (possibly by a concurrent writer this statement waited for). Written:
+-- 'same' when the revision before (this statement's snapshot) was this one, else 'advanced' (retiring older lines
+-- of a window that was in fact already at this revision retires nothing, so a stale snapshot is harmless).
 SELECT i.ord,
-       CASE WHEN k.collected_at IS NULL OR k.collected_at < i.collected_at THEN 'advanced'
+       CASE WHEN w.provider IS NULL THEN 'stale'
             WHEN k.collected_at = i.collected_at THEN 'same'
-            ELSE 'stale' END AS state,
+            ELSE 'advanced' END AS state,
        coalesce(w.organization_ids, '{}') AS organization_ids
 FROM input i
 LEFT JOIN written w
