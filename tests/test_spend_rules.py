@@ -1036,3 +1036,63 @@ async def test_rows_1_to_6_and_10_through_the_worker(db: asyncpg.Connection, set
     )
     assert await spend_of(db, "project", row10, row10.projects["proj_a"], *nov3) == 6 + 7 + 3 + 2
     assert await db.fetchval("SELECT count(*) FROM quarantine") == 0
+
+
+async def test_parts_of_one_revision_add_up_and_a_replay_changes_nothing(
+    db: asyncpg.Connection, feeder: Feeder
+) -> None:
+    """README "What producers must do": a bucket split across messages carries one collected_at in every part."""
+    org = await make_org(db, project_ids=("proj_a", "proj_b"))
+    day = ("2026-11-03", "2026-11-04")
+    part_1 = envelope(
+        "openai",
+        org.ai_org,
+        "costs_v1",
+        [openai_cost_bucket(*day, [("proj_a", "x", "3")])],
+        collected_at="2026-11-04T01:00:00Z",
+    )
+    part_2 = envelope(
+        "openai",
+        org.ai_org,
+        "costs_v1",
+        [openai_cost_bucket(*day, [("proj_b", "x", "4")])],
+        collected_at="2026-11-04T01:00:00Z",
+    )
+    await feeder.buckets(part_1)
+    await feeder.buckets(part_2)
+    assert await spend_of(db, "organization", org, None, "2026-11-03Z", "2026-11-04Z") == 7
+    outcome = await feeder.buckets(part_1, part_2)  # redelivered: the same revision changes nothing
+    assert set(outcome.ledger_lines) == {("costs_v1", "unchanged")}
+    assert await spend_of(db, "organization", org, None, "2026-11-03Z", "2026-11-04Z") == 7
+    # An empty bucket of a later poll retires both (kept, marked superseded).
+    empty = envelope(
+        "openai", org.ai_org, "costs_v1", [openai_cost_bucket(*day, [])], collected_at="2026-11-04T06:00:00Z"
+    )
+    outcome = await feeder.buckets(empty)
+    assert outcome.ledger_lines[("costs_v1", "superseded")] == 2
+    assert await spend_of(db, "organization", org, None, "2026-11-03Z", "2026-11-04Z") == 0
+    assert await db.fetchval("SELECT count(*) FROM cost_data WHERE superseded_at IS NOT NULL") == 2
+
+
+async def test_a_line_quarantined_then_replayed_joins_its_revision(db: asyncpg.Connection, feeder: Feeder) -> None:
+    """A line that could not be attributed is quarantined; its message's other lines land at that revision. Once
+    the mapping exists, the replayed message (same revision) adds the missing line instead of being ignored."""
+    org = await make_org(db)
+    message = envelope(
+        "openai",
+        org.ai_org,
+        "costs_v1",
+        [openai_cost_bucket("2026-11-03", "2026-11-04", [("proj_a", "x", "3"), ("proj_new", "x", "4")])],
+        collected_at="2026-11-04T01:00:00Z",
+    )
+    outcome = await feeder.buckets(message)
+    assert [q.reason.value for q in outcome.quarantine] == ["unattributed"]
+    assert await spend_of(db, "organization", org, None, "2026-11-03Z", "2026-11-04Z") == 3
+    await db.execute(
+        "INSERT INTO projects (organization_id, name, ai_provider, ai_organization_id, ai_project_id) "
+        "VALUES ($1, 'new', 'openai', $2, 'proj_new')",
+        org.id,
+        org.ai_org,
+    )
+    await feeder.buckets(message)
+    assert await spend_of(db, "organization", org, None, "2026-11-03Z", "2026-11-04Z") == 7
