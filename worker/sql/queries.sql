@@ -597,9 +597,11 @@ UNION ALL SELECT 'outbox', count(*) FROM outbox;
 -- name: report_project_spend
 -- Ledger and estimate per project (visible in the current tenant scope), all time.
 SELECT p.name AS project,
-       coalesce((SELECT sum(amount) FROM cost_data c WHERE c.project_id = p.id AND c.api_version = 'costs_v1'), 0)
+       coalesce((SELECT sum(amount) FROM cost_data c
+                 WHERE c.project_id = p.id AND c.api_version = 'costs_v1' AND c.superseded_at IS NULL), 0)
            AS provider_costs,
-       coalesce((SELECT sum(amount) FROM cost_data c WHERE c.project_id = p.id AND c.api_version = 'usage_v1'), 0)
+       coalesce((SELECT sum(amount) FROM cost_data c
+                 WHERE c.project_id = p.id AND c.api_version = 'usage_v1' AND c.superseded_at IS NULL), 0)
            AS priced_usage,
        coalesce((SELECT sum(estimated_cost_usd) FROM project_metrics m WHERE m.project_id = p.id), 0) AS estimate,
        coalesce((SELECT sum(request_count) FROM project_metrics m WHERE m.project_id = p.id), 0) AS requests
