@@ -5,13 +5,14 @@
 --   cost_worker_owner   owns every object; migrations run as this role (SET ROLE)
 --   cost_worker_writer  the worker: reads the platform tables, writes the ledger; no DDL, no BYPASSRLS
 --   cost_worker_reader  dashboards: read-only, and row-level security shows one organization at a time
+--   cost_worker_collector  `cost-worker collect` and `keys`: the only role that reads provider admin keys
 --
 -- Login roles are granted membership: CREATE ROLE app LOGIN PASSWORD '...' IN ROLE cost_worker_writer;
 DO $roles$
 DECLARE
     wanted text;
 BEGIN
-    FOREACH wanted IN ARRAY ARRAY['cost_worker_owner', 'cost_worker_writer', 'cost_worker_reader'] LOOP
+    FOREACH wanted IN ARRAY ARRAY['cost_worker_owner', 'cost_worker_writer', 'cost_worker_reader', 'cost_worker_collector'] LOOP
         IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = wanted) THEN
             BEGIN
                 EXECUTE format('CREATE ROLE %I NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS', wanted);
@@ -35,6 +36,9 @@ BEGIN
     END IF;
     IF NOT has_schema_privilege('cost_worker_reader', 'public', 'USAGE') THEN
         GRANT USAGE ON SCHEMA public TO cost_worker_reader;
+    END IF;
+    IF NOT has_schema_privilege('cost_worker_collector', 'public', 'USAGE') THEN
+        GRANT USAGE ON SCHEMA public TO cost_worker_collector;
     END IF;
 END
 $grants$;

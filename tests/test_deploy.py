@@ -52,6 +52,8 @@ EXPECTED_CHECKOV_SKIPS = {
     ("kubernetes", "CKV_K8S_43", "Job.cost-worker-migrate"),
     ("kubernetes", "CKV_K8S_43", "Deployment.cost-worker-notify"),
     ("dockerfile", "CKV_DOCKER_2", "Dockerfile"),
+    ("kubernetes", "CKV_K8S_43", "Deployment.cost-collector"),
+    ("kubernetes", "CKV_K8S_35", "Deployment.cost-collector"),
 }
 EXPECTED_ALERTS = {
     "CostWorkerDown",
@@ -65,6 +67,10 @@ EXPECTED_ALERTS = {
     "CostWorkerNotifyDown",
     "CostWorkerNotifyDeliveriesDelayed",
     "CostWorkerNotifyDeliveriesFailed",
+    "CostCollectorDown",
+    "CostCollectorNoActivePoller",
+    "CostCollectorStale",
+    "CostCollectorAuthFailures",
 }
 
 # --- tools ------------------------------------------------------------------------------------------------
@@ -269,8 +275,9 @@ def test_dockerfile_is_multi_stage_pinned_and_unprivileged(production: Rendered)
     assert "[deploy" not in builder, "no deploy extras in the image"
     # The image's user is the one the pods run as.
     uid = users[-1].split(":")[0]
-    pod = production.one("Deployment", "cost-worker")["spec"]["template"]["spec"]
-    assert str(pod["securityContext"]["runAsUser"]) == uid
+    for deployment in production.all("Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        assert str(pod["securityContext"]["runAsUser"]) == uid
 
 
 def dockerignored(path: str, patterns: list[str]) -> bool:
@@ -808,3 +815,46 @@ def test_dashboard_and_keda_queries_parse_with_prometheus(promtool: str, product
     (tmp_path / "queries.yaml").write_text(yaml.safe_dump({"groups": [{"name": "q", "rules": rules}]}), "utf-8")
     result = run([promtool, "check", "rules", "queries.yaml"], cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- the collector (issue 14) -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_collector_pod_spec_secrets_and_egress(rendered: dict[str, Rendered], kustomization: str) -> None:
+    output = rendered[kustomization]
+    deployment = output.one("Deployment", "cost-collector")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"] == ["collect"]
+    assert deployment["spec"]["replicas"] >= 2, "a standby takes over the poller lock"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["COST_WORKER_DATABASE_ROLE"]["value"] == "cost_worker_collector"
+    refs = {name: e["valueFrom"]["secretKeyRef"] for name, e in env.items() if "valueFrom" in e}
+    assert refs["COST_WORKER_DATABASE_URL"] == {"name": "cost-worker-db-collector", "key": "url"}
+    assert "value" not in env["COST_WORKER_KAFKA_SASL_PASSWORD"]
+    # The key-encryption key is a mounted Secret file, read-only; the env var holds only its path.
+    kek_path = env["COST_WORKER_COLLECT_KEY_ENCRYPTION_KEY_FILE"]["value"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "kek"]
+    assert mount["readOnly"] is True
+    assert kek_path.startswith(mount["mountPath"] + "/")
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "kek"]
+    assert volume["secret"]["secretName"] == "cost-collector-kek"
+    readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    for documented in ("`cost-worker-db-collector`", "`cost-collector-kek`", "`kek`"):
+        assert documented in readme
+    assert {p: container[p]["httpGet"]["path"] for p in ("livenessProbe", "readinessProbe")} == {
+        "livenessProbe": "/healthz",
+        "readinessProbe": "/readyz",
+    }
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    # Scraped as job cost-collector (the alert rules' job), and only the collector may reach the providers.
+    service = output.one("Service", "cost-collector")
+    assert selects(service["spec"]["selector"], pod_labels(deployment))
+    assert not selects(service["spec"]["selector"], pod_labels(output.one("Deployment", "cost-worker")))
+    monitor = output.one("ServiceMonitor", "cost-collector")
+    assert selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+    policies = {p["metadata"]["name"]: p["spec"] for p in output.all("NetworkPolicy")}
+    assert selects(policies["cost-collector"]["podSelector"]["matchLabels"], pod_labels(deployment))
+    assert 443 in {p["port"] for rule in policies["cost-collector"]["egress"] for p in rule["ports"]}
+    assert 443 not in {p["port"] for rule in policies["cost-worker"]["egress"] for p in rule["ports"]}

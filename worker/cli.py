@@ -15,6 +15,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
 
 from worker import __version__
+from worker.collect import cli as collect_cli
 from worker.config import Settings, load_settings
 from worker.errors import ConfigError, CostWorkerError
 
@@ -112,6 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     bstatus.add_argument("--organization", metavar="ID", help="only this organization (uuid)")
     _notify_parser(sub)
+
+    collect_cli.add_parsers(sub)  # `collect` and `keys` (issue 14)
     return parser
 
 
@@ -267,6 +270,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "quarantine": cmd_quarantine,
     "budgets": cmd_budgets,
     "notify": cmd_notify,
+    **collect_cli.COMMANDS,
 }
 
 

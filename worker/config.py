@@ -10,6 +10,7 @@ import os
 import base64
 import ipaddress
 import ssl
+from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit, urlunsplit
@@ -75,6 +76,17 @@ NOTIFY_POLL_INTERVAL = 1.0  # seconds between scans for due deliveries when noth
 NOTIFY_SECRETS_KEY_BYTES = 32  # AES-256-GCM key of destination URLs and signing secrets
 
 FAULT_POINTS = ("before_db_commit", "after_db_commit", "before_outbox_publish", "notify_after_send")
+# --- collector (issue 14) ---
+COLLECT_OPENAI_BASE_URL = "https://api.openai.com"
+COLLECT_ANTHROPIC_BASE_URL = "https://api.anthropic.com"
+COLLECT_INTERVAL = 900.0  # seconds between polls of every account
+COLLECT_TRAILING_DAYS = 3  # days re-read on every poll (providers finalise costs late)
+COLLECT_BACKFILL_DAYS = 30  # days collected on the first poll when no start date is set
+COLLECT_REQUEST_TIMEOUT = 60.0  # seconds one provider request may take
+COLLECT_MAX_ATTEMPTS = 6  # attempts per provider request (429, 5xx, timeouts, connection errors)
+COLLECT_MAX_RETRY_AFTER = 120.0  # seconds; a longer Retry-After fails the request (the next poll retries)
+COLLECT_STALE_AFTER = 7200.0  # seconds without a successful poll before /readyz of the collector says not ready
+
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
@@ -291,6 +303,49 @@ class Settings(BaseSettings):
         description="Link shown in Slack messages, with {organization_id} {budget_id} {alert_id} {scope} "
         "{project_id} {user_id} placeholders; empty: no link",
     )
+    # collector (issue 14: `cost-worker collect`)
+    collect_openai_base_url: str = Field(
+        default=COLLECT_OPENAI_BASE_URL, min_length=1, description="OpenAI Admin API base URL (data residency, proxy)"
+    )
+    collect_anthropic_base_url: str = Field(
+        default=COLLECT_ANTHROPIC_BASE_URL, min_length=1, description="Anthropic Admin API base URL"
+    )
+    collect_key_encryption_key_file: Path | None = Field(
+        default=None,
+        description="File with the 32-byte key-encryption key (raw, hex or base64) that wraps stored admin keys",
+    )
+    collect_interval: float = Field(
+        default=COLLECT_INTERVAL, gt=0, description="Seconds between polls of every provider account"
+    )
+    collect_trailing_days: int = Field(
+        default=COLLECT_TRAILING_DAYS,
+        ge=0,
+        le=31,
+        description="Days re-read on every poll, before the open bucket (providers finalise costs late)",
+    )
+    collect_backfill_start: date | None = Field(
+        default=None,
+        description="First day (UTC, YYYY-MM-DD) collected on an account's first poll; empty: 30 days back",
+    )
+    collect_request_timeout: float = Field(
+        default=COLLECT_REQUEST_TIMEOUT, gt=0, description="Seconds one provider API request may take"
+    )
+    collect_max_attempts: int = Field(
+        default=COLLECT_MAX_ATTEMPTS,
+        ge=1,
+        le=20,
+        description="Attempts per provider request on 429, 5xx, timeouts and connection errors",
+    )
+    collect_max_retry_after: float = Field(
+        default=COLLECT_MAX_RETRY_AFTER,
+        gt=0,
+        description="Longest Retry-After honoured, in seconds; longer fails the endpoint until the next poll",
+    )
+    collect_stale_after: float = Field(
+        default=COLLECT_STALE_AFTER,
+        gt=0,
+        description="Seconds without a successful poll of an endpoint before the collector's /readyz fails",
+    )
 
     # tests only
     fault_points: str = Field(
@@ -303,7 +358,14 @@ class Settings(BaseSettings):
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("database_role", "kafka_sasl_username", "kafka_bootstrap_servers", mode="before")
+    @field_validator(
+        "database_role",
+        "kafka_sasl_username",
+        "kafka_bootstrap_servers",
+        "collect_key_encryption_key_file",
+        "collect_backfill_start",
+        mode="before",
+    )
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
@@ -348,6 +410,12 @@ class Settings(BaseSettings):
             path = getattr(self, name)
             if path is not None and not path.is_file():
                 found.append(f"{env_name(name)}: no such file: {path}")
+        for name in ("collect_openai_base_url", "collect_anthropic_base_url"):
+            parts = urlsplit(getattr(self, name))
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                found.append(f"{env_name(name)}: must be an http(s):// URL")
+        if self.collect_key_encryption_key_file is not None and not self.collect_key_encryption_key_file.is_file():
+            found.append(f"{env_name('collect_key_encryption_key_file')}: no such file")
         if (self.kafka_ssl_certfile is None) != (self.kafka_ssl_keyfile is None):
             found.append(f"{env_name('kafka_ssl_certfile')}/{env_name('kafka_ssl_keyfile')}: set both or neither")
         if self.kafka_heartbeat_interval * 3 > self.kafka_session_timeout:
@@ -424,6 +492,8 @@ class Settings(BaseSettings):
             value = getattr(self, name)
             if name == "database_url" and value is not None:
                 text = redact_url(value.get_secret_value())
+            elif name in ("collect_openai_base_url", "collect_anthropic_base_url"):
+                text = redact_url(value)  # an egress proxy URL may carry credentials
             elif isinstance(value, SecretStr):
                 text = "**********"
             elif value is None:
@@ -444,6 +514,13 @@ class Settings(BaseSettings):
             values.append(self.kafka_sasl_password.get_secret_value())
         if self.notify_secrets_key is not None and self.notify_secrets_key.get_secret_value():
             values.append(self.notify_secrets_key.get_secret_value())
+        for url in (self.collect_openai_base_url, self.collect_anthropic_base_url):
+            try:
+                password = urlsplit(url).password
+            except ValueError:
+                continue
+            if password:
+                values.append(password)
         return values
 
 

@@ -29,7 +29,8 @@ QUARANTINED = Counter(
 )
 LEDGER_LINES = Counter(
     "cost_worker_ledger_lines_total",
-    "Ledger lines written to cost_data, by api_version and outcome (inserted, updated, unchanged, stale_revision).",
+    "Ledger lines written to cost_data, by api_version and outcome (inserted, updated, unchanged, stale_revision, "
+    "superseded: a stored line a newer snapshot of its window no longer has).",
     ["api_version", "outcome"],
 )
 UNPRICED_LINES = Counter(
@@ -137,4 +138,55 @@ NOTIFY_DELIVERY_LATENCY = Histogram(
 NOTIFY_BACKLOG = Gauge("cost_worker_notify_backlog_deliveries", "Deliveries pending (due now or waiting to retry).")
 NOTIFY_OLDEST_PENDING_AGE = Gauge(
     "cost_worker_notify_oldest_pending_age_seconds", "Age of the oldest pending delivery (0 when none)."
+)
+
+# --- collector (issue 14: `cost-worker collect`) ------------------------------------------------------------
+# Accounts are labelled by the provider's organization id (never by a key or its fingerprint).
+COLLECT_REQUESTS = Counter(
+    "cost_worker_collect_requests_total",
+    "Provider admin API requests, by provider, report and HTTP status (or timeout, connection_error).",
+    ["provider", "report", "status"],
+)
+COLLECT_PAGES = Counter(
+    "cost_worker_collect_pages_total", "Provider pages fetched in complete windows, by report.", ["provider", "report"]
+)
+COLLECT_BUCKETS = Counter(
+    "cost_worker_collect_buckets_published_total",
+    "Provider buckets acknowledged by the broker, by report.",
+    ["provider", "report"],
+)
+COLLECT_POLLS = Counter(
+    "cost_worker_collect_polls_total",
+    "Endpoint polls by result (ok, failed, auth_failed).",
+    ["provider", "report", "result"],
+)
+COLLECT_AUTH_FAILURES = Counter(
+    "cost_worker_collect_auth_failures_total",
+    "Polls stopped because the provider refused the account's admin key (401/403).",
+    ["provider", "account"],
+)
+COLLECT_LAST_SUCCESS = Gauge(
+    "cost_worker_collect_last_success_timestamp_seconds",
+    "Unix time of the last successful poll, per account and report.",
+    ["provider", "account", "report"],
+)
+COLLECT_SINCE_SUCCESS = Gauge(
+    "cost_worker_collect_seconds_since_last_success",
+    "Seconds since the last successful poll, per account and report (updated every poll round).",
+    ["provider", "account", "report"],
+)
+COLLECT_DATA_FRESHNESS = Gauge(
+    "cost_worker_collect_newest_bucket_end_timestamp_seconds",
+    "Unix time of the end of the newest bucket collected, per account and report (data freshness).",
+    ["provider", "account", "report"],
+)
+COLLECT_ACTIVE = Gauge("cost_worker_collect_active", "1 when this replica holds the poller lock, else 0.")
+COLLECT_OUTBOX_BACKLOG = Gauge(
+    "cost_worker_collect_outbox_backlog_messages", "Staged collector messages not yet acknowledged by the broker."
+)
+
+# --- spend rules (issue 11)
+UNKNOWN_MODEL_EVENTS = Counter(
+    "cost_worker_unknown_model_events_total",
+    "API-usage events whose model has no provider in the price catalogue (their estimate is never replaced).",
 )

@@ -304,6 +304,12 @@ class Tx:
     async def upsert_cost_data(self, columns: Sequence[Sequence[Any]]) -> list[asyncpg.Record]:
         return await self.conn.fetch(query("upsert_cost_data"), *columns)
 
+    async def upsert_cost_windows(self, columns: Sequence[Sequence[Any]]) -> list[asyncpg.Record]:
+        return await self.conn.fetch(query("upsert_cost_windows"), *columns)
+
+    async def retire_cost_data(self, columns: Sequence[Sequence[Any]]) -> list[asyncpg.Record]:
+        return await self.conn.fetch(query("retire_cost_data"), *columns)
+
     async def insert_api_usage(self, columns: Sequence[Sequence[Any]]) -> list[asyncpg.Record]:
         return await self.conn.fetch(query("insert_api_usage"), *columns)
 
@@ -331,6 +337,8 @@ class Tx:
             [t.project_id for t in touched],
             [t.user_id for t in touched],
             [t.at for t in touched],
+            [t.span_start for t in touched],
+            [t.span_end for t in touched],
         )
 
     async def budget_active(self, organizations: set[UUID], at: datetime) -> list[asyncpg.Record]:
@@ -351,6 +359,18 @@ class Tx:
             [c.currency for c in candidates],
         )
         by_ord = {row["ord"]: (row["spend"], json.loads(row["foreign_rows"])) for row in rows}
+        return [by_ord[i] for i in range(1, len(candidates) + 1)]
+
+    async def budget_unpriced(self, candidates: Sequence[Any]) -> list[int]:
+        rows = await self.conn.fetch(
+            query("budget_unpriced"),
+            [c.scope for c in candidates],
+            [c.organization_id for c in candidates],
+            [c.project_id for c in candidates],
+            [c.period_start for c in candidates],
+            [c.period_end for c in candidates],
+        )
+        by_ord = {row["ord"]: int(row["n"]) for row in rows}
         return [by_ord[i] for i in range(1, len(candidates) + 1)]
 
     async def insert_alerts(self, alerts: Sequence[Any], *, topic: str, raised_at: datetime) -> set[str]:

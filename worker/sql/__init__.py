@@ -1,4 +1,4 @@
-"""The worker's SQL, loaded from named blocks in ``queries.sql``.
+"""The worker's SQL, loaded from named blocks in ``queries.sql`` (and ``collect.sql``, the collector's).
 
 A block starts with ``-- name: <query_name>``; the comment lines after it document the query, and the
 rest up to the next block is the statement. ``worker.store`` is the only module that executes them.
@@ -27,9 +27,18 @@ def parse(text: str) -> dict[str, str]:
     return queries
 
 
+QUERY_FILES = ("queries.sql", "collect.sql")
+
+
 @cache
 def queries() -> dict[str, str]:
-    return parse(files(__package__).joinpath("queries.sql").read_text(encoding="utf-8"))
+    merged: dict[str, str] = {}
+    for name in QUERY_FILES:
+        found = parse(files(__package__).joinpath(name).read_text(encoding="utf-8"))
+        if merged.keys() & found.keys():
+            raise ValueError(f"{name} redefines {sorted(merged.keys() & found.keys())}")
+        merged.update(found)
+    return merged
 
 
 def query(name: str) -> str:

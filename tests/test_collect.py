@@ -1,0 +1,578 @@
+"""The collector against a fake provider (tests/fake_providers.py), a real broker, PostgreSQL and the worker.
+
+Proof for issue 14: documented shapes with cursor pagination, a 429 with Retry-After, flaky 5xx, a 401 for one
+account, data that changes between two polls; the ledger equals the fake provider's final truth; a collector
+killed mid-poll publishes nothing of that window and the next poll completes it; no admin key in any log line,
+metric, error or message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import io
+import json
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+from prometheus_client import REGISTRY, generate_latest
+
+from tests.factories import Org, make_org
+from tests.fake_providers import (
+    OPENAI_USAGE,
+    Canned,
+    FakeProviders,
+    anthropic_cost,
+    anthropic_usage,
+    openai_completions,
+    openai_cost,
+)
+from tests.kafka_helpers import consume_all, create_topics, run_worker, worker_env
+from worker import logs
+from worker.collect import admin
+from worker.collect.client import ProviderClient
+from worker.collect.errors import ProviderAuthFailed, ProviderRejected, ProviderUnavailable
+from worker.collect.publisher import CollectorPublisher
+from worker.collect.runner import Collector
+from worker.collect.sources import ANTHROPIC_ENDPOINTS, OPENAI_ENDPOINTS
+from worker.collect.windows import day_start
+from worker.config import Settings
+from worker.errors import TransientError
+
+COSTS = "/v1/organization/costs"
+COMPLETIONS = "/v1/organization/usage/completions"
+A_COSTS = "/v1/organizations/cost_report"
+A_USAGE = "/v1/organizations/usage_report/messages"
+DAY = timedelta(days=1)
+TODAY = day_start(datetime.now(UTC))
+D2, D1, D0 = TODAY - 2 * DAY, TODAY - DAY, TODAY
+
+
+@dataclass
+class World:
+    fake: FakeProviders
+    settings: Settings  # the collector's (role cost_worker_collector)
+    keys: dict[str, str]  # account -> admin key
+    orgs: dict[str, Org]
+    log: io.StringIO
+
+
+def _sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture
+async def world(db: asyncpg.Connection, settings: Settings, tmp_path: Path) -> AsyncIterator[World]:
+    keys = {acc: f"sk-admin-{acc}-{uuid.uuid4().hex}" for acc in ("org-oa", "org-an", "org-bad")}
+    fake = FakeProviders({("openai", "org-oa"): keys["org-oa"], ("anthropic", "org-an"): keys["org-an"]})
+    url = await fake.start()
+    kek = tmp_path / "kek"
+    kek.write_bytes(bytes(range(32)))
+    collector_settings = settings.model_copy(
+        update={
+            "database_role": "cost_worker_collector",
+            "collect_openai_base_url": url,
+            "collect_anthropic_base_url": url,
+            "collect_key_encryption_key_file": kek,
+            "collect_trailing_days": 2,
+            "collect_backfill_start": D2.date(),
+            "collect_max_retry_after": 5.0,
+        }
+    )
+    orgs = {
+        "org-oa": await make_org(db, provider="openai", ai_org="org-oa", project_ids=("proj_a", "proj_b")),
+        "org-an": await make_org(db, provider="anthropic", ai_org="org-an", project_ids=("wrk_a", "wrk_b")),
+        "org-bad": await make_org(db, provider="openai", ai_org="org-bad", project_ids=("proj_x",)),
+    }
+    for account, provider in (("org-oa", "openai"), ("org-an", "anthropic"), ("org-bad", "openai")):
+        await admin.add(
+            collector_settings,
+            organization=orgs[account].id,
+            provider=provider,
+            account=account,
+            name=account,
+            secret_file=None,
+            stdin=io.StringIO(keys[account] + "\n"),
+        )
+    await create_topics(settings)
+    buffer = io.StringIO()
+    logs.configure(level="DEBUG", fmt="json", secrets=collector_settings.secrets(), stream=buffer)
+    yield World(fake, collector_settings, keys, orgs, buffer)
+    await fake.stop()
+
+
+def seed_truth(fake: FakeProviders) -> None:
+    """Poll 1's truth: three days (two closed, today's open bucket) of every report."""
+    fake.openai_bucket(
+        "org-oa",
+        COSTS,
+        D2,
+        [
+            openai_cost("1.25", "Input tokens", "proj_a"),
+            openai_cost("0.000123456789012345678", "Output tokens", "proj_a"),
+        ],
+    )
+    fake.openai_bucket(
+        "org-oa", COSTS, D1, [openai_cost("2.5", "Input tokens", "proj_a"), openai_cost("0.75", "Web search", "proj_a")]
+    )
+    fake.openai_bucket("org-oa", COSTS, D0, [openai_cost("0.1", "Input tokens", "proj_b")])
+    fake.openai_bucket("org-oa", COMPLETIONS, D1, [openai_completions("proj_a", "gpt-4o", 1000, 200, 50)])
+    fake.openai_bucket("org-oa", COMPLETIONS, D0, [openai_completions("proj_b", "gpt-4o-mini", 10, 0, 5)])
+    for name in OPENAI_USAGE[1:]:
+        fake.openai_bucket("org-oa", f"/v1/organization/usage/{name}", D1, [])
+    fake.anthropic_bucket(
+        "org-an", A_COSTS, D2, [anthropic_cost("1234.5", "wrk_a", "Claude Sonnet 4 Usage - Input Tokens")]
+    )
+    fake.anthropic_bucket(
+        "org-an",
+        A_COSTS,
+        D1,
+        [
+            anthropic_cost("99", "wrk_b", "Claude Sonnet 4 Usage - Output Tokens"),
+            anthropic_cost("10", None, "Web Search"),
+        ],
+    )
+    fake.anthropic_bucket("org-an", A_USAGE, D1, [anthropic_usage("wrk_a", "claude-sonnet-4-20250514", 100, 20)])
+
+
+def revise_truth(fake: FakeProviders) -> None:
+    """Between the polls: a late revision, a line moved between projects, and today's bucket growing."""
+    fake.openai_bucket(
+        "org-oa",
+        COSTS,
+        D1,
+        [openai_cost("2.75", "Input tokens", "proj_a"), openai_cost("0.75", "Web search", "proj_b")],
+    )
+    fake.openai_bucket(
+        "org-oa",
+        COSTS,
+        D0,
+        [openai_cost("0.1", "Input tokens", "proj_b"), openai_cost("0.3", "Output tokens", "proj_b")],
+    )
+    fake.anthropic_bucket(
+        "org-an",
+        A_COSTS,
+        D1,
+        [
+            anthropic_cost("120.25", "wrk_b", "Claude Sonnet 4 Usage - Output Tokens"),
+            anthropic_cost("10", None, "Web Search"),
+        ],
+    )
+
+
+def cost_truth(world: World) -> set[tuple[Any, ...]]:
+    """The independent model: every cost result the fake serves now, as a ledger line."""
+    lines: set[tuple[Any, ...]] = set()
+    oa, an = world.orgs["org-oa"], world.orgs["org-an"]
+    for bucket in world.fake.buckets[("openai", "org-oa", COSTS)]:
+        for r in bucket["results"]:
+            amount = Decimal(r["amount"]["value"].removeprefix("__number__:"))
+            start = datetime.fromtimestamp(bucket["start_time"], tz=UTC)
+            lines.add((oa.projects[r["project_id"]], start, r["line_item"], amount, "USD"))
+    for bucket in world.fake.buckets[("anthropic", "org-an", A_COSTS)]:
+        for r in bucket["results"]:
+            project = an.projects[r["workspace_id"]] if r["workspace_id"] else None
+            start = datetime.fromisoformat(bucket["starting_at"])
+            lines.add((project, start, r["description"], Decimal(r["amount"]) / 100, "USD"))
+    return lines
+
+
+async def cost_ledger(db: asyncpg.Connection) -> set[tuple[Any, ...]]:
+    rows = await db.fetch(
+        "SELECT project_id, bucket_start_time, line_item, amount, currency FROM cost_data "
+        "WHERE api_version = 'costs_v1' AND superseded_at IS NULL"
+    )
+    return {(r["project_id"], r["bucket_start_time"], r["line_item"], r["amount"], r["currency"]) for r in rows}
+
+
+def assert_no_key(world: World, *texts: str) -> None:
+    for text in texts:
+        for key in world.keys.values():
+            assert key not in text
+            assert key[-16:] not in text  # not even the key's tail
+
+
+async def test_collect_end_to_end_ledger_equals_the_providers_truth(
+    world: World, db: asyncpg.Connection, settings: Settings
+) -> None:
+    fake = world.fake
+    seed_truth(fake)
+    fake.script[("org-oa", COSTS)] = [Canned(429, {"Retry-After": "1"}, '{"error": {"type": "rate_limit"}}')]
+    fake.script[("org-oa", COMPLETIONS)] = [Canned(500)]
+    fake.script[("org-an", A_COSTS)] = [Canned(503), Canned(502)]
+    auth_before = _sample("cost_worker_collect_auth_failures_total", provider="openai", account="org-bad")
+
+    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+
+    # 429: the retry waited for Retry-After; the 5xx were retried; every page of every window was followed.
+    costs = [(status, at) for acc, path, _, status, at in fake.requests if acc == "org-oa" and path == COSTS]
+    assert costs[0][0] == 429
+    assert costs[1][0] == 200
+    assert costs[1][1] - costs[0][1] >= 0.95
+    assert [s for acc, p, _, s, _ in fake.requests if acc == "org-an" and p == A_COSTS][:3] == [503, 502, 200]
+    assert len([1 for acc, p, _, s, _ in fake.requests if acc == "org-oa" and p == COSTS and s == 200]) == 3  # pages
+    grouped = next(q for acc, p, q, s, _ in fake.requests if p == COMPLETIONS and s == 200)
+    assert grouped["group_by"] == ["project_id", "model", "batch", "service_tier"]
+    # 401 for one account: stopped after one request, counted, the others went on.
+    assert [p for acc, p, _, s, _ in fake.requests if acc == "?"] == [COSTS]
+    assert _sample("cost_worker_collect_auth_failures_total", provider="openai", account="org-bad") == auth_before + 1
+    states = await db.fetch(
+        "SELECT k.ai_organization_id, s.report, s.last_collected_at FROM collector_state s "
+        "JOIN organization_api_keys k ON k.id = s.account_id"
+    )
+    assert {(r["ai_organization_id"]) for r in states} == {"org-oa", "org-an"}
+    assert len(states) == len(OPENAI_ENDPOINTS) + len(ANTHROPIC_ENDPOINTS)
+    assert len({r["last_collected_at"] for r in states}) == 1  # one collected_at per poll
+
+    # The worker applies poll 1: the ledger is the first truth.
+    assert await run_worker(settings, idle=1.5) == 0
+    assert await cost_ledger(db) == cost_truth(world)
+
+    revise_truth(fake)
+    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+    assert await db.fetchval("SELECT count(*) FROM collector_outbox") == 0
+
+    messages = await consume_all(settings, settings.topic_provider_buckets, expect=1, timeout=10)
+    envelopes = [json.loads(m.value) for m in messages]
+    assert {m.key for m in messages} == {b"org-oa", b"org-an"}
+    usage = [e for e in envelopes if e["provider"] == "openai" and e["api_version"] == "usage_v1"]
+    assert usage
+    assert all(e["endpoint"] in OPENAI_USAGE for e in usage)
+    # A bucket is never split: each (poll, report, window) is exactly one message.
+    seen = [
+        (
+            e["collected_at"],
+            e["provider"],
+            e.get("endpoint"),
+            e["api_version"],
+            json.dumps([e["bucket"].get(k) for k in ("start_time", "starting_at")]),
+        )
+        for e in envelopes
+    ]
+    assert len(seen) == len(set(seen))
+
+    assert await run_worker(settings, idle=1.5) == 0
+    assert await db.fetchval("SELECT count(*) FROM quarantine") == 0
+    truth = cost_truth(world)
+    ledger = await cost_ledger(db)
+    # Exactly the provider's final truth (Decimal, every digit): the late revisions are applied, and the line
+    # moved from proj_a to proj_b left proj_a, because the newest collected_at of a window is its whole truth
+    # (issue 11's snapshot rule: the old line is kept, marked superseded, and no longer counts).
+    assert ledger == truth
+    moved = (world.orgs["org-oa"].projects["proj_a"], D1, "Web search", Decimal("0.75"), "USD")
+    assert moved not in ledger
+    superseded = await db.fetch("SELECT project_id, line_item FROM cost_data WHERE superseded_at IS NOT NULL")
+    assert (moved[0], "Web search") in {(r["project_id"], r["line_item"]) for r in superseded}
+
+    # Usage: every token the provider reported lands once, on the right project and model (the line items'
+    # token-type names belong to worker/providers.py, so the model checks per project and model totals).
+    usage_rows = await db.fetch(
+        "SELECT project_id, split_part(line_item, ':', 1) AS model, sum(quantity) AS tokens FROM cost_data "
+        "WHERE api_version = 'usage_v1' AND superseded_at IS NULL AND line_item LIKE '%tokens%' "
+        "GROUP BY 1, 2 HAVING sum(quantity) > 0"
+    )
+    oa, an = world.orgs["org-oa"].projects, world.orgs["org-an"].projects
+    assert {(r["project_id"], r["model"], r["tokens"]) for r in usage_rows} == {
+        (oa["proj_a"], "gpt-4o", 1000 + 50),  # input_tokens (cached included) + output_tokens
+        (oa["proj_b"], "gpt-4o-mini", 10 + 5),
+        (an["wrk_a"], "claude-sonnet-4-20250514", 100 + 20),
+    }
+
+    # No admin key anywhere: logs (every failure path above logged), metrics, messages, stored rows.
+    log_text = world.log.getvalue()
+    assert "collect_auth_failed" in log_text
+    assert "collect_window_staged" in log_text
+    stored = await db.fetch("SELECT * FROM organization_api_keys")
+    assert_no_key(
+        world,
+        log_text,
+        generate_latest(REGISTRY).decode(),
+        *(m.value.decode() for m in messages),
+        repr([dict(r) for r in stored]),
+    )
+
+
+async def test_keys_are_readable_only_by_the_collector_role(world: World, db: asyncpg.Connection) -> None:
+    for role in ("cost_worker_writer", "cost_worker_reader"):
+        async with db.transaction():
+            await db.execute(f"SET LOCAL ROLE {role}")
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await db.fetch("SELECT * FROM organization_api_keys")
+    async with db.transaction():
+        await db.execute("SET LOCAL ROLE cost_worker_collector")
+        assert await db.fetchval("SELECT count(*) FROM organization_api_keys") == 3
+
+
+async def test_keys_commands_show_fingerprints_and_rotation_resumes_a_refused_account(
+    world: World, db: asyncpg.Connection, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seed_truth(world.fake)
+    await admin.list_keys(world.settings)
+    listing = capsys.readouterr().out
+    assert "org-bad" in listing
+    assert "sha256:" in listing
+    assert_no_key(world, listing)
+    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+    bad_id = await db.fetchval("SELECT id FROM organization_api_keys WHERE ai_organization_id = 'org-bad'")
+    # The operator fixes the key: the fake now knows a new one; rotate reads it from stdin.
+    new_key = f"sk-admin-rotated-{uuid.uuid4().hex}"
+    world.keys["new"] = new_key
+    world.fake.keys[("openai", "org-bad")] = new_key
+    await admin.rotate(world.settings, key_id=bad_id, secret_file=None, stdin=io.StringIO(new_key + "\n"))
+    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+    assert await db.fetchval("SELECT count(*) FROM collector_state WHERE account_id = $1", bad_id) == len(
+        OPENAI_ENDPOINTS
+    )
+    await admin.deactivate(world.settings, key_id=bad_id)
+    out = capsys.readouterr().out
+    assert "rotated" in out
+    assert "deactivated" in out
+    assert_no_key(world, out, world.log.getvalue())
+
+
+async def test_killed_mid_poll_publishes_nothing_of_that_window_and_the_next_poll_completes_it(
+    world: World, db: asyncpg.Connection, settings: Settings, tmp_path: Path
+) -> None:
+    fake = world.fake
+    seed_truth(fake)
+    for day in (D2, D1, D0):  # three pages of completions; park the second
+        fake.openai_bucket("org-oa", COMPLETIONS, day, [openai_completions("proj_a", "gpt-4o", 10, 0, 1)])
+    fake.holds[COMPLETIONS] = (1, asyncio.Event())
+    log_path = tmp_path / "collector.log"
+    env = worker_env(world.settings)
+    env["COST_WORKER_DATABASE_ROLE"] = "cost_worker_collector"
+    with log_path.open("ab") as out:
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "worker", "collect", "--once"), stdout=out, stderr=out, env=env
+        )
+    await asyncio.wait_for(fake.held.wait(), 60)
+    process.send_signal(signal.SIGKILL)
+    await process.wait()
+    fake.holds.clear()
+
+    reports = {r["report"] for r in await db.fetch("SELECT report FROM collector_state")}
+    assert "openai.costs" in reports
+    assert "openai.usage.completions" not in reports
+    staged = await db.fetch("SELECT report FROM collector_outbox")
+    assert "openai.usage.completions" not in {r["report"] for r in staged}
+    before = await consume_all(settings, settings.topic_provider_buckets, expect=1, timeout=5)
+    assert not [m for m in before if json.loads(m.value).get("endpoint") == "completions"]
+
+    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+    after = await consume_all(settings, settings.topic_provider_buckets, expect=len(before) + 1, timeout=10)
+    completions = [json.loads(m.value) for m in after if json.loads(m.value).get("endpoint") == "completions"]
+    assert sorted(e["bucket"]["start_time"] for e in completions) == [int(d.timestamp()) for d in (D2, D1, D0)]
+    assert len({e["collected_at"] for e in completions}) == 1
+    assert_no_key(world, log_path.read_text(), world.log.getvalue())
+
+
+async def test_only_the_replica_holding_the_lock_polls(world: World, database_url: str) -> None:
+    seed_truth(world.fake)
+    holder = await asyncpg.connect(database_url)  # another replica, mid-poll
+    try:
+        assert await holder.fetchval("SELECT pg_try_advisory_lock(hashtextextended('cost_worker.collector', 0))")
+        assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 1
+        assert world.fake.requests == []  # the standby asked the providers nothing
+    finally:
+        await holder.close()  # the lock goes with the connection: the standby takes over
+    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+    assert world.fake.requests
+
+
+async def test_staged_windows_survive_a_broker_outage_and_go_out_whole_on_the_next_start(
+    world: World, db: asyncpg.Connection, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed_truth(world.fake)
+    del world.keys["org-bad"]
+    await db.execute("UPDATE organization_api_keys SET is_active = false WHERE ai_organization_id = 'org-bad'")
+
+    async def broker_down(self: CollectorPublisher, rows: object) -> None:
+        raise TransientError("broker unreachable (test)")
+
+    monkeypatch.setattr(CollectorPublisher, "_send", broker_down)
+    collector = Collector(world.settings)
+    running = asyncio.ensure_future(collector.run())
+    staged = 0
+    for _ in range(200):  # the whole poll is staged, then delivery keeps failing
+        await asyncio.sleep(0.1)
+        staged = await db.fetchval("SELECT count(*) FROM collector_outbox")
+        done = await db.fetchval("SELECT count(*) FROM collector_state")
+        if done == len(OPENAI_ENDPOINTS) + len(ANTHROPIC_ENDPOINTS):
+            break
+    collector.stop.set()  # SIGTERM during the outage: the staged rows stay
+    assert await asyncio.wait_for(running, 60) == 0
+    assert staged > 0
+    assert await db.fetchval("SELECT count(*) FROM collector_outbox") == staged
+    first_poll = {r["message"] for r in await db.fetch("SELECT message FROM collector_outbox")}
+
+    monkeypatch.undo()
+    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+    assert await db.fetchval("SELECT count(*) FROM collector_outbox") == 0
+    delivered = await consume_all(settings, settings.topic_provider_buckets, expect=2 * staged, timeout=15)
+    assert first_poll <= {m.value for m in delivered}  # the first poll went out whole, byte for byte
+    assert len({json.loads(m.value)["collected_at"] for m in delivered}) == 2
+
+
+def test_keys_commands_as_processes_read_the_key_from_stdin_and_never_print_it(world: World, tmp_path: Path) -> None:
+    env = worker_env(world.settings)
+    env["COST_WORKER_DATABASE_ROLE"] = "cost_worker_collector"
+    key = f"sk-admin-cli-{uuid.uuid4().hex}"
+    world.keys["cli"] = key
+    cli = [sys.executable, "-m", "worker"]
+    added = subprocess.run(
+        [
+            *cli,
+            "keys",
+            "add",
+            "--organization",
+            str(world.orgs["org-oa"].id),
+            "--provider",
+            "anthropic",
+            "--account",
+            "org-cli",
+        ],
+        input=key + "\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert added.returncode == 0, added.stderr
+    listed = subprocess.run([*cli, "keys", "list"], capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert "org-cli" in listed.stdout
+    # The same account again: one clear line, no traceback, no key.
+    again = subprocess.run(
+        [
+            *cli,
+            "keys",
+            "add",
+            "--organization",
+            str(world.orgs["org-oa"].id),
+            "--provider",
+            "anthropic",
+            "--account",
+            "org-cli",
+        ],
+        input=key + "\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert again.returncode == 1
+    assert "Traceback" not in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
+    empty = subprocess.run(
+        [
+            *cli,
+            "keys",
+            "add",
+            "--organization",
+            str(world.orgs["org-oa"].id),
+            "--provider",
+            "openai",
+            "--account",
+            "org-empty",
+        ],
+        input="",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert empty.returncode == 2
+    assert "standard input" in empty.stderr
+    env["COST_WORKER_COLLECT_ANTHROPIC_BASE_URL"] = "https://proxy-user:proxy-pass@egress.example"
+    shown = subprocess.run([*cli, "check-config"], capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert shown.returncode == 0, shown.stderr
+    assert "proxy-pass" not in shown.stdout
+    assert "https://proxy-user:***@egress.example" in shown.stdout
+    assert_no_key(world, *(p.stdout + p.stderr for p in (added, listed, again, empty, shown)))
+
+
+async def test_retry_policy_against_the_fake_provider() -> None:
+    key = f"sk-admin-{uuid.uuid4().hex}"
+    fake = FakeProviders({("openai", "org-1"): key})
+    url = await fake.start()
+    waits: list[float] = []
+
+    async def record(seconds: float) -> None:
+        waits.append(seconds)
+
+    endpoint = OPENAI_ENDPOINTS[0]
+    params = endpoint.params(D1, D0 + DAY, None)
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = ProviderClient(session, max_attempts=3, max_retry_after=30.0, backoff_initial=0.5, sleep=record)
+            auth = {"Authorization": f"Bearer {key}"}
+            # Retry-After as an HTTP date is honoured too; then the page arrives.
+            later = email.utils.format_datetime(datetime.now(UTC) + timedelta(seconds=20), usegmt=True)
+            fake.script[("org-1", COSTS)] = [Canned(429, {"Retry-After": later})]
+            assert (await client.get_page(url, endpoint, "org-1", auth, params))["object"] == "page"
+            assert 15 <= waits[-1] <= 20
+            # 5xx until the attempts run out: the last error, after exponential backoff.
+            waits.clear()
+            fake.script[("org-1", COSTS)] = [Canned(500), Canned(502), Canned(503)]
+            with pytest.raises(ProviderUnavailable, match="HTTP 503"):
+                await client.get_page(url, endpoint, "org-1", auth, params)
+            assert len(waits) == 2
+            assert waits[1] > waits[0] * 1.2 or waits[1] >= 1.0
+            # A Retry-After beyond the ceiling fails at once (the next poll retries), never sleeping an hour.
+            waits.clear()
+            fake.script[("org-1", COSTS)] = [Canned(429, {"Retry-After": "3600"})]
+            with pytest.raises(ProviderRejected, match="Retry-After"):
+                await client.get_page(url, endpoint, "org-1", auth, params)
+            assert waits == []
+            # A refused key: no retry, and neither the key nor the provider's echo of it in the error.
+            wrong = f"sk-admin-wrong-{uuid.uuid4().hex}"
+            with pytest.raises(ProviderAuthFailed) as refused:
+                await client.get_page(url, endpoint, "org-1", {"Authorization": f"Bearer {wrong}"}, params)
+            assert wrong not in str(refused.value)
+            assert wrong[-12:] not in repr(refused.value)
+            assert waits == []
+            # Connection refused: retried, then a transient error naming no URL credentials or key.
+            await fake.stop()
+            with pytest.raises(ProviderUnavailable, match="cannot reach"):
+                await client.get_page(url, endpoint, "org-1", auth, params)
+    finally:
+        await fake.stop()
+
+
+async def test_sigterm_stops_the_collector_cleanly(world: World, db: asyncpg.Connection, tmp_path: Path) -> None:
+    seed_truth(world.fake)
+    env = worker_env(world.settings)
+    env["COST_WORKER_DATABASE_ROLE"] = "cost_worker_collector"
+    log_path = tmp_path / "collector.log"
+    with log_path.open("ab") as out:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "worker", "collect", stdout=out, stderr=out, env=env
+        )
+    try:
+        for _ in range(300):  # a first poll completes, then the collector waits for the next interval
+            await asyncio.sleep(0.1)
+            if await db.fetchval("SELECT count(*) FROM collector_state") and not await db.fetchval(
+                "SELECT count(*) FROM collector_outbox"
+            ):
+                break
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+    text = log_path.read_text()
+    assert "shutdown_requested" in text
+    assert_no_key(world, text)

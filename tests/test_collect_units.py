@@ -1,0 +1,268 @@
+"""The collector's pure logic, without servers: windows, Retry-After, key sealing, exact envelopes."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import jiter
+import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+
+from worker.collect import keys as keystore
+from worker.collect.client import ProviderClient, retry_after_seconds
+from worker.collect.errors import KeyStoreError, ProviderRejected
+from worker.collect.publisher import dump_exact, envelope
+from worker.collect.sources import ANTHROPIC_ENDPOINTS, ENDPOINTS, OPENAI_ENDPOINTS, Endpoint, headers
+from worker.collect.windows import read_window, window_for
+from worker.models import ProviderEnvelope
+
+NOW = datetime(2026, 11, 20, 15, 30, tzinfo=UTC)
+TODAY = datetime(2026, 11, 20, tzinfo=UTC)
+DAY = timedelta(days=1)
+
+
+def test_first_poll_backfills_from_the_start_date_to_the_open_bucket() -> None:
+    window = window_for(
+        NOW, collected_through=None, trailing_days=3, backfill_start=date(2026, 10, 1), backfill_days=30
+    )
+    assert window.start == datetime(2026, 10, 1, tzinfo=UTC)
+    assert window.end == TODAY + DAY
+
+
+def test_first_poll_without_a_start_date_reads_the_backfill_days() -> None:
+    window = window_for(NOW, collected_through=None, trailing_days=3, backfill_start=None, backfill_days=30)
+    assert (window.start, window.end) == (TODAY - 30 * DAY, TODAY + DAY)
+
+
+def test_later_polls_reread_the_trailing_window_plus_the_open_bucket() -> None:
+    window = window_for(NOW, collected_through=TODAY + DAY, trailing_days=3, backfill_start=None, backfill_days=30)
+    assert (window.start, window.end) == (TODAY - 3 * DAY, TODAY + DAY)
+
+
+def test_after_an_outage_the_poll_resumes_where_the_last_one_stopped() -> None:
+    stopped = TODAY - 9 * DAY  # the last poll's open bucket was the day before this
+    window = window_for(NOW, collected_through=stopped, trailing_days=3, backfill_start=None, backfill_days=30)
+    assert window.start == stopped - DAY
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [("7", 7.0), ("0", 0.0), ("", None), (None, None), ("soon", None), ("Fri, 20 Nov 2026 15:30:09 GMT", 9.0)],
+)
+def test_retry_after_reads_seconds_and_http_dates(header: str | None, expected: float | None) -> None:
+    assert retry_after_seconds(header, now=NOW.timestamp()) == expected
+
+
+def test_sealed_keys_open_only_with_their_kek_and_their_account(tmp_path: Path) -> None:
+    kek_file = tmp_path / "kek"
+    kek_file.write_text("ab" * 32)
+    kek = keystore.load_kek(kek_file)
+    sealed = keystore.seal(kek, "openai", "org-a", "sk-admin-secret")
+    assert b"sk-admin-secret" not in sealed.ciphertext + sealed.wrapped_key
+    assert keystore.unseal(kek, "openai", "org-a", sealed).reveal() == "sk-admin-secret"
+    with pytest.raises(KeyStoreError, match="does not decrypt") as moved:
+        keystore.unseal(kek, "openai", "org-b", sealed)  # a row copied onto another account
+    with pytest.raises(KeyStoreError, match="another key-encryption key"):
+        keystore.unseal(bytes(32), "openai", "org-a", sealed)
+    assert "sk-admin-secret" not in str(moved.value)
+    assert "sk-admin" not in repr(keystore.AdminKey("sk-admin-secret"))
+
+
+@pytest.mark.parametrize(
+    "content", [b"x" * 32, ("cd" * 32).encode(), b"q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=\n"]
+)
+def test_kek_files_raw_hex_or_base64(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "kek").write_bytes(content)
+    assert len(keystore.load_kek(tmp_path / "kek")) == 32
+
+
+def test_a_short_kek_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "kek").write_text("too short")
+    with pytest.raises(KeyStoreError, match="32 bytes"):
+        keystore.load_kek(tmp_path / "kek")
+
+
+def test_numbers_pass_through_with_every_digit() -> None:
+    raw = b'{"value": 0.000123456789012345678901, "n": 12, "s": "x\\"y", "z": null, "b": true, "e": 1E-7}'
+    text = dump_exact(jiter.from_json(raw, float_mode="decimal"))
+    parsed = json.loads(text, parse_float=Decimal)
+    assert parsed["value"] == Decimal("0.000123456789012345678901")
+    assert parsed["e"] == Decimal("1E-7")
+    assert parsed["s"] == 'x"y'
+
+
+def test_envelopes_follow_the_contract_and_openai_usage_names_its_endpoint() -> None:
+    bucket = {
+        "object": "bucket",
+        "start_time": int(TODAY.timestamp()),
+        "end_time": int((TODAY + DAY).timestamp()),
+        "results": [],
+    }
+    for endpoint in OPENAI_ENDPOINTS:
+        key, value = envelope(endpoint, "org-a", bucket, NOW, max_bytes=1_000_000)
+        assert key == b"org-a"
+        message = ProviderEnvelope.model_validate_json(value)
+        assert (message.provider, message.api_version, message.collected_at) == ("openai", endpoint.api_version, NOW)
+        body = json.loads(value)
+        assert body.get("endpoint") == endpoint.usage_endpoint
+        if endpoint.report.startswith("openai.usage."):
+            assert body["endpoint"] == endpoint.report.removeprefix("openai.usage.")
+
+
+def test_a_bucket_too_large_for_one_message_is_refused_not_split() -> None:
+    bucket = {
+        "starting_at": "2026-11-20T00:00:00Z",
+        "ending_at": "2026-11-21T00:00:00Z",
+        "results": [{"a": "b" * 2000}],
+    }
+    with pytest.raises(ProviderRejected, match="never split"):
+        envelope(ANTHROPIC_ENDPOINTS[0], "org-a", bucket, NOW, max_bytes=1024)
+
+
+def test_every_endpoint_groups_by_project_and_the_price_dimensions() -> None:
+    reports = {e.report: e.group_by for e in OPENAI_ENDPOINTS + ANTHROPIC_ENDPOINTS}
+    assert reports["openai.costs"] == ("project_id", "line_item")
+    assert reports["openai.usage.completions"] == ("project_id", "model", "batch", "service_tier")
+    assert reports["openai.usage.images"] == ("project_id", "model", "size", "source")
+    assert reports["openai.usage.web_search_calls"] == ("project_id", "model", "context_level")
+    assert reports["openai.usage.file_search_calls"] == ("project_id", "vector_store_id")
+    assert reports["anthropic.cost_report"] == ("workspace_id", "description")
+    assert set(reports["anthropic.usage_report.messages"]) >= {
+        "workspace_id",
+        "model",
+        "service_tier",
+        "context_window",
+    }
+    assert {r.removeprefix("openai.usage.") for r in reports if r.startswith("openai.usage.")} == {
+        "completions",
+        "embeddings",
+        "moderations",
+        "images",
+        "audio_speeches",
+        "audio_transcriptions",
+        "vector_stores",
+        "code_interpreter_sessions",
+        "file_search_calls",
+        "web_search_calls",
+    }
+    assert set(ENDPOINTS) == {"openai", "anthropic"}
+
+
+def test_request_parameters_per_provider() -> None:
+    openai_params = OPENAI_ENDPOINTS[0].params(TODAY - DAY, TODAY + DAY, "cursor")
+    assert ("start_time", str(int((TODAY - DAY).timestamp()))) in openai_params
+    assert ("bucket_width", "1d") in openai_params
+    assert ("group_by", "line_item") in openai_params
+    assert ("page", "cursor") in openai_params
+    anthropic_params = ANTHROPIC_ENDPOINTS[0].params(TODAY - DAY, TODAY + DAY, None)
+    assert ("starting_at", "2026-11-19T00:00:00Z") in anthropic_params
+    assert ("group_by[]", "workspace_id") in anthropic_params
+    assert "ending_at" not in dict(anthropic_params)  # up to now: the open bucket included
+    assert all(name != "page" for name, _ in anthropic_params)
+    assert headers("anthropic", "k")["anthropic-version"] == "2023-06-01"
+
+
+def test_check_config_redacts_credentials_in_the_collector_base_urls() -> None:
+    from worker.config import Settings  # noqa: PLC0415
+
+    settings = Settings(collect_openai_base_url="https://user:hunter2@egress.example:8443")
+    assert settings.redacted()["COST_WORKER_COLLECT_OPENAI_BASE_URL"] == "https://user:***@egress.example:8443"
+    assert "hunter2" in settings.secrets()  # so the log redactor masks it too
+    assert "hunter2" not in repr(settings.redacted())
+
+
+def test_check_config_reports_bad_collector_settings_together(tmp_path: Path) -> None:
+    from worker.config import Settings  # noqa: PLC0415
+
+    problems = Settings(
+        collect_anthropic_base_url="ftp://x", collect_key_encryption_key_file=tmp_path / "missing"
+    ).problems()
+    assert any("COLLECT_ANTHROPIC_BASE_URL" in p for p in problems)
+    assert any("COLLECT_KEY_ENCRYPTION_KEY_FILE" in p for p in problems)
+
+
+class _ScriptedClient(ProviderClient):
+    """Pages in order, as a provider would send them (no HTTP)."""
+
+    def __init__(self, pages: list[dict[str, Any]]) -> None:
+        self.pages = pages
+        self.cursors: list[str | None] = []
+
+    async def get_page(
+        self, base_url: str, endpoint: Endpoint, account: str, headers: dict[str, str], params: list[tuple[str, str]]
+    ) -> dict[str, Any]:
+        self.cursors.append(dict(params).get("page"))
+        return self.pages.pop(0)
+
+
+def _bucket(day: datetime, *results: str) -> dict[str, Any]:
+    start = int(day.timestamp())
+    return {
+        "object": "bucket",
+        "start_time": start,
+        "end_time": start + 86_400,
+        "results": [{"id": r} for r in results],
+    }
+
+
+async def test_a_bucket_continued_on_the_next_page_is_merged_into_one() -> None:
+    client = _ScriptedClient(
+        [
+            {"object": "page", "data": [_bucket(TODAY - DAY, "a")], "has_more": True, "next_page": "c1"},
+            {"object": "page", "data": [_bucket(TODAY - DAY, "b"), _bucket(TODAY, "c")], "has_more": False},
+        ]
+    )
+    window = window_for(NOW, collected_through=None, trailing_days=1, backfill_start=None, backfill_days=1)
+    got = await read_window(client, OPENAI_ENDPOINTS[0], window, base_url="http://x", account="org", headers={})
+    assert got.pages == 2
+    assert client.cursors == [None, "c1"]
+    assert [[r["id"] for r in b["results"]] for b in got.buckets] == [["a", "b"], ["c"]]
+
+
+async def test_a_cursor_that_repeats_or_is_missing_fails_the_window() -> None:
+    page = {"object": "page", "data": [], "has_more": True, "next_page": "same"}
+    window = window_for(NOW, collected_through=None, trailing_days=1, backfill_start=None, backfill_days=1)
+    for pages in ([page, dict(page)], [{**page, "next_page": None}]):
+        with pytest.raises(ProviderRejected, match="next_page"):
+            await read_window(
+                _ScriptedClient(pages), OPENAI_ENDPOINTS[0], window, base_url="http://x", account="org", headers={}
+            )
+
+
+@hypothesis_settings(max_examples=150, deadline=None)
+@given(
+    days=st.lists(st.lists(st.integers(0, 999), max_size=6), min_size=0, max_size=8),
+    cuts=st.lists(st.integers(0, 60), max_size=10),
+)
+def test_any_split_of_buckets_over_pages_gives_each_bucket_whole_once(days: list[list[int]], cuts: list[int]) -> None:
+    """A provider may cut its pages anywhere, even inside a bucket's results: the window still has each bucket
+    once, with all its results in order (a bucket is never split across messages)."""
+    truth = [_bucket(TODAY - (len(days) - i) * DAY, *(str(r) for r in results)) for i, results in enumerate(days)]
+    flat = [(b, r) for b in truth for r in b["results"]] or []
+    positions = sorted({min(c, len(flat)) for c in cuts} | {0, len(flat)})
+    pages: list[dict[str, Any]] = []
+    for n, (lo, hi) in enumerate(itertools.pairwise(positions)):
+        chunk: list[dict[str, Any]] = []
+        for bucket, result in flat[lo:hi]:
+            if chunk and chunk[-1]["start_time"] == bucket["start_time"]:
+                chunk[-1]["results"].append(result)
+            else:
+                chunk.append({**bucket, "results": [result]})
+        pages.append({"object": "page", "data": chunk, "has_more": True, "next_page": f"c{n}"})
+    empty = [b for b in truth if not b["results"]]  # buckets without results come on the last page
+    pages.append({"object": "page", "data": [{**b, "results": []} for b in empty], "has_more": False})
+    window = window_for(NOW, collected_through=None, trailing_days=1, backfill_start=None, backfill_days=10)
+    got = asyncio.run(
+        read_window(_ScriptedClient(pages), OPENAI_ENDPOINTS[0], window, base_url="http://x", account="o", headers={})
+    )
+    by_start = {b["start_time"]: b["results"] for b in got.buckets}
+    assert len(by_start) == len(got.buckets)  # each bucket once
+    assert by_start == {b["start_time"]: b["results"] for b in truth}

@@ -1,0 +1,1098 @@
+"""What counts as spend, on realistic provider data: the database against the independent model.
+
+A hypothesis property test feeds random mixes of provider snapshots (hourly and daily windows, costs and usage,
+grouped and ungrouped lines, revisions that add, drop and move lines, open buckets, unpriced lines, Anthropic's
+Priority Tier) and API-usage events (several providers, unknown models) through the real pipeline, one message
+per batch, and compares every budget's spend in every period, and the set of alerts raised, with
+``tests/spend_model.py`` exactly. Budgets are daily and monthly in UTC, America/Los_Angeles, Europe/Berlin,
+Asia/Kolkata and Pacific/Chatham, around DST changes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.factories import (
+    add_price,
+    anthropic_cost_bucket,
+    anthropic_usage_bucket,
+    api_event,
+    dumps,
+    envelope,
+    make_org,
+    openai_cost_bucket,
+    openai_usage_bucket,
+)
+from tests.feeding import Feeder
+from tests.kafka_helpers import create_topics, produce, run_worker
+from tests.spend_model import Estimate, Ledger, Row, SpendModel, period, periods_overlapping, sum_lines
+from worker.config import Settings
+from worker.migrate import migrate, schema_dir
+
+EXAMPLES = 40
+HOUR = timedelta(hours=1)
+DAY = timedelta(days=1)
+# First days of the generated data: each puts a DST change of one of the budgets' zones inside the three days.
+BASE_DAYS = (
+    datetime(2026, 3, 7, tzinfo=UTC),  # America/Los_Angeles springs forward on the 8th
+    datetime(2026, 3, 28, tzinfo=UTC),  # Europe/Berlin on the 29th
+    datetime(2026, 4, 4, tzinfo=UTC),  # Pacific/Chatham falls back on the 5th (03:45 -> 02:45 local)
+    datetime(2026, 10, 24, tzinfo=UTC),  # Europe/Berlin falls back on the 25th
+    datetime(2026, 10, 30, tzinfo=UTC),  # month end in every zone; Los Angeles falls back on 1 November
+)
+ZONES = ("UTC", "America/Los_Angeles", "Europe/Berlin", "Asia/Kolkata", "Pacific/Chatham")
+MODELS = {  # API-usage event model -> the provider the catalogue gives it (None: unknown)
+    "gpt-4o": "openai",
+    "claude-sonnet-4-0": "anthropic",
+    "gemini-1.5-pro": "google",
+    "mystery-model-7": None,
+}
+OPENAI_ZERO_TYPES = ("input_cached_tokens", "output_tokens", "input_audio_tokens", "output_audio_tokens")
+ANTHROPIC_ZERO_TYPES = (
+    "cache_read_input_tokens",
+    "cache_creation_1h_input_tokens",
+    "cache_creation_5m_input_tokens",
+    "output_tokens",
+)
+
+
+# ------------------------------------------------------------------------------------------------- steps
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One provider message: one bucket of one report."""
+
+    report: str  # openai.costs | openai.usage | anthropic.costs | anthropic.usage
+    day: int
+    hour: int | None  # None: a daily window
+    collected_after: int  # hours after the window start
+    lines: tuple[tuple[str | None, str, int], ...]  # (project, item / model / tier, amount or tokens)
+
+
+@dataclass(frozen=True)
+class Event:
+    project: str | None
+    model: str
+    hour: int  # hours after the first day's start
+    cost: int
+
+
+Step = Snapshot | Event
+
+openai_projects = st.sampled_from(["proj_a", "proj_b", None])
+anthropic_projects = st.sampled_from(["ws_c", None])
+
+
+@st.composite
+def snapshots(draw: st.DrawFn) -> Snapshot:
+    report = draw(st.sampled_from(["openai.costs", "openai.usage", "anthropic.costs", "anthropic.usage"]))
+    daily = draw(st.booleans()) if report.endswith("usage") else draw(st.sampled_from([True, True, False]))
+    hour = None if daily else draw(st.integers(0, 23))
+    collected_after = draw(st.sampled_from([1, 5, 12, 21, 24, 30]) if daily else st.sampled_from([1, 2]))
+    if report == "openai.costs":
+        line = st.tuples(openai_projects, st.sampled_from(["x", "y"]), st.integers(0, 9))
+    elif report == "openai.usage":
+        line = st.tuples(openai_projects, st.sampled_from(["m1", "m1", "mx"]), st.integers(1, 9))
+    elif report == "anthropic.costs":
+        line = st.tuples(anthropic_projects, st.sampled_from(["x", "y"]), st.integers(0, 9))
+    else:
+        line = st.tuples(anthropic_projects, st.sampled_from(["standard", "priority"]), st.integers(1, 9))
+    lines = draw(st.lists(line, min_size=0 if draw(st.integers(0, 5)) == 0 else 1, max_size=3))
+    day = draw(st.sampled_from([0, 0, 1]))
+    return Snapshot(report, day, hour, collected_after, tuple(lines))
+
+
+# Events cluster on a few hours (early, late, across midnight UTC) so that coverage decisions meet them often.
+EVENT_HOURS = (0, 3, 7, 10, 16, 20, 23, 24, 26, 31)
+events = st.builds(
+    Event,
+    project=st.sampled_from(["proj_a", "proj_a", "proj_b", "ws_c", "ws_c", None]),
+    model=st.sampled_from(
+        ["gpt-4o", "gpt-4o", "claude-sonnet-4-0", "claude-sonnet-4-0", "gemini-1.5-pro", "mystery-model-7"]
+    ),
+    hour=st.sampled_from(EVENT_HOURS),
+    cost=st.integers(1, 9),
+)
+
+
+@st.composite
+def steps(draw: st.DrawFn) -> list[Step]:
+    """Some estimates first (what the provider data then has to replace), then snapshots and events mixed."""
+    first: list[Step] = list(draw(st.lists(events, min_size=2, max_size=8)))
+    return first + draw(st.lists(st.one_of(snapshots(), snapshots(), events), min_size=1, max_size=10))
+
+
+# ------------------------------------------------------------------------------------------------- world
+
+
+@dataclass
+class World:
+    """One organization per example: two projects on an OpenAI account, a workspace on an Anthropic one."""
+
+    org: uuid.UUID
+    user: uuid.UUID
+    openai_account: str
+    anthropic_account: str
+    projects: dict[str, uuid.UUID]
+    base: datetime
+    budgets: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def account_of_project(self) -> dict[uuid.UUID, tuple[str, str]]:
+        return {
+            self.projects["proj_a"]: ("openai", self.openai_account),
+            self.projects["proj_b"]: ("openai", self.openai_account),
+            self.projects["ws_c"]: ("anthropic", self.anthropic_account),
+        }
+
+
+async def make_world(db: asyncpg.Connection, base: datetime) -> World:
+    org = await make_org(db, project_ids=("proj_a", "proj_b"))
+    anthropic_account = f"anth-{uuid.uuid4().hex[:8]}"
+    workspace = uuid.uuid4()
+    await db.execute(
+        "INSERT INTO projects (id, organization_id, name, ai_provider, ai_organization_id, ai_project_id) "
+        "VALUES ($1, $2, 'ws_c', 'anthropic', $3, 'ws_c')",
+        workspace,
+        org.id,
+        anthropic_account,
+    )
+    world = World(org.id, org.users[0], org.ai_org, anthropic_account, {**org.projects, "ws_c": workspace}, base)
+    specs: list[tuple[str, str | None, str, str]] = [
+        *(("organization", None, "daily", zone) for zone in ZONES),
+        ("organization", None, "monthly", "America/Los_Angeles"),
+        ("project", "proj_a", "daily", "Europe/Berlin"),
+        ("project", "proj_b", "daily", "Pacific/Chatham"),
+        ("project", "ws_c", "daily", "Asia/Kolkata"),
+        ("user", None, "daily", "UTC"),
+    ]
+    for scope, project, kind, zone in specs:
+        budget = uuid.uuid4()
+        project_id = world.projects[project] if project else None
+        table = {"organization": "ai_organization_budgets", "project": "ai_project_budgets", "user": "ai_budgets"}
+        columns = "id, organization_id, amount, period, timezone, thresholds"
+        values = [budget, org.id, Decimal(20), kind, zone, [Decimal(10), Decimal(50), Decimal(100)]]
+        if scope == "project":
+            columns += ", project_id"
+            values.append(project_id)
+        if scope == "user":
+            columns += ", user_id"
+            values.append(world.user)
+        placeholders = ", ".join(f"${i}" for i in range(1, len(values) + 1))
+        await db.execute(f"INSERT INTO {table[scope]} ({columns}) VALUES ({placeholders})", *values)
+        world.budgets.append(
+            {
+                "id": budget,
+                "scope": scope,
+                "project": project_id,
+                "user": world.user if scope == "user" else None,
+                "period": kind,
+                "timezone": zone,
+                "amount": Decimal(20),
+                "thresholds": (Decimal(10), Decimal(50), Decimal(100)),
+            }
+        )
+    return world
+
+
+async def add_prices(db: asyncpg.Connection) -> None:
+    """One USD per token of the priced models (``mx`` has no price: its lines stay unpriced)."""
+    await add_price(db, "openai", "m1", "input_uncached_tokens", "1000000")
+    await add_price(db, "anthropic", "a1", "uncached_input_tokens", "1000000")
+    await add_price(db, "anthropic", "a1", "priority/uncached_input_tokens", "1000000")
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def window_of(world: World, snap: Snapshot) -> tuple[datetime, datetime]:
+    start = world.base + snap.day * DAY + (HOUR * snap.hour if snap.hour is not None else timedelta(0))
+    return start, start + (HOUR if snap.hour is not None else DAY)
+
+
+Window = tuple[str, str, str, datetime, datetime]
+Touched = tuple[uuid.UUID | None, uuid.UUID | None, datetime, datetime, datetime]
+
+
+def payload_and_rows(world: World, snap: Snapshot) -> tuple[dict[str, Any], list[Row], Window]:
+    """The provider message as a producer sends it, and the ledger rows the model expects from it."""
+    start, end = window_of(world, snap)
+    collected = start + HOUR * snap.collected_after
+    provider = snap.report.split(".")[0]
+    account = world.openai_account if provider == "openai" else world.anthropic_account
+    rows: list[Row] = []
+
+    def row(project: str | None, report: str, kind: str, item: str, amount: Decimal | None, **extra: Any) -> Row:
+        return Row(
+            world.org,
+            world.projects[project] if project else None,
+            provider,
+            account,
+            report,
+            kind,
+            start,
+            end,
+            item,
+            amount,
+            collected,
+            **extra,
+        )
+
+    if snap.report == "openai.costs":
+        bucket = openai_cost_bucket(_iso(start)[:-1], _iso(end)[:-1], [(p, i, str(a)) for p, i, a in snap.lines])
+        rows = [row(p, "openai.costs", "cost", i, Decimal(a)) for p, i, a in snap.lines]
+        api = "costs_v1"
+    elif snap.report == "openai.usage":
+        results = [{"project_id": p, "model": m, "input_tokens": n} for p, m, n in snap.lines]
+        bucket = openai_usage_bucket(_iso(start)[:-1], _iso(end)[:-1], results)
+        for p, m, n in snap.lines:
+            rows.append(
+                row(
+                    p,
+                    "openai.usage.completions",
+                    "usage",
+                    f"{m}:input_uncached_tokens",
+                    Decimal(n) if m == "m1" else None,
+                    quantity=Decimal(n),
+                )
+            )
+            rows += [
+                row(p, "openai.usage.completions", "usage", f"{m}:{t}", Decimal(0), quantity=Decimal(0))
+                for t in OPENAI_ZERO_TYPES
+            ]
+        api = "usage_v1"
+    elif snap.report == "anthropic.costs":
+        results = [
+            {"amount": str(a * 100), "currency": "USD", "description": i, **({"workspace_id": p} if p else {})}
+            for p, i, a in snap.lines
+        ]
+        bucket = anthropic_cost_bucket(_iso(start), _iso(end), results)
+        rows = [row(p, "anthropic.cost_report", "cost", i, Decimal(a)) for p, i, a in snap.lines]
+        api = "costs_v1"
+    else:
+        results = [
+            {"uncached_input_tokens": n, "model": "a1", "workspace_id": p, "service_tier": tier}
+            for p, tier, n in snap.lines
+        ]
+        bucket = anthropic_usage_bucket(_iso(start), _iso(end), results)
+        for p, tier, n in snap.lines:
+            suffix = ":priority" if tier == "priority" else ""
+            outside = tier == "priority"
+            rows.append(
+                row(
+                    p,
+                    "anthropic.usage_report.messages",
+                    "usage",
+                    f"a1:uncached_input_tokens{suffix}",
+                    Decimal(n),
+                    quantity=Decimal(n),
+                    outside_cost_report=outside,
+                )
+            )
+            rows += [
+                row(
+                    p,
+                    "anthropic.usage_report.messages",
+                    "usage",
+                    f"a1:{t}{suffix}",
+                    Decimal(0),
+                    quantity=Decimal(0),
+                    outside_cost_report=outside,
+                )
+                for t in ANTHROPIC_ZERO_TYPES
+            ]
+        api = "usage_v1"
+    report = rows[0].report if rows else _report_name(snap.report)
+    message = envelope(provider, account, api, [bucket], collected_at=_iso(collected))
+    return message, sum_lines(rows), (provider, account, report, start, end)
+
+
+def _report_name(short: str) -> str:
+    return {
+        "openai.costs": "openai.costs",
+        "openai.usage": "openai.usage.completions",
+        "anthropic.costs": "anthropic.cost_report",
+        "anthropic.usage": "anthropic.usage_report.messages",
+    }[short]
+
+
+# ------------------------------------------------------------------------------------------------- the model
+
+
+@dataclass
+class Expected:
+    """The model's view of one example, advanced step by step like the worker."""
+
+    world: World
+    ledger: Ledger = field(default_factory=Ledger)
+    estimates: list[Estimate] = field(default_factory=list)
+    alerts: dict[tuple[uuid.UUID, datetime, Decimal], Decimal] = field(default_factory=dict)
+
+    def model(self) -> SpendModel:
+        return SpendModel(self.ledger.current(), self.estimates, self.world.account_of_project)
+
+    def spend(self, budget: dict[str, Any], start: datetime, end: datetime) -> Decimal:
+        return self.model().spend(budget["scope"], self.world.org, budget["project"], budget["user"], start, end)
+
+    def evaluate(self, touches: list[Touched]) -> None:
+        """touches: (project, user, at, span start, span end). Raises every crossed, not yet alerted threshold."""
+        candidates: set[tuple[int, datetime, datetime]] = set()
+        for index, budget in enumerate(self.world.budgets):
+            for project, user, at, span_start, span_end in touches:
+                if budget["scope"] == "project" and budget["project"] != project:
+                    continue
+                if budget["scope"] == "user" and (
+                    budget["user"] != user or (budget["project"] is not None and budget["project"] != project)
+                ):
+                    continue
+                candidates.add((index, *period(budget["period"], budget["timezone"], at)))
+                for start, end in periods_overlapping(budget["period"], budget["timezone"], span_start, span_end):
+                    candidates.add((index, start, end))
+        for index, start, end in sorted(candidates, key=lambda c: (c[0], c[1])):
+            budget = self.world.budgets[index]
+            spend = self.spend(budget, start, end)
+            for threshold in budget["thresholds"]:
+                key = (budget["id"], start, threshold)
+                if key not in self.alerts and spend * 100 >= budget["amount"] * threshold:
+                    self.alerts[key] = spend
+
+    def snapshot(self, rows: list[Row], window: tuple[str, str, str, datetime, datetime], collected: datetime) -> None:
+        changed = self.ledger.apply([window], rows, collected)
+        touches: list[Touched] = []
+        for r in changed:
+            scopes: list[uuid.UUID | None] = [r.project_id]
+            if r.project_id is None:
+                scopes += [p for p, account in self.world.account_of_project.items() if account == r.account]
+            touches += [(scope, None, r.midpoint, r.start, r.end) for scope in scopes]
+        if touches:
+            self.evaluate(touches)
+
+    def event(self, estimate: Estimate) -> None:
+        self.estimates.append(estimate)
+        self.evaluate([(estimate.project_id, estimate.user_id, estimate.hour, estimate.hour, estimate.hour)])
+
+
+# ------------------------------------------------------------------------------------------------- the test
+
+RECORD = {"examples": 0, "steps": 0, "seconds": 0.0}
+
+
+async def run_steps(db: asyncpg.Connection, feeder: Feeder, base: datetime, plan: list[Step]) -> tuple[World, Expected]:
+    world = await make_world(db, base)
+    expected = Expected(world)
+    for step in plan:
+        if isinstance(step, Snapshot):
+            message, rows, window = payload_and_rows(world, step)
+            outcome = await feeder.buckets(message)
+            assert not outcome.quarantine, [q.detail for q in outcome.quarantine]
+            expected.snapshot(rows, window, window[3] + HOUR * step.collected_after)
+        else:
+            at = base + HOUR * step.hour + timedelta(minutes=30)
+            project = world.projects[step.project] if step.project else None
+            payload = api_event(
+                _org_of(world),
+                project=project,
+                user=world.user,
+                occurred_at=_iso(at),
+                cost=str(step.cost),
+                model=step.model,
+            )
+            outcome = await feeder.events(payload)
+            assert not outcome.quarantine, [q.detail for q in outcome.quarantine]
+            expected.event(Estimate(world.org, project, world.user, at, MODELS[step.model], Decimal(step.cost)))
+    return world, expected
+
+
+def _org_of(world: World) -> Any:
+    from tests.factories import Org  # noqa: PLC0415
+
+    return Org(world.org, world.openai_account)
+
+
+async def assert_matches_model(db: asyncpg.Connection, world: World, expected: Expected) -> None:
+    for budget in world.budgets:
+        for start, end in periods_overlapping(
+            budget["period"], budget["timezone"], world.base - DAY, world.base + 4 * DAY
+        ):
+            actual = await db.fetchval(
+                "SELECT spend FROM cost_worker_spend($1, $2, $3, $4, $5, $6, 'USD')",
+                budget["scope"],
+                world.org,
+                budget["project"],
+                budget["user"],
+                start,
+                end,
+            )
+            wanted = expected.spend(budget, start, end)
+            assert actual == wanted, (budget["scope"], budget["period"], budget["timezone"], start, actual, wanted)
+    rows = await db.fetch(
+        "SELECT budget_id, period_start, threshold, spend FROM budget_alerts WHERE organization_id = $1", world.org
+    )
+    actual_alerts = {(r["budget_id"], r["period_start"], r["threshold"]): r["spend"] for r in rows}
+    assert actual_alerts == expected.alerts
+
+
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(base=st.sampled_from(BASE_DAYS), plan=steps())
+async def test_spend_and_alerts_equal_the_model(
+    base: datetime, plan: list[Step], db: asyncpg.Connection, feeder: Feeder
+) -> None:
+    started = time.monotonic()
+    await add_prices_once(db)
+    world, expected = await run_steps(db, feeder, base, plan)
+    await assert_matches_model(db, world, expected)
+    RECORD["examples"] += 1
+    RECORD["steps"] += len(plan)
+    RECORD["seconds"] += time.monotonic() - started
+
+
+async def add_prices_once(db: asyncpg.Connection) -> None:
+    if not await db.fetchval("SELECT count(*) FROM model_prices WHERE model = 'm1'"):
+        await add_prices(db)
+
+
+# ------------------------------------------------------------------------------------------------- regressions
+# The audit's rows (issue 11), each through the pipeline and the budget evaluation on a real database.
+
+
+async def spend_of(
+    db: asyncpg.Connection, scope: str, org: Any, project: uuid.UUID | None, start: str, end: str
+) -> Decimal:
+    value = await db.fetchval(
+        "SELECT spend FROM cost_worker_spend($1, $2, $3, NULL, $4::text::timestamptz, $5::text::timestamptz, 'USD')",
+        scope,
+        org.id,
+        project,
+        start,
+        end,
+    )
+    assert isinstance(value, Decimal)
+    return value
+
+
+async def test_row1_daily_costs_replace_hourly_usage_of_the_same_day(db: asyncpg.Connection, feeder: Feeder) -> None:
+    org = await make_org(db)
+    await add_prices(db)
+    hourly = [
+        openai_usage_bucket(
+            f"2026-11-03T{h:02d}:00:00",
+            f"2026-11-03T{h + 1:02d}:00:00",
+            [{"project_id": "proj_a", "model": "m1", "input_tokens": 4}],
+        )
+        for h in range(23)
+    ] + [
+        openai_usage_bucket(
+            "2026-11-03T23:00:00", "2026-11-04T00:00:00", [{"project_id": "proj_a", "model": "m1", "input_tokens": 8}]
+        )
+    ]
+    await feeder.buckets(envelope("openai", org.ai_org, "usage_v1", hourly, collected_at="2026-11-04T02:00:00Z"))
+    assert await spend_of(db, "project", org, org.projects["proj_a"], "2026-11-03Z", "2026-11-04Z") == 100
+    await feeder.buckets(
+        envelope(
+            "openai",
+            org.ai_org,
+            "costs_v1",
+            [openai_cost_bucket("2026-11-03", "2026-11-04", [("proj_a", "x", "100")])],
+            collected_at="2026-11-04T03:00:00Z",
+        )
+    )
+    assert await spend_of(db, "project", org, org.projects["proj_a"], "2026-11-03Z", "2026-11-04Z") == 100  # not 196
+    assert await spend_of(db, "organization", org, None, "2026-11-03Z", "2026-11-04Z") == 100
+
+
+async def test_row2_org_level_costs_cover_every_project_of_the_account(db: asyncpg.Connection, feeder: Feeder) -> None:
+    org = await make_org(db, project_ids=("proj_a", "proj_b"))
+    await add_prices(db)
+    await feeder.buckets(
+        envelope(
+            "openai",
+            org.ai_org,
+            "usage_v1",
+            [
+                openai_usage_bucket(
+                    "2026-11-03",
+                    "2026-11-04",
+                    [
+                        {"project_id": "proj_a", "model": "m1", "input_tokens": 30},
+                        {"project_id": "proj_b", "model": "m1", "input_tokens": 20},
+                    ],
+                )
+            ],
+            collected_at="2026-11-04T02:00:00Z",
+        )
+    )
+    await feeder.buckets(
+        envelope(
+            "openai",
+            org.ai_org,
+            "costs_v1",
+            [openai_cost_bucket("2026-11-03", "2026-11-04", [(None, "all", "50")])],
+            collected_at="2026-11-04T03:00:00Z",
+        )
+    )
+    assert await spend_of(db, "organization", org, None, "2026-11-03Z", "2026-11-04Z") == 50  # not 100
+    # A project budget sees its own rows: its usage, not the account's ungrouped total.
+    assert await spend_of(db, "project", org, org.projects["proj_a"], "2026-11-03Z", "2026-11-04Z") == 30
+
+
+async def test_row3_a_regrouped_or_moved_line_replaces_the_earlier_snapshot(
+    db: asyncpg.Connection, feeder: Feeder
+) -> None:
+    org = await make_org(db, project_ids=("proj_a", "proj_b"))
+    day = ("2026-11-03", "2026-11-04")
+    await feeder.buckets(
+        envelope(
+            "openai",
+            org.ai_org,
+            "costs_v1",
+            [openai_cost_bucket(*day, [("proj_a", "GPT-4o input", "30")])],
+            collected_at="2026-11-04T01:00:00Z",
+        )
+    )
+    # Re-polled with another grouping (no line items) and the spend moved to project B.
+    outcome = await feeder.buckets(
+        envelope(
+            "openai",
+            org.ai_org,
+            "costs_v1",
+            [openai_cost_bucket(*day, [("proj_b", None, "30")])],
+            collected_at="2026-11-04T05:00:00Z",
+        )
+    )
+    assert outcome.ledger_lines[("costs_v1", "superseded")] == 1
+    assert await spend_of(db, "organization", org, None, "2026-11-03Z", "2026-11-04Z") == 30  # not 60
+    assert await spend_of(db, "project", org, org.projects["proj_a"], "2026-11-03Z", "2026-11-04Z") == 0
+    # The retired line is kept, marked superseded; an older revision arriving late changes nothing.
+    kept = await db.fetch("SELECT project_id, superseded_at IS NOT NULL AS retired FROM cost_data ORDER BY 2")
+    assert [(r["project_id"], r["retired"]) for r in kept] == [
+        (org.projects["proj_b"], False),
+        (org.projects["proj_a"], True),
+    ]
+    await feeder.buckets(
+        envelope(
+            "openai",
+            org.ai_org,
+            "costs_v1",
+            [openai_cost_bucket(*day, [("proj_a", "GPT-4o input", "30")])],
+            collected_at="2026-11-04T01:00:00Z",
+        )
+    )
+    assert await spend_of(db, "organization", org, None, "2026-11-03Z", "2026-11-04Z") == 30
+    # Another report over the same window (usage) never retires the cost report's lines.
+    await feeder.buckets(
+        envelope("openai", org.ai_org, "usage_v1", [openai_usage_bucket(*day, [])], collected_at="2026-11-04T09:00:00Z")
+    )
+    assert await spend_of(db, "organization", org, None, "2026-11-03Z", "2026-11-04Z") == 30
+
+
+async def test_row4_an_open_bucket_covers_only_the_hours_before_its_collection(
+    db: asyncpg.Connection, feeder: Feeder
+) -> None:
+    org = await make_org(db)
+    a = org.projects["proj_a"]
+    await feeder.events(
+        *(
+            api_event(org, project=a, cost="1", occurred_at=f"2026-11-03T{h:02d}:10:00Z", model="gpt-4o")
+            for h in range(24)
+        )
+    )
+    await feeder.buckets(
+        envelope(
+            "openai",
+            org.ai_org,
+            "costs_v1",
+            [openai_cost_bucket("2026-11-03", "2026-11-04", [("proj_a", "x", "6")])],
+            collected_at="2026-11-03T06:00:00Z",
+        )
+    )
+    assert await spend_of(db, "project", org, a, "2026-11-03Z", "2026-11-04Z") == 24  # 6 + 18 estimated hours
+
+
+async def test_row5_an_unpriced_usage_line_covers_nothing(db: asyncpg.Connection, feeder: Feeder) -> None:
+    org = await make_org(db)
+    a = org.projects["proj_a"]
+    await feeder.events(
+        *(
+            api_event(org, project=a, cost="1", occurred_at=f"2026-11-03T{h:02d}:10:00Z", model="gpt-4o")
+            for h in range(24)
+        )
+    )
+    outcome = await feeder.buckets(
+        envelope(
+            "openai",
+            org.ai_org,
+            "usage_v1",
+            [
+                openai_usage_bucket(
+                    "2026-11-03",
+                    "2026-11-04",
+                    [{"project_id": "proj_a", "model": "no-price-yet", "input_tokens": 1000}],
+                )
+            ],
+            collected_at="2026-11-04T02:00:00Z",
+        )
+    )
+    assert outcome.unpriced["openai"] == 1
+    assert await spend_of(db, "project", org, a, "2026-11-03Z", "2026-11-04Z") == 24  # not 0
+
+
+async def test_row6_provider_rows_count_in_the_local_period_of_their_midpoint(
+    db: asyncpg.Connection, feeder: Feeder
+) -> None:
+    org = await make_org(db)
+    budgets = {}
+    for kind, zone in (
+        ("daily", "America/Los_Angeles"),
+        ("monthly", "America/Los_Angeles"),
+        ("daily", "Asia/Kolkata"),
+        ("daily", "Europe/Berlin"),
+    ):
+        budget = uuid.uuid4()
+        await db.execute(
+            "INSERT INTO ai_organization_budgets (id, organization_id, amount, period, timezone, thresholds) "
+            "VALUES ($1, $2, 10, $3, $4, '{100}')",
+            budget,
+            org.id,
+            kind,
+            zone,
+        )
+        budgets[(kind, zone)] = budget
+    # The UTC day 1 November (16:00 31 October to 16:00 1 November in Los Angeles; midpoint 12:00 UTC = 05:00 PDT
+    # on 1 November) counts on 1 November and in November there, not on 31 October nor in October.
+    await feeder.buckets(
+        envelope(
+            "openai",
+            org.ai_org,
+            "costs_v1",
+            [openai_cost_bucket("2026-11-01", "2026-11-02", [("proj_a", "x", "10")])],
+            collected_at="2026-11-02T03:00:00Z",
+        )
+    )
+    raised = {r["budget_id"]: r["period_start"] for r in await db.fetch("SELECT * FROM budget_alerts")}
+    assert raised == {
+        budgets[("daily", "America/Los_Angeles")]: datetime(2026, 11, 1, 7, tzinfo=UTC),  # midnight PDT
+        budgets[("monthly", "America/Los_Angeles")]: datetime(2026, 11, 1, 7, tzinfo=UTC),
+        budgets[("daily", "Asia/Kolkata")]: datetime(2026, 10, 31, 18, 30, tzinfo=UTC),  # 1 Nov 00:00 IST
+        budgets[("daily", "Europe/Berlin")]: datetime(2026, 10, 31, 23, tzinfo=UTC),  # 1 Nov 00:00 CET
+    }
+    assert await spend_of(db, "organization", org, None, "2026-10-31T07:00:00Z", "2026-11-01T07:00:00Z") == 0
+    assert await spend_of(db, "organization", org, None, "2026-10-01T07:00:00Z", "2026-11-01T07:00:00Z") == 0
+
+
+async def test_row10_estimates_are_replaced_only_by_their_provider(db: asyncpg.Connection, feeder: Feeder) -> None:
+    org = await make_org(db)
+    a = org.projects["proj_a"]
+    await feeder.events(
+        api_event(org, project=a, cost="5", occurred_at="2026-11-03T10:00:00Z", model="gpt-4o"),
+        api_event(org, project=a, cost="7", occurred_at="2026-11-03T10:20:00Z", model="claude-sonnet-4-0"),
+        api_event(org, project=a, cost="3", occurred_at="2026-11-03T10:40:00Z", model="gemini-1.5-pro"),
+        api_event(org, project=a, cost="2", occurred_at="2026-11-03T10:50:00Z", model="an-unknown-model"),
+    )
+    assert await spend_of(db, "project", org, a, "2026-11-03Z", "2026-11-04Z") == 17
+    await feeder.buckets(
+        envelope(
+            "openai",
+            org.ai_org,
+            "costs_v1",
+            [openai_cost_bucket("2026-11-03", "2026-11-04", [("proj_a", "x", "6")])],
+            collected_at="2026-11-04T03:00:00Z",
+        )
+    )
+    # OpenAI's cost replaces the gpt-4o estimate only; Claude, Gemini and the unknown model still count.
+    assert await spend_of(db, "project", org, a, "2026-11-03Z", "2026-11-04Z") == 6 + 7 + 3 + 2
+
+
+async def test_anthropic_priority_tier_usage_counts_once_next_to_the_cost_report(
+    db: asyncpg.Connection, feeder: Feeder
+) -> None:
+    org = await make_org(db, provider="anthropic", project_ids=("ws_c",))
+    await add_prices(db)
+    day = ("2026-11-03T00:00:00Z", "2026-11-04T00:00:00Z")
+    await feeder.buckets(
+        envelope(
+            "anthropic",
+            org.ai_org,
+            "usage_v1",
+            [
+                anthropic_usage_bucket(
+                    *day,
+                    [
+                        {
+                            "workspace_id": "ws_c",
+                            "model": "a1",
+                            "uncached_input_tokens": 40,
+                            "service_tier": "standard",
+                        },
+                        {"workspace_id": "ws_c", "model": "a1", "uncached_input_tokens": 9, "service_tier": "priority"},
+                    ],
+                )
+            ],
+            collected_at="2026-11-04T02:00:00Z",
+        )
+    )
+    await feeder.buckets(
+        envelope(
+            "anthropic",
+            org.ai_org,
+            "costs_v1",
+            [
+                anthropic_cost_bucket(
+                    *day,
+                    [
+                        {"workspace_id": "ws_c", "amount": "4000", "currency": "USD", "description": "tokens"},
+                    ],
+                )
+            ],
+            collected_at="2026-11-04T03:00:00Z",
+        )
+    )
+    # The cost report (40) replaces the standard usage; the Priority Tier usage (9) it omits counts on top.
+    assert await spend_of(db, "project", org, org.projects["ws_c"], "2026-11-03Z", "2026-11-04Z") == 49
+
+
+async def test_usage_of_zero_tokens_covers_no_estimate(db: asyncpg.Connection, feeder: Feeder) -> None:
+    org = await make_org(db)
+    await add_prices(db)
+    a = org.projects["proj_a"]
+    await feeder.events(api_event(org, project=a, cost="3", occurred_at="2026-11-03T10:00:00Z", model="gpt-4o"))
+    # Every token type is reported, most with zero tokens: priced at 0, they say nothing about the hour.
+    await feeder.buckets(
+        envelope(
+            "openai",
+            org.ai_org,
+            "usage_v1",
+            [
+                openai_usage_bucket(
+                    "2026-11-03T10:00:00",
+                    "2026-11-03T11:00:00",
+                    [{"project_id": "proj_a", "model": "mx", "input_tokens": 5}],
+                )
+            ],
+            collected_at="2026-11-03T12:00:00Z",
+        )
+    )
+    assert await spend_of(db, "project", org, a, "2026-11-03Z", "2026-11-04Z") == 3
+
+
+async def test_migration_0006_moves_an_existing_database_to_the_new_rules(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """A database at 0005 with data written by the old worker: lines get their report, lines an old re-poll no
+    longer had are marked superseded (kept), rollups get their project's provider, alerts stay as they were."""
+    before = tmp_path / "schema"
+    shutil.copytree(schema_dir(), before)
+    for path in (before / "migrations").glob("*.sql"):
+        if int(path.name[:4]) >= 6:
+            path.unlink()
+    await migrate(empty_database_url, directory=before)
+    db = await asyncpg.connect(empty_database_url)
+    try:
+        org = await make_org(db, project_ids=("proj_a", "proj_b"))
+        a = org.projects["proj_a"]
+        common = "organization_id, project_id, provider, ai_organization_id, api_version, bucket_start_time, "
+        insert = (
+            f"INSERT INTO cost_data ({common}bucket_end_time, line_item, currency, amount, collected_at, metadata) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'USD', $9, $10, $11)"
+        )
+        day = (datetime(2026, 11, 3, tzinfo=UTC), datetime(2026, 11, 4, tzinfo=UTC))
+        first, second = datetime(2026, 11, 4, 1, tzinfo=UTC), datetime(2026, 11, 4, 5, tzinfo=UTC)
+        # The old worker kept proj_a's line of the first poll although the re-poll moved the spend to proj_b.
+        await db.execute(insert, org.id, a, "openai", org.ai_org, "costs_v1", *day, "x", Decimal(30), first, "{}")
+        await db.execute(
+            insert,
+            org.id,
+            org.projects["proj_b"],
+            "openai",
+            org.ai_org,
+            "costs_v1",
+            *day,
+            "x",
+            Decimal(30),
+            second,
+            "{}",
+        )
+        await db.execute(
+            insert,
+            org.id,
+            None,
+            "anthropic",
+            "anth-1",
+            "usage_v1",
+            *day,
+            "a1:output_tokens:priority",
+            Decimal(2),
+            second,
+            '{"service_tier": "priority"}',
+        )
+        await db.execute(
+            "INSERT INTO project_metrics (organization_id, project_id, hour, request_count, estimated_cost_usd) "
+            "VALUES ($1, $2, '2026-11-03T10:00Z', 1, 5), ($1, $2, '2026-11-05T10:00Z', 1, 7)",
+            org.id,
+            a,
+        )
+        budget = uuid.uuid4()
+        await db.execute(
+            "INSERT INTO budget_alerts (id, scope, budget_id, organization_id, period_start, period_end, threshold, "
+            "spend, amount, currency, percent_used) VALUES ($1, 'organization', $2, $3, '2026-11-01Z', "
+            "'2026-12-01Z', 50, 67, 100, 'USD', 67)",
+            uuid.uuid4(),
+            budget,
+            org.id,
+        )
+        old_spend = await spend_of(db, "organization", org, None, "2026-11-01Z", "2026-12-01Z")
+        assert old_spend == 30 + 30 + 2 + 7  # the old rule: both polls' lines, Nov 3's estimate covered
+
+        await migrate(empty_database_url)
+
+        rows = await db.fetch(
+            "SELECT project_id, report, superseded_at IS NOT NULL AS retired, outside_cost_report FROM cost_data "
+            "ORDER BY provider, collected_at"
+        )
+        assert [tuple(r) for r in rows] == [
+            (None, "anthropic.usage_report.messages", False, True),
+            (a, "openai.costs", True, False),  # kept, no longer counted
+            (org.projects["proj_b"], "openai.costs", False, False),
+        ]
+        assert await db.fetchval("SELECT count(*) FROM cost_windows") == 2
+        assert set(await db.fetchval("SELECT array_agg(DISTINCT provider) FROM project_metrics")) == {"openai"}
+        assert await db.fetchval("SELECT count(*) FROM budget_alerts") == 1  # alerts already raised stay
+        # proj_a's retired line no longer covers its estimate of Nov 3 (absent lines cover nothing).
+        assert await spend_of(db, "organization", org, None, "2026-11-01Z", "2026-12-01Z") == 30 + 2 + 5 + 7
+        # Data written by the new worker after the upgrade meets the migrated rows.
+        await db.execute(
+            "INSERT INTO cost_data (organization_id, project_id, provider, ai_organization_id, api_version, "
+            "bucket_start_time, bucket_end_time, line_item, currency, amount, collected_at) "
+            "VALUES ($1, $2, 'openai', $3, 'costs_v1', '2026-11-05Z', '2026-11-06Z', 'x', 'USD', 1, now())",
+            org.id,
+            a,
+            org.ai_org,
+        )
+        assert await db.fetchval("SELECT report FROM cost_data WHERE amount = 1") == "openai.costs"
+        assert await spend_of(db, "organization", org, None, "2026-11-01Z", "2026-12-01Z") == 30 + 2 + 5 + 1
+    finally:
+        await db.close()
+
+
+async def test_rows_1_to_6_and_10_through_the_worker(db: asyncpg.Connection, settings: Settings) -> None:
+    """The audit's rows again, each in its own organization, produced to the broker and consumed by the worker."""
+    await create_topics(settings)
+    await add_prices(db)
+    day = ("2026-11-03", "2026-11-04")
+    buckets: list[dict[str, Any]] = []
+    events_out: list[dict[str, Any]] = []
+    row1, row2, row3, row4, row5, row6, row10 = [await make_org(db, project_ids=("proj_a", "proj_b")) for _ in range(7)]
+    # 1: hourly usage (100) and the daily cost (100) of the same day.
+    hourly = [
+        openai_usage_bucket(
+            f"2026-11-03T{h:02d}:00:00",
+            f"2026-11-03T{h + 1:02d}:00:00",
+            [{"project_id": "proj_a", "model": "m1", "input_tokens": 4}],
+        )
+        for h in range(23)
+    ] + [
+        openai_usage_bucket(
+            "2026-11-03T23:00:00", "2026-11-04T00:00:00", [{"project_id": "proj_a", "model": "m1", "input_tokens": 8}]
+        )
+    ]
+    buckets += [
+        envelope("openai", row1.ai_org, "usage_v1", hourly, collected_at="2026-11-04T02:00:00Z"),
+        envelope(
+            "openai",
+            row1.ai_org,
+            "costs_v1",
+            [openai_cost_bucket(*day, [("proj_a", "x", "100")])],
+            collected_at="2026-11-04T03:00:00Z",
+        ),
+    ]
+    # 2: org-level costs (50) plus the projects' usage (30 + 20) of that day.
+    buckets += [
+        envelope(
+            "openai",
+            row2.ai_org,
+            "usage_v1",
+            [
+                openai_usage_bucket(
+                    *day,
+                    [
+                        {"project_id": "proj_a", "model": "m1", "input_tokens": 30},
+                        {"project_id": "proj_b", "model": "m1", "input_tokens": 20},
+                    ],
+                )
+            ],
+            collected_at="2026-11-04T02:00:00Z",
+        ),
+        envelope(
+            "openai",
+            row2.ai_org,
+            "costs_v1",
+            [openai_cost_bucket(*day, [(None, "all", "50")])],
+            collected_at="2026-11-04T03:00:00Z",
+        ),
+    ]
+    # 3: a re-poll moves the line to project B and drops the grouping by line item.
+    buckets += [
+        envelope(
+            "openai",
+            row3.ai_org,
+            "costs_v1",
+            [openai_cost_bucket(*day, [("proj_a", "GPT-4o", "30")])],
+            collected_at="2026-11-04T01:00:00Z",
+        ),
+        envelope(
+            "openai",
+            row3.ai_org,
+            "costs_v1",
+            [openai_cost_bucket(*day, [("proj_b", None, "30")])],
+            collected_at="2026-11-04T05:00:00Z",
+        ),
+    ]
+    # 4: today's bucket polled at 06:00; 5: a usage line without a price. One estimate of 1 per hour each.
+    for org in (row4, row5):
+        events_out += [
+            api_event(
+                org, project=org.projects["proj_a"], cost="1", occurred_at=f"2026-11-03T{h:02d}:10:00Z", model="gpt-4o"
+            )
+            for h in range(24)
+        ]
+    buckets.append(
+        envelope(
+            "openai",
+            row4.ai_org,
+            "costs_v1",
+            [openai_cost_bucket(*day, [("proj_a", "x", "6")])],
+            collected_at="2026-11-03T06:00:00Z",
+        )
+    )
+    buckets.append(
+        envelope(
+            "openai",
+            row5.ai_org,
+            "usage_v1",
+            [openai_usage_bucket(*day, [{"project_id": "proj_a", "model": "no-price", "input_tokens": 1000}])],
+            collected_at="2026-11-04T02:00:00Z",
+        )
+    )
+    # 6: a daily Los Angeles budget and the UTC-day bucket of 1 November.
+    la_budget = uuid.uuid4()
+    await db.execute(
+        "INSERT INTO ai_organization_budgets (id, organization_id, amount, period, timezone, thresholds) "
+        "VALUES ($1, $2, 10, 'daily', 'America/Los_Angeles', '{100}')",
+        la_budget,
+        row6.id,
+    )
+    buckets.append(
+        envelope(
+            "openai",
+            row6.ai_org,
+            "costs_v1",
+            [openai_cost_bucket("2026-11-01", "2026-11-02", [("proj_a", "x", "10")])],
+            collected_at="2026-11-02T03:00:00Z",
+        )
+    )
+    # 10: estimates of three providers and an unknown model; OpenAI reports the day.
+    events_out += [
+        api_event(row10, project=row10.projects["proj_a"], cost=cost, occurred_at="2026-11-03T10:00:00Z", model=m)
+        for cost, m in (("5", "gpt-4o"), ("7", "claude-sonnet-4-0"), ("3", "gemini-1.5-pro"), ("2", "unknown-x"))
+    ]
+    buckets.append(
+        envelope(
+            "openai",
+            row10.ai_org,
+            "costs_v1",
+            [openai_cost_bucket(*day, [("proj_a", "x", "6")])],
+            collected_at="2026-11-04T03:00:00Z",
+        )
+    )
+
+    await produce(settings, settings.topic_api_usage, [dumps(e) for e in events_out])
+    await produce(settings, settings.topic_provider_buckets, [dumps(b) for b in buckets])
+    assert await run_worker(settings) == 0
+
+    nov3 = ("2026-11-03Z", "2026-11-04Z")
+    assert await spend_of(db, "organization", row1, None, *nov3) == 100
+    assert await spend_of(db, "organization", row2, None, *nov3) == 50
+    assert await spend_of(db, "organization", row3, None, *nov3) == 30
+    assert await spend_of(db, "project", row4, row4.projects["proj_a"], *nov3) == 24
+    assert await spend_of(db, "project", row5, row5.projects["proj_a"], *nov3) == 24
+    assert await db.fetchval("SELECT period_start FROM budget_alerts WHERE budget_id = $1", la_budget) == datetime(
+        2026, 11, 1, 7, tzinfo=UTC
+    )
+    assert await spend_of(db, "project", row10, row10.projects["proj_a"], *nov3) == 6 + 7 + 3 + 2
+    assert await db.fetchval("SELECT count(*) FROM quarantine") == 0
+
+
+async def test_parts_of_one_revision_add_up_and_a_replay_changes_nothing(
+    db: asyncpg.Connection, feeder: Feeder
+) -> None:
+    """README "What producers must do": a bucket split across messages carries one collected_at in every part."""
+    org = await make_org(db, project_ids=("proj_a", "proj_b"))
+    day = ("2026-11-03", "2026-11-04")
+    part_1 = envelope(
+        "openai",
+        org.ai_org,
+        "costs_v1",
+        [openai_cost_bucket(*day, [("proj_a", "x", "3")])],
+        collected_at="2026-11-04T01:00:00Z",
+    )
+    part_2 = envelope(
+        "openai",
+        org.ai_org,
+        "costs_v1",
+        [openai_cost_bucket(*day, [("proj_b", "x", "4")])],
+        collected_at="2026-11-04T01:00:00Z",
+    )
+    await feeder.buckets(part_1)
+    await feeder.buckets(part_2)
+    assert await spend_of(db, "organization", org, None, "2026-11-03Z", "2026-11-04Z") == 7
+    outcome = await feeder.buckets(part_1, part_2)  # redelivered: the same revision changes nothing
+    assert set(outcome.ledger_lines) == {("costs_v1", "unchanged")}
+    assert await spend_of(db, "organization", org, None, "2026-11-03Z", "2026-11-04Z") == 7
+    # An empty bucket of a later poll retires both (kept, marked superseded).
+    empty = envelope(
+        "openai", org.ai_org, "costs_v1", [openai_cost_bucket(*day, [])], collected_at="2026-11-04T06:00:00Z"
+    )
+    outcome = await feeder.buckets(empty)
+    assert outcome.ledger_lines[("costs_v1", "superseded")] == 2
+    assert await spend_of(db, "organization", org, None, "2026-11-03Z", "2026-11-04Z") == 0
+    assert await db.fetchval("SELECT count(*) FROM cost_data WHERE superseded_at IS NOT NULL") == 2
+
+
+async def test_a_line_quarantined_then_replayed_joins_its_revision(db: asyncpg.Connection, feeder: Feeder) -> None:
+    """A line that could not be attributed is quarantined; its message's other lines land at that revision. Once
+    the mapping exists, the replayed message (same revision) adds the missing line instead of being ignored."""
+    org = await make_org(db)
+    message = envelope(
+        "openai",
+        org.ai_org,
+        "costs_v1",
+        [openai_cost_bucket("2026-11-03", "2026-11-04", [("proj_a", "x", "3"), ("proj_new", "x", "4")])],
+        collected_at="2026-11-04T01:00:00Z",
+    )
+    outcome = await feeder.buckets(message)
+    assert [q.reason.value for q in outcome.quarantine] == ["unattributed"]
+    assert await spend_of(db, "organization", org, None, "2026-11-03Z", "2026-11-04Z") == 3
+    await db.execute(
+        "INSERT INTO projects (organization_id, name, ai_provider, ai_organization_id, ai_project_id) "
+        "VALUES ($1, 'new', 'openai', $2, 'proj_new')",
+        org.id,
+        org.ai_org,
+    )
+    await feeder.buckets(message)
+    assert await spend_of(db, "organization", org, None, "2026-11-03Z", "2026-11-04Z") == 7

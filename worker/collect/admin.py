@@ -1,0 +1,130 @@
+"""``cost-worker keys add|rotate|deactivate|list``: the operator's view of provider accounts and admin keys.
+
+A key is read from standard input (never from the command line, where ``ps`` shows it) and stored sealed, or
+stored as a reference to a secret file (``--secret-file``). Output shows a fingerprint, never the key.
+"""
+
+from __future__ import annotations
+
+import getpass
+import sys
+from pathlib import Path
+from typing import TextIO
+from uuid import UUID
+
+import asyncpg
+
+from worker.collect import keys as keystore
+from worker.collect import store
+from worker.collect.errors import KeyStoreError
+from worker.config import Settings
+from worker.errors import ConfigError, DataRejected
+from worker.store import connect
+
+EXIT_OK, EXIT_FAILURE = 0, 1
+MAX_ADMIN_KEY_LENGTH = 4096  # characters; longer input is not an admin key
+
+
+def read_key(stream: TextIO | None = None) -> str:
+    stream = stream or sys.stdin
+    text = getpass.getpass("admin key: ") if stream.isatty() else stream.readline()
+    key = text.strip()
+    if not key:
+        raise ConfigError(["admin key: nothing on standard input (pipe the key in, or use --secret-file)"])
+    if len(key) > MAX_ADMIN_KEY_LENGTH or any(ch.isspace() for ch in key):
+        raise ConfigError(["admin key: not a single token of at most 4096 characters"])
+    return key
+
+
+def _material(
+    settings: Settings, provider: str, account: str, secret_file: Path | None, stdin: TextIO | None
+) -> tuple[bytes | None, bytes | None, str | None, str | None, str]:
+    """(ciphertext, wrapped key, KEK id, secret file, fingerprint) for a new or rotated key."""
+    if secret_file is not None:
+        path = secret_file.resolve()
+        key = keystore.read_secret_file(path, provider, account)
+        return None, None, None, str(path), keystore.fingerprint(key.reveal())
+    plain = read_key(stdin)
+    sealed = keystore.seal(keystore.load_kek(settings.collect_key_encryption_key_file), provider, account, plain)
+    return sealed.ciphertext, sealed.wrapped_key, sealed.kek_id, None, keystore.fingerprint(plain)
+
+
+async def add(
+    settings: Settings,
+    *,
+    organization: UUID,
+    provider: str,
+    account: str,
+    name: str,
+    secret_file: Path | None,
+    stdin: TextIO | None = None,
+) -> int:
+    ciphertext, wrapped, kek, path, fingerprint = _material(settings, provider, account, secret_file, stdin)
+    conn = await connect(settings.dsn(), role=settings.database_role, timeout=settings.database_connect_timeout)
+    try:
+        key_id = await store.keys_insert(
+            conn, organization, provider, account, name, ciphertext, wrapped, kek, path, fingerprint
+        )
+    except DataRejected as exc:
+        # One line, and never the row (a DETAIL would list it): the usual causes are named.
+        cause = exc.__cause__
+        if isinstance(cause, asyncpg.UniqueViolationError):
+            raise KeyStoreError(
+                f"{provider} account {account} already has a key for organization {organization}: "
+                "use `cost-worker keys rotate KEY_ID` (see `cost-worker keys list`)"
+            ) from None
+        if isinstance(cause, asyncpg.ForeignKeyViolationError):
+            raise KeyStoreError(f"no organization {organization}") from None
+        raise KeyStoreError(f"the database refused the key of {provider} account {account}") from None
+    finally:
+        await conn.close()
+    print(f"added {provider} account {account}: key {key_id} ({fingerprint})")
+    return EXIT_OK
+
+
+async def rotate(settings: Settings, *, key_id: UUID, secret_file: Path | None, stdin: TextIO | None = None) -> int:
+    conn = await connect(settings.dsn(), role=settings.database_role, timeout=settings.database_connect_timeout)
+    try:
+        row = await store.keys_get(conn, key_id)
+        if row is None:
+            raise KeyStoreError(f"no key {key_id} (see `cost-worker keys list`)")
+        ciphertext, wrapped, kek, path, fingerprint = _material(
+            settings, row["provider"], row["ai_organization_id"], secret_file, stdin
+        )
+        await store.keys_rotate(conn, key_id, ciphertext, wrapped, kek, path, fingerprint)
+    finally:
+        await conn.close()
+    print(f"rotated key {key_id} of {row['provider']} account {row['ai_organization_id']} ({fingerprint})")
+    return EXIT_OK
+
+
+async def deactivate(settings: Settings, *, key_id: UUID) -> int:
+    conn = await connect(settings.dsn(), role=settings.database_role, timeout=settings.database_connect_timeout)
+    try:
+        changed = await store.keys_deactivate(conn, key_id)
+    finally:
+        await conn.close()
+    if not changed:
+        raise KeyStoreError(f"no active key {key_id} (see `cost-worker keys list`)")
+    print(f"deactivated key {key_id}: its account is no longer polled")
+    return EXIT_OK
+
+
+async def list_keys(settings: Settings) -> int:
+    conn = await connect(settings.dsn(), role=settings.database_role, timeout=settings.database_connect_timeout)
+    try:
+        rows = await store.keys_list(conn)
+    finally:
+        await conn.close()
+    print(
+        f"{'id':<36}  {'provider':<9}  {'account':<25}  {'active':<6}  "
+        f"{'fingerprint':<23}  {'source':<11}  last success"
+    )
+    for r in rows:
+        source = "secret file" if r["in_secret_file"] else "sealed"
+        last = r["last_success_at"].isoformat(timespec="seconds") if r["last_success_at"] else "never"
+        print(
+            f"{r['id']}  {r['provider']:<9}  {r['ai_organization_id']:<25}  {'yes' if r['is_active'] else 'no':<6}  "
+            f"{r['fingerprint']:<23}  {source:<11}  {last}"
+        )
+    return EXIT_OK

@@ -1,0 +1,161 @@
+"""HTTP to the providers' admin APIs (aiohttp), with the retry policy.
+
+- 429: wait the ``Retry-After`` the provider sent (seconds or an HTTP date), at most
+  ``collect_max_retry_after``; without one, back off like a 5xx.
+- 5xx, timeouts, connection errors: exponential backoff with jitter (tenacity), ``collect_max_attempts`` in all.
+- 401/403: ``ProviderAuthFailed`` at once (no retry): that account stops, the others go on.
+- Any other status or a body that is not a page: ``ProviderRejected``.
+The admin key travels only in the request headers; nothing here logs or raises it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import jiter
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+from tenacity.wait import wait_base
+
+from worker import metrics
+from worker.collect.errors import ProviderAuthFailed, ProviderRejected, ProviderUnavailable, RateLimited
+from worker.collect.sources import Endpoint
+
+BACKOFF_INITIAL = 1.0  # seconds before the first retry of a 5xx, timeout or connection error
+BACKOFF_MAX = 60.0  # seconds; the longest backoff between two attempts
+MAX_PAGE_BYTES = 64 * 1_048_576  # bytes of one response body; larger is refused
+
+
+class _RetryAfterOrBackoff(wait_base):
+    """Retry-After when the provider sent one, else exponential backoff with jitter."""
+
+    def __init__(self, initial: float, maximum: float, ceiling: float) -> None:
+        self.backoff = wait_exponential_jitter(multiplier=initial, max=maximum, jitter=initial)
+        self.ceiling = ceiling
+
+    def __call__(self, retry_state: Any) -> float:
+        outcome = retry_state.outcome
+        error = outcome.exception() if outcome is not None else None
+        if isinstance(error, RateLimited) and error.retry_after is not None:
+            return min(error.retry_after, self.ceiling)
+        return float(self.backoff(retry_state))
+
+
+def retry_after_seconds(value: str | None, *, now: float | None = None) -> float | None:
+    """``Retry-After`` as seconds to wait: delta-seconds or an HTTP date (RFC 9110 10.2.3)."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        moment = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, moment.timestamp() - (time.time() if now is None else now))
+
+
+class ProviderClient:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        max_attempts: int,
+        max_retry_after: float,
+        backoff_initial: float = BACKOFF_INITIAL,
+        backoff_max: float = BACKOFF_MAX,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.session = session
+        self.max_attempts = max_attempts
+        self.max_retry_after = max_retry_after
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.sleep = sleep
+
+    async def get_page(
+        self, base_url: str, endpoint: Endpoint, account: str, headers: dict[str, str], params: list[tuple[str, str]]
+    ) -> dict[str, Any]:
+        """One page of one endpoint, retried per the policy above."""
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.max_attempts),
+            wait=_RetryAfterOrBackoff(self.backoff_initial, self.backoff_max, self.max_retry_after),
+            retry=retry_if_exception_type(ProviderUnavailable),
+            sleep=self.sleep,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await self._get_once(base_url, endpoint, account, headers, params)
+        raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
+
+    async def _get_once(
+        self, base_url: str, endpoint: Endpoint, account: str, headers: dict[str, str], params: list[tuple[str, str]]
+    ) -> dict[str, Any]:
+        where = f"{endpoint.report} of {endpoint.provider} account {account}"
+        url = base_url.rstrip("/") + endpoint.path
+        try:
+            async with self.session.get(url, params=params, headers=headers) as response:
+                status = response.status
+                _count(endpoint, str(status))
+                if status == 429:
+                    wait = retry_after_seconds(response.headers.get("Retry-After"))
+                    if wait is not None and wait > self.max_retry_after:
+                        raise ProviderRejected(
+                            f"{where}: rate limited, Retry-After {wait:.0f}s exceeds the configured maximum"
+                        )
+                    raise RateLimited(f"{where}: rate limited (429)", wait)
+                if status in (401, 403):
+                    raise ProviderAuthFailed(
+                        f"{where}: the provider refused the admin key (HTTP {status}); "
+                        "rotate it with `cost-worker keys rotate`"
+                    )
+                if status >= 500:
+                    raise ProviderUnavailable(f"{where}: provider error HTTP {status}")
+                if status != 200:
+                    raise ProviderRejected(f"{where}: HTTP {status}{_error_type(await _read(response))}")
+                body = await _read(response)
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            _count(endpoint, "timeout")
+            raise ProviderUnavailable(f"{where}: request timed out") from exc
+        except aiohttp.ClientPayloadError as exc:
+            _count(endpoint, "connection_error")
+            raise ProviderUnavailable(f"{where}: response cut short") from exc
+        except aiohttp.ClientConnectionError as exc:
+            _count(endpoint, "connection_error")
+            raise ProviderUnavailable(f"{where}: cannot reach the provider ({type(exc).__name__})") from exc
+        try:
+            page = jiter.from_json(body, float_mode="decimal")  # exact numbers, passed on as written
+        except ValueError as exc:
+            raise ProviderRejected(f"{where}: the response is not JSON") from exc
+        if not isinstance(page, dict) or not isinstance(page.get("data"), list):
+            raise ProviderRejected(f"{where}: the response is not a page of buckets")
+        return page
+
+
+async def _read(response: aiohttp.ClientResponse) -> bytes:
+    body = await response.content.read(MAX_PAGE_BYTES + 1)
+    if len(body) > MAX_PAGE_BYTES:
+        raise ProviderRejected(f"response larger than {MAX_PAGE_BYTES} bytes")
+    return body
+
+
+def _error_type(body: bytes) -> str:
+    """The provider's error type/code, when its body is the documented error object (never the message)."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return ""
+    if not isinstance(error, dict):
+        return ""
+    kind = error.get("type") or error.get("code")
+    return f" ({str(kind)[:64]})" if isinstance(kind, str) else ""
+
+
+def _count(endpoint: Endpoint, status: str) -> None:
+    metrics.COLLECT_REQUESTS.labels(provider=endpoint.provider, report=endpoint.report, status=status).inc()

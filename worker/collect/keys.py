@@ -1,0 +1,120 @@
+"""Admin keys at rest: AES-256-GCM envelope encryption (``cryptography``), or a reference to a secret file.
+
+Each stored key gets its own random data key; the admin key is encrypted under the data key and the data key
+under the key-encryption key (KEK) read from ``COST_WORKER_COLLECT_KEY_ENCRYPTION_KEY_FILE``. Both encryptions
+bind the account (provider and provider organization id) as associated data, so a ciphertext copied onto
+another account's row does not decrypt. Rotating the KEK means re-adding (``keys rotate``) each key.
+
+An ``AdminKey`` never shows its value in ``repr``/``str``: only ``reveal()`` gives it, for the request header.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from worker.collect.errors import KeyStoreError
+
+KEK_BYTES = 32  # AES-256
+NONCE_BYTES = 12  # the GCM nonce size NIST SP 800-38D recommends
+MAX_KEY_FILE_BYTES = 64 * 1024  # bytes; a key file larger than this is a mistake
+
+
+class AdminKey:
+    """A provider admin key held in memory. Its text form is always masked."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "AdminKey('***')"
+
+    __str__ = __repr__
+
+
+def fingerprint(key: str) -> str:
+    """What operators see instead of the key: a short SHA-256 prefix (not reversible for a random key)."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _aad(provider: str, organization_id: str) -> bytes:
+    return f"cost-worker/admin-key/{provider}/{organization_id}".encode()
+
+
+def load_kek(path: Path | None) -> bytes:
+    """The key-encryption key: 32 bytes in the file, raw, hex or base64 (surrounding whitespace ignored)."""
+    if path is None:
+        raise KeyStoreError("no key-encryption key: set COST_WORKER_COLLECT_KEY_ENCRYPTION_KEY_FILE")
+    try:
+        raw = path.read_bytes()[: MAX_KEY_FILE_BYTES + 1]
+    except OSError as exc:
+        raise KeyStoreError(f"cannot read the key-encryption key file {path}: {exc.strerror}") from None
+    if len(raw) == KEK_BYTES:
+        return raw
+    text = raw.strip()
+    for decode in (bytes.fromhex, base64.b64decode):
+        try:
+            key = decode(text.decode("ascii"))
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            continue
+        if len(key) == KEK_BYTES:
+            return key
+    raise KeyStoreError(f"the key-encryption key file {path} must hold 32 bytes (raw, hex or base64)")
+
+
+def kek_id(kek: bytes) -> str:
+    return hashlib.sha256(b"cost-worker-kek" + kek).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Sealed:
+    ciphertext: bytes  # nonce + AES-GCM(data key, admin key)
+    wrapped_key: bytes  # nonce + AES-GCM(KEK, data key)
+    kek_id: str
+
+
+def seal(kek: bytes, provider: str, organization_id: str, key: str) -> Sealed:
+    aad = _aad(provider, organization_id)
+    data_key = AESGCM.generate_key(bit_length=256)
+    nonce = os.urandom(NONCE_BYTES)
+    ciphertext = nonce + AESGCM(data_key).encrypt(nonce, key.encode(), aad)
+    wrap_nonce = os.urandom(NONCE_BYTES)
+    wrapped = wrap_nonce + AESGCM(kek).encrypt(wrap_nonce, data_key, aad)
+    return Sealed(ciphertext=ciphertext, wrapped_key=wrapped, kek_id=kek_id(kek))
+
+
+def unseal(kek: bytes, provider: str, organization_id: str, sealed: Sealed) -> AdminKey:
+    if sealed.kek_id != kek_id(kek):
+        raise KeyStoreError(
+            f"the admin key of {provider} account {organization_id} was sealed with another key-encryption key"
+        )
+    aad = _aad(provider, organization_id)
+    try:
+        data_key = AESGCM(kek).decrypt(sealed.wrapped_key[:NONCE_BYTES], sealed.wrapped_key[NONCE_BYTES:], aad)
+        plain = AESGCM(data_key).decrypt(sealed.ciphertext[:NONCE_BYTES], sealed.ciphertext[NONCE_BYTES:], aad)
+    except (InvalidTag, ValueError):
+        raise KeyStoreError(f"the admin key of {provider} account {organization_id} does not decrypt") from None
+    return AdminKey(plain.decode())
+
+
+def read_secret_file(path: Path, provider: str, organization_id: str) -> AdminKey:
+    """A key kept in a mounted secret file (read on every poll, so a rotated secret is picked up)."""
+    try:
+        text = path.read_text(encoding="utf-8")[:MAX_KEY_FILE_BYTES].strip()
+    except (OSError, UnicodeDecodeError):
+        raise KeyStoreError(f"cannot read the admin key file of {provider} account {organization_id}") from None
+    if not text:
+        raise KeyStoreError(f"the admin key file of {provider} account {organization_id} is empty")
+    return AdminKey(text)

@@ -1,0 +1,364 @@
+"""``cost-worker collect``: one active poller among the replicas, polling every account on an interval.
+
+Each round: one ``collected_at`` for the whole poll; for every active account (``organization_api_keys``) and
+every endpoint of its provider, read the window (``windows``), stage it with its state in one transaction
+(``store``), and let the publisher deliver it (``publisher``). Failures stay where they happen:
+- 401/403 stops that account (until its key changes: ``keys rotate`` or a new secret file), with an error log
+  line and ``cost_worker_collect_auth_failures_total``; the other accounts go on.
+- An endpoint that still fails after its retries (or answers something undocumented) is left for the next
+  poll; nothing of its window is staged. The other endpoints go on.
+- The database or the broker failing ends the round; the loop retries it after a backoff.
+Replicas that do not hold the advisory lock stay ready and idle, and try to take over every interval.
+Shutdown: SIGTERM sets ``stop``; the round in progress is abandoned (nothing of it is half-staged) and the
+staged backlog is flushed within the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import structlog
+
+from worker import logs, metrics
+from worker.app import EXIT_DEADLINE, run_loop
+from worker.app import _exit_after as exit_after
+from worker.app import _until_ready as until_ready
+from worker.collect import keys as keystore
+from worker.collect.client import ProviderClient
+from worker.collect.errors import KeyStoreError, ProviderAuthFailed, ProviderRejected, ProviderUnavailable
+from worker.collect.publisher import CollectorPublisher, envelope
+from worker.collect.sources import ENDPOINTS, Endpoint, headers
+from worker.collect.store import Account, OutboxConnection, PollerConnection
+from worker.collect.windows import read_window, window_for
+from worker.config import COLLECT_BACKFILL_DAYS, Settings
+from worker.errors import CostWorkerError, TransientError
+from worker.http import Health, HealthServer
+from worker.migrate import check_current
+from worker.store import connect
+
+log = structlog.get_logger("worker.collect")
+
+EXIT_OK, EXIT_FAILURE = 0, 1
+
+
+@dataclass
+class CollectorHealth(Health):
+    """Ready when the database answers and, on the active poller, every endpoint succeeded recently."""
+
+    stale_after: float = 0.0
+    active: bool = False
+    last_round_ok: float | None = None  # monotonic time of the last round that reached the database
+    stale: list[str] = field(default_factory=list)
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.dead:
+            return False, f"component stopped: {self.dead}"
+        if self.stopping:
+            return False, "shutting down"
+        if not self.database_ok:
+            return False, "database unreachable"
+        if not self.active:
+            return True, "ok: standby (another replica polls)"
+        if self.stale:
+            return False, f"no successful poll for over {self.stale_after:.0f}s: {', '.join(self.stale[:5])}"
+        return True, "ok: active poller"
+
+
+class Collector:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stop = asyncio.Event()
+        self.health = CollectorHealth(
+            ready_max_retrying=settings.ready_max_retrying, stale_after=settings.collect_stale_after
+        )
+        self.refused: dict[tuple[str, str], str] = {}  # (provider, account) -> fingerprint the provider refused
+        self._kek: bytes | None = None
+
+    # --- the loop -----------------------------------------------------------------------------------------
+
+    async def run(self, *, once: bool = False) -> int:
+        settings = self.settings
+        http = HealthServer(self.health, settings.metrics_host, settings.metrics_port)
+        port = await http.start()
+        log.info("http_listening", port=port)
+        poller: PollerConnection | None = None
+        outbox_conn = None
+        publisher: CollectorPublisher | None = None
+        timeout = aiohttp.ClientTimeout(total=settings.collect_request_timeout)
+        try:
+            # Unreachable services at startup are waited for (as `run` does); a misconfiguration is not.
+            poller = await until_ready("database", self.stop, self._open_poller)
+            outbox_conn = await until_ready(
+                "database",
+                self.stop,
+                lambda: connect(settings.dsn(), role=settings.database_role, timeout=settings.database_connect_timeout),
+            )
+            self.health.database_ok = True
+            publisher = CollectorPublisher(settings, OutboxConnection(outbox_conn))
+            await until_ready("kafka", self.stop, publisher.start)
+            await self._deliver(publisher)  # what a previous run staged but did not deliver
+            async with aiohttp.ClientSession(timeout=timeout, raise_for_status=False) as session:
+                client = ProviderClient(
+                    session,
+                    max_attempts=settings.collect_max_attempts,
+                    max_retry_after=settings.collect_max_retry_after,
+                    backoff_initial=settings.retry_initial_backoff,
+                    backoff_max=settings.retry_max_backoff,
+                )
+                return await self._loop(poller, publisher, client, once=once)
+        finally:
+            if publisher is not None:
+                with contextlib.suppress(CostWorkerError, TimeoutError):
+                    await asyncio.wait_for(publisher.drain(), timeout=settings.shutdown_grace * 0.5)
+                await publisher.close()
+            if outbox_conn is not None:
+                await outbox_conn.close()
+            if poller is not None:
+                await poller.close()
+            metrics.COLLECT_ACTIVE.set(0)
+            await http.stop()
+
+    async def _open_poller(self) -> PollerConnection:
+        settings = self.settings
+        poller = await PollerConnection.open(
+            settings.dsn(), role=settings.database_role, timeout=settings.database_connect_timeout
+        )
+        try:
+            await check_current(poller.conn)
+        except BaseException:
+            await poller.close()
+            raise
+        return poller
+
+    async def _loop(
+        self, poller: PollerConnection, publisher: CollectorPublisher, client: ProviderClient, *, once: bool
+    ) -> int:
+        delay = self.settings.retry_initial_backoff
+        while not self.stop.is_set():
+            try:
+                if not self.health.active:
+                    self.health.active = await poller.try_lock()
+                    metrics.COLLECT_ACTIVE.set(1 if self.health.active else 0)
+                    if self.health.active:
+                        log.info("collector_active")
+                if self.health.active:
+                    if not await self._until_stopped(self._round(poller, publisher, client)):
+                        break
+                    await self._deliver(publisher)
+                    await self._freshness(poller)
+                elif once:
+                    log.error("collector_not_active", reason="another replica holds the poller lock")
+                    return EXIT_FAILURE
+                self.health.database_ok = True
+                delay = self.settings.retry_initial_backoff
+            except TransientError as exc:
+                self.health.database_ok = not poller.conn.is_closed()
+                log.warning("collect_round_failed", error=str(exc), retry_in=delay)
+                if poller.conn.is_closed():  # the lock went with the connection: stop polling at once
+                    self.health.active = False
+                    metrics.COLLECT_ACTIVE.set(0)
+                    raise
+                await _wait(self.stop, delay)
+                delay = min(delay * 2, self.settings.retry_max_backoff)
+                continue
+            if once:
+                return EXIT_OK
+            await _wait(self.stop, self.settings.collect_interval)
+        return EXIT_OK
+
+    async def _deliver(self, publisher: CollectorPublisher) -> None:
+        """Publish everything staged, retrying the broker with backoff (never re-polling for it)."""
+        delay = self.settings.retry_initial_backoff
+        while True:
+            try:
+                await publisher.drain()
+                return
+            except TransientError as exc:
+                if self.stop.is_set():
+                    log.warning("collect_publish_left_for_next_start", error=str(exc))
+                    return
+                log.warning("collect_publish_failed", error=str(exc), retry_in=delay)
+                await _wait(self.stop, delay)
+                delay = min(delay * 2, self.settings.retry_max_backoff)
+
+    async def _until_stopped(self, work: Coroutine[Any, Any, None]) -> bool:
+        """Run ``work`` unless ``stop`` is set first; then cancel it (a window being read is dropped, a staging
+        transaction rolls back: nothing is half-staged). True when the work finished."""
+        task = asyncio.ensure_future(work)
+        stopping = asyncio.ensure_future(self.stop.wait())
+        try:
+            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if task.done():
+            task.result()  # raises what the round raised
+            return True
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        log.info("collect_round_abandoned", reason="shutdown")
+        return False
+
+    async def _round(self, poller: PollerConnection, publisher: CollectorPublisher, client: ProviderClient) -> None:
+        collected_at = datetime.now(UTC)  # one per poll, for every page of every endpoint
+        accounts = await poller.accounts()
+        log.info("collect_round", accounts=len(accounts), collected_at=collected_at.isoformat())
+        for account in accounts:
+            if self.stop.is_set():
+                return
+            await self._poll_account(poller, publisher, client, account, collected_at)
+
+    async def _poll_account(
+        self,
+        poller: PollerConnection,
+        publisher: CollectorPublisher,
+        client: ProviderClient,
+        account: Account,
+        collected_at: datetime,
+    ) -> None:
+        provider, name = account.provider, account.organization_id
+        try:
+            admin_key = self._admin_key(account)
+        except KeyStoreError as exc:
+            log.error("collect_key_unreadable", provider=provider, account=name, error=str(exc))
+            return
+        fingerprint = keystore.fingerprint(admin_key.reveal())
+        if self.refused.get((provider, name)) == fingerprint:
+            log.error(
+                "collect_account_stopped",
+                provider=provider,
+                account=name,
+                reason="the provider refused this admin key; rotate it with `cost-worker keys rotate`",
+            )
+            return
+        base_url = self._base_url(provider)
+        auth = headers(account.provider, admin_key.reveal())  # type: ignore[arg-type]
+        state = await poller.state(account.id)
+        for endpoint in ENDPOINTS[provider]:  # type: ignore[index]
+            if self.stop.is_set():
+                return
+            window = window_for(
+                collected_at,
+                collected_through=state.get(endpoint.report),
+                trailing_days=self.settings.collect_trailing_days,
+                backfill_start=self.settings.collect_backfill_start,
+                backfill_days=COLLECT_BACKFILL_DAYS,
+            )
+            try:
+                collected = await read_window(client, endpoint, window, base_url=base_url, account=name, headers=auth)
+                messages = [
+                    envelope(endpoint, name, bucket, collected_at, max_bytes=self.settings.max_message_bytes)
+                    for bucket in collected.buckets
+                ]
+            except ProviderAuthFailed as exc:
+                self.refused[(provider, name)] = fingerprint
+                metrics.COLLECT_AUTH_FAILURES.labels(provider=provider, account=name).inc()
+                self._polled(endpoint, "auth_failed")
+                log.error("collect_auth_failed", provider=provider, account=name, error=str(exc))
+                return
+            except (ProviderUnavailable, ProviderRejected) as exc:
+                self._polled(endpoint, "failed")
+                log.warning(
+                    "collect_endpoint_failed", provider=provider, account=name, report=endpoint.report, error=str(exc)
+                )
+                continue
+            await poller.stage(
+                account.id,
+                endpoint.report,
+                self.settings.topic_provider_buckets,
+                messages,
+                collected_through=window.end,
+                collected_at=collected_at,
+            )
+            publisher.wake.set()
+            self._polled(endpoint, "ok")
+            metrics.COLLECT_PAGES.labels(provider=provider, report=endpoint.report).inc(collected.pages)
+            log.info(
+                "collect_window_staged",
+                provider=provider,
+                account=name,
+                report=endpoint.report,
+                window_start=window.start.isoformat(),
+                window_end=window.end.isoformat(),
+                pages=collected.pages,
+                buckets=len(messages),
+            )
+        self.refused.pop((provider, name), None)
+
+    async def _freshness(self, poller: PollerConnection) -> None:
+        """Seconds since the last success per account and report, and readiness, from the stored state."""
+        now = time.time()
+        stale = []
+        for row in await poller.all_state():
+            labels = {"provider": row["provider"], "account": row["ai_organization_id"], "report": row["report"]}
+            success = row["last_success_at"].timestamp()
+            metrics.COLLECT_LAST_SUCCESS.labels(**labels).set(success)
+            metrics.COLLECT_SINCE_SUCCESS.labels(**labels).set(now - success)
+            metrics.COLLECT_DATA_FRESHNESS.labels(**labels).set(row["collected_through"].timestamp())
+            if now - success > self.settings.collect_stale_after:
+                stale.append(f"{row['provider']}/{row['ai_organization_id']}/{row['report']}")
+        self.health.stale = stale
+
+    # --- helpers ------------------------------------------------------------------------------------------
+
+    def _admin_key(self, account: Account) -> keystore.AdminKey:
+        if account.secret_file is not None:
+            return keystore.read_secret_file(Path(account.secret_file), account.provider, account.organization_id)
+        if self._kek is None:
+            self._kek = keystore.load_kek(self.settings.collect_key_encryption_key_file)
+        assert account.ciphertext is not None
+        assert account.wrapped_key is not None
+        assert account.kek_id is not None
+        sealed = keystore.Sealed(account.ciphertext, account.wrapped_key, account.kek_id)
+        return keystore.unseal(self._kek, account.provider, account.organization_id, sealed)
+
+    def _base_url(self, provider: str) -> str:
+        if provider == "openai":
+            return self.settings.collect_openai_base_url
+        return self.settings.collect_anthropic_base_url
+
+    @staticmethod
+    def _polled(endpoint: Endpoint, result: str) -> None:
+        metrics.COLLECT_POLLS.labels(provider=endpoint.provider, report=endpoint.report, result=result).inc()
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
+def run(settings: Settings, *, once: bool = False) -> int:
+    """Entry point of ``cost-worker collect``."""
+    logs.configure(level=settings.log_level, fmt=settings.log_format, secrets=settings.secrets())
+
+    async def main() -> int:
+        collector = Collector(settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, _stopper(collector))
+        code = EXIT_FAILURE
+        try:
+            code = await collector.run(once=once)
+            return code
+        finally:
+            exit_after(EXIT_DEADLINE, code)  # the hard deadline, as for `run`
+
+    return run_loop(main())  # the worker's event-loop choice (uvloop where available)
+
+
+def _stopper(collector: Collector) -> Callable[[], None]:
+    def stop() -> None:
+        log.info("shutdown_requested")
+        collector.health.stopping = True
+        collector.stop.set()
+
+    return stop

@@ -1,0 +1,185 @@
+"""The collector's SQL boundary: every statement of ``worker/sql/collect.sql`` runs here, and asyncpg errors
+are translated here (``worker.store.translate``), once.
+
+Delivery guarantee, part one (enforced in ``PollerConnection.stage``): a window's messages and the state that
+says it was collected are written in ONE transaction, on the connection that holds the poller lock. A poll that
+dies before that commit leaves nothing staged and the state where it was; the next poll reads the window again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from worker.sql import query
+from worker.store import connect, translate
+
+
+@dataclass(frozen=True)
+class Account:
+    id: UUID
+    team_id: UUID
+    provider: str
+    organization_id: str
+    ciphertext: bytes | None
+    wrapped_key: bytes | None
+    kek_id: str | None
+    secret_file: str | None
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class StagedRow:
+    id: int
+    provider: str
+    report: str
+    topic: str
+    key: bytes
+    message: bytes
+
+
+async def _call(coro: Any) -> Any:
+    try:
+        return await coro
+    except (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError) as exc:
+        raise translate(exc) from exc
+
+
+class PollerConnection:
+    """The active poller's own connection: holds the lock, reads accounts and state, stages windows."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    @classmethod
+    async def open(cls, dsn: str, *, role: str | None, timeout: float) -> PollerConnection:
+        return cls(await connect(dsn, role=role, timeout=timeout))
+
+    async def close(self) -> None:
+        if not self.conn.is_closed():
+            try:
+                await self.conn.close(timeout=5)
+            except (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError):
+                self.conn.terminate()
+
+    async def try_lock(self) -> bool:
+        return bool(await _call(self.conn.fetchval(query("collect_try_lock"))))
+
+    async def accounts(self) -> list[Account]:
+        rows = await _call(self.conn.fetch(query("collect_accounts")))
+        return [
+            Account(
+                id=r["id"],
+                team_id=r["team_id"],
+                provider=r["provider"],
+                organization_id=r["ai_organization_id"],
+                ciphertext=r["key_ciphertext"],
+                wrapped_key=r["wrapped_key"],
+                kek_id=r["kek_id"],
+                secret_file=r["secret_file"],
+                fingerprint=r["fingerprint"],
+            )
+            for r in rows
+        ]
+
+    async def state(self, account: UUID) -> dict[str, datetime]:
+        """report -> collected_through."""
+        rows = await _call(self.conn.fetch(query("collect_state"), account))
+        return {r["report"]: r["collected_through"] for r in rows}
+
+    async def all_state(self) -> list[asyncpg.Record]:
+        return list(await _call(self.conn.fetch(query("collect_state_all"))))
+
+    async def stage(
+        self,
+        account: UUID,
+        report: str,
+        topic: str,
+        messages: Sequence[tuple[bytes, bytes]],
+        *,
+        collected_through: datetime,
+        collected_at: datetime,
+    ) -> None:
+        """The whole window of one endpoint, and its state, in one transaction (all or nothing)."""
+
+        async def run() -> None:
+            async with self.conn.transaction():
+                if messages:
+                    await self.conn.execute(
+                        query("collect_stage"),
+                        account,
+                        report,
+                        topic,
+                        [key for key, _ in messages],
+                        [value for _, value in messages],
+                    )
+                await self.conn.execute(
+                    query("collect_state_advance"), account, report, collected_through, collected_at, len(messages)
+                )
+
+        await _call(run())
+
+
+class OutboxConnection:
+    """The publisher's connection to the staged messages."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def claim_and_send(self, limit: int, send: Any) -> int:
+        """Claim up to ``limit`` staged rows, ``await send(rows)``, then delete them, all in one transaction."""
+
+        async def run() -> int:
+            async with self.conn.transaction():
+                rows = await self.conn.fetch(query("collect_outbox_claim"), limit)
+                if not rows:
+                    return 0
+                staged = [
+                    StagedRow(
+                        id=r["id"],
+                        provider=r["provider"] or "unknown",
+                        report=r["report"],
+                        topic=r["topic"],
+                        key=r["key"],
+                        message=r["message"],
+                    )
+                    for r in rows
+                ]
+                await send(staged)
+                await self.conn.execute(query("collect_outbox_delete"), [row.id for row in staged])
+                return len(staged)
+
+        return int(await _call(run()))
+
+    async def backlog(self) -> int:
+        return int(await _call(self.conn.fetchval(query("collect_outbox_count"))))
+
+
+# --- keys (the operator commands) ----------------------------------------------------------------------------
+
+
+async def keys_insert(conn: asyncpg.Connection, *args: Any) -> UUID:
+    result: UUID = await _call(conn.fetchval(query("keys_insert"), *args))
+    return result
+
+
+async def keys_get(conn: asyncpg.Connection, key_id: UUID) -> asyncpg.Record | None:
+    result: asyncpg.Record | None = await _call(conn.fetchrow(query("keys_get"), key_id))
+    return result
+
+
+async def keys_rotate(conn: asyncpg.Connection, *args: Any) -> bool:
+    return await _call(conn.fetchval(query("keys_rotate"), *args)) is not None
+
+
+async def keys_deactivate(conn: asyncpg.Connection, key_id: UUID) -> bool:
+    return await _call(conn.fetchval(query("keys_deactivate"), key_id)) is not None
+
+
+async def keys_list(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    return list(await _call(conn.fetch(query("keys_list"))))

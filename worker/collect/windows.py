@@ -1,0 +1,98 @@
+"""Which window each poll reads, and reading all of it.
+
+A poll of an endpoint reads whole UTC days: from the trailing re-read window (``collect_trailing_days`` before
+today, since providers finalise costs late) or from where the last successful poll stopped, whichever is
+earlier, up to the end of today's open bucket. An account's first poll starts at ``collect_backfill_start``.
+Every page is followed (``has_more`` / ``next_page``) before anything is staged: the window is published whole
+or not at all, and buckets that a provider split over pages are merged, so a bucket is never split across
+messages.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+
+from worker.collect.client import ProviderClient
+from worker.collect.errors import ProviderRejected
+from worker.collect.sources import Endpoint, bucket_bounds
+
+DAY = timedelta(days=1)
+MAX_PAGES = 10_000  # pages of one window; more means a cursor that never ends
+
+
+@dataclass(frozen=True)
+class Window:
+    start: datetime
+    end: datetime
+
+
+def day_start(moment: datetime) -> datetime:
+    return datetime.combine(moment.astimezone(UTC).date(), time(), tzinfo=UTC)
+
+
+def window_for(
+    now: datetime,
+    *,
+    collected_through: datetime | None,
+    trailing_days: int,
+    backfill_start: date | None,
+    backfill_days: int,
+) -> Window:
+    """The window of the next poll (see the module docstring)."""
+    today = day_start(now)
+    end = today + DAY  # the open bucket's end
+    if collected_through is None:
+        if backfill_start is not None:
+            start = datetime.combine(backfill_start, time(), tzinfo=UTC)
+        else:
+            start = today - timedelta(days=backfill_days)
+    else:
+        # The last poll's own open bucket was partial: read it again.
+        start = min(today - timedelta(days=trailing_days), day_start(collected_through - DAY))
+    return Window(start=min(start, today), end=end)
+
+
+@dataclass
+class Collected:
+    """Every bucket of one window of one endpoint, in the provider's order, pages merged."""
+
+    buckets: list[dict[str, Any]]
+    pages: int
+
+
+async def read_window(
+    client: ProviderClient,
+    endpoint: Endpoint,
+    window: Window,
+    *,
+    base_url: str,
+    account: str,
+    headers: dict[str, str],
+) -> Collected:
+    """All pages of ``window``, following the cursor to the end."""
+    merged: dict[str, dict[str, Any]] = {}
+    cursor: str | None = None
+    seen: set[str] = set()
+    pages = 0
+    while True:
+        params = endpoint.params(window.start, window.end, cursor)
+        page = await client.get_page(base_url, endpoint, account, headers, params)
+        pages += 1
+        for bucket in page["data"]:
+            if not isinstance(bucket, dict) or not isinstance(bucket.get("results"), list):
+                raise ProviderRejected(f"{endpoint.report} of account {account}: a bucket without results")
+            key = json.dumps(bucket_bounds(endpoint.provider, bucket), default=str)
+            if key in merged:  # the provider continued a bucket on the next page
+                merged[key]["results"].extend(bucket["results"])
+            else:
+                merged[key] = {**bucket, "results": list(bucket["results"])}
+        if not page.get("has_more"):
+            break
+        cursor = page.get("next_page")
+        if not isinstance(cursor, str) or not cursor or cursor in seen or pages >= MAX_PAGES:
+            raise ProviderRejected(f"{endpoint.report} of account {account}: has_more without a usable next_page")
+        seen.add(cursor)
+    return Collected(buckets=list(merged.values()), pages=pages)
