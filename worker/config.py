@@ -6,9 +6,9 @@ problem at once (``cost-worker check-config`` prints them); secrets never leave 
 
 from __future__ import annotations
 
-import os
 import base64
 import ipaddress
+import os
 import ssl
 from datetime import date
 from pathlib import Path
