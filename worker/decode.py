@@ -285,7 +285,9 @@ def decode_provider_message(
             try:
                 bucket: BaseModel = model.model_validate(raw)
                 message.lines.extend(
-                    lines_for(envelope.provider, envelope.api_version, envelope.ai_organization_id, bucket)
+                    lines_for(
+                        envelope.provider, envelope.api_version, envelope.ai_organization_id, bucket, envelope.endpoint
+                    )
                 )
             except ValidationError as exc:
                 reason, detail = reason_for(exc)

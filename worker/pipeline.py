@@ -450,7 +450,13 @@ class Pipeline:
         keys = price_keys(lines)
         book = PriceBook(
             Price(
-                r["provider"], r["model"], r["token_type"], r["price_per_million"], r["currency"], r["effective_from"]
+                r["provider"],
+                r["model"],
+                r["token_type"],
+                r["price_per_million"],
+                r["currency"],
+                r["effective_from"],
+                r["id"],
             )
             for r in (await tx.lookup_prices(keys) if keys else [])
         )

@@ -94,7 +94,7 @@ WHERE (ai_provider, ai_organization_id) IN (SELECT * FROM unnest($1::text[], $2:
 
 -- name: lookup_prices
 -- Every price version of the given (provider, model) pairs.
-SELECT provider, model, token_type, price_per_million, currency, effective_from
+SELECT id, provider, model, token_type, price_per_million, currency, effective_from
 FROM model_prices
 WHERE (provider, model) IN (SELECT * FROM unnest($1::text[], $2::text[]));
 
