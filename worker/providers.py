@@ -27,7 +27,7 @@ Anthropic's token fields are already disjoint; ``cache_creation.ephemeral_1h_inp
 
 The price key is ``(provider, model, token type)``, where the token type carries every non-default price
 dimension as ``/name=value`` in the order of ``PRICE_DIMENSIONS``: ``output_tokens``,
-``uncached_input_tokens/service_tier=batch/context_window=200k-1M``. (OpenAI's ``batch`` is the tier
+``uncached_input_tokens/service_tier=batch/context_window=200k-1M``, ``images/size=1024x1024/source=image.edit``. (OpenAI's ``batch`` is the tier
 ``batch``.) ``LedgerLine.price_unit`` and ``price_dimensions`` say the same to the catalogue.
 """
 
@@ -83,13 +83,15 @@ ENDPOINT_OBJECTS: dict[str, str] = {
 OBJECT_ENDPOINTS = {obj: endpoint for endpoint, obj in ENDPOINT_OBJECTS.items()}
 
 # --- price dimensions -------------------------------------------------------------------------------------
-PRICE_DIMENSIONS = ("service_tier", "context_window", "speed", "inference_geo")
+PRICE_DIMENSIONS = ("service_tier", "context_window", "speed", "inference_geo", "size", "source")
 # Values that price like the dimension's absence.
 DEFAULT_DIMENSION_VALUES: dict[str, frozenset[str]] = {
     "service_tier": frozenset({"default", "standard", "auto"}),
     "context_window": frozenset({"0-200k"}),
     "speed": frozenset({"standard"}),
     "inference_geo": frozenset({"global", "not_available"}),
+    "size": frozenset(),  # images: each size and source has its own price
+    "source": frozenset(),
 }
 
 # Completions token categories: (line token type, genai-prices usage key). Their quantities partition
@@ -233,7 +235,7 @@ def lines_for(
                 project=counted.project_id,
                 model=_openai_model(name, counted),
                 suffixes=(*_openai_suffixes(name, counted), tier),
-                dimensions=_dimensions(service_tier=tier),
+                dimensions=_dimensions(service_tier=tier, size=counted.size, source=counted.source),
                 counts=openai_counts(name, counted),
                 metadata=_present(
                     user_id=counted.user_id,
