@@ -19,6 +19,7 @@ import pytest
 
 from tests.factories import add_price, make_org
 from tests.feeding import Feeder
+from worker.providers import ENDPOINT_OBJECTS
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "providers"
 FILES = sorted(FIXTURES.glob("*.json"))
@@ -35,13 +36,12 @@ def _load(path: Path) -> dict[str, Any]:
 
 
 def test_every_usage_endpoint_has_a_fixture_and_every_fixture_names_its_documentation() -> None:
-    from worker.providers import ENDPOINT_OBJECTS
-
     names = {path.name for path in FILES}
     assert {f"openai-usage-{endpoint}.json" for endpoint in ENDPOINT_OBJECTS} <= names
     for path in FILES:
         documentation = _load(path)["documentation"]
-        assert documentation and all(isinstance(page, str) and page for page in documentation), path.name
+        assert documentation, path.name
+        assert all(isinstance(page, str) for page in documentation), path.name
 
 
 @pytest.mark.parametrize("path", FILES, ids=[path.stem for path in FILES])

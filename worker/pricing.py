@@ -40,8 +40,8 @@ CATALOGUE_VERSION = version("genai-prices")
 CATALOGUE_SOURCE = f"{CATALOGUE} {CATALOGUE_VERSION}"
 OVERRIDE_SOURCE = "override:"  # + model_prices.id
 PER_MILLION = 1_000_000  # model_prices holds prices per million units
-LONG_CONTEXT = "200k-1M"
-PER_REQUEST = "requests_kcount"  # a per-request fee: no usage line is a request count, so it never applies  # Anthropic's context_window value billed at long-context rates
+LONG_CONTEXT = "200k-1M"  # Anthropic's context_window value billed at long-context rates
+PER_REQUEST = "requests_kcount"  # a per-request fee: no usage line is a request count, so it never applies
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +166,7 @@ def catalogue_quote(
     priced = {
         key: value
         for key, value in prices.__dict__.items()
-        if not key.startswith("_") and value is not None and key in registry._all_price_keys  # noqa: SLF001
+        if not key.startswith("_") and value is not None and key in registry._all_price_keys
     }
     if priced and not any(registry.unit_for_price_key(key).usage_key in relevant for key in priced):
         return None  # the model is priced, but not for this unit

@@ -27,8 +27,9 @@ Anthropic's token fields are already disjoint; ``cache_creation.ephemeral_1h_inp
 
 The price key is ``(provider, model, token type)``, where the token type carries every non-default price
 dimension as ``/name=value`` in the order of ``PRICE_DIMENSIONS``: ``output_tokens``,
-``uncached_input_tokens/service_tier=batch/context_window=200k-1M``, ``images/size=1024x1024/source=image.edit``. (OpenAI's ``batch`` is the tier
-``batch``.) ``LedgerLine.price_unit`` and ``price_dimensions`` say the same to the catalogue.
+``uncached_input_tokens/service_tier=batch/context_window=200k-1M``, ``images/size=1024x1024/source=image.edit``.
+(OpenAI's ``batch`` is the tier ``batch``.) ``LedgerLine.price_unit`` and ``price_dimensions`` tell the
+catalogue the same.
 """
 
 from __future__ import annotations
@@ -373,65 +374,76 @@ def openai_counts(endpoint: str, result: OpenAIUsageResult) -> list[Count]:
 
 
 def completion_tokens(result: OpenAIUsageResult) -> dict[str, int]:
-    """Completions tokens by category (``COMPLETION_TOKEN_TYPES``), adding up to input + output exactly."""
+    """Completions tokens by category (``COMPLETION_TOKEN_TYPES``), adding up to input + output exactly.
+
+    Reported fields keep their values. What the result leaves out is inferred from the schema's sums: the
+    uncached group (else the cached group, else the cache writes) takes what input_tokens has beyond the
+    rest, and within a group the first unreported part (text first) takes what its total has beyond the
+    reported parts; other unreported parts are zero. Sums that cannot hold are ``inconsistent_data``.
+    """
+    uncached_parts = (result.input_text_tokens, result.input_audio_tokens, result.input_image_tokens)
     cached_parts = (result.input_cached_text_tokens, result.input_cached_audio_tokens, result.input_cached_image_tokens)
-    cached_total = result.input_cached_tokens
-    if cached_total is None and any(part is not None for part in cached_parts):
-        cached_total = sum(part or 0 for part in cached_parts)
-    uncached, cached, write = _split(
-        "input_tokens",
-        result.input_tokens,
-        ("input_uncached_tokens", "input_cached_tokens", "input_cache_write_tokens"),
-        (result.input_uncached_tokens, cached_total, result.input_cache_write_tokens),
-    )
-    text, audio, image = _split(
-        "input_uncached_tokens",
-        uncached,
-        ("input_text_tokens", "input_audio_tokens", "input_image_tokens"),
-        (result.input_text_tokens, result.input_audio_tokens, result.input_image_tokens),
-    )
-    cached_text, cached_audio, cached_image = _split(
-        "input_cached_tokens",
-        cached,
-        ("input_cached_text_tokens", "input_cached_audio_tokens", "input_cached_image_tokens"),
-        cached_parts,
-    )
-    out_text, out_audio, out_image = _split(
+    # input = uncached + cached + cache write; a group's total is known if reported or if all its parts are
+    slots = [
+        _total(result.input_uncached_tokens, uncached_parts),
+        _total(result.input_cached_tokens, cached_parts),
+        result.input_cache_write_tokens,
+    ]
+    floors = [_known(uncached_parts), _known(cached_parts), 0]
+    missing = [index for index, value in enumerate(slots) if value is None]
+    for index in missing[1:] if result.input_tokens is not None else missing:
+        slots[index] = floors[index]
+    known = [value for value in slots if value is not None]
+    if result.input_tokens is not None and missing:
+        if sum(known) > result.input_tokens:
+            raise _inconsistent(
+                f"input_cached_tokens + input_cache_write_tokens + input_uncached_tokens (as reported or summed "
+                f"from their parts) exceed input_tokens ({sum(known)} > {result.input_tokens})"
+            )
+        slots[missing[0]] = result.input_tokens - sum(known)
+    elif result.input_tokens is not None and sum(known) != result.input_tokens:
+        raise _inconsistent(
+            f"input_uncached_tokens + input_cached_tokens + input_cache_write_tokens = {sum(known)}, "
+            f"but input_tokens = {result.input_tokens}"
+        )
+    uncached_total, cached_total, write = slots
+    assert write is not None
+    uncached = _group("input_uncached_tokens", uncached_total, uncached_parts)
+    cached = _group("input_cached_tokens", cached_total, cached_parts)
+    output = _group(
         "output_tokens",
         result.output_tokens,
-        ("output_text_tokens", "output_audio_tokens", "output_image_tokens"),
         (result.output_text_tokens, result.output_audio_tokens, result.output_image_tokens),
     )
-    return {
-        "input_text_tokens": text,
-        "input_audio_tokens": audio,
-        "input_image_tokens": image,
-        "input_cached_text_tokens": cached_text,
-        "input_cached_audio_tokens": cached_audio,
-        "input_cached_image_tokens": cached_image,
-        "input_cache_write_tokens": write,
-        "output_text_tokens": out_text,
-        "output_audio_tokens": out_audio,
-        "output_image_tokens": out_image,
-    }
+    return dict(zip([name for name, _ in COMPLETION_TOKEN_TYPES], (*uncached, *cached, write, *output), strict=True))
 
 
-def _split(
-    total_name: str, total: int | None, names: tuple[str, ...], parts: tuple[int | None, ...]
-) -> tuple[int, ...]:
-    """A total and its parts; the first part, when not reported, is the remainder (a missing total is the sum,
-    other missing parts are zero)."""
-    rest = sum(part or 0 for part in parts[1:])
-    first = parts[0]
+def _total(total: int | None, parts: tuple[int | None, ...]) -> int | None:
+    if total is not None:
+        return total
+    return None if any(part is None for part in parts) else sum(part for part in parts if part is not None)
+
+
+def _known(parts: tuple[int | None, ...]) -> int:
+    return sum(part for part in parts if part is not None)
+
+
+def _group(name: str, total: int | None, parts: tuple[int | None, ...]) -> tuple[int, ...]:
+    """A group's parts given its total: the first unreported part is the remainder, other unreported ones zero;
+    with no total, the reported parts are all there is."""
+    known = sum(part for part in parts if part is not None)
     if total is None:
-        return (first or 0, *(part or 0 for part in parts[1:]))
-    if first is None:
-        first = total - rest
-        if first < 0:
-            raise _inconsistent(f"{' + '.join(names[1:])} exceed {total_name} ({rest} > {total})")
-    elif first + rest != total:
-        raise _inconsistent(f"{' + '.join(names)} = {first + rest}, but {total_name} = {total}")
-    return (first, *(part or 0 for part in parts[1:]))
+        return tuple(part or 0 for part in parts)
+    missing = [index for index, part in enumerate(parts) if part is None]
+    if not missing:
+        if known != total:
+            raise _inconsistent(f"the parts of {name} add up to {known}, but {name} = {total}")
+        return tuple(part or 0 for part in parts)
+    if known > total:
+        raise _inconsistent(f"the reported parts of {name} exceed it ({known} > {total})")
+    resolved = [part or 0 for part in parts]
+    resolved[missing[0]] = total - known
+    return tuple(resolved)
 
 
 def anthropic_counts(usage: AnthropicUsageResult) -> list[Count]:
