@@ -230,3 +230,10 @@ def test_aggregates_are_documented_fields() -> None:
     assert set(_AGGREGATES) <= set(OpenAIUsageResult.model_fields)
     assert set(CATEGORIES) <= set(OpenAIUsageResult.model_fields)
     assert Decimal(0) == 0
+
+
+def test_fields_the_worker_does_not_know_are_ignored_never_priced_twice() -> None:
+    """A newer breakdown (``input_video_tokens``, say) is part of input_tokens already: no line of its own."""
+    found = lines([{"input_tokens": 10, "input_video_tokens": 4, "output_tokens": 2, "model": "gpt-4o"}])
+    assert sum(line.quantity or 0 for line in found) == 12
+    assert not any("video" in line.line_item for line in found)
