@@ -34,7 +34,7 @@ LEDGER_LINES = Counter(
 )
 UNPRICED_LINES = Counter(
     "cost_worker_unpriced_usage_lines_total",
-    "Usage ledger lines stored without an amount because model_prices had no price for them.",
+    "Usage ledger lines stored without an amount: neither an override (model_prices) nor the catalogue priced them.",
     ["provider"],
 )
 BATCH_SIZE = Histogram("cost_worker_batch_size_messages", "Messages per batch.", buckets=BATCH_SIZE_BUCKETS)
