@@ -212,6 +212,7 @@ class PriceBook:
                 line.amount = Decimal(0)
                 return True
             line.amount = None
+            line.metadata["unpriced"] = {"model": line.price_model, "token_type": line.price_token_type}
             return False
         line.amount = found.amount(line.quantity)
         line.currency = found.currency

@@ -117,6 +117,22 @@ ANTHROPIC_TOKEN_UNITS = {
     "output_tokens": "output_tokens",
     "web_search_requests": "web_searches",
 }
+# Every token type (or other unit's name) of each provider -> the genai-prices usage key it is priced by (None:
+# the catalogue has no price for it; an override can give one).
+TOKEN_TYPE_UNITS: dict[str, dict[str, str | None]] = {
+    "openai": {
+        **dict(COMPLETION_TOKEN_TYPES),
+        "input_tokens": "input_tokens",
+        "images": None,
+        "characters": "input_characters",
+        "seconds": "audio_seconds",
+        "usage_bytes": None,
+        "sessions": None,
+        "calls": "storage_searches",
+        "web_search_calls": "web_searches",
+    },
+    "anthropic": dict(ANTHROPIC_TOKEN_UNITS),
+}
 
 
 @dataclass(slots=True)

@@ -539,3 +539,37 @@ ORDER BY a.raised_at, a.scope, a.threshold;
 -- Organizations with active budgets, or just the one asked for.
 SELECT id FROM organizations WHERE $1::uuid IS NULL OR id = $1
 ORDER BY id;
+
+-- ============================================================================================ prices (issue 13)
+
+-- name: report_price_overrides
+-- The operator's price overrides (model_prices), optionally of one provider and/or model.
+SELECT id, provider, model, token_type, price_per_million, currency, effective_from, note
+FROM model_prices
+WHERE ($1::text IS NULL OR provider = $1) AND ($2::text IS NULL OR model = $2)
+ORDER BY provider, model, token_type, effective_from;
+
+-- name: report_unpriced_models
+-- Usage lines stored without a price (visible in the current tenant scope), by the price key they lacked.
+SELECT provider, metadata->'unpriced'->>'model' AS model, metadata->'unpriced'->>'token_type' AS token_type,
+       unit, count(*) AS lines, sum(quantity) AS quantity,
+       min(bucket_start_time) AS first_seen, max(bucket_end_time) AS last_seen
+FROM cost_data
+WHERE amount IS NULL AND api_version = 'usage_v1' AND metadata ? 'unpriced'
+  AND ($1::timestamptz IS NULL OR bucket_start_time >= $1)
+GROUP BY 1, 2, 3, 4
+ORDER BY 1, 2, 3, 4;
+
+-- name: prices_existing
+-- Overrides already stored under the given keys (provider, model, token_type, effective_from).
+SELECT provider, model, token_type, effective_from, price_per_million, currency
+FROM model_prices
+WHERE (provider, model, token_type, effective_from)
+      IN (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[]));
+
+-- name: prices_import
+-- New overrides; a key already stored is skipped (the caller has checked that it holds the same price).
+INSERT INTO model_prices (provider, model, token_type, price_per_million, currency, effective_from, note)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::numeric[], $5::text[], $6::timestamptz[], $7::text[])
+ON CONFLICT ON CONSTRAINT model_prices_key DO NOTHING
+RETURNING id;
