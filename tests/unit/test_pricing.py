@@ -56,12 +56,12 @@ def _documented(truth: dict[str, int]) -> dict[str, int]:
 
 
 counts = st.integers(min_value=0, max_value=10**12)
-truths = st.fixed_dictionaries({name: counts for name in CATEGORIES})
+truths = st.fixed_dictionaries(dict.fromkeys(CATEGORIES, counts))
 prices = st.decimals(min_value=0, max_value=1000, places=6, allow_nan=False, allow_infinity=False)
 
 
 @settings(max_examples=200, deadline=None)
-@given(truth=truths, table=st.fixed_dictionaries({name: prices for name in CATEGORIES}))
+@given(truth=truths, table=st.fixed_dictionaries(dict.fromkeys(CATEGORIES, prices)))
 def test_override_prices_amount_to_the_plain_sum(truth: dict[str, int], table: dict[str, Decimal]) -> None:
     book = PriceBook(
         [
