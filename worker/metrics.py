@@ -29,7 +29,8 @@ QUARANTINED = Counter(
 )
 LEDGER_LINES = Counter(
     "cost_worker_ledger_lines_total",
-    "Ledger lines written to cost_data, by api_version and outcome (inserted, updated, unchanged, stale_revision).",
+    "Ledger lines written to cost_data, by api_version and outcome (inserted, updated, unchanged, stale_revision, "
+    "superseded: a stored line a newer snapshot of its window no longer has).",
     ["api_version", "outcome"],
 )
 UNPRICED_LINES = Counter(
@@ -105,4 +106,10 @@ FOREIGN_CURRENCY_ROWS = Counter(
     "cost_worker_budget_foreign_currency_rows_total",
     "Ledger rows in a period left out of a budget's spend because their currency differs from the budget's.",
     ["budget_currency", "row_currency"],
+)
+
+# --- spend rules (issue 11)
+UNKNOWN_MODEL_EVENTS = Counter(
+    "cost_worker_unknown_model_events_total",
+    "API-usage events whose model has no provider in the price catalogue (their estimate is never replaced).",
 )

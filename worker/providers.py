@@ -66,7 +66,7 @@ OPENAI_COSTS = "openai.costs"
 OPENAI_USAGE = "openai.usage."  # + the endpoint
 ANTHROPIC_COSTS = "anthropic.cost_report"
 ANTHROPIC_USAGE = "anthropic.usage_report.messages"
-DEFAULT_ENDPOINT = "completions"  # a usage bucket with no results and no envelope endpoint
+OPENAI_DEFAULT_USAGE_ENDPOINT = "completions"  # a usage bucket with no results and no envelope endpoint
 
 # Usage API endpoint -> the ``object`` of its results (openapi.json, components.schemas.Usage*Result).
 ENDPOINT_OBJECTS: dict[str, str] = {
@@ -153,7 +153,8 @@ class LedgerLine:
     price_model: str | None = None  # usage only: what model_prices is looked up by
     price_token_type: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
-    report: str = ""  # see the module docstring
+    report: str = ""  # the provider endpoint this line is a snapshot of (``report_of``)
+    outside_cost_report: bool = False  # usage the provider's cost report omits: never replaced by cost rows
     price_unit: str | None = None  # the genai-prices usage key the catalogue prices the line by
     price_dimensions: tuple[tuple[str, str], ...] = ()  # non-default price dimensions, PRICE_DIMENSIONS order
 
@@ -168,14 +169,40 @@ class Count:
     price_unit: str | None
 
 
+# Anthropic documents that its cost report (GET /v1/organizations/cost_report) leaves Priority Tier costs out
+# (they are billed differently); Priority Tier usage is tracked through the usage report instead. Source: the
+# "Usage and Cost API" guide, https://platform.claude.com/docs/en/manage-claude/usage-cost-api (formerly
+# https://docs.anthropic.com/en/api/usage-cost-api). So usage of that tier counts even where the cost report covers
+# its hours, and it counts once: the cost report never holds it.
+ANTHROPIC_TIERS_OUTSIDE_COST_REPORT = frozenset({"priority"})
+
+
+def report_of(provider: str, api_version: str, endpoint: str | None = None) -> str:
+    """The report a bucket of this provider and API version (and OpenAI usage endpoint) is a snapshot of."""
+    if provider == "openai":
+        if api_version == "costs_v1":
+            return OPENAI_COSTS
+        return OPENAI_USAGE + (endpoint or OPENAI_DEFAULT_USAGE_ENDPOINT)
+    return ANTHROPIC_COSTS if api_version == "costs_v1" else ANTHROPIC_USAGE
+
+
+def window_of(bucket: BaseModel) -> tuple[datetime, datetime]:
+    """The window of a validated bucket (any of the four formats)."""
+    if isinstance(bucket, OpenAICostBucket | OpenAIUsageBucket):
+        return bucket.start_time, bucket.end_time
+    if isinstance(bucket, AnthropicCostBucket | AnthropicUsageBucket):
+        return bucket.starting_at, bucket.ending_at
+    raise TypeError(f"no window for {type(bucket).__name__}")  # pragma: no cover - models change together
+
+
+def bucket_reports(provider: str, api_version: str, lines: list[LedgerLine], endpoint: str | None) -> list[str]:
+    """The reports a bucket is a snapshot of: those of its lines, or (no lines) the envelope's endpoint's."""
+    found = sorted({line.report for line in lines})
+    return found or [report_of(provider, api_version, endpoint)]
+
+
 def _inconsistent(message: str) -> PydanticCustomError:
     return PydanticCustomError(Reason.INCONSISTENT_DATA.value, message)
-
-
-def report_for(provider: str, api_version: str, endpoint: str | None = None) -> str:
-    if provider == "openai":
-        return OPENAI_COSTS if api_version == "costs_v1" else OPENAI_USAGE + (endpoint or DEFAULT_ENDPOINT)
-    return ANTHROPIC_COSTS if api_version == "costs_v1" else ANTHROPIC_USAGE
 
 
 def lines_for(
@@ -254,6 +281,7 @@ def lines_for(
                 suffixes=(*_openai_suffixes(name, counted), tier),
                 dimensions=_dimensions(service_tier=tier, size=counted.size, source=counted.source),
                 counts=openai_counts(name, counted),
+                outside_cost_report=False,
                 metadata=_present(
                     user_id=counted.user_id,
                     api_key_id=counted.api_key_id,
@@ -285,6 +313,7 @@ def lines_for(
                     inference_geo=tally.inference_geo,
                 ),
                 counts=anthropic_counts(tally),
+                outside_cost_report=(tally.service_tier or "").lower() in ANTHROPIC_TIERS_OUTSIDE_COST_REPORT,
                 metadata=_present(
                     api_key_id=tally.api_key_id,
                     service_tier=tally.service_tier,
@@ -301,7 +330,7 @@ def lines_for(
 
 def _endpoint_of(result: OpenAIUsageResult, envelope_endpoint: str | None) -> str:
     if result.object is None:
-        return envelope_endpoint or DEFAULT_ENDPOINT
+        return envelope_endpoint or OPENAI_DEFAULT_USAGE_ENDPOINT
     name = OBJECT_ENDPOINTS.get(result.object)
     if name is None:
         raise PydanticCustomError(
@@ -342,6 +371,7 @@ def _usage_lines(
     dimensions: tuple[tuple[str, str], ...],
     counts: list[Count],
     metadata: dict[str, Any],
+    outside_cost_report: bool,
 ) -> Iterator[LedgerLine]:
     qualifier = "".join(f"/{name}={value}" for name, value in dimensions)
     for count in counts:
@@ -363,6 +393,7 @@ def _usage_lines(
             report=report,
             price_unit=count.price_unit,
             price_dimensions=dimensions,
+            outside_cost_report=outside_cost_report,
         )
 
 
