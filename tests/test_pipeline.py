@@ -369,3 +369,39 @@ async def test_order_of_deliveries_does_not_matter(
     for i in order:
         await feeder.buckets(revisions[i])
     assert sorted(r["amount"] for r in await db.fetch("SELECT amount FROM cost_data")) == [Decimal(3), Decimal(3)]
+
+
+async def test_events_without_cost_are_estimated_from_the_catalogue(db: asyncpg.Connection, feeder: Feeder) -> None:
+    """The rollups say how much of the estimate the platform priced and how much the catalogue did."""
+    org = await make_org(db)
+    project = org.projects["proj_a"]
+    priced = api_event(org, project=project, cost="0.5", model="gpt-4o", prompt=1000, completion=100)
+    unpriced = api_event(org, project=project, model="gpt-4o", prompt=1000, completion=100)
+    del unpriced["token_usage"]["cost_usd"]
+    unknown = api_event(org, project=project, model="acme-private-llm", prompt=1000, completion=100)
+    del unknown["token_usage"]["cost_usd"]
+    outcome = await feeder.events(priced, unpriced, unknown)
+    assert outcome.catalogue_estimates == 1
+    stored = {
+        r["event_id"]: (r["cost_usd"], r["catalogue_cost_usd"], r["price_source"])
+        for r in await db.fetch("SELECT event_id, cost_usd, catalogue_cost_usd, price_source FROM api_usage")
+    }
+    assert stored[priced["event_id"]] == (Decimal("0.5"), None, None)
+    # 1,000 prompt tokens at 2.50 and 100 completion tokens at 10 per million
+    assert stored[unpriced["event_id"]][:2] == (None, Decimal("0.0035"))
+    assert stored[unpriced["event_id"]][2].startswith("genai-prices ")
+    assert stored[unknown["event_id"]] == (None, None, None)  # the catalogue cannot price it: no estimate
+    metrics = await db.fetchrow(
+        "SELECT sum(estimated_cost_usd) AS total, sum(platform_cost_usd) AS platform, "
+        "sum(catalogue_cost_usd) AS catalogue FROM project_metrics WHERE project_id = $1",
+        project,
+    )
+    assert (metrics["total"], metrics["platform"], metrics["catalogue"]) == (
+        Decimal("0.5035"),
+        Decimal("0.5"),
+        Decimal("0.0035"),
+    )
+    again = await feeder.events(unpriced)  # a replay adds nothing
+    assert again.catalogue_estimates == 1
+    total = await db.fetchval("SELECT sum(estimated_cost_usd) FROM project_metrics WHERE project_id = $1", project)
+    assert total == Decimal("0.5035")

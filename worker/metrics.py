@@ -113,3 +113,9 @@ UNKNOWN_MODEL_EVENTS = Counter(
     "cost_worker_unknown_model_events_total",
     "API-usage events whose model has no provider in the price catalogue (their estimate is never replaced).",
 )
+
+# --- prices (issue 13)
+CATALOGUE_ESTIMATES = Counter(
+    "cost_worker_catalogue_estimated_events_total",
+    "API-usage events without cost_usd whose cost the price catalogue estimated (per delivery).",
+)

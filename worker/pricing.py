@@ -226,3 +226,35 @@ class PriceBook:
 def price_keys(lines: Iterable[LedgerLine]) -> set[tuple[str, str]]:
     """(provider, model) pairs a set of usage lines needs prices for."""
     return {(line.provider, line.price_model) for line in lines if line.price_model is not None}
+
+
+# ============================================================================================ API-usage estimates
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    amount: Decimal
+    source: str
+
+
+def estimate_request(
+    provider: str | None, model: str | None, prompt_tokens: int | None, completion_tokens: int | None, at: datetime
+) -> Estimate | None:
+    """The catalogue's price of one API request the platform did not price (no ``cost_usd``): its prompt tokens
+    at the model's input price, its completion tokens at the output price. The event does not say how many of
+    its prompt tokens were cached, so this is the uncached (upper) price. None when the catalogue cannot
+    price it (no model, no tokens, a model it does not know)."""
+    if provider is None or not model or (not prompt_tokens and not completion_tokens):
+        return None
+    total = Decimal(0)
+    source = None
+    for unit, count in (("input_tokens", prompt_tokens), ("output_tokens", completion_tokens)):
+        if not count:
+            continue
+        quote = catalogue_quote(provider, model, unit, (), at)
+        if quote is None:
+            return None
+        total += quote.amount(Decimal(count))
+        source = quote.source
+    assert source is not None
+    return Estimate(total, source)

@@ -258,23 +258,23 @@ WITH input AS (
     FROM unnest(
         $1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::text[], $6::text[], $7::smallint[], $8::int[],
         $9::timestamptz[], $10::bigint[], $11::bigint[], $12::bigint[], $13::text[], $14::numeric[],
-        $15::int[], $16::bigint[], $17::text[]
+        $15::int[], $16::bigint[], $17::text[], $18::numeric[], $19::text[]
     ) AS t(
         organization_id, event_id, project_id, user_id, endpoint, method, status_code, response_time_ms,
         occurred_at, prompt_tokens, completion_tokens, total_tokens, model, cost_usd,
-        source_partition, source_offset, provider
+        source_partition, source_offset, provider, catalogue_cost_usd, price_source
     )
 ),
 inserted AS (
     INSERT INTO api_usage (
         organization_id, event_id, project_id, user_id, endpoint, method, status_code, response_time_ms,
         occurred_at, prompt_tokens, completion_tokens, total_tokens, model, cost_usd,
-        source_partition, source_offset, provider
+        source_partition, source_offset, provider, catalogue_cost_usd, price_source
     )
     SELECT * FROM input
     ON CONFLICT (organization_id, event_id) DO NOTHING
     RETURNING organization_id, event_id, project_id, user_id, status_code, response_time_ms, occurred_at,
-              prompt_tokens, completion_tokens, total_tokens, cost_usd, provider
+              prompt_tokens, completion_tokens, total_tokens, cost_usd, provider, catalogue_cost_usd
 ),
 conflicts AS (
     SELECT i.organization_id, i.event_id
@@ -302,7 +302,10 @@ hourly AS (  -- per provider of the events' models (NULL: unknown), which decide
            coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
            coalesce(sum(completion_tokens), 0) AS completion_tokens,
            coalesce(sum(total_tokens), 0) AS total_tokens,
-           coalesce(sum(cost_usd), 0) AS cost,
+           -- the platform's cost_usd, else the catalogue's estimate (events carry one or the other, or none)
+           coalesce(sum(coalesce(cost_usd, catalogue_cost_usd)), 0) AS cost,
+           coalesce(sum(cost_usd), 0) AS platform_cost,
+           coalesce(sum(catalogue_cost_usd) FILTER (WHERE cost_usd IS NULL), 0) AS catalogue_cost,
            coalesce(sum(response_time_ms), 0) AS latency_sum,
            coalesce(max(response_time_ms), 0) AS latency_max
     FROM inserted
@@ -311,10 +314,11 @@ hourly AS (  -- per provider of the events' models (NULL: unknown), which decide
 project_rollup AS (
     INSERT INTO project_metrics AS m (
         organization_id, project_id, hour, provider, request_count, error_count, prompt_tokens, completion_tokens,
-        total_tokens, estimated_cost_usd, latency_sum_ms, latency_max_ms
+        total_tokens, estimated_cost_usd, latency_sum_ms, latency_max_ms, platform_cost_usd, catalogue_cost_usd
     )
     SELECT organization_id, project_id, hour, provider, sum(requests), sum(errors), sum(prompt_tokens),
-           sum(completion_tokens), sum(total_tokens), sum(cost), sum(latency_sum), max(latency_max)
+           sum(completion_tokens), sum(total_tokens), sum(cost), sum(latency_sum), max(latency_max),
+           sum(platform_cost), sum(catalogue_cost)
     FROM hourly
     GROUP BY organization_id, project_id, hour, provider
     ORDER BY organization_id, project_id, hour, provider
@@ -325,15 +329,19 @@ project_rollup AS (
         completion_tokens = m.completion_tokens + EXCLUDED.completion_tokens,
         total_tokens = m.total_tokens + EXCLUDED.total_tokens,
         estimated_cost_usd = m.estimated_cost_usd + EXCLUDED.estimated_cost_usd,
+        platform_cost_usd = m.platform_cost_usd + EXCLUDED.platform_cost_usd,
+        catalogue_cost_usd = m.catalogue_cost_usd + EXCLUDED.catalogue_cost_usd,
         latency_sum_ms = m.latency_sum_ms + EXCLUDED.latency_sum_ms,
         latency_max_ms = greatest(m.latency_max_ms, EXCLUDED.latency_max_ms),
         updated_at = now()
 ),
 user_rollup AS (
     INSERT INTO user_metrics AS m (
-        organization_id, user_id, project_id, hour, provider, request_count, total_tokens, estimated_cost_usd
+        organization_id, user_id, project_id, hour, provider, request_count, total_tokens, estimated_cost_usd,
+        platform_cost_usd, catalogue_cost_usd
     )
-    SELECT organization_id, user_id, project_id, hour, provider, requests, total_tokens, cost
+    SELECT organization_id, user_id, project_id, hour, provider, requests, total_tokens, cost, platform_cost,
+           catalogue_cost
     FROM hourly
     WHERE user_id IS NOT NULL
     ORDER BY user_id, hour, project_id, provider
@@ -341,6 +349,8 @@ user_rollup AS (
         request_count = m.request_count + EXCLUDED.request_count,
         total_tokens = m.total_tokens + EXCLUDED.total_tokens,
         estimated_cost_usd = m.estimated_cost_usd + EXCLUDED.estimated_cost_usd,
+        platform_cost_usd = m.platform_cost_usd + EXCLUDED.platform_cost_usd,
+        catalogue_cost_usd = m.catalogue_cost_usd + EXCLUDED.catalogue_cost_usd,
         updated_at = now()
 )
 SELECT 'conflict' AS kind, organization_id, event_id, NULL::uuid AS project_id, NULL::uuid AS user_id,
