@@ -382,7 +382,7 @@ def _iso(at: datetime) -> str:
 
 
 def _envelope(
-    provider: str, ai_org: str, version: str, collected: datetime, buckets: list[Any], endpoint: str | None = None
+    provider: str, ai_org: str, version: str, collected: datetime, buckets: list[Any], *, endpoint: str | None = None
 ) -> bytes:
     body: dict[str, Any] = {
         "provider": provider,
