@@ -396,6 +396,7 @@ async def test_events_without_cost_are_estimated_from_the_catalogue(db: asyncpg.
         "sum(catalogue_cost_usd) AS catalogue FROM project_metrics WHERE project_id = $1",
         project,
     )
+    assert metrics is not None
     assert (metrics["total"], metrics["platform"], metrics["catalogue"]) == (
         Decimal("0.5035"),
         Decimal("0.5"),

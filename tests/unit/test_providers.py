@@ -132,7 +132,10 @@ def test_non_token_units_keep_their_unit() -> None:
             {"object": ENDPOINT_OBJECTS["web_search_calls"], "num_requests": 3, "num_model_requests": 2},
         ]
     )
-    assert [(line.line_item, line.quantity, line.unit, line.price_token_type) for line in found] == [
+    got: list[tuple[str, Any, str | None, str | None]] = [
+        (line.line_item, line.quantity, line.unit, line.price_token_type) for line in found
+    ]
+    assert got == [
         ("unknown-model:images:1024x1024:image.edit", 2, "images", "images/size=1024x1024/source=image.edit"),
         ("tts-1:characters", 45, "characters", "characters"),
         ("whisper-1:seconds", 20, "seconds", "seconds"),
