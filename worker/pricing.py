@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal, localcontext
-from functools import cache
+from functools import cache, lru_cache
 from importlib.metadata import version
 
 from genai_prices import data_snapshot
@@ -41,6 +41,7 @@ CATALOGUE_SOURCE = f"{CATALOGUE} {CATALOGUE_VERSION}"
 OVERRIDE_SOURCE = "override:"  # + model_prices.id
 PER_MILLION = 1_000_000  # model_prices holds prices per million units
 LONG_CONTEXT = "200k-1M"  # Anthropic's context_window value billed at long-context rates
+QUOTE_CACHE = 65_536  # remembered catalogue quotes (provider, model, unit, dimensions, instant)
 PER_REQUEST = "requests_kcount"  # a per-request fee: no usage line is a request count, so it never applies
 
 
@@ -145,10 +146,12 @@ def _flatten(prices: ModelPrice, *, long_context: bool) -> ModelPrice:
     return ModelPrice(**flat)
 
 
+@lru_cache(maxsize=QUOTE_CACHE)
 def catalogue_quote(
     provider: str, model: str, unit: str, dimensions: tuple[tuple[str, str], ...], at: datetime
 ) -> Quote | None:
-    """The catalogue's price of one unit (a genai-prices usage key) of a model, or None."""
+    """The catalogue's price of one unit (a genai-prices usage key) of a model, or None. Remembered: a
+    catalogue lookup takes a few hundred microseconds, and the lines of one bucket share their instant."""
     found = catalogue_model(provider, model)
     if found is None:
         return None
