@@ -440,6 +440,7 @@ async def summary(settings: Settings) -> None:
             projects = await tx.report("report_project_spend", [DEMO_ORG])
             reasons = await tx.report("report_quarantine_reasons")
             alerts = await tx.report("report_alerts")
+            pricing = await tx.report("report_usage_pricing")
     finally:
         await db.close()
     print("\n== rows per table")
@@ -451,6 +452,8 @@ async def summary(settings: Settings) -> None:
             [(r["project"], r["provider_costs"], r["priced_usage"], r["estimate"], r["requests"]) for r in projects],
         )
     )
+    print("\n== usage lines by price source (`cost-worker prices unpriced` lists what has none)")
+    print(admin.table(["source", "lines", "amount"], [(r["source"], r["lines"], r["amount"]) for r in pricing]))
     print("\n== quarantined, by reason")
     print(admin.table(["reason", "messages"], [(r["reason"], r["messages"]) for r in reasons]) if reasons else "none")
     print("\n== budget alerts raised")

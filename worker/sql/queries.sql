@@ -658,3 +658,15 @@ INSERT INTO model_prices (provider, model, token_type, price_per_million, curren
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::numeric[], $5::text[], $6::timestamptz[], $7::text[])
 ON CONFLICT ON CONSTRAINT model_prices_key DO NOTHING
 RETURNING id;
+
+-- name: report_usage_pricing
+-- Usage lines by price source (visible in the current tenant scope): overrides, the catalogue, none.
+SELECT CASE WHEN amount IS NULL THEN 'unpriced'
+            WHEN metadata->>'price_source' LIKE 'override:%' THEN 'override'
+            WHEN metadata ? 'price_source' THEN 'catalogue'
+            ELSE 'zero quantity' END AS source,
+       count(*) AS lines, coalesce(sum(amount), 0) AS amount
+FROM cost_data
+WHERE api_version = 'usage_v1'
+GROUP BY 1
+ORDER BY 1;
