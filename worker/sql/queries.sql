@@ -635,12 +635,12 @@ WHERE ($1::text IS NULL OR provider = $1) AND ($2::text IS NULL OR model = $2)
 ORDER BY provider, model, token_type, effective_from;
 
 -- name: report_unpriced_models
--- Usage lines stored without a price (visible in the current tenant scope), by the price key they lacked.
+-- Current usage lines stored without a price (visible in the current tenant scope), by the price key they lacked.
 SELECT provider, metadata->'unpriced'->>'model' AS model, metadata->'unpriced'->>'token_type' AS token_type,
        unit, count(*) AS lines, sum(quantity) AS quantity,
        min(bucket_start_time) AS first_seen, max(bucket_end_time) AS last_seen
 FROM cost_data
-WHERE amount IS NULL AND api_version = 'usage_v1' AND metadata ? 'unpriced'
+WHERE amount IS NULL AND api_version = 'usage_v1' AND metadata ? 'unpriced' AND superseded_at IS NULL
   AND ($1::timestamptz IS NULL OR bucket_start_time >= $1)
 GROUP BY 1, 2, 3, 4
 ORDER BY 1, 2, 3, 4;
@@ -667,6 +667,6 @@ SELECT CASE WHEN amount IS NULL THEN 'unpriced'
             ELSE 'zero quantity' END AS source,
        count(*) AS lines, coalesce(sum(amount), 0) AS amount
 FROM cost_data
-WHERE api_version = 'usage_v1'
+WHERE api_version = 'usage_v1' AND superseded_at IS NULL
 GROUP BY 1
 ORDER BY 1;
