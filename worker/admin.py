@@ -166,7 +166,8 @@ async def budgets_status(settings: Settings, *, organization: str | None) -> int
                 await tx.set_tenants(set(organizations))
                 candidates = [Candidate.from_row(r) for r in await tx.budget_active(set(organizations), now)]
                 spends = await tx.budget_spend(candidates) if candidates else []
-            for candidate, (spend, _) in zip(candidates, spends, strict=True):
+                unpriced = await tx.budget_unpriced(candidates) if candidates else []
+            for candidate, (spend, _), missing in zip(candidates, spends, unpriced, strict=True):
                 zone = ZoneInfo(candidate.timezone)
                 percent = (spend * 100 / candidate.amount).quantize(Decimal("0.1"))
                 rows.append(
@@ -180,6 +181,7 @@ async def budgets_status(settings: Settings, *, organization: str | None) -> int
                         f"{percent}%",
                         ",".join(format(t.normalize(), "f") for t in sorted(candidate.alerted)) or "-",
                         ",".join(format(t.normalize(), "f") for t in candidate.thresholds),
+                        str(missing) if missing else "-",
                     )
                 )
     finally:
@@ -188,6 +190,12 @@ async def budgets_status(settings: Settings, *, organization: str | None) -> int
         print("no active budgets")
         return 0
     print(
-        table(["scope", "budget", "period", "current period", "spend / amount", "used", "alerted", "thresholds"], rows)
+        table(
+            [
+                *("scope", "budget", "period", "current period", "spend / amount"),
+                *("used", "alerted", "thresholds", "unpriced"),
+            ],
+            rows,
+        )
     )
     return 0
