@@ -4,20 +4,25 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+# Everything is installed from the lockfile: uv.lock, exported with hashes to requirements/*.txt (`make lock`).
+LOCKED := pyproject.toml requirements/dev.txt
+STAMP  := $(VENV)/.installed-$(shell cat $(LOCKED) | sha1sum | cut -c1-12)
 # The machine's own PostgreSQL (15 on the CI machine), when there is one: the migration and security
 # tests then run on it as well as on the embedded PostgreSQL 18.
 SYSTEM_PG_URL ?= $(shell pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null && echo postgresql://postgres@127.0.0.1:5432/postgres)
 
-BENCH_STAMP := $(VENV)/.bench-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+BENCH_STAMP := $(VENV)/.bench-$(shell cat pyproject.toml requirements/bench.txt | sha1sum | cut -c1-12)
 
-.PHONY: install dev test test-faults test-all lint typecheck pytest clean bench bench-profile
+.PHONY: install dev test test-faults test-all lint typecheck pytest clean bench bench-profile lock sbom
 
-$(STAMP): pyproject.toml
+# Exactly the locked versions, each checked against its hash; then the project itself, built by the locked
+# hatchling (no build isolation, so nothing unpinned is fetched).
+$(STAMP): $(LOCKED)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is required")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,deploy]'
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r requirements/dev.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -27,8 +32,8 @@ dev: install
 	$(BIN)/cost-worker dev
 
 # The benchmark of issue 7 (bench/README.md): BENCH_SCALE=tiny|full|<factor>, default full (~10 minutes).
-$(BENCH_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+$(BENCH_STAMP): $(STAMP) requirements/bench.txt
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r requirements/bench.txt
 	@rm -f $(VENV)/.bench-*
 	@touch $@
 
@@ -37,6 +42,23 @@ bench: $(BENCH_STAMP)
 
 bench-profile: $(BENCH_STAMP)
 	$(BIN)/python -m bench profile
+
+# After editing dependencies in pyproject.toml: re-resolve uv.lock (PyPI), export the hash-pinned requirements
+# the Makefile, CI and the Dockerfile install from, and regenerate the SBOM. Commit all of them.
+UV_EXPORT := $(BIN)/uv export --quiet --frozen --no-emit-project
+lock: install
+	$(BIN)/uv lock
+	$(UV_EXPORT) --no-default-groups -o requirements/runtime.txt
+	$(UV_EXPORT) --only-group build -o requirements/build.txt
+	$(UV_EXPORT) --no-default-groups --group build --extra dev --extra deploy -o requirements/dev.txt
+	$(UV_EXPORT) --no-default-groups --group build --extra dev --extra deploy --extra bench -o requirements/bench.txt
+	$(MAKE) sbom
+
+# The CycloneDX SBOM of what the image installs (requirements/runtime.txt), reproducible (no timestamp or
+# random serial number), committed next to the lock and copied into the image; a test keeps it in sync.
+sbom: install
+	$(BIN)/cyclonedx-py requirements requirements/runtime.txt --pyproject pyproject.toml --output-reproducible \
+		--of JSON -o requirements/sbom.cdx.json
 
 lint: install
 	$(BIN)/ruff check .

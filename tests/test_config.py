@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -188,3 +189,54 @@ def test_field_errors_and_cross_field_problems_are_reported_together(monkeypatch
     assert "COST_WORKER_BATCH_MAX_WAIT" in text
     assert "COST_WORKER_KAFKA_SASL_MECHANISM: required" in text
     assert "postgresql:// URL" in text
+
+
+# --- secrets as files (issue 16): what the Kubernetes manifests mount --------------------------------------
+
+
+def secret_files(directory: Path) -> Path:
+    """A Secret volume's shape: one file per variable, values ending in a newline, symlinked via ..data."""
+    data = directory / "..2026_12_01"
+    data.mkdir(parents=True)
+    (data / "COST_WORKER_DATABASE_URL").write_text("postgresql://app:filesecretpw@db:5432/x\n")
+    (data / "COST_WORKER_KAFKA_SASL_USERNAME").write_text("svc\n")
+    (data / "COST_WORKER_KAFKA_SASL_PASSWORD").write_text("saslfilepw\n")
+    (directory / "..data").symlink_to(data.name)
+    for name in ("COST_WORKER_DATABASE_URL", "COST_WORKER_KAFKA_SASL_USERNAME", "COST_WORKER_KAFKA_SASL_PASSWORD"):
+        (directory / name).symlink_to(f"..data/{name}")
+    return directory
+
+
+def test_settings_are_read_from_secret_files(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("COST_WORKER_SECRETS_DIR", str(secret_files(tmp_path / "secrets")))
+    monkeypatch.setenv("COST_WORKER_KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
+    monkeypatch.setenv("COST_WORKER_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
+    monkeypatch.setenv("COST_WORKER_KAFKA_BOOTSTRAP_SERVERS", "k:9092")
+    settings = load_settings()
+    assert settings.dsn() == "postgresql://app:filesecretpw@db:5432/x"
+    assert settings.kafka_sasl_username == "svc"
+    assert settings.kafka_options()["sasl_plain_password"] == "saslfilepw"
+    assert set(settings.secrets()) == {"filesecretpw", "saslfilepw"}  # redacted from logs like env secrets
+    # A variable set in the environment wins over the file.
+    monkeypatch.setenv("COST_WORKER_KAFKA_SASL_USERNAME", "from-env")
+    assert load_settings().kafka_sasl_username == "from-env"
+
+
+def test_a_missing_secrets_dir_is_a_config_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("COST_WORKER_SECRETS_DIR", str(tmp_path / "absent"))
+    with pytest.raises(ConfigError) as raised:
+        load_settings()
+    assert raised.value.problems == [f"COST_WORKER_SECRETS_DIR: no such directory: {tmp_path / 'absent'}"]
+
+
+def test_check_config_with_secret_files_shows_them_redacted(tmp_path: Path) -> None:
+    result = run_cli(
+        "check-config",
+        env={
+            "COST_WORKER_SECRETS_DIR": str(secret_files(tmp_path / "secrets")),
+            "COST_WORKER_KAFKA_BOOTSTRAP_SERVERS": "k:9092",
+        },
+    )
+    assert result.returncode == 0, result.stderr
+    assert "postgresql://app:***@db:5432/x" in result.stdout
+    assert "filesecretpw" not in result.stdout + result.stderr

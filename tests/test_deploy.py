@@ -37,6 +37,7 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
 from worker import metrics as worker_metrics
+from worker.config import Settings, env_name
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -49,8 +50,7 @@ RULES_FILE = "cost-worker.rules.yaml"  # the name the promtool unit tests load
 EXPECTED_CHECKOV_SKIPS = {
     ("kubernetes", "CKV_K8S_43", "Deployment.cost-worker"),
     ("kubernetes", "CKV_K8S_43", "Job.cost-worker-migrate"),
-    ("kubernetes", "CKV_K8S_35", "Deployment.cost-worker"),
-    ("kubernetes", "CKV_K8S_35", "Job.cost-worker-migrate"),
+    ("kubernetes", "CKV_K8S_43", "Deployment.cost-worker-notify"),
     ("dockerfile", "CKV_DOCKER_2", "Dockerfile"),
 }
 EXPECTED_ALERTS = {
@@ -62,6 +62,9 @@ EXPECTED_ALERTS = {
     "CostWorkerOutboxBacklogHigh",
     "CostWorkerOutboxOldestAgeHigh",
     "CostWorkerNotReady",
+    "CostWorkerNotifyDown",
+    "CostWorkerNotifyDeliveriesDelayed",
+    "CostWorkerNotifyDeliveriesFailed",
 }
 
 # --- tools ------------------------------------------------------------------------------------------------
@@ -266,7 +269,7 @@ def test_dockerfile_is_multi_stage_pinned_and_unprivileged(production: Rendered)
     assert "[deploy" not in builder, "no deploy extras in the image"
     # The image's user is the one the pods run as.
     uid = users[-1].split(":")[0]
-    pod = production.one("Deployment")["spec"]["template"]["spec"]
+    pod = production.one("Deployment", "cost-worker")["spec"]["template"]["spec"]
     assert str(pod["securityContext"]["runAsUser"]) == uid
 
 
@@ -310,7 +313,9 @@ def test_dockerignore_keeps_what_the_dockerfile_copies_and_drops_the_rest() -> N
 
 
 def config_env(output: Rendered) -> dict[str, str]:
-    data: dict[str, str] = output.one("ConfigMap")["data"]
+    """The worker's settings ConfigMap (its name carries a content hash)."""
+    (config,) = [d for d in output.all("ConfigMap") if d["metadata"]["name"].startswith("cost-worker-config-")]
+    data: dict[str, str] = config["data"]
     return data
 
 
@@ -354,7 +359,9 @@ def test_worker_pod_spec(rendered: dict[str, Rendered], kustomization: str) -> N
     assert security["readOnlyRootFilesystem"] is True
     assert security["capabilities"] == {"drop": ["ALL"]}
     assert pod["automountServiceAccountToken"] is False
-    assert {m["mountPath"] for m in container["volumeMounts"]} == {"/tmp"}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert set(mounts) == {"/tmp", config["COST_WORKER_SECRETS_DIR"], "/etc/cost-worker/ca"}
+    assert all(m.get("readOnly") for path, m in mounts.items() if path != "/tmp"), "secrets and CAs read-only"
 
     resources = container["resources"]
     assert set(resources["requests"]) >= {"cpu", "memory"}
@@ -364,38 +371,97 @@ def test_worker_pod_spec(rendered: dict[str, Rendered], kustomization: str) -> N
         assert selects(constraint["labelSelector"]["matchLabels"], pod_labels(deployment))
 
 
+SECRET_WORDS = re.compile(r"PASSWORD|DATABASE_URL|SECRET|TOKEN|KEY", re.IGNORECASE)
+
+
+def volume(doc: Doc, mount_path: str) -> Doc:
+    """The volume a workload's only container mounts at ``mount_path``."""
+    pod = doc["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    (name,) = [m["name"] for m in container["volumeMounts"] if m["mountPath"] == mount_path]
+    found: list[Doc] = [v for v in pod["volumes"] if v["name"] == name]
+    assert len(found) == 1, f"one volume {name}"
+    return found[0]
+
+
+def projected_items(doc: Doc, mount_path: str, kind: str) -> dict[str, tuple[str, str]]:
+    """File name -> (source object, key) of the projected volume mounted at ``mount_path``."""
+    files = {}
+    for source in volume(doc, mount_path)["projected"]["sources"]:
+        assert set(source) == {kind}, f"{mount_path}: only {kind} sources expected, got {set(source)}"
+        for item in source[kind]["items"]:
+            files[item["path"]] = (source[kind]["name"], item["key"])
+    return files
+
+
+def container_env(doc: Doc) -> dict[str, Doc]:
+    (container,) = doc["spec"]["template"]["spec"]["containers"]
+    return {env["name"]: env for env in container.get("env", [])}
+
+
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
-def test_secrets_only_by_reference_writer_for_worker_owner_for_migrations(
+def test_secrets_are_files_writer_for_worker_owner_for_migrations(
     rendered: dict[str, Rendered], kustomization: str
 ) -> None:
     output = rendered[kustomization]
-    secret_words = re.compile(r"PASSWORD|DATABASE_URL|SECRET|TOKEN|KEY", re.IGNORECASE)
-    assert not [key for key in config_env(output) if secret_words.search(key)], "secret-like key in the ConfigMap"
-
-    def secret_refs(doc: Doc) -> dict[str, tuple[str, str]]:
+    config = config_env(output)
+    assert not [key for key in config if SECRET_WORDS.search(key) and key != "COST_WORKER_SECRETS_DIR"], (
+        "secret-like key in the ConfigMap"
+    )
+    worker_doc = output.one("Deployment", "cost-worker")
+    job_doc = output.one("Job", "cost-worker-migrate")
+    for doc in (worker_doc, job_doc):
+        for env in container_env(doc).values():
+            assert "secretKeyRef" not in env.get("valueFrom", {}), f"{env['name']}: a secret in the environment"
         (container,) = doc["spec"]["template"]["spec"]["containers"]
-        refs = {}
-        for env in container.get("env", []):
-            if secret_words.search(env["name"]):
-                assert "value" not in env, f"{env['name']} has a literal value"
-                ref = env["valueFrom"]["secretKeyRef"]
-                refs[env["name"]] = (ref["name"], ref["key"])
-        return refs
-
-    worker = secret_refs(output.one("Deployment", "cost-worker"))
-    migrate = secret_refs(output.one("Job", "cost-worker-migrate"))
-    assert set(worker) == {"COST_WORKER_DATABASE_URL", "COST_WORKER_KAFKA_SASL_PASSWORD"}
+        assert all("secretRef" not in source for source in container.get("envFrom", []))
+    secrets_dir = config["COST_WORKER_SECRETS_DIR"]
+    assert container_env(job_doc)["COST_WORKER_SECRETS_DIR"]["value"] == secrets_dir
+    worker = projected_items(worker_doc, secrets_dir, "secret")
+    migrate = projected_items(job_doc, secrets_dir, "secret")
+    # Each file is named like the setting it holds, so pydantic-settings' secrets_dir reads it.
+    assert set(worker) == {
+        "COST_WORKER_DATABASE_URL",
+        "COST_WORKER_KAFKA_SASL_USERNAME",
+        "COST_WORKER_KAFKA_SASL_PASSWORD",
+    }
     assert set(migrate) == {"COST_WORKER_DATABASE_URL"}
+    settings = {env_name(field) for field in Settings.model_fields}
+    assert set(worker) <= settings
     assert worker["COST_WORKER_DATABASE_URL"] != migrate["COST_WORKER_DATABASE_URL"], "owner != writer"
     assert "owner" in migrate["COST_WORKER_DATABASE_URL"][0]
     assert "writer" in worker["COST_WORKER_DATABASE_URL"][0]
-    (job_container,) = output.one("Job", "cost-worker-migrate")["spec"]["template"]["spec"]["containers"]
+    (job_container,) = job_doc["spec"]["template"]["spec"]["containers"]
     assert job_container["args"] == ["migrate"]
     # Every referenced Secret is documented with its keys.
     readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
-    for name, key in [*worker.values(), *migrate.values(), ("cost-worker-kafka", "username")]:
+    for name, key in [*worker.values(), *migrate.values()]:
         assert f"`{name}`" in readme, f"Secret {name} is not documented in deploy/README.md"
         assert f"`{key}`" in readme, f"key {key} of Secret {name} is not documented in deploy/README.md"
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_ca_bundles_are_mounted_where_the_settings_look(rendered: dict[str, Rendered], kustomization: str) -> None:
+    """sslmode=verify-full as documented needs the PostgreSQL CA (PGSSLROOTCERT); SSL to Kafka needs its CA."""
+    output = rendered[kustomization]
+    config = config_env(output)
+    worker_doc = output.one("Deployment", "cost-worker")
+    job_doc = output.one("Job", "cost-worker-migrate")
+    readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    assert "sslmode=verify-full" in readme
+    wanted = [
+        (worker_doc, [config["PGSSLROOTCERT"], config["COST_WORKER_KAFKA_SSL_CAFILE"]]),
+        (job_doc, [container_env(job_doc)["PGSSLROOTCERT"]["value"]]),
+    ]
+    for doc, paths in wanted:
+        for path in paths:
+            mount, _, file_name = path.rpartition("/")
+            items = projected_items(doc, mount, "configMap")
+            assert file_name in items, f"{doc['kind']}: {path} is not in the CA volume"
+            name, key = items[file_name]
+            assert f"`{name}`" in readme, f"ConfigMap {name} is not documented in deploy/README.md"
+            assert f"`{key}`" in readme, f"key {key} of {name} is not documented in deploy/README.md"
+    assert config["COST_WORKER_KAFKA_SECURITY_PROTOCOL"].endswith("SSL")
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
@@ -403,11 +469,11 @@ def test_service_pdb_networkpolicy_select_the_right_pods(rendered: dict[str, Ren
     output = rendered[kustomization]
     worker = pod_labels(output.one("Deployment", "cost-worker"))
     migrate = pod_labels(output.one("Job", "cost-worker-migrate"))
-    service = output.one("Service")
+    service = output.one("Service", "cost-worker")
     assert selects(service["spec"]["selector"], worker)
     assert not selects(service["spec"]["selector"], migrate)
     assert [(p["name"], p["targetPort"]) for p in service["spec"]["ports"]] == [("metrics", "metrics")]
-    monitor = output.one("ServiceMonitor")
+    monitor = output.one("ServiceMonitor", "cost-worker")
     assert selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
     pdb = output.one("PodDisruptionBudget")
@@ -435,13 +501,55 @@ def test_service_pdb_networkpolicy_select_the_right_pods(rendered: dict[str, Ren
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_notify_pods_are_hardened_scraped_and_reach_only_public_https(
+    rendered: dict[str, Rendered], kustomization: str
+) -> None:
+    output = rendered[kustomization]
+    deployment = output.one("Deployment", "cost-worker-notify")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    labels = pod_labels(deployment)
+    assert container["args"] == ["notify", "run"]
+    assert deployment["spec"]["replicas"] >= 2  # two dispatchers: one down delays nothing
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["terminationGracePeriodSeconds"] >= float(config_env(output)["COST_WORKER_SHUTDOWN_GRACE"]) + 15
+    refs = {
+        env["name"]: (env["valueFrom"]["secretKeyRef"]["name"], env["valueFrom"]["secretKeyRef"]["key"])
+        for env in container["env"]
+    }
+    assert refs["COST_WORKER_NOTIFY_SECRETS_KEY"] == ("cost-worker-notify", "secrets-key")
+    assert "writer" in refs["COST_WORKER_DATABASE_URL"][0]
+    readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    assert "`cost-worker-notify`" in readme
+    assert "`secrets-key`" in readme
+    # The worker's Service, PDB and scaling do not pick up notify pods; notify's own Service does.
+    assert not selects(output.one("Service", "cost-worker")["spec"]["selector"], labels)
+    assert not selects(output.one("PodDisruptionBudget")["spec"]["selector"]["matchLabels"], labels)
+    assert selects(output.one("Service", "cost-worker-notify")["spec"]["selector"], labels)
+    monitor = output.one("ServiceMonitor", "cost-worker-notify")
+    assert selects(
+        monitor["spec"]["selector"]["matchLabels"], output.one("Service", "cost-worker-notify")["metadata"]["labels"]
+    )
+    policy = {p["metadata"]["name"]: p for p in output.all("NetworkPolicy")}["cost-worker-notify"]["spec"]
+    assert selects(policy["podSelector"]["matchLabels"], labels)
+    (https,) = [rule for rule in policy["egress"] if {p["port"] for p in rule["ports"]} == {443}]
+    (block,) = https["to"]
+    assert block["ipBlock"]["cidr"] == "0.0.0.0/0"
+    assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16"} <= set(block["ipBlock"]["except"])
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_scaling_never_exceeds_the_partition_count(rendered: dict[str, Rendered], kustomization: str) -> None:
     output = rendered[kustomization]
     scaled = output.one("ScaledObject")
     partitions = int(scaled["metadata"]["annotations"]["cost-worker/input-topic-partitions"])
     spec = scaled["spec"]
     assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"] <= partitions
-    assert spec["scaleTargetRef"]["name"] == output.one("Deployment")["metadata"]["name"]
+    assert spec["scaleTargetRef"]["name"] == output.one("Deployment", "cost-worker")["metadata"]["name"]
     (trigger,) = spec["triggers"]
     assert trigger["type"] == "prometheus"
     assert metric_names(trigger["metadata"]["query"]) == {"cost_worker_consumer_lag_messages"}
@@ -450,16 +558,60 @@ def test_scaling_never_exceeds_the_partition_count(rendered: dict[str, Rendered]
     assert spec["minReplicaCount"] >= 2
 
 
-@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
-def test_namespace_matchers_name_the_namespace_deployed_to(rendered: dict[str, Rendered], kustomization: str) -> None:
-    output = rendered[kustomization]
-    namespace = output.one("Deployment")["metadata"]["namespace"]
+def check_queries_follow_the_deployment(output: Rendered, prefix: str = "") -> None:
+    """No namespace or job written into the alert rules; the KEDA query names the namespace deployed to; `up` is
+    selected by the job label the ServiceMonitor takes from the Service's app label."""
+    namespace = output.one("Deployment", prefix + "cost-worker")["metadata"]["namespace"]
     assert {doc["metadata"].get("namespace") for doc in output.docs if doc["kind"] != "Namespace"} == {namespace}
-    expressions = [r["expr"] for g in output.one("PrometheusRule")["spec"]["groups"] for r in g["rules"]]
-    expressions.append(output.one("ScaledObject")["spec"]["triggers"][0]["metadata"]["query"])
-    found = [value for expr in expressions for value in label_values(expr, "namespace")]
-    assert found, "the KEDA query and CostWorkerDown pin the namespace"
-    assert set(found) == {namespace}
+    rules = [r["expr"] for g in output.one("PrometheusRule")["spec"]["groups"] for r in g["rules"]]
+    assert not [value for expr in rules for value in label_values(expr, "namespace")], "a namespace in a rule"
+    monitor = output.one("ServiceMonitor", prefix + "cost-worker")
+    job = output.one("Service", prefix + "cost-worker")["metadata"]["labels"][monitor["spec"]["jobLabel"]]
+    for expr in rules:
+        for selector in selectors(expr):
+            jobs = [m.value for m in selector.matchers.matchers if m.name == "job"]
+            assert jobs == ([job] if selector.name == "up" else []), f"job matcher in {selector} of {expr}"
+    query = output.one("ScaledObject")["spec"]["triggers"][0]["metadata"]["query"]
+    assert label_values(query, "namespace") == [namespace]
+    assert label_values(query, "job") == []
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_queries_follow_the_namespace_deployed_to(rendered: dict[str, Rendered], kustomization: str) -> None:
+    check_queries_follow_the_deployment(rendered[kustomization])
+
+
+def test_a_second_environment_needs_no_query_edits(production: Rendered, tmp_path: Path) -> None:
+    """A copy of the production overlay with another namespace and a name prefix: every query still fits."""
+    shutil.copytree(DEPLOY, tmp_path / "deploy", ignore=shutil.ignore_patterns("tools", "prometheus"))
+    staging = tmp_path / "deploy" / "overlays" / "staging"
+    shutil.copytree(DEPLOY / "overlays" / "production", staging)
+    for path in staging.glob("*.yaml"):
+        text = path.read_text(encoding="utf-8").replace("namespace: cost-worker", "namespace: cost-staging")
+        path.write_text(
+            text.replace("  name: cost-worker\n", "  name: cost-staging\n", 1)
+            if path.name == "namespace.yaml"
+            else text
+        )
+    kustomization = staging / "kustomization.yaml"
+    kustomization.write_text("namePrefix: staging-\n" + kustomization.read_text(encoding="utf-8"), encoding="utf-8")
+    kubectl = require_tool("kubectl", path=True)
+    result = run([kubectl, "kustomize", str(staging)])
+    assert result.returncode == 0, result.stderr
+    output = Rendered("staging", staging, [doc for doc in yaml.safe_load_all(result.stdout) if doc])
+    assert output.one("Deployment", "staging-cost-worker")["metadata"]["namespace"] == "cost-staging"
+    check_queries_follow_the_deployment(output, "staging-")
+    assert output.one("PrometheusRule")["spec"] == production.one("PrometheusRule")["spec"], "rules unchanged"
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_the_dashboard_ships_as_a_configmap_for_grafanas_sidecar(
+    rendered: dict[str, Rendered], kustomization: str
+) -> None:
+    (config_map,) = [d for d in rendered[kustomization].all("ConfigMap") if "cost-worker.json" in d.get("data", {})]
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = json.loads(config_map["data"]["cost-worker.json"])
+    assert shipped == json.loads((DEPLOY / "grafana" / "cost-worker.json").read_text(encoding="utf-8"))
 
 
 # --- PromQL against the worker's metrics ------------------------------------------------------------------

@@ -75,6 +75,19 @@ async def tenants(db: asyncpg.Connection) -> Tenants:
             uuid.uuid4(),
             org,
         )
+        destination = uuid.uuid4()
+        await db.execute(
+            "INSERT INTO notify_destinations (id, organization_id, name, kind, url_origin, url_sealed, secret_sealed) "
+            "VALUES ($1, $2, 'd', 'webhook', 'https://example.com', '\\x00', '\\x00')",
+            destination,
+            org,
+        )
+        await db.execute(
+            "INSERT INTO notify_deliveries (organization_id, destination_id, webhook_id, event_type, payload) "
+            "VALUES ($1, $2, 'a1', 'budget.alert.triggered', '{}')",
+            org,
+            destination,
+        )
     return Tenants(a=a, b=b)
 
 
@@ -105,7 +118,18 @@ async def test_every_tenant_table_is_covered(db: asyncpg.Connection) -> None:
         "ai_project_budgets",
         "ai_budgets",
         "budget_alerts",
+        "notify_destinations",
+        "notify_deliveries",
     }
+
+
+async def test_reader_cannot_read_sealed_destination_credentials(db: asyncpg.Connection, tenants: Tenants) -> None:
+    for column in ("url_sealed", "secret_sealed"):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            async with db.transaction():
+                await db.execute("SET LOCAL ROLE cost_worker_reader")
+                await db.execute(SCOPE, str(tenants.a))
+                await db.fetch(f"SELECT {column} FROM notify_destinations")
 
 
 async def test_reader_sees_only_its_organization(db: asyncpg.Connection, tenants: Tenants) -> None:
@@ -130,8 +154,9 @@ async def test_nothing_set_means_nothing_visible(db: asyncpg.Connection, tenants
                 "ai_organization_budgets",
                 "ai_project_budgets",
                 "ai_budgets",
+                "notify_deliveries",
             ):
-                continue  # the worker reads mappings and budgets across tenants; checked below
+                continue  # the worker reads mappings, budgets and due deliveries across tenants
             assert count == 0, (role, table)
 
 

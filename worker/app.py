@@ -21,7 +21,7 @@ from typing import Any
 
 import structlog
 
-from worker import logs, metrics
+from worker import logs, metrics, tracing
 from worker.breaker import CircuitBreaker
 from worker.budgets import BudgetEngine
 from worker.config import Settings
@@ -108,9 +108,12 @@ class Worker:
         settings = self.settings
         conn = await connect(settings.dsn(), role=settings.database_role, timeout=settings.database_connect_timeout)
         try:
-            await check_current(conn)
+            ahead = await check_current(conn)
         finally:
             await conn.close()
+        if ahead:
+            # The compatibility window: a newer release migrated (expand only); this older code still fits.
+            log.warning("schema_ahead_of_code", expand_migrations=ahead)
         return await Database.open(
             settings.dsn(),
             role=settings.database_role,
@@ -253,6 +256,10 @@ def _exit_after(seconds: float, code: int) -> None:
 def run(settings: Settings, *, exit_when_idle: float | None = None) -> int:
     """Entry point of ``cost-worker run``."""
     logs.configure(level=settings.log_level, fmt=settings.log_format, secrets=settings.secrets())
+    provider = tracing.configure()  # None unless OTEL_EXPORTER_OTLP_ENDPOINT is set
+    if provider is not None:
+        tracing.instrument_drivers(provider)
+        log.info("tracing_on", endpoint=os.environ.get(tracing.ENDPOINT_ENV))
 
     async def main() -> int:
         worker = Worker(settings)
@@ -263,6 +270,7 @@ def run(settings: Settings, *, exit_when_idle: float | None = None) -> int:
             return code
         finally:
             _exit_after(EXIT_DEADLINE, code)
+            tracing.shutdown(provider)
 
     return run_loop(main())
 

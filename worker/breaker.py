@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 
+from worker import metrics
 from worker.errors import CircuitOpen
 
 
@@ -18,6 +19,7 @@ class CircuitBreaker:
         self.min_messages = min_messages
         self.invalid_ratio = invalid_ratio
         self._recent: deque[str | None] = deque(maxlen=window)  # a reason, or None for a good message
+        metrics.CIRCUIT_INVALID_RATIO.set(0.0)
 
     @property
     def ratio(self) -> float:
@@ -38,15 +40,19 @@ class CircuitBreaker:
         total = len(self._recent)
         if total >= self.min_messages and len(invalid) >= self.invalid_ratio * total:
             top = ", ".join(f"{reason} x{count}" for reason, count in Counter(invalid).most_common(3))
+            # The gauge shows the window that tripped, so the last scrape before the exit explains it.
+            metrics.CIRCUIT_INVALID_RATIO.set(len(invalid) / total)
             self._recent = deque(snapshot, maxlen=self.window)
             raise CircuitOpen(
                 f"circuit breaker open: {len(invalid)} of the last {total} messages were invalid ({top}). "
                 "The producer looks broken; the worker stopped without "
                 "quarantining this batch. Fix the producer (see `cost-worker quarantine list`), then restart."
             )
+        metrics.CIRCUIT_INVALID_RATIO.set(self.ratio)
 
     def forget(self, good: int, bad: int) -> None:
         """Undo the last ``check`` (its batch was rolled back for another reason and will be seen again)."""
         for _ in range(good + bad):
             if self._recent:
                 self._recent.pop()
+        metrics.CIRCUIT_INVALID_RATIO.set(self.ratio)

@@ -112,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     bstatus.add_argument("--organization", metavar="ID", help="only this organization (uuid)")
     _prices_parser(sub)
+    _notify_parser(sub)
     return parser
 
 
@@ -142,6 +143,43 @@ def _prices_parser(sub: Any) -> None:
     importer.add_argument("file")
     missing = psub.add_parser("unpriced", help="models and token types of ledger lines that have no price")
     missing.add_argument("--since", help="only buckets starting at or after this date or time")
+
+
+def _notify_parser(sub: Any) -> None:
+    """``notify``: deliver budget alerts to webhooks and Slack (worker/notify/)."""
+    notify = sub.add_parser(
+        "notify",
+        help="deliver budget alerts to signed webhooks and Slack",
+        description="Consume the alerts topic and deliver each alert to the matching destinations of its "
+        "organization: Standard Webhooks (signed) or Slack incoming webhooks, retried with backoff.",
+    )
+    nsub = notify.add_subparsers(dest="notify_command", metavar="ACTION", parser_class=_Parser)
+    nsub.required = True
+    nsub.add_parser("run", help="consume alerts and deliver them until SIGTERM")
+    nstatus = nsub.add_parser("status", help="deliveries per destination: pending, delivered, failed, last error")
+    nstatus.add_argument("--organization", metavar="ID", help="only this organization (uuid)")
+    dest = nsub.add_parser("destinations", help="add, list, test and remove destinations")
+    dsub = dest.add_subparsers(dest="destinations_command", metavar="ACTION", parser_class=_Parser)
+    dsub.required = True
+    add = dsub.add_parser(
+        "add",
+        help="add a destination (a webhook's signing secret is printed once)",
+        description="Add a destination. The URL must be https and resolve to public addresses only; "
+        "--url - reads it from stdin (keeps a token-bearing URL out of shell history).",
+    )
+    add.add_argument("--organization", metavar="ID", required=True)
+    add.add_argument("--name", required=True)
+    add.add_argument("--kind", choices=["webhook", "slack"], default="webhook")
+    add.add_argument("--url", required=True)
+    add.add_argument("--scope", action="append", default=[], help="deliver only this scope (repeatable; default all)")
+    add.add_argument("--min-threshold", default="0", help="deliver only thresholds at or above this percent (0)")
+    add.add_argument("--no-resolved", action="store_true", help="do not deliver resolved messages")
+    dlist = dsub.add_parser("list", help="list an organization's destinations")
+    dlist.add_argument("--organization", metavar="ID", required=True)
+    for action in ("test", "remove"):
+        cmd = dsub.add_parser(action, help="send a signed sample alert" if action == "test" else "remove a destination")
+        cmd.add_argument("destination", metavar="DESTINATION", help="destination id (uuid)")
+        cmd.add_argument("--organization", metavar="ID", required=True)
 
 
 def _settings(*, require: tuple[str, ...] = ()) -> Settings:
@@ -176,7 +214,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 async def _migrate(settings: Settings, migrate: Any) -> int:
     report = await migrate(settings.dsn())
-    if report.applied:
+    if report.ahead:
+        print(f"database is ahead of this code by expand migration(s) {', '.join(report.ahead)}: nothing to do")
+    elif report.applied:
         print(f"applied {len(report.applied)} migration(s): {', '.join(report.applied)}")
     else:
         print(f"database is up to date ({report.already_applied} migration(s) applied)")
@@ -244,6 +284,37 @@ def cmd_prices(args: argparse.Namespace) -> int:
     return _run(lambda: prices.unpriced(settings, since=since))
 
 
+def cmd_notify(args: argparse.Namespace) -> int:
+    from worker.notify import admin  # noqa: PLC0415
+
+    if args.notify_command == "run":
+        from worker.notify import service  # noqa: PLC0415
+
+        return service.run(_settings(require=("database_url", "kafka_bootstrap_servers", "notify_secrets_key")))
+    settings = _settings(require=("database_url",))
+    if args.notify_command == "status":
+        return _run(lambda: admin.status(settings, organization=args.organization))
+    action, org = args.destinations_command, args.organization
+    if action == "add":
+        return _run(
+            lambda: admin.add(
+                settings,
+                organization=org,
+                name=args.name,
+                kind=args.kind,
+                url=args.url,
+                scopes=args.scope,
+                min_threshold=args.min_threshold,
+                include_resolved=not args.no_resolved,
+            )
+        )
+    if action == "list":
+        return _run(lambda: admin.list_(settings, organization=org))
+    if action == "test":
+        return _run(lambda: admin.test(settings, organization=org, destination=args.destination))
+    return _run(lambda: admin.remove(settings, organization=org, destination=args.destination))
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "check-config": cmd_check_config,
     "migrate": cmd_migrate,
@@ -252,6 +323,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "quarantine": cmd_quarantine,
     "budgets": cmd_budgets,
     "prices": cmd_prices,
+    "notify": cmd_notify,
 }
 
 

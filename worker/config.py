@@ -6,10 +6,13 @@ problem at once (``cost-worker check-config`` prints them); secrets never leave 
 
 from __future__ import annotations
 
+import base64
+import ipaddress
+import os
 import ssl
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,6 +20,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from worker.errors import ConfigError
 
 ENV_PREFIX = "COST_WORKER_"
+SECRETS_DIR_ENV = ENV_PREFIX + "SECRETS_DIR"  # files named like the variables (Kubernetes Secret volumes)
 
 # --- defaults, with units -----------------------------------------------------------------------------
 KAFKA_GROUP_ID = "cost-ingestion-worker"
@@ -58,7 +62,19 @@ BREAKER_INVALID_RATIO = 0.9  # share of invalid messages in the window that stop
 METRICS_HOST = "0.0.0.0"  # noqa: S104 - the metrics port must be reachable by Prometheus in a pod
 METRICS_PORT = 9108
 
-FAULT_POINTS = ("before_db_commit", "after_db_commit", "before_outbox_publish")
+VERIFYING_SSLMODES = ("verify-ca", "verify-full")  # libpq modes that check the server's certificate
+# --- notify (issue 15) ---
+NOTIFY_GROUP_ID = "cost-worker-notify"  # consumer group of the alerts topic (offsets stored in PostgreSQL)
+NOTIFY_TIMEOUT = 5.0  # seconds one HTTP attempt may take, connecting included
+NOTIFY_MAX_AGE = 86_400.0  # seconds after its creation a delivery is given up as failed
+NOTIFY_BACKOFF_INITIAL = 2.0  # seconds before the first retry of a failed attempt
+NOTIFY_BACKOFF_MAX = 900.0  # seconds; exponential backoff with jitter up to this
+NOTIFY_PER_DESTINATION = 2  # concurrent attempts per destination
+NOTIFY_MAX_IN_FLIGHT = 64  # concurrent attempts in all
+NOTIFY_POLL_INTERVAL = 1.0  # seconds between scans for due deliveries when nothing woke the dispatcher
+NOTIFY_SECRETS_KEY_BYTES = 32  # AES-256-GCM key of destination URLs and signing secrets
+
+FAULT_POINTS = ("before_db_commit", "after_db_commit", "before_outbox_publish", "notify_after_send")
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
@@ -68,6 +84,13 @@ class Settings(BaseSettings):
     """The worker's configuration. Field names map to ``COST_WORKER_<NAME>`` variables."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
+
+    # secret files (issue 16): read first, so that every setting below may come from a file
+    secrets_dir: Path | None = Field(
+        default=None,
+        description="Directory of files named like these variables (e.g. COST_WORKER_DATABASE_URL), "
+        "each holding one value; a variable that is also set in the environment wins",
+    )
 
     # database
     database_url: SecretStr | None = Field(
@@ -225,6 +248,50 @@ class Settings(BaseSettings):
         default="auto", description="auto: console on a terminal, JSON lines otherwise"
     )
 
+    # notify (issue 15)
+    notify_group_id: str = Field(
+        default=NOTIFY_GROUP_ID, min_length=1, description="Consumer group of `notify run` on the alerts topic"
+    )
+    notify_secrets_key: SecretStr | None = Field(
+        default=None,
+        description="Base64 of 32 random bytes: the AES-GCM key of destination URLs and signing secrets "
+        "(required by `notify`)",
+    )
+    notify_allow_http: bool = Field(
+        default=False, description="Allow http:// destination URLs (tests and development only)"
+    )
+    notify_allowed_networks: str = Field(
+        default="",
+        description="CIDRs a destination may resolve to although private, loopback or link-local, "
+        "comma-separated (e.g. 127.0.0.0/8 in tests)",
+    )
+    notify_timeout: float = Field(
+        default=NOTIFY_TIMEOUT, gt=0, le=60, description="Seconds one delivery attempt may take, connecting included"
+    )
+    notify_max_age: float = Field(
+        default=NOTIFY_MAX_AGE, gt=0, description="Seconds after which an undelivered delivery is marked failed"
+    )
+    notify_backoff_initial: float = Field(
+        default=NOTIFY_BACKOFF_INITIAL, gt=0, description="Seconds before the first retry of a destination"
+    )
+    notify_backoff_max: float = Field(
+        default=NOTIFY_BACKOFF_MAX, gt=0, description="Longest wait between attempts (exponential, with jitter)"
+    )
+    notify_per_destination: int = Field(
+        default=NOTIFY_PER_DESTINATION, ge=1, le=32, description="Concurrent delivery attempts per destination"
+    )
+    notify_max_in_flight: int = Field(
+        default=NOTIFY_MAX_IN_FLIGHT, ge=1, description="Concurrent delivery attempts in all"
+    )
+    notify_poll_interval: float = Field(
+        default=NOTIFY_POLL_INTERVAL, gt=0, description="Seconds between scans for due deliveries"
+    )
+    notify_link_template: str = Field(
+        default="",
+        description="Link shown in Slack messages, with {organization_id} {budget_id} {alert_id} {scope} "
+        "{project_id} {user_id} placeholders; empty: no link",
+    )
+
     # tests only
     fault_points: str = Field(
         default="",
@@ -262,6 +329,7 @@ class Settings(BaseSettings):
             scheme = urlsplit(self.database_url.get_secret_value()).scheme
             if scheme not in ("postgres", "postgresql"):
                 found.append(f"{env_name('database_url')}: must be a postgresql:// URL, got {scheme or 'none'}://")
+            found += database_ca_problems(self.database_url.get_secret_value())
         if self.database_pool_min > self.database_pool_max:
             found.append(f"{env_name('database_pool_min')}: larger than {env_name('database_pool_max')}")
         if self.kafka_bootstrap_servers is not None:
@@ -294,6 +362,27 @@ class Settings(BaseSettings):
         ]
         if len(set(topics)) != len(topics):
             found.append("COST_WORKER_TOPIC_*: the four topics must be distinct")
+        found += self._notify_problems()
+        return found
+
+    def _notify_problems(self) -> list[str]:
+        found: list[str] = []
+        if self.notify_secrets_key is not None:
+            try:
+                key = base64.b64decode(self.notify_secrets_key.get_secret_value(), validate=True)
+            except ValueError:
+                key = b""
+            if len(key) != NOTIFY_SECRETS_KEY_BYTES:
+                found.append(f"{env_name('notify_secrets_key')}: must be base64 of {NOTIFY_SECRETS_KEY_BYTES} bytes")
+        for network in split_list(self.notify_allowed_networks):
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                found.append(f"{env_name('notify_allowed_networks')}: {network!r} is not a network (CIDR)")
+        if self.notify_backoff_initial > self.notify_backoff_max:
+            found.append(f"{env_name('notify_backoff_initial')}: larger than {env_name('notify_backoff_max')}")
+        if self.notify_group_id == self.kafka_group_id:
+            found.append(f"{env_name('notify_group_id')}: must differ from {env_name('kafka_group_id')}")
         return found
 
     # --- derived ----------------------------------------------------------------------------------------
@@ -353,7 +442,37 @@ class Settings(BaseSettings):
                 values.append(password)
         if self.kafka_sasl_password is not None and self.kafka_sasl_password.get_secret_value():
             values.append(self.kafka_sasl_password.get_secret_value())
+        if self.notify_secrets_key is not None and self.notify_secrets_key.get_secret_value():
+            values.append(self.notify_secrets_key.get_secret_value())
         return values
+
+
+def database_ca_problems(url: str) -> list[str]:
+    """``sslmode=verify-full`` (or ``verify-ca``) without a readable CA file: say so once, before connecting.
+
+    The CA file is, as in libpq and asyncpg: ``sslrootcert`` in the URL, else ``PGSSLROOTCERT``, else
+    ``~/.postgresql/root.crt`` (which does not exist in the image: its user has no home directory).
+    """
+    try:
+        query = parse_qs(urlsplit(url).query)
+    except ValueError:
+        return []
+    sslmode = (query.get("sslmode") or [os.environ.get("PGSSLMODE", "")])[-1]
+    if sslmode not in VERIFYING_SSLMODES:
+        return []
+    root = (query.get("sslrootcert") or [os.environ.get("PGSSLROOTCERT", "")])[-1]
+    if not root:
+        try:
+            root = str(Path.home() / ".postgresql" / "root.crt")
+        except RuntimeError:
+            root = "~/.postgresql/root.crt"
+    if Path(root).is_file():
+        return []
+    return [
+        f"{env_name('database_url')}: sslmode={sslmode} needs the CA certificate of the PostgreSQL server, but "
+        f"{root} does not exist: mount the CA bundle and name it with sslrootcert= in the URL or PGSSLROOTCERT "
+        '(deploy/README.md "TLS")'
+    ]
 
 
 def split_list(value: str) -> list[str]:
@@ -379,8 +498,11 @@ def redact_url(url: str) -> str:
 
 def load_settings(*, require: tuple[str, ...] = (), **overrides: Any) -> Settings:
     """Read the environment, validate, and raise ``ConfigError`` listing every problem at once."""
+    secrets_dir = overrides.get("secrets_dir") or os.environ.get(SECRETS_DIR_ENV) or None
+    if secrets_dir is not None and not Path(secrets_dir).is_dir():
+        raise ConfigError([f"{SECRETS_DIR_ENV}: no such directory: {secrets_dir}"])
     try:
-        settings = Settings(**overrides)
+        settings = Settings(**overrides, _secrets_dir=secrets_dir)
     except ValidationError as exc:
         problems = []
         bad: set[str] = set()
@@ -392,7 +514,7 @@ def load_settings(*, require: tuple[str, ...] = (), **overrides: Any) -> Setting
         # environment) and keep the problems that do not involve them.
         defaults = {name: Settings.model_fields[name].default for name in bad if name in Settings.model_fields}
         try:
-            partial = Settings(**{**overrides, **defaults})
+            partial = Settings(**{**overrides, **defaults}, _secrets_dir=secrets_dir)
         except ValidationError:
             pass
         else:

@@ -20,7 +20,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never, wait_random_exponential
 
-from worker import kafka, metrics
+from worker import kafka, metrics, tracing
 from worker.config import Settings
 from worker.errors import StaleOffsets, TransientError
 from worker.faults import NO_FAULTS, Faults
@@ -124,6 +124,8 @@ class Consumer:
                     continue
                 self.last_record = time.monotonic()
                 started = time.perf_counter()
+                span = tracing.start_batch()
+                decoding = tracing.child(span, "decode")
                 batch = Batch()
                 for first in range(0, len(records), DECODE_SLICE):
                     decode_into(batch, records[first : first + DECODE_SLICE], self.settings)
@@ -131,10 +133,11 @@ class Consumer:
                     # round trips (lookups, COPY, the statement itself) then overlap with our CPU work.
                     await asyncio.sleep(0)
                 finish_batch(batch)
+                decoding.end()
                 metrics.BATCH_DURATION.labels(stage="decode").observe(time.perf_counter() - started)
                 if in_flight is not None:
                     await in_flight
-                in_flight = asyncio.create_task(self._apply(batch, stop, started), name="apply-batch")
+                in_flight = asyncio.create_task(self._apply(batch, stop, started, span), name="apply-batch")
             if in_flight is not None:
                 await in_flight  # a stop request lets the batch in flight finish (the caller bounds how long)
         except BaseException:
@@ -146,7 +149,13 @@ class Consumer:
 
     # --- one batch ----------------------------------------------------------------------------------
 
-    async def _apply(self, batch: Batch, stop: asyncio.Event, started: float) -> None:
+    async def _apply(self, batch: Batch, stop: asyncio.Event, started: float, span: tracing.Span) -> None:
+        try:
+            await self._apply_retrying(batch, started, span)
+        finally:
+            span.end()
+
+    async def _apply_retrying(self, batch: Batch, started: float, span: tracing.Span) -> None:
         def before_sleep(state: RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome else None
             if self.health.retrying_since is None:
@@ -170,7 +179,7 @@ class Consumer:
         try:
             async for attempt in retrying:
                 with attempt:
-                    outcome = await self._apply_once(batch, started)
+                    outcome = await self._apply_once(batch, started, span)
         except StaleOffsets:
             metrics.BATCHES.labels(result="fenced").inc()
             log.warning("batch_fenced", partitions=sorted(batch.last_offsets))
@@ -183,7 +192,7 @@ class Consumer:
         if self.on_commit is not None:
             await self.on_commit(outcome)
 
-    async def _apply_once(self, batch: Batch, started: float) -> Outcome | None:
+    async def _apply_once(self, batch: Batch, started: float, span: tracing.Span) -> Outcome | None:
         async with self.batch_lock:
             # Partitions revoked (or re-sought) since the batch was fetched are not ours to write.
             gone = {tp for tp in batch.last_offsets if tp not in self._live()}
@@ -193,7 +202,8 @@ class Consumer:
                 return None
             expected = {tp: self.positions.get(tp) for tp in batch.last_offsets}
             db_started = time.perf_counter()
-            outcome = await self.pipeline.apply(batch, expected)
+            with tracing.stage(span, "database"):
+                outcome = await self.pipeline.apply(batch, expected)
             committed = time.perf_counter()
             # The database transaction committed: data and offsets are durable together.
             now = time.time()
@@ -201,7 +211,8 @@ class Consumer:
                 self.positions[(topic, partition)] = last + 1
                 metrics.LAST_COMMIT.labels(topic=topic, partition=str(partition)).set(now)
             self.faults.hit("after_db_commit")
-            await self._commit_kafka(batch)
+            with tracing.stage(span, "kafka_commit"):
+                await self._commit_kafka(batch)
             done = time.perf_counter()
         metrics.BATCH_DURATION.labels(stage="database").observe(committed - db_started)
         metrics.BATCH_DURATION.labels(stage="kafka_commit").observe(done - committed)
@@ -220,6 +231,7 @@ class Consumer:
             alerts=len(outcome.alerts),
             duration_ms=round((done - started) * 1000, 1),
             database_ms=round((committed - db_started) * 1000, 1),
+            **tracing.log_fields(span),
         )
         return outcome
 

@@ -119,3 +119,35 @@ CATALOGUE_ESTIMATES = Counter(
     "cost_worker_catalogue_estimated_events_total",
     "API-usage events without cost_usd whose cost the price catalogue estimated (per delivery).",
 )
+
+# --- notify (issue 15) ----------------------------------------------------------------------------------
+NOTIFY_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0)
+NOTIFY_ALERTS = Counter(
+    "cost_worker_notify_alerts_total",
+    "Alert messages consumed by notify, by outcome (matched: at least one delivery created, unmatched, invalid).",
+    ["outcome"],
+)
+NOTIFY_DELIVERIES_CREATED = Counter(
+    "cost_worker_notify_deliveries_created_total", "Deliveries created (one per alert and matching destination)."
+)
+NOTIFY_ATTEMPTS = Counter(
+    "cost_worker_notify_attempts_total",
+    "Delivery attempts by destination kind and outcome (delivered, retried, failed, disabled, refused, fenced).",
+    ["kind", "outcome"],
+)
+NOTIFY_ATTEMPT_DURATION = Histogram(
+    "cost_worker_notify_attempt_duration_seconds",
+    "Duration of one HTTP delivery attempt, by destination kind.",
+    ["kind"],
+    buckets=DURATION_BUCKETS,
+)
+NOTIFY_DELIVERY_LATENCY = Histogram(
+    "cost_worker_notify_delivery_latency_seconds",
+    "Time from a delivery's creation to the receiver's 2xx answer, by destination kind.",
+    ["kind"],
+    buckets=NOTIFY_LATENCY_BUCKETS,
+)
+NOTIFY_BACKLOG = Gauge("cost_worker_notify_backlog_deliveries", "Deliveries pending (due now or waiting to retry).")
+NOTIFY_OLDEST_PENDING_AGE = Gauge(
+    "cost_worker_notify_oldest_pending_age_seconds", "Age of the oldest pending delivery (0 when none)."
+)

@@ -2,8 +2,13 @@
 
 ``migrate`` takes an advisory lock (two replicas racing is safe: the second waits, then finds nothing to
 do), applies the cluster roles script, then each pending file in its own transaction as the owner role,
-recording its checksum. It refuses a database that ran a file this code does not have (newer than the
-code) and a file that was edited after it was applied.
+recording its checksum and its compatibility. It refuses a file that was edited after it was applied.
+
+The compatibility window (README "The database"): ``schema/migrations/compat.toml`` declares each migration
+``expand`` (code one release older still runs on the schema with it applied) or ``contract`` (it does not).
+The declaration is recorded next to the checksum, because the older code that has to judge it cannot know
+the newer manifest. ``run`` (and ``migrate``, which then has nothing to do) accepts a database that is ahead
+of the code by expand migrations only, and names the migration that blocks it otherwise.
 """
 
 from __future__ import annotations
@@ -11,9 +16,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import tomllib
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
+from typing import Literal, cast
 
 import asyncpg
 
@@ -22,6 +29,10 @@ from worker.errors import MigrationError, SchemaMismatch
 
 SCHEMA_DIR_ENV = "COST_WORKER_SCHEMA_DIR"
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+COMPAT_FILE = "compat.toml"  # in the migrations directory: [compat] NNNN_name = "expand" | "contract"
+Compat = Literal["expand", "contract"]
+COMPAT_VALUES: tuple[Compat, ...] = ("expand", "contract")
+UNDECLARED: Compat = "contract"  # a migration without a declaration is recorded as breaking (the safe side)
 
 
 @dataclass(frozen=True)
@@ -29,6 +40,7 @@ class Migration:
     version: int
     name: str
     sql: str
+    compat: Compat | None = None  # None: not declared in compat.toml (recorded as UNDECLARED)
 
     @property
     def checksum(self) -> str:
@@ -44,6 +56,13 @@ class MigrationReport:
     applied: list[str] = field(default_factory=list)
     already_applied: int = 0
     as_owner: bool = True
+    ahead: list[str] = field(default_factory=list)  # applied expand migrations newer than this code
+
+
+@dataclass(frozen=True)
+class Plan:
+    pending: list[Migration]  # known to this code, not applied yet
+    ahead: list[store.AppliedMigration]  # applied, newer than this code, all expand
 
 
 def schema_dir() -> Path:
@@ -61,6 +80,7 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
     directory = (directory or schema_dir()) / "migrations"
     if not directory.is_dir():
         raise MigrationError(f"no migrations directory at {directory}")
+    declared = load_compat(directory)
     migrations: list[Migration] = []
     for path in sorted(directory.iterdir()):
         if path.suffix != ".sql":
@@ -68,29 +88,64 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
         match = _FILE.match(path.name)
         if match is None:
             raise MigrationError(f"migration file {path.name!r} is not named NNNN_name.sql")
-        migrations.append(Migration(int(match[1]), match[2], path.read_text(encoding="utf-8")))
+        sql = path.read_text(encoding="utf-8")
+        migrations.append(Migration(int(match[1]), match[2], sql, declared.get(path.stem)))
     versions = [m.version for m in migrations]
     if len(set(versions)) != len(versions):
         raise MigrationError("two migration files share a version number")
     return migrations
 
 
+def load_compat(migrations_dir: Path) -> dict[str, Compat]:
+    """The declarations of compat.toml (file stem -> expand/contract); none when the file is absent."""
+    path = migrations_dir / COMPAT_FILE
+    if not path.is_file():
+        return {}
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8")).get("compat", {})
+    except tomllib.TOMLDecodeError as exc:
+        raise MigrationError(f"{path.name}: not valid TOML: {exc}") from exc
+    if not isinstance(table, dict):
+        raise MigrationError(f'{path.name}: [compat] must be a table of NNNN_name = "expand" | "contract"')
+    bad = [f"{key} = {value!r}" for key, value in table.items() if value not in COMPAT_VALUES]
+    if bad:
+        raise MigrationError(f'{path.name}: each migration is "expand" or "contract", not {", ".join(bad)}')
+    return cast(dict[str, Compat], table)
+
+
 def roles_script(directory: Path | None = None) -> str:
     return ((directory or schema_dir()) / "roles.sql").read_text(encoding="utf-8")
 
 
-def plan(migrations: list[Migration], applied: list[store.AppliedMigration]) -> list[Migration]:
-    """The migrations still to apply; raises if the database is newer than the code or a file was edited."""
+def plan(migrations: list[Migration], applied: list[store.AppliedMigration]) -> Plan:
+    """What to apply, and what the database has beyond this code; raises if this code must not touch it.
+
+    Refused: a file edited after it was applied; a database that ran a migration this code does not know
+    unless every such migration is newer than the code and recorded ``expand``; a database both ahead and
+    behind (histories that diverged).
+    """
     known = {m.version: m for m in migrations}
+    newest = max(known, default=0)
+    ahead: list[store.AppliedMigration] = []
     for row in applied:
         migration = known.get(row.version)
         if migration is None:
-            newest = max(known, default=0)
-            raise SchemaMismatch(
-                f"the database has migration {row.version:04d}_{row.name}, which this code does not know "
-                f"(its newest is {newest:04d}): the database is newer than the code; refusing to continue. "
-                "Deploy the newer worker, or restore a matching database."
-            )
+            label = f"{row.version:04d}_{row.name}"
+            if row.version < newest:
+                raise SchemaMismatch(
+                    f"the database has migration {label}, which this code does not know although it knows "
+                    f"newer ones (up to {newest:04d}): the histories diverged; refusing to continue."
+                )
+            if row.compat != "expand":
+                why = f"recorded as {row.compat}" if row.compat else "recorded without a compatibility declaration"
+                raise SchemaMismatch(
+                    f"the database has migration {label}, which this code does not know (its newest is "
+                    f"{newest:04d}): the database is newer than the code, and {label} is {why}, so code this "
+                    "old cannot run on it; refusing to continue. Deploy the newer worker, or restore a matching "
+                    "database."
+                )
+            ahead.append(row)
+            continue
         if migration.checksum != row.checksum:
             raise MigrationError(
                 f"migration {migration.label} was edited after it was applied (checksum "
@@ -98,7 +153,13 @@ def plan(migrations: list[Migration], applied: list[store.AppliedMigration]) -> 
                 "are immutable: restore the file and put the change in a new migration."
             )
     done = {row.version for row in applied}
-    return [m for m in migrations if m.version not in done]
+    pending = [m for m in migrations if m.version not in done]
+    if pending and ahead:
+        raise SchemaMismatch(
+            f"the database is ahead of this code ({ahead[0].version:04d}_{ahead[0].name}) but lacks "
+            f"{pending[0].label}, which this code has: the histories diverged; refusing to continue."
+        )
+    return Plan(pending, ahead)
 
 
 async def migrate(dsn: str, *, directory: Path | None = None) -> MigrationReport:
@@ -120,8 +181,13 @@ async def _migrate_locked(
     conn: asyncpg.Connection, migrations: list[Migration], directory: Path | None
 ) -> MigrationReport:
     report = MigrationReport()
-    # Check before touching anything: a database from the future is refused as it is.
-    pending = plan(migrations, await store.applied_migrations(conn, create=False))
+    # Check before touching anything: a database from the future is refused as it is (unless it is ahead by
+    # expand migrations only: then there is nothing to do, and the older roles script is not run either).
+    first = plan(migrations, await store.applied_migrations(conn, create=False))
+    if first.ahead:
+        report.ahead = [f"{row.version:04d}_{row.name}" for row in first.ahead]
+        report.already_applied = len(migrations)
+        return report
     try:
         await store.run_script(conn, roles_script(directory))
     except Exception as exc:
@@ -131,24 +197,34 @@ async def _migrate_locked(
         ) from exc
     report.as_owner = await store.become_owner(conn)
     applied = await store.applied_migrations(conn, create=True)
-    pending = plan(migrations, applied)
+    pending = plan(migrations, applied).pending
     report.already_applied = len(applied)
     for migration in pending:
         try:
-            await store.apply_migration(conn, migration.version, migration.name, migration.sql, migration.checksum)
+            await store.apply_migration(
+                conn,
+                migration.version,
+                migration.name,
+                migration.sql,
+                migration.checksum,
+                compat=migration.compat or UNDECLARED,
+            )
         except Exception as exc:
             raise MigrationError(f"migration {migration.label} failed and was rolled back: {exc}") from exc
         report.applied.append(migration.label)
     return report
 
 
-async def check_current(conn: asyncpg.Connection, *, directory: Path | None = None) -> None:
-    """Refuse to run the worker against a database that is behind or ahead of this code."""
+async def check_current(conn: asyncpg.Connection, *, directory: Path | None = None) -> list[str]:
+    """Refuse to run the worker against a database that is behind this code, or ahead of it by anything but
+    expand migrations. Returns the expand migrations the database is ahead by (empty when it matches)."""
     migrations = load_migrations(directory)
     applied = await store.applied_migrations(conn, create=False)
-    pending = plan(migrations, applied)
+    found = plan(migrations, applied)
+    pending = found.pending
     if pending:
         raise SchemaMismatch(
             f"the database is missing {len(pending)} migration(s) (first: {pending[0].label}); "
             "run `cost-worker migrate`"
         )
+    return [f"{row.version:04d}_{row.name}" for row in found.ahead]

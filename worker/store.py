@@ -43,6 +43,9 @@ def translate(exc: BaseException) -> Exception:
         if sqlstate[:2] in DATA_SQLSTATE_CLASSES:
             return DataRejected(f"database rejected data: {type(exc).__name__} ({sqlstate}): {exc}")
         return FatalError(f"database error {type(exc).__name__} ({sqlstate}): {exc}")
+    if isinstance(exc, (asyncpg.ClientConfigurationError, FileNotFoundError)):
+        # Not an outage: a setting names what does not exist (a CA file for sslmode=verify-full, ...).
+        return FatalError(f"database connection settings: {exc}")
     if isinstance(exc, (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.InternalClientError)):
         return DatabaseUnavailable(f"database unreachable: {type(exc).__name__}: {exc}")
     if isinstance(exc, Exception):
@@ -197,6 +200,7 @@ class AppliedMigration:
     version: int
     name: str
     checksum: str
+    compat: str | None = None  # expand, contract, or None (applied before compatibility was recorded)
 
 
 @translated
@@ -219,11 +223,12 @@ async def run_script(conn: asyncpg.Connection, sql: str) -> None:
 async def applied_migrations(conn: asyncpg.Connection, *, create: bool) -> list[AppliedMigration]:
     if create:
         await conn.execute(query("migration_table_create"))
+        await conn.execute(query("migration_table_add_compat"))
         await conn.execute(query("migration_table_grant"))
     elif not await conn.fetchval(query("migration_table_exists")):
         return []
     rows = await conn.fetch(query("migrations_applied"))
-    return [AppliedMigration(row["version"], row["name"], row["checksum"]) for row in rows]
+    return [AppliedMigration(row["version"], row["name"], row["checksum"], row["compat"]) for row in rows]
 
 
 @translated
@@ -236,11 +241,13 @@ async def become_owner(conn: asyncpg.Connection) -> bool:
 
 
 @translated
-async def apply_migration(conn: asyncpg.Connection, version: int, name: str, sql: str, checksum: str) -> None:
-    """Apply one migration file and record it, in one transaction."""
+async def apply_migration(
+    conn: asyncpg.Connection, version: int, name: str, sql: str, checksum: str, *, compat: str
+) -> None:
+    """Apply one migration file and record it (with its compatibility), in one transaction."""
     async with conn.transaction():
         await conn.execute(sql)
-        await conn.execute(query("migration_record"), version, name, checksum)
+        await conn.execute(query("migration_record"), version, name, checksum, compat)
 
 
 # ============================================================================================ batches

@@ -23,11 +23,18 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 -- name: migration_table_grant
 GRANT SELECT ON schema_migrations TO cost_worker_writer, cost_worker_reader;
 
+-- name: migration_table_add_compat
+-- Whether code one release older still runs with the migration applied (schema/migrations/compat.toml).
+-- Recorded in the database, because the older code that reads it cannot know the newer manifest.
+ALTER TABLE schema_migrations
+    ADD COLUMN IF NOT EXISTS compat text CHECK (compat IN ('expand', 'contract'));
+
 -- name: migrations_applied
-SELECT version, name, checksum FROM schema_migrations ORDER BY version;
+-- to_jsonb: also reads a table from before the compat column existed (compat is then NULL).
+SELECT version, name, checksum, to_jsonb(m) ->> 'compat' AS compat FROM schema_migrations m ORDER BY version;
 
 -- name: migration_record
-INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3);
+INSERT INTO schema_migrations (version, name, checksum, compat) VALUES ($1, $2, $3, $4);
 
 -- name: migration_can_become_owner
 -- Whether this login may act as the owner role (superusers and members may).

@@ -1,0 +1,277 @@
+"""Notify's pure parts, without servers: URL rules, backoff, message parsing and filters, Slack text,
+signing and sealing."""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+import random
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from worker.config import Settings, load_settings
+from worker.errors import ConfigError
+from worker.notify import messages, slack
+from worker.notify.admin import new_secret, sample_alert
+from worker.notify.backoff import JITTER_FLOOR, Backoff
+from worker.notify.sealing import SealBroken, Sealer
+from worker.notify.sender import signed_headers
+from worker.notify.urls import UrlPolicy, UrlRefused, origin
+
+STRICT = UrlPolicy()
+LOOPBACK_OK = UrlPolicy(allow_http=True, allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),))
+
+
+# --- URLs ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://hooks.example.com/x",  # not https
+        "ftp://hooks.example.com/x",
+        "https://user:pw@hooks.example.com/x",  # credentials in the URL
+        "https:///nohost",
+        "https://10.0.0.8/hook",  # private
+        "https://172.16.3.4/hook",
+        "https://192.168.1.1/hook",
+        "https://127.0.0.1/hook",  # loopback
+        "https://[::1]/hook",
+        "https://169.254.169.254/latest/meta-data",  # link-local (cloud metadata)
+        "https://[fe80::1]/hook",
+        "https://[::ffff:10.0.0.1]/hook",  # IPv4-mapped private
+        "https://0.0.0.0/hook",
+        "https://100.64.0.1/hook",  # shared address space (carrier NAT)
+        "https://[fc00::1]/hook",  # unique local
+        "https://224.0.0.1/hook",  # multicast
+        "https://hooks.example.com:0/x",
+        "https://" + "a" * 3000 + ".example.com/",
+    ],
+)
+def test_refused_urls(url: str) -> None:
+    with pytest.raises(UrlRefused):
+        STRICT.check_url(url)
+
+
+@pytest.mark.parametrize(
+    "url", ["https://hooks.example.com/a?b=c", "https://93.184.215.14/hook", "https://[2606:4700::1]/"]
+)
+def test_public_https_urls_pass(url: str) -> None:
+    STRICT.check_url(url)
+
+
+def test_configured_networks_and_http_are_the_only_exceptions() -> None:
+    LOOPBACK_OK.check_url("http://127.0.0.1:8080/hook")
+    with pytest.raises(UrlRefused):
+        LOOPBACK_OK.check_url("http://10.0.0.1/hook")  # still private, not in the allowed network
+    with pytest.raises(UrlRefused):
+        STRICT.check_url("http://127.0.0.1:8080/hook")
+
+
+async def test_names_are_resolved_and_every_address_checked() -> None:
+    with pytest.raises(UrlRefused, match="not public"):
+        await STRICT.check("https://localhost/hook")  # resolves to loopback
+    await LOOPBACK_OK.check("http://localhost:9/hook")
+    with pytest.raises(UrlRefused, match="cannot resolve"):
+        await STRICT.check("https://no-such-host.invalid/hook")
+
+
+def test_origin_hides_the_path() -> None:
+    assert origin(STRICT.check_url("https://hooks.slack.com/services/T0/B0/secret")) == "https://hooks.slack.com"
+
+
+def test_policy_from_settings() -> None:
+    settings = Settings(notify_allowed_networks="127.0.0.0/8, ::1/128", notify_allow_http=True)
+    policy = UrlPolicy.from_settings(settings)
+    assert policy.allow_http
+    assert [str(n) for n in policy.allowed_networks] == ["127.0.0.0/8", "::1/128"]
+
+
+def test_settings_report_bad_notify_values_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COST_WORKER_NOTIFY_SECRETS_KEY", base64.b64encode(b"short").decode())
+    monkeypatch.setenv("COST_WORKER_NOTIFY_ALLOWED_NETWORKS", "10.0.0.0/8,not-a-net")
+    monkeypatch.setenv("COST_WORKER_NOTIFY_BACKOFF_INITIAL", "100")
+    monkeypatch.setenv("COST_WORKER_NOTIFY_BACKOFF_MAX", "10")
+    with pytest.raises(ConfigError) as error:
+        load_settings()
+    text = "\n".join(error.value.problems)
+    assert "COST_WORKER_NOTIFY_SECRETS_KEY" in text
+    assert "not-a-net" in text
+    assert "COST_WORKER_NOTIFY_BACKOFF_INITIAL" in text
+
+
+# --- backoff ------------------------------------------------------------------------------------------
+
+
+def test_backoff_grows_exponentially_with_jitter_and_is_capped() -> None:
+    backoff = Backoff(initial=2.0, maximum=60.0, max_age=3600.0)
+    rng = random.Random(1)
+    for attempts, base in [(1, 2.0), (2, 4.0), (3, 8.0), (5, 32.0), (6, 60.0), (40, 60.0), (10_000, 60.0)]:
+        delays = [backoff.delay(attempts, rng) for _ in range(200)]
+        assert all(base * JITTER_FLOOR <= d <= base for d in delays), attempts
+        assert len({round(d, 6) for d in delays}) > 100  # jitter: not in lockstep
+
+
+def test_backoff_gives_up_past_the_maximum_age() -> None:
+    backoff = Backoff(initial=10.0, maximum=10.0, max_age=60.0)
+    created = datetime(2026, 12, 1, tzinfo=UTC)
+    assert backoff.next_attempt(1, created, created + timedelta(seconds=30)) is not None
+    assert backoff.next_attempt(5, created, created + timedelta(seconds=55)) is None
+
+
+# --- messages and filters -------------------------------------------------------------------------------
+
+
+def alert(**changes: object) -> bytes:
+    body: dict[str, object] = {
+        "alert_id": "a1",
+        "scope": "project",
+        "organization_id": str(uuid.UUID(int=1)),
+        "project_id": str(uuid.UUID(int=2)),
+        "budget_id": str(uuid.UUID(int=3)),
+        "budget_name": "Team <b>&",
+        "period": "monthly",
+        "period_start": "2026-11-01T00:00:00+01:00",
+        "period_end": "2026-12-01T00:00:00+01:00",
+        "threshold_percent": "80",
+        "spend": "812.50",
+        "amount": "1000",
+        "currency": "EUR",
+        "percent_used": "81.25",
+    }
+    body.update(changes)
+    return json.dumps(body).encode()
+
+
+def test_webhook_ids_follow_the_coordination_contract() -> None:
+    assert messages.parse(alert()).webhook_id == "a1"  # no type: triggered
+    assert messages.parse(alert(type=messages.TRIGGERED)).webhook_id == "a1"
+    resolved = messages.parse(alert(type=messages.RESOLVED, resolved_at="2026-11-22T00:00:00Z"))
+    assert resolved.webhook_id == "a1:resolved"
+    assert resolved.payload == alert(type=messages.RESOLVED, resolved_at="2026-11-22T00:00:00Z").decode()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        b"",
+        b"{nope",
+        b"[]",
+        alert(type="other"),
+        alert(alert_id=""),
+        alert(scope="team"),
+        alert(organization_id="x"),
+        alert(threshold_percent="NaN"),
+        b"\xff\xfe",
+    ],
+)
+def test_bad_messages_are_invalid_not_crashes(value: bytes | None) -> None:
+    with pytest.raises(messages.Invalid):
+        messages.parse(value)
+
+
+def test_filters() -> None:
+    project80 = messages.parse(alert())
+    resolved = messages.parse(alert(type=messages.RESOLVED))
+    assert messages.Filter().wants(project80)
+    assert messages.Filter(scopes=("project",)).wants(project80)
+    assert not messages.Filter(scopes=("organization", "user")).wants(project80)
+    assert messages.Filter(min_threshold=Decimal(80)).wants(project80)
+    assert not messages.Filter(min_threshold=Decimal("80.5")).wants(project80)
+    assert messages.Filter().wants(resolved)
+    assert not messages.Filter(include_resolved=False).wants(resolved)
+    assert messages.Filter(include_resolved=False).wants(project80)
+
+
+# --- Slack ----------------------------------------------------------------------------------------------
+
+
+def test_slack_message_is_readable_and_escaped() -> None:
+    body = json.loads(alert())
+    text = json.dumps(slack.message(body, link_template="https://costs.example.com/b/{budget_id}?o={organization_id}"))
+    rendered = slack.message(body, link_template="https://costs.example.com/b/{budget_id}")
+    details = rendered["blocks"][1]["text"]["text"]
+    assert "Team &lt;b&gt;&amp;" in rendered["blocks"][0]["text"]["text"]  # no injected markup
+    assert "812.50 / 1000 EUR" in details
+    assert "81.25%" in details
+    assert f"project {uuid.UUID(int=2)}" in details
+    assert "monthly 2026-11-01 to 2026-12-01" in details
+    assert f"<https://costs.example.com/b/{uuid.UUID(int=3)}|Open the budget>" in details
+    assert "<b>" not in text
+    assert "crossed 80%" in rendered["text"]
+    resolved = slack.message(json.loads(alert(type=messages.RESOLVED)))
+    assert "back below its 80% threshold" in resolved["text"]
+    assert "Open the budget" not in json.dumps(resolved)  # no template, no link
+
+
+def test_a_bad_link_template_drops_the_link_not_the_message() -> None:
+    assert slack.link("https://x.example/{nope}", json.loads(alert())) is None
+    assert slack.message(json.loads(alert()), link_template="{0}")["blocks"]
+
+
+# --- signing and sealing --------------------------------------------------------------------------------
+
+
+def test_signatures_verify_with_the_standardwebhooks_library() -> None:
+    secret = new_secret()
+    assert secret.startswith("whsec_")
+    body = sample_alert(uuid.uuid4()).encode()
+    headers = signed_headers(secret, "a1:resolved", body)
+    assert headers["webhook-id"] == "a1:resolved"
+    assert Webhook(secret).verify(body, headers)["budget_name"].startswith("Test budget")
+    with pytest.raises(WebhookVerificationError):
+        Webhook(secret).verify(body + b" ", headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(new_secret()).verify(body, headers)
+    with pytest.raises(WebhookVerificationError):  # same body, another id: another signature
+        Webhook(secret).verify(body, {**headers, "webhook-id": "a2"})
+
+
+def test_sealed_values_open_only_with_the_key_and_on_their_row() -> None:
+    key = base64.b64encode(bytes(range(32))).decode()
+    sealer = Sealer.from_settings(Settings(notify_secrets_key=key))
+    owner, other = uuid.uuid4(), uuid.uuid4()
+    sealed = sealer.seal("https://hooks.slack.com/services/T/B/token", owner)
+    assert b"token" not in sealed
+    assert sealer.open(sealed, owner).endswith("/token")
+    assert sealer.seal("x", owner) != sealer.seal("x", owner)  # fresh nonce every time
+    with pytest.raises(SealBroken):
+        sealer.open(sealed, other)
+    with pytest.raises(SealBroken):
+        Sealer(bytes(32)).open(sealed, owner)
+    with pytest.raises(ConfigError):
+        Sealer.from_settings(Settings())
+
+
+# --- the command line and the SQL file ------------------------------------------------------------------
+
+
+def test_notify_queries_load() -> None:
+    from worker.notify.store import _queries  # noqa: PLC0415
+
+    loaded = _queries()
+    assert {"notify_claim", "notify_deliveries_insert", "notify_record_delivered"} <= set(loaded)
+    assert all(statement.strip() for statement in loaded.values())
+
+
+def test_cli_refuses_a_private_url_with_one_line_and_no_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from worker.cli import main  # noqa: PLC0415
+
+    monkeypatch.setenv("COST_WORKER_DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
+    monkeypatch.setenv("COST_WORKER_NOTIFY_SECRETS_KEY", base64.b64encode(bytes(32)).decode())
+    args = ["notify", "destinations", "add", "--organization", str(uuid.uuid4()), "--name", "x"]
+    assert main([*args, "--url", "https://169.254.169.254/latest/meta-data"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("cost-worker: error: address 169.254.169.254 is not public")
+    assert "Traceback" not in error
+    monkeypatch.delenv("COST_WORKER_NOTIFY_SECRETS_KEY")
+    assert main([*args, "--url", "https://hooks.example.com/x"]) == 2
+    assert "COST_WORKER_NOTIFY_SECRETS_KEY: required" in capsys.readouterr().err

@@ -1,0 +1,248 @@
+"""Operator commands: ``notify destinations add|list|test|remove`` and ``notify status``.
+
+Every command acts inside one organization's row-level-security scope (``--organization``), except
+``status`` without it, which reports every organization that has deliveries.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sys
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from worker.admin import table
+from worker.config import Settings
+from worker.errors import ConfigError, CostWorkerError
+from worker.notify.messages import SCOPES, TRIGGERED
+from worker.notify.sealing import Sealer
+from worker.notify.sender import Sender
+from worker.notify.store import NotifyStore
+from worker.notify.urls import UrlPolicy, origin
+from worker.store import Database
+
+SECRET_BYTES = 32  # random bytes of a generated signing secret (Standard Webhooks: 24 to 64)
+SECRET_PREFIX = "whsec_"  # noqa: S105 - the Standard Webhooks secret prefix, not a secret
+KINDS = ("webhook", "slack")
+
+
+def new_secret() -> str:
+    return SECRET_PREFIX + base64.b64encode(os.urandom(SECRET_BYTES)).decode()
+
+
+def sample_alert(organization: uuid.UUID) -> str:
+    """The body ``destinations test`` sends: a realistic triggered alert, marked as a test."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    return json.dumps(
+        {
+            "type": TRIGGERED,
+            "test": True,
+            "alert_id": f"test-{uuid.uuid4()}",
+            "scope": "organization",
+            "organization_id": str(organization),
+            "project_id": None,
+            "user_id": None,
+            "budget_id": str(uuid.UUID(int=0)),
+            "budget_name": "Test budget (cost-worker notify destinations test)",
+            "period": "monthly",
+            "timezone": "UTC",
+            "period_start": now.replace(day=1, hour=0, minute=0, second=0).isoformat(),
+            "period_end": now.isoformat(),
+            "threshold_percent": "80",
+            "spend": "80.00",
+            "amount": "100",
+            "currency": "USD",
+            "percent_used": "80.00",
+            "raised_at": now.isoformat(),
+        },
+        separators=(",", ":"),
+    )
+
+
+def _uuid(value: str, what: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise ConfigError([f"{what}: not a uuid: {value!r}"]) from None
+
+
+async def _open(settings: Settings) -> NotifyStore:
+    return NotifyStore(await Database.open(settings.dsn(), role=settings.database_role, max_size=2))
+
+
+async def add(
+    settings: Settings,
+    *,
+    organization: str,
+    name: str,
+    kind: str,
+    url: str,
+    scopes: Sequence[str],
+    min_threshold: str,
+    include_resolved: bool,
+) -> int:
+    org = _uuid(organization, "--organization")
+    sealer = Sealer.from_settings(settings)
+    problems = []
+    if kind not in KINDS:
+        problems.append(f"--kind: one of {', '.join(KINDS)}")
+    for scope in scopes:
+        if scope not in SCOPES:
+            problems.append(f"--scope: one of {', '.join(SCOPES)}, got {scope!r}")
+    try:
+        threshold = Decimal(min_threshold)
+        if not threshold.is_finite() or threshold < 0:
+            raise ValueError
+    except (ArithmeticError, ValueError):
+        problems.append(f"--min-threshold: a non-negative number, got {min_threshold!r}")
+        threshold = Decimal(0)
+    if not name.strip() or len(name) > 200:
+        problems.append("--name: 1 to 200 characters")
+    if url == "-":
+        url = sys.stdin.readline().strip()  # keeps a token-bearing URL out of shell history and ps
+    if problems:
+        raise ConfigError(problems)
+    parts = await UrlPolicy.from_settings(settings).check(url)  # refused: a one-line error, exit 1
+    destination = uuid.uuid4()
+    secret = new_secret() if kind == "webhook" else None
+    store = await _open(settings)
+    try:
+        added = await store.add_destination(
+            id=destination,
+            organization=org,
+            name=name,
+            kind=kind,
+            origin=origin(parts),
+            url_sealed=sealer.seal(url, destination),
+            secret_sealed=sealer.seal(secret, destination) if secret else None,
+            scopes=sorted(set(scopes)),
+            min_threshold=threshold,
+            include_resolved=include_resolved,
+        )
+    except LookupError as exc:
+        raise CostWorkerError(str(exc)) from None
+    finally:
+        await store.db.close()
+    if not added:
+        raise CostWorkerError(f"organization {org} already has a destination named {name!r}")
+    print(f"added {kind} destination {destination} ({name}) -> {origin(parts)}")
+    if secret:
+        # Shown once: only the sealed form is stored, and no command prints it again.
+        print(f"signing secret (shown once; verify with any Standard Webhooks library): {secret}")
+    return 0
+
+
+async def list_(settings: Settings, *, organization: str) -> int:
+    org = _uuid(organization, "--organization")
+    store = await _open(settings)
+    try:
+        rows = await store.list_destinations(org)
+    finally:
+        await store.db.close()
+    print(
+        table(
+            ["id", "name", "kind", "url", "scopes", "min_threshold", "resolved", "enabled", "disabled_reason"],
+            [
+                (
+                    r["id"],
+                    r["name"],
+                    r["kind"],
+                    r["url_origin"] + "/…",
+                    ",".join(r["scopes"]) or "all",
+                    r["min_threshold"],
+                    "yes" if r["include_resolved"] else "no",
+                    "yes" if r["enabled"] else "no",
+                    r["disabled_reason"],
+                )
+                for r in rows
+            ],
+        )
+    )
+    print(f"{len(rows)} destination(s)")
+    return 0
+
+
+async def test(settings: Settings, *, organization: str, destination: str) -> int:
+    org = _uuid(organization, "--organization")
+    ident = _uuid(destination, "DESTINATION")
+    sealer = Sealer.from_settings(settings)
+    store = await _open(settings)
+    try:
+        row = await store.get_destination(org, ident)
+    finally:
+        await store.db.close()
+    if row is None:
+        raise CostWorkerError(f"organization {org} has no destination {ident}")
+    url = sealer.open(row["url_sealed"], ident)
+    secret = sealer.open(row["secret_sealed"], ident) if row["secret_sealed"] else None
+    payload = sample_alert(org)
+    sender = Sender(settings, UrlPolicy.from_settings(settings))
+    try:
+        attempt = await sender.send(row["kind"], url, secret, json.loads(payload)["alert_id"], payload)
+    finally:
+        await sender.close()
+    if attempt.ok:
+        print(f"delivered: HTTP {attempt.status} in {attempt.seconds * 1000:.0f} ms")
+        return 0
+    raise CostWorkerError(f"test delivery failed: {attempt.error}")
+
+
+async def remove(settings: Settings, *, organization: str, destination: str) -> int:
+    org = _uuid(organization, "--organization")
+    ident = _uuid(destination, "DESTINATION")
+    store = await _open(settings)
+    try:
+        removed = await store.remove_destination(org, ident)
+    finally:
+        await store.db.close()
+    if not removed:
+        raise CostWorkerError(f"organization {org} has no destination {ident}")
+    print(f"removed destination {ident} and its deliveries")
+    return 0
+
+
+async def status(settings: Settings, *, organization: str | None) -> int:
+    org = _uuid(organization, "--organization") if organization else None
+    store = await _open(settings)
+    try:
+        rows = await store.status(org)
+        backlog, oldest = await store.stats()
+    finally:
+        await store.db.close()
+    print(
+        table(
+            [
+                "organization",
+                "destination",
+                "name",
+                "kind",
+                "enabled",
+                "pending",
+                "oldest_s",
+                "delivered",
+                "failed",
+                "last_error",
+            ],
+            [
+                (
+                    r["organization_id"],
+                    r["id"],
+                    r["name"],
+                    r["kind"],
+                    "yes" if r["enabled"] else "no",
+                    r["pending"],
+                    round(r["oldest_pending_age"]),
+                    r["delivered"],
+                    r["failed"],
+                    (r["last_error"] or "")[:60] or None,
+                )
+                for r in rows
+            ],
+        )
+    )
+    print(f"backlog: {backlog} pending deliveries, oldest {oldest:.0f}s")
+    return 0

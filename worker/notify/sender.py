@@ -1,0 +1,116 @@
+"""One delivery attempt on the wire: a signed Standard Webhooks POST, or a Slack incoming-webhook POST.
+
+Standard Webhooks (https://www.standardwebhooks.com/): headers ``webhook-id`` (the stable delivery id, the
+same on every attempt so receivers dedupe), ``webhook-timestamp`` (Unix seconds) and ``webhook-signature``
+(``v1,<base64 HMAC-SHA256 of id.timestamp.body>``, made by the ``standardwebhooks`` library); the body is
+the alert message exactly as consumed.
+
+Safety: redirects are not followed, proxies from the environment are not used, every connection goes
+through ``SafeResolver`` (no private addresses), an attempt has a hard timeout, and at most
+``RESPONSE_EXCERPT_BYTES`` of a response are read. Error texts never carry the URL's path or query (a
+Slack URL's path is its token); secrets are never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import aiohttp
+from standardwebhooks.webhooks import Webhook
+
+from worker import __version__
+from worker.config import Settings
+from worker.notify import slack
+from worker.notify.urls import SafeResolver, UrlPolicy, UrlRefused, origin
+
+RESPONSE_EXCERPT_BYTES = 256  # bytes of a response body kept (as the delivery's last error)
+ERROR_EXCERPT_CHARS = 500  # characters of an error kept
+CONNECT_SHARE = 0.6  # of the attempt timeout that connecting may use
+USER_AGENT = f"cost-worker-notify/{__version__}"
+
+
+@dataclass(frozen=True)
+class Attempt:
+    status: int | None  # HTTP status, None when no response
+    seconds: float
+    error: str = ""  # excerpt: the error, or the start of a non-2xx response body
+    refused: bool = False  # the URL or the address it resolved to is not allowed
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+    @property
+    def gone(self) -> bool:
+        return self.status == 410
+
+
+def signed_headers(secret: str, webhook_id: str, body: bytes, at: float | None = None) -> dict[str, str]:
+    timestamp = int(time.time() if at is None else at)
+    signature = Webhook(secret).sign(webhook_id, datetime.fromtimestamp(timestamp, UTC), body.decode())
+    return {"webhook-id": webhook_id, "webhook-timestamp": str(timestamp), "webhook-signature": signature}
+
+
+class Sender:
+    def __init__(self, settings: Settings, policy: UrlPolicy) -> None:
+        self.settings = settings
+        self.policy = policy
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            timeout = self.settings.notify_timeout
+            connector = aiohttp.TCPConnector(
+                resolver=SafeResolver(self.policy),
+                use_dns_cache=False,  # every attempt resolves (and checks) again
+                limit=self.settings.notify_max_in_flight,
+                limit_per_host=0,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=timeout, connect=timeout * CONNECT_SHARE),
+                trust_env=False,
+                headers={"User-Agent": USER_AGENT},
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def body(self, kind: str, payload: str) -> bytes:
+        if kind == "slack":
+            return slack.render(json.loads(payload), link_template=self.settings.notify_link_template)
+        return payload.encode()
+
+    async def send(self, kind: str, url: str, secret: str | None, webhook_id: str, payload: str) -> Attempt:
+        body = self.body(kind, payload)
+        headers = {"Content-Type": "application/json"}
+        if kind == "webhook":
+            assert secret is not None, "a webhook destination has a signing secret"
+            headers.update(signed_headers(secret, webhook_id, body))
+        started = time.perf_counter()
+        try:
+            parts = self.policy.check_url(url)  # IP literals never reach the resolver: check them here
+        except UrlRefused as exc:
+            return Attempt(None, 0.0, f"refused: {exc}"[:ERROR_EXCERPT_CHARS], refused=True)
+        try:
+            async with self._client().post(url, data=body, headers=headers, allow_redirects=False) as response:
+                excerpt = await response.content.read(RESPONSE_EXCERPT_BYTES)
+                status = response.status
+        except UrlRefused as exc:  # from the resolver: the name resolves to a refused address now
+            return Attempt(None, time.perf_counter() - started, f"refused: {exc}"[:ERROR_EXCERPT_CHARS], refused=True)
+        except TimeoutError:
+            return Attempt(None, time.perf_counter() - started, f"timeout after {self.settings.notify_timeout:g}s")
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            text = f"{type(exc).__name__}: {exc}".replace(url, origin(parts))
+            return Attempt(None, time.perf_counter() - started, text[:ERROR_EXCERPT_CHARS])
+        seconds = time.perf_counter() - started
+        if 200 <= status < 300:
+            return Attempt(status, seconds)
+        text = excerpt.decode("utf-8", "replace").strip()
+        return Attempt(status, seconds, f"HTTP {status}: {text}"[:ERROR_EXCERPT_CHARS])
