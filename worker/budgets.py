@@ -1,9 +1,11 @@
 """Budget evaluation: which thresholds a change in spend crossed, raised once per (budget, period).
 
-What counts as spend is defined once, in SQL (``schema/migrations/0005_spend.sql``, ``cost_worker_spend``);
-this module decides *when* to evaluate and turns crossings into alerts:
+What counts as spend is defined once, in SQL (``schema/migrations/0006_spend_rules.sql``:
+``cost_worker_spend_rows``, summed by ``cost_worker_spend``); this module decides *when* to evaluate and turns
+crossings into alerts:
 - after every batch, inside its transaction, for the budgets whose scope the batch touched, in the periods
-  the touched data belongs to (late data re-evaluates its own period);
+  the touched data belongs to (late data re-evaluates its own period; a provider row, the period of its
+  window's midpoint and every other period its window overlaps);
 - periodically (the sweep), for every active budget in its current period, so a budget created, lowered or
   re-activated while spend is already over a threshold alerts without waiting for new events.
 Cost of one evaluation: one candidate query (index lookups per touched scope), then one spend computation per
