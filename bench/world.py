@@ -20,12 +20,17 @@ from bench.config import BenchConfig
 ENDPOINTS = ("/v1/orchestrations", "/v1/agents/run", "/v1/embeddings", "/v1/search", "/v1/documents")
 OPENAI_MODELS = ("gpt-4o", "gpt-4o-mini")
 ANTHROPIC_MODELS = ("claude-sonnet-4", "claude-haiku-4")
-OPENAI_TOKEN_TYPES = (
-    "input_uncached_tokens",
-    "input_cached_tokens",
-    "output_tokens",
+OPENAI_TOKEN_TYPES = (  # the completions token categories (worker.providers.COMPLETION_TOKEN_TYPES)
+    "input_text_tokens",
     "input_audio_tokens",
+    "input_image_tokens",
+    "input_cached_text_tokens",
+    "input_cached_audio_tokens",
+    "input_cached_image_tokens",
+    "input_cache_write_tokens",
+    "output_text_tokens",
     "output_audio_tokens",
+    "output_image_tokens",
 )
 ANTHROPIC_TOKEN_TYPES = (
     "uncached_input_tokens",
@@ -36,7 +41,7 @@ ANTHROPIC_TOKEN_TYPES = (
 )
 OPENAI_LINE_ITEMS = ("completions input", "completions output", "embeddings", "web search tool calls")
 COST_BUCKETS = 5  # hourly buckets per costs_v1 envelope
-USAGE_BUCKETS = 2  # hourly buckets per usage_v1 envelope (each result expands to 5 lines)
+USAGE_BUCKETS = 2  # hourly buckets per usage_v1 envelope (each result expands to 10 lines)
 API_USAGE_COLUMNS = (
     "organization_id",
     "event_id",

@@ -26,6 +26,7 @@ from tests.feeding import Feeder
 from tests.hostile.corpus import HERE, TOPICS, Hostile, World, load, manifest
 from tests.kafka_helpers import consume_all, create_topics, spawn_worker, worker_env
 from worker.config import Settings
+from worker.providers import COMPLETION_TOKEN_TYPES
 from worker.quarantine import Reason
 
 NOV1 = 1761955200  # 2025-11-01T00:00:00Z
@@ -182,7 +183,7 @@ def good_stream(world: World, events: int, pages: int) -> Good:
                 bucket = {"start_time": NOV1 + i * DAY, "end_time": NOV1 + (i + 1) * DAY, "results": [result]}
                 good.pages.append(json.dumps(envelope("openai", world.org.ai_org, "usage_v1", bucket)).encode())
                 good.tokens["openai"] += 1000 + i + 10 * i + 1
-                good.ledger_rows += 5
+                good.ledger_rows += len(COMPLETION_TOKEN_TYPES)  # the completions partition
             else:  # Anthropic usage: five token lines and one web-search line per result
                 result = {
                     "uncached_input_tokens": 1000 + i,

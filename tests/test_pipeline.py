@@ -102,11 +102,14 @@ async def test_newest_revision_wins_in_any_order(db: asyncpg.Connection, feeder:
 
 
 async def test_openai_usage_is_priced_per_model_and_token_type(db: asyncpg.Connection, feeder: Feeder) -> None:
+    """Overrides (model_prices) win over the catalogue; the catalogue prices what they do not cover; a model
+    neither knows stays unpriced. Every priced line names its price's source."""
     org = await make_org(db)
-    await add_price(db, "openai", "gpt-4o", "input_uncached_tokens", "2.50")
-    await add_price(db, "openai", "gpt-4o", "input_cached_tokens", "1.25")
-    await add_price(db, "openai", "gpt-4o", "output_tokens", "10")
-    await add_price(db, "openai", "gpt-4o", "output_tokens", "12", effective_from=datetime(2026, 11, 15, tzinfo=UTC))
+    await add_price(db, "openai", "gpt-4o", "input_text_tokens", "2.40")
+    await add_price(db, "openai", "gpt-4o", "output_text_tokens", "10")
+    await add_price(
+        db, "openai", "gpt-4o", "output_text_tokens", "12", effective_from=datetime(2026, 11, 15, tzinfo=UTC)
+    )
     page = envelope(
         "openai",
         org.ai_org,
@@ -125,6 +128,7 @@ async def test_openai_usage_is_priced_per_model_and_token_type(db: asyncpg.Conne
                         "num_model_requests": 10,
                     },
                     {"model": "gpt-4o-mini", "project_id": "proj_a", "input_tokens": 5},
+                    {"model": "acme-private-llm", "project_id": "proj_a", "input_tokens": 7},
                 ],
             ),
             openai_usage_bucket(
@@ -137,17 +141,22 @@ async def test_openai_usage_is_priced_per_model_and_token_type(db: asyncpg.Conne
         ],
     )
     outcome = await feeder.buckets(page)
-    assert outcome.unpriced["openai"] == 1  # gpt-4o-mini input has no price; its zero lines cost zero
-    rows = {
-        (r["line_item"], r["bucket_start_time"].day): (r["quantity"], r["amount"])
-        for r in await db.fetch("SELECT line_item, bucket_start_time, quantity, amount FROM cost_data")
-    }
-    assert rows[("gpt-4o:input_uncached_tokens", 1)] == (Decimal(600_000), Decimal("1.50"))
-    assert rows[("gpt-4o:input_cached_tokens", 1)] == (Decimal(400_000), Decimal("0.50"))
-    assert rows[("gpt-4o:output_tokens", 1)] == (Decimal(3_000), Decimal("0.030"))
-    assert rows[("gpt-4o:output_tokens", 20)] == (Decimal(1_000_000), Decimal(12))  # the later price applies
-    assert rows[("gpt-4o-mini:input_uncached_tokens", 1)] == (Decimal(5), None)  # stored, unpriced
-    assert rows[("gpt-4o-mini:output_tokens", 1)] == (Decimal(0), Decimal(0))
+    assert outcome.unpriced["openai"] == 1  # acme-private-llm input; its zero lines cost zero
+    found = await db.fetch("SELECT line_item, bucket_start_time, quantity, amount, metadata FROM cost_data")
+    rows = {(r["line_item"], r["bucket_start_time"].day): (r["quantity"], r["amount"]) for r in found}
+    sources = {(r["line_item"], r["bucket_start_time"].day): r["metadata"] for r in found}
+    assert rows[("gpt-4o:input_text_tokens", 1)] == (Decimal(600_000), Decimal("1.44"))  # the override
+    assert rows[("gpt-4o:input_cached_text_tokens", 1)] == (Decimal(400_000), Decimal("0.5"))  # the catalogue
+    assert rows[("gpt-4o:output_text_tokens", 1)] == (Decimal(3_000), Decimal("0.03"))
+    assert rows[("gpt-4o:output_text_tokens", 20)] == (Decimal(1_000_000), Decimal(12))  # the later override
+    assert rows[("gpt-4o-mini:input_text_tokens", 1)] == (Decimal(5), Decimal("0.00000075"))  # 0.15 per million
+    assert rows[("acme-private-llm:input_text_tokens", 1)] == (Decimal(7), None)  # stored, unpriced
+    assert rows[("acme-private-llm:output_text_tokens", 1)] == (Decimal(0), Decimal(0))
+    override_id = await db.fetchval("SELECT id FROM model_prices WHERE token_type = 'input_text_tokens'")
+    assert f'"price_source": "override:{override_id}"' in sources[("gpt-4o:input_text_tokens", 1)]
+    assert '"price_source": "genai-prices ' in sources[("gpt-4o:input_cached_text_tokens", 1)]
+    # one result of 1,000,000 input and 3,000 output tokens: ten lines that add up to exactly that
+    assert sum(q for (item, day), (q, _) in rows.items() if item.startswith("gpt-4o:") and day == 1) == 1_003_000
 
 
 async def test_anthropic_costs_in_cents_and_usage(db: asyncpg.Connection, feeder: Feeder) -> None:
@@ -228,7 +237,8 @@ async def test_anthropic_costs_in_cents_and_usage(db: asyncpg.Connection, feeder
         Decimal(6),
     )
     assert rows["claude-sonnet-4:cache_creation_1h_input_tokens:0-200k"][2] == Decimal("0.006")
-    assert rows["claude-sonnet-4:web_search_requests:0-200k"][1:] == (Decimal(2), None)
+    assert rows["claude-sonnet-4:web_search_requests:0-200k"][1:] == (Decimal(2), Decimal("0.02"))  # catalogue
+    assert rows["claude-sonnet-4:output_tokens:0-200k"][1:] == (Decimal(10), Decimal("0.00015"))  # catalogue
 
 
 async def test_api_events_dedupe_rollup_once_and_conflicts_quarantine(db: asyncpg.Connection, feeder: Feeder) -> None:
@@ -359,3 +369,40 @@ async def test_order_of_deliveries_does_not_matter(
     for i in order:
         await feeder.buckets(revisions[i])
     assert sorted(r["amount"] for r in await db.fetch("SELECT amount FROM cost_data")) == [Decimal(3), Decimal(3)]
+
+
+async def test_events_without_cost_are_estimated_from_the_catalogue(db: asyncpg.Connection, feeder: Feeder) -> None:
+    """The rollups say how much of the estimate the platform priced and how much the catalogue did."""
+    org = await make_org(db)
+    project = org.projects["proj_a"]
+    priced = api_event(org, project=project, cost="0.5", model="gpt-4o", prompt=1000, completion=100)
+    unpriced = api_event(org, project=project, model="gpt-4o", prompt=1000, completion=100)
+    del unpriced["token_usage"]["cost_usd"]
+    unknown = api_event(org, project=project, model="acme-private-llm", prompt=1000, completion=100)
+    del unknown["token_usage"]["cost_usd"]
+    outcome = await feeder.events(priced, unpriced, unknown)
+    assert outcome.catalogue_estimates == 1
+    stored = {
+        r["event_id"]: (r["cost_usd"], r["catalogue_cost_usd"], r["price_source"])
+        for r in await db.fetch("SELECT event_id, cost_usd, catalogue_cost_usd, price_source FROM api_usage")
+    }
+    assert stored[priced["event_id"]] == (Decimal("0.5"), None, None)
+    # 1,000 prompt tokens at 2.50 and 100 completion tokens at 10 per million
+    assert stored[unpriced["event_id"]][:2] == (None, Decimal("0.0035"))
+    assert stored[unpriced["event_id"]][2].startswith("genai-prices ")
+    assert stored[unknown["event_id"]] == (None, None, None)  # the catalogue cannot price it: no estimate
+    metrics = await db.fetchrow(
+        "SELECT sum(estimated_cost_usd) AS total, sum(platform_cost_usd) AS platform, "
+        "sum(catalogue_cost_usd) AS catalogue FROM project_metrics WHERE project_id = $1",
+        project,
+    )
+    assert metrics is not None
+    assert (metrics["total"], metrics["platform"], metrics["catalogue"]) == (
+        Decimal("0.5035"),
+        Decimal("0.5"),
+        Decimal("0.0035"),
+    )
+    again = await feeder.events(unpriced)  # a replay adds nothing
+    assert again.catalogue_estimates == 1
+    total = await db.fetchval("SELECT sum(estimated_cost_usd) FROM project_metrics WHERE project_id = $1", project)
+    assert total == Decimal("0.5035")

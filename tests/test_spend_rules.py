@@ -39,6 +39,7 @@ from tests.kafka_helpers import create_topics, produce, run_worker
 from tests.spend_model import Estimate, Ledger, Row, SpendModel, period, periods_overlapping, sum_lines
 from worker.config import Settings
 from worker.migrate import migrate, schema_dir
+from worker.providers import COMPLETION_TOKEN_TYPES
 
 EXAMPLES = 40
 HOUR = timedelta(hours=1)
@@ -58,7 +59,7 @@ MODELS = {  # API-usage event model -> the provider the catalogue gives it (None
     "gemini-1.5-pro": "google",
     "mystery-model-7": None,
 }
-OPENAI_ZERO_TYPES = ("input_cached_tokens", "output_tokens", "input_audio_tokens", "output_audio_tokens")
+OPENAI_ZERO_TYPES = tuple(t for t, _ in COMPLETION_TOKEN_TYPES if t != "input_text_tokens")
 ANTHROPIC_ZERO_TYPES = (
     "cache_read_input_tokens",
     "cache_creation_1h_input_tokens",
@@ -209,9 +210,9 @@ async def make_world(db: asyncpg.Connection, base: datetime) -> World:
 
 async def add_prices(db: asyncpg.Connection) -> None:
     """One USD per token of the priced models (``mx`` has no price: its lines stay unpriced)."""
-    await add_price(db, "openai", "m1", "input_uncached_tokens", "1000000")
+    await add_price(db, "openai", "m1", "input_text_tokens", "1000000")
     await add_price(db, "anthropic", "a1", "uncached_input_tokens", "1000000")
-    await add_price(db, "anthropic", "a1", "priority/uncached_input_tokens", "1000000")
+    await add_price(db, "anthropic", "a1", "uncached_input_tokens/service_tier=priority", "1000000")
 
 
 def _iso(moment: datetime) -> str:
@@ -264,7 +265,7 @@ def payload_and_rows(world: World, snap: Snapshot) -> tuple[dict[str, Any], list
                     p,
                     "openai.usage.completions",
                     "usage",
-                    f"{m}:input_uncached_tokens",
+                    f"{m}:input_text_tokens",
                     Decimal(n) if m == "m1" else None,
                     quantity=Decimal(n),
                 )

@@ -112,10 +112,40 @@ def _parser() -> argparse.ArgumentParser:
         "already alerted, as a table.",
     )
     bstatus.add_argument("--organization", metavar="ID", help="only this organization (uuid)")
+    _prices_parser(sub)
     _notify_parser(sub)
 
     collect_cli.add_parsers(sub)  # `collect` and `keys` (issue 14)
     return parser
+
+
+def _prices_parser(sub: Any) -> None:
+    """``prices``: the logic is in worker/prices.py."""
+    prices = sub.add_parser(
+        "prices",
+        help="prices of usage: effective price and source, overrides, unpriced models",
+        description="Usage is priced from the operator's overrides (model_prices), else the genai-prices "
+        "catalogue installed with the worker.",
+    )
+    psub = prices.add_subparsers(dest="prices_command", metavar="ACTION", parser_class=_Parser)
+    psub.required = True
+    show = psub.add_parser("show", help="a model's effective price per token type at a date, and its source")
+    show.add_argument("model")
+    show.add_argument("--provider", choices=["openai", "anthropic"], help="(default: the catalogue's)")
+    show.add_argument("--token-type", help="only this token type, e.g. output_tokens/service_tier=batch")
+    show.add_argument("--at", help="the date or time (ISO 8601 with zone; default: now)")
+    overrides = psub.add_parser("overrides", help="list the overrides in model_prices")
+    overrides.add_argument("--provider", choices=["openai", "anthropic"])
+    overrides.add_argument("--model")
+    importer = psub.add_parser(
+        "import",
+        help="add overrides from a CSV file",
+        description="CSV columns: provider, model, token_type, price_per_million, effective_from (a date or a "
+        "time with zone), optional currency (USD) and note. All rows or none; runs as the login role.",
+    )
+    importer.add_argument("file")
+    missing = psub.add_parser("unpriced", help="models and token types of ledger lines that have no price")
+    missing.add_argument("--since", help="only buckets starting at or after this date or time")
 
 
 def _notify_parser(sub: Any) -> None:
@@ -231,6 +261,32 @@ def cmd_budgets(args: argparse.Namespace) -> int:
     return _run(lambda: admin.budgets_status(settings, organization=args.organization))
 
 
+def cmd_prices(args: argparse.Namespace) -> int:
+    from pathlib import Path  # noqa: PLC0415
+
+    from worker import prices  # noqa: PLC0415
+
+    def when(text: str | None, flag: str) -> Any:
+        instant = None if text is None else prices.parse_instant(text)
+        if text is not None and instant is None:
+            raise ConfigError([f"{flag}: not a date or a time with zone: {text!r}"])
+        return instant
+
+    if args.prices_command == "show":
+        at = when(args.at, "--at")
+        settings = _settings()
+        return _run(
+            lambda: prices.show(settings, args.model, provider=args.provider, token_type=args.token_type, at=at)
+        )
+    settings = _settings(require=("database_url",))
+    if args.prices_command == "overrides":
+        return _run(lambda: prices.list_overrides(settings, provider=args.provider, model=args.model))
+    if args.prices_command == "import":
+        return _run(lambda: prices.import_csv(settings, Path(args.file)))
+    since = when(args.since, "--since")
+    return _run(lambda: prices.unpriced(settings, since=since))
+
+
 def cmd_notify(args: argparse.Namespace) -> int:
     from worker.notify import admin  # noqa: PLC0415
 
@@ -269,6 +325,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "dev": cmd_dev,
     "quarantine": cmd_quarantine,
     "budgets": cmd_budgets,
+    "prices": cmd_prices,
     "notify": cmd_notify,
     **collect_cli.COMMANDS,
 }

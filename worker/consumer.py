@@ -385,6 +385,8 @@ def _record(outcome: Outcome) -> None:
         metrics.UNPRICED_LINES.labels(provider=provider).inc(count)
     if outcome.unknown_models:
         metrics.UNKNOWN_MODEL_EVENTS.inc(outcome.unknown_models)
+    if outcome.catalogue_estimates:
+        metrics.CATALOGUE_ESTIMATES.inc(outcome.catalogue_estimates)
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

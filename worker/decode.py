@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticCustomError
 
 from worker.models import BUCKET_MODELS, MAX_AMOUNT, MAX_MAGNITUDE, ApiUsageEvent, ProviderEnvelope
-from worker.providers import EXACT, LedgerLine, lines_for, report_of, window_of
+from worker.providers import EXACT, LedgerLine, bucket_reports, lines_for, window_of
 from worker.quarantine import Quarantined, Reason, Source
 
 MAX_DETAIL = 500  # characters of validation detail kept with a quarantined message
@@ -286,10 +286,19 @@ def decode_provider_message(
         for index, raw in enumerate(raw_buckets):
             try:
                 bucket: BaseModel = model.model_validate(raw)
-                message.windows.append((report_of(envelope.provider, envelope.api_version), *window_of(bucket)))
-                message.lines.extend(
-                    lines_for(envelope.provider, envelope.api_version, envelope.ai_organization_id, bucket)
+                bucket_lines = list(
+                    lines_for(
+                        envelope.provider, envelope.api_version, envelope.ai_organization_id, bucket, envelope.endpoint
+                    )
                 )
+                window = window_of(bucket)
+                message.windows.extend(
+                    (report, *window)
+                    for report in bucket_reports(
+                        envelope.provider, envelope.api_version, bucket_lines, envelope.endpoint
+                    )
+                )
+                message.lines.extend(bucket_lines)
             except ValidationError as exc:
                 reason, detail = reason_for(exc)
                 raise _Invalid(reason, f"bucket {index}: {detail}") from None

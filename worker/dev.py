@@ -154,7 +154,8 @@ def demo_stream(now: datetime, seed: int = 42) -> tuple[list[bytes], list[bytes]
                         "completion_tokens": completion,
                         "total_tokens": prompt + completion,
                         "model": model,
-                        "cost_usd": str(cost),
+                        # every tenth event comes without the platform's cost: the catalogue estimates it
+                        **({} if i % 10 == 5 else {"cost_usd": str(cost)}),
                     },
                 }
             )
@@ -237,19 +238,80 @@ def demo_stream(now: datetime, seed: int = 42) -> tuple[list[bytes], list[bytes]
                             "object": "organization.usage.completions.result",
                             "input_tokens": 2_000_000,
                             "input_cached_tokens": 500_000,
-                            "output_tokens": 400_000,
+                            "input_cache_write_tokens": 0,
+                            "input_uncached_tokens": 1_500_000,
+                            "input_text_tokens": 1_480_000,
                             "input_audio_tokens": 0,
+                            "input_image_tokens": 20_000,
+                            "input_cached_text_tokens": 500_000,
+                            "input_cached_audio_tokens": 0,
+                            "input_cached_image_tokens": 0,
+                            "output_tokens": 400_000,
+                            "output_text_tokens": 400_000,
                             "output_audio_tokens": 0,
+                            "output_image_tokens": 0,
                             "num_model_requests": 1200,
                             "project_id": "proj_assistant",
                             "model": "gpt-4o",
                             "user_id": None,
                             "api_key_id": None,
                             "batch": None,
+                            "service_tier": None,
                         }
                     ],
                 }
             ],
+        ),
+        _envelope(
+            "openai",
+            "org-acme",
+            "usage_v1",
+            now - timedelta(hours=2),
+            [
+                {
+                    "object": "bucket",
+                    "start_time": int(yesterday.timestamp()),
+                    "end_time": int(day.timestamp()),
+                    "results": [
+                        {
+                            "object": "organization.usage.embeddings.result",
+                            "input_tokens": 40_000_000,
+                            "num_model_requests": 9000,
+                            "project_id": "proj_search",
+                            "model": "text-embedding-3-small",
+                            "user_id": None,
+                            "api_key_id": None,
+                        }
+                    ],
+                }
+            ],
+            endpoint="embeddings",
+        ),
+        _envelope(
+            "openai",
+            "org-acme",
+            "usage_v1",
+            now - timedelta(hours=2),
+            [
+                {
+                    "object": "bucket",
+                    "start_time": int(yesterday.timestamp()),
+                    "end_time": int(day.timestamp()),
+                    "results": [
+                        {
+                            "object": "organization.usage.web_searches.result",
+                            "num_requests": 310,
+                            "num_model_requests": 300,
+                            "project_id": "proj_search",
+                            "model": "gpt-4o",
+                            "user_id": None,
+                            "api_key_id": None,
+                            "context_level": None,
+                        }
+                    ],
+                }
+            ],
+            endpoint="web_search_calls",
         ),
         _envelope(
             "anthropic",
@@ -289,8 +351,11 @@ def demo_stream(now: datetime, seed: int = 42) -> tuple[list[bytes], list[bytes]
                             "cache_read_input_tokens": 100_000,
                             "cache_creation": {"ephemeral_1h_input_tokens": 0, "ephemeral_5m_input_tokens": 0},
                             "output_tokens": 90_000,
+                            "server_tool_use": {"web_search_requests": 40},
                             "model": "claude-sonnet-4",
                             "workspace_id": "wrkspc_claude",
+                            "service_tier": "standard",
+                            "context_window": "0-200k",
                         }
                     ],
                 }
@@ -316,16 +381,19 @@ def _iso(at: datetime) -> str:
     return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def _envelope(provider: str, ai_org: str, version: str, collected: datetime, buckets: list[Any]) -> bytes:
-    return _json(
-        {
-            "provider": provider,
-            "ai_organization_id": ai_org,
-            "api_version": version,
-            "collected_at": _iso(collected),
-            "page": {"object": "page", "data": buckets, "has_more": False},
-        }
-    )
+def _envelope(
+    provider: str, ai_org: str, version: str, collected: datetime, buckets: list[Any], *, endpoint: str | None = None
+) -> bytes:
+    body: dict[str, Any] = {
+        "provider": provider,
+        "ai_organization_id": ai_org,
+        "api_version": version,
+        "collected_at": _iso(collected),
+        "page": {"object": "page", "data": buckets, "has_more": False},
+    }
+    if endpoint is not None:
+        body["endpoint"] = endpoint
+    return _json(body)
 
 
 def _openai_costs(start: datetime, results: list[tuple[str | None, str, str]]) -> dict[str, Any]:
@@ -372,6 +440,7 @@ async def summary(settings: Settings) -> None:
             projects = await tx.report("report_project_spend", [DEMO_ORG])
             reasons = await tx.report("report_quarantine_reasons")
             alerts = await tx.report("report_alerts")
+            pricing = await tx.report("report_usage_pricing")
     finally:
         await db.close()
     print("\n== rows per table")
@@ -383,6 +452,8 @@ async def summary(settings: Settings) -> None:
             [(r["project"], r["provider_costs"], r["priced_usage"], r["estimate"], r["requests"]) for r in projects],
         )
     )
+    print("\n== usage lines by price source (`cost-worker prices unpriced` lists what has none)")
+    print(admin.table(["source", "lines", "amount"], [(r["source"], r["lines"], r["amount"]) for r in pricing]))
     print("\n== quarantined, by reason")
     print(admin.table(["reason", "messages"], [(r["reason"], r["messages"]) for r in reasons]) if reasons else "none")
     print("\n== budget alerts raised")

@@ -35,7 +35,7 @@ LEDGER_LINES = Counter(
 )
 UNPRICED_LINES = Counter(
     "cost_worker_unpriced_usage_lines_total",
-    "Usage ledger lines stored without an amount because model_prices had no price for them.",
+    "Usage ledger lines stored without an amount: neither an override (model_prices) nor the catalogue priced them.",
     ["provider"],
 )
 BATCH_SIZE = Histogram("cost_worker_batch_size_messages", "Messages per batch.", buckets=BATCH_SIZE_BUCKETS)
@@ -106,6 +106,12 @@ FOREIGN_CURRENCY_ROWS = Counter(
     "cost_worker_budget_foreign_currency_rows_total",
     "Ledger rows in a period left out of a budget's spend because their currency differs from the budget's.",
     ["budget_currency", "row_currency"],
+)
+
+# --- prices (issue 13)
+CATALOGUE_ESTIMATES = Counter(
+    "cost_worker_catalogue_estimated_events_total",
+    "API-usage events without cost_usd whose cost the price catalogue estimated (per delivery).",
 )
 
 # --- notify (issue 15) ----------------------------------------------------------------------------------

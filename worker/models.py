@@ -223,6 +223,9 @@ class ProviderEnvelope(_Model):
     ai_organization_id: RequiredName
     api_version: Literal["usage_v1", "costs_v1"]
     collected_at: Timestamp
+    # OpenAI usage_v1: the Usage API endpoint (``completions``, ``images``, ...); absent, it follows from the
+    # results' ``object`` (and a bucket without results is ``completions``).
+    endpoint: ShortText | None = None
     page: dict[str, Any] | None = None
     bucket: dict[str, Any] | None = None
 
@@ -261,23 +264,51 @@ class OpenAICostResult(_Model):
 
 
 class OpenAIUsageResult(_Model):
-    """Completions usage. Only the counts are guaranteed; the grouping fields are null unless grouped by."""
+    """One result of any Usage API endpoint; ``object`` says which (``organization.usage.<name>.result``).
 
-    model_config = ConfigDict(extra="allow", frozen=True)  # newer token breakdowns arrive as extra *_tokens
+    The fields are the union of the endpoints' documented fields (openai/openai-openapi, ``openapi.json``,
+    ``components.schemas.Usage*Result``); ``worker.providers`` reads the ones of the result's endpoint. Counts
+    are optional, so that a missing breakdown can be told from a reported zero. Only the grouping fields are
+    null unless grouped by.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)  # newer fields are ignored, never priced twice
 
     object: ShortText | None = None
-    input_tokens: Count = 0
-    output_tokens: Count = 0
-    input_cached_tokens: Count = 0
-    input_audio_tokens: Count = 0
-    output_audio_tokens: Count = 0
+    # completions (input_tokens also: embeddings, moderations)
+    input_tokens: Count | None = None
+    output_tokens: Count | None = None
+    input_cached_tokens: Count | None = None
+    input_cache_write_tokens: Count | None = None
+    input_uncached_tokens: Count | None = None
+    input_text_tokens: Count | None = None
+    input_audio_tokens: Count | None = None
+    input_image_tokens: Count | None = None
+    input_cached_text_tokens: Count | None = None
+    input_cached_audio_tokens: Count | None = None
+    input_cached_image_tokens: Count | None = None
+    output_text_tokens: Count | None = None
+    output_audio_tokens: Count | None = None
+    output_image_tokens: Count | None = None
+    # images, audio speeches and transcriptions, vector stores, code interpreter, file search, web search
+    images: Count | None = None
+    characters: Count | None = None
+    seconds: Count | None = None
+    usage_bytes: Count | None = None
+    num_sessions: Count | None = None
+    num_requests: Count | None = None
     num_model_requests: Count = 0
+    # grouping fields
     project_id: Name | None = None
     user_id: Name | None = None
     api_key_id: Name | None = None
     model: Name | None = None
     batch: Annotated[bool, Strict()] | None = None
     service_tier: ShortText | None = None
+    size: ShortText | None = None
+    source: ShortText | None = None
+    vector_store_id: Name | None = None
+    context_level: ShortText | None = None
 
 
 class _OpenAIBucket(_Model):
@@ -313,6 +344,7 @@ class AnthropicCostResult(_Model):
     context_window: ShortText | None = None
     workspace_id: Name | None = None
     inference_geo: ShortText | None = None
+    speed: ShortText | None = None
 
 
 class AnthropicCacheCreation(_Model):
@@ -340,6 +372,9 @@ class AnthropicUsageResult(_Model):
     service_tier: ShortText | None = None
     context_window: ShortText | None = None
     inference_geo: ShortText | None = None
+    speed: ShortText | None = None
+    account_id: Name | None = None
+    service_account_id: Name | None = None
 
 
 class _AnthropicBucket(_Model):

@@ -23,7 +23,7 @@ from worker.decode import API_USAGE_COLUMNS, ApiEvent, ProviderMessage, decode_a
 from worker.errors import StaleOffsets
 from worker.faults import NO_FAULTS, Faults
 from worker.model_providers import provider_of
-from worker.pricing import Price, PriceBook, price_keys
+from worker.pricing import Price, PriceBook, estimate_request, price_keys
 from worker.providers import EXACT, LedgerLine
 from worker.quarantine import Quarantined, Reason, Source
 from worker.store import Database, Tx
@@ -137,6 +137,7 @@ class Outcome:
     ledger_lines: Counter[tuple[str, str]] = field(default_factory=Counter)  # (api_version, outcome)
     unpriced: Counter[str] = field(default_factory=Counter)  # provider
     unknown_models: int = 0  # API-usage events whose model has no known provider (their estimate always counts)
+    catalogue_estimates: int = 0  # API-usage events without cost_usd that the price catalogue estimated
     new_quarantine_rows: int = 0
     alerts: list[Any] = field(default_factory=list)
     quarantine: list[Quarantined] = field(default_factory=list)  # every message quarantined by this batch
@@ -420,7 +421,22 @@ class Pipeline:
     ) -> list[Touch]:
         providers = [provider_of(event.model) for event in events]
         outcome.unknown_models += providers.count(None)
-        columns = [*list(zip(*events, strict=True))[:API_USAGE_COLUMNS], providers]
+        # Events the platform did not price are estimated from the catalogue (kept apart from cost_usd).
+        estimates = [
+            None
+            if event.cost_usd is not None
+            else estimate_request(
+                provider, event.model, event.prompt_tokens, event.completion_tokens, event.occurred_at
+            )
+            for event, provider in zip(events, providers, strict=True)
+        ]
+        outcome.catalogue_estimates += sum(1 for estimate in estimates if estimate is not None)
+        columns = [
+            *list(zip(*events, strict=True))[:API_USAGE_COLUMNS],
+            providers,
+            [None if e is None else e.amount for e in estimates],
+            [None if e is None else e.source for e in estimates],
+        ]
         result = await tx.insert_api_usage(columns)
         touched = []
         inserted = 0
@@ -474,7 +490,13 @@ class Pipeline:
         keys = price_keys(lines)
         book = PriceBook(
             Price(
-                r["provider"], r["model"], r["token_type"], r["price_per_million"], r["currency"], r["effective_from"]
+                r["provider"],
+                r["model"],
+                r["token_type"],
+                r["price_per_million"],
+                r["currency"],
+                r["effective_from"],
+                r["id"],
             )
             for r in (await tx.lookup_prices(keys) if keys else [])
         )

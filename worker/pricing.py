@@ -1,20 +1,48 @@
-"""Pricing usage lines from ``model_prices``: the price effective at the bucket start applies.
+"""Prices for usage lines: the operator's overrides (``model_prices``), else the genai-prices catalogue.
 
-Arithmetic is exact: quantity x price-per-million, then the decimal point moves six places. A usage line
-with no price keeps amount NULL (it is stored and counted, never dropped); a line with zero quantity costs
-zero whatever the price.
+- Overrides are looked up by ``(provider, model, token type)`` exactly as the line carries them (see
+  ``worker.providers`` for the token type's format); the row with the latest ``effective_from`` at or before
+  the bucket start applies. They are the only source of custom or negotiated prices.
+- The catalogue is the installed ``genai-prices`` package's bundled snapshot (never fetched at run time):
+  the model is matched by genai-prices' own rules, the line's non-default price dimensions select its price
+  variants (``service_tier=batch`` is genai-prices' ``processing=batch``; ``speed=fast`` and an OpenAI service
+  tier are variants of the same name), and ``context_window=200k-1M`` selects the long-context tier of a
+  tiered price (otherwise the base price applies: a bucket aggregates many requests, so its total is no
+  request's context length). A dimension the catalogue has no variant for (``inference_geo=us``, say) leaves
+  the line unpriced rather than priced wrongly.
+
+Every priced line records its source in ``metadata.price_source`` (``override:<model_prices.id>`` or
+``genai-prices <version>:<provider>/<model id>``) and its unit price in ``metadata.unit_price`` (USD per
+``metadata.price_per`` units). Arithmetic is exact (``EXACT``): quantity x price / per. A usage line with no
+price keeps amount NULL (it is stored and counted, never dropped); a line with zero quantity costs zero.
 """
 
 from __future__ import annotations
 
 import bisect
+import warnings
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal, localcontext
+from functools import cache, lru_cache
+from importlib.metadata import version
 
-from worker.providers import LedgerLine
+from genai_prices import data_snapshot
+from genai_prices.types import ModelInfo, ModelPrice, Provider, TieredPrices, Usage
+from genai_prices.units import UnitRegistry, _get_registry
+
+from worker.providers import EXACT, LedgerLine
+
+CATALOGUE = "genai-prices"
+CATALOGUE_VERSION = version("genai-prices")
+CATALOGUE_SOURCE = f"{CATALOGUE} {CATALOGUE_VERSION}"
+OVERRIDE_SOURCE = "override:"  # + model_prices.id
+PER_MILLION = 1_000_000  # model_prices holds prices per million units
+LONG_CONTEXT = "200k-1M"  # Anthropic's context_window value billed at long-context rates
+QUOTE_CACHE = 65_536  # remembered catalogue quotes (provider, model, unit, dimensions, instant)
+PER_REQUEST = "requests_kcount"  # a per-request fee: no usage line is a request count, so it never applies
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,10 +53,25 @@ class Price:
     price_per_million: Decimal
     currency: str
     effective_from: datetime
+    id: int | None = None
 
 
-class PriceBook:
-    """Prices by (provider, model, token_type), each list ordered by effective_from."""
+@dataclass(frozen=True, slots=True)
+class Quote:
+    """A price that applies to one line: ``unit_price`` per ``per`` units, and where it comes from."""
+
+    unit_price: Decimal
+    per: int
+    currency: str
+    source: str
+
+    def amount(self, quantity: Decimal) -> Decimal:
+        with localcontext(EXACT):  # wide enough that no product of bounded inputs is ever rounded
+            return quantity * self.unit_price / self.per
+
+
+class Overrides:
+    """``model_prices`` rows by (provider, model, token_type), each list ordered by effective_from."""
 
     def __init__(self, prices: Iterable[Price]) -> None:
         self._prices: dict[tuple[str, str, str], list[Price]] = defaultdict(list)
@@ -46,25 +89,175 @@ class PriceBook:
         index = bisect.bisect_right(starts, at) - 1
         return self._prices[key][index] if index >= 0 else None
 
-    def price(self, line: LedgerLine) -> bool:
-        """Fill in the line's amount and currency; returns False when the line stays unpriced."""
-        assert line.quantity is not None, "usage lines carry a quantity"
+
+# ============================================================================================ catalogue
+
+
+@cache
+def _registry() -> UnitRegistry:
+    return _get_registry()
+
+
+@cache
+def catalogue_model(provider: str, model: str) -> tuple[Provider, ModelInfo] | None:
+    """The catalogue's provider and model for a reported model name, or None."""
+    try:
+        return data_snapshot.get_snapshot().find_provider_model(model, None, provider, None)
+    except LookupError:
+        return None
+
+
+def _context(dimensions: Iterable[tuple[str, str]]) -> dict[str, str] | None:
+    """genai-prices' price context for the line's dimensions; None when one of them has no catalogue name."""
+    context: dict[str, str] = {}
+    for name, value in dimensions:
+        if name == "service_tier" and value.lower() == "batch":
+            context["processing"] = "batch"
+        elif name in ("service_tier", "speed"):
+            context[name] = value.lower()
+        elif name == "context_window" and value == LONG_CONTEXT:
+            continue  # a tier of the price itself (below)
+        else:
+            return None
+    return context
+
+
+def _variants_cover(model: ModelInfo, context: Mapping[str, str], at: datetime) -> bool:
+    """Every entry of the context selects a variant the catalogue has (else the base price would apply)."""
+    for key, value in context.items():
+        if not any(
+            variant.when.get(key) == value and (variant.constraint is None or variant.constraint.active(at))
+            for variant in model.price_variants or ()
+        ):
+            return False
+    return True
+
+
+def _flatten(prices: ModelPrice, *, long_context: bool) -> ModelPrice:
+    """The prices with every tiered price resolved: its highest tier for long context, else its base."""
+    flat: dict[str, Decimal | None] = {}
+    for key, value in prices.__dict__.items():
+        if key.startswith("_") or key == PER_REQUEST:
+            continue
+        if isinstance(value, TieredPrices):
+            flat[key] = value.tiers[-1].price if long_context and value.tiers else value.base
+        else:
+            flat[key] = value
+    return ModelPrice(**flat)
+
+
+@lru_cache(maxsize=QUOTE_CACHE)
+def catalogue_quote(
+    provider: str, model: str, unit: str, dimensions: tuple[tuple[str, str], ...], at: datetime
+) -> Quote | None:
+    """The catalogue's price of one unit (a genai-prices usage key) of a model, or None. Remembered: a
+    catalogue lookup takes a few hundred microseconds, and the lines of one bucket share their instant."""
+    found = catalogue_model(provider, model)
+    if found is None:
+        return None
+    catalogue_provider, info = found
+    context = _context(dimensions)
+    if context is None or not _variants_cover(info, context, at):
+        return None
+    registry = _registry()
+    if unit not in registry.units:
+        return None
+    prices = _flatten(
+        info.get_prices(at, context or None), long_context=(("context_window", LONG_CONTEXT) in dimensions)
+    )
+    relevant = {unit} | registry.ancestor_usage_keys(unit)
+    priced = {
+        key: value
+        for key, value in prices.__dict__.items()
+        if not key.startswith("_") and value is not None and key in registry._all_price_keys
+    }
+    if priced and not any(registry.unit_for_price_key(key).usage_key in relevant for key in priced):
+        return None  # the model is priced, but not for this unit
+    per = registry.units[unit].per
+    with localcontext(EXACT), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # genai-prices warns about price keys it does not use; they stay unused
+        # The library decides which of the model's prices this unit falls to (the most specific priced one
+        # among the unit and its ancestors); a usage of ``per`` units of it, every ancestor included, is the
+        # unit price. An empty price list is a free model (moderations).
+        usage = Usage(**dict.fromkeys(relevant, per))
+        total = prices.calc_price(usage)["total_price"]
+    return Quote(total, per, "USD", f"{CATALOGUE_SOURCE}:{catalogue_provider.id}/{info.id}")
+
+
+# ============================================================================================ the book
+
+
+class PriceBook:
+    """Overrides first, then the catalogue."""
+
+    def __init__(self, overrides: Iterable[Price], *, catalogue: bool = True) -> None:
+        self.overrides = Overrides(overrides)
+        self.catalogue = catalogue
+
+    def quote(self, line: LedgerLine) -> Quote | None:
         assert line.price_model is not None, "usage lines carry a price key"
         assert line.price_token_type is not None, "usage lines carry a price key"
-        found = self.lookup(line.provider, line.price_model, line.price_token_type, line.bucket_start)
+        override = self.overrides.lookup(line.provider, line.price_model, line.price_token_type, line.bucket_start)
+        if override is not None:
+            return Quote(override.price_per_million, PER_MILLION, override.currency, f"{OVERRIDE_SOURCE}{override.id}")
+        if self.catalogue and line.price_unit is not None:
+            return catalogue_quote(
+                line.provider, line.price_model, line.price_unit, line.price_dimensions, line.bucket_start
+            )
+        return None
+
+    def price(self, line: LedgerLine) -> bool:
+        """Fill in the line's amount, currency and price source; returns False when the line stays unpriced."""
+        assert line.quantity is not None, "usage lines carry a quantity"
+        found = self.quote(line)
         if found is None:
             if line.quantity == 0:
                 line.amount = Decimal(0)
                 return True
             line.amount = None
+            line.metadata["unpriced"] = {"model": line.price_model, "token_type": line.price_token_type}
             return False
-        with localcontext() as exact:
-            exact.prec = 60  # wide enough that no product of bounded inputs is ever rounded
-            line.amount = (line.quantity * found.price_per_million).scaleb(-6)
+        line.amount = found.amount(line.quantity)
         line.currency = found.currency
+        line.metadata["price_source"] = found.source
+        line.metadata["unit_price"] = str(found.unit_price)
+        if found.per != 1:
+            line.metadata["price_per"] = found.per
         return True
 
 
 def price_keys(lines: Iterable[LedgerLine]) -> set[tuple[str, str]]:
     """(provider, model) pairs a set of usage lines needs prices for."""
     return {(line.provider, line.price_model) for line in lines if line.price_model is not None}
+
+
+# ============================================================================================ API-usage estimates
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    amount: Decimal
+    source: str
+
+
+def estimate_request(
+    provider: str | None, model: str | None, prompt_tokens: int | None, completion_tokens: int | None, at: datetime
+) -> Estimate | None:
+    """The catalogue's price of one API request the platform did not price (no ``cost_usd``): its prompt tokens
+    at the model's input price, its completion tokens at the output price. The event does not say how many of
+    its prompt tokens were cached, so this is the uncached (upper) price. None when the catalogue cannot
+    price it (no model, no tokens, a model it does not know)."""
+    if provider is None or not model or (not prompt_tokens and not completion_tokens):
+        return None
+    total = Decimal(0)
+    source = None
+    for unit, count in (("input_tokens", prompt_tokens), ("output_tokens", completion_tokens)):
+        if not count:
+            continue
+        quote = catalogue_quote(provider, model, unit, (), at)
+        if quote is None:
+            return None
+        total += quote.amount(Decimal(count))
+        source = quote.source
+    assert source is not None
+    return Estimate(total, source)

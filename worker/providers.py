@@ -1,18 +1,35 @@
 """Provider buckets -> ledger lines: one place that knows each provider's format.
 
-Costs (``costs_v1``): one line per result, the provider's amount converted exactly (Anthropic reports a
-decimal string in cents). Usage (``usage_v1``): one line per model and token type, with a deterministic
-``line_item`` such as ``gpt-4o:input_uncached_tokens`` or ``claude-sonnet-4:output_tokens:batch``; the amount
-is filled in later from ``model_prices`` (``pricing.py``).
+Every line names its *report* (``LedgerLine.report``): ``openai.costs``, ``openai.usage.<endpoint>``,
+``anthropic.cost_report``, ``anthropic.usage_report.messages``.
 
-Token types are disjoint, so that pricing each line never counts a token twice:
-- OpenAI reports ``input_tokens`` *including* cached tokens; the worker stores ``input_uncached_tokens`` =
-  input_tokens - input_cached_tokens, next to ``input_cached_tokens``. Audio tokens are reported apart from
-  text tokens and stay as they are. Newer ``*_tokens`` fields are kept as reported.
-- Anthropic's fields are already disjoint; ``cache_creation.ephemeral_1h_input_tokens`` becomes
-  ``cache_creation_1h_input_tokens`` (5m likewise), and web searches are a ``web_search_requests`` line.
-The price key is ``(provider, model, token_type)``, where a non-default tier (OpenAI ``batch``, a service
-tier) prefixes the token type: ``batch/input_uncached_tokens``.
+Costs (``costs_v1``): one line per result, the provider's amount converted exactly (Anthropic reports a
+decimal string in cents); every dimension the provider reports (model, token type, context window, service
+tier, speed, inference geo) is kept, in the line item and the metadata, as reported.
+
+Usage (``usage_v1``): lines of deterministic ``line_item`` such as ``gpt-4o:input_text_tokens`` or
+``claude-sonnet-4:uncached_input_tokens:batch:0-200k``; the amount is filled in later (``pricing.py``).
+OpenAI's Usage API has one endpoint per kind of usage, told apart by the result's ``object``
+(``ENDPOINT_OBJECTS``; the source of truth is ``openapi.json`` of openai/openai-openapi):
+
+- completions: the token lines *partition* ``input_tokens + output_tokens``, every token in exactly one
+  category (``COMPLETION_TOKEN_TYPES``): per the field descriptions, input = uncached + cached + cache write,
+  uncached = text + audio + image, cached = text + audio + image, output = text + audio + image. A breakdown
+  the result does not report is the remainder of its total; a breakdown that does not add up is
+  ``inconsistent_data``. Fields the worker does not know are ignored (they would count tokens twice).
+- embeddings, moderations: ``input_tokens``; images: ``images`` per model, size and source; audio speeches:
+  ``characters``; audio transcriptions: ``seconds``; vector stores: ``usage_bytes``; code interpreter:
+  ``sessions``; file search and web search: ``calls``.
+- a result ``object`` the worker does not know is ``unsupported_source`` (never stored as zero).
+
+Anthropic's token fields are already disjoint; ``cache_creation.ephemeral_1h_input_tokens`` becomes
+``cache_creation_1h_input_tokens`` (5m likewise), and web searches are a ``web_search_requests`` line.
+
+The price key is ``(provider, model, token type)``, where the token type carries every non-default price
+dimension as ``/name=value`` in the order of ``PRICE_DIMENSIONS``: ``output_tokens``,
+``uncached_input_tokens/service_tier=batch/context_window=200k-1M``, ``images/size=1024x1024/source=image.edit``.
+(OpenAI's ``batch`` is the tier ``batch``.) ``LedgerLine.price_unit`` and ``price_dimensions`` tell the
+catalogue the same.
 """
 
 from __future__ import annotations
@@ -38,12 +55,84 @@ from worker.quarantine import Reason
 
 ALL_LINE_ITEMS = "all"  # line_item of a cost result the provider did not group by line item
 UNKNOWN_MODEL = "unknown-model"  # usage results not grouped by model
-DEFAULT_TIERS = frozenset({"default", "standard", "auto"})
 TOKENS = "tokens"
 REQUESTS = "requests"
 # Decimal arithmetic rounds to the context's precision (28 digits by default); money has up to 46 (12 whole
 # digits, 34 decimal places), so exact operations on it get a context wide enough never to round.
 EXACT = Context(prec=60)
+
+# --- reports ----------------------------------------------------------------------------------------------
+OPENAI_COSTS = "openai.costs"
+OPENAI_USAGE = "openai.usage."  # + the endpoint
+ANTHROPIC_COSTS = "anthropic.cost_report"
+ANTHROPIC_USAGE = "anthropic.usage_report.messages"
+OPENAI_DEFAULT_USAGE_ENDPOINT = "completions"  # a usage bucket with no results and no envelope endpoint
+
+# Usage API endpoint -> the ``object`` of its results (openapi.json, components.schemas.Usage*Result).
+ENDPOINT_OBJECTS: dict[str, str] = {
+    "completions": "organization.usage.completions.result",
+    "embeddings": "organization.usage.embeddings.result",
+    "moderations": "organization.usage.moderations.result",
+    "images": "organization.usage.images.result",
+    "audio_speeches": "organization.usage.audio_speeches.result",
+    "audio_transcriptions": "organization.usage.audio_transcriptions.result",
+    "vector_stores": "organization.usage.vector_stores.result",
+    "code_interpreter_sessions": "organization.usage.code_interpreter_sessions.result",
+    "file_search_calls": "organization.usage.file_searches.result",
+    "web_search_calls": "organization.usage.web_searches.result",
+}
+OBJECT_ENDPOINTS = {obj: endpoint for endpoint, obj in ENDPOINT_OBJECTS.items()}
+
+# --- price dimensions -------------------------------------------------------------------------------------
+PRICE_DIMENSIONS = ("service_tier", "context_window", "speed", "inference_geo", "size", "source")
+# Values that price like the dimension's absence.
+DEFAULT_DIMENSION_VALUES: dict[str, frozenset[str]] = {
+    "service_tier": frozenset({"default", "standard", "auto"}),
+    "context_window": frozenset({"0-200k"}),
+    "speed": frozenset({"standard"}),
+    "inference_geo": frozenset({"global", "not_available"}),
+    "size": frozenset(),  # images: each size and source has its own price
+    "source": frozenset(),
+}
+
+# Completions token categories: (line token type, genai-prices usage key). Their quantities partition
+# input_tokens + output_tokens.
+COMPLETION_TOKEN_TYPES: tuple[tuple[str, str], ...] = (
+    ("input_text_tokens", "input_text_tokens"),
+    ("input_audio_tokens", "input_audio_tokens"),
+    ("input_image_tokens", "input_image_tokens"),
+    ("input_cached_text_tokens", "cache_text_read_tokens"),
+    ("input_cached_audio_tokens", "cache_audio_read_tokens"),
+    ("input_cached_image_tokens", "cache_image_read_tokens"),
+    ("input_cache_write_tokens", "cache_write_tokens"),
+    ("output_text_tokens", "output_text_tokens"),
+    ("output_audio_tokens", "output_audio_tokens"),
+    ("output_image_tokens", "output_image_tokens"),
+)
+ANTHROPIC_TOKEN_UNITS = {
+    "uncached_input_tokens": "input_tokens",
+    "cache_read_input_tokens": "cache_read_tokens",
+    "cache_creation_1h_input_tokens": "cache_write_1h_tokens",
+    "cache_creation_5m_input_tokens": "cache_write_5m_tokens",
+    "output_tokens": "output_tokens",
+    "web_search_requests": "web_searches",
+}
+# Every token type (or other unit's name) of each provider -> the genai-prices usage key it is priced by (None:
+# the catalogue has no price for it; an override can give one).
+TOKEN_TYPE_UNITS: dict[str, dict[str, str | None]] = {
+    "openai": {
+        **dict(COMPLETION_TOKEN_TYPES),
+        "input_tokens": "input_tokens",
+        "images": None,
+        "characters": "input_characters",
+        "seconds": "audio_seconds",
+        "usage_bytes": None,
+        "sessions": None,
+        "calls": "storage_searches",
+        "web_search_calls": "web_searches",
+    },
+    "anthropic": dict(ANTHROPIC_TOKEN_UNITS),
+}
 
 
 @dataclass(slots=True)
@@ -66,14 +155,20 @@ class LedgerLine:
     metadata: dict[str, Any] = field(default_factory=dict)
     report: str = ""  # the provider endpoint this line is a snapshot of (``report_of``)
     outside_cost_report: bool = False  # usage the provider's cost report omits: never replaced by cost rows
+    price_unit: str | None = None  # the genai-prices usage key the catalogue prices the line by
+    price_dimensions: tuple[tuple[str, str], ...] = ()  # non-default price dimensions, PRICE_DIMENSIONS order
 
 
-# Reports: one provider endpoint each. A bucket is a snapshot of one report over one window.
-OPENAI_COSTS = "openai.costs"
-OPENAI_USAGE = "openai.usage."  # + the Usage API endpoint: completions, embeddings, images, ...
-OPENAI_DEFAULT_USAGE_ENDPOINT = "completions"
-ANTHROPIC_COSTS = "anthropic.cost_report"
-ANTHROPIC_USAGE = "anthropic.usage_report.messages"
+@dataclass(frozen=True, slots=True)
+class Count:
+    """One usage quantity of a result: its token type (or other unit's name), unit and catalogue key."""
+
+    token_type: str
+    quantity: int
+    unit: str
+    price_unit: str | None
+
+
 # Anthropic documents that its cost report (GET /v1/organizations/cost_report) leaves Priority Tier costs out
 # (they are billed differently); Priority Tier usage is tracked through the usage report instead. Source: the
 # "Usage and Cost API" guide, https://platform.claude.com/docs/en/manage-claude/usage-cost-api (formerly
@@ -83,7 +178,7 @@ ANTHROPIC_TIERS_OUTSIDE_COST_REPORT = frozenset({"priority"})
 
 
 def report_of(provider: str, api_version: str, endpoint: str | None = None) -> str:
-    """The report a bucket of this provider and API version is a snapshot of."""
+    """The report a bucket of this provider and API version (and OpenAI usage endpoint) is a snapshot of."""
     if provider == "openai":
         if api_version == "costs_v1":
             return OPENAI_COSTS
@@ -100,19 +195,20 @@ def window_of(bucket: BaseModel) -> tuple[datetime, datetime]:
     raise TypeError(f"no window for {type(bucket).__name__}")  # pragma: no cover - models change together
 
 
+def bucket_reports(provider: str, api_version: str, lines: list[LedgerLine], endpoint: str | None) -> list[str]:
+    """The reports a bucket is a snapshot of: those of its lines, or (no lines) the envelope's endpoint's."""
+    found = sorted({line.report for line in lines})
+    return found or [report_of(provider, api_version, endpoint)]
+
+
 def _inconsistent(message: str) -> PydanticCustomError:
     return PydanticCustomError(Reason.INCONSISTENT_DATA.value, message)
 
 
-def lines_for(provider: str, api_version: str, ai_organization_id: str, bucket: BaseModel) -> Iterator[LedgerLine]:
-    """The ledger lines of one validated bucket (any of the four formats)."""
-    report = report_of(provider, api_version)
-    for line in _lines(provider, api_version, ai_organization_id, bucket):
-        line.report = report
-        yield line
-
-
-def _lines(provider: str, api_version: str, ai_organization_id: str, bucket: BaseModel) -> Iterator[LedgerLine]:
+def lines_for(
+    provider: str, api_version: str, ai_organization_id: str, bucket: BaseModel, endpoint: str | None = None
+) -> Iterator[LedgerLine]:
+    """The ledger lines of one validated bucket (any of the four formats); ``endpoint`` is the envelope's."""
     if isinstance(bucket, OpenAICostBucket):
         for cost in bucket.results:
             yield LedgerLine(
@@ -128,6 +224,7 @@ def _lines(provider: str, api_version: str, ai_organization_id: str, bucket: Bas
                 quantity=cost.quantity,
                 unit=cost.quantity_unit,
                 metadata=_present(api_key_id=cost.api_key_id),
+                report=OPENAI_COSTS,
             )
     elif isinstance(bucket, AnthropicCostBucket):
         for charge in bucket.results:
@@ -145,6 +242,7 @@ def _lines(provider: str, api_version: str, ai_organization_id: str, bucket: Bas
                     charge.token_type,
                     charge.context_window,
                     _tier(charge.service_tier),
+                    charge.speed,
                     charge.inference_geo,
                 )
                 or ALL_LINE_ITEMS,
@@ -158,28 +256,42 @@ def _lines(provider: str, api_version: str, ai_organization_id: str, bucket: Bas
                     token_type=charge.token_type,
                     context_window=charge.context_window,
                     service_tier=charge.service_tier,
+                    speed=charge.speed,
+                    inference_geo=charge.inference_geo,
                 ),
+                report=ANTHROPIC_COSTS,
             )
     elif isinstance(bucket, OpenAIUsageBucket):
+        if endpoint is not None and endpoint not in ENDPOINT_OBJECTS:
+            raise PydanticCustomError(
+                Reason.UNSUPPORTED_SOURCE.value, "unknown usage endpoint {endpoint}", {"endpoint": endpoint[:64]}
+            )
         for counted in bucket.results:
+            name = _endpoint_of(counted, endpoint)
+            tier = "batch" if counted.batch else _tier(counted.service_tier)
             yield from _usage_lines(
                 provider,
                 api_version,
                 ai_organization_id,
                 bucket.start_time,
                 bucket.end_time,
+                report=OPENAI_USAGE + name,
                 project=counted.project_id,
-                model=counted.model,
-                tier="batch" if counted.batch else _tier(counted.service_tier),
-                extra_suffix=None,
-                counts=_openai_counts(counted),
+                model=_openai_model(name, counted),
+                suffixes=(*_openai_suffixes(name, counted), tier),
+                dimensions=_dimensions(service_tier=tier, size=counted.size, source=counted.source),
+                counts=openai_counts(name, counted),
                 outside_cost_report=False,
                 metadata=_present(
                     user_id=counted.user_id,
                     api_key_id=counted.api_key_id,
                     batch=counted.batch,
                     service_tier=counted.service_tier,
-                    num_model_requests=counted.num_model_requests,
+                    num_model_requests=counted.num_model_requests or None,
+                    size=counted.size,
+                    source=counted.source,
+                    vector_store_id=counted.vector_store_id,
+                    context_level=counted.context_level,
                 ),
             )
     elif isinstance(bucket, AnthropicUsageBucket):
@@ -190,21 +302,59 @@ def _lines(provider: str, api_version: str, ai_organization_id: str, bucket: Bas
                 ai_organization_id,
                 bucket.starting_at,
                 bucket.ending_at,
+                report=ANTHROPIC_USAGE,
                 project=tally.workspace_id,
-                model=tally.model,
-                tier=_tier(tally.service_tier),
-                extra_suffix=tally.context_window,
-                counts=_anthropic_counts(tally),
+                model=tally.model or UNKNOWN_MODEL,
+                suffixes=(_tier(tally.service_tier), tally.context_window, tally.speed, tally.inference_geo),
+                dimensions=_dimensions(
+                    service_tier=tally.service_tier,
+                    context_window=tally.context_window,
+                    speed=tally.speed,
+                    inference_geo=tally.inference_geo,
+                ),
+                counts=anthropic_counts(tally),
                 outside_cost_report=(tally.service_tier or "").lower() in ANTHROPIC_TIERS_OUTSIDE_COST_REPORT,
                 metadata=_present(
                     api_key_id=tally.api_key_id,
                     service_tier=tally.service_tier,
                     context_window=tally.context_window,
+                    speed=tally.speed,
                     inference_geo=tally.inference_geo,
+                    account_id=tally.account_id,
+                    service_account_id=tally.service_account_id,
                 ),
             )
     else:  # pragma: no cover - BUCKET_MODELS and this function change together
         raise TypeError(f"no ledger mapping for {type(bucket).__name__}")
+
+
+def _endpoint_of(result: OpenAIUsageResult, envelope_endpoint: str | None) -> str:
+    if result.object is None:
+        return envelope_endpoint or OPENAI_DEFAULT_USAGE_ENDPOINT
+    name = OBJECT_ENDPOINTS.get(result.object)
+    if name is None:
+        raise PydanticCustomError(
+            Reason.UNSUPPORTED_SOURCE.value, "unknown usage result object {object}", {"object": result.object}
+        )
+    if envelope_endpoint is not None and name != envelope_endpoint:
+        raise _inconsistent(f"a {result.object} in a bucket of the {envelope_endpoint} endpoint")
+    return name
+
+
+def _openai_model(endpoint: str, result: OpenAIUsageResult) -> str:
+    if endpoint in ("vector_stores", "code_interpreter_sessions", "file_search_calls"):
+        return endpoint  # not per model: the tool is what is priced
+    return result.model or UNKNOWN_MODEL
+
+
+def _openai_suffixes(endpoint: str, result: OpenAIUsageResult) -> tuple[str | None, ...]:
+    if endpoint == "images":
+        return (result.size, result.source)
+    if endpoint == "web_search_calls":
+        return (result.context_level,)
+    if endpoint == "file_search_calls":
+        return (result.vector_store_id,)
+    return ()
 
 
 def _usage_lines(
@@ -214,17 +364,17 @@ def _usage_lines(
     start: datetime,
     end: datetime,
     *,
+    report: str,
     project: str | None,
-    model: str | None,
-    tier: str | None,
-    extra_suffix: str | None,
-    counts: dict[str, tuple[int, str]],
+    model: str,
+    suffixes: tuple[str | None, ...],
+    dimensions: tuple[tuple[str, str], ...],
+    counts: list[Count],
     metadata: dict[str, Any],
     outside_cost_report: bool,
 ) -> Iterator[LedgerLine]:
-    model_name = model or UNKNOWN_MODEL
-    for token_type, (count, unit) in counts.items():
-        line_item = ":".join(part for part in (model_name, token_type, tier, extra_suffix) if part)
+    qualifier = "".join(f"/{name}={value}" for name, value in dimensions)
+    for count in counts:
         yield LedgerLine(
             provider=provider,
             ai_organization_id=ai_organization_id,
@@ -232,62 +382,153 @@ def _usage_lines(
             api_version=api_version,
             bucket_start=start,
             bucket_end=end,
-            line_item=line_item,
+            line_item=":".join(part for part in (model, count.token_type, *suffixes) if part),
             currency="USD",
             amount=None,
-            quantity=Decimal(count),
-            unit=unit,
-            price_model=model_name,
-            price_token_type=f"{tier}/{token_type}" if tier else token_type,
+            quantity=Decimal(count.quantity),
+            unit=count.unit,
+            price_model=model,
+            price_token_type=count.token_type + qualifier,
             metadata=dict(metadata),
+            report=report,
+            price_unit=count.price_unit,
+            price_dimensions=dimensions,
             outside_cost_report=outside_cost_report,
         )
 
 
-def _openai_counts(usage: OpenAIUsageResult) -> dict[str, tuple[int, str]]:
-    uncached = usage.input_tokens - usage.input_cached_tokens
-    if uncached < 0:
-        raise _inconsistent("input_cached_tokens exceeds input_tokens")
-    counts = {
-        "input_uncached_tokens": (uncached, TOKENS),
-        "input_cached_tokens": (usage.input_cached_tokens, TOKENS),
-        "output_tokens": (usage.output_tokens, TOKENS),
-        "input_audio_tokens": (usage.input_audio_tokens, TOKENS),
-        "output_audio_tokens": (usage.output_audio_tokens, TOKENS),
-    }
-    counts.update(_extra_token_counts(usage.model_extra, exclude=counts.keys() | {"input_tokens"}))
-    return counts
+def openai_counts(endpoint: str, result: OpenAIUsageResult) -> list[Count]:
+    """The quantities of one Usage API result of the given endpoint."""
+    if endpoint == "completions":
+        split = completion_tokens(result)
+        return [Count(name, split[name], TOKENS, unit) for name, unit in COMPLETION_TOKEN_TYPES]
+    if endpoint in ("embeddings", "moderations"):
+        return [Count("input_tokens", result.input_tokens or 0, TOKENS, "input_tokens")]
+    if endpoint == "images":
+        return [Count("images", result.images or 0, "images", None)]
+    if endpoint == "audio_speeches":
+        return [Count("characters", result.characters or 0, "characters", "input_characters")]
+    if endpoint == "audio_transcriptions":
+        return [Count("seconds", result.seconds or 0, "seconds", "audio_seconds")]
+    if endpoint == "vector_stores":
+        return [Count("usage_bytes", result.usage_bytes or 0, "bytes", None)]
+    if endpoint == "code_interpreter_sessions":
+        return [Count("sessions", result.num_sessions or 0, "sessions", None)]
+    if endpoint == "file_search_calls":
+        return [Count("calls", result.num_requests or 0, "calls", "storage_searches")]
+    assert endpoint == "web_search_calls", endpoint
+    return [Count("web_search_calls", result.num_requests or 0, "calls", "web_searches")]
 
 
-def _anthropic_counts(usage: AnthropicUsageResult) -> dict[str, tuple[int, str]]:
+def completion_tokens(result: OpenAIUsageResult) -> dict[str, int]:
+    """Completions tokens by category (``COMPLETION_TOKEN_TYPES``), adding up to input + output exactly.
+
+    Reported fields keep their values. What the result leaves out is inferred from the schema's sums: the
+    uncached group (else the cached group, else the cache writes) takes what input_tokens has beyond the
+    rest, and within a group the first unreported part (text first) takes what its total has beyond the
+    reported parts; other unreported parts are zero. Sums that cannot hold are ``inconsistent_data``.
+    """
+    uncached_parts = (result.input_text_tokens, result.input_audio_tokens, result.input_image_tokens)
+    cached_parts = (result.input_cached_text_tokens, result.input_cached_audio_tokens, result.input_cached_image_tokens)
+    # input = uncached + cached + cache write; a group's total is known if reported or if all its parts are
+    slots = [
+        _total(result.input_uncached_tokens, uncached_parts),
+        _total(result.input_cached_tokens, cached_parts),
+        result.input_cache_write_tokens,
+    ]
+    floors = [_known(uncached_parts), _known(cached_parts), 0]
+    missing = [index for index, value in enumerate(slots) if value is None]
+    for index in missing[1:] if result.input_tokens is not None else missing:
+        slots[index] = floors[index]
+    known = [value for value in slots if value is not None]
+    if result.input_tokens is not None and missing:
+        if sum(known) > result.input_tokens:
+            raise _inconsistent(
+                f"input_cached_tokens + input_cache_write_tokens + input_uncached_tokens (as reported or summed "
+                f"from their parts) exceed input_tokens ({sum(known)} > {result.input_tokens})"
+            )
+        slots[missing[0]] = result.input_tokens - sum(known)
+    elif result.input_tokens is not None and sum(known) != result.input_tokens:
+        raise _inconsistent(
+            f"input_uncached_tokens + input_cached_tokens + input_cache_write_tokens = {sum(known)}, "
+            f"but input_tokens = {result.input_tokens}"
+        )
+    uncached_total, cached_total, write = slots
+    assert write is not None
+    uncached = _group("input_uncached_tokens", uncached_total, uncached_parts)
+    cached = _group("input_cached_tokens", cached_total, cached_parts)
+    output = _group(
+        "output_tokens",
+        result.output_tokens,
+        (result.output_text_tokens, result.output_audio_tokens, result.output_image_tokens),
+    )
+    return dict(zip([name for name, _ in COMPLETION_TOKEN_TYPES], (*uncached, *cached, write, *output), strict=True))
+
+
+def _total(total: int | None, parts: tuple[int | None, ...]) -> int | None:
+    if total is not None:
+        return total
+    return None if any(part is None for part in parts) else sum(part for part in parts if part is not None)
+
+
+def _known(parts: tuple[int | None, ...]) -> int:
+    return sum(part for part in parts if part is not None)
+
+
+def _group(name: str, total: int | None, parts: tuple[int | None, ...]) -> tuple[int, ...]:
+    """A group's parts given its total: the first unreported part is the remainder, other unreported ones zero;
+    with no total, the reported parts are all there is."""
+    known = sum(part for part in parts if part is not None)
+    if total is None:
+        return tuple(part or 0 for part in parts)
+    missing = [index for index, part in enumerate(parts) if part is None]
+    if not missing:
+        if known != total:
+            raise _inconsistent(f"the parts of {name} add up to {known}, but {name} = {total}")
+        return tuple(part or 0 for part in parts)
+    if known > total:
+        raise _inconsistent(f"the reported parts of {name} exceed it ({known} > {total})")
+    resolved = [part or 0 for part in parts]
+    resolved[missing[0]] = total - known
+    return tuple(resolved)
+
+
+def anthropic_counts(usage: AnthropicUsageResult) -> list[Count]:
     creation = usage.cache_creation
-    counts = {
-        "uncached_input_tokens": (usage.uncached_input_tokens, TOKENS),
-        "cache_read_input_tokens": (usage.cache_read_input_tokens, TOKENS),
-        "cache_creation_1h_input_tokens": (creation.ephemeral_1h_input_tokens if creation else 0, TOKENS),
-        "cache_creation_5m_input_tokens": (creation.ephemeral_5m_input_tokens if creation else 0, TOKENS),
-        "output_tokens": (usage.output_tokens, TOKENS),
-    }
+    counts = [
+        Count("uncached_input_tokens", usage.uncached_input_tokens, TOKENS, "input_tokens"),
+        Count("cache_read_input_tokens", usage.cache_read_input_tokens, TOKENS, "cache_read_tokens"),
+        Count(
+            "cache_creation_1h_input_tokens",
+            creation.ephemeral_1h_input_tokens if creation else 0,
+            TOKENS,
+            "cache_write_1h_tokens",
+        ),
+        Count(
+            "cache_creation_5m_input_tokens",
+            creation.ephemeral_5m_input_tokens if creation else 0,
+            TOKENS,
+            "cache_write_5m_tokens",
+        ),
+        Count("output_tokens", usage.output_tokens, TOKENS, "output_tokens"),
+    ]
     if usage.server_tool_use is not None:
-        counts["web_search_requests"] = (usage.server_tool_use.web_search_requests, REQUESTS)
-    counts.update(_extra_token_counts(usage.model_extra, exclude=counts.keys()))
+        counts.append(Count("web_search_requests", usage.server_tool_use.web_search_requests, REQUESTS, "web_searches"))
     return counts
 
 
-def _extra_token_counts(extra: dict[str, Any] | None, *, exclude: Any) -> dict[str, tuple[int, str]]:
-    """Token breakdowns newer API versions add (``*_tokens`` integers we do not model yet), as reported."""
-    found: dict[str, tuple[int, str]] = {}
-    for name, value in (extra or {}).items():
-        if not name.endswith("_tokens") or name in exclude:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 10**15:
-            raise PydanticCustomError(Reason.SCHEMA_VIOLATION.value, f"{name} must be a non-negative integer")
-        found[name] = (value, TOKENS)
-    return found
+def _dimensions(**values: str | None) -> tuple[tuple[str, str], ...]:
+    """The non-default price dimensions, in PRICE_DIMENSIONS order."""
+    found = []
+    for name in PRICE_DIMENSIONS:
+        value = values.get(name)
+        if value is not None and value.lower() not in DEFAULT_DIMENSION_VALUES[name]:
+            found.append((name, value))
+    return tuple(found)
 
 
 def _tier(service_tier: str | None) -> str | None:
-    if service_tier is None or service_tier.lower() in DEFAULT_TIERS:
+    if service_tier is None or service_tier.lower() in DEFAULT_DIMENSION_VALUES["service_tier"]:
         return None
     return service_tier
 

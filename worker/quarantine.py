@@ -20,7 +20,7 @@ class Reason(StrEnum):
     DUPLICATE_KEY = "duplicate_key"  # a JSON object names the same key twice
     # the contract
     SCHEMA_VIOLATION = "schema_violation"  # wrong types, missing fields, unexpected nesting
-    UNSUPPORTED_SOURCE = "unsupported_source"  # unknown provider or api_version
+    UNSUPPORTED_SOURCE = "unsupported_source"  # unknown provider, api_version, usage result object or endpoint
     INVALID_NUMBER = "invalid_number"  # NaN, Infinity, negative zero, absurd magnitude
     INVALID_AMOUNT = "invalid_amount"  # negative where not allowed, too many decimal places
     UNKNOWN_CURRENCY = "unknown_currency"  # not an ISO 4217 code
@@ -28,7 +28,7 @@ class Reason(StrEnum):
     INVALID_WINDOW = "invalid_window"  # bucket end not after start, or longer than 31 days
     INVALID_TEXT = "invalid_text"  # NUL bytes or unencodable characters
     TOO_MANY_RESULTS = "too_many_results"  # more than COST_WORKER_MAX_RESULTS_PER_MESSAGE
-    INCONSISTENT_DATA = "inconsistent_data"  # e.g. cached tokens above input tokens, two currencies for one key
+    INCONSISTENT_DATA = "inconsistent_data"  # e.g. token breakdowns beyond their totals, two currencies for a key
     # references (replayable once the platform has them)
     UNKNOWN_ORGANIZATION = "unknown_organization"
     UNKNOWN_PROJECT = "unknown_project"  # missing, or belongs to another organization

@@ -397,6 +397,12 @@ class Tx:
         )
         return {row["alert_id"] for row in rows}
 
+    async def prices_existing(self, keys: Sequence[tuple[str, str, str, Any]]) -> list[asyncpg.Record]:
+        return await self.conn.fetch(query("prices_existing"), *(list(column) for column in zip(*keys, strict=True)))
+
+    async def prices_import(self, columns: Sequence[Sequence[Any]]) -> list[asyncpg.Record]:
+        return await self.conn.fetch(query("prices_import"), *columns)
+
     async def report(self, name: str, *args: Any) -> list[asyncpg.Record]:
         """One of the read-only ``report_*`` queries (dev summary, operator commands)."""
         assert name.startswith("report_"), name

@@ -32,18 +32,25 @@ LATE_MONTH = datetime(2026, 2, 1, tzinfo=UTC)  # late data arrives for this one
 MODEL = "gpt-4o"
 THRESHOLDS = (Decimal(50), Decimal(80), Decimal(100))
 
-# Prices of the usage lines (USD per million tokens); lines of the other token types report 0 tokens.
+# Prices of the usage lines (USD per million tokens, overrides of the catalogue); lines of the other token types
+# report 0 tokens (and cost 0 whatever the catalogue's price).
 PRICES: dict[str, Decimal] = {
-    "input_uncached_tokens": Decimal("1"),
-    "input_cached_tokens": Decimal("0.5"),
-    "output_tokens": Decimal("2"),
+    "input_text_tokens": Decimal("1"),
+    "input_cached_text_tokens": Decimal("0.5"),
+    "output_text_tokens": Decimal("2"),
 }
+# The completions token categories (worker.providers.COMPLETION_TOKEN_TYPES), in order.
 OPENAI_TOKEN_TYPES = (
-    "input_uncached_tokens",
-    "input_cached_tokens",
-    "output_tokens",
+    "input_text_tokens",
     "input_audio_tokens",
+    "input_image_tokens",
+    "input_cached_text_tokens",
+    "input_cached_audio_tokens",
+    "input_cached_image_tokens",
+    "input_cache_write_tokens",
+    "output_text_tokens",
     "output_audio_tokens",
+    "output_image_tokens",
 )
 
 
@@ -334,7 +341,11 @@ class _Builder:
                         "batch": None,
                     }
                 )
-                quantities = dict(zip(OPENAI_TOKEN_TYPES, (uncached, cached, output, 0, 0), strict=True))
+                quantities = dict.fromkeys(OPENAI_TOKEN_TYPES, 0) | {
+                    "input_text_tokens": uncached,
+                    "input_cached_text_tokens": cached,
+                    "output_text_tokens": output,
+                }
                 for token_type, quantity in quantities.items():
                     price = PRICES.get(token_type, Decimal(0))
                     lines.append(

@@ -1,5 +1,5 @@
 -- Demo data for `cost-worker dev`: one organization with three projects on two providers, two users,
--- model prices and budgets. Idempotent (fixed ids); run by the owner/superuser of the dev database.
+-- and budgets. Idempotent (fixed ids); run by the owner/superuser of the dev database.
 INSERT INTO organizations (id, name, slug, subscription_tier)
 VALUES ('0d3c0000-0000-4000-8000-000000000001', 'Acme AI', 'acme-ai', 'enterprise')
 ON CONFLICT (id) DO NOTHING;
@@ -18,14 +18,7 @@ INSERT INTO projects (id, organization_id, created_by, name, topic, ai_provider,
      'Claude Apps', 'internal tools', 'anthropic', 'anthropic-acme', 'wrkspc_claude')
 ON CONFLICT (id) DO NOTHING;
 
-INSERT INTO model_prices (provider, model, token_type, price_per_million, currency, effective_from) VALUES
-    ('openai', 'gpt-4o', 'input_uncached_tokens', 2.50, 'USD', '2024-01-01Z'),
-    ('openai', 'gpt-4o', 'input_cached_tokens', 1.25, 'USD', '2024-01-01Z'),
-    ('openai', 'gpt-4o', 'output_tokens', 10.00, 'USD', '2024-01-01Z'),
-    ('anthropic', 'claude-sonnet-4', 'uncached_input_tokens', 3.00, 'USD', '2024-01-01Z'),
-    ('anthropic', 'claude-sonnet-4', 'cache_read_input_tokens', 0.30, 'USD', '2024-01-01Z'),
-    ('anthropic', 'claude-sonnet-4', 'output_tokens', 15.00, 'USD', '2024-01-01Z')
-ON CONFLICT DO NOTHING;
+-- No model_prices: the genai-prices catalogue prices the demo's models (model_prices holds only overrides).
 
 INSERT INTO ai_organization_budgets (id, organization_id, name, amount, currency, period, timezone, thresholds) VALUES
     ('0d3c0000-0000-4000-8000-0000000000c1', '0d3c0000-0000-4000-8000-000000000001', 'Acme monthly', 500, 'USD', 'monthly', 'Europe/Berlin', '{50,80,100}')

@@ -101,7 +101,7 @@ WHERE (ai_provider, ai_organization_id) IN (SELECT * FROM unnest($1::text[], $2:
 
 -- name: lookup_prices
 -- Every price version of the given (provider, model) pairs.
-SELECT provider, model, token_type, price_per_million, currency, effective_from
+SELECT id, provider, model, token_type, price_per_million, currency, effective_from
 FROM model_prices
 WHERE (provider, model) IN (SELECT * FROM unnest($1::text[], $2::text[]));
 
@@ -268,23 +268,23 @@ WITH input AS (
     FROM unnest(
         $1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::text[], $6::text[], $7::smallint[], $8::int[],
         $9::timestamptz[], $10::bigint[], $11::bigint[], $12::bigint[], $13::text[], $14::numeric[],
-        $15::int[], $16::bigint[], $17::text[]
+        $15::int[], $16::bigint[], $17::text[], $18::numeric[], $19::text[]
     ) AS t(
         organization_id, event_id, project_id, user_id, endpoint, method, status_code, response_time_ms,
         occurred_at, prompt_tokens, completion_tokens, total_tokens, model, cost_usd,
-        source_partition, source_offset, provider
+        source_partition, source_offset, provider, catalogue_cost_usd, price_source
     )
 ),
 inserted AS (
     INSERT INTO api_usage (
         organization_id, event_id, project_id, user_id, endpoint, method, status_code, response_time_ms,
         occurred_at, prompt_tokens, completion_tokens, total_tokens, model, cost_usd,
-        source_partition, source_offset, provider
+        source_partition, source_offset, provider, catalogue_cost_usd, price_source
     )
     SELECT * FROM input
     ON CONFLICT (organization_id, event_id) DO NOTHING
     RETURNING organization_id, event_id, project_id, user_id, status_code, response_time_ms, occurred_at,
-              prompt_tokens, completion_tokens, total_tokens, cost_usd, provider
+              prompt_tokens, completion_tokens, total_tokens, cost_usd, provider, catalogue_cost_usd
 ),
 conflicts AS (
     SELECT i.organization_id, i.event_id
@@ -312,7 +312,10 @@ hourly AS (  -- per provider of the events' models (NULL: unknown), which decide
            coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
            coalesce(sum(completion_tokens), 0) AS completion_tokens,
            coalesce(sum(total_tokens), 0) AS total_tokens,
-           coalesce(sum(cost_usd), 0) AS cost,
+           -- the platform's cost_usd, else the catalogue's estimate (events carry one or the other, or none)
+           coalesce(sum(coalesce(cost_usd, catalogue_cost_usd)), 0) AS cost,
+           coalesce(sum(cost_usd), 0) AS platform_cost,
+           coalesce(sum(catalogue_cost_usd) FILTER (WHERE cost_usd IS NULL), 0) AS catalogue_cost,
            coalesce(sum(response_time_ms), 0) AS latency_sum,
            coalesce(max(response_time_ms), 0) AS latency_max
     FROM inserted
@@ -321,10 +324,11 @@ hourly AS (  -- per provider of the events' models (NULL: unknown), which decide
 project_rollup AS (
     INSERT INTO project_metrics AS m (
         organization_id, project_id, hour, provider, request_count, error_count, prompt_tokens, completion_tokens,
-        total_tokens, estimated_cost_usd, latency_sum_ms, latency_max_ms
+        total_tokens, estimated_cost_usd, latency_sum_ms, latency_max_ms, platform_cost_usd, catalogue_cost_usd
     )
     SELECT organization_id, project_id, hour, provider, sum(requests), sum(errors), sum(prompt_tokens),
-           sum(completion_tokens), sum(total_tokens), sum(cost), sum(latency_sum), max(latency_max)
+           sum(completion_tokens), sum(total_tokens), sum(cost), sum(latency_sum), max(latency_max),
+           sum(platform_cost), sum(catalogue_cost)
     FROM hourly
     GROUP BY organization_id, project_id, hour, provider
     ORDER BY organization_id, project_id, hour, provider
@@ -335,15 +339,19 @@ project_rollup AS (
         completion_tokens = m.completion_tokens + EXCLUDED.completion_tokens,
         total_tokens = m.total_tokens + EXCLUDED.total_tokens,
         estimated_cost_usd = m.estimated_cost_usd + EXCLUDED.estimated_cost_usd,
+        platform_cost_usd = m.platform_cost_usd + EXCLUDED.platform_cost_usd,
+        catalogue_cost_usd = m.catalogue_cost_usd + EXCLUDED.catalogue_cost_usd,
         latency_sum_ms = m.latency_sum_ms + EXCLUDED.latency_sum_ms,
         latency_max_ms = greatest(m.latency_max_ms, EXCLUDED.latency_max_ms),
         updated_at = now()
 ),
 user_rollup AS (
     INSERT INTO user_metrics AS m (
-        organization_id, user_id, project_id, hour, provider, request_count, total_tokens, estimated_cost_usd
+        organization_id, user_id, project_id, hour, provider, request_count, total_tokens, estimated_cost_usd,
+        platform_cost_usd, catalogue_cost_usd
     )
-    SELECT organization_id, user_id, project_id, hour, provider, requests, total_tokens, cost
+    SELECT organization_id, user_id, project_id, hour, provider, requests, total_tokens, cost, platform_cost,
+           catalogue_cost
     FROM hourly
     WHERE user_id IS NOT NULL
     ORDER BY user_id, hour, project_id, provider
@@ -351,6 +359,8 @@ user_rollup AS (
         request_count = m.request_count + EXCLUDED.request_count,
         total_tokens = m.total_tokens + EXCLUDED.total_tokens,
         estimated_cost_usd = m.estimated_cost_usd + EXCLUDED.estimated_cost_usd,
+        platform_cost_usd = m.platform_cost_usd + EXCLUDED.platform_cost_usd,
+        catalogue_cost_usd = m.catalogue_cost_usd + EXCLUDED.catalogue_cost_usd,
         updated_at = now()
 )
 SELECT 'conflict' AS kind, organization_id, event_id, NULL::uuid AS project_id, NULL::uuid AS user_id,
@@ -632,3 +642,49 @@ ORDER BY a.raised_at, a.scope, a.threshold;
 -- Organizations with active budgets, or just the one asked for.
 SELECT id FROM organizations WHERE $1::uuid IS NULL OR id = $1
 ORDER BY id;
+
+-- ============================================================================================ prices (issue 13)
+
+-- name: report_price_overrides
+-- The operator's price overrides (model_prices), optionally of one provider and/or model.
+SELECT id, provider, model, token_type, price_per_million, currency, effective_from, note
+FROM model_prices
+WHERE ($1::text IS NULL OR provider = $1) AND ($2::text IS NULL OR model = $2)
+ORDER BY provider, model, token_type, effective_from;
+
+-- name: report_unpriced_models
+-- Current usage lines stored without a price (visible in the current tenant scope), by the price key they lacked.
+SELECT provider, metadata->'unpriced'->>'model' AS model, metadata->'unpriced'->>'token_type' AS token_type,
+       unit, count(*) AS lines, sum(quantity) AS quantity,
+       min(bucket_start_time) AS first_seen, max(bucket_end_time) AS last_seen
+FROM cost_data
+WHERE amount IS NULL AND api_version = 'usage_v1' AND metadata ? 'unpriced' AND superseded_at IS NULL
+  AND ($1::timestamptz IS NULL OR bucket_start_time >= $1)
+GROUP BY 1, 2, 3, 4
+ORDER BY 1, 2, 3, 4;
+
+-- name: prices_existing
+-- Overrides already stored under the given keys (provider, model, token_type, effective_from).
+SELECT provider, model, token_type, effective_from, price_per_million, currency
+FROM model_prices
+WHERE (provider, model, token_type, effective_from)
+      IN (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[]));
+
+-- name: prices_import
+-- New overrides; a key already stored is skipped (the caller has checked that it holds the same price).
+INSERT INTO model_prices (provider, model, token_type, price_per_million, currency, effective_from, note)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::numeric[], $5::text[], $6::timestamptz[], $7::text[])
+ON CONFLICT ON CONSTRAINT model_prices_key DO NOTHING
+RETURNING id;
+
+-- name: report_usage_pricing
+-- Usage lines by price source (visible in the current tenant scope): overrides, the catalogue, none.
+SELECT CASE WHEN amount IS NULL THEN 'unpriced'
+            WHEN metadata->>'price_source' LIKE 'override:%' THEN 'override'
+            WHEN metadata ? 'price_source' THEN 'catalogue'
+            ELSE 'zero quantity' END AS source,
+       count(*) AS lines, coalesce(sum(amount), 0) AS amount
+FROM cost_data
+WHERE api_version = 'usage_v1' AND superseded_at IS NULL
+GROUP BY 1
+ORDER BY 1;

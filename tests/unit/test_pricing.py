@@ -1,0 +1,145 @@
+"""Pricing without servers: overrides before the catalogue, price dimensions, and the priced amount of any
+completions result against independent computations."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import genai_prices
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from worker.models import OpenAIUsageResult
+from worker.pricing import CATALOGUE_VERSION, PER_MILLION, Price, PriceBook, catalogue_quote
+from worker.providers import COMPLETION_TOKEN_TYPES, LedgerLine, openai_counts
+
+AT = datetime(2026, 11, 1, tzinfo=UTC)
+CATEGORIES = [name for name, _ in COMPLETION_TOKEN_TYPES]
+
+
+def usage_lines(model: str, truth: dict[str, int], tier: tuple[tuple[str, str], ...] = ()) -> list[LedgerLine]:
+    result = OpenAIUsageResult.model_validate(_documented(truth) | {"model": model})
+    qualifier = "".join(f"/{name}={value}" for name, value in tier)
+    return [
+        LedgerLine(
+            provider="openai",
+            ai_organization_id="org-x",
+            ai_project_id=None,
+            api_version="usage_v1",
+            bucket_start=AT,
+            bucket_end=AT,
+            line_item=f"{model}:{count.token_type}",
+            currency="USD",
+            amount=None,
+            quantity=Decimal(count.quantity),
+            unit=count.unit,
+            price_model=model,
+            price_token_type=count.token_type + qualifier,
+            price_unit=count.price_unit,
+            price_dimensions=tier,
+        )
+        for count in openai_counts("completions", result)
+    ]
+
+
+def _documented(truth: dict[str, int]) -> dict[str, int]:
+    uncached = truth["input_text_tokens"] + truth["input_audio_tokens"] + truth["input_image_tokens"]
+    cached = truth["input_cached_text_tokens"] + truth["input_cached_audio_tokens"] + truth["input_cached_image_tokens"]
+    return truth | {
+        "input_uncached_tokens": uncached,
+        "input_cached_tokens": cached,
+        "input_tokens": uncached + cached + truth["input_cache_write_tokens"],
+        "output_tokens": truth["output_text_tokens"] + truth["output_audio_tokens"] + truth["output_image_tokens"],
+    }
+
+
+counts = st.integers(min_value=0, max_value=10**12)
+truths = st.fixed_dictionaries(dict.fromkeys(CATEGORIES, counts))
+prices = st.decimals(min_value=0, max_value=1000, places=6, allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(truth=truths, table=st.fixed_dictionaries(dict.fromkeys(CATEGORIES, prices)))
+def test_override_prices_amount_to_the_plain_sum(truth: dict[str, int], table: dict[str, Decimal]) -> None:
+    book = PriceBook(
+        [
+            Price("openai", "acme-llm", name, price, "USD", datetime(2020, 1, 1, tzinfo=UTC), 7)
+            for name, price in table.items()
+        ]
+    )
+    lines = usage_lines("acme-llm", truth)
+    assert all(book.price(line) for line in lines)
+    expected = sum((Decimal(truth[name]) * table[name] for name in CATEGORIES), Decimal(0)) / PER_MILLION
+    assert sum((line.amount for line in lines if line.amount is not None), Decimal(0)) == expected
+    assert {line.metadata["price_source"] for line in lines} == {"override:7"}
+
+
+def _genai_usage(truth: dict[str, int]) -> genai_prices.Usage:
+    """The whole result as one genai-prices usage (its own decomposition decides each token's price)."""
+    documented = _documented(truth)
+    return genai_prices.Usage(
+        input_tokens=documented["input_tokens"],
+        cache_read_tokens=documented["input_cached_tokens"],
+        cache_write_tokens=truth["input_cache_write_tokens"],
+        input_audio_tokens=truth["input_audio_tokens"] + truth["input_cached_audio_tokens"],
+        cache_audio_read_tokens=truth["input_cached_audio_tokens"],
+        input_image_tokens=truth["input_image_tokens"] + truth["input_cached_image_tokens"],
+        cache_image_read_tokens=truth["input_cached_image_tokens"],
+        output_tokens=documented["output_tokens"],
+        output_audio_tokens=truth["output_audio_tokens"],
+        output_image_tokens=truth["output_image_tokens"],
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(truth=truths, model=st.sampled_from(["gpt-4o", "gpt-4o-mini", "gpt-image-1", "gpt-4.1-mini", "o3"]))
+def test_catalogue_prices_amount_to_genai_prices_whole_calculation(truth: dict[str, int], model: str) -> None:
+    book = PriceBook([])
+    lines = usage_lines(model, truth)
+    assert all(book.price(line) for line in lines)
+    ours = sum((line.amount for line in lines if line.amount is not None), Decimal(0))
+    theirs = genai_prices.calc_price(_genai_usage(truth), model, provider_id="openai", genai_request_timestamp=AT)
+    assert ours == theirs.total_price
+
+
+def test_every_priced_line_names_the_catalogue_version() -> None:
+    lines = usage_lines("gpt-4o", dict.fromkeys(CATEGORIES, 1))
+    PriceBook([]).price(lines[0])
+    assert lines[0].metadata["price_source"] == f"genai-prices {CATALOGUE_VERSION}:openai/gpt-4o"
+    assert lines[0].metadata["unit_price"] == "2.50"
+
+
+def test_an_override_applies_from_its_date_and_the_catalogue_before() -> None:
+    line = usage_lines("gpt-4o", dict.fromkeys(CATEGORIES, 1_000_000))[0]
+    book = PriceBook(
+        [Price("openai", "gpt-4o", "input_text_tokens", Decimal(2), "USD", datetime(2026, 11, 2, tzinfo=UTC), 1)]
+    )
+    assert book.price(line)
+    assert line.amount == Decimal("2.5")  # the catalogue: the override starts later
+
+
+def test_dimensions_select_variants_or_leave_the_line_unpriced() -> None:
+    def quote(provider: str, model: str, unit: str, *dims: tuple[str, str]) -> Any:
+        found = catalogue_quote(provider, model, unit, dims, AT)
+        return None if found is None else found.unit_price
+
+    assert quote("openai", "gpt-4o", "input_text_tokens", ("service_tier", "batch")) == Decimal("1.25")
+    assert quote("anthropic", "claude-sonnet-4-5", "input_tokens", ("context_window", "200k-1M")) == Decimal(6)
+    assert quote("anthropic", "claude-sonnet-4-5", "input_tokens") == Decimal(3)
+    assert quote("anthropic", "claude-opus-4-8", "output_tokens", ("speed", "fast")) == Decimal(50)
+    assert quote("anthropic", "claude-sonnet-4", "output_tokens", ("speed", "fast")) is None  # no fast mode
+    assert quote("anthropic", "claude-sonnet-4", "input_tokens", ("inference_geo", "us")) is None
+    assert quote("openai", "gpt-4o", "input_text_tokens", ("size", "1024x1024")) is None
+    assert quote("openai", "omni-moderation-latest", "input_tokens") == Decimal(0)  # free
+    assert quote("openai", "gpt-4o", "input_characters") is None  # priced, but not by characters
+    assert quote("openai", "no-such-model", "input_tokens") is None
+
+
+def test_a_line_without_any_price_stays_unpriced_unless_it_is_empty() -> None:
+    lines = usage_lines("acme-llm", dict.fromkeys(CATEGORIES, 0) | {"input_text_tokens": 3})
+    book = PriceBook([])
+    results = {line.line_item: (book.price(line), line.amount) for line in lines}
+    assert results["acme-llm:input_text_tokens"] == (False, None)
+    assert results["acme-llm:output_text_tokens"] == (True, Decimal(0))

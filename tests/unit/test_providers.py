@@ -1,0 +1,242 @@
+"""Provider formats -> ledger lines, without servers: endpoints, the completions partition, reports, and the
+typed outcome of results the worker cannot read."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from worker.decode import ProviderMessage, decode_provider_message
+from worker.models import OpenAIUsageResult
+from worker.providers import COMPLETION_TOKEN_TYPES, ENDPOINT_OBJECTS, LedgerLine, completion_tokens
+from worker.quarantine import Quarantined, Reason, Source
+
+SOURCE = Source("cost.provider-buckets", 0, 0)
+START = 1_793_491_200  # 2026-11-01T00:00:00Z
+CATEGORIES = [name for name, _ in COMPLETION_TOKEN_TYPES]
+
+
+def decode(results: list[dict[str, Any]], *, endpoint: str | None = None, provider: str = "openai") -> Any:
+    envelope: dict[str, Any] = {
+        "provider": provider,
+        "ai_organization_id": "org-x",
+        "api_version": "usage_v1",
+        "collected_at": "2026-11-02T00:00:00Z",
+        "bucket": {"object": "bucket", "start_time": START, "end_time": START + 86_400, "results": results},
+    }
+    if endpoint is not None:
+        envelope["endpoint"] = endpoint
+    return decode_provider_message(json.dumps(envelope).encode(), SOURCE, max_bytes=1 << 20, max_results=1000)
+
+
+def lines(results: list[dict[str, Any]], **kwargs: Any) -> list[LedgerLine]:
+    message = decode(results, **kwargs)
+    assert isinstance(message, ProviderMessage), message
+    return message.lines
+
+
+def test_the_issue_example_no_longer_inflates_tokens() -> None:
+    """1,000 input and 300 output tokens in today's schema: 1,300 tokens of lines, not 2,900."""
+    result = {
+        "object": "organization.usage.completions.result",
+        "input_tokens": 1000,
+        "input_cached_tokens": 200,
+        "input_cache_write_tokens": 100,
+        "input_uncached_tokens": 700,
+        "input_text_tokens": 600,
+        "input_audio_tokens": 60,
+        "input_image_tokens": 40,
+        "input_cached_text_tokens": 200,
+        "input_cached_audio_tokens": 0,
+        "input_cached_image_tokens": 0,
+        "output_tokens": 300,
+        "output_text_tokens": 280,
+        "output_audio_tokens": 20,
+        "output_image_tokens": 0,
+        "model": "gpt-4o",
+    }
+    found = {line.line_item: line.quantity for line in lines([result])}
+    assert sum(q for q in found.values() if q is not None) == 1300
+    assert found["gpt-4o:input_cache_write_tokens"] == 100
+    assert found["gpt-4o:input_text_tokens"] == 600
+    assert found["gpt-4o:output_audio_tokens"] == 20
+
+
+@pytest.mark.parametrize("endpoint", sorted(ENDPOINT_OBJECTS))
+def test_reports_follow_the_object_or_the_envelope(endpoint: str) -> None:
+    result = {"object": ENDPOINT_OBJECTS[endpoint], "model": "m"}
+    assert {line.report for line in lines([result])} == {f"openai.usage.{endpoint}"}
+    assert {line.report for line in lines([{"model": "m"}], endpoint=endpoint)} == {f"openai.usage.{endpoint}"}
+
+
+def test_a_result_without_object_nor_endpoint_is_completions() -> None:
+    assert {line.report for line in lines([{"input_tokens": 3}])} == {"openai.usage.completions"}
+
+
+@pytest.mark.parametrize(
+    ("results", "endpoint", "reason", "named"),
+    [
+        (
+            [{"object": "organization.usage.realtime_sessions.result", "sessions": 3}],
+            None,
+            Reason.UNSUPPORTED_SOURCE,
+            "organization.usage.realtime_sessions.result",
+        ),
+        ([{"input_tokens": 1}], "realtime_sessions", Reason.UNSUPPORTED_SOURCE, "realtime_sessions"),
+        (
+            [{"object": "organization.usage.images.result", "images": 1}],
+            "completions",
+            Reason.INCONSISTENT_DATA,
+            "images",
+        ),
+        ([{"input_tokens": 10, "input_cached_tokens": 11}], None, Reason.INCONSISTENT_DATA, "input_cached_tokens"),
+        (
+            [{"input_tokens": 10, "input_uncached_tokens": 5, "input_cached_tokens": 4, "input_cache_write_tokens": 0}],
+            None,
+            Reason.INCONSISTENT_DATA,
+            "input_tokens = 10",
+        ),
+        (
+            [{"output_tokens": 5, "output_text_tokens": 4, "output_audio_tokens": 2}],
+            None,
+            Reason.INCONSISTENT_DATA,
+            "output_tokens",
+        ),
+        ([{"input_tokens": -1}], None, Reason.INVALID_AMOUNT, "input_tokens"),
+        ([{"object": "organization.usage.images.result", "images": -2}], None, Reason.INVALID_AMOUNT, "images"),
+    ],
+)
+def test_results_the_worker_cannot_read_are_quarantined_by_name(
+    results: list[dict[str, Any]], endpoint: str | None, reason: Reason, named: str
+) -> None:
+    outcome = decode(results, endpoint=endpoint)
+    assert isinstance(outcome, Quarantined)
+    assert outcome.reason is reason, outcome.detail
+    assert named in outcome.detail
+
+
+def test_non_token_units_keep_their_unit() -> None:
+    found = lines(
+        [
+            {"object": ENDPOINT_OBJECTS["images"], "images": 2, "size": "1024x1024", "source": "image.edit"},
+            {"object": ENDPOINT_OBJECTS["audio_speeches"], "characters": 45, "model": "tts-1"},
+            {"object": ENDPOINT_OBJECTS["audio_transcriptions"], "seconds": 20, "model": "whisper-1"},
+            {"object": ENDPOINT_OBJECTS["vector_stores"], "usage_bytes": 1024},
+            {"object": ENDPOINT_OBJECTS["code_interpreter_sessions"], "num_sessions": 1},
+            {"object": ENDPOINT_OBJECTS["file_search_calls"], "num_requests": 2},
+            {"object": ENDPOINT_OBJECTS["web_search_calls"], "num_requests": 3, "num_model_requests": 2},
+        ]
+    )
+    got: list[tuple[str, Any, str | None, str | None]] = [
+        (line.line_item, line.quantity, line.unit, line.price_token_type) for line in found
+    ]
+    assert got == [
+        ("unknown-model:images:1024x1024:image.edit", 2, "images", "images/size=1024x1024/source=image.edit"),
+        ("tts-1:characters", 45, "characters", "characters"),
+        ("whisper-1:seconds", 20, "seconds", "seconds"),
+        ("vector_stores:usage_bytes", 1024, "bytes", "usage_bytes"),
+        ("code_interpreter_sessions:sessions", 1, "sessions", "sessions"),
+        ("file_search_calls:calls", 2, "calls", "calls"),
+        ("unknown-model:web_search_calls", 3, "calls", "web_search_calls"),
+    ]
+
+
+def test_anthropic_price_dimensions_are_in_the_line_item_and_the_price_key() -> None:
+    envelope = {
+        "provider": "anthropic",
+        "ai_organization_id": "anthropic-x",
+        "api_version": "usage_v1",
+        "collected_at": "2026-11-02T00:00:00Z",
+        "bucket": {
+            "starting_at": "2026-11-01T00:00:00Z",
+            "ending_at": "2026-11-02T00:00:00Z",
+            "results": [
+                {
+                    "uncached_input_tokens": 5,
+                    "model": "claude-opus-4-8",
+                    "service_tier": "priority",
+                    "context_window": "200k-1M",
+                    "speed": "fast",
+                    "inference_geo": "us",
+                }
+            ],
+        },
+    }
+    message = decode_provider_message(json.dumps(envelope).encode(), SOURCE, max_bytes=1 << 20, max_results=10)
+    assert isinstance(message, ProviderMessage)
+    line = message.lines[0]
+    assert line.report == "anthropic.usage_report.messages"
+    assert line.line_item == "claude-opus-4-8:uncached_input_tokens:priority:200k-1M:fast:us"
+    assert line.price_token_type == (
+        "uncached_input_tokens/service_tier=priority/context_window=200k-1M/speed=fast/inference_geo=us"
+    )
+
+
+# --- the partition, for any combination of the documented fields -----------------------------------------
+
+_AGGREGATES = ("input_tokens", "input_cached_tokens", "input_uncached_tokens", "output_tokens")
+
+
+def _documented_fields(truth: dict[str, int]) -> dict[str, int]:
+    """Every documented completions field, derived from the true counts per category (the schema's sums)."""
+    fields = dict(truth)
+    fields["input_uncached_tokens"] = (
+        truth["input_text_tokens"] + truth["input_audio_tokens"] + truth["input_image_tokens"]
+    )
+    fields["input_cached_tokens"] = (
+        truth["input_cached_text_tokens"] + truth["input_cached_audio_tokens"] + truth["input_cached_image_tokens"]
+    )
+    fields["input_tokens"] = (
+        fields["input_uncached_tokens"] + fields["input_cached_tokens"] + truth["input_cache_write_tokens"]
+    )
+    fields["output_tokens"] = truth["output_text_tokens"] + truth["output_audio_tokens"] + truth["output_image_tokens"]
+    return fields
+
+
+token_counts = st.integers(min_value=0, max_value=10**12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    truth=st.fixed_dictionaries(dict.fromkeys(CATEGORIES, token_counts)),
+    dropped=st.sets(st.sampled_from([*CATEGORIES, "input_cached_tokens", "input_uncached_tokens"])),
+)
+def test_token_lines_partition_input_plus_output(truth: dict[str, int], dropped: set[str]) -> None:
+    fields = _documented_fields(truth)
+    # input_tokens and output_tokens are required by the schema; any other field may be missing.
+    present = set(fields) - dropped
+    result = OpenAIUsageResult.model_validate({name: fields[name] for name in present})
+    split = completion_tokens(result)
+    assert sum(split.values()) == fields["input_tokens"] + fields["output_tokens"]
+    assert all(count >= 0 for count in split.values())
+    for name in CATEGORIES:  # a reported category keeps its count
+        if name in present:
+            assert split[name] == fields[name]
+    groups = {
+        "input_uncached_tokens": CATEGORIES[0:3],
+        "input_cached_tokens": CATEGORIES[3:6],
+        "output_tokens": CATEGORIES[7:10],
+    }
+    for total, names in groups.items():  # a reported total is its categories' sum
+        if total in present:
+            assert sum(split[name] for name in names) == fields[total]
+    if not dropped:
+        assert split == truth  # every category exactly
+
+
+def test_aggregates_are_documented_fields() -> None:
+    assert set(_AGGREGATES) <= set(OpenAIUsageResult.model_fields)
+    assert set(CATEGORIES) <= set(OpenAIUsageResult.model_fields)
+    assert Decimal(0) == 0
+
+
+def test_fields_the_worker_does_not_know_are_ignored_never_priced_twice() -> None:
+    """A newer breakdown (``input_video_tokens``, say) is part of input_tokens already: no line of its own."""
+    found = lines([{"input_tokens": 10, "input_video_tokens": 4, "output_tokens": 2, "model": "gpt-4o"}])
+    assert sum(line.quantity or 0 for line in found) == 12
+    assert not any("video" in line.line_item for line in found)
