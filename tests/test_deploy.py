@@ -490,6 +490,23 @@ def test_ca_bundles_are_mounted_where_the_settings_look(rendered: dict[str, Rend
     assert config["COST_WORKER_KAFKA_SECURITY_PROTOCOL"].endswith("SSL")
 
 
+def kafka_ports(output: Rendered) -> set[int]:
+    brokers = config_env(output)["COST_WORKER_KAFKA_BOOTSTRAP_SERVERS"].split(",")
+    return {int(broker.rsplit(":", 1)[1]) for broker in brokers}
+
+
+def egress_ports(policy: Doc) -> set[int]:
+    return {p["port"] for rule in policy["egress"] for p in rule["ports"]}
+
+
+def scraped_from_monitoring_only(policy: Doc) -> bool:
+    (ingress,) = policy["ingress"]
+    peers = [peer["namespaceSelector"]["matchLabels"] for peer in ingress["from"]]
+    return ingress["ports"] == [{"port": "metrics", "protocol": "TCP"}] and peers == [
+        {"kubernetes.io/metadata.name": "monitoring"}
+    ]
+
+
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_service_pdb_networkpolicy_select_the_right_pods(rendered: dict[str, Rendered], kustomization: str) -> None:
     output = rendered[kustomization]
@@ -515,10 +532,7 @@ def test_service_pdb_networkpolicy_select_the_right_pods(rendered: dict[str, Ren
     assert [peer["namespaceSelector"]["matchLabels"] for peer in ingress["from"]] == [
         {"kubernetes.io/metadata.name": "monitoring"}
     ]
-    brokers = config_env(output)["COST_WORKER_KAFKA_BOOTSTRAP_SERVERS"].split(",")
-    kafka_ports = {int(broker.rsplit(":", 1)[1]) for broker in brokers}
-    egress_ports = {p["port"] for rule in worker_policy["egress"] for p in rule["ports"]}
-    assert egress_ports == {53, 5432} | kafka_ports
+    assert egress_ports(worker_policy) == {53, 5432} | kafka_ports(output)
     migrate_policy = policies["cost-worker-migrate"]["spec"]
     assert selects(migrate_policy["podSelector"]["matchLabels"], migrate)
     assert "ingress" not in migrate_policy
@@ -559,6 +573,8 @@ def test_notify_pods_are_hardened_scraped_and_reach_only_public_https(
     )
     policy = {p["metadata"]["name"]: p for p in output.all("NetworkPolicy")}["cost-worker-notify"]["spec"]
     assert selects(policy["podSelector"]["matchLabels"], labels)
+    assert scraped_from_monitoring_only(policy)
+    assert egress_ports(policy) == {53, 5432, 443} | kafka_ports(output)  # DNS, database, brokers, receivers
     (https,) = [rule for rule in policy["egress"] if {p["port"] for p in rule["ports"]} == {443}]
     (block,) = https["to"]
     assert block["ipBlock"]["cidr"] == "0.0.0.0/0"
@@ -914,5 +930,6 @@ def test_collector_pod_spec_secrets_and_egress(rendered: dict[str, Rendered], ku
     assert selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
     policies = {p["metadata"]["name"]: p["spec"] for p in output.all("NetworkPolicy")}
     assert selects(policies["cost-collector"]["podSelector"]["matchLabels"], pod_labels(deployment))
-    assert 443 in {p["port"] for rule in policies["cost-collector"]["egress"] for p in rule["ports"]}
-    assert 443 not in {p["port"] for rule in policies["cost-worker"]["egress"] for p in rule["ports"]}
+    assert scraped_from_monitoring_only(policies["cost-collector"])
+    assert egress_ports(policies["cost-collector"]) == {53, 5432, 443} | kafka_ports(output)  # + the providers
+    assert 443 not in egress_ports(policies["cost-worker"])
