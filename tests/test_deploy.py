@@ -53,7 +53,6 @@ EXPECTED_CHECKOV_SKIPS = {
     ("kubernetes", "CKV_K8S_43", "Deployment.cost-worker-notify"),
     ("dockerfile", "CKV_DOCKER_2", "Dockerfile"),
     ("kubernetes", "CKV_K8S_43", "Deployment.cost-collector"),
-    ("kubernetes", "CKV_K8S_35", "Deployment.cost-collector"),
 }
 EXPECTED_ALERTS = {
     "CostWorkerDown",
@@ -406,6 +405,23 @@ def container_env(doc: Doc) -> dict[str, Doc]:
     return {env["name"]: env for env in container.get("env", [])}
 
 
+# Every workload -> the secret files it gets: file (= setting) -> (Secret, key).
+KAFKA_FILES = {
+    "COST_WORKER_KAFKA_SASL_USERNAME": ("cost-worker-kafka", "username"),
+    "COST_WORKER_KAFKA_SASL_PASSWORD": ("cost-worker-kafka", "password"),
+}
+SECRET_FILES = {
+    ("Deployment", "cost-worker"): {"COST_WORKER_DATABASE_URL": ("cost-worker-db-writer", "url"), **KAFKA_FILES},
+    ("Job", "cost-worker-migrate"): {"COST_WORKER_DATABASE_URL": ("cost-worker-db-owner", "url")},
+    ("Deployment", "cost-worker-notify"): {
+        "COST_WORKER_DATABASE_URL": ("cost-worker-db-writer", "url"),
+        **KAFKA_FILES,
+        "COST_WORKER_NOTIFY_SECRETS_KEY": ("cost-worker-notify", "secrets-key"),
+    },
+    ("Deployment", "cost-collector"): {"COST_WORKER_DATABASE_URL": ("cost-worker-db-collector", "url"), **KAFKA_FILES},
+}
+
+
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_secrets_are_files_writer_for_worker_owner_for_migrations(
     rendered: dict[str, Rendered], kustomization: str
@@ -415,60 +431,80 @@ def test_secrets_are_files_writer_for_worker_owner_for_migrations(
     assert not [key for key in config if SECRET_WORDS.search(key) and key != "COST_WORKER_SECRETS_DIR"], (
         "secret-like key in the ConfigMap"
     )
-    worker_doc = output.one("Deployment", "cost-worker")
-    job_doc = output.one("Job", "cost-worker-migrate")
-    for doc in (worker_doc, job_doc):
+    workloads = {(d["kind"], d["metadata"]["name"]): d for d in output.docs if d["kind"] in {"Deployment", "Job"}}
+    assert set(workloads) == set(SECRET_FILES)
+    secrets_dir = config["COST_WORKER_SECRETS_DIR"]
+    job_doc = workloads["Job", "cost-worker-migrate"]
+    assert container_env(job_doc)["COST_WORKER_SECRETS_DIR"]["value"] == secrets_dir
+    settings = {env_name(field) for field in Settings.model_fields}
+    readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    for key, doc in workloads.items():
+        # No Secret in any environment: only files, named like the setting they hold (pydantic-settings'
+        # secrets_dir reads them), in the directory COST_WORKER_SECRETS_DIR names.
         for env in container_env(doc).values():
-            assert "secretKeyRef" not in env.get("valueFrom", {}), f"{env['name']}: a secret in the environment"
+            assert "secretKeyRef" not in env.get("valueFrom", {}), (
+                f"{key}: {env['name']} is a secret in the environment"
+            )
         (container,) = doc["spec"]["template"]["spec"]["containers"]
         assert all("secretRef" not in source for source in container.get("envFrom", []))
-    secrets_dir = config["COST_WORKER_SECRETS_DIR"]
-    assert container_env(job_doc)["COST_WORKER_SECRETS_DIR"]["value"] == secrets_dir
-    worker = projected_items(worker_doc, secrets_dir, "secret")
-    migrate = projected_items(job_doc, secrets_dir, "secret")
-    # Each file is named like the setting it holds, so pydantic-settings' secrets_dir reads it.
-    assert set(worker) == {
-        "COST_WORKER_DATABASE_URL",
-        "COST_WORKER_KAFKA_SASL_USERNAME",
-        "COST_WORKER_KAFKA_SASL_PASSWORD",
-    }
-    assert set(migrate) == {"COST_WORKER_DATABASE_URL"}
-    settings = {env_name(field) for field in Settings.model_fields}
-    assert set(worker) <= settings
-    assert worker["COST_WORKER_DATABASE_URL"] != migrate["COST_WORKER_DATABASE_URL"], "owner != writer"
-    assert "owner" in migrate["COST_WORKER_DATABASE_URL"][0]
-    assert "writer" in worker["COST_WORKER_DATABASE_URL"][0]
+        if key[0] == "Deployment":
+            (source,) = container["envFrom"]  # the settings ConfigMap (COST_WORKER_SECRETS_DIR among them)
+            assert source["configMapRef"]["name"].startswith("cost-worker-config-")
+        files = projected_items(doc, secrets_dir, "secret")
+        assert files == SECRET_FILES[key], key
+        assert set(files) <= settings
+        # Every referenced Secret is documented with its keys.
+        for name, secret_key in files.values():
+            assert f"`{name}`" in readme, f"Secret {name} is not documented in deploy/README.md"
+            assert f"`{secret_key}`" in readme, (
+                f"key {secret_key} of Secret {name} is not documented in deploy/README.md"
+            )
     (job_container,) = job_doc["spec"]["template"]["spec"]["containers"]
     assert job_container["args"] == ["migrate"]
-    # Every referenced Secret is documented with its keys.
-    readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
-    for name, key in [*worker.values(), *migrate.values()]:
-        assert f"`{name}`" in readme, f"Secret {name} is not documented in deploy/README.md"
-        assert f"`{key}`" in readme, f"key {key} of Secret {name} is not documented in deploy/README.md"
+    owners = {key for key, files in SECRET_FILES.items() if "owner" in files["COST_WORKER_DATABASE_URL"][0]}
+    assert owners == {("Job", "cost-worker-migrate")}, "only the migration Job gets the owner login"
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_ca_bundles_are_mounted_where_the_settings_look(rendered: dict[str, Rendered], kustomization: str) -> None:
-    """sslmode=verify-full as documented needs the PostgreSQL CA (PGSSLROOTCERT); SSL to Kafka needs its CA."""
+    """sslmode=verify-full as documented needs the PostgreSQL CA (PGSSLROOTCERT); SSL to Kafka needs its CA. Every
+    Deployment reads both paths from the shared ConfigMap, so every one mounts both."""
     output = rendered[kustomization]
     config = config_env(output)
-    worker_doc = output.one("Deployment", "cost-worker")
     job_doc = output.one("Job", "cost-worker-migrate")
     readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
     assert "sslmode=verify-full" in readme
     wanted = [
-        (worker_doc, [config["PGSSLROOTCERT"], config["COST_WORKER_KAFKA_SSL_CAFILE"]]),
+        *((doc, [config["PGSSLROOTCERT"], config["COST_WORKER_KAFKA_SSL_CAFILE"]]) for doc in output.all("Deployment")),
         (job_doc, [container_env(job_doc)["PGSSLROOTCERT"]["value"]]),
     ]
+    assert len(wanted) == 4
     for doc, paths in wanted:
         for path in paths:
             mount, _, file_name = path.rpartition("/")
             items = projected_items(doc, mount, "configMap")
-            assert file_name in items, f"{doc['kind']}: {path} is not in the CA volume"
+            assert file_name in items, f"{doc['kind']} {doc['metadata']['name']}: {path} is not in the CA volume"
             name, key = items[file_name]
             assert f"`{name}`" in readme, f"ConfigMap {name} is not documented in deploy/README.md"
             assert f"`{key}`" in readme, f"key {key} of {name} is not documented in deploy/README.md"
     assert config["COST_WORKER_KAFKA_SECURITY_PROTOCOL"].endswith("SSL")
+
+
+def kafka_ports(output: Rendered) -> set[int]:
+    brokers = config_env(output)["COST_WORKER_KAFKA_BOOTSTRAP_SERVERS"].split(",")
+    return {int(broker.rsplit(":", 1)[1]) for broker in brokers}
+
+
+def egress_ports(policy: Doc) -> set[int]:
+    return {p["port"] for rule in policy["egress"] for p in rule["ports"]}
+
+
+def scraped_from_monitoring_only(policy: Doc) -> bool:
+    (ingress,) = policy["ingress"]
+    peers = [peer["namespaceSelector"]["matchLabels"] for peer in ingress["from"]]
+    return ingress["ports"] == [{"port": "metrics", "protocol": "TCP"}] and peers == [
+        {"kubernetes.io/metadata.name": "monitoring"}
+    ]
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
@@ -496,10 +532,7 @@ def test_service_pdb_networkpolicy_select_the_right_pods(rendered: dict[str, Ren
     assert [peer["namespaceSelector"]["matchLabels"] for peer in ingress["from"]] == [
         {"kubernetes.io/metadata.name": "monitoring"}
     ]
-    brokers = config_env(output)["COST_WORKER_KAFKA_BOOTSTRAP_SERVERS"].split(",")
-    kafka_ports = {int(broker.rsplit(":", 1)[1]) for broker in brokers}
-    egress_ports = {p["port"] for rule in worker_policy["egress"] for p in rule["ports"]}
-    assert egress_ports == {53, 5432} | kafka_ports
+    assert egress_ports(worker_policy) == {53, 5432} | kafka_ports(output)
     migrate_policy = policies["cost-worker-migrate"]["spec"]
     assert selects(migrate_policy["podSelector"]["matchLabels"], migrate)
     assert "ingress" not in migrate_policy
@@ -524,10 +557,7 @@ def test_notify_pods_are_hardened_scraped_and_reach_only_public_https(
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert pod["automountServiceAccountToken"] is False
     assert pod["terminationGracePeriodSeconds"] >= float(config_env(output)["COST_WORKER_SHUTDOWN_GRACE"]) + 15
-    refs = {
-        env["name"]: (env["valueFrom"]["secretKeyRef"]["name"], env["valueFrom"]["secretKeyRef"]["key"])
-        for env in container["env"]
-    }
+    refs = projected_items(deployment, config_env(output)["COST_WORKER_SECRETS_DIR"], "secret")
     assert refs["COST_WORKER_NOTIFY_SECRETS_KEY"] == ("cost-worker-notify", "secrets-key")
     assert "writer" in refs["COST_WORKER_DATABASE_URL"][0]
     readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
@@ -543,6 +573,8 @@ def test_notify_pods_are_hardened_scraped_and_reach_only_public_https(
     )
     policy = {p["metadata"]["name"]: p for p in output.all("NetworkPolicy")}["cost-worker-notify"]["spec"]
     assert selects(policy["podSelector"]["matchLabels"], labels)
+    assert scraped_from_monitoring_only(policy)
+    assert egress_ports(policy) == {53, 5432, 443} | kafka_ports(output)  # DNS, database, brokers, receivers
     (https,) = [rule for rule in policy["egress"] if {p["port"] for p in rule["ports"]} == {443}]
     (block,) = https["to"]
     assert block["ipBlock"]["cidr"] == "0.0.0.0/0"
@@ -565,22 +597,53 @@ def test_scaling_never_exceeds_the_partition_count(rendered: dict[str, Rendered]
     assert spec["minReplicaCount"] >= 2
 
 
+# Each component's ServiceMonitor (and Service, of the same name) -> the `job` label its targets get, from the
+# Service's cost-worker/job label (the ServiceMonitor's jobLabel), so a namePrefix does not change it. The rule
+# group watching a component is named like its job.
+SCRAPE_JOBS = {
+    "cost-worker": "cost-worker",
+    "cost-worker-notify": "cost-worker-notify",
+    "cost-collector": "cost-collector",
+}
+
+
+def scrape_jobs(output: Rendered, prefix: str = "") -> dict[str, str]:
+    """ServiceMonitor name (without ``prefix``) -> the job label Prometheus gives the targets it scrapes."""
+    jobs = {}
+    for monitor in output.all("ServiceMonitor"):
+        service = output.one("Service", monitor["metadata"]["name"])
+        assert selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+        for other in output.all("Service"):
+            if other is not service:
+                assert not selects(monitor["spec"]["selector"]["matchLabels"], other["metadata"]["labels"])
+        jobs[monitor["metadata"]["name"].removeprefix(prefix)] = service["metadata"]["labels"][
+            monitor["spec"]["jobLabel"]
+        ]
+    return jobs
+
+
 def check_queries_follow_the_deployment(output: Rendered, prefix: str = "") -> None:
-    """No namespace or job written into the alert rules; the KEDA query names the namespace deployed to; `up` is
-    selected by the job label the ServiceMonitor takes from the Service's app label."""
+    """No namespace written into the alert rules; the KEDA query names the namespace deployed to. Every process
+    exports the whole registry, so each rule group selects every series by its own component's job (the label
+    the ServiceMonitor takes from the Service), and the KEDA query by the worker's: no other job matcher."""
     namespace = output.one("Deployment", prefix + "cost-worker")["metadata"]["namespace"]
     assert {doc["metadata"].get("namespace") for doc in output.docs if doc["kind"] != "Namespace"} == {namespace}
-    rules = [r["expr"] for g in output.one("PrometheusRule")["spec"]["groups"] for r in g["rules"]]
-    assert not [value for expr in rules for value in label_values(expr, "namespace")], "a namespace in a rule"
-    monitor = output.one("ServiceMonitor", prefix + "cost-worker")
-    job = output.one("Service", prefix + "cost-worker")["metadata"]["labels"][monitor["spec"]["jobLabel"]]
-    for expr in rules:
-        for selector in selectors(expr):
-            jobs = [m.value for m in selector.matchers.matchers if m.name == "job"]
-            assert jobs == ([job] if selector.name == "up" else []), f"job matcher in {selector} of {expr}"
+    jobs = scrape_jobs(output, prefix)
+    assert jobs == SCRAPE_JOBS, "one job per component, whatever the prefix"
+    groups = output.one("PrometheusRule")["spec"]["groups"]
+    assert {group["name"] for group in groups} == set(jobs.values()), "one rule group per component, named by its job"
+    for group in groups:
+        for rule in group["rules"]:
+            expr = rule["expr"]
+            assert label_values(expr, "namespace") == [], f"a namespace in {rule['alert']}"
+            for selector in selectors(expr):
+                matchers = [(m.op, m.value) for m in selector.matchers.matchers if m.name == "job"]
+                assert matchers == [(promql_parser.MatchOp.Equal, group["name"])], (
+                    f"{rule['alert']}: {selector} must select job {group['name']!r} only"
+                )
     query = output.one("ScaledObject")["spec"]["triggers"][0]["metadata"]["query"]
     assert label_values(query, "namespace") == [namespace]
-    assert label_values(query, "job") == []
+    assert label_values(query, "job") == [jobs["cost-worker"]]
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
@@ -807,6 +870,17 @@ def test_dashboard_queries_use_only_exported_metrics() -> None:
     assert any("histogram_quantile" in q and "cost_worker_batch_duration_seconds_bucket" in q for q in queries)
 
 
+def test_dashboard_queries_select_each_components_job() -> None:
+    """Every process exports the whole registry: a panel of the worker selects the worker's job, a panel of the
+    collector the collector's (its cost_worker_collect_* series), or notify and standby pods would count too."""
+    for query in dashboard_queries():
+        for selector in selectors(as_promql(query)):
+            name = selector.name or ""
+            job = SCRAPE_JOBS["cost-collector" if name.startswith("cost_worker_collect_") else "cost-worker"]
+            matchers = [(m.op, m.value) for m in selector.matchers.matchers if m.name == "job"]
+            assert matchers == [(promql_parser.MatchOp.Equal, job)], f"{query}: {selector} must select job {job!r}"
+
+
 def test_dashboard_and_keda_queries_parse_with_prometheus(promtool: str, production: Rendered, tmp_path: Path) -> None:
     """promtool parses every query (as a recording rule), so Prometheus' own grammar judges them."""
     queries = [as_promql(q) for q in dashboard_queries()]
@@ -830,9 +904,9 @@ def test_collector_pod_spec_secrets_and_egress(rendered: dict[str, Rendered], ku
     assert deployment["spec"]["replicas"] >= 2, "a standby takes over the poller lock"
     env = {e["name"]: e for e in container["env"]}
     assert env["COST_WORKER_DATABASE_ROLE"]["value"] == "cost_worker_collector"
-    refs = {name: e["valueFrom"]["secretKeyRef"] for name, e in env.items() if "valueFrom" in e}
-    assert refs["COST_WORKER_DATABASE_URL"] == {"name": "cost-worker-db-collector", "key": "url"}
-    assert "value" not in env["COST_WORKER_KAFKA_SASL_PASSWORD"]
+    refs = projected_items(deployment, config_env(output)["COST_WORKER_SECRETS_DIR"], "secret")
+    assert refs["COST_WORKER_DATABASE_URL"] == ("cost-worker-db-collector", "url")
+    assert "COST_WORKER_KAFKA_SASL_PASSWORD" in refs
     # The key-encryption key is a mounted Secret file, read-only; the env var holds only its path.
     kek_path = env["COST_WORKER_COLLECT_KEY_ENCRYPTION_KEY_FILE"]["value"]
     (mount,) = [m for m in container["volumeMounts"] if m["name"] == "kek"]
@@ -856,5 +930,6 @@ def test_collector_pod_spec_secrets_and_egress(rendered: dict[str, Rendered], ku
     assert selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
     policies = {p["metadata"]["name"]: p["spec"] for p in output.all("NetworkPolicy")}
     assert selects(policies["cost-collector"]["podSelector"]["matchLabels"], pod_labels(deployment))
-    assert 443 in {p["port"] for rule in policies["cost-collector"]["egress"] for p in rule["ports"]}
-    assert 443 not in {p["port"] for rule in policies["cost-worker"]["egress"] for p in rule["ports"]}
+    assert scraped_from_monitoring_only(policies["cost-collector"])
+    assert egress_ports(policies["cost-collector"]) == {53, 5432, 443} | kafka_ports(output)  # + the providers
+    assert 443 not in egress_ports(policies["cost-worker"])

@@ -1,23 +1,33 @@
 """What operators are told to look at exists: every metric named in the docs, the alerts, the KEDA query and
-the dashboard is exported by a real running worker (a scrape of its /metrics, not the registry)."""
+the dashboard is exported by the real running process that owns it (a scrape of its /metrics, not the registry):
+``cost_worker_notify_*`` by ``cost-worker notify run``, ``cost_worker_collect_*`` by ``cost-worker collect`` (each
+started as its own process, as in production), every other one by the worker."""
 
 from __future__ import annotations
 
 import asyncio
 import re
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
 import pytest
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
 
 from tests.factories import api_event, dumps, envelope, make_org, openai_usage_bucket
-from tests.kafka_helpers import create_topics, produce
+from tests.kafka_helpers import create_topics, produce, worker_env
 from tests.test_budgets import add_budget
+from tests.test_collect import World, seed_truth, world  # noqa: F401 - `world`: the collector's fake providers
+from tests.test_notify import KEY, Receiver, add, alert_message, ok
 from tests.test_operations import eventually, http_get
 from worker.app import Worker
 from worker.config import Settings
+from worker.devstack import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 DOCUMENTS = (
@@ -40,15 +50,38 @@ def sql_identifiers() -> set[str]:
     return words
 
 
-def documented_metrics() -> dict[str, set[str]]:
-    """Metric (or series) name -> the documents that name it."""
+# The process that exports a metric, by its name's prefix; every other cost_worker_* metric is the worker's.
+COMPONENT_PREFIXES = {"notify": "cost_worker_notify_", "collector": "cost_worker_collect_"}
+WORKER = "worker"
+
+
+def component(name: str) -> str:
+    return next((c for c, prefix in COMPONENT_PREFIXES.items() if name.startswith(prefix)), WORKER)
+
+
+def documented_metrics(of: str | None = None) -> dict[str, set[str]]:
+    """Metric (or series) name -> the documents that name it; only the component ``of``'s when given."""
     excluded = NOT_METRICS | sql_identifiers()
     found: dict[str, set[str]] = {}
     for document in DOCUMENTS:
         for word in METRIC_WORD.findall((REPO / document).read_text(encoding="utf-8")):
-            if word not in excluded and not word.startswith("cost_worker_deploy_check"):
+            if word in excluded or word.startswith("cost_worker_deploy_check"):
+                continue
+            if of is None or component(word) == of:
                 found.setdefault(word, set()).add(document)
     return found
+
+
+def never_exported(of: str, exported: set[str]) -> list[str]:
+    """The component's documented names its scrape lacks. A name matches a series of it (``_total``, ``_bucket``
+    ...); a word ending in ``_`` (``cost_worker_notify_*`` in prose) matches any series it starts."""
+    missing = []
+    for name, documents in sorted(documented_metrics(of).items()):
+        stem = name if name.endswith("_") else name + "_"
+        if name in exported or any(n.startswith(stem) for n in exported):
+            continue
+        missing.append(f"{name} (named in {', '.join(sorted(documents))})")
+    return missing
 
 
 def test_documented_metric_names_are_found_in_every_kind_of_document() -> None:
@@ -57,6 +90,11 @@ def test_documented_metric_names_are_found_in_every_kind_of_document() -> None:
     assert sources == set(DOCUMENTS), f"no metric found in {set(DOCUMENTS) - sources}"
     assert "cost_worker_circuit_breaker_invalid_ratio" in found
     assert "cost_worker_owner" not in found, "SQL roles are not metrics"
+    # Every component has documented metrics of its own, so each scrape below checks something.
+    assert {component(name) for name in found} == {WORKER, *COMPONENT_PREFIXES}
+    assert "cost_worker_notify_attempts_total" in documented_metrics("notify")
+    assert "cost_worker_collect_active" in documented_metrics("collector")
+    assert not [name for name in documented_metrics(WORKER) if name.startswith(tuple(COMPONENT_PREFIXES.values()))]
 
 
 @pytest.fixture
@@ -157,13 +195,143 @@ async def test_every_documented_metric_is_exported_by_a_running_worker(
     samples, _ = result
     exported = names(samples)
 
-    missing = []
-    for name, documents in sorted(documented_metrics().items()):
-        if name in exported or any(n.startswith(name + "_") for n in exported):
-            continue
-        missing.append(f"{name} (named in {', '.join(sorted(documents))})")
+    missing = never_exported(WORKER, exported)
     assert not missing, "documented but never exported by a running worker:\n" + "\n".join(missing)
 
     # The breaker's gauge says what its window holds: 5 invalid among the 26 messages seen so far.
     (ratio,) = [v for k, v in samples.items() if k.startswith("cost_worker_circuit_breaker_invalid_ratio{")]
     assert ratio == pytest.approx(5 / 26)
+
+
+def tail(log: Path) -> str:
+    return log.read_text(encoding="utf-8")[-3000:]
+
+
+async def scrape_process(
+    process: subprocess.Popen[bytes], port: int, wanted: set[str], log: Path
+) -> tuple[dict[str, float], set[str]]:
+    """Scrape a child process' /metrics until every name in ``wanted`` is among its series."""
+    last: list[set[str]] = [set()]
+
+    async def settled() -> tuple[dict[str, float], set[str]] | None:
+        assert process.poll() is None, f"the process exited: {tail(log)}"
+        try:
+            samples, families = await asyncio.to_thread(scrape, port)
+        except OSError:  # not listening yet
+            return None
+        last[0] = names(samples)
+        return (samples, families) if wanted <= last[0] else None
+
+    try:
+        result: tuple[dict[str, float], set[str]] = await eventually(settled, timeout=60)
+    except AssertionError:
+        pytest.fail(f"never exported: {sorted(wanted - last[0])}\n{tail(log)}")
+    return result
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
+
+
+def spawn(settings: Settings, args: list[str], log: Path, **extra: str) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "worker", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=worker_env(settings, **extra),
+        )
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    """A local webhook receiver that accepts every delivery."""
+    sink = Receiver(ok)
+    app = web.Application()
+    app.router.add_post("/hook/{token}", sink.handle)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    sink.url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook/sink"
+    yield sink
+    await runner.cleanup()
+
+
+async def test_every_documented_notify_metric_is_exported_by_a_running_notify_process(
+    db: asyncpg.Connection,
+    settings: Settings,
+    receiver: Receiver,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    notify_settings = settings.model_copy(
+        update={
+            "notify_secrets_key": SecretStr(KEY),
+            "notify_allow_http": True,
+            "notify_allowed_networks": "127.0.0.0/8",
+        }
+    )
+    await create_topics(settings)
+    org = await make_org(db)
+    await add(notify_settings, capsys, org, receiver.url)
+    # A matching alert (delivered), and one that is not an alert message at all.
+    await produce(settings, settings.topic_budget_alerts, [alert_message(org), b"not json"])
+    port = free_port()
+    log = tmp_path / "notify.log"
+    process = spawn(
+        settings,
+        ["notify", "run"],
+        log,
+        COST_WORKER_METRICS_PORT=str(port),
+        COST_WORKER_NOTIFY_SECRETS_KEY=KEY,
+        COST_WORKER_NOTIFY_ALLOW_HTTP="true",
+        COST_WORKER_NOTIFY_ALLOWED_NETWORKS="127.0.0.0/8",
+    )
+    try:
+        wanted = {"cost_worker_notify_delivery_latency_seconds_count", "cost_worker_notify_alerts_total"}
+        samples, _ = await scrape_process(process, port, wanted, log)
+    finally:
+        stop(process)
+    exported = names(samples)
+    missing = never_exported("notify", exported)
+    assert not missing, "documented but never exported by a running notify process:\n" + "\n".join(missing)
+    # This process's own figures: one delivery, made by it.
+    assert samples["cost_worker_notify_attempts_total{kind=webhook,outcome=delivered}"] == 1
+    assert len(receiver.requests) == 1
+
+
+async def test_every_documented_collector_metric_is_exported_by_a_running_collector_process(
+    world: World,  # noqa: F811 - the fixture imported from tests.test_collect
+    tmp_path: Path,
+) -> None:
+    seed_truth(world.fake)  # one good account per provider; org-bad's key is refused (401)
+    port = free_port()
+    log = tmp_path / "collector.log"
+    process = spawn(
+        world.settings,
+        ["collect"],
+        log,
+        COST_WORKER_METRICS_PORT=str(port),
+        COST_WORKER_DATABASE_ROLE="cost_worker_collector",
+    )
+    try:
+        wanted = {
+            "cost_worker_collect_buckets_published_total",
+            "cost_worker_collect_auth_failures_total",
+            "cost_worker_collect_seconds_since_last_success",
+        }
+        samples, _ = await scrape_process(process, port, wanted, log)
+    finally:
+        stop(process)
+    exported = names(samples)
+    missing = never_exported("collector", exported)
+    assert not missing, "documented but never exported by a running collector process:\n" + "\n".join(missing)
+    assert samples["cost_worker_collect_active{}"] == 1, "the only replica holds the poller lock"
