@@ -447,10 +447,11 @@ CROSS JOIN LATERAL generate_series(1, $1) AS g
 # cost_data: hourly history per project (2 costs_v1 and 2 usage_v1 line items per hour), ending 30 days
 # before the anchor, in index order (project, bucket start).
 PREFILL_COST_DATA = """
-INSERT INTO cost_data (organization_id, project_id, provider, ai_organization_id, ai_project_id, api_version,
+INSERT INTO cost_data (organization_id, project_id, provider, ai_organization_id, ai_project_id, api_version, report,
                        bucket_start_time, bucket_end_time, line_item, currency, amount, quantity, unit, metadata,
                        collected_at, source_partition, source_offset, created_at, updated_at)
 SELECT p.organization_id, p.id, p.ai_provider, p.ai_organization_id, p.ai_project_id, i.version::cost_api_version,
+       cost_worker_default_report(p.ai_provider, i.version::cost_api_version),
        s.start, s.start + interval '1 hour', i.item, 'USD', ((h * 7919) % 100000) / 1000.0,
        CASE WHEN i.version = 'usage_v1' THEN (h::bigint * 104729) % 5000000 END,
        CASE WHEN i.version = 'usage_v1' THEN 'tokens' END, '{}'::jsonb,
