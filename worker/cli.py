@@ -111,6 +111,27 @@ def _parser() -> argparse.ArgumentParser:
         "already alerted, as a table.",
     )
     bstatus.add_argument("--organization", metavar="ID", help="only this organization (uuid)")
+
+    rates = sub.add_parser(
+        "rates",
+        help="load and list exchange rates",
+        description="Exchange rates convert spend into a budget's currency (loaded from files, never fetched).",
+    )
+    rsub = rates.add_subparsers(dest="rates_command", metavar="ACTION", parser_class=_Parser)
+    rsub.required = True
+    rimport = rsub.add_parser(
+        "import",
+        help="load rates from a CSV file (the ECB reference-rate format by default)",
+        description="Load exchange rates from FILE: the ECB euro reference rates CSV (eurofxref.csv or "
+        "eurofxref-hist.csv, 1 EUR = x CUR) by default, or date,base,quote,rate rows with --format pairs. "
+        "Every problem is reported at once and nothing is loaded from a file with a problem.",
+    )
+    rimport.add_argument("file", metavar="FILE", help="the CSV file")
+    rimport.add_argument("--format", choices=["ecb", "pairs"], default="ecb", help="file format (ecb)")
+    rimport.add_argument("--source", help="label stored with the rates (ECB, or the file name)")
+    rlist = rsub.add_parser("list", help="the loaded currency pairs", description="Each loaded pair's dates and rate.")
+    rlist.add_argument("--base", metavar="CUR", help="only this base currency")
+    rlist.add_argument("--quote", metavar="CUR", help="only this quote currency")
     return parser
 
 
@@ -188,6 +209,17 @@ def cmd_budgets(args: argparse.Namespace) -> int:
     return _run(lambda: admin.budgets_status(settings, organization=args.organization))
 
 
+def cmd_rates(args: argparse.Namespace) -> int:
+    from pathlib import Path  # noqa: PLC0415
+
+    from worker import rates  # noqa: PLC0415
+
+    settings = _settings(require=("database_url",))
+    if args.rates_command == "import":
+        return _run(lambda: rates.import_rates(settings, Path(args.file), fmt=args.format, source=args.source))
+    return _run(lambda: rates.list_rates(settings, base=args.base, quote=args.quote))
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "check-config": cmd_check_config,
     "migrate": cmd_migrate,
@@ -195,6 +227,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "dev": cmd_dev,
     "quarantine": cmd_quarantine,
     "budgets": cmd_budgets,
+    "rates": cmd_rates,
 }
 
 
