@@ -90,7 +90,7 @@ async def test_budgets_status_prints_period_spend_and_alerts(
     result = await asyncio.to_thread(cli, settings, "budgets", "status", "--organization", str(org.id))
     assert result.returncode == 0, result.stderr
     line = next(line for line in result.stdout.splitlines() if "Team monthly" in line)
-    assert "6.5 / 10 USD" in line
+    assert "6.50 / 10 USD" in line  # shown rounded to cents (exact in the database)
     assert "65.0%" in line
     assert "Europe/Berlin" in line
     assert " 50 " in f" {line} ".replace(",", " ")  # the alerted column

@@ -38,6 +38,7 @@ def alert_id(
     budget_id: uuid.UUID,
     period_start: datetime,
     threshold: Decimal,
+    *,
     amount: Decimal,
     currency: str,
     crossing: int,
@@ -80,7 +81,13 @@ class Alert:
     @property
     def id(self) -> uuid.UUID:
         return alert_id(
-            self.scope, self.budget_id, self.period_start, self.threshold, self.amount, self.currency, self.crossing
+            self.scope,
+            self.budget_id,
+            self.period_start,
+            self.threshold,
+            amount=self.amount,
+            currency=self.currency,
+            crossing=self.crossing,
         )
 
     @property

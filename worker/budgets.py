@@ -129,9 +129,7 @@ class BudgetEngine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
-    async def evaluate(
-        self, tx: Tx, touched: Iterable[Touch], *, trigger: str = "batch"
-    ) -> list[Alert | Resolution]:
+    async def evaluate(self, tx: Tx, touched: Iterable[Touch], *, trigger: str = "batch") -> list[Alert | Resolution]:
         touches = list(set(touched))
         if not touches:
             return []
@@ -191,9 +189,8 @@ class BudgetEngine:
             ).inc()
             log.info(
                 "budget_alert_resolved",
-                **_fields(resolution.alert),
-                alert_id=str(resolution.alert_id),
-                spend=str(resolution.spend),
+                **(_fields(resolution.alert) | {"alert_id": str(resolution.alert_id), "spend": str(resolution.spend)}),
+                crossing=resolution.alert.crossing,
                 trigger=trigger,
             )
         return [*raised, *resolved]

@@ -17,6 +17,7 @@ from a file with a problem. Loading the same file again changes nothing; a corre
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import re
@@ -91,7 +92,9 @@ def parse(text: str, fmt: str = DEFAULT_FORMAT) -> list[Rate]:
         quotes = header[1:]
         problems += [f"line {rows[0][0]}: not a currency code: {code!r}" for code in quotes if not _CODE.match(code)]
         for number, row in body:
-            cells = row[: len(header)] if all(c == "" for c in row[len(header) :]) else row
+            cells = list(row)
+            while cells and cells[-1] == "":  # the trailing comma
+                cells.pop()
             if len(cells) != len(header):
                 problems.append(f"line {number}: {len(cells)} cells, the header has {len(header)}")
                 continue
@@ -141,12 +144,15 @@ def _add(rates: dict[tuple[str, str, date], Rate], rate: Rate, number: int, prob
     rates[key] = rate
 
 
-async def import_rates(settings: Settings, path: Path, *, fmt: str, source: str | None) -> int:
+def _read(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        return path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{path}: cannot read: {exc}"]) from None
-    rates = parse(text, fmt)
+
+
+async def import_rates(settings: Settings, path: Path, *, fmt: str, source: str | None) -> int:
+    rates = parse(await asyncio.to_thread(_read, path), fmt)
     label = source or (ECB_SOURCE if fmt == "ecb" else path.name)
     db = await Database.open(settings.dsn(), role=settings.database_role, max_size=1)
     try:

@@ -375,7 +375,9 @@ class Tx:
         )
         return {row["id"]: (row["crossing"], row["raised_at"]) for row in rows}
 
-    async def insert_alert_messages(self, messages: Sequence[tuple[bytes, bytes, str, str, str]], *, topic: str) -> None:
+    async def insert_alert_messages(
+        self, messages: Sequence[tuple[bytes, bytes, str, str, str]], *, topic: str
+    ) -> None:
         """Outbox rows for alert messages: (key, value, delivery id, alert id, scope) each."""
         await self.conn.execute(
             query("insert_alert_messages"),

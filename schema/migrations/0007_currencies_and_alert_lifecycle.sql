@@ -66,6 +66,56 @@ GRANT SELECT ON exchange_rates TO cost_worker_reader;
 GRANT EXECUTE ON FUNCTION cost_worker_rate_factor(text, text, date), cost_worker_convert(numeric, numeric, numeric)
     TO cost_worker_writer, cost_worker_reader;
 
+-- ================================================================================================ spend
+
+-- Spend in the budget's currency: every row of cost_worker_spend_rows (0006), each converted at the rate
+-- effective on the UTC date of its rate_at (a provider row's window start, an estimate's hour) by
+-- cost_worker_rate_factor / cost_worker_convert, then summed exactly. Rows already in the budget's currency
+-- are taken as they are (no rate needed: USD budgets on USD rows are unaffected).
+-- A budget whose rows need a rate that is missing is unconvertible: spend is NULL (never 0, never a partial
+-- sum) and missing_rates says what is missing ({currency: {"rows": n, "first": day, "last": day}}).
+-- foreign_rows counts the rows that were converted ({currency: rows}).
+DROP FUNCTION cost_worker_spend(text, uuid, uuid, uuid, timestamptz, timestamptz, text);
+
+CREATE FUNCTION cost_worker_spend(
+    scope text, org uuid, project uuid, usr uuid, period_start timestamptz, period_end timestamptz,
+    currency_code text, OUT spend numeric, OUT foreign_rows jsonb, OUT missing_rates jsonb
+)
+LANGUAGE sql STABLE
+AS $$
+    WITH r AS MATERIALIZED (
+        SELECT s.currency::text AS currency, (s.rate_at AT TIME ZONE 'UTC')::date AS day, s.amount
+        FROM cost_worker_spend_rows(scope, org, project, usr, period_start, period_end) s
+        WHERE s.amount IS NOT NULL
+    ),
+    factors AS MATERIALIZED (  -- one rate lookup per (currency, day), not per row
+        SELECT d.currency, d.day, f.num, f.den
+        FROM (SELECT DISTINCT currency, day FROM r WHERE currency <> currency_code) d
+        LEFT JOIN LATERAL cost_worker_rate_factor(d.currency, currency_code, d.day) f ON true
+    ),
+    missing AS (
+        SELECT r.currency, count(*) AS n, min(r.day) AS first, max(r.day) AS last
+        FROM r JOIN factors f USING (currency, day)
+        WHERE f.num IS NULL
+        GROUP BY r.currency
+    )
+    SELECT
+        CASE WHEN EXISTS (SELECT FROM missing) THEN NULL
+             ELSE coalesce((SELECT sum(CASE WHEN r.currency = currency_code THEN r.amount
+                                            ELSE cost_worker_convert(r.amount, f.num, f.den) END)
+                            FROM r LEFT JOIN factors f USING (currency, day)), 0)
+        END,
+        coalesce((SELECT jsonb_object_agg(c.currency, c.n) FROM (
+            SELECT r.currency, count(*) AS n FROM r WHERE r.currency <> currency_code GROUP BY r.currency
+        ) c), '{}'),
+        coalesce((SELECT jsonb_object_agg(m.currency, jsonb_build_object('rows', m.n, 'first', m.first,
+                                                                        'last', m.last))
+                  FROM missing m), '{}')
+$$;
+
+GRANT EXECUTE ON FUNCTION cost_worker_spend(text, uuid, uuid, uuid, timestamptz, timestamptz, text)
+    TO cost_worker_writer, cost_worker_reader;
+
 -- ================================================================================================ alerts
 
 -- An alert is raised against what the budget was at the time (amount, currency: already stored) and is the
