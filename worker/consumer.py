@@ -371,6 +371,8 @@ def _record(outcome: Outcome) -> None:
         metrics.LEDGER_LINES.labels(api_version=api_version, outcome=result).inc(count)
     for provider, count in outcome.unpriced.items():
         metrics.UNPRICED_LINES.labels(provider=provider).inc(count)
+    if outcome.unknown_models:
+        metrics.UNKNOWN_MODEL_EVENTS.inc(outcome.unknown_models)
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

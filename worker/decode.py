@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticCustomError
 
 from worker.models import BUCKET_MODELS, MAX_AMOUNT, MAX_MAGNITUDE, ApiUsageEvent, ProviderEnvelope
-from worker.providers import EXACT, LedgerLine, lines_for
+from worker.providers import EXACT, LedgerLine, lines_for, report_of, window_of
 from worker.quarantine import Quarantined, Reason, Source
 
 MAX_DETAIL = 500  # characters of validation detail kept with a quarantined message
@@ -102,6 +102,8 @@ class ProviderMessage:
     api_version: str
     collected_at: datetime
     lines: list[LedgerLine] = field(default_factory=list)
+    # Every bucket's (report, start, end), empty ones too: an empty snapshot retires the window's earlier lines.
+    windows: list[tuple[str, datetime, datetime]] = field(default_factory=list)
 
 
 class _Invalid(Exception):
@@ -284,6 +286,7 @@ def decode_provider_message(
         for index, raw in enumerate(raw_buckets):
             try:
                 bucket: BaseModel = model.model_validate(raw)
+                message.windows.append((report_of(envelope.provider, envelope.api_version), *window_of(bucket)))
                 message.lines.extend(
                     lines_for(envelope.provider, envelope.api_version, envelope.ai_organization_id, bucket)
                 )

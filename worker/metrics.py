@@ -29,7 +29,8 @@ QUARANTINED = Counter(
 )
 LEDGER_LINES = Counter(
     "cost_worker_ledger_lines_total",
-    "Ledger lines written to cost_data, by api_version and outcome (inserted, updated, unchanged, stale_revision).",
+    "Ledger lines written to cost_data, by api_version and outcome (inserted, updated, unchanged, stale_revision, "
+    "superseded: a stored line a newer snapshot of its window no longer has).",
     ["api_version", "outcome"],
 )
 UNPRICED_LINES = Counter(
@@ -117,4 +118,10 @@ UNCONVERTIBLE = Counter(
     "Budget evaluations skipped because spend rows need an exchange rate that exchange_rates lacks "
     "(no alert is raised or resolved from a partial sum).",
     ["budget_currency", "row_currency"],
+)
+
+# --- spend rules (issue 11)
+UNKNOWN_MODEL_EVENTS = Counter(
+    "cost_worker_unknown_model_events_total",
+    "API-usage events whose model has no provider in the price catalogue (their estimate is never replaced).",
 )

@@ -22,6 +22,7 @@ from worker.config import Settings
 from worker.decode import API_USAGE_COLUMNS, ApiEvent, ProviderMessage, decode_api_event, decode_provider_message
 from worker.errors import StaleOffsets
 from worker.faults import NO_FAULTS, Faults
+from worker.model_providers import provider_of
 from worker.pricing import Price, PriceBook, price_keys
 from worker.providers import EXACT, LedgerLine
 from worker.quarantine import Quarantined, Reason, Source
@@ -36,6 +37,7 @@ INSERTED, UPDATED, UNCHANGED, STALE, DUPLICATE, QUARANTINED = (
     "duplicate",
     "quarantined",
 )
+SUPERSEDED = "superseded"  # a stored line a newer snapshot of its window no longer has (ledger lines only)
 _RANK = {INSERTED: 0, UPDATED: 1, UNCHANGED: 2, STALE: 3}
 
 
@@ -64,12 +66,21 @@ class KafkaRecord(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Touch:
-    """A scope whose spend changed, and when (budgets evaluate the period that contains ``at``)."""
+    """A scope whose spend changed, and when: budgets evaluate the period that contains ``at`` (an estimate's
+    hour; a provider row's window midpoint, the period the row counts in) and, for a provider row, every other
+    period its window ``[span_start, span_end)`` overlaps (the hours it covers, or stops covering, may be there)."""
 
     organization_id: UUID
     project_id: UUID | None
     user_id: UUID | None
     at: datetime
+    span_start: datetime | None = None
+    span_end: datetime | None = None
+
+
+def midpoint(start: datetime, end: datetime) -> datetime:
+    """The instant that decides the budget period of a provider row (README "What counts as spend")."""
+    return start + (end - start) / 2
 
 
 class BudgetEvaluator(Protocol):
@@ -125,6 +136,7 @@ class Outcome:
     quarantined: Counter[tuple[str, str]] = field(default_factory=Counter)  # (topic, reason)
     ledger_lines: Counter[tuple[str, str]] = field(default_factory=Counter)  # (api_version, outcome)
     unpriced: Counter[str] = field(default_factory=Counter)  # provider
+    unknown_models: int = 0  # API-usage events whose model has no known provider (their estimate always counts)
     new_quarantine_rows: int = 0
     alerts: list[Any] = field(default_factory=list)
     quarantine: list[Quarantined] = field(default_factory=list)  # every message quarantined by this batch
@@ -200,10 +212,12 @@ class _Attribution:
         self.projects: dict[tuple[str, str, str], set[tuple[UUID, UUID]]] = defaultdict(set)
         self.legacy: dict[str, tuple[UUID, UUID]] = {}
         self.organizations: dict[tuple[str, str], set[UUID]] = defaultdict(set)
+        self.account_projects: dict[tuple[str, str], set[tuple[UUID, UUID]]] = defaultdict(set)
         for row in rows:
             target = (row["organization_id"], row["id"])
             if row["ai_provider"] and row["ai_organization_id"]:
                 self.organizations[(row["ai_provider"], row["ai_organization_id"])].add(row["organization_id"])
+                self.account_projects[(row["ai_provider"], row["ai_organization_id"])].add(target)
                 if row["ai_project_id"]:
                     self.projects[(row["ai_provider"], row["ai_organization_id"], row["ai_project_id"])].add(target)
             if row["openai_project_id"]:
@@ -246,7 +260,9 @@ class _Attribution:
 
 # ---------------------------------------------------------------------------------------- ledger rows
 
-_LedgerKey = tuple[UUID, UUID | None, str, str, str, datetime, datetime, str]
+_LedgerKey = tuple[UUID, UUID | None, str, str, str, datetime, datetime, str]  # org, project, provider, account,
+# report, window start, window end, line item
+_WindowKey = tuple[str, str, str, datetime, datetime]  # provider, account, report, window start, window end
 
 
 @dataclass(slots=True)
@@ -333,15 +349,16 @@ class Pipeline:
         for duplicate in batch.duplicates:
             outcome.messages[(duplicate.source.topic, DUPLICATE)] += 1
         events = await self._checked_events(tx, batch.events, quarantine, outcome)
-        rows = await self._ledger_rows(tx, batch.messages, quarantine, outcome, best)
+        ledger = await self._ledger_rows(tx, batch.messages, quarantine, outcome, best)
 
         organizations = {event.organization_id.int: event.organization_id for event in events}
-        organizations.update((r.key[0].int, r.key[0]) for r in rows)
+        organizations.update((r.key[0].int, r.key[0]) for r in ledger.rows)
+        organizations.update((o.int, o) for owners in ledger.owners.values() for o in owners)
         organizations.update((t.int, t) for t in tenants or ())
         if organizations:
             await tx.set_tenants(set(organizations.values()))
-        if rows:
-            touched.extend(await self._upsert_ledger(tx, rows, outcome, best))
+        if ledger.windows:
+            touched.extend(await self._upsert_ledger(tx, ledger, organizations, outcome, best))
         flagged = {q.source for q in quarantine}
         for index, message in enumerate(batch.messages):
             if message.source not in flagged:  # quarantined messages are counted as such below
@@ -401,7 +418,10 @@ class Pipeline:
     async def _insert_events(
         self, tx: Tx, events: list[ApiEvent], quarantine: list[Quarantined], outcome: Outcome
     ) -> list[Touch]:
-        result = await tx.insert_api_usage(list(zip(*events, strict=True))[:API_USAGE_COLUMNS])
+        providers = [provider_of(event.model) for event in events]
+        outcome.unknown_models += providers.count(None)
+        columns = [*list(zip(*events, strict=True))[:API_USAGE_COLUMNS], providers]
+        result = await tx.insert_api_usage(columns)
         touched = []
         inserted = 0
         conflicts = []
@@ -438,15 +458,19 @@ class Pipeline:
         quarantine: list[Quarantined],
         outcome: Outcome,
         best: dict[int, str],
-    ) -> list[_Row]:
-        """Attribute and price every line, sum lines that share a key within a message, then keep the
-        newest revision of each key across the batch."""
+    ) -> _Ledger:
+        """Attribute and price every line, sum lines that share a key within a message, then keep, per window of
+        a report, the lines of the batch's newest revision of it (a bucket is a snapshot: older revisions in the
+        batch are stale as a whole)."""
+        ledger = _Ledger()
         if not messages:
-            return []
+            return ledger
         lines = [line for message in messages for line in message.lines]
         provider_orgs = {(line.provider, line.ai_organization_id) for line in lines}
+        provider_orgs.update((m.provider, m.ai_organization_id) for m in messages if m.windows)
         legacy = {line.ai_project_id for line in lines if line.provider == "openai" and line.ai_project_id}
-        attribution = _Attribution(await tx.lookup_provider_projects(provider_orgs, legacy) if lines else [])
+        attribution = _Attribution(await tx.lookup_provider_projects(provider_orgs, legacy) if provider_orgs else [])
+        ledger.account_projects = attribution.account_projects
         keys = price_keys(lines)
         book = PriceBook(
             Price(
@@ -454,6 +478,14 @@ class Pipeline:
             )
             for r in (await tx.lookup_prices(keys) if keys else [])
         )
+        for index, message in enumerate(messages):
+            account = (message.provider, message.ai_organization_id)
+            for report, start, end in message.windows:
+                window = (*account, report, start, end)
+                if window not in ledger.windows or message.collected_at > ledger.windows[window]:
+                    ledger.windows[window] = message.collected_at
+                ledger.owners[window] = attribution.organizations.get(account, set())
+                ledger.messages.setdefault(window, []).append(index)
 
         newest: dict[_LedgerKey, _Row] = {}
         for index, message in enumerate(messages):
@@ -475,7 +507,7 @@ class Pipeline:
                     project,
                     line.provider,
                     line.ai_organization_id,
-                    line.api_version,
+                    line.report,
                     line.bucket_start,
                     line.bucket_end,
                     line.line_item,
@@ -491,26 +523,90 @@ class Pipeline:
                 detail = "; ".join(sorted(set(problems))[:5])
                 quarantine.append(Quarantined(message.source, message.payload, problem_reason, detail[:500]))
             for key, line in summed.items():
-                row = _Row(key, line, index, message.collected_at, message.source)
-                current = newest.get(key)
-                if current is None or row.collected_at > current.collected_at:
-                    if current is not None:  # superseded within the batch by a newer revision
-                        outcome.ledger_lines[(line.api_version, STALE)] += 1
-                        _note(best, current.message, STALE)
-                    newest[key] = row
-                else:  # an older or equal revision of a key this batch already has
-                    result = STALE if row.collected_at < current.collected_at else UNCHANGED
-                    outcome.ledger_lines[(line.api_version, result)] += 1
-                    _note(best, index, result)
-        return sorted(newest.values(), key=lambda r: _sort_key(r.key))
+                if message.collected_at < ledger.windows[_window(key)]:  # a newer snapshot of its window is here
+                    outcome.ledger_lines[(line.api_version, STALE)] += 1
+                    _note(best, index, STALE)
+                elif key in newest:  # the same revision again (a second part or a copy of the snapshot)
+                    outcome.ledger_lines[(line.api_version, UNCHANGED)] += 1
+                    _note(best, index, UNCHANGED)
+                else:
+                    newest[key] = _Row(key, line, index, message.collected_at, message.source)
+        ledger.rows = sorted(newest.values(), key=lambda r: _sort_key(r.key))
+        return ledger
 
-    async def _upsert_ledger(self, tx: Tx, rows: list[_Row], outcome: Outcome, best: dict[int, str]) -> list[Touch]:
-        """Upsert the rows; record each line's outcome and, per message, the best outcome of its lines."""
+    async def _upsert_ledger(
+        self, tx: Tx, ledger: _Ledger, tenants: dict[int, UUID], outcome: Outcome, best: dict[int, str]
+    ) -> list[Touch]:
+        """Advance the windows' revisions, upsert the lines of current revisions, retire the lines their new
+        snapshots no longer have; record each line's outcome and, per message, the best outcome of its lines."""
+        windows = sorted(ledger.windows)
+        organizations_of: dict[_WindowKey, set[UUID]] = defaultdict(set)
+        for row in ledger.rows:
+            organizations_of[_window(row.key)].add(row.key[0])
+        states = await tx.upsert_cost_windows(
+            [
+                [w[0] for w in windows],
+                [w[1] for w in windows],
+                [w[2] for w in windows],
+                [w[3] for w in windows],
+                [w[4] for w in windows],
+                [ledger.windows[w] for w in windows],
+                ["{" + ",".join(sorted(str(o) for o in organizations_of[w])) + "}" for w in windows],
+            ]
+        )
+        state = {windows[r["ord"] - 1]: r["state"] for r in states}
+        # Retiring must see every organization that ever had lines in the window (a line may have moved away).
+        seen = {o.int: o for r in states for o in r["organization_ids"]}
+        if seen.keys() - tenants.keys():
+            tenants.update(seen)
+            await tx.set_tenants(set(tenants.values()))
+
+        touched = []
+        rows = []
+        for row in ledger.rows:
+            if state[_window(row.key)] == "stale":
+                outcome.ledger_lines[(row.line.api_version, STALE)] += 1
+                _note(best, row.message, STALE)
+            else:
+                rows.append(row)
+        advanced = [w for w in windows if state[w] == "advanced"]
+        if advanced:
+            retired = await tx.retire_cost_data(
+                [
+                    [w[0] for w in advanced],
+                    [w[1] for w in advanced],
+                    [w[2] for w in advanced],
+                    [w[3] for w in advanced],
+                    [w[4] for w in advanced],
+                    [ledger.windows[w] for w in advanced],
+                ]
+            )
+            for record in retired:
+                outcome.ledger_lines[(record["api_version"], SUPERSEDED)] += 1
+                touched.extend(
+                    ledger.touches(
+                        record["organization_id"],
+                        record["project_id"],
+                        (record["provider"], record["ai_organization_id"]),
+                        record["bucket_start_time"],
+                        record["bucket_end_time"],
+                    )
+                )
+                window = (
+                    record["provider"],
+                    record["ai_organization_id"],
+                    record["report"],
+                    record["bucket_start_time"],
+                    record["bucket_end_time"],
+                )
+                for index in ledger.messages.get(window, []):
+                    _note(best, index, UPDATED)
+        if not rows:
+            return touched
         written = {
             record["ord"]: (record["result"], record["kept_revision"])
             for record in await tx.upsert_cost_data(_ledger_columns(rows))
         }
-        touched = []
         for ord_, row in enumerate(rows, start=1):
             done, kept = written[ord_]
             if done is not None:
@@ -522,9 +618,43 @@ class Pipeline:
             outcome.ledger_lines[(row.line.api_version, result)] += 1
             if result in (INSERTED, UPDATED):
                 organization, project = row.key[0], row.key[1]
-                touched.append(Touch(organization, project, None, row.line.bucket_start))
+                touched.extend(
+                    ledger.touches(
+                        organization,
+                        project,
+                        (row.line.provider, row.line.ai_organization_id),
+                        row.line.bucket_start,
+                        row.line.bucket_end,
+                    )
+                )
             _note(best, row.message, result)
         return touched
+
+
+def _window(key: _LedgerKey) -> _WindowKey:
+    return (key[2], key[3], key[4], key[5], key[6])
+
+
+@dataclass
+class _Ledger:
+    """A batch's provider data: rows at the batch's newest revision of their window, and the windows."""
+
+    rows: list[_Row] = field(default_factory=list)
+    windows: dict[_WindowKey, datetime] = field(default_factory=dict)  # window -> newest revision in the batch
+    owners: dict[_WindowKey, set[UUID]] = field(default_factory=dict)  # organizations owning the window's account
+    messages: dict[_WindowKey, list[int]] = field(default_factory=dict)  # messages carrying each window
+    account_projects: dict[tuple[str, str], set[tuple[UUID, UUID]]] = field(default_factory=dict)
+
+    def touches(
+        self, organization: UUID, project: UUID | None, account: tuple[str, str], start: datetime, end: datetime
+    ) -> list[Touch]:
+        """The scopes a provider row's change touches: its own, and for a row without a project (it covers every
+        project of its provider account) each project of that account in its organization."""
+        at = midpoint(start, end)
+        scopes = [project]
+        if project is None:
+            scopes.extend(sorted(p for o, p in self.account_projects.get(account, ()) if o == organization))
+        return [Touch(organization, scope, None, at, start, end) for scope in scopes]
 
 
 # ---------------------------------------------------------------------------------------- columns
@@ -559,6 +689,8 @@ def _ledger_columns(rows: list[_Row]) -> list[list[Any]]:
         [r.collected_at for r in rows],
         [r.source.partition for r in rows],
         [r.source.offset for r in rows],
+        [r.line.report for r in rows],
+        [r.line.outside_cost_report for r in rows],
     ]
 
 

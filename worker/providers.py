@@ -64,6 +64,40 @@ class LedgerLine:
     price_model: str | None = None  # usage only: what model_prices is looked up by
     price_token_type: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    report: str = ""  # the provider endpoint this line is a snapshot of (``report_of``)
+    outside_cost_report: bool = False  # usage the provider's cost report omits: never replaced by cost rows
+
+
+# Reports: one provider endpoint each. A bucket is a snapshot of one report over one window.
+OPENAI_COSTS = "openai.costs"
+OPENAI_USAGE = "openai.usage."  # + the Usage API endpoint: completions, embeddings, images, ...
+OPENAI_DEFAULT_USAGE_ENDPOINT = "completions"
+ANTHROPIC_COSTS = "anthropic.cost_report"
+ANTHROPIC_USAGE = "anthropic.usage_report.messages"
+# Anthropic documents that its cost report (GET /v1/organizations/cost_report) leaves Priority Tier costs out
+# (they are billed differently); Priority Tier usage is tracked through the usage report instead. Source: the
+# "Usage and Cost API" guide, https://platform.claude.com/docs/en/manage-claude/usage-cost-api (formerly
+# https://docs.anthropic.com/en/api/usage-cost-api). So usage of that tier counts even where the cost report covers
+# its hours, and it counts once: the cost report never holds it.
+ANTHROPIC_TIERS_OUTSIDE_COST_REPORT = frozenset({"priority"})
+
+
+def report_of(provider: str, api_version: str, endpoint: str | None = None) -> str:
+    """The report a bucket of this provider and API version is a snapshot of."""
+    if provider == "openai":
+        if api_version == "costs_v1":
+            return OPENAI_COSTS
+        return OPENAI_USAGE + (endpoint or OPENAI_DEFAULT_USAGE_ENDPOINT)
+    return ANTHROPIC_COSTS if api_version == "costs_v1" else ANTHROPIC_USAGE
+
+
+def window_of(bucket: BaseModel) -> tuple[datetime, datetime]:
+    """The window of a validated bucket (any of the four formats)."""
+    if isinstance(bucket, OpenAICostBucket | OpenAIUsageBucket):
+        return bucket.start_time, bucket.end_time
+    if isinstance(bucket, AnthropicCostBucket | AnthropicUsageBucket):
+        return bucket.starting_at, bucket.ending_at
+    raise TypeError(f"no window for {type(bucket).__name__}")  # pragma: no cover - models change together
 
 
 def _inconsistent(message: str) -> PydanticCustomError:
@@ -72,6 +106,13 @@ def _inconsistent(message: str) -> PydanticCustomError:
 
 def lines_for(provider: str, api_version: str, ai_organization_id: str, bucket: BaseModel) -> Iterator[LedgerLine]:
     """The ledger lines of one validated bucket (any of the four formats)."""
+    report = report_of(provider, api_version)
+    for line in _lines(provider, api_version, ai_organization_id, bucket):
+        line.report = report
+        yield line
+
+
+def _lines(provider: str, api_version: str, ai_organization_id: str, bucket: BaseModel) -> Iterator[LedgerLine]:
     if isinstance(bucket, OpenAICostBucket):
         for cost in bucket.results:
             yield LedgerLine(
@@ -132,6 +173,7 @@ def lines_for(provider: str, api_version: str, ai_organization_id: str, bucket: 
                 tier="batch" if counted.batch else _tier(counted.service_tier),
                 extra_suffix=None,
                 counts=_openai_counts(counted),
+                outside_cost_report=False,
                 metadata=_present(
                     user_id=counted.user_id,
                     api_key_id=counted.api_key_id,
@@ -153,6 +195,7 @@ def lines_for(provider: str, api_version: str, ai_organization_id: str, bucket: 
                 tier=_tier(tally.service_tier),
                 extra_suffix=tally.context_window,
                 counts=_anthropic_counts(tally),
+                outside_cost_report=(tally.service_tier or "").lower() in ANTHROPIC_TIERS_OUTSIDE_COST_REPORT,
                 metadata=_present(
                     api_key_id=tally.api_key_id,
                     service_tier=tally.service_tier,
@@ -177,6 +220,7 @@ def _usage_lines(
     extra_suffix: str | None,
     counts: dict[str, tuple[int, str]],
     metadata: dict[str, Any],
+    outside_cost_report: bool,
 ) -> Iterator[LedgerLine]:
     model_name = model or UNKNOWN_MODEL
     for token_type, (count, unit) in counts.items():
@@ -196,6 +240,7 @@ def _usage_lines(
             price_model=model_name,
             price_token_type=f"{tier}/{token_type}" if tier else token_type,
             metadata=dict(metadata),
+            outside_cost_report=outside_cost_report,
         )
 
 

@@ -313,6 +313,12 @@ class Tx:
     async def upsert_cost_data(self, columns: Sequence[Sequence[Any]]) -> list[asyncpg.Record]:
         return await self.conn.fetch(query("upsert_cost_data"), *columns)
 
+    async def upsert_cost_windows(self, columns: Sequence[Sequence[Any]]) -> list[asyncpg.Record]:
+        return await self.conn.fetch(query("upsert_cost_windows"), *columns)
+
+    async def retire_cost_data(self, columns: Sequence[Sequence[Any]]) -> list[asyncpg.Record]:
+        return await self.conn.fetch(query("retire_cost_data"), *columns)
+
     async def insert_api_usage(self, columns: Sequence[Sequence[Any]]) -> list[asyncpg.Record]:
         return await self.conn.fetch(query("insert_api_usage"), *columns)
 
@@ -340,6 +346,8 @@ class Tx:
             [t.project_id for t in touched],
             [t.user_id for t in touched],
             [t.at for t in touched],
+            [t.span_start for t in touched],
+            [t.span_end for t in touched],
         )
 
     async def budget_active(self, organizations: set[UUID], at: datetime) -> list[asyncpg.Record]:

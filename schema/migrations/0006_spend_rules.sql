@@ -10,12 +10,15 @@
 -- 2. Coverage by time. A row covers the whole UTC hours whose start lies in [bucket start, least(bucket end,
 --    collected_at)): an open bucket covers only what had happened when it was collected. Unpriced usage (amount
 --    NULL) covers nothing. Authority per (provider account, scope, hour): cost rows > priced usage > estimate.
---    - A priced usage row does not count when a cost row of its provider account covers one of its hours for the
---      same project, or either of them has no project (an ungrouped row stands for the whole account). The
---      exception is usage the cost report omits (outside_cost_report: Anthropic's Priority Tier): it always counts.
+--    A scope sees the rows attributed to it: a project budget its project's rows; an organization budget all of
+--    its rows, including those without a project (an ungrouped row stands for the whole provider account there).
+--    - A priced usage row does not count when a cost row of its provider account in the scope covers one of its
+--      hours for the same project, or either of them has no project. The exception is usage the cost report
+--      omits (outside_cost_report: Anthropic's Priority Tier): it always counts.
 --    - An hourly estimate (project_metrics, per provider of the events' models) does not count when a counted
---      provider row OF THAT PROVIDER covers its hour for its project, or an ungrouped row of the provider account
---      the project is mapped to does. Estimates of an unknown provider (NULL) are never replaced.
+--      provider row in the scope OF THAT PROVIDER covers its hour for its project, or (organization scope) an
+--      ungrouped row of the provider account the project is mapped to does. Estimates of an unknown provider
+--      (NULL) are never replaced.
 -- 3. A provider row counts in the budget period containing the midpoint of its window; an estimate by its hour.
 --
 -- What happens to an existing database: every stored line gets its report (from provider and api_version); lines
@@ -41,12 +44,32 @@ ALTER TABLE project_metrics NO FORCE ROW LEVEL SECURITY;
 ALTER TABLE user_metrics NO FORCE ROW LEVEL SECURITY;
 ALTER TABLE projects NO FORCE ROW LEVEL SECURITY;
 
-UPDATE cost_data SET report = CASE
-    WHEN provider = 'openai' AND api_version = 'costs_v1' THEN 'openai.costs'
-    WHEN provider = 'openai' THEN 'openai.usage.completions'
-    WHEN api_version = 'costs_v1' THEN 'anthropic.cost_report'
-    ELSE 'anthropic.usage_report.messages'
-END;
+-- The report a line of an api_version has when its writer does not say (rows written before this migration,
+-- and direct inserts that predate reports): OpenAI usage meant the completions endpoint.
+CREATE FUNCTION cost_worker_default_report(provider text, api_version cost_api_version) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT CASE
+        WHEN provider = 'openai' AND api_version = 'costs_v1' THEN 'openai.costs'
+        WHEN provider = 'openai' THEN 'openai.usage.completions'
+        WHEN api_version = 'costs_v1' THEN 'anthropic.cost_report'
+        ELSE 'anthropic.usage_report.messages'
+    END
+$$;
+UPDATE cost_data SET report = cost_worker_default_report(provider, api_version);
+
+CREATE FUNCTION cost_worker_fill_report() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF NEW.report IS NULL THEN
+        NEW.report := cost_worker_default_report(NEW.provider, NEW.api_version);
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER cost_data_fill_report BEFORE INSERT ON cost_data
+    FOR EACH ROW WHEN (NEW.report IS NULL) EXECUTE FUNCTION cost_worker_fill_report();
 UPDATE cost_data SET outside_cost_report = true
 WHERE provider = 'anthropic' AND api_version = 'usage_v1' AND lower(metadata->>'service_tier') = 'priority';
 ALTER TABLE cost_data
@@ -72,11 +95,14 @@ CREATE TABLE cost_windows (
     bucket_start_time  timestamptz  NOT NULL,
     bucket_end_time    timestamptz  NOT NULL,
     collected_at       timestamptz  NOT NULL,
+    organization_ids   uuid[]       NOT NULL DEFAULT '{}',  -- every organization that had lines in the window
     updated_at         timestamptz  NOT NULL DEFAULT now(),
     PRIMARY KEY (provider, ai_organization_id, report, bucket_start_time, bucket_end_time)
 );
-INSERT INTO cost_windows (provider, ai_organization_id, report, bucket_start_time, bucket_end_time, collected_at)
-SELECT provider, ai_organization_id, report, bucket_start_time, bucket_end_time, max(collected_at)
+INSERT INTO cost_windows (provider, ai_organization_id, report, bucket_start_time, bucket_end_time, collected_at,
+                          organization_ids)
+SELECT provider, ai_organization_id, report, bucket_start_time, bucket_end_time, max(collected_at),
+       array_agg(DISTINCT organization_id ORDER BY organization_id)
 FROM cost_data
 GROUP BY 1, 2, 3, 4, 5;
 
@@ -159,11 +185,7 @@ BEGIN
     END IF;
 
     RETURN QUERY
-    WITH account AS (  -- the provider account a project is mapped to (project scope only)
-        SELECT p.ai_provider AS provider, p.ai_organization_id AS ai_org
-        FROM projects p WHERE scope = 'project' AND p.id = project
-    ),
-    near AS MATERIALIZED (  -- current rows that can matter for the period
+    WITH near AS MATERIALIZED (  -- current rows of the scope that can matter for the period
         SELECT row_number() OVER () AS id, c.project_id, c.provider, c.ai_organization_id, c.api_version,
                c.bucket_start_time, c.bucket_end_time, c.currency, c.amount, c.outside_cost_report,
                cost_worker_hour_ceil(c.bucket_start_time) AS h_from,
@@ -172,10 +194,6 @@ BEGIN
             SELECT * FROM cost_data
             WHERE scope = 'project' AND project_id = project AND superseded_at IS NULL
               AND bucket_start_time >= period_start - reach AND bucket_start_time < period_end
-            UNION ALL
-            SELECT c.* FROM cost_data c JOIN account a ON c.provider = a.provider AND c.ai_organization_id = a.ai_org
-            WHERE scope = 'project' AND c.organization_id = org AND c.project_id IS NULL AND c.superseded_at IS NULL
-              AND c.bucket_start_time >= period_start - reach AND c.bucket_start_time < period_end
             UNION ALL
             SELECT * FROM cost_data
             WHERE scope = 'organization' AND organization_id = org AND superseded_at IS NULL

@@ -100,39 +100,103 @@ WHERE (provider, model) IN (SELECT * FROM unnest($1::text[], $2::text[]));
 
 -- ============================================================================================ ledger
 
+-- name: upsert_cost_windows
+-- The revision of each (provider, provider account, report, window) a batch brings (one row per window, ordered
+-- by key so concurrent writers lock in the same order). A newer collected_at advances the window; the same or an
+-- older one leaves it. Returns per input row (ord): state = 'advanced' | 'same' | 'stale', and the
+-- organizations that ever had lines in the window (the retirement of absent lines must see their rows).
+WITH input AS (
+    SELECT *
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::timestamptz[],
+                $7::text[])
+        WITH ORDINALITY AS t(provider, ai_organization_id, report, bucket_start_time, bucket_end_time,
+                             collected_at, organization_ids, ord)
+),
+written AS (
+    INSERT INTO cost_windows AS w (
+        provider, ai_organization_id, report, bucket_start_time, bucket_end_time, collected_at, organization_ids
+    )
+    SELECT provider, ai_organization_id, report, bucket_start_time, bucket_end_time, collected_at,
+           organization_ids::uuid[]
+    FROM input
+    ORDER BY ord
+    ON CONFLICT (provider, ai_organization_id, report, bucket_start_time, bucket_end_time)
+    DO UPDATE SET
+        collected_at = greatest(w.collected_at, EXCLUDED.collected_at),
+        organization_ids = ARRAY(SELECT DISTINCT o FROM unnest(w.organization_ids || EXCLUDED.organization_ids) AS o
+                                 ORDER BY o),
+        updated_at = now()
+    WHERE w.collected_at <= EXCLUDED.collected_at
+    RETURNING w.provider, w.ai_organization_id, w.report, w.bucket_start_time, w.bucket_end_time,
+              w.organization_ids, (w.xmax = 0) AS inserted
+)
+SELECT i.ord,
+       CASE WHEN k.collected_at IS NULL OR k.collected_at < i.collected_at THEN 'advanced'
+            WHEN k.collected_at = i.collected_at THEN 'same'
+            ELSE 'stale' END AS state,
+       coalesce(w.organization_ids, '{}') AS organization_ids
+FROM input i
+LEFT JOIN written w
+  ON w.provider = i.provider AND w.ai_organization_id = i.ai_organization_id AND w.report = i.report
+ AND w.bucket_start_time = i.bucket_start_time AND w.bucket_end_time = i.bucket_end_time
+LEFT JOIN LATERAL (  -- the revision before this statement (the statement's snapshot)
+    SELECT c.collected_at FROM cost_windows c
+    WHERE c.provider = i.provider AND c.ai_organization_id = i.ai_organization_id AND c.report = i.report
+      AND c.bucket_start_time = i.bucket_start_time AND c.bucket_end_time = i.bucket_end_time
+    LIMIT 1
+) k ON true;
+
+-- name: retire_cost_data
+-- A window advanced to a new revision: its lines of earlier revisions stop counting (kept, marked superseded,
+-- never deleted). Returns the retired lines' scopes and windows (their budgets are re-evaluated).
+WITH input AS (
+    SELECT *
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::timestamptz[])
+        AS t(provider, ai_organization_id, report, bucket_start_time, bucket_end_time, collected_at)
+)
+UPDATE cost_data c SET superseded_at = now(), updated_at = now()
+FROM input i
+WHERE c.provider = i.provider AND c.ai_organization_id = i.ai_organization_id AND c.report = i.report
+  AND c.bucket_start_time = i.bucket_start_time AND c.bucket_end_time = i.bucket_end_time
+  AND c.collected_at < i.collected_at AND c.superseded_at IS NULL
+RETURNING c.organization_id, c.project_id, c.provider, c.ai_organization_id, c.report,
+          c.api_version::text AS api_version, c.bucket_start_time, c.bucket_end_time;
+
 -- name: upsert_cost_data
--- Set-based upsert of ledger rows (already one row per key, ordered by key so concurrent writers lock
--- rows in the same order). A newer revision (collected_at) replaces the row; an older or equal one changes
--- nothing. Returns, per input row (ord): written = 'inserted' | 'updated' | NULL (not written), and for
--- rows not written, the revision that stayed (a primary-key-like probe each; LIMIT 1 keeps the planner from
--- scanning the tenants' rows instead, which it cannot count under row-level security).
+-- Set-based upsert of the lines of windows at their current revision (already one row per key, ordered by key
+-- so concurrent writers lock rows in the same order). A line of a newer revision replaces the row (and revives
+-- it if it was superseded); the same revision changes nothing. Returns, per input row (ord): written =
+-- 'inserted' | 'updated' | NULL (not written), and for rows not written, the revision that stayed (a
+-- primary-key-like probe each; LIMIT 1 keeps the planner from scanning the tenants' rows instead, which it
+-- cannot count under row-level security).
 WITH input AS (
     SELECT *
     FROM unnest(
         $1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::cost_api_version[],
         $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[], $11::numeric[], $12::numeric[],
-        $13::text[], $14::text[], $15::timestamptz[], $16::int[], $17::bigint[]
+        $13::text[], $14::text[], $15::timestamptz[], $16::int[], $17::bigint[], $18::text[], $19::boolean[]
     ) WITH ORDINALITY AS t(
         organization_id, project_id, provider, ai_organization_id, ai_project_id, api_version,
         bucket_start_time, bucket_end_time, line_item, currency, amount, quantity,
-        unit, metadata, collected_at, source_partition, source_offset, ord
+        unit, metadata, collected_at, source_partition, source_offset, report, outside_cost_report, ord
     )
 ),
 written AS (
     INSERT INTO cost_data AS c (
         organization_id, project_id, provider, ai_organization_id, ai_project_id, api_version,
         bucket_start_time, bucket_end_time, line_item, currency, amount, quantity, unit, metadata,
-        collected_at, source_partition, source_offset
+        collected_at, source_partition, source_offset, report, outside_cost_report
     )
     SELECT organization_id, project_id, provider, ai_organization_id, ai_project_id, api_version,
            bucket_start_time, bucket_end_time, line_item, currency, amount, quantity, unit, metadata::jsonb,
-           collected_at, source_partition, source_offset
+           collected_at, source_partition, source_offset, report, outside_cost_report
     FROM input
     ORDER BY ord
-    ON CONFLICT (project_id, bucket_start_time, bucket_end_time, line_item, api_version,
+    ON CONFLICT (project_id, bucket_start_time, bucket_end_time, line_item, report,
                  organization_id, provider, ai_organization_id)
     DO UPDATE SET
         ai_project_id = EXCLUDED.ai_project_id,
+        api_version = EXCLUDED.api_version,
         currency = EXCLUDED.currency,
         amount = EXCLUDED.amount,
         quantity = EXCLUDED.quantity,
@@ -141,10 +205,12 @@ written AS (
         collected_at = EXCLUDED.collected_at,
         source_partition = EXCLUDED.source_partition,
         source_offset = EXCLUDED.source_offset,
+        outside_cost_report = EXCLUDED.outside_cost_report,
+        superseded_at = NULL,
         updated_at = now()
     WHERE c.collected_at < EXCLUDED.collected_at
     -- xmax is 0 on a freshly inserted row and set on a row that ON CONFLICT updated.
-    RETURNING c.organization_id, c.project_id, c.provider, c.ai_organization_id, c.api_version,
+    RETURNING c.organization_id, c.project_id, c.provider, c.ai_organization_id, c.report,
               c.bucket_start_time, c.bucket_end_time, c.line_item, (c.xmax = 0) AS inserted
 ),
 outcome AS (
@@ -154,7 +220,7 @@ outcome AS (
       ON coalesce(w.project_id, '00000000-0000-0000-0000-000000000000'::uuid)
          = coalesce(i.project_id, '00000000-0000-0000-0000-000000000000'::uuid)
      AND w.bucket_start_time = i.bucket_start_time AND w.bucket_end_time = i.bucket_end_time
-     AND w.line_item = i.line_item AND w.api_version = i.api_version
+     AND w.line_item = i.line_item AND w.report = i.report
      AND w.organization_id = i.organization_id AND w.provider = i.provider
      AND w.ai_organization_id = i.ai_organization_id
 )
@@ -164,7 +230,7 @@ LEFT JOIN LATERAL (
     (SELECT c.collected_at FROM cost_data c
      WHERE o.result IS NULL AND c.project_id = o.project_id
        AND c.bucket_start_time = o.bucket_start_time AND c.bucket_end_time = o.bucket_end_time
-       AND c.line_item = o.line_item AND c.api_version = o.api_version
+       AND c.line_item = o.line_item AND c.report = o.report
        AND c.organization_id = o.organization_id AND c.provider = o.provider
        AND c.ai_organization_id = o.ai_organization_id
      LIMIT 1)
@@ -172,7 +238,7 @@ LEFT JOIN LATERAL (
     (SELECT c.collected_at FROM cost_data c
      WHERE o.result IS NULL AND o.project_id IS NULL AND c.project_id IS NULL
        AND c.bucket_start_time = o.bucket_start_time AND c.bucket_end_time = o.bucket_end_time
-       AND c.line_item = o.line_item AND c.api_version = o.api_version
+       AND c.line_item = o.line_item AND c.report = o.report
        AND c.organization_id = o.organization_id AND c.provider = o.provider
        AND c.ai_organization_id = o.ai_organization_id
      LIMIT 1)
@@ -192,23 +258,23 @@ WITH input AS (
     FROM unnest(
         $1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::text[], $6::text[], $7::smallint[], $8::int[],
         $9::timestamptz[], $10::bigint[], $11::bigint[], $12::bigint[], $13::text[], $14::numeric[],
-        $15::int[], $16::bigint[]
+        $15::int[], $16::bigint[], $17::text[]
     ) AS t(
         organization_id, event_id, project_id, user_id, endpoint, method, status_code, response_time_ms,
         occurred_at, prompt_tokens, completion_tokens, total_tokens, model, cost_usd,
-        source_partition, source_offset
+        source_partition, source_offset, provider
     )
 ),
 inserted AS (
     INSERT INTO api_usage (
         organization_id, event_id, project_id, user_id, endpoint, method, status_code, response_time_ms,
         occurred_at, prompt_tokens, completion_tokens, total_tokens, model, cost_usd,
-        source_partition, source_offset
+        source_partition, source_offset, provider
     )
     SELECT * FROM input
     ON CONFLICT (organization_id, event_id) DO NOTHING
     RETURNING organization_id, event_id, project_id, user_id, status_code, response_time_ms, occurred_at,
-              prompt_tokens, completion_tokens, total_tokens, cost_usd
+              prompt_tokens, completion_tokens, total_tokens, cost_usd, provider
 ),
 conflicts AS (
     SELECT i.organization_id, i.event_id
@@ -228,8 +294,8 @@ conflicts AS (
           (i.project_id, i.user_id, i.endpoint, i.method, i.status_code, i.response_time_ms, i.occurred_at,
            i.prompt_tokens, i.completion_tokens, i.total_tokens, i.model, i.cost_usd)
 ),
-hourly AS (
-    SELECT organization_id, project_id, user_id,
+hourly AS (  -- per provider of the events' models (NULL: unknown), which decides what replaces the estimate
+    SELECT organization_id, project_id, user_id, provider,
            date_trunc('hour', occurred_at, 'UTC') AS hour,
            count(*) AS requests,
            count(*) FILTER (WHERE status_code >= 400) AS errors,
@@ -240,19 +306,19 @@ hourly AS (
            coalesce(sum(response_time_ms), 0) AS latency_sum,
            coalesce(max(response_time_ms), 0) AS latency_max
     FROM inserted
-    GROUP BY 1, 2, 3, 4
+    GROUP BY 1, 2, 3, 4, 5
 ),
 project_rollup AS (
     INSERT INTO project_metrics AS m (
-        organization_id, project_id, hour, request_count, error_count, prompt_tokens, completion_tokens,
+        organization_id, project_id, hour, provider, request_count, error_count, prompt_tokens, completion_tokens,
         total_tokens, estimated_cost_usd, latency_sum_ms, latency_max_ms
     )
-    SELECT organization_id, project_id, hour, sum(requests), sum(errors), sum(prompt_tokens),
+    SELECT organization_id, project_id, hour, provider, sum(requests), sum(errors), sum(prompt_tokens),
            sum(completion_tokens), sum(total_tokens), sum(cost), sum(latency_sum), max(latency_max)
     FROM hourly
-    GROUP BY organization_id, project_id, hour
-    ORDER BY organization_id, project_id, hour
-    ON CONFLICT (organization_id, project_id, hour) DO UPDATE SET
+    GROUP BY organization_id, project_id, hour, provider
+    ORDER BY organization_id, project_id, hour, provider
+    ON CONFLICT (organization_id, project_id, hour, provider) DO UPDATE SET
         request_count = m.request_count + EXCLUDED.request_count,
         error_count = m.error_count + EXCLUDED.error_count,
         prompt_tokens = m.prompt_tokens + EXCLUDED.prompt_tokens,
@@ -265,13 +331,13 @@ project_rollup AS (
 ),
 user_rollup AS (
     INSERT INTO user_metrics AS m (
-        organization_id, user_id, project_id, hour, request_count, total_tokens, estimated_cost_usd
+        organization_id, user_id, project_id, hour, provider, request_count, total_tokens, estimated_cost_usd
     )
-    SELECT organization_id, user_id, project_id, hour, requests, total_tokens, cost
+    SELECT organization_id, user_id, project_id, hour, provider, requests, total_tokens, cost
     FROM hourly
     WHERE user_id IS NOT NULL
-    ORDER BY user_id, hour, project_id
-    ON CONFLICT (user_id, hour, project_id) DO UPDATE SET
+    ORDER BY user_id, hour, project_id, provider
+    ON CONFLICT (user_id, hour, project_id, provider) DO UPDATE SET
         request_count = m.request_count + EXCLUDED.request_count,
         total_tokens = m.total_tokens + EXCLUDED.total_tokens,
         estimated_cost_usd = m.estimated_cost_usd + EXCLUDED.estimated_cost_usd,
@@ -281,8 +347,9 @@ SELECT 'conflict' AS kind, organization_id, event_id, NULL::uuid AS project_id, 
        NULL::timestamptz AS hour, 0::bigint AS requests
 FROM conflicts
 UNION ALL
-SELECT 'inserted', organization_id, NULL, project_id, user_id, hour, requests
-FROM hourly;
+SELECT 'inserted', organization_id, NULL, project_id, user_id, hour, sum(requests)::bigint
+FROM hourly
+GROUP BY organization_id, project_id, user_id, hour;
 
 -- ============================================================================================ quarantine
 
@@ -381,29 +448,37 @@ FROM outbox;
 -- alert history at its current amount and currency (per threshold: the latest crossing and its id while it
 -- is open). Every pair is evaluated, also when all its thresholds alerted: spend may have fallen.
 WITH touched AS (
-    SELECT DISTINCT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::timestamptz[])
-        AS t(organization_id, project_id, user_id, at)
+    SELECT DISTINCT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::timestamptz[], $5::timestamptz[],
+                                  $6::timestamptz[])
+        AS t(organization_id, project_id, user_id, at, span_start, span_end)
 ),
 matched AS (
     SELECT 'organization'::text AS scope, b.id, b.organization_id, NULL::uuid AS project_id,
-           NULL::uuid AS user_id, b.name, b.amount, b.currency::text AS currency, b.period, b.timezone, b.thresholds, t.at
+           NULL::uuid AS user_id, b.name, b.amount, b.currency::text AS currency, b.period, b.timezone, b.thresholds, t.at,
+           t.span_start, t.span_end
     FROM ai_organization_budgets b JOIN touched t ON t.organization_id = b.organization_id
     WHERE b.is_active
     UNION ALL
     SELECT 'project', b.id, b.organization_id, b.project_id, NULL, b.name, b.amount, b.currency, b.period, b.timezone,
-           b.thresholds, t.at
+           b.thresholds, t.at, t.span_start, t.span_end
     FROM ai_project_budgets b JOIN touched t ON t.project_id = b.project_id
     WHERE b.is_active
     UNION ALL
     SELECT 'user', b.id, b.organization_id, b.project_id, b.user_id, b.name, b.amount, b.currency, b.period, b.timezone,
-           b.thresholds, t.at
+           b.thresholds, t.at, t.span_start, t.span_end
     FROM ai_budgets b JOIN touched t ON t.user_id = b.user_id AND (b.project_id IS NULL OR b.project_id = t.project_id)
     WHERE b.is_active
 ),
 periods AS (
     SELECT DISTINCT m.scope, m.id, m.organization_id, m.project_id, m.user_id, m.name, m.amount, m.currency,
            m.period::text AS period, m.timezone, m.thresholds, p.period_start, p.period_end
-    FROM matched m CROSS JOIN LATERAL cost_worker_period(m.period, m.timezone, m.at) p
+    FROM matched m CROSS JOIN LATERAL (
+        -- The period containing `at` (a provider row's window midpoint, an estimate's hour) and, for a provider
+        -- row, every other period its window overlaps (its coverage of estimate hours reaches them).
+        SELECT * FROM cost_worker_period(m.period, m.timezone, m.at)
+        UNION
+        SELECT * FROM cost_worker_periods(m.period, m.timezone, m.span_start, m.span_end) WHERE m.span_start IS NOT NULL
+    ) p
 )
 SELECT p.*, a.alert_thresholds, a.alert_crossings, a.alert_open_ids
 FROM periods p
