@@ -168,13 +168,13 @@ class BudgetEngine:
             raised = [a for a in alerts if str(a.id) in inserted]
         resolved: list[Resolution] = []
         if falling:
-            stored = await tx.resolve_alerts([(open_id, spend) for _, _, spend, open_id in falling], resolved_at=now)
-            for candidate, threshold, spend, open_id in falling:
+            stored = await tx.resolve_alerts([(open_id, value) for _, _, value, open_id in falling], resolved_at=now)
+            for candidate, threshold, value, open_id in falling:
                 if open_id not in stored:
                     continue  # resolved by someone else already (exactly once: the UPDATE's guard)
                 crossing, raised_at = stored[open_id]
-                alert = candidate.alert(threshold, spend, raised_at, crossing=crossing)
-                resolved.append(Resolution(open_id, alert, spend, now))
+                alert = candidate.alert(threshold, value, raised_at, crossing=crossing)
+                resolved.append(Resolution(open_id, alert, value, now))
             if resolved:
                 await tx.insert_alert_messages(
                     [(r.key, r.message(), r.delivery_id, str(r.alert_id), r.alert.scope) for r in resolved],
