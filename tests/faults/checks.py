@@ -200,8 +200,8 @@ async def assert_tables(
     # Alerts: one row per crossed (budget, period, threshold), with the stable id; resolved ones as expected.
     rows = await db.fetch("SELECT id, scope, budget_id, period_start, threshold, resolved_at FROM budget_alerts")
     actual_alerts = {r[0]: (r[1], r[2], r[3], r[4]) for r in rows}
-    _assert_same("budget_alerts", actual_alerts, expected.alerts | dict.fromkeys(expected.resolved))
-    assert {r[0] for r in rows if r[5] is not None} == expected.resolved, "resolved alerts differ"
+    _assert_same("budget_alerts", actual_alerts, expected.alerts | expected.resolved)
+    assert {r[0] for r in rows if r[5] is not None} == set(expected.resolved), "resolved alerts differ"
     if outbox_drained:
         assert await db.fetchval("SELECT count(*) FROM outbox") == 0, "the outbox was not drained"
 

@@ -51,7 +51,8 @@ class Expected:
     skipped: set[Coordinates] = field(default_factory=set)  # duplicates and stale revisions
     ends: dict[tuple[str, int], int] = field(default_factory=dict)  # (kind, partition) -> next offset
     alerts: dict[uuid.UUID, tuple[str, uuid.UUID, datetime, Decimal]] = field(default_factory=dict)
-    resolved: set[uuid.UUID] = field(default_factory=set)  # alerts resolved (spend fell back below their level)
+    # alerts resolved (spend fell back below their level), as ``alerts``
+    resolved: dict[uuid.UUID, tuple[str, uuid.UUID, datetime, Decimal]] = field(default_factory=dict)
 
     @property
     def stored(self) -> set[Coordinates]:

@@ -247,9 +247,16 @@ async def verify(
     delivered: list[Delivered],
     *,
     exactly_once_publish: bool,
+    earlier: Expected | None = None,
 ) -> Expected:
-    """Compute the expectation from what the broker acknowledged; record the figures; assert everything."""
+    """Compute the expectation from what the broker acknowledged; record the figures; assert everything.
+
+    ``earlier``: the verified state before revisions that only lowered spend were delivered; the alerts it had
+    that the final spend no longer reaches are expected resolved (once each)."""
     expected = full_expectation(stream, delivered)
+    if earlier is not None:
+        assert set(expected.alerts) <= set(earlier.alerts), "lowering spend raised an alert"
+        expected.resolved = {a: row for a, row in earlier.alerts.items() if a not in expected.alerts}
     record.messages = len(delivered)
     record.bad_inputs = len(expected.quarantine)
     record.alerts = len(expected.alerts)
