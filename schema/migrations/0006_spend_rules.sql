@@ -9,7 +9,7 @@
 --    older one never overwrites (cost_windows holds each window's revision).
 -- 2. Coverage by time. A row covers the whole UTC hours whose start lies in [bucket start, least(bucket end,
 --    collected_at)): an open bucket covers only what had happened when it was collected. Unpriced usage (amount
---    NULL) covers nothing. Authority per (provider account, scope, hour): cost rows > priced usage > estimate.
+--    NULL) and usage of zero quantity (a token type the line did not use) cover nothing. Authority per (provider account, scope, hour): cost rows > priced usage > estimate.
 --    A scope sees the rows attributed to it: a project budget its project's rows; an organization budget all of
 --    its rows, including those without a project (an ungrouped row stands for the whole provider account there).
 --    - A priced usage row does not count when a cost row of its provider account in the scope covers one of its
@@ -187,7 +187,7 @@ BEGIN
     RETURN QUERY
     WITH near AS MATERIALIZED (  -- current rows of the scope that can matter for the period
         SELECT row_number() OVER () AS id, c.project_id, c.provider, c.ai_organization_id, c.api_version,
-               c.bucket_start_time, c.bucket_end_time, c.currency, c.amount, c.outside_cost_report,
+               c.bucket_start_time, c.bucket_end_time, c.currency, c.amount, c.quantity, c.outside_cost_report,
                cost_worker_hour_ceil(c.bucket_start_time) AS h_from,
                least(c.bucket_end_time, c.collected_at) AS h_until
         FROM (
@@ -227,9 +227,11 @@ BEGIN
                   AND r.project_id IS NOT DISTINCT FROM n.project_id
                   AND r.h_from = n.h_from AND r.h_until = n.h_until))
     ),
-    covered AS MATERIALIZED (  -- (provider, account, project or NULL, hour) a counted row covers
+    covered AS MATERIALIZED (  -- (provider, account, project or NULL, hour) a counted row covers (usage of zero
+                               -- quantity reports nothing, so it covers nothing)
         SELECT DISTINCT w.provider, w.ai_organization_id, w.project_id, h.hour
-        FROM (SELECT DISTINCT provider, ai_organization_id, project_id, h_from, h_until FROM counted) w
+        FROM (SELECT DISTINCT provider, ai_organization_id, project_id, h_from, h_until FROM counted
+              WHERE api_version = 'costs_v1' OR quantity IS NULL OR quantity <> 0) w
         CROSS JOIN LATERAL generate_series(w.h_from, w.h_until - interval '1 microsecond', interval '1 hour') h(hour)
         WHERE w.h_until > period_start AND w.h_from < period_end
     ),
