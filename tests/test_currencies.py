@@ -171,11 +171,28 @@ async def write_ledger(db: asyncpg.Connection, org: Org, rows: dict[tuple[date, 
         )
 
 
-def model_rows(rows: dict[tuple[date, int], tuple[str, Decimal]]) -> list[model.Row]:
+async def write_estimates(db: asyncpg.Connection, org: Org, estimates: dict[datetime, Decimal]) -> None:
+    """The project's hourly estimate (USD) from API-usage events of a model of no known provider: never replaced
+    by provider rows, so it always counts, converted at its hour's rate."""
+    await db.execute("DELETE FROM project_metrics WHERE organization_id = $1", org.id)
+    for hour, amount in sorted(estimates.items()):
+        await db.execute(
+            "INSERT INTO project_metrics (organization_id, project_id, hour, request_count, estimated_cost_usd) "
+            "VALUES ($1, $2, $3, 1, $4)",
+            org.id,
+            org.projects["proj_a"],
+            hour,
+            amount,
+        )
+
+
+def model_rows(
+    rows: dict[tuple[date, int], tuple[str, Decimal]], estimates: dict[datetime, Decimal] | None = None
+) -> list[model.Row]:
     return [
         model.Row(currency, datetime(day.year, day.month, day.day, tzinfo=UTC), amount)
         for (day, _), (currency, amount) in rows.items()
-    ]
+    ] + [model.Row("USD", hour, amount) for hour, amount in (estimates or {}).items()]
 
 
 async def spend_of(db: asyncpg.Connection, org: Org, currency: str) -> tuple[Decimal | None, dict[str, Any]]:
@@ -226,8 +243,14 @@ month_rates = st.tuples(st.sets(st.sampled_from(sorted(FULL_RATES)), max_size=3)
 swings = st.sampled_from((Decimal(0), Decimal(30), Decimal(90), Decimal(170), Decimal(250))).map(
     lambda amount: {(DAYS[5], 0): ("USD", amount)}
 )
+# The platform's estimate for some hours of days without provider rows (USD, converted at the hour's rate).
+ESTIMATE_HOURS = [datetime(2026, 11, day, hour, tzinfo=UTC) for day in (21, 24, 27) for hour in (0, 13, 23)]
+estimate_changes = st.dictionaries(
+    st.sampled_from(ESTIMATE_HOURS), st.decimals(min_value=Decimal(0), max_value=Decimal(60), places=6), max_size=4
+)
 steps = st.lists(
     st.one_of(
+        st.tuples(st.just("estimates"), estimate_changes),
         st.tuples(st.just("ledger"), swings),
         st.tuples(st.just("ledger"), swings),
         st.tuples(st.just("ledger"), swings),
@@ -254,7 +277,9 @@ async def test_alerts_and_resolutions_equal_the_model(
     initial_rates: model.Rates,
     plan: list[tuple[str, Any]],
 ) -> None:
-    await db.execute("TRUNCATE cost_data, budget_alerts, outbox, exchange_rates, ai_project_budgets CASCADE")
+    await db.execute(
+        "TRUNCATE cost_data, project_metrics, budget_alerts, outbox, exchange_rates, ai_project_budgets CASCADE"
+    )
     await db.execute("DELETE FROM projects")
     await db.execute("DELETE FROM users")
     await db.execute("DELETE FROM organizations")
@@ -264,6 +289,7 @@ async def test_alerts_and_resolutions_equal_the_model(
     rates = dict(initial_rates)
     await load_rates(db, rates)
     rows: dict[tuple[date, int], tuple[str, Decimal]] = {}
+    estimates: dict[datetime, Decimal] = {}
     life = model.Lifecycle("project", budget, NOVEMBER)
     engine = BudgetEngine(settings)
     for kind, change in plan:
@@ -274,6 +300,9 @@ async def test_alerts_and_resolutions_equal_the_model(
                 else:
                     rows[key] = value
             await write_ledger(db, org, rows)
+        elif kind == "estimates":
+            estimates = dict(change)
+            await write_estimates(db, org, estimates)
         elif kind == "rates":
             rates = dict(change)
             await load_rates(db, rates)
@@ -286,7 +315,7 @@ async def test_alerts_and_resolutions_equal_the_model(
                 currency,
                 list(thresholds),
             )
-        total = model.spend(model_rows(rows), currency, rates)
+        total = model.spend(model_rows(rows, estimates), currency, rates)
         spend, missing = await spend_of(db, org, currency)
         assert spend == total
         assert bool(missing) == (total is None)
