@@ -11,7 +11,7 @@ from pathlib import Path
 
 import asyncpg
 
-from tests.factories import api_event, envelope, make_org, openai_cost_bucket
+from tests.factories import api_event, envelope, make_org, openai_cost_bucket, openai_usage_bucket
 from tests.feeding import Feeder
 from tests.kafka_helpers import worker_env
 from worker.config import Settings
@@ -84,12 +84,31 @@ async def test_budgets_status_prints_period_spend_and_alerts(
         "VALUES ($1, 'Team monthly', 10, 'monthly', 'Europe/Berlin', '{50,80,100}')",
         org.id,
     )
-    from datetime import UTC, datetime  # noqa: PLC0415
+    from datetime import UTC, datetime, timedelta  # noqa: PLC0415
 
     await feeder.events(api_event(org, cost="6.5", occurred_at=datetime.now(UTC).isoformat()))
+    # A usage line with no price, this hour: it counts nothing, and the status says it is there.
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    await feeder.buckets(
+        envelope(
+            "openai",
+            org.ai_org,
+            "usage_v1",
+            [
+                openai_usage_bucket(
+                    hour.strftime("%Y-%m-%dT%H:%M:%S"),
+                    (hour + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%S"),
+                    [{"project_id": "proj_a", "model": "model-without-price", "input_tokens": 10}],
+                )
+            ],
+            collected_at=datetime.now(UTC).isoformat(),
+        )
+    )
     result = await asyncio.to_thread(cli, settings, "budgets", "status", "--organization", str(org.id))
     assert result.returncode == 0, result.stderr
+    assert "unpriced" in result.stdout.splitlines()[0]
     line = next(line for line in result.stdout.splitlines() if "Team monthly" in line)
+    assert line.rstrip().endswith(" 1")  # one unpriced usage line counts in this period
     assert "6.50 / 10 USD" in line  # shown rounded to cents (exact in the database)
     assert "65.0%" in line
     assert "Europe/Berlin" in line

@@ -34,7 +34,7 @@ from tests.factories import (
 from tests.feeding import Feeder
 from tests.spend_model import Estimate, Ledger, Row, SpendModel, period, periods_overlapping, sum_lines
 
-EXAMPLES = 30
+EXAMPLES = 40
 HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
 # First days of the generated data: each puts a DST change of one of the budgets' zones inside the three days.
@@ -104,12 +104,12 @@ def snapshots(draw: st.DrawFn) -> Snapshot:
     else:
         line = st.tuples(anthropic_projects, st.sampled_from(["standard", "priority"]), st.integers(1, 9))
     lines = draw(st.lists(line, min_size=0 if draw(st.integers(0, 5)) == 0 else 1, max_size=3))
-    day = draw(st.sampled_from([0, 0, 1, 2]))
+    day = draw(st.sampled_from([0, 0, 1]))
     return Snapshot(report, day, hour, collected_after, tuple(lines))
 
 
 # Events cluster on a few hours (early, late, across midnight UTC) so that coverage decisions meet them often.
-EVENT_HOURS = (0, 3, 7, 10, 16, 20, 23, 24, 26, 31, 47, 50)
+EVENT_HOURS = (0, 3, 7, 10, 16, 20, 23, 24, 26, 31)
 events = st.builds(
     Event,
     project=st.sampled_from(["proj_a", "proj_a", "proj_b", "ws_c", "ws_c", None]),
@@ -119,7 +119,13 @@ events = st.builds(
     hour=st.sampled_from(EVENT_HOURS),
     cost=st.integers(1, 9),
 )
-steps = st.lists(st.one_of(snapshots(), events), min_size=1, max_size=14)
+
+
+@st.composite
+def steps(draw: st.DrawFn) -> list[Step]:
+    """Some estimates first (what the provider data then has to replace), then snapshots and events mixed."""
+    first: list[Step] = list(draw(st.lists(events, min_size=2, max_size=8)))
+    return first + draw(st.lists(st.one_of(snapshots(), snapshots(), events), min_size=1, max_size=10))
 
 
 # ------------------------------------------------------------------------------------------------- world
@@ -439,7 +445,7 @@ async def assert_matches_model(db: asyncpg.Connection, world: World, expected: E
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(base=st.sampled_from(BASE_DAYS), plan=steps)
+@given(base=st.sampled_from(BASE_DAYS), plan=steps())
 async def test_spend_and_alerts_equal_the_model(
     base: datetime, plan: list[Step], db: asyncpg.Connection, feeder: Feeder
 ) -> None:

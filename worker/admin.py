@@ -166,8 +166,9 @@ async def budgets_status(settings: Settings, *, organization: str | None) -> int
                 await tx.set_tenants(set(organizations))
                 candidates = [Candidate.from_row(r) for r in await tx.budget_active(set(organizations), now)]
                 spends = await tx.budget_spend(candidates) if candidates else []
-            for candidate, spend in zip(candidates, spends, strict=True):
-                rows.append(_status_row(candidate, spend))
+                unpriced = await tx.budget_unpriced(candidates) if candidates else []
+            for candidate, spend, missing in zip(candidates, spends, unpriced, strict=True):
+                rows.append(_status_row(candidate, spend, missing))
     finally:
         await db.close()
     if not rows:
@@ -175,7 +176,10 @@ async def budgets_status(settings: Settings, *, organization: str | None) -> int
         return 0
     print(
         table(
-            ["scope", "budget", "period", "current period", "spend / amount", "used", "alerted", "thresholds", "rates"],
+            [
+                *("scope", "budget", "period", "current period", "spend / amount"),
+                *("used", "alerted", "thresholds", "rates", "unpriced"),
+            ],
             rows,
         )
     )
@@ -185,7 +189,7 @@ async def budgets_status(settings: Settings, *, organization: str | None) -> int
 DISPLAY_QUANTUM = Decimal("0.01")  # spend is exact; `budgets status` shows it rounded half-even to cents
 
 
-def _status_row(candidate: Candidate, spend: Spend) -> tuple[str, ...]:
+def _status_row(candidate: Candidate, spend: Spend, unpriced: int) -> tuple[str, ...]:
     zone = ZoneInfo(candidate.timezone)
     if spend.amount is None:
         shown, percent = "unconvertible", "?"
@@ -212,4 +216,5 @@ def _status_row(candidate: Candidate, spend: Spend) -> tuple[str, ...]:
         ",".join(format(t.normalize(), "f") for t in sorted(candidate.alerted)) or "-",
         ",".join(format(t.normalize(), "f") for t in candidate.thresholds),
         rates,
+        str(unpriced) if unpriced else "-",
     )

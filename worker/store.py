@@ -397,6 +397,18 @@ class Tx:
             [m[4] for m in messages],
         )
 
+    async def budget_unpriced(self, candidates: Sequence[Any]) -> list[int]:
+        rows = await self.conn.fetch(
+            query("budget_unpriced"),
+            [c.scope for c in candidates],
+            [c.organization_id for c in candidates],
+            [c.project_id for c in candidates],
+            [c.period_start for c in candidates],
+            [c.period_end for c in candidates],
+        )
+        by_ord = {row["ord"]: int(row["n"]) for row in rows}
+        return [by_ord[i] for i in range(1, len(candidates) + 1)]
+
     async def insert_alerts(self, alerts: Sequence[Any], *, topic: str, raised_at: datetime) -> set[str]:
         """Insert alerts (ON CONFLICT DO NOTHING) with an outbox row each; returns the ids inserted."""
         rows = await self.conn.fetch(

@@ -161,7 +161,8 @@ $$;
 -- conversion (issue 12) builds on. rate_at is the instant whose exchange rate applies (a provider row's window
 -- start, an estimate's hour); kind is 'cost', 'usage' or 'estimate'.
 -- Reads are bounded by the period: provider windows are at most 31 days long, so every row that counts in the
--- period, covers one of its hours, or decides whether such a row counts starts after period_start - 62 days.
+-- period, covers one of its hours, or decides whether such a row counts starts in
+-- [period_start - 62 days, period_end + 31 days) (after period_end: cost rows only).
 CREATE FUNCTION cost_worker_spend_rows(
     scope text, org uuid, project uuid, usr uuid, period_start timestamptz, period_end timestamptz
 )
@@ -170,7 +171,8 @@ LANGUAGE plpgsql STABLE
 AS $$
 #variable_conflict use_column
 DECLARE
-    reach CONSTANT interval := interval '62 days';
+    reach CONSTANT interval := interval '62 days';  -- back: counted rows (31 days), the costs they overlap (31)
+    ahead CONSTANT interval := interval '31 days';  -- forward: cost rows overlapping a row that counts here
 BEGIN
     IF scope = 'user' THEN
         RETURN QUERY
@@ -193,11 +195,13 @@ BEGIN
         FROM (
             SELECT * FROM cost_data
             WHERE scope = 'project' AND project_id = project AND superseded_at IS NULL
-              AND bucket_start_time >= period_start - reach AND bucket_start_time < period_end
+              AND bucket_start_time >= period_start - reach AND bucket_start_time < period_end + ahead
+              AND (bucket_start_time < period_end OR api_version = 'costs_v1')
             UNION ALL
             SELECT * FROM cost_data
             WHERE scope = 'organization' AND organization_id = org AND superseded_at IS NULL
-              AND bucket_start_time >= period_start - reach AND bucket_start_time < period_end
+              AND bucket_start_time >= period_start - reach AND bucket_start_time < period_end + ahead
+              AND (bucket_start_time < period_end OR api_version = 'costs_v1')
         ) c
     ),
     cost_hours AS MATERIALIZED (  -- (account, project or NULL, hour) a cost row covers
@@ -305,7 +309,25 @@ BEGIN
 END
 $$;
 
-GRANT EXECUTE ON FUNCTION cost_worker_spend_rows(text, uuid, uuid, uuid, timestamptz, timestamptz),
+-- Usage lines of a scope that could not be priced (amount NULL) among the current rows counting in the period:
+-- they count nothing and cover nothing (their hours keep the estimate); `budgets status` shows how many.
+CREATE FUNCTION cost_worker_unpriced_lines(
+    scope text, org uuid, project uuid, period_start timestamptz, period_end timestamptz
+) RETURNS bigint
+LANGUAGE sql STABLE
+AS $$
+    SELECT count(*)
+    FROM cost_data c
+    WHERE scope IN ('organization', 'project') AND c.organization_id = org
+      AND (scope = 'organization' OR c.project_id = project)
+      AND c.superseded_at IS NULL AND c.amount IS NULL
+      AND c.bucket_start_time >= period_start - interval '31 days' AND c.bucket_start_time < period_end
+      AND cost_worker_midpoint(c.bucket_start_time, c.bucket_end_time) >= period_start
+      AND cost_worker_midpoint(c.bucket_start_time, c.bucket_end_time) < period_end
+$$;
+
+GRANT EXECUTE ON FUNCTION cost_worker_unpriced_lines(text, uuid, uuid, timestamptz, timestamptz),
+    cost_worker_spend_rows(text, uuid, uuid, uuid, timestamptz, timestamptz),
     cost_worker_spend(text, uuid, uuid, uuid, timestamptz, timestamptz, text),
     cost_worker_periods(budget_period, text, timestamptz, timestamptz),
     cost_worker_midpoint(timestamptz, timestamptz),

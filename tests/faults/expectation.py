@@ -4,9 +4,11 @@ Nothing here calls worker code: the rules are restated from the contract (README
 - an API event is stored by its first delivery (partition order); a later delivery with the same content is
   a duplicate, one with other content is quarantined as ``conflicting_duplicate``;
 - a ledger key keeps its newest revision (``collected_at``); an older or equal one changes nothing;
-- rollups sum the stored events per hour; budgets follow the spend rule of ``0005_spend.sql``;
+- rollups sum the stored events per hour; budgets follow the spend rule of ``0006_spend_rules.sql`` (the
+  independent model of ``tests/spend_model.py``);
 - alerts: one per (budget, period, threshold) whose level the final spend reaches, raised against the budget's
-  amount and currency, first crossing; none resolved (the generated streams never lower spend: see generator).
+  amount and currency, first crossing; none resolved (the generated streams never lower spend: see generator),
+  except after ``generator.lowered`` revisions (``harness.verify(earlier=...)``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,11 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from tests.faults.generator import BudgetSpec, EventTruth, LedgerKey, LineTruth, Message, Stream
+from tests.faults.generator import MODEL, BudgetSpec, EventTruth, LedgerKey, LineTruth, Message, Stream
+from tests.spend_model import Estimate, Row, SpendModel
+
+# The provider the price catalogue gives the generator's event model (its estimates are replaced by OpenAI data).
+MODEL_PROVIDERS = {MODEL: "openai"}
 
 # The alert id contract (README "Alerts"): uuid5 of scope:budget:period start:threshold:amount:currency:crossing.
 ALERT_NAMESPACE = uuid.UUID("6d1b6c3e-2f0a-4c55-9a1e-8b7f6c1d2e3f")
@@ -128,97 +134,45 @@ def expect(deliveries: Iterable[Delivered], *, applied_in_order: bool = False) -
 
 
 class Spend:
-    """The spend rule of ``0005_spend.sql``, over an expected end state."""
+    """The spend rule of ``0006_spend_rules.sql`` over an expected end state, through the independent model in
+    ``tests/spend_model.py`` (the generator's lines are closed daily buckets whose revisions keep every line, so
+    the stored rows are the current snapshot; its events all use ``MODEL``, an OpenAI model)."""
 
     def __init__(self, stream: Stream, expected: Expected) -> None:
         self.lines = [line for line, _, _, _ in expected.cost_data.values()]
-        self.metrics = expected.project_metrics
-        self.users = expected.user_metrics
-        self.account_of_project: dict[uuid.UUID, tuple[str, str]] = {
+        rows = [
+            Row(
+                organization_id=line.organization_id,
+                project_id=line.project_id,
+                provider=line.provider,
+                ai_organization_id=line.ai_organization_id,
+                report=f"{line.provider}.{line.api_version}",
+                kind="cost" if line.api_version == "costs_v1" else "usage",
+                start=line.bucket_start,
+                end=line.bucket_end,
+                line_item=line.line_item,
+                amount=line.amount,
+                collected_at=collected,
+                currency=line.currency,
+                quantity=line.quantity,
+            )
+            for line, collected, _, _ in expected.cost_data.values()
+        ]
+        estimates = [
+            Estimate(
+                event.organization_id,
+                event.project_id,
+                event.user_id,
+                event.occurred_at,
+                MODEL_PROVIDERS[event.model],
+                event.cost_usd,
+            )
+            for event, _, _ in expected.api_usage.values()
+        ]
+        account_of_project: dict[uuid.UUID, tuple[str, str]] = {
             project: (org.provider, org.ai_org) for org in stream.orgs for project in org.projects.values()
         }
-
-    @staticmethod
-    def _hours(start: datetime, end: datetime) -> Iterable[datetime]:
-        hour = hour_of(start)
-        if hour < start:
-            hour += timedelta(hours=1)
-        while hour < end:
-            yield hour
-            hour += timedelta(hours=1)
-
-    def _windows(self, rows: list[LineTruth], start: datetime, end: datetime) -> list[LineTruth]:
-        return [
-            r
-            for r in rows
-            if r.bucket_start < end and r.bucket_start >= start - WINDOW_LOOKBACK and r.bucket_end > start
-        ]
-
-    def _counted(self, rows: list[LineTruth], start: datetime, end: datetime, group: Any) -> Decimal:
-        in_period = [r for r in rows if start <= r.bucket_start < end]
-        costed = {group(r) for r in in_period if r.api_version == "costs_v1"}
-        return sum(
-            (
-                r.amount
-                for r in in_period
-                if r.currency == "USD" and (r.api_version == "costs_v1" or group(r) not in costed)
-            ),
-            Decimal(0),
-        )
-
-    def project(self, org: uuid.UUID, project: uuid.UUID, start: datetime, end: datetime) -> Decimal:
-        rows = [r for r in self.lines if r.project_id == project]
-        provider = self._counted(rows, start, end, lambda r: (r.bucket_start, r.bucket_end))
-        covered = {h for w in self._windows(rows, start, end) for h in self._hours(w.bucket_start, w.bucket_end)}
-        estimate = sum(
-            (
-                values[5]
-                for (o, p, hour), values in self.metrics.items()
-                if o == org and p == project and start <= hour < end and hour not in covered
-            ),
-            Decimal(0),
-        )
-        return provider + estimate
-
-    def organization(self, org: uuid.UUID, start: datetime, end: datetime) -> Decimal:
-        rows = [r for r in self.lines if r.organization_id == org]
-        provider = self._counted(
-            rows, start, end, lambda r: (r.project_id, r.provider, r.ai_organization_id, r.bucket_start, r.bucket_end)
-        )
-        windows = self._windows(rows, start, end)
-        covered_projects = {
-            (w.project_id, h)
-            for w in windows
-            if w.project_id is not None
-            for h in self._hours(w.bucket_start, w.bucket_end)
-        }
-        covered_accounts = {
-            (w.provider, w.ai_organization_id, h)
-            for w in windows
-            if w.project_id is None
-            for h in self._hours(w.bucket_start, w.bucket_end)
-        }
-        estimate = Decimal(0)
-        for (o, project, hour), values in self.metrics.items():
-            if o != org or not start <= hour < end:
-                continue
-            if project is not None and (project, hour) in covered_projects:
-                continue
-            account = self.account_of_project.get(project) if project is not None else None
-            if account is not None and (*account, hour) in covered_accounts:
-                continue
-            estimate += values[5]
-        return provider + estimate
-
-    def user(self, user: uuid.UUID, project: uuid.UUID | None, start: datetime, end: datetime) -> Decimal:
-        return sum(
-            (
-                values[2]
-                for (u, hour, p), values in self.users.items()
-                if u == user and start <= hour < end and (project is None or p == project)
-            ),
-            Decimal(0),
-        )
+        self.model = SpendModel(rows, estimates, account_of_project)
 
     def __call__(
         self,
@@ -229,13 +183,7 @@ class Spend:
         start: datetime,
         end: datetime,
     ) -> Decimal:
-        if scope == "organization":
-            return self.organization(org, start, end)
-        if scope == "project":
-            assert project is not None
-            return self.project(org, project, start, end)
-        assert user is not None
-        return self.user(user, project, start, end)
+        return self.model.spend(scope, org, project, user, start, end)
 
 
 def period(kind: str, at: datetime) -> tuple[datetime, datetime]:
@@ -264,7 +212,9 @@ def alert_id(
 def expected_alerts(stream: Stream, expected: Expected, budgets: list[BudgetSpec]) -> dict[uuid.UUID, Any]:
     """One alert per (budget, period with data, threshold) the final spend reaches."""
     spend = Spend(stream, expected)
-    moments = {line.bucket_start for line in spend.lines} | {hour for (_, _, hour) in expected.project_metrics}
+    moments = {line.bucket_start + (line.bucket_end - line.bucket_start) / 2 for line in spend.lines} | {
+        hour for (_, _, hour) in expected.project_metrics
+    }
     alerts: dict[uuid.UUID, tuple[str, uuid.UUID, datetime, Decimal]] = {}
     for budget in budgets:
         periods = {period(budget.period, moment) for moment in moments}

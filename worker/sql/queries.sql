@@ -553,6 +553,12 @@ FROM unnest($1::text[], $2::uuid[], $3::uuid[], $4::uuid[], $5::timestamptz[], $
 CROSS JOIN LATERAL cost_worker_spend(i.scope, i.organization_id, i.project_id, i.user_id,
                                      i.period_start, i.period_end, i.currency) s;
 
+-- name: budget_unpriced
+-- Unpriced usage lines counting in each (scope, period): they count nothing and keep the estimate.
+SELECT i.ord, cost_worker_unpriced_lines(i.scope, i.organization_id, i.project_id, i.period_start, i.period_end) AS n
+FROM unnest($1::text[], $2::uuid[], $3::uuid[], $4::timestamptz[], $5::timestamptz[])
+    WITH ORDINALITY AS i(scope, organization_id, project_id, period_start, period_end, ord);
+
 -- name: insert_alerts
 -- One alert per (budget, period start, threshold, amount, currency, crossing): ON CONFLICT DO NOTHING makes a
 -- second evaluation of the same crossing (a replay, a concurrent worker, the sweep) a no-op. Only alerts
