@@ -160,3 +160,25 @@ async def test_a_revision_that_lowers_spend_resolves_and_a_new_crossing_alerts_a
     status = await asyncio.to_thread(cli, settings, "budgets", "status", "--organization", str(org.id))
     assert status.returncode == 0, status.stderr
     assert "Assistant" in status.stdout
+
+
+async def test_rates_import_reports_every_problem_and_loads_nothing(
+    db: asyncpg.Connection, settings: Settings, tmp_path: Path
+) -> None:
+    bad = tmp_path / "eurofxref.csv"
+    bad.write_text("Date,USD,GBP,\n2026-11-03,1.08,0.87,\n2026-11-04,-1,0.87,\nlater,1.08,0.87,\n")
+    result = await asyncio.to_thread(cli, settings, "rates", "import", str(bad))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "cost-worker: config error: line 3, USD: rate out of range: '-1' (must be > 0 and < 1e12)",
+        "cost-worker: config error: line 4: not a date: 'later' (expected 2026-11-27 or 27 November 2026)",
+    ]
+    assert await db.fetchval("SELECT count(*) FROM exchange_rates") == 0
+    missing = await asyncio.to_thread(cli, settings, "rates", "import", str(tmp_path / "nope.csv"))
+    assert missing.returncode == 2
+    assert "cannot read" in missing.stderr
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("date,base,quote,rate\n2026-11-03,USD,GBP,0.79\n")
+    loaded = await asyncio.to_thread(cli, settings, "rates", "import", "--format", "pairs", str(pairs))
+    assert loaded.returncode == 0, loaded.stderr
+    assert "source pairs.csv: 1 new" in loaded.stdout
