@@ -77,6 +77,65 @@ def test_every_problem_of_a_file_is_reported_at_once() -> None:
         parse("date,base,quote,rate\n2026-11-03,USD,GBP,0.79\n2026-11-03,USD,GBP,0.8\n", "pairs")
 
 
+# ------------------------------------------------------------------------------------------ messages
+
+
+def sample_alert(**changes: Any) -> Alert:
+    fields: dict[str, Any] = {
+        "scope": "project",
+        "budget_id": uuid.UUID(int=7),
+        "budget_name": "Assistant",
+        "organization_id": uuid.UUID(int=1),
+        "project_id": uuid.UUID(int=2),
+        "user_id": None,
+        "period": "monthly",
+        "timezone": "Europe/Berlin",
+        "period_start": datetime(2026, 10, 31, 23, tzinfo=UTC),
+        "period_end": datetime(2026, 11, 30, 23, tzinfo=UTC),
+        "threshold": Decimal(80),
+        "spend": Decimal("160.50"),
+        "amount": Decimal(200),
+        "currency": "EUR",
+        "raised_at": datetime(2026, 11, 20, 10, tzinfo=UTC),
+    }
+    return Alert(**(fields | changes))
+
+
+def test_the_alert_id_names_amount_currency_and_crossing() -> None:
+    base = sample_alert()
+    assert base.id == model.alert_id(
+        "project", uuid.UUID(int=7), base.period_start, Decimal(80), Decimal(200), "EUR", 1
+    )
+    others = {
+        sample_alert(amount=Decimal(100)).id,
+        sample_alert(currency="USD").id,
+        sample_alert(crossing=2).id,
+        sample_alert(threshold=Decimal(100)).id,
+    }
+    assert base.id not in others
+    assert len(others) == 4
+    assert sample_alert(amount=Decimal("200.00"), spend=Decimal(1)).id == base.id  # same budget, same crossing
+
+
+def test_triggered_and_resolved_messages() -> None:
+    alert = sample_alert()
+    triggered = json.loads(alert.message())
+    assert triggered["type"] == "budget.alert.triggered"
+    assert (triggered["alert_id"], triggered["crossing"]) == (str(alert.id), 1)
+    assert (triggered["spend"], triggered["amount"], triggered["currency"]) == ("160.50", "200", "EUR")
+    assert triggered["period_start"] == "2026-11-01T00:00:00+01:00"
+    resolution = Resolution(alert.id, alert, Decimal("99.995"), datetime(2026, 11, 21, tzinfo=UTC))
+    resolved = json.loads(resolution.message())
+    assert resolution.key == alert.key == str(alert.budget_id).encode()
+    assert resolution.delivery_id == f"{alert.id}:resolved"
+    assert resolved == triggered | {
+        "type": "budget.alert.resolved",
+        "spend": "99.995",
+        "percent_used": "50.00",  # 49.9975 rounded half-even at display
+        "resolved_at": "2026-11-21T00:00:00+00:00",
+    }
+
+
 # ------------------------------------------------------------------------------------------ conversion
 
 
