@@ -21,10 +21,12 @@ from hypothesis import strategies as st
 
 from tests import currency_model as model
 from tests.factories import Org, make_org
+from worker import metrics
 from worker.alerts import Alert, Resolution
 from worker.budgets import BudgetEngine
 from worker.config import Settings
 from worker.errors import ConfigError
+from worker.pipeline import Touch
 from worker.rates import parse
 from worker.store import Database
 
@@ -267,6 +269,14 @@ async def spend_of(db: asyncpg.Connection, org: Org, currency: str) -> tuple[Dec
     return row["spend"], json.loads(row["missing_rates"])
 
 
+async def touch(database: Database, engine: BudgetEngine, org: Org) -> list[Alert | Resolution]:
+    """What a batch with new or revised November rows of the project does: evaluate its budgets (in the
+    worker's role and tenant scope)."""
+    async with database.transaction() as tx:
+        await tx.set_tenants({org.id})
+        return await engine.evaluate(tx, [Touch(org.id, org.projects["proj_a"], None, SWEEP_AT)])
+
+
 async def published(db: asyncpg.Connection, settings: Settings) -> list[dict[str, Any]]:
     rows = await db.fetch(
         "SELECT key, value, headers FROM outbox WHERE topic = $1 ORDER BY id", settings.topic_budget_alerts
@@ -378,7 +388,7 @@ async def test_alerts_and_resolutions_equal_the_model(
         spend, missing = await spend_of(db, org, currency)
         assert spend == total
         assert bool(missing) == (total is None)
-        await engine.sweep(database, at=SWEEP_AT)
+        await touch(database, engine, org)
         life.evaluate(total, amount, currency, thresholds)
 
         stored = await db.fetch("SELECT id, resolved_at, amount, currency FROM budget_alerts")
@@ -414,7 +424,7 @@ async def test_raising_the_amount_re_arms_and_lowering_spend_resolves_then_re_cr
     org, budget = await lifecycle_setup(db, "100", "USD", (80,))
     engine = BudgetEngine(settings)
     await write_ledger(db, org, {(date(2026, 11, 3), 0): ("USD", Decimal(85))})
-    first = await engine.sweep(database, at=SWEEP_AT)
+    first = await touch(database, engine, org)
     assert [(type(a), a.threshold) for a in first] == [(Alert, Decimal(80))]
     assert isinstance(first[0], Alert)
     # 100 -> 200: 85 is 42.5 % of 200, nothing; at 160 (80 % of 200) the threshold alerts again, new id.
@@ -423,7 +433,7 @@ async def test_raising_the_amount_re_arms_and_lowering_spend_resolves_then_re_cr
     await write_ledger(
         db, org, {(date(2026, 11, 3), 0): ("USD", Decimal(85)), (date(2026, 11, 4), 0): ("USD", Decimal(75))}
     )
-    second = await engine.sweep(database, at=SWEEP_AT)
+    second = await touch(database, engine, org)
     assert len(second) == 1
     assert isinstance(second[0], Alert)
     assert (second[0].amount, second[0].crossing) == (Decimal(200), 1)
@@ -432,16 +442,16 @@ async def test_raising_the_amount_re_arms_and_lowering_spend_resolves_then_re_cr
     await write_ledger(
         db, org, {(date(2026, 11, 3), 0): ("USD", Decimal(85)), (date(2026, 11, 4), 0): ("USD", Decimal(10))}
     )
-    third = await engine.sweep(database, at=SWEEP_AT)
+    third = await touch(database, engine, org)
     assert len(third) == 1
     assert isinstance(third[0], Resolution)
     assert third[0].alert_id == second[0].id
-    assert await engine.sweep(database, at=SWEEP_AT) == []
+    assert await touch(database, engine, org) == []
     # Spend rises again: the second crossing at 80 % of 200, with a new id.
     await write_ledger(
         db, org, {(date(2026, 11, 3), 0): ("USD", Decimal(85)), (date(2026, 11, 4), 0): ("USD", Decimal(90))}
     )
-    fourth = await engine.sweep(database, at=SWEEP_AT)
+    fourth = await touch(database, engine, org)
     assert len(fourth) == 1
     assert isinstance(fourth[0], Alert)
     assert fourth[0].crossing == 2
@@ -478,6 +488,8 @@ async def test_eur_budget_converts_usd_spend_and_without_a_rate_is_unconvertible
             )
     await write_ledger(db, org, {(date(2026, 11, 3), 0): ("USD", Decimal(54))})
     assert await spend_of(db, org, "EUR") == (Decimal(50), {})
+    assert await spend_of(db, org, "GBP") == (Decimal("43.65"), {})  # the cross rate 0.8730 / 1.0800 (README)
+    assert await spend_of(db, org, "USD") == (Decimal(54), {})
     raised = await engine.sweep(database, at=SWEEP_AT)
     assert [(a.threshold, a.spend, a.currency) for a in raised if isinstance(a, Alert)] == [
         (Decimal(50), Decimal(50), "EUR")
@@ -488,6 +500,9 @@ async def test_eur_budget_converts_usd_spend_and_without_a_rate_is_unconvertible
     )
     spend, missing = await spend_of(db, org, "EUR")
     assert spend is None  # never 0, never the partial 50
+    counted = metrics.UNCONVERTIBLE.labels(budget_currency="EUR", row_currency="USD")
+    before = counted._value.get()
     assert missing == {"USD": {"rows": 1, "first": "2026-11-25", "last": "2026-11-25"}}
     assert await engine.sweep(database, at=SWEEP_AT) == []  # no alert (100 %) and no resolution from a partial sum
+    assert counted._value.get() == before + 1
     assert await db.fetchval("SELECT count(*) FROM budget_alerts WHERE budget_id = $1", budget) == 1

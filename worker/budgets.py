@@ -225,8 +225,9 @@ class BudgetEngine:
             async with db.transaction() as tx:
                 await tx.set_tenants(chunk)
                 rows = await tx.budget_active(chunk, at)
-                # Every budget: thresholds to cross, open alerts to resolve (a rate import moves converted spend).
-                candidates = [Candidate.from_row(row) for row in rows]
+                # Budgets with a threshold to cross (a new or changed budget, a rate import). Resolutions follow
+                # the data that lowers spend (batches), so budgets whose thresholds are all open are skipped.
+                candidates = [c for c in map(Candidate.from_row, rows) if set(c.thresholds) - c.alerted]
                 raised.extend(await self._evaluate(tx, candidates, "sweep"))
         metrics.BUDGET_EVALUATION_DURATION.labels(trigger="sweep").observe(time.perf_counter() - started)
         return raised
