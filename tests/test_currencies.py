@@ -21,11 +21,13 @@ from hypothesis import strategies as st
 
 from tests import currency_model as model
 from tests.factories import Org, make_org
+from tests.test_migrate import copy_schema
 from worker import metrics
 from worker.alerts import Alert, Resolution
 from worker.budgets import BudgetEngine
 from worker.config import Settings
 from worker.errors import ConfigError
+from worker.migrate import migrate
 from worker.pipeline import Touch
 from worker.rates import parse
 from worker.store import Database
@@ -506,3 +508,49 @@ async def test_eur_budget_converts_usd_spend_and_without_a_rate_is_unconvertible
     assert await engine.sweep(database, at=SWEEP_AT) == []  # no alert (100 %) and no resolution from a partial sum
     assert counted._value.get() == before + 1
     assert await db.fetchval("SELECT count(*) FROM budget_alerts WHERE budget_id = $1", budget) == 1
+
+
+async def test_an_alert_raised_before_0007_keeps_its_id_counts_as_open_and_resolves(
+    empty_database_url: str, tmp_path: Path, settings: Settings
+) -> None:
+    """Upgrading a database with alerts: they keep their (old-formula) ids, are not raised again, and a
+    revision that lowers spend resolves them like any other; the next crossing has a new id."""
+    schema = copy_schema(tmp_path)
+    later = {path: path.read_text() for path in (schema / "migrations").glob("*.sql") if path.name >= "0007"}
+    for path in later:
+        path.unlink()
+    await migrate(empty_database_url, directory=schema)
+    db = await asyncpg.connect(empty_database_url)
+    database = await Database.open(empty_database_url, role="cost_worker_writer")
+    try:
+        org, budget = await lifecycle_setup(db, "100", "USD", (80,))
+        await write_ledger(db, org, {(date(2026, 11, 3), 0): ("USD", Decimal(85))})
+        old_id = uuid.uuid5(model.ALERT_NAMESPACE, f"project:{budget}:{NOVEMBER.isoformat()}:80")
+        await db.execute(
+            "INSERT INTO budget_alerts (id, scope, budget_id, organization_id, project_id, period_start, period_end, "
+            "threshold, spend, amount, currency, percent_used) "
+            "VALUES ($1, 'project', $2, $3, $4, $5, $6, 80, 85, 100, 'USD', 85)",
+            old_id,
+            budget,
+            org.id,
+            org.projects["proj_a"],
+            NOVEMBER,
+            datetime(2026, 12, 1, tzinfo=UTC),
+        )
+        for path, text in later.items():
+            path.write_text(text)
+        await migrate(empty_database_url, directory=schema)
+        engine = BudgetEngine(settings)
+        assert await touch(database, engine, org) == []  # still open: not raised again
+        await write_ledger(db, org, {(date(2026, 11, 3), 0): ("USD", Decimal(50))})
+        (resolved,) = await touch(database, engine, org)
+        assert isinstance(resolved, Resolution)
+        assert (resolved.alert_id, resolved.alert.crossing) == (old_id, 1)
+        await write_ledger(db, org, {(date(2026, 11, 3), 0): ("USD", Decimal(90))})
+        (again,) = await touch(database, engine, org)
+        assert isinstance(again, Alert)
+        assert again.crossing == 2
+        assert again.id == model.alert_id("project", budget, NOVEMBER, Decimal(80), Decimal(100), "USD", 2)
+    finally:
+        await database.close()
+        await db.close()
