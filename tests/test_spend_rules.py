@@ -10,11 +10,13 @@ Asia/Kolkata and Pacific/Chatham, around DST changes.
 
 from __future__ import annotations
 
+import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -26,13 +28,17 @@ from tests.factories import (
     anthropic_cost_bucket,
     anthropic_usage_bucket,
     api_event,
+    dumps,
     envelope,
     make_org,
     openai_cost_bucket,
     openai_usage_bucket,
 )
 from tests.feeding import Feeder
+from tests.kafka_helpers import create_topics, produce, run_worker
 from tests.spend_model import Estimate, Ledger, Row, SpendModel, period, periods_overlapping, sum_lines
+from worker.config import Settings
+from worker.migrate import migrate, schema_dir
 
 EXAMPLES = 40
 HOUR = timedelta(hours=1)
@@ -217,7 +223,11 @@ def window_of(world: World, snap: Snapshot) -> tuple[datetime, datetime]:
     return start, start + (HOUR if snap.hour is not None else DAY)
 
 
-def payload_and_rows(world: World, snap: Snapshot) -> tuple[dict[str, Any], list[Row], tuple[str, ...]]:
+Window = tuple[str, str, str, datetime, datetime]
+Touched = tuple[uuid.UUID | None, uuid.UUID | None, datetime, datetime, datetime]
+
+
+def payload_and_rows(world: World, snap: Snapshot) -> tuple[dict[str, Any], list[Row], Window]:
     """The provider message as a producer sends it, and the ledger rows the model expects from it."""
     start, end = window_of(world, snap)
     collected = start + HOUR * snap.collected_after
@@ -307,7 +317,7 @@ def payload_and_rows(world: World, snap: Snapshot) -> tuple[dict[str, Any], list
         api = "usage_v1"
     report = rows[0].report if rows else _report_name(snap.report)
     message = envelope(provider, account, api, [bucket], collected_at=_iso(collected))
-    return message, sum_lines(rows), (provider, account, report, start, end)  # type: ignore[return-value]
+    return message, sum_lines(rows), (provider, account, report, start, end)
 
 
 def _report_name(short: str) -> str:
@@ -337,7 +347,7 @@ class Expected:
     def spend(self, budget: dict[str, Any], start: datetime, end: datetime) -> Decimal:
         return self.model().spend(budget["scope"], self.world.org, budget["project"], budget["user"], start, end)
 
-    def evaluate(self, touches: list[tuple[uuid.UUID | None, uuid.UUID | None, datetime, datetime, datetime]]) -> None:
+    def evaluate(self, touches: list[Touched]) -> None:
         """touches: (project, user, at, span start, span end). Raises every crossed, not yet alerted threshold."""
         candidates: set[tuple[int, datetime, datetime]] = set()
         for index, budget in enumerate(self.world.budgets):
@@ -364,7 +374,7 @@ class Expected:
 
     def snapshot(self, rows: list[Row], window: tuple[str, str, str, datetime, datetime], collected: datetime) -> None:
         changed = self.ledger.apply([window], rows, collected)
-        touches = []
+        touches: list[Touched] = []
         for r in changed:
             scopes: list[uuid.UUID | None] = [r.project_id]
             if r.project_id is None:
@@ -784,3 +794,310 @@ async def test_usage_of_zero_tokens_covers_no_estimate(db: asyncpg.Connection, f
         )
     )
     assert await spend_of(db, "project", org, a, "2026-11-03Z", "2026-11-04Z") == 3
+
+
+async def test_migration_0006_moves_an_existing_database_to_the_new_rules(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """A database at 0005 with data written by the old worker: lines get their report, lines an old re-poll no
+    longer had are marked superseded (kept), rollups get their project's provider, alerts stay as they were."""
+    before = tmp_path / "schema"
+    shutil.copytree(schema_dir(), before)
+    for path in (before / "migrations").glob("*.sql"):
+        if int(path.name[:4]) >= 6:
+            path.unlink()
+    await migrate(empty_database_url, directory=before)
+    db = await asyncpg.connect(empty_database_url)
+    try:
+        org = await make_org(db, project_ids=("proj_a", "proj_b"))
+        a = org.projects["proj_a"]
+        common = "organization_id, project_id, provider, ai_organization_id, api_version, bucket_start_time, "
+        insert = (
+            f"INSERT INTO cost_data ({common}bucket_end_time, line_item, currency, amount, collected_at, metadata) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'USD', $9, $10, $11)"
+        )
+        day = (datetime(2026, 11, 3, tzinfo=UTC), datetime(2026, 11, 4, tzinfo=UTC))
+        first, second = datetime(2026, 11, 4, 1, tzinfo=UTC), datetime(2026, 11, 4, 5, tzinfo=UTC)
+        # The old worker kept proj_a's line of the first poll although the re-poll moved the spend to proj_b.
+        await db.execute(insert, org.id, a, "openai", org.ai_org, "costs_v1", *day, "x", Decimal(30), first, "{}")
+        await db.execute(
+            insert,
+            org.id,
+            org.projects["proj_b"],
+            "openai",
+            org.ai_org,
+            "costs_v1",
+            *day,
+            "x",
+            Decimal(30),
+            second,
+            "{}",
+        )
+        await db.execute(
+            insert,
+            org.id,
+            None,
+            "anthropic",
+            "anth-1",
+            "usage_v1",
+            *day,
+            "a1:output_tokens:priority",
+            Decimal(2),
+            second,
+            '{"service_tier": "priority"}',
+        )
+        await db.execute(
+            "INSERT INTO project_metrics (organization_id, project_id, hour, request_count, estimated_cost_usd) "
+            "VALUES ($1, $2, '2026-11-03T10:00Z', 1, 5), ($1, $2, '2026-11-05T10:00Z', 1, 7)",
+            org.id,
+            a,
+        )
+        budget = uuid.uuid4()
+        await db.execute(
+            "INSERT INTO budget_alerts (id, scope, budget_id, organization_id, period_start, period_end, threshold, "
+            "spend, amount, currency, percent_used) VALUES ($1, 'organization', $2, $3, '2026-11-01Z', "
+            "'2026-12-01Z', 50, 67, 100, 'USD', 67)",
+            uuid.uuid4(),
+            budget,
+            org.id,
+        )
+        old_spend = await spend_of(db, "organization", org, None, "2026-11-01Z", "2026-12-01Z")
+        assert old_spend == 30 + 30 + 2 + 7  # the old rule: both polls' lines, Nov 3's estimate covered
+
+        await migrate(empty_database_url)
+
+        rows = await db.fetch(
+            "SELECT project_id, report, superseded_at IS NOT NULL AS retired, outside_cost_report FROM cost_data "
+            "ORDER BY provider, collected_at"
+        )
+        assert [tuple(r) for r in rows] == [
+            (None, "anthropic.usage_report.messages", False, True),
+            (a, "openai.costs", True, False),  # kept, no longer counted
+            (org.projects["proj_b"], "openai.costs", False, False),
+        ]
+        assert await db.fetchval("SELECT count(*) FROM cost_windows") == 2
+        assert set(await db.fetchval("SELECT array_agg(DISTINCT provider) FROM project_metrics")) == {"openai"}
+        assert await db.fetchval("SELECT count(*) FROM budget_alerts") == 1  # alerts already raised stay
+        # proj_a's retired line no longer covers its estimate of Nov 3 (absent lines cover nothing).
+        assert await spend_of(db, "organization", org, None, "2026-11-01Z", "2026-12-01Z") == 30 + 2 + 5 + 7
+        # Data written by the new worker after the upgrade meets the migrated rows.
+        await db.execute(
+            "INSERT INTO cost_data (organization_id, project_id, provider, ai_organization_id, api_version, "
+            "bucket_start_time, bucket_end_time, line_item, currency, amount, collected_at) "
+            "VALUES ($1, $2, 'openai', $3, 'costs_v1', '2026-11-05Z', '2026-11-06Z', 'x', 'USD', 1, now())",
+            org.id,
+            a,
+            org.ai_org,
+        )
+        assert await db.fetchval("SELECT report FROM cost_data WHERE amount = 1") == "openai.costs"
+        assert await spend_of(db, "organization", org, None, "2026-11-01Z", "2026-12-01Z") == 30 + 2 + 5 + 1
+    finally:
+        await db.close()
+
+
+async def test_rows_1_to_6_and_10_through_the_worker(db: asyncpg.Connection, settings: Settings) -> None:
+    """The audit's rows again, each in its own organization, produced to the broker and consumed by the worker."""
+    await create_topics(settings)
+    await add_prices(db)
+    day = ("2026-11-03", "2026-11-04")
+    buckets: list[dict[str, Any]] = []
+    events_out: list[dict[str, Any]] = []
+    row1, row2, row3, row4, row5, row6, row10 = [await make_org(db, project_ids=("proj_a", "proj_b")) for _ in range(7)]
+    # 1: hourly usage (100) and the daily cost (100) of the same day.
+    hourly = [
+        openai_usage_bucket(
+            f"2026-11-03T{h:02d}:00:00",
+            f"2026-11-03T{h + 1:02d}:00:00",
+            [{"project_id": "proj_a", "model": "m1", "input_tokens": 4}],
+        )
+        for h in range(23)
+    ] + [
+        openai_usage_bucket(
+            "2026-11-03T23:00:00", "2026-11-04T00:00:00", [{"project_id": "proj_a", "model": "m1", "input_tokens": 8}]
+        )
+    ]
+    buckets += [
+        envelope("openai", row1.ai_org, "usage_v1", hourly, collected_at="2026-11-04T02:00:00Z"),
+        envelope(
+            "openai",
+            row1.ai_org,
+            "costs_v1",
+            [openai_cost_bucket(*day, [("proj_a", "x", "100")])],
+            collected_at="2026-11-04T03:00:00Z",
+        ),
+    ]
+    # 2: org-level costs (50) plus the projects' usage (30 + 20) of that day.
+    buckets += [
+        envelope(
+            "openai",
+            row2.ai_org,
+            "usage_v1",
+            [
+                openai_usage_bucket(
+                    *day,
+                    [
+                        {"project_id": "proj_a", "model": "m1", "input_tokens": 30},
+                        {"project_id": "proj_b", "model": "m1", "input_tokens": 20},
+                    ],
+                )
+            ],
+            collected_at="2026-11-04T02:00:00Z",
+        ),
+        envelope(
+            "openai",
+            row2.ai_org,
+            "costs_v1",
+            [openai_cost_bucket(*day, [(None, "all", "50")])],
+            collected_at="2026-11-04T03:00:00Z",
+        ),
+    ]
+    # 3: a re-poll moves the line to project B and drops the grouping by line item.
+    buckets += [
+        envelope(
+            "openai",
+            row3.ai_org,
+            "costs_v1",
+            [openai_cost_bucket(*day, [("proj_a", "GPT-4o", "30")])],
+            collected_at="2026-11-04T01:00:00Z",
+        ),
+        envelope(
+            "openai",
+            row3.ai_org,
+            "costs_v1",
+            [openai_cost_bucket(*day, [("proj_b", None, "30")])],
+            collected_at="2026-11-04T05:00:00Z",
+        ),
+    ]
+    # 4: today's bucket polled at 06:00; 5: a usage line without a price. One estimate of 1 per hour each.
+    for org in (row4, row5):
+        events_out += [
+            api_event(
+                org, project=org.projects["proj_a"], cost="1", occurred_at=f"2026-11-03T{h:02d}:10:00Z", model="gpt-4o"
+            )
+            for h in range(24)
+        ]
+    buckets.append(
+        envelope(
+            "openai",
+            row4.ai_org,
+            "costs_v1",
+            [openai_cost_bucket(*day, [("proj_a", "x", "6")])],
+            collected_at="2026-11-03T06:00:00Z",
+        )
+    )
+    buckets.append(
+        envelope(
+            "openai",
+            row5.ai_org,
+            "usage_v1",
+            [openai_usage_bucket(*day, [{"project_id": "proj_a", "model": "no-price", "input_tokens": 1000}])],
+            collected_at="2026-11-04T02:00:00Z",
+        )
+    )
+    # 6: a daily Los Angeles budget and the UTC-day bucket of 1 November.
+    la_budget = uuid.uuid4()
+    await db.execute(
+        "INSERT INTO ai_organization_budgets (id, organization_id, amount, period, timezone, thresholds) "
+        "VALUES ($1, $2, 10, 'daily', 'America/Los_Angeles', '{100}')",
+        la_budget,
+        row6.id,
+    )
+    buckets.append(
+        envelope(
+            "openai",
+            row6.ai_org,
+            "costs_v1",
+            [openai_cost_bucket("2026-11-01", "2026-11-02", [("proj_a", "x", "10")])],
+            collected_at="2026-11-02T03:00:00Z",
+        )
+    )
+    # 10: estimates of three providers and an unknown model; OpenAI reports the day.
+    events_out += [
+        api_event(row10, project=row10.projects["proj_a"], cost=cost, occurred_at="2026-11-03T10:00:00Z", model=m)
+        for cost, m in (("5", "gpt-4o"), ("7", "claude-sonnet-4-0"), ("3", "gemini-1.5-pro"), ("2", "unknown-x"))
+    ]
+    buckets.append(
+        envelope(
+            "openai",
+            row10.ai_org,
+            "costs_v1",
+            [openai_cost_bucket(*day, [("proj_a", "x", "6")])],
+            collected_at="2026-11-04T03:00:00Z",
+        )
+    )
+
+    await produce(settings, settings.topic_api_usage, [dumps(e) for e in events_out])
+    await produce(settings, settings.topic_provider_buckets, [dumps(b) for b in buckets])
+    assert await run_worker(settings) == 0
+
+    nov3 = ("2026-11-03Z", "2026-11-04Z")
+    assert await spend_of(db, "organization", row1, None, *nov3) == 100
+    assert await spend_of(db, "organization", row2, None, *nov3) == 50
+    assert await spend_of(db, "organization", row3, None, *nov3) == 30
+    assert await spend_of(db, "project", row4, row4.projects["proj_a"], *nov3) == 24
+    assert await spend_of(db, "project", row5, row5.projects["proj_a"], *nov3) == 24
+    assert await db.fetchval("SELECT period_start FROM budget_alerts WHERE budget_id = $1", la_budget) == datetime(
+        2026, 11, 1, 7, tzinfo=UTC
+    )
+    assert await spend_of(db, "project", row10, row10.projects["proj_a"], *nov3) == 6 + 7 + 3 + 2
+    assert await db.fetchval("SELECT count(*) FROM quarantine") == 0
+
+
+async def test_parts_of_one_revision_add_up_and_a_replay_changes_nothing(
+    db: asyncpg.Connection, feeder: Feeder
+) -> None:
+    """README "What producers must do": a bucket split across messages carries one collected_at in every part."""
+    org = await make_org(db, project_ids=("proj_a", "proj_b"))
+    day = ("2026-11-03", "2026-11-04")
+    part_1 = envelope(
+        "openai",
+        org.ai_org,
+        "costs_v1",
+        [openai_cost_bucket(*day, [("proj_a", "x", "3")])],
+        collected_at="2026-11-04T01:00:00Z",
+    )
+    part_2 = envelope(
+        "openai",
+        org.ai_org,
+        "costs_v1",
+        [openai_cost_bucket(*day, [("proj_b", "x", "4")])],
+        collected_at="2026-11-04T01:00:00Z",
+    )
+    await feeder.buckets(part_1)
+    await feeder.buckets(part_2)
+    assert await spend_of(db, "organization", org, None, "2026-11-03Z", "2026-11-04Z") == 7
+    outcome = await feeder.buckets(part_1, part_2)  # redelivered: the same revision changes nothing
+    assert set(outcome.ledger_lines) == {("costs_v1", "unchanged")}
+    assert await spend_of(db, "organization", org, None, "2026-11-03Z", "2026-11-04Z") == 7
+    # An empty bucket of a later poll retires both (kept, marked superseded).
+    empty = envelope(
+        "openai", org.ai_org, "costs_v1", [openai_cost_bucket(*day, [])], collected_at="2026-11-04T06:00:00Z"
+    )
+    outcome = await feeder.buckets(empty)
+    assert outcome.ledger_lines[("costs_v1", "superseded")] == 2
+    assert await spend_of(db, "organization", org, None, "2026-11-03Z", "2026-11-04Z") == 0
+    assert await db.fetchval("SELECT count(*) FROM cost_data WHERE superseded_at IS NOT NULL") == 2
+
+
+async def test_a_line_quarantined_then_replayed_joins_its_revision(db: asyncpg.Connection, feeder: Feeder) -> None:
+    """A line that could not be attributed is quarantined; its message's other lines land at that revision. Once
+    the mapping exists, the replayed message (same revision) adds the missing line instead of being ignored."""
+    org = await make_org(db)
+    message = envelope(
+        "openai",
+        org.ai_org,
+        "costs_v1",
+        [openai_cost_bucket("2026-11-03", "2026-11-04", [("proj_a", "x", "3"), ("proj_new", "x", "4")])],
+        collected_at="2026-11-04T01:00:00Z",
+    )
+    outcome = await feeder.buckets(message)
+    assert [q.reason.value for q in outcome.quarantine] == ["unattributed"]
+    assert await spend_of(db, "organization", org, None, "2026-11-03Z", "2026-11-04Z") == 3
+    await db.execute(
+        "INSERT INTO projects (organization_id, name, ai_provider, ai_organization_id, ai_project_id) "
+        "VALUES ($1, 'new', 'openai', $2, 'proj_new')",
+        org.id,
+        org.ai_org,
+    )
+    await feeder.buckets(message)
+    assert await spend_of(db, "organization", org, None, "2026-11-03Z", "2026-11-04Z") == 7

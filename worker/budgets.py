@@ -1,18 +1,20 @@
 """Budget evaluation: which thresholds a change in spend crossed (alerts) or fell back below (resolutions).
 
-What counts as spend, and its conversion into the budget's currency, is defined once, in SQL
-(``cost_worker_spend``: ``schema/migrations/0005_spend.sql`` and its successors up to ``0007``); this module
-decides *when* to evaluate and turns crossings into alerts. An alert belongs to the budget as it was when it
-was raised (amount, currency): changing either re-arms every threshold for the running period. Per
-(budget, period, threshold, amount, currency) at most one alert is open; spend falling below its level
-resolves it (once), and reaching the level again raises the next crossing, with a new id. A budget whose
-spend needs a missing exchange rate is *unconvertible*: nothing is raised or resolved from a partial sum.
+What counts as spend is defined once, in SQL (``schema/migrations/0006_spend_rules.sql``:
+``cost_worker_spend_rows``), and converted into the budget's currency and summed by ``cost_worker_spend``
+(``0007_currencies_and_alert_lifecycle.sql``); this module decides *when* to evaluate and turns crossings into
+alerts. An alert belongs to the budget as it was when it was raised (amount, currency): changing either re-arms
+every threshold for the running period. Per (budget, period, threshold, amount, currency) at most one alert is
+open; spend falling below its level resolves it (once), and reaching the level again raises the next crossing,
+with a new id. A budget whose spend needs a missing exchange rate is *unconvertible*: nothing is raised or
+resolved from a partial sum. Evaluations run:
 - after every batch, inside its transaction, for the budgets whose scope the batch touched, in the periods
-  the touched data belongs to (late data re-evaluates its own period);
+  the touched data belongs to (late data re-evaluates its own period; a provider row, the period of its
+  window's midpoint and every other period its window overlaps);
 - periodically (the sweep), for every active budget in its current period, so a budget created, lowered or
   re-activated while spend is already over a threshold alerts without waiting for new events.
 Cost of one evaluation: one candidate query (index lookups per touched scope), then one spend computation per
-candidate (budget, period) that still has thresholds to cross, each reading only the rows of its period.
+candidate (budget, period) (each: a threshold to cross or an open alert to resolve), reading only its period.
 """
 
 from __future__ import annotations

@@ -571,6 +571,35 @@ class Pipeline:
                 _note(best, row.message, STALE)
             else:
                 rows.append(row)
+        written = (
+            {
+                record["ord"]: (record["result"], record["kept_revision"])
+                for record in await tx.upsert_cost_data(_ledger_columns(rows))
+            }
+            if rows
+            else {}
+        )
+        for ord_, row in enumerate(rows, start=1):
+            done, kept = written[ord_]
+            if done is not None:
+                result = INSERTED if done == "inserted" else UPDATED
+            elif kept is not None and kept > row.collected_at:
+                result = STALE
+            else:  # the same revision was there (or a concurrent writer just stored one)
+                result = UNCHANGED
+            outcome.ledger_lines[(row.line.api_version, result)] += 1
+            if result in (INSERTED, UPDATED):
+                organization, project = row.key[0], row.key[1]
+                touched.extend(
+                    ledger.touches(
+                        organization,
+                        project,
+                        (row.line.provider, row.line.ai_organization_id),
+                        row.line.bucket_start,
+                        row.line.bucket_end,
+                    )
+                )
+            _note(best, row.message, result)
         advanced = [w for w in windows if state[w] == "advanced"]
         if advanced:
             retired = await tx.retire_cost_data(
@@ -603,33 +632,6 @@ class Pipeline:
                 )
                 for index in ledger.messages.get(window, []):
                     _note(best, index, UPDATED)
-        if not rows:
-            return touched
-        written = {
-            record["ord"]: (record["result"], record["kept_revision"])
-            for record in await tx.upsert_cost_data(_ledger_columns(rows))
-        }
-        for ord_, row in enumerate(rows, start=1):
-            done, kept = written[ord_]
-            if done is not None:
-                result = INSERTED if done == "inserted" else UPDATED
-            elif kept is not None and kept > row.collected_at:
-                result = STALE
-            else:  # the same revision was there (or a concurrent writer just stored one)
-                result = UNCHANGED
-            outcome.ledger_lines[(row.line.api_version, result)] += 1
-            if result in (INSERTED, UPDATED):
-                organization, project = row.key[0], row.key[1]
-                touched.extend(
-                    ledger.touches(
-                        organization,
-                        project,
-                        (row.line.provider, row.line.ai_organization_id),
-                        row.line.bucket_start,
-                        row.line.bucket_end,
-                    )
-                )
-            _note(best, row.message, result)
         return touched
 
 

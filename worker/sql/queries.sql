@@ -130,10 +130,13 @@ written AS (
     RETURNING w.provider, w.ai_organization_id, w.report, w.bucket_start_time, w.bucket_end_time,
               w.organization_ids, (w.xmax = 0) AS inserted
 )
+-- Not written: a newer revision is stored (possibly by a concurrent writer this statement waited for). Written:
+-- 'same' when the revision before (this statement's snapshot) was this one, else 'advanced' (retiring older lines
+-- of a window that was in fact already at this revision retires nothing, so a stale snapshot is harmless).
 SELECT i.ord,
-       CASE WHEN k.collected_at IS NULL OR k.collected_at < i.collected_at THEN 'advanced'
+       CASE WHEN w.provider IS NULL THEN 'stale'
             WHEN k.collected_at = i.collected_at THEN 'same'
-            ELSE 'stale' END AS state,
+            ELSE 'advanced' END AS state,
        coalesce(w.organization_ids, '{}') AS organization_ids
 FROM input i
 LEFT JOIN written w
@@ -664,9 +667,11 @@ UNION ALL SELECT 'outbox', count(*) FROM outbox;
 -- name: report_project_spend
 -- Ledger and estimate per project (visible in the current tenant scope), all time.
 SELECT p.name AS project,
-       coalesce((SELECT sum(amount) FROM cost_data c WHERE c.project_id = p.id AND c.api_version = 'costs_v1'), 0)
+       coalesce((SELECT sum(amount) FROM cost_data c
+                 WHERE c.project_id = p.id AND c.api_version = 'costs_v1' AND c.superseded_at IS NULL), 0)
            AS provider_costs,
-       coalesce((SELECT sum(amount) FROM cost_data c WHERE c.project_id = p.id AND c.api_version = 'usage_v1'), 0)
+       coalesce((SELECT sum(amount) FROM cost_data c
+                 WHERE c.project_id = p.id AND c.api_version = 'usage_v1' AND c.superseded_at IS NULL), 0)
            AS priced_usage,
        coalesce((SELECT sum(estimated_cost_usd) FROM project_metrics m WHERE m.project_id = p.id), 0) AS estimate,
        coalesce((SELECT sum(request_count) FROM project_metrics m WHERE m.project_id = p.id), 0) AS requests
