@@ -71,7 +71,8 @@ GRANT EXECUTE ON FUNCTION cost_worker_rate_factor(text, text, date), cost_worker
 -- Spend in the budget's currency: every row of cost_worker_spend_rows (0006), each converted at the rate
 -- effective on the UTC date of its rate_at (a provider row's window start, an estimate's hour) by
 -- cost_worker_rate_factor / cost_worker_convert, then summed exactly. Rows already in the budget's currency
--- are taken as they are (no rate needed: USD budgets on USD rows are unaffected).
+-- are taken as they are (no rate needed: USD budgets on USD rows are unaffected, to the digit). A converted
+-- sum is given without trailing zeros.
 -- A budget whose rows need a rate that is missing is unconvertible: spend is NULL (never 0, never a partial
 -- sum) and missing_rates says what is missing ({currency: {"rows": n, "first": day, "last": day}}).
 -- foreign_rows counts the rows that were converted ({currency: rows}).
@@ -101,9 +102,10 @@ AS $$
     )
     SELECT
         CASE WHEN EXISTS (SELECT FROM missing) THEN NULL
-             ELSE coalesce((SELECT sum(CASE WHEN r.currency = currency_code THEN r.amount
-                                            ELSE cost_worker_convert(r.amount, f.num, f.den) END)
-                            FROM r LEFT JOIN factors f USING (currency, day)), 0)
+             WHEN NOT EXISTS (SELECT FROM factors) THEN coalesce((SELECT sum(r.amount) FROM r), 0)
+             ELSE trim_scale((SELECT sum(CASE WHEN r.currency = currency_code THEN r.amount
+                                              ELSE cost_worker_convert(r.amount, f.num, f.den) END)
+                              FROM r LEFT JOIN factors f USING (currency, day)))
         END,
         coalesce((SELECT jsonb_object_agg(c.currency, c.n) FROM (
             SELECT r.currency, count(*) AS n FROM r WHERE r.currency <> currency_code GROUP BY r.currency
