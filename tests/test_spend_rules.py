@@ -375,11 +375,8 @@ class Expected:
     def snapshot(self, rows: list[Row], window: tuple[str, str, str, datetime, datetime], collected: datetime) -> None:
         changed = self.ledger.apply([window], rows, collected)
         touches: list[Touched] = []
-        for r in changed:
-            scopes: list[uuid.UUID | None] = [r.project_id]
-            if r.project_id is None:
-                scopes += [p for p, account in self.world.account_of_project.items() if account == r.account]
-            touches += [(scope, None, r.midpoint, r.start, r.end) for scope in scopes]
+        for r in changed:  # its project's budgets (none for an ungrouped row) and its organization's
+            touches.append((r.project_id, None, r.midpoint, r.start, r.end))
         if touches:
             self.evaluate(touches)
 

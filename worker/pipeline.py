@@ -214,12 +214,10 @@ class _Attribution:
         self.projects: dict[tuple[str, str, str], set[tuple[UUID, UUID]]] = defaultdict(set)
         self.legacy: dict[str, tuple[UUID, UUID]] = {}
         self.organizations: dict[tuple[str, str], set[UUID]] = defaultdict(set)
-        self.account_projects: dict[tuple[str, str], set[tuple[UUID, UUID]]] = defaultdict(set)
         for row in rows:
             target = (row["organization_id"], row["id"])
             if row["ai_provider"] and row["ai_organization_id"]:
                 self.organizations[(row["ai_provider"], row["ai_organization_id"])].add(row["organization_id"])
-                self.account_projects[(row["ai_provider"], row["ai_organization_id"])].add(target)
                 if row["ai_project_id"]:
                     self.projects[(row["ai_provider"], row["ai_organization_id"], row["ai_project_id"])].add(target)
             if row["openai_project_id"]:
@@ -472,7 +470,6 @@ class Pipeline:
         provider_orgs.update((m.provider, m.ai_organization_id) for m in messages if m.windows)
         legacy = {line.ai_project_id for line in lines if line.provider == "openai" and line.ai_project_id}
         attribution = _Attribution(await tx.lookup_provider_projects(provider_orgs, legacy) if provider_orgs else [])
-        ledger.account_projects = attribution.account_projects
         keys = price_keys(lines)
         book = PriceBook(
             Price(
@@ -647,18 +644,13 @@ class _Ledger:
     windows: dict[_WindowKey, datetime] = field(default_factory=dict)  # window -> newest revision in the batch
     owners: dict[_WindowKey, set[UUID]] = field(default_factory=dict)  # organizations owning the window's account
     messages: dict[_WindowKey, list[int]] = field(default_factory=dict)  # messages carrying each window
-    account_projects: dict[tuple[str, str], set[tuple[UUID, UUID]]] = field(default_factory=dict)
 
     def touches(
         self, organization: UUID, project: UUID | None, account: tuple[str, str], start: datetime, end: datetime
     ) -> list[Touch]:
-        """The scopes a provider row's change touches: its own, and for a row without a project (it covers every
-        project of its provider account) each project of that account in its organization."""
-        at = midpoint(start, end)
-        scopes = [project]
-        if project is None:
-            scopes.extend(sorted(p for o, p in self.account_projects.get(account, ()) if o == organization))
-        return [Touch(organization, scope, None, at, start, end) for scope in scopes]
+        """The scopes a provider row's change touches: its own (and its organization's). A row without a project
+        touches only the organization: project budgets see their projects' own rows."""
+        return [Touch(organization, project, None, midpoint(start, end), start, end)]
 
 
 # ---------------------------------------------------------------------------------------- columns

@@ -171,6 +171,7 @@ LANGUAGE plpgsql STABLE
 AS $$
 #variable_conflict use_column
 DECLARE
+    window_max CONSTANT interval := interval '31 days';  -- the longest provider window (decode.py checks it)
     reach CONSTANT interval := interval '62 days';  -- back: counted rows (31 days), the costs they overlap (31)
     ahead CONSTANT interval := interval '31 days';  -- forward: cost rows overlapping a row that counts here
 BEGIN
@@ -188,7 +189,7 @@ BEGIN
 
     RETURN QUERY
     WITH near AS MATERIALIZED (  -- current rows of the scope that can matter for the period
-        SELECT row_number() OVER () AS id, c.project_id, c.provider, c.ai_organization_id, c.api_version,
+        SELECT c.project_id, c.provider, c.ai_organization_id, c.api_version,
                c.bucket_start_time, c.bucket_end_time, c.currency, c.amount, c.quantity, c.outside_cost_report,
                cost_worker_hour_ceil(c.bucket_start_time) AS h_from,
                least(c.bucket_end_time, c.collected_at) AS h_until
@@ -196,13 +197,17 @@ BEGIN
             SELECT * FROM cost_data
             WHERE scope = 'project' AND project_id = project AND superseded_at IS NULL
               AND bucket_start_time >= period_start - reach AND bucket_start_time < period_end + ahead
-              AND (bucket_start_time < period_end OR api_version = 'costs_v1')
             UNION ALL
             SELECT * FROM cost_data
             WHERE scope = 'organization' AND organization_id = org AND superseded_at IS NULL
               AND bucket_start_time >= period_start - reach AND bucket_start_time < period_end + ahead
-              AND (bucket_start_time < period_end OR api_version = 'costs_v1')
         ) c
+        WHERE CASE WHEN c.api_version = 'usage_v1'
+                   -- usage matters when it counts in the period or covers one of its hours
+                   THEN c.bucket_start_time >= period_start - window_max AND c.bucket_start_time < period_end
+                        AND c.bucket_end_time > period_start
+                   -- costs also when they overlap such usage
+                   ELSE c.bucket_end_time > period_start - window_max END
     ),
     cost_hours AS MATERIALIZED (  -- (account, project or NULL, hour) a cost row covers
         SELECT DISTINCT w.provider, w.ai_organization_id, w.project_id, h.hour
@@ -214,21 +219,36 @@ BEGIN
         SELECT DISTINCT provider, ai_organization_id, project_id, h_from, h_until
         FROM near WHERE api_version = 'usage_v1' AND amount IS NOT NULL AND NOT outside_cost_report
     ),
-    replaced AS (  -- usage windows a cost row of their account covers for at least one hour
-        SELECT DISTINCT u.provider, u.ai_organization_id, u.project_id, u.h_from, u.h_until
+    usage_hours AS MATERIALIZED (  -- expanded first, so that the join below hashes on (account, hour)
+        SELECT u.provider, u.ai_organization_id, u.project_id, u.h_from, u.h_until, h.hour
         FROM usage_windows u
         CROSS JOIN LATERAL generate_series(u.h_from, u.h_until - interval '1 microsecond', interval '1 hour') h(hour)
-        JOIN cost_hours k ON k.provider = u.provider AND k.ai_organization_id = u.ai_organization_id
-                         AND k.hour = h.hour
-                         AND (k.project_id = u.project_id OR k.project_id IS NULL OR u.project_id IS NULL)
     ),
-    counted AS MATERIALIZED (
+    replaced AS (  -- usage windows a cost row of their account covers for at least one hour: same project, or
+                   -- either without one (three joins on equalities alone, so that each one hashes on every key)
+        SELECT u.provider, u.ai_organization_id, u.project_id, u.h_from, u.h_until
+        FROM usage_hours u
+        JOIN cost_hours k ON k.provider = u.provider AND k.ai_organization_id = u.ai_organization_id
+                         AND k.hour = u.hour AND k.project_id = u.project_id
+        UNION
+        SELECT u.provider, u.ai_organization_id, u.project_id, u.h_from, u.h_until
+        FROM usage_hours u
+        JOIN (SELECT * FROM cost_hours WHERE project_id IS NULL) k
+          ON k.provider = u.provider AND k.ai_organization_id = u.ai_organization_id AND k.hour = u.hour
+        UNION
+        SELECT u.provider, u.ai_organization_id, u.project_id, u.h_from, u.h_until
+        FROM (SELECT * FROM usage_hours WHERE project_id IS NULL) u
+        JOIN cost_hours k ON k.provider = u.provider AND k.ai_organization_id = u.ai_organization_id
+                         AND k.hour = u.hour
+    ),
+    counted AS MATERIALIZED (  -- (every join below compares with `=` only, so it can hash: no quadratic scans)
         SELECT n.* FROM near n
         WHERE n.amount IS NOT NULL
           AND (n.api_version = 'costs_v1' OR n.outside_cost_report OR NOT EXISTS (
                 SELECT FROM replaced r
                 WHERE r.provider = n.provider AND r.ai_organization_id = n.ai_organization_id
-                  AND r.project_id IS NOT DISTINCT FROM n.project_id
+                  AND coalesce(r.project_id, '00000000-0000-0000-0000-000000000000')
+                      = coalesce(n.project_id, '00000000-0000-0000-0000-000000000000')
                   AND r.h_from = n.h_from AND r.h_until = n.h_until))
     ),
     covered AS MATERIALIZED (  -- (provider, account, project or NULL, hour) a counted row covers (usage of zero
@@ -256,12 +276,12 @@ BEGIN
     UNION ALL
     SELECT 'USD'::char(3), e.hour, e.estimated_cost_usd, 'estimate'
     FROM estimates e
-    WHERE NOT EXISTS (
+    WHERE NOT EXISTS (  -- a row of its project covers the hour
+        SELECT FROM covered v WHERE v.provider = e.provider AND v.hour = e.hour AND v.project_id = e.project_id)
+      AND NOT EXISTS (  -- an ungrouped row of the account its project is mapped to does
         SELECT FROM covered v
-        WHERE v.provider = e.provider AND v.hour = e.hour
-          AND (v.project_id = e.project_id
-               OR (v.project_id IS NULL AND e.project_id IS NOT NULL
-                   AND v.provider = e.project_provider AND v.ai_organization_id = e.project_ai_org)));
+        WHERE v.project_id IS NULL AND v.provider = e.provider AND v.hour = e.hour
+          AND v.provider = e.project_provider AND v.ai_organization_id = e.project_ai_org);
 END
 $$;
 
