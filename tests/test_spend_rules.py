@@ -40,7 +40,7 @@ from tests.spend_model import Estimate, Ledger, Row, SpendModel, period, periods
 from worker.config import Settings
 from worker.migrate import migrate, schema_dir
 
-EXAMPLES = 40
+EXAMPLES = 60
 HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
 # First days of the generated data: each puts a DST change of one of the budgets' zones inside the three days.
