@@ -12,7 +12,7 @@ touched scopes (``Touch``: organization, project, user, hour) exactly as ``inser
 All budgets exist from the start; a state only switches ``is_active`` (then ANALYZE), and ``few`` and ``many``
 are measured alternately (few, many, few, many, ...) so that drift on a shared machine hits both alike.
 Budget amounts are far above any spend, so every candidate's spend is computed on every repetition (the worst
-case: a candidate whose thresholds have all alerted is skipped by the candidate query). A state stops repeating
+case; since issue 12 every candidate is evaluated anyway: spend may have fallen). A state stops repeating
 once it has used ``case_seconds`` (at least one measured evaluation).
 """
 

@@ -109,7 +109,7 @@ async def test_budgets_status_prints_period_spend_and_alerts(
     assert "unpriced" in result.stdout.splitlines()[0]
     line = next(line for line in result.stdout.splitlines() if "Team monthly" in line)
     assert line.rstrip().endswith(" 1")  # one unpriced usage line counts in this period
-    assert "6.5 / 10 USD" in line
+    assert "6.50 / 10 USD" in line  # shown rounded to cents (exact in the database)
     assert "65.0%" in line
     assert "Europe/Berlin" in line
     assert " 50 " in f" {line} ".replace(",", " ")  # the alerted column

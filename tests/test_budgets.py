@@ -14,6 +14,7 @@ import pytest
 
 from tests.factories import Org, api_event, envelope, make_org, openai_cost_bucket
 from tests.feeding import Feeder
+from worker.alerts import Alert
 from worker.budgets import BudgetEngine
 from worker.config import Settings
 from worker.pipeline import Pipeline
@@ -294,7 +295,11 @@ async def test_sweep_alerts_a_lowered_or_new_budget(
     await db.execute("UPDATE ai_organization_budgets SET amount = 50 WHERE id = $1", budget)
     engine = BudgetEngine(settings)
     raised = await engine.sweep(database)
-    assert [(a.budget_id, a.threshold) for a in raised] == [(budget, Decimal(100))]
+    # A lowered budget is another budget: both thresholds alert at once against the new amount (re-armed).
+    assert [(a.budget_id, a.threshold, a.amount) for a in raised if isinstance(a, Alert)] == [
+        (budget, Decimal(50), Decimal(50)),
+        (budget, Decimal(100), Decimal(50)),
+    ]
     assert await engine.sweep(database) == []  # and only once
     inactive = await add_budget(db, "organization", org, "1", thresholds=(100,))
     await db.execute("UPDATE ai_organization_budgets SET is_active = false WHERE id = $1", inactive)

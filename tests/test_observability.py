@@ -139,7 +139,12 @@ async def test_every_documented_metric_is_exported_by_a_running_worker(
     port = running.http.port
     org = await make_org(db)
     await add_budget(db, "organization", org, "0.01", thresholds=(50,))  # crossed: an alert, the outbox
-    await add_budget(db, "organization", org, "1000", currency="EUR")  # USD rows left out of a EUR budget
+    await add_budget(db, "organization", org, "1000", currency="EUR")  # USD rows converted at EUR/USD
+    await add_budget(db, "organization", org, "1000", currency="GBP")  # no GBP rate: unconvertible
+    await db.execute(
+        "INSERT INTO exchange_rates (base, quote, effective_date, rate, source) "
+        "SELECT 'EUR', 'USD', d, 1.05, 'test' FROM generate_series('2026-01-01'::date, '2027-12-31', '1 day') d"
+    )
     good = [dumps(api_event(org, project=org.projects["proj_a"])) for _ in range(20)]
     junk = [b"not json", b"{", b"\xff\xfe", b"[]", b'{"event_id": 1}']
     usage = envelope(
@@ -177,7 +182,8 @@ async def test_every_documented_metric_is_exported_by_a_running_worker(
         "cost_worker_alerts_raised_total",
         "cost_worker_outbox_published_total",
         "cost_worker_unpriced_usage_lines_total",
-        "cost_worker_budget_foreign_currency_rows_total",
+        "cost_worker_budget_converted_rows_total",
+        "cost_worker_budget_unconvertible_total",
         "cost_worker_outbox_failures_total",
     }
 

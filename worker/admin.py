@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 from uuid import UUID
 from zoneinfo import ZoneInfo
@@ -16,7 +16,7 @@ from worker.config import Settings
 from worker.errors import ConfigError
 from worker.pipeline import Pipeline, decode_batch
 from worker.quarantine import Reason
-from worker.store import Database
+from worker.store import Database, Spend
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -167,23 +167,8 @@ async def budgets_status(settings: Settings, *, organization: str | None) -> int
                 candidates = [Candidate.from_row(r) for r in await tx.budget_active(set(organizations), now)]
                 spends = await tx.budget_spend(candidates) if candidates else []
                 unpriced = await tx.budget_unpriced(candidates) if candidates else []
-            for candidate, (spend, _), missing in zip(candidates, spends, unpriced, strict=True):
-                zone = ZoneInfo(candidate.timezone)
-                percent = (spend * 100 / candidate.amount).quantize(Decimal("0.1"))
-                rows.append(
-                    (
-                        candidate.scope,
-                        candidate.name or str(candidate.budget_id)[:8],
-                        candidate.period,
-                        f"{candidate.period_start.astimezone(zone):%Y-%m-%d %H:%M} .. "
-                        f"{candidate.period_end.astimezone(zone):%Y-%m-%d %H:%M} {candidate.timezone}",
-                        f"{format(spend, 'f')} / {format(candidate.amount, 'f')} {candidate.currency}",
-                        f"{percent}%",
-                        ",".join(format(t.normalize(), "f") for t in sorted(candidate.alerted)) or "-",
-                        ",".join(format(t.normalize(), "f") for t in candidate.thresholds),
-                        str(missing) if missing else "-",
-                    )
-                )
+            for candidate, spend, missing in zip(candidates, spends, unpriced, strict=True):
+                rows.append(_status_row(candidate, spend, missing))
     finally:
         await db.close()
     if not rows:
@@ -193,9 +178,43 @@ async def budgets_status(settings: Settings, *, organization: str | None) -> int
         table(
             [
                 *("scope", "budget", "period", "current period", "spend / amount"),
-                *("used", "alerted", "thresholds", "unpriced"),
+                *("used", "alerted", "thresholds", "rates", "unpriced"),
             ],
             rows,
         )
     )
     return 0
+
+
+DISPLAY_QUANTUM = Decimal("0.01")  # spend is exact; `budgets status` shows it rounded half-even to cents
+
+
+def _status_row(candidate: Candidate, spend: Spend, unpriced: int) -> tuple[str, ...]:
+    zone = ZoneInfo(candidate.timezone)
+    if spend.amount is None:
+        shown, percent = "unconvertible", "?"
+        rates = "missing " + "; ".join(
+            f"{currency}->{candidate.currency} {m.get('first')}..{m.get('last')} ({m.get('rows')} rows)"
+            for currency, m in sorted(spend.missing_rates.items())
+        )
+    else:
+        shown = format(spend.amount.quantize(DISPLAY_QUANTUM, rounding=ROUND_HALF_EVEN), "f")
+        percent = f"{(spend.amount * 100 / candidate.amount).quantize(Decimal('0.1'), rounding=ROUND_HALF_EVEN)}%"
+        rates = (
+            "converted " + ", ".join(f"{c} ({n} rows)" for c, n in sorted(spend.converted.items()))
+            if spend.converted
+            else "-"
+        )
+    return (
+        candidate.scope,
+        candidate.name or str(candidate.budget_id)[:8],
+        candidate.period,
+        f"{candidate.period_start.astimezone(zone):%Y-%m-%d %H:%M} .. "
+        f"{candidate.period_end.astimezone(zone):%Y-%m-%d %H:%M} {candidate.timezone}",
+        f"{shown} / {format(candidate.amount, 'f')} {candidate.currency}",
+        percent,
+        ",".join(format(t.normalize(), "f") for t in sorted(candidate.alerted)) or "-",
+        ",".join(format(t.normalize(), "f") for t in candidate.thresholds),
+        rates,
+        str(unpriced) if unpriced else "-",
+    )

@@ -1,13 +1,19 @@
-"""Budget alerts: the stable alert id and the message published to the alerts topic.
+"""Budget alerts: the stable alert id and the messages published to the alerts topic.
 
-Message (JSON, key = budget id). Money is a decimal string, never a float:
-    {"alert_id": "...", "scope": "project", "organization_id": "...", "project_id": "...", "user_id": null,
-     "budget_id": "...", "budget_name": "...", "period": "monthly", "timezone": "Europe/Berlin",
-     "period_start": "2026-11-01T00:00:00+01:00", "period_end": "...", "threshold_percent": "80",
-     "spend": "812.50", "amount": "1000", "currency": "EUR", "percent_used": "81.25",
-     "raised_at": "2026-11-21T10:00:00.123456+00:00"}
-The alert id is derived from (scope, budget, period start, threshold), so every publication of the same
-crossing carries the same id and consumers can dedupe on it.
+Two messages (JSON, key = budget id, money as decimal strings, never floats):
+- ``budget.alert.triggered``: spend reached a threshold of the budget as it is (amount, currency):
+    {"type": "budget.alert.triggered", "alert_id": "...", "crossing": 1, "scope": "project",
+     "organization_id": "...", "project_id": "...", "user_id": null, "budget_id": "...", "budget_name": "...",
+     "period": "monthly", "timezone": "Europe/Berlin", "period_start": "2026-11-01T00:00:00+01:00",
+     "period_end": "...", "threshold_percent": "80", "spend": "812.5", "amount": "1000", "currency": "EUR",
+     "percent_used": "81.25", "raised_at": "2026-11-21T10:00:00.123456+00:00"}
+- ``budget.alert.resolved``: spend fell back below the level of a triggered alert in the same period (a
+  revision lowered it). The same fields, with the ``alert_id``, ``crossing``, ``amount``, ``currency`` and
+  ``raised_at`` of the alert it resolves, the spend now, and ``resolved_at``.
+The alert id is derived from (scope, budget, period start, threshold, amount, currency, crossing): every
+publication of one crossing carries the same id, an alert at 80 % of 100 differs from one at 80 % of 200, and
+a threshold crossed again after it was resolved gets a new id (the next crossing). A resolved message's
+delivery id is ``<alert_id>:resolved``.
 """
 
 from __future__ import annotations
@@ -23,8 +29,24 @@ ALERT_NAMESPACE = uuid.UUID("6d1b6c3e-2f0a-4c55-9a1e-8b7f6c1d2e3f")
 PERCENT_QUANTUM = Decimal("0.01")
 
 
-def alert_id(scope: str, budget_id: uuid.UUID, period_start: datetime, threshold: Decimal) -> uuid.UUID:
-    return uuid.uuid5(ALERT_NAMESPACE, f"{scope}:{budget_id}:{period_start.isoformat()}:{_plain(threshold)}")
+TRIGGERED = "budget.alert.triggered"
+RESOLVED = "budget.alert.resolved"
+
+
+def alert_id(
+    scope: str,
+    budget_id: uuid.UUID,
+    period_start: datetime,
+    threshold: Decimal,
+    *,
+    amount: Decimal,
+    currency: str,
+    crossing: int,
+) -> uuid.UUID:
+    return uuid.uuid5(
+        ALERT_NAMESPACE,
+        f"{scope}:{budget_id}:{period_start.isoformat()}:{_plain(threshold)}:{_plain(amount)}:{currency}:{crossing}",
+    )
 
 
 def _plain(value: Decimal) -> str:
@@ -54,10 +76,19 @@ class Alert:
     amount: Decimal
     currency: str
     raised_at: datetime
+    crossing: int = 1
 
     @property
     def id(self) -> uuid.UUID:
-        return alert_id(self.scope, self.budget_id, self.period_start, self.threshold)
+        return alert_id(
+            self.scope,
+            self.budget_id,
+            self.period_start,
+            self.threshold,
+            amount=self.amount,
+            currency=self.currency,
+            crossing=self.crossing,
+        )
 
     @property
     def percent_used(self) -> Decimal:
@@ -68,9 +99,14 @@ class Alert:
         return str(self.budget_id).encode()
 
     def message(self) -> bytes:
+        return _dumps(self.body())
+
+    def body(self) -> dict[str, object]:
         zone = ZoneInfo(self.timezone)
-        body = {
+        return {
+            "type": TRIGGERED,
             "alert_id": str(self.id),
+            "crossing": self.crossing,
             "scope": self.scope,
             "organization_id": str(self.organization_id),
             "project_id": str(self.project_id) if self.project_id else None,
@@ -88,4 +124,52 @@ class Alert:
             "percent_used": _money(self.percent_used),
             "raised_at": self.raised_at.isoformat(),
         }
-        return json.dumps(body, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """An alert whose level spend fell back below: ``alert`` as it was raised (its stored id, crossing and
+    raised_at), ``spend`` now."""
+
+    alert_id: uuid.UUID
+    alert: Alert
+    spend: Decimal
+    resolved_at: datetime
+
+    @property
+    def key(self) -> bytes:
+        return self.alert.key
+
+    @property
+    def scope(self) -> str:
+        return self.alert.scope
+
+    @property
+    def budget_id(self) -> uuid.UUID:
+        return self.alert.budget_id
+
+    @property
+    def threshold(self) -> Decimal:
+        return self.alert.threshold
+
+    @property
+    def delivery_id(self) -> str:
+        return f"{self.alert_id}:resolved"
+
+    @property
+    def percent_used(self) -> Decimal:
+        return (self.spend * 100 / self.alert.amount).quantize(PERCENT_QUANTUM, rounding=ROUND_HALF_EVEN)
+
+    def message(self) -> bytes:
+        body = self.alert.body() | {
+            "type": RESOLVED,
+            "alert_id": str(self.alert_id),
+            "spend": _money(self.spend),
+            "percent_used": _money(self.percent_used),
+            "resolved_at": self.resolved_at.isoformat(),
+        }
+        return _dumps(body)
+
+
+def _dumps(body: dict[str, object]) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()

@@ -1,15 +1,20 @@
-"""Budget evaluation: which thresholds a change in spend crossed, raised once per (budget, period).
+"""Budget evaluation: which thresholds a change in spend crossed (alerts) or fell back below (resolutions).
 
 What counts as spend is defined once, in SQL (``schema/migrations/0006_spend_rules.sql``:
-``cost_worker_spend_rows``, summed by ``cost_worker_spend``); this module decides *when* to evaluate and turns
-crossings into alerts:
+``cost_worker_spend_rows``), and converted into the budget's currency and summed by ``cost_worker_spend``
+(``0007_currencies_and_alert_lifecycle.sql``); this module decides *when* to evaluate and turns crossings into
+alerts. An alert belongs to the budget as it was when it was raised (amount, currency): changing either re-arms
+every threshold for the running period. Per (budget, period, threshold, amount, currency) at most one alert is
+open; spend falling below its level resolves it (once), and reaching the level again raises the next crossing,
+with a new id. A budget whose spend needs a missing exchange rate is *unconvertible*: nothing is raised or
+resolved from a partial sum. Evaluations run:
 - after every batch, inside its transaction, for the budgets whose scope the batch touched, in the periods
   the touched data belongs to (late data re-evaluates its own period; a provider row, the period of its
   window's midpoint and every other period its window overlaps);
 - periodically (the sweep), for every active budget in its current period, so a budget created, lowered or
   re-activated while spend is already over a threshold alerts without waiting for new events.
 Cost of one evaluation: one candidate query (index lookups per touched scope), then one spend computation per
-candidate (budget, period) that still has thresholds to cross, each reading only the rows of its period.
+candidate (budget, period) (each: a threshold to cross or an open alert to resolve), reading only its period.
 """
 
 from __future__ import annotations
@@ -27,11 +32,11 @@ from uuid import UUID
 import structlog
 
 from worker import metrics
-from worker.alerts import Alert
+from worker.alerts import Alert, Resolution
 from worker.config import Settings
 from worker.errors import TransientError
 from worker.pipeline import Touch
-from worker.store import Database, Tx
+from worker.store import Database, Spend, Tx
 
 log = structlog.get_logger("worker.budgets")
 
@@ -40,7 +45,7 @@ SWEEP_CHUNK = 200  # organizations evaluated per sweep transaction
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
-    """A budget in one period, with the thresholds it has not alerted yet."""
+    """A budget in one period, with its alert history at its current amount and currency."""
 
     scope: str
     budget_id: UUID
@@ -53,12 +58,24 @@ class Candidate:
     period: str
     timezone: str
     thresholds: tuple[Decimal, ...]
-    alerted: frozenset[Decimal]
     period_start: datetime
     period_end: datetime
+    # threshold -> (its latest crossing number, the id of its open alert or None when resolved)
+    history: dict[Decimal, tuple[int, UUID | None]]
+
+    @property
+    def alerted(self) -> frozenset[Decimal]:
+        """Thresholds with an open alert at the current amount and currency."""
+        return frozenset(t for t, (_, open_id) in self.history.items() if open_id is not None)
 
     @classmethod
     def from_row(cls, row: Any) -> Candidate:
+        history = {
+            threshold: (crossing, open_id)
+            for threshold, crossing, open_id in zip(
+                row["alert_thresholds"] or (), row["alert_crossings"] or (), row["alert_open_ids"] or (), strict=True
+            )
+        }
         return cls(
             scope=row["scope"],
             budget_id=row["id"],
@@ -71,14 +88,41 @@ class Candidate:
             period=row["period"],
             timezone=row["timezone"],
             thresholds=tuple(sorted(set(row["thresholds"]))),
-            alerted=frozenset(row["alerted"]),
             period_start=row["period_start"],
             period_end=row["period_end"],
+            history=history,
         )
 
+    def reached(self, spend: Decimal, threshold: Decimal) -> bool:
+        return spend * 100 >= self.amount * threshold
+
     def crossed(self, spend: Decimal) -> list[Decimal]:
-        """Thresholds not alerted yet whose level the spend has reached (each of them, if several)."""
-        return [t for t in self.thresholds if t not in self.alerted and spend * 100 >= self.amount * t]
+        """Thresholds without an open alert whose level the spend has reached (each of them, if several)."""
+        return [t for t in self.thresholds if t not in self.alerted and self.reached(spend, t)]
+
+    def fallen(self, spend: Decimal) -> list[Decimal]:
+        """Thresholds with an open alert whose level the spend is below now."""
+        return [t for t in self.thresholds if t in self.alerted and not self.reached(spend, t)]
+
+    def alert(self, threshold: Decimal, spend: Decimal, raised_at: datetime, *, crossing: int) -> Alert:
+        return Alert(
+            scope=self.scope,
+            budget_id=self.budget_id,
+            budget_name=self.name,
+            organization_id=self.organization_id,
+            project_id=self.project_id,
+            user_id=self.user_id,
+            period=self.period,
+            timezone=self.timezone,
+            period_start=self.period_start,
+            period_end=self.period_end,
+            threshold=threshold,
+            spend=spend,
+            amount=self.amount,
+            currency=self.currency,
+            raised_at=raised_at,
+            crossing=crossing,
+        )
 
 
 class BudgetEngine:
@@ -87,7 +131,7 @@ class BudgetEngine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
-    async def evaluate(self, tx: Tx, touched: Iterable[Touch], *, trigger: str = "batch") -> list[Alert]:
+    async def evaluate(self, tx: Tx, touched: Iterable[Touch], *, trigger: str = "batch") -> list[Alert | Resolution]:
         touches = list(set(touched))
         if not touches:
             return []
@@ -97,84 +141,94 @@ class BudgetEngine:
         metrics.BUDGET_EVALUATION_DURATION.labels(trigger=trigger).observe(time.perf_counter() - started)
         return alerts
 
-    async def _evaluate(self, tx: Tx, candidates: list[Candidate], trigger: str) -> list[Alert]:
+    async def _evaluate(self, tx: Tx, candidates: list[Candidate], trigger: str) -> list[Alert | Resolution]:
         if not candidates:
             return []
         # Concurrent workers touching the same organization evaluate one after the other (until commit).
         await tx.lock_organizations({c.organization_id for c in candidates})
         spends = await tx.budget_spend(candidates)
         metrics.BUDGET_EVALUATIONS.labels(trigger=trigger).inc(len(candidates))
-        raised_at = datetime.now(UTC)
-        alerts = []
-        for candidate, (spend, foreign) in zip(candidates, spends, strict=True):
-            for currency, rows in (foreign or {}).items():
-                metrics.FOREIGN_CURRENCY_ROWS.labels(budget_currency=candidate.currency, row_currency=currency).inc(
-                    rows
+        now = datetime.now(UTC)
+        alerts: list[Alert] = []
+        falling: list[tuple[Candidate, Decimal, Decimal, UUID]] = []  # (candidate, threshold, spend, open alert)
+        for candidate, spend in zip(candidates, spends, strict=True):
+            if spend.amount is None:
+                self._unconvertible(candidate, spend, trigger)
+                continue
+            for currency, rows in spend.converted.items():
+                metrics.CONVERTED_ROWS.labels(budget_currency=candidate.currency, row_currency=currency).inc(rows)
+            for threshold in candidate.crossed(spend.amount):
+                crossing = candidate.history.get(threshold, (0, None))[0] + 1
+                alerts.append(candidate.alert(threshold, spend.amount, now, crossing=crossing))
+            for threshold in candidate.fallen(spend.amount):
+                open_id = candidate.history[threshold][1]
+                assert open_id is not None
+                falling.append((candidate, threshold, spend.amount, open_id))
+        raised: list[Alert] = []
+        if alerts:
+            inserted = await tx.insert_alerts(alerts, topic=self.settings.topic_budget_alerts, raised_at=now)
+            raised = [a for a in alerts if str(a.id) in inserted]
+        resolved: list[Resolution] = []
+        if falling:
+            stored = await tx.resolve_alerts([(open_id, value) for _, _, value, open_id in falling], resolved_at=now)
+            for candidate, threshold, value, open_id in falling:
+                if open_id not in stored:
+                    continue  # resolved by someone else already (exactly once: the UPDATE's guard)
+                crossing, raised_at = stored[open_id]
+                alert = candidate.alert(threshold, value, raised_at, crossing=crossing)
+                resolved.append(Resolution(open_id, alert, value, now))
+            if resolved:
+                await tx.insert_alert_messages(
+                    [(r.key, r.message(), r.delivery_id, str(r.alert_id), r.alert.scope) for r in resolved],
+                    topic=self.settings.topic_budget_alerts,
                 )
-                log.warning(
-                    "budget_foreign_currency_rows",
-                    budget_id=str(candidate.budget_id),
-                    budget_currency=candidate.currency,
-                    row_currency=currency,
-                    rows=rows,
-                    period_start=candidate.period_start.isoformat(),
-                )
-            for threshold in candidate.crossed(spend):
-                alerts.append(
-                    Alert(
-                        scope=candidate.scope,
-                        budget_id=candidate.budget_id,
-                        budget_name=candidate.name,
-                        organization_id=candidate.organization_id,
-                        project_id=candidate.project_id,
-                        user_id=candidate.user_id,
-                        period=candidate.period,
-                        timezone=candidate.timezone,
-                        period_start=candidate.period_start,
-                        period_end=candidate.period_end,
-                        threshold=threshold,
-                        spend=spend,
-                        amount=candidate.amount,
-                        currency=candidate.currency,
-                        raised_at=raised_at,
-                    )
-                )
-        if not alerts:
-            return []
-        inserted = await tx.insert_alerts(alerts, topic=self.settings.topic_budget_alerts, raised_at=raised_at)
-        raised = [a for a in alerts if str(a.id) in inserted]
         for alert in raised:
             metrics.ALERTS_RAISED.labels(scope=alert.scope, threshold=format(alert.threshold.normalize(), "f")).inc()
+            log.info("budget_alert", **_fields(alert), crossing=alert.crossing, trigger=trigger)
+        for resolution in resolved:
+            metrics.ALERTS_RESOLVED.labels(
+                scope=resolution.alert.scope, threshold=format(resolution.alert.threshold.normalize(), "f")
+            ).inc()
             log.info(
-                "budget_alert",
-                alert_id=str(alert.id),
-                scope=alert.scope,
-                budget_id=str(alert.budget_id),
-                organization_id=str(alert.organization_id),
-                project_id=str(alert.project_id) if alert.project_id else None,
-                user_id=str(alert.user_id) if alert.user_id else None,
-                period_start=alert.period_start.isoformat(),
-                threshold=str(alert.threshold),
-                spend=str(alert.spend),
-                amount=str(alert.amount),
-                currency=alert.currency,
+                "budget_alert_resolved",
+                **(_fields(resolution.alert) | {"alert_id": str(resolution.alert_id), "spend": str(resolution.spend)}),
+                crossing=resolution.alert.crossing,
                 trigger=trigger,
             )
-        return raised
+        return [*raised, *resolved]
+
+    @staticmethod
+    def _unconvertible(candidate: Candidate, spend: Spend, trigger: str) -> None:
+        for currency, missing in spend.missing_rates.items():
+            metrics.UNCONVERTIBLE.labels(budget_currency=candidate.currency, row_currency=currency).inc()
+            log.warning(
+                "budget_unconvertible",
+                budget_id=str(candidate.budget_id),
+                scope=candidate.scope,
+                budget_currency=candidate.currency,
+                row_currency=currency,
+                rows=missing.get("rows"),
+                first_day=missing.get("first"),
+                last_day=missing.get("last"),
+                period_start=candidate.period_start.isoformat(),
+                trigger=trigger,
+            )
 
     # --- the sweep -----------------------------------------------------------------------------------
 
-    async def sweep(self, db: Database, *, at: datetime | None = None) -> list[Alert]:
+    async def sweep(self, db: Database, *, at: datetime | None = None) -> list[Alert | Resolution]:
         """Evaluate every active budget in the period containing ``at`` (now), a chunk of orgs at a time."""
         at = at or datetime.now(UTC)
         started = time.perf_counter()
-        raised: list[Alert] = []
+        raised: list[Alert | Resolution] = []
         organizations = await db.budget_sweep_organizations()
         for offset in range(0, len(organizations), SWEEP_CHUNK):
             chunk = set(organizations[offset : offset + SWEEP_CHUNK])
             async with db.transaction() as tx:
                 await tx.set_tenants(chunk)
                 rows = await tx.budget_active(chunk, at)
+                # Budgets with a threshold to cross (a new or changed budget, a rate import). Resolutions follow
+                # the data that lowers spend (batches), so budgets whose thresholds are all open are skipped.
                 candidates = [c for c in map(Candidate.from_row, rows) if set(c.thresholds) - c.alerted]
                 raised.extend(await self._evaluate(tx, candidates, "sweep"))
         metrics.BUDGET_EVALUATION_DURATION.labels(trigger="sweep").observe(time.perf_counter() - started)
@@ -193,3 +247,19 @@ class BudgetEngine:
                 log.warning("budget_sweep_failed", error=str(exc))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.settings.budget_sweep_interval)
+
+
+def _fields(alert: Alert) -> dict[str, Any]:
+    return {
+        "alert_id": str(alert.id),
+        "scope": alert.scope,
+        "budget_id": str(alert.budget_id),
+        "organization_id": str(alert.organization_id),
+        "project_id": str(alert.project_id) if alert.project_id else None,
+        "user_id": str(alert.user_id) if alert.user_id else None,
+        "period_start": alert.period_start.isoformat(),
+        "threshold": str(alert.threshold),
+        "spend": str(alert.spend),
+        "amount": str(alert.amount),
+        "currency": alert.currency,
+    }

@@ -116,6 +116,27 @@ def _parser() -> argparse.ArgumentParser:
     _notify_parser(sub)
 
     collect_cli.add_parsers(sub)  # `collect` and `keys` (issue 14)
+
+    rates = sub.add_parser(
+        "rates",
+        help="load and list exchange rates",
+        description="Exchange rates convert spend into a budget's currency (loaded from files, never fetched).",
+    )
+    rsub = rates.add_subparsers(dest="rates_command", metavar="ACTION", parser_class=_Parser)
+    rsub.required = True
+    rimport = rsub.add_parser(
+        "import",
+        help="load rates from a CSV file (the ECB reference-rate format by default)",
+        description="Load exchange rates from FILE: the ECB euro reference rates CSV (eurofxref.csv or "
+        "eurofxref-hist.csv, 1 EUR = x CUR) by default, or date,base,quote,rate rows with --format pairs. "
+        "Every problem is reported at once and nothing is loaded from a file with a problem.",
+    )
+    rimport.add_argument("file", metavar="FILE", help="the CSV file")
+    rimport.add_argument("--format", choices=["ecb", "pairs"], default="ecb", help="file format (ecb)")
+    rimport.add_argument("--source", help="label stored with the rates (ECB, or the file name)")
+    rlist = rsub.add_parser("list", help="the loaded currency pairs", description="Each loaded pair's dates and rate.")
+    rlist.add_argument("--base", metavar="CUR", help="only this base currency")
+    rlist.add_argument("--quote", metavar="CUR", help="only this quote currency")
     return parser
 
 
@@ -316,6 +337,15 @@ def cmd_notify(args: argparse.Namespace) -> int:
     if action == "test":
         return _run(lambda: admin.test(settings, organization=org, destination=args.destination))
     return _run(lambda: admin.remove(settings, organization=org, destination=args.destination))
+def cmd_rates(args: argparse.Namespace) -> int:
+    from pathlib import Path  # noqa: PLC0415
+
+    from worker import rates  # noqa: PLC0415
+
+    settings = _settings(require=("database_url",))
+    if args.rates_command == "import":
+        return _run(lambda: rates.import_rates(settings, Path(args.file), fmt=args.format, source=args.source))
+    return _run(lambda: rates.list_rates(settings, base=args.base, quote=args.quote))
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -328,6 +358,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "prices": cmd_prices,
     "notify": cmd_notify,
     **collect_cli.COMMANDS,
+    "rates": cmd_rates,
 }
 
 

@@ -102,9 +102,21 @@ BUDGET_EVALUATION_DURATION = Histogram(
     ["trigger"],
     buckets=DURATION_BUCKETS,
 )
-FOREIGN_CURRENCY_ROWS = Counter(
-    "cost_worker_budget_foreign_currency_rows_total",
-    "Ledger rows in a period left out of a budget's spend because their currency differs from the budget's.",
+# --- budgets: currencies and the alert lifecycle (issue 12) -------------------------------------------------
+ALERTS_RESOLVED = Counter(
+    "cost_worker_alerts_resolved_total",
+    "Budget alerts resolved (spend fell back below their level in the same period), by scope and threshold percent.",
+    ["scope", "threshold"],
+)
+CONVERTED_ROWS = Counter(
+    "cost_worker_budget_converted_rows_total",
+    "Spend rows converted into a budget's currency at an exchange rate, per evaluation.",
+    ["budget_currency", "row_currency"],
+)
+UNCONVERTIBLE = Counter(
+    "cost_worker_budget_unconvertible_total",
+    "Budget evaluations skipped because spend rows need an exchange rate that exchange_rates lacks "
+    "(no alert is raised or resolved from a partial sum).",
     ["budget_currency", "row_currency"],
 )
 

@@ -86,8 +86,10 @@ def midpoint(start: datetime, end: datetime) -> datetime:
 class BudgetEvaluator(Protocol):
     """Evaluates the budgets whose scope a batch touched, inside the batch's transaction.
 
-    Inserts one ``budget_alerts`` row per newly crossed (budget, period start, threshold) with
-    ``ON CONFLICT DO NOTHING`` and an outbox row for each inserted alert; returns the alerts it raised.
+    Inserts one ``budget_alerts`` row per new crossing (budget, period start, threshold, amount, currency,
+    crossing) with ``ON CONFLICT DO NOTHING`` and an outbox row for each inserted alert; resolves open alerts
+    whose level the spend fell below (once: only alerts not yet resolved) with an outbox row each; returns the
+    alerts raised and resolved (every outbox row it wrote).
     """
 
     async def evaluate(self, tx: Tx, touched: Iterable[Touch]) -> list[Any]: ...

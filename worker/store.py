@@ -191,6 +191,11 @@ class Database:
         async with self.pool.acquire() as conn:
             return await conn.fetch(query("quarantine_list"), reason, status, limit)
 
+    @translated
+    async def exchange_rate_pairs(self, base: str | None, quote: str | None) -> list[asyncpg.Record]:
+        async with self.pool.acquire() as conn:
+            return await conn.fetch(query("exchange_rate_pairs"), base, quote)
+
 
 # ============================================================================================ migrations
 
@@ -253,6 +258,17 @@ async def apply_migration(
 # ============================================================================================ batches
 
 DRIVER_ERRORS = (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError)
+
+
+@dataclass(frozen=True, slots=True)
+class Spend:
+    """A budget's spend in its period, in its currency (``cost_worker_spend``). ``amount`` is None when the
+    budget is unconvertible: rows need a rate that ``exchange_rates`` lacks (``missing_rates``:
+    {row currency: {"rows": n, "first": day, "last": day}}). ``converted``: {row currency: rows converted}."""
+
+    amount: Decimal | None
+    converted: dict[str, int]
+    missing_rates: dict[str, dict[str, Any]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,7 +363,7 @@ class Tx:
     async def lock_organizations(self, organizations: set[UUID]) -> None:
         await self.conn.fetchval(query("budget_lock_organizations"), sorted(organizations))
 
-    async def budget_spend(self, candidates: Sequence[Any]) -> list[tuple[Decimal, dict[str, int]]]:
+    async def budget_spend(self, candidates: Sequence[Any]) -> list[Spend]:
         rows = await self.conn.fetch(
             query("budget_spend"),
             [c.scope for c in candidates],
@@ -358,8 +374,35 @@ class Tx:
             [c.period_end for c in candidates],
             [c.currency for c in candidates],
         )
-        by_ord = {row["ord"]: (row["spend"], json.loads(row["foreign_rows"])) for row in rows}
+        by_ord = {
+            row["ord"]: Spend(row["spend"], json.loads(row["foreign_rows"]), json.loads(row["missing_rates"]))
+            for row in rows
+        }
         return [by_ord[i] for i in range(1, len(candidates) + 1)]
+
+    async def resolve_alerts(
+        self, alerts: Sequence[tuple[UUID, Decimal]], *, resolved_at: datetime
+    ) -> dict[UUID, tuple[int, datetime]]:
+        """Mark open alerts resolved (id, spend now); returns {id: (crossing, raised_at)} of those this call
+        resolved. An alert already resolved is left alone, so each is resolved (and announced) once."""
+        rows = await self.conn.fetch(
+            query("resolve_alerts"), [a[0] for a in alerts], [a[1] for a in alerts], resolved_at
+        )
+        return {row["id"]: (row["crossing"], row["raised_at"]) for row in rows}
+
+    async def insert_alert_messages(
+        self, messages: Sequence[tuple[bytes, bytes, str, str, str]], *, topic: str
+    ) -> None:
+        """Outbox rows for alert messages: (key, value, delivery id, alert id, scope) each."""
+        await self.conn.execute(
+            query("insert_alert_messages"),
+            topic,
+            [m[0] for m in messages],
+            [m[1] for m in messages],
+            [m[2] for m in messages],
+            [m[3] for m in messages],
+            [m[4] for m in messages],
+        )
 
     async def budget_unpriced(self, candidates: Sequence[Any]) -> list[int]:
         rows = await self.conn.fetch(
@@ -394,6 +437,7 @@ class Tx:
             [a.key for a in alerts],
             topic,
             raised_at,
+            [a.crossing for a in alerts],
         )
         return {row["alert_id"] for row in rows}
 
@@ -402,6 +446,17 @@ class Tx:
 
     async def prices_import(self, columns: Sequence[Sequence[Any]]) -> list[asyncpg.Record]:
         return await self.conn.fetch(query("prices_import"), *columns)
+    async def upsert_exchange_rates(self, rates: Sequence[Any], *, source: str) -> dict[str, int]:
+        """Load rates; returns how many were inserted, updated and unchanged."""
+        rows = await self.conn.fetch(
+            query("upsert_exchange_rates"),
+            [r.base for r in rates],
+            [r.quote for r in rates],
+            [r.effective_date for r in rates],
+            [r.rate for r in rates],
+            source,
+        )
+        return {row["outcome"]: int(row["n"]) for row in rows}
 
     async def report(self, name: str, *args: Any) -> list[asyncpg.Record]:
         """One of the read-only ``report_*`` queries (dev summary, operator commands)."""

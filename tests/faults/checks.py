@@ -197,10 +197,11 @@ async def assert_tables(
     positions = {(kind_of(settings, r[0]), r[1]): r[2] for r in rows}
     _assert_same("consumer_offsets", positions, expected.ends)
 
-    # Alerts: one row per crossed (budget, period, threshold), with the stable id.
-    rows = await db.fetch("SELECT id, scope, budget_id, period_start, threshold FROM budget_alerts")
+    # Alerts: one row per crossed (budget, period, threshold), with the stable id; resolved ones as expected.
+    rows = await db.fetch("SELECT id, scope, budget_id, period_start, threshold, resolved_at FROM budget_alerts")
     actual_alerts = {r[0]: (r[1], r[2], r[3], r[4]) for r in rows}
-    _assert_same("budget_alerts", actual_alerts, expected.alerts)
+    _assert_same("budget_alerts", actual_alerts, expected.alerts | expected.resolved)
+    assert {r[0] for r in rows if r[5] is not None} == set(expected.resolved), "resolved alerts differ"
     if outbox_drained:
         assert await db.fetchval("SELECT count(*) FROM outbox") == 0, "the outbox was not drained"
 
@@ -217,17 +218,25 @@ def _assert_same(what: str, actual: dict[Any, Any], wanted: dict[Any, Any]) -> N
     )
 
 
+def delivery_id(value: bytes) -> str:
+    """The stable id of an alerts-topic message: the alert id, or ``<alert id>:resolved`` for a resolution."""
+    body = json.loads(value)
+    return f"{body['alert_id']}:resolved" if body.get("type") == "budget.alert.resolved" else str(body["alert_id"])
+
+
 def published(alert_records: list[Any], dead_records: list[Any]) -> Published:
-    alert_ids = Counter(json.loads(r.value)["alert_id"] for r in alert_records)
+    alert_ids = Counter(delivery_id(r.value) for r in alert_records)
     dead = Counter(r.key.decode() for r in dead_records)
     return Published(alert_ids, dead)
 
 
 def assert_published(found: Published, expected: Expected, settings: Settings, *, exactly_once: bool) -> None:
-    """Exactly the expected alert ids on the alerts topic (and a dead letter per quarantined message)."""
-    assert set(found.alert_ids) == {str(a) for a in expected.alerts}, (
-        f"alert ids on the topic differ: missing {set(map(str, expected.alerts)) - set(found.alert_ids)}, "
-        f"unexpected {set(found.alert_ids) - set(map(str, expected.alerts))}"
+    """Exactly the expected alert ids on the alerts topic, triggered and resolved (and a dead letter per
+    quarantined message)."""
+    wanted = {str(a) for a in [*expected.alerts, *expected.resolved]} | {f"{a}:resolved" for a in expected.resolved}
+    assert set(found.alert_ids) == wanted, (
+        f"alert ids on the topic differ: missing {wanted - set(found.alert_ids)}, "
+        f"unexpected {set(found.alert_ids) - wanted}"
     )
     wanted_dead = {f"{topic_of(settings, kind)}:{p}:{o}" for kind, p, o in expected.quarantine}
     assert set(found.dead_letters) == wanted_dead

@@ -6,7 +6,9 @@ Nothing here calls worker code: the rules are restated from the contract (README
 - a ledger key keeps its newest revision (``collected_at``); an older or equal one changes nothing;
 - rollups sum the stored events per hour; budgets follow the spend rule of ``0006_spend_rules.sql`` (the
   independent model of ``tests/spend_model.py``);
-- alerts: one per (budget, period, threshold) whose level the final spend reaches.
+- alerts: one per (budget, period, threshold) whose level the final spend reaches, raised against the budget's
+  amount and currency, first crossing; none resolved (the generated streams never lower spend: see generator),
+  except after ``generator.lowered`` revisions (``harness.verify(earlier=...)``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from tests.spend_model import Estimate, Row, SpendModel
 # The provider the price catalogue gives the generator's event model (its estimates are replaced by OpenAI data).
 MODEL_PROVIDERS = {MODEL: "openai"}
 
-# The alert id contract (README "Budget alerts"): uuid5 of scope:budget:period start:threshold.
+# The alert id contract (README "Alerts"): uuid5 of scope:budget:period start:threshold:amount:currency:crossing.
 ALERT_NAMESPACE = uuid.UUID("6d1b6c3e-2f0a-4c55-9a1e-8b7f6c1d2e3f")
 WINDOW_LOOKBACK = timedelta(days=31)
 
@@ -55,6 +57,8 @@ class Expected:
     skipped: set[Coordinates] = field(default_factory=set)  # duplicates and stale revisions
     ends: dict[tuple[str, int], int] = field(default_factory=dict)  # (kind, partition) -> next offset
     alerts: dict[uuid.UUID, tuple[str, uuid.UUID, datetime, Decimal]] = field(default_factory=dict)
+    # alerts resolved (spend fell back below their level), as ``alerts``
+    resolved: dict[uuid.UUID, tuple[str, uuid.UUID, datetime, Decimal]] = field(default_factory=dict)
 
     @property
     def stored(self) -> set[Coordinates]:
@@ -198,8 +202,11 @@ def _plain(value: Decimal) -> str:
     return format(value.normalize(), "f")
 
 
-def alert_id(scope: str, budget: uuid.UUID, period_start: datetime, threshold: Decimal) -> uuid.UUID:
-    return uuid.uuid5(ALERT_NAMESPACE, f"{scope}:{budget}:{period_start.isoformat()}:{_plain(threshold)}")
+def alert_id(
+    scope: str, budget: uuid.UUID, period_start: datetime, threshold: Decimal, amount: Decimal, crossing: int = 1
+) -> uuid.UUID:
+    name = f"{scope}:{budget}:{period_start.isoformat()}:{_plain(threshold)}:{_plain(amount)}:USD:{crossing}"
+    return uuid.uuid5(ALERT_NAMESPACE, name)
 
 
 def expected_alerts(stream: Stream, expected: Expected, budgets: list[BudgetSpec]) -> dict[uuid.UUID, Any]:
@@ -215,7 +222,7 @@ def expected_alerts(stream: Stream, expected: Expected, budgets: list[BudgetSpec
             total = spend(budget.scope, budget.organization_id, budget.project_id, budget.user_id, start, end)
             for threshold in budget.thresholds:
                 if total > 0 and total * 100 >= budget.amount * threshold:
-                    alerts[alert_id(budget.scope, budget.id, start, threshold)] = (
+                    alerts[alert_id(budget.scope, budget.id, start, threshold, budget.amount)] = (
                         budget.scope,
                         budget.id,
                         start,

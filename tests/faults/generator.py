@@ -581,3 +581,36 @@ def partition_ends(deliveries: Iterable[tuple[Kind, int, int]]) -> dict[tuple[Ki
     for kind, partition, offset in deliveries:
         ends[(kind, partition)] = max(ends.get((kind, partition), 0), offset + 1)
     return ends
+
+
+def lowered(stream: Stream, org: OrgSpec, *, later: timedelta = timedelta(days=10)) -> list[Message]:
+    """A newer revision of each of the organization's cost windows of the main month, every line at 0: the
+    provider corrected them. Produced only after the stream was fully applied (and its alerts raised), it only
+    lowers spend, in any order: the alerts whose level the final spend no longer reaches are each resolved once,
+    and none is raised again (issue 12)."""
+    newest: dict[tuple[datetime, datetime], Message] = {}
+    for message in stream.messages:
+        if message.bad is not None or not message.lines or message.collected_at is None:
+            continue
+        first = message.lines[0]
+        if first.organization_id != org.id or first.api_version != "costs_v1" or first.bucket_start < MONTH:
+            continue
+        window = (first.bucket_start, first.bucket_end)
+        current = newest.get(window)
+        if current is None or (current.collected_at is not None and message.collected_at > current.collected_at):
+            newest[window] = message
+    revisions = []
+    for _window, message in sorted(newest.items()):
+        assert message.collected_at is not None
+        collected = message.collected_at + later
+        body = json.loads(message.value)
+        body["collected_at"] = _iso(collected)
+        for bucket in body["page"]["data"]:
+            for result in bucket["results"]:
+                if isinstance(result["amount"], dict):  # OpenAI: {"value": ..., "currency": "usd"}
+                    result["amount"]["value"] = "0"
+                else:  # Anthropic: a decimal string of cents
+                    result["amount"] = "0"
+        lines = tuple(replace(line, amount=Decimal(0)) for line in message.lines)
+        revisions.append(replace(message, value=dumps(body), lines=lines, collected_at=collected))
+    return revisions

@@ -232,7 +232,9 @@ async def finish(group: Workers, *, name: str = "final", **extra: str) -> None:
 
 
 async def read_output(settings: Settings, expected: Expected) -> Published:
-    alerts = await consume_all(settings, settings.topic_budget_alerts, expect=len(expected.alerts), timeout=60)
+    alerts = await consume_all(
+        settings, settings.topic_budget_alerts, expect=len(expected.alerts) + 2 * len(expected.resolved), timeout=60
+    )
     dead = await consume_all(settings, settings.topic_dead_letter, expect=len(expected.quarantine), timeout=60)
     return published(alerts, dead)
 
@@ -245,9 +247,16 @@ async def verify(
     delivered: list[Delivered],
     *,
     exactly_once_publish: bool,
+    earlier: Expected | None = None,
 ) -> Expected:
-    """Compute the expectation from what the broker acknowledged; record the figures; assert everything."""
+    """Compute the expectation from what the broker acknowledged; record the figures; assert everything.
+
+    ``earlier``: the verified state before revisions that only lowered spend were delivered; the alerts it had
+    that the final spend no longer reaches are expected resolved (once each)."""
     expected = full_expectation(stream, delivered)
+    if earlier is not None:
+        assert set(expected.alerts) <= set(earlier.alerts), "lowering spend raised an alert"
+        expected.resolved = {a: row for a, row in earlier.alerts.items() if a not in expected.alerts}
     record.messages = len(delivered)
     record.bad_inputs = len(expected.quarantine)
     record.alerts = len(expected.alerts)
@@ -260,7 +269,8 @@ async def verify(
         0, len(have_events) - len(expected.api_usage)
     )
     record.duplicate_alerts = await db.fetchval(
-        "SELECT count(*) - count(DISTINCT (scope, budget_id, period_start, threshold)) FROM budget_alerts"
+        "SELECT count(*) - count(DISTINCT (scope, budget_id, period_start, threshold, amount, currency)) "
+        "FROM budget_alerts WHERE resolved_at IS NULL"
     )
     await assert_tables(db, expected, settings)
     found = await read_output(settings, expected)

@@ -23,6 +23,7 @@ import asyncpg
 import pytest
 from pydantic import SecretStr
 
+from tests.faults.generator import lowered
 from tests.faults.harness import (
     Supervisor,
     finish,
@@ -103,6 +104,40 @@ async def test_sigkill_at_named_points(db: asyncpg.Connection, settings: Setting
             await finish(group)
         # A consumer task killed mid-round of the publisher task can leave a sent-but-not-deleted round.
         await verify(record, db, settings, stream, delivered, exactly_once_publish=False)
+
+
+# --------------------------------------------------------------------------------------- 1b. resolved alerts
+
+
+async def test_resolved_alerts_exactly_once_across_a_kill(
+    db: asyncpg.Connection, settings: Settings, tmp_path: Path
+) -> None:
+    """After the stream was applied and its alerts raised, the provider revises one organization's costs of
+    the month down to 0: every alert whose level the spend left is resolved once (``budget_alerts``), and its
+    resolved message reaches the topic (at least once: the worker is killed between the resolve's commit and
+    the publish, and the restarted one publishes it); nothing is raised again."""
+    async with scenario("1b. SIGKILL between resolving alerts and publishing", timeout=900) as record:
+        stream = await prepared(db, settings, seed=1212, n_events=400)
+        delivered = await produce_all(settings, stream.messages)
+        async with workers(small_batches(settings), tmp_path) as group:
+            await finish(group, name="first")
+            before = await verify(record, db, settings, stream, delivered, exactly_once_publish=True)
+            lowering = [m for org in stream.orgs for m in lowered(stream, org)][:40]
+            delivered += await produce_all(settings, lowering)
+            process = group.spawn(
+                "--exit-when-idle", idle_exit(settings), COST_WORKER_FAULT_POINTS="before_outbox_publish@1"
+            )
+            assert await group.wait(process, 180) == -signal.SIGKILL, group.logs()
+            record.faults += 1
+            record.fault_kinds.append("before_outbox_publish (resolved)")
+            pending = await db.fetch(
+                "SELECT headers->>'type' AS type FROM outbox WHERE topic = $1", settings.topic_budget_alerts
+            )
+            assert {r["type"] for r in pending} == {"budget.alert.resolved"}, pending
+            await finish(group)
+        expected = await verify(record, db, settings, stream, delivered, exactly_once_publish=False, earlier=before)
+        assert expected.resolved, "the lowering resolved nothing: the scenario tests nothing"
+        assert set(expected.alerts) < set(before.alerts)
 
 
 # --------------------------------------------------------------------------------------- 8. full replay

@@ -464,8 +464,9 @@ FROM outbox;
 
 -- name: budget_candidates
 -- The (budget, period) pairs a batch touched: active budgets whose scope matches a touched row, for the
--- period containing the touched time (late data re-evaluates the period it belongs to). Pairs whose every
--- threshold already alerted are left out: nothing more can happen to them.
+-- period containing the touched time (late data re-evaluates the period it belongs to), each with its
+-- alert history at its current amount and currency (per threshold: the latest crossing and its id while it
+-- is open). Every pair is evaluated, also when all its thresholds alerted: spend may have fallen.
 WITH touched AS (
     SELECT DISTINCT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::timestamptz[], $5::timestamptz[],
                                   $6::timestamptz[])
@@ -499,13 +500,19 @@ periods AS (
         SELECT * FROM cost_worker_periods(m.period, m.timezone, m.span_start, m.span_end) WHERE m.span_start IS NOT NULL
     ) p
 )
-SELECT p.*, coalesce(a.alerted, '{}') AS alerted
+SELECT p.*, a.alert_thresholds, a.alert_crossings, a.alert_open_ids
 FROM periods p
 LEFT JOIN LATERAL (
-    SELECT array_agg(threshold) AS alerted FROM budget_alerts
-    WHERE scope = p.scope AND budget_id = p.id AND period_start = p.period_start
-) a ON true
-WHERE NOT (p.thresholds <@ coalesce(a.alerted, '{}'));
+    SELECT array_agg(threshold ORDER BY threshold) AS alert_thresholds,
+           array_agg(crossing ORDER BY threshold) AS alert_crossings,
+           array_agg(open_id ORDER BY threshold) AS alert_open_ids
+    FROM (SELECT threshold, max(crossing) AS crossing,
+                 (array_agg(id ORDER BY crossing DESC) FILTER (WHERE resolved_at IS NULL))[1] AS open_id
+          FROM budget_alerts
+          WHERE scope = p.scope AND budget_id = p.id AND period_start = p.period_start
+            AND amount = p.amount AND currency = p.currency
+          GROUP BY threshold) h
+) a ON true;
 
 -- name: budget_sweep_organizations
 -- Organizations with at least one active budget (the sweep evaluates them a chunk at a time).
@@ -517,7 +524,8 @@ SELECT organization_id FROM ai_budgets WHERE is_active
 ORDER BY 1;
 
 -- name: budget_active
--- Every active budget of the given organizations in the period containing $2 (the sweep; `budgets status`).
+-- Every active budget of the given organizations in the period containing $2 (the sweep; `budgets status`),
+-- with its alert history at its current amount and currency (as in budget_candidates).
 WITH matched AS (
     SELECT 'organization'::text AS scope, b.id, b.organization_id, NULL::uuid AS project_id,
            NULL::uuid AS user_id, b.name, b.amount, b.currency::text AS currency, b.period, b.timezone, b.thresholds
@@ -533,12 +541,19 @@ WITH matched AS (
 )
 SELECT m.scope, m.id, m.organization_id, m.project_id, m.user_id, m.name, m.amount, m.currency,
        m.period::text AS period, m.timezone, m.thresholds, p.period_start, p.period_end,
-       coalesce(a.alerted, '{}') AS alerted
+       a.alert_thresholds, a.alert_crossings, a.alert_open_ids
 FROM matched m
 CROSS JOIN LATERAL cost_worker_period(m.period, m.timezone, $2::timestamptz) p
 LEFT JOIN LATERAL (
-    SELECT array_agg(threshold ORDER BY threshold) AS alerted FROM budget_alerts
-    WHERE scope = m.scope AND budget_id = m.id AND period_start = p.period_start
+    SELECT array_agg(threshold ORDER BY threshold) AS alert_thresholds,
+           array_agg(crossing ORDER BY threshold) AS alert_crossings,
+           array_agg(open_id ORDER BY threshold) AS alert_open_ids
+    FROM (SELECT threshold, max(crossing) AS crossing,
+                 (array_agg(id ORDER BY crossing DESC) FILTER (WHERE resolved_at IS NULL))[1] AS open_id
+          FROM budget_alerts
+          WHERE scope = m.scope AND budget_id = m.id AND period_start = p.period_start
+            AND amount = m.amount AND currency = m.currency
+          GROUP BY threshold) h
 ) a ON true
 ORDER BY m.organization_id, m.scope, m.name, m.id;
 
@@ -550,8 +565,9 @@ SELECT count(pg_advisory_xact_lock(hashtextextended('cost_worker.budgets:' || o:
 FROM (SELECT o FROM unnest($1::uuid[]) AS o ORDER BY o) AS sorted;
 
 -- name: budget_spend
--- Spend of each (scope, period) in the budget's currency, by the rule in cost_worker_spend().
-SELECT i.ord, s.spend, s.foreign_rows
+-- Spend of each (scope, period) in the budget's currency, by the rule in cost_worker_spend() (NULL spend:
+-- unconvertible, a rate is missing; missing_rates says which).
+SELECT i.ord, s.spend, s.foreign_rows, s.missing_rates
 FROM unnest($1::text[], $2::uuid[], $3::uuid[], $4::uuid[], $5::timestamptz[], $6::timestamptz[], $7::text[])
     WITH ORDINALITY AS i(scope, organization_id, project_id, user_id, period_start, period_end, currency, ord)
 CROSS JOIN LATERAL cost_worker_spend(i.scope, i.organization_id, i.project_id, i.user_id,
@@ -564,33 +580,55 @@ FROM unnest($1::text[], $2::uuid[], $3::uuid[], $4::timestamptz[], $5::timestamp
     WITH ORDINALITY AS i(scope, organization_id, project_id, period_start, period_end, ord);
 
 -- name: insert_alerts
--- One alert per (budget, period start, threshold): ON CONFLICT DO NOTHING makes a second evaluation of
--- the same crossing (a replay, a concurrent worker, the sweep) a no-op. Only alerts inserted here get an
--- outbox row, so each alert is published once (at least once, keyed by the stable alert id).
+-- One alert per (budget, period start, threshold, amount, currency, crossing): ON CONFLICT DO NOTHING makes a
+-- second evaluation of the same crossing (a replay, a concurrent worker, the sweep) a no-op. Only alerts
+-- inserted here get an outbox row, so each alert is published once (at least once, keyed by the stable
+-- alert id).
 WITH input AS (
     SELECT *
     FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::uuid[], $6::uuid[], $7::timestamptz[],
                 $8::timestamptz[], $9::numeric[], $10::numeric[], $11::numeric[], $12::text[], $13::numeric[],
-                $14::bytea[], $15::bytea[])
+                $14::bytea[], $15::bytea[], $18::int[])
       AS t(id, scope, budget_id, organization_id, project_id, user_id, period_start, period_end, threshold,
-           spend, amount, currency, percent_used, message, message_key)
+           spend, amount, currency, percent_used, message, message_key, crossing)
 ),
 inserted AS (
     INSERT INTO budget_alerts (
         id, scope, budget_id, organization_id, project_id, user_id, period_start, period_end, threshold,
-        spend, amount, currency, percent_used, raised_at
+        spend, amount, currency, percent_used, raised_at, crossing
     )
     SELECT id, scope, budget_id, organization_id, project_id, user_id, period_start, period_end, threshold,
-           spend, amount, currency, percent_used, $17
+           spend, amount, currency, percent_used, $17, crossing
     FROM input
     ORDER BY scope, budget_id, period_start, threshold
     ON CONFLICT DO NOTHING
     RETURNING id
 )
 INSERT INTO outbox (topic, key, value, headers)
-SELECT $16, i.message_key, i.message, jsonb_build_object('alert_id', i.id::text, 'scope', i.scope)
+SELECT $16, i.message_key, i.message,
+       jsonb_build_object('alert_id', i.id::text, 'scope', i.scope, 'type', 'budget.alert.triggered',
+                          'delivery_id', i.id::text)
 FROM input i JOIN inserted USING (id)
 RETURNING headers->>'alert_id' AS alert_id;
+
+-- name: resolve_alerts
+-- Resolve open alerts (spend fell below their level). `resolved_at IS NULL` is the exactly-once guard: an
+-- alert already resolved is not returned again, so its resolved message is written to the outbox once.
+UPDATE budget_alerts a
+SET resolved_at = $3, resolved_spend = i.spend
+FROM unnest($1::uuid[], $2::numeric[]) AS i(id, spend)
+WHERE a.id = i.id AND a.resolved_at IS NULL
+RETURNING a.id, a.crossing, a.raised_at;
+
+-- name: insert_alert_messages
+-- Outbox rows for alert messages built by the worker (resolved alerts), in one statement.
+INSERT INTO outbox (topic, key, value, headers)
+SELECT $1, key, value,
+       jsonb_build_object('alert_id', alert_id, 'scope', scope, 'type', 'budget.alert.resolved',
+                          'delivery_id', delivery_id)
+FROM unnest($2::bytea[], $3::bytea[], $4::text[], $5::text[], $6::text[])
+    WITH ORDINALITY AS t(key, value, delivery_id, alert_id, scope, ord)
+ORDER BY ord;
 
 -- name: sweep_try_lock
 -- Only one replica sweeps at a time (session-level; released right after the sweep).
@@ -598,6 +636,38 @@ SELECT pg_try_advisory_lock(hashtextextended('cost_worker.sweep', 0));
 
 -- name: sweep_unlock
 SELECT pg_advisory_unlock(hashtextextended('cost_worker.sweep', 0));
+
+-- ============================================================================================ exchange rates
+
+-- name: upsert_exchange_rates
+-- Load rates (one row per (base, quote, date)): a new date is inserted, a corrected rate replaces the old
+-- one, the same rate again changes nothing. Returns the outcome of each input row.
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::date[], $4::numeric[])
+        AS t(base, quote, effective_date, rate)
+),
+written AS (
+    INSERT INTO exchange_rates AS r (base, quote, effective_date, rate, source)
+    SELECT base, quote, effective_date, rate, $5 FROM input
+    ORDER BY base, quote, effective_date
+    ON CONFLICT (base, quote, effective_date) DO UPDATE
+        SET rate = EXCLUDED.rate, source = EXCLUDED.source, imported_at = now()
+        WHERE r.rate <> EXCLUDED.rate
+    RETURNING (r.xmax = 0) AS inserted
+)
+SELECT CASE WHEN inserted THEN 'inserted' ELSE 'updated' END AS outcome, count(*) AS n FROM written GROUP BY 1
+UNION ALL
+SELECT 'unchanged', (SELECT count(*) FROM input) - (SELECT count(*) FROM written);
+
+-- name: exchange_rate_pairs
+-- Every loaded pair (optionally one base / quote): its date range, number of days, newest rate and source.
+SELECT DISTINCT ON (base, quote) base, quote,
+       min(effective_date) OVER w AS first_date, max(effective_date) OVER w AS latest_date,
+       count(*) OVER w AS days, rate AS latest_rate, source
+FROM exchange_rates
+WHERE ($1::text IS NULL OR base = $1) AND ($2::text IS NULL OR quote = $2)
+WINDOW w AS (PARTITION BY base, quote)
+ORDER BY base, quote, effective_date DESC;
 
 -- ============================================================================================ reports
 
