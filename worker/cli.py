@@ -337,6 +337,8 @@ def cmd_notify(args: argparse.Namespace) -> int:
     if action == "test":
         return _run(lambda: admin.test(settings, organization=org, destination=args.destination))
     return _run(lambda: admin.remove(settings, organization=org, destination=args.destination))
+
+
 def cmd_rates(args: argparse.Namespace) -> int:
     from pathlib import Path  # noqa: PLC0415
 
