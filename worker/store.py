@@ -43,7 +43,9 @@ def translate(exc: BaseException) -> Exception:
         if sqlstate[:2] in DATA_SQLSTATE_CLASSES:
             return DataRejected(f"database rejected data: {type(exc).__name__} ({sqlstate}): {exc}")
         return FatalError(f"database error {type(exc).__name__} ({sqlstate}): {exc}")
-    if isinstance(exc, (asyncpg.ClientConfigurationError, FileNotFoundError)):
+    if isinstance(exc, asyncpg.ClientConfigurationError) or (
+        isinstance(exc, FileNotFoundError) and _raised_reading_settings(exc)
+    ):
         # Not an outage: a setting names what does not exist (a CA file for sslmode=verify-full, ...).
         return FatalError(f"database connection settings: {exc}")
     if isinstance(exc, (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.InternalClientError)):
@@ -51,6 +53,21 @@ def translate(exc: BaseException) -> Exception:
     if isinstance(exc, Exception):
         return exc
     raise exc
+
+
+# The asyncpg function that reads the connection settings' files (sslrootcert, sslcert, passfile). A missing
+# file raised there is a configuration error; the same FileNotFoundError raised while connecting means the
+# server's unix socket is gone (PostgreSQL stopped or restarting): an outage, retried like any other.
+_SETTINGS_READER = "_parse_connect_dsn_and_args"
+
+
+def _raised_reading_settings(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == _SETTINGS_READER:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def translated(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
