@@ -59,6 +59,9 @@ class Consumer:
         self.assigned: set[TP] = set()
         self.positions: dict[TP, int | None] = {}  # next offset stored in the database (None: none yet)
         self.unsynced: set[TP] = set()  # assigned, but not yet sought to the stored position
+        # How often each partition was sought to its stored position. A batch remembers the counts from before
+        # its fetch: records fetched before a later seek are stale, whatever the partition's state is now.
+        self.seeks: dict[TP, int] = {}
         self.batch_lock = asyncio.Lock()  # held while a batch is applied, so revocation can wait for it
         self.sync_lock = asyncio.Lock()  # one position sync at a time (rebalance callback or loop)
         self.last_record = time.monotonic()
@@ -94,6 +97,7 @@ class Consumer:
         try:
             while not stop.is_set():
                 await self._sync_positions(stop)
+                sought = dict(self.seeks)  # before the fetch: a seek during it makes its records stale
                 try:
                     fetched = await self.kafka.getmany(
                         timeout_ms=int(self.settings.batch_max_wait * 1000),
@@ -137,7 +141,7 @@ class Consumer:
                 metrics.BATCH_DURATION.labels(stage="decode").observe(time.perf_counter() - started)
                 if in_flight is not None:
                     await in_flight
-                in_flight = asyncio.create_task(self._apply(batch, stop, started, span), name="apply-batch")
+                in_flight = asyncio.create_task(self._apply(batch, sought, started, span), name="apply-batch")
             if in_flight is not None:
                 await in_flight  # a stop request lets the batch in flight finish (the caller bounds how long)
         except BaseException:
@@ -149,13 +153,13 @@ class Consumer:
 
     # --- one batch ----------------------------------------------------------------------------------
 
-    async def _apply(self, batch: Batch, stop: asyncio.Event, started: float, span: tracing.Span) -> None:
+    async def _apply(self, batch: Batch, sought: dict[TP, int], started: float, span: tracing.Span) -> None:
         try:
-            await self._apply_retrying(batch, started, span)
+            await self._apply_retrying(batch, sought, started, span)
         finally:
             span.end()
 
-    async def _apply_retrying(self, batch: Batch, started: float, span: tracing.Span) -> None:
+    async def _apply_retrying(self, batch: Batch, sought: dict[TP, int], started: float, span: tracing.Span) -> None:
         def before_sleep(state: RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome else None
             if self.health.retrying_since is None:
@@ -179,7 +183,7 @@ class Consumer:
         try:
             async for attempt in retrying:
                 with attempt:
-                    outcome = await self._apply_once(batch, started, span)
+                    outcome = await self._apply_once(batch, sought, started, span)
         except StaleOffsets:
             metrics.BATCHES.labels(result="fenced").inc()
             log.warning("batch_fenced", partitions=sorted(batch.last_offsets))
@@ -192,10 +196,19 @@ class Consumer:
         if self.on_commit is not None:
             await self.on_commit(outcome)
 
-    async def _apply_once(self, batch: Batch, started: float, span: tracing.Span) -> Outcome | None:
+    async def _apply_once(
+        self, batch: Batch, sought: dict[TP, int], started: float, span: tracing.Span
+    ) -> Outcome | None:
         async with self.batch_lock:
-            # Partitions revoked (or re-sought) since the batch was fetched are not ours to write.
-            gone = {tp for tp in batch.last_offsets if tp not in self._live()}
+            # Partitions revoked (or re-sought) since the batch was fetched are not ours to write. A re-seek
+            # (after a fenced batch, a reassignment) may already be over when this batch's turn comes: its
+            # records then lie before or after the new stored position, and writing them with that position
+            # as `expected` would move the offset backwards or skip the records in between. So such a
+            # partition is dropped from the batch and sought again; its records are read again from there.
+            live = self._live()
+            stale = {tp for tp in batch.last_offsets if tp in live and self.seeks.get(tp, 0) != sought.get(tp, 0)}
+            self.unsynced.update(stale)
+            gone = {tp for tp in batch.last_offsets if tp not in live} | stale
             if gone:
                 batch = batch.without(gone)
             if not batch.last_offsets:
@@ -286,6 +299,7 @@ class Consumer:
             else:
                 await self.kafka.seek_to_beginning(tp)
             self.positions[(topic, partition)] = stored.get((topic, partition))
+            self.seeks[(topic, partition)] = self.seeks.get((topic, partition), 0) + 1
             self.unsynced.discard((topic, partition))
         log.info("positions_synced", positions={f"{t}:{p}": stored.get((t, p)) for t, p in partitions})
 
