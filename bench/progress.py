@@ -127,7 +127,7 @@ class Console:
 
     def draw(self, text: str) -> None:
         """Redraw the terminal's current line in place."""
-        self.stream.write("\r\x1b[2K" + text)
+        self.stream.write("\r\x1b[2K    " + text)
         self.stream.flush()
         self._drawn = True
 

@@ -12,9 +12,10 @@ import json
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import progress, report
+from bench import progress, replicas, report
 
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS = ("ceilings", "naive", "drain", "replicas", "latency", "growth", "budgets", "tenants")
@@ -187,3 +188,45 @@ def test_progress_draws_a_bar_on_a_terminal_and_plain_lines_elsewhere() -> None:
     assert lines[1] == "    empty: events: started of 1,000 events"
     assert len([line for line in lines if "%" in line]) == 10
     assert "\r" not in piped.getvalue()
+
+
+def test_group_timeline_reads_when_an_added_replica_settled_the_group(tmp_path: Path) -> None:
+    """Rebalance time and final assignments come from the workers' own JSON log lines (seconds after the
+    first processes were spawned); lines after the end of the measurement do not count."""
+    spawned = 1_000_000.0
+
+    def log(name: str, *events: tuple[float, str, list[str]]) -> Path:
+        path = tmp_path / name
+        lines = [
+            json.dumps(
+                {
+                    "event": event,
+                    "timestamp": datetime.fromtimestamp(spawned + at, UTC).isoformat().replace("+00:00", "Z"),
+                    "partitions": partitions,
+                }
+            )
+            for at, event, partitions in events
+        ]
+        path.write_text("\n".join(["not json", *lines]) + "\n")
+        return path
+
+    first = log(
+        "first.log",
+        (3.0, "partitions_assigned", ["ev:0", "ev:1", "ev:2", "other:0"]),
+        (3.2, "positions_synced", []),
+        (9.0, "partitions_revoked", ["ev:0", "ev:1", "ev:2", "other:0"]),
+        (11.0, "partitions_assigned", ["ev:0", "ev:2"]),
+        (11.1, "positions_synced", []),
+        (30.0, "partitions_revoked", ["ev:0", "ev:2"]),  # SIGTERM after the measurement
+    )
+    added = log("added.log", (11.0, "partitions_assigned", ["ev:1"]), (11.4, "positions_synced", []))
+    timeline = replicas.group_timeline([first, added], spawned, until=20.0, joined=6.0, topic="ev")
+    assert timeline["first_ready_seconds"] == 3.2
+    assert timeline["settled_seconds"] == 11.4
+    assert timeline["rebalance_seconds"] == 5.4
+    assert timeline["assignments"] == 3
+    assert timeline["revocations"] == 1
+    assert timeline["final_partitions"] == [[0, 2], [1]]
+
+    samples = [(0.0, 0), (4.0, 100), (6.5, 200), (7.0, 300), (10.5, 300), (11.5, 400), (12.0, 600)]
+    assert replicas._longest_stall(samples, 6.0, 12.0) == 4.5  # 7.0 -> 11.5 without a stored offset
