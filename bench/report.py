@@ -784,7 +784,8 @@ def chart(results: dict[str, Any], path: Path) -> bool:
     ax.set_xlabel("seconds since the (first) worker process started")
     ax.set_ylabel("% of the backlog's offsets stored")
     ax.set_title("Drains")
-    ax.legend()
+    if ax.lines:  # a run of some phases only may have drawn none
+        ax.legend()
     fig.suptitle(f"cost-worker benchmark {results.get('started_at')} (scale {_get(results, 'config', 'scale_label')})")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
