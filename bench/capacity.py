@@ -51,7 +51,8 @@ async def table_sizes(url: str, tables: tuple[str, ...] = ("api_usage", "cost_da
         await conn.close()
 
 
-def _get(data: Any, *path: str) -> Any:
+def dig(data: Any, *path: str) -> Any:
+    """``data[path[0]][path[1]]...``, or None where a key is missing or None (results of phases not run)."""
     for key in path:
         if not isinstance(data, dict) or data.get(key) is None:
             return None
@@ -67,23 +68,23 @@ def _per_unit(value: Any, units: Any) -> float | None:
 
 def inputs(results: dict[str, Any]) -> dict[str, Any]:
     """The measured figures the model uses (None where the run did not measure one)."""
-    events = _get(results, "drain", "events") or {}
-    lines = _get(results, "drain", "lines") or {}
-    one: dict[str, Any] = next((r for r in _get(results, "replicas", "runs") or [] if r.get("replicas") == 1), {})
+    events = dig(results, "drain", "events") or {}
+    lines = dig(results, "drain", "lines") or {}
+    one: dict[str, Any] = next((r for r in dig(results, "replicas", "runs") or [] if r.get("replicas") == 1), {})
     return {
         "replica_events_per_second": one.get("settled_per_second") or one.get("per_second") or events.get("per_second"),
         "drain_events_per_second": events.get("per_second"),
         "drain_lines_per_second": lines.get("per_second"),
-        "upsert_api_usage_per_second": _get(results, "ceilings", "database", "api_usage", "upsert", "per_second"),
-        "upsert_cost_data_per_second": _get(results, "ceilings", "database", "cost_data", "upsert", "per_second"),
-        "api_usage_bytes_per_row": _get(results, "drain", "sizes", "api_usage", "bytes_per_row"),
-        "cost_data_bytes_per_row": _get(results, "drain", "sizes", "cost_data", "bytes_per_row"),
-        "api_usage_bytes_per_row_grown": _get(results, "growth", "sizes", "api_usage", "bytes_per_row"),
-        "cost_data_bytes_per_row_grown": _get(results, "growth", "sizes", "cost_data", "bytes_per_row"),
+        "upsert_api_usage_per_second": dig(results, "ceilings", "database", "api_usage", "upsert", "per_second"),
+        "upsert_cost_data_per_second": dig(results, "ceilings", "database", "cost_data", "upsert", "per_second"),
+        "api_usage_bytes_per_row": dig(results, "drain", "sizes", "api_usage", "bytes_per_row"),
+        "cost_data_bytes_per_row": dig(results, "drain", "sizes", "cost_data", "bytes_per_row"),
+        "api_usage_bytes_per_row_grown": dig(results, "growth", "sizes", "api_usage", "bytes_per_row"),
+        "cost_data_bytes_per_row_grown": dig(results, "growth", "sizes", "cost_data", "bytes_per_row"),
         "postgres_cpu_us_per_event": _round(
-            _per_unit(_get(events, "cpu_seconds", "postgres"), events.get("units")), 1e6
+            _per_unit(dig(events, "cpu_seconds", "postgres"), events.get("units")), 1e6
         ),
-        "worker_cpu_us_per_event": _round(_per_unit(_get(events, "cpu_seconds", "worker"), events.get("units")), 1e6),
+        "worker_cpu_us_per_event": _round(_per_unit(dig(events, "cpu_seconds", "worker"), events.get("units")), 1e6),
         "wal_bytes_per_event": _round(_per_unit(events.get("wal_bytes"), events.get("units")), 1),
         "wal_bytes_per_line": _round(_per_unit(lines.get("wal_bytes"), lines.get("units")), 1),
     }

@@ -45,12 +45,7 @@ SECTIONS = (
 )
 
 
-def _get(data: dict[str, Any], *path: str) -> Any:
-    for key in path:
-        if not isinstance(data, dict) or data.get(key) is None:
-            return None
-        data = data[key]
-    return data
+_get = capacity.dig
 
 
 def _ratio(a: Any, b: Any) -> float | None:
