@@ -18,7 +18,17 @@ FULL_BUDGETS = (10, 10_000)  # total active budgets in the two budget cases
 # The growth drains stop (SIGTERM) once this share of each backlog is stored, and compare with the empty
 # drains' rate over the same first share: same messages, 10M existing rows instead of none.
 GROWTH_FRACTION = 0.3
+# Issue 18 item 5: the events backlog drained again by 1, 2 and 3 worker processes on one group, up to this
+# share of it each time (a fresh database each), time-boxed.
+REPLICAS_FRACTION = 0.4
+REPLICAS_MAX_SECONDS = 120.0
+# Issue 18 item 6: API-usage events over this many organizations with 3 budgets each, periods full (a month of
+# hourly rollups), against the same number from one organization; each drain time-boxed (single, spread).
+TENANT_ORGS = 1_000
+FULL_TENANT_EVENTS = 100_000
+TENANT_MAX_SECONDS = (120.0, 90.0)
 CEILING_BATCH = 5_000  # rows per COPY chunk / per set-based upsert statement (the worker's batch size)
+FULL_MONTH_HOURS = 720  # a month of hourly rollups (the tenants' history at full size: the month so far)
 LINES_PER_MESSAGE = 100  # ledger lines in one provider envelope (a page of hourly buckets)
 
 # Worker settings the benchmark sets (BENCH_WORKER_COST_WORKER_* overrides them). The group join of the
@@ -26,7 +36,7 @@ LINES_PER_MESSAGE = 100  # ledger lines in one provider envelope (a page of hour
 # start (never counted in the per-second figures) and does not change the steady state.
 WORKER_DEFAULTS = {"COST_WORKER_KAFKA_SESSION_TIMEOUT": "6", "COST_WORKER_KAFKA_HEARTBEAT_INTERVAL": "1"}
 
-PHASES = ("prepare", "ceilings", "naive", "drain", "latency", "growth", "budgets")
+PHASES = ("prepare", "ceilings", "naive", "drain", "replicas", "latency", "growth", "budgets", "tenants")
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,12 @@ class BenchConfig:
     # the worker is: (events drain, lines drain). A boxed drain reports what it stored by then.
     drain_max_seconds: tuple[float, float] = (420.0, 240.0)
     growth_max_seconds: tuple[float, float] = (75.0, 60.0)
+    replicas_fraction: float = REPLICAS_FRACTION
+    replicas_max_seconds: float = REPLICAS_MAX_SECONDS
+    tenant_orgs: int = TENANT_ORGS
+    tenant_events: int = FULL_TENANT_EVENTS
+    tenant_history_hours: int | None = None  # hours of history per organization; None: the whole month so far
+    tenant_max_seconds: tuple[float, float] = TENANT_MAX_SECONDS
     partitions: int = 3
     organizations: int = 20
     projects_per_org: int = 5
@@ -60,6 +76,7 @@ class BenchConfig:
         data["budgets"] = list(self.budgets)
         data["drain_max_seconds"] = list(self.drain_max_seconds)
         data["growth_max_seconds"] = list(self.growth_max_seconds)
+        data["tenant_max_seconds"] = list(self.tenant_max_seconds)
         data["phases"] = list(self.phases)
         return data
 
@@ -85,6 +102,12 @@ def from_scale(scale: str | float | None = None, *, phases: tuple[str, ...] = PH
             budget_repeats=3,
             growth_fraction=1.0,
             budget_case_seconds=3.0,
+            replicas_fraction=1.0,
+            replicas_max_seconds=60.0,
+            tenant_orgs=50,
+            tenant_events=3_000,
+            tenant_history_hours=12,
+            tenant_max_seconds=(60.0, 60.0),
             idle_exit=0.5,
             phases=phases,
             worker_env=worker_env,
@@ -106,6 +129,8 @@ def from_scale(scale: str | float | None = None, *, phases: tuple[str, ...] = PH
         latency_seconds=max(3.0, FULL_LATENCY_SECONDS * min(1.0, factor * 4)),
         budgets=FULL_BUDGETS,
         budget_repeats=max(3, min(10, math.ceil(10 * factor * 4))),
+        tenant_events=scaled(FULL_TENANT_EVENTS, 1_000),
+        tenant_history_hours=None if factor >= 1 else max(24, math.ceil(FULL_MONTH_HOURS * factor)),
         phases=phases,
         worker_env=worker_env,
     )

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -30,6 +31,9 @@ from worker.sql import queries
 POLL = 0.05  # seconds between looks at consumer_offsets and at the process
 SCRAPE = 1.0  # seconds between /metrics scrapes
 OFFSETS_SUM = "SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets WHERE group_id = $1"
+# WAL the server wrote during a drain (the whole server: the benchmark's other databases are idle then).
+WAL_LSN = "SELECT pg_current_wal_lsn()::text"
+WAL_SINCE = "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::bigint"
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,8 @@ def parse_metrics(text: str) -> dict[str, Any]:
                 out["budget_evaluation"].setdefault(labels["trigger"], {})["sum"] = value
             elif name == "cost_worker_budget_evaluation_duration_seconds_count":
                 out["budget_evaluation"].setdefault(labels["trigger"], {})["count"] = value
+            elif name == "cost_worker_budget_evaluations_total":
+                out.setdefault("budget_periods_evaluated", {})[labels["trigger"]] = value
             elif name == "cost_worker_messages_total":
                 out.setdefault("messages", {})[f"{labels['topic']}:{labels['outcome']}"] = value
             elif name == "cost_worker_quarantined_total":
@@ -291,6 +297,7 @@ async def drain(
     timeout: float = 3_600.0,
     prefix: list[str] | None = None,
     with_statements: bool = True,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Run the worker until the stored offsets of ``group`` sum to ``end`` (every produced offset stored in
     the database together with its data), then until it exits by itself (idle). ``units`` events or ledger
@@ -300,7 +307,8 @@ async def drain(
 
     ``per_second`` counts from the moment the worker had joined the group and sought its partitions (its
     log's ``positions_synced``) to the moment the last offset was stored: process start-up and the group
-    join (half the session timeout on the development broker) are not throughput."""
+    join (half the session timeout on the development broker) are not throughput. ``progress`` is called
+    with the stored messages at every look (the run's progress display)."""
     db_url = servers.url(database)
     port = devstack.free_port()
     env = worker_env(servers, db_url, group, topics, metrics_port=port, extra=extra_env)
@@ -314,6 +322,8 @@ async def drain(
         await statements_reset(servers)
     pg_before = procs.tree_cpu(servers.postmaster_pid) if servers.postmaster_pid else None
     broker_before = procs.cpu_seconds(servers.broker_pid) if servers.broker_pid else None
+    wal_before = await watch.fetchval(WAL_LSN)
+    wal_bytes: int | None = None
     samples: list[tuple[float, int]] = []
     rss_samples: list[tuple[float, int]] = []
     metrics: dict[str, Any] | None = None
@@ -333,6 +343,8 @@ async def drain(
                 now = time.perf_counter()
                 stored = int(await watch.fetchval(OFFSETS_SUM, group))
                 samples.append((now - started, stored))
+                if progress is not None:
+                    progress(stored)
                 rss = procs.status_kib(process.pid, "VmRSS")
                 hwm = procs.status_kib(process.pid, "VmHWM")
                 if rss is not None:
@@ -352,6 +364,7 @@ async def drain(
                     worker_cpu = procs.cpu_seconds(process.pid)
                     pg_after = procs.tree_cpu(servers.postmaster_pid) if servers.postmaster_pid else None
                     broker_after = procs.cpu_seconds(servers.broker_pid) if servers.broker_pid else None
+                    wal_bytes = int(await watch.fetchval(WAL_SINCE, wal_before))
                     metrics = await scrape(session, process.metrics_url) or metrics
                     break
                 if process.poll_exit() is not None:
@@ -408,6 +421,7 @@ async def drain(
             if broker_after is not None and broker_before is not None
             else None,
         },
+        "wal_bytes": wal_bytes,
         "worker_metrics": metrics,
         "statements": top,
         "rows_after": dict(rows),

@@ -7,36 +7,45 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-# (key, what the issue asks, comparison, required value)
+from bench import capacity
+
+# (key, the issue(s) that set it, what it asks, comparison, required value). Issue 18 raised two of issue 7's
+# figures (events vs the upsert ceiling: 0.5 for the 0.6 of issue 7, which stays its goal; growth 0.9 for
+# 0.85) and added the platform-scale budget drain; the other issue-7 targets still hold as they were.
 TARGETS = (
-    ("api_events_vs_upsert", "API-usage events end to end vs the set-based upsert ceiling", ">=", 0.6),
-    ("api_events_vs_naive", "API-usage events end to end vs the naive worker", ">=", 10.0),
-    ("lines_vs_upsert", "Provider ledger lines end to end vs the set-based upsert ceiling", ">=", 0.5),
-    ("latency_p99", "p99 produce-to-committed latency at half load (ms)", "<=", 500.0),
-    ("peak_rss", "Peak RSS draining the API-usage backlog (MB)", "<=", 300.0),
-    ("growth_events", "API-usage throughput with 10M existing rows vs empty", ">=", 0.85),
-    ("growth_lines", "Ledger-line throughput with 10M existing rows vs empty", ">=", 0.85),
-    ("budgets_scaling", "Budget evaluation per batch: 10,000 vs 10 active budgets, same touched", "<=", 1.5),
+    ("api_events_vs_upsert", "18", "API-usage events end to end vs the set-based upsert ceiling", ">=", 0.5),
+    ("api_events_vs_naive", "7", "API-usage events end to end vs the naive worker", ">=", 10.0),
+    ("lines_vs_upsert", "7, 18", "Provider ledger lines end to end vs the set-based upsert ceiling", ">=", 0.5),
+    ("latency_p99", "7", "p99 produce-to-committed latency at half load (ms)", "<=", 500.0),
+    ("peak_rss", "7, 18", "Peak RSS draining the API-usage backlog (MB)", "<=", 300.0),
+    ("growth_events", "18", "API-usage throughput with 10M existing rows vs empty", ">=", 0.9),
+    ("growth_lines", "7", "Ledger-line throughput with 10M existing rows vs empty", ">=", 0.85),
+    ("budgets_scaling", "7", "Budget evaluation per batch: 10,000 vs 10 active budgets, same touched", "<=", 1.5),
+    (
+        "tenants_spread",
+        "18",
+        "API-usage events over 1,000 organizations with 3 budgets each, periods full, vs one organization",
+        ">=",
+        0.8,
+    ),
 )
 SECTIONS = (
     "Targets",
     "Ceilings",
     "Worker drains",
     "Database time",
+    "Replicas",
     "Latency",
     "Growth",
     "Budgets",
+    "Budgets at platform scale",
+    "Capacity",
     "Phases",
     "Machine",
 )
 
 
-def _get(data: dict[str, Any], *path: str) -> Any:
-    for key in path:
-        if not isinstance(data, dict) or data.get(key) is None:
-            return None
-        data = data[key]
-    return data
+_get = capacity.dig
 
 
 def _ratio(a: Any, b: Any) -> float | None:
@@ -88,6 +97,15 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"{_get(results, 'growth', 'lines', 'empty_per_second')} lines/s over the first "
             f"{_get(results, 'growth', 'lines', 'units')} lines",
         ),
+        "tenants_spread": (
+            _get(results, "tenants", "spread_over_single"),
+            f"{_get(results, 'tenants', 'spread', 'per_second')} events/s over "
+            f"{_get(results, 'tenants', 'organizations')} organizations vs "
+            f"{_get(results, 'tenants', 'single', 'per_second')} events/s from one; "
+            f"{_get(results, 'tenants', 'spread', 'periods_per_batch')} budget periods evaluated per batch in "
+            f"{_get(results, 'tenants', 'spread', 'evaluation_mean_ms')} ms"
+            + (" (time-boxed)" if _get(results, "tenants", "spread", "time_boxed") else ""),
+        ),
         "budgets_scaling": (
             _get(results, "budgets", "many_over_few"),
             f"median {_get(results, 'budgets', 'cases', 'few', 'median_ms')} ms "
@@ -100,7 +118,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         ),
     }
     rows = []
-    for key, what, op, required in TARGETS:
+    for key, issue, what, op, required in TARGETS:
         value, detail = measured[key]
         if value is None:
             status = "N/A"
@@ -111,6 +129,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append(
             {
                 "key": key,
+                "issue": issue,
                 "target": what,
                 "required": f"{op} {required:g}",
                 "value": value,
@@ -153,15 +172,15 @@ def markdown(results: dict[str, Any]) -> str:
         "",
     ]
     if cfg.get("scale_label") != "full":
-        out += ["> Not the full size of issue 7: ratios are indicative only.", ""]
+        out += ["> Not the full size: ratios are indicative only.", ""]
     if results.get("errors"):
         out += ["**Errors:** " + "; ".join(f"{k}: {v}" for k, v in results["errors"].items()), ""]
 
     out += ["## Targets", ""]
     out += _table(
-        ["Target (issue 7)", "Required", "Measured", "Detail", "Result"],
+        ["Target", "Issue", "Required", "Measured", "Detail", "Result"],
         [
-            [t["target"], t["required"], t["value"], t["detail"], f"**{t['status']}**"]
+            [t["target"], t.get("issue"), t["required"], t["value"], t["detail"], f"**{t['status']}**"]
             for t in results.get("targets", [])
         ],
     )
@@ -290,6 +309,7 @@ def markdown(results: dict[str, Any]) -> str:
         )
         out += [""]
 
+    out += _replicas_section(results)
     out += ["## Latency", ""]
     lat = results.get("latency") or {}
     if lat:
@@ -374,6 +394,8 @@ def markdown(results: dict[str, Any]) -> str:
                 for name, c in budgets.get("cases", {}).items()
             ],
         )
+    out += _tenants_section(results)
+    out += _capacity_section(results)
     out += ["", "## Phases", ""]
     out += _table(["Phase", "Seconds"], [[k, v] for k, v in results.get("phase_seconds", {}).items()])
     out += ["", "## Machine", ""]
@@ -396,6 +418,279 @@ def markdown(results: dict[str, Any]) -> str:
         ],
     )
     return "\n".join(out) + "\n"
+
+
+def _replicas_section(results: dict[str, Any]) -> list[str]:
+    out = ["## Replicas", ""]
+    section = results.get("replicas") or {}
+    runs = section.get("runs") or []
+    if not runs:
+        return out
+    cores = _get(results, "machine", "cores")
+    out += [
+        f"The API-usage backlog (up to {section.get('fraction', 1) * 100:.0f}% of it) drained by 1, 2 and 3 worker "
+        "processes on one consumer group, each run into a fresh database. With N > 1, N - 1 processes start "
+        "together and the N-th joins once the first batch is stored, as an autoscaler adds a replica: the group "
+        "rebalances while it works. *Per second*: from the first member's `positions_synced` to the last stored "
+        "offset; *settled*: from the moment every member held its final partitions (the N-replica rate). "
+        "*Rebalance s*: the new replica's start until the group settled; *stall*: the longest time in it without "
+        "a stored offset; *lag*: produced minus stored offsets (messages) when the group settled. *Busy cores*: "
+        "CPU seconds of the workers, PostgreSQL and the broker per second of the run.",
+        "",
+    ]
+    base = _get(runs[0], "settled_per_second") or _get(runs[0], "per_second")
+    rows = []
+    for run in runs:
+        cpu = run.get("cpu_seconds") or {}
+        used = sum(v for v in cpu.values() if isinstance(v, (int, float)))
+        rate = run.get("settled_per_second") or run.get("per_second")
+        rows.append(
+            [
+                run["replicas"],
+                run.get("units"),
+                run.get("per_second"),
+                run.get("settled_per_second"),
+                _ratio(rate, base),
+                run.get("first_ready_seconds"),
+                run.get("rebalance_seconds"),
+                run.get("stall_seconds"),
+                run.get("lag_at_settled"),
+                run.get("assignments"),
+                cpu.get("workers"),
+                cpu.get("postgres"),
+                round(used / run["done_seconds"], 2) if run.get("done_seconds") else None,
+                " / ".join(",".join(map(str, parts)) or "-" for parts in run.get("final_partitions", [])),
+            ]
+        )
+    out += _table(
+        [
+            "Replicas",
+            "Units",
+            "Per second",
+            "Per second (settled)",
+            "vs 1 replica",
+            "First ready s",
+            "Rebalance s",
+            "Stall s",
+            "Lag at settle",
+            "Assignments",
+            "Workers CPU s",
+            "PostgreSQL CPU s",
+            "Busy cores",
+            "Partitions per replica",
+        ],
+        rows,
+    )
+    out += [
+        "",
+        f"This machine has {_fmt(cores)} cores for everything: the worker processes, PostgreSQL and the broker. "
+        "Once one worker and PostgreSQL keep both busy, a second or third process only takes turns on the "
+        "same cores: the figures show the cost and the behaviour of a rebalance, not the scaling N replicas give "
+        "where PostgreSQL has cores of its own (see Capacity).",
+        "",
+    ]
+    return out
+
+
+def _tenants_section(results: dict[str, Any]) -> list[str]:
+    out = ["", "## Budgets at platform scale", ""]
+    t = results.get("tenants") or {}
+    if not t:
+        return out
+    rollups = t.get("rollups") or {}
+    history = t.get("history_backlog") or {}
+    out += [
+        f"{_fmt(t.get('organizations'))} organizations with 3 budgets each ({_fmt(t.get('budgets'))} budgets: "
+        "organization, project, user; monthly, never crossed). Periods full: the worker first drained one event "
+        f"per organization and hour for {_fmt(history.get('hours'))} hours of the month "
+        f"({_fmt(history.get('events'))} events: {_fmt(rollups.get('project_metrics'))} project and "
+        f"{_fmt(rollups.get('user_metrics'))} user rollup rows). Then {_fmt(t.get('events'))} events from one "
+        "organization, and as many spread over all of them, were drained into that database. Budget figures: "
+        "the worker's own metrics (periods evaluated per batch, mean evaluation time per batch).",
+        "",
+    ]
+    rows = []
+    for name, orgs in (("single", 1), ("spread", t.get("organizations"))):
+        d = t.get(name) or {}
+        stages = _get(d, "worker_metrics", "batch_stage_seconds") or {}
+        rows.append(
+            [
+                name + (" **time-boxed**" if d.get("time_boxed") else ""),
+                orgs,
+                d.get("units"),
+                d.get("per_second"),
+                d.get("periods_per_batch"),
+                d.get("evaluation_mean_ms"),
+                _get(stages, "database", "mean_ms"),
+                _get(d, "worker_metrics", "mean_batch_messages"),
+            ]
+        )
+    out += _table(
+        [
+            "Drain",
+            "Organizations",
+            "Events",
+            "Per second",
+            "Budget periods per batch",
+            "Evaluation ms per batch",
+            "DB ms per batch",
+            "Msgs/batch",
+        ],
+        rows,
+    )
+    out += ["", f"Spread over single: **{_fmt(t.get('spread_over_single'))}** (target >= 0.8).", ""]
+    return out
+
+
+def _capacity_section(results: dict[str, Any]) -> list[str]:
+    model = capacity.model(results)
+    got, assume = model["inputs"], model["assumptions"]
+    out = [
+        "",
+        "## Capacity",
+        "",
+        "Measured in this run (README's capacity model cites this section):",
+        "",
+    ]
+    out += _table(
+        ["Figure", "Value"],
+        [
+            ["API-usage events/s, one worker replica", got["replica_events_per_second"]],
+            ["Ledger lines/s, one worker replica", got["drain_lines_per_second"]],
+            ["Set-based upsert ceiling into api_usage (rows/s, one connection)", got["upsert_api_usage_per_second"]],
+            ["Set-based upsert ceiling into cost_data (rows/s, one connection)", got["upsert_cost_data_per_second"]],
+            ["PostgreSQL CPU per API-usage event (µs)", got["postgres_cpu_us_per_event"]],
+            ["Worker CPU per API-usage event (µs)", got["worker_cpu_us_per_event"]],
+            ["WAL per API-usage event (bytes)", got["wal_bytes_per_event"]],
+            ["WAL per ledger line (bytes)", got["wal_bytes_per_line"]],
+            ["api_usage bytes per row, incl. indexes (as the worker wrote them)", got["api_usage_bytes_per_row"]],
+            ["cost_data bytes per row, incl. indexes (as the worker wrote them)", got["cost_data_bytes_per_row"]],
+            ["api_usage bytes per row, incl. indexes (pre-filled, settled)", got["api_usage_bytes_per_row_grown"]],
+            ["cost_data bytes per row, incl. indexes (pre-filled, settled)", got["cost_data_bytes_per_row_grown"]],
+        ],
+    )
+    out += [
+        "",
+        "Projected per month (30.44 days) of API-usage events at the issue's reference rate and at 1x, 10x and "
+        f"100x the upsert ceiling above, planning at {assume['headroom']:g} of every ceiling (replicas, "
+        "PostgreSQL cores). One primary is assumed to offer "
+        f"{assume['primary_cores']} cores, {assume['primary_wal_mb_per_second']:g} MB/s of WAL and "
+        f"{assume['primary_storage_tb']:g} TB for {assume['retained_months']} months of per-request detail "
+        "(assumptions, not measurements). api_usage is partitioned by month: one partition a month, of the size "
+        "shown.",
+        "",
+    ]
+    out += _table(
+        [
+            "Rate",
+            "Events/s",
+            "api_usage rows/month",
+            "GB/month",
+            "Partitions/month",
+            f"TB kept ({assume['retained_months']} months)",
+            "Replicas (= Kafka partitions, at least)",
+            "PostgreSQL cores",
+            "WAL MB/s",
+            "One primary?",
+        ],
+        [
+            [
+                r["label"],
+                r["events_per_second"],
+                r["api_usage_rows_per_month"],
+                r["api_usage_gb_per_month"],
+                r["table_partitions_per_month"],
+                r["retained_tb"],
+                r["replicas"],
+                r["postgres_cores"],
+                r["wal_mb_per_second"],
+                "-" if r["one_primary"] is None else ("yes" if r["one_primary"] else "no: " + ", ".join(r["limits"])),
+            ]
+            for r in model["rows"]
+        ],
+    )
+    limits = model["primary_limits"]
+    out += [
+        "",
+        "Sustained API-usage events/s at which one primary runs out of each resource (same assumptions): "
+        f"PostgreSQL CPU {_fmt(limits['cpu_events_per_second'])}, WAL {_fmt(limits['wal_events_per_second'])}, "
+        f"storage for {assume['retained_months']} months of detail {_fmt(limits['storage_events_per_second'])}: "
+        f"**one primary holds about {_fmt(limits['events_per_second'])} events/s**.",
+    ]
+    return out
+
+
+# ------------------------------------------------------------------------------------------ progress lines
+
+
+def drain_figure(d: dict[str, Any]) -> str:
+    """One drain in a line, for the progress display."""
+    boxed = " (time-boxed)" if d.get("time_boxed") else ""
+    return (
+        f"{_fmt(d.get('units'))} {d.get('unit')} at {_fmt(d.get('per_second'))}/s{boxed}, "
+        f"peak RSS {_fmt(d.get('peak_rss_mb'))} MB"
+    )
+
+
+def replicas_figure(r: dict[str, Any]) -> str:
+    return (
+        f"{_fmt(r.get('per_second'))}/s, settled {_fmt(r.get('settled_per_second'))}/s, "
+        f"rebalance {_fmt(r.get('rebalance_seconds'))} s, lag at settle {_fmt(r.get('lag_at_settled'))}"
+    )
+
+
+def phase_figure(name: str, results: dict[str, Any]) -> str:
+    """What a phase measured, in a line, said when it ends."""
+    g = results.get
+    if name == "prepare":
+        return (
+            f"{_fmt(_get(results, 'backlog', 'events', 'messages'))} events and "
+            f"{_fmt(_get(results, 'backlog', 'buckets', 'lines'))} ledger lines in "
+            f"{_fmt(_get(results, 'backlog', 'buckets', 'messages'))} envelopes produced"
+        )
+    if name == "ceilings":
+        db = _get(results, "ceilings", "database") or {}
+        return (
+            f"upsert {_fmt(_get(db, 'api_usage', 'upsert', 'per_second'))} api_usage rows/s, "
+            f"{_fmt(_get(db, 'cost_data', 'upsert', 'per_second'))} cost_data rows/s; decode "
+            f"{_fmt(_get(results, 'ceilings', 'decode', 'api_usage_events', 'per_second'))} events/s on one core"
+        )
+    if name == "naive":
+        return f"{_fmt(_get(results, 'naive', 'per_second'))} events/s"
+    if name in ("drain", "growth"):
+        parts = [f"{_fmt(_get(results, name, kind, 'per_second'))} {kind}/s" for kind in ("events", "lines")]
+        sizes = _get(results, name, "sizes") or {}
+        if sizes:
+            parts.append(
+                f"{_fmt(_get(sizes, 'api_usage', 'bytes_per_row'))} B per api_usage row, "
+                f"{_fmt(_get(sizes, 'cost_data', 'bytes_per_row'))} B per cost_data row"
+            )
+        return "; ".join(parts)
+    if name == "replicas":
+        runs = _get(results, "replicas", "runs") or []
+        return "; ".join(f"{r['replicas']}: {_fmt(r.get('settled_per_second') or r.get('per_second'))}/s" for r in runs)
+    if name == "latency":
+        return f"p50 {_fmt(_get(results, 'latency', 'p50_ms'))} ms, p99 {_fmt(_get(results, 'latency', 'p99_ms'))} ms"
+    if name == "budgets":
+        cases = _get(results, "budgets", "cases") or {}
+        return ", ".join(f"{k} {_fmt(_get(c, 'median_ms'))} ms" for k, c in cases.items())
+    if name == "tenants":
+        t = g("tenants") or {}
+        return (
+            f"one organization {_fmt(_get(t, 'single', 'per_second'))}/s, {_fmt(t.get('organizations'))} "
+            f"organizations {_fmt(_get(t, 'spread', 'per_second'))}/s: {_fmt(t.get('spread_over_single'))}x"
+        )
+    return ""
+
+
+def verdict(results: dict[str, Any]) -> str:
+    counts: dict[str, int] = {}
+    for target in results.get("targets") or evaluate_targets(results):
+        counts[target["status"]] = counts.get(target["status"], 0) + 1
+    errors = len(results.get("errors") or {})
+    return ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + (
+        f"; {errors} phase error(s)" if errors else ""
+    )
 
 
 # ------------------------------------------------------------------------------------------ chart
@@ -423,10 +718,17 @@ def chart(results: dict[str, Any], path: Path) -> bool:
         ("worker: lines", _get(results, "drain", "lines", "per_second")),
         ("worker: events, pre-filled", _get(results, "growth", "events", "per_second")),
         ("worker: lines, pre-filled", _get(results, "growth", "lines", "per_second")),
+        *[
+            (f"worker: {r['replicas']} replica(s)", r.get("settled_per_second") or r.get("per_second"))
+            for r in _get(results, "replicas", "runs") or []
+        ],
+        ("budgets: 1 organization", _get(results, "tenants", "single", "per_second")),
+        ("budgets: all organizations", _get(results, "tenants", "spread", "per_second")),
     ]
     bars = [(name, value) for name, value in bars if value]
     ax = axes[0]
-    colors = ["#4c72b0" if not name.startswith(("worker", "naive")) else "#dd8452" for name, _ in bars]
+    ceilings = ("consume", "COPY", "upsert")
+    colors = ["#4c72b0" if name.startswith(ceilings) else "#dd8452" for name, _ in bars]
     ax.barh([n for n, _ in bars], [v for _, v in bars], color=colors)
     ax.set_xscale("log")
     ax.invert_yaxis()
@@ -464,10 +766,21 @@ def chart(results: dict[str, Any], path: Path) -> bool:
         end = _get(results, section, kind, "backlog_messages") or _get(results, section, kind, "messages")
         if progress and end:
             ax.plot([t for t, _ in progress], [n / end * 100 for _, n in progress], label=label)
-    ax.set_xlabel("seconds since the worker process started")
+    backlog = _get(results, "backlog", "events", "messages")
+    for run in _get(results, "replicas", "runs") or []:
+        progress = run.get("progress") or []
+        if progress and backlog:
+            ax.plot(
+                [t for t, _ in progress],
+                [n / backlog * 100 for _, n in progress],
+                linestyle="--",
+                label=f"events, {run['replicas']} replica{'s' if run['replicas'] > 1 else ''}",
+            )
+    ax.set_xlabel("seconds since the (first) worker process started")
     ax.set_ylabel("% of the backlog's offsets stored")
     ax.set_title("Drains")
-    ax.legend()
+    if ax.lines:  # a run of some phases only may have drawn none
+        ax.legend()
     fig.suptitle(f"cost-worker benchmark {results.get('started_at')} (scale {_get(results, 'config', 'scale_label')})")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

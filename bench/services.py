@@ -144,6 +144,16 @@ async def create_template(servers: Servers) -> str:
     return name
 
 
+async def drop_database(servers: Servers, name: str) -> None:
+    conn = await asyncpg.connect(servers.server_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+    if name in servers.databases:
+        servers.databases.remove(name)
+
+
 async def drop_databases(servers: Servers) -> None:
     conn = await asyncpg.connect(servers.server_url)
     try:

@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 
+from bench.capacity import TREE_SIZE
 from bench.config import BenchConfig
 
 ENDPOINTS = ("/v1/orchestrations", "/v1/agents/run", "/v1/embeddings", "/v1/search", "/v1/documents")
@@ -120,8 +121,8 @@ def build_world(cfg: BenchConfig, *, now: datetime | None = None) -> World:
     return World(orgs=orgs, anchor=month - timedelta(hours=1), seed=cfg.seed)
 
 
-async def install_world(conn: asyncpg.Connection, world: World) -> None:
-    """Insert the tenants and prices (as superuser: the worker itself only reads these tables)."""
+async def install_world(conn: asyncpg.Connection, world: World, *, prices: bool = True) -> None:
+    """Insert the tenants and (``prices``) the model prices (as superuser: the worker only reads these tables)."""
     await conn.executemany(
         "INSERT INTO organizations (id, name, slug) VALUES ($1, $2, $3)",
         [(org.id, f"Bench {org.ai_org}", f"bench-{org.id.hex[:16]}") for org in world.orgs],
@@ -139,7 +140,9 @@ async def install_world(conn: asyncpg.Connection, world: World) -> None:
             for project, ai_project in org.projects
         ],
     )
-    prices = [
+    if not prices:
+        return
+    rows = [
         ("openai", model, token_type, Decimal("2.5") if "output" not in token_type else Decimal(10))
         for model in OPENAI_MODELS
         for token_type in OPENAI_TOKEN_TYPES
@@ -151,7 +154,7 @@ async def install_world(conn: asyncpg.Connection, world: World) -> None:
     await conn.executemany(
         "INSERT INTO model_prices (provider, model, token_type, price_per_million, effective_from) "
         "VALUES ($1, $2, $3, $4, '2020-01-01T00:00:00Z')",
-        prices,
+        rows,
     )
 
 
@@ -167,6 +170,13 @@ def event_row(world: World, rng: random.Random, event_id: str, at: datetime) -> 
     org = world.orgs[rng.randrange(len(world.orgs))]
     project = org.projects[rng.randrange(len(org.projects))][0] if rng.random() < 0.9 else None
     user = org.users[rng.randrange(len(org.users))] if rng.random() < 0.8 else None
+    return event_fields(org, project, user, rng, event_id=event_id, at=at)
+
+
+def event_fields(
+    org: Org, project: uuid.UUID | None, user: uuid.UUID | None, rng: random.Random, *, event_id: str, at: datetime
+) -> tuple[Any, ...]:
+    """An event of ``org`` (and ``project``, ``user``) at ``at``; the rest drawn from ``rng``."""
     roll = rng.random()
     status = 200 if roll < 0.95 else (429 if roll < 0.98 else 500)
     prompt = rng.randrange(20, 4_000)
@@ -464,6 +474,7 @@ CROSS JOIN LATERAL (VALUES ('costs_v1', 'completions input'), ('costs_v1', 'comp
     AS i(version, item)
 """
 PREFILL_COST_ITEMS_PER_HOUR = 4
+TABLES = ("api_usage", "cost_data")
 
 
 async def _indexes(conn: asyncpg.Connection, table: str) -> tuple[list[tuple[str, str]], list[str]]:
@@ -554,17 +565,16 @@ async def prefill(url: str, world: World, rows: int) -> dict[str, Any]:
             pass  # a configured server without the extension: cold indexes
         await conn.execute("CHECKPOINT")
         counts = await conn.fetchrow(
-            "SELECT (SELECT count(*) FROM api_usage) AS api_usage, (SELECT count(*) FROM cost_data) AS cost_data, "
-            "pg_total_relation_size('api_usage') AS api_usage_bytes, "
-            "pg_total_relation_size('cost_data') AS cost_data_bytes"
+            "SELECT (SELECT count(*) FROM api_usage) AS api_usage, (SELECT count(*) FROM cost_data) AS cost_data"
         )
+        sizes = {table: await conn.fetchval(TREE_SIZE.format(size="pg_total_relation_size"), table) for table in TABLES}
     finally:
         await conn.close()
     assert counts is not None
     return {
         "seconds": round(time.perf_counter() - started, 2),
-        "api_usage": api_usage | {"rows": counts["api_usage"], "bytes": counts["api_usage_bytes"]},
-        "cost_data": cost_data | {"rows": counts["cost_data"], "bytes": counts["cost_data_bytes"]},
+        "api_usage": api_usage | {"rows": counts["api_usage"], "bytes": sizes["api_usage"]},
+        "cost_data": cost_data | {"rows": counts["cost_data"], "bytes": sizes["cost_data"]},
         "organizations": len(orgs),
         "prewarmed_indexes": prewarmed,
     }
