@@ -13,7 +13,9 @@ from typing import Protocol
 
 from worker.config import Settings
 from worker.decode import ApiEvent, ProviderMessage, decode_api_event, decode_provider_message
+from worker.ledger import Ledger
 from worker.quarantine import Quarantined, Reason, Source
+from worker.rows import UsageRow
 
 TP = tuple[str, int]  # (topic, partition)
 
@@ -43,6 +45,9 @@ class Batch:
     quarantined: list[Quarantined] = field(default_factory=list)
     last_offsets: dict[TP, int] = field(default_factory=dict)
     sizes: Counter[str] = field(default_factory=Counter)
+    # Prepared before the batch's transaction opens (``Pipeline.prepare``); None until then.
+    rows: list[UsageRow] | None = None  # the events' rows, priced, one per event in ``events``
+    ledger: Ledger | None = None  # the messages attributed, priced and reduced
 
     def __len__(self) -> int:
         return sum(self.sizes.values())
@@ -55,6 +60,7 @@ class Batch:
 
         rest = Batch(
             events=[e for e in self.events if kept(e)],
+            rows=None if self.rows is None else [r for e, r in zip(self.events, self.rows, strict=True) if kept(e)],
             duplicates=[e for e in self.duplicates if kept(e)],
             messages=[m for m in self.messages if kept(m)],
             quarantined=[q for q in self.quarantined if kept(q)],
@@ -67,7 +73,7 @@ class Batch:
             *rest.quarantined,
         ]
         rest.sizes.update(item.source.topic for item in items)
-        return rest
+        return rest  # without a ledger: message indices changed, it is reduced again
 
 
 def _source(record: KafkaRecord) -> Source:

@@ -124,6 +124,10 @@ class Consumer:
                     # round trips (lookups, COPY, the statement itself) then overlap with our CPU work.
                     await asyncio.sleep(0)
                 finish_batch(batch)
+                try:
+                    await self.pipeline.prepare(batch)  # overlaps the batch in flight; apply retries it if need be
+                except TransientError as exc:
+                    log.debug("batch_prepare_deferred", error=str(exc))
                 decoding.end()
                 metrics.BATCH_DURATION.labels(stage="decode").observe(time.perf_counter() - started)
                 if in_flight is not None:

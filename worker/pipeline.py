@@ -27,11 +27,11 @@ from worker.errors import StaleOffsets
 from worker.faults import NO_FAULTS, FaultPoint, Faults
 from worker.ledger import Ledger, reduce_ledger
 from worker.ledger_write import write_ledger
-from worker.outcome import Outcome, Result
+from worker.outcome import BestResults, Outcome, Result
 from worker.pricing import PriceBook, price_keys
 from worker.store import Database, Tx
 from worker.touches import Touch, midpoint
-from worker.usage import checked_events, write_usage
+from worker.usage import checked_events, usage_row, write_usage
 
 __all__ = ["BudgetEvaluator", "Pipeline", "Touch", "decode_batch", "midpoint"]  # the last three: bench/ imports
 
@@ -78,6 +78,7 @@ class Pipeline:
             for (topic, partition), last in batch.last_offsets.items()
         ]
         checked = False
+        await self.prepare(batch)
         try:
             async with self.db.transaction() as tx:
                 if moves and not await tx.advance_offsets(self.settings.kafka_group_id, moves):
@@ -102,9 +103,10 @@ class Pipeline:
         for duplicate in batch.duplicates:
             outcome.messages[(duplicate.source.topic, Result.DUPLICATE)] += 1
 
-        events, unknown = await checked_events(tx, batch.events)
+        rows = batch.rows if batch.rows is not None else [usage_row(event) for event in batch.events]
+        events, rows, unknown = await checked_events(tx, batch.events, rows)
         quarantine.extend(unknown)
-        ledger = await self._reduce(tx, batch.messages)
+        ledger = batch.ledger if batch.ledger is not None else await self._reduce(tx, batch.messages)
         quarantine.extend(ledger.quarantined)
         outcome.ledger_lines.update(ledger.lines)
         outcome.unpriced.update(ledger.unpriced)
@@ -114,7 +116,7 @@ class Pipeline:
         organizations.update((t.int, t) for t in tenants or ())
         if organizations:
             await tx.set_tenants(set(organizations.values()))
-        best = ledger.best
+        best = BestResults(ledger.best)  # a copy: a retried transaction starts from the prepared ledger again
         if ledger.windows:
             written = await write_ledger(tx, ledger, organizations, best)
             outcome.ledger_lines.update(written.lines)
@@ -124,7 +126,7 @@ class Pipeline:
             if message.source not in flagged:  # quarantined messages are counted as such below
                 outcome.messages[(message.source.topic, best.get(index, Result.UNCHANGED))] += 1
         if events:
-            usage = await write_usage(tx, events)
+            usage = await write_usage(tx, events, rows)
             quarantine.extend(usage.quarantined)
             touched.extend(usage.touched)
             outcome.unknown_models += usage.unknown_models
@@ -145,6 +147,17 @@ class Pipeline:
         if touched and self.budgets is not None:
             outcome.alerts = await self.budgets.evaluate(tx, touched)
         return outcome
+
+    async def prepare(self, batch: Batch) -> None:
+        """Everything that needs no write, done before the batch's transaction opens, so that it does not hold
+        the transaction (the consumer calls it while the previous batch is still in the database): the API-usage
+        rows priced, the provider messages attributed, priced and reduced, their lookups in a short transaction
+        of their own (projects and prices are never written by batches). Idempotent."""
+        if batch.rows is None:
+            batch.rows = [usage_row(event) for event in batch.events]
+        if batch.ledger is None and batch.messages:
+            async with self.db.transaction() as tx:
+                batch.ledger = await self._reduce(tx, batch.messages)
 
     @staticmethod
     async def _reduce(tx: Tx, messages: list[ProviderMessage]) -> Ledger:

@@ -29,10 +29,13 @@ class UsageWritten:
     quarantined: list[Quarantined] = field(default_factory=list)
 
 
-async def checked_events(tx: Tx, events: list[ApiEvent]) -> tuple[list[ApiEvent], list[Quarantined]]:
-    """Reference checks against the platform tables (the batch is already deduplicated and in key order)."""
+async def checked_events(
+    tx: Tx, events: list[ApiEvent], rows: list[UsageRow]
+) -> tuple[list[ApiEvent], list[UsageRow], list[Quarantined]]:
+    """Reference checks against the platform tables (the batch is already deduplicated and in key order): the
+    events (and their rows) that pass, and the others quarantined."""
     if not events:
-        return [], []
+        return [], [], []
     organizations: dict[int, UUID] = {}
     projects: dict[int, UUID] = {}
     users: dict[int, UUID] = {}
@@ -44,8 +47,9 @@ async def checked_events(tx: Tx, events: list[ApiEvent]) -> tuple[list[ApiEvent]
             users[event.user_id.int] = event.user_id
     known = await tx.lookup_event_references(set(organizations.values()), set(projects.values()), set(users.values()))
     checked = []
+    checked_rows = []
     quarantined = []
-    for event in events:
+    for event, row in zip(events, rows, strict=True):
         problem = None
         if ("organization", event.organization_id.int) not in known:
             problem = Reason.UNKNOWN_ORGANIZATION, f"organization {event.organization_id} does not exist"
@@ -55,9 +59,10 @@ async def checked_events(tx: Tx, events: list[ApiEvent]) -> tuple[list[ApiEvent]
             problem = Reason.UNKNOWN_USER, f"user {event.user_id} is not a user of the organization"
         if problem is None:
             checked.append(event)
+            checked_rows.append(row)
         else:
             quarantined.append(Quarantined(event.source, event.payload, *problem, event.organization_id))
-    return checked, quarantined
+    return checked, checked_rows, quarantined
 
 
 def usage_row(event: ApiEvent) -> UsageRow:
@@ -91,8 +96,7 @@ def usage_row(event: ApiEvent) -> UsageRow:
     )
 
 
-async def write_usage(tx: Tx, events: list[ApiEvent]) -> UsageWritten:
-    rows = [usage_row(event) for event in events]
+async def write_usage(tx: Tx, events: list[ApiEvent], rows: list[UsageRow]) -> UsageWritten:
     written = UsageWritten(
         unknown_models=sum(1 for row in rows if row.provider is None),
         catalogue_estimates=sum(1 for row in rows if row.estimate_source is not None),

@@ -82,8 +82,12 @@ def test_without_drops_a_partitions_messages_and_counts() -> None:
         FakeRecord("usage", 1, 8, b"not json"),
     ]
     batch = decode_batch(mixed, SETTINGS)
+    batch.rows = [usage_row(e) for e in batch.events]  # prepared: rows stay paired with their events
     rest = batch.without({("usage", 1)})
     assert [e.event_id for e in rest.events] == ["e-1"]
+    assert rest.rows is not None
+    assert [r.event_id for r in rest.rows] == ["e-1"]
+    assert rest.ledger is None
     assert rest.quarantined == []
     assert rest.last_offsets == {("usage", 0): 0}
     assert len(rest) == 1
