@@ -66,4 +66,8 @@ async def retry_transient(
         before_sleep=before_sleep,
         reraise=True,
     )
-    return await retrying(attempt)
+
+    async def call() -> T:  # tenacity awaits only what it recognises as a coroutine function (not a lambda)
+        return await attempt()
+
+    return await retrying(call)

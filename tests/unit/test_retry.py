@@ -71,3 +71,16 @@ async def test_sleep_or_stop() -> None:
     started = time.monotonic()
     assert await sleep_or_stop(stop, 30) is True
     assert time.monotonic() - started < 5
+
+
+async def test_a_lambda_returning_a_coroutine_is_awaited_too() -> None:
+    attempts: list[int] = []
+
+    async def attempt(n: int) -> int:
+        attempts.append(n)
+        if len(attempts) < 2:
+            raise DatabaseUnavailable()
+        return n * 2
+
+    assert await retry_transient(lambda: attempt(21), first=0.001, most=0.001) == 42
+    assert attempts == [21, 21]
