@@ -15,7 +15,7 @@ from worker.config import Settings
 from worker.decode import ApiEvent, ProviderMessage, decode_api_event, decode_provider_message
 from worker.ledger import Ledger
 from worker.quarantine import Quarantined, Reason, Source
-from worker.rows import UsageRow
+from worker.rows import UsageRows
 
 TP = tuple[str, int]  # (topic, partition)
 
@@ -46,7 +46,7 @@ class Batch:
     last_offsets: dict[TP, int] = field(default_factory=dict)
     sizes: Counter[str] = field(default_factory=Counter)
     # Prepared before the batch's transaction opens (``Pipeline.prepare``); None until then.
-    rows: list[UsageRow] | None = None  # the events' rows, priced, one per event in ``events``
+    usage: UsageRows | None = None  # the events' rows, priced
     ledger: Ledger | None = None  # the messages attributed, priced and reduced
 
     def __len__(self) -> int:
@@ -60,7 +60,7 @@ class Batch:
 
         rest = Batch(
             events=[e for e in self.events if kept(e)],
-            rows=None if self.rows is None else [r for e, r in zip(self.events, self.rows, strict=True) if kept(e)],
+            usage=None if self.usage is None else self.usage.only(i for i, e in enumerate(self.events) if kept(e)),
             duplicates=[e for e in self.duplicates if kept(e)],
             messages=[m for m in self.messages if kept(m)],
             quarantined=[q for q in self.quarantined if kept(q)],

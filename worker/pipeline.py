@@ -31,7 +31,7 @@ from worker.outcome import BestResults, Outcome, Result
 from worker.pricing import PriceBook, price_keys
 from worker.store import Database, Tx
 from worker.touches import Touch, midpoint
-from worker.usage import checked_events, usage_row, write_usage
+from worker.usage import checked_events, usage_rows, write_usage
 
 __all__ = ["BudgetEvaluator", "Pipeline", "Touch", "decode_batch", "midpoint"]  # the last three: bench/ imports
 
@@ -103,8 +103,10 @@ class Pipeline:
         for duplicate in batch.duplicates:
             outcome.messages[(duplicate.source.topic, Result.DUPLICATE)] += 1
 
-        rows = batch.rows if batch.rows is not None else [usage_row(event) for event in batch.events]
-        events, rows, unknown = await checked_events(tx, batch.events, rows)
+        checked, unknown = await checked_events(
+            tx, batch.usage if batch.usage is not None else usage_rows(batch.events)
+        )
+        events = checked.events
         quarantine.extend(unknown)
         ledger = batch.ledger if batch.ledger is not None else await self._reduce(tx, batch.messages)
         quarantine.extend(ledger.quarantined)
@@ -126,7 +128,7 @@ class Pipeline:
             if message.source not in flagged:  # quarantined messages are counted as such below
                 outcome.messages[(message.source.topic, best.get(index, Result.UNCHANGED))] += 1
         if events:
-            usage = await write_usage(tx, events, rows)
+            usage = await write_usage(tx, checked)
             quarantine.extend(usage.quarantined)
             touched.extend(usage.touched)
             outcome.unknown_models += usage.unknown_models
@@ -153,8 +155,8 @@ class Pipeline:
         the transaction (the consumer calls it while the previous batch is still in the database): the API-usage
         rows priced, the provider messages attributed, priced and reduced, their lookups in a short transaction
         of their own (projects and prices are never written by batches). Idempotent."""
-        if batch.rows is None:
-            batch.rows = [usage_row(event) for event in batch.events]
+        if batch.usage is None:
+            batch.usage = usage_rows(batch.events)
         if batch.ledger is None and batch.messages:
             async with self.db.transaction() as tx:
                 batch.ledger = await self._reduce(tx, batch.messages)

@@ -6,39 +6,61 @@ declared here: a field's position is its parameter's position, so adding a colum
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import NamedTuple, Protocol
+from typing import ClassVar, NamedTuple, Protocol
 from uuid import UUID
 
+from worker.decode import ApiEvent
 from worker.providers import LedgerLine
 from worker.quarantine import Source
 from worker.touches import Touch
 
 
-class UsageRow(NamedTuple):
-    """One ``api_usage`` row: ``insert_api_usage``'s parameters, in order. (A NamedTuple: one per event.)"""
+@dataclass(slots=True)
+class UsageRows:
+    """A batch's ``api_usage`` rows, column-wise (no object per event on the hot path): the events, whose fields
+    the store reads by name, and per event what pricing adds."""
 
-    organization_id: UUID
-    event_id: str
-    project_id: UUID | None
-    user_id: UUID | None
-    endpoint: str
-    method: str
-    status_code: int
-    response_time_ms: int | None
-    occurred_at: datetime
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    total_tokens: int | None
-    model: str | None
-    cost_usd: Decimal | None
-    source_partition: int
-    source_offset: int
-    provider: str | None  # of the model (None: unknown model)
-    estimate: Decimal | None  # the catalogue's price when the platform sent no cost_usd
-    estimate_source: str | None
+    # insert_api_usage's parameters $1.., in order: these fields of each event, then the three lists below.
+    EVENT_FIELDS: ClassVar[tuple[str, ...]] = (
+        "organization_id",
+        "event_id",
+        "project_id",
+        "user_id",
+        "endpoint",
+        "method",
+        "status_code",
+        "response_time_ms",
+        "occurred_at",
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "model",
+        "cost_usd",
+        "source_partition",
+        "source_offset",
+    )
+
+    events: list[ApiEvent]
+    providers: list[str | None]  # of each event's model (None: unknown model)
+    estimates: list[Decimal | None]  # the catalogue's price when the platform sent no cost_usd
+    estimate_sources: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def only(self, indexes: Iterable[int]) -> UsageRows:
+        """The rows at these positions, in this order."""
+        keep = list(indexes)
+        return UsageRows(
+            [self.events[i] for i in keep],
+            [self.providers[i] for i in keep],
+            [self.estimates[i] for i in keep],
+            [self.estimate_sources[i] for i in keep],
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ from uuid import UUID
 import asyncpg
 
 from worker.alerts import Alert
+from worker.decode import ApiEvent
 from worker.errors import DatabaseUnavailable, DataRejected, FatalError
 from worker.pricing import Price
 from worker.quarantine import Quarantined
@@ -28,7 +29,7 @@ from worker.rows import (
     LedgerRow,
     ProjectLink,
     Retired,
-    UsageRow,
+    UsageRows,
     UsageStored,
     WindowKey,
     WindowRevision,
@@ -428,13 +429,17 @@ class Tx:
             for r in records
         ]
 
-    async def insert_api_usage(self, rows: Sequence[UsageRow]) -> UsageStored:
+    async def insert_api_usage(self, rows: UsageRows) -> UsageStored:
         """Insert events (a redelivery is a no-op) with their hourly rollups."""
-        columns = list(zip(*rows, strict=True)) or [() for _ in UsageRow._fields]
+        fields = dict(zip(ApiEvent._fields, zip(*rows.events, strict=True), strict=True))  # one C-level transpose
+        columns = [fields.get(name, ()) for name in UsageRows.EVENT_FIELDS]
         inserted = 0
         touched = []
         conflicts = []
-        for row in await self.conn.fetch(query("insert_api_usage"), *columns):
+        records = await self.conn.fetch(
+            query("insert_api_usage"), *columns, rows.providers, rows.estimates, rows.estimate_sources
+        )
+        for row in records:
             if row["kind"] == "conflict":
                 conflicts.append((row["organization_id"], row["event_id"]))
             else:

@@ -14,7 +14,7 @@ from worker.decode import ApiEvent
 from worker.model_providers import provider_of
 from worker.pricing import estimate_request
 from worker.quarantine import Quarantined, Reason
-from worker.rows import UsageRow
+from worker.rows import UsageRows
 from worker.store import Tx
 from worker.touches import Touch
 
@@ -29,13 +29,12 @@ class UsageWritten:
     quarantined: list[Quarantined] = field(default_factory=list)
 
 
-async def checked_events(
-    tx: Tx, events: list[ApiEvent], rows: list[UsageRow]
-) -> tuple[list[ApiEvent], list[UsageRow], list[Quarantined]]:
+async def checked_events(tx: Tx, rows: UsageRows) -> tuple[UsageRows, list[Quarantined]]:
     """Reference checks against the platform tables (the batch is already deduplicated and in key order): the
-    events (and their rows) that pass, and the others quarantined."""
+    rows that pass, and the others' events quarantined."""
+    events = rows.events
     if not events:
-        return [], [], []
+        return rows, []
     organizations: dict[int, UUID] = {}
     projects: dict[int, UUID] = {}
     users: dict[int, UUID] = {}
@@ -47,9 +46,8 @@ async def checked_events(
             users[event.user_id.int] = event.user_id
     known = await tx.lookup_event_references(set(organizations.values()), set(projects.values()), set(users.values()))
     checked = []
-    checked_rows = []
     quarantined = []
-    for event, row in zip(events, rows, strict=True):
+    for index, event in enumerate(events):
         problem = None
         if ("organization", event.organization_id.int) not in known:
             problem = Reason.UNKNOWN_ORGANIZATION, f"organization {event.organization_id} does not exist"
@@ -58,48 +56,34 @@ async def checked_events(
         elif event.user_id and known.get(("user", event.user_id.int)) != event.organization_id:
             problem = Reason.UNKNOWN_USER, f"user {event.user_id} is not a user of the organization"
         if problem is None:
-            checked.append(event)
-            checked_rows.append(row)
+            checked.append(index)
         else:
             quarantined.append(Quarantined(event.source, event.payload, *problem, event.organization_id))
-    return checked, checked_rows, quarantined
+    return (rows if len(checked) == len(events) else rows.only(checked)), quarantined
 
 
-def usage_row(event: ApiEvent) -> UsageRow:
-    """The row of one event, priced: the model's provider, and the catalogue's estimate when it has no cost."""
-    provider = provider_of(event.model)
-    estimate = (
+def usage_rows(events: list[ApiEvent]) -> UsageRows:
+    """The events' rows, priced: each model's provider, and the catalogue's estimate of an event without a cost."""
+    providers = [provider_of(event.model) for event in events]
+    estimates = [
         None
         if event.cost_usd is not None
         else estimate_request(provider, event.model, event.prompt_tokens, event.completion_tokens, event.occurred_at)
-    )
-    return UsageRow(
-        event.organization_id,
-        event.event_id,
-        event.project_id,
-        event.user_id,
-        event.endpoint,
-        event.method,
-        event.status_code,
-        event.response_time_ms,
-        event.occurred_at,
-        event.prompt_tokens,
-        event.completion_tokens,
-        event.total_tokens,
-        event.model,
-        event.cost_usd,
-        event.source_partition,
-        event.source_offset,
-        provider,
-        None if estimate is None else estimate.amount,
-        None if estimate is None else estimate.source,
+        for event, provider in zip(events, providers, strict=True)
+    ]
+    return UsageRows(
+        events,
+        providers,
+        [None if e is None else e.amount for e in estimates],
+        [None if e is None else e.source for e in estimates],
     )
 
 
-async def write_usage(tx: Tx, events: list[ApiEvent], rows: list[UsageRow]) -> UsageWritten:
+async def write_usage(tx: Tx, rows: UsageRows) -> UsageWritten:
+    events = rows.events
     written = UsageWritten(
-        unknown_models=sum(1 for row in rows if row.provider is None),
-        catalogue_estimates=sum(1 for row in rows if row.estimate_source is not None),
+        unknown_models=rows.providers.count(None),
+        catalogue_estimates=sum(1 for source in rows.estimate_sources if source is not None),
     )
     stored = await tx.insert_api_usage(rows)
     written.inserted = stored.inserted

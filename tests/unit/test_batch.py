@@ -17,8 +17,8 @@ from worker.batch import decode_batch
 from worker.config import Settings
 from worker.decode import ApiEvent, decode_api_event
 from worker.quarantine import Reason, Source
-from worker.rows import UsageRow
-from worker.usage import usage_row
+from worker.rows import UsageRows
+from worker.usage import usage_rows
 
 SETTINGS = Settings(topic_api_usage="usage", topic_provider_buckets="buckets")
 # Reasons only the database can give: references, attribution, a conflict with a stored event, and two
@@ -82,11 +82,12 @@ def test_without_drops_a_partitions_messages_and_counts() -> None:
         FakeRecord("usage", 1, 8, b"not json"),
     ]
     batch = decode_batch(mixed, SETTINGS)
-    batch.rows = [usage_row(e) for e in batch.events]  # prepared: rows stay paired with their events
+    batch.usage = usage_rows(batch.events)  # prepared: rows stay paired with their events
     rest = batch.without({("usage", 1)})
     assert [e.event_id for e in rest.events] == ["e-1"]
-    assert rest.rows is not None
-    assert [r.event_id for r in rest.rows] == ["e-1"]
+    assert rest.usage is not None
+    assert [e.event_id for e in rest.usage.events] == ["e-1"]
+    assert len(rest.usage.providers) == len(rest.usage.estimates) == len(rest.usage.estimate_sources) == 1
     assert rest.ledger is None
     assert rest.quarantined == []
     assert rest.last_offsets == {("usage", 0): 0}
@@ -113,18 +114,14 @@ def test_every_hostile_message_decodes_to_its_reason_or_passes_to_the_database()
 def test_the_usage_row_has_exactly_the_parameters_of_insert_api_usage() -> None:
     sql = (Path(__file__).parents[2] / "worker" / "sql" / "queries.sql").read_text()
     block = sql.split("-- name: insert_api_usage", 1)[1].split("-- name:", 1)[0]
-    assert max(int(n) for n in re.findall(r"\$(\d+)", block)) == len(UsageRow._fields)
+    assert max(int(n) for n in re.findall(r"\$(\d+)", block)) == len(UsageRows.EVENT_FIELDS) + 3
+    assert set(UsageRows.EVENT_FIELDS) <= set(ApiEvent._fields)
 
     decoded = decode_api_event(dumps(event(token_usage=None)), Source("usage", 3, 9), max_bytes=1 << 20)
     assert isinstance(decoded, ApiEvent)
-    row = usage_row(decoded)
-    assert (row.organization_id, row.event_id, row.source_partition, row.source_offset) == (
-        decoded.organization_id,
-        "e-1",
-        3,
-        9,
-    )
-    assert (row.model, row.provider, row.estimate, row.estimate_source) == (None, None, None, None)
+    rows = usage_rows([decoded])
+    assert (rows.providers, rows.estimates, rows.estimate_sources) == ([None], [None], [None])
+    assert rows.only([]).events == []
 
 
 @pytest.mark.parametrize(
@@ -136,11 +133,12 @@ def test_only_events_without_a_cost_are_estimated_from_the_catalogue(cost: str |
     body["token_usage"]["cost_usd"] = cost
     decoded = decode_api_event(json.dumps(body).encode(), Source("usage", 0, 0), max_bytes=1 << 20)
     assert isinstance(decoded, ApiEvent)
-    row = usage_row(decoded)
-    assert row.provider == "openai"
-    assert (row.estimate is not None, row.estimate_source is not None) == (estimated, estimated)
+    rows = usage_rows([decoded])
+    assert rows.providers == ["openai"]
+    [estimate], [source] = rows.estimates, rows.estimate_sources
+    assert (estimate is not None, source is not None) == (estimated, estimated)
     if estimated:
-        assert row.estimate is not None
-        assert row.estimate > 0
-        assert row.estimate_source is not None
-        assert row.estimate_source.startswith("genai-prices")
+        assert estimate is not None
+        assert estimate > 0
+        assert source is not None
+        assert source.startswith("genai-prices")
