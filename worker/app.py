@@ -33,7 +33,7 @@ from worker.migrate import check_current
 from worker.outbox import OutboxPublisher
 from worker.outcome import Outcome
 from worker.pipeline import Pipeline
-from worker.retry import Stopped, retry_transient, sleep_or_stop
+from worker.retry import Backoff, Stopped, retry_transient, sleep_or_stop
 from worker.store import Database, connect
 
 log = structlog.get_logger("worker.app")
@@ -42,6 +42,7 @@ T = TypeVar("T")
 DATABASE_CHECK_INTERVAL = 5.0  # seconds between readiness pings of the database
 STARTUP_RETRY_FIRST = 0.5  # seconds before the second attempt to reach the database or broker at startup
 STARTUP_RETRY_MAX = 30.0  # seconds between attempts to reach the database or broker at startup
+STARTUP_BACKOFF = Backoff(STARTUP_RETRY_FIRST, STARTUP_RETRY_MAX)
 EXIT_OK, EXIT_FATAL, EXIT_SECOND_SIGNAL = 0, 1, 130
 TASK_STOP_TIMEOUT = 5.0  # seconds background tasks get to finish after being cancelled
 EXIT_DEADLINE = 15.0  # seconds from the end of the drain to process exit, whatever still runs
@@ -231,9 +232,7 @@ async def _until_ready(what: str, stop: asyncio.Event, attempt: Callable[[], Awa
             raise FatalError(f"stopped while waiting for the {what}")
 
     try:
-        return await retry_transient(
-            attempt, first=STARTUP_RETRY_FIRST, most=STARTUP_RETRY_MAX, stop=stop, on_retry=waiting
-        )
+        return await retry_transient(attempt, STARTUP_BACKOFF, stop=stop, on_retry=waiting)
     except Stopped:
         raise FatalError(f"stopped while waiting for the {what}") from None
 

@@ -24,7 +24,7 @@ from worker.http import Health
 from worker.kafka import GroupConsumer
 from worker.outcome import Outcome
 from worker.pipeline import Pipeline
-from worker.retry import Stopped, retry_transient, sleep_or_stop
+from worker.retry import Backoff, Stopped, retry_transient, sleep_or_stop
 from worker.store import Database
 
 log = structlog.get_logger("worker.consumer")
@@ -163,9 +163,7 @@ class Consumer:
         try:
             outcome = await retry_transient(
                 lambda: self._apply_once(batch, sought, started, span),
-                first=self.settings.retry_initial_backoff,
-                most=self.settings.retry_max_backoff,
-                jitter=True,
+                Backoff.of(self.settings, jitter=True),
                 on_retry=retried,
             )
         except StaleOffsets:
@@ -258,13 +256,7 @@ class Consumer:
             log.warning("position_sync_failed", error=str(error))
 
         with contextlib.suppress(Stopped):
-            await retry_transient(
-                sync,
-                first=self.settings.retry_initial_backoff,
-                most=self.settings.retry_max_backoff,
-                stop=stop,
-                on_retry=failed,
-            )
+            await retry_transient(sync, Backoff.of(self.settings), stop=stop, on_retry=failed)
 
     async def seek_to_stored(self, partitions: list[TP]) -> None:
         # After the batch in flight (if any) committed: it may advance the very positions we are about to read.

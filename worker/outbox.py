@@ -20,7 +20,7 @@ from worker.config import Settings
 from worker.errors import TransientError
 from worker.faults import NO_FAULTS, FaultPoint, Faults
 from worker.kafka import Producer
-from worker.retry import Stopped, retry_transient
+from worker.retry import Backoff, Stopped, retry_transient
 from worker.store import Database
 
 log = structlog.get_logger("worker.outbox")
@@ -53,13 +53,7 @@ class OutboxPublisher:
 
         while not stop.is_set():
             try:
-                await retry_transient(
-                    drain,
-                    first=self.settings.retry_initial_backoff,
-                    most=self.settings.retry_max_backoff,
-                    stop=stop,
-                    on_retry=failed,
-                )
+                await retry_transient(drain, Backoff.of(self.settings), stop=stop, on_retry=failed)
             except Stopped:
                 return
             self.wake.clear()

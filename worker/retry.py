@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never
 from tenacity.wait import wait_base, wait_exponential, wait_random_exponential
 
+from worker.config import Settings
 from worker.errors import TransientError
 
 T = TypeVar("T")
@@ -30,21 +32,36 @@ async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
     return stop.is_set()
 
 
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Waits between attempts: ``first`` seconds, then twice as long each time up to ``most`` (with ``jitter``: a
+    random share of that, so replicas do not retry in step)."""
+
+    first: float
+    most: float
+    jitter: bool = False
+
+    @classmethod
+    def of(cls, settings: Settings, *, jitter: bool = False) -> Backoff:
+        """The operator's retry settings (``COST_WORKER_RETRY_INITIAL_BACKOFF``, ``..._MAX_BACKOFF``)."""
+        return cls(settings.retry_initial_backoff, settings.retry_max_backoff, jitter)
+
+
 async def retry_transient(
     attempt: Callable[[], Awaitable[T]],
+    backoff: Backoff,
     *,
-    first: float,
-    most: float,
-    jitter: bool = False,
     stop: asyncio.Event | None = None,
     on_retry: Callable[[BaseException, int, float], None] | None = None,
 ) -> T:
-    """``attempt()`` until it succeeds. After each ``TransientError`` it waits ``first`` seconds, then twice as
-    long each time up to ``most`` (with ``jitter``: a random share of that, so replicas do not retry in step),
-    calling ``on_retry(error, attempt number, seconds to wait)`` first. Waiting ends early with ``Stopped`` when
-    ``stop`` is set (without ``stop`` only cancellation ends it)."""
+    """``attempt()`` until it succeeds, waiting after each ``TransientError`` as ``backoff`` says and calling
+    ``on_retry(error, attempt number, seconds to wait)`` first. Waiting ends early with ``Stopped`` when ``stop``
+    is set (without ``stop`` only cancellation ends it)."""
+    first, most = backoff.first, backoff.most
     wait: wait_base = (
-        wait_random_exponential(multiplier=first, max=most) if jitter else wait_exponential(multiplier=first, max=most)
+        wait_random_exponential(multiplier=first, max=most)
+        if backoff.jitter
+        else wait_exponential(multiplier=first, max=most)
     )
 
     async def pause(seconds: float) -> None:

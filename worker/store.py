@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from operator import attrgetter
 from typing import Any, ParamSpec, TypeVar
 from uuid import UUID
 
@@ -390,26 +391,7 @@ class Tx:
     async def upsert_cost_data(self, rows: Sequence[LedgerRow]) -> list[tuple[str | None, datetime | None]]:
         """Per row, in order: what was written ('inserted', 'updated' or None) and the revision kept."""
         records = await self.conn.fetch(
-            query("upsert_cost_data"),
-            [r.key.organization_id for r in rows],
-            [r.key.project_id for r in rows],
-            [r.line.provider for r in rows],
-            [r.line.ai_organization_id for r in rows],
-            [r.line.ai_project_id for r in rows],
-            [r.line.api_version for r in rows],
-            [r.line.bucket_start for r in rows],
-            [r.line.bucket_end for r in rows],
-            [r.line.line_item for r in rows],
-            [r.line.currency for r in rows],
-            [r.line.amount for r in rows],
-            [r.line.quantity for r in rows],
-            [r.line.unit for r in rows],
-            [json.dumps(r.line.metadata, sort_keys=True, default=str) for r in rows],
-            [r.collected_at for r in rows],
-            [r.source.partition for r in rows],
-            [r.source.offset for r in rows],
-            [r.line.report for r in rows],
-            [r.line.outside_cost_report for r in rows],
+            query("upsert_cost_data"), *([column(r) for r in rows] for column in _LEDGER_COLUMNS)
         )
         by_ord = {record["ord"]: (record["result"], record["kept_revision"]) for record in records}
         return [by_ord[i] for i in range(1, len(rows) + 1)]
@@ -603,6 +585,35 @@ class Tx:
 
     async def outbox_failed(self, ids: list[int], error: str) -> None:
         await self.conn.execute(query("outbox_failed"), ids, error[:1000])
+
+
+def _metadata(row: LedgerRow) -> str:
+    return json.dumps(row.line.metadata, sort_keys=True, default=str)
+
+
+# upsert_cost_data's parameters, in order: what each takes from a LedgerRow.
+_LEDGER_COLUMNS: tuple[Callable[[LedgerRow], Any], ...] = (
+    *map(
+        attrgetter,
+        (
+            "key.organization_id",
+            "key.project_id",
+            "line.provider",
+            "line.ai_organization_id",
+            "line.ai_project_id",
+            "line.api_version",
+            "line.bucket_start",
+            "line.bucket_end",
+            "line.line_item",
+            "line.currency",
+            "line.amount",
+            "line.quantity",
+            "line.unit",
+        ),
+    ),
+    _metadata,
+    *map(attrgetter, ("collected_at", "source.partition", "source.offset", "line.report", "line.outside_cost_report")),
+)
 
 
 def _window_columns(revisions: Sequence[WindowRevision]) -> list[list[Any]]:

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from worker.errors import DatabaseUnavailable, FatalError
-from worker.retry import Stopped, retry_transient, sleep_or_stop
+from worker.retry import Backoff, Stopped, retry_transient, sleep_or_stop
 
 
 async def test_transient_failures_are_retried_with_doubling_waits() -> None:
@@ -21,7 +21,7 @@ async def test_transient_failures_are_retried_with_doubling_waits() -> None:
             raise DatabaseUnavailable()
         return "done"
 
-    result = await retry_transient(attempt, first=0.01, most=0.03, on_retry=lambda _error, _n, wait: waits.append(wait))
+    result = await retry_transient(attempt, Backoff(0.01, 0.03), on_retry=lambda _error, _n, wait: waits.append(wait))
     assert result == "done"
     assert waits == [0.01, 0.02, 0.03]
     assert calls[-1] - calls[0] >= 0.06
@@ -36,7 +36,7 @@ async def test_other_errors_are_raised_at_once() -> None:
         raise FatalError("no")
 
     with pytest.raises(FatalError):
-        await retry_transient(attempt, first=0.01, most=0.01)
+        await retry_transient(attempt, Backoff(0.01, 0.01))
     assert calls == 1
 
 
@@ -47,7 +47,7 @@ async def test_jittered_waits_stay_below_the_doubling() -> None:
         if len(waits) < 5:
             raise DatabaseUnavailable()
 
-    await retry_transient(attempt, first=0.001, most=0.004, jitter=True, on_retry=lambda _e, _n, w: waits.append(w))
+    await retry_transient(attempt, Backoff(0.001, 0.004, jitter=True), on_retry=lambda _e, _n, w: waits.append(w))
     assert all(0 <= w <= limit for w, limit in zip(waits, [0.001, 0.002, 0.004, 0.004, 0.004], strict=True))
 
 
@@ -60,7 +60,7 @@ async def test_a_stop_ends_the_waiting() -> None:
     asyncio.get_running_loop().call_later(0.05, stop.set)
     started = time.monotonic()
     with pytest.raises(Stopped):
-        await retry_transient(attempt, first=30, most=30, stop=stop)
+        await retry_transient(attempt, Backoff(30, 30), stop=stop)
     assert time.monotonic() - started < 5
 
 
@@ -82,5 +82,5 @@ async def test_a_lambda_returning_a_coroutine_is_awaited_too() -> None:
             raise DatabaseUnavailable()
         return n * 2
 
-    assert await retry_transient(lambda: attempt(21), first=0.001, most=0.001) == 42
+    assert await retry_transient(lambda: attempt(21), Backoff(0.001, 0.001)) == 42
     assert attempts == [21, 21]
