@@ -271,15 +271,11 @@ class Consumer:
             for o in await self.db.load_offsets(self.settings.kafka_group_id, partitions)
         }
         for tp in partitions:
-            if tp not in self.assigned:
-                continue
-            if tp in stored:
-                self.kafka.seek(tp, stored[tp])
-            else:
-                await self.kafka.seek_to_beginning(tp)
-            self.positions[tp] = stored.get(tp)
-            self.seeks[tp] = self.seeks.get(tp, 0) + 1
-            self.unsynced.discard(tp)
+            if tp in self.assigned:
+                await self.kafka.seek(tp, stored.get(tp))
+                self.positions[tp] = stored.get(tp)
+                self.seeks[tp] = self.seeks.get(tp, 0) + 1
+                self.unsynced.discard(tp)
         log.info("positions_synced", positions={f"{t}:{p}": stored.get((t, p)) for t, p in partitions})
 
     # --- lag and idleness ---------------------------------------------------------------------------

@@ -126,11 +126,12 @@ class GroupConsumer:
         except CLIENT_ERRORS as exc:
             raise translate(exc) from exc
 
-    def seek(self, tp: TP, offset: int) -> None:
-        self._client.seek(TopicPartition(*tp), offset)
-
-    async def seek_to_beginning(self, tp: TP) -> None:
-        await self._client.seek_to_beginning(TopicPartition(*tp))
+    async def seek(self, tp: TP, offset: int | None) -> None:
+        """Fetch the partition from ``offset`` next (None: from its beginning)."""
+        if offset is None:
+            await self._client.seek_to_beginning(TopicPartition(*tp))
+        else:
+            self._client.seek(TopicPartition(*tp), offset)
 
     def highwater(self, tp: TP) -> int | None:
         """The partition's high watermark as of the last fetch response (None before one)."""

@@ -158,14 +158,10 @@ class AlertConsumer:
                 for o in await self.db.load_offsets(self.settings.kafka_group_id, pending)
             }
             for tp in pending:
-                if tp not in self.assigned:
-                    continue
-                if tp in stored:
-                    self.kafka.seek(tp, stored[tp])
-                else:
-                    await self.kafka.seek_to_beginning(tp)
-                self.positions[tp] = stored.get(tp)
-                self.unsynced.discard(tp)
+                if tp in self.assigned:
+                    await self.kafka.seek(tp, stored.get(tp))
+                    self.positions[tp] = stored.get(tp)
+                    self.unsynced.discard(tp)
         self.health.database_ok = True
 
 
