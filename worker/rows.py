@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from typing import ClassVar, NamedTuple, Protocol
 from uuid import UUID
@@ -153,6 +153,16 @@ class ProjectLink(NamedTuple):
     ai_organization_id: str | None
     ai_project_id: str | None
     openai_project_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """An exchange rate (``exchange_rates``): one ``base`` is ``rate`` ``quote`` from ``effective_date`` on."""
+
+    base: str
+    quote: str
+    effective_date: date
+    rate: Decimal
 
 
 class BudgetPeriod(Protocol):

@@ -29,6 +29,7 @@ from worker.rows import (
     BudgetPeriod,
     LedgerRow,
     ProjectLink,
+    Rate,
     Retired,
     UsageRows,
     UsageStored,
@@ -560,7 +561,7 @@ class Tx:
     async def prices_import(self, columns: Sequence[Sequence[Any]]) -> list[asyncpg.Record]:
         return await self.conn.fetch(query("prices_import"), *columns)
 
-    async def upsert_exchange_rates(self, rates: Sequence[Any], *, source: str) -> dict[str, int]:
+    async def upsert_exchange_rates(self, rates: Sequence[Rate], *, source: str) -> dict[str, int]:
         """Load rates; returns how many were inserted, updated and unchanged."""
         rows = await self.conn.fetch(
             query("upsert_exchange_rates"),
