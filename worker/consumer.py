@@ -124,12 +124,12 @@ class Consumer:
                     # round trips (lookups, COPY, the statement itself) then overlap with our CPU work.
                     await asyncio.sleep(0)
                 finish_batch(batch)
+                decoding.end()
+                metrics.BATCH_DURATION.labels(stage="decode").observe(time.perf_counter() - started)
                 try:
                     await self.pipeline.prepare(batch)  # overlaps the batch in flight; apply retries it if need be
                 except TransientError as exc:
                     log.debug("batch_prepare_deferred", error=str(exc))
-                decoding.end()
-                metrics.BATCH_DURATION.labels(stage="decode").observe(time.perf_counter() - started)
                 if in_flight is not None:
                     await in_flight
                 in_flight = asyncio.create_task(self._apply(batch, sought, started, span), name="apply-batch")
