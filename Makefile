@@ -67,8 +67,11 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+# The pure tier first (tests/unit: decode, providers, pricing, attribution, ledger, breaker, alerts...; seconds,
+# no servers): a failure there stops before any server starts. Then everything else.
 pytest: install
-	COST_WORKER_TEST_SYSTEM_DATABASE_URL=$(SYSTEM_PG_URL) $(BIN)/pytest
+	$(BIN)/pytest -q tests/unit
+	COST_WORKER_TEST_SYSTEM_DATABASE_URL=$(SYSTEM_PG_URL) $(BIN)/pytest --ignore=tests/unit
 
 test: lint typecheck pytest
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from tests.factories import FakeRecord, dumps
+from worker.batch import decode_batch
 from worker.config import Settings
-from worker.pipeline import Pipeline, decode_batch
+from worker.pipeline import Pipeline
 
 
 class Feeder:

@@ -11,6 +11,7 @@ import pytest
 
 from worker.config import Settings, load_settings, redact_url
 from worker.errors import ConfigError
+from worker.faults import Faults
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -174,9 +175,11 @@ def test_every_command_has_help(command: list[str]) -> None:
 
 
 def test_unknown_fault_point_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Fault points are read from their own (test-only) variable when the worker starts, not from the settings.
     monkeypatch.setenv("COST_WORKER_FAULT_POINTS", "before_db_commit,nowhere")
     with pytest.raises(ConfigError, match="unknown fault point 'nowhere'"):
-        load_settings()
+        Faults.from_env()
+    load_settings()  # not an operator setting: the settings do not know it
 
 
 def test_field_errors_and_cross_field_problems_are_reported_together(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -28,9 +28,9 @@ from worker.budgets import BudgetEngine
 from worker.config import Settings
 from worker.errors import ConfigError
 from worker.migrate import migrate
-from worker.pipeline import Touch
 from worker.rates import parse
 from worker.store import Database
+from worker.touches import Touch
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "rates"
 NOVEMBER = datetime(2026, 11, 1, tzinfo=UTC)

@@ -26,8 +26,8 @@ from tests.factories import (
     openai_usage_bucket,
 )
 from tests.feeding import Feeder
+from worker.batch import decode_batch
 from worker.errors import StaleOffsets
-from worker.pipeline import decode_batch
 
 
 async def ledger(db: asyncpg.Connection) -> list[tuple[Any, ...]]:

@@ -11,10 +11,11 @@ from typing import Any
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
+from worker.batch import decode_batch
 from worker.budgets import BudgetEngine, Candidate
 from worker.config import Settings
 from worker.errors import ConfigError
-from worker.pipeline import Pipeline, decode_batch
+from worker.pipeline import Pipeline
 from worker.quarantine import Reason
 from worker.store import Database, Spend
 

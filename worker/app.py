@@ -10,18 +10,18 @@ once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
 from worker import logs, metrics, tracing
+from worker.alerts import Alert, Resolution
 from worker.breaker import CircuitBreaker
 from worker.budgets import BudgetEngine
 from worker.config import Settings
@@ -31,13 +31,18 @@ from worker.faults import Faults
 from worker.http import Health, HealthServer
 from worker.migrate import check_current
 from worker.outbox import OutboxPublisher
-from worker.pipeline import Outcome, Pipeline
+from worker.outcome import Outcome
+from worker.pipeline import Pipeline
+from worker.retry import Backoff, Stopped, retry_transient, sleep_or_stop
 from worker.store import Database, connect
 
 log = structlog.get_logger("worker.app")
+T = TypeVar("T")
 
 DATABASE_CHECK_INTERVAL = 5.0  # seconds between readiness pings of the database
+STARTUP_RETRY_FIRST = 0.5  # seconds before the second attempt to reach the database or broker at startup
 STARTUP_RETRY_MAX = 30.0  # seconds between attempts to reach the database or broker at startup
+STARTUP_BACKOFF = Backoff(STARTUP_RETRY_FIRST, STARTUP_RETRY_MAX)
 EXIT_OK, EXIT_FATAL, EXIT_SECOND_SIGNAL = 0, 1, 130
 TASK_STOP_TIMEOUT = 5.0  # seconds background tasks get to finish after being cancelled
 EXIT_DEADLINE = 15.0  # seconds from the end of the drain to process exit, whatever still runs
@@ -48,7 +53,7 @@ class Worker:
         self.settings = settings
         self.stop = asyncio.Event()
         self.health = Health(ready_max_retrying=settings.ready_max_retrying)
-        self.faults = Faults(settings.fault_points)
+        self.faults = Faults.from_env()
         self.db: Database | None = None
         self.http: HealthServer | None = None
         self.consumer: Consumer | None = None
@@ -188,7 +193,7 @@ class Worker:
         if outcome.outbox_rows and self.publisher is not None:
             self.publisher.wake.set()
 
-    async def _alerts(self, alerts: list[Any]) -> None:
+    async def _alerts(self, alerts: list[Alert | Resolution]) -> None:
         if self.publisher is not None:
             self.publisher.wake.set()
 
@@ -202,8 +207,7 @@ class Worker:
                 if self.health.database_ok:
                     log.warning("database_unreachable", error=str(exc))
                 self.health.database_ok = False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), timeout=DATABASE_CHECK_INTERVAL)
+            await sleep_or_stop(self.stop, DATABASE_CHECK_INTERVAL)
 
     async def _close(self) -> None:
         if self.consumer is not None:
@@ -218,26 +222,19 @@ class Worker:
             await self.http.stop()
 
 
-async def _until_ready(what: str, stop: asyncio.Event, attempt: Callable[[], Awaitable[Any]]) -> Any:
-    """Retry a startup step while its service is unreachable (not while it is misconfigured)."""
-    delay = 0.5
-    while True:
-        try:
-            return await attempt()
-        except TransientError as exc:
-            log.warning("waiting_for", service=what, error=str(exc), retry_in=delay)
-        except (OSError, ConnectionError) as exc:
-            log.warning("waiting_for", service=what, error=str(exc), retry_in=delay)
-        except Exception as exc:
-            if type(exc).__module__.startswith("aiokafka"):
-                log.warning("waiting_for", service=what, error=str(exc), retry_in=delay)
-            else:
-                raise
+async def _until_ready(what: str, stop: asyncio.Event, attempt: Callable[[], Awaitable[T]]) -> T:
+    """Retry a startup step while its service is unreachable (not while it is misconfigured: the store and the
+    Kafka boundary raise ``TransientError`` only for the former)."""
+
+    def waiting(error: BaseException, _attempt: int, wait: float) -> None:
+        log.warning("waiting_for", service=what, error=str(error), retry_in=wait)
         if stop.is_set():
             raise FatalError(f"stopped while waiting for the {what}")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=delay)
-        delay = min(delay * 2, STARTUP_RETRY_MAX)
+
+    try:
+        return await retry_transient(attempt, STARTUP_BACKOFF, stop=stop, on_retry=waiting)
+    except Stopped:
+        raise FatalError(f"stopped while waiting for the {what}") from None
 
 
 def _exit_after(seconds: float, code: int) -> None:

@@ -21,12 +21,6 @@ class CircuitBreaker:
         self._recent: deque[str | None] = deque(maxlen=window)  # a reason, or None for a good message
         metrics.CIRCUIT_INVALID_RATIO.set(0.0)
 
-    @property
-    def ratio(self) -> float:
-        if not self._recent:
-            return 0.0
-        return sum(1 for r in self._recent if r is not None) / len(self._recent)
-
     def check(self, good: int, bad_reasons: list[str]) -> None:
         """Record a batch's messages (before it commits) and raise ``CircuitOpen`` if the window is bad.
 
@@ -48,11 +42,16 @@ class CircuitBreaker:
                 "The producer looks broken; the worker stopped without "
                 "quarantining this batch. Fix the producer (see `cost-worker quarantine list`), then restart."
             )
-        metrics.CIRCUIT_INVALID_RATIO.set(self.ratio)
+        self._show()
 
     def forget(self, good: int, bad: int) -> None:
         """Undo the last ``check`` (its batch was rolled back for another reason and will be seen again)."""
         for _ in range(good + bad):
             if self._recent:
                 self._recent.pop()
-        metrics.CIRCUIT_INVALID_RATIO.set(self.ratio)
+        self._show()
+
+    def _show(self) -> None:
+        """Set the gauge to the window's share of invalid messages."""
+        invalid = sum(1 for r in self._recent if r is not None)
+        metrics.CIRCUIT_INVALID_RATIO.set(invalid / len(self._recent) if self._recent else 0.0)

@@ -20,7 +20,6 @@ candidate (budget, period) (each: a threshold to cross or an open alert to resol
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -35,8 +34,9 @@ from worker import metrics
 from worker.alerts import Alert, Resolution
 from worker.config import Settings
 from worker.errors import TransientError
-from worker.pipeline import Touch
+from worker.retry import sleep_or_stop
 from worker.store import Database, Spend, Tx
+from worker.touches import Touch
 
 log = structlog.get_logger("worker.budgets")
 
@@ -245,8 +245,7 @@ class BudgetEngine:
                             await on_alerts(alerts)
             except TransientError as exc:
                 log.warning("budget_sweep_failed", error=str(exc))
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self.settings.budget_sweep_interval)
+            await sleep_or_stop(stop, self.settings.budget_sweep_interval)
 
 
 def _fields(alert: Alert) -> dict[str, Any]:

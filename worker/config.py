@@ -75,7 +75,6 @@ NOTIFY_MAX_IN_FLIGHT = 64  # concurrent attempts in all
 NOTIFY_POLL_INTERVAL = 1.0  # seconds between scans for due deliveries when nothing woke the dispatcher
 NOTIFY_SECRETS_KEY_BYTES = 32  # AES-256-GCM key of destination URLs and signing secrets
 
-FAULT_POINTS = ("before_db_commit", "after_db_commit", "before_outbox_publish", "notify_after_send")
 # --- collector (issue 14) ---
 COLLECT_OPENAI_BASE_URL = "https://api.openai.com"
 COLLECT_ANTHROPIC_BASE_URL = "https://api.anthropic.com"
@@ -347,12 +346,6 @@ class Settings(BaseSettings):
         description="Seconds without a successful poll of an endpoint before the collector's /readyz fails",
     )
 
-    # tests only
-    fault_points: str = Field(
-        default="",
-        description="Test-only: crash (SIGKILL) at these named points, comma-separated, e.g. before_db_commit@3",
-    )
-
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: Any) -> Any:
@@ -369,15 +362,6 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
-
-    @field_validator("fault_points")
-    @classmethod
-    def _known_points(cls, value: str) -> str:
-        for point in split_list(value):
-            name, _, nth = point.partition("@")
-            if name not in FAULT_POINTS or (nth and not nth.isdigit()):
-                raise ValueError(f"unknown fault point {point!r}; known: {', '.join(FAULT_POINTS)}")
-        return value
 
     # --- cross-field checks, all reported together ----------------------------------------------------
 

@@ -12,20 +12,19 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import structlog
-from aiokafka import ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
-from aiokafka.structs import OffsetAndMetadata
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never, wait_random_exponential
 
-from worker import kafka, metrics, tracing
+from worker import metrics, tracing
+from worker.batch import TP, Batch, decode_into, finish_batch
 from worker.config import Settings
-from worker.errors import StaleOffsets, TransientError
-from worker.faults import NO_FAULTS, Faults
+from worker.errors import BrokerUnavailable, StaleOffsets, TransientError
+from worker.faults import NO_FAULTS, FaultPoint, Faults
 from worker.http import Health
-from worker.pipeline import Batch, Outcome, Pipeline, decode_into, finish_batch
+from worker.kafka import GroupConsumer
+from worker.outcome import Outcome
+from worker.pipeline import Pipeline
+from worker.retry import Backoff, Stopped, retry_transient, sleep_or_stop
 from worker.store import Database
 
 log = structlog.get_logger("worker.consumer")
@@ -34,8 +33,7 @@ REVOKE_WAIT = 10.0  # seconds a revocation waits for the in-flight batch to comm
 KAFKA_COMMIT_TIMEOUT = 5.0  # seconds; the Kafka commit is informational and must never stall the loop
 DECODE_SLICE = 250  # records decoded between two yields to the event loop (~4 ms of CPU)
 GROUP_SETTLE_FACTOR = 1.5  # x session timeout an assignment must have lasted before the worker calls itself idle
-
-TP = tuple[str, int]
+FETCH_RETRY_PAUSE = 1.0  # seconds after a failed fetch
 
 
 class Consumer:
@@ -55,7 +53,7 @@ class Consumer:
         self.health = health
         self.on_commit = on_commit
         self.faults = faults
-        self.kafka: Any = None
+        self.kafka = GroupConsumer(settings, settings.input_topics, _Rebalance(self))
         self.assigned: set[TP] = set()
         self.positions: dict[TP, int | None] = {}  # next offset stored in the database (None: none yet)
         self.unsynced: set[TP] = set()  # assigned, but not yet sought to the stored position
@@ -70,21 +68,11 @@ class Consumer:
     # --- lifecycle ----------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        consumer = kafka.consumer(self.settings)
-        consumer.subscribe(topics=list(self.settings.input_topics), listener=_Rebalance(self))
-        try:
-            await consumer.start()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await consumer.stop()  # release its connections before the caller retries
-            raise
-        self.kafka = consumer
+        await self.kafka.start()
 
     async def stop(self) -> None:
         """Leave the group (the coordinator reassigns our partitions right away)."""
-        if self.kafka is not None:
-            with contextlib.suppress(KafkaError, OSError, asyncio.TimeoutError):
-                await asyncio.wait_for(self.kafka.stop(), timeout=10)
+        await self.kafka.stop()
 
     async def run(self, stop: asyncio.Event, *, exit_when_idle: float | None = None) -> None:
         """Consume until ``stop`` is set (or, with ``exit_when_idle``, until caught up and quiet).
@@ -99,13 +87,12 @@ class Consumer:
                 await self._sync_positions(stop)
                 sought = dict(self.seeks)  # before the fetch: a seek during it makes its records stale
                 try:
-                    fetched = await self.kafka.getmany(
-                        timeout_ms=int(self.settings.batch_max_wait * 1000),
-                        max_records=self.settings.batch_max_records,
+                    fetched = await self.kafka.fetch(
+                        timeout=self.settings.batch_max_wait, max_records=self.settings.batch_max_records
                     )
-                except KafkaError as exc:
+                except BrokerUnavailable as exc:
                     log.warning("fetch_failed", error=str(exc))
-                    await _sleep_or_stop(stop, 1.0)
+                    await sleep_or_stop(stop, FETCH_RETRY_PAUSE)
                     continue
                 live = self._live()
                 # Only partitions we own and have sought; never records below the stored position (those are
@@ -113,9 +100,9 @@ class Consumer:
                 records = [
                     record
                     for tp, batch in fetched.items()
-                    if (tp.topic, tp.partition) in live
+                    if tp in live
                     for record in batch
-                    if record.offset >= (self.positions.get((tp.topic, tp.partition)) or 0)
+                    if record.offset >= (self.positions.get(tp) or 0)
                 ]
                 self._update_lag()
                 if not records:
@@ -139,6 +126,10 @@ class Consumer:
                 finish_batch(batch)
                 decoding.end()
                 metrics.BATCH_DURATION.labels(stage="decode").observe(time.perf_counter() - started)
+                try:
+                    await self.pipeline.prepare(batch)  # overlaps the batch in flight; apply retries it if need be
+                except TransientError as exc:
+                    log.debug("batch_prepare_deferred", error=str(exc))
                 if in_flight is not None:
                     await in_flight
                 in_flight = asyncio.create_task(self._apply(batch, sought, started, span), name="apply-batch")
@@ -160,30 +151,21 @@ class Consumer:
             span.end()
 
     async def _apply_retrying(self, batch: Batch, sought: dict[TP, int], started: float, span: tracing.Span) -> None:
-        def before_sleep(state: RetryCallState) -> None:
-            error = state.outcome.exception() if state.outcome else None
+        def retried(error: BaseException, attempt: int, _wait: float) -> None:
             if self.health.retrying_since is None:
                 self.health.retrying_since = time.monotonic()
             metrics.DATABASE_RETRIES.labels(error=type(error).__name__).inc()
             metrics.BATCHES.labels(result="retried").inc()
-            log.warning("batch_retry", attempt=state.attempt_number, error=str(error), messages=len(batch))
+            log.warning("batch_retry", attempt=attempt, error=str(error), messages=len(batch))
 
         # Transient failures retry the whole batch with exponential backoff and jitter, for as long as it
         # takes: skipping would lose data. A shutdown cancels the wait; the batch is then redelivered.
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(TransientError),
-            wait=wait_random_exponential(
-                multiplier=self.settings.retry_initial_backoff, max=self.settings.retry_max_backoff
-            ),
-            stop=stop_never,
-            before_sleep=before_sleep,
-            reraise=True,
-        )
-        outcome: Outcome | None = None
         try:
-            async for attempt in retrying:
-                with attempt:
-                    outcome = await self._apply_once(batch, sought, started, span)
+            outcome = await retry_transient(
+                lambda: self._apply_once(batch, sought, started, span),
+                Backoff.of(self.settings, jitter=True),
+                on_retry=retried,
+            )
         except StaleOffsets:
             metrics.BATCHES.labels(result="fenced").inc()
             log.warning("batch_fenced", partitions=sorted(batch.last_offsets))
@@ -223,7 +205,7 @@ class Consumer:
             for (topic, partition), last in batch.last_offsets.items():
                 self.positions[(topic, partition)] = last + 1
                 metrics.LAST_COMMIT.labels(topic=topic, partition=str(partition)).set(now)
-            self.faults.hit("after_db_commit")
+            self.faults.hit(FaultPoint.AFTER_DB_COMMIT)
             with tracing.stage(span, "kafka_commit"):
                 await self._commit_kafka(batch)
             done = time.perf_counter()
@@ -250,13 +232,10 @@ class Consumer:
 
     async def _commit_kafka(self, batch: Batch) -> None:
         """Mirror the stored offsets to Kafka for lag tooling. Best effort: PostgreSQL is the truth."""
-        offsets = {
-            TopicPartition(topic, partition): OffsetAndMetadata(last + 1, "")
-            for (topic, partition), last in batch.last_offsets.items()
-        }
+        offsets = {tp: last + 1 for tp, last in batch.last_offsets.items()}
         try:
-            await asyncio.wait_for(self.kafka.commit(offsets), timeout=KAFKA_COMMIT_TIMEOUT)
-        except (TimeoutError, KafkaError, OSError) as exc:
+            await self.kafka.commit(offsets, timeout=KAFKA_COMMIT_TIMEOUT)
+        except BrokerUnavailable as exc:
             log.debug("kafka_commit_skipped", error=str(exc))
 
     # --- positions ----------------------------------------------------------------------------------
@@ -266,17 +245,18 @@ class Consumer:
 
     async def _sync_positions(self, stop: asyncio.Event) -> None:
         """Seek partitions that need it to the offsets stored in the database (retrying until it answers)."""
-        delay = self.settings.retry_initial_backoff
-        while self.unsynced & self.assigned and not stop.is_set():
-            try:
+
+        async def sync() -> None:
+            if self.unsynced & self.assigned and not stop.is_set():
                 await self.seek_to_stored(sorted(self.unsynced & self.assigned))
                 self.health.database_ok = True
-                return
-            except TransientError as exc:
-                self.health.database_ok = False
-                log.warning("position_sync_failed", error=str(exc))
-                await _sleep_or_stop(stop, delay)
-                delay = min(delay * 2, self.settings.retry_max_backoff)
+
+        def failed(error: BaseException, _attempt: int, _wait: float) -> None:
+            self.health.database_ok = False
+            log.warning("position_sync_failed", error=str(error))
+
+        with contextlib.suppress(Stopped):
+            await retry_transient(sync, Backoff.of(self.settings), stop=stop, on_retry=failed)
 
     async def seek_to_stored(self, partitions: list[TP]) -> None:
         # After the batch in flight (if any) committed: it may advance the very positions we are about to read.
@@ -290,29 +270,24 @@ class Consumer:
             (o.topic, o.partition): o.next_offset
             for o in await self.db.load_offsets(self.settings.kafka_group_id, partitions)
         }
-        for topic, partition in partitions:
-            tp = TopicPartition(topic, partition)
-            if (topic, partition) not in self.assigned:
-                continue
-            if (topic, partition) in stored:
-                self.kafka.seek(tp, stored[(topic, partition)])
-            else:
-                await self.kafka.seek_to_beginning(tp)
-            self.positions[(topic, partition)] = stored.get((topic, partition))
-            self.seeks[(topic, partition)] = self.seeks.get((topic, partition), 0) + 1
-            self.unsynced.discard((topic, partition))
+        for tp in partitions:
+            if tp in self.assigned:
+                await self.kafka.seek(tp, stored.get(tp))
+                self.positions[tp] = stored.get(tp)
+                self.seeks[tp] = self.seeks.get(tp, 0) + 1
+                self.unsynced.discard(tp)
         log.info("positions_synced", positions={f"{t}:{p}": stored.get((t, p)) for t, p in partitions})
 
     # --- lag and idleness ---------------------------------------------------------------------------
 
     def _lag(self, tp: TP) -> int | None:
         """High watermark from fetch responses minus the stored position (ListOffsets is not trusted)."""
-        if self.kafka is None or tp in self.unsynced:
+        if tp in self.unsynced:
             return None
-        highwater = self.kafka.highwater(TopicPartition(*tp))
+        highwater = self.kafka.highwater(tp)
         if highwater is None:
             return None
-        return max(0, int(highwater) - (self.positions.get(tp) or 0))
+        return max(0, highwater - (self.positions.get(tp) or 0))
 
     def _update_lag(self) -> None:
         for tp in self.assigned:
@@ -340,13 +315,13 @@ class Consumer:
                 metrics.LAST_COMMIT.remove(topic, str(partition))
 
 
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+class _Rebalance:
     """Stop work on revoked partitions; start assigned ones from the offsets stored in the database."""
 
     def __init__(self, consumer: Consumer) -> None:
         self.consumer = consumer
 
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+    async def on_revoked(self, revoked: set[TP]) -> None:
         consumer = self.consumer
         metrics.REBALANCES.labels(event="revoked").inc()
         # Let the in-flight batch commit first (its offsets then tell the next owner where to start).
@@ -356,7 +331,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
             await asyncio.wait_for(consumer.batch_lock.acquire(), REVOKE_WAIT)
             acquired = True
         try:
-            gone = {(tp.topic, tp.partition) for tp in revoked}
+            gone = set(revoked)
             consumer.assigned -= gone
             consumer.unsynced -= gone
             consumer.forget(gone)
@@ -365,12 +340,12 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         finally:
             if acquired:
                 consumer.batch_lock.release()
-        log.info("partitions_revoked", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in revoked))
+        log.info("partitions_revoked", partitions=sorted(f"{t}:{p}" for t, p in revoked))
 
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+    async def on_assigned(self, assigned: set[TP]) -> None:
         consumer = self.consumer
         metrics.REBALANCES.labels(event="assigned").inc()
-        new = {(tp.topic, tp.partition) for tp in assigned}
+        new = set(assigned)
         consumer.assigned = set(new)
         # Another member may have moved these partitions on: always re-read the stored positions.
         consumer.unsynced = set(new)
@@ -401,8 +376,3 @@ def _record(outcome: Outcome) -> None:
         metrics.UNKNOWN_MODEL_EVENTS.inc(outcome.unknown_models)
     if outcome.catalogue_estimates:
         metrics.CATALOGUE_ESTIMATES.inc(outcome.catalogue_estimates)
-
-
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)

@@ -14,16 +14,15 @@ from uuid import UUID
 
 import jiter
 from pydantic import BaseModel, ValidationError
-from pydantic_core import PydanticCustomError
 
-from worker.models import BUCKET_MODELS, MAX_AMOUNT, MAX_MAGNITUDE, ApiUsageEvent, ProviderEnvelope
-from worker.providers import EXACT, LedgerLine, bucket_reports, lines_for, window_of
+from worker.errors import InvalidInput
+from worker.limits import EXACT, MAX_DETAIL, MAX_LINE_ITEM, MAX_MAGNITUDE
+from worker.models import BUCKET_MODELS, MAX_AMOUNT, ApiUsageEvent, ProviderEnvelope
+from worker.providers import LedgerLine, bucket_reports, lines_for, window_of
 from worker.quarantine import Quarantined, Reason, Source
 
-MAX_DETAIL = 500  # characters of validation detail kept with a quarantined message
-MAX_LINE_ITEM = 512  # characters of a ledger line item (cost_data's CHECK)
-
-# pydantic's own error types, mapped to reasons (custom errors already carry a reason as their type).
+# pydantic's own error types, mapped to reasons (custom errors raised in the models' validators carry a reason as
+# their type). Every other check raises ``InvalidInput(reason, detail)``.
 NATIVE_REASONS: dict[str, Reason] = {
     "finite_number": Reason.INVALID_NUMBER,
     "decimal_max_places": Reason.INVALID_AMOUNT,
@@ -46,13 +45,8 @@ _CUSTOM_REASONS = {reason.value: reason for reason in Reason}
 _OUT_OF_RANGE = ("number out of range", "InvalidOperation")
 
 
-API_USAGE_COLUMNS = 16  # leading fields of ApiEvent that are insert_api_usage's parameters
-
-
 class ApiEvent(NamedTuple):
-    """A validated API-usage event. Its first ``API_USAGE_COLUMNS`` fields are the columns of ``api_usage`` in the
-    order ``insert_api_usage`` takes them, so a batch becomes column arrays with one ``zip``. (A NamedTuple:
-    one is built per event, on the hot path.)"""
+    """A validated API-usage event (a NamedTuple: one is built per event, on the hot path)."""
 
     organization_id: UUID
     event_id: str
@@ -106,16 +100,9 @@ class ProviderMessage:
     windows: list[tuple[str, datetime, datetime]] = field(default_factory=list)
 
 
-class _Invalid(Exception):
-    def __init__(self, reason: Reason, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-
-
 def parse_json(payload: bytes, *, max_bytes: int) -> dict[str, Any]:
     if len(payload) > max_bytes:
-        raise _Invalid(Reason.OVERSIZED, f"{len(payload)} bytes, more than the limit of {max_bytes}")
+        raise InvalidInput(Reason.OVERSIZED, f"{len(payload)} bytes, more than the limit of {max_bytes}")
     try:
         parsed = jiter.from_json(
             payload, float_mode="decimal", catch_duplicate_keys=True, allow_inf_nan=True, cache_mode="keys"
@@ -125,14 +112,16 @@ def parse_json(payload: bytes, *, max_bytes: int) -> dict[str, Any]:
         try:
             payload.decode("utf-8")
         except UnicodeDecodeError as utf8:
-            raise _Invalid(Reason.NOT_UTF8, f"not UTF-8 at byte {utf8.start}") from None
+            raise InvalidInput(Reason.NOT_UTF8, f"not UTF-8 at byte {utf8.start}") from None
         if "duplicate key" in message:
-            raise _Invalid(Reason.DUPLICATE_KEY, message) from None
+            raise InvalidInput(Reason.DUPLICATE_KEY, message) from None
         if any(marker in message for marker in _OUT_OF_RANGE):  # valid JSON, absurd magnitude
-            raise _Invalid(Reason.INVALID_NUMBER, f"number out of range ({message.rpartition(' at ')[2]})") from None
-        raise _Invalid(Reason.NOT_JSON, message) from None
+            raise InvalidInput(
+                Reason.INVALID_NUMBER, f"number out of range ({message.rpartition(' at ')[2]})"
+            ) from None
+        raise InvalidInput(Reason.NOT_JSON, message) from None
     if not isinstance(parsed, dict):
-        raise _Invalid(Reason.SCHEMA_VIOLATION, f"the message must be a JSON object, not {type(parsed).__name__}")
+        raise InvalidInput(Reason.SCHEMA_VIOLATION, f"the message must be a JSON object, not {type(parsed).__name__}")
     return parsed
 
 
@@ -186,7 +175,7 @@ def decode_api_event(payload: bytes, source: Source, *, max_bytes: int) -> ApiEv
     try:
         parsed = parse_json(payload, max_bytes=max_bytes)
         event = ApiUsageEvent.model_validate(parsed)
-    except _Invalid as bad:
+    except InvalidInput as bad:
         return Quarantined(source, payload, bad.reason, _clean(bad.detail))
     except ValidationError as exc:
         reason, detail = reason_for(exc)
@@ -244,9 +233,9 @@ def _check_lines(lines: list[LedgerLine]) -> None:
     quantities = Decimal(0)
     for line in lines:
         if "\x00" in line.line_item:
-            raise _Invalid(Reason.INVALID_TEXT, "a line item holds a NUL character")
+            raise InvalidInput(Reason.INVALID_TEXT, "a line item holds a NUL character")
         if len(line.line_item) > MAX_LINE_ITEM:
-            raise _Invalid(
+            raise InvalidInput(
                 Reason.SCHEMA_VIOLATION, f"a line item of {len(line.line_item)} characters, more than {MAX_LINE_ITEM}"
             )
         with localcontext(EXACT):  # rounding could carry a total just below a bound across it
@@ -255,9 +244,11 @@ def _check_lines(lines: list[LedgerLine]) -> None:
             if line.quantity is not None:
                 quantities += line.quantity
     if amounts >= MAX_AMOUNT:
-        raise _Invalid(Reason.INVALID_NUMBER, f"the message's amounts add up to {amounts:.3E}, {MAX_AMOUNT} or more")
+        raise InvalidInput(
+            Reason.INVALID_NUMBER, f"the message's amounts add up to {amounts:.3E}, {MAX_AMOUNT} or more"
+        )
     if quantities >= MAX_MAGNITUDE:
-        raise _Invalid(
+        raise InvalidInput(
             Reason.INVALID_NUMBER, f"the message's quantities add up to {quantities:.3E}, {MAX_MAGNITUDE} or more"
         )
 
@@ -273,7 +264,7 @@ def decode_provider_message(
             len(b["results"]) for b in raw_buckets if isinstance(b, dict) and isinstance(b.get("results"), list)
         )
         if total > max_results:
-            raise _Invalid(Reason.TOO_MANY_RESULTS, f"{total} results, more than the limit of {max_results}")
+            raise InvalidInput(Reason.TOO_MANY_RESULTS, f"{total} results, more than the limit of {max_results}")
         model = BUCKET_MODELS[(envelope.provider, envelope.api_version)]
         message = ProviderMessage(
             source=source,
@@ -301,18 +292,13 @@ def decode_provider_message(
                 message.lines.extend(bucket_lines)
             except ValidationError as exc:
                 reason, detail = reason_for(exc)
-                raise _Invalid(reason, f"bucket {index}: {detail}") from None
-            except PydanticCustomError as exc:
-                raise _Invalid(
-                    _CUSTOM_REASONS.get(exc.type, Reason.SCHEMA_VIOLATION), f"bucket {index}: {exc}"
-                ) from None
+                raise InvalidInput(reason, f"bucket {index}: {detail}") from None
+            except InvalidInput as bad:
+                raise InvalidInput(bad.reason, f"bucket {index}: {bad.detail}") from None
         _check_lines(message.lines)
-    except _Invalid as bad:
+    except InvalidInput as bad:
         return Quarantined(source, payload, bad.reason, _clean(bad.detail))
     except ValidationError as exc:
         reason, detail = reason_for(exc)
         return Quarantined(source, payload, reason, _clean(detail))
-    except PydanticCustomError as exc:  # raised outside a model (envelope.buckets())
-        reason = _CUSTOM_REASONS.get(exc.type, Reason.SCHEMA_VIOLATION)
-        return Quarantined(source, payload, reason, _clean(str(exc)))
     return message

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from aiokafka import AIOKafkaProducer
 from pydantic import SecretStr
 
 from worker import admin, devstack, kafka, logs, store
@@ -415,14 +414,12 @@ def _openai_costs(start: datetime, results: list[tuple[str | None, str, str]]) -
 
 async def publish_demo(settings: Settings) -> int:
     events, buckets = demo_stream(datetime.now(UTC))
-    producer = AIOKafkaProducer(
-        **settings.kafka_options(), linger_ms=5, enable_idempotence=settings.kafka_producer_idempotence
-    )
+    producer = kafka.Producer(settings)
     await producer.start()
     try:
-        futures = [await producer.send(settings.topic_api_usage, e) for e in events]
-        futures += [await producer.send(settings.topic_provider_buckets, b) for b in buckets]
-        await asyncio.gather(*futures)
+        deliveries = [await producer.send(settings.topic_api_usage, e) for e in events]
+        deliveries += [await producer.send(settings.topic_provider_buckets, b) for b in buckets]
+        await asyncio.gather(*deliveries)
     finally:
         await producer.stop()
     return len(events) + len(buckets)

@@ -128,13 +128,3 @@ def database_url(base_url: str, database: str) -> str:
 def remove_tree(path: Path) -> None:
     if path.exists():
         shutil.rmtree(path)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

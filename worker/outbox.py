@@ -14,12 +14,13 @@ import json
 from typing import Any
 
 import structlog
-from aiokafka.errors import KafkaError
 
-from worker import kafka, metrics
+from worker import metrics
 from worker.config import Settings
 from worker.errors import TransientError
-from worker.faults import NO_FAULTS, Faults
+from worker.faults import NO_FAULTS, FaultPoint, Faults
+from worker.kafka import Producer
+from worker.retry import Backoff, Stopped, retry_transient
 from worker.store import Database
 
 log = structlog.get_logger("worker.outbox")
@@ -33,41 +34,28 @@ class OutboxPublisher:
         self.db = db
         self.faults = faults
         self.wake = asyncio.Event()
-        self.producer: Any = None
-
-    async def _producer(self) -> Any:
-        if self.producer is None:
-            producer = kafka.producer(self.settings)
-            try:
-                await producer.start()
-            except (KafkaError, OSError) as exc:
-                with contextlib.suppress(Exception):
-                    await producer.stop()
-                raise TransientError(f"cannot start the Kafka producer: {exc}") from exc
-            self.producer = producer
-        return self.producer
+        self.producer = Producer(settings)
 
     async def close(self) -> None:
-        if self.producer is not None:
-            with contextlib.suppress(KafkaError, OSError, asyncio.TimeoutError):
-                await asyncio.wait_for(self.producer.stop(), timeout=10)
-            self.producer = None
+        await self.producer.stop()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Publish whenever a batch wrote outbox rows (``wake``) or every poll interval."""
-        delay = self.settings.retry_initial_backoff
+
+        async def drain() -> None:
+            while await self.publish_round():
+                pass
+            await self.update_gauges()
+
+        def failed(error: BaseException, _attempt: int, _wait: float) -> None:
+            metrics.OUTBOX_FAILURES.labels(error=type(error).__name__).inc()
+            log.warning("outbox_publish_failed", error=str(error))
+
         while not stop.is_set():
             try:
-                while await self.publish_round():
-                    pass
-                await self.update_gauges()
-                delay = self.settings.retry_initial_backoff
-            except TransientError as exc:
-                metrics.OUTBOX_FAILURES.labels(error=type(exc).__name__).inc()
-                log.warning("outbox_publish_failed", error=str(exc))
-                await _wait(stop, delay)
-                delay = min(delay * 2, self.settings.retry_max_backoff)
-                continue
+                await retry_transient(drain, Backoff.of(self.settings), stop=stop, on_retry=failed)
+            except Stopped:
+                return
             self.wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(_first(stop, self.wake), timeout=self.settings.outbox_poll_interval)
@@ -86,20 +74,17 @@ class OutboxPublisher:
 
     async def publish_round(self) -> int:
         """Publish one claimed round of rows; returns how many rows were claimed (0: outbox empty)."""
-        producer = await self._producer()
+        await self.producer.start()
         async with self.db.transaction() as tx:
             rows = await tx.outbox_claim(self.settings.outbox_batch)
             if not rows:
                 return 0
-            self.faults.hit("before_outbox_publish")
+            self.faults.hit(FaultPoint.BEFORE_OUTBOX_PUBLISH)
             sent = []
             for row in rows:
                 headers = [(name, str(value).encode()) for name, value in _headers(row["headers"]).items()]
-                try:
-                    future = await producer.send(row["topic"], value=row["value"], key=row["key"], headers=headers)
-                except KafkaError as exc:
-                    future = _failed(exc)
-                sent.append((row, future))
+                delivery = await self.producer.send(row["topic"], row["value"], key=row["key"], headers=headers)
+                sent.append((row, delivery))
             try:
                 results = await asyncio.wait_for(
                     asyncio.gather(*(f for _, f in sent), return_exceptions=True), timeout=PUBLISH_TIMEOUT
@@ -115,8 +100,9 @@ class OutboxPublisher:
             if done:
                 await tx.outbox_delete(done)
             for row, error in failed:
-                await tx.outbox_failed([row["id"]], f"{type(error).__name__}: {error}")
-                metrics.OUTBOX_FAILURES.labels(error=type(error).__name__).inc()
+                kind = error.kind if isinstance(error, TransientError) else type(error).__name__
+                await tx.outbox_failed([row["id"]], f"{kind}: {error}")
+                metrics.OUTBOX_FAILURES.labels(error=kind).inc()
             for (row, _), result in zip(sent, results, strict=True):
                 if not isinstance(result, Exception):
                     metrics.OUTBOX_PUBLISHED.labels(topic=row["topic"]).inc()
@@ -137,12 +123,6 @@ def _headers(value: Any) -> dict[str, Any]:
     return dict(value or {})
 
 
-def _failed(exc: BaseException) -> asyncio.Future[Any]:
-    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-    future.set_exception(exc)
-    return future
-
-
 async def _first(*events: asyncio.Event) -> None:
     waiters = [asyncio.create_task(event.wait()) for event in events]
     try:
@@ -150,8 +130,3 @@ async def _first(*events: asyncio.Event) -> None:
     finally:
         for waiter in waiters:
             waiter.cancel()
-
-
-async def _wait(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)

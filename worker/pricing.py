@@ -23,7 +23,7 @@ import bisect
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal, localcontext
 from functools import cache, lru_cache
@@ -33,7 +33,8 @@ from genai_prices import data_snapshot
 from genai_prices.types import ModelInfo, ModelPrice, Provider, TieredPrices, Usage
 from genai_prices.units import UnitRegistry, _get_registry
 
-from worker.providers import EXACT, LedgerLine
+from worker.limits import EXACT
+from worker.providers import LedgerLine
 
 CATALOGUE = "genai-prices"
 CATALOGUE_VERSION = version("genai-prices")
@@ -206,24 +207,20 @@ class PriceBook:
             )
         return None
 
-    def price(self, line: LedgerLine) -> bool:
-        """Fill in the line's amount, currency and price source; returns False when the line stays unpriced."""
+    def priced(self, line: LedgerLine) -> tuple[LedgerLine, bool]:
+        """The line with its amount, currency and price source filled in (a new line: the one given is left as
+        it was), and whether it has a price (False: it stays unpriced, amount NULL)."""
         assert line.quantity is not None, "usage lines carry a quantity"
         found = self.quote(line)
         if found is None:
             if line.quantity == 0:
-                line.amount = Decimal(0)
-                return True
-            line.amount = None
-            line.metadata["unpriced"] = {"model": line.price_model, "token_type": line.price_token_type}
-            return False
-        line.amount = found.amount(line.quantity)
-        line.currency = found.currency
-        line.metadata["price_source"] = found.source
-        line.metadata["unit_price"] = str(found.unit_price)
+                return replace(line, amount=Decimal(0)), True
+            unpriced = {"model": line.price_model, "token_type": line.price_token_type}
+            return replace(line, amount=None, metadata={**line.metadata, "unpriced": unpriced}), False
+        metadata = {**line.metadata, "price_source": found.source, "unit_price": str(found.unit_price)}
         if found.per != 1:
-            line.metadata["price_per"] = found.per
-        return True
+            metadata["price_per"] = found.per
+        return replace(line, amount=found.amount(line.quantity), currency=found.currency, metadata=metadata), True
 
 
 def price_keys(lines: Iterable[LedgerLine]) -> set[tuple[str, str]]:

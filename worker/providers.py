@@ -37,12 +37,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import Context, Decimal
+from decimal import Decimal
 from typing import Any
 
 from pydantic import BaseModel
-from pydantic_core import PydanticCustomError
 
+from worker.errors import InvalidInput
+from worker.limits import EXACT
 from worker.models import (
     AnthropicCostBucket,
     AnthropicUsageBucket,
@@ -57,9 +58,6 @@ ALL_LINE_ITEMS = "all"  # line_item of a cost result the provider did not group 
 UNKNOWN_MODEL = "unknown-model"  # usage results not grouped by model
 TOKENS = "tokens"
 REQUESTS = "requests"
-# Decimal arithmetic rounds to the context's precision (28 digits by default); money has up to 46 (12 whole
-# digits, 34 decimal places), so exact operations on it get a context wide enough never to round.
-EXACT = Context(prec=60)
 
 # --- reports ----------------------------------------------------------------------------------------------
 OPENAI_COSTS = "openai.costs"
@@ -201,8 +199,8 @@ def bucket_reports(provider: str, api_version: str, lines: list[LedgerLine], end
     return found or [report_of(provider, api_version, endpoint)]
 
 
-def _inconsistent(message: str) -> PydanticCustomError:
-    return PydanticCustomError(Reason.INCONSISTENT_DATA.value, message)
+def _inconsistent(message: str) -> InvalidInput:
+    return InvalidInput(Reason.INCONSISTENT_DATA, message)
 
 
 def lines_for(
@@ -263,9 +261,7 @@ def lines_for(
             )
     elif isinstance(bucket, OpenAIUsageBucket):
         if endpoint is not None and endpoint not in ENDPOINT_OBJECTS:
-            raise PydanticCustomError(
-                Reason.UNSUPPORTED_SOURCE.value, "unknown usage endpoint {endpoint}", {"endpoint": endpoint[:64]}
-            )
+            raise InvalidInput(Reason.UNSUPPORTED_SOURCE, f"unknown usage endpoint {endpoint[:64]}")
         for counted in bucket.results:
             name = _endpoint_of(counted, endpoint)
             tier = "batch" if counted.batch else _tier(counted.service_tier)
@@ -333,9 +329,7 @@ def _endpoint_of(result: OpenAIUsageResult, envelope_endpoint: str | None) -> st
         return envelope_endpoint or OPENAI_DEFAULT_USAGE_ENDPOINT
     name = OBJECT_ENDPOINTS.get(result.object)
     if name is None:
-        raise PydanticCustomError(
-            Reason.UNSUPPORTED_SOURCE.value, "unknown usage result object {object}", {"object": result.object}
-        )
+        raise InvalidInput(Reason.UNSUPPORTED_SOURCE, f"unknown usage result object {result.object}")
     if envelope_endpoint is not None and name != envelope_endpoint:
         raise _inconsistent(f"a {result.object} in a bucket of the {envelope_endpoint} endpoint")
     return name

@@ -21,13 +21,13 @@ import asyncio
 import csv
 import io
 import re
-from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from worker.config import Settings
 from worker.errors import ConfigError
+from worker.rows import Rate
 from worker.store import Database
 
 FORMATS = ("ecb", "pairs")
@@ -38,14 +38,6 @@ MAX_RATE = Decimal("1e12")  # exclusive (matches the database CHECK)
 MAX_PROBLEMS_SHOWN = 20
 _CODE = re.compile(r"^[A-Z]{3}$")
 _MISSING = {"", "N/A", "NA", "-"}
-
-
-@dataclass(frozen=True, slots=True)
-class Rate:
-    base: str
-    quote: str
-    effective_date: date
-    rate: Decimal
 
 
 def _date(text: str) -> date:

@@ -14,13 +14,31 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from operator import attrgetter
 from typing import Any, ParamSpec, TypeVar
 from uuid import UUID
 
 import asyncpg
 
+from worker.alerts import Alert
+from worker.decode import ApiEvent
 from worker.errors import DatabaseUnavailable, DataRejected, FatalError
+from worker.pricing import Price
+from worker.quarantine import Quarantined
+from worker.rows import (
+    BudgetPeriod,
+    LedgerRow,
+    ProjectLink,
+    Rate,
+    Retired,
+    UsageRows,
+    UsageStored,
+    WindowKey,
+    WindowRevision,
+    WindowStates,
+)
 from worker.sql import query
+from worker.touches import Touch
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -319,37 +337,116 @@ class Tx:
 
     async def lookup_event_references(
         self, organizations: set[UUID], projects: set[UUID], users: set[UUID]
-    ) -> list[asyncpg.Record]:
-        return await self.conn.fetch(query("lookup_event_references"), list(organizations), list(projects), list(users))
+    ) -> dict[tuple[str, int], UUID]:
+        """{(kind, id.int): organization} of the organizations, projects and users that exist."""
+        rows = await self.conn.fetch(query("lookup_event_references"), list(organizations), list(projects), list(users))
+        return {(row["kind"], row["id"].int): row["organization_id"] for row in rows}
 
     async def lookup_provider_projects(
         self, provider_orgs: set[tuple[str, str]], legacy_ids: set[str]
-    ) -> list[asyncpg.Record]:
+    ) -> list[ProjectLink]:
         pairs = sorted(provider_orgs)
-        return await self.conn.fetch(
+        rows = await self.conn.fetch(
             query("lookup_provider_projects"), [p[0] for p in pairs], [p[1] for p in pairs], sorted(legacy_ids)
         )
+        return [
+            ProjectLink(
+                row["organization_id"],
+                row["id"],
+                row["ai_provider"],
+                row["ai_organization_id"],
+                row["ai_project_id"],
+                row["openai_project_id"],
+            )
+            for row in rows
+        ]
 
-    async def lookup_prices(self, keys: set[tuple[str, str]]) -> list[asyncpg.Record]:
+    async def lookup_prices(self, keys: set[tuple[str, str]]) -> list[Price]:
         pairs = sorted(keys)
-        return await self.conn.fetch(query("lookup_prices"), [p[0] for p in pairs], [p[1] for p in pairs])
+        rows = await self.conn.fetch(query("lookup_prices"), [p[0] for p in pairs], [p[1] for p in pairs])
+        return [
+            Price(
+                r["provider"],
+                r["model"],
+                r["token_type"],
+                r["price_per_million"],
+                r["currency"],
+                r["effective_from"],
+                r["id"],
+            )
+            for r in rows
+        ]
 
-    async def upsert_cost_data(self, columns: Sequence[Sequence[Any]]) -> list[asyncpg.Record]:
-        return await self.conn.fetch(query("upsert_cost_data"), *columns)
+    async def upsert_cost_windows(self, revisions: Sequence[WindowRevision]) -> WindowStates:
+        """Advance each window to its revision; per window 'advanced', 'same' or 'stale'."""
+        rows = await self.conn.fetch(
+            query("upsert_cost_windows"),
+            *_window_columns(revisions),
+            ["{" + ",".join(sorted(str(o) for o in r.organization_ids)) + "}" for r in revisions],
+        )
+        return WindowStates(
+            {revisions[row["ord"] - 1].window: row["state"] for row in rows},
+            {o.int: o for row in rows for o in row["organization_ids"]},
+        )
 
-    async def upsert_cost_windows(self, columns: Sequence[Sequence[Any]]) -> list[asyncpg.Record]:
-        return await self.conn.fetch(query("upsert_cost_windows"), *columns)
+    async def upsert_cost_data(self, rows: Sequence[LedgerRow]) -> list[tuple[str | None, datetime | None]]:
+        """Per row, in order: what was written ('inserted', 'updated' or None) and the revision kept."""
+        records = await self.conn.fetch(
+            query("upsert_cost_data"), *([column(r) for r in rows] for column in _LEDGER_COLUMNS)
+        )
+        by_ord = {record["ord"]: (record["result"], record["kept_revision"]) for record in records}
+        return [by_ord[i] for i in range(1, len(rows) + 1)]
 
-    async def retire_cost_data(self, columns: Sequence[Sequence[Any]]) -> list[asyncpg.Record]:
-        return await self.conn.fetch(query("retire_cost_data"), *columns)
+    async def retire_cost_data(self, revisions: Sequence[WindowRevision]) -> list[Retired]:
+        """Supersede the stored lines of older revisions of these windows; returns the lines retired."""
+        records = await self.conn.fetch(query("retire_cost_data"), *_window_columns(revisions))
+        return [
+            Retired(
+                r["organization_id"],
+                r["project_id"],
+                r["api_version"],
+                WindowKey(
+                    r["provider"], r["ai_organization_id"], r["report"], r["bucket_start_time"], r["bucket_end_time"]
+                ),
+            )
+            for r in records
+        ]
 
-    async def insert_api_usage(self, columns: Sequence[Sequence[Any]]) -> list[asyncpg.Record]:
-        return await self.conn.fetch(query("insert_api_usage"), *columns)
+    async def insert_api_usage(self, rows: UsageRows) -> UsageStored:
+        """Insert events (a redelivery is a no-op) with their hourly rollups."""
+        fields = dict(zip(ApiEvent._fields, zip(*rows.events, strict=True), strict=True))  # one C-level transpose
+        columns = [fields.get(name, ()) for name in UsageRows.EVENT_FIELDS]
+        inserted = 0
+        touched = []
+        conflicts = []
+        records = await self.conn.fetch(
+            query("insert_api_usage"), *columns, rows.providers, rows.estimates, rows.estimate_sources
+        )
+        for row in records:
+            if row["kind"] == "conflict":
+                conflicts.append((row["organization_id"], row["event_id"]))
+            else:
+                inserted += row["requests"]
+                touched.append(Touch(row["organization_id"], row["project_id"], row["user_id"], row["hour"]))
+        return UsageStored(inserted, touched, conflicts)
 
-    async def insert_quarantine(
-        self, columns: Sequence[Sequence[Any]], *, dead_letter_topic: str, max_bytes: int
-    ) -> int:
-        rows = await self.conn.fetch(query("insert_quarantine"), *columns, dead_letter_topic, max_bytes)
+    async def insert_quarantine(self, items: Sequence[Quarantined], *, dead_letter_topic: str, max_bytes: int) -> int:
+        """Quarantine rows with their dead letters; returns how many rows are new."""
+        ordered = sorted(items, key=lambda q: (q.source.topic, q.source.partition, q.source.offset))
+        rows = await self.conn.fetch(
+            query("insert_quarantine"),
+            [q.reason.value for q in ordered],
+            [q.detail for q in ordered],
+            [q.source.topic for q in ordered],
+            [q.source.partition for q in ordered],
+            [q.source.offset for q in ordered],
+            [q.source.key for q in ordered],
+            [q.payload for q in ordered],
+            [json.dumps({_text(k): _header_value(v) for k, v in q.source.headers}) for q in ordered],
+            [q.organization_id for q in ordered],
+            dead_letter_topic,
+            max_bytes,
+        )
         return len(rows)
 
     async def quarantine_pending(self, reason: str | None, limit: int) -> list[asyncpg.Record]:
@@ -363,7 +460,7 @@ class Tx:
             query("quarantine_requarantine"), [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
         )
 
-    async def budget_candidates(self, touched: Sequence[Any]) -> list[asyncpg.Record]:
+    async def budget_candidates(self, touched: Sequence[Touch]) -> list[asyncpg.Record]:
         return await self.conn.fetch(
             query("budget_candidates"),
             [t.organization_id for t in touched],
@@ -380,7 +477,7 @@ class Tx:
     async def lock_organizations(self, organizations: set[UUID]) -> None:
         await self.conn.fetchval(query("budget_lock_organizations"), sorted(organizations))
 
-    async def budget_spend(self, candidates: Sequence[Any]) -> list[Spend]:
+    async def budget_spend(self, candidates: Sequence[BudgetPeriod]) -> list[Spend]:
         rows = await self.conn.fetch(
             query("budget_spend"),
             [c.scope for c in candidates],
@@ -421,7 +518,7 @@ class Tx:
             [m[4] for m in messages],
         )
 
-    async def budget_unpriced(self, candidates: Sequence[Any]) -> list[int]:
+    async def budget_unpriced(self, candidates: Sequence[BudgetPeriod]) -> list[int]:
         rows = await self.conn.fetch(
             query("budget_unpriced"),
             [c.scope for c in candidates],
@@ -433,7 +530,7 @@ class Tx:
         by_ord = {row["ord"]: int(row["n"]) for row in rows}
         return [by_ord[i] for i in range(1, len(candidates) + 1)]
 
-    async def insert_alerts(self, alerts: Sequence[Any], *, topic: str, raised_at: datetime) -> set[str]:
+    async def insert_alerts(self, alerts: Sequence[Alert], *, topic: str, raised_at: datetime) -> set[str]:
         """Insert alerts (ON CONFLICT DO NOTHING) with an outbox row each; returns the ids inserted."""
         rows = await self.conn.fetch(
             query("insert_alerts"),
@@ -464,7 +561,7 @@ class Tx:
     async def prices_import(self, columns: Sequence[Sequence[Any]]) -> list[asyncpg.Record]:
         return await self.conn.fetch(query("prices_import"), *columns)
 
-    async def upsert_exchange_rates(self, rates: Sequence[Any], *, source: str) -> dict[str, int]:
+    async def upsert_exchange_rates(self, rates: Sequence[Rate], *, source: str) -> dict[str, int]:
         """Load rates; returns how many were inserted, updated and unchanged."""
         rows = await self.conn.fetch(
             query("upsert_exchange_rates"),
@@ -489,3 +586,54 @@ class Tx:
 
     async def outbox_failed(self, ids: list[int], error: str) -> None:
         await self.conn.execute(query("outbox_failed"), ids, error[:1000])
+
+
+def _metadata(row: LedgerRow) -> str:
+    return json.dumps(row.line.metadata, sort_keys=True, default=str)
+
+
+# upsert_cost_data's parameters, in order: what each takes from a LedgerRow.
+_LEDGER_COLUMNS: tuple[Callable[[LedgerRow], Any], ...] = (
+    *map(
+        attrgetter,
+        (
+            "key.organization_id",
+            "key.project_id",
+            "line.provider",
+            "line.ai_organization_id",
+            "line.ai_project_id",
+            "line.api_version",
+            "line.bucket_start",
+            "line.bucket_end",
+            "line.line_item",
+            "line.currency",
+            "line.amount",
+            "line.quantity",
+            "line.unit",
+        ),
+    ),
+    _metadata,
+    *map(attrgetter, ("collected_at", "source.partition", "source.offset", "line.report", "line.outside_cost_report")),
+)
+
+
+def _window_columns(revisions: Sequence[WindowRevision]) -> list[list[Any]]:
+    """A window statement's first parameters: the windows, then each one's revision."""
+    return [
+        [r.window.provider for r in revisions],
+        [r.window.ai_organization_id for r in revisions],
+        [r.window.report for r in revisions],
+        [r.window.start for r in revisions],
+        [r.window.end for r in revisions],
+        [r.collected_at for r in revisions],
+    ]
+
+
+def _text(value: str) -> str:
+    """Header text as jsonb can hold it: jsonb refuses \\u0000, which a producer may well send."""
+    return value.replace("\x00", "\ufffd")
+
+
+def _header_value(value: bytes | None) -> str | None:
+    """A Kafka header value for the quarantine row: any bytes, or null (Kafka allows a header without one)."""
+    return None if value is None else _text(value.decode("utf-8", "replace"))

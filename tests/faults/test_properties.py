@@ -26,9 +26,9 @@ from tests.faults.expectation import Delivered, Expected, expect, expected_alert
 from tests.faults.generator import Message, Stream, generate
 from tests.faults.harness import RESULTS, Record
 from tests.feeding import Feeder
+from worker.batch import decode_batch
 from worker.config import Settings
 from worker.errors import StaleOffsets
-from worker.pipeline import decode_batch
 
 PARTITIONS = 3
 EXAMPLES = 40

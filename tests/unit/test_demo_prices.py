@@ -24,7 +24,7 @@ def test_the_demo_has_no_unpriced_line_of_a_model_the_catalogue_knows() -> None:
             if line.price_model is None:
                 continue
             usage += 1
-            if book.price(line):
+            if book.priced(line)[1]:
                 priced += 1
             else:
                 unpriced.append(line.line_item)

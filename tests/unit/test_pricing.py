@@ -69,8 +69,9 @@ def test_override_prices_amount_to_the_plain_sum(truth: dict[str, int], table: d
             for name, price in table.items()
         ]
     )
-    lines = usage_lines("acme-llm", truth)
-    assert all(book.price(line) for line in lines)
+    priced = [book.priced(line) for line in usage_lines("acme-llm", truth)]
+    assert all(ok for _, ok in priced)
+    lines = [line for line, _ in priced]
     expected = sum((Decimal(truth[name]) * table[name] for name in CATEGORIES), Decimal(0)) / PER_MILLION
     assert sum((line.amount for line in lines if line.amount is not None), Decimal(0)) == expected
     assert {line.metadata["price_source"] for line in lines} == {"override:7"}
@@ -97,18 +98,20 @@ def _genai_usage(truth: dict[str, int]) -> genai_prices.Usage:
 @given(truth=truths, model=st.sampled_from(["gpt-4o", "gpt-4o-mini", "gpt-image-1", "gpt-4.1-mini", "o3"]))
 def test_catalogue_prices_amount_to_genai_prices_whole_calculation(truth: dict[str, int], model: str) -> None:
     book = PriceBook([])
-    lines = usage_lines(model, truth)
-    assert all(book.price(line) for line in lines)
+    priced = [book.priced(line) for line in usage_lines(model, truth)]
+    assert all(ok for _, ok in priced)
+    lines = [line for line, _ in priced]
     ours = sum((line.amount for line in lines if line.amount is not None), Decimal(0))
     theirs = genai_prices.calc_price(_genai_usage(truth), model, provider_id="openai", genai_request_timestamp=AT)
     assert ours == theirs.total_price
 
 
 def test_every_priced_line_names_the_catalogue_version() -> None:
-    lines = usage_lines("gpt-4o", dict.fromkeys(CATEGORIES, 1))
-    PriceBook([]).price(lines[0])
-    assert lines[0].metadata["price_source"] == f"genai-prices {CATALOGUE_VERSION}:openai/gpt-4o"
-    assert lines[0].metadata["unit_price"] == "2.50"
+    decoded = usage_lines("gpt-4o", dict.fromkeys(CATEGORIES, 1))[0]
+    line, _ = PriceBook([]).priced(decoded)
+    assert line.metadata["price_source"] == f"genai-prices {CATALOGUE_VERSION}:openai/gpt-4o"
+    assert line.metadata["unit_price"] == "2.50"
+    assert "price_source" not in decoded.metadata  # pricing makes a new line
 
 
 def test_an_override_applies_from_its_date_and_the_catalogue_before() -> None:
@@ -116,8 +119,9 @@ def test_an_override_applies_from_its_date_and_the_catalogue_before() -> None:
     book = PriceBook(
         [Price("openai", "gpt-4o", "input_text_tokens", Decimal(2), "USD", datetime(2026, 11, 2, tzinfo=UTC), 1)]
     )
-    assert book.price(line)
-    assert line.amount == Decimal("2.5")  # the catalogue: the override starts later
+    priced, ok = book.priced(line)
+    assert ok
+    assert priced.amount == Decimal("2.5")  # the catalogue: the override starts later
 
 
 def test_dimensions_select_variants_or_leave_the_line_unpriced() -> None:
@@ -140,6 +144,6 @@ def test_dimensions_select_variants_or_leave_the_line_unpriced() -> None:
 def test_a_line_without_any_price_stays_unpriced_unless_it_is_empty() -> None:
     lines = usage_lines("acme-llm", dict.fromkeys(CATEGORIES, 0) | {"input_text_tokens": 3})
     book = PriceBook([])
-    results = {line.line_item: (book.price(line), line.amount) for line in lines}
+    results = {line.line_item: (ok, line.amount) for line, ok in map(book.priced, lines)}
     assert results["acme-llm:input_text_tokens"] == (False, None)
     assert results["acme-llm:output_text_tokens"] == (True, Decimal(0))

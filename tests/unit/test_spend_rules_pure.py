@@ -8,8 +8,8 @@ import pytest
 
 from tests.spend_model import period, periods_overlapping
 from worker.model_providers import provider_of
-from worker.pipeline import midpoint
 from worker.providers import report_of
+from worker.touches import midpoint
 
 DAY = timedelta(days=1)
 

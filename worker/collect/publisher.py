@@ -15,7 +15,6 @@ the worker's snapshot rule makes the repeat change nothing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import Sequence
 from datetime import datetime
@@ -23,14 +22,14 @@ from decimal import Decimal
 from typing import Any
 
 import structlog
-from aiokafka.errors import KafkaError
 
-from worker import kafka, metrics
+from worker import metrics
 from worker.collect.errors import ProviderRejected
 from worker.collect.sources import Endpoint
 from worker.collect.store import OutboxConnection, StagedRow
 from worker.config import Settings
 from worker.errors import TransientError
+from worker.kafka import Producer
 
 log = structlog.get_logger("worker.collect.publisher")
 
@@ -78,23 +77,13 @@ class CollectorPublisher:
         self.settings = settings
         self.outbox = outbox
         self.wake = asyncio.Event()
-        self.producer: Any = None
+        self.producer = Producer(settings)  # acks=all, idempotent unless turned off for the dev broker
 
     async def start(self) -> None:
-        producer = kafka.producer(self.settings)  # acks=all, idempotent unless turned off for the dev broker
-        try:
-            await producer.start()
-        except (KafkaError, OSError) as exc:
-            with contextlib.suppress(Exception):
-                await producer.stop()
-            raise TransientError(f"cannot start the Kafka producer: {exc}") from exc
-        self.producer = producer
+        await self.producer.start()
 
     async def close(self) -> None:
-        if self.producer is not None:
-            with contextlib.suppress(KafkaError, OSError, asyncio.TimeoutError):
-                await asyncio.wait_for(self.producer.stop(), timeout=10)
-            self.producer = None
+        await self.producer.stop()
 
     async def publish_round(self) -> int:
         """Send one batch of staged rows; returns how many were acknowledged (0: nothing staged)."""
@@ -106,11 +95,11 @@ class CollectorPublisher:
         metrics.COLLECT_OUTBOX_BACKLOG.set(await self.outbox.backlog())
 
     async def _send(self, rows: Sequence[StagedRow]) -> None:
-        assert self.producer is not None, "start() first"
         try:
-            futures = [await self.producer.send(row.topic, value=row.message, key=row.key) for row in rows]
-            await asyncio.wait_for(asyncio.gather(*futures), timeout=PUBLISH_TIMEOUT)
-        except (KafkaError, TimeoutError) as exc:
-            raise TransientError(f"publishing staged buckets failed: {type(exc).__name__}: {exc}") from exc
+            deliveries = [await self.producer.send(row.topic, row.message, key=row.key) for row in rows]
+            await asyncio.wait_for(asyncio.gather(*deliveries), timeout=PUBLISH_TIMEOUT)
+        except (TransientError, TimeoutError) as exc:
+            kind = exc.kind if isinstance(exc, TransientError) else type(exc).__name__
+            raise TransientError(f"publishing staged buckets failed: {kind}: {exc}") from exc
         for row in rows:
             metrics.COLLECT_BUCKETS.labels(provider=row.provider, report=row.report).inc()

@@ -43,6 +43,7 @@ from worker.config import COLLECT_BACKFILL_DAYS, Settings
 from worker.errors import CostWorkerError, TransientError
 from worker.http import Health, HealthServer
 from worker.migrate import check_current
+from worker.retry import sleep_or_stop
 from worker.store import connect
 
 log = structlog.get_logger("worker.collect")
@@ -167,12 +168,12 @@ class Collector:
                     self.health.active = False
                     metrics.COLLECT_ACTIVE.set(0)
                     raise
-                await _wait(self.stop, delay)
+                await sleep_or_stop(self.stop, delay)
                 delay = min(delay * 2, self.settings.retry_max_backoff)
                 continue
             if once:
                 return EXIT_OK
-            await _wait(self.stop, self.settings.collect_interval)
+            await sleep_or_stop(self.stop, self.settings.collect_interval)
         return EXIT_OK
 
     async def _deliver(self, publisher: CollectorPublisher) -> None:
@@ -187,7 +188,7 @@ class Collector:
                     log.warning("collect_publish_left_for_next_start", error=str(exc))
                     return
                 log.warning("collect_publish_failed", error=str(exc), retry_in=delay)
-                await _wait(self.stop, delay)
+                await sleep_or_stop(self.stop, delay)
                 delay = min(delay * 2, self.settings.retry_max_backoff)
 
     async def _until_stopped(self, work: Coroutine[Any, Any, None]) -> bool:
@@ -329,11 +330,6 @@ class Collector:
     @staticmethod
     def _polled(endpoint: Endpoint, result: str) -> None:
         metrics.COLLECT_POLLS.labels(provider=endpoint.provider, report=endpoint.report, result=result).inc()
-
-
-async def _wait(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
 
 
 def run(settings: Settings, *, once: bool = False) -> int:

@@ -14,15 +14,15 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
-from aiokafka import ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
 
-from worker import kafka, metrics
+from worker import metrics
 from worker.config import Settings
-from worker.errors import StaleOffsets, TransientError
+from worker.errors import BrokerUnavailable, StaleOffsets, TransientError
 from worker.http import Health
+from worker.kafka import GroupConsumer
 from worker.notify import messages
 from worker.notify.store import NewDelivery, destinations_for, insert_deliveries
+from worker.retry import sleep_or_stop
 from worker.store import Database
 
 log = structlog.get_logger("worker.notify.consumer")
@@ -39,7 +39,7 @@ class AlertConsumer:
         self.db = db
         self.health = health
         self.on_created = on_created
-        self.kafka: Any = None
+        self.kafka = GroupConsumer(self.settings, [self.settings.topic_budget_alerts], _Rebalance(self))
         self.assigned: set[TP] = set()
         self.unsynced: set[TP] = set()
         self.positions: dict[TP, int | None] = {}
@@ -47,36 +47,24 @@ class AlertConsumer:
         self.last_record = time.monotonic()
 
     async def start(self) -> None:
-        consumer = kafka.consumer(self.settings)
-        consumer.subscribe(topics=[self.settings.topic_budget_alerts], listener=_Rebalance(self))
-        try:
-            await consumer.start()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await consumer.stop()
-            raise
-        self.kafka = consumer
+        await self.kafka.start()
 
     async def stop(self) -> None:
-        if self.kafka is not None:
-            with contextlib.suppress(KafkaError, OSError, asyncio.TimeoutError):
-                await asyncio.wait_for(self.kafka.stop(), timeout=10)
+        await self.kafka.stop()
 
     async def run(self, stop: asyncio.Event) -> None:
         pause = self.settings.retry_initial_backoff
         while not stop.is_set():
             try:
                 await self._sync()
-                fetched = await self.kafka.getmany(
-                    timeout_ms=int(self.settings.batch_max_wait * 1000), max_records=FETCH_MAX_RECORDS
-                )
+                fetched = await self.kafka.fetch(timeout=self.settings.batch_max_wait, max_records=FETCH_MAX_RECORDS)
                 live = self.assigned - self.unsynced
                 records = [
                     record
                     for tp, batch in fetched.items()
-                    if (tp.topic, tp.partition) in live
+                    if tp in live
                     for record in batch
-                    if record.offset >= (self.positions.get((tp.topic, tp.partition)) or 0)
+                    if record.offset >= (self.positions.get(tp) or 0)
                 ]
                 if records:
                     self.last_record = time.monotonic()
@@ -84,15 +72,15 @@ class AlertConsumer:
                 self._update_lag()
                 pause = self.settings.retry_initial_backoff
                 self.health.retrying_since = None
-            except KafkaError as exc:
+            except BrokerUnavailable as exc:
                 log.warning("notify_fetch_failed", error=str(exc))
-                await _sleep_or_stop(stop, 1.0)
+                await sleep_or_stop(stop, 1.0)
             except TransientError as exc:
                 # The batch rolled back: nothing stored, offsets unchanged; fetch it again after a pause.
                 self.health.retrying_since = self.health.retrying_since or time.monotonic()
                 log.warning("notify_batch_retry", error=str(exc))
                 self.unsynced |= self.assigned
-                await _sleep_or_stop(stop, pause)
+                await sleep_or_stop(stop, pause)
                 pause = min(pause * 2, RETRY_PAUSE_MAX)
 
     async def apply(self, records: list[Any]) -> None:
@@ -155,9 +143,9 @@ class AlertConsumer:
     def _update_lag(self) -> None:
         """The worker's lag gauge, for the alerts topic: high watermark minus the stored position."""
         for tp in self.assigned - self.unsynced:
-            highwater = self.kafka.highwater(TopicPartition(*tp))
+            highwater = self.kafka.highwater(tp)
             if highwater is not None:
-                lag = max(0, int(highwater) - (self.positions.get(tp) or 0))
+                lag = max(0, highwater - (self.positions.get(tp) or 0))
                 metrics.CONSUMER_LAG.labels(topic=tp[0], partition=str(tp[1])).set(lag)
 
     async def _sync(self) -> None:
@@ -169,16 +157,11 @@ class AlertConsumer:
                 (o.topic, o.partition): o.next_offset
                 for o in await self.db.load_offsets(self.settings.kafka_group_id, pending)
             }
-            for topic, partition in pending:
-                if (topic, partition) not in self.assigned:
-                    continue
-                tp = TopicPartition(topic, partition)
-                if (topic, partition) in stored:
-                    self.kafka.seek(tp, stored[(topic, partition)])
-                else:
-                    await self.kafka.seek_to_beginning(tp)
-                self.positions[(topic, partition)] = stored.get((topic, partition))
-                self.unsynced.discard((topic, partition))
+            for tp in pending:
+                if tp in self.assigned:
+                    await self.kafka.seek(tp, stored.get(tp))
+                    self.positions[tp] = stored.get(tp)
+                    self.unsynced.discard(tp)
         self.health.database_ok = True
 
 
@@ -195,18 +178,18 @@ def _deliveries(alerts: list[messages.AlertMessage], destinations: list[Any]) ->
     ]
 
 
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+class _Rebalance:
     def __init__(self, consumer: AlertConsumer) -> None:
         self.consumer = consumer
 
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+    async def on_revoked(self, revoked: set[TP]) -> None:
         consumer = self.consumer
         acquired = False
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(consumer.lock.acquire(), REVOKE_WAIT)
             acquired = True
         try:
-            gone = {(tp.topic, tp.partition) for tp in revoked}
+            gone = set(revoked)
             consumer.assigned -= gone
             consumer.unsynced -= gone
             for tp in gone:
@@ -215,16 +198,11 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
             if acquired:
                 consumer.lock.release()
 
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+    async def on_assigned(self, assigned: set[TP]) -> None:
         consumer = self.consumer
-        new = {(tp.topic, tp.partition) for tp in assigned}
+        new = set(assigned)
         consumer.assigned = set(new)
         consumer.unsynced = set(new)  # always re-read the stored positions (the loop seeks)
         consumer.health.joined_group = True
         consumer.health.assigned = len(new)
         log.info("notify_partitions_assigned", partitions=sorted(f"{t}:{p}" for t, p in new))
-
-
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)

@@ -25,7 +25,7 @@ import structlog
 from worker import metrics
 from worker.config import Settings
 from worker.errors import TransientError
-from worker.faults import NO_FAULTS, Faults
+from worker.faults import NO_FAULTS, FaultPoint, Faults
 from worker.notify.backoff import Backoff
 from worker.notify.sealing import SealBroken, Sealer
 from worker.notify.sender import ERROR_EXCERPT_CHARS, Attempt, Sender
@@ -143,7 +143,7 @@ class Dispatcher:
         attempt = await self.sender.send(item.kind, url, secret, item.webhook_id, item.payload)
         metrics.NOTIFY_ATTEMPT_DURATION.labels(kind=item.kind).observe(attempt.seconds)
         # Sent; not yet recorded. A crash here resends the delivery after its lease, same webhook-id.
-        self.faults.hit("notify_after_send")
+        self.faults.hit(FaultPoint.NOTIFY_AFTER_SEND)
         if attempt.ok:
             outcome = "delivered"
         elif attempt.gone:

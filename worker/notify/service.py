@@ -40,7 +40,7 @@ class NotifyService:
         self.settings = settings
         self.stop = asyncio.Event()
         self.health = Health(ready_max_retrying=settings.ready_max_retrying)
-        self.faults = Faults(settings.fault_points)
+        self.faults = Faults.from_env()
         self.sealer = Sealer.from_settings(settings)  # fails fast without a key
         self.sender = Sender(settings, UrlPolicy.from_settings(settings))
         self.db: Database | None = None

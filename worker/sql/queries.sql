@@ -709,7 +709,7 @@ LEFT JOIN ai_budgets u ON a.scope = 'user' AND u.id = a.budget_id
 ORDER BY a.raised_at, a.scope, a.threshold;
 
 -- name: report_organizations
--- Organizations with active budgets, or just the one asked for.
+-- Every organization, or just the one asked for.
 SELECT id FROM organizations WHERE $1::uuid IS NULL OR id = $1
 ORDER BY id;
 

@@ -1,0 +1,69 @@
+"""Alert messages without servers: the stable alert id, money as exact strings, the resolved message."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import replace
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from worker.alerts import Alert, Resolution
+
+BUDGET = uuid.uuid4()
+ALERT = Alert(
+    scope="project",
+    budget_id=BUDGET,
+    budget_name="team",
+    organization_id=uuid.uuid4(),
+    project_id=uuid.uuid4(),
+    user_id=None,
+    period="monthly",
+    timezone="Europe/Berlin",
+    period_start=datetime(2026, 10, 31, 23, tzinfo=UTC),
+    period_end=datetime(2026, 11, 30, 23, tzinfo=UTC),
+    threshold=Decimal("80"),
+    spend=Decimal("812.50"),
+    amount=Decimal("1000"),
+    currency="EUR",
+    raised_at=datetime(2026, 11, 21, 10, tzinfo=UTC),
+)
+
+
+def test_the_id_is_the_crossing_not_the_publication() -> None:
+    assert ALERT.id == replace(ALERT, spend=Decimal("999"), raised_at=datetime.now(UTC)).id
+    assert ALERT.id == replace(ALERT, threshold=Decimal("80.0")).id  # the same threshold, written otherwise
+    others = [
+        replace(ALERT, amount=Decimal("2000")),
+        replace(ALERT, currency="USD"),
+        replace(ALERT, crossing=2),
+        replace(ALERT, threshold=Decimal("100")),
+        replace(ALERT, scope="organization"),
+    ]
+    assert len({ALERT.id, *(o.id for o in others)}) == 1 + len(others)
+
+
+def test_the_message_carries_exact_money_in_the_budgets_zone() -> None:
+    body = json.loads(ALERT.message())
+    assert body["type"] == "budget.alert.triggered"
+    assert body["alert_id"] == str(ALERT.id)
+    assert (body["spend"], body["amount"], body["percent_used"], body["threshold_percent"]) == (
+        "812.50",
+        "1000",
+        "81.25",
+        "80",
+    )
+    assert body["period_start"] == "2026-11-01T00:00:00+01:00"
+    assert body["user_id"] is None
+    assert ALERT.key == str(BUDGET).encode()
+
+
+def test_a_resolution_names_the_alert_it_resolves_and_the_spend_now() -> None:
+    stored = uuid.uuid4()
+    resolution = Resolution(stored, ALERT, Decimal("700"), datetime(2026, 11, 22, tzinfo=UTC))
+    body = json.loads(resolution.message())
+    assert body["type"] == "budget.alert.resolved"
+    assert (body["alert_id"], body["spend"], body["percent_used"]) == (str(stored), "700", "70.00")
+    assert body["raised_at"] == ALERT.raised_at.isoformat()
+    assert resolution.delivery_id == f"{stored}:resolved"
+    assert (resolution.key, resolution.scope, resolution.threshold) == (ALERT.key, "project", Decimal("80"))

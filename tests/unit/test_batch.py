@@ -1,0 +1,144 @@
+"""Batch assembly without servers: decoding records into a batch, in-batch dedupe, the hostile corpus's decode
+outcomes, and the API-usage row the store takes."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.factories import FakeRecord, dumps
+from tests.hostile import corpus
+from worker.batch import decode_batch
+from worker.config import Settings
+from worker.decode import ApiEvent, decode_api_event
+from worker.quarantine import Reason, Source
+from worker.rows import UsageRows
+from worker.usage import usage_rows
+
+SETTINGS = Settings(topic_api_usage="usage", topic_provider_buckets="buckets")
+# Reasons only the database can give: references, attribution, a conflict with a stored event, and two
+# currencies summed into one ledger row (the ledger reduction's).
+LATER = {
+    Reason.UNKNOWN_ORGANIZATION,
+    Reason.UNKNOWN_PROJECT,
+    Reason.UNKNOWN_USER,
+    Reason.UNATTRIBUTED,
+    Reason.AMBIGUOUS_ATTRIBUTION,
+    Reason.CONFLICTING_DUPLICATE,
+    Reason.INCONSISTENT_DATA,
+}
+
+
+def event(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "event_id": "e-1",
+        "occurred_at": "2026-11-21T10:00:00.123Z",
+        "organization_id": "6f1c1d6e-0000-4000-8000-000000000001",
+        "project_id": None,
+        "user_id": None,
+        "endpoint": "/v1/chat",
+        "method": "POST",
+        "status_code": 200,
+        "response_time_ms": 840,
+        "token_usage": {
+            "prompt_tokens": 150,
+            "completion_tokens": 800,
+            "total_tokens": 950,
+            "model": "gpt-4o",
+            "cost_usd": "0.028",
+        },
+    }
+    body.update(overrides)
+    return body
+
+
+def records(*bodies: dict[str, Any], topic: str = "usage") -> list[FakeRecord]:
+    return [FakeRecord(topic, 0, offset, dumps(body)) for offset, body in enumerate(bodies)]
+
+
+def test_a_repeat_in_the_batch_is_a_duplicate_and_a_changed_one_is_quarantined() -> None:
+    batch = decode_batch(
+        records(event(), event(), event(status_code=500), event(event_id="e-0")),
+        SETTINGS,
+    )
+    assert [e.event_id for e in batch.events] == ["e-0", "e-1"]  # key order, first delivery kept
+    assert batch.events[1].source.offset == 0
+    assert [d.source.offset for d in batch.duplicates] == [1]
+    assert [(q.reason, q.source.offset) for q in batch.quarantined] == [(Reason.CONFLICTING_DUPLICATE, 2)]
+    assert "offset 0" in batch.quarantined[0].detail
+    assert batch.last_offsets == {("usage", 0): 3}
+    assert len(batch) == 4
+
+
+def test_without_drops_a_partitions_messages_and_counts() -> None:
+    mixed = [
+        *records(event()),
+        FakeRecord("usage", 1, 7, dumps(event(event_id="e-2"))),
+        FakeRecord("usage", 1, 8, b"not json"),
+    ]
+    batch = decode_batch(mixed, SETTINGS)
+    batch.usage = usage_rows(batch.events)  # prepared: rows stay paired with their events
+    rest = batch.without({("usage", 1)})
+    assert [e.event_id for e in rest.events] == ["e-1"]
+    assert rest.usage is not None
+    assert [e.event_id for e in rest.usage.events] == ["e-1"]
+    assert len(rest.usage.providers) == len(rest.usage.estimates) == len(rest.usage.estimate_sources) == 1
+    assert rest.ledger is None
+    assert rest.quarantined == []
+    assert rest.last_offsets == {("usage", 0): 0}
+    assert len(rest) == 1
+
+
+def test_every_hostile_message_decodes_to_its_reason_or_passes_to_the_database() -> None:
+    ids = {name: str(uuid.uuid4()) for name in ("ORG_ID", "PROJECT_ID", "USER_ID", "OTHER_ORG_ID")}
+    ids |= {name: str(uuid.uuid4()) for name in ("OTHER_PROJECT_ID", "OTHER_USER_ID", "MISSING_ORG_ID")}
+    ids |= {"MISSING_PROJECT_ID": str(uuid.uuid4()), "MISSING_USER_ID": str(uuid.uuid4())}
+    ids |= {"OPENAI_ORG": "org-a", "ANTHROPIC_ORG": "org-b", "SHARED_OPENAI_ORG": "org-s"}
+    messages = corpus.load(ids)
+    assert len(messages) > 50
+    for message in messages:
+        topic = "usage" if message.topic == "api_usage" else "buckets"
+        batch = decode_batch([FakeRecord(topic, 0, 0, message.value, message.key, message.headers)], SETTINGS)
+        if batch.quarantined:
+            assert [q.reason.value for q in batch.quarantined] == [message.reason], message.name
+            assert len(batch.quarantined[0].detail) <= 500, message.name
+        else:
+            assert Reason(message.reason) in LATER, message.name
+
+
+def test_the_usage_row_has_exactly_the_parameters_of_insert_api_usage() -> None:
+    sql = (Path(__file__).parents[2] / "worker" / "sql" / "queries.sql").read_text()
+    block = sql.split("-- name: insert_api_usage", 1)[1].split("-- name:", 1)[0]
+    assert max(int(n) for n in re.findall(r"\$(\d+)", block)) == len(UsageRows.EVENT_FIELDS) + 3
+    assert set(UsageRows.EVENT_FIELDS) <= set(ApiEvent._fields)
+
+    decoded = decode_api_event(dumps(event(token_usage=None)), Source("usage", 3, 9), max_bytes=1 << 20)
+    assert isinstance(decoded, ApiEvent)
+    rows = usage_rows([decoded])
+    assert (rows.providers, rows.estimates, rows.estimate_sources) == ([None], [None], [None])
+    assert rows.only([]).events == []
+
+
+@pytest.mark.parametrize(
+    ("cost", "estimated"),
+    [("0.028", False), (None, True)],
+)
+def test_only_events_without_a_cost_are_estimated_from_the_catalogue(cost: str | None, estimated: bool) -> None:
+    body = event()
+    body["token_usage"]["cost_usd"] = cost
+    decoded = decode_api_event(json.dumps(body).encode(), Source("usage", 0, 0), max_bytes=1 << 20)
+    assert isinstance(decoded, ApiEvent)
+    rows = usage_rows([decoded])
+    assert rows.providers == ["openai"]
+    [estimate], [source] = rows.estimates, rows.estimate_sources
+    assert (estimate is not None, source is not None) == (estimated, estimated)
+    if estimated:
+        assert estimate is not None
+        assert estimate > 0
+        assert source is not None
+        assert source.startswith("genai-prices")

@@ -1,0 +1,142 @@
+"""Batch assembly: Kafka records become one batch of validated messages and quarantine outcomes.
+
+Pure and CPU-bound (no I/O), so the consumer runs it while the previous batch is in the database. Decoding is
+``worker.decode``'s; here records are sorted into a batch, and API-usage events are deduplicated within it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from worker.config import Settings
+from worker.decode import ApiEvent, ProviderMessage, decode_api_event, decode_provider_message
+from worker.ledger import Ledger
+from worker.quarantine import Quarantined, Reason, Source
+from worker.rows import UsageRows
+
+TP = tuple[str, int]  # (topic, partition)
+
+
+class KafkaRecord(Protocol):
+    """The part of a consumed Kafka record a batch reads."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes | None]]: ...
+
+
+@dataclass
+class Batch:
+    events: list[ApiEvent] = field(default_factory=list)  # one per (organization, event_id), in key order
+    duplicates: list[ApiEvent] = field(default_factory=list)  # identical re-deliveries within the batch
+    messages: list[ProviderMessage] = field(default_factory=list)
+    quarantined: list[Quarantined] = field(default_factory=list)
+    last_offsets: dict[TP, int] = field(default_factory=dict)
+    sizes: Counter[str] = field(default_factory=Counter)
+    # Prepared before the batch's transaction opens (``Pipeline.prepare``); None until then.
+    usage: UsageRows | None = None  # the events' rows, priced
+    ledger: Ledger | None = None  # the messages attributed, priced and reduced
+
+    def __len__(self) -> int:
+        return sum(self.sizes.values())
+
+    def without(self, partitions: set[TP]) -> Batch:
+        """This batch minus the messages of some partitions (revoked while the batch was prepared)."""
+
+        def kept(item: ApiEvent | ProviderMessage | Quarantined) -> bool:
+            return (item.source.topic, item.source.partition) not in partitions
+
+        rest = Batch(
+            events=[e for e in self.events if kept(e)],
+            usage=None if self.usage is None else self.usage.only(i for i, e in enumerate(self.events) if kept(e)),
+            duplicates=[e for e in self.duplicates if kept(e)],
+            messages=[m for m in self.messages if kept(m)],
+            quarantined=[q for q in self.quarantined if kept(q)],
+            last_offsets={tp: o for tp, o in self.last_offsets.items() if tp not in partitions},
+        )
+        items: list[ApiEvent | ProviderMessage | Quarantined] = [
+            *rest.events,
+            *rest.duplicates,
+            *rest.messages,
+            *rest.quarantined,
+        ]
+        rest.sizes.update(item.source.topic for item in items)
+        return rest  # without a ledger: message indices changed, it is reduced again
+
+
+def _source(record: KafkaRecord) -> Source:
+    return Source(record.topic, record.partition, record.offset, record.key, tuple(record.headers or ()))
+
+
+def decode_batch(records: Iterable[KafkaRecord], settings: Settings) -> Batch:
+    """Validate every record; bad ones become quarantine outcomes. Pure and CPU-bound."""
+    batch = Batch()
+    decode_into(batch, records, settings)
+    finish_batch(batch)
+    return batch
+
+
+def decode_into(batch: Batch, records: Iterable[KafkaRecord], settings: Settings) -> None:
+    """Decode more records into a batch (the consumer feeds it in slices, yielding to the event loop between
+    them so that the batch in flight keeps talking to PostgreSQL meanwhile)."""
+    for record in records:
+        source = _source(record)
+        payload = record.value if record.value is not None else b""
+        batch.sizes[record.topic] += 1
+        tp = (record.topic, record.partition)
+        batch.last_offsets[tp] = max(record.offset, batch.last_offsets.get(tp, -1))
+        decoded: ApiEvent | ProviderMessage | Quarantined
+        if record.topic == settings.topic_api_usage:
+            decoded = decode_api_event(payload, source, max_bytes=settings.max_message_bytes)
+        else:
+            decoded = decode_provider_message(
+                payload, source, max_bytes=settings.max_message_bytes, max_results=settings.max_results_per_message
+            )
+        if isinstance(decoded, ApiEvent):
+            batch.events.append(decoded)
+        elif isinstance(decoded, ProviderMessage):
+            batch.messages.append(decoded)
+        else:
+            batch.quarantined.append(decoded)
+
+
+def finish_batch(batch: Batch) -> None:
+    """First delivery of an event id wins within the batch; an identical repeat is a duplicate, a different
+    one is quarantined. Leaves the events in key order (the order rows are locked in, across workers).
+
+    Pure, so it runs while the previous batch is in the database. Keys hash ``UUID.int``: hashing a UUID
+    object runs Python code, hashing its int does not.
+    """
+    unique: dict[tuple[int, str], ApiEvent] = {}
+    for event in batch.events:
+        key = (event.organization_id.int, event.event_id)
+        first = unique.get(key)
+        if first is None:
+            unique[key] = event
+        elif first.content() == event.content():
+            batch.duplicates.append(event)
+        else:
+            batch.quarantined.append(_conflict(event, first.source))
+    batch.events = [unique[key] for key in sorted(unique)]  # sorting the keys: no Python call per comparison
+
+
+def _conflict(event: ApiEvent, first: Source) -> Quarantined:
+    return Quarantined(
+        event.source,
+        event.payload,
+        Reason.CONFLICTING_DUPLICATE,
+        f"event {event.event_id} was delivered earlier (offset {first.offset}) with different content",
+        event.organization_id,
+    )

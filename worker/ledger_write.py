@@ -1,0 +1,67 @@
+"""Writing a reduced ledger (``worker.ledger``) in the batch's transaction: advance the windows' revisions,
+upsert the lines of current revisions, retire the lines their new snapshots no longer have.
+
+Returns each line's outcome and, per message, the best outcome of its lines, and the scopes whose spend
+changed (for budgets).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from uuid import UUID
+
+from worker.ledger import Ledger
+from worker.outcome import BestResults, Result
+from worker.rows import LedgerRow
+from worker.store import Tx
+from worker.touches import Touch, provider_touch
+
+
+@dataclass
+class LedgerWritten:
+    lines: Counter[tuple[str, Result]] = field(default_factory=Counter)  # (api_version, outcome)
+    touched: list[Touch] = field(default_factory=list)
+
+
+async def write_ledger(tx: Tx, ledger: Ledger, tenants: dict[int, UUID], best: BestResults) -> LedgerWritten:
+    """``tenants`` are the organizations the transaction may write for: widened (and set again) when a window
+    held lines of other organizations before, which retiring must reach. ``best`` gets each message's outcome."""
+    written = LedgerWritten()
+    revisions = ledger.revisions()
+    windows = await tx.upsert_cost_windows(revisions)
+    # Retiring must see every organization that ever had lines in the window (a line may have moved away).
+    if windows.organizations.keys() - tenants.keys():
+        tenants.update(windows.organizations)
+        await tx.set_tenants(set(tenants.values()))
+
+    rows: list[LedgerRow] = []
+    for row in ledger.rows:
+        if windows.states[row.key.window] == "stale":
+            written.lines[(row.line.api_version, Result.STALE)] += 1
+            best.note(row.message, Result.STALE)
+        else:
+            rows.append(row)
+    stored = await tx.upsert_cost_data(rows) if rows else []
+    for row, (done, kept) in zip(rows, stored, strict=True):
+        if done is not None:
+            result = Result.INSERTED if done == "inserted" else Result.UPDATED
+        elif kept is not None and kept > row.collected_at:
+            result = Result.STALE
+        else:  # the same revision was there (or a concurrent writer just stored one)
+            result = Result.UNCHANGED
+        written.lines[(row.line.api_version, result)] += 1
+        if result in (Result.INSERTED, Result.UPDATED):
+            written.touched.append(
+                provider_touch(row.key.organization_id, row.key.project_id, row.line.bucket_start, row.line.bucket_end)
+            )
+        best.note(row.message, result)
+
+    advanced = [r for r in revisions if windows.states[r.window] == "advanced"]
+    for retired in await tx.retire_cost_data(advanced) if advanced else []:
+        written.lines[(retired.api_version, Result.SUPERSEDED)] += 1
+        window = retired.window
+        written.touched.append(provider_touch(retired.organization_id, retired.project_id, window.start, window.end))
+        for index in ledger.messages.get(window, []):
+            best.note(index, Result.UPDATED)
+    return written

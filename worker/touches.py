@@ -1,0 +1,35 @@
+"""What a batch hands to budget evaluation: the scopes whose spend changed, and when.
+
+The ledger and API-usage steps produce ``Touch``es; ``worker.budgets`` consumes them. Neither imports the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+
+@dataclass(frozen=True, slots=True)
+class Touch:
+    """A scope whose spend changed, and when: budgets evaluate the period that contains ``at`` (an estimate's
+    hour; a provider row's window midpoint, the period the row counts in) and, for a provider row, every other
+    period its window ``[span_start, span_end)`` overlaps (the hours it covers, or stops covering, may be there)."""
+
+    organization_id: UUID
+    project_id: UUID | None
+    user_id: UUID | None
+    at: datetime
+    span_start: datetime | None = None
+    span_end: datetime | None = None
+
+
+def midpoint(start: datetime, end: datetime) -> datetime:
+    """The instant that decides the budget period of a provider row (README "What counts as spend")."""
+    return start + (end - start) / 2
+
+
+def provider_touch(organization: UUID, project: UUID | None, start: datetime, end: datetime) -> Touch:
+    """The scope a provider row's change touches: its own (and its organization's). A row without a project
+    touches only the organization: project budgets see their projects' own rows."""
+    return Touch(organization, project, None, midpoint(start, end), start, end)

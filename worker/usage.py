@@ -1,0 +1,105 @@
+"""The API-usage step: checked events -> priced ``api_usage`` rows -> the store, in the batch's transaction.
+
+Events whose organization, project or user the platform does not know are quarantined (replayable once it does).
+Events the platform did not price (no ``cost_usd``) are estimated from the price catalogue, kept apart from
+``cost_usd``. An event id stored before with different content is quarantined as a conflicting duplicate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from uuid import UUID
+
+from worker.decode import ApiEvent
+from worker.model_providers import provider_of
+from worker.pricing import estimate_request
+from worker.quarantine import Quarantined, Reason
+from worker.rows import UsageRows
+from worker.store import Tx
+from worker.touches import Touch
+
+
+@dataclass
+class UsageWritten:
+    inserted: int = 0
+    duplicates: int = 0  # stored before with the same content: a redelivery, a no-op
+    unknown_models: int = 0
+    catalogue_estimates: int = 0
+    touched: list[Touch] = field(default_factory=list)
+    quarantined: list[Quarantined] = field(default_factory=list)
+
+
+async def checked_events(tx: Tx, rows: UsageRows) -> tuple[UsageRows, list[Quarantined]]:
+    """Reference checks against the platform tables (the batch is already deduplicated and in key order): the
+    rows that pass, and the others' events quarantined."""
+    events = rows.events
+    if not events:
+        return rows, []
+    organizations: dict[int, UUID] = {}
+    projects: dict[int, UUID] = {}
+    users: dict[int, UUID] = {}
+    for event in events:
+        organizations[event.organization_id.int] = event.organization_id
+        if event.project_id is not None:
+            projects[event.project_id.int] = event.project_id
+        if event.user_id is not None:
+            users[event.user_id.int] = event.user_id
+    known = await tx.lookup_event_references(set(organizations.values()), set(projects.values()), set(users.values()))
+    checked = []
+    quarantined = []
+    for index, event in enumerate(events):
+        problem = None
+        if ("organization", event.organization_id.int) not in known:
+            problem = Reason.UNKNOWN_ORGANIZATION, f"organization {event.organization_id} does not exist"
+        elif event.project_id and known.get(("project", event.project_id.int)) != event.organization_id:
+            problem = Reason.UNKNOWN_PROJECT, f"project {event.project_id} is not a project of the organization"
+        elif event.user_id and known.get(("user", event.user_id.int)) != event.organization_id:
+            problem = Reason.UNKNOWN_USER, f"user {event.user_id} is not a user of the organization"
+        if problem is None:
+            checked.append(index)
+        else:
+            quarantined.append(Quarantined(event.source, event.payload, *problem, event.organization_id))
+    return (rows if len(checked) == len(events) else rows.only(checked)), quarantined
+
+
+def usage_rows(events: list[ApiEvent]) -> UsageRows:
+    """The events' rows, priced: each model's provider, and the catalogue's estimate of an event without a cost."""
+    providers = [provider_of(event.model) for event in events]
+    estimates = [
+        None
+        if event.cost_usd is not None
+        else estimate_request(provider, event.model, event.prompt_tokens, event.completion_tokens, event.occurred_at)
+        for event, provider in zip(events, providers, strict=True)
+    ]
+    return UsageRows(
+        events,
+        providers,
+        [None if e is None else e.amount for e in estimates],
+        [None if e is None else e.source for e in estimates],
+    )
+
+
+async def write_usage(tx: Tx, rows: UsageRows) -> UsageWritten:
+    events = rows.events
+    written = UsageWritten(
+        unknown_models=rows.providers.count(None),
+        catalogue_estimates=sum(1 for source in rows.estimate_sources if source is not None),
+    )
+    stored = await tx.insert_api_usage(rows)
+    written.inserted = stored.inserted
+    written.touched = stored.touched
+    if stored.conflicts:
+        by_key = {(e.organization_id, e.event_id): e for e in events}
+        for key in stored.conflicts:
+            event = by_key[key]
+            written.quarantined.append(
+                Quarantined(
+                    event.source,
+                    event.payload,
+                    Reason.CONFLICTING_DUPLICATE,
+                    f"event {event.event_id} was stored before with different content",
+                    event.organization_id,
+                )
+            )
+    written.duplicates = len(events) - stored.inserted - len(stored.conflicts)
+    return written
