@@ -231,6 +231,11 @@ async def migration_lock(conn: asyncpg.Connection) -> None:
 
 
 @translated
+async def migration_try_lock(conn: asyncpg.Connection) -> bool:
+    return bool(await conn.fetchval(query("migration_try_lock")))
+
+
+@translated
 async def migration_unlock(conn: asyncpg.Connection) -> None:
     await conn.execute(query("migration_unlock"))
 

@@ -6,6 +6,11 @@
 -- One migrate at a time per database; two replicas racing wait here. Session-level, released explicitly.
 SELECT pg_advisory_lock(hashtextextended('cost_worker.migrate', 0));
 
+-- name: migration_try_lock
+-- The same lock without waiting inside a statement: a migrate that waits polls this instead, so that it holds no
+-- transaction open for the other one's CREATE INDEX CONCURRENTLY to wait for (that would deadlock).
+SELECT pg_try_advisory_lock(hashtextextended('cost_worker.migrate', 0));
+
 -- name: migration_unlock
 SELECT pg_advisory_unlock(hashtextextended('cost_worker.migrate', 0));
 
