@@ -17,6 +17,7 @@ from decimal import Decimal, localcontext
 from typing import Any, Protocol
 from uuid import UUID
 
+from worker import partitions
 from worker.breaker import CircuitBreaker
 from worker.config import Settings
 from worker.decode import API_USAGE_COLUMNS, ApiEvent, ProviderMessage, decode_api_event, decode_provider_message
@@ -364,6 +365,7 @@ class Pipeline:
         for index, message in enumerate(batch.messages):
             if message.source not in flagged:  # quarantined messages are counted as such below
                 outcome.messages[(message.source.topic, best.get(index, UNCHANGED))] += 1
+        events = await partitions.admit(tx, events, quarantine)  # monthly partitions, retention (issue 18)
         if events:
             touched.extend(await self._insert_events(tx, events, quarantine, outcome))
         for item in quarantine:
