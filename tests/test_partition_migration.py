@@ -47,10 +47,32 @@ def schema_before(tmp_path: Path) -> Path:
 
 @dataclass
 class Writes:
-    """A writer inserting one row at a time, as the previous release's batches would, timing each insert."""
+    """A writer inserting one row at a time, as the previous release's batches would, timing each insert; and how
+    long the old table was seen locked ACCESS EXCLUSIVE (polled from pg_locks)."""
 
     stalls: list[float] = field(default_factory=list)
     started: list[float] = field(default_factory=list)
+    exclusive: list[float] = field(default_factory=list)  # the spans seen, in seconds
+
+
+async def watch_exclusive(url: str, table: int, stop: asyncio.Event, writes: Writes) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        since = None
+        while not stop.is_set():
+            held = await conn.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE relation = $1 AND mode = 'AccessExclusiveLock' AND granted",
+                table,
+            )
+            now = time.monotonic()
+            if held and since is None:
+                since = now
+            elif not held and since is not None:
+                writes.exclusive.append(now - since)
+                since = None
+            await asyncio.sleep(0.001)
+    finally:
+        await conn.close()
 
 
 async def keep_writing(url: str, org: uuid.UUID, stop: asyncio.Event, writes: Writes) -> None:
@@ -91,11 +113,13 @@ async def migrate_filled(url: str, tmp_path: Path, rows: int) -> tuple[Writes, f
         )
         await conn.execute("VACUUM ANALYZE api_usage")
         filled = time.monotonic() - began
+        table = await conn.fetchval("SELECT 'api_usage'::regclass::oid")
     finally:
         await conn.close()
     writes = Writes()
     stop = asyncio.Event()
     writer = asyncio.create_task(keep_writing(url, org, stop, writes))
+    watcher = asyncio.create_task(watch_exclusive(url, table, stop, writes))
     await asyncio.sleep(0.2)
     began = time.monotonic()
     try:
@@ -104,6 +128,7 @@ async def migrate_filled(url: str, tmp_path: Path, rows: int) -> tuple[Writes, f
         took = time.monotonic() - began
         stop.set()
         await writer
+        await watcher
     assert [label for label in report.applied if label.startswith("0011")] == ["0011_partitioned_api_usage"]
     return writes, filled, took
 
@@ -135,7 +160,9 @@ def report(rows: int, writes: Writes, filled: float, took: float) -> float:
     print(
         f"\n0011 on {rows:,} rows: filled in {filled:.1f} s; migrate took {took:.2f} s while a writer inserted "
         f"{len(writes.stalls)} rows one by one; the longest insert waited {worst * 1000:.0f} ms "
-        f"(median {sorted(writes.stalls)[len(writes.stalls) // 2] * 1000:.1f} ms)"
+        f"(median {sorted(writes.stalls)[len(writes.stalls) // 2] * 1000:.1f} ms); ACCESS EXCLUSIVE on the old "
+        f"table seen {len(writes.exclusive)} time(s), {sum(writes.exclusive) * 1000:.0f} ms in all, longest "
+        f"{max(writes.exclusive, default=0) * 1000:.0f} ms"
     )
     return worst
 

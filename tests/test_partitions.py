@@ -64,7 +64,7 @@ async def test_api_usage_is_partitioned_by_month_with_months_ahead(db: asyncpg.C
             assert not await db.fetchval("SELECT has_table_privilege($1, $2, 'SELECT')", role, name), (role, name)
 
 
-async def test_a_redelivery_is_a_noop_and_a_reused_id_is_a_conflict_within_its_month(
+async def test_a_redelivery_is_a_noop_other_content_a_conflict_another_instant_another_event(
     db: asyncpg.Connection, feeder: Feeder
 ) -> None:
     org = await make_org(db)
@@ -72,30 +72,28 @@ async def test_a_redelivery_is_a_noop_and_a_reused_id_is_a_conflict_within_its_m
     first = api_event(org, event_id="e1", project=org.projects["proj_a"], occurred_at="2026-11-21T10:00:00.123Z")
     assert (await feeder.events(first)).messages[(topic, "inserted")] == 1
     assert (await feeder.events(first)).messages[(topic, "duplicate")] == 1  # a redelivery: nothing changes
-
-    # The same id at another instant of the same UTC month, or with other content: a conflicting duplicate.
-    moved = dict(first, occurred_at="2026-11-02T08:00:00Z")
+    # The same key with other content: a conflicting duplicate, quarantined; the stored row stays.
     changed = dict(first, endpoint="/v1/other")
-    for conflicting in (moved, changed):
-        outcome = await feeder.events(conflicting)
-        assert outcome.quarantined[(topic, "conflicting_duplicate")] == 1
-    # In another month it is another event (no index spans the months): stored and counted.
+    assert (await feeder.events(changed)).quarantined[(topic, "conflicting_duplicate")] == 1
+    # The same id at another instant, in the same month or another: another event (the key holds occurred_at).
+    same_month = dict(first, occurred_at="2026-11-02T08:00:00Z")
     other_month = dict(first, occurred_at="2026-10-31T23:59:59Z")
+    both = await feeder.events(same_month, other_month)  # within one batch any reuse is refused: first one wins
+    assert both.messages[(topic, "inserted")] == 1
+    assert both.quarantined[(topic, "conflicting_duplicate")] == 1
     assert (await feeder.events(other_month)).messages[(topic, "inserted")] == 1
+    for again in (other_month, same_month, first):  # each one's redelivery is a no-op
+        assert (await feeder.events(again)).messages[(topic, "duplicate")] == 1
 
-    stored = await db.fetch("SELECT occurred_at FROM api_usage WHERE event_id = 'e1' ORDER BY occurred_at")
-    assert [row["occurred_at"] for row in stored] == [
-        datetime(2026, 10, 31, 23, 59, 59, tzinfo=UTC),
-        datetime(2026, 11, 21, 10, 0, 0, 123000, tzinfo=UTC),
+    stored = await db.fetch("SELECT occurred_at, endpoint FROM api_usage WHERE event_id = 'e1' ORDER BY occurred_at")
+    assert [(row["occurred_at"], row["endpoint"]) for row in stored] == [
+        (datetime(2026, 10, 31, 23, 59, 59, tzinfo=UTC), "/v1/orchestrations"),
+        (datetime(2026, 11, 2, 8, 0, 0, tzinfo=UTC), "/v1/orchestrations"),
+        (datetime(2026, 11, 21, 10, 0, 0, 123000, tzinfo=UTC), "/v1/orchestrations"),
     ]
-    assert await db.fetchval("SELECT sum(request_count) FROM project_metrics") == 2
-    reasons = await db.fetch("SELECT reason FROM quarantine")
+    assert await db.fetchval("SELECT sum(request_count) FROM project_metrics") == 3
+    reasons = await db.fetch("SELECT reason FROM quarantine ORDER BY id")
     assert [row["reason"] for row in reasons] == ["conflicting_duplicate"] * 2
-    # And a month boundary in another time zone is still the UTC month: 2026-11-01T00:30+01:00 is October.
-    early = dict(first, event_id="e2", occurred_at="2026-11-01T00:30:00+01:00")
-    late = dict(first, event_id="e2", occurred_at="2026-10-15T00:00:00Z")
-    assert (await feeder.events(early)).messages[(topic, "inserted")] == 1
-    assert (await feeder.events(late)).quarantined[(topic, "conflicting_duplicate")] == 1
 
 
 async def test_a_month_without_a_partition_gets_one_in_the_batch(db: asyncpg.Connection, feeder: Feeder) -> None:

@@ -3,10 +3,10 @@
 --
 -- What a duplicate is now. PostgreSQL's unique keys on a partitioned table must include the partition key, so
 -- the key is (organization_id, event_id, occurred_at). A redelivery carries the same occurred_at: it hits that key
--- and changes nothing. The same (organization, event_id) at another instant of the SAME UTC month is found by a
--- probe of that one partition (insert_api_usage) and quarantined as conflicting_duplicate, as before. The same id
--- in ANOTHER month is a different event: it is stored (no index spans partitions; probing every month for every
--- event would cost one index probe per partition per event). Within one batch the worker still refuses any reuse.
+-- and changes nothing; the same key with other content is a conflicting duplicate (quarantined), as before. The
+-- same (organization, event_id) at another instant, in this month or another, is another event: no index spans
+-- partitions, and a probe per event for it cost about half again the insert's time (README "Partitions and
+-- retention"). Within one batch the worker still refuses any reuse of an id.
 --
 -- Online: the table of today (possibly billions of rows) becomes the partition api_usage_legacy for every instant
 -- before the first month boundary after the migration (B) without a scan or an index build under an exclusive

@@ -265,9 +265,9 @@ LEFT JOIN LATERAL (
 -- wins. Only rows this statement inserted add into the hourly rollups, in the same statement, so a
 -- replayed event changes nothing. Returns the ids whose stored content differs (conflicting duplicates)
 -- and, per (organization, project, user, hour), how many events were inserted.
--- api_usage is partitioned by month (0011): its key is (organization, event_id, occurred_at), and the same
--- (organization, event_id) at another instant of the same UTC month (one probe of that month's partition) is a
--- conflicting duplicate too; in another month it is another event.
+-- api_usage is partitioned by month (0011): its key is (organization, event_id, occurred_at), so a redelivery
+-- (same occurred_at) conflicts and the same id at another instant is another event (README "Partitions and
+-- retention" says why).
 -- Stored content is looked up only for the rows the insert did not take (none, usually), one primary-key
 -- probe each (LIMIT 1 keeps the planner from turning the probes into a scan of the tenants' rows: under
 -- row-level security it cannot see how many rows that is).
@@ -283,31 +283,18 @@ WITH input AS (
         source_partition, source_offset, provider, catalogue_cost_usd, price_source
     )
 ),
-clashes AS (
-    SELECT i.organization_id, i.event_id
-    FROM input i
-    WHERE EXISTS (
-        SELECT FROM api_usage a
-        WHERE a.organization_id = i.organization_id AND a.event_id = i.event_id AND a.occurred_at <> i.occurred_at
-          AND a.occurred_at >= date_trunc('month', i.occurred_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
-          AND a.occurred_at < (date_trunc('month', i.occurred_at AT TIME ZONE 'UTC') + interval '1 month')
-                              AT TIME ZONE 'UTC')
-),
 inserted AS (
     INSERT INTO api_usage (
         organization_id, event_id, project_id, user_id, endpoint, method, status_code, response_time_ms,
         occurred_at, prompt_tokens, completion_tokens, total_tokens, model, cost_usd,
         source_partition, source_offset, provider, catalogue_cost_usd, price_source
     )
-    SELECT * FROM input i
-    WHERE NOT EXISTS (SELECT FROM clashes c WHERE c.organization_id = i.organization_id AND c.event_id = i.event_id)
+    SELECT * FROM input
     ON CONFLICT (organization_id, event_id, occurred_at) DO NOTHING
     RETURNING organization_id, event_id, project_id, user_id, status_code, response_time_ms, occurred_at,
               prompt_tokens, completion_tokens, total_tokens, cost_usd, provider, catalogue_cost_usd
 ),
 conflicts AS (
-    SELECT organization_id, event_id FROM clashes
-    UNION ALL
     SELECT i.organization_id, i.event_id
     FROM (SELECT * FROM input i
           WHERE NOT EXISTS (SELECT FROM inserted n
