@@ -94,7 +94,8 @@ async def tenants(db: asyncpg.Connection) -> Tenants:
 async def tenant_tables(db: asyncpg.Connection) -> list[str]:
     rows = await db.fetch(
         "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = 'public' AND c.relkind = 'r' AND (c.relname = 'organizations' OR EXISTS ("
+        "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND NOT c.relispartition "
+        "AND (c.relname = 'organizations' OR EXISTS ("
         "  SELECT FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'organization_id' "
         "  AND NOT a.attisdropped)) AND c.relname <> 'quarantine' ORDER BY 1"
     )

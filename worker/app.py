@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from worker import logs, metrics, tracing
+from worker import logs, metrics, retention, tracing
 from worker.alerts import Alert, Resolution
 from worker.breaker import CircuitBreaker
 from worker.budgets import BudgetEngine
@@ -137,6 +137,7 @@ class Worker:
             asyncio.create_task(self.publisher.run(self.stop), name="outbox"),
             asyncio.create_task(self.budgets.run_sweeps(self.db, self.stop, on_alerts=self._alerts), name="sweep"),
             asyncio.create_task(self._watch_database(), name="database-check"),
+            asyncio.create_task(retention.run_periodically(self.settings, self.stop), name="retention"),
         ]
         stopping = asyncio.create_task(self.stop.wait(), name="stop")
         code = EXIT_OK

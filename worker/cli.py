@@ -116,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     _notify_parser(sub)
 
     collect_cli.add_parsers(sub)  # `collect` and `keys` (issue 14)
+    _retention_parser(sub)  # issue 18
 
     rates = sub.add_parser(
         "rates",
@@ -167,6 +168,36 @@ def _prices_parser(sub: Any) -> None:
     importer.add_argument("file")
     missing = psub.add_parser("unpriced", help="models and token types of ledger lines that have no price")
     missing.add_argument("--since", help="only buckets starting at or after this date or time")
+
+
+def _retention_parser(sub: Any) -> None:
+    """``retention``: the logic is in worker/retention.py."""
+    retention = sub.add_parser(
+        "retention",
+        help="drop API-usage detail older than the kept months (a dry run unless --execute)",
+        description="Per-request API-usage detail is kept in one partition per UTC month. Retention drops the "
+        "partitions wholly older than the kept months (never one an open budget period needs; rollups and the "
+        "ledger stay), deletes replayed quarantine rows past their age and creates the coming months' partitions.",
+    )
+    retention.add_argument(
+        "--months",
+        type=int,
+        help="whole months kept before the current one (default: COST_WORKER_API_USAGE_RETENTION_MONTHS)",
+    )
+    retention.add_argument(
+        "--quarantine-days",
+        type=int,
+        help="days a replayed quarantine row is kept (default: COST_WORKER_QUARANTINE_RETENTION_DAYS)",
+    )
+    mode = retention.add_mutually_exclusive_group()
+    mode.add_argument("--execute", action="store_true", help="drop and delete (default: only show the plan)")
+    mode.add_argument("--dry-run", action="store_true", help="only show what would be done (the default)")
+
+
+def cmd_retention(args: argparse.Namespace) -> int:
+    from worker import retention  # noqa: PLC0415
+
+    return retention.command(args.months, args.quarantine_days, execute_plan=args.execute)
 
 
 def _notify_parser(sub: Any) -> None:
@@ -361,6 +392,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "notify": cmd_notify,
     **collect_cli.COMMANDS,
     "rates": cmd_rates,
+    "retention": cmd_retention,
 }
 
 

@@ -54,6 +54,9 @@ READY_MAX_RETRYING = 60.0  # seconds stuck in retries before /readyz says not re
 OUTBOX_POLL_INTERVAL = 1.0  # seconds between outbox scans when nothing woke the publisher
 OUTBOX_BATCH = 500  # outbox rows published per round
 BUDGET_SWEEP_INTERVAL = 300.0  # seconds between sweeps of every active budget
+API_USAGE_RETENTION_MONTHS = 0  # whole months of API-usage detail kept before the current one; 0 keeps everything
+QUARANTINE_RETENTION_DAYS = 30  # days a replayed quarantine row is kept; 0 keeps them
+RETENTION_INTERVAL = 3_600.0  # seconds between the worker's retention runs (partitions ahead, expired ones dropped)
 SHUTDOWN_GRACE = 20.0  # seconds to finish the in-flight batch and flush the outbox after SIGTERM
 
 BREAKER_WINDOW = 1_000  # most recent messages the circuit breaker looks at
@@ -224,6 +227,26 @@ class Settings(BaseSettings):
         default=BUDGET_SWEEP_INTERVAL,
         gt=0,
         description="Seconds between sweeps of every active budget (one replica sweeps at a time)",
+    )
+    api_usage_retention_months: int = Field(
+        default=API_USAGE_RETENTION_MONTHS,
+        ge=0,
+        le=1_200,
+        description="Whole months of per-request API-usage detail kept before the current month: older monthly "
+        "partitions are dropped by `cost-worker retention --execute` and the worker's periodic run (rollups and the "
+        "ledger stay; months an open budget period needs are kept); 0: keep everything",
+    )
+    quarantine_retention_days: int = Field(
+        default=QUARANTINE_RETENTION_DAYS,
+        ge=0,
+        description="Days a replayed quarantine row is kept before retention deletes it (pending rows are never "
+        "deleted); 0: keep them",
+    )
+    retention_interval: float = Field(
+        default=RETENTION_INTERVAL,
+        ge=0,
+        description="Seconds between the worker's retention runs (api_usage partitions created ahead, expired ones "
+        "dropped, replayed quarantine rows aged out; one replica at a time); 0: off",
     )
     shutdown_grace: float = Field(
         default=SHUTDOWN_GRACE,

@@ -208,3 +208,37 @@ UNKNOWN_MODEL_EVENTS = Counter(
     "cost_worker_unknown_model_events_total",
     "API-usage events whose model has no provider in the price catalogue (their estimate is never replaced).",
 )
+
+# --- partitions and retention (issue 18)
+RETENTION_DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1_800.0)
+RETENTION_RUNS = Counter(
+    "cost_worker_retention_runs_total",
+    "Retention runs of this process (partitions ahead, expired ones dropped), by result (ok, failed, skipped: "
+    "another replica held the lock).",
+    ["result"],
+)
+for _result in ("ok", "failed", "skipped"):
+    RETENTION_RUNS.labels(result=_result)
+RETENTION_DURATION = Histogram(
+    "cost_worker_retention_duration_seconds",
+    "Time one retention run took (waiting for batches in flight included).",
+    buckets=RETENTION_DURATION_BUCKETS,
+)
+RETENTION_PARTITIONS_DROPPED = Counter(
+    "cost_worker_retention_partitions_dropped_total", "api_usage partitions retention detached and dropped."
+)
+RETENTION_PARTITIONS_CREATED = Counter(
+    "cost_worker_retention_partitions_created_total", "api_usage partitions retention created ahead of their month."
+)
+RETENTION_QUARANTINE_DELETED = Counter(
+    "cost_worker_retention_quarantine_rows_deleted_total", "Replayed quarantine rows retention deleted."
+)
+RETENTION_KEPT_BY_BUDGETS = Gauge(
+    "cost_worker_retention_partitions_kept_for_budgets",
+    "api_usage partitions older than the retention period kept because an open budget period starts before their end.",
+)
+API_USAGE_PARTITIONS = Gauge("cost_worker_api_usage_partitions", "Partitions of api_usage (at the last retention run).")
+API_USAGE_OLDEST_KEPT = Gauge(
+    "cost_worker_api_usage_kept_from_timestamp_seconds",
+    "Unix time of the first month whose API-usage detail is kept (0: nothing was ever dropped).",
+)

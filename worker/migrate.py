@@ -2,7 +2,9 @@
 
 ``migrate`` takes an advisory lock (two replicas racing is safe: the second waits, then finds nothing to
 do), applies the cluster roles script, then each pending file in its own transaction as the owner role,
-recording its checksum and its compatibility. It refuses a file that was edited after it was applied.
+recording its checksum and its compatibility. It refuses a file that was edited after it was applied. A file may
+open with online steps (``-- migrate:online``), each run on its own outside a transaction first: work that must not
+hold a lock for long on a large table (CREATE INDEX CONCURRENTLY, VALIDATE CONSTRAINT).
 
 The compatibility window (README "The database"): ``schema/migrations/compat.toml`` declares each migration
 ``expand`` (code one release older still runs on the schema with it applied) or ``contract`` (it does not).
@@ -13,6 +15,7 @@ of the code by expand migrations only, and names the migration that blocks it ot
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import re
@@ -33,6 +36,12 @@ COMPAT_FILE = "compat.toml"  # in the migrations directory: [compat] NNNN_name =
 Compat = Literal["expand", "contract"]
 COMPAT_VALUES: tuple[Compat, ...] = ("expand", "contract")
 UNDECLARED: Compat = "contract"  # a migration without a declaration is recorded as breaking (the safe side)
+# A file may start with online steps: each `-- migrate:online` line opens one statement that runs on its own,
+# outside any transaction (CREATE INDEX CONCURRENTLY, VALIDATE CONSTRAINT), before the file's transaction, which
+# starts at the `-- migrate:transaction` line. Steps must be idempotent: a failed run repeats them.
+ONLINE_STEP = "-- migrate:online"
+TRANSACTION_PART = "-- migrate:transaction"
+LOCK_POLL_INTERVAL = 0.2  # seconds between attempts to take the migration lock another migrate holds
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,28 @@ class Migration:
     @property
     def label(self) -> str:
         return f"{self.version:04d}_{self.name}"
+
+    @property
+    def online_steps(self) -> list[str]:
+        """The statements to run one by one outside a transaction first (none for most files)."""
+        lines = self.sql.splitlines()
+        if TRANSACTION_PART not in lines:
+            return []
+        steps: list[list[str]] = []
+        for line in lines[: lines.index(TRANSACTION_PART)]:
+            if line == ONLINE_STEP:
+                steps.append([])
+            elif steps:
+                steps[-1].append(line)
+        return ["\n".join(step).strip() for step in steps if "\n".join(step).strip()]
+
+    @property
+    def transactional_sql(self) -> str:
+        """What runs in the file's one transaction: all of it, or what follows ``-- migrate:transaction``."""
+        lines = self.sql.splitlines()
+        if TRANSACTION_PART not in lines:
+            return self.sql
+        return "\n".join(lines[lines.index(TRANSACTION_PART) + 1 :])
 
 
 @dataclass
@@ -166,7 +197,10 @@ async def migrate(dsn: str, *, directory: Path | None = None) -> MigrationReport
     migrations = load_migrations(directory)
     conn = await store.connect(dsn)
     try:
-        await store.migration_lock(conn)
+        # Polled, not waited for in a statement: a waiting statement is an open transaction, which the other
+        # migrate's online steps (CREATE INDEX CONCURRENTLY) would wait for in turn.
+        while not await store.migration_try_lock(conn):  # noqa: ASYNC110 - the lock is in PostgreSQL, not here
+            await asyncio.sleep(LOCK_POLL_INTERVAL)
         try:
             return await _migrate_locked(conn, migrations, directory)
         finally:
@@ -200,12 +234,20 @@ async def _migrate_locked(
     pending = plan(migrations, applied).pending
     report.already_applied = len(applied)
     for migration in pending:
+        for number, step in enumerate(migration.online_steps, start=1):
+            try:
+                await store.run_script(conn, step)
+            except Exception as exc:
+                raise MigrationError(
+                    f"migration {migration.label}: online step {number} failed ({exc}); nothing of its "
+                    "transaction was applied, run migrate again"
+                ) from exc
         try:
             await store.apply_migration(
                 conn,
                 migration.version,
                 migration.name,
-                migration.sql,
+                migration.transactional_sql,
                 migration.checksum,
                 compat=migration.compat or UNDECLARED,
             )

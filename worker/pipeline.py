@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from typing import Protocol
 from uuid import UUID
 
+from worker import partitions
 from worker.alerts import Alert, Resolution
 from worker.attribution import Attribution, accounts
 from worker.batch import TP, Batch, decode_batch
@@ -127,7 +128,8 @@ class Pipeline:
         for index, message in enumerate(batch.messages):
             if message.source not in flagged:  # quarantined messages are counted as such below
                 outcome.messages[(message.source.topic, best.get(index, Result.UNCHANGED))] += 1
-        if events:
+        checked = await partitions.admit(tx, checked, quarantine)  # monthly partitions, retention (issue 18)
+        if checked.events:
             usage = await write_usage(tx, checked)
             quarantine.extend(usage.quarantined)
             touched.extend(usage.touched)

@@ -12,7 +12,7 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from operator import attrgetter
 from typing import Any, ParamSpec, TypeVar
@@ -249,6 +249,11 @@ async def migration_lock(conn: asyncpg.Connection) -> None:
 
 
 @translated
+async def migration_try_lock(conn: asyncpg.Connection) -> bool:
+    return bool(await conn.fetchval(query("migration_try_lock")))
+
+
+@translated
 async def migration_unlock(conn: asyncpg.Connection) -> None:
     await conn.execute(query("migration_unlock"))
 
@@ -334,6 +339,11 @@ class Tx:
 
     async def set_tenants(self, organization_ids: set[UUID]) -> None:
         await self.conn.execute(query("set_tenants"), ",".join(sorted(str(o) for o in organization_ids)))
+
+    async def api_usage_admit(self, months: list[date]) -> date | None:
+        """Partitions for these UTC months (made if missing); the first month retention keeps (None: all)."""
+        kept_from: date | None = await self.conn.fetchval(query("api_usage_admit"), months)
+        return kept_from
 
     async def lookup_event_references(
         self, organizations: set[UUID], projects: set[UUID], users: set[UUID]

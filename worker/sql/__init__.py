@@ -1,4 +1,5 @@
-"""The worker's SQL, loaded from named blocks in ``queries.sql`` (and ``collect.sql``, the collector's).
+"""The worker's SQL, loaded from named blocks in ``queries.sql`` (and ``collect.sql``, the collector's;
+``retention.sql``, partitions and retention).
 
 A block starts with ``-- name: <query_name>``; the comment lines after it document the query, and the
 rest up to the next block is the statement. ``worker.store`` is the only module that executes them.
@@ -27,7 +28,7 @@ def parse(text: str) -> dict[str, str]:
     return queries
 
 
-QUERY_FILES = ("queries.sql", "collect.sql")
+QUERY_FILES = ("queries.sql", "collect.sql", "retention.sql")
 
 
 @cache

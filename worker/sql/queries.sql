@@ -6,6 +6,11 @@
 -- One migrate at a time per database; two replicas racing wait here. Session-level, released explicitly.
 SELECT pg_advisory_lock(hashtextextended('cost_worker.migrate', 0));
 
+-- name: migration_try_lock
+-- The same lock without waiting inside a statement: a migrate that waits polls this instead, so that it holds no
+-- transaction open for the other one's CREATE INDEX CONCURRENTLY to wait for (that would deadlock).
+SELECT pg_try_advisory_lock(hashtextextended('cost_worker.migrate', 0));
+
 -- name: migration_unlock
 SELECT pg_advisory_unlock(hashtextextended('cost_worker.migrate', 0));
 
@@ -260,6 +265,9 @@ LEFT JOIN LATERAL (
 -- wins. Only rows this statement inserted add into the hourly rollups, in the same statement, so a
 -- replayed event changes nothing. Returns the ids whose stored content differs (conflicting duplicates)
 -- and, per (organization, project, user, hour), how many events were inserted.
+-- api_usage is partitioned by month (0011): its key is (organization, event_id, occurred_at), so a redelivery
+-- (same occurred_at) conflicts and the same id at another instant is another event (README "Partitions and
+-- retention" says why).
 -- Stored content is looked up only for the rows the insert did not take (none, usually), one primary-key
 -- probe each (LIMIT 1 keeps the planner from turning the probes into a scan of the tenants' rows: under
 -- row-level security it cannot see how many rows that is).
@@ -282,7 +290,7 @@ inserted AS (
         source_partition, source_offset, provider, catalogue_cost_usd, price_source
     )
     SELECT * FROM input
-    ON CONFLICT (organization_id, event_id) DO NOTHING
+    ON CONFLICT (organization_id, event_id, occurred_at) DO NOTHING
     RETURNING organization_id, event_id, project_id, user_id, status_code, response_time_ms, occurred_at,
               prompt_tokens, completion_tokens, total_tokens, cost_usd, provider, catalogue_cost_usd
 ),
@@ -295,7 +303,7 @@ conflicts AS (
         SELECT a.project_id, a.user_id, a.endpoint, a.method, a.status_code, a.response_time_ms, a.occurred_at,
                a.prompt_tokens, a.completion_tokens, a.total_tokens, a.model, a.cost_usd
         FROM api_usage a
-        WHERE a.organization_id = i.organization_id AND a.event_id = i.event_id
+        WHERE a.organization_id = i.organization_id AND a.event_id = i.event_id AND a.occurred_at = i.occurred_at
         LIMIT 1
     ) a
     WHERE (a.project_id, a.user_id, a.endpoint, a.method, a.status_code, a.response_time_ms, a.occurred_at,

@@ -1,0 +1,245 @@
+"""Retention (issue 18): whole monthly partitions of API-usage detail go, rollups and the ledger stay, the months
+an open budget period starts in stay, replayed quarantine rows age out; the command line; and a retention run
+while a worker drains a backlog loses nothing the rules still need."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+from pydantic import SecretStr
+
+from tests.factories import api_event, dumps, envelope, make_org, openai_cost_bucket
+from tests.feeding import Feeder
+from tests.kafka_helpers import create_topics, produce
+from tests.test_admin import cli
+from tests.test_budgets import add_budget
+from tests.test_operations import eventually
+from tests.test_partitions import at, drop_legacy, partitions
+from worker import retention
+from worker.app import Worker
+from worker.config import Settings
+from worker.partitions import add_months, month_of
+
+NOW = datetime.now(UTC)
+CURRENT = month_of(NOW)
+
+
+async def history(db: asyncpg.Connection, feeder: Feeder, months: list[date]) -> Any:
+    """An organization with two events and a provider cost line in each of these months (one partition each)."""
+    await drop_legacy(db)
+    org = await make_org(db)
+    project = org.projects["proj_a"]
+    events = [api_event(org, project=project, occurred_at=at(m, day)) for m in months for day in (3, 17)]
+    outcome = await feeder.events(*events)
+    assert outcome.messages[(feeder.settings.topic_api_usage, "inserted")] == len(events)
+    buckets = [openai_cost_bucket(f"{m}T00:00:00", f"{m}T01:00:00", [("proj_a", "x", 1)]) for m in months]
+    collected = NOW.strftime("%Y-%m-%dT%H:%M:%SZ")
+    outcome = await feeder.buckets(envelope("openai", org.ai_org, "costs_v1", buckets, collected_at=collected))
+    assert not outcome.quarantine
+    return org
+
+
+async def kept_state(db: asyncpg.Connection) -> tuple[Any, ...]:
+    """What retention must never change: the rollups and the ledger."""
+    return (
+        await db.fetch("SELECT * FROM project_metrics ORDER BY hour"),
+        await db.fetch("SELECT * FROM user_metrics ORDER BY hour"),
+        await db.fetch("SELECT organization_id, bucket_start_time, amount FROM cost_data ORDER BY bucket_start_time"),
+    )
+
+
+@pytest.mark.parametrize(("role", "as_owner"), [(None, True), ("cost_worker_writer", False)])
+async def test_whole_old_months_are_dropped_and_rollups_and_ledger_stay(
+    db: asyncpg.Connection, feeder: Feeder, settings: Settings, role: str | None, as_owner: bool
+) -> None:
+    months = [add_months(CURRENT, -k) for k in range(7, 0, -1)]
+    org = await history(db, feeder, months)
+    before = await kept_state(db)
+
+    found, result = await retention.run_once(
+        settings, months=3, quarantine_days=30, execute_plan=False, role=role, try_owner=as_owner
+    )
+    assert result is None
+    doomed = [f"api_usage_y{m.year}m{m.month:02d}" for m in months[:4]]
+    assert [p.name for p in found.drop] == doomed
+    assert set(doomed) <= set(await partitions(db)), "a dry run changes nothing"
+    assert "dry run: nothing changed" in retention.report(found, result)
+
+    found, result = await retention.run_once(
+        settings, months=3, quarantine_days=30, execute_plan=True, role=role, try_owner=as_owner
+    )
+    assert result is not None
+    assert result.dropped == doomed
+    print(
+        f"\nretention ({'owner: DETACH CONCURRENTLY' if as_owner else 'writer: plain DETACH'}): "
+        f"dropped 4 in {result.seconds:.3f} s"
+    )
+    assert result.kept_from == add_months(CURRENT, -3)
+    left = await partitions(db)
+    assert not set(doomed) & set(left)
+    assert await db.fetchval("SELECT min(occurred_at) FROM api_usage") >= datetime.fromisoformat(at(months[4], 1))
+    assert await db.fetchval("SELECT count(*) FROM api_usage") == 6
+    assert await kept_state(db) == before, "rollups and the ledger are never touched"
+    assert await db.fetchval("SELECT kept_from FROM api_usage_retention") == add_months(CURRENT, -3)
+
+    # An event of a dropped month is not counted again; one of a kept month is.
+    topic = settings.topic_api_usage
+    outcome = await feeder.events(
+        api_event(org, occurred_at=at(months[0], 20)), api_event(org, occurred_at=at(months[5]))
+    )
+    assert outcome.quarantined[(topic, "invalid_timestamp")] == 1
+    assert outcome.messages[(topic, "inserted")] == 1
+    # Nothing left to do: a second run drops nothing.
+    _, again = await retention.run_once(
+        settings, months=3, quarantine_days=30, execute_plan=True, role=role, try_owner=as_owner
+    )
+    assert again is not None
+    assert again.dropped == []
+
+
+async def test_an_open_budget_period_keeps_the_months_it_starts_in(
+    db: asyncpg.Connection, feeder: Feeder, settings: Settings
+) -> None:
+    months = [add_months(CURRENT, -k) for k in range(14, 0, -1)]
+    org = await history(db, feeder, months)
+    await add_budget(db, "organization", org, "1000", period="yearly")
+    await add_budget(db, "organization", org, "1000", period="yearly", timezone="Pacific/Kiritimati")  # UTC+14
+    found, _ = await retention.run_once(
+        settings, months=3, quarantine_days=30, execute_plan=False, role=None, try_owner=True
+    )
+    # The oldest open period: this year's, starting at midnight in Kiritimati (the previous day, 10:00 UTC).
+    year_start = datetime(NOW.year, 1, 1, tzinfo=UTC) - timedelta(hours=14)
+    assert found.oldest_open_period == year_start
+    guard = datetime(year_start.year, year_start.month, 1, tzinfo=UTC)
+    wanted = add_months(CURRENT, -3)
+    names = {m: f"api_usage_y{m.year}m{m.month:02d}" for m in months}
+    older = [m for m in months if add_months(m, 1) <= wanted]  # wholly before the kept months
+    drop = [names[m] for m in older if datetime.combine(add_months(m, 1), time(), UTC) <= guard]
+    kept = [names[m] for m in older if names[m] not in drop]
+    assert [p.name for p in found.drop] == drop
+    assert [p.name for p in found.kept_for_budgets] == kept
+    assert kept, "the yearly budget holds at least this year's months before the kept ones"
+    assert "keep: an open budget period" in retention.report(found, None)
+
+
+async def test_replayed_quarantine_rows_age_out_and_pending_ones_stay(
+    db: asyncpg.Connection, settings: Settings
+) -> None:
+    for offset, status, replayed_days_ago in ((1, "replayed", 40), (2, "replayed", 1), (3, "pending", None)):
+        await db.execute(
+            "INSERT INTO quarantine (reason, source_topic, source_partition, source_offset, payload, status, "
+            "quarantined_at, replayed_at) VALUES ('unknown_project', 't', 0, $1, 'x', $2, now() - interval '100 days', "
+            "now() - make_interval(days => $3))",
+            offset,
+            status,
+            replayed_days_ago,
+        )
+    await db.execute("UPDATE quarantine SET replayed_at = NULL WHERE status = 'pending'")
+    found, _ = await retention.run_once(
+        settings, months=0, quarantine_days=30, execute_plan=False, role="cost_worker_writer", try_owner=False
+    )
+    assert found.quarantine_rows == 1
+    assert not found.drop
+    _, result = await retention.run_once(
+        settings, months=0, quarantine_days=30, execute_plan=True, role="cost_worker_writer", try_owner=False
+    )
+    assert result is not None
+    assert result.quarantine_deleted == 1
+    assert sorted(r["source_offset"] for r in await db.fetch("SELECT source_offset FROM quarantine")) == [2, 3]
+
+
+async def test_the_command_line_plans_by_default_and_says_what_is_wrong_in_one_line(settings: Settings) -> None:
+    planned = cli(settings, "retention", "--months", "3")
+    assert planned.returncode == 0, planned.stderr
+    assert "api_usage_legacy" in planned.stdout
+    assert "dry run: nothing changed" in planned.stdout
+
+    negative = cli(settings, "retention", "--months", "-1")
+    assert negative.returncode == 2
+    assert negative.stderr.strip() == "cost-worker: config error: --months: must be 0 (keep everything) or more, not -1"
+
+    both = cli(settings, "retention", "--execute", "--dry-run")
+    assert both.returncode == 2
+    assert "not allowed with argument" in both.stderr
+    assert len(both.stderr.strip().splitlines()) == 1
+
+    nowhere = settings.model_copy(
+        update={"database_url": SecretStr("postgresql://nobody@127.0.0.1:1/none"), "database_connect_timeout": 2.0}
+    )
+    unreachable = cli(nowhere, "retention")
+    assert unreachable.returncode == 1
+    assert unreachable.stderr.startswith("cost-worker: error: ")
+    assert len(unreachable.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in unreachable.stderr
+
+
+async def test_retention_during_a_drain_loses_nothing_the_rules_still_need(
+    db: asyncpg.Connection, settings: Settings
+) -> None:
+    """A worker drains a backlog while retention drops the old months: every event of a kept month lands exactly
+    once, the rollups of the dropped months stay as they were, and late events of dropped months are refused."""
+    await drop_legacy(db)
+    await create_topics(settings)
+    org = await make_org(db, users=2)
+    project = org.projects["proj_a"]
+    old_months = [add_months(CURRENT, -k) for k in (5, 4, 3)]
+    kept_months = [add_months(CURRENT, -k) for k in (2, 1)]
+    old = [api_event(org, project=project, occurred_at=at(m, d, h)) for m in old_months for d in (2, 9) for h in (1, 5)]
+    kept = [
+        api_event(org, project=project, user=org.users[i % 2], occurred_at=at(kept_months[i % 2], 1 + i % 27, i % 24))
+        for i in range(3000)
+    ]
+    worker = Worker(settings)
+    task = asyncio.create_task(worker.run())
+    try:
+        await produce(settings, settings.topic_api_usage, [dumps(e) for e in old])
+
+        async def landed(n: int) -> bool:
+            return bool(await db.fetchval("SELECT count(*) FROM api_usage") == n)
+
+        await eventually(lambda: landed(len(old)))
+        old_rollups = await db.fetch(
+            "SELECT hour, request_count, estimated_cost_usd FROM project_metrics WHERE hour < $1 ORDER BY hour",
+            datetime(kept_months[0].year, kept_months[0].month, 1, tzinfo=UTC),
+        )
+        backlog = asyncio.create_task(produce(settings, settings.topic_api_usage, [dumps(e) for e in kept]))
+        await eventually(lambda: _some(db, len(old) + 1))  # the worker is draining
+        _, result = await retention.run_once(
+            settings, months=2, quarantine_days=30, execute_plan=True, role=None, try_owner=True
+        )
+        assert result is not None
+        assert len(result.dropped) == 3
+        print(f"\nretention during the drain: dropped 3 partitions in {result.seconds:.3f} s (DETACH CONCURRENTLY)")
+        late = [api_event(org, project=project, occurred_at=at(m, 20)) for m in old_months]
+        await backlog
+        await produce(settings, settings.topic_api_usage, [dumps(e) for e in late])
+
+        async def drained() -> bool:
+            quarantined = await db.fetchval("SELECT count(*) FROM quarantine")
+            return bool(await landed(len(kept)) and quarantined == len(late))
+
+        await eventually(drained, timeout=120)
+    finally:
+        worker.stop.set()
+        assert await asyncio.wait_for(task, 60) == 0
+    ids = {row["event_id"] for row in await db.fetch("SELECT event_id FROM api_usage")}
+    assert ids == {e["event_id"] for e in kept}
+    assert await db.fetchval("SELECT sum(request_count) FROM project_metrics") == len(old) + len(kept)
+    assert await db.fetchval("SELECT sum(request_count) FROM user_metrics") == len(kept)
+    assert (
+        await db.fetch(
+            "SELECT hour, request_count, estimated_cost_usd FROM project_metrics WHERE hour < $1 ORDER BY hour",
+            datetime(kept_months[0].year, kept_months[0].month, 1, tzinfo=UTC),
+        )
+        == old_rollups
+    )
+    reasons = await db.fetch("SELECT reason FROM quarantine")
+    assert {row["reason"] for row in reasons} == {"invalid_timestamp"}
+
+
+async def _some(db: asyncpg.Connection, n: int) -> bool:
+    return bool(await db.fetchval("SELECT count(*) FROM api_usage") >= n)

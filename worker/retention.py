@@ -1,0 +1,348 @@
+"""Retention (issue 18): per-request detail goes by whole monthly partitions; rollups and the ledger stay.
+
+One run: create the coming months' ``api_usage`` partitions, drop the partitions wholly older than the kept months
+(never one an open budget period starts before the end of), and delete replayed quarantine rows past their age.
+Dropping is two steps: first the first month kept moves forward (``cost_worker_retention_advance``: it waits for
+the batches in flight, and later batches quarantine events before it), then each partition is detached and
+dropped: ``DETACH PARTITION ... CONCURRENTLY`` when the login can act as the owner role, else through
+``cost_worker_retention_drop`` (a plain DETACH: a moment of ACCESS EXCLUSIVE, bounded by lock_timeout). Never a
+``DELETE`` of detail rows. The outbox needs nothing here: the publisher deletes each row once the broker
+acknowledged it.
+
+``cost-worker retention`` shows the plan (dry run) unless ``--execute``; the worker runs it every
+``COST_WORKER_RETENTION_INTERVAL`` seconds (one replica at a time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+
+import asyncpg
+import structlog
+
+from worker import metrics, store
+from worker.config import Settings, env_name, load_settings
+from worker.errors import ConfigError, CostWorkerError, FatalError
+from worker.partitions import add_months, month_of
+from worker.sql import query
+
+log = structlog.get_logger("worker.retention")
+
+MONTHS_AHEAD = 2  # partitions exist through this many months after the current one (decode accepts 2 days ahead)
+QUARANTINE_CHUNK = 10_000  # replayed quarantine rows deleted per statement (short transactions)
+RETRY_AFTER_FAILURE = 60.0  # seconds before a failed periodic run is tried again (if the interval is longer)
+_PARTITION_NAME = re.compile(r"^api_usage_[a-z0-9_]+$")  # what DDL may name (names come from the catalog)
+_DRIVER_ERRORS = (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError)
+
+
+def _utc(month: date) -> datetime:
+    return datetime(month.year, month.month, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Partition:
+    name: str
+    from_at: datetime
+    until_at: datetime
+    detach_pending: bool
+    estimated_rows: int
+    size_bytes: int
+
+
+@dataclass
+class Plan:
+    """What a run would do at ``now``."""
+
+    now: datetime
+    months: int  # whole months kept before the current one (0: keep everything)
+    kept_from: date | None  # the first month kept today (None: nothing was ever dropped)
+    partitions: list[Partition]
+    drop: list[Partition] = field(default_factory=list)
+    kept_for_budgets: list[Partition] = field(default_factory=list)
+    oldest_open_period: datetime | None = None
+    quarantine_cutoff: datetime | None = None
+    quarantine_rows: int = 0
+
+    @property
+    def wanted_from(self) -> date | None:
+        """The first month the retention period keeps (None: keep everything)."""
+        return add_months(month_of(self.now), -self.months) if self.months else None
+
+    @property
+    def new_kept_from(self) -> date | None:
+        """The first month kept after the run: the end of the newest partition it drops."""
+        if not self.drop:
+            return None
+        return month_of(max(p.until_at for p in self.drop))
+
+
+@dataclass
+class Result:
+    dropped: list[str] = field(default_factory=list)
+    created: list[str] = field(default_factory=list)
+    quarantine_deleted: int = 0
+    kept_from: date | None = None
+    seconds: float = 0.0
+
+
+async def plan(conn: asyncpg.Connection, *, months: int, quarantine_days: int, now: datetime) -> Plan:
+    """Read the partitions, the budgets' open periods and the quarantine; decide (changes nothing)."""
+    try:
+        rows = await conn.fetch(query("api_usage_partitions"))
+        kept_from = await conn.fetchval(query("retention_kept_from"))
+        oldest_open = await conn.fetchval(query("retention_oldest_open_period"), now)
+        cutoff = now - timedelta(days=quarantine_days) if quarantine_days else None
+        due = int(await conn.fetchval(query("retention_quarantine_due"), cutoff)) if cutoff else 0
+    except _DRIVER_ERRORS as exc:
+        raise store.translate(exc) from exc
+    found = Plan(
+        now=now,
+        months=months,
+        kept_from=kept_from,
+        partitions=[
+            Partition(
+                r["partition_name"],
+                r["from_at"],
+                r["until_at"],
+                r["detach_pending"],
+                r["estimated_rows"],
+                r["bytes"],
+            )
+            for r in rows
+        ],
+        oldest_open_period=oldest_open,
+        quarantine_cutoff=cutoff,
+        quarantine_rows=due,
+    )
+    wanted = found.wanted_from
+    if wanted is not None:
+        # Budgets read rollups and the ledger only, never api_usage; the months of an open period stay anyway.
+        guard = _utc(month_of(oldest_open)) if oldest_open is not None else None
+        for partition in found.partitions:
+            if partition.until_at > _utc(wanted):
+                continue
+            if guard is not None and partition.until_at > guard:
+                found.kept_for_budgets.append(partition)
+            else:
+                found.drop.append(partition)
+    return found
+
+
+async def execute(conn: asyncpg.Connection, found: Plan, *, as_owner: bool) -> Result:
+    """Carry a plan out on a connection outside any transaction (DETACH CONCURRENTLY needs that)."""
+    started = time.monotonic()
+    result = Result(kept_from=found.kept_from)
+    try:
+        if found.new_kept_from is not None:
+            result.kept_from = await conn.fetchval(query("retention_advance"), found.new_kept_from)
+        for partition in found.drop:
+            name = _checked(partition.name)
+            if as_owner:
+                detach = "retention_detach_finalize" if partition.detach_pending else "retention_detach_concurrently"
+                await conn.execute(query(detach).format(partition=name))
+                await conn.execute(query("retention_drop_table").format(partition=name))
+            else:
+                await conn.execute(query("retention_drop"), partition.name)
+            result.dropped.append(partition.name)
+            metrics.RETENTION_PARTITIONS_DROPPED.inc()
+            log.info("retention_partition_dropped", partition=partition.name, estimated_rows=partition.estimated_rows)
+        if found.quarantine_cutoff is not None and found.quarantine_rows:
+            while True:
+                deleted = int(
+                    await conn.fetchval(query("retention_quarantine"), found.quarantine_cutoff, QUARANTINE_CHUNK)
+                )
+                result.quarantine_deleted += deleted
+                metrics.RETENTION_QUARANTINE_DELETED.inc(deleted)
+                if deleted < QUARANTINE_CHUNK:
+                    break
+        result.created = await ensure_ahead(conn, found.now)
+    except _DRIVER_ERRORS as exc:
+        raise store.translate(exc) from exc
+    result.seconds = time.monotonic() - started
+    return result
+
+
+async def ensure_ahead(conn: asyncpg.Connection, now: datetime) -> list[str]:
+    """Partitions for the current month through ``MONTHS_AHEAD`` months after it."""
+    current = month_of(now)
+    made: list[str] = await conn.fetchval(query("api_usage_ensure"), current, add_months(current, MONTHS_AHEAD))
+    metrics.RETENTION_PARTITIONS_CREATED.inc(len(made))
+    return made
+
+
+def _checked(name: str) -> str:
+    if not _PARTITION_NAME.match(name):
+        raise FatalError(f"refusing to name partition {name!r} in DDL")
+    return f'"{name}"'
+
+
+def _record(found: Plan, result: Result) -> None:
+    remaining = len(found.partitions) - len(result.dropped) + len(result.created)
+    metrics.API_USAGE_PARTITIONS.set(remaining)
+    metrics.RETENTION_KEPT_BY_BUDGETS.set(len(found.kept_for_budgets))
+    kept = result.kept_from
+    metrics.API_USAGE_OLDEST_KEPT.set(_utc(kept).timestamp() if kept else 0)
+    metrics.RETENTION_DURATION.observe(result.seconds)
+
+
+# ---------------------------------------------------------------------------------------- one run
+
+
+class Busy(CostWorkerError):
+    """Another retention run holds the lock."""
+
+
+async def run_once(
+    settings: Settings, *, months: int, quarantine_days: int, execute_plan: bool, role: str | None, try_owner: bool
+) -> tuple[Plan, Result | None]:
+    """Plan (and carry out) one run under the cluster-wide retention lock. Returns (plan, None) for a dry run."""
+    conn = await store.connect(settings.dsn(), role=role, timeout=settings.database_connect_timeout)
+    try:
+        as_owner = await store.become_owner(conn) if try_owner else False
+        try:
+            mine = bool(await conn.fetchval(query("retention_try_lock")))
+        except _DRIVER_ERRORS as exc:
+            raise store.translate(exc) from exc
+        if not mine:
+            raise Busy("another retention run holds the lock (a worker replica or the CLI); try again later")
+        try:
+            found = await plan(conn, months=months, quarantine_days=quarantine_days, now=datetime.now(UTC))
+            if not execute_plan:
+                return found, None
+            result = await execute(conn, found, as_owner=as_owner)
+            _record(found, result)
+            return found, result
+        finally:
+            with contextlib.suppress(*_DRIVER_ERRORS):
+                await conn.fetchval(query("retention_unlock"))
+    finally:
+        with contextlib.suppress(*_DRIVER_ERRORS):
+            await conn.close()
+
+
+async def run_periodically(settings: Settings, stop: asyncio.Event) -> None:
+    """The worker's background task: a run every ``retention_interval`` seconds until ``stop`` (never returns
+    earlier, even when off: the worker treats a finished background task as a failure)."""
+    if settings.retention_interval <= 0:
+        await stop.wait()
+        return
+    while not stop.is_set():
+        wait = settings.retention_interval
+        try:
+            found, result = await run_once(
+                settings,
+                months=settings.api_usage_retention_months,
+                quarantine_days=settings.quarantine_retention_days,
+                execute_plan=True,
+                role=settings.database_role,
+                try_owner=False,
+            )
+            metrics.RETENTION_RUNS.labels(result="ok").inc()
+            if result is not None and (result.dropped or result.created or result.quarantine_deleted):
+                log.info(
+                    "retention_run",
+                    dropped=result.dropped,
+                    created=result.created,
+                    quarantine_deleted=result.quarantine_deleted,
+                    kept_from=result.kept_from.isoformat() if result.kept_from else None,
+                    kept_for_budgets=[p.name for p in found.kept_for_budgets],
+                    seconds=round(result.seconds, 3),
+                )
+        except Busy:
+            metrics.RETENTION_RUNS.labels(result="skipped").inc()
+        except CostWorkerError as exc:  # retention never stops ingestion; the next run tries again, sooner
+            metrics.RETENTION_RUNS.labels(result="failed").inc()
+            log.warning("retention_failed", error=str(exc))
+            wait = min(wait, RETRY_AFTER_FAILURE)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=wait)
+
+
+# ---------------------------------------------------------------------------------------- command line
+
+
+def command(months_flag: int | None, days_flag: int | None, *, execute_plan: bool) -> int:
+    """``cost-worker retention [--months N] [--quarantine-days D] [--execute | --dry-run]``."""
+    settings = load_settings(require=("database_url",))
+    problems = []
+    months = settings.api_usage_retention_months if months_flag is None else months_flag
+    days = settings.quarantine_retention_days if days_flag is None else days_flag
+    if months < 0:
+        problems.append(f"--months: must be 0 (keep everything) or more, not {months}")
+    if days < 0:
+        problems.append(f"--quarantine-days: must be 0 (keep them) or more, not {days}")
+    if problems:
+        raise ConfigError(problems)
+    found, result = asyncio.run(
+        run_once(
+            settings,
+            months=months,
+            quarantine_days=days,
+            execute_plan=execute_plan,
+            role=None,
+            try_owner=True,
+        )
+    )
+    print(report(found, result))
+    return 0
+
+
+def _size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(n)  # pragma: no cover
+
+
+def _bound(at: datetime) -> str:
+    return "(start)" if at.year <= 1 else at.astimezone(UTC).date().isoformat()
+
+
+def report(found: Plan, result: Result | None) -> str:
+    """The plan, or what was done, as text."""
+    lines = []
+    if found.months:
+        lines.append(
+            f"keeping {found.months} whole month(s) of API-usage detail before the current one: from "
+            f"{found.wanted_from}; first month kept now: {found.kept_from or 'everything (nothing dropped yet)'}"
+        )
+    else:
+        lines.append(f"keeping all API-usage detail ({env_name('api_usage_retention_months')}=0, no --months)")
+    if found.oldest_open_period is not None:
+        lines.append(f"oldest open budget period starts {found.oldest_open_period.isoformat()}")
+    drop = {p.name for p in found.drop}
+    budget = {p.name for p in found.kept_for_budgets}
+    rows = [("partition", "from", "until", "rows (est.)", "size", "action")]
+    for p in found.partitions:
+        action = "drop" if p.name in drop else "keep: an open budget period" if p.name in budget else "keep"
+        if result is not None and p.name in drop:
+            action = "dropped"
+        rows.append(
+            (p.name, _bound(p.from_at), _bound(p.until_at), f"{p.estimated_rows:,}", _size(p.size_bytes), action)
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+    if found.quarantine_cutoff is not None:
+        lines.append(
+            f"replayed quarantine rows replayed before {found.quarantine_cutoff.isoformat(timespec='seconds')}: "
+            f"{found.quarantine_rows}"
+        )
+    if result is None:
+        lines.append(
+            f"dry run: nothing changed (--execute drops {len(found.drop)} partition(s) and deletes "
+            f"{found.quarantine_rows} quarantine row(s))"
+        )
+    else:
+        lines.append(
+            f"dropped {len(result.dropped)} partition(s), deleted {result.quarantine_deleted} quarantine row(s), "
+            f"created {len(result.created)} partition(s) ahead in {result.seconds:.2f} s; first month kept: "
+            f"{result.kept_from or 'everything'}"
+        )
+    return "\n".join(lines)
