@@ -120,6 +120,9 @@ async def test_every_tenant_table_is_covered(db: asyncpg.Connection) -> None:
         "budget_alerts",
         "notify_destinations",
         "notify_deliveries",
+        "spend_hourly",
+        "spend_cover",
+        "spend_reach",
     }
 
 
