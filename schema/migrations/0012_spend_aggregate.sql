@@ -10,7 +10,9 @@
 --   rate_day  the UTC date of a provider row's window start, of an estimate's hour: the rate that converts it.
 --   rows      how many source rows (ledger lines, rollup rows) the sum holds: foreign_rows and missing_rates
 --             count rows, and a conversion truncates per row.
--- A monthly budget reads about two rows per hour of its period instead of every line, window and coverage hour.
+-- spend_daily holds the same sums per UTC day: a period reads the days it holds whole from spend_daily and only
+-- its edges (a local midnight is not a UTC one) from spend_hourly, about 30 rows per currency for a month instead of
+-- every line, window and coverage hour; cost_worker_spend_many does it for all of a batch's candidates at once.
 --
 -- How it is kept equal to the full computation, in the writing transaction (statement-level triggers with
 -- transition tables, so no writer can forget it: the worker, `cost-worker` commands, an operator's psql):
@@ -54,6 +56,23 @@ CREATE TABLE spend_hourly (
 COMMENT ON TABLE spend_hourly IS
     'spend that counts per scope, resolved by the spend rules, per (instant, rate date, currency, authority)';
 
+-- The same sums per UTC day (day: its midnight), so a month reads about 30 rows plus the hours at its edges that
+-- do not fill a UTC day (a period starting at a local midnight). Kept next to spend_hourly by the same functions.
+CREATE TABLE spend_daily (
+    organization_id uuid        NOT NULL REFERENCES organizations (id) ON DELETE CASCADE,
+    scope           text        NOT NULL,
+    subject         uuid        NOT NULL,
+    subject_project uuid        NOT NULL DEFAULT '00000000-0000-0000-0000-000000000000',
+    day             timestamptz NOT NULL,
+    rate_day        date        NOT NULL,
+    currency        char(3)     NOT NULL,
+    authority       text        NOT NULL,
+    amount          numeric     NOT NULL,
+    n_rows          bigint      NOT NULL,
+    max_scale       integer     NOT NULL,
+    CONSTRAINT spend_daily_key PRIMARY KEY (scope, subject, subject_project, day, currency, authority, rate_day)
+);
+
 -- The hours a counted provider row covers, per scope: an estimate of (provider, project, hour) does not count in
 -- the scope when a row of its project covers it, or (organization scope) an ungrouped row (project_id NULL) of
 -- the provider account its project is mapped to.
@@ -80,7 +99,7 @@ DO $rls$
 DECLARE
     t text;
 BEGIN
-    FOREACH t IN ARRAY ARRAY['spend_hourly', 'spend_cover', 'spend_reach'] LOOP
+    FOREACH t IN ARRAY ARRAY['spend_hourly', 'spend_daily', 'spend_cover', 'spend_reach'] LOOP
         EXECUTE format('ALTER TABLE %I ENABLE ROW LEVEL SECURITY', t);
         EXECUTE format('ALTER TABLE %I FORCE ROW LEVEL SECURITY', t);
         EXECUTE format(
@@ -91,8 +110,8 @@ BEGIN
 END
 $rls$;
 
-GRANT SELECT, INSERT, UPDATE, DELETE ON spend_hourly, spend_cover, spend_reach TO cost_worker_writer;
-GRANT SELECT ON spend_hourly, spend_cover, spend_reach TO cost_worker_reader;
+GRANT SELECT, INSERT, UPDATE, DELETE ON spend_hourly, spend_daily, spend_cover, spend_reach TO cost_worker_writer;
+GRANT SELECT ON spend_hourly, spend_daily, spend_cover, spend_reach TO cost_worker_reader;
 
 -- ================================================================================================ the rules
 
@@ -217,6 +236,27 @@ $$;
 
 -- ================================================================================================ maintenance
 
+-- Recompute spend_daily of one scope key for the UTC days overlapping [from_at, until_at) from spend_hourly.
+CREATE FUNCTION cost_worker_spend_days(
+    k_scope text, k_subject uuid, k_project uuid, from_at timestamptz, until_at timestamptz
+) RETURNS void
+LANGUAGE sql VOLATILE
+AS $$
+    DELETE FROM spend_daily d
+    WHERE d.scope = k_scope AND d.subject = k_subject AND d.subject_project = k_project
+      AND d.day >= date_trunc('day', from_at, 'UTC') AND d.day < until_at;
+    INSERT INTO spend_daily (organization_id, scope, subject, subject_project, day, rate_day, currency, authority,
+                             amount, n_rows, max_scale)
+    SELECT h.organization_id, h.scope, h.subject, h.subject_project, date_trunc('day', h.at, 'UTC'), h.rate_day,
+           h.currency, h.authority, sum(h.amount), sum(h.n_rows), max(h.max_scale)
+    FROM spend_hourly h
+    WHERE h.scope = k_scope AND h.subject = k_subject AND h.subject_project = k_project
+      AND h.at >= date_trunc('day', from_at, 'UTC')
+      AND h.at < date_trunc('day', until_at - interval '1 microsecond', 'UTC') + interval '1 day'
+      AND h.n_rows <> 0
+    GROUP BY 1, 2, 3, 4, 5, 6, 7, 8;
+$$;
+
 -- Recompute the aggregate and the coverage of an organization or project scope for `at` in [region_start,
 -- region_end): whatever was there is replaced by what the rules say now. Exact for any interval.
 CREATE FUNCTION cost_worker_spend_refresh(
@@ -255,6 +295,7 @@ BEGIN
     FROM r
     WHERE r.kind <> 'cover' AND r.amount IS NOT NULL
     GROUP BY r.at, (r.rate_at AT TIME ZONE 'UTC')::date, r.currency, r.kind;
+    PERFORM cost_worker_spend_days(scope, subject, '00000000-0000-0000-0000-000000000000', region_start, region_end);
 END
 $$;
 
@@ -396,15 +437,28 @@ BEGIN
           AND NOT EXISTS (SELECT FROM spend_cover c
                           WHERE c.scope = 'project' AND c.subject = d.project_id
                             AND c.provider = d.provider AND c.project_id = d.project_id AND c.hour = d.hour)
+    ),
+    hourly AS (
+        INSERT INTO spend_hourly AS s (organization_id, scope, subject, at, rate_day, currency, authority, amount,
+                                       n_rows, max_scale)
+        SELECT organization_id, scope, subject, hour, (hour AT TIME ZONE 'UTC')::date, 'USD', 'estimate', sum(amount),
+               sum(n), max(max_scale)
+        FROM scoped
+        GROUP BY organization_id, scope, subject, hour
+        ORDER BY scope, subject, hour
+        ON CONFLICT ON CONSTRAINT spend_hourly_key DO UPDATE SET
+            amount = s.amount + EXCLUDED.amount,
+            n_rows = s.n_rows + EXCLUDED.n_rows,
+            max_scale = greatest(s.max_scale, EXCLUDED.max_scale)
     )
-    INSERT INTO spend_hourly AS s (organization_id, scope, subject, at, rate_day, currency, authority, amount, n_rows,
-                                   max_scale)
-    SELECT organization_id, scope, subject, hour, (hour AT TIME ZONE 'UTC')::date, 'USD', 'estimate', sum(amount),
-           sum(n), max(max_scale)
+    INSERT INTO spend_daily AS s (organization_id, scope, subject, day, rate_day, currency, authority, amount, n_rows,
+                                  max_scale)
+    SELECT organization_id, scope, subject, date_trunc('day', hour, 'UTC'), (hour AT TIME ZONE 'UTC')::date, 'USD',
+           'estimate', sum(amount), sum(n), max(max_scale)
     FROM scoped
-    GROUP BY organization_id, scope, subject, hour
-    ORDER BY scope, subject, hour
-    ON CONFLICT ON CONSTRAINT spend_hourly_key DO UPDATE SET
+    GROUP BY organization_id, scope, subject, date_trunc('day', hour, 'UTC'), (hour AT TIME ZONE 'UTC')::date
+    ORDER BY scope, subject, 4
+    ON CONFLICT ON CONSTRAINT spend_daily_key DO UPDATE SET
         amount = s.amount + EXCLUDED.amount,
         n_rows = s.n_rows + EXCLUDED.n_rows,
         max_scale = greatest(s.max_scale, EXCLUDED.max_scale);
@@ -432,15 +486,29 @@ BEGIN
         UNION ALL
         SELECT organization_id, 'user_project', user_id, project_id, hour, amount, n
         FROM d WHERE project_id IS NOT NULL
+    ),
+    hourly AS (
+        INSERT INTO spend_hourly AS s (organization_id, scope, subject, subject_project, at, rate_day, currency,
+                                       authority, amount, n_rows, max_scale)
+        SELECT organization_id, scope, subject, subject_project, hour, (hour AT TIME ZONE 'UTC')::date, 'USD',
+               'estimate', sum(amount), sum(n), max(scale(amount))
+        FROM scoped
+        GROUP BY organization_id, scope, subject, subject_project, hour
+        ORDER BY scope, subject, subject_project, hour
+        ON CONFLICT ON CONSTRAINT spend_hourly_key DO UPDATE SET
+            amount = s.amount + EXCLUDED.amount,
+            n_rows = s.n_rows + EXCLUDED.n_rows,
+            max_scale = greatest(s.max_scale, EXCLUDED.max_scale)
     )
-    INSERT INTO spend_hourly AS s (organization_id, scope, subject, subject_project, at, rate_day, currency,
-                                   authority, amount, n_rows, max_scale)
-    SELECT organization_id, scope, subject, subject_project, hour, (hour AT TIME ZONE 'UTC')::date, 'USD',
-           'estimate', sum(amount), sum(n), max(scale(amount))
+    INSERT INTO spend_daily AS s (organization_id, scope, subject, subject_project, day, rate_day, currency,
+                                  authority, amount, n_rows, max_scale)
+    SELECT organization_id, scope, subject, subject_project, date_trunc('day', hour, 'UTC'),
+           (hour AT TIME ZONE 'UTC')::date, 'USD', 'estimate', sum(amount), sum(n), max(scale(amount))
     FROM scoped
-    GROUP BY organization_id, scope, subject, subject_project, hour
-    ORDER BY scope, subject, subject_project, hour
-    ON CONFLICT ON CONSTRAINT spend_hourly_key DO UPDATE SET
+    GROUP BY organization_id, scope, subject, subject_project, date_trunc('day', hour, 'UTC'),
+             (hour AT TIME ZONE 'UTC')::date
+    ORDER BY scope, subject, subject_project, 5
+    ON CONFLICT ON CONSTRAINT spend_daily_key DO UPDATE SET
         amount = s.amount + EXCLUDED.amount,
         n_rows = s.n_rows + EXCLUDED.n_rows,
         max_scale = greatest(s.max_scale, EXCLUDED.max_scale);
@@ -457,11 +525,13 @@ DECLARE
 BEGIN
     IF orgs IS NULL THEN
         DELETE FROM spend_hourly;
+        DELETE FROM spend_daily;
         DELETE FROM spend_cover;
         DELETE FROM spend_reach;
     ELSE
         PERFORM cost_worker_spend_lock(orgs, true);
         DELETE FROM spend_hourly WHERE organization_id = ANY (orgs);
+        DELETE FROM spend_daily WHERE organization_id = ANY (orgs);
         DELETE FROM spend_cover WHERE organization_id = ANY (orgs);
         DELETE FROM spend_reach WHERE organization_id = ANY (orgs);
     END IF;
@@ -501,6 +571,13 @@ BEGIN
            'estimate', sum(estimated_cost_usd), count(*), max(scale(estimated_cost_usd))
     FROM user_metrics WHERE project_id IS NOT NULL AND (orgs IS NULL OR organization_id = ANY (orgs))
     GROUP BY organization_id, user_id, project_id, hour;
+    INSERT INTO spend_daily (organization_id, scope, subject, subject_project, day, rate_day, currency, authority,
+                             amount, n_rows, max_scale)
+    SELECT h.organization_id, h.scope, h.subject, h.subject_project, date_trunc('day', h.at, 'UTC'), h.rate_day,
+           h.currency, h.authority, sum(h.amount), sum(h.n_rows), max(h.max_scale)
+    FROM spend_hourly h
+    WHERE h.scope IN ('user', 'user_project') AND (orgs IS NULL OR h.organization_id = ANY (orgs))
+    GROUP BY 1, 2, 3, 4, 5, 6, 7, 8;
 END
 $$;
 
@@ -670,85 +747,131 @@ CREATE TRIGGER spend_project_mapping AFTER UPDATE ON projects
 ALTER FUNCTION cost_worker_spend(text, uuid, uuid, uuid, timestamptz, timestamptz, text)
     RENAME TO cost_worker_spend_full;
 
--- Spend in the budget's currency from the aggregate: the same value, foreign_rows and missing_rates as
--- cost_worker_spend_full. Sums in the budget's currency are taken as they are (a USD budget on USD rows: to the
--- digit). A foreign sum is converted whole when that equals converting its rows one by one: a direct rate
--- (amount * rate, nothing to truncate at 20 decimals for the scales held). A conversion that divides (an inverse
--- or cross rate: every row is truncated at 20 decimal places) is computed row by row by cost_worker_spend_full.
+-- Spend of many (scope, period) pairs in their budgets' currencies from the aggregate, in one statement (a batch's
+-- candidates): per input position (ord), the same spend, foreign_rows and missing_rates as
+-- cost_worker_spend_full. A period reads spend_daily for the UTC days it holds whole and spend_hourly for the rest
+-- (its edges, when it starts at a local midnight). Sums in the budget's currency are taken as they are (a USD
+-- budget on USD rows: to the digit). A foreign sum is converted whole when that equals converting its rows one by
+-- one: a direct rate (amount * rate: nothing to truncate at 20 decimals for the scales held). A conversion that
+-- divides (an inverse or cross rate truncates every row at 20 decimal places) is left to cost_worker_spend_full,
+-- for that pair only.
+CREATE FUNCTION cost_worker_spend_many(
+    scopes text[], orgs uuid[], projects uuid[], users uuid[], starts timestamptz[], ends timestamptz[],
+    currencies text[]
+) RETURNS TABLE (ord bigint, spend numeric, foreign_rows jsonb, missing_rates jsonb)
+LANGUAGE sql STABLE
+AS $$
+    WITH i AS MATERIALIZED (
+        SELECT t.*,
+               CASE WHEN t.scope IN ('organization', 'project') THEN t.scope
+                    WHEN t.scope = 'user' AND t.project_id IS NULL THEN 'user'
+                    WHEN t.scope = 'user' THEN 'user_project' END AS k_scope,
+               CASE t.scope WHEN 'organization' THEN t.org WHEN 'project' THEN t.project_id ELSE t.user_id END
+                   AS k_subject,
+               CASE WHEN t.scope = 'user' AND t.project_id IS NOT NULL THEN t.project_id
+                    ELSE '00000000-0000-0000-0000-000000000000'::uuid END AS k_project,
+               date_trunc('day', t.period_start - interval '1 microsecond', 'UTC') + interval '1 day' AS d_from,
+               date_trunc('day', t.period_end, 'UTC') AS d_until
+        FROM unnest(scopes, orgs, projects, users, starts, ends, currencies)
+            WITH ORDINALITY AS t(scope, org, project_id, user_id, period_start, period_end, currency, ord)
+    ),
+    parts AS (
+        SELECT i.ord, i.currency AS to_code, d.currency, d.rate_day, d.amount, d.n_rows, d.max_scale
+        FROM i JOIN spend_daily d
+          ON d.scope = i.k_scope AND d.subject = i.k_subject AND d.subject_project = i.k_project
+         AND d.day >= i.d_from AND d.day < i.d_until
+        WHERE d.n_rows <> 0 AND (i.k_scope NOT IN ('organization', 'project') OR d.organization_id = i.org)
+        UNION ALL
+        SELECT i.ord, i.currency, h.currency, h.rate_day, h.amount, h.n_rows, h.max_scale
+        FROM i JOIN spend_hourly h
+          ON h.scope = i.k_scope AND h.subject = i.k_subject AND h.subject_project = i.k_project
+         AND h.at >= i.period_start AND h.at < least(i.period_end, i.d_from)
+        WHERE h.n_rows <> 0 AND (i.k_scope NOT IN ('organization', 'project') OR h.organization_id = i.org)
+        UNION ALL
+        SELECT i.ord, i.currency, h.currency, h.rate_day, h.amount, h.n_rows, h.max_scale
+        FROM i JOIN spend_hourly h
+          ON h.scope = i.k_scope AND h.subject = i.k_subject AND h.subject_project = i.k_project
+         AND h.at >= greatest(i.d_until, i.d_from, i.period_start) AND h.at < i.period_end
+        WHERE h.n_rows <> 0 AND (i.k_scope NOT IN ('organization', 'project') OR h.organization_id = i.org)
+    ),
+    p AS MATERIALIZED (SELECT * FROM parts),
+    same AS (  -- rows in the budget's currency: summed as they are
+        SELECT p.ord, sum(p.amount) AS amount FROM p WHERE p.currency = p.to_code GROUP BY p.ord
+    ),
+    g AS MATERIALIZED (  -- rows in another currency, per (currency, rate date): what a rate converts
+        SELECT p.ord, p.to_code, p.currency::text AS currency, p.rate_day AS day, sum(p.amount) AS amount,
+               sum(p.n_rows) AS n, max(p.max_scale) AS max_scale
+        FROM p WHERE p.currency <> p.to_code
+        GROUP BY 1, 2, 3, 4
+    ),
+    factors AS MATERIALIZED (  -- one rate lookup per (row currency, day, budget currency)
+        SELECT pairs.*, f.num, f.den
+        FROM (SELECT DISTINCT g.currency, g.day, g.to_code FROM g) pairs
+        LEFT JOIN LATERAL cost_worker_rate_factor(pairs.currency, pairs.to_code, pairs.day) f ON true
+    ),
+    gf AS MATERIALIZED (
+        SELECT g.*, f.num, f.den
+        FROM g LEFT JOIN factors f ON f.currency = g.currency AND f.day = g.day AND f.to_code = g.to_code
+    ),
+    conv AS (
+        SELECT gf.ord, bool_or(gf.num IS NULL) AS missing,
+               bool_or(gf.num IS NOT NULL AND (gf.den <> 1 OR gf.max_scale + scale(gf.num) > 20)) AS by_row,
+               sum(cost_worker_convert(gf.amount, gf.num, gf.den)) AS total
+        FROM gf GROUP BY gf.ord
+    ),
+    foreign_counts AS (
+        SELECT c.ord, jsonb_object_agg(c.currency, c.n) AS rows
+        FROM (SELECT gf.ord, gf.currency, sum(gf.n) AS n FROM gf GROUP BY 1, 2) c
+        GROUP BY c.ord
+    ),
+    missing AS (
+        SELECT m.ord, jsonb_object_agg(m.currency, jsonb_build_object('rows', m.n, 'first', m.first, 'last', m.last))
+                   AS rates
+        FROM (SELECT gf.ord, gf.currency, sum(gf.n) AS n, min(gf.day) AS first, max(gf.day) AS last
+              FROM gf WHERE gf.num IS NULL GROUP BY 1, 2) m
+        GROUP BY m.ord
+    ),
+    result AS (
+        SELECT i.ord, coalesce(c.by_row AND NOT c.missing, false) AS by_row,
+               CASE WHEN c.missing THEN NULL
+                    WHEN c.ord IS NULL THEN coalesce(sm.amount, 0)
+                    ELSE trim_scale(coalesce(sm.amount, 0) + c.total) END AS spend,
+               coalesce(fc.rows, '{}') AS foreign_rows,
+               coalesce(m.rates, '{}') AS missing_rates,
+               i.scope, i.org, i.project_id, i.user_id, i.period_start, i.period_end, i.currency
+        FROM i
+        LEFT JOIN same sm ON sm.ord = i.ord
+        LEFT JOIN conv c ON c.ord = i.ord
+        LEFT JOIN foreign_counts fc ON fc.ord = i.ord
+        LEFT JOIN missing m ON m.ord = i.ord
+    )
+    SELECT r.ord,
+           CASE WHEN r.by_row THEN f.spend ELSE r.spend END,
+           CASE WHEN r.by_row THEN f.foreign_rows ELSE r.foreign_rows END,
+           CASE WHEN r.by_row THEN f.missing_rates ELSE r.missing_rates END
+    FROM result r
+    LEFT JOIN LATERAL (  -- only where a conversion truncates row by row (a one-time filter: not run otherwise)
+        SELECT * FROM cost_worker_spend_full(r.scope, r.org, r.project_id, r.user_id, r.period_start, r.period_end,
+                                             r.currency)
+        WHERE r.by_row
+        OFFSET 0  -- not pulled up into the join, so the filter gates the call
+    ) f ON true
+$$;
+
+-- One (scope, period): cost_worker_spend_many for one pair.
 CREATE FUNCTION cost_worker_spend(
     scope text, org uuid, project uuid, usr uuid, period_start timestamptz, period_end timestamptz,
     currency_code text, OUT spend numeric, OUT foreign_rows jsonb, OUT missing_rates jsonb
 )
-LANGUAGE plpgsql STABLE
+LANGUAGE sql STABLE
 AS $$
-DECLARE
-    k_scope text;
-    k_subject uuid;
-    k_project uuid := '00000000-0000-0000-0000-000000000000';
-    whole boolean;
-BEGIN
-    IF scope = 'organization' THEN
-        k_scope := 'organization';
-        k_subject := org;
-    ELSIF scope = 'project' THEN
-        k_scope := 'project';
-        k_subject := project;
-    ELSIF scope = 'user' AND project IS NULL THEN
-        k_scope := 'user';
-        k_subject := usr;
-    ELSIF scope = 'user' THEN
-        k_scope := 'user_project';
-        k_subject := usr;
-        k_project := project;
-    ELSE
-        RAISE EXCEPTION 'unknown budget scope %', scope;
-    END IF;
-
-    WITH g AS MATERIALIZED (
-        SELECT s.currency::text AS currency, s.rate_day AS day, sum(s.amount) AS amount, sum(s.n_rows) AS n,
-               max(s.max_scale) AS max_scale
-        FROM spend_hourly s
-        WHERE s.scope = k_scope AND s.subject = k_subject AND s.subject_project = k_project
-          AND s.at >= period_start AND s.at < period_end AND s.n_rows > 0
-          AND (k_scope NOT IN ('organization', 'project') OR s.organization_id = org)
-        GROUP BY 1, 2
-    ),
-    factors AS MATERIALIZED (
-        SELECT g.currency, g.day, g.max_scale, f.num, f.den
-        FROM g LEFT JOIN LATERAL cost_worker_rate_factor(g.currency, currency_code, g.day) f ON true
-        WHERE g.currency <> currency_code
-    ),
-    missing AS (
-        SELECT g.currency, sum(g.n) AS n, min(g.day) AS first, max(g.day) AS last
-        FROM g JOIN factors f USING (currency, day)
-        WHERE f.num IS NULL
-        GROUP BY g.currency
-    )
-    SELECT
-        CASE WHEN EXISTS (SELECT FROM missing) THEN NULL
-             WHEN NOT EXISTS (SELECT FROM factors) THEN coalesce((SELECT sum(g.amount) FROM g), 0)
-             ELSE trim_scale((SELECT sum(CASE WHEN g.currency = currency_code THEN g.amount
-                                              ELSE cost_worker_convert(g.amount, f.num, f.den) END)
-                              FROM g LEFT JOIN factors f USING (currency, day)))
-        END,
-        coalesce((SELECT jsonb_object_agg(c.currency, c.n) FROM (
-            SELECT g.currency, sum(g.n) AS n FROM g WHERE g.currency <> currency_code GROUP BY g.currency
-        ) c), '{}'),
-        coalesce((SELECT jsonb_object_agg(m.currency, jsonb_build_object('rows', m.n, 'first', m.first,
-                                                                        'last', m.last))
-                  FROM missing m), '{}'),
-        NOT EXISTS (SELECT FROM factors f
-                    WHERE f.num IS NOT NULL AND (f.den <> 1 OR f.max_scale + scale(f.num) > 20))
-    INTO spend, foreign_rows, missing_rates, whole;
-
-    IF NOT whole THEN
-        SELECT f.spend, f.foreign_rows, f.missing_rates INTO spend, foreign_rows, missing_rates
-        FROM cost_worker_spend_full(scope, org, project, usr, period_start, period_end, currency_code) f;
-    END IF;
-END
+    SELECT m.spend, m.foreign_rows, m.missing_rates
+    FROM cost_worker_spend_many(ARRAY[scope], ARRAY[org], ARRAY[project], ARRAY[usr], ARRAY[period_start],
+                                ARRAY[period_end], ARRAY[currency_code]) m
 $$;
 
 GRANT EXECUTE ON FUNCTION cost_worker_spend(text, uuid, uuid, uuid, timestamptz, timestamptz, text),
+    cost_worker_spend_many(text[], uuid[], uuid[], uuid[], timestamptz[], timestamptz[], text[]),
     cost_worker_spend_full(text, uuid, uuid, uuid, timestamptz, timestamptz, text)
     TO cost_worker_writer, cost_worker_reader;
 
@@ -799,6 +922,7 @@ ALTER TABLE user_metrics NO FORCE ROW LEVEL SECURITY;
 ALTER TABLE projects NO FORCE ROW LEVEL SECURITY;
 ALTER TABLE organizations NO FORCE ROW LEVEL SECURITY;
 ALTER TABLE spend_hourly NO FORCE ROW LEVEL SECURITY;
+ALTER TABLE spend_daily NO FORCE ROW LEVEL SECURITY;
 ALTER TABLE spend_cover NO FORCE ROW LEVEL SECURITY;
 ALTER TABLE spend_reach NO FORCE ROW LEVEL SECURITY;
 SELECT cost_worker_spend_rebuild(NULL);
@@ -808,5 +932,6 @@ ALTER TABLE user_metrics FORCE ROW LEVEL SECURITY;
 ALTER TABLE projects FORCE ROW LEVEL SECURITY;
 ALTER TABLE organizations FORCE ROW LEVEL SECURITY;
 ALTER TABLE spend_hourly FORCE ROW LEVEL SECURITY;
+ALTER TABLE spend_daily FORCE ROW LEVEL SECURITY;
 ALTER TABLE spend_cover FORCE ROW LEVEL SECURITY;
 ALTER TABLE spend_reach FORCE ROW LEVEL SECURITY;
