@@ -1,7 +1,7 @@
 """The PostgreSQL boundary: every statement of ``worker/sql/queries.sql`` runs in this package.
 
-- ``errors``: the one place that knows asyncpg's errors (``translate``, ``translated``).
-- ``pool``: the connection pool (``Database``), single connections (``connect``), the session settings.
+- ``errors``: the one place that knows asyncpg's errors (``translate``, ``translated``, ``translating``).
+- ``pool``: the connection pool (``Database``), single connections (``connect``, ``close``), the session settings.
 - ``tx``: the batch transaction's statements (``Tx``); ``columns``: typed rows -> the statements' column arrays.
 - ``migrations``: the statements the migration runner uses.
 
@@ -13,8 +13,12 @@ from worker.store.errors import (
     DRIVER_ERRORS,
     TRANSIENT_SQLSTATE_CLASSES,
     TRANSIENT_SQLSTATES,
+    foreign_key_violation,
+    ignoring_driver_errors,
     translate,
     translated,
+    translating,
+    unique_violation,
 )
 from worker.store.migrations import (
     AppliedMigration,
@@ -31,6 +35,7 @@ from worker.store.pool import (
     CLIENT_TIMEOUT_MARGIN,
     Database,
     StoredOffset,
+    close,
     connect,
     recreate_database,
     server_settings,
@@ -52,7 +57,10 @@ __all__ = [
     "applied_migrations",
     "apply_migration",
     "become_owner",
+    "close",
     "connect",
+    "foreign_key_violation",
+    "ignoring_driver_errors",
     "migration_lock",
     "migration_try_lock",
     "migration_unlock",
@@ -61,4 +69,6 @@ __all__ = [
     "server_settings",
     "translate",
     "translated",
+    "translating",
+    "unique_violation",
 ]

@@ -2,13 +2,14 @@
 
 Transient ones become ``DatabaseUnavailable`` (the caller retries the batch), data the database refuses becomes
 ``DataRejected``, anything else is a bug or a misconfiguration and becomes ``FatalError``. Every module that runs
-SQL lets driver errors out through ``translated`` (a decorator) or ``translating`` (a block), never catching
-asyncpg's exceptions itself.
+SQL lets driver errors out through ``translated`` (a decorator) or ``translating`` (a block), and drops them in
+best-effort cleanup through ``ignoring_driver_errors``, never catching asyncpg's exceptions itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
 from typing import ParamSpec, TypeVar
 
 import asyncpg
@@ -68,9 +69,35 @@ def translated(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await fn(*args, **kwargs)
-        except (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError) as exc:
+        except DRIVER_ERRORS as exc:
             raise translate(exc) from exc
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
     return wrapper
+
+
+@contextlib.contextmanager
+def translating() -> Iterator[None]:
+    """Block form of ``translated``: driver errors raised inside the block come out translated."""
+    try:
+        yield
+    except DRIVER_ERRORS as exc:
+        raise translate(exc) from exc
+
+
+@contextlib.contextmanager
+def ignoring_driver_errors() -> Iterator[None]:
+    """Best-effort cleanup (an unlock, a close): a driver error inside the block is dropped, anything else not."""
+    with contextlib.suppress(*DRIVER_ERRORS):
+        yield
+
+
+def unique_violation(exc: BaseException) -> bool:
+    """Whether ``exc`` (a ``DataRejected``) was translated from a unique-constraint violation."""
+    return isinstance(exc.__cause__, asyncpg.UniqueViolationError)
+
+
+def foreign_key_violation(exc: BaseException) -> bool:
+    """Whether ``exc`` (a ``DataRejected``) was translated from a foreign-key violation."""
+    return isinstance(exc.__cause__, asyncpg.ForeignKeyViolationError)

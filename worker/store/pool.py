@@ -49,6 +49,15 @@ async def connect(
     )
 
 
+async def close(conn: asyncpg.Connection, timeout: float = 5.0) -> None:
+    """Close a connection from ``connect`` (if still open), or terminate it when closing fails."""
+    if not conn.is_closed():
+        try:
+            await conn.close(timeout=timeout)
+        except DRIVER_ERRORS:
+            conn.terminate()
+
+
 @dataclass(frozen=True, slots=True)
 class StoredOffset:
     topic: str
@@ -88,7 +97,7 @@ class Database:
     async def close(self, timeout: float = 5.0) -> None:
         try:
             await asyncio.wait_for(self.pool.close(), timeout)
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        except DRIVER_ERRORS:
             self.pool.terminate()
 
     @translated
