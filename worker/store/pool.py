@@ -58,13 +58,6 @@ async def close(conn: asyncpg.Connection, timeout: float = 5.0) -> None:
             conn.terminate()
 
 
-@dataclass(frozen=True, slots=True)
-class StoredOffset:
-    topic: str
-    partition: int
-    next_offset: int
-
-
 class Database:
     """A connection pool and the statements the worker runs through it."""
 
@@ -162,3 +155,10 @@ class Database:
     async def exchange_rate_pairs(self, base: str | None, quote: str | None) -> list[asyncpg.Record]:
         async with self.pool.acquire() as conn:
             return await conn.fetch(query("exchange_rate_pairs"), base, quote)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredOffset:
+    topic: str
+    partition: int
+    next_offset: int
