@@ -17,6 +17,7 @@ import asyncpg
 
 from bench.capacity import TREE_SIZE
 from bench.config import BenchConfig
+from worker.rows import UsageRows
 
 ENDPOINTS = ("/v1/orchestrations", "/v1/agents/run", "/v1/embeddings", "/v1/search", "/v1/documents")
 OPENAI_MODELS = ("gpt-4o", "gpt-4o-mini")
@@ -43,24 +44,7 @@ ANTHROPIC_TOKEN_TYPES = (
 OPENAI_LINE_ITEMS = ("completions input", "completions output", "embeddings", "web search tool calls")
 COST_BUCKETS = 5  # hourly buckets per costs_v1 envelope
 USAGE_BUCKETS = 2  # hourly buckets per usage_v1 envelope (each result expands to 10 lines)
-API_USAGE_COLUMNS = (
-    "organization_id",
-    "event_id",
-    "project_id",
-    "user_id",
-    "endpoint",
-    "method",
-    "status_code",
-    "response_time_ms",
-    "occurred_at",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "model",
-    "cost_usd",
-    "source_partition",
-    "source_offset",
-)
+API_USAGE_COLUMNS = UsageRows.EVENT_FIELDS  # the columns the worker's insert_api_usage writes, in its order
 COST_DATA_COLUMNS = (
     "organization_id",
     "project_id",

@@ -42,7 +42,7 @@ from tests.kafka_helpers import consume_all, create_topics, run_worker, worker_e
 from worker import logs
 from worker.collect import admin
 from worker.collect.client import ProviderClient
-from worker.collect.errors import ProviderAuthFailed, ProviderRejected, ProviderUnavailable
+from worker.collect.errors import KeyStoreError, ProviderAuthFailed, ProviderRejected, ProviderUnavailable
 from worker.collect.publisher import CollectorPublisher
 from worker.collect.runner import Collector
 from worker.collect.sources import ANTHROPIC_ENDPOINTS, OPENAI_ENDPOINTS
@@ -339,6 +339,33 @@ async def test_keys_commands_show_fingerprints_and_rotation_resumes_a_refused_ac
     assert "rotated" in out
     assert "deactivated" in out
     assert_no_key(world, out, world.log.getvalue())
+
+
+async def test_keys_add_names_why_the_database_refused_a_key(world: World, db: asyncpg.Connection) -> None:
+    """A second key for an account, or a key for no organization: one line naming the cause, no row stored."""
+    before = await db.fetchval("SELECT count(*) FROM organization_api_keys")
+    with pytest.raises(KeyStoreError, match=r"^openai account org-oa already has a key for organization"):
+        await admin.add(
+            world.settings,
+            organization=world.orgs["org-oa"].id,
+            provider="openai",
+            account="org-oa",
+            name="again",
+            secret_file=None,
+            stdin=io.StringIO(world.keys["org-oa"] + "\n"),
+        )
+    nobody = uuid.uuid4()
+    with pytest.raises(KeyStoreError, match=rf"^no organization {nobody}$"):
+        await admin.add(
+            world.settings,
+            organization=nobody,
+            provider="openai",
+            account="org-elsewhere",
+            name="elsewhere",
+            secret_file=None,
+            stdin=io.StringIO("sk-admin-elsewhere\n"),
+        )
+    assert await db.fetchval("SELECT count(*) FROM organization_api_keys") == before
 
 
 async def test_killed_mid_poll_publishes_nothing_of_that_window_and_the_next_poll_completes_it(

@@ -8,7 +8,7 @@ One root class whose docstring is its default message. Three families decide wha
 - ``FatalError``: continuing would be wrong (bad configuration, a schema from the future, a producer that
   sends only garbage). The worker stops with a one-line message and a non-zero exit code.
 
-Driver errors are wrapped at one boundary per driver with ``raise ... from exc``: asyncpg's in ``worker.store``,
+Driver errors are wrapped at one boundary per driver with ``raise ... from exc``: asyncpg's in ``worker.store.errors``,
 aiokafka's in ``worker.kafka``. Nothing else sees them.
 """
 

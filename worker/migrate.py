@@ -205,8 +205,6 @@ async def migrate(dsn: str, *, directory: Path | None = None) -> MigrationReport
             return await _migrate_locked(conn, migrations, directory)
         finally:
             await store.migration_unlock(conn)
-    except asyncpg.PostgresError as exc:  # pragma: no cover - store translates; belt and braces
-        raise MigrationError(str(exc)) from exc
     finally:
         await conn.close()
 

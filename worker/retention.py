@@ -37,7 +37,6 @@ MONTHS_AHEAD = 2  # partitions exist through this many months after the current 
 QUARANTINE_CHUNK = 10_000  # replayed quarantine rows deleted per statement (short transactions)
 RETRY_AFTER_FAILURE = 60.0  # seconds before a failed periodic run is tried again (if the interval is longer)
 _PARTITION_NAME = re.compile(r"^api_usage_[a-z0-9_]+$")  # what DDL may name (names come from the catalog)
-_DRIVER_ERRORS = (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError)
 
 
 def _utc(month: date) -> datetime:
@@ -92,14 +91,12 @@ class Result:
 
 async def plan(conn: asyncpg.Connection, *, months: int, quarantine_days: int, now: datetime) -> Plan:
     """Read the partitions, the budgets' open periods and the quarantine; decide (changes nothing)."""
-    try:
+    with store.translating():
         rows = await conn.fetch(query("api_usage_partitions"))
         kept_from = await conn.fetchval(query("retention_kept_from"))
         oldest_open = await conn.fetchval(query("retention_oldest_open_period"), now)
         cutoff = now - timedelta(days=quarantine_days) if quarantine_days else None
         due = int(await conn.fetchval(query("retention_quarantine_due"), cutoff)) if cutoff else 0
-    except _DRIVER_ERRORS as exc:
-        raise store.translate(exc) from exc
     found = Plan(
         now=now,
         months=months,
@@ -137,7 +134,7 @@ async def execute(conn: asyncpg.Connection, found: Plan, *, as_owner: bool) -> R
     """Carry a plan out on a connection outside any transaction (DETACH CONCURRENTLY needs that)."""
     started = time.monotonic()
     result = Result(kept_from=found.kept_from)
-    try:
+    with store.translating():
         if found.new_kept_from is not None:
             result.kept_from = await conn.fetchval(query("retention_advance"), found.new_kept_from)
         for partition in found.drop:
@@ -161,8 +158,6 @@ async def execute(conn: asyncpg.Connection, found: Plan, *, as_owner: bool) -> R
                 if deleted < QUARANTINE_CHUNK:
                     break
         result.created = await ensure_ahead(conn, found.now)
-    except _DRIVER_ERRORS as exc:
-        raise store.translate(exc) from exc
     result.seconds = time.monotonic() - started
     return result
 
@@ -204,10 +199,8 @@ async def run_once(
     conn = await store.connect(settings.dsn(), role=role, timeout=settings.database_connect_timeout)
     try:
         as_owner = await store.become_owner(conn) if try_owner else False
-        try:
+        with store.translating():
             mine = bool(await conn.fetchval(query("retention_try_lock")))
-        except _DRIVER_ERRORS as exc:
-            raise store.translate(exc) from exc
         if not mine:
             raise Busy("another retention run holds the lock (a worker replica or the CLI); try again later")
         try:
@@ -218,10 +211,10 @@ async def run_once(
             _record(found, result)
             return found, result
         finally:
-            with contextlib.suppress(*_DRIVER_ERRORS):
+            with store.ignoring_driver_errors():
                 await conn.fetchval(query("retention_unlock"))
     finally:
-        with contextlib.suppress(*_DRIVER_ERRORS):
+        with store.ignoring_driver_errors():
             await conn.close()
 
 

@@ -12,14 +12,12 @@ from pathlib import Path
 from typing import TextIO
 from uuid import UUID
 
-import asyncpg
-
 from worker.collect import keys as keystore
 from worker.collect import store
 from worker.collect.errors import KeyStoreError
 from worker.config import Settings
 from worker.errors import ConfigError, DataRejected
-from worker.store import connect
+from worker.store import connect, foreign_key_violation, unique_violation
 
 EXIT_OK, EXIT_FAILURE = 0, 1
 MAX_ADMIN_KEY_LENGTH = 4096  # characters; longer input is not an admin key
@@ -67,13 +65,12 @@ async def add(
         )
     except DataRejected as exc:
         # One line, and never the row (a DETAIL would list it): the usual causes are named.
-        cause = exc.__cause__
-        if isinstance(cause, asyncpg.UniqueViolationError):
+        if unique_violation(exc):
             raise KeyStoreError(
                 f"{provider} account {account} already has a key for organization {organization}: "
                 "use `cost-worker keys rotate KEY_ID` (see `cost-worker keys list`)"
             ) from None
-        if isinstance(cause, asyncpg.ForeignKeyViolationError):
+        if foreign_key_violation(exc):
             raise KeyStoreError(f"no organization {organization}") from None
         raise KeyStoreError(f"the database refused the key of {provider} account {account}") from None
     finally:

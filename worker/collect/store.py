@@ -1,5 +1,5 @@
-"""The collector's SQL boundary: every statement of ``worker/sql/collect.sql`` runs here, and asyncpg errors
-are translated here (``worker.store.translate``), once.
+"""The collector's SQL: every statement of ``worker/sql/collect.sql`` runs here, and driver errors come out
+translated by the one PostgreSQL boundary (``worker.store.translated``).
 
 Delivery guarantee, part one (enforced in ``PollerConnection.stage``): a window's messages and the state that
 says it was collected are written in ONE transaction, on the connection that holds the poller lock. A poll that
@@ -17,7 +17,7 @@ from uuid import UUID
 import asyncpg
 
 from worker.sql import query
-from worker.store import connect, translate
+from worker.store import close, connect, translated
 
 
 @dataclass(frozen=True)
@@ -43,13 +43,6 @@ class StagedRow:
     message: bytes
 
 
-async def _call(coro: Any) -> Any:
-    try:
-        return await coro
-    except (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError) as exc:
-        raise translate(exc) from exc
-
-
 class PollerConnection:
     """The active poller's own connection: holds the lock, reads accounts and state, stages windows."""
 
@@ -61,17 +54,15 @@ class PollerConnection:
         return cls(await connect(dsn, role=role, timeout=timeout))
 
     async def close(self) -> None:
-        if not self.conn.is_closed():
-            try:
-                await self.conn.close(timeout=5)
-            except (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError):
-                self.conn.terminate()
+        await close(self.conn)
 
+    @translated
     async def try_lock(self) -> bool:
-        return bool(await _call(self.conn.fetchval(query("collect_try_lock"))))
+        return bool(await self.conn.fetchval(query("collect_try_lock")))
 
+    @translated
     async def accounts(self) -> list[Account]:
-        rows = await _call(self.conn.fetch(query("collect_accounts")))
+        rows = await self.conn.fetch(query("collect_accounts"))
         return [
             Account(
                 id=r["id"],
@@ -87,14 +78,17 @@ class PollerConnection:
             for r in rows
         ]
 
+    @translated
     async def state(self, account: UUID) -> dict[str, datetime]:
         """report -> collected_through."""
-        rows = await _call(self.conn.fetch(query("collect_state"), account))
+        rows = await self.conn.fetch(query("collect_state"), account)
         return {r["report"]: r["collected_through"] for r in rows}
 
+    @translated
     async def all_state(self) -> list[asyncpg.Record]:
-        return list(await _call(self.conn.fetch(query("collect_state_all"))))
+        return list(await self.conn.fetch(query("collect_state_all")))
 
+    @translated
     async def stage(
         self,
         account: UUID,
@@ -106,23 +100,19 @@ class PollerConnection:
         collected_at: datetime,
     ) -> None:
         """The whole window of one endpoint, and its state, in one transaction (all or nothing)."""
-
-        async def run() -> None:
-            async with self.conn.transaction():
-                if messages:
-                    await self.conn.execute(
-                        query("collect_stage"),
-                        account,
-                        report,
-                        topic,
-                        [key for key, _ in messages],
-                        [value for _, value in messages],
-                    )
+        async with self.conn.transaction():
+            if messages:
                 await self.conn.execute(
-                    query("collect_state_advance"), account, report, collected_through, collected_at, len(messages)
+                    query("collect_stage"),
+                    account,
+                    report,
+                    topic,
+                    [key for key, _ in messages],
+                    [value for _, value in messages],
                 )
-
-        await _call(run())
+            await self.conn.execute(
+                query("collect_state_advance"), account, report, collected_through, collected_at, len(messages)
+            )
 
 
 class OutboxConnection:
@@ -131,55 +121,58 @@ class OutboxConnection:
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn
 
+    @translated
     async def claim_and_send(self, limit: int, send: Any) -> int:
         """Claim up to ``limit`` staged rows, ``await send(rows)``, then delete them, all in one transaction."""
+        async with self.conn.transaction():
+            rows = await self.conn.fetch(query("collect_outbox_claim"), limit)
+            if not rows:
+                return 0
+            staged = [
+                StagedRow(
+                    id=r["id"],
+                    provider=r["provider"] or "unknown",
+                    report=r["report"],
+                    topic=r["topic"],
+                    key=r["key"],
+                    message=r["message"],
+                )
+                for r in rows
+            ]
+            await send(staged)
+            await self.conn.execute(query("collect_outbox_delete"), [row.id for row in staged])
+            return len(staged)
 
-        async def run() -> int:
-            async with self.conn.transaction():
-                rows = await self.conn.fetch(query("collect_outbox_claim"), limit)
-                if not rows:
-                    return 0
-                staged = [
-                    StagedRow(
-                        id=r["id"],
-                        provider=r["provider"] or "unknown",
-                        report=r["report"],
-                        topic=r["topic"],
-                        key=r["key"],
-                        message=r["message"],
-                    )
-                    for r in rows
-                ]
-                await send(staged)
-                await self.conn.execute(query("collect_outbox_delete"), [row.id for row in staged])
-                return len(staged)
-
-        return int(await _call(run()))
-
+    @translated
     async def backlog(self) -> int:
-        return int(await _call(self.conn.fetchval(query("collect_outbox_count"))))
+        return int(await self.conn.fetchval(query("collect_outbox_count")))
 
 
 # --- keys (the operator commands) ----------------------------------------------------------------------------
 
 
+@translated
 async def keys_insert(conn: asyncpg.Connection, *args: Any) -> UUID:
-    result: UUID = await _call(conn.fetchval(query("keys_insert"), *args))
+    result: UUID = await conn.fetchval(query("keys_insert"), *args)
     return result
 
 
+@translated
 async def keys_get(conn: asyncpg.Connection, key_id: UUID) -> asyncpg.Record | None:
-    result: asyncpg.Record | None = await _call(conn.fetchrow(query("keys_get"), key_id))
+    result: asyncpg.Record | None = await conn.fetchrow(query("keys_get"), key_id)
     return result
 
 
+@translated
 async def keys_rotate(conn: asyncpg.Connection, *args: Any) -> bool:
-    return await _call(conn.fetchval(query("keys_rotate"), *args)) is not None
+    return await conn.fetchval(query("keys_rotate"), *args) is not None
 
 
+@translated
 async def keys_deactivate(conn: asyncpg.Connection, key_id: UUID) -> bool:
-    return await _call(conn.fetchval(query("keys_deactivate"), key_id)) is not None
+    return await conn.fetchval(query("keys_deactivate"), key_id) is not None
 
 
+@translated
 async def keys_list(conn: asyncpg.Connection) -> list[asyncpg.Record]:
-    return list(await _call(conn.fetch(query("keys_list"))))
+    return list(await conn.fetch(query("keys_list")))

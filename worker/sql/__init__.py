@@ -2,7 +2,8 @@
 ``retention.sql``, partitions and retention).
 
 A block starts with ``-- name: <query_name>``; the comment lines after it document the query, and the
-rest up to the next block is the statement. ``worker.store`` is the only module that executes them.
+rest up to the next block is the statement. ``worker.store`` executes them (``worker.collect.store`` and
+``worker.retention`` their own files' blocks), its ``errors`` module translating every driver error.
 """
 
 from __future__ import annotations
