@@ -1,6 +1,6 @@
 """Retention (issue 18): whole monthly partitions of API-usage detail go, rollups and the ledger stay, the months
-an open budget period starts in stay, replayed quarantine rows age out; the command line; and a retention run
-while a worker drains a backlog loses nothing the rules still need."""
+an open budget period starts in stay, replayed quarantine rows and finished notify deliveries age out; the command
+line; and a retention run while a worker drains a backlog loses nothing the rules still need."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ async def test_whole_old_months_are_dropped_and_rollups_and_ledger_stay(
     before = await kept_state(db)
 
     found, result = await retention.run_once(
-        settings, months=3, quarantine_days=30, execute_plan=False, role=role, try_owner=as_owner
+        settings, months=3, ages=retention.Ages(30, 90), execute_plan=False, role=role, try_owner=as_owner
     )
     assert result is None
     doomed = [f"api_usage_y{m.year}m{m.month:02d}" for m in months[:4]]
@@ -70,7 +70,7 @@ async def test_whole_old_months_are_dropped_and_rollups_and_ledger_stay(
     assert "dry run: nothing changed" in retention.report(found, result)
 
     found, result = await retention.run_once(
-        settings, months=3, quarantine_days=30, execute_plan=True, role=role, try_owner=as_owner
+        settings, months=3, ages=retention.Ages(30, 90), execute_plan=True, role=role, try_owner=as_owner
     )
     assert result is not None
     assert result.dropped == doomed
@@ -95,7 +95,7 @@ async def test_whole_old_months_are_dropped_and_rollups_and_ledger_stay(
     assert outcome.messages[(topic, "inserted")] == 1
     # Nothing left to do: a second run drops nothing.
     _, again = await retention.run_once(
-        settings, months=3, quarantine_days=30, execute_plan=True, role=role, try_owner=as_owner
+        settings, months=3, ages=retention.Ages(30, 90), execute_plan=True, role=role, try_owner=as_owner
     )
     assert again is not None
     assert again.dropped == []
@@ -109,7 +109,7 @@ async def test_an_open_budget_period_keeps_the_months_it_starts_in(
     await add_budget(db, "organization", org, "1000", period="yearly")
     await add_budget(db, "organization", org, "1000", period="yearly", timezone="Pacific/Kiritimati")  # UTC+14
     found, _ = await retention.run_once(
-        settings, months=3, quarantine_days=30, execute_plan=False, role=None, try_owner=True
+        settings, months=3, ages=retention.Ages(30, 90), execute_plan=False, role=None, try_owner=True
     )
     # The oldest open period: this year's, starting at midnight in Kiritimati (the previous day, 10:00 UTC).
     year_start = datetime(NOW.year, 1, 1, tzinfo=UTC) - timedelta(hours=14)
@@ -140,16 +140,65 @@ async def test_replayed_quarantine_rows_age_out_and_pending_ones_stay(
         )
     await db.execute("UPDATE quarantine SET replayed_at = NULL WHERE status = 'pending'")
     found, _ = await retention.run_once(
-        settings, months=0, quarantine_days=30, execute_plan=False, role="cost_worker_writer", try_owner=False
+        settings, months=0, ages=retention.Ages(30, 90), execute_plan=False, role="cost_worker_writer", try_owner=False
     )
     assert found.quarantine_rows == 1
     assert not found.drop
     _, result = await retention.run_once(
-        settings, months=0, quarantine_days=30, execute_plan=True, role="cost_worker_writer", try_owner=False
+        settings, months=0, ages=retention.Ages(30, 90), execute_plan=True, role="cost_worker_writer", try_owner=False
     )
     assert result is not None
     assert result.quarantine_deleted == 1
     assert sorted(r["source_offset"] for r in await db.fetch("SELECT source_offset FROM quarantine")) == [2, 3]
+
+
+async def test_finished_notify_deliveries_age_out_and_pending_ones_stay(
+    db: asyncpg.Connection, settings: Settings
+) -> None:
+    org = await make_org(db)
+    destination = await db.fetchval(
+        "INSERT INTO notify_destinations (organization_id, name, kind, url_origin, url_sealed) "
+        "VALUES ($1, 'ops', 'slack', 'https://hooks.slack.com', '\\x00') RETURNING id",
+        org.id,
+    )
+    # (webhook id, status, days since delivered, days since the last attempt, days since created)
+    rows = [
+        ("old-delivered", "delivered", 100, 100, 101),
+        ("new-delivered", "delivered", 5, 5, 6),
+        ("old-failed", "failed", None, 95, 120),
+        ("disabled-unattempted", "failed", None, None, 200),  # its destination was disabled before any attempt
+        ("old-pending", "pending", None, 150, 200),  # still the work queue: never deleted, whatever its age
+    ]
+    for webhook_id, status, delivered, attempted, created in rows:
+        await db.execute(
+            "INSERT INTO notify_deliveries (organization_id, destination_id, webhook_id, event_type, payload, status, "
+            "delivered_at, last_attempt_at, created_at) VALUES ($1, $2, $3, 'budget.alert', '{}', $4, "
+            "now() - make_interval(days => $5), now() - make_interval(days => $6), now() - make_interval(days => $7))",
+            org.id,
+            destination,
+            webhook_id,
+            status,
+            delivered,
+            attempted,
+            created,
+        )
+    found, _ = await retention.run_once(
+        settings, months=0, ages=retention.Ages(0, 90), execute_plan=False, role="cost_worker_writer", try_owner=False
+    )
+    assert (found.deliveries_rows, found.quarantine_cutoff) == (3, None)
+    assert "notify deliveries finished before" in retention.report(found, None)
+    _, result = await retention.run_once(
+        settings, months=0, ages=retention.Ages(0, 90), execute_plan=True, role="cost_worker_writer", try_owner=False
+    )
+    assert result is not None
+    assert result.deliveries_deleted == 3
+    left = await db.fetch("SELECT webhook_id FROM notify_deliveries ORDER BY webhook_id")
+    assert [r["webhook_id"] for r in left] == ["new-delivered", "old-pending"]
+    _, again = await retention.run_once(
+        settings, months=0, ages=retention.Ages(0, 0), execute_plan=True, role="cost_worker_writer", try_owner=False
+    )
+    assert again is not None
+    assert again.deliveries_deleted == 0, "0 days keeps them"
 
 
 async def test_the_command_line_plans_by_default_and_says_what_is_wrong_in_one_line(settings: Settings) -> None:
@@ -209,7 +258,7 @@ async def test_retention_during_a_drain_loses_nothing_the_rules_still_need(
         backlog = asyncio.create_task(produce(settings, settings.topic_api_usage, [dumps(e) for e in kept]))
         await eventually(lambda: _some(db, len(old) + 1))  # the worker is draining
         _, result = await retention.run_once(
-            settings, months=2, quarantine_days=30, execute_plan=True, role=None, try_owner=True
+            settings, months=2, ages=retention.Ages(30, 90), execute_plan=True, role=None, try_owner=True
         )
         assert result is not None
         assert len(result.dropped) == 3

@@ -177,7 +177,8 @@ def _retention_parser(sub: Any) -> None:
         help="drop API-usage detail older than the kept months (a dry run unless --execute)",
         description="Per-request API-usage detail is kept in one partition per UTC month. Retention drops the "
         "partitions wholly older than the kept months (never one an open budget period needs; rollups and the "
-        "ledger stay), deletes replayed quarantine rows past their age and creates the coming months' partitions.",
+        "ledger stay), deletes replayed quarantine rows and finished notify deliveries past their age and creates the "
+        "coming months' partitions.",
     )
     retention.add_argument(
         "--months",
@@ -189,6 +190,11 @@ def _retention_parser(sub: Any) -> None:
         type=int,
         help="days a replayed quarantine row is kept (default: COST_WORKER_QUARANTINE_RETENTION_DAYS)",
     )
+    retention.add_argument(
+        "--deliveries-days",
+        type=int,
+        help="days a finished notify delivery is kept (default: COST_WORKER_NOTIFY_RETENTION_DAYS)",
+    )
     mode = retention.add_mutually_exclusive_group()
     mode.add_argument("--execute", action="store_true", help="drop and delete (default: only show the plan)")
     mode.add_argument("--dry-run", action="store_true", help="only show what would be done (the default)")
@@ -197,7 +203,7 @@ def _retention_parser(sub: Any) -> None:
 def cmd_retention(args: argparse.Namespace) -> int:
     from worker import retention  # noqa: PLC0415
 
-    return retention.command(args.months, args.quarantine_days, execute_plan=args.execute)
+    return retention.command(args.months, args.quarantine_days, args.deliveries_days, execute_plan=args.execute)
 
 
 def _notify_parser(sub: Any) -> None:

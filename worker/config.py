@@ -56,6 +56,7 @@ OUTBOX_BATCH = 500  # outbox rows published per round
 BUDGET_SWEEP_INTERVAL = 300.0  # seconds between sweeps of every active budget
 API_USAGE_RETENTION_MONTHS = 0  # whole months of API-usage detail kept before the current one; 0 keeps everything
 QUARANTINE_RETENTION_DAYS = 30  # days a replayed quarantine row is kept; 0 keeps them
+NOTIFY_RETENTION_DAYS = 90  # days a finished notify delivery (delivered, failed for good) is kept; 0 keeps them
 RETENTION_INTERVAL = 3_600.0  # seconds between the worker's retention runs (partitions ahead, expired ones dropped)
 SHUTDOWN_GRACE = 20.0  # seconds to finish the in-flight batch and flush the outbox after SIGTERM
 
@@ -242,11 +243,17 @@ class Settings(BaseSettings):
         description="Days a replayed quarantine row is kept before retention deletes it (pending rows are never "
         "deleted); 0: keep them",
     )
+    notify_retention_days: int = Field(
+        default=NOTIFY_RETENTION_DAYS,
+        ge=0,
+        description="Days a finished notify delivery (delivered, or failed for good) is kept after it finished before "
+        "retention deletes it (pending deliveries are never deleted); 0: keep them",
+    )
     retention_interval: float = Field(
         default=RETENTION_INTERVAL,
         ge=0,
         description="Seconds between the worker's retention runs (api_usage partitions created ahead, expired ones "
-        "dropped, replayed quarantine rows aged out; one replica at a time); 0: off",
+        "dropped, replayed quarantine rows and finished notify deliveries aged out; one replica at a time); 0: off",
     )
     shutdown_grace: float = Field(
         default=SHUTDOWN_GRACE,

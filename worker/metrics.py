@@ -233,6 +233,9 @@ RETENTION_PARTITIONS_CREATED = Counter(
 RETENTION_QUARANTINE_DELETED = Counter(
     "cost_worker_retention_quarantine_rows_deleted_total", "Replayed quarantine rows retention deleted."
 )
+RETENTION_DELIVERIES_DELETED = Counter(
+    "cost_worker_retention_deliveries_deleted_total", "Finished notify deliveries retention deleted."
+)
 RETENTION_KEPT_BY_BUDGETS = Gauge(
     "cost_worker_retention_partitions_kept_for_budgets",
     "api_usage partitions older than the retention period kept because an open budget period starts before their end.",

@@ -1,7 +1,8 @@
 """Retention (issue 18): per-request detail goes by whole monthly partitions; rollups and the ledger stay.
 
 One run: create the coming months' ``api_usage`` partitions, drop the partitions wholly older than the kept months
-(never one an open budget period starts before the end of), and delete replayed quarantine rows past their age.
+(never one an open budget period starts before the end of), and delete replayed quarantine rows and finished notify
+deliveries past their age (never a pending one).
 Dropping is two steps: first the first month kept moves forward (``cost_worker_retention_advance``: it waits for
 the batches in flight, and later batches quarantine events before it), then each partition is detached and
 dropped: ``DETACH PARTITION ... CONCURRENTLY`` when the login can act as the owner role, else through
@@ -34,7 +35,7 @@ from worker.sql import query
 log = structlog.get_logger("worker.retention")
 
 MONTHS_AHEAD = 2  # partitions exist through this many months after the current one (decode accepts 2 days ahead)
-QUARANTINE_CHUNK = 10_000  # replayed quarantine rows deleted per statement (short transactions)
+AGED_CHUNK = 10_000  # aged rows (replayed quarantine rows, finished deliveries) deleted per statement
 RETRY_AFTER_FAILURE = 60.0  # seconds before a failed periodic run is tried again (if the interval is longer)
 _PARTITION_NAME = re.compile(r"^api_usage_[a-z0-9_]+$")  # what DDL may name (names come from the catalog)
 
@@ -66,6 +67,8 @@ class Plan:
     oldest_open_period: datetime | None = None
     quarantine_cutoff: datetime | None = None
     quarantine_rows: int = 0
+    deliveries_cutoff: datetime | None = None
+    deliveries_rows: int = 0
 
     @property
     def wanted_from(self) -> date | None:
@@ -85,18 +88,31 @@ class Result:
     dropped: list[str] = field(default_factory=list)
     created: list[str] = field(default_factory=list)
     quarantine_deleted: int = 0
+    deliveries_deleted: int = 0
     kept_from: date | None = None
     seconds: float = 0.0
 
 
-async def plan(conn: asyncpg.Connection, *, months: int, quarantine_days: int, now: datetime) -> Plan:
-    """Read the partitions, the budgets' open periods and the quarantine; decide (changes nothing)."""
+@dataclass(frozen=True)
+class Ages:
+    """How long aged rows are kept, in days (0: kept for ever)."""
+
+    quarantine_days: int
+    deliveries_days: int
+
+
+async def plan(conn: asyncpg.Connection, *, months: int, ages: Ages, now: datetime) -> Plan:
+    """Read the partitions, the budgets' open periods, the quarantine and the deliveries; decide (changes nothing)."""
+    cutoff = now - timedelta(days=ages.quarantine_days) if ages.quarantine_days else None
+    deliveries_cutoff = now - timedelta(days=ages.deliveries_days) if ages.deliveries_days else None
     with store.translating():
         rows = await conn.fetch(query("api_usage_partitions"))
         kept_from = await conn.fetchval(query("retention_kept_from"))
         oldest_open = await conn.fetchval(query("retention_oldest_open_period"), now)
-        cutoff = now - timedelta(days=quarantine_days) if quarantine_days else None
         due = int(await conn.fetchval(query("retention_quarantine_due"), cutoff)) if cutoff else 0
+        deliveries_due = (
+            int(await conn.fetchval(query("retention_deliveries_due"), deliveries_cutoff)) if deliveries_cutoff else 0
+        )
     found = Plan(
         now=now,
         months=months,
@@ -115,6 +131,8 @@ async def plan(conn: asyncpg.Connection, *, months: int, quarantine_days: int, n
         oldest_open_period=oldest_open,
         quarantine_cutoff=cutoff,
         quarantine_rows=due,
+        deliveries_cutoff=deliveries_cutoff,
+        deliveries_rows=deliveries_due,
     )
     wanted = found.wanted_from
     if wanted is not None:
@@ -149,17 +167,24 @@ async def execute(conn: asyncpg.Connection, found: Plan, *, as_owner: bool) -> R
             metrics.RETENTION_PARTITIONS_DROPPED.inc()
             log.info("retention_partition_dropped", partition=partition.name, estimated_rows=partition.estimated_rows)
         if found.quarantine_cutoff is not None and found.quarantine_rows:
-            while True:
-                deleted = int(
-                    await conn.fetchval(query("retention_quarantine"), found.quarantine_cutoff, QUARANTINE_CHUNK)
-                )
-                result.quarantine_deleted += deleted
-                metrics.RETENTION_QUARANTINE_DELETED.inc(deleted)
-                if deleted < QUARANTINE_CHUNK:
-                    break
+            result.quarantine_deleted = await _delete_aged(conn, "retention_quarantine", found.quarantine_cutoff)
+            metrics.RETENTION_QUARANTINE_DELETED.inc(result.quarantine_deleted)
+        if found.deliveries_cutoff is not None and found.deliveries_rows:
+            result.deliveries_deleted = await _delete_aged(conn, "retention_deliveries", found.deliveries_cutoff)
+            metrics.RETENTION_DELIVERIES_DELETED.inc(result.deliveries_deleted)
         result.created = await ensure_ahead(conn, found.now)
     result.seconds = time.monotonic() - started
     return result
+
+
+async def _delete_aged(conn: asyncpg.Connection, statement: str, cutoff: datetime) -> int:
+    """Delete in chunks of ``AGED_CHUNK`` (each its own short transaction) until none is left."""
+    total = 0
+    while True:
+        deleted = int(await conn.fetchval(query(statement), cutoff, AGED_CHUNK))
+        total += deleted
+        if deleted < AGED_CHUNK:
+            return total
 
 
 async def ensure_ahead(conn: asyncpg.Connection, now: datetime) -> list[str]:
@@ -193,7 +218,7 @@ class Busy(CostWorkerError):
 
 
 async def run_once(
-    settings: Settings, *, months: int, quarantine_days: int, execute_plan: bool, role: str | None, try_owner: bool
+    settings: Settings, *, months: int, ages: Ages, execute_plan: bool, role: str | None, try_owner: bool
 ) -> tuple[Plan, Result | None]:
     """Plan (and carry out) one run under the cluster-wide retention lock. Returns (plan, None) for a dry run."""
     conn = await store.connect(settings.dsn(), role=role, timeout=settings.database_connect_timeout)
@@ -204,7 +229,7 @@ async def run_once(
         if not mine:
             raise Busy("another retention run holds the lock (a worker replica or the CLI); try again later")
         try:
-            found = await plan(conn, months=months, quarantine_days=quarantine_days, now=datetime.now(UTC))
+            found = await plan(conn, months=months, ages=ages, now=datetime.now(UTC))
             if not execute_plan:
                 return found, None
             result = await execute(conn, found, as_owner=as_owner)
@@ -230,18 +255,21 @@ async def run_periodically(settings: Settings, stop: asyncio.Event) -> None:
             found, result = await run_once(
                 settings,
                 months=settings.api_usage_retention_months,
-                quarantine_days=settings.quarantine_retention_days,
+                ages=Ages(settings.quarantine_retention_days, settings.notify_retention_days),
                 execute_plan=True,
                 role=settings.database_role,
                 try_owner=False,
             )
             metrics.RETENTION_RUNS.labels(result="ok").inc()
-            if result is not None and (result.dropped or result.created or result.quarantine_deleted):
+            if result is not None and (
+                result.dropped or result.created or result.quarantine_deleted or result.deliveries_deleted
+            ):
                 log.info(
                     "retention_run",
                     dropped=result.dropped,
                     created=result.created,
                     quarantine_deleted=result.quarantine_deleted,
+                    deliveries_deleted=result.deliveries_deleted,
                     kept_from=result.kept_from.isoformat() if result.kept_from else None,
                     kept_for_budgets=[p.name for p in found.kept_for_budgets],
                     seconds=round(result.seconds, 3),
@@ -259,23 +287,26 @@ async def run_periodically(settings: Settings, stop: asyncio.Event) -> None:
 # ---------------------------------------------------------------------------------------- command line
 
 
-def command(months_flag: int | None, days_flag: int | None, *, execute_plan: bool) -> int:
-    """``cost-worker retention [--months N] [--quarantine-days D] [--execute | --dry-run]``."""
+def command(months_flag: int | None, days_flag: int | None, deliveries_flag: int | None, *, execute_plan: bool) -> int:
+    """``cost-worker retention [--months N] [--quarantine-days D] [--deliveries-days D] [--execute | --dry-run]``."""
     settings = load_settings(require=("database_url",))
     problems = []
     months = settings.api_usage_retention_months if months_flag is None else months_flag
     days = settings.quarantine_retention_days if days_flag is None else days_flag
+    deliveries = settings.notify_retention_days if deliveries_flag is None else deliveries_flag
     if months < 0:
         problems.append(f"--months: must be 0 (keep everything) or more, not {months}")
     if days < 0:
         problems.append(f"--quarantine-days: must be 0 (keep them) or more, not {days}")
+    if deliveries < 0:
+        problems.append(f"--deliveries-days: must be 0 (keep them) or more, not {deliveries}")
     if problems:
         raise ConfigError(problems)
     found, result = asyncio.run(
         run_once(
             settings,
             months=months,
-            quarantine_days=days,
+            ages=Ages(days, deliveries),
             execute_plan=execute_plan,
             role=None,
             try_owner=True,
@@ -327,15 +358,20 @@ def report(found: Plan, result: Result | None) -> str:
             f"replayed quarantine rows replayed before {found.quarantine_cutoff.isoformat(timespec='seconds')}: "
             f"{found.quarantine_rows}"
         )
+    if found.deliveries_cutoff is not None:
+        lines.append(
+            f"notify deliveries finished before {found.deliveries_cutoff.isoformat(timespec='seconds')}: "
+            f"{found.deliveries_rows}"
+        )
     if result is None:
         lines.append(
             f"dry run: nothing changed (--execute drops {len(found.drop)} partition(s) and deletes "
-            f"{found.quarantine_rows} quarantine row(s))"
+            f"{found.quarantine_rows} quarantine row(s) and {found.deliveries_rows} notify deliveries)"
         )
     else:
         lines.append(
-            f"dropped {len(result.dropped)} partition(s), deleted {result.quarantine_deleted} quarantine row(s), "
-            f"created {len(result.created)} partition(s) ahead in {result.seconds:.2f} s; first month kept: "
-            f"{result.kept_from or 'everything'}"
+            f"dropped {len(result.dropped)} partition(s), deleted {result.quarantine_deleted} quarantine row(s) "
+            f"and {result.deliveries_deleted} notify deliveries, created {len(result.created)} partition(s) ahead "
+            f"in {result.seconds:.2f} s; first month kept: {result.kept_from or 'everything'}"
         )
     return "\n".join(lines)

@@ -40,6 +40,14 @@ CROSS JOIN LATERAL cost_worker_period(b.period, b.timezone, $1::timestamptz) p;
 -- Replayed quarantine rows replayed before $1 (what a run would delete).
 SELECT count(*) FROM quarantine WHERE status = 'replayed' AND replayed_at < $1;
 
+-- name: retention_deliveries_due
+-- Finished notify deliveries (delivered, or failed for good) that finished before $1 (what a run would delete).
+SELECT cost_worker_retention_deliveries_due($1::timestamptz);
+
+-- name: retention_deliveries
+-- Delete up to $2 finished notify deliveries that finished before $1 (schema/migrations/0013); returns how many.
+SELECT cost_worker_retention_deliveries($1::timestamptz, $2::integer);
+
 -- name: retention_advance
 -- From now on, events before month $1 are refused; waits for the batches in flight.
 SELECT cost_worker_retention_advance($1::date);
