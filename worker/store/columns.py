@@ -11,9 +11,12 @@ from worker.decode import ApiEvent
 from worker.quarantine import Quarantined
 from worker.rows import LedgerRow, UsageRows, WindowRevision
 
+# One encoder for every line: json.dumps with options builds a new JSONEncoder per call (~40% of its time).
+_METADATA_JSON = json.JSONEncoder(sort_keys=True, default=str).encode
+
 
 def _metadata(row: LedgerRow) -> str:
-    return json.dumps(row.line.metadata, sort_keys=True, default=str)
+    return _METADATA_JSON(row.line.metadata)
 
 
 # upsert_cost_data's parameters, in order: what each takes from a LedgerRow.
