@@ -10,6 +10,7 @@ once.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import sys
@@ -38,6 +39,13 @@ from worker.store import Database, connect
 
 log = structlog.get_logger("worker.app")
 T = TypeVar("T")
+
+# The cyclic garbage collector, tuned for a process that keeps two batches of ~5,000 events alive: with Python's
+# default thresholds (700, 10, 10) it ran a collection every ~100 events, and the older generations it kept
+# re-walking (the batches in flight, every module and schema loaded at start-up) cost the worker more than its
+# JSON parsing. Almost everything it allocates is freed by reference counting; the rare cycles (a task's
+# exception and its traceback) are collected by the young generation, now every 50,000 net allocations.
+GC_THRESHOLDS = (50_000, 20, 10)  # net allocations before a young collection; young, middle collections per next
 
 DATABASE_CHECK_INTERVAL = 5.0  # seconds between readiness pings of the database
 STARTUP_RETRY_FIRST = 0.5  # seconds before the second attempt to reach the database or broker at startup
@@ -251,6 +259,14 @@ def _exit_after(seconds: float, code: int) -> None:
     threading.Thread(target=watchdog, name="exit-deadline", daemon=True).start()
 
 
+def tune_gc() -> None:
+    """For the worker process: what its imports loaded is never garbage, so the collector stops walking it
+    (``gc.freeze``), and collections become rare (``GC_THRESHOLDS``)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def run(settings: Settings, *, exit_when_idle: float | None = None) -> int:
     """Entry point of ``cost-worker run``."""
     logs.configure(level=settings.log_level, fmt=settings.log_format, secrets=settings.secrets())
@@ -258,6 +274,7 @@ def run(settings: Settings, *, exit_when_idle: float | None = None) -> int:
     if provider is not None:
         tracing.instrument_drivers(provider)
         log.info("tracing_on", endpoint=os.environ.get(tracing.ENDPOINT_ENV))
+    tune_gc()
 
     async def main() -> int:
         worker = Worker(settings)
