@@ -303,14 +303,15 @@ def _check_lines(lines: list[LedgerLine]) -> None:
     over the whole message, which bounds every such sum."""
     amounts = Decimal(0)
     quantities = Decimal(0)
-    for line in lines:
-        if "\x00" in line.line_item:
-            raise InvalidInput(Reason.INVALID_TEXT, "a line item holds a NUL character")
-        if len(line.line_item) > MAX_LINE_ITEM:
-            raise InvalidInput(
-                Reason.SCHEMA_VIOLATION, f"a line item of {len(line.line_item)} characters, more than {MAX_LINE_ITEM}"
-            )
-        with localcontext(EXACT):  # rounding could carry a total just below a bound across it
+    with localcontext(EXACT):  # rounding could carry a total just below a bound across it (one context per message)
+        for line in lines:
+            if "\x00" in line.line_item:
+                raise InvalidInput(Reason.INVALID_TEXT, "a line item holds a NUL character")
+            if len(line.line_item) > MAX_LINE_ITEM:
+                raise InvalidInput(
+                    Reason.SCHEMA_VIOLATION,
+                    f"a line item of {len(line.line_item)} characters, more than {MAX_LINE_ITEM}",
+                )
             if line.amount is not None:
                 amounts += abs(line.amount)
             if line.quantity is not None:
