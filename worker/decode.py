@@ -21,6 +21,7 @@ from worker.models import (
     API_USAGE_FIELDS,
     BUCKET_MODELS,
     MAX_AMOUNT,
+    UUID_FIELD,
     ApiUsageEvent,
     ProviderEnvelope,
     check_request_cost,
@@ -190,11 +191,34 @@ def decode_api_event(payload: bytes, source: Source, *, max_bytes: int) -> ApiEv
     return event if event is not None else strict_api_event(parsed, source, payload)
 
 
+# The organizations, projects and users of a stream recur in every batch: their UUIDs are parsed once and
+# remembered by their text (pydantic's own UUID validator, as the model's fields; the same value for the same
+# text), up to this many, then forgotten and parsed again.
+UUID_MEMO_SIZE = 65_536  # distinct UUID texts
+_uuids: dict[str, UUID] = {}
+
+
+def to_uuid(text: str) -> UUID:
+    """A UUID field's value, as ``ApiUsageEvent`` reads it; raises ``ValidationError`` as it does."""
+    found = _uuids.get(text)
+    if found is None:
+        found = UUID_FIELD.validate_python(text)
+        if len(_uuids) >= UUID_MEMO_SIZE:
+            _uuids.clear()
+        _uuids[text] = found
+    return found
+
+
 def _fast_api_event(parsed: dict[str, Any], source: Source, payload: bytes) -> ApiEvent | None:
     """The event if ``ApiUsageFields`` and the models' two Python checks accept it, else None. The same field
     types as ``ApiUsageEvent``, so what this accepts the model accepts, with the same values."""
     try:
         fields = API_USAGE_FIELDS.validate_python(parsed)
+        organization_id = to_uuid(fields["organization_id"])
+        project = fields.get("project_id")
+        project_id = None if project is None else to_uuid(project)
+        user = fields.get("user_id")
+        user_id = None if user is None else to_uuid(user)
         occurred_at = check_time(fields["occurred_at"])
         usage = fields.get("token_usage")
         cost = None if usage is None else usage.get("cost_usd")
@@ -204,10 +228,10 @@ def _fast_api_event(parsed: dict[str, Any], source: Source, payload: bytes) -> A
         return None  # path decides (and raises, if the models do)
     if usage is None:
         return ApiEvent(
-            fields["organization_id"],
+            organization_id,
             fields["event_id"],
-            fields.get("project_id"),
-            fields.get("user_id"),
+            project_id,
+            user_id,
             fields["endpoint"],
             fields["method"],
             fields["status_code"],
@@ -224,10 +248,10 @@ def _fast_api_event(parsed: dict[str, Any], source: Source, payload: bytes) -> A
             payload,
         )
     return ApiEvent(
-        fields["organization_id"],
+        organization_id,
         fields["event_id"],
-        fields.get("project_id"),
-        fields.get("user_id"),
+        project_id,
+        user_id,
         fields["endpoint"],
         fields["method"],
         fields["status_code"],

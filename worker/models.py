@@ -218,7 +218,8 @@ class ApiUsageEvent(_Model):
 # The same contract as TypedDicts, for the decoder's fast path (``worker.decode``): the same field types, so the
 # same rules, but validated into plain dicts, without two model instances per event (half of model_validate's
 # time). The two Python validators (the timestamp's bounds, the cost's exact-number rules) are left out here and
-# called by the decoder directly (``check_time``, ``check_request_cost``): cheaper than a call from pydantic.
+# called by the decoder directly (``check_time``, ``check_request_cost``): cheaper than a call from pydantic. So
+# are the UUIDs (``UUID_FIELD``, pydantic's own UUID validator), remembered by their text.
 # Whatever this path refuses goes through ``ApiUsageEvent``, which names the reason; a unit test checks that the
 # fields match the models' and that both paths agree on generated and hostile messages.
 
@@ -231,12 +232,15 @@ class TokenUsageFields(TypedDict, total=False):
     cost_usd: Any  # RequestCost: ``check_request_cost``
 
 
+UuidText = Annotated[str, Strict()]  # UUID: the decoder's ``to_uuid`` (pydantic's UUID rules, remembered)
+
+
 class ApiUsageFields(TypedDict):
     event_id: EventId
     occurred_at: AwareDatetime  # Timestamp: ``check_time``
-    organization_id: UUID
-    project_id: NotRequired[UUID | None]
-    user_id: NotRequired[UUID | None]
+    organization_id: UuidText
+    project_id: NotRequired[UuidText | None]
+    user_id: NotRequired[UuidText | None]
     endpoint: RequiredName
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
     status_code: Annotated[int, Strict(), Field(ge=100, le=599)]
@@ -245,6 +249,7 @@ class ApiUsageFields(TypedDict):
 
 
 API_USAGE_FIELDS: TypeAdapter[ApiUsageFields] = TypeAdapter(ApiUsageFields)
+UUID_FIELD: TypeAdapter[UUID] = TypeAdapter(UUID)  # what ApiUsageEvent's UUID fields run
 
 
 # ============================================================================ provider envelopes

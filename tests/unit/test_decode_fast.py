@@ -31,7 +31,7 @@ from worker.quarantine import Quarantined, Source
 SOURCE = Source("usage", 2, 41, b"k", (("h", b"v"),))
 MAX_BYTES = 1 << 20
 # The fields the fast path checks in Python instead of through pydantic, with the check it calls.
-CHECKED_IN_PYTHON = {"occurred_at", "cost_usd"}
+CHECKED_IN_PYTHON = {"occurred_at", "cost_usd", "organization_id", "project_id", "user_id"}
 
 
 def _properties(schema: dict[str, Any]) -> dict[str, Any]:
