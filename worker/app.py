@@ -10,6 +10,7 @@ once.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import sys
@@ -38,6 +39,15 @@ from worker.store import Database, connect
 
 log = structlog.get_logger("worker.app")
 T = TypeVar("T")
+
+# The cyclic garbage collector, tuned for a process that keeps one or two batches of thousands of rows alive:
+# with Python's default (700, 10, 10) it collected the young generation every 700 net allocations (a few events)
+# and kept re-walking the older ones, which hold the batches in flight and everything loaded at start-up. Almost
+# everything the worker allocates is freed by reference counting anyway. Start-up objects are frozen out of the
+# collector (``gc.freeze``) and the young generation is collected every 10,000 net allocations: in the benchmark's
+# drains (bench/PROFILE.md) worker CPU per event fell by ~15 % and per ledger line by ~20 %, for ~45 MB more
+# peak RSS (the young garbage waits longer). Larger thresholds saved little more and cost more memory.
+GC_THRESHOLDS = (10_000, 10, 10)  # net allocations before a young collection; young, middle collections per next
 
 DATABASE_CHECK_INTERVAL = 5.0  # seconds between readiness pings of the database
 STARTUP_RETRY_FIRST = 0.5  # seconds before the second attempt to reach the database or broker at startup
@@ -251,6 +261,14 @@ def _exit_after(seconds: float, code: int) -> None:
     threading.Thread(target=watchdog, name="exit-deadline", daemon=True).start()
 
 
+def tune_gc() -> None:
+    """For the worker process: what its imports loaded is never garbage, so the collector stops walking it
+    (``gc.freeze``), and collections become rare (``GC_THRESHOLDS``)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def run(settings: Settings, *, exit_when_idle: float | None = None) -> int:
     """Entry point of ``cost-worker run``."""
     logs.configure(level=settings.log_level, fmt=settings.log_format, secrets=settings.secrets())
@@ -258,6 +276,7 @@ def run(settings: Settings, *, exit_when_idle: float | None = None) -> int:
     if provider is not None:
         tracing.instrument_drivers(provider)
         log.info("tracing_on", endpoint=os.environ.get(tracing.ENDPOINT_ENV))
+    tune_gc()
 
     async def main() -> int:
         worker = Worker(settings)

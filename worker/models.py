@@ -11,10 +11,11 @@ import json
 import re
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NotRequired
 from uuid import UUID
 
 from pydantic import (
@@ -27,10 +28,12 @@ from pydantic import (
     PlainSerializer,
     PlainValidator,
     Strict,
+    TypeAdapter,
     WithJsonSchema,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
 from worker.errors import InvalidInput
 from worker.limits import MAX_LINE_ITEM, MAX_TOKENS
@@ -85,8 +88,8 @@ _AS_STR = PlainSerializer(str, return_type=str)
 _DECIMAL_STRING = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
-def _decimal_validator(lower: Decimal, upper: Decimal, *, lower_inclusive: bool) -> Any:
-    """One validator for money: a single Python call per value on the hot path (pydantic's own Decimal
+def _decimal_check(lower: Decimal, upper: Decimal, *, lower_inclusive: bool) -> Callable[[Any], Decimal]:
+    """One check for money: a single Python call per value on the hot path (pydantic's own Decimal
     constraints check decimal places in Python, and chained validators are a call each)."""
 
     def validate(value: Any) -> Decimal:
@@ -114,7 +117,11 @@ def _decimal_validator(lower: Decimal, upper: Decimal, *, lower_inclusive: bool)
             raise _fail(Reason.INVALID_NUMBER, "negative zero (money computed in floats?)")
         return number
 
-    return PlainValidator(validate)
+    return validate
+
+
+def _decimal_validator(lower: Decimal, upper: Decimal, *, lower_inclusive: bool) -> PlainValidator:
+    return PlainValidator(_decimal_check(lower, upper, lower_inclusive=lower_inclusive))
 
 
 # A signed amount of money (provider credits can be negative). Numbers arrive as exact Decimals: the JSON
@@ -123,9 +130,8 @@ Money = Annotated[Decimal, _decimal_validator(-MAX_AMOUNT, MAX_AMOUNT, lower_inc
 # Money that cannot be negative (a provider quantity).
 Cost = Annotated[Decimal, _decimal_validator(Decimal(0), MAX_AMOUNT, lower_inclusive=True), _NUMBER_SCHEMA, _AS_STR]
 # One API request's estimated cost (api_usage.cost_usd's CHECK).
-RequestCost = Annotated[
-    Decimal, _decimal_validator(Decimal(0), MAX_REQUEST_COST, lower_inclusive=True), _NUMBER_SCHEMA, _AS_STR
-]
+check_request_cost = _decimal_check(Decimal(0), MAX_REQUEST_COST, lower_inclusive=True)
+RequestCost = Annotated[Decimal, PlainValidator(check_request_cost), _NUMBER_SCHEMA, _AS_STR]
 
 
 _EARLIEST = EARLIEST_TIMESTAMP.timestamp()
@@ -207,6 +213,43 @@ class ApiUsageEvent(_Model):
     status_code: Annotated[int, Strict(), Field(ge=100, le=599)]
     response_time_ms: Annotated[Count, Field(le=86_400_000)] | None = None
     token_usage: TokenUsage | None = None
+
+
+# The same contract as TypedDicts, for the decoder's fast path (``worker.decode``): the same field types, so the
+# same rules, but validated into plain dicts, without two model instances per event (half of model_validate's
+# time). The two Python validators (the timestamp's bounds, the cost's exact-number rules) are left out here and
+# called by the decoder directly (``check_time``, ``check_request_cost``): cheaper than a call from pydantic. So
+# are the UUIDs (``UUID_FIELD``, pydantic's own UUID validator), remembered by their text.
+# Whatever this path refuses goes through ``ApiUsageEvent``, which names the reason; a unit test checks that the
+# fields match the models' and that both paths agree on generated and hostile messages.
+
+
+class TokenUsageFields(TypedDict, total=False):
+    prompt_tokens: Count
+    completion_tokens: Count
+    total_tokens: Count
+    model: Name | None
+    cost_usd: Any  # RequestCost: ``check_request_cost``
+
+
+UuidText = Annotated[str, Strict()]  # UUID: the decoder's ``to_uuid`` (pydantic's UUID rules, remembered)
+
+
+class ApiUsageFields(TypedDict):
+    event_id: EventId
+    occurred_at: AwareDatetime  # Timestamp: ``check_time``
+    organization_id: UuidText
+    project_id: NotRequired[UuidText | None]
+    user_id: NotRequired[UuidText | None]
+    endpoint: RequiredName
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+    status_code: Annotated[int, Strict(), Field(ge=100, le=599)]
+    response_time_ms: NotRequired[Annotated[Count, Field(le=86_400_000)] | None]
+    token_usage: NotRequired[TokenUsageFields | None]
+
+
+API_USAGE_FIELDS: TypeAdapter[ApiUsageFields] = TypeAdapter(ApiUsageFields)
+UUID_FIELD: TypeAdapter[UUID] = TypeAdapter(UUID)  # what ApiUsageEvent's UUID fields run
 
 
 # ============================================================================ provider envelopes

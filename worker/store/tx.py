@@ -28,7 +28,7 @@ from worker.rows import (
     WindowStates,
 )
 from worker.sql import query
-from worker.store.columns import LEDGER_COLUMNS, quarantine_columns, usage_columns, window_columns
+from worker.store.columns import ledger_columns, quarantine_columns, usage_columns, window_columns
 from worker.touches import Touch
 
 
@@ -126,9 +126,7 @@ class Tx:
 
     async def upsert_cost_data(self, rows: Sequence[LedgerRow]) -> list[tuple[str | None, datetime | None]]:
         """Per row, in order: what was written ('inserted', 'updated' or None) and the revision kept."""
-        records = await self.conn.fetch(
-            query("upsert_cost_data"), *([column(r) for r in rows] for column in LEDGER_COLUMNS)
-        )
+        records = await self.conn.fetch(query("upsert_cost_data"), *ledger_columns(rows))
         by_ord = {record["ord"]: (record["result"], record["kept_revision"]) for record in records}
         return [by_ord[i] for i in range(1, len(rows) + 1)]
 
