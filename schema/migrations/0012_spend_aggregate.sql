@@ -113,189 +113,232 @@ $rls$;
 GRANT SELECT, INSERT, UPDATE, DELETE ON spend_hourly, spend_daily, spend_cover, spend_reach TO cost_worker_writer;
 GRANT SELECT ON spend_hourly, spend_daily, spend_cover, spend_reach TO cost_worker_reader;
 
+-- ================================================================================================ shapes
+
+-- What the maintenance functions pass each other: arrays of these, read with unnest (no jsonb round trip).
+-- A changed provider line's window (its old and its new version for an update).
+CREATE TYPE cost_worker_spend_line AS (
+    organization_id uuid, project_id uuid, provider text, ai_organization_id text, api_version text,
+    s timestamptz, e timestamptz
+);
+-- A changed rollup row: its delta (+ the new version, - the old one), rows: +1 / -1.
+CREATE TYPE cost_worker_spend_estimate AS (
+    organization_id uuid, project_id uuid, provider text, hour timestamptz, amount numeric, n integer
+);
+CREATE TYPE cost_worker_spend_user AS (
+    organization_id uuid, user_id uuid, project_id uuid, hour timestamptz, amount numeric, n integer
+);
+-- An area of an organization or project scope to recompute: `at` in [s, e), whole UTC hours. The areas of one
+-- call never overlap within a scope (they are merged first).
+CREATE TYPE cost_worker_spend_area AS (scope text, subject uuid, organization_id uuid, s timestamptz, e timestamptz);
+
 -- ================================================================================================ the rules
 
--- The rows that count in a scope with their instant (`at`) in [period_start, period_end), and the hours in it
--- that counted provider rows cover ('cover' rows: provider, account, project or NULL, hour in `at`): the body of
--- cost_worker_spend_rows (0006), with the reach around the interval given (window_max: the longest window the
--- organization has, instead of 31 days always). Organization and project scopes only.
-CREATE FUNCTION cost_worker_spend_region(
-    scope text, org uuid, project uuid, period_start timestamptz, period_end timestamptz, window_max interval
-)
-RETURNS TABLE (kind text, currency char(3), at timestamptz, rate_at timestamptz, amount numeric,
+-- The rows that count in each area (organization or project scope) with their instant (`at`) in [s, e), and the
+-- hours in it that counted provider rows cover ('cover' rows: provider, account, project or NULL, hour in `at`):
+-- the body of cost_worker_spend_rows (0006), with the reach around an area given by the longest window its
+-- organization has (spend_reach; 0006 assumed 31 days on every read). Set-based over all the areas of a
+-- statement: every source read is one index range scan per area (cost_data by (project_id, bucket_start_time) or
+-- (organization_id, bucket_start_time), project_metrics by its key or (organization_id, hour)), so its cost is
+-- the rows near the areas, never the size of the tables.
+CREATE FUNCTION cost_worker_spend_regions(areas cost_worker_spend_area[])
+RETURNS TABLE (area integer, kind text, currency char(3), at timestamptz, rate_at timestamptz, amount numeric,
                provider text, ai_organization_id text, project_id uuid)
-LANGUAGE plpgsql STABLE
+LANGUAGE sql STABLE
 AS $$
-#variable_conflict use_column
-DECLARE
-    reach CONSTANT interval := window_max * 2;  -- back: counted rows (one window), the costs they overlap (one)
-    ahead CONSTANT interval := window_max;  -- forward: cost rows overlapping a row that counts here
-BEGIN
-    IF scope NOT IN ('project', 'organization') THEN
-        RAISE EXCEPTION 'unknown region scope %', scope;
-    END IF;
-
-    RETURN QUERY
-    WITH near AS MATERIALIZED (  -- current rows of the scope that can matter for the interval
-        SELECT c.project_id, c.provider, c.ai_organization_id, c.api_version,
+    WITH a AS MATERIALIZED (
+        SELECT t.ord::integer AS area, t.scope, t.organization_id AS org,
+               CASE WHEN t.scope = 'project' THEN t.subject END AS project,
+               t.s AS ps, t.e AS pe, coalesce(r.window_max, interval '1 hour') AS wmax
+        FROM unnest(areas) WITH ORDINALITY AS t(scope, subject, organization_id, s, e, ord)
+        LEFT JOIN spend_reach r ON r.organization_id = t.organization_id
+    ),
+    near AS MATERIALIZED (  -- current rows of each area's scope that can matter for it
+        SELECT a.area, c.project_id, c.provider, c.ai_organization_id, c.api_version,
                c.bucket_start_time, c.bucket_end_time, c.currency, c.amount, c.quantity, c.outside_cost_report,
-               cost_worker_hour_ceil(c.bucket_start_time) AS h_from,
-               least(c.bucket_end_time, c.collected_at) AS h_until
-        FROM (
-            SELECT * FROM cost_data
-            WHERE scope = 'project' AND project_id = project AND superseded_at IS NULL
-              AND bucket_start_time >= period_start - reach AND bucket_start_time < period_end + ahead
+               date_trunc('hour', c.bucket_start_time - interval '1 microsecond', 'UTC') + interval '1 hour' AS h_from,
+               least(c.bucket_end_time, c.collected_at) AS h_until,
+               -- cost_worker_hour_ceil and cost_worker_midpoint (0006), written out: as IMMUTABLE functions of
+               -- STABLE operators they are never inlined, and a call per row costs more than the rest of the row
+               c.bucket_start_time
+               + make_interval(secs => extract(epoch FROM c.bucket_end_time - c.bucket_start_time)::float8 / 2) AS mid
+        FROM a
+        CROSS JOIN LATERAL (
+            -- back: counted rows (one window), the costs they overlap (one); forward: costs overlapping them
+            SELECT x.project_id, x.provider, x.ai_organization_id, x.api_version, x.bucket_start_time,
+                   x.bucket_end_time, x.currency, x.amount, x.quantity, x.outside_cost_report, x.collected_at
+            FROM cost_data x
+            WHERE a.scope = 'project' AND x.project_id = a.project AND x.superseded_at IS NULL
+              AND x.bucket_start_time >= a.ps - 2 * a.wmax AND x.bucket_start_time < a.pe + a.wmax
             UNION ALL
-            SELECT * FROM cost_data
-            WHERE scope = 'organization' AND organization_id = org AND superseded_at IS NULL
-              AND bucket_start_time >= period_start - reach AND bucket_start_time < period_end + ahead
+            SELECT x.project_id, x.provider, x.ai_organization_id, x.api_version, x.bucket_start_time,
+                   x.bucket_end_time, x.currency, x.amount, x.quantity, x.outside_cost_report, x.collected_at
+            FROM cost_data x
+            WHERE a.scope = 'organization' AND x.organization_id = a.org AND x.superseded_at IS NULL
+              AND x.bucket_start_time >= a.ps - 2 * a.wmax AND x.bucket_start_time < a.pe + a.wmax
         ) c
         WHERE CASE WHEN c.api_version = 'usage_v1'
-                   THEN c.bucket_start_time >= period_start - window_max AND c.bucket_start_time < period_end
-                        AND c.bucket_end_time > period_start
-                   ELSE c.bucket_end_time > period_start - window_max END
+                   THEN c.bucket_start_time >= a.ps - a.wmax AND c.bucket_start_time < a.pe
+                        AND c.bucket_end_time > a.ps
+                   ELSE c.bucket_end_time > a.ps - a.wmax END
     ),
     cost_hours AS MATERIALIZED (
-        SELECT DISTINCT w.provider, w.ai_organization_id, w.project_id, h.hour
-        FROM (SELECT DISTINCT provider, ai_organization_id, project_id, h_from, h_until
+        SELECT DISTINCT w.area, w.provider, w.ai_organization_id, w.project_id, h.hour
+        FROM (SELECT DISTINCT area, provider, ai_organization_id, project_id, h_from, h_until
               FROM near WHERE api_version = 'costs_v1') w
         CROSS JOIN LATERAL generate_series(w.h_from, w.h_until - interval '1 microsecond', interval '1 hour') h(hour)
     ),
     usage_windows AS (
-        SELECT DISTINCT provider, ai_organization_id, project_id, h_from, h_until
+        SELECT DISTINCT area, provider, ai_organization_id, project_id, h_from, h_until
         FROM near WHERE api_version = 'usage_v1' AND amount IS NOT NULL AND NOT outside_cost_report
     ),
     usage_hours AS MATERIALIZED (
-        SELECT u.provider, u.ai_organization_id, u.project_id, u.h_from, u.h_until, h.hour
+        SELECT u.area, u.provider, u.ai_organization_id, u.project_id, u.h_from, u.h_until, h.hour
         FROM usage_windows u
         CROSS JOIN LATERAL generate_series(u.h_from, u.h_until - interval '1 microsecond', interval '1 hour') h(hour)
     ),
     replaced AS (
-        SELECT u.provider, u.ai_organization_id, u.project_id, u.h_from, u.h_until
+        SELECT u.area, u.provider, u.ai_organization_id, u.project_id, u.h_from, u.h_until
         FROM usage_hours u
-        JOIN cost_hours k ON k.provider = u.provider AND k.ai_organization_id = u.ai_organization_id
-                         AND k.hour = u.hour AND k.project_id = u.project_id
+        JOIN cost_hours k ON k.area = u.area AND k.provider = u.provider
+                         AND k.ai_organization_id = u.ai_organization_id AND k.hour = u.hour
+                         AND k.project_id = u.project_id
         UNION
-        SELECT u.provider, u.ai_organization_id, u.project_id, u.h_from, u.h_until
+        SELECT u.area, u.provider, u.ai_organization_id, u.project_id, u.h_from, u.h_until
         FROM usage_hours u
         JOIN (SELECT * FROM cost_hours WHERE project_id IS NULL) k
-          ON k.provider = u.provider AND k.ai_organization_id = u.ai_organization_id AND k.hour = u.hour
+          ON k.area = u.area AND k.provider = u.provider AND k.ai_organization_id = u.ai_organization_id
+         AND k.hour = u.hour
         UNION
-        SELECT u.provider, u.ai_organization_id, u.project_id, u.h_from, u.h_until
+        SELECT u.area, u.provider, u.ai_organization_id, u.project_id, u.h_from, u.h_until
         FROM (SELECT * FROM usage_hours WHERE project_id IS NULL) u
-        JOIN cost_hours k ON k.provider = u.provider AND k.ai_organization_id = u.ai_organization_id
-                         AND k.hour = u.hour
+        JOIN cost_hours k ON k.area = u.area AND k.provider = u.provider
+                         AND k.ai_organization_id = u.ai_organization_id AND k.hour = u.hour
     ),
     counted AS MATERIALIZED (
         SELECT n.* FROM near n
         WHERE n.amount IS NOT NULL
           AND (n.api_version = 'costs_v1' OR n.outside_cost_report OR NOT EXISTS (
                 SELECT FROM replaced r
-                WHERE r.provider = n.provider AND r.ai_organization_id = n.ai_organization_id
+                WHERE r.area = n.area AND r.provider = n.provider AND r.ai_organization_id = n.ai_organization_id
                   AND coalesce(r.project_id, '00000000-0000-0000-0000-000000000000')
                       = coalesce(n.project_id, '00000000-0000-0000-0000-000000000000')
                   AND r.h_from = n.h_from AND r.h_until = n.h_until))
     ),
     covered AS MATERIALIZED (
-        SELECT DISTINCT w.provider, w.ai_organization_id, w.project_id, h.hour
-        FROM (SELECT DISTINCT provider, ai_organization_id, project_id, h_from, h_until FROM counted
+        SELECT DISTINCT w.area, w.provider, w.ai_organization_id, w.project_id, h.hour
+        FROM (SELECT DISTINCT area, provider, ai_organization_id, project_id, h_from, h_until FROM counted
               WHERE api_version = 'costs_v1' OR quantity IS NULL OR quantity <> 0) w
+        JOIN a ON a.area = w.area
         CROSS JOIN LATERAL generate_series(w.h_from, w.h_until - interval '1 microsecond', interval '1 hour') h(hour)
-        WHERE w.h_until > period_start AND w.h_from < period_end
+        WHERE w.h_until > a.ps AND w.h_from < a.pe
     ),
     estimates AS (
-        SELECT m.project_id, m.hour, m.provider, m.estimated_cost_usd,
+        SELECT a.area, m.project_id, m.hour, m.provider, m.estimated_cost_usd,
                p.ai_provider AS project_provider, p.ai_organization_id AS project_ai_org
-        FROM project_metrics m
+        FROM a
+        CROSS JOIN LATERAL (
+            SELECT x.project_id, x.hour, x.provider, x.estimated_cost_usd
+            FROM project_metrics x
+            WHERE a.scope = 'organization' AND x.organization_id = a.org AND x.hour >= a.ps AND x.hour < a.pe
+            UNION ALL
+            SELECT x.project_id, x.hour, x.provider, x.estimated_cost_usd
+            FROM project_metrics x
+            WHERE a.scope = 'project' AND x.organization_id = a.org AND x.project_id = a.project
+              AND x.hour >= a.ps AND x.hour < a.pe
+        ) m
         LEFT JOIN projects p ON p.id = m.project_id
-        WHERE m.organization_id = org AND m.hour >= period_start AND m.hour < period_end
-          AND (scope = 'organization' OR m.project_id = project)
     )
-    SELECT CASE WHEN c.api_version = 'costs_v1' THEN 'cost' ELSE 'usage' END, c.currency,
-           cost_worker_midpoint(c.bucket_start_time, c.bucket_end_time), c.bucket_start_time, c.amount,
+    SELECT c.area, CASE WHEN c.api_version = 'costs_v1' THEN 'cost' ELSE 'usage' END, c.currency,
+           c.mid, c.bucket_start_time, c.amount,
            NULL::text, NULL::text, NULL::uuid
     FROM counted c
-    WHERE c.project_id IS NOT DISTINCT FROM CASE WHEN scope = 'project' THEN project ELSE c.project_id END
-      AND cost_worker_midpoint(c.bucket_start_time, c.bucket_end_time) >= period_start
-      AND cost_worker_midpoint(c.bucket_start_time, c.bucket_end_time) < period_end
+    JOIN a ON a.area = c.area
+    WHERE (a.scope = 'organization' OR c.project_id = a.project)
+      AND c.mid >= a.ps
+      AND c.mid < a.pe
     UNION ALL
-    SELECT 'estimate', 'USD'::char(3), e.hour, e.hour, e.estimated_cost_usd, NULL, NULL, NULL
+    SELECT e.area, 'estimate', 'USD'::char(3), e.hour, e.hour, e.estimated_cost_usd, NULL, NULL, NULL
     FROM estimates e
     WHERE NOT EXISTS (
-        SELECT FROM covered v WHERE v.provider = e.provider AND v.hour = e.hour AND v.project_id = e.project_id)
+        SELECT FROM covered v
+        WHERE v.area = e.area AND v.provider = e.provider AND v.hour = e.hour AND v.project_id = e.project_id)
       AND NOT EXISTS (
         SELECT FROM covered v
-        WHERE v.project_id IS NULL AND v.provider = e.provider AND v.hour = e.hour
+        WHERE v.area = e.area AND v.project_id IS NULL AND v.provider = e.provider AND v.hour = e.hour
           AND v.provider = e.project_provider AND v.ai_organization_id = e.project_ai_org)
     UNION ALL
-    SELECT 'cover', NULL, v.hour, NULL, NULL, v.provider, v.ai_organization_id, v.project_id
+    SELECT v.area, 'cover', NULL, v.hour, NULL, NULL, v.provider, v.ai_organization_id, v.project_id
     FROM covered v
-    WHERE v.hour >= period_start AND v.hour < period_end;
-END
+    JOIN a ON a.area = v.area
+    WHERE v.hour >= a.ps AND v.hour < a.pe
 $$;
 
 -- ================================================================================================ maintenance
 
--- Recompute spend_daily of one scope key for the UTC days overlapping [from_at, until_at) from spend_hourly.
-CREATE FUNCTION cost_worker_spend_days(
-    k_scope text, k_subject uuid, k_project uuid, from_at timestamptz, until_at timestamptz
-) RETURNS void
-LANGUAGE sql VOLATILE
-AS $$
-    DELETE FROM spend_daily d
-    WHERE d.scope = k_scope AND d.subject = k_subject AND d.subject_project = k_project
-      AND d.day >= date_trunc('day', from_at, 'UTC') AND d.day < until_at;
-    INSERT INTO spend_daily (organization_id, scope, subject, subject_project, day, rate_day, currency, authority,
-                             amount, n_rows, max_scale)
-    SELECT h.organization_id, h.scope, h.subject, h.subject_project, date_trunc('day', h.at, 'UTC'), h.rate_day,
-           h.currency, h.authority, sum(h.amount), sum(h.n_rows), max(h.max_scale)
-    FROM spend_hourly h
-    WHERE h.scope = k_scope AND h.subject = k_subject AND h.subject_project = k_project
-      AND h.at >= date_trunc('day', from_at, 'UTC')
-      AND h.at < date_trunc('day', until_at - interval '1 microsecond', 'UTC') + interval '1 day'
-      AND h.n_rows <> 0
-    GROUP BY 1, 2, 3, 4, 5, 6, 7, 8;
-$$;
-
--- Recompute the aggregate and the coverage of an organization or project scope for `at` in [region_start,
--- region_end): whatever was there is replaced by what the rules say now. Exact for any interval.
-CREATE FUNCTION cost_worker_spend_refresh(
-    scope text, org uuid, subject uuid, region_start timestamptz, region_end timestamptz
-) RETURNS void
+-- Recompute the aggregate, the coverage and the daily sums of the given areas: whatever was there is replaced by
+-- what the rules say now (exact for any areas). A fixed number of set-based statements whatever the number of
+-- areas; areas of organizations that no longer exist (a cascaded delete) are skipped.
+CREATE FUNCTION cost_worker_spend_recompute(areas cost_worker_spend_area[]) RETURNS void
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
-    reach interval;
+    live cost_worker_spend_area[];
 BEGIN
-    IF NOT EXISTS (SELECT FROM organizations o WHERE o.id = org) THEN
-        RETURN;  -- a cascaded delete of the organization: its aggregate rows go with it
+    SELECT coalesce(array_agg(t ORDER BY t.scope, t.subject, t.s), '{}') INTO live
+    FROM unnest(areas) AS t
+    WHERE EXISTS (SELECT FROM organizations o WHERE o.id = t.organization_id);
+    IF cardinality(live) = 0 THEN
+        RETURN;
     END IF;
-    SELECT r.window_max INTO reach FROM spend_reach r WHERE r.organization_id = org;
-    DELETE FROM spend_hourly s
-    WHERE s.scope = cost_worker_spend_refresh.scope AND s.subject = cost_worker_spend_refresh.subject
-      AND s.subject_project = '00000000-0000-0000-0000-000000000000'
-      AND s.at >= region_start AND s.at < region_end;
+    DELETE FROM spend_hourly h
+    USING unnest(live) AS t
+    WHERE h.scope = t.scope AND h.subject = t.subject AND h.subject_project = '00000000-0000-0000-0000-000000000000'
+      AND h.at >= t.s AND h.at < t.e;
     DELETE FROM spend_cover c
-    WHERE c.scope = cost_worker_spend_refresh.scope AND c.subject = cost_worker_spend_refresh.subject
-      AND c.hour >= region_start AND c.hour < region_end;
-    WITH r AS MATERIALIZED (
-        SELECT * FROM cost_worker_spend_region(
-            scope, org, CASE WHEN scope = 'project' THEN subject END, region_start, region_end,
-            coalesce(reach, interval '1 hour'))
+    USING unnest(live) AS t
+    WHERE c.scope = t.scope AND c.subject = t.subject AND c.hour >= t.s AND c.hour < t.e;
+    WITH a AS (
+        SELECT t.ord::integer AS area, t.scope, t.subject, t.organization_id
+        FROM unnest(live) WITH ORDINALITY AS t(scope, subject, organization_id, s, e, ord)
+    ),
+    r AS MATERIALIZED (
+        SELECT a.organization_id, a.scope, a.subject, x.*
+        FROM cost_worker_spend_regions(live) x JOIN a ON a.area = x.area
     ),
     cover AS (
         INSERT INTO spend_cover (organization_id, scope, subject, provider, project_id, hour, ai_organization_id)
-        SELECT DISTINCT org, scope, subject, r.provider, r.project_id, r.at, r.ai_organization_id
+        SELECT DISTINCT r.organization_id, r.scope, r.subject, r.provider, r.project_id, r.at, r.ai_organization_id
         FROM r WHERE r.kind = 'cover'
     )
     INSERT INTO spend_hourly (organization_id, scope, subject, at, rate_day, currency, authority, amount, n_rows,
                               max_scale)
-    SELECT org, scope, subject, r.at, (r.rate_at AT TIME ZONE 'UTC')::date, r.currency, r.kind, sum(r.amount),
-           count(*), max(scale(r.amount))
+    SELECT r.organization_id, r.scope, r.subject, r.at, (r.rate_at AT TIME ZONE 'UTC')::date, r.currency, r.kind,
+           sum(r.amount), count(*), max(scale(r.amount))
     FROM r
     WHERE r.kind <> 'cover' AND r.amount IS NOT NULL
-    GROUP BY r.at, (r.rate_at AT TIME ZONE 'UTC')::date, r.currency, r.kind;
-    PERFORM cost_worker_spend_days(scope, subject, '00000000-0000-0000-0000-000000000000', region_start, region_end);
+    GROUP BY r.organization_id, r.scope, r.subject, r.at, (r.rate_at AT TIME ZONE 'UTC')::date, r.currency, r.kind;
+    -- The UTC days the areas touch, recomputed from spend_hourly.
+    DELETE FROM spend_daily d
+    USING (SELECT DISTINCT t.scope, t.subject, date_trunc('day', t.s, 'UTC') + interval '24 hours' * n AS day
+           FROM unnest(live) AS t
+           CROSS JOIN LATERAL generate_series(0, (extract(epoch FROM t.e - date_trunc('day', t.s, 'UTC'))::bigint - 1)
+                                                 / 86400) AS n) x
+    WHERE d.scope = x.scope AND d.subject = x.subject AND d.subject_project = '00000000-0000-0000-0000-000000000000'
+      AND d.day = x.day;
+    INSERT INTO spend_daily (organization_id, scope, subject, subject_project, day, rate_day, currency, authority,
+                             amount, n_rows, max_scale)
+    SELECT h.organization_id, h.scope, h.subject, h.subject_project, x.day, h.rate_day, h.currency, h.authority,
+           sum(h.amount), sum(h.n_rows), max(h.max_scale)
+    FROM (SELECT DISTINCT t.scope, t.subject, date_trunc('day', t.s, 'UTC') + interval '24 hours' * n AS day
+          FROM unnest(live) AS t
+          CROSS JOIN LATERAL generate_series(0, (extract(epoch FROM t.e - date_trunc('day', t.s, 'UTC'))::bigint - 1)
+                                                / 86400) AS n) x
+    JOIN spend_hourly h
+      ON h.scope = x.scope AND h.subject = x.subject AND h.subject_project = '00000000-0000-0000-0000-000000000000'
+     AND h.at >= x.day AND h.at < x.day + interval '24 hours'
+    WHERE h.n_rows <> 0
+    GROUP BY h.organization_id, h.scope, h.subject, h.subject_project, x.day, h.rate_day, h.currency, h.authority;
 END
 $$;
 
@@ -316,110 +359,123 @@ BEGIN
 END
 $$;
 
--- The distinct windows of changed provider lines (their old and new versions, as jsonb rows).
-CREATE FUNCTION cost_worker_spend_windows(changed jsonb)
-RETURNS TABLE (organization_id uuid, project_id uuid, provider text, ai_organization_id text, api_version text,
-               s timestamptz, e timestamptz)
-LANGUAGE sql IMMUTABLE
-AS $$
-    SELECT DISTINCT x.organization_id, x.project_id, x.provider, x.ai_organization_id, x.api_version,
-           x.bucket_start_time, x.bucket_end_time
-    FROM jsonb_to_recordset(changed) AS x(organization_id uuid, project_id uuid, provider text,
-                                          ai_organization_id text, api_version text,
-                                          bucket_start_time timestamptz, bucket_end_time timestamptz)
-$$;
-
--- Provider lines changed: recompute the hours they can change, merged into disjoint intervals per scope.
-CREATE FUNCTION cost_worker_spend_lines_changed(changed jsonb) RETURNS void
+-- Provider lines changed (one statement's, all at once): the hours they can change, per organization and project
+-- scope (their windows, and for a cost line the windows of its account's usage lines that overlap it, found by
+-- index range scans), merged into disjoint areas and recomputed in one cost_worker_spend_recompute call.
+CREATE FUNCTION cost_worker_spend_lines_changed(changed cost_worker_spend_line[]) RETURNS void
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
-    region record;
+    areas cost_worker_spend_area[];
 BEGIN
-    IF jsonb_array_length(changed) = 0 THEN
+    IF cardinality(changed) = 0 THEN
         RETURN;
     END IF;
-    PERFORM cost_worker_spend_lock(ARRAY(SELECT w.organization_id FROM cost_worker_spend_windows(changed) w), true);
+    PERFORM cost_worker_spend_lock(ARRAY(SELECT w.organization_id FROM unnest(changed) AS w), true);
     -- Only existing organizations (a cascaded delete of an organization leaves nothing to keep).
     INSERT INTO spend_reach AS r (organization_id, window_max)
     SELECT w.organization_id, max(w.e - w.s)
-    FROM cost_worker_spend_windows(changed) w JOIN organizations o ON o.id = w.organization_id
+    FROM unnest(changed) AS w JOIN organizations o ON o.id = w.organization_id
     GROUP BY w.organization_id
     ORDER BY w.organization_id
     ON CONFLICT (organization_id) DO UPDATE SET window_max = greatest(r.window_max, EXCLUDED.window_max)
     WHERE r.window_max < EXCLUDED.window_max;
 
-    FOR region IN
-        WITH w AS MATERIALIZED (SELECT * FROM cost_worker_spend_windows(changed)),
-        raw AS (
-            SELECT 'organization' AS scope, w.organization_id AS subject, w.organization_id, w.s, w.e
-            FROM w
-            UNION ALL
-            SELECT 'project', w.project_id, w.organization_id, w.s, w.e
-            FROM w WHERE w.project_id IS NOT NULL
-            UNION ALL  -- usage of the account overlapping a changed cost line may count or stop counting
-            SELECT 'organization', u.organization_id, u.organization_id, u.bucket_start_time, u.bucket_end_time
-            FROM w k
-            JOIN spend_reach r ON r.organization_id = k.organization_id
-            JOIN cost_data u
-              ON u.organization_id = k.organization_id AND u.provider = k.provider
-             AND u.ai_organization_id = k.ai_organization_id AND u.api_version = 'usage_v1'
-             AND u.superseded_at IS NULL
-             AND u.bucket_start_time >= k.s - r.window_max AND u.bucket_start_time < k.e AND u.bucket_end_time > k.s
-            WHERE k.api_version = 'costs_v1'
-            UNION ALL
-            SELECT 'project', u.project_id, u.organization_id, u.bucket_start_time, u.bucket_end_time
-            FROM w k
-            JOIN spend_reach r ON r.organization_id = k.organization_id
-            JOIN cost_data u
-              ON u.project_id = k.project_id AND u.provider = k.provider
-             AND u.ai_organization_id = k.ai_organization_id AND u.api_version = 'usage_v1'
-             AND u.superseded_at IS NULL
-             AND u.bucket_start_time >= k.s - r.window_max AND u.bucket_start_time < k.e AND u.bucket_end_time > k.s
-            WHERE k.api_version = 'costs_v1' AND k.project_id IS NOT NULL
-        ),
-        hours AS (  -- whole UTC hours (estimates and coverage are hourly)
-            SELECT scope, subject, organization_id, date_trunc('hour', s, 'UTC') AS s, cost_worker_hour_ceil(e) AS e
-            FROM raw
-        ),
-        marked AS (
-            SELECT *, CASE WHEN s <= max(e) OVER (PARTITION BY scope, subject ORDER BY s, e
-                                                  ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
-                           THEN 0 ELSE 1 END AS starts
-            FROM hours
-        ),
-        islands AS (
-            SELECT *, sum(starts) OVER (PARTITION BY scope, subject ORDER BY s, e) AS island FROM marked
-        )
-        SELECT scope, subject, organization_id, min(s) AS s, max(e) AS e
-        FROM islands
-        GROUP BY scope, subject, organization_id, island
-        ORDER BY organization_id, scope, subject, s
-    LOOP
-        PERFORM cost_worker_spend_refresh(region.scope, region.organization_id, region.subject, region.s, region.e);
-    END LOOP;
+    WITH w AS MATERIALIZED (SELECT DISTINCT * FROM unnest(changed)),
+    cost_marked AS (  -- changed cost windows per account and organization, and per account and project,
+        SELECT c.*,     -- merged where they overlap or touch: one usage lookup per merged range
+               CASE WHEN c.s <= max(c.e) OVER (PARTITION BY c.lvl, c.organization_id, c.project_id, c.provider,
+                                                            c.ai_organization_id
+                                               ORDER BY c.s, c.e ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+                    THEN 0 ELSE 1 END AS starts
+        FROM (SELECT 'organization' AS lvl, w.organization_id, NULL::uuid AS project_id, w.provider,
+                     w.ai_organization_id, w.s, w.e
+              FROM w WHERE w.api_version = 'costs_v1'
+              UNION ALL
+              SELECT 'project', w.organization_id, w.project_id, w.provider, w.ai_organization_id, w.s, w.e
+              FROM w WHERE w.api_version = 'costs_v1' AND w.project_id IS NOT NULL) c
+    ),
+    cost_islands AS (
+        SELECT *, sum(starts) OVER (PARTITION BY lvl, organization_id, project_id, provider, ai_organization_id
+                                    ORDER BY s, e) AS island
+        FROM cost_marked
+    ),
+    costs AS MATERIALIZED (  -- one range per island, with the reach of its organization
+        SELECT i.lvl, i.organization_id, i.project_id, i.provider, i.ai_organization_id, min(i.s) AS s,
+               max(i.e) AS e, r.window_max
+        FROM cost_islands i JOIN spend_reach r ON r.organization_id = i.organization_id
+        GROUP BY i.lvl, i.organization_id, i.project_id, i.provider, i.ai_organization_id, i.island, r.window_max
+    ),
+    raw AS (
+        SELECT 'organization' AS scope, w.organization_id AS subject, w.organization_id, w.s, w.e
+        FROM w
+        UNION ALL
+        SELECT 'project', w.project_id, w.organization_id, w.s, w.e
+        FROM w WHERE w.project_id IS NOT NULL
+        UNION ALL  -- usage of the account overlapping a changed cost line may count or stop counting
+        SELECT 'organization', k.organization_id, k.organization_id, u.bucket_start_time, u.bucket_end_time
+        FROM costs k
+        CROSS JOIN LATERAL (
+            SELECT x.bucket_start_time, x.bucket_end_time FROM cost_data x
+            WHERE x.organization_id = k.organization_id
+              AND x.bucket_start_time >= k.s - k.window_max AND x.bucket_start_time < k.e
+              AND x.bucket_end_time > k.s AND x.provider = k.provider AND x.ai_organization_id = k.ai_organization_id
+              AND x.api_version = 'usage_v1' AND x.superseded_at IS NULL
+        ) u
+        WHERE k.lvl = 'organization'
+        UNION ALL
+        SELECT 'project', k.project_id, k.organization_id, u.bucket_start_time, u.bucket_end_time
+        FROM costs k
+        CROSS JOIN LATERAL (
+            SELECT x.bucket_start_time, x.bucket_end_time FROM cost_data x
+            WHERE x.project_id = k.project_id
+              AND x.bucket_start_time >= k.s - k.window_max AND x.bucket_start_time < k.e
+              AND x.bucket_end_time > k.s AND x.provider = k.provider AND x.ai_organization_id = k.ai_organization_id
+              AND x.api_version = 'usage_v1' AND x.superseded_at IS NULL
+        ) u
+        WHERE k.lvl = 'project'
+    ),
+    hours AS (  -- whole UTC hours (estimates and coverage are hourly)
+        SELECT DISTINCT scope, subject, organization_id, date_trunc('hour', s, 'UTC') AS s,
+               date_trunc('hour', e - interval '1 microsecond', 'UTC') + interval '1 hour' AS e
+        FROM raw
+    ),
+    marked AS (
+        SELECT *, CASE WHEN s <= max(e) OVER (PARTITION BY scope, subject ORDER BY s, e
+                                              ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+                       THEN 0 ELSE 1 END AS starts
+        FROM hours
+    ),
+    islands AS (
+        SELECT *, sum(starts) OVER (PARTITION BY scope, subject ORDER BY s, e) AS island FROM marked
+    )
+    SELECT coalesce(array_agg(ROW(m.scope, m.subject, m.organization_id, m.s, m.e)::cost_worker_spend_area), '{}')
+    INTO areas
+    FROM (SELECT scope, subject, organization_id, min(s) AS s, max(e) AS e
+          FROM islands GROUP BY scope, subject, organization_id, island) m;
+    PERFORM cost_worker_spend_recompute(areas);
 END
 $$;
 
--- Rollup rows changed: add each one's delta (amount, rows) where no counted provider row covers it.
-CREATE FUNCTION cost_worker_spend_estimates_changed(delta jsonb) RETURNS void
+-- Rollup rows changed (one statement's): add each (project, provider, hour)'s net delta (amount, rows) where no
+-- counted provider row covers it (spend_cover); a change that nets to nothing (a request count only) adds nothing.
+CREATE FUNCTION cost_worker_spend_estimates_changed(delta cost_worker_spend_estimate[]) RETURNS void
 LANGUAGE plpgsql VOLATILE
 AS $$
 BEGIN
-    IF jsonb_array_length(delta) = 0 THEN
+    IF cardinality(delta) = 0 THEN
         RETURN;
     END IF;
-    PERFORM cost_worker_spend_lock(
-        ARRAY(SELECT DISTINCT (x->>'organization_id')::uuid FROM jsonb_array_elements(delta) x), false);
-    WITH d AS (
+    PERFORM cost_worker_spend_lock(ARRAY(SELECT x.organization_id FROM unnest(delta) AS x), false);
+    WITH d AS MATERIALIZED (
         SELECT x.organization_id, x.project_id, x.provider, x.hour, sum(x.amount) AS amount, sum(x.n) AS n,
                max(scale(x.amount)) AS max_scale
-        FROM jsonb_to_recordset(delta) AS x(organization_id uuid, project_id uuid, provider text, hour timestamptz,
-                                            amount numeric, n int)
+        FROM unnest(delta) AS x
         JOIN organizations o ON o.id = x.organization_id
         GROUP BY 1, 2, 3, 4
+        HAVING sum(x.amount) <> 0 OR sum(x.n) <> 0
     ),
-    scoped AS (
+    scoped AS MATERIALIZED (
         SELECT d.organization_id, 'organization' AS scope, d.organization_id AS subject, d.hour, d.amount, d.n,
                d.max_scale
         FROM d LEFT JOIN projects p ON p.id = d.project_id
@@ -465,33 +521,35 @@ BEGIN
 END
 $$;
 
--- A user's rollup rows changed: add the deltas to the user's scope and the user's scope within the project.
-CREATE FUNCTION cost_worker_spend_users_changed(delta jsonb) RETURNS void
+-- A user's rollup rows changed: add the net deltas to the user's scope and the user's scope within the project.
+CREATE FUNCTION cost_worker_spend_users_changed(delta cost_worker_spend_user[]) RETURNS void
 LANGUAGE plpgsql VOLATILE
 AS $$
 BEGIN
-    IF jsonb_array_length(delta) = 0 THEN
+    IF cardinality(delta) = 0 THEN
         RETURN;
     END IF;
     WITH d AS (
-        SELECT x.organization_id, x.user_id, x.project_id, x.hour, x.amount, x.n
-        FROM jsonb_to_recordset(delta) AS x(organization_id uuid, user_id uuid, project_id uuid, hour timestamptz,
-                                            amount numeric, n int)
+        SELECT x.organization_id, x.user_id, x.project_id, x.hour, sum(x.amount) AS amount, sum(x.n) AS n,
+               max(scale(x.amount)) AS max_scale
+        FROM unnest(delta) AS x
         JOIN organizations o ON o.id = x.organization_id
+        GROUP BY 1, 2, 3, 4
+        HAVING sum(x.amount) <> 0 OR sum(x.n) <> 0
     ),
-    scoped AS (
+    scoped AS MATERIALIZED (
         SELECT organization_id, 'user' AS scope, user_id AS subject,
-               '00000000-0000-0000-0000-000000000000'::uuid AS subject_project, hour, amount, n
+               '00000000-0000-0000-0000-000000000000'::uuid AS subject_project, hour, amount, n, max_scale
         FROM d
         UNION ALL
-        SELECT organization_id, 'user_project', user_id, project_id, hour, amount, n
+        SELECT organization_id, 'user_project', user_id, project_id, hour, amount, n, max_scale
         FROM d WHERE project_id IS NOT NULL
     ),
     hourly AS (
         INSERT INTO spend_hourly AS s (organization_id, scope, subject, subject_project, at, rate_day, currency,
                                        authority, amount, n_rows, max_scale)
         SELECT organization_id, scope, subject, subject_project, hour, (hour AT TIME ZONE 'UTC')::date, 'USD',
-               'estimate', sum(amount), sum(n), max(scale(amount))
+               'estimate', sum(amount), sum(n), max(max_scale)
         FROM scoped
         GROUP BY organization_id, scope, subject, subject_project, hour
         ORDER BY scope, subject, subject_project, hour
@@ -503,7 +561,7 @@ BEGIN
     INSERT INTO spend_daily AS s (organization_id, scope, subject, subject_project, day, rate_day, currency,
                                   authority, amount, n_rows, max_scale)
     SELECT organization_id, scope, subject, subject_project, date_trunc('day', hour, 'UTC'),
-           (hour AT TIME ZONE 'UTC')::date, 'USD', 'estimate', sum(amount), sum(n), max(scale(amount))
+           (hour AT TIME ZONE 'UTC')::date, 'USD', 'estimate', sum(amount), sum(n), max(max_scale)
     FROM scoped
     GROUP BY organization_id, scope, subject, subject_project, date_trunc('day', hour, 'UTC'),
              (hour AT TIME ZONE 'UTC')::date
@@ -516,12 +574,13 @@ END
 $$;
 
 -- Rebuild the aggregate of the given organizations (NULL: every organization) from the source tables: the
--- backfill, TRUNCATE of a source table, a project's provider mapping changed. Sees what the caller may see.
+-- backfill, TRUNCATE of a source table, a project's provider mapping changed, and the operator's repair
+-- (`cost-worker spend-rebuild`). Sees what the caller may see.
 CREATE FUNCTION cost_worker_spend_rebuild(orgs uuid[] DEFAULT NULL) RETURNS void
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
-    o record;
+    areas cost_worker_spend_area[];
 BEGIN
     IF orgs IS NULL THEN
         DELETE FROM spend_hourly;
@@ -541,23 +600,25 @@ BEGIN
     WHERE orgs IS NULL OR c.organization_id = ANY (orgs)
     GROUP BY c.organization_id;
     -- Organization and project scopes: the whole span of their rows, by the rules.
-    FOR o IN
-        WITH spans AS (
-            SELECT organization_id, project_id, min(bucket_start_time) AS s, max(bucket_end_time) AS e
-            FROM cost_data WHERE orgs IS NULL OR organization_id = ANY (orgs) GROUP BY 1, 2
-            UNION ALL
-            SELECT organization_id, project_id, min(hour), max(hour) + interval '1 hour'
-            FROM project_metrics WHERE orgs IS NULL OR organization_id = ANY (orgs) GROUP BY 1, 2
-        )
+    WITH spans AS (
+        SELECT organization_id, project_id, min(bucket_start_time) AS s, max(bucket_end_time) AS e
+        FROM cost_data WHERE orgs IS NULL OR organization_id = ANY (orgs) GROUP BY 1, 2
+        UNION ALL
+        SELECT organization_id, project_id, min(hour), max(hour) + interval '1 hour'
+        FROM project_metrics WHERE orgs IS NULL OR organization_id = ANY (orgs) GROUP BY 1, 2
+    ),
+    whole AS (
         SELECT 'organization' AS scope, organization_id AS subject, organization_id, min(s) AS s, max(e) AS e
         FROM spans GROUP BY organization_id
         UNION ALL
         SELECT 'project', project_id, organization_id, min(s), max(e)
         FROM spans WHERE project_id IS NOT NULL GROUP BY organization_id, project_id
-    LOOP
-        PERFORM cost_worker_spend_refresh(o.scope, o.organization_id, o.subject,
-                                          date_trunc('hour', o.s, 'UTC'), cost_worker_hour_ceil(o.e));
-    END LOOP;
+    )
+    SELECT coalesce(array_agg(ROW(w.scope, w.subject, w.organization_id, date_trunc('hour', w.s, 'UTC'),
+                                  cost_worker_hour_ceil(w.e))::cost_worker_spend_area), '{}')
+    INTO areas
+    FROM whole w;
+    PERFORM cost_worker_spend_recompute(areas);
     -- User scopes: their rollups as they are.
     INSERT INTO spend_hourly (organization_id, scope, subject, subject_project, at, rate_day, currency, authority,
                               amount, n_rows, max_scale)
@@ -583,29 +644,32 @@ $$;
 
 -- ================================================================================================ triggers
 
+-- Statement-level, with transition tables: one call per statement whatever its number of rows (the worker writes
+-- a batch's lines in one upsert and its retirements in one update).
 CREATE FUNCTION cost_worker_spend_on_lines() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
 DECLARE
-    changed jsonb;
+    changed cost_worker_spend_line[];
 BEGIN
     IF TG_OP = 'INSERT' THEN
-        SELECT coalesce(jsonb_agg(jsonb_build_object(
-            'organization_id', organization_id, 'project_id', project_id, 'provider', provider,
-            'ai_organization_id', ai_organization_id, 'api_version', api_version,
-            'bucket_start_time', bucket_start_time, 'bucket_end_time', bucket_end_time)), '[]') INTO changed
+        SELECT coalesce(array_agg(DISTINCT ROW(organization_id, project_id, provider, ai_organization_id,
+                                               api_version::text, bucket_start_time, bucket_end_time)
+                                           ::cost_worker_spend_line), '{}') INTO changed
         FROM new_rows;
     ELSIF TG_OP = 'UPDATE' THEN
-        SELECT coalesce(jsonb_agg(jsonb_build_object(
-            'organization_id', organization_id, 'project_id', project_id, 'provider', provider,
-            'ai_organization_id', ai_organization_id, 'api_version', api_version,
-            'bucket_start_time', bucket_start_time, 'bucket_end_time', bucket_end_time)), '[]') INTO changed
-        FROM (SELECT * FROM old_rows UNION ALL SELECT * FROM new_rows) x;
+        SELECT coalesce(array_agg(DISTINCT ROW(organization_id, project_id, provider, ai_organization_id,
+                                               api_version::text, bucket_start_time, bucket_end_time)
+                                           ::cost_worker_spend_line), '{}') INTO changed
+        FROM (SELECT organization_id, project_id, provider, ai_organization_id, api_version, bucket_start_time,
+                     bucket_end_time FROM old_rows
+              UNION ALL
+              SELECT organization_id, project_id, provider, ai_organization_id, api_version, bucket_start_time,
+                     bucket_end_time FROM new_rows) x;
     ELSE
-        SELECT coalesce(jsonb_agg(jsonb_build_object(
-            'organization_id', organization_id, 'project_id', project_id, 'provider', provider,
-            'ai_organization_id', ai_organization_id, 'api_version', api_version,
-            'bucket_start_time', bucket_start_time, 'bucket_end_time', bucket_end_time)), '[]') INTO changed
+        SELECT coalesce(array_agg(DISTINCT ROW(organization_id, project_id, provider, ai_organization_id,
+                                               api_version::text, bucket_start_time, bucket_end_time)
+                                           ::cost_worker_spend_line), '{}') INTO changed
         FROM old_rows;
     END IF;
     PERFORM cost_worker_spend_lines_changed(changed);
@@ -617,27 +681,21 @@ CREATE FUNCTION cost_worker_spend_on_estimates() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
 DECLARE
-    delta jsonb;
+    delta cost_worker_spend_estimate[];
 BEGIN
     IF TG_OP = 'INSERT' THEN
-        SELECT coalesce(jsonb_agg(jsonb_build_object(
-            'organization_id', organization_id, 'project_id', project_id, 'provider', provider, 'hour', hour,
-            'amount', estimated_cost_usd, 'n', 1)), '[]') INTO delta
+        SELECT coalesce(array_agg(ROW(organization_id, project_id, provider, hour, estimated_cost_usd, 1)
+                                  ::cost_worker_spend_estimate), '{}') INTO delta
         FROM new_rows;
     ELSIF TG_OP = 'UPDATE' THEN
-        SELECT coalesce(jsonb_agg(x), '[]') INTO delta FROM (
-            SELECT jsonb_build_object('organization_id', organization_id, 'project_id', project_id,
-                                      'provider', provider, 'hour', hour, 'amount', estimated_cost_usd, 'n', 1) x
-            FROM new_rows
-            UNION ALL
-            SELECT jsonb_build_object('organization_id', organization_id, 'project_id', project_id,
-                                      'provider', provider, 'hour', hour, 'amount', -estimated_cost_usd, 'n', -1)
-            FROM old_rows
-        ) d;
+        SELECT coalesce(array_agg(ROW(organization_id, project_id, provider, hour, amount, n)
+                                  ::cost_worker_spend_estimate), '{}') INTO delta
+        FROM (SELECT organization_id, project_id, provider, hour, estimated_cost_usd AS amount, 1 AS n FROM new_rows
+              UNION ALL
+              SELECT organization_id, project_id, provider, hour, -estimated_cost_usd, -1 FROM old_rows) x;
     ELSE
-        SELECT coalesce(jsonb_agg(jsonb_build_object(
-            'organization_id', organization_id, 'project_id', project_id, 'provider', provider, 'hour', hour,
-            'amount', -estimated_cost_usd, 'n', -1)), '[]') INTO delta
+        SELECT coalesce(array_agg(ROW(organization_id, project_id, provider, hour, -estimated_cost_usd, -1)
+                                  ::cost_worker_spend_estimate), '{}') INTO delta
         FROM old_rows;
     END IF;
     PERFORM cost_worker_spend_estimates_changed(delta);
@@ -649,28 +707,21 @@ CREATE FUNCTION cost_worker_spend_on_users() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
 DECLARE
-    delta jsonb;
+    delta cost_worker_spend_user[];
 BEGIN
     IF TG_OP = 'INSERT' THEN
-        SELECT coalesce(jsonb_agg(jsonb_build_object(
-            'organization_id', organization_id, 'user_id', user_id, 'project_id', project_id, 'hour', hour,
-            'amount', estimated_cost_usd, 'n', 1)), '[]') INTO delta
+        SELECT coalesce(array_agg(ROW(organization_id, user_id, project_id, hour, estimated_cost_usd, 1)
+                                  ::cost_worker_spend_user), '{}') INTO delta
         FROM new_rows;
     ELSIF TG_OP = 'UPDATE' THEN
-        SELECT coalesce(jsonb_agg(x), '[]') INTO delta FROM (
-            SELECT jsonb_build_object('organization_id', organization_id, 'user_id', user_id,
-                                      'project_id', project_id, 'hour', hour, 'amount', estimated_cost_usd, 'n', 1) x
-            FROM new_rows
-            UNION ALL
-            SELECT jsonb_build_object('organization_id', organization_id, 'user_id', user_id,
-                                      'project_id', project_id, 'hour', hour, 'amount', -estimated_cost_usd,
-                                      'n', -1)
-            FROM old_rows
-        ) d;
+        SELECT coalesce(array_agg(ROW(organization_id, user_id, project_id, hour, amount, n)
+                                  ::cost_worker_spend_user), '{}') INTO delta
+        FROM (SELECT organization_id, user_id, project_id, hour, estimated_cost_usd AS amount, 1 AS n FROM new_rows
+              UNION ALL
+              SELECT organization_id, user_id, project_id, hour, -estimated_cost_usd, -1 FROM old_rows) x;
     ELSE
-        SELECT coalesce(jsonb_agg(jsonb_build_object(
-            'organization_id', organization_id, 'user_id', user_id, 'project_id', project_id, 'hour', hour,
-            'amount', -estimated_cost_usd, 'n', -1)), '[]') INTO delta
+        SELECT coalesce(array_agg(ROW(organization_id, user_id, project_id, hour, -estimated_cost_usd, -1)
+                                  ::cost_worker_spend_user), '{}') INTO delta
         FROM old_rows;
     END IF;
     PERFORM cost_worker_spend_users_changed(delta);
