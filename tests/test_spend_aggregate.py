@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests import currency_model
-from tests.factories import api_event, envelope, make_org, openai_cost_bucket, openai_usage_bucket
+from tests.factories import api_event, dumps, envelope, make_org, openai_cost_bucket, openai_usage_bucket
 from tests.feeding import Feeder
 from tests.spend_model import Estimate, periods_overlapping
 from tests.test_spend_rules import (
@@ -50,6 +50,7 @@ from tests.test_spend_rules import (
 from worker.migrate import migrate, schema_dir
 
 EXAMPLES = 40
+REPLAY_EXAMPLES = 15
 CURRENCIES = ("USD", "EUR", "GBP")
 
 
@@ -193,6 +194,72 @@ async def test_spend_from_the_aggregate_equals_the_model_and_the_full_computatio
             assert not outcome.quarantine, [q.detail for q in outcome.quarantine]
             expected.event(Estimate(world.org, project, world.user, at, MODELS[step.model], Decimal(step.cost)))
     assert await assert_matches(db, world, expected, rates) > 0
+    await assert_incremental_equals_rebuilt(db, world.org)
+
+
+async def _spend_values(db: asyncpg.Connection, world: World) -> list[Any]:
+    """Every budget's spend, converted rows and missing rates in every period and currency, as the aggregate says."""
+    values = []
+    for budget in world.budgets:
+        for start, end in periods_overlapping(
+            budget["period"], budget["timezone"], world.base - DAY, world.base + 4 * DAY
+        ):
+            args = (budget["scope"], world.org, budget["project"], budget["user"], start, end)
+            for currency in CURRENCIES:
+                values.append(tuple(await db.fetchrow(SPEND.format(fn="cost_worker_spend"), *args, currency) or ()))
+    return values
+
+
+@settings(
+    max_examples=REPLAY_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(base=st.sampled_from(BASE_DAYS), plan=plans())
+async def test_a_replay_or_a_redelivery_changes_nothing_in_the_aggregate(
+    base: datetime, plan: list[Step], db: asyncpg.Connection, feeder: Feeder
+) -> None:
+    """Every message of a run delivered again, first at its own offsets (a consumer that re-reads after a
+    rebalance: the batch's offsets are stored, nothing is applied), then as new records (a producer's retry: the
+    event's id and the line's revision are stored): the aggregate's rows, its coverage and every budget's spend
+    stay exactly as they were, and equal to a rebuild."""
+    await add_prices_once(db)
+    world = await make_world(db, base)
+    await load_rates(db, base, Rates((("EUR", "USD", 0, Decimal("1.1")), ("USD", "GBP", 0, Decimal("0.8")))))
+    delivered: list[list[Any]] = []
+    payloads: list[tuple[str, bytes]] = []
+    for step in plan:
+        if isinstance(step, Rates):
+            continue
+        if isinstance(step, Snapshot):
+            message, _, _ = payload_and_rows(world, step)
+            topic, value = feeder.settings.topic_provider_buckets, dumps(message)
+        else:
+            at = base + HOUR * step.hour + timedelta(minutes=30)
+            project = world.projects[step.project] if step.project else None
+            event = api_event(
+                _org_of(world),
+                project=project,
+                user=world.user,
+                occurred_at=_iso(at),
+                cost=str(step.cost),
+                model=step.model,
+            )
+            topic, value = feeder.settings.topic_api_usage, dumps(event)
+        records = [feeder.record(topic, value)]
+        outcome = await feeder.apply(records)
+        assert not outcome.quarantine, [q.detail for q in outcome.quarantine]
+        delivered.append(records)
+        payloads.append((topic, value))
+    kept = await aggregate(db, world.org)
+    spent = await _spend_values(db, world)
+    for records in delivered:  # the same records at the same offsets
+        await feeder.apply(records)
+    assert await aggregate(db, world.org) == kept
+    for topic, value in payloads:  # the same messages at new offsets
+        await feeder.apply([feeder.record(topic, value)])
+    assert await aggregate(db, world.org) == kept
+    assert await _spend_values(db, world) == spent
     await assert_incremental_equals_rebuilt(db, world.org)
 
 

@@ -16,14 +16,20 @@
 --
 -- How it is kept equal to the full computation, in the writing transaction (statement-level triggers with
 -- transition tables, so no writer can forget it: the worker, `cost-worker` commands, an operator's psql):
--- - rollups (project_metrics, user_metrics): each changed row adds its delta (new minus old amount, +1/-1 row)
---   to its organization's, project's and user's scopes, unless a counted provider row covers it there
---   (spend_cover: the hours a counted provider row covers, per scope, kept by the recomputation below);
+-- - rollups (project_metrics, user_metrics): the statement's changed rows net out per key (new minus old amount,
+--   +1/-1 row) and each nonzero delta is added, one set-based upsert, to its organization's, project's and user's
+--   scopes, unless a counted provider row covers it there (spend_cover: the hours a counted provider row covers,
+--   per scope, kept by the recomputation below). Cost: the rows the statement changed.
 -- - provider lines (cost_data): a line that appears, changes or is superseded changes what counts in its window
 --   and, for a cost line, whether priced usage overlapping it counts (and what that usage covers). Those hours
---   (the window, plus the windows of usage lines of its account that overlap it) are recomputed by the full rules
---   (cost_worker_spend_region, the body of cost_worker_spend_rows restricted to an interval) for the
---   organization's scope and the line's project's scope, replacing their aggregate and coverage rows there;
+--   (the window, plus the windows of usage lines of its account that overlap it) are collected for the whole
+--   statement, merged per scope into disjoint areas, and recomputed at once by the full rules
+--   (cost_worker_spend_regions, the body of cost_worker_spend_rows over a set of areas) for the organization's
+--   scope and the line's project's scope, replacing their aggregate and coverage rows there. Every read is an index
+--   range scan per merged range (cost_data by (organization_id | project_id, bucket_start_time), project_metrics
+--   by its key): the cost is the rows near the changed windows (their density), never the size of the tables.
+--   v1 of this migration (reverted before release) recomputed region by region, looked usage up per changed
+--   window and called cost_worker_hour_ceil/cost_worker_midpoint per row (SQL functions that are never inlined).
 -- - TRUNCATE of a source table, a project's provider mapping changed: the affected organizations are rebuilt.
 -- Exchange rates are applied when a budget is evaluated, never stored: a rate import changes spend at once.
 -- Prices are applied when a line is written (as before): a new price changes lines written after it.
