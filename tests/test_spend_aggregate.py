@@ -13,8 +13,11 @@ and that the aggregate kept incrementally equals the aggregate rebuilt from scra
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
+import subprocess
+import sys
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -29,6 +32,7 @@ from hypothesis import strategies as st
 from tests import currency_model
 from tests.factories import api_event, dumps, envelope, make_org, openai_cost_bucket, openai_usage_bucket
 from tests.feeding import Feeder
+from tests.kafka_helpers import worker_env
 from tests.spend_model import Estimate, periods_overlapping
 from tests.test_spend_rules import (
     BASE_DAYS,
@@ -47,6 +51,7 @@ from tests.test_spend_rules import (
     payload_and_rows,
     snapshots,
 )
+from worker.config import Settings
 from worker.migrate import migrate, schema_dir
 
 EXAMPLES = 40
@@ -471,3 +476,51 @@ async def test_a_cost_line_retires_overlapping_usage_outside_its_own_window(
         )
     )
     await check(7 + 4 + 1, 7 + 1)  # the ungrouped cost replaces proj_b's usage too (organization scope only)
+
+
+async def test_rows_loaded_with_triggers_off_are_counted_after_rebuild_spend(
+    db: asyncpg.Connection, settings: Settings
+) -> None:
+    """A restore or a bulk load with triggers off (session_replication_role = replica) leaves the aggregate behind
+    the ledger; `cost-worker budgets rebuild-spend` brings it back to the full computation."""
+    org = await make_org(db, project_ids=("proj_a",))
+    a = org.projects["proj_a"]
+    await db.execute(
+        "INSERT INTO ai_organization_budgets (organization_id, name, amount, period, timezone, thresholds) "
+        "VALUES ($1, 'Monthly', 100, 'monthly', 'UTC', '{50}')",
+        org.id,
+    )
+    await db.execute(
+        "INSERT INTO project_metrics (organization_id, project_id, hour, provider, request_count, estimated_cost_usd) "
+        "VALUES ($1, $2, '2026-11-03T10:00Z', 'openai', 1, 5)",
+        org.id,
+        a,
+    )
+    await db.execute("SET session_replication_role = replica")
+    await db.execute(
+        "INSERT INTO cost_data (organization_id, project_id, provider, ai_organization_id, api_version, report, "
+        "bucket_start_time, bucket_end_time, line_item, currency, amount, collected_at) VALUES "
+        "($1, $2, 'openai', $3, 'costs_v1', 'openai.costs', '2026-11-03T10:00Z', '2026-11-03T11:00Z', 'x', 'USD', 7, "
+        "'2026-11-03T12:00Z')",
+        org.id,
+        a,
+        org.ai_org,
+    )
+    await db.execute("SET session_replication_role = origin")
+    assert await spend(db, "cost_worker_spend_full", "organization", org.id, None) == 7  # the cost covers the hour
+    assert await spend(db, "cost_worker_spend", "organization", org.id, None) == 5  # the aggregate never saw it
+
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "worker", "budgets", "rebuild-spend"],
+        env=worker_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "rebuilt for 1 organization(s)" in result.stdout
+    for scope, project in (("organization", None), ("project", a)):
+        assert await spend(db, "cost_worker_spend", scope, org.id, project) == 7
+    await assert_incremental_equals_rebuilt(db, org.id)

@@ -541,6 +541,11 @@ SELECT s.ord, s.spend, s.foreign_rows, s.missing_rates
 FROM cost_worker_spend_many($1::text[], $2::uuid[], $3::uuid[], $4::uuid[], $5::timestamptz[], $6::timestamptz[],
                             $7::text[]) s;
 
+-- name: spend_rebuild
+-- Rebuild one organization's spend aggregate (0012) from its ledger lines and rollups: after rows were loaded with
+-- the triggers off (pg_restore --disable-triggers, session_replication_role = replica, logical replication).
+SELECT cost_worker_spend_rebuild(ARRAY[$1::uuid]);
+
 -- name: budget_unpriced
 -- Unpriced usage lines counting in each (scope, period): they count nothing and keep the estimate.
 SELECT i.ord, cost_worker_unpriced_lines(i.scope, i.organization_id, i.project_id, i.period_start, i.period_end) AS n
