@@ -91,7 +91,8 @@ CREATE TABLE spend_cover (
     hour               timestamptz  NOT NULL,
     ai_organization_id varchar(255) NOT NULL
 );
-CREATE UNIQUE INDEX spend_cover_key ON spend_cover (scope, subject, provider, project_id, hour, ai_organization_id)
+-- hour third: a recomputation deletes a scope's coverage by hour range (an index range, not the scope's whole history).
+CREATE UNIQUE INDEX spend_cover_key ON spend_cover (scope, subject, hour, provider, project_id, ai_organization_id)
     NULLS NOT DISTINCT;
 
 -- The longest provider window an organization has had: how far around an interval the rows that decide it lie
@@ -297,13 +298,23 @@ BEGIN
     IF cardinality(live) = 0 THEN
         RETURN;
     END IF;
+    -- Every read and delete below goes through one index range scan per area or day (LATERAL: a nested loop by
+    -- construction), never a join the planner could answer with a scan of the whole aggregate.
     DELETE FROM spend_hourly h
-    USING unnest(live) AS t
-    WHERE h.scope = t.scope AND h.subject = t.subject AND h.subject_project = '00000000-0000-0000-0000-000000000000'
-      AND h.at >= t.s AND h.at < t.e;
+    WHERE h.ctid = ANY (ARRAY(
+        SELECT x.ctid FROM unnest(live) AS t
+        CROSS JOIN LATERAL (
+            SELECT s.ctid FROM spend_hourly s
+            WHERE s.scope = t.scope AND s.subject = t.subject
+              AND s.subject_project = '00000000-0000-0000-0000-000000000000' AND s.at >= t.s AND s.at < t.e
+        ) x));
     DELETE FROM spend_cover c
-    USING unnest(live) AS t
-    WHERE c.scope = t.scope AND c.subject = t.subject AND c.hour >= t.s AND c.hour < t.e;
+    WHERE c.ctid = ANY (ARRAY(
+        SELECT x.ctid FROM unnest(live) AS t
+        CROSS JOIN LATERAL (
+            SELECT v.ctid FROM spend_cover v
+            WHERE v.scope = t.scope AND v.subject = t.subject AND v.hour >= t.s AND v.hour < t.e
+        ) x));
     WITH a AS (
         SELECT t.ord::integer AS area, t.scope, t.subject, t.organization_id
         FROM unnest(live) WITH ORDINALITY AS t(scope, subject, organization_id, s, e, ord)
@@ -326,12 +337,17 @@ BEGIN
     GROUP BY r.organization_id, r.scope, r.subject, r.at, (r.rate_at AT TIME ZONE 'UTC')::date, r.currency, r.kind;
     -- The UTC days the areas touch, recomputed from spend_hourly.
     DELETE FROM spend_daily d
-    USING (SELECT DISTINCT t.scope, t.subject, date_trunc('day', t.s, 'UTC') + interval '24 hours' * n AS day
-           FROM unnest(live) AS t
-           CROSS JOIN LATERAL generate_series(0, (extract(epoch FROM t.e - date_trunc('day', t.s, 'UTC'))::bigint - 1)
-                                                 / 86400) AS n) x
-    WHERE d.scope = x.scope AND d.subject = x.subject AND d.subject_project = '00000000-0000-0000-0000-000000000000'
-      AND d.day = x.day;
+    WHERE d.ctid = ANY (ARRAY(
+        SELECT y.ctid
+        FROM (SELECT DISTINCT t.scope, t.subject, date_trunc('day', t.s, 'UTC') + interval '24 hours' * n AS day
+              FROM unnest(live) AS t
+              CROSS JOIN LATERAL generate_series(
+                  0, (extract(epoch FROM t.e - date_trunc('day', t.s, 'UTC'))::bigint - 1) / 86400) AS n) x
+        CROSS JOIN LATERAL (
+            SELECT v.ctid FROM spend_daily v
+            WHERE v.scope = x.scope AND v.subject = x.subject
+              AND v.subject_project = '00000000-0000-0000-0000-000000000000' AND v.day = x.day
+        ) y));
     INSERT INTO spend_daily (organization_id, scope, subject, subject_project, day, rate_day, currency, authority,
                              amount, n_rows, max_scale)
     SELECT h.organization_id, h.scope, h.subject, h.subject_project, x.day, h.rate_day, h.currency, h.authority,
@@ -340,10 +356,12 @@ BEGIN
           FROM unnest(live) AS t
           CROSS JOIN LATERAL generate_series(0, (extract(epoch FROM t.e - date_trunc('day', t.s, 'UTC'))::bigint - 1)
                                                 / 86400) AS n) x
-    JOIN spend_hourly h
-      ON h.scope = x.scope AND h.subject = x.subject AND h.subject_project = '00000000-0000-0000-0000-000000000000'
-     AND h.at >= x.day AND h.at < x.day + interval '24 hours'
-    WHERE h.n_rows <> 0
+    CROSS JOIN LATERAL (
+        SELECT s.* FROM spend_hourly s
+        WHERE s.scope = x.scope AND s.subject = x.subject
+          AND s.subject_project = '00000000-0000-0000-0000-000000000000'
+          AND s.at >= x.day AND s.at < x.day + interval '24 hours' AND s.n_rows <> 0
+    ) h
     GROUP BY h.organization_id, h.scope, h.subject, h.subject_project, x.day, h.rate_day, h.currency, h.authority;
 END
 $$;
@@ -368,8 +386,12 @@ $$;
 -- Provider lines changed (one statement's, all at once): the hours they can change, per organization and project
 -- scope (their windows, and for a cost line the windows of its account's usage lines that overlap it, found by
 -- index range scans), merged into disjoint areas and recomputed in one cost_worker_spend_recompute call.
+-- enable_bitmapscan off: with the range bounds known only at run time, the planner AND-ed the organization's whole
+-- (organization_id) index range into the usage lookups (2M entries read per statement on a grown ledger); a plain
+-- index scan takes the (organization_id | project_id, bucket_start_time) range.
 CREATE FUNCTION cost_worker_spend_lines_changed(changed cost_worker_spend_line[]) RETURNS void
 LANGUAGE plpgsql VOLATILE
+SET enable_bitmapscan = off
 AS $$
 DECLARE
     areas cost_worker_spend_area[];
