@@ -307,6 +307,7 @@ BEGIN
             SELECT s.ctid FROM spend_hourly s
             WHERE s.scope = t.scope AND s.subject = t.subject
               AND s.subject_project = '00000000-0000-0000-0000-000000000000' AND s.at >= t.s AND s.at < t.e
+            OFFSET 0  -- a fence: not pulled up into a join the planner may hash against a full scan
         ) x));
     DELETE FROM spend_cover c
     WHERE c.ctid = ANY (ARRAY(
@@ -314,6 +315,7 @@ BEGIN
         CROSS JOIN LATERAL (
             SELECT v.ctid FROM spend_cover v
             WHERE v.scope = t.scope AND v.subject = t.subject AND v.hour >= t.s AND v.hour < t.e
+            OFFSET 0  -- a fence: not pulled up into a join the planner may hash against a full scan
         ) x));
     WITH a AS (
         SELECT t.ord::integer AS area, t.scope, t.subject, t.organization_id
@@ -347,6 +349,7 @@ BEGIN
             SELECT v.ctid FROM spend_daily v
             WHERE v.scope = x.scope AND v.subject = x.subject
               AND v.subject_project = '00000000-0000-0000-0000-000000000000' AND v.day = x.day
+            OFFSET 0  -- a fence: not pulled up into a join the planner may hash against a full scan
         ) y));
     INSERT INTO spend_daily (organization_id, scope, subject, subject_project, day, rate_day, currency, authority,
                              amount, n_rows, max_scale)
@@ -361,6 +364,7 @@ BEGIN
         WHERE s.scope = x.scope AND s.subject = x.subject
           AND s.subject_project = '00000000-0000-0000-0000-000000000000'
           AND s.at >= x.day AND s.at < x.day + interval '24 hours' AND s.n_rows <> 0
+        OFFSET 0  -- a fence: not pulled up into a join the planner may hash against a full scan
     ) h
     GROUP BY h.organization_id, h.scope, h.subject, h.subject_project, x.day, h.rate_day, h.currency, h.authority;
 END
@@ -449,6 +453,7 @@ BEGIN
               AND x.bucket_start_time >= k.s - k.window_max AND x.bucket_start_time < k.e
               AND x.bucket_end_time > k.s AND x.provider = k.provider AND x.ai_organization_id = k.ai_organization_id
               AND x.api_version = 'usage_v1' AND x.superseded_at IS NULL
+            OFFSET 0  -- a fence: not pulled up into a join the planner may hash against a full scan
         ) u
         WHERE k.lvl = 'organization'
         UNION ALL
@@ -460,6 +465,7 @@ BEGIN
               AND x.bucket_start_time >= k.s - k.window_max AND x.bucket_start_time < k.e
               AND x.bucket_end_time > k.s AND x.provider = k.provider AND x.ai_organization_id = k.ai_organization_id
               AND x.api_version = 'usage_v1' AND x.superseded_at IS NULL
+            OFFSET 0  -- a fence: not pulled up into a join the planner may hash against a full scan
         ) u
         WHERE k.lvl = 'project'
     ),
