@@ -8,6 +8,12 @@ touched scopes (``Touch``: organization, project, user, hour) exactly as ``inser
 - ``few``: 10 active budgets, all of them on scopes the batch touches (2 organizations, 4 projects, 4 users);
 - ``many``: the same 10 plus 9,990 on organizations no batch touches: 10,000 active, the same 10 touched;
 - ``many_touched``: 10,000 active of which every project and user of the world has one (302 touched).
+- ``full_periods`` (issue 18 item 6): 1,000 monthly budgets (``full_period_orgs`` organizations with an
+  organization budget, 4 project budgets and 5 user budgets each), all touched by one batch, whose period holds a
+  month of hourly rollups per project and user and hourly provider lines (a cost and a usage line per project and
+  hour) up to two days before the batch. Timed both ways on the same data: ``BudgetEngine.evaluate`` (spend from
+  the aggregate, ``cost_worker_spend``) and the same candidates' spend by the full computation
+  (``cost_worker_spend_full``, what evaluation read before 0012).
 
 All budgets exist from the start; a state only switches ``is_active`` (then ANALYZE), and ``few`` and ``many``
 are measured alternately (few, many, few, many, ...) so that drift on a shared machine hits both alike.
@@ -21,7 +27,7 @@ from __future__ import annotations
 import random
 import statistics
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -177,6 +183,168 @@ async def _evaluate_once(db: Database, engine: BudgetEngine, touches: list[Touch
     return result
 
 
+# ----------------------------------------------------------------------------------------- full periods
+
+FULL_PROJECTS = 4  # per organization of the full-periods case (and 5 users: 10 budgets per organization)
+FULL_USERS = 5
+FULL_REPORTED_UNTIL = timedelta(days=2)  # provider lines stop this long before the batch (estimates fill the rest)
+
+FULL_PERIOD_DATA = """
+WITH orgs AS (
+    INSERT INTO organizations (id, name, slug)
+    SELECT gen_random_uuid(), 'bench-full', 'bench-full-' || g FROM generate_series(1, $1) g
+    RETURNING id
+),
+numbered AS (SELECT id, row_number() OVER (ORDER BY id) AS n FROM orgs),
+projects_in AS (
+    INSERT INTO projects (organization_id, name, ai_provider, ai_organization_id, ai_project_id)
+    SELECT o.id, 'full-' || j, 'openai', 'full-acct-' || o.n, 'full_' || o.n || '_' || j
+    FROM numbered o CROSS JOIN generate_series(1, $2) j
+    RETURNING id, organization_id
+)
+INSERT INTO users (organization_id, email, username)
+SELECT o.id, o.id || '-' || g || '@full.example', o.id || '-full-' || g
+FROM numbered o CROSS JOIN generate_series(1, $3) g
+"""
+# A month of hourly rollups per project and per user (each user works in one project), and hourly provider lines
+# per project (costs_v1 and usage_v1) up to $3. Superuser under session_replication_role = replica (no triggers):
+# the aggregate is rebuilt once afterwards (cost_worker_spend_rebuild), as the migration's backfill does.
+FULL_PERIOD_ROLLUPS = """
+INSERT INTO project_metrics (organization_id, project_id, hour, provider, request_count, total_tokens,
+                             estimated_cost_usd, platform_cost_usd)
+SELECT p.organization_id, p.id, h, 'openai', 40, 40000, ((extract(epoch FROM h)::bigint / 3600 * 7919) % 1000) / 100.0,
+       ((extract(epoch FROM h)::bigint / 3600 * 7919) % 1000) / 100.0
+FROM projects p JOIN organizations o ON o.id = p.organization_id AND o.name = 'bench-full'
+CROSS JOIN generate_series($1::timestamptz, $2::timestamptz - interval '1 hour', interval '1 hour') h
+"""
+FULL_PERIOD_USER_ROLLUPS = """
+INSERT INTO user_metrics (organization_id, user_id, project_id, hour, provider, request_count, total_tokens,
+                          estimated_cost_usd, platform_cost_usd)
+SELECT u.organization_id, u.id, p.id, h, 'openai', 8, 8000, 0.25, 0.25
+FROM (SELECT u.*, row_number() OVER (PARTITION BY u.organization_id ORDER BY u.id) AS n
+      FROM users u JOIN organizations o ON o.id = u.organization_id AND o.name = 'bench-full') u
+JOIN (SELECT p.*, row_number() OVER (PARTITION BY p.organization_id ORDER BY p.id) AS n FROM projects p) p
+  ON p.organization_id = u.organization_id AND p.n = (u.n - 1) % $3 + 1
+CROSS JOIN generate_series($1::timestamptz, $2::timestamptz - interval '1 hour', interval '1 hour') h
+"""
+FULL_PERIOD_LINES = """
+INSERT INTO cost_data (organization_id, project_id, provider, ai_organization_id, ai_project_id, api_version, report,
+                       bucket_start_time, bucket_end_time, line_item, currency, amount, quantity, unit,
+                       collected_at)
+SELECT p.organization_id, p.id, 'openai', p.ai_organization_id, p.ai_project_id, i.version::cost_api_version,
+       cost_worker_default_report('openai', i.version::cost_api_version), h, h + interval '1 hour', i.item, 'USD',
+       ((extract(epoch FROM h)::bigint / 3600 * 104729) % 1000) / 100.0,
+       CASE WHEN i.version = 'usage_v1' THEN 1000 END, CASE WHEN i.version = 'usage_v1' THEN 'tokens' END,
+       h + interval '6 hours'
+FROM projects p JOIN organizations o ON o.id = p.organization_id AND o.name = 'bench-full'
+CROSS JOIN generate_series($1::timestamptz, $2::timestamptz - interval '1 hour', interval '1 hour') h
+CROSS JOIN (VALUES ('costs_v1', 'completions'), ('usage_v1', 'gpt-4o:input_tokens')) AS i(version, item)
+"""
+FULL_PERIOD_BUDGETS = """
+INSERT INTO ai_organization_budgets (organization_id, name, amount)
+SELECT id, 'bench-full', 1e9 FROM organizations WHERE name = 'bench-full';
+INSERT INTO ai_project_budgets (organization_id, project_id, name, amount)
+SELECT p.organization_id, p.id, 'bench-full', 1e9
+FROM projects p JOIN organizations o ON o.id = p.organization_id AND o.name = 'bench-full';
+INSERT INTO ai_budgets (organization_id, user_id, name, amount)
+SELECT u.organization_id, u.id, 'bench-full', 1e9
+FROM users u JOIN organizations o ON o.id = u.organization_id AND o.name = 'bench-full';
+"""
+# The candidates' spend by the full computation (what budget_spend read before 0012), timed for comparison.
+FULL_SPEND = """
+SELECT count(s.spend)
+FROM unnest($1::text[], $2::uuid[], $3::uuid[], $4::uuid[], $5::timestamptz[], $6::timestamptz[], $7::text[])
+    AS i(scope, organization_id, project_id, user_id, period_start, period_end, currency)
+CROSS JOIN LATERAL cost_worker_spend_full(i.scope, i.organization_id, i.project_id, i.user_id,
+                                          i.period_start, i.period_end, i.currency) s
+"""
+
+
+async def _full_period_world(conn: asyncpg.Connection, orgs: int, batch_at: datetime) -> list[Touch]:
+    """Create the case's organizations, data and budgets; returns the touches of one batch at ``batch_at``."""
+    month = batch_at.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    hour = batch_at.replace(minute=0, second=0, microsecond=0)
+    await conn.execute(FULL_PERIOD_DATA, orgs, FULL_PROJECTS, FULL_USERS)
+    await conn.execute("SET session_replication_role = replica")
+    try:
+        await conn.execute(FULL_PERIOD_ROLLUPS, month, hour + timedelta(hours=1))
+        await conn.execute(FULL_PERIOD_USER_ROLLUPS, month, hour + timedelta(hours=1), FULL_PROJECTS)
+        await conn.execute(FULL_PERIOD_LINES, month, hour - FULL_REPORTED_UNTIL)
+    finally:
+        await conn.execute("RESET session_replication_role")
+    ids = [r["id"] for r in await conn.fetch("SELECT id FROM organizations WHERE name = 'bench-full'")]
+    await conn.execute("SELECT cost_worker_spend_rebuild($1::uuid[])", ids)
+    await conn.execute(FULL_PERIOD_BUDGETS)
+    await conn.execute("ANALYZE")
+    rows = await conn.fetch(
+        "SELECT um.organization_id, um.project_id, um.user_id FROM user_metrics um "
+        "JOIN organizations o ON o.id = um.organization_id AND o.name = 'bench-full' WHERE um.hour = $1",
+        hour,
+    )
+    return [Touch(r["organization_id"], r["project_id"], r["user_id"], hour) for r in rows]
+
+
+async def full_period_case(
+    url: str, db: Database, engine: BudgetEngine, world: w.World, *, orgs: int, case_seconds: float
+) -> dict[str, Any]:
+    admin = await asyncpg.connect(url)
+    try:
+        touches = await _full_period_world(admin, orgs, world.anchor - timedelta(minutes=30))
+        for table in TABLES:
+            await admin.execute(f"UPDATE {table} SET is_active = (name = 'bench-full')")
+            await admin.execute(f"ANALYZE {table}")
+        active = await _active(admin)
+        rows_in_period = await admin.fetchrow(
+            "SELECT (SELECT count(*) FROM project_metrics m JOIN organizations o ON o.id = m.organization_id "
+            "AND o.name = 'bench-full') AS rollups, (SELECT count(*) FROM cost_data c JOIN organizations o "
+            "ON o.id = c.organization_id AND o.name = 'bench-full') AS lines"
+        )
+    finally:
+        await admin.close()
+    await _evaluate_once(db, engine, touches)  # warm-up
+    runs: list[tuple[float, float, int]] = []
+    started = time.perf_counter()
+    while not runs or (len(runs) < 10 and time.perf_counter() - started < case_seconds):
+        runs.append(await _evaluate_once(db, engine, touches))
+    full_ms: list[float] = []
+    started = time.perf_counter()
+    while not full_ms or (len(full_ms) < 3 and time.perf_counter() - started < case_seconds):
+        full_ms.append(await _full_spend_once(db, touches))
+    return _stats(runs, active) | {
+        "organizations": orgs,
+        "touched_scopes": len(touches),
+        "rollups": rows_in_period["rollups"] if rows_in_period else None,
+        "lines": rows_in_period["lines"] if rows_in_period else None,
+        "full_computation_median_ms": round(statistics.median(full_ms), 2),
+        "full_computation_repeats": len(full_ms),
+    }
+
+
+async def _full_spend_once(db: Database, touches: list[Touch]) -> float:
+    """ms of the candidates' spend by the full computation (rolled back like an evaluation)."""
+    elapsed = 0.0
+    try:
+        async with db.transaction() as tx:
+            await tx.set_tenants({t.organization_id for t in touches})
+            candidates = await tx.budget_candidates(touches)
+            started = time.perf_counter()
+            await tx.conn.fetchval(
+                FULL_SPEND,
+                [c["scope"] for c in candidates],
+                [c["organization_id"] for c in candidates],
+                [c["project_id"] for c in candidates],
+                [c["user_id"] for c in candidates],
+                [c["period_start"] for c in candidates],
+                [c["period_end"] for c in candidates],
+                [c["currency"] for c in candidates],
+            )
+            elapsed = (time.perf_counter() - started) * 1000
+            raise _Rollback
+    except _Rollback:
+        pass
+    return elapsed
+
+
 def _stats(runs: list[tuple[float, float, int]], active: int) -> dict[str, Any]:
     evaluate_ms = sorted(r[0] for r in runs)
     return {
@@ -222,10 +390,12 @@ async def budget_phase(
             time.perf_counter() - started < case_seconds or not runs["many_touched"]
         ):
             runs["many_touched"].append(await _evaluate_once(db, engine, touches))
+        full_orgs = max(1, many_total // 100)  # 100 organizations (1,000 budgets) at full size
+        full_periods = await full_period_case(url, db, engine, world, orgs=full_orgs, case_seconds=case_seconds)
     finally:
         await db.close()
         await admin.close()
-    cases = {state: _stats(runs[state], active[state]) for state in STATES}
+    cases = {state: _stats(runs[state], active[state]) for state in STATES} | {"full_periods": full_periods}
     few, many = cases["few"]["median_ms"], cases["many"]["median_ms"]
     return {
         "batch_events": CEILING_BATCH,

@@ -219,6 +219,58 @@ class SpendModel:
             total += e.amount
         return total
 
+    def spend_rows(
+        self,
+        scope: str,
+        org: uuid.UUID,
+        project: uuid.UUID | None,
+        user: uuid.UUID | None,
+        start: datetime,
+        end: datetime,
+    ) -> list[tuple[str, datetime, Decimal]]:
+        """The rows that count in the period, in their own currency: (currency, rate instant, amount). A provider
+        row converts at its window start, an estimate at its hour (``tests/currency_model.py`` converts them).
+        The same rules as ``spend`` (which sums the rows already in the budget's currency)."""
+        found: list[tuple[str, datetime, Decimal]] = []
+        if scope == "user":
+            hourly: dict[tuple[uuid.UUID | None, str | None, datetime], Decimal] = {}
+            for e in self.estimates:
+                if e.user_id == user and start <= e.hour < end and (project is None or e.project_id == project):
+                    key = (e.project_id, e.provider, e.hour)
+                    hourly[key] = hourly.get(key, Decimal(0)) + e.amount
+            return [("USD", hour, amount) for (_, _, hour), amount in hourly.items()]
+        counted = self._counted(self._scope_rows(scope, org, project))
+        for r in counted:
+            if start <= r.midpoint < end:
+                assert r.amount is not None
+                found.append((r.currency, r.start, r.amount))
+        covering = [(r, r.hours()) for r in counted if r.kind == "cost" or r.quantity is None or r.quantity != 0]
+        rollup: dict[tuple[uuid.UUID | None, str | None, datetime], Decimal] = {}
+        for e in self.estimates:
+            if e.organization_id != org or not start <= e.hour < end:
+                continue
+            if scope == "project" and e.project_id != project:
+                continue
+            if e.provider is not None and any(
+                r.provider == e.provider
+                and e.hour in hours
+                and (
+                    (r.project_id is not None and r.project_id == e.project_id)
+                    or (
+                        r.project_id is None
+                        and e.project_id is not None
+                        and self.account_of_project.get(e.project_id) == r.account
+                    )
+                )
+                for r, hours in covering
+            ):
+                continue
+            key = (e.project_id, e.provider, e.hour)
+            rollup[key] = rollup.get(key, Decimal(0)) + e.amount
+        # One row per hourly rollup row (project, provider, hour): the unit a conversion truncates.
+        found += [("USD", hour, amount) for (_, _, hour), amount in rollup.items()]
+        return found
+
 
 # ------------------------------------------------------------------------------------------------- periods
 

@@ -121,6 +121,10 @@ async def test_every_tenant_table_is_covered(db: asyncpg.Connection) -> None:
         "budget_alerts",
         "notify_destinations",
         "notify_deliveries",
+        "spend_hourly",
+        "spend_daily",
+        "spend_cover",
+        "spend_reach",
     }
 
 

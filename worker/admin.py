@@ -187,6 +187,29 @@ async def budgets_status(settings: Settings, *, organization: str | None) -> int
     return 0
 
 
+async def budgets_rebuild_spend(settings: Settings, *, organization: str | None) -> int:
+    """Rebuild the spend aggregate of one organization, or of every organization with an active budget, each in
+    its own transaction (it holds the organization's spend lock for its length, as a provider batch does)."""
+    org_id: UUID | None = None
+    if organization is not None:
+        try:
+            org_id = UUID(organization)
+        except ValueError:
+            raise ConfigError([f"--organization: not a uuid: {organization!r}"]) from None
+    db = await _open(settings)
+    try:
+        organizations = [org_id] if org_id else await db.budget_sweep_organizations()
+        for org in organizations:
+            async with db.transaction() as tx:
+                await tx.set_tenants({org})
+                await tx.spend_rebuild(org)
+            print(f"rebuilt {org}")
+    finally:
+        await db.close()
+    print(f"spend aggregate rebuilt for {len(organizations)} organization(s)")
+    return 0
+
+
 DISPLAY_QUANTUM = Decimal("0.01")  # spend is exact; `budgets status` shows it rounded half-even to cents
 
 

@@ -112,6 +112,15 @@ def _parser() -> argparse.ArgumentParser:
         "already alerted, as a table.",
     )
     bstatus.add_argument("--organization", metavar="ID", help="only this organization (uuid)")
+    brebuild = bsub.add_parser(
+        "rebuild-spend",
+        help="rebuild the spend aggregate budgets read, from the ledger and the rollups",
+        description="Rebuild the spend aggregate (spend_hourly, spend_daily, spend_cover) of one organization, or "
+        "of every organization with an active budget, from its ledger lines and rollups. The triggers keep it on "
+        "every write; this is for rows loaded with triggers off (pg_restore --disable-triggers, "
+        "session_replication_role = replica, logical replication).",
+    )
+    brebuild.add_argument("--organization", metavar="ID", help="only this organization (uuid)")
     _prices_parser(sub)
     _notify_parser(sub)
 
@@ -316,6 +325,8 @@ def cmd_budgets(args: argparse.Namespace) -> int:
     from worker import admin  # noqa: PLC0415
 
     settings = _settings(require=("database_url",))
+    if args.budgets_command == "rebuild-spend":
+        return _run(lambda: admin.budgets_rebuild_spend(settings, organization=args.organization))
     return _run(lambda: admin.budgets_status(settings, organization=args.organization))
 
 

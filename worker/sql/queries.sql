@@ -471,31 +471,24 @@ FROM outbox;
 -- ============================================================================================ budgets
 
 -- name: budget_candidates
--- The (budget, period) pairs a batch touched: active budgets whose scope matches a touched row, for the
--- period containing the touched time (late data re-evaluates the period it belongs to), each with its
--- alert history at its current amount and currency (per threshold: the latest crossing and its id while it
--- is open). Every pair is evaluated, also when all its thresholds alerted: spend may have fallen.
+-- The (budget, period) pairs a batch touched: active budgets (cost_worker_budgets, 0012) whose scope matches a
+-- touched row, for the period containing the touched time (late data re-evaluates the period it belongs to),
+-- each with its alert history at its current amount and currency (cost_worker_alert_history: per threshold, the
+-- latest crossing and its id while it is open). Every pair is evaluated, also when all its thresholds alerted:
+-- spend may have fallen.
 WITH touched AS (
     SELECT DISTINCT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::timestamptz[], $5::timestamptz[],
                                   $6::timestamptz[])
         AS t(organization_id, project_id, user_id, at, span_start, span_end)
 ),
 matched AS (
-    SELECT 'organization'::text AS scope, b.id, b.organization_id, NULL::uuid AS project_id,
-           NULL::uuid AS user_id, b.name, b.amount, b.currency::text AS currency, b.period, b.timezone, b.thresholds, t.at,
-           t.span_start, t.span_end
-    FROM ai_organization_budgets b JOIN touched t ON t.organization_id = b.organization_id
-    WHERE b.is_active
-    UNION ALL
-    SELECT 'project', b.id, b.organization_id, b.project_id, NULL, b.name, b.amount, b.currency, b.period, b.timezone,
-           b.thresholds, t.at, t.span_start, t.span_end
-    FROM ai_project_budgets b JOIN touched t ON t.project_id = b.project_id
-    WHERE b.is_active
-    UNION ALL
-    SELECT 'user', b.id, b.organization_id, b.project_id, b.user_id, b.name, b.amount, b.currency, b.period, b.timezone,
-           b.thresholds, t.at, t.span_start, t.span_end
-    FROM ai_budgets b JOIN touched t ON t.user_id = b.user_id AND (b.project_id IS NULL OR b.project_id = t.project_id)
-    WHERE b.is_active
+    SELECT b.*, t.at, t.span_start, t.span_end
+    FROM touched t
+    JOIN cost_worker_budgets b
+      ON b.organization_id = t.organization_id AND b.is_active
+     AND CASE b.scope WHEN 'organization' THEN true
+                      WHEN 'project' THEN b.project_id = t.project_id
+                      ELSE b.user_id = t.user_id AND (b.project_id IS NULL OR b.project_id = t.project_id) END
 ),
 periods AS (
     SELECT DISTINCT m.scope, m.id, m.organization_id, m.project_id, m.user_id, m.name, m.amount, m.currency,
@@ -510,17 +503,7 @@ periods AS (
 )
 SELECT p.*, a.alert_thresholds, a.alert_crossings, a.alert_open_ids
 FROM periods p
-LEFT JOIN LATERAL (
-    SELECT array_agg(threshold ORDER BY threshold) AS alert_thresholds,
-           array_agg(crossing ORDER BY threshold) AS alert_crossings,
-           array_agg(open_id ORDER BY threshold) AS alert_open_ids
-    FROM (SELECT threshold, max(crossing) AS crossing,
-                 (array_agg(id ORDER BY crossing DESC) FILTER (WHERE resolved_at IS NULL))[1] AS open_id
-          FROM budget_alerts
-          WHERE scope = p.scope AND budget_id = p.id AND period_start = p.period_start
-            AND amount = p.amount AND currency = p.currency
-          GROUP BY threshold) h
-) a ON true;
+CROSS JOIN LATERAL cost_worker_alert_history(p.scope, p.id, p.period_start, p.amount, p.currency) a;
 
 -- name: budget_sweep_organizations
 -- Organizations with at least one active budget (the sweep evaluates them a chunk at a time).
@@ -534,36 +517,14 @@ ORDER BY 1;
 -- name: budget_active
 -- Every active budget of the given organizations in the period containing $2 (the sweep; `budgets status`),
 -- with its alert history at its current amount and currency (as in budget_candidates).
-WITH matched AS (
-    SELECT 'organization'::text AS scope, b.id, b.organization_id, NULL::uuid AS project_id,
-           NULL::uuid AS user_id, b.name, b.amount, b.currency::text AS currency, b.period, b.timezone, b.thresholds
-    FROM ai_organization_budgets b WHERE b.is_active AND b.organization_id = ANY($1::uuid[])
-    UNION ALL
-    SELECT 'project', b.id, b.organization_id, b.project_id, NULL, b.name, b.amount, b.currency, b.period,
-           b.timezone, b.thresholds
-    FROM ai_project_budgets b WHERE b.is_active AND b.organization_id = ANY($1::uuid[])
-    UNION ALL
-    SELECT 'user', b.id, b.organization_id, b.project_id, b.user_id, b.name, b.amount, b.currency, b.period,
-           b.timezone, b.thresholds
-    FROM ai_budgets b WHERE b.is_active AND b.organization_id = ANY($1::uuid[])
-)
-SELECT m.scope, m.id, m.organization_id, m.project_id, m.user_id, m.name, m.amount, m.currency,
-       m.period::text AS period, m.timezone, m.thresholds, p.period_start, p.period_end,
+SELECT b.scope, b.id, b.organization_id, b.project_id, b.user_id, b.name, b.amount, b.currency,
+       b.period::text AS period, b.timezone, b.thresholds, p.period_start, p.period_end,
        a.alert_thresholds, a.alert_crossings, a.alert_open_ids
-FROM matched m
-CROSS JOIN LATERAL cost_worker_period(m.period, m.timezone, $2::timestamptz) p
-LEFT JOIN LATERAL (
-    SELECT array_agg(threshold ORDER BY threshold) AS alert_thresholds,
-           array_agg(crossing ORDER BY threshold) AS alert_crossings,
-           array_agg(open_id ORDER BY threshold) AS alert_open_ids
-    FROM (SELECT threshold, max(crossing) AS crossing,
-                 (array_agg(id ORDER BY crossing DESC) FILTER (WHERE resolved_at IS NULL))[1] AS open_id
-          FROM budget_alerts
-          WHERE scope = m.scope AND budget_id = m.id AND period_start = p.period_start
-            AND amount = m.amount AND currency = m.currency
-          GROUP BY threshold) h
-) a ON true
-ORDER BY m.organization_id, m.scope, m.name, m.id;
+FROM cost_worker_budgets b
+CROSS JOIN LATERAL cost_worker_period(b.period, b.timezone, $2::timestamptz) p
+CROSS JOIN LATERAL cost_worker_alert_history(b.scope, b.id, p.period_start, b.amount, b.currency) a
+WHERE b.is_active AND b.organization_id = ANY($1::uuid[])
+ORDER BY b.organization_id, b.scope, b.name, b.id;
 
 -- name: budget_lock_organizations
 -- Serialises budget evaluation per organization across workers until this transaction ends, so the
@@ -573,13 +534,17 @@ SELECT count(pg_advisory_xact_lock(hashtextextended('cost_worker.budgets:' || o:
 FROM (SELECT o FROM unnest($1::uuid[]) AS o ORDER BY o) AS sorted;
 
 -- name: budget_spend
--- Spend of each (scope, period) in the budget's currency, by the rule in cost_worker_spend() (NULL spend:
--- unconvertible, a rate is missing; missing_rates says which).
-SELECT i.ord, s.spend, s.foreign_rows, s.missing_rates
-FROM unnest($1::text[], $2::uuid[], $3::uuid[], $4::uuid[], $5::timestamptz[], $6::timestamptz[], $7::text[])
-    WITH ORDINALITY AS i(scope, organization_id, project_id, user_id, period_start, period_end, currency, ord)
-CROSS JOIN LATERAL cost_worker_spend(i.scope, i.organization_id, i.project_id, i.user_id,
-                                     i.period_start, i.period_end, i.currency) s;
+-- Spend of each (scope, period) in the budget's currency, by the rule in cost_worker_spend(), read from the spend
+-- aggregate for all of them in one statement (cost_worker_spend_many, 0012; NULL spend: unconvertible, a rate is
+-- missing; missing_rates says which).
+SELECT s.ord, s.spend, s.foreign_rows, s.missing_rates
+FROM cost_worker_spend_many($1::text[], $2::uuid[], $3::uuid[], $4::uuid[], $5::timestamptz[], $6::timestamptz[],
+                            $7::text[]) s;
+
+-- name: spend_rebuild
+-- Rebuild one organization's spend aggregate (0012) from its ledger lines and rollups: after rows were loaded with
+-- the triggers off (pg_restore --disable-triggers, session_replication_role = replica, logical replication).
+SELECT cost_worker_spend_rebuild(ARRAY[$1::uuid]);
 
 -- name: budget_unpriced
 -- Unpriced usage lines counting in each (scope, period): they count nothing and keep the estimate.

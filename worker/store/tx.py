@@ -124,6 +124,10 @@ class Tx:
             {o.int: o for row in rows for o in row["organization_ids"]},
         )
 
+    async def spend_rebuild(self, organization: UUID) -> None:
+        """Rebuild the organization's spend aggregate from its ledger lines and rollups (0012)."""
+        await self.conn.execute(query("spend_rebuild"), organization)
+
     async def upsert_cost_data(self, rows: Sequence[LedgerRow]) -> list[tuple[str | None, datetime | None]]:
         """Per row, in order: what was written ('inserted', 'updated' or None) and the revision kept."""
         records = await self.conn.fetch(query("upsert_cost_data"), *ledger_columns(rows))

@@ -1,0 +1,526 @@
+"""The spend aggregate (schema/migrations/0012_spend_aggregate.sql) against the model and the full computation.
+
+Budget evaluation reads ``spend_hourly``, kept by triggers in the writing transaction, instead of every ledger line
+and rollup row of a period. A hypothesis property test drives random sequences of API-usage events, provider
+snapshots and their revisions (lines added, dropped, moved; open buckets; unpriced lines; late data for windows
+already reported) and exchange-rate changes through the real pipeline, then checks for every budget scope, period
+and currency (USD, EUR, GBP) that the spend read from the aggregate equals:
+- the independent model (``tests/spend_model.py`` rows, converted by ``tests/currency_model.py``), exactly;
+- the full computation (``cost_worker_spend_full``, the 0007 function kept as the reference), spend, converted
+  rows and missing rates alike;
+and that the aggregate kept incrementally equals the aggregate rebuilt from scratch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests import currency_model
+from tests.factories import api_event, dumps, envelope, make_org, openai_cost_bucket, openai_usage_bucket
+from tests.feeding import Feeder
+from tests.kafka_helpers import worker_env
+from tests.spend_model import Estimate, periods_overlapping
+from tests.test_spend_rules import (
+    BASE_DAYS,
+    DAY,
+    HOUR,
+    MODELS,
+    Event,
+    Expected,
+    Snapshot,
+    World,
+    _iso,
+    _org_of,
+    add_prices_once,
+    events,
+    make_world,
+    payload_and_rows,
+    snapshots,
+)
+from worker.config import Settings
+from worker.migrate import migrate, schema_dir
+
+EXAMPLES = 40
+REPLAY_EXAMPLES = 15
+CURRENCIES = ("USD", "EUR", "GBP")
+
+
+@dataclass(frozen=True)
+class Rates:
+    """A new content of exchange_rates (an import that adds, corrects or withdraws rates)."""
+
+    table: tuple[tuple[str, str, int, Decimal], ...]  # (base, quote, day offset from the example's first day, rate)
+
+
+rate_values = st.sampled_from([Decimal("0.8"), Decimal("0.8725"), Decimal("1.08"), Decimal("1.1"), Decimal("1.25")])
+rate_changes = st.builds(
+    Rates,
+    st.lists(
+        st.tuples(
+            # EUR -> X: inverse and cross rates (every row truncated); USD -> GBP: a direct rate (sums convert whole)
+            st.sampled_from([("EUR", "USD"), ("EUR", "GBP"), ("USD", "GBP"), ("GBP", "EUR")]),
+            st.integers(-7, 3),
+            rate_values,
+        ).map(lambda t: (t[0][0], t[0][1], t[1], t[2])),
+        max_size=8,
+    ).map(tuple),
+)
+
+Step = Snapshot | Event | Rates
+
+
+@st.composite
+def plans(draw: st.DrawFn) -> list[Step]:
+    first: list[Step] = list(draw(st.lists(events, min_size=2, max_size=8)))
+    rest = draw(st.lists(st.one_of(snapshots(), snapshots(), events, rate_changes), min_size=1, max_size=12))
+    return first + rest
+
+
+async def load_rates(db: asyncpg.Connection, base: datetime, change: Rates) -> currency_model.Rates:
+    rates: currency_model.Rates = {}
+    for b, q, offset, rate in change.table:
+        rates[(b, q, (base + offset * DAY).date())] = rate
+    await db.execute("DELETE FROM exchange_rates")
+    await db.executemany(
+        "INSERT INTO exchange_rates (base, quote, effective_date, rate, source) VALUES ($1, $2, $3, $4, 'test')",
+        [(b, q, d, r) for (b, q, d), r in rates.items()],
+    )
+    return rates
+
+
+async def aggregate(db: asyncpg.Connection, org: uuid.UUID) -> tuple[dict[tuple[Any, ...], Any], set[Any]]:
+    """The aggregate's rows that hold rows (their sum per key) and the coverage, of one organization."""
+    rows = await db.fetch(
+        "SELECT scope, subject, subject_project, at, rate_day, currency, authority, amount, n_rows "
+        "FROM spend_hourly WHERE organization_id = $1 AND n_rows <> 0",
+        org,
+    )
+    cover = await db.fetch("SELECT * FROM spend_cover WHERE organization_id = $1", org)
+    return (
+        {tuple(r)[:7]: (r["amount"], r["n_rows"]) for r in rows},
+        {tuple(r) for r in cover},
+    )
+
+
+async def assert_incremental_equals_rebuilt(db: asyncpg.Connection, org: uuid.UUID) -> None:
+    kept = await aggregate(db, org)
+    tx = db.transaction()
+    await tx.start()
+    try:
+        await db.execute("SELECT cost_worker_spend_rebuild(ARRAY[$1::uuid])", org)
+        rebuilt = await aggregate(db, org)
+    finally:
+        await tx.rollback()
+    assert kept[0] == rebuilt[0]
+    assert kept[1] == rebuilt[1]
+
+
+SPEND = "SELECT spend, foreign_rows, missing_rates FROM {fn}($1, $2, $3, $4, $5, $6, $7)"
+
+
+async def assert_matches(db: asyncpg.Connection, world: World, expected: Expected, rates: currency_model.Rates) -> int:
+    model = expected.model()
+    checked = 0
+    for budget in world.budgets:
+        for start, end in periods_overlapping(
+            budget["period"], budget["timezone"], world.base - DAY, world.base + 4 * DAY
+        ):
+            args = (budget["scope"], world.org, budget["project"], budget["user"], start, end)
+            for currency in CURRENCIES:
+                fast = await db.fetchrow(SPEND.format(fn="cost_worker_spend"), *args, currency)
+                full = await db.fetchrow(SPEND.format(fn="cost_worker_spend_full"), *args, currency)
+                assert fast is not None
+                assert full is not None
+                where = (budget["scope"], budget["period"], budget["timezone"], start, currency)
+                assert fast["spend"] == full["spend"], (*where, fast["spend"], full["spend"])
+                assert json.loads(fast["foreign_rows"]) == json.loads(full["foreign_rows"]), where
+                assert json.loads(fast["missing_rates"]) == json.loads(full["missing_rates"]), where
+                rows = [
+                    currency_model.Row(c, at, amount)
+                    for c, at, amount in model.spend_rows(
+                        budget["scope"], world.org, budget["project"], budget["user"], start, end
+                    )
+                ]
+                wanted = currency_model.spend(rows, currency, rates)
+                assert fast["spend"] == wanted, (*where, fast["spend"], wanted)
+                if currency == "USD":
+                    assert fast["spend"] == expected.spend(budget, start, end), where
+                checked += 1
+    return checked
+
+
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(base=st.sampled_from(BASE_DAYS), plan=plans())
+async def test_spend_from_the_aggregate_equals_the_model_and_the_full_computation(
+    base: datetime, plan: list[Step], db: asyncpg.Connection, feeder: Feeder
+) -> None:
+    await add_prices_once(db)
+    world = await make_world(db, base)
+    expected = Expected(world)
+    rates: currency_model.Rates = await load_rates(db, base, Rates(()))
+    for step in plan:
+        if isinstance(step, Rates):
+            rates = await load_rates(db, base, step)
+        elif isinstance(step, Snapshot):
+            message, rows, window = payload_and_rows(world, step)
+            outcome = await feeder.buckets(message)
+            assert not outcome.quarantine, [q.detail for q in outcome.quarantine]
+            expected.snapshot(rows, window, window[3] + HOUR * step.collected_after)
+        else:
+            at = base + HOUR * step.hour + timedelta(minutes=30)
+            project = world.projects[step.project] if step.project else None
+            payload = api_event(
+                _org_of(world),
+                project=project,
+                user=world.user,
+                occurred_at=_iso(at),
+                cost=str(step.cost),
+                model=step.model,
+            )
+            outcome = await feeder.events(payload)
+            assert not outcome.quarantine, [q.detail for q in outcome.quarantine]
+            expected.event(Estimate(world.org, project, world.user, at, MODELS[step.model], Decimal(step.cost)))
+    assert await assert_matches(db, world, expected, rates) > 0
+    await assert_incremental_equals_rebuilt(db, world.org)
+
+
+async def _spend_values(db: asyncpg.Connection, world: World) -> list[Any]:
+    """Every budget's spend, converted rows and missing rates in every period and currency, as the aggregate says."""
+    values = []
+    for budget in world.budgets:
+        for start, end in periods_overlapping(
+            budget["period"], budget["timezone"], world.base - DAY, world.base + 4 * DAY
+        ):
+            args = (budget["scope"], world.org, budget["project"], budget["user"], start, end)
+            for currency in CURRENCIES:
+                values.append(tuple(await db.fetchrow(SPEND.format(fn="cost_worker_spend"), *args, currency) or ()))
+    return values
+
+
+@settings(
+    max_examples=REPLAY_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(base=st.sampled_from(BASE_DAYS), plan=plans())
+async def test_a_replay_or_a_redelivery_changes_nothing_in_the_aggregate(
+    base: datetime, plan: list[Step], db: asyncpg.Connection, feeder: Feeder
+) -> None:
+    """Every message of a run delivered again, first at its own offsets (a consumer that re-reads after a
+    rebalance: the batch's offsets are stored, nothing is applied), then as new records (a producer's retry: the
+    event's id and the line's revision are stored): the aggregate's rows, its coverage and every budget's spend
+    stay exactly as they were, and equal to a rebuild."""
+    await add_prices_once(db)
+    world = await make_world(db, base)
+    await load_rates(db, base, Rates((("EUR", "USD", 0, Decimal("1.1")), ("USD", "GBP", 0, Decimal("0.8")))))
+    delivered: list[list[Any]] = []
+    payloads: list[tuple[str, bytes]] = []
+    for step in plan:
+        if isinstance(step, Rates):
+            continue
+        if isinstance(step, Snapshot):
+            message, _, _ = payload_and_rows(world, step)
+            topic, value = feeder.settings.topic_provider_buckets, dumps(message)
+        else:
+            at = base + HOUR * step.hour + timedelta(minutes=30)
+            project = world.projects[step.project] if step.project else None
+            event = api_event(
+                _org_of(world),
+                project=project,
+                user=world.user,
+                occurred_at=_iso(at),
+                cost=str(step.cost),
+                model=step.model,
+            )
+            topic, value = feeder.settings.topic_api_usage, dumps(event)
+        records = [feeder.record(topic, value)]
+        outcome = await feeder.apply(records)
+        assert not outcome.quarantine, [q.detail for q in outcome.quarantine]
+        delivered.append(records)
+        payloads.append((topic, value))
+    kept = await aggregate(db, world.org)
+    spent = await _spend_values(db, world)
+    for records in delivered:  # the same records at the same offsets
+        await feeder.apply(records)
+    assert await aggregate(db, world.org) == kept
+    for topic, value in payloads:  # the same messages at new offsets
+        await feeder.apply([feeder.record(topic, value)])
+    assert await aggregate(db, world.org) == kept
+    assert await _spend_values(db, world) == spent
+    await assert_incremental_equals_rebuilt(db, world.org)
+
+
+# ------------------------------------------------------------------------------------------------- named cases
+
+
+async def spend(db: asyncpg.Connection, fn: str, scope: str, org: Any, project: Any, currency: str = "USD") -> Any:
+    return await db.fetchval(
+        f"SELECT spend FROM {fn}($1, $2, $3, NULL, '2026-11-01Z', '2026-12-01Z', $4)", scope, org, project, currency
+    )
+
+
+async def test_a_rate_import_changes_spend_at_once(db: asyncpg.Connection) -> None:
+    """Rates are applied when a budget is evaluated, never stored in the aggregate."""
+    org = await make_org(db)
+    a = org.projects["proj_a"]
+    await db.execute(
+        "INSERT INTO project_metrics (organization_id, project_id, hour, request_count, estimated_cost_usd) "
+        "VALUES ($1, $2, '2026-11-03T10:00Z', 1, 108)",
+        org.id,
+        a,
+    )
+    assert await spend(db, "cost_worker_spend", "project", org.id, a, "GBP") is None  # no rate: unconvertible
+    await db.execute(
+        "INSERT INTO exchange_rates (base, quote, effective_date, rate, source) VALUES ('USD', 'GBP', '2026-11-02', "
+        "0.8, 'test')"
+    )
+    assert await spend(db, "cost_worker_spend", "project", org.id, a, "GBP") == Decimal("86.4")
+    await db.execute("UPDATE exchange_rates SET rate = 0.75")
+    assert await spend(db, "cost_worker_spend", "project", org.id, a, "GBP") == Decimal(81)
+    assert await spend(db, "cost_worker_spend_full", "project", org.id, a, "GBP") == Decimal(81)
+
+
+async def test_a_project_mapped_to_another_account_changes_what_covers_its_estimates(db: asyncpg.Connection) -> None:
+    """An ungrouped cost row of an account covers the estimates of the projects mapped to it (organization scope):
+    moving a project to another account is seen by the aggregate (rebuilt for its organization)."""
+    org = await make_org(db, project_ids=("proj_a",))
+    a = org.projects["proj_a"]
+    await db.execute(
+        "INSERT INTO project_metrics (organization_id, project_id, hour, provider, request_count, estimated_cost_usd) "
+        "VALUES ($1, $2, '2026-11-03T10:00Z', 'openai', 1, 5)",
+        org.id,
+        a,
+    )
+    await db.execute(
+        "INSERT INTO cost_data (organization_id, project_id, provider, ai_organization_id, api_version, "
+        "bucket_start_time, bucket_end_time, line_item, currency, amount, collected_at) "
+        "VALUES ($1, NULL, 'openai', $2, 'costs_v1', '2026-11-03Z', '2026-11-04Z', 'all', 'USD', 7, '2026-11-05Z')",
+        org.id,
+        org.ai_org,
+    )
+    assert await spend(db, "cost_worker_spend", "organization", org.id, None) == 7  # the estimate is covered
+    await db.execute("UPDATE projects SET ai_organization_id = 'elsewhere' WHERE id = $1", a)
+    assert await spend(db, "cost_worker_spend", "organization", org.id, None) == 12
+    assert await spend(db, "cost_worker_spend_full", "organization", org.id, None) == 12
+
+
+async def test_the_migration_backfills_the_aggregate(empty_database_url: str, tmp_path: Path) -> None:
+    """A database before 0012 with ledger lines, rollups and user rollups: after the migration the aggregate gives
+    what the full computation gives, and later writes keep it so."""
+    before = tmp_path / "schema"
+    shutil.copytree(schema_dir(), before)
+    for path in (before / "migrations").glob("*.sql"):
+        if int(path.name[:4]) >= 12:
+            path.unlink()
+    await migrate(empty_database_url, directory=before)
+    db = await asyncpg.connect(empty_database_url)
+    try:
+        org = await make_org(db, project_ids=("proj_a", "proj_b"))
+        a, b = org.projects["proj_a"], org.projects["proj_b"]
+        user = org.users[0]
+        lines = (
+            "INSERT INTO cost_data (organization_id, project_id, provider, ai_organization_id, api_version, "
+            "bucket_start_time, bucket_end_time, line_item, currency, amount, quantity, collected_at) VALUES "
+            "($1, $2, 'openai', $3, 'usage_v1', '2026-11-03T10:00Z', '2026-11-03T11:00Z', 'm', 'USD', 4, 4, "
+            "'2026-11-04Z'), "
+            "($1, $2, 'openai', $3, 'costs_v1', '2026-11-03Z', '2026-11-04Z', 'x', 'USD', 30, NULL, "
+            "'2026-11-04T06:00Z'), "
+            "($1, $4, 'openai', $3, 'usage_v1', '2026-11-05Z', '2026-11-06Z', 'm', 'EUR', 2.5, 9, '2026-11-06Z')"
+        )
+        await db.execute(lines, org.id, a, org.ai_org, b)
+        await db.execute(
+            "INSERT INTO project_metrics (organization_id, project_id, hour, provider, request_count, "
+            "estimated_cost_usd) VALUES ($1, $2, '2026-11-03T10:00Z', 'openai', 1, 5), "
+            "($1, $3, '2026-11-05T10:00Z', 'openai', 1, 1.25), ($1, NULL, '2026-11-07T10:00Z', NULL, 1, 0.5)",
+            org.id,
+            a,
+            b,
+        )
+        await db.execute(
+            "INSERT INTO user_metrics (organization_id, user_id, project_id, hour, provider, request_count, "
+            "estimated_cost_usd) VALUES ($1, $2, $3, '2026-11-03T10:00Z', 'openai', 1, 5), "
+            "($1, $2, NULL, '2026-11-07T10:00Z', NULL, 1, 0.5)",
+            org.id,
+            user,
+            a,
+        )
+        await db.execute(
+            "INSERT INTO exchange_rates (base, quote, effective_date, rate, source) VALUES "
+            "('EUR', 'USD', '2026-11-03', 1.1, 'test')"
+        )
+
+        await migrate(empty_database_url)
+
+        async def both(scope: str, project: Any, usr: Any, currency: str) -> tuple[Any, Any]:
+            values = []
+            for fn in ("cost_worker_spend", "cost_worker_spend_full"):
+                values.append(
+                    tuple(
+                        await db.fetchrow(
+                            f"SELECT * FROM {fn}($1, $2, $3, $4, '2026-11-01Z', '2026-12-01Z', $5)",
+                            scope,
+                            org.id,
+                            project,
+                            usr,
+                            currency,
+                        )
+                        or ()
+                    )
+                )
+            return values[0], values[1]
+
+        cases = [
+            ("organization", None, None),
+            ("project", a, None),
+            ("project", b, None),
+            ("user", None, user),
+            ("user", a, user),
+        ]
+        for scope, project, usr in cases:
+            for currency in ("USD", "EUR"):
+                fast, full = await both(scope, project, usr, currency)
+                assert fast == full, (scope, project, currency)
+        # cost 30 (it replaces proj_a's usage of that day) + usage 2.5 EUR at 1.1 + the estimate without a project;
+        # both projects' estimates are covered by their provider lines.
+        assert (await both("organization", None, None, "USD"))[0][0] == Decimal("33.25")
+        assert (await both("user", None, user, "USD"))[0][0] == Decimal("5.5")
+        # A write after the migration keeps it (the triggers): the cost row of proj_b's day replaces its usage.
+        await db.execute(
+            "INSERT INTO cost_data (organization_id, project_id, provider, ai_organization_id, api_version, "
+            "bucket_start_time, bucket_end_time, line_item, currency, amount, collected_at) VALUES "
+            "($1, $2, 'openai', $3, 'costs_v1', '2026-11-05Z', '2026-11-06Z', 'x', 'USD', 3, '2026-11-06T06:00Z')",
+            org.id,
+            b,
+            org.ai_org,
+        )
+        for scope, project, usr in cases:
+            fast, full = await both(scope, project, usr, "USD")
+            assert fast == full, (scope, project)
+        assert (await both("project", b, None, "USD"))[0][0] == 3
+    finally:
+        await db.close()
+
+
+async def test_a_cost_line_retires_overlapping_usage_outside_its_own_window(
+    db: asyncpg.Connection, feeder: Feeder
+) -> None:
+    """A daily usage line counts at its midpoint (12:00) and covers the day's estimates; an hourly cost line of
+    03:00 replaces it (both scopes; an ungrouped one, the organization's): the aggregate recomputes the usage's
+    whole window, not only the cost line's hour."""
+    await add_prices_once(db)
+    org = await make_org(db, project_ids=("proj_a", "proj_b"))
+    a = org.projects["proj_a"]
+    await feeder.events(
+        *(api_event(org, project=a, cost="1", occurred_at=f"2026-11-03T{h:02d}:10:00Z", model="gpt-4o") for h in (3, 9))
+    )
+    await feeder.buckets(
+        envelope(
+            "openai",
+            org.ai_org,
+            "usage_v1",
+            [
+                openai_usage_bucket(
+                    "2026-11-03",
+                    "2026-11-04",
+                    [
+                        {"project_id": "proj_a", "model": "m1", "input_tokens": 30},
+                        {"project_id": "proj_b", "model": "m1", "input_tokens": 20},
+                    ],
+                )
+            ],
+            collected_at="2026-11-04T02:00:00Z",
+        )
+    )
+
+    async def check(org_spend: int, project_spend: int) -> None:
+        for fn in ("cost_worker_spend", "cost_worker_spend_full"):
+            assert await spend(db, fn, "organization", org.id, None) == org_spend, fn
+            assert await spend(db, fn, "project", org.id, a) == project_spend, fn
+
+    await check(50, 30)
+    await feeder.buckets(
+        envelope(
+            "openai",
+            org.ai_org,
+            "costs_v1",
+            [openai_cost_bucket("2026-11-03T03:00:00", "2026-11-03T04:00:00", [("proj_a", "x", "7")])],
+            collected_at="2026-11-03T05:00:00Z",
+        )
+    )
+    await check(7 + 20 + 1, 7 + 1)  # proj_a's usage replaced: its 09:00 estimate counts again
+    await feeder.buckets(
+        envelope(
+            "openai",
+            org.ai_org,
+            "costs_v1",
+            [openai_cost_bucket("2026-11-03T15:00:00", "2026-11-03T16:00:00", [(None, "all", "4")])],
+            collected_at="2026-11-03T17:00:00Z",
+        )
+    )
+    await check(7 + 4 + 1, 7 + 1)  # the ungrouped cost replaces proj_b's usage too (organization scope only)
+
+
+async def test_rows_loaded_with_triggers_off_are_counted_after_rebuild_spend(
+    db: asyncpg.Connection, settings: Settings
+) -> None:
+    """A restore or a bulk load with triggers off (session_replication_role = replica) leaves the aggregate behind
+    the ledger; `cost-worker budgets rebuild-spend` brings it back to the full computation."""
+    org = await make_org(db, project_ids=("proj_a",))
+    a = org.projects["proj_a"]
+    await db.execute(
+        "INSERT INTO ai_organization_budgets (organization_id, name, amount, period, timezone, thresholds) "
+        "VALUES ($1, 'Monthly', 100, 'monthly', 'UTC', '{50}')",
+        org.id,
+    )
+    await db.execute(
+        "INSERT INTO project_metrics (organization_id, project_id, hour, provider, request_count, estimated_cost_usd) "
+        "VALUES ($1, $2, '2026-11-03T10:00Z', 'openai', 1, 5)",
+        org.id,
+        a,
+    )
+    await db.execute("SET session_replication_role = replica")
+    await db.execute(
+        "INSERT INTO cost_data (organization_id, project_id, provider, ai_organization_id, api_version, report, "
+        "bucket_start_time, bucket_end_time, line_item, currency, amount, collected_at) VALUES "
+        "($1, $2, 'openai', $3, 'costs_v1', 'openai.costs', '2026-11-03T10:00Z', '2026-11-03T11:00Z', 'x', 'USD', 7, "
+        "'2026-11-03T12:00Z')",
+        org.id,
+        a,
+        org.ai_org,
+    )
+    await db.execute("SET session_replication_role = origin")
+    assert await spend(db, "cost_worker_spend_full", "organization", org.id, None) == 7  # the cost covers the hour
+    assert await spend(db, "cost_worker_spend", "organization", org.id, None) == 5  # the aggregate never saw it
+
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "worker", "budgets", "rebuild-spend"],
+        env=worker_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "rebuilt for 1 organization(s)" in result.stdout
+    for scope, project in (("organization", None), ("project", a)):
+        assert await spend(db, "cost_worker_spend", scope, org.id, project) == 7
+    await assert_incremental_equals_rebuilt(db, org.id)
