@@ -33,12 +33,11 @@ from tests import currency_model
 from tests.factories import api_event, dumps, envelope, make_org, openai_cost_bucket, openai_usage_bucket
 from tests.feeding import Feeder
 from tests.kafka_helpers import worker_env
-from tests.spend_model import Estimate, periods_overlapping
+from tests.spend_model import periods_overlapping
 from tests.test_spend_rules import (
     BASE_DAYS,
     DAY,
     HOUR,
-    MODELS,
     Event,
     Expected,
     Snapshot,
@@ -46,6 +45,7 @@ from tests.test_spend_rules import (
     _iso,
     _org_of,
     add_prices_once,
+    apply_step,
     events,
     make_world,
     payload_and_rows,
@@ -179,25 +179,8 @@ async def test_spend_from_the_aggregate_equals_the_model_and_the_full_computatio
     for step in plan:
         if isinstance(step, Rates):
             rates = await load_rates(db, base, step)
-        elif isinstance(step, Snapshot):
-            message, rows, window = payload_and_rows(world, step)
-            outcome = await feeder.buckets(message)
-            assert not outcome.quarantine, [q.detail for q in outcome.quarantine]
-            expected.snapshot(rows, window, window[3] + HOUR * step.collected_after)
         else:
-            at = base + HOUR * step.hour + timedelta(minutes=30)
-            project = world.projects[step.project] if step.project else None
-            payload = api_event(
-                _org_of(world),
-                project=project,
-                user=world.user,
-                occurred_at=_iso(at),
-                cost=str(step.cost),
-                model=step.model,
-            )
-            outcome = await feeder.events(payload)
-            assert not outcome.quarantine, [q.detail for q in outcome.quarantine]
-            expected.event(Estimate(world.org, project, world.user, at, MODELS[step.model], Decimal(step.cost)))
+            await apply_step(feeder, world, expected, base, step)
     assert await assert_matches(db, world, expected, rates) > 0
     await assert_incremental_equals_rebuilt(db, world.org)
 

@@ -395,26 +395,31 @@ async def run_steps(db: asyncpg.Connection, feeder: Feeder, base: datetime, plan
     world = await make_world(db, base)
     expected = Expected(world)
     for step in plan:
-        if isinstance(step, Snapshot):
-            message, rows, window = payload_and_rows(world, step)
-            outcome = await feeder.buckets(message)
-            assert not outcome.quarantine, [q.detail for q in outcome.quarantine]
-            expected.snapshot(rows, window, window[3] + HOUR * step.collected_after)
-        else:
-            at = base + HOUR * step.hour + timedelta(minutes=30)
-            project = world.projects[step.project] if step.project else None
-            payload = api_event(
-                _org_of(world),
-                project=project,
-                user=world.user,
-                occurred_at=_iso(at),
-                cost=str(step.cost),
-                model=step.model,
-            )
-            outcome = await feeder.events(payload)
-            assert not outcome.quarantine, [q.detail for q in outcome.quarantine]
-            expected.event(Estimate(world.org, project, world.user, at, MODELS[step.model], Decimal(step.cost)))
+        await apply_step(feeder, world, expected, base, step)
     return world, expected
+
+
+async def apply_step(feeder: Feeder, world: World, expected: Expected, base: datetime, step: Step) -> None:
+    """Feed one step (a provider snapshot or an API-usage event) to the worker and to the model."""
+    if isinstance(step, Snapshot):
+        message, rows, window = payload_and_rows(world, step)
+        outcome = await feeder.buckets(message)
+        assert not outcome.quarantine, [q.detail for q in outcome.quarantine]
+        expected.snapshot(rows, window, window[3] + HOUR * step.collected_after)
+        return
+    at = base + HOUR * step.hour + timedelta(minutes=30)
+    project = world.projects[step.project] if step.project else None
+    payload = api_event(
+        _org_of(world),
+        project=project,
+        user=world.user,
+        occurred_at=_iso(at),
+        cost=str(step.cost),
+        model=step.model,
+    )
+    outcome = await feeder.events(payload)
+    assert not outcome.quarantine, [q.detail for q in outcome.quarantine]
+    expected.event(Estimate(world.org, project, world.user, at, MODELS[step.model], Decimal(step.cost)))
 
 
 def _org_of(world: World) -> Any:
