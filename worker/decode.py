@@ -226,27 +226,6 @@ def _fast_api_event(parsed: dict[str, Any], source: Source, payload: bytes) -> A
             cost = check_request_cost(cost)
     except (ValueError, ArithmeticError):  # ValidationError, PydanticCustomError, and whatever else: the strict
         return None  # path decides (and raises, if the models do)
-    if usage is None:
-        return ApiEvent(
-            organization_id,
-            fields["event_id"],
-            project_id,
-            user_id,
-            fields["endpoint"],
-            fields["method"],
-            fields["status_code"],
-            fields.get("response_time_ms"),
-            occurred_at,
-            None,
-            None,
-            None,
-            None,
-            None,
-            source.partition,
-            source.offset,
-            source,
-            payload,
-        )
     return ApiEvent(
         organization_id,
         fields["event_id"],
@@ -257,10 +236,10 @@ def _fast_api_event(parsed: dict[str, Any], source: Source, payload: bytes) -> A
         fields["status_code"],
         fields.get("response_time_ms"),
         occurred_at,
-        usage.get("prompt_tokens", 0),
-        usage.get("completion_tokens", 0),
-        usage.get("total_tokens", 0),
-        usage.get("model"),
+        None if usage is None else usage.get("prompt_tokens", 0),
+        None if usage is None else usage.get("completion_tokens", 0),
+        None if usage is None else usage.get("total_tokens", 0),
+        None if usage is None else usage.get("model"),
         cost,
         source.partition,
         source.offset,
@@ -277,27 +256,6 @@ def strict_api_event(parsed: dict[str, Any], source: Source, payload: bytes) -> 
         reason, detail = reason_for(exc)
         return Quarantined(source, payload, reason, _clean(detail), _organization_hint(parsed))
     usage = event.token_usage
-    if usage is None:
-        return ApiEvent(
-            event.organization_id,
-            event.event_id,
-            event.project_id,
-            event.user_id,
-            event.endpoint,
-            event.method,
-            event.status_code,
-            event.response_time_ms,
-            event.occurred_at,
-            None,
-            None,
-            None,
-            None,
-            None,
-            source.partition,
-            source.offset,
-            source,
-            payload,
-        )
     return ApiEvent(
         event.organization_id,
         event.event_id,
@@ -308,11 +266,11 @@ def strict_api_event(parsed: dict[str, Any], source: Source, payload: bytes) -> 
         event.status_code,
         event.response_time_ms,
         event.occurred_at,
-        usage.prompt_tokens,
-        usage.completion_tokens,
-        usage.total_tokens,
-        usage.model,
-        usage.cost_usd,
+        None if usage is None else usage.prompt_tokens,
+        None if usage is None else usage.completion_tokens,
+        None if usage is None else usage.total_tokens,
+        None if usage is None else usage.model,
+        None if usage is None else usage.cost_usd,
         source.partition,
         source.offset,
         source,
