@@ -4,7 +4,8 @@
 do), applies the cluster roles script, then each pending file in its own transaction as the owner role,
 recording its checksum and its compatibility. It refuses a file that was edited after it was applied. A file may
 open with online steps (``-- migrate:online``), each run on its own outside a transaction first: work that must not
-hold a lock for long on a large table (CREATE INDEX CONCURRENTLY, VALIDATE CONSTRAINT).
+hold a lock for long on a large table (CREATE INDEX CONCURRENTLY, VALIDATE CONSTRAINT). A generated online step
+(``-- migrate:online-each``) is a query whose rows are such statements, one per partition for instance.
 
 The compatibility window (README "The database"): ``schema/migrations/compat.toml`` declares each migration
 ``expand`` (code one release older still runs on the schema with it applied) or ``contract`` (it does not).
@@ -40,8 +41,17 @@ UNDECLARED: Compat = "contract"  # a migration without a declaration is recorded
 # outside any transaction (CREATE INDEX CONCURRENTLY, VALIDATE CONSTRAINT), before the file's transaction, which
 # starts at the `-- migrate:transaction` line. Steps must be idempotent: a failed run repeats them.
 ONLINE_STEP = "-- migrate:online"
+# A generated online step: a query returning one text column; each row is a statement run on its own, outside any
+# transaction, in order (one CREATE INDEX CONCURRENTLY per partition of a partitioned table, say).
+ONLINE_EACH_STEP = "-- migrate:online-each"
 TRANSACTION_PART = "-- migrate:transaction"
 LOCK_POLL_INTERVAL = 0.2  # seconds between attempts to take the migration lock another migrate holds
+
+
+@dataclass(frozen=True)
+class OnlineStep:
+    sql: str
+    generated: bool = False  # True: ``sql`` is a query whose rows are the statements to run
 
 
 @dataclass(frozen=True)
@@ -60,18 +70,20 @@ class Migration:
         return f"{self.version:04d}_{self.name}"
 
     @property
-    def online_steps(self) -> list[str]:
-        """The statements to run one by one outside a transaction first (none for most files)."""
+    def online_steps(self) -> list[OnlineStep]:
+        """The statements (or statement-generating queries) to run one by one outside a transaction first (none
+        for most files)."""
         lines = self.sql.splitlines()
         if TRANSACTION_PART not in lines:
             return []
-        steps: list[list[str]] = []
+        steps: list[tuple[bool, list[str]]] = []
         for line in lines[: lines.index(TRANSACTION_PART)]:
-            if line == ONLINE_STEP:
-                steps.append([])
+            if line in (ONLINE_STEP, ONLINE_EACH_STEP):
+                steps.append((line == ONLINE_EACH_STEP, []))
             elif steps:
-                steps[-1].append(line)
-        return ["\n".join(step).strip() for step in steps if "\n".join(step).strip()]
+                steps[-1][1].append(line)
+        found = [OnlineStep("\n".join(body).strip(), generated) for generated, body in steps]
+        return [step for step in found if step.sql]
 
     @property
     def transactional_sql(self) -> str:
@@ -234,7 +246,9 @@ async def _migrate_locked(
     for migration in pending:
         for number, step in enumerate(migration.online_steps, start=1):
             try:
-                await store.run_script(conn, step)
+                statements = await store.generated_statements(conn, step.sql) if step.generated else [step.sql]
+                for statement in statements:
+                    await store.run_script(conn, statement)
             except Exception as exc:
                 raise MigrationError(
                     f"migration {migration.label}: online step {number} failed ({exc}); nothing of its "

@@ -40,6 +40,12 @@ async def run_script(conn: asyncpg.Connection, sql: str) -> None:
 
 
 @translated
+async def generated_statements(conn: asyncpg.Connection, sql: str) -> list[str]:
+    """The statements a generated online step's query returns (its first column, in order)."""
+    return [str(row[0]) for row in await conn.fetch(sql)]
+
+
+@translated
 async def applied_migrations(conn: asyncpg.Connection, *, create: bool) -> list[AppliedMigration]:
     if create:
         await conn.execute(query("migration_table_create"))
