@@ -28,18 +28,18 @@ from worker.store import Database
 BEFORE = 10  # the last migration before the partitioning
 
 
-def schema_before(tmp_path: Path) -> Path:
-    """A copy of the schema without 0011 and later: the release before."""
+def schema_before(tmp_path: Path, before: int = BEFORE) -> Path:
+    """A copy of the schema without the migrations after ``before`` (0011 and later: the release before)."""
     target = tmp_path / "schema"
     shutil.copytree(schema_dir(), target)
     for path in (target / "migrations").glob("*.sql"):
-        if int(path.name[:4]) > BEFORE:
+        if int(path.name[:4]) > before:
             path.unlink()
     manifest = target / "migrations" / COMPAT_FILE
     kept = [
         line
         for line in manifest.read_text().splitlines()
-        if not re.match(r"^(\d{4})_", line) or int(line[:4]) <= BEFORE
+        if not re.match(r"^(\d{4})_", line) or int(line[:4]) <= before
     ]
     manifest.write_text("\n".join(kept) + "\n")
     return target
@@ -139,13 +139,15 @@ async def check_migrated(url: str, rows: int, writes: Writes) -> None:
         assert await conn.fetchval("SELECT relkind::text FROM pg_class WHERE oid = 'api_usage'::regclass") == "p"
         assert await conn.fetchval("SELECT count(*) FROM api_usage") == rows + len(writes.stalls)
         assert await conn.fetchval("SELECT count(*) FROM api_usage_legacy") == rows + len(writes.stalls)
-        # The unique index built online was attached, not built again under the lock: it is the only one.
+        # The unique indexes built online (0011's, then 0014's with time leading) became the key, not built again
+        # under the lock: the last one is the only index left.
         indexes = await conn.fetch(
             "SELECT indexrelid::regclass::text AS name, pg_get_indexdef(indexrelid) AS def FROM pg_index "
             "WHERE indrelid = 'api_usage_legacy'::regclass"
         )
         assert len(indexes) == 1, indexes
-        assert "(organization_id, event_id, occurred_at)" in indexes[0]["def"]
+        assert indexes[0]["name"] == "api_usage_legacy_pkey"
+        assert "(organization_id, occurred_at, event_id)" in indexes[0]["def"]
         assert await conn.fetchval("SELECT count(*) FROM pg_index WHERE NOT indisvalid") == 0
         heap = await conn.fetchval("SELECT pg_relation_size('api_usage_legacy')")
         total = await conn.fetchval("SELECT pg_total_relation_size('api_usage_legacy')")

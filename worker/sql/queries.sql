@@ -265,9 +265,10 @@ LEFT JOIN LATERAL (
 -- wins. Only rows this statement inserted add into the hourly rollups, in the same statement, so a
 -- replayed event changes nothing. Returns the ids whose stored content differs (conflicting duplicates)
 -- and, per (organization, project, user, hour), how many events were inserted.
--- api_usage is partitioned by month (0011): its key is (organization, event_id, occurred_at), so a redelivery
+-- api_usage is partitioned by month (0011): its key is (organization, occurred_at, event_id), so a redelivery
 -- (same occurred_at) conflicts and the same id at another instant is another event (README "Partitions and
--- retention" says why).
+-- retention" says why). Time leads the key within an organization (0014): inserts go to the right edge of the
+-- index, not to a random page of it.
 -- Stored content is looked up only for the rows the insert did not take (none, usually), one primary-key
 -- probe each (LIMIT 1 keeps the planner from turning the probes into a scan of the tenants' rows: under
 -- row-level security it cannot see how many rows that is).
@@ -290,7 +291,7 @@ inserted AS (
         source_partition, source_offset, provider, catalogue_cost_usd, price_source
     )
     SELECT * FROM input
-    ON CONFLICT (organization_id, event_id, occurred_at) DO NOTHING
+    ON CONFLICT (organization_id, occurred_at, event_id) DO NOTHING
     RETURNING organization_id, event_id, project_id, user_id, status_code, response_time_ms, occurred_at,
               prompt_tokens, completion_tokens, total_tokens, cost_usd, provider, catalogue_cost_usd
 ),
