@@ -477,16 +477,31 @@ FROM outbox;
 -- each with its alert history at its current amount and currency (cost_worker_alert_history: per threshold, the
 -- latest crossing and its id while it is open). Every pair is evaluated, also when all its thresholds alerted:
 -- spend may have fallen.
+-- Each scope's active budgets are found through that scope's own index (organization, project, user) from the
+-- distinct touched ids, so the cost follows the touched scopes, not the number of budgets an organization has.
 WITH touched AS (
     SELECT DISTINCT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::timestamptz[], $5::timestamptz[],
                                   $6::timestamptz[])
         AS t(organization_id, project_id, user_id, at, span_start, span_end)
 ),
+budgets AS (
+    SELECT b.* FROM cost_worker_budgets b
+    WHERE b.scope = 'organization' AND b.is_active
+      AND b.organization_id = ANY (ARRAY(SELECT DISTINCT t.organization_id FROM touched t))
+    UNION ALL
+    SELECT b.* FROM cost_worker_budgets b
+    WHERE b.scope = 'project' AND b.is_active
+      AND b.project_id = ANY (ARRAY(SELECT DISTINCT t.project_id FROM touched t WHERE t.project_id IS NOT NULL))
+    UNION ALL
+    SELECT b.* FROM cost_worker_budgets b
+    WHERE b.scope = 'user' AND b.is_active
+      AND b.user_id = ANY (ARRAY(SELECT DISTINCT t.user_id FROM touched t WHERE t.user_id IS NOT NULL))
+),
 matched AS (
     SELECT b.*, t.at, t.span_start, t.span_end
     FROM touched t
-    JOIN cost_worker_budgets b
-      ON b.organization_id = t.organization_id AND b.is_active
+    JOIN budgets b
+      ON b.organization_id = t.organization_id
      AND CASE b.scope WHEN 'organization' THEN true
                       WHEN 'project' THEN b.project_id = t.project_id
                       ELSE b.user_id = t.user_id AND (b.project_id IS NULL OR b.project_id = t.project_id) END
