@@ -24,7 +24,8 @@ class UsageRows:
     """A batch's ``api_usage`` rows, column-wise (no object per event on the hot path): the events, whose fields
     the store reads by name, and per event what pricing adds."""
 
-    # insert_api_usage's parameters $1.., in order: these fields of each event, then the three lists below.
+    # The fields of insert_api_usage's row type (cost_worker_api_usage_input, 0015), in order: these fields of each
+    # event (ApiEvent's leading fields, in the same order), then the three lists below.
     EVENT_FIELDS: ClassVar[tuple[str, ...]] = (
         "organization_id",
         "event_id",

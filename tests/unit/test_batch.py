@@ -111,11 +111,16 @@ def test_every_hostile_message_decodes_to_its_reason_or_passes_to_the_database()
             assert Reason(message.reason) in LATER, message.name
 
 
-def test_the_usage_row_has_exactly_the_parameters_of_insert_api_usage() -> None:
-    sql = (Path(__file__).parents[2] / "worker" / "sql" / "queries.sql").read_text()
+def test_the_usage_row_has_exactly_the_fields_of_insert_api_usage_s_row_type() -> None:
+    root = Path(__file__).parents[2]
+    sql = (root / "worker" / "sql" / "queries.sql").read_text()
     block = sql.split("-- name: insert_api_usage", 1)[1].split("-- name:", 1)[0]
-    assert max(int(n) for n in re.findall(r"\$(\d+)", block)) == len(UsageRows.EVENT_FIELDS) + 3
-    assert set(UsageRows.EVENT_FIELDS) <= set(ApiEvent._fields)
+    assert sorted(set(re.findall(r"\$(\d+)", block))) == ["1"]
+    migration = (root / "schema" / "migrations" / "0015_api_usage_input.sql").read_text()
+    body = migration.split("CREATE TYPE cost_worker_api_usage_input AS (", 1)[1].split(");", 1)[0]
+    attributes = tuple(line.split()[0] for line in body.strip().splitlines())
+    assert attributes == (*UsageRows.EVENT_FIELDS, "provider", "catalogue_cost_usd", "price_source")
+    assert ApiEvent._fields[: len(UsageRows.EVENT_FIELDS)] == UsageRows.EVENT_FIELDS
 
     decoded = decode_api_event(dumps(event(token_usage=None)), Source("usage", 3, 9), max_bytes=1 << 20)
     assert isinstance(decoded, ApiEvent)

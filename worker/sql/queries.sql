@@ -272,17 +272,10 @@ LEFT JOIN LATERAL (
 -- Stored content is looked up only for the rows the insert did not take (none, usually), one primary-key
 -- probe each (LIMIT 1 keeps the planner from turning the probes into a scan of the tenants' rows: under
 -- row-level security it cannot see how many rows that is).
+-- The events come as one array of rows (cost_worker_api_usage_input, 0015), not an array per column: asyncpg
+-- encodes a row's fields directly, while every element of an array argument is checked and encoded on its own.
 WITH input AS (
-    SELECT *
-    FROM unnest(
-        $1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::text[], $6::text[], $7::smallint[], $8::int[],
-        $9::timestamptz[], $10::bigint[], $11::bigint[], $12::bigint[], $13::text[], $14::numeric[],
-        $15::int[], $16::bigint[], $17::text[], $18::numeric[], $19::text[]
-    ) AS t(
-        organization_id, event_id, project_id, user_id, endpoint, method, status_code, response_time_ms,
-        occurred_at, prompt_tokens, completion_tokens, total_tokens, model, cost_usd,
-        source_partition, source_offset, provider, catalogue_cost_usd, price_source
-    )
+    SELECT * FROM unnest($1::cost_worker_api_usage_input[])
 ),
 inserted AS (
     INSERT INTO api_usage (

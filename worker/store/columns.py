@@ -6,7 +6,6 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from worker.decode import ApiEvent
 from worker.quarantine import Quarantined
 from worker.rows import LedgerRow, UsageRows, WindowRevision
 
@@ -96,10 +95,19 @@ def header_value(value: bytes | None) -> str | None:
     return None if value is None else jsonb_text(value.decode("utf-8", "replace"))
 
 
-def usage_columns(rows: UsageRows) -> list[Sequence[Any]]:
-    """insert_api_usage's event parameters: each of ``UsageRows.EVENT_FIELDS`` across the events."""
-    fields = dict(zip(ApiEvent._fields, zip(*rows.events, strict=True), strict=True))  # one C-level transpose
-    return [fields.get(name, ()) for name in UsageRows.EVENT_FIELDS]
+EVENT_FIELD_COUNT = len(UsageRows.EVENT_FIELDS)  # the leading fields of ApiEvent (tests/unit/test_batch.py)
+
+
+def usage_records(rows: UsageRows) -> list[tuple[Any, ...]]:
+    """insert_api_usage's one argument: per event a cost_worker_api_usage_input row (0015), its
+    ``UsageRows.EVENT_FIELDS`` (ApiEvent's leading fields, sliced in C) and then what pricing added."""
+    n = EVENT_FIELD_COUNT
+    return [
+        (*event[:n], provider, estimate, source)
+        for event, provider, estimate, source in zip(
+            rows.events, rows.providers, rows.estimates, rows.estimate_sources, strict=True
+        )
+    ]
 
 
 def quarantine_columns(items: Sequence[Quarantined]) -> list[list[Any]]:

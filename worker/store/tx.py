@@ -28,7 +28,7 @@ from worker.rows import (
     WindowStates,
 )
 from worker.sql import query
-from worker.store.columns import ledger_columns, quarantine_columns, usage_columns, window_columns
+from worker.store.columns import ledger_columns, quarantine_columns, usage_records, window_columns
 from worker.touches import Touch
 
 
@@ -151,13 +151,10 @@ class Tx:
 
     async def insert_api_usage(self, rows: UsageRows) -> UsageStored:
         """Insert events (a redelivery is a no-op) with their hourly rollups."""
-        columns = usage_columns(rows)
         inserted = 0
         touched = []
         conflicts = []
-        records = await self.conn.fetch(
-            query("insert_api_usage"), *columns, rows.providers, rows.estimates, rows.estimate_sources
-        )
+        records = await self.conn.fetch(query("insert_api_usage"), usage_records(rows))
         for row in records:
             if row["kind"] == "conflict":
                 conflicts.append((row["organization_id"], row["event_id"]))
