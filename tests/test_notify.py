@@ -36,6 +36,7 @@ from worker.notify.service import NotifyService
 from worker.notify.urls import UrlRefused
 
 KEY = base64.b64encode(os.urandom(32)).decode()
+CLAIM_SLACK = 0.25  # seconds a claim may take beyond the poll interval on a loaded 2-core CI machine
 
 
 @dataclass
@@ -528,6 +529,7 @@ async def test_a_receiver_that_never_recovers_is_given_up_at_the_maximum_age(
     assert row["last_status"] == 500
     assert row["last_error"] == "gave up: HTTP 500: internal error"
     # The last attempt was scheduled within the maximum age; the claim that starts it (and stamps
-    # last_attempt_at) runs when the dispatcher next wakes, up to one poll interval later.
+    # last_attempt_at) runs when the dispatcher next wakes, up to one poll interval later, plus the claim's own
+    # time on a loaded machine.
     age = (row["last_attempt_at"] - row["created_at"]).total_seconds()
-    assert age <= settings.notify_max_age + settings.notify_poll_interval
+    assert age <= settings.notify_max_age + settings.notify_poll_interval + CLAIM_SLACK

@@ -21,7 +21,7 @@ from tests.factories import api_event, make_org
 from tests.feeding import Feeder
 from worker.budgets import BudgetEngine
 from worker.config import Settings
-from worker.migrate import COMPAT_FILE, migrate, schema_dir
+from worker.migrate import COMPAT_FILE, MigrationReport, migrate, schema_dir
 from worker.pipeline import Pipeline
 from worker.store import Database
 
@@ -116,10 +116,21 @@ async def migrate_filled(url: str, tmp_path: Path, rows: int) -> tuple[Writes, f
         table = await conn.fetchval("SELECT 'api_usage'::regclass::oid")
     finally:
         await conn.close()
+    report, writes, took = await migrate_while_writing(url, org, table)
+    assert [label for label in report.applied if label.startswith("0011")] == ["0011_partitioned_api_usage"]
+    return writes, filled, took
+
+
+async def migrate_while_writing(
+    url: str, org: uuid.UUID, table: int | None = None
+) -> tuple[MigrationReport, Writes, float]:
+    """Migrate to the newest while a writer inserts one row at a time (and, given a table's oid, while its ACCESS
+    EXCLUSIVE moments are watched). Returns the report, the writes and how long migrate took."""
     writes = Writes()
     stop = asyncio.Event()
-    writer = asyncio.create_task(keep_writing(url, org, stop, writes))
-    watcher = asyncio.create_task(watch_exclusive(url, table, stop, writes))
+    tasks = [asyncio.create_task(keep_writing(url, org, stop, writes))]
+    if table is not None:
+        tasks.append(asyncio.create_task(watch_exclusive(url, table, stop, writes)))
     await asyncio.sleep(0.2)
     began = time.monotonic()
     try:
@@ -127,10 +138,8 @@ async def migrate_filled(url: str, tmp_path: Path, rows: int) -> tuple[Writes, f
     finally:
         took = time.monotonic() - began
         stop.set()
-        await writer
-        await watcher
-    assert [label for label in report.applied if label.startswith("0011")] == ["0011_partitioned_api_usage"]
-    return writes, filled, took
+        await asyncio.gather(*tasks)
+    return report, writes, took
 
 
 async def check_migrated(url: str, rows: int, writes: Writes) -> None:

@@ -5,9 +5,7 @@ primary key, attached to the table's; rows and duplicates mean what they meant."
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import time
 import uuid
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -16,7 +14,7 @@ import asyncpg
 
 from tests.factories import api_event, make_org
 from tests.feeding import Feeder
-from tests.test_partition_migration import Writes, keep_writing, schema_before
+from tests.test_partition_migration import migrate_while_writing, schema_before
 from worker.budgets import BudgetEngine
 from worker.config import Settings
 from worker.migrate import migrate
@@ -88,17 +86,7 @@ async def test_every_partition_gets_the_time_led_key_online_and_duplicates_stay_
     finally:
         await conn.close()
 
-    writes = Writes()
-    stop = asyncio.Event()
-    writer = asyncio.create_task(keep_writing(url, org, stop, writes))
-    await asyncio.sleep(0.2)
-    began = time.monotonic()
-    try:
-        report = await migrate(url)
-    finally:
-        took = time.monotonic() - began
-        stop.set()
-        await writer
+    report, writes, took = await migrate_while_writing(url, org)
     assert report.applied[0] == "0014_api_usage_time_key"
     assert len(writes.stalls) >= 3, "the writer went on while the migration ran"
     print(
