@@ -36,6 +36,7 @@ ASSISTANT = "0d3c0000-0000-4000-8000-0000000000f1"
 SEARCH = "0d3c0000-0000-4000-8000-0000000000f2"
 CLAUDE_APPS = "0d3c0000-0000-4000-8000-0000000000f3"
 DEMO_IDLE = 2.0  # seconds of quiet after which the demo run is over
+DEMO_EVENT_SPAN = timedelta(hours=5)  # the demo's API events lie at most this long before now, and within today
 TOPIC_PARTITIONS = 3
 DEV_SESSION_TIMEOUT = 6.0  # seconds, with the embedded broker
 
@@ -124,6 +125,11 @@ def demo_stream(now: datetime, seed: int = 42) -> tuple[list[bytes], list[bytes]
     """API events (with duplicates and a few bad ones) and provider envelopes (with a revision)."""
     rng = random.Random(seed)  # noqa: S311 - a reproducible demo, not security
     events: list[bytes] = []
+    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    # Today only (UTC): yesterday's hours belong to the provider buckets below, which replace the estimates they
+    # cover, and on the 1st they are last month. So the budgets' crossings do not depend on the time of day or
+    # the day of the month the demo runs (tests/unit/test_demo_prices.py).
+    span = min(DEMO_EVENT_SPAN, now - day)
     projects = [
         (ASSISTANT, "gpt-4o", Decimal("0.35")),
         (SEARCH, "gpt-4o", Decimal("0.02")),
@@ -132,7 +138,7 @@ def demo_stream(now: datetime, seed: int = 42) -> tuple[list[bytes], list[bytes]
     for i in range(300):
         project, model, typical = projects[i % 3]
         user = ALICE if i % 4 == 0 else BOB
-        at = now - timedelta(minutes=rng.randint(1, 300))
+        at = now - span * (rng.randint(1, 300) / 300)
         cost = (typical * Decimal(rng.randint(50, 150)) / 100).quantize(Decimal("0.000001"))
         prompt = rng.randint(100, 3000)
         completion = rng.randint(50, 1500)
@@ -187,7 +193,6 @@ def demo_stream(now: datetime, seed: int = 42) -> tuple[list[bytes], list[bytes]
     ]
     rng.shuffle(events)
 
-    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
     yesterday, before = day - timedelta(days=1), day - timedelta(days=2)
     buckets = [
         _envelope(
