@@ -168,21 +168,42 @@ async def assert_matches(db: asyncpg.Connection, world: World, expected: Expecte
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(base=st.sampled_from(BASE_DAYS), plan=plans())
+@given(base=st.sampled_from(BASE_DAYS), plan=plans(), register_at=st.integers(0, 25))
 async def test_spend_from_the_aggregate_equals_the_model_and_the_full_computation(
-    base: datetime, plan: list[Step], db: asyncpg.Connection, feeder: Feeder
+    base: datetime, plan: list[Step], register_at: int, db: asyncpg.Connection, feeder: Feeder
 ) -> None:
+    """Also the user scopes' registration (0016): the world's user budget (the user's scope) is registered by the
+    worker's first evaluation of it; the user's scope within proj_a, which no budget names, is registered by hand
+    before step ``register_at`` (after every step, or never when that is past the end: computed in full)."""
     await add_prices_once(db)
     world = await make_world(db, base)
+    within = {**world.budgets[-1], "scope": "user", "project": world.projects["proj_a"], "period": "monthly"}
+    world.budgets.append(within)
     expected = Expected(world)
     rates: currency_model.Rates = await load_rates(db, base, Rates(()))
-    for step in plan:
+    for index, step in enumerate(plan):
+        if index == register_at:
+            await track(db, world.org, world.user, within["project"])
         if isinstance(step, Rates):
             rates = await load_rates(db, base, step)
         else:
             await apply_step(feeder, world, expected, base, step)
+    if register_at == len(plan):
+        await track(db, world.org, world.user, within["project"])
+    registered = await db.fetchval(
+        "SELECT count(*) FROM spend_subjects WHERE subject = $1 AND subject_project = $2", world.user, within["project"]
+    )
+    assert registered == (1 if register_at <= len(plan) else 0)
+    if any(isinstance(step, Event) for step in plan):
+        user_scope = "SELECT count(*) FROM spend_subjects WHERE scope = 'user' AND subject = $1"
+        assert await db.fetchval(user_scope, world.user) == 1  # the worker's evaluation registered it
     assert await assert_matches(db, world, expected, rates) > 0
     await assert_incremental_equals_rebuilt(db, world.org)
+
+
+async def track(db: asyncpg.Connection, org: uuid.UUID, user: uuid.UUID, project: uuid.UUID | None) -> int:
+    """Register a user scope (what the worker does for the user budgets it evaluates)."""
+    return int(await db.fetchval("SELECT cost_worker_spend_track($1, $2, $3)", [org], [user], [project]))
 
 
 async def _spend_values(db: asyncpg.Connection, world: World) -> list[Any]:
@@ -506,4 +527,40 @@ async def test_rows_loaded_with_triggers_off_are_counted_after_rebuild_spend(
     assert "rebuilt for 1 organization(s)" in result.stdout
     for scope, project in (("organization", None), ("project", a)):
         assert await spend(db, "cost_worker_spend", scope, org.id, project) == 7
+    await assert_incremental_equals_rebuilt(db, org.id)
+
+
+async def test_a_user_scope_is_kept_once_a_user_budget_names_it(db: asyncpg.Connection, feeder: Feeder) -> None:
+    """0016: the aggregate keeps a user's scopes only once a user budget names them. Spend of a user no budget names
+    is computed in full; the first evaluation of a new user budget registers its scope and builds it from the
+    rollups, earlier events included, in the batch's transaction."""
+    org = await make_org(db, users=2)
+    a = org.projects["proj_a"]
+    budgeted, other = org.users
+    at = "2026-11-21T10:00:00Z"
+    await feeder.events(
+        api_event(org, project=a, user=budgeted, occurred_at=at, cost="3"),
+        api_event(org, project=a, user=other, occurred_at=at, cost="2"),
+    )
+    user_rows = "SELECT count(*) FROM spend_hourly WHERE scope IN ('user', 'user_project') AND subject = $1"
+    assert await db.fetchval(user_rows, budgeted) == 0
+    assert await db.fetchval(user_rows, other) == 0
+    budget = await db.fetchval(
+        "INSERT INTO ai_budgets (organization_id, user_id, name, amount, period, timezone, thresholds) "
+        "VALUES ($1, $2, 'Monthly', 10, 'monthly', 'UTC', '{50,100}') RETURNING id",
+        org.id,
+        budgeted,
+    )
+    await feeder.events(api_event(org, project=a, user=budgeted, occurred_at="2026-11-21T11:00:00Z", cost="2.5"))
+    assert await db.fetchval("SELECT count(*) FROM spend_subjects WHERE scope = 'user' AND subject = $1", budgeted) == 1
+    assert await db.fetchval(user_rows, budgeted) == 2  # its two hours, the first from before the budget
+    assert await db.fetchval(user_rows, other) == 0
+    alerts = await db.fetch("SELECT threshold, spend FROM budget_alerts WHERE budget_id = $1", budget)
+    assert [(r["threshold"], r["spend"]) for r in alerts] == [(50, Decimal("5.5"))]
+    for user, wanted in ((budgeted, Decimal("5.5")), (other, Decimal(2))):
+        for fn in ("cost_worker_spend", "cost_worker_spend_full"):
+            value = await db.fetchval(
+                f"SELECT spend FROM {fn}('user', $1, NULL, $2, '2026-11-01Z', '2026-12-01Z', 'USD')", org.id, user
+            )
+            assert value == wanted, (fn, user)
     await assert_incremental_equals_rebuilt(db, org.id)

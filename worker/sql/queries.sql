@@ -542,6 +542,11 @@ ORDER BY b.organization_id, b.scope, b.name, b.id;
 SELECT count(pg_advisory_xact_lock(hashtextextended('cost_worker.budgets:' || o::text, 0)))
 FROM (SELECT o FROM unnest($1::uuid[]) AS o ORDER BY o) AS sorted;
 
+-- name: spend_track
+-- Register the user budgets' scopes (organization, user, project or NULL) whose spend the aggregate keeps (0016),
+-- building a new one from its rollups; returns how many were new (usually none: one index probe each).
+SELECT cost_worker_spend_track($1::uuid[], $2::uuid[], $3::uuid[]);
+
 -- name: budget_spend
 -- Spend of each (scope, period) in the budget's currency, by the rule in cost_worker_spend(), read from the spend
 -- aggregate for all of them in one statement (cost_worker_spend_many, 0012; NULL spend: unconvertible, a rate is

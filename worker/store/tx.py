@@ -198,6 +198,19 @@ class Tx:
     async def lock_organizations(self, organizations: set[UUID]) -> None:
         await self.conn.fetchval(query("budget_lock_organizations"), sorted(organizations))
 
+    async def track_spend(self, budgets: Sequence[BudgetPeriod]) -> int:
+        """Have the spend aggregate keep the scopes of these user budgets (0016); how many were new."""
+        users = [b for b in budgets if b.scope == "user"]
+        if not users:
+            return 0
+        added = await self.conn.fetchval(
+            query("spend_track"),
+            [b.organization_id for b in users],
+            [b.user_id for b in users],
+            [b.project_id for b in users],
+        )
+        return int(added or 0)
+
     async def budget_spend(self, candidates: Sequence[BudgetPeriod]) -> list[Spend]:
         rows = await self.conn.fetch(
             query("budget_spend"),
