@@ -298,24 +298,40 @@ AS $$
                    AS tracked
         FROM k
     ),
+    -- One index range scan per candidate and level (LATERAL behind OFFSET 0), and none for an edge that is empty (a
+    -- period starting and ending at UTC midnights has none). 0012 joined the candidates to spend_hourly and
+    -- spend_daily, and with many candidates the planner chose to sort all of spend_hourly for a merge join (0.8 s per
+    -- edge for 3,000 candidates on 336,000 hourly rows, and growing with the table).
     parts AS (
         SELECT i.ord, i.currency AS to_code, d.currency, d.rate_day, d.amount, d.n_rows, d.max_scale
-        FROM i JOIN spend_daily d
-          ON d.scope = i.k_scope AND d.subject = i.k_subject AND d.subject_project = i.k_project
-         AND d.day >= i.d_from AND d.day < i.d_until
-        WHERE i.tracked AND d.n_rows <> 0 AND (i.k_scope NOT IN ('organization', 'project') OR d.organization_id = i.org)
+        FROM i CROSS JOIN LATERAL (
+            SELECT v.currency, v.rate_day, v.amount, v.n_rows, v.max_scale FROM spend_daily v
+            WHERE v.scope = i.k_scope AND v.subject = i.k_subject AND v.subject_project = i.k_project
+              AND v.day >= i.d_from AND v.day < i.d_until AND v.n_rows <> 0
+              AND (i.k_scope NOT IN ('organization', 'project') OR v.organization_id = i.org)
+            OFFSET 0
+        ) d
+        WHERE i.tracked AND i.d_from < i.d_until
         UNION ALL
         SELECT i.ord, i.currency, h.currency, h.rate_day, h.amount, h.n_rows, h.max_scale
-        FROM i JOIN spend_hourly h
-          ON h.scope = i.k_scope AND h.subject = i.k_subject AND h.subject_project = i.k_project
-         AND h.at >= i.period_start AND h.at < least(i.period_end, i.d_from)
-        WHERE i.tracked AND h.n_rows <> 0 AND (i.k_scope NOT IN ('organization', 'project') OR h.organization_id = i.org)
+        FROM i CROSS JOIN LATERAL (
+            SELECT v.currency, v.rate_day, v.amount, v.n_rows, v.max_scale FROM spend_hourly v
+            WHERE v.scope = i.k_scope AND v.subject = i.k_subject AND v.subject_project = i.k_project
+              AND v.at >= i.period_start AND v.at < least(i.period_end, i.d_from) AND v.n_rows <> 0
+              AND (i.k_scope NOT IN ('organization', 'project') OR v.organization_id = i.org)
+            OFFSET 0
+        ) h
+        WHERE i.tracked AND i.period_start < least(i.period_end, i.d_from)
         UNION ALL
         SELECT i.ord, i.currency, h.currency, h.rate_day, h.amount, h.n_rows, h.max_scale
-        FROM i JOIN spend_hourly h
-          ON h.scope = i.k_scope AND h.subject = i.k_subject AND h.subject_project = i.k_project
-         AND h.at >= greatest(i.d_until, i.d_from, i.period_start) AND h.at < i.period_end
-        WHERE i.tracked AND h.n_rows <> 0 AND (i.k_scope NOT IN ('organization', 'project') OR h.organization_id = i.org)
+        FROM i CROSS JOIN LATERAL (
+            SELECT v.currency, v.rate_day, v.amount, v.n_rows, v.max_scale FROM spend_hourly v
+            WHERE v.scope = i.k_scope AND v.subject = i.k_subject AND v.subject_project = i.k_project
+              AND v.at >= greatest(i.d_until, i.d_from, i.period_start) AND v.at < i.period_end AND v.n_rows <> 0
+              AND (i.k_scope NOT IN ('organization', 'project') OR v.organization_id = i.org)
+            OFFSET 0
+        ) h
+        WHERE i.tracked AND greatest(i.d_until, i.d_from, i.period_start) < i.period_end
     ),
     p AS MATERIALIZED (SELECT * FROM parts),
     same AS (  -- rows in the budget's currency: summed as they are
