@@ -67,6 +67,7 @@ async def tenants(db: asyncpg.Connection) -> Tenants:
             project,
         )
         await db.execute("INSERT INTO ai_budgets (organization_id, user_id, amount) VALUES ($1, $2, 10)", org, user)
+        await db.execute("SELECT cost_worker_spend_track(ARRAY[$1::uuid], ARRAY[$2::uuid], '{NULL}')", org, user)
         await db.execute(
             "INSERT INTO budget_alerts (id, scope, budget_id, organization_id, period_start, period_end, "
             "threshold, spend, amount, currency, percent_used) VALUES "
@@ -125,6 +126,7 @@ async def test_every_tenant_table_is_covered(db: asyncpg.Connection) -> None:
         "spend_daily",
         "spend_cover",
         "spend_reach",
+        "spend_subjects",
     }
 
 
