@@ -202,8 +202,8 @@ async def test_spend_from_the_aggregate_equals_the_model_and_the_full_computatio
 
 
 async def track(db: asyncpg.Connection, org: uuid.UUID, user: uuid.UUID, project: uuid.UUID | None) -> int:
-    """Register a user scope (what the worker does for the user budgets it evaluates)."""
-    return int(await db.fetchval("SELECT cost_worker_spend_track($1, $2, $3)", [org], [user], [project]))
+    """Register a user budget's scope (what the worker does for the budgets it evaluates)."""
+    return int(await db.fetchval("SELECT cost_worker_spend_track('{user}', $1, $2, $3)", [org], [project], [user]))
 
 
 async def _spend_values(db: asyncpg.Connection, world: World) -> list[Any]:
@@ -563,4 +563,42 @@ async def test_a_user_scope_is_kept_once_a_user_budget_names_it(db: asyncpg.Conn
                 f"SELECT spend FROM {fn}('user', $1, NULL, $2, '2026-11-01Z', '2026-12-01Z', 'USD')", org.id, user
             )
             assert value == wanted, (fn, user)
+    await assert_incremental_equals_rebuilt(db, org.id)
+
+
+async def test_a_project_scope_is_kept_once_a_project_budget_names_it(db: asyncpg.Connection, feeder: Feeder) -> None:
+    """0016: a project's scope is kept once a project budget names it; its registration recomputes the project's
+    whole history by the rules (a provider cost line covering an estimate's hour included)."""
+    org = await make_org(db, project_ids=("proj_a", "proj_b"))
+    a, b = org.projects["proj_a"], org.projects["proj_b"]
+    await feeder.events(
+        api_event(org, project=a, occurred_at="2026-11-03T03:10:00Z", cost="2"),  # covered by the cost line below
+        api_event(org, project=a, occurred_at="2026-11-03T05:10:00Z", cost="3"),
+        api_event(org, project=b, occurred_at="2026-11-03T05:10:00Z", cost="4"),
+    )
+    await feeder.buckets(
+        envelope(
+            "openai",
+            org.ai_org,
+            "costs_v1",
+            [openai_cost_bucket("2026-11-03T03:00:00", "2026-11-03T04:00:00", [("proj_a", "x", "7")])],
+        )
+    )
+    project_rows = "SELECT count(*) FROM spend_hourly WHERE scope = 'project' AND subject = $1"
+    assert await db.fetchval(project_rows, a) == 0
+    assert await db.fetchval("SELECT count(*) FROM spend_cover WHERE scope = 'project'") == 0
+    assert await spend(db, "cost_worker_spend", "project", org.id, a) == 10  # computed in full: 7 + 3
+    await db.execute(
+        "INSERT INTO ai_project_budgets (organization_id, project_id, name, amount, period, timezone, thresholds) "
+        "VALUES ($1, $2, 'Monthly', 100, 'monthly', 'UTC', '{50}')",
+        org.id,
+        a,
+    )
+    await feeder.events(api_event(org, project=a, occurred_at="2026-11-03T06:10:00Z", cost="1"))
+    assert await db.fetchval("SELECT count(*) FROM spend_subjects WHERE scope = 'project' AND subject = $1", a) == 1
+    assert await db.fetchval(project_rows, a) == 3  # the cost line's hour and two estimate hours
+    assert await db.fetchval(project_rows, b) == 0
+    for project, wanted in ((a, 11), (b, 4)):
+        for fn in ("cost_worker_spend", "cost_worker_spend_full"):
+            assert await spend(db, fn, "project", org.id, project) == wanted, (fn, project)
     await assert_incremental_equals_rebuilt(db, org.id)

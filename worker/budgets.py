@@ -146,8 +146,8 @@ class BudgetEngine:
             return []
         # Concurrent workers touching the same organization evaluate one after the other (until commit).
         await tx.lock_organizations({c.organization_id for c in candidates})
-        # A user budget's scope is kept in the spend aggregate once it is registered (0016); the first evaluation
-        # registers it and builds it from its rollups, in this transaction, so the read below uses it.
+        # A project or user budget's scope is kept in the spend aggregate once it is registered (0016); the first
+        # evaluation registers it and builds it, in this transaction, so the read below uses it.
         await tx.track_spend(candidates)
         spends = await tx.budget_spend(candidates)
         metrics.BUDGET_EVALUATIONS.labels(trigger=trigger).inc(len(candidates))

@@ -499,16 +499,34 @@ matched AS (
                       WHEN 'project' THEN b.project_id = t.project_id
                       ELSE b.user_id = t.user_id AND (b.project_id IS NULL OR b.project_id = t.project_id) END
 ),
+-- The period of every distinct (kind, time zone, instant) and the periods of every distinct provider span, computed
+-- once each and joined back: a batch's touched rows share a few hours and its budgets a few (kind, zone) pairs, so
+-- this is tens of period computations where one per (budget, touched row) was thousands (cost_worker_period is a
+-- SQL function called per row: ~9,000 calls, ~60 ms, for a batch spread over 1,000 organizations).
+instants AS (
+    SELECT x.period, x.timezone, x.at, p.period_start, p.period_end
+    FROM (SELECT DISTINCT m.period, m.timezone, m.at FROM matched m) x
+    CROSS JOIN LATERAL cost_worker_period(x.period, x.timezone, x.at) p
+),
+spans AS (
+    SELECT x.period, x.timezone, x.span_start, x.span_end, p.period_start, p.period_end
+    FROM (SELECT DISTINCT m.period, m.timezone, m.span_start, m.span_end FROM matched m
+          WHERE m.span_start IS NOT NULL) x
+    CROSS JOIN LATERAL cost_worker_periods(x.period, x.timezone, x.span_start, x.span_end) p
+),
 periods AS (
-    SELECT DISTINCT m.scope, m.id, m.organization_id, m.project_id, m.user_id, m.name, m.amount, m.currency,
-           m.period::text AS period, m.timezone, m.thresholds, p.period_start, p.period_end
-    FROM matched m CROSS JOIN LATERAL (
-        -- The period containing `at` (a provider row's window midpoint, an estimate's hour) and, for a provider
-        -- row, every other period its window overlaps (its coverage of estimate hours reaches them).
-        SELECT * FROM cost_worker_period(m.period, m.timezone, m.at)
-        UNION
-        SELECT * FROM cost_worker_periods(m.period, m.timezone, m.span_start, m.span_end) WHERE m.span_start IS NOT NULL
-    ) p
+    -- The period containing `at` (a provider row's window midpoint, an estimate's hour) and, for a provider row,
+    -- every other period its window overlaps (its coverage of estimate hours reaches them).
+    SELECT DISTINCT p.scope, p.id, p.organization_id, p.project_id, p.user_id, p.name, p.amount, p.currency,
+           p.period::text AS period, p.timezone, p.thresholds, p.period_start, p.period_end
+    FROM (SELECT m.*, i.period_start, i.period_end
+          FROM matched m
+          JOIN instants i ON i.period = m.period AND i.timezone = m.timezone AND i.at = m.at
+          UNION ALL
+          SELECT m.*, s.period_start, s.period_end
+          FROM matched m
+          JOIN spans s ON s.period = m.period AND s.timezone = m.timezone AND s.span_start = m.span_start
+                      AND s.span_end = m.span_end) p
 )
 SELECT p.*, a.alert_thresholds, a.alert_crossings, a.alert_open_ids
 FROM periods p
@@ -543,9 +561,10 @@ SELECT count(pg_advisory_xact_lock(hashtextextended('cost_worker.budgets:' || o:
 FROM (SELECT o FROM unnest($1::uuid[]) AS o ORDER BY o) AS sorted;
 
 -- name: spend_track
--- Register the user budgets' scopes (organization, user, project or NULL) whose spend the aggregate keeps (0016),
--- building a new one from its rollups; returns how many were new (usually none: one index probe each).
-SELECT cost_worker_spend_track($1::uuid[], $2::uuid[], $3::uuid[]);
+-- Register the scopes of these budgets (scope, organization, project, user) that the spend aggregate keeps (0016:
+-- projects and users once a budget names them), building a new one in this transaction; returns how many were new
+-- (usually none: one index probe each).
+SELECT cost_worker_spend_track($1::text[], $2::uuid[], $3::uuid[], $4::uuid[]);
 
 -- name: budget_spend
 -- Spend of each (scope, period) in the budget's currency, by the rule in cost_worker_spend(), read from the spend

@@ -199,15 +199,16 @@ class Tx:
         await self.conn.fetchval(query("budget_lock_organizations"), sorted(organizations))
 
     async def track_spend(self, budgets: Sequence[BudgetPeriod]) -> int:
-        """Have the spend aggregate keep the scopes of these user budgets (0016); how many were new."""
-        users = [b for b in budgets if b.scope == "user"]
-        if not users:
+        """Have the spend aggregate keep the scopes of these project and user budgets (0016); how many were new."""
+        kept = [b for b in budgets if b.scope != "organization"]
+        if not kept:
             return 0
         added = await self.conn.fetchval(
             query("spend_track"),
-            [b.organization_id for b in users],
-            [b.user_id for b in users],
-            [b.project_id for b in users],
+            [b.scope for b in kept],
+            [b.organization_id for b in kept],
+            [b.project_id for b in kept],
+            [b.user_id for b in kept],
         )
         return int(added or 0)
 

@@ -1,40 +1,71 @@
--- Issue 18 item 6 (budgets at platform scale): the spend aggregate keeps the user scopes ('user', 'user_project')
--- only for the users a budget is about, instead of for every user.
+-- Issue 18 item 6 (budgets at platform scale): the spend aggregate keeps a project's scope and a user's scopes only
+-- once a budget names them, instead of for every project and user; and reads a period with one index range scan per
+-- candidate and level.
 --
--- Why: every rollup row a batch changes added its delta to four user-scope aggregate rows (the user's and the user's
--- within the project, hourly and daily) next to the four of its organization and project. A platform has many
--- users and few user budgets, so most of those writes were never read: in the benchmark's spread drain (1,000
--- organizations, events spread over them, ~5,000 distinct rollup rows per batch) the user-scope trigger took ~215 ms
--- of a ~1,340 ms batch.
+-- Why: every rollup row a batch changes added its delta to the organization's, the project's, the user's and the
+-- user-within-project scopes, hourly and daily (eight aggregate rows), and every changed provider window was
+-- recomputed for its project's scope. A platform has many projects and users and few project or user budgets, so
+-- most of those writes were never read: in the benchmark's spread drain (1,000 organizations, ~5,000 distinct
+-- rollup rows per batch) the user-scope trigger alone took ~215 ms of a ~1,340 ms batch.
 --
--- spend_subjects lists the user scopes kept. cost_worker_spend_track registers the subjects of the budgets it is
--- given (the worker calls it for the user budgets it evaluates, the batch's candidates and the sweep's), and
--- builds a newly registered subject's aggregate from its rollups in the same transaction. A subject stays
+-- spend_subjects lists the project and user scopes kept (organizations are always kept). cost_worker_spend_track
+-- registers the scopes of the budgets it is given (the worker calls it for the budgets it evaluates, a batch's
+-- candidates and the sweep's) and builds a newly registered scope in the same transaction: a user's from its
+-- rollups, a project's by the full rules over its whole history (cost_worker_spend_recompute). A subject stays
 -- registered once it is (a budget deleted or deactivated leaves it: re-activating needs no rebuild).
 -- Equal to the full computation at every moment:
--- - a registered subject's rows are added by the user-scope trigger (cost_worker_spend_users_changed), which now
---   takes the organization's shared spend lock before it reads spend_subjects; registration takes the exclusive
---   one before it inserts and rebuilds. So a concurrent batch's delta is either seen committed by the rebuild or
---   added after the registration committed (READ COMMITTED: every statement of these functions takes a new
+-- - a registered subject's rows are added by the triggers, which take the organization's spend lock (shared for
+--   rollup deltas, exclusive for provider lines) before they read spend_subjects; registration takes the exclusive
+--   one before it inserts and builds. So a concurrent batch's change is either seen committed by the build or
+--   applied after the registration committed (READ COMMITTED: every statement of these functions takes a new
 --   snapshot after the lock), never both and never neither;
--- - an unregistered user scope is computed in full (cost_worker_spend_full) by cost_worker_spend_many: the rows the
+-- - an unregistered scope is computed in full (cost_worker_spend_full) by cost_worker_spend_many: the rows the
 --   aggregate holds for it from before this migration are never read, and a registration replaces them.
--- Organization and project scopes are kept as before (their provider rows and coverage are not sums of rollups).
 --
--- Expand (compat.toml): a new table and function; cost_worker_spend_many, cost_worker_spend_users_changed and
--- cost_worker_spend_rebuild keep their signatures and their results. The previous release does not call
--- cost_worker_spend_track: its user budgets registered here (every user budget that exists now) keep the aggregate,
--- a user budget created later is computed in full until this release evaluates it.
+-- Expand (compat.toml): a new table and function; the functions replaced keep their signatures and their results.
+-- The previous release does not call cost_worker_spend_track: the budgets registered here (every project and user
+-- budget that exists now) keep the aggregate, a budget created later is computed in full until this release
+-- evaluates it.
 
 CREATE TABLE spend_subjects (
     organization_id uuid NOT NULL REFERENCES organizations (id) ON DELETE CASCADE,
-    scope           text NOT NULL CHECK (scope IN ('user', 'user_project')),
-    subject         uuid NOT NULL,  -- the user
+    scope           text NOT NULL CHECK (scope IN ('project', 'user', 'user_project')),
+    subject         uuid NOT NULL,  -- the project or the user
     subject_project uuid NOT NULL DEFAULT '00000000-0000-0000-0000-000000000000',  -- user_project: the project
     registered_at   timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT spend_subjects_key PRIMARY KEY (scope, subject, subject_project)
 );
-COMMENT ON TABLE spend_subjects IS 'the user scopes spend_hourly and spend_daily are kept for (a user budget''s)';
+COMMENT ON TABLE spend_subjects IS 'the project and user scopes the spend aggregate is kept for (a budget''s)';
+
+-- The scope a budget's spend is kept under: ('project', project) or ('user' | 'user_project', user, project).
+CREATE FUNCTION cost_worker_spend_subject(
+    budget_scope text, project uuid, usr uuid, OUT scope text, OUT subject uuid, OUT subject_project uuid
+)
+LANGUAGE sql IMMUTABLE
+AS $$
+    SELECT CASE WHEN budget_scope = 'project' THEN 'project'
+                WHEN project IS NULL THEN 'user'
+                ELSE 'user_project' END,
+           CASE WHEN budget_scope = 'project' THEN project ELSE usr END,
+           CASE WHEN budget_scope = 'user' AND project IS NOT NULL THEN project
+                ELSE '00000000-0000-0000-0000-000000000000'::uuid END
+$$;
+
+-- Every project and user budget that exists now (active or not): their aggregate is up to date (0012 kept every
+-- project and user). The backfill must see every tenant's budgets: the owner lifts FORCE on the two budget tables
+-- for the length of this transaction (as 0012 did; they are small), and spend_subjects gets its row-level
+-- security after it.
+ALTER TABLE ai_project_budgets NO FORCE ROW LEVEL SECURITY;
+ALTER TABLE ai_budgets NO FORCE ROW LEVEL SECURITY;
+INSERT INTO spend_subjects (organization_id, scope, subject, subject_project)
+SELECT DISTINCT b.organization_id, k.scope, k.subject, k.subject_project
+FROM (SELECT organization_id, 'project' AS scope, project_id, NULL::uuid AS user_id FROM ai_project_budgets
+      UNION ALL
+      SELECT organization_id, 'user', project_id, user_id FROM ai_budgets) b
+CROSS JOIN LATERAL cost_worker_spend_subject(b.scope, b.project_id, b.user_id) k
+ON CONFLICT DO NOTHING;
+ALTER TABLE ai_project_budgets FORCE ROW LEVEL SECURITY;
+ALTER TABLE ai_budgets FORCE ROW LEVEL SECURITY;
 
 ALTER TABLE spend_subjects ENABLE ROW LEVEL SECURITY;
 ALTER TABLE spend_subjects FORCE ROW LEVEL SECURITY;
@@ -44,58 +75,53 @@ CREATE POLICY tenant_isolation ON spend_subjects
 GRANT SELECT, INSERT ON spend_subjects TO cost_worker_writer;
 GRANT SELECT ON spend_subjects TO cost_worker_reader;
 
--- Every user budget that exists now (active or not): their aggregate is up to date (0012 kept every user).
-INSERT INTO spend_subjects (organization_id, scope, subject, subject_project)
-SELECT DISTINCT b.organization_id, CASE WHEN b.project_id IS NULL THEN 'user' ELSE 'user_project' END, b.user_id,
-       coalesce(b.project_id, '00000000-0000-0000-0000-000000000000'::uuid)
-FROM ai_budgets b
-ON CONFLICT DO NOTHING;
-
--- Register the user scopes of (organization, user, project or NULL) triples, and build the aggregate of those not
--- registered before from their rollups. Returns how many were registered. Most calls find every subject registered:
--- one index probe each, no lock, nothing written.
-CREATE FUNCTION cost_worker_spend_track(orgs uuid[], users uuid[], projects uuid[]) RETURNS integer
+-- Register the scopes of budgets given as (scope, organization, project, user) ('organization' budgets are ignored:
+-- always kept), and build the aggregate of those not registered before. Returns how many were registered. Most
+-- calls find every subject registered: one index probe each, no lock, nothing written.
+CREATE FUNCTION cost_worker_spend_track(scopes text[], orgs uuid[], projects uuid[], users uuid[]) RETURNS integer
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
     m_orgs uuid[];
     added_scopes text[];
-    added_users uuid[];
+    added_subjects uuid[];
     added_projects uuid[];
+    added_orgs uuid[];
+    areas cost_worker_spend_area[];
 BEGIN
     SELECT array_agg(w.o) INTO m_orgs
-    FROM (SELECT DISTINCT t.o, t.u, coalesce(t.p, '00000000-0000-0000-0000-000000000000'::uuid) AS p
-          FROM unnest(orgs, users, projects) AS t(o, u, p) WHERE t.o IS NOT NULL AND t.u IS NOT NULL) w
+    FROM (SELECT DISTINCT t.o, k.scope, k.subject, k.subject_project
+          FROM unnest(scopes, orgs, projects, users) AS t(scope, o, p, u)
+          CROSS JOIN LATERAL cost_worker_spend_subject(t.scope, t.p, t.u) k
+          WHERE t.scope IN ('project', 'user') AND k.subject IS NOT NULL) w
     WHERE NOT EXISTS (SELECT FROM spend_subjects s
-                      WHERE s.scope = CASE WHEN w.p = '00000000-0000-0000-0000-000000000000' THEN 'user' ELSE 'user_project' END
-                        AND s.subject = w.u AND s.subject_project = w.p);
+                      WHERE s.scope = w.scope AND s.subject = w.subject AND s.subject_project = w.subject_project);
     IF m_orgs IS NULL THEN
         RETURN 0;
     END IF;
-    -- Exclusive: no rollup delta of these organizations is in flight while the new subjects are built.
+    -- Exclusive: no change of these organizations' spend is in flight while the new subjects are built.
     PERFORM cost_worker_spend_lock(m_orgs, true);
     WITH added AS (
         INSERT INTO spend_subjects (organization_id, scope, subject, subject_project)
-        SELECT DISTINCT t.o, CASE WHEN t.p IS NULL THEN 'user' ELSE 'user_project' END, t.u,
-               coalesce(t.p, '00000000-0000-0000-0000-000000000000'::uuid)
-        FROM unnest(orgs, users, projects) AS t(o, u, p)
+        SELECT DISTINCT t.o, k.scope, k.subject, k.subject_project
+        FROM unnest(scopes, orgs, projects, users) AS t(scope, o, p, u)
+        CROSS JOIN LATERAL cost_worker_spend_subject(t.scope, t.p, t.u) k
         JOIN organizations o ON o.id = t.o  -- only existing organizations
-        WHERE t.u IS NOT NULL
+        WHERE t.scope IN ('project', 'user') AND k.subject IS NOT NULL
         ON CONFLICT DO NOTHING
-        RETURNING scope, subject, subject_project
+        RETURNING organization_id, scope, subject, subject_project
     )
-    SELECT array_agg(scope), array_agg(subject), array_agg(subject_project)
-    INTO added_scopes, added_users, added_projects
+    SELECT array_agg(organization_id), array_agg(scope), array_agg(subject), array_agg(subject_project)
+    INTO added_orgs, added_scopes, added_subjects, added_projects
     FROM added;
     IF added_scopes IS NULL THEN
         RETURN 0;
     END IF;
-    -- What 0012 kept for them before (or nothing), replaced by their rollups as they are now. Every read is an index
-    -- range scan per subject (LATERAL behind OFFSET 0: never a join the planner could answer with a scan of the whole
-    -- aggregate or of every rollup).
+    -- What 0012 kept for them before (or nothing) goes. Every read is an index range scan per subject (LATERAL
+    -- behind OFFSET 0: never a join the planner could answer with a scan of the whole aggregate).
     DELETE FROM spend_hourly h
     WHERE h.ctid = ANY (ARRAY(
-        SELECT x.ctid FROM unnest(added_scopes, added_users, added_projects) AS a(scope, subject, subject_project)
+        SELECT x.ctid FROM unnest(added_scopes, added_subjects, added_projects) AS a(scope, subject, subject_project)
         CROSS JOIN LATERAL (
             SELECT v.ctid FROM spend_hourly v
             WHERE v.scope = a.scope AND v.subject = a.subject AND v.subject_project = a.subject_project
@@ -103,40 +129,221 @@ BEGIN
         ) x));
     DELETE FROM spend_daily d
     WHERE d.ctid = ANY (ARRAY(
-        SELECT x.ctid FROM unnest(added_scopes, added_users, added_projects) AS a(scope, subject, subject_project)
+        SELECT x.ctid FROM unnest(added_scopes, added_subjects, added_projects) AS a(scope, subject, subject_project)
         CROSS JOIN LATERAL (
             SELECT v.ctid FROM spend_daily v
             WHERE v.scope = a.scope AND v.subject = a.subject AND v.subject_project = a.subject_project
             OFFSET 0
         ) x));
+    DELETE FROM spend_cover c
+    WHERE c.ctid = ANY (ARRAY(
+        SELECT x.ctid FROM unnest(added_scopes, added_subjects) AS a(scope, subject)
+        CROSS JOIN LATERAL (
+            SELECT v.ctid FROM spend_cover v WHERE v.scope = a.scope AND v.subject = a.subject OFFSET 0
+        ) x
+        WHERE a.scope = 'project'));
+    -- Projects: their whole history (provider lines and rollups) by the full rules.
+    SELECT coalesce(array_agg(ROW('project', a.subject, a.o, date_trunc('hour', x.s, 'UTC'),
+                                  cost_worker_hour_ceil(x.e))::cost_worker_spend_area), '{}')
+    INTO areas
+    FROM unnest(added_scopes, added_subjects, added_orgs) AS a(scope, subject, o)
+    CROSS JOIN LATERAL (
+        SELECT min(y.s) AS s, max(y.e) AS e
+        FROM (SELECT min(c.bucket_start_time) AS s, max(c.bucket_end_time) AS e
+              FROM cost_data c WHERE c.project_id = a.subject
+              UNION ALL
+              SELECT min(m.hour), max(m.hour) + interval '1 hour'
+              FROM project_metrics m WHERE m.organization_id = a.o AND m.project_id = a.subject) y
+    ) x
+    WHERE a.scope = 'project' AND x.s IS NOT NULL;
+    PERFORM cost_worker_spend_recompute(areas);
+    -- Users: their rollups as they are.
     INSERT INTO spend_hourly (organization_id, scope, subject, subject_project, at, rate_day, currency, authority,
                               amount, n_rows, max_scale)
     SELECT m.organization_id, a.scope, a.subject, a.subject_project, m.hour, (m.hour AT TIME ZONE 'UTC')::date, 'USD',
            'estimate', sum(m.estimated_cost_usd), count(*), max(scale(m.estimated_cost_usd))
-    FROM unnest(added_scopes, added_users, added_projects) AS a(scope, subject, subject_project)
+    FROM unnest(added_scopes, added_subjects, added_projects) AS a(scope, subject, subject_project)
     CROSS JOIN LATERAL (
         SELECT u.organization_id, u.hour, u.estimated_cost_usd FROM user_metrics u
         WHERE u.user_id = a.subject AND (a.scope = 'user' OR u.project_id = a.subject_project)
         OFFSET 0
     ) m
+    WHERE a.scope IN ('user', 'user_project')
     GROUP BY m.organization_id, a.scope, a.subject, a.subject_project, m.hour;
     INSERT INTO spend_daily (organization_id, scope, subject, subject_project, day, rate_day, currency, authority,
                              amount, n_rows, max_scale)
     SELECT h.organization_id, h.scope, h.subject, h.subject_project, date_trunc('day', h.at, 'UTC'), h.rate_day,
            h.currency, h.authority, sum(h.amount), sum(h.n_rows), max(h.max_scale)
-    FROM unnest(added_scopes, added_users, added_projects) AS a(scope, subject, subject_project)
+    FROM unnest(added_scopes, added_subjects, added_projects) AS a(scope, subject, subject_project)
     CROSS JOIN LATERAL (
         SELECT v.* FROM spend_hourly v
         WHERE v.scope = a.scope AND v.subject = a.subject AND v.subject_project = a.subject_project
         OFFSET 0
     ) h
+    WHERE a.scope IN ('user', 'user_project')
     GROUP BY 1, 2, 3, 4, 5, 6, 7, 8;
     RETURN cardinality(added_scopes);
 END
 $$;
-GRANT EXECUTE ON FUNCTION cost_worker_spend_track(uuid[], uuid[], uuid[]) TO cost_worker_writer;
+GRANT EXECUTE ON FUNCTION cost_worker_spend_track(text[], uuid[], uuid[], uuid[]) TO cost_worker_writer;
 
--- A user's rollup rows changed: add the net deltas to the user's scopes that are registered (above).
+-- Recompute areas (0012): a project's scope only when it is registered.
+CREATE OR REPLACE FUNCTION cost_worker_spend_recompute(areas cost_worker_spend_area[]) RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    live cost_worker_spend_area[];
+BEGIN
+    SELECT coalesce(array_agg(t ORDER BY t.scope, t.subject, t.s), '{}') INTO live
+    FROM unnest(areas) AS t
+    WHERE EXISTS (SELECT FROM organizations o WHERE o.id = t.organization_id)
+      -- a project's scope only when registered (0016); callers hold the organization's exclusive spend lock
+      AND (t.scope <> 'project'
+           OR EXISTS (SELECT FROM spend_subjects s
+                      WHERE s.scope = 'project' AND s.subject = t.subject
+                        AND s.subject_project = '00000000-0000-0000-0000-000000000000'));
+    IF cardinality(live) = 0 THEN
+        RETURN;
+    END IF;
+    -- Every read and delete below goes through one index range scan per area or day (LATERAL: a nested loop by
+    -- construction), never a join the planner could answer with a scan of the whole aggregate.
+    DELETE FROM spend_hourly h
+    WHERE h.ctid = ANY (ARRAY(
+        SELECT x.ctid FROM unnest(live) AS t
+        CROSS JOIN LATERAL (
+            SELECT s.ctid FROM spend_hourly s
+            WHERE s.scope = t.scope AND s.subject = t.subject
+              AND s.subject_project = '00000000-0000-0000-0000-000000000000' AND s.at >= t.s AND s.at < t.e
+            OFFSET 0  -- a fence: not pulled up into a join the planner may hash against a full scan
+        ) x));
+    DELETE FROM spend_cover c
+    WHERE c.ctid = ANY (ARRAY(
+        SELECT x.ctid FROM unnest(live) AS t
+        CROSS JOIN LATERAL (
+            SELECT v.ctid FROM spend_cover v
+            WHERE v.scope = t.scope AND v.subject = t.subject AND v.hour >= t.s AND v.hour < t.e
+            OFFSET 0  -- a fence: not pulled up into a join the planner may hash against a full scan
+        ) x));
+    WITH a AS (
+        SELECT t.ord::integer AS area, t.scope, t.subject, t.organization_id
+        FROM unnest(live) WITH ORDINALITY AS t(scope, subject, organization_id, s, e, ord)
+    ),
+    r AS MATERIALIZED (
+        SELECT a.organization_id, a.scope, a.subject, x.*
+        FROM cost_worker_spend_regions(live) x JOIN a ON a.area = x.area
+    ),
+    cover AS (
+        INSERT INTO spend_cover (organization_id, scope, subject, provider, project_id, hour, ai_organization_id)
+        SELECT DISTINCT r.organization_id, r.scope, r.subject, r.provider, r.project_id, r.at, r.ai_organization_id
+        FROM r WHERE r.kind = 'cover'
+    )
+    INSERT INTO spend_hourly (organization_id, scope, subject, at, rate_day, currency, authority, amount, n_rows,
+                              max_scale)
+    SELECT r.organization_id, r.scope, r.subject, r.at, (r.rate_at AT TIME ZONE 'UTC')::date, r.currency, r.kind,
+           sum(r.amount), count(*), max(scale(r.amount))
+    FROM r
+    WHERE r.kind <> 'cover' AND r.amount IS NOT NULL
+    GROUP BY r.organization_id, r.scope, r.subject, r.at, (r.rate_at AT TIME ZONE 'UTC')::date, r.currency, r.kind;
+    -- The UTC days the areas touch, recomputed from spend_hourly.
+    DELETE FROM spend_daily d
+    WHERE d.ctid = ANY (ARRAY(
+        SELECT y.ctid
+        FROM (SELECT DISTINCT t.scope, t.subject, date_trunc('day', t.s, 'UTC') + interval '24 hours' * n AS day
+              FROM unnest(live) AS t
+              CROSS JOIN LATERAL generate_series(
+                  0, (extract(epoch FROM t.e - date_trunc('day', t.s, 'UTC'))::bigint - 1) / 86400) AS n) x
+        CROSS JOIN LATERAL (
+            SELECT v.ctid FROM spend_daily v
+            WHERE v.scope = x.scope AND v.subject = x.subject
+              AND v.subject_project = '00000000-0000-0000-0000-000000000000' AND v.day = x.day
+            OFFSET 0  -- a fence: not pulled up into a join the planner may hash against a full scan
+        ) y));
+    INSERT INTO spend_daily (organization_id, scope, subject, subject_project, day, rate_day, currency, authority,
+                             amount, n_rows, max_scale)
+    SELECT h.organization_id, h.scope, h.subject, h.subject_project, x.day, h.rate_day, h.currency, h.authority,
+           sum(h.amount), sum(h.n_rows), max(h.max_scale)
+    FROM (SELECT DISTINCT t.scope, t.subject, date_trunc('day', t.s, 'UTC') + interval '24 hours' * n AS day
+          FROM unnest(live) AS t
+          CROSS JOIN LATERAL generate_series(0, (extract(epoch FROM t.e - date_trunc('day', t.s, 'UTC'))::bigint - 1)
+                                                / 86400) AS n) x
+    CROSS JOIN LATERAL (
+        SELECT s.* FROM spend_hourly s
+        WHERE s.scope = x.scope AND s.subject = x.subject
+          AND s.subject_project = '00000000-0000-0000-0000-000000000000'
+          AND s.at >= x.day AND s.at < x.day + interval '24 hours' AND s.n_rows <> 0
+        OFFSET 0  -- a fence: not pulled up into a join the planner may hash against a full scan
+    ) h
+    GROUP BY h.organization_id, h.scope, h.subject, h.subject_project, x.day, h.rate_day, h.currency, h.authority;
+END
+$$;
+
+-- Rollup deltas (0012): a project's scope only when it is registered.
+CREATE OR REPLACE FUNCTION cost_worker_spend_estimates_changed(delta cost_worker_spend_estimate[]) RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+    IF cardinality(delta) = 0 THEN
+        RETURN;
+    END IF;
+    PERFORM cost_worker_spend_lock(ARRAY(SELECT x.organization_id FROM unnest(delta) AS x), false);
+    WITH d AS MATERIALIZED (
+        SELECT x.organization_id, x.project_id, x.provider, x.hour, sum(x.amount) AS amount, sum(x.n) AS n,
+               max(scale(x.amount)) AS max_scale
+        FROM unnest(delta) AS x
+        JOIN organizations o ON o.id = x.organization_id
+        GROUP BY 1, 2, 3, 4
+        HAVING sum(x.amount) <> 0 OR sum(x.n) <> 0
+    ),
+    scoped AS MATERIALIZED (
+        SELECT d.organization_id, 'organization' AS scope, d.organization_id AS subject, d.hour, d.amount, d.n,
+               d.max_scale
+        FROM d LEFT JOIN projects p ON p.id = d.project_id
+        WHERE NOT EXISTS (SELECT FROM spend_cover c
+                          WHERE c.scope = 'organization' AND c.subject = d.organization_id
+                            AND c.provider = d.provider AND c.project_id = d.project_id AND c.hour = d.hour)
+          AND NOT EXISTS (SELECT FROM spend_cover c
+                          WHERE c.scope = 'organization' AND c.subject = d.organization_id
+                            AND c.provider = d.provider AND c.project_id IS NULL AND c.hour = d.hour
+                            AND c.provider = p.ai_provider AND c.ai_organization_id = p.ai_organization_id)
+        UNION ALL
+        SELECT d.organization_id, 'project', d.project_id, d.hour, d.amount, d.n, d.max_scale
+        FROM d
+        WHERE d.project_id IS NOT NULL
+          AND EXISTS (SELECT FROM spend_subjects s  -- registered projects only (0016)
+                      WHERE s.scope = 'project' AND s.subject = d.project_id
+                        AND s.subject_project = '00000000-0000-0000-0000-000000000000')
+          AND NOT EXISTS (SELECT FROM spend_cover c
+                          WHERE c.scope = 'project' AND c.subject = d.project_id
+                            AND c.provider = d.provider AND c.project_id = d.project_id AND c.hour = d.hour)
+    ),
+    hourly AS (
+        INSERT INTO spend_hourly AS s (organization_id, scope, subject, at, rate_day, currency, authority, amount,
+                                       n_rows, max_scale)
+        SELECT organization_id, scope, subject, hour, (hour AT TIME ZONE 'UTC')::date, 'USD', 'estimate', sum(amount),
+               sum(n), max(max_scale)
+        FROM scoped
+        GROUP BY organization_id, scope, subject, hour
+        ORDER BY scope, subject, hour
+        ON CONFLICT ON CONSTRAINT spend_hourly_key DO UPDATE SET
+            amount = s.amount + EXCLUDED.amount,
+            n_rows = s.n_rows + EXCLUDED.n_rows,
+            max_scale = greatest(s.max_scale, EXCLUDED.max_scale)
+    )
+    INSERT INTO spend_daily AS s (organization_id, scope, subject, day, rate_day, currency, authority, amount, n_rows,
+                                  max_scale)
+    SELECT organization_id, scope, subject, date_trunc('day', hour, 'UTC'), (hour AT TIME ZONE 'UTC')::date, 'USD',
+           'estimate', sum(amount), sum(n), max(max_scale)
+    FROM scoped
+    GROUP BY organization_id, scope, subject, date_trunc('day', hour, 'UTC'), (hour AT TIME ZONE 'UTC')::date
+    ORDER BY scope, subject, 4
+    ON CONFLICT ON CONSTRAINT spend_daily_key DO UPDATE SET
+        amount = s.amount + EXCLUDED.amount,
+        n_rows = s.n_rows + EXCLUDED.n_rows,
+        max_scale = greatest(s.max_scale, EXCLUDED.max_scale);
+END
+$$;
+
+-- A user's rollup rows changed: add the net deltas to the user's scopes that are registered.
 CREATE OR REPLACE FUNCTION cost_worker_spend_users_changed(delta cost_worker_spend_user[]) RETURNS void
 LANGUAGE plpgsql VOLATILE
 AS $$
@@ -160,7 +367,8 @@ BEGIN
                '00000000-0000-0000-0000-000000000000'::uuid AS subject_project, hour, amount, n, max_scale
         FROM d
         WHERE EXISTS (SELECT FROM spend_subjects s
-                      WHERE s.scope = 'user' AND s.subject = d.user_id AND s.subject_project = '00000000-0000-0000-0000-000000000000')
+                      WHERE s.scope = 'user' AND s.subject = d.user_id
+                        AND s.subject_project = '00000000-0000-0000-0000-000000000000')
         UNION ALL
         SELECT organization_id, 'user_project', user_id, project_id, hour, amount, n, max_scale
         FROM d
@@ -196,7 +404,7 @@ BEGIN
 END
 $$;
 
--- Rebuild (0012): user scopes of registered subjects only.
+-- Rebuild (0012): user scopes of registered subjects only (projects: through cost_worker_spend_recompute).
 CREATE OR REPLACE FUNCTION cost_worker_spend_rebuild(orgs uuid[] DEFAULT NULL) RETURNS void
 LANGUAGE plpgsql VOLATILE
 AS $$
@@ -249,7 +457,8 @@ BEGIN
     FROM user_metrics m
     WHERE (orgs IS NULL OR m.organization_id = ANY (orgs))
       AND EXISTS (SELECT FROM spend_subjects s
-                  WHERE s.scope = 'user' AND s.subject = m.user_id AND s.subject_project = '00000000-0000-0000-0000-000000000000')
+                  WHERE s.scope = 'user' AND s.subject = m.user_id
+                    AND s.subject_project = '00000000-0000-0000-0000-000000000000')
     GROUP BY organization_id, user_id, hour
     UNION ALL
     SELECT organization_id, 'user_project', user_id, project_id, hour, (hour AT TIME ZONE 'UTC')::date, 'USD',
@@ -269,7 +478,7 @@ BEGIN
 END
 $$;
 
--- Spend of many (scope, period) pairs (0012): an unregistered user scope is computed in full.
+-- Spend of many (scope, period) pairs (0012): an unregistered project or user scope is computed in full.
 CREATE OR REPLACE FUNCTION cost_worker_spend_many(
     scopes text[], orgs uuid[], projects uuid[], users uuid[], starts timestamptz[], ends timestamptz[],
     currencies text[]
@@ -290,9 +499,9 @@ AS $$
         FROM unnest(scopes, orgs, projects, users, starts, ends, currencies)
             WITH ORDINALITY AS t(scope, org, project_id, user_id, period_start, period_end, currency, ord)
     ),
-    i AS MATERIALIZED (  -- user scopes are kept for the subjects registered in spend_subjects only (0016)
+    i AS MATERIALIZED (  -- project and user scopes are kept for the subjects in spend_subjects only (0016)
         SELECT k.*,
-               k.k_scope IN ('organization', 'project')
+               k.k_scope = 'organization'
                OR EXISTS (SELECT FROM spend_subjects s
                           WHERE s.scope = k.k_scope AND s.subject = k.k_subject AND s.subject_project = k.k_project)
                    AS tracked
