@@ -34,7 +34,7 @@ import asyncpg
 
 from bench import world as w
 from bench.config import CEILING_BATCH
-from worker.budgets import BudgetEngine, Candidate
+from worker.budgets import REGISTRATIONS_PER_EVALUATION, BudgetEngine, Candidate
 from worker.config import Settings
 from worker.pipeline import Touch
 from worker.store import Database
@@ -190,7 +190,8 @@ async def _register(db: Database, touches: list[Touch]) -> float:
         await tx.set_tenants({t.organization_id for t in touches})
         candidates = [Candidate.from_row(row) for row in await tx.budget_candidates(touches)]
         started = time.perf_counter()
-        await tx.track_spend(candidates)
+        while await tx.track_spend(candidates, max_new=REGISTRATIONS_PER_EVALUATION):
+            pass
         return (time.perf_counter() - started) * 1000
 
 

@@ -602,3 +602,25 @@ async def test_a_project_scope_is_kept_once_a_project_budget_names_it(db: asyncp
         for fn in ("cost_worker_spend", "cost_worker_spend_full"):
             assert await spend(db, fn, "project", org.id, project) == wanted, (fn, project)
     await assert_incremental_equals_rebuilt(db, org.id)
+
+
+async def test_registration_builds_at_most_max_new_scopes_per_call(db: asyncpg.Connection) -> None:
+    """A bulk import of budgets is registered a few at a time (worker.budgets.REGISTRATIONS_PER_EVALUATION), and a
+    scope not registered yet is computed in full meanwhile."""
+    org = await make_org(db, project_ids=("proj_a", "proj_b"), users=1)
+    a, b = org.projects["proj_a"], org.projects["proj_b"]
+    for project, cost in ((a, 5), (b, 6)):
+        await db.execute(
+            "INSERT INTO project_metrics (organization_id, project_id, hour, provider, request_count, "
+            "estimated_cost_usd) VALUES ($1, $2, '2026-11-03T10:00Z', 'openai', 1, $3)",
+            org.id,
+            project,
+            cost,
+        )
+    register = "SELECT cost_worker_spend_track('{project,project,user}', $1, $2, $3, 1)"
+    args = ([org.id] * 3, [a, b, None], [None, None, org.users[0]])
+    assert [await db.fetchval(register, *args) for _ in range(4)] == [1, 1, 1, 0]
+    assert await db.fetchval("SELECT count(*) FROM spend_subjects WHERE organization_id = $1", org.id) == 3
+    for project, wanted in ((a, 5), (b, 6)):
+        assert await spend(db, "cost_worker_spend", "project", org.id, project) == wanted
+    await assert_incremental_equals_rebuilt(db, org.id)

@@ -76,26 +76,38 @@ GRANT SELECT, INSERT ON spend_subjects TO cost_worker_writer;
 GRANT SELECT ON spend_subjects TO cost_worker_reader;
 
 -- Register the scopes of budgets given as (scope, organization, project, user) ('organization' budgets are ignored:
--- always kept), and build the aggregate of those not registered before. Returns how many were registered. Most
--- calls find every subject registered: one index probe each, no lock, nothing written.
-CREATE FUNCTION cost_worker_spend_track(scopes text[], orgs uuid[], projects uuid[], users uuid[]) RETURNS integer
+-- always kept), and build the aggregate of those not registered before: at most max_new of them (NULL: all), so one
+-- transaction never builds too many (a project's build recomputes its whole history: ~55 ms for a month of hourly
+-- provider lines and rollups); the others stay computed in full until a later call. Returns how many were
+-- registered. Most calls find every subject registered: one index probe each, no lock, nothing written.
+CREATE FUNCTION cost_worker_spend_track(
+    scopes text[], orgs uuid[], projects uuid[], users uuid[], max_new integer DEFAULT NULL
+) RETURNS integer
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
     m_orgs uuid[];
+    m_scopes text[];
+    m_subjects uuid[];
+    m_projects uuid[];
     added_scopes text[];
     added_subjects uuid[];
     added_projects uuid[];
     added_orgs uuid[];
     areas cost_worker_spend_area[];
 BEGIN
-    SELECT array_agg(w.o) INTO m_orgs
-    FROM (SELECT DISTINCT t.o, k.scope, k.subject, k.subject_project
-          FROM unnest(scopes, orgs, projects, users) AS t(scope, o, p, u)
-          CROSS JOIN LATERAL cost_worker_spend_subject(t.scope, t.p, t.u) k
-          WHERE t.scope IN ('project', 'user') AND k.subject IS NOT NULL) w
-    WHERE NOT EXISTS (SELECT FROM spend_subjects s
-                      WHERE s.scope = w.scope AND s.subject = w.subject AND s.subject_project = w.subject_project);
+    SELECT array_agg(m.o), array_agg(m.scope), array_agg(m.subject), array_agg(m.subject_project)
+    INTO m_orgs, m_scopes, m_subjects, m_projects
+    FROM (SELECT w.*
+          FROM (SELECT DISTINCT t.o, k.scope, k.subject, k.subject_project
+                FROM unnest(scopes, orgs, projects, users) AS t(scope, o, p, u)
+                CROSS JOIN LATERAL cost_worker_spend_subject(t.scope, t.p, t.u) k
+                WHERE t.scope IN ('project', 'user') AND k.subject IS NOT NULL) w
+          WHERE NOT EXISTS (SELECT FROM spend_subjects s
+                            WHERE s.scope = w.scope AND s.subject = w.subject
+                              AND s.subject_project = w.subject_project)
+          ORDER BY w.scope, w.subject, w.subject_project
+          LIMIT max_new) m;
     IF m_orgs IS NULL THEN
         RETURN 0;
     END IF;
@@ -103,11 +115,9 @@ BEGIN
     PERFORM cost_worker_spend_lock(m_orgs, true);
     WITH added AS (
         INSERT INTO spend_subjects (organization_id, scope, subject, subject_project)
-        SELECT DISTINCT t.o, k.scope, k.subject, k.subject_project
-        FROM unnest(scopes, orgs, projects, users) AS t(scope, o, p, u)
-        CROSS JOIN LATERAL cost_worker_spend_subject(t.scope, t.p, t.u) k
+        SELECT t.o, t.scope, t.subject, t.subject_project
+        FROM unnest(m_orgs, m_scopes, m_subjects, m_projects) AS t(o, scope, subject, subject_project)
         JOIN organizations o ON o.id = t.o  -- only existing organizations
-        WHERE t.scope IN ('project', 'user') AND k.subject IS NOT NULL
         ON CONFLICT DO NOTHING
         RETURNING organization_id, scope, subject, subject_project
     )
@@ -185,7 +195,7 @@ BEGIN
     RETURN cardinality(added_scopes);
 END
 $$;
-GRANT EXECUTE ON FUNCTION cost_worker_spend_track(text[], uuid[], uuid[], uuid[]) TO cost_worker_writer;
+GRANT EXECUTE ON FUNCTION cost_worker_spend_track(text[], uuid[], uuid[], uuid[], integer) TO cost_worker_writer;
 
 -- Recompute areas (0012): a project's scope only when it is registered.
 CREATE OR REPLACE FUNCTION cost_worker_spend_recompute(areas cost_worker_spend_area[]) RETURNS void

@@ -563,8 +563,8 @@ FROM (SELECT o FROM unnest($1::uuid[]) AS o ORDER BY o) AS sorted;
 -- name: spend_track
 -- Register the scopes of these budgets (scope, organization, project, user) that the spend aggregate keeps (0016:
 -- projects and users once a budget names them), building a new one in this transaction; returns how many were new
--- (usually none: one index probe each).
-SELECT cost_worker_spend_track($1::text[], $2::uuid[], $3::uuid[], $4::uuid[]);
+-- (usually none: one index probe each); at most $5 new ones per call.
+SELECT cost_worker_spend_track($1::text[], $2::uuid[], $3::uuid[], $4::uuid[], $5::integer);
 
 -- name: budget_spend
 -- Spend of each (scope, period) in the budget's currency, by the rule in cost_worker_spend(), read from the spend

@@ -198,8 +198,9 @@ class Tx:
     async def lock_organizations(self, organizations: set[UUID]) -> None:
         await self.conn.fetchval(query("budget_lock_organizations"), sorted(organizations))
 
-    async def track_spend(self, budgets: Sequence[BudgetPeriod]) -> int:
-        """Have the spend aggregate keep the scopes of these project and user budgets (0016); how many were new."""
+    async def track_spend(self, budgets: Sequence[BudgetPeriod], *, max_new: int | None = None) -> int:
+        """Have the spend aggregate keep the scopes of these project and user budgets (0016), registering at most
+        ``max_new`` new ones (None: all); how many were new."""
         kept = [b for b in budgets if b.scope != "organization"]
         if not kept:
             return 0
@@ -209,6 +210,7 @@ class Tx:
             [b.organization_id for b in kept],
             [b.project_id for b in kept],
             [b.user_id for b in kept],
+            max_new,
         )
         return int(added or 0)
 
