@@ -68,11 +68,7 @@ async def tenants(db: asyncpg.Connection) -> Tenants:
         )
         await db.execute("INSERT INTO ai_budgets (organization_id, user_id, amount) VALUES ($1, $2, 10)", org, user)
         await db.execute(
-            "SELECT cost_worker_spend_track('{project,user}', ARRAY[$1::uuid, $1], ARRAY[$2::uuid, NULL], "
-            "ARRAY[NULL, $3::uuid])",
-            org,
-            project,
-            user,
+            "SELECT cost_worker_spend_track('{user}', ARRAY[$1::uuid], '{NULL}', ARRAY[$2::uuid])", org, user
         )
         await db.execute(
             "INSERT INTO budget_alerts (id, scope, budget_id, organization_id, period_start, period_end, "

@@ -566,61 +566,32 @@ async def test_a_user_scope_is_kept_once_a_user_budget_names_it(db: asyncpg.Conn
     await assert_incremental_equals_rebuilt(db, org.id)
 
 
-async def test_a_project_scope_is_kept_once_a_project_budget_names_it(db: asyncpg.Connection, feeder: Feeder) -> None:
-    """0016: a project's scope is kept once a project budget names it; its registration recomputes the project's
-    whole history by the rules (a provider cost line covering an estimate's hour included)."""
-    org = await make_org(db, project_ids=("proj_a", "proj_b"))
-    a, b = org.projects["proj_a"], org.projects["proj_b"]
-    await feeder.events(
-        api_event(org, project=a, occurred_at="2026-11-03T03:10:00Z", cost="2"),  # covered by the cost line below
-        api_event(org, project=a, occurred_at="2026-11-03T05:10:00Z", cost="3"),
-        api_event(org, project=b, occurred_at="2026-11-03T05:10:00Z", cost="4"),
-    )
-    await feeder.buckets(
-        envelope(
-            "openai",
-            org.ai_org,
-            "costs_v1",
-            [openai_cost_bucket("2026-11-03T03:00:00", "2026-11-03T04:00:00", [("proj_a", "x", "7")])],
-        )
-    )
-    project_rows = "SELECT count(*) FROM spend_hourly WHERE scope = 'project' AND subject = $1"
-    assert await db.fetchval(project_rows, a) == 0
-    assert await db.fetchval("SELECT count(*) FROM spend_cover WHERE scope = 'project'") == 0
-    assert await spend(db, "cost_worker_spend", "project", org.id, a) == 10  # computed in full: 7 + 3
-    await db.execute(
-        "INSERT INTO ai_project_budgets (organization_id, project_id, name, amount, period, timezone, thresholds) "
-        "VALUES ($1, $2, 'Monthly', 100, 'monthly', 'UTC', '{50}')",
-        org.id,
-        a,
-    )
-    await feeder.events(api_event(org, project=a, occurred_at="2026-11-03T06:10:00Z", cost="1"))
-    assert await db.fetchval("SELECT count(*) FROM spend_subjects WHERE scope = 'project' AND subject = $1", a) == 1
-    assert await db.fetchval(project_rows, a) == 3  # the cost line's hour and two estimate hours
-    assert await db.fetchval(project_rows, b) == 0
-    for project, wanted in ((a, 11), (b, 4)):
-        for fn in ("cost_worker_spend", "cost_worker_spend_full"):
-            assert await spend(db, fn, "project", org.id, project) == wanted, (fn, project)
-    await assert_incremental_equals_rebuilt(db, org.id)
-
-
 async def test_registration_builds_at_most_max_new_scopes_per_call(db: asyncpg.Connection) -> None:
-    """A bulk import of budgets is registered a few at a time (worker.budgets.REGISTRATIONS_PER_EVALUATION), and a
-    scope not registered yet is computed in full meanwhile."""
-    org = await make_org(db, project_ids=("proj_a", "proj_b"), users=1)
-    a, b = org.projects["proj_a"], org.projects["proj_b"]
-    for project, cost in ((a, 5), (b, 6)):
+    """A bulk import of user budgets is registered a few at a time (worker.budgets.REGISTRATIONS_PER_EVALUATION);
+    a scope not registered yet is computed in full meanwhile; organization and project budgets need none."""
+    org = await make_org(db, project_ids=("proj_a",), users=3)
+    a = org.projects["proj_a"]
+    for user, cost in zip(org.users, (5, 6, 7), strict=True):
         await db.execute(
-            "INSERT INTO project_metrics (organization_id, project_id, hour, provider, request_count, "
-            "estimated_cost_usd) VALUES ($1, $2, '2026-11-03T10:00Z', 'openai', 1, $3)",
+            "INSERT INTO user_metrics (organization_id, user_id, project_id, hour, provider, request_count, "
+            "estimated_cost_usd) VALUES ($1, $2, $3, '2026-11-03T10:00Z', 'openai', 1, $4)",
             org.id,
-            project,
+            user,
+            a,
             cost,
         )
-    register = "SELECT cost_worker_spend_track('{project,project,user}', $1, $2, $3, 1)"
-    args = ([org.id] * 3, [a, b, None], [None, None, org.users[0]])
-    assert [await db.fetchval(register, *args) for _ in range(4)] == [1, 1, 1, 0]
-    assert await db.fetchval("SELECT count(*) FROM spend_subjects WHERE organization_id = $1", org.id) == 3
-    for project, wanted in ((a, 5), (b, 6)):
-        assert await spend(db, "cost_worker_spend", "project", org.id, project) == wanted
+    register = "SELECT cost_worker_spend_track('{organization,project,user,user,user}', $1, $2, $3, 1)"
+    args = ([org.id] * 5, [None, a, None, None, a], [None, None, *org.users[:2], org.users[2]])
+    registered = "SELECT count(*) FROM spend_subjects WHERE organization_id = $1"
+    for expected in (1, 2, 3):
+        assert await db.fetchval(register, *args) == 1
+        assert await db.fetchval(registered, org.id) == expected
+        for user, wanted in zip(org.users, (5, 6, 7), strict=True):
+            fast = await db.fetchval(
+                "SELECT spend FROM cost_worker_spend('user', $1, NULL, $2, '2026-11-01Z', '2026-12-01Z', 'USD')",
+                org.id,
+                user,
+            )
+            assert fast == wanted
+    assert await db.fetchval(register, *args) == 0
     await assert_incremental_equals_rebuilt(db, org.id)

@@ -41,10 +41,11 @@ from worker.touches import Touch
 log = structlog.get_logger("worker.budgets")
 
 SWEEP_CHUNK = 200  # organizations evaluated per sweep transaction
-# Budget scopes newly registered in the spend aggregate per evaluation (0016): a project's registration recomputes
-# its whole history (~55 ms for a month of hourly lines and rollups), so a bulk import of budgets is spread over
-# the next evaluations instead of one long transaction; the others are computed in full until then.
-REGISTRATIONS_PER_EVALUATION = 25
+# User budgets' scopes newly registered in the spend aggregate per evaluation (0016): a registration sums the
+# user's rollups (~10 ms for a month of hourly rows), so a bulk import of user budgets is spread over the next
+# evaluations instead of one long transaction; the others are computed in full until then. The sweep evaluates
+# SWEEP_CHUNK organizations per transaction, so it registers up to this many budgets of theirs at once.
+REGISTRATIONS_PER_EVALUATION = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,8 +151,8 @@ class BudgetEngine:
             return []
         # Concurrent workers touching the same organization evaluate one after the other (until commit).
         await tx.lock_organizations({c.organization_id for c in candidates})
-        # A project or user budget's scope is kept in the spend aggregate once it is registered (0016); the first
-        # evaluation registers it and builds it, in this transaction, so the read below uses it.
+        # A user budget's scope is kept in the spend aggregate once it is registered (0016); the first evaluation
+        # registers it and builds it from the user's rollups, in this transaction, so the read below uses it.
         await tx.track_spend(candidates, max_new=REGISTRATIONS_PER_EVALUATION)
         spends = await tx.budget_spend(candidates)
         metrics.BUDGET_EVALUATIONS.labels(trigger=trigger).inc(len(candidates))

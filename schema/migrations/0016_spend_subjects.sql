@@ -1,70 +1,61 @@
--- Issue 18 item 6 (budgets at platform scale): the spend aggregate keeps a project's scope and a user's scopes only
--- once a budget names them, instead of for every project and user; and reads a period with one index range scan per
--- candidate and level.
+-- Issue 18 item 6 (budgets at platform scale): the spend aggregate keeps a user's scopes only once a user budget
+-- names them, instead of for every user; and reads a period with one index range scan per candidate and level.
 --
 -- Why: every rollup row a batch changes added its delta to the organization's, the project's, the user's and the
--- user-within-project scopes, hourly and daily (eight aggregate rows), and every changed provider window was
--- recomputed for its project's scope. A platform has many projects and users and few project or user budgets, so
--- most of those writes were never read: in the benchmark's spread drain (1,000 organizations, ~5,000 distinct
--- rollup rows per batch) the user-scope trigger alone took ~215 ms of a ~1,340 ms batch.
+-- user-within-project scopes, hourly and daily (eight aggregate rows). A platform has many users and few user
+-- budgets, so the four user-scope rows were mostly never read: in the benchmark's spread drain (1,000
+-- organizations, ~5,000 distinct rollup rows per batch) the user-scope trigger took ~215 ms of a ~1,340 ms batch.
+-- (Projects stay kept whatever their budgets: registering a project means recomputing its whole history by the
+-- rules, provider lines included, which measured ~85 ms per project for a month of hourly data and made the first
+-- evaluation of a bulk import of project budgets take tens of seconds; a user's scope is a sum of its rollups.)
 --
--- spend_subjects lists the project and user scopes kept (organizations are always kept). cost_worker_spend_track
--- registers the scopes of the budgets it is given (the worker calls it for the budgets it evaluates, a batch's
--- candidates and the sweep's) and builds a newly registered scope in the same transaction: a user's from its
--- rollups, a project's by the full rules over its whole history (cost_worker_spend_recompute). A subject stays
--- registered once it is (a budget deleted or deactivated leaves it: re-activating needs no rebuild).
+-- spend_subjects lists the user scopes kept. cost_worker_spend_track registers the scopes of the user budgets it is
+-- given (the worker calls it for the budgets it evaluates, a batch's candidates and the sweep's) and builds a newly
+-- registered one from the user's rollups in the same transaction. A subject stays registered once it is (a budget
+-- deleted or deactivated leaves it: re-activating needs no rebuild).
 -- Equal to the full computation at every moment:
--- - a registered subject's rows are added by the triggers, which take the organization's spend lock (shared for
---   rollup deltas, exclusive for provider lines) before they read spend_subjects; registration takes the exclusive
---   one before it inserts and builds. So a concurrent batch's change is either seen committed by the build or
---   applied after the registration committed (READ COMMITTED: every statement of these functions takes a new
+-- - a registered subject's rows are added by the user-scope trigger (cost_worker_spend_users_changed), which now
+--   takes the organization's shared spend lock before it reads spend_subjects; registration takes the exclusive
+--   one before it inserts and builds. So a concurrent batch's delta is either seen committed by the build or
+--   added after the registration committed (READ COMMITTED: every statement of these functions takes a new
 --   snapshot after the lock), never both and never neither;
--- - an unregistered scope is computed in full (cost_worker_spend_full) by cost_worker_spend_many: the rows the
+-- - an unregistered user scope is computed in full (cost_worker_spend_full) by cost_worker_spend_many: the rows the
 --   aggregate holds for it from before this migration are never read, and a registration replaces them.
 --
--- Expand (compat.toml): a new table and function; the functions replaced keep their signatures and their results.
--- The previous release does not call cost_worker_spend_track: the budgets registered here (every project and user
--- budget that exists now) keep the aggregate, a budget created later is computed in full until this release
+-- Expand (compat.toml): a new table and two functions; the functions replaced keep their signatures and their
+-- results. The previous release does not call cost_worker_spend_track: the user budgets registered here (every one
+-- that exists now) keep the aggregate, a user budget created later is computed in full until this release
 -- evaluates it.
 
 CREATE TABLE spend_subjects (
     organization_id uuid NOT NULL REFERENCES organizations (id) ON DELETE CASCADE,
-    scope           text NOT NULL CHECK (scope IN ('project', 'user', 'user_project')),
-    subject         uuid NOT NULL,  -- the project or the user
+    scope           text NOT NULL CHECK (scope IN ('user', 'user_project')),
+    subject         uuid NOT NULL,  -- the user
     subject_project uuid NOT NULL DEFAULT '00000000-0000-0000-0000-000000000000',  -- user_project: the project
     registered_at   timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT spend_subjects_key PRIMARY KEY (scope, subject, subject_project)
 );
-COMMENT ON TABLE spend_subjects IS 'the project and user scopes the spend aggregate is kept for (a budget''s)';
+COMMENT ON TABLE spend_subjects IS 'the user scopes the spend aggregate is kept for (a user budget''s)';
 
--- The scope a budget's spend is kept under: ('project', project) or ('user' | 'user_project', user, project).
+-- The scope a user budget's spend is kept under: ('user', user) or ('user_project', user, project).
 CREATE FUNCTION cost_worker_spend_subject(
-    budget_scope text, project uuid, usr uuid, OUT scope text, OUT subject uuid, OUT subject_project uuid
+    project uuid, usr uuid, OUT scope text, OUT subject uuid, OUT subject_project uuid
 )
 LANGUAGE sql IMMUTABLE
 AS $$
-    SELECT CASE WHEN budget_scope = 'project' THEN 'project'
-                WHEN project IS NULL THEN 'user'
-                ELSE 'user_project' END,
-           CASE WHEN budget_scope = 'project' THEN project ELSE usr END,
-           CASE WHEN budget_scope = 'user' AND project IS NOT NULL THEN project
-                ELSE '00000000-0000-0000-0000-000000000000'::uuid END
+    SELECT CASE WHEN project IS NULL THEN 'user' ELSE 'user_project' END, usr,
+           coalesce(project, '00000000-0000-0000-0000-000000000000'::uuid)
 $$;
 
--- Every project and user budget that exists now (active or not): their aggregate is up to date (0012 kept every
--- project and user). The backfill must see every tenant's budgets: the owner lifts FORCE on the two budget tables
--- for the length of this transaction (as 0012 did; they are small), and spend_subjects gets its row-level
--- security after it.
-ALTER TABLE ai_project_budgets NO FORCE ROW LEVEL SECURITY;
+-- Every user budget that exists now (active or not): their aggregate is up to date (0012 kept every user). The
+-- backfill must see every tenant's budgets: the owner lifts FORCE on ai_budgets for the length of this transaction
+-- (as 0012 did on its sources; the table is small), and spend_subjects gets its row-level security after it.
 ALTER TABLE ai_budgets NO FORCE ROW LEVEL SECURITY;
 INSERT INTO spend_subjects (organization_id, scope, subject, subject_project)
 SELECT DISTINCT b.organization_id, k.scope, k.subject, k.subject_project
-FROM (SELECT organization_id, 'project' AS scope, project_id, NULL::uuid AS user_id FROM ai_project_budgets
-      UNION ALL
-      SELECT organization_id, 'user', project_id, user_id FROM ai_budgets) b
-CROSS JOIN LATERAL cost_worker_spend_subject(b.scope, b.project_id, b.user_id) k
+FROM ai_budgets b
+CROSS JOIN LATERAL cost_worker_spend_subject(b.project_id, b.user_id) k
 ON CONFLICT DO NOTHING;
-ALTER TABLE ai_project_budgets FORCE ROW LEVEL SECURITY;
 ALTER TABLE ai_budgets FORCE ROW LEVEL SECURITY;
 
 ALTER TABLE spend_subjects ENABLE ROW LEVEL SECURITY;
@@ -75,11 +66,11 @@ CREATE POLICY tenant_isolation ON spend_subjects
 GRANT SELECT, INSERT ON spend_subjects TO cost_worker_writer;
 GRANT SELECT ON spend_subjects TO cost_worker_reader;
 
--- Register the scopes of budgets given as (scope, organization, project, user) ('organization' budgets are ignored:
--- always kept), and build the aggregate of those not registered before: at most max_new of them (NULL: all), so one
--- transaction never builds too many (a project's build recomputes its whole history: ~55 ms for a month of hourly
--- provider lines and rollups); the others stay computed in full until a later call. Returns how many were
--- registered. Most calls find every subject registered: one index probe each, no lock, nothing written.
+-- Register the scopes of the user budgets among those given as (scope, organization, project, user) (other scopes are
+-- always kept), and build the aggregate of those not registered before from their rollups: at most max_new of them
+-- (NULL: all), so one transaction never builds too many (~10 ms per user for a month of hourly rollups); the others
+-- stay computed in full until a later call. Returns how many were registered. Most calls find every subject
+-- registered: one index probe each, no lock, nothing written.
 CREATE FUNCTION cost_worker_spend_track(
     scopes text[], orgs uuid[], projects uuid[], users uuid[], max_new integer DEFAULT NULL
 ) RETURNS integer
@@ -93,16 +84,14 @@ DECLARE
     added_scopes text[];
     added_subjects uuid[];
     added_projects uuid[];
-    added_orgs uuid[];
-    areas cost_worker_spend_area[];
 BEGIN
     SELECT array_agg(m.o), array_agg(m.scope), array_agg(m.subject), array_agg(m.subject_project)
     INTO m_orgs, m_scopes, m_subjects, m_projects
     FROM (SELECT w.*
           FROM (SELECT DISTINCT t.o, k.scope, k.subject, k.subject_project
                 FROM unnest(scopes, orgs, projects, users) AS t(scope, o, p, u)
-                CROSS JOIN LATERAL cost_worker_spend_subject(t.scope, t.p, t.u) k
-                WHERE t.scope IN ('project', 'user') AND k.subject IS NOT NULL) w
+                CROSS JOIN LATERAL cost_worker_spend_subject(t.p, t.u) k
+                WHERE t.scope = 'user' AND t.u IS NOT NULL) w
           WHERE NOT EXISTS (SELECT FROM spend_subjects s
                             WHERE s.scope = w.scope AND s.subject = w.subject
                               AND s.subject_project = w.subject_project)
@@ -111,7 +100,7 @@ BEGIN
     IF m_orgs IS NULL THEN
         RETURN 0;
     END IF;
-    -- Exclusive: no change of these organizations' spend is in flight while the new subjects are built.
+    -- Exclusive: no rollup delta of these organizations is in flight while the new subjects are built.
     PERFORM cost_worker_spend_lock(m_orgs, true);
     WITH added AS (
         INSERT INTO spend_subjects (organization_id, scope, subject, subject_project)
@@ -119,16 +108,17 @@ BEGIN
         FROM unnest(m_orgs, m_scopes, m_subjects, m_projects) AS t(o, scope, subject, subject_project)
         JOIN organizations o ON o.id = t.o  -- only existing organizations
         ON CONFLICT DO NOTHING
-        RETURNING organization_id, scope, subject, subject_project
+        RETURNING scope, subject, subject_project
     )
-    SELECT array_agg(organization_id), array_agg(scope), array_agg(subject), array_agg(subject_project)
-    INTO added_orgs, added_scopes, added_subjects, added_projects
+    SELECT array_agg(scope), array_agg(subject), array_agg(subject_project)
+    INTO added_scopes, added_subjects, added_projects
     FROM added;
     IF added_scopes IS NULL THEN
         RETURN 0;
     END IF;
-    -- What 0012 kept for them before (or nothing) goes. Every read is an index range scan per subject (LATERAL
-    -- behind OFFSET 0: never a join the planner could answer with a scan of the whole aggregate).
+    -- What 0012 kept for them before (or nothing) goes, replaced by their rollups as they are now. Every read is an
+    -- index range scan per subject (LATERAL behind OFFSET 0: never a join the planner could answer with a scan of the
+    -- whole aggregate or of every rollup).
     DELETE FROM spend_hourly h
     WHERE h.ctid = ANY (ARRAY(
         SELECT x.ctid FROM unnest(added_scopes, added_subjects, added_projects) AS a(scope, subject, subject_project)
@@ -145,29 +135,7 @@ BEGIN
             WHERE v.scope = a.scope AND v.subject = a.subject AND v.subject_project = a.subject_project
             OFFSET 0
         ) x));
-    DELETE FROM spend_cover c
-    WHERE c.ctid = ANY (ARRAY(
-        SELECT x.ctid FROM unnest(added_scopes, added_subjects) AS a(scope, subject)
-        CROSS JOIN LATERAL (
-            SELECT v.ctid FROM spend_cover v WHERE v.scope = a.scope AND v.subject = a.subject OFFSET 0
-        ) x
-        WHERE a.scope = 'project'));
-    -- Projects: their whole history (provider lines and rollups) by the full rules.
-    SELECT coalesce(array_agg(ROW('project', a.subject, a.o, date_trunc('hour', x.s, 'UTC'),
-                                  cost_worker_hour_ceil(x.e))::cost_worker_spend_area), '{}')
-    INTO areas
-    FROM unnest(added_scopes, added_subjects, added_orgs) AS a(scope, subject, o)
-    CROSS JOIN LATERAL (
-        SELECT min(y.s) AS s, max(y.e) AS e
-        FROM (SELECT min(c.bucket_start_time) AS s, max(c.bucket_end_time) AS e
-              FROM cost_data c WHERE c.project_id = a.subject
-              UNION ALL
-              SELECT min(m.hour), max(m.hour) + interval '1 hour'
-              FROM project_metrics m WHERE m.organization_id = a.o AND m.project_id = a.subject) y
-    ) x
-    WHERE a.scope = 'project' AND x.s IS NOT NULL;
-    PERFORM cost_worker_spend_recompute(areas);
-    -- Users: their rollups as they are.
+    -- Their rollups as they are.
     INSERT INTO spend_hourly (organization_id, scope, subject, subject_project, at, rate_day, currency, authority,
                               amount, n_rows, max_scale)
     SELECT m.organization_id, a.scope, a.subject, a.subject_project, m.hour, (m.hour AT TIME ZONE 'UTC')::date, 'USD',
@@ -178,7 +146,6 @@ BEGIN
         WHERE u.user_id = a.subject AND (a.scope = 'user' OR u.project_id = a.subject_project)
         OFFSET 0
     ) m
-    WHERE a.scope IN ('user', 'user_project')
     GROUP BY m.organization_id, a.scope, a.subject, a.subject_project, m.hour;
     INSERT INTO spend_daily (organization_id, scope, subject, subject_project, day, rate_day, currency, authority,
                              amount, n_rows, max_scale)
@@ -190,168 +157,11 @@ BEGIN
         WHERE v.scope = a.scope AND v.subject = a.subject AND v.subject_project = a.subject_project
         OFFSET 0
     ) h
-    WHERE a.scope IN ('user', 'user_project')
     GROUP BY 1, 2, 3, 4, 5, 6, 7, 8;
     RETURN cardinality(added_scopes);
 END
 $$;
 GRANT EXECUTE ON FUNCTION cost_worker_spend_track(text[], uuid[], uuid[], uuid[], integer) TO cost_worker_writer;
-
--- Recompute areas (0012): a project's scope only when it is registered.
-CREATE OR REPLACE FUNCTION cost_worker_spend_recompute(areas cost_worker_spend_area[]) RETURNS void
-LANGUAGE plpgsql VOLATILE
-AS $$
-DECLARE
-    live cost_worker_spend_area[];
-BEGIN
-    SELECT coalesce(array_agg(t ORDER BY t.scope, t.subject, t.s), '{}') INTO live
-    FROM unnest(areas) AS t
-    WHERE EXISTS (SELECT FROM organizations o WHERE o.id = t.organization_id)
-      -- a project's scope only when registered (0016); callers hold the organization's exclusive spend lock
-      AND (t.scope <> 'project'
-           OR EXISTS (SELECT FROM spend_subjects s
-                      WHERE s.scope = 'project' AND s.subject = t.subject
-                        AND s.subject_project = '00000000-0000-0000-0000-000000000000'));
-    IF cardinality(live) = 0 THEN
-        RETURN;
-    END IF;
-    -- Every read and delete below goes through one index range scan per area or day (LATERAL: a nested loop by
-    -- construction), never a join the planner could answer with a scan of the whole aggregate.
-    DELETE FROM spend_hourly h
-    WHERE h.ctid = ANY (ARRAY(
-        SELECT x.ctid FROM unnest(live) AS t
-        CROSS JOIN LATERAL (
-            SELECT s.ctid FROM spend_hourly s
-            WHERE s.scope = t.scope AND s.subject = t.subject
-              AND s.subject_project = '00000000-0000-0000-0000-000000000000' AND s.at >= t.s AND s.at < t.e
-            OFFSET 0  -- a fence: not pulled up into a join the planner may hash against a full scan
-        ) x));
-    DELETE FROM spend_cover c
-    WHERE c.ctid = ANY (ARRAY(
-        SELECT x.ctid FROM unnest(live) AS t
-        CROSS JOIN LATERAL (
-            SELECT v.ctid FROM spend_cover v
-            WHERE v.scope = t.scope AND v.subject = t.subject AND v.hour >= t.s AND v.hour < t.e
-            OFFSET 0  -- a fence: not pulled up into a join the planner may hash against a full scan
-        ) x));
-    WITH a AS (
-        SELECT t.ord::integer AS area, t.scope, t.subject, t.organization_id
-        FROM unnest(live) WITH ORDINALITY AS t(scope, subject, organization_id, s, e, ord)
-    ),
-    r AS MATERIALIZED (
-        SELECT a.organization_id, a.scope, a.subject, x.*
-        FROM cost_worker_spend_regions(live) x JOIN a ON a.area = x.area
-    ),
-    cover AS (
-        INSERT INTO spend_cover (organization_id, scope, subject, provider, project_id, hour, ai_organization_id)
-        SELECT DISTINCT r.organization_id, r.scope, r.subject, r.provider, r.project_id, r.at, r.ai_organization_id
-        FROM r WHERE r.kind = 'cover'
-    )
-    INSERT INTO spend_hourly (organization_id, scope, subject, at, rate_day, currency, authority, amount, n_rows,
-                              max_scale)
-    SELECT r.organization_id, r.scope, r.subject, r.at, (r.rate_at AT TIME ZONE 'UTC')::date, r.currency, r.kind,
-           sum(r.amount), count(*), max(scale(r.amount))
-    FROM r
-    WHERE r.kind <> 'cover' AND r.amount IS NOT NULL
-    GROUP BY r.organization_id, r.scope, r.subject, r.at, (r.rate_at AT TIME ZONE 'UTC')::date, r.currency, r.kind;
-    -- The UTC days the areas touch, recomputed from spend_hourly.
-    DELETE FROM spend_daily d
-    WHERE d.ctid = ANY (ARRAY(
-        SELECT y.ctid
-        FROM (SELECT DISTINCT t.scope, t.subject, date_trunc('day', t.s, 'UTC') + interval '24 hours' * n AS day
-              FROM unnest(live) AS t
-              CROSS JOIN LATERAL generate_series(
-                  0, (extract(epoch FROM t.e - date_trunc('day', t.s, 'UTC'))::bigint - 1) / 86400) AS n) x
-        CROSS JOIN LATERAL (
-            SELECT v.ctid FROM spend_daily v
-            WHERE v.scope = x.scope AND v.subject = x.subject
-              AND v.subject_project = '00000000-0000-0000-0000-000000000000' AND v.day = x.day
-            OFFSET 0  -- a fence: not pulled up into a join the planner may hash against a full scan
-        ) y));
-    INSERT INTO spend_daily (organization_id, scope, subject, subject_project, day, rate_day, currency, authority,
-                             amount, n_rows, max_scale)
-    SELECT h.organization_id, h.scope, h.subject, h.subject_project, x.day, h.rate_day, h.currency, h.authority,
-           sum(h.amount), sum(h.n_rows), max(h.max_scale)
-    FROM (SELECT DISTINCT t.scope, t.subject, date_trunc('day', t.s, 'UTC') + interval '24 hours' * n AS day
-          FROM unnest(live) AS t
-          CROSS JOIN LATERAL generate_series(0, (extract(epoch FROM t.e - date_trunc('day', t.s, 'UTC'))::bigint - 1)
-                                                / 86400) AS n) x
-    CROSS JOIN LATERAL (
-        SELECT s.* FROM spend_hourly s
-        WHERE s.scope = x.scope AND s.subject = x.subject
-          AND s.subject_project = '00000000-0000-0000-0000-000000000000'
-          AND s.at >= x.day AND s.at < x.day + interval '24 hours' AND s.n_rows <> 0
-        OFFSET 0  -- a fence: not pulled up into a join the planner may hash against a full scan
-    ) h
-    GROUP BY h.organization_id, h.scope, h.subject, h.subject_project, x.day, h.rate_day, h.currency, h.authority;
-END
-$$;
-
--- Rollup deltas (0012): a project's scope only when it is registered.
-CREATE OR REPLACE FUNCTION cost_worker_spend_estimates_changed(delta cost_worker_spend_estimate[]) RETURNS void
-LANGUAGE plpgsql VOLATILE
-AS $$
-BEGIN
-    IF cardinality(delta) = 0 THEN
-        RETURN;
-    END IF;
-    PERFORM cost_worker_spend_lock(ARRAY(SELECT x.organization_id FROM unnest(delta) AS x), false);
-    WITH d AS MATERIALIZED (
-        SELECT x.organization_id, x.project_id, x.provider, x.hour, sum(x.amount) AS amount, sum(x.n) AS n,
-               max(scale(x.amount)) AS max_scale
-        FROM unnest(delta) AS x
-        JOIN organizations o ON o.id = x.organization_id
-        GROUP BY 1, 2, 3, 4
-        HAVING sum(x.amount) <> 0 OR sum(x.n) <> 0
-    ),
-    scoped AS MATERIALIZED (
-        SELECT d.organization_id, 'organization' AS scope, d.organization_id AS subject, d.hour, d.amount, d.n,
-               d.max_scale
-        FROM d LEFT JOIN projects p ON p.id = d.project_id
-        WHERE NOT EXISTS (SELECT FROM spend_cover c
-                          WHERE c.scope = 'organization' AND c.subject = d.organization_id
-                            AND c.provider = d.provider AND c.project_id = d.project_id AND c.hour = d.hour)
-          AND NOT EXISTS (SELECT FROM spend_cover c
-                          WHERE c.scope = 'organization' AND c.subject = d.organization_id
-                            AND c.provider = d.provider AND c.project_id IS NULL AND c.hour = d.hour
-                            AND c.provider = p.ai_provider AND c.ai_organization_id = p.ai_organization_id)
-        UNION ALL
-        SELECT d.organization_id, 'project', d.project_id, d.hour, d.amount, d.n, d.max_scale
-        FROM d
-        WHERE d.project_id IS NOT NULL
-          AND EXISTS (SELECT FROM spend_subjects s  -- registered projects only (0016)
-                      WHERE s.scope = 'project' AND s.subject = d.project_id
-                        AND s.subject_project = '00000000-0000-0000-0000-000000000000')
-          AND NOT EXISTS (SELECT FROM spend_cover c
-                          WHERE c.scope = 'project' AND c.subject = d.project_id
-                            AND c.provider = d.provider AND c.project_id = d.project_id AND c.hour = d.hour)
-    ),
-    hourly AS (
-        INSERT INTO spend_hourly AS s (organization_id, scope, subject, at, rate_day, currency, authority, amount,
-                                       n_rows, max_scale)
-        SELECT organization_id, scope, subject, hour, (hour AT TIME ZONE 'UTC')::date, 'USD', 'estimate', sum(amount),
-               sum(n), max(max_scale)
-        FROM scoped
-        GROUP BY organization_id, scope, subject, hour
-        ORDER BY scope, subject, hour
-        ON CONFLICT ON CONSTRAINT spend_hourly_key DO UPDATE SET
-            amount = s.amount + EXCLUDED.amount,
-            n_rows = s.n_rows + EXCLUDED.n_rows,
-            max_scale = greatest(s.max_scale, EXCLUDED.max_scale)
-    )
-    INSERT INTO spend_daily AS s (organization_id, scope, subject, day, rate_day, currency, authority, amount, n_rows,
-                                  max_scale)
-    SELECT organization_id, scope, subject, date_trunc('day', hour, 'UTC'), (hour AT TIME ZONE 'UTC')::date, 'USD',
-           'estimate', sum(amount), sum(n), max(max_scale)
-    FROM scoped
-    GROUP BY organization_id, scope, subject, date_trunc('day', hour, 'UTC'), (hour AT TIME ZONE 'UTC')::date
-    ORDER BY scope, subject, 4
-    ON CONFLICT ON CONSTRAINT spend_daily_key DO UPDATE SET
-        amount = s.amount + EXCLUDED.amount,
-        n_rows = s.n_rows + EXCLUDED.n_rows,
-        max_scale = greatest(s.max_scale, EXCLUDED.max_scale);
-END
-$$;
 
 -- A user's rollup rows changed: add the net deltas to the user's scopes that are registered.
 CREATE OR REPLACE FUNCTION cost_worker_spend_users_changed(delta cost_worker_spend_user[]) RETURNS void
@@ -414,7 +224,7 @@ BEGIN
 END
 $$;
 
--- Rebuild (0012): user scopes of registered subjects only (projects: through cost_worker_spend_recompute).
+-- Rebuild (0012): user scopes of registered subjects only.
 CREATE OR REPLACE FUNCTION cost_worker_spend_rebuild(orgs uuid[] DEFAULT NULL) RETURNS void
 LANGUAGE plpgsql VOLATILE
 AS $$
@@ -488,7 +298,7 @@ BEGIN
 END
 $$;
 
--- Spend of many (scope, period) pairs (0012): an unregistered project or user scope is computed in full.
+-- Spend of many (scope, period) pairs (0012): an unregistered user scope is computed in full.
 CREATE OR REPLACE FUNCTION cost_worker_spend_many(
     scopes text[], orgs uuid[], projects uuid[], users uuid[], starts timestamptz[], ends timestamptz[],
     currencies text[]
@@ -509,9 +319,9 @@ AS $$
         FROM unnest(scopes, orgs, projects, users, starts, ends, currencies)
             WITH ORDINALITY AS t(scope, org, project_id, user_id, period_start, period_end, currency, ord)
     ),
-    i AS MATERIALIZED (  -- project and user scopes are kept for the subjects in spend_subjects only (0016)
+    i AS MATERIALIZED (  -- user scopes are kept for the subjects in spend_subjects only (0016)
         SELECT k.*,
-               k.k_scope = 'organization'
+               k.k_scope IN ('organization', 'project')
                OR EXISTS (SELECT FROM spend_subjects s
                           WHERE s.scope = k.k_scope AND s.subject = k.k_subject AND s.subject_project = k.k_project)
                    AS tracked

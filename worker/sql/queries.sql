@@ -561,9 +561,9 @@ SELECT count(pg_advisory_xact_lock(hashtextextended('cost_worker.budgets:' || o:
 FROM (SELECT o FROM unnest($1::uuid[]) AS o ORDER BY o) AS sorted;
 
 -- name: spend_track
--- Register the scopes of these budgets (scope, organization, project, user) that the spend aggregate keeps (0016:
--- projects and users once a budget names them), building a new one in this transaction; returns how many were new
--- (usually none: one index probe each); at most $5 new ones per call.
+-- Register the scopes of these user budgets (scope, organization, project, user) in the spend aggregate (0016: a
+-- user's scopes are kept once a budget names them), building a new one in this transaction; returns how many were
+-- new (usually none: one index probe each); at most $5 new ones per call.
 SELECT cost_worker_spend_track($1::text[], $2::uuid[], $3::uuid[], $4::uuid[], $5::integer);
 
 -- name: budget_spend

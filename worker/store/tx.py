@@ -199,9 +199,9 @@ class Tx:
         await self.conn.fetchval(query("budget_lock_organizations"), sorted(organizations))
 
     async def track_spend(self, budgets: Sequence[BudgetPeriod], *, max_new: int | None = None) -> int:
-        """Have the spend aggregate keep the scopes of these project and user budgets (0016), registering at most
-        ``max_new`` new ones (None: all); how many were new."""
-        kept = [b for b in budgets if b.scope != "organization"]
+        """Have the spend aggregate keep the scopes of these user budgets (0016), registering at most ``max_new``
+        new ones (None: all); how many were new."""
+        kept = [b for b in budgets if b.scope == "user"]
         if not kept:
             return 0
         added = await self.conn.fetchval(
