@@ -513,7 +513,9 @@ def _tenants_section(results: dict[str, Any]) -> list[str]:
         "organization, project, user; monthly, never crossed). Periods full: the worker first drained one event "
         f"per organization and hour for {_fmt(history.get('hours'))} hours of the month "
         f"({_fmt(history.get('events'))} events: {_fmt(rollups.get('project_metrics'))} project and "
-        f"{_fmt(rollups.get('user_metrics'))} user rollup rows). Then {_fmt(t.get('events'))} events from one "
+        f"{_fmt(rollups.get('user_metrics'))} user rollup rows). The budgets' user scopes were then registered in "
+        f"the spend aggregate, as their first evaluation would ({_fmt(t.get('registration_ms'))} ms for "
+        f"{_fmt(t.get('organizations'))} user budgets, once). Then {_fmt(t.get('events'))} events from one "
         "organization, and as many spread over all of them, were drained into that database. Budget figures: "
         "the worker's own metrics (periods evaluated per batch, mean evaluation time per batch).",
         "",

@@ -293,7 +293,7 @@ class Run:
             ("spread", cfg.tenant_max_seconds[1]),
         ):
             if name == "single":  # the history is in: now the budgets, and the periods they read are full
-                out["budgets"] = await tenants.add_budgets(url, world)
+                out["budgets"], out["registration_ms"] = await tenants.add_budgets(url, world)
                 out["rollups"] = await tenants.rollup_counts(url)
             end = produced[name].end
             task = self.console.task(f"tenants: {name}", end, "events")
