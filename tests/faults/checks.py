@@ -174,10 +174,12 @@ async def assert_tables(
     _assert_same("user_metrics", {(r[0], r[1], r[2]): list(r)[3:] for r in rows}, expected.user_metrics)
 
     # Every source offset accounted for exactly once: stored, quarantined, or a duplicate/stale revision.
-    rows = await db.fetch("SELECT source_topic, source_partition, source_offset, reason FROM quarantine")
+    rows = await db.fetch("SELECT source_topic, source_partition, source_offset, reason, detail FROM quarantine")
     quarantined = {(kind_of(settings, r[0]), r[1], r[2]): r[3] for r in rows}
     assert len(quarantined) == len(rows)
-    _assert_same("quarantine", quarantined, expected.quarantine)
+    # The detail goes into the failure message only: it names why an unexpected row was quarantined.
+    details = {(kind_of(settings, r[0]), r[1], r[2]): r[4] for r in rows}
+    _assert_same("quarantine", quarantined, expected.quarantine, details)
     stored: set[Coordinates] = {
         ("bucket", r[0], r[1]) for r in await db.fetch("SELECT DISTINCT source_partition, source_offset FROM cost_data")
     } | {("event", r[0], r[1]) for r in await db.fetch("SELECT source_partition, source_offset FROM api_usage")}
@@ -206,11 +208,14 @@ async def assert_tables(
         assert await db.fetchval("SELECT count(*) FROM outbox") == 0, "the outbox was not drained"
 
 
-def _assert_same(what: str, actual: dict[Any, Any], wanted: dict[Any, Any]) -> None:
+def _assert_same(
+    what: str, actual: dict[Any, Any], wanted: dict[Any, Any], details: dict[Any, Any] | None = None
+) -> None:
+    """Fail with what is missing, unexpected (with its value, and its detail when given) and different."""
     if actual == wanted:
         return
     missing = [k for k in wanted if k not in actual]
-    extra = [k for k in actual if k not in wanted]
+    extra = [(k, actual[k], (details or {}).get(k)) for k in actual if k not in wanted]
     differ = [(k, actual[k], wanted[k]) for k in wanted if k in actual and actual[k] != wanted[k]]
     raise AssertionError(
         f"{what}: {len(actual)} rows, expected {len(wanted)}; missing {len(missing)} e.g. {missing[:3]}; "
