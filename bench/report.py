@@ -230,8 +230,10 @@ def markdown(results: dict[str, Any]) -> str:
         "`positions_synced` log line, *Ready s* after start) to the moment the last offset of the backlog was "
         "stored in `consumer_offsets` with its data (*Done s* after start); wall: from process start. CPU: "
         "seconds used by each process during the drain. Per-batch stages: the worker's own histograms "
-        "(`cost_worker_batch_duration_seconds`); *DB* is its whole transaction, Python work inside it included "
-        "(attribution, pricing, building and encoding the statements' arrays).",
+        "(`cost_worker_batch_duration_seconds`); *Fetch*: awaiting the broker for the batch's records; *Wait*: "
+        "the decoded batch waiting for the one before it to commit (near zero: the worker's CPU limits the rate); "
+        "*DB* is its whole transaction, Python work inside it included (attribution, pricing, building and "
+        "encoding the statements' arrays, and the next batch's decode, which runs between its statements).",
         "",
     ]
     drains = [
@@ -262,7 +264,9 @@ def markdown(results: dict[str, Any]) -> str:
                 cpu.get("broker"),
                 m.get("batches"),
                 m.get("mean_batch_messages"),
+                _get(stages, "fetch", "mean_ms"),
                 _get(stages, "decode", "mean_ms"),
+                _get(stages, "wait", "mean_ms"),
                 _get(stages, "database", "mean_ms"),
                 _get(stages, "kafka_commit", "mean_ms"),
                 _get(stages, "total", "mean_ms"),
@@ -282,7 +286,9 @@ def markdown(results: dict[str, Any]) -> str:
             "Broker CPU s",
             "Batches",
             "Msgs/batch",
+            "Fetch ms/batch",
             "Decode ms/batch",
+            "Wait ms/batch",
             "DB ms/batch",
             "Kafka commit ms/batch",
             "Total ms/batch",

@@ -12,6 +12,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from prometheus_client import REGISTRY
 
 from tests.factories import (
     Org,
@@ -118,6 +119,11 @@ async def orgs(db: asyncpg.Connection) -> list[Org]:
     return [await make_org(db) for _ in range(3)]
 
 
+def _stage_count(stage: str) -> float:
+    """How many batches the worker timed at ``stage`` so far (its histogram's count, this process)."""
+    return REGISTRY.get_sample_value("cost_worker_batch_duration_seconds_count", {"stage": stage}) or 0.0
+
+
 async def test_stream_lands_once_and_a_full_replay_changes_nothing(
     db: asyncpg.Connection, settings: Settings, orgs: list[Org]
 ) -> None:
@@ -153,6 +159,23 @@ async def test_stream_lands_once_and_a_full_replay_changes_nothing(
     assert await run_worker(settings) == 0
     assert await snapshot(db) == before
     assert await db.fetchval("SELECT count(*) FROM outbox") == 0  # nothing new to publish
+
+
+async def test_batches_are_timed_from_fetch_to_commit_with_the_wait_for_the_batch_before(
+    db: asyncpg.Connection, settings: Settings, orgs: list[Org]
+) -> None:
+    """``cost_worker_batch_duration_seconds``: every batch has its fetch timed; a batch decoded while the one
+    before it was still in the database has its wait timed (what says whether the database limits the rate)."""
+    await create_topics(settings)
+    events, _, _ = stream(orgs, 400)
+    await produce(settings, settings.topic_api_usage, events)
+    stages = ("fetch", "decode", "wait", "total")
+    before = {stage: _stage_count(stage) for stage in stages}
+    assert await run_worker(settings.model_copy(update={"batch_max_records": 50})) == 0
+    batches = {stage: _stage_count(stage) - before[stage] for stage in stages}
+    assert await db.fetchval("SELECT count(*) FROM api_usage") == 400
+    assert batches["fetch"] == batches["decode"] == batches["total"] >= 8, batches
+    assert 1 <= batches["wait"] < batches["fetch"], batches
 
 
 async def test_two_workers_split_partitions_and_agree_with_one(

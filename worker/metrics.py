@@ -41,7 +41,7 @@ UNPRICED_LINES = Counter(
 BATCH_SIZE = Histogram("cost_worker_batch_size_messages", "Messages per batch.", buckets=BATCH_SIZE_BUCKETS)
 BATCH_DURATION = Histogram(
     "cost_worker_batch_duration_seconds",
-    "Time spent per batch, by stage (decode, database, kafka_commit, total).",
+    "Time spent per batch, by stage (fetch, decode, wait, database, kafka_commit, total).",
     ["stage"],
     buckets=DURATION_BUCKETS,
 )
