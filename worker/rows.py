@@ -18,6 +18,14 @@ from worker.providers import LedgerLine
 from worker.quarantine import Source
 from worker.touches import Touch
 
+Scope = tuple[UUID, UUID | None, UUID | None]  # an event's (organization, project, user)
+ScopeKey = tuple[int, int, int]  # the same as ints, -1 for none (hashing a UUID object runs Python code)
+
+
+def scope_key(event: ApiEvent) -> ScopeKey:
+    project, user = event.project_id, event.user_id
+    return event.organization_id.int, -1 if project is None else project.int, -1 if user is None else user.int
+
 
 @dataclass(slots=True)
 class UsageRows:
@@ -49,6 +57,9 @@ class UsageRows:
     providers: list[str | None]  # of each event's model (None: unknown model)
     estimates: list[Decimal | None]  # the catalogue's price when the platform sent no cost_usd
     estimate_sources: list[str | None]
+    # The events' distinct (organization, project, user), keyed by ``scope_key``: what the reference check reads,
+    # built before the transaction (None: not built; ``worker.usage`` builds it then).
+    scopes: dict[ScopeKey, Scope] | None = None
 
     def __len__(self) -> int:
         return len(self.events)

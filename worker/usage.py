@@ -14,7 +14,7 @@ from worker.decode import ApiEvent
 from worker.model_providers import provider_of
 from worker.pricing import estimate_request
 from worker.quarantine import Quarantined, Reason
-from worker.rows import UsageRows
+from worker.rows import Scope, ScopeKey, UsageRows, scope_key
 from worker.store import Tx
 from worker.touches import Touch
 
@@ -31,35 +31,50 @@ class UsageWritten:
 
 async def checked_events(tx: Tx, rows: UsageRows) -> tuple[UsageRows, list[Quarantined]]:
     """Reference checks against the platform tables (the batch is already deduplicated and in key order): the
-    rows that pass, and the others' events quarantined."""
+    rows that pass, and the others' events quarantined. Checked per distinct (organization, project, user),
+    prepared before the transaction; the events are walked only when one of those fails."""
     events = rows.events
     if not events:
         return rows, []
-    organizations: dict[int, UUID] = {}
-    projects: dict[int, UUID] = {}
-    users: dict[int, UUID] = {}
-    for event in events:
-        organizations[event.organization_id.int] = event.organization_id
-        if event.project_id is not None:
-            projects[event.project_id.int] = event.project_id
-        if event.user_id is not None:
-            users[event.user_id.int] = event.user_id
-    known = await tx.lookup_event_references(set(organizations.values()), set(projects.values()), set(users.values()))
+    scopes = rows.scopes if rows.scopes is not None else event_scopes(events)
+    known = await tx.lookup_event_references(
+        {scope[0] for scope in scopes.values()},
+        {scope[1] for scope in scopes.values() if scope[1] is not None},
+        {scope[2] for scope in scopes.values() if scope[2] is not None},
+    )
+    problems = {key: problem for key, scope in scopes.items() if (problem := _problem(scope, known)) is not None}
+    if not problems:
+        return rows, []
     checked = []
     quarantined = []
     for index, event in enumerate(events):
-        problem = None
-        if ("organization", event.organization_id.int) not in known:
-            problem = Reason.UNKNOWN_ORGANIZATION, f"organization {event.organization_id} does not exist"
-        elif event.project_id and known.get(("project", event.project_id.int)) != event.organization_id:
-            problem = Reason.UNKNOWN_PROJECT, f"project {event.project_id} is not a project of the organization"
-        elif event.user_id and known.get(("user", event.user_id.int)) != event.organization_id:
-            problem = Reason.UNKNOWN_USER, f"user {event.user_id} is not a user of the organization"
+        problem = problems.get(scope_key(event))
         if problem is None:
             checked.append(index)
         else:
             quarantined.append(Quarantined(event.source, event.payload, *problem, event.organization_id))
-    return (rows if len(checked) == len(events) else rows.only(checked)), quarantined
+    return rows.only(checked), quarantined
+
+
+def event_scopes(events: list[ApiEvent]) -> dict[ScopeKey, Scope]:
+    """The events' distinct (organization, project, user)."""
+    scopes: dict[ScopeKey, Scope] = {}
+    for event in events:
+        key = scope_key(event)
+        if key not in scopes:
+            scopes[key] = (event.organization_id, event.project_id, event.user_id)
+    return scopes
+
+
+def _problem(scope: Scope, known: dict[tuple[str, int], UUID]) -> tuple[Reason, str] | None:
+    organization, project, user = scope
+    if ("organization", organization.int) not in known:
+        return Reason.UNKNOWN_ORGANIZATION, f"organization {organization} does not exist"
+    if project is not None and known.get(("project", project.int)) != organization:
+        return Reason.UNKNOWN_PROJECT, f"project {project} is not a project of the organization"
+    if user is not None and known.get(("user", user.int)) != organization:
+        return Reason.UNKNOWN_USER, f"user {user} is not a user of the organization"
+    return None
 
 
 def usage_rows(events: list[ApiEvent]) -> UsageRows:
@@ -76,6 +91,7 @@ def usage_rows(events: list[ApiEvent]) -> UsageRows:
         providers,
         [None if e is None else e.amount for e in estimates],
         [None if e is None else e.source for e in estimates],
+        event_scopes(events),
     )
 
 
