@@ -14,7 +14,6 @@ import asyncio
 import random
 import re
 import sys
-import tempfile
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import asyncpg
 
+from bench.services import scratch_postgres
 from worker import devstack
 from worker.migrate import migrate
 
@@ -70,13 +70,11 @@ async def _seed(conn: asyncpg.Connection, hours: int) -> tuple[list[uuid.UUID], 
 
 
 async def _run(hours: int) -> None:
-    directory = Path(tempfile.mkdtemp(prefix="cover-probe-"))
-    server = devstack.start_postgres(directory / "pg", stop_at_exit=True)
-    try:
-        admin = await asyncpg.connect(server.url("postgres"))
+    async with scratch_postgres("cover-probe-") as server_url:
+        admin = await asyncpg.connect(server_url)
         await admin.execute("CREATE DATABASE cover_probe")
         await admin.close()
-        url = devstack.database_url(server.url("postgres"), "cover_probe")
+        url = devstack.database_url(server_url, "cover_probe")
         await migrate(url)
         conn = await asyncpg.connect(url)
         await conn.execute(_old_function())
@@ -103,9 +101,6 @@ async def _run(hours: int) -> None:
                 await tx.rollback()
                 print(f"{stats:9} {function:37} {elapsed:8.1f} ms   hourly aggregate sum {total}")
         await conn.close()
-    finally:
-        server.server.cleanup()
-        devstack.remove_tree(directory)
 
 
 if __name__ == "__main__":

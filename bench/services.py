@@ -80,6 +80,19 @@ async def _configure(url: str, settings: dict[str, str]) -> None:
 
 
 @contextlib.asynccontextmanager
+async def scratch_postgres(prefix: str) -> AsyncIterator[str]:
+    """A throwaway embedded PostgreSQL for a one-off measurement (``bench.cover_probe``, ``bench.tenant_policy``):
+    its superuser URL (database "postgres"); stopped and removed afterwards."""
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    server = devstack.start_postgres(directory / "pg", stop_at_exit=True)
+    try:
+        yield server.url("postgres")
+    finally:
+        server.server.cleanup()
+        devstack.remove_tree(directory)
+
+
+@contextlib.asynccontextmanager
 async def servers(state_dir: Path | None = None) -> AsyncIterator[Servers]:
     """Start (or connect to) the servers for one run; stop what was started on exit."""
     url = os.environ.get("BENCH_DATABASE_URL") or None

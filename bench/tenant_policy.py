@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import tempfile
 import time
 import uuid
-from pathlib import Path
 
 import asyncpg
 
-from worker import devstack
+from bench.services import scratch_postgres
 
 DEFAULT_ORGANIZATIONS = 1_000
 ROWS = 100_000
@@ -39,10 +37,8 @@ async def _best(conn: asyncpg.Connection, statement: str, *args: object) -> floa
 
 
 async def _run(organizations: int) -> None:
-    directory = Path(tempfile.mkdtemp(prefix="tenant-policy-"))
-    server = devstack.start_postgres(directory / "pg", stop_at_exit=True)
-    try:
-        conn = await asyncpg.connect(server.url("postgres"))
+    async with scratch_postgres("tenant-policy-") as server_url:
+        conn = await asyncpg.connect(server_url)
         await conn.execute(
             "CREATE ROLE tenant_reader; CREATE FUNCTION tenant_ids() RETURNS uuid[] LANGUAGE sql STABLE AS "
             "$$ SELECT string_to_array(nullif(current_setting('bench.ids', true), ''), ',')::uuid[] $$"
@@ -75,9 +71,6 @@ async def _run(organizations: int) -> None:
                 f" upsert {UPSERTED:,} {upsert:7.1f} ms"
             )
         await conn.close()
-    finally:
-        server.server.cleanup()
-        devstack.remove_tree(directory)
 
 
 if __name__ == "__main__":
