@@ -77,7 +77,8 @@ class Stacks:
         for profile in data["profiles"]:
             at = 0.0
             for stack, weight in zip(profile["samples"], profile["weights"], strict=True):
-                if at >= start and (end is None or at <= end):
+                # py-spy writes an empty stack for a sample it failed to take ("Errors: N" in its log)
+                if stack and at >= start and (end is None or at <= end):
                     samples[tuple(frames[i] for i in stack)] += 1
                 at += weight
         return cls(samples)
