@@ -6,6 +6,8 @@ Pure and CPU-bound (no I/O), so the consumer runs it while the previous batch is
 
 from __future__ import annotations
 
+import math
+import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -88,9 +90,10 @@ def decode_batch(records: Iterable[KafkaRecord], settings: Settings) -> Batch:
     return batch
 
 
-def decode_into(batch: Batch, records: Iterable[KafkaRecord], settings: Settings) -> None:
-    """Decode more records into a batch (the consumer feeds it in slices, yielding to the event loop between
-    them so that the batch in flight keeps talking to PostgreSQL meanwhile)."""
+def decode_into(batch: Batch, records: Iterable[KafkaRecord], settings: Settings, *, until: float = math.inf) -> bool:
+    """Decode records into a batch until they run out (returns False) or ``time.perf_counter()`` passes
+    ``until`` (returns True; the rest of an iterator is left for the next call). The consumer decodes in such
+    slices, yielding to the event loop between them so that the batch in flight keeps talking to PostgreSQL."""
     for record in records:
         source = _source(record)
         payload = record.value if record.value is not None else b""
@@ -110,6 +113,9 @@ def decode_into(batch: Batch, records: Iterable[KafkaRecord], settings: Settings
             batch.messages.append(decoded)
         else:
             batch.quarantined.append(decoded)
+        if time.perf_counter() >= until:
+            return True
+    return False
 
 
 def finish_batch(batch: Batch) -> None:

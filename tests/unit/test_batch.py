@@ -13,7 +13,7 @@ import pytest
 
 from tests.factories import FakeRecord, dumps
 from tests.hostile import corpus
-from worker.batch import decode_batch
+from worker.batch import Batch, decode_batch, decode_into, finish_batch
 from worker.config import Settings
 from worker.decode import ApiEvent, decode_api_event
 from worker.quarantine import Reason, Source
@@ -73,6 +73,20 @@ def test_a_repeat_in_the_batch_is_a_duplicate_and_a_changed_one_is_quarantined()
     assert "offset 0" in batch.quarantined[0].detail
     assert batch.last_offsets == {("usage", 0): 3}
     assert len(batch) == 4
+
+
+def test_decoding_in_time_slices_stops_at_the_deadline_and_resumes_where_it_stopped() -> None:
+    bodies = [event(event_id=f"e-{n}") for n in range(5)]
+    pending = iter(records(*bodies))
+    batch = Batch()
+    assert decode_into(batch, pending, SETTINGS, until=0.0)  # a deadline already past: one record, then stop
+    assert [e.event_id for e in batch.events] == ["e-0"]
+    assert not decode_into(batch, pending, SETTINGS)  # no deadline: the rest, and nothing is left
+    finish_batch(batch)
+    whole = decode_batch(records(*bodies), SETTINGS)
+    assert batch.events == whole.events
+    assert batch.last_offsets == whole.last_offsets == {("usage", 0): 4}
+    assert len(batch) == len(whole) == 5
 
 
 def test_without_drops_a_partitions_messages_and_counts() -> None:
