@@ -7,6 +7,7 @@ tests/test_ingestion.py runs the same flows end to end through Kafka.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -26,8 +27,13 @@ from tests.factories import (
     openai_usage_bucket,
 )
 from tests.feeding import Feeder
+from worker.alerts import Alert, Resolution
 from worker.batch import decode_batch
+from worker.config import Settings
 from worker.errors import StaleOffsets
+from worker.pipeline import Pipeline
+from worker.store import Database, Tx
+from worker.touches import Touch
 
 
 async def ledger(db: asyncpg.Connection) -> list[tuple[Any, ...]]:
@@ -275,6 +281,45 @@ async def test_api_events_dedupe_rollup_once_and_conflicts_quarantine(db: asyncp
     assert row is not None
     assert (row["reason"], row["source_offset"]) == ("conflicting_duplicate", 4)
     assert await db.fetchval("SELECT count(*) FROM outbox WHERE topic = $1", feeder.settings.topic_dead_letter) == 1
+
+
+class RecordingEvaluator:
+    """A budget evaluator that only records the scopes a batch hands it."""
+
+    def __init__(self) -> None:
+        self.touched: list[Touch] = []
+
+    async def evaluate(self, tx: Tx, touched: Iterable[Touch]) -> list[Alert | Resolution]:
+        self.touched.extend(touched)
+        return []
+
+
+async def test_only_scopes_of_organizations_with_an_active_budget_are_evaluated(
+    db: asyncpg.Connection, database: Database, settings: Settings
+) -> None:
+    budgeted, unbudgeted, inactive = await make_org(db), await make_org(db), await make_org(db)
+    for org, active in ((budgeted, True), (inactive, False)):
+        await db.execute(
+            "INSERT INTO ai_organization_budgets (organization_id, name, amount, period, timezone, thresholds, "
+            "is_active) VALUES ($1, 'b', 100, 'monthly', 'UTC', '{0.5}', $2)",
+            org.id,
+            active,
+        )
+    evaluator = RecordingEvaluator()
+    feeder = Feeder(Pipeline(database, settings, budgets=evaluator), settings)
+    events = [
+        api_event(org, event_id=f"e{n}-{i}", project=org.projects["proj_a"], user=org.users[0], occurred_at=at)
+        for n, org in enumerate((budgeted, unbudgeted, inactive))
+        for i, at in enumerate(("2026-11-21T10:00:00Z", "2026-11-21T10:30:00Z", "2026-11-21T11:00:00Z"))
+    ]
+    outcome = await feeder.events(*events)
+    assert outcome.messages[(settings.topic_api_usage, "inserted")] == 9
+    hour = datetime(2026, 11, 21, 10, tzinfo=UTC)
+    expected = {
+        Touch(budgeted.id, budgeted.projects["proj_a"], budgeted.users[0], hour.replace(hour=h)) for h in (10, 11)
+    }
+    assert sorted(evaluator.touched, key=lambda t: t.at) == sorted(expected, key=lambda t: t.at)
+    assert await db.fetchval("SELECT sum(request_count) FROM project_metrics") == 9  # the rollups have all of them
 
 
 async def test_bad_messages_are_quarantined_while_batch_mates_land(db: asyncpg.Connection, feeder: Feeder) -> None:

@@ -77,8 +77,9 @@ class UsageRows:
 
 @dataclass(frozen=True, slots=True)
 class UsageStored:
-    """What ``insert_api_usage`` did: events inserted, the scopes they touched, and (organization, event id) of
-    the events stored before with different content."""
+    """What ``insert_api_usage`` did: events inserted, the scopes they touched in organizations that have an active
+    budget (no other scope has anything to evaluate), and (organization, event id) of the events stored before with
+    different content."""
 
     inserted: int
     touched: list[Touch]

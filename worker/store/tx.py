@@ -156,11 +156,13 @@ class Tx:
         conflicts = []
         records = await self.conn.fetch(query("insert_api_usage"), usage_records(rows))
         for row in records:
-            if row["kind"] == "conflict":
+            kind = row["kind"]
+            if kind == "touched":
+                touched.append(Touch(row["organization_id"], row["project_id"], row["user_id"], row["hour"]))
+            elif kind == "conflict":
                 conflicts.append((row["organization_id"], row["event_id"]))
             else:
-                inserted += row["requests"]
-                touched.append(Touch(row["organization_id"], row["project_id"], row["user_id"], row["hour"]))
+                inserted = row["requests"]
         return UsageStored(inserted, touched, conflicts)
 
     async def insert_quarantine(self, items: Sequence[Quarantined], *, dead_letter_topic: str, max_bytes: int) -> int:
