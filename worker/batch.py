@@ -1,7 +1,8 @@
 """Batch assembly: Kafka records become one batch of validated messages and quarantine outcomes.
 
 Pure and CPU-bound (no I/O), so the consumer runs it while the previous batch is in the database. Decoding is
-``worker.decode``'s; here records are sorted into a batch, and API-usage events are deduplicated within it.
+``worker.decode``'s; here records are sorted into a batch, and the later deliveries of an API-usage event key
+are set apart from its first (``worker.redelivery`` judges them).
 """
 
 from __future__ import annotations
@@ -11,15 +12,23 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Protocol
 
 from worker.config import Settings
 from worker.decode import ApiEvent, ProviderMessage, decode_api_event, decode_provider_message
 from worker.ledger import Ledger
-from worker.quarantine import Quarantined, Reason, Source
+from worker.quarantine import Quarantined, Source
 from worker.rows import UsageRows
 
 TP = tuple[str, int]  # (topic, partition)
+EventKey = tuple[int, datetime, str]  # (organization_id.int, occurred_at, event_id): api_usage's key
+
+
+def event_key(event: ApiEvent) -> EventKey:
+    """The event's dedupe key, as ``api_usage`` holds it. Hashes ``UUID.int``: hashing a UUID object runs
+    Python code, hashing its int does not."""
+    return (event.organization_id.int, event.occurred_at, event.event_id)
 
 
 class KafkaRecord(Protocol):
@@ -41,8 +50,8 @@ class KafkaRecord(Protocol):
 
 @dataclass
 class Batch:
-    events: list[ApiEvent] = field(default_factory=list)  # one per (organization, event_id), in key order
-    duplicates: list[ApiEvent] = field(default_factory=list)  # identical re-deliveries within the batch
+    events: list[ApiEvent] = field(default_factory=list)  # the first delivery of each key, in key order
+    later: list[ApiEvent] = field(default_factory=list)  # later deliveries of those keys, in arrival order
     messages: list[ProviderMessage] = field(default_factory=list)
     quarantined: list[Quarantined] = field(default_factory=list)
     last_offsets: dict[TP, int] = field(default_factory=dict)
@@ -63,14 +72,18 @@ class Batch:
         rest = Batch(
             events=[e for e in self.events if kept(e)],
             usage=None if self.usage is None else self.usage.only(i for i, e in enumerate(self.events) if kept(e)),
-            duplicates=[e for e in self.duplicates if kept(e)],
+            later=[e for e in self.later if kept(e)],
             messages=[m for m in self.messages if kept(m)],
             quarantined=[q for q in self.quarantined if kept(q)],
             last_offsets={tp: o for tp, o in self.last_offsets.items() if tp not in partitions},
         )
+        firsts = {event_key(e) for e in rest.events}
+        if any(event_key(e) not in firsts for e in rest.later):  # a first delivery was revoked: split again
+            rest.events, rest.later = _split([*rest.events, *rest.later])
+            rest.usage = None
         items: list[ApiEvent | ProviderMessage | Quarantined] = [
             *rest.events,
-            *rest.duplicates,
+            *rest.later,
             *rest.messages,
             *rest.quarantined,
         ]
@@ -119,30 +132,24 @@ def decode_into(batch: Batch, records: Iterable[KafkaRecord], settings: Settings
 
 
 def finish_batch(batch: Batch) -> None:
-    """First delivery of an event id wins within the batch; an identical repeat is a duplicate, a different
-    one is quarantined. Leaves the events in key order (the order rows are locked in, across workers).
+    """Keep the first delivery of each key in ``events``, in key order (the order rows are locked in, across
+    workers), and set later deliveries apart in ``later``. Nothing is judged here: whether a later one is a
+    duplicate or a conflict depends on what is stored, which the batch's transaction finds out (``Pipeline``).
 
-    Pure, so it runs while the previous batch is in the database. Keys hash ``UUID.int``: hashing a UUID
-    object runs Python code, hashing its int does not.
+    Pure, so it runs while the previous batch is in the database.
     """
-    unique: dict[tuple[int, str], ApiEvent] = {}
-    for event in batch.events:
-        key = (event.organization_id.int, event.event_id)
-        first = unique.get(key)
-        if first is None:
-            unique[key] = event
-        elif first.content() == event.content():
-            batch.duplicates.append(event)
+    batch.events, later = _split(batch.events)
+    batch.later.extend(later)
+
+
+def _split(events: list[ApiEvent]) -> tuple[list[ApiEvent], list[ApiEvent]]:
+    """(the first delivery of each key, in key order; the others, in the order given)."""
+    unique: dict[EventKey, ApiEvent] = {}
+    later = []
+    for event in events:
+        key = event_key(event)
+        if key in unique:
+            later.append(event)
         else:
-            batch.quarantined.append(_conflict(event, first.source))
-    batch.events = [unique[key] for key in sorted(unique)]  # sorting the keys: no Python call per comparison
-
-
-def _conflict(event: ApiEvent, first: Source) -> Quarantined:
-    return Quarantined(
-        event.source,
-        event.payload,
-        Reason.CONFLICTING_DUPLICATE,
-        f"event {event.event_id} was delivered earlier (offset {first.offset}) with different content",
-        event.organization_id,
-    )
+            unique[key] = event
+    return [unique[key] for key in sorted(unique)], later  # sorting the keys: no Python call per comparison

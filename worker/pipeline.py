@@ -1,11 +1,13 @@
 """One batch, from decoded messages to one committed PostgreSQL transaction.
 
 The steps, in the order data flows (each in its own module):
-  ``worker.batch``        records -> a batch: decode, in-batch dedupe (pure, before the transaction)
+  ``worker.batch``        records -> a batch: decode, later deliveries of a key set apart (pure, before the
+                          transaction)
   ``worker.attribution``  provider ids -> (organization, project)
   ``worker.ledger``       provider lines -> attributed, priced, reduced ``cost_data`` rows (pure)
   ``worker.ledger_write`` those rows -> windows advanced, lines upserted, superseded lines retired
   ``worker.usage``        API-usage events -> checked, priced ``api_usage`` rows with their rollups
+  ``worker.redelivery``   later deliveries of a key in the batch -> duplicates, conflicts, or a next round
   quarantine rows with their dead letters (``worker.store``), then budgets (``worker.budgets``)
 ``Pipeline.apply`` runs them inside ONE transaction with the offset compare-and-set: either all of a batch
 lands, with the offsets that say it did, or none of it does.
@@ -17,7 +19,7 @@ from collections.abc import Iterable
 from typing import Protocol
 from uuid import UUID
 
-from worker import partitions
+from worker import partitions, redelivery
 from worker.alerts import Alert, Resolution
 from worker.attribution import Attribution, accounts
 from worker.batch import TP, Batch, decode_batch
@@ -30,6 +32,8 @@ from worker.ledger import Ledger, reduce_ledger
 from worker.ledger_write import write_ledger
 from worker.outcome import BestResults, Outcome, Result
 from worker.pricing import PriceBook, price_keys
+from worker.quarantine import Quarantined
+from worker.rows import UsageRows
 from worker.store import Database, Tx
 from worker.touches import Touch, midpoint
 from worker.usage import checked_events, usage_rows, write_usage
@@ -101,20 +105,18 @@ class Pipeline:
         outcome = Outcome()
         quarantine = list(batch.quarantined)
         touched: list[Touch] = []
-        for duplicate in batch.duplicates:
-            outcome.messages[(duplicate.source.topic, Result.DUPLICATE)] += 1
 
         checked, unknown = await checked_events(
             tx, batch.usage if batch.usage is not None else usage_rows(batch.events)
         )
-        events = checked.events
         quarantine.extend(unknown)
         ledger = batch.ledger if batch.ledger is not None else await self._reduce(tx, batch.messages)
         quarantine.extend(ledger.quarantined)
         outcome.ledger_lines.update(ledger.lines)
         outcome.unpriced.update(ledger.unpriced)
 
-        organizations = {event.organization_id.int: event.organization_id for event in events}
+        organizations = {event.organization_id.int: event.organization_id for event in checked.events}
+        organizations.update((e.organization_id.int, e.organization_id) for e in batch.later)  # later rounds'
         organizations.update((o.int, o) for o in ledger.organizations())
         organizations.update((t.int, t) for t in tenants or ())
         if organizations:
@@ -128,16 +130,9 @@ class Pipeline:
         for index, message in enumerate(batch.messages):
             if message.source not in flagged:  # quarantined messages are counted as such below
                 outcome.messages[(message.source.topic, best.get(index, Result.UNCHANGED))] += 1
-        checked = await partitions.admit(tx, checked, quarantine)  # monthly partitions, retention (issue 18)
-        if checked.events:
-            usage = await write_usage(tx, checked)
-            quarantine.extend(usage.quarantined)
-            touched.extend(usage.touched)
-            outcome.unknown_models += usage.unknown_models
-            outcome.catalogue_estimates += usage.catalogue_estimates
-            topic = self.settings.topic_api_usage
-            outcome.messages[(topic, Result.INSERTED)] += usage.inserted
-            outcome.messages[(topic, Result.DUPLICATE)] += usage.duplicates
+        await self._write_events(tx, checked, quarantine, outcome, touched)
+        if batch.later:
+            await self._write_later(tx, batch, quarantine, outcome, touched)
         for item in quarantine:
             outcome.quarantined[(item.source.topic, item.reason.value)] += 1
             outcome.messages[(item.source.topic, Result.QUARANTINED)] += 1
@@ -151,6 +146,42 @@ class Pipeline:
         if touched and self.budgets is not None:
             outcome.alerts = await self.budgets.evaluate(tx, touched)
         return outcome
+
+    async def _write_events(
+        self, tx: Tx, checked: UsageRows, quarantine: list[Quarantined], outcome: Outcome, touched: list[Touch]
+    ) -> None:
+        """Checked API-usage rows into their partitions (a month retention dropped is quarantined), counted."""
+        checked = await partitions.admit(tx, checked, quarantine)  # monthly partitions, retention (issue 18)
+        if not checked.events:
+            return
+        usage = await write_usage(tx, checked)
+        quarantine.extend(usage.quarantined)
+        touched.extend(usage.touched)
+        outcome.unknown_models += usage.unknown_models
+        outcome.catalogue_estimates += usage.catalogue_estimates
+        topic = self.settings.topic_api_usage
+        outcome.messages[(topic, Result.INSERTED)] += usage.inserted
+        outcome.messages[(topic, Result.DUPLICATE)] += usage.duplicates
+
+    async def _write_later(
+        self, tx: Tx, batch: Batch, quarantine: list[Quarantined], outcome: Outcome, touched: list[Touch]
+    ) -> None:
+        """The batch's later deliveries of its event keys, judged as if each came in a batch of its own
+        (``worker.redelivery``): decided from the delivery before when that one was applied, else written in
+        a next round."""
+        waiting = redelivery.pending(batch.later)
+        applied = batch.events
+        while waiting:
+            judged = redelivery.judge(applied, waiting, {q.source for q in quarantine})
+            for duplicate in judged.duplicates:
+                outcome.messages[(duplicate.source.topic, Result.DUPLICATE)] += 1
+            quarantine.extend(judged.conflicts)
+            if not judged.next_round:
+                return
+            checked, unknown = await checked_events(tx, usage_rows(judged.next_round))
+            quarantine.extend(unknown)
+            await self._write_events(tx, checked, quarantine, outcome, touched)
+            applied = judged.next_round
 
     async def prepare(self, batch: Batch) -> None:
         """Everything that needs no write, done before the batch's transaction opens, so that it does not hold

@@ -78,12 +78,12 @@ class UsageRows:
 @dataclass(frozen=True, slots=True)
 class UsageStored:
     """What ``insert_api_usage`` did: events inserted, the scopes they touched in organizations that have an active
-    budget (no other scope has anything to evaluate), and (organization, event id) of the events stored before with
-    different content."""
+    budget (no other scope has anything to evaluate), and (organization, occurred_at, event id) of the events stored
+    before with different content."""
 
     inserted: int
     touched: list[Touch]
-    conflicts: list[tuple[UUID, str]]
+    conflicts: list[tuple[UUID, datetime, str]]
 
 
 class WindowKey(NamedTuple):

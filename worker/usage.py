@@ -30,7 +30,7 @@ class UsageWritten:
 
 
 async def checked_events(tx: Tx, rows: UsageRows) -> tuple[UsageRows, list[Quarantined]]:
-    """Reference checks against the platform tables (the batch is already deduplicated and in key order): the
+    """Reference checks against the platform tables (one delivery per key, in key order): the
     rows that pass, and the others' events quarantined. Checked per distinct (organization, project, user),
     prepared before the transaction; the events are walked only when one of those fails."""
     events = rows.events
@@ -105,7 +105,7 @@ async def write_usage(tx: Tx, rows: UsageRows) -> UsageWritten:
     written.inserted = stored.inserted
     written.touched = stored.touched
     if stored.conflicts:
-        by_key = {(e.organization_id, e.event_id): e for e in events}
+        by_key = {(e.organization_id, e.occurred_at, e.event_id): e for e in events}
         for key in stored.conflicts:
             event = by_key[key]
             written.quarantined.append(

@@ -139,7 +139,7 @@ async def assert_tables(
         "prompt_tokens, completion_tokens, total_tokens, model, cost_usd, source_partition, source_offset "
         "FROM api_usage"
     )
-    actual_events = {(r["organization_id"], r["event_id"]): tuple(r)[2:] for r in rows}
+    actual_events = {(r["organization_id"], r["occurred_at"], r["event_id"]): tuple(r)[2:] for r in rows}
     wanted_events = {
         key: (
             e.project_id,

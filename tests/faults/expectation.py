@@ -1,8 +1,9 @@
 """The expected end state of a stream, computed in plain Python with Decimal from the generator's truths.
 
 Nothing here calls worker code: the rules are restated from the contract (README, schema comments):
-- an API event is stored by its first delivery (partition order); a later delivery with the same content is
-  a duplicate, one with other content is quarantined as ``conflicting_duplicate``;
+- an API event (key: organization, occurred_at, event_id) is stored by its first delivery (partition order),
+  wherever batches are cut; a later delivery with the same content is a duplicate, one with other content is
+  quarantined as ``conflicting_duplicate``;
 - a ledger key keeps its newest revision (``collected_at``); an older or equal one changes nothing;
 - rollups sum the stored events per hour; budgets follow the spend rule of ``0006_spend_rules.sql`` (the
   independent model of ``tests/spend_model.py``);
@@ -50,7 +51,7 @@ class Delivered:
 @dataclass
 class Expected:
     cost_data: dict[LedgerKey, tuple[LineTruth, datetime, int, int]] = field(default_factory=dict)
-    api_usage: dict[tuple[uuid.UUID, str], tuple[EventTruth, int, int]] = field(default_factory=dict)
+    api_usage: dict[tuple[uuid.UUID, datetime, str], tuple[EventTruth, int, int]] = field(default_factory=dict)
     project_metrics: dict[tuple[uuid.UUID, uuid.UUID | None, datetime], list[Any]] = field(default_factory=dict)
     user_metrics: dict[tuple[uuid.UUID, datetime, uuid.UUID | None], list[Any]] = field(default_factory=dict)
     quarantine: dict[Coordinates, str] = field(default_factory=dict)
@@ -90,7 +91,7 @@ def expect(deliveries: Iterable[Delivered], *, applied_in_order: bool = False) -
             result.quarantine[where] = message.bad
         elif message.event is not None:
             event = message.event
-            key = (event.organization_id, event.event_id)
+            key = (event.organization_id, event.occurred_at, event.event_id)
             first = result.api_usage.get(key)
             if first is None:
                 result.api_usage[key] = (event, delivered.partition, delivered.offset)

@@ -261,7 +261,9 @@ async def verify(
     record.bad_inputs = len(expected.quarantine)
     record.alerts = len(expected.alerts)
     # The headline figures, measured before the exact assertions so a failure still reports them.
-    have_events = {(r[0], r[1]) for r in await db.fetch("SELECT organization_id, event_id FROM api_usage")}
+    have_events = {
+        (r[0], r[1], r[2]) for r in await db.fetch("SELECT organization_id, occurred_at, event_id FROM api_usage")
+    }
     have_keys = await db.fetchval("SELECT count(*) FROM cost_data")
     requests = await db.fetchval("SELECT coalesce(sum(request_count), 0) FROM project_metrics")
     record.lost = len(set(expected.api_usage) - have_events) + max(0, len(expected.cost_data) - have_keys)

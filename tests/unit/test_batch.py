@@ -1,4 +1,4 @@
-"""Batch assembly without servers: decoding records into a batch, in-batch dedupe, the hostile corpus's decode
+"""Batch assembly without servers: decoding records into a batch, later deliveries of a key, the hostile corpus's decode
 outcomes, and the API-usage row the store takes."""
 
 from __future__ import annotations
@@ -61,18 +61,36 @@ def records(*bodies: dict[str, Any], topic: str = "usage") -> list[FakeRecord]:
     return [FakeRecord(topic, 0, offset, dumps(body)) for offset, body in enumerate(bodies)]
 
 
-def test_a_repeat_in_the_batch_is_a_duplicate_and_a_changed_one_is_quarantined() -> None:
+def test_later_deliveries_of_a_key_are_set_apart_unjudged_and_another_instant_is_another_key() -> None:
     batch = decode_batch(
-        records(event(), event(), event(status_code=500), event(event_id="e-0")),
+        records(
+            event(),
+            event(),
+            event(status_code=500),
+            event(event_id="e-0"),
+            event(occurred_at="2026-11-21T09:00:00Z"),  # the same id at another instant: another event
+        ),
         SETTINGS,
     )
-    assert [e.event_id for e in batch.events] == ["e-0", "e-1"]  # key order, first delivery kept
-    assert batch.events[1].source.offset == 0
-    assert [d.source.offset for d in batch.duplicates] == [1]
-    assert [(q.reason, q.source.offset) for q in batch.quarantined] == [(Reason.CONFLICTING_DUPLICATE, 2)]
-    assert "offset 0" in batch.quarantined[0].detail
-    assert batch.last_offsets == {("usage", 0): 3}
-    assert len(batch) == 4
+    # key order (organization, occurred_at, event_id), the first delivery of each key kept
+    assert [(e.event_id, e.source.offset) for e in batch.events] == [("e-1", 4), ("e-0", 3), ("e-1", 0)]
+    assert [e.source.offset for e in batch.later] == [1, 2]  # a repeat and a changed copy: judged in the database
+    assert batch.quarantined == []
+    assert batch.last_offsets == {("usage", 0): 4}
+    assert len(batch) == 5
+
+
+def test_without_promotes_a_later_delivery_whose_first_was_revoked() -> None:
+    batch = decode_batch(
+        [FakeRecord("usage", 1, 5, dumps(event())), *records(event(event_id="e-0"), event())], SETTINGS
+    )
+    assert [(e.source.partition, e.source.offset) for e in batch.later] == [(0, 1)]
+    batch.usage = usage_rows(batch.events)
+    rest = batch.without({("usage", 1)})
+    assert [(e.event_id, e.source.offset) for e in rest.events] == [("e-0", 0), ("e-1", 1)]
+    assert rest.later == []
+    assert rest.usage is None  # the events changed: priced again
+    assert len(rest) == 2
 
 
 def test_decoding_in_time_slices_stops_at_the_deadline_and_resumes_where_it_stopped() -> None:

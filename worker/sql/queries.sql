@@ -261,7 +261,7 @@ LEFT JOIN LATERAL (
 ) kept ON true;
 
 -- name: insert_api_usage
--- Set-based insert of API-usage events (one per (organization, event_id), ordered by key). First write
+-- Set-based insert of API-usage events (one per (organization, occurred_at, event_id), ordered by key). First write
 -- wins. Only rows this statement inserted add into the hourly rollups, in the same statement, so a
 -- replayed event changes nothing. Returns the ids whose stored content differs (conflicting duplicates), how many
 -- events were inserted, and the (organization, project, user, hour) scopes budgets may have to evaluate.
@@ -289,10 +289,11 @@ inserted AS (
               prompt_tokens, completion_tokens, total_tokens, cost_usd, provider, catalogue_cost_usd
 ),
 conflicts AS (
-    SELECT i.organization_id, i.event_id
+    SELECT i.organization_id, i.event_id, i.occurred_at
     FROM (SELECT * FROM input i
           WHERE NOT EXISTS (SELECT FROM inserted n
-                            WHERE n.organization_id = i.organization_id AND n.event_id = i.event_id)) i
+                            WHERE n.organization_id = i.organization_id AND n.event_id = i.event_id
+                              AND n.occurred_at = i.occurred_at)) i
     CROSS JOIN LATERAL (
         SELECT a.project_id, a.user_id, a.endpoint, a.method, a.status_code, a.response_time_ms, a.occurred_at,
                a.prompt_tokens, a.completion_tokens, a.total_tokens, a.model, a.cost_usd
@@ -366,7 +367,7 @@ user_rollup AS (
         updated_at = now()
 )
 SELECT 'conflict' AS kind, organization_id, event_id, NULL::uuid AS project_id, NULL::uuid AS user_id,
-       NULL::timestamptz AS hour, 0::bigint AS requests
+       occurred_at AS at, 0::bigint AS requests  -- at: the conflicting event's occurred_at; the touched hour below
 FROM conflicts
 UNION ALL
 SELECT 'inserted', NULL, NULL, NULL, NULL, NULL, count(*) FROM inserted

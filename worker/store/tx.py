@@ -158,9 +158,9 @@ class Tx:
         for row in records:
             kind = row["kind"]
             if kind == "touched":
-                touched.append(Touch(row["organization_id"], row["project_id"], row["user_id"], row["hour"]))
+                touched.append(Touch(row["organization_id"], row["project_id"], row["user_id"], row["at"]))
             elif kind == "conflict":
-                conflicts.append((row["organization_id"], row["event_id"]))
+                conflicts.append((row["organization_id"], row["at"], row["event_id"]))
             else:
                 inserted = row["requests"]
         return UsageStored(inserted, touched, conflicts)
