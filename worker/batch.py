@@ -50,7 +50,7 @@ class KafkaRecord(Protocol):
 
 @dataclass
 class Batch:
-    events: list[ApiEvent] = field(default_factory=list)  # the first delivery of each key, in key order
+    events: list[ApiEvent] = field(default_factory=list)  # the first delivery of each key, in lock order
     later: list[ApiEvent] = field(default_factory=list)  # later deliveries of those keys, in arrival order
     messages: list[ProviderMessage] = field(default_factory=list)
     quarantined: list[Quarantined] = field(default_factory=list)
@@ -132,9 +132,10 @@ def decode_into(batch: Batch, records: Iterable[KafkaRecord], settings: Settings
 
 
 def finish_batch(batch: Batch) -> None:
-    """Keep the first delivery of each key in ``events``, in key order (the order rows are locked in, across
-    workers), and set later deliveries apart in ``later``. Nothing is judged here: whether a later one is a
-    duplicate or a conflict depends on what is stored, which the batch's transaction finds out (``Pipeline``).
+    """Keep the first delivery of each key in ``events``, in (organization, event_id, occurred_at) order (the
+    order rows are locked in, across workers), and set later deliveries apart in ``later``. Nothing is judged
+    here: whether a later one is a duplicate or a conflict depends on what is stored, which the batch's
+    transaction finds out (``Pipeline``).
 
     Pure, so it runs while the previous batch is in the database.
     """
@@ -143,13 +144,28 @@ def finish_batch(batch: Batch) -> None:
 
 
 def _split(events: list[ApiEvent]) -> tuple[list[ApiEvent], list[ApiEvent]]:
-    """(the first delivery of each key, in key order; the others, in the order given)."""
-    unique: dict[EventKey, ApiEvent] = {}
+    """(the first delivery of each key, in (organization, event_id, occurred_at) order; the others, in the order
+    given). Keys hash (``UUID.int``, event_id) first: hashing a UUID object runs Python code, hashing its int does
+    not, and an aware datetime's first hash asks its time zone for the offset (a Python call per event); the
+    instant is compared only when an id repeats."""
+    unique: dict[tuple[int, str], ApiEvent] = {}
+    instants: dict[EventKey, ApiEvent] = {}  # the same id at another instant than its first (rare)
     later = []
     for event in events:
-        key = event_key(event)
-        if key in unique:
+        key = (event.organization_id.int, event.event_id)
+        first = unique.get(key)
+        if first is None:
+            unique[key] = event
+        elif first.occurred_at == event.occurred_at:
             later.append(event)
         else:
-            unique[key] = event
-    return [unique[key] for key in sorted(unique)], later  # sorting the keys: no Python call per comparison
+            other = event_key(event)
+            if other in instants:
+                later.append(event)
+            else:
+                instants[other] = event
+    if not instants:
+        return [unique[key] for key in sorted(unique)], later  # sorting the keys: no Python call per comparison
+    firsts = [*unique.values(), *instants.values()]
+    firsts.sort(key=lambda e: (e.organization_id.int, e.event_id, e.occurred_at))
+    return firsts, later

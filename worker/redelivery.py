@@ -79,7 +79,7 @@ def judge(applied: list[ApiEvent], waiting: dict[EventKey, deque[ApiEvent]], qua
         judged.next_round.append(queue.popleft())
         if not queue:
             del waiting[key]
-    judged.next_round.sort(key=event_key)  # key order: the order rows are locked in
+    judged.next_round.sort(key=lambda e: (e.organization_id.int, e.event_id, e.occurred_at))  # ``Batch.events``'s
     return judged
 
 

@@ -69,15 +69,16 @@ def test_later_deliveries_of_a_key_are_set_apart_unjudged_and_another_instant_is
             event(status_code=500),
             event(event_id="e-0"),
             event(occurred_at="2026-11-21T09:00:00Z"),  # the same id at another instant: another event
+            event(occurred_at="2026-11-21T09:00:00+00:00"),  # and its repeat (the same instant)
         ),
         SETTINGS,
     )
-    # key order (organization, occurred_at, event_id), the first delivery of each key kept
-    assert [(e.event_id, e.source.offset) for e in batch.events] == [("e-1", 4), ("e-0", 3), ("e-1", 0)]
-    assert [e.source.offset for e in batch.later] == [1, 2]  # a repeat and a changed copy: judged in the database
+    # lock order (organization, event_id, occurred_at), the first delivery of each key kept
+    assert [(e.event_id, e.source.offset) for e in batch.events] == [("e-0", 3), ("e-1", 4), ("e-1", 0)]
+    assert [e.source.offset for e in batch.later] == [1, 2, 5]  # repeats and a changed copy: judged later
     assert batch.quarantined == []
-    assert batch.last_offsets == {("usage", 0): 4}
-    assert len(batch) == 5
+    assert batch.last_offsets == {("usage", 0): 5}
+    assert len(batch) == 6
 
 
 def test_without_promotes_a_later_delivery_whose_first_was_revoked() -> None:
