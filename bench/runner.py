@@ -42,7 +42,8 @@ WHAT = {
     "prepare": "a migrated template database, the world, and the backlogs produced once to the broker",
     "ceilings": "consume-only, the worker's decode on one core, COPY and the set-based upsert into both tables",
     "naive": "a naive worker: one upsert and one commit per event (the floor to beat)",
-    "drain": "the worker process draining the API-usage backlog, then the provider-bucket backlog (empty tables)",
+    "drain": "the worker process draining the API-usage backlog, then the provider-bucket backlog (empty tables); "
+    "then the set-based upsert ceiling again",
     "replicas": "1, 2 and 3 worker processes on one consumer group: rate, rebalance time and lag",
     "latency": "produce-to-committed latency at half the measured events rate",
     "growth": "the same drains into tables pre-filled with the growth rows, against the empty-table rate",
@@ -215,6 +216,11 @@ class Run:
         events_rows = out["events"]["rows_after"]["api_usage"]
         lines_rows = out["lines"]["rows_after"]["cost_data"]
         out["sizes"] = await capacity.table_sizes(self.servers.url(database))
+        if "ceilings" in self.databases:  # the ceiling again, minutes later: targets use the mean (upsert_rate)
+            async with self.console.timed(f"upsert ceiling again, {self.cfg.ceiling_rows:,} rows per table"):
+                self.results["ceilings"]["database_after"] = await ceilings.database_ceilings(
+                    self.servers.url(self.databases["ceilings"]), self.world, self.cfg.ceiling_rows, copy=False
+                )
         complete = out["events"]["complete"] and out["lines"]["complete"]
         if complete and (events_rows != self.events_end or lines_rows != self.lines):
             self.results["errors"]["drain_check"] = (
