@@ -73,6 +73,17 @@ def upsert_rate(results: dict[str, Any], table: str) -> float | None:
     return round(sum(rates) / len(rates), 1) if rates else None
 
 
+def naive_rate(results: dict[str, Any]) -> float | None:
+    """The naive worker's rate the target compares with: the mean of its run in the naive phase and its second
+    run after the drains (same events, a fresh database), for the reason ``upsert_rate`` gives."""
+    rates = [
+        rate
+        for rate in (dig(results, "naive", "per_second"), dig(results, "naive", "after", "per_second"))
+        if isinstance(rate, (int, float))
+    ]
+    return round(sum(rates) / len(rates), 1) if rates else None
+
+
 def _per_unit(value: Any, units: Any) -> float | None:
     if isinstance(value, (int, float)) and isinstance(units, (int, float)) and units:
         return value / units

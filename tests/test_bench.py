@@ -68,7 +68,10 @@ def test_tiny_benchmark_writes_every_section(tmp_path: Path) -> None:
         assert after["upsert"]["rows"] == results["config"]["ceiling_rows"]
         mean = (ceilings["database"][table]["upsert"]["per_second"] + after["upsert"]["per_second"]) / 2
         assert capacity.upsert_rate(results, table) == round(mean, 1)
-    assert results["naive"]["stored"] == results["naive"]["events"]
+    naive = results["naive"]
+    assert naive["stored"] == naive["events"]
+    assert naive["after"]["stored"] == naive["after"]["events"] == naive["events"]
+    assert capacity.naive_rate(results) == round((naive["per_second"] + naive["after"]["per_second"]) / 2, 1)
 
     config = results["config"]
     for section in ("drain", "growth"):
