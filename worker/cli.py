@@ -32,6 +32,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a count or a limit)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="cost-worker",
@@ -91,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     qlist.add_argument("--reason", help="only this reason")
     qlist.add_argument("--status", choices=["pending", "replayed", "all"], default="pending")
-    qlist.add_argument("--limit", type=int, default=50, help="at most this many rows (50)")
+    qlist.add_argument("--limit", type=_positive_int, default=50, help="at most this many rows (50)")
     qreplay = qsub.add_parser(
         "replay",
         help="reprocess pending quarantined messages",
@@ -100,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
         "rest stay quarantined with their new reason.",
     )
     qreplay.add_argument("--reason", help="only messages quarantined for this reason")
-    qreplay.add_argument("--limit", type=int, default=10_000, help="at most this many messages (10000)")
+    qreplay.add_argument("--limit", type=_positive_int, default=10_000, help="at most this many messages (10000)")
 
     budgets = sub.add_parser("budgets", help="budget reports", description="Budget reports.")
     bsub = budgets.add_subparsers(dest="budgets_command", metavar="ACTION", parser_class=_Parser)
