@@ -185,7 +185,9 @@ async def test_twenty_random_sigkills_while_producing(
             while record.faults < 20:
                 await asyncio.sleep(rng.uniform(1.5, 4.0))
                 if supervisor.process.poll() is None:
-                    group.signal(supervisor.process, signal.SIGKILL)
+                    # SIGKILL lands asynchronously: wait for the death, so that the supervisor's last check
+                    # below (stop) never finds the 20th killed process still alive and skips its restart.
+                    await group.kill(supervisor.process)
                     record.faults += 1
                     record.fault_kinds.append("SIGKILL")
             delivered = await producing
