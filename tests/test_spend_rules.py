@@ -1104,3 +1104,41 @@ async def test_a_line_quarantined_then_replayed_joins_its_revision(db: asyncpg.C
     )
     await feeder.buckets(message)
     assert await spend_of(db, "organization", org, None, "2026-11-03Z", "2026-11-04Z") == 7
+
+
+async def test_a_message_quarantined_whole_changes_nothing_in_its_windows(
+    db: asyncpg.Connection, feeder: Feeder
+) -> None:
+    """A later poll whose page names one line item in two currencies is quarantined whole (`inconsistent_data`),
+    like a message that fails decoding: it is no revision of its windows, so the stored lines stay the truth of
+    both (the broken one and the good one on the same page), and an older re-send is not made stale by it."""
+    org = await make_org(db)
+    nov3, nov2 = ("2026-11-03", "2026-11-04"), ("2026-11-02", "2026-11-03")
+    stored = envelope(
+        "openai",
+        org.ai_org,
+        "costs_v1",
+        [openai_cost_bucket(*nov3, [("proj_a", "x", "10")]), openai_cost_bucket(*nov2, [("proj_a", "y", "7")])],
+        collected_at="2026-11-04T01:00:00Z",
+    )
+    await feeder.buckets(stored)
+    broken = openai_cost_bucket(*nov3, [("proj_a", "x", "10"), ("proj_a", "x", "5")])
+    broken["results"][1]["amount"]["currency"] = "eur"
+    later = envelope(
+        "openai",
+        org.ai_org,
+        "costs_v1",
+        [broken, openai_cost_bucket(*nov2, [("proj_a", "y", "7")])],
+        collected_at="2026-11-04T05:00:00Z",
+    )
+    outcome = await feeder.buckets(later)
+    assert [(q.reason.value, q.detail) for q in outcome.quarantine] == [
+        ("inconsistent_data", "line item 'x' is reported in two currencies")
+    ]
+    assert await spend_of(db, "organization", org, None, "2026-11-03Z", "2026-11-04Z") == 10
+    assert await spend_of(db, "organization", org, None, "2026-11-02Z", "2026-11-03Z") == 7
+    assert await db.fetchval("SELECT count(*) FROM cost_data WHERE superseded_at IS NOT NULL") == 0
+    revisions = await db.fetch("SELECT DISTINCT collected_at FROM cost_windows")
+    assert [r["collected_at"] for r in revisions] == [datetime(2026, 11, 4, 1, tzinfo=UTC)]
+    outcome = await feeder.buckets(stored)  # the stored revision again: unchanged, not stale
+    assert set(outcome.ledger_lines) == {("costs_v1", "unchanged")}

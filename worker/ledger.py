@@ -60,9 +60,15 @@ class Ledger:
 
 def reduce_ledger(messages: list[ProviderMessage], attribution: Attribution, book: PriceBook) -> Ledger:
     """Attribute and price every line, sum lines that share a key within a message, and keep per window the
-    lines of the batch's newest revision of it."""
+    lines of the batch's newest revision of it. A message quarantined whole names no window: it is no revision
+    of anything, so it neither replaces the stored lines of its windows nor makes another message stale."""
     ledger = Ledger()
+    summed_lines: list[dict[LedgerKey, LedgerLine] | None] = []
     for index, message in enumerate(messages):
+        summed = _attributed_lines(message, attribution, book, ledger)
+        summed_lines.append(summed)
+        if summed is None:
+            continue
         owners = attribution.owners(message.provider, message.ai_organization_id)
         for report, start, end in message.windows:
             window = WindowKey(message.provider, message.ai_organization_id, report, start, end)
@@ -72,9 +78,8 @@ def reduce_ledger(messages: list[ProviderMessage], attribution: Attribution, boo
             ledger.messages.setdefault(window, []).append(index)
 
     newest: dict[LedgerKey, LedgerRow] = {}
-    for index, message in enumerate(messages):
-        summed = _attributed_lines(message, attribution, book, ledger)
-        for key, line in summed.items():
+    for index, (message, lines) in enumerate(zip(messages, summed_lines, strict=True)):
+        for key, line in (lines or {}).items():
             if message.collected_at < ledger.windows[key.window]:  # a newer snapshot of its window is here
                 ledger.lines[(line.api_version, Result.STALE)] += 1
                 ledger.best.note(index, Result.STALE)
@@ -89,9 +94,9 @@ def reduce_ledger(messages: list[ProviderMessage], attribution: Attribution, boo
 
 def _attributed_lines(
     message: ProviderMessage, attribution: Attribution, book: PriceBook, ledger: Ledger
-) -> dict[LedgerKey, LedgerLine]:
+) -> dict[LedgerKey, LedgerLine] | None:
     """One message's lines by key, attributed, priced and summed. A line that cannot be attributed quarantines
-    the message (its attributed lines are still written); two currencies for one key quarantine it whole."""
+    the message (its attributed lines are still written); two currencies for one key quarantine it whole (None)."""
     summed: dict[LedgerKey, LedgerLine] = {}
     problems: list[str] = []
     problem_reason: Reason | None = None
@@ -121,9 +126,11 @@ def _attributed_lines(
             continue
         total = sum_lines(earlier, line)
         if total is None:
-            problem_reason, summed = Reason.INCONSISTENT_DATA, {}
-            problems = [f"line item {line.line_item!r} is reported in two currencies"]
-            break
+            detail = f"line item {line.line_item!r} is reported in two currencies"
+            ledger.quarantined.append(
+                Quarantined(message.source, message.payload, Reason.INCONSISTENT_DATA, detail[:MAX_DETAIL])
+            )
+            return None
         summed[key] = total
     if problem_reason is not None:
         detail = "; ".join(sorted(set(problems))[:MAX_PROBLEMS])

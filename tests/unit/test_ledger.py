@@ -73,7 +73,18 @@ def test_two_currencies_for_one_key_quarantine_the_message_whole() -> None:
     assert [(q.reason, q.detail) for q in ledger.quarantined] == [
         (Reason.INCONSISTENT_DATA, "line item 'gpt-4o' is reported in two currencies")
     ]
-    assert list(ledger.windows) == [WindowKey("openai", "org-a", REPORT, START, END)]  # the window still counts
+    # Like a message quarantined at decode, it is no revision of its window: the stored lines stay the truth
+    assert (ledger.windows, ledger.messages, ledger.owners) == ({}, {}, {})
+
+
+def test_a_message_quarantined_whole_neither_replaces_nor_makes_stale() -> None:
+    stored = message(0, 0, line("gpt-4o", "1"))
+    broken = message(1, 5, line("gpt-4o", "2"), line("gpt-4o", "2", currency="EUR"))
+    ledger = reduce_ledger([stored, broken], ATTRIBUTION, NO_PRICES)
+    assert [(r.line.amount, r.message) for r in ledger.rows] == [(Decimal("1"), 0)]
+    assert ledger.windows == {WindowKey("openai", "org-a", REPORT, START, END): stored.collected_at}
+    assert ledger.best == {}
+    assert [q.source.offset for q in ledger.quarantined] == [1]
 
 
 def test_an_unattributed_line_quarantines_its_message_and_the_others_are_kept() -> None:
