@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import ROUND_DOWN, Decimal, localcontext
+from fractions import Fraction
 
 ALERT_NAMESPACE = uuid.UUID("6d1b6c3e-2f0a-4c55-9a1e-8b7f6c1d2e3f")
 RATE_VALID = timedelta(days=7)  # a rate's date and the 6 days after it
@@ -74,7 +75,9 @@ def spend(rows: list[Row], currency: str, rates: Rates) -> Decimal | None:
 
 
 def _plain(value: Decimal) -> str:
-    return format(value.normalize(), "f")
+    """Without exponent or trailing zeros, exactly (no context: ``normalize`` would round at 28 digits)."""
+    text = format(value, "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def alert_id(
@@ -107,10 +110,10 @@ class Lifecycle:
         if total is None:
             return  # unconvertible: nothing raised, nothing resolved
         for threshold in sorted(set(thresholds)):
-            key = (threshold, amount.normalize(), currency)
+            key = (threshold, amount, currency)  # equal Decimals hash equal: 10 and 10.0 are one amount
             ids = self.crossings.setdefault(key, [])
             current = ids[-1] if ids and ids[-1] in self.open else None
-            reached = total * 100 >= amount * threshold
+            reached = Fraction(total) * 100 >= Fraction(amount) * threshold  # exact, whatever the digits
             if reached and current is None:
                 new = alert_id(self.scope, self.budget, self.period_start, threshold, amount, currency, len(ids) + 1)
                 ids.append(new)

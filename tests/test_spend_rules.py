@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -367,7 +368,7 @@ class Expected:
             spend = self.spend(budget, start, end)
             for threshold in budget["thresholds"]:
                 key = (budget["id"], start, threshold)
-                reached = spend * 100 >= budget["amount"] * threshold
+                reached = Fraction(spend) * 100 >= Fraction(budget["amount"]) * threshold  # exact
                 if key not in self.alerts and reached:
                     self.alerts[key] = spend
                 elif key in self.alerts and not reached:  # resolved (issue 12): spend fell below it
@@ -1142,3 +1143,27 @@ async def test_a_message_quarantined_whole_changes_nothing_in_its_windows(
     assert [r["collected_at"] for r in revisions] == [datetime(2026, 11, 4, 1, tzinfo=UTC)]
     outcome = await feeder.buckets(stored)  # the stored revision again: unchanged, not stale
     assert set(outcome.ledger_lines) == {("costs_v1", "unchanged")}
+
+
+async def test_a_spend_below_the_level_beyond_28_digits_raises_nothing(db: asyncpg.Connection, feeder: Feeder) -> None:
+    """Spend one unit of the 29th decimal place below a 10 USD budget is not 100 % of it (no rounding at 28
+    digits in the decision); one more event takes it past the level."""
+    org = await make_org(db)
+    budget = uuid.uuid4()
+    await db.execute(
+        "INSERT INTO ai_organization_budgets (id, organization_id, amount, period, timezone, thresholds) "
+        "VALUES ($1, $2, 10, 'daily', 'UTC', '{100}')",
+        budget,
+        org.id,
+    )
+    below = "9.99999999999999999999999999999"
+    outcome = await feeder.events(
+        api_event(org, project=org.projects["proj_a"], cost=below, occurred_at="2026-11-03T10:00:00Z", model="gpt-4o")
+    )
+    assert not outcome.quarantine
+    assert await spend_of(db, "organization", org, None, "2026-11-03Z", "2026-11-04Z") == Decimal(below)
+    assert await db.fetchval("SELECT count(*) FROM budget_alerts WHERE budget_id = $1", budget) == 0
+    await feeder.events(
+        api_event(org, project=org.projects["proj_a"], cost="1e-29", occurred_at="2026-11-03T11:00:00Z", model="gpt-4o")
+    )
+    assert await db.fetchval("SELECT spend FROM budget_alerts WHERE budget_id = $1", budget) == 10

@@ -25,6 +25,8 @@ from datetime import datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from zoneinfo import ZoneInfo
 
+from worker.limits import EXACT
+
 ALERT_NAMESPACE = uuid.UUID("6d1b6c3e-2f0a-4c55-9a1e-8b7f6c1d2e3f")
 PERCENT_QUANTUM = Decimal("0.01")
 
@@ -51,7 +53,7 @@ def alert_id(
 
 def _plain(value: Decimal) -> str:
     """Decimal without exponent or trailing zeros: 80, 80.5, 0.000001 (thresholds)."""
-    return format(value.normalize(), "f")
+    return format(value.normalize(EXACT), "f")  # the default context would round at 28 digits
 
 
 def _money(value: Decimal) -> str:

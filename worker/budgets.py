@@ -34,6 +34,7 @@ from worker import metrics
 from worker.alerts import Alert, Resolution
 from worker.config import Settings
 from worker.errors import TransientError
+from worker.limits import EXACT
 from worker.retry import sleep_or_stop
 from worker.store import Database, Spend, Tx
 from worker.touches import Touch
@@ -99,7 +100,9 @@ class Candidate:
         )
 
     def reached(self, spend: Decimal, threshold: Decimal) -> bool:
-        return spend * 100 >= self.amount * threshold
+        # Exact: the default context rounds products to 28 digits, and a spend just below the level would round
+        # up to it (money has up to 46 significant digits).
+        return EXACT.multiply(spend, 100) >= EXACT.multiply(self.amount, threshold)
 
     def crossed(self, spend: Decimal) -> list[Decimal]:
         """Thresholds without an open alert whose level the spend has reached (each of them, if several)."""

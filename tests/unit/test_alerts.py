@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 from worker.alerts import Alert, Resolution
+from worker.budgets import Candidate
 
 BUDGET = uuid.uuid4()
 ALERT = Alert(
@@ -39,8 +40,37 @@ def test_the_id_is_the_crossing_not_the_publication() -> None:
         replace(ALERT, crossing=2),
         replace(ALERT, threshold=Decimal("100")),
         replace(ALERT, scope="organization"),
+        # amounts that differ only beyond the default context's 28 digits are other amounts
+        replace(ALERT, amount=Decimal("1000.000000000000000000000000001")),
     ]
     assert len({ALERT.id, *(o.id for o in others)}) == 1 + len(others)
+    assert ALERT.id == replace(ALERT, amount=Decimal("1000.000000000000000000000000000")).id
+
+
+def test_a_level_is_reached_exactly_beyond_28_digits() -> None:
+    """Spend one unit of the 29th decimal place below a 10 USD budget has not reached 100 %; at it, it has."""
+    candidate = Candidate(
+        scope="organization",
+        budget_id=BUDGET,
+        name="team",
+        organization_id=uuid.uuid4(),
+        project_id=None,
+        user_id=None,
+        amount=Decimal("10"),
+        currency="USD",
+        period="daily",
+        timezone="UTC",
+        thresholds=(Decimal("50"), Decimal("100")),
+        period_start=datetime(2026, 11, 3, tzinfo=UTC),
+        period_end=datetime(2026, 11, 4, tzinfo=UTC),
+        history={},
+    )
+    below = Decimal("9.99999999999999999999999999999")
+    assert candidate.crossed(below) == [Decimal("50")]
+    assert candidate.crossed(Decimal("10")) == [Decimal("50"), Decimal("100")]
+    open_at_100 = replace(candidate, history={Decimal("100"): (1, uuid.uuid4())})
+    assert open_at_100.fallen(below) == [Decimal("100")]
+    assert open_at_100.fallen(Decimal("10")) == []
 
 
 def test_the_message_carries_exact_money_in_the_budgets_zone() -> None:
