@@ -113,7 +113,7 @@ class Lifecycle:
             key = (threshold, amount, currency)  # equal Decimals hash equal: 10 and 10.0 are one amount
             ids = self.crossings.setdefault(key, [])
             current = ids[-1] if ids and ids[-1] in self.open else None
-            reached = Fraction(total) * 100 >= Fraction(amount) * threshold  # exact, whatever the digits
+            reached = Fraction(total) * 100 >= Fraction(amount) * Fraction(threshold)  # exact, whatever the digits
             if reached and current is None:
                 new = alert_id(self.scope, self.budget, self.period_start, threshold, amount, currency, len(ids) + 1)
                 ids.append(new)

@@ -368,7 +368,7 @@ class Expected:
             spend = self.spend(budget, start, end)
             for threshold in budget["thresholds"]:
                 key = (budget["id"], start, threshold)
-                reached = Fraction(spend) * 100 >= Fraction(budget["amount"]) * threshold  # exact
+                reached = Fraction(spend) * 100 >= Fraction(budget["amount"]) * Fraction(threshold)  # exact
                 if key not in self.alerts and reached:
                     self.alerts[key] = spend
                 elif key in self.alerts and not reached:  # resolved (issue 12): spend fell below it
