@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import pytest
 
 from tests.factories import Org, api_event, envelope, make_org, openai_cost_bucket
 from tests.feeding import Feeder
+from tests.spend_model import period as model_period
 from worker.alerts import Alert
 from worker.budgets import BudgetEngine
 from worker.config import Settings
@@ -178,6 +180,78 @@ async def test_periods_follow_the_budget_time_zone_across_dst(db: asyncpg.Connec
         datetime(2026, 12, 31, 18, 30, tzinfo=UTC),
         datetime(2027, 12, 31, 18, 30, tzinfo=UTC),
     )
+
+
+# Zones whose clocks change at or across local midnight (Havana and the Azores turn back from 01:00 to 00:00, so
+# midnight happens twice; Santiago springs forward from 00:00, so it does not happen), half-hour and 45-minute
+# changes (Lord Howe, Chatham), and the usual ones.
+PERIOD_ZONES = (
+    "America/Havana",
+    "Atlantic/Azores",
+    "America/Santiago",
+    "Australia/Lord_Howe",
+    "Pacific/Chatham",
+    "Europe/Berlin",
+    "America/Los_Angeles",
+    "Asia/Kolkata",
+    "UTC",
+)
+
+
+def _instants_around_changes(zone: str) -> list[datetime]:
+    """Every half hour within two days of each change of the zone's offset in 2025-2027 (one day if none)."""
+    tz = ZoneInfo(zone)
+    at, end = datetime(2025, 1, 1, tzinfo=UTC), datetime(2028, 1, 1, tzinfo=UTC)
+    changes, offset = [], at.astimezone(tz).utcoffset()
+    while at < end:
+        at += timedelta(hours=1)
+        if at.astimezone(tz).utcoffset() != offset:
+            changes.append(at)
+            offset = at.astimezone(tz).utcoffset()
+    around = {
+        c + timedelta(minutes=30 * k) for c in changes or [datetime(2026, 11, 1, tzinfo=UTC)] for k in range(-96, 97)
+    }
+    return sorted(around)
+
+
+async def test_periods_equal_the_calendar_model_around_every_clock_change(db: asyncpg.Connection) -> None:
+    """The database's period of an instant is the independent model's (zoneinfo, fold=0: a local boundary that
+    happens twice is its first instant), and contains the instant, for every kind and zone above."""
+    kinds, zones, instants = [], [], []
+    for zone in PERIOD_ZONES:
+        for at in _instants_around_changes(zone):
+            for kind in ("daily", "weekly", "monthly", "quarterly", "yearly"):
+                kinds.append(kind)
+                zones.append(zone)
+                instants.append(at)
+    rows = await db.fetch(
+        "SELECT p.period_start, p.period_end FROM unnest($1::budget_period[], $2::text[], $3::timestamptz[]) "
+        "WITH ORDINALITY AS x(kind, tz, at, n) CROSS JOIN LATERAL cost_worker_period(x.kind, x.tz, x.at) p "
+        "ORDER BY x.n",
+        kinds,
+        zones,
+        instants,
+    )
+    wrong = []
+    for kind, zone, at, row in zip(kinds, zones, instants, rows, strict=True):
+        found = (row["period_start"], row["period_end"])
+        if kind in ("daily", "weekly", "monthly"):
+            expected = model_period(kind, zone, at)
+        else:  # the model knows no quarters or years: their first local day, at its first midnight
+            local = at.astimezone(ZoneInfo(zone)).date()
+            first = local.replace(month=local.month - (local.month - 1) % 3 if kind == "quarterly" else 1, day=1)
+            after = date(first.year + (first.month + 2) // 12, (first.month + 2) % 12 + 1, 1)
+            if kind == "yearly":
+                after = date(first.year + 1, 1, 1)
+            expected = (_first_midnight(first, zone), _first_midnight(after, zone))
+        if found != expected or not found[0] <= at < found[1]:
+            wrong.append((kind, zone, at.isoformat(), [t.isoformat() for t in found]))
+    assert len(rows) > 10_000
+    assert wrong == []
+
+
+def _first_midnight(day: date, zone: str) -> datetime:
+    return datetime(day.year, day.month, day.day, tzinfo=ZoneInfo(zone)).astimezone(UTC)
 
 
 async def test_spend_lands_in_the_period_of_the_budget_time_zone(db: asyncpg.Connection, feeder: Feeder) -> None:

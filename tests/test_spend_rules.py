@@ -5,7 +5,8 @@ grouped and ungrouped lines, revisions that add, drop and move lines, open bucke
 Priority Tier) and API-usage events (several providers, unknown models) through the real pipeline, one message
 per batch, and compares every budget's spend in every period, and the set of alerts raised, with
 ``tests/spend_model.py`` exactly. Budgets are daily and monthly in UTC, America/Los_Angeles, Europe/Berlin,
-Asia/Kolkata and Pacific/Chatham, around DST changes.
+Asia/Kolkata, Pacific/Chatham, America/Havana and Atlantic/Azores, around DST changes (the last two repeat a
+local midnight).
 """
 
 from __future__ import annotations
@@ -50,10 +51,19 @@ BASE_DAYS = (
     datetime(2026, 3, 7, tzinfo=UTC),  # America/Los_Angeles springs forward on the 8th
     datetime(2026, 3, 28, tzinfo=UTC),  # Europe/Berlin on the 29th
     datetime(2026, 4, 4, tzinfo=UTC),  # Pacific/Chatham falls back on the 5th (03:45 -> 02:45 local)
-    datetime(2026, 10, 24, tzinfo=UTC),  # Europe/Berlin falls back on the 25th
-    datetime(2026, 10, 30, tzinfo=UTC),  # month end in every zone; Los Angeles falls back on 1 November
+    datetime(2026, 10, 24, tzinfo=UTC),  # Europe/Berlin falls back on the 25th, the Azores at midnight
+    datetime(2026, 10, 30, tzinfo=UTC),  # month end in every zone; Los Angeles and Havana fall back on 1 November
 )
-ZONES = ("UTC", "America/Los_Angeles", "Europe/Berlin", "Asia/Kolkata", "Pacific/Chatham")
+# Havana (1 November) and the Azores (25 October) turn their clocks back across midnight: it happens twice.
+ZONES = (
+    "UTC",
+    "America/Los_Angeles",
+    "Europe/Berlin",
+    "Asia/Kolkata",
+    "Pacific/Chatham",
+    "America/Havana",
+    "Atlantic/Azores",
+)
 MODELS = {  # API-usage event model -> the provider the catalogue gives it (None: unknown)
     "gpt-4o": "openai",
     "claude-sonnet-4-0": "anthropic",
