@@ -38,7 +38,7 @@ from tests.factories import (
 )
 from tests.feeding import Feeder
 from tests.kafka_helpers import create_topics, produce, run_worker
-from tests.spend_model import Estimate, Ledger, Row, SpendModel, period, periods_overlapping, sum_lines
+from tests.spend_model import Estimate, Ledger, Row, SpendModel, periods_overlapping, sum_lines
 from worker.config import Settings
 from worker.migrate import migrate, schema_dir
 from worker.providers import COMPLETION_TOKEN_TYPES
@@ -236,7 +236,6 @@ def window_of(world: World, snap: Snapshot) -> tuple[datetime, datetime]:
 
 
 Window = tuple[str, str, str, datetime, datetime]
-Touched = tuple[uuid.UUID | None, uuid.UUID | None, datetime, datetime, datetime]
 
 
 def payload_and_rows(world: World, snap: Snapshot) -> tuple[dict[str, Any], list[Row], Window]:
@@ -359,23 +358,24 @@ class Expected:
     def spend(self, budget: dict[str, Any], start: datetime, end: datetime) -> Decimal:
         return self.model().spend(budget["scope"], self.world.org, budget["project"], budget["user"], start, end)
 
-    def evaluate(self, touches: list[Touched]) -> None:
-        """touches: (project, user, at, span start, span end). Raises every crossed, not yet alerted threshold."""
-        candidates: set[tuple[int, datetime, datetime]] = set()
+    def spends(self) -> dict[tuple[int, datetime, datetime], Decimal]:
+        """Every budget's spend in each of its periods over the example's days."""
+        model = self.model()
+        found = {}
         for index, budget in enumerate(self.world.budgets):
-            for project, user, at, span_start, span_end in touches:
-                if budget["scope"] == "project" and budget["project"] != project:
-                    continue
-                if budget["scope"] == "user" and (
-                    budget["user"] != user or (budget["project"] is not None and budget["project"] != project)
-                ):
-                    continue
-                candidates.add((index, *period(budget["period"], budget["timezone"], at)))
-                for start, end in periods_overlapping(budget["period"], budget["timezone"], span_start, span_end):
-                    candidates.add((index, start, end))
-        for index, start, end in sorted(candidates, key=lambda c: (c[0], c[1])):
+            for start, end in example_periods(self.world, budget):
+                found[(index, start, end)] = model.spend(
+                    budget["scope"], self.world.org, budget["project"], budget["user"], start, end
+                )
+        return found
+
+    def decide(self, before: dict[tuple[int, datetime, datetime], Decimal]) -> None:
+        """Every period whose spend the step changed is decided again: the worker must evaluate each of them,
+        whatever row the change came through (this does not restate which periods the worker touches)."""
+        for (index, start, end), spend in sorted(self.spends().items(), key=lambda item: (item[0][0], item[0][1])):
+            if spend == before[(index, start, end)]:
+                continue
             budget = self.world.budgets[index]
-            spend = self.spend(budget, start, end)
             for threshold in budget["thresholds"]:
                 key = (budget["id"], start, threshold)
                 reached = Fraction(spend) * 100 >= Fraction(budget["amount"]) * Fraction(threshold)  # exact
@@ -385,16 +385,19 @@ class Expected:
                     del self.alerts[key]
 
     def snapshot(self, rows: list[Row], window: tuple[str, str, str, datetime, datetime], collected: datetime) -> None:
-        changed = self.ledger.apply([window], rows, collected)
-        touches: list[Touched] = []
-        for r in changed:  # its project's budgets (none for an ungrouped row) and its organization's
-            touches.append((r.project_id, None, r.midpoint, r.start, r.end))
-        if touches:
-            self.evaluate(touches)
+        before = self.spends()
+        self.ledger.apply([window], rows, collected)
+        self.decide(before)
 
     def event(self, estimate: Estimate) -> None:
+        before = self.spends()
         self.estimates.append(estimate)
-        self.evaluate([(estimate.project_id, estimate.user_id, estimate.hour, estimate.hour, estimate.hour)])
+        self.decide(before)
+
+
+def example_periods(world: World, budget: dict[str, Any]) -> list[tuple[datetime, datetime]]:
+    """The budget's periods over the days an example's data can reach."""
+    return list(periods_overlapping(budget["period"], budget["timezone"], world.base - DAY, world.base + 4 * DAY))
 
 
 # ------------------------------------------------------------------------------------------------- the test
@@ -441,9 +444,7 @@ def _org_of(world: World) -> Any:
 
 async def assert_matches_model(db: asyncpg.Connection, world: World, expected: Expected) -> None:
     for budget in world.budgets:
-        for start, end in periods_overlapping(
-            budget["period"], budget["timezone"], world.base - DAY, world.base + 4 * DAY
-        ):
+        for start, end in example_periods(world, budget):
             actual = await db.fetchval(
                 "SELECT spend FROM cost_worker_spend($1, $2, $3, $4, $5, $6, 'USD')",
                 budget["scope"],
@@ -1177,3 +1178,63 @@ async def test_a_spend_below_the_level_beyond_28_digits_raises_nothing(db: async
         api_event(org, project=org.projects["proj_a"], cost="1e-29", occurred_at="2026-11-03T11:00:00Z", model="gpt-4o")
     )
     assert await db.fetchval("SELECT spend FROM budget_alerts WHERE budget_id = $1", budget) == 10
+
+
+async def test_a_cost_line_that_flips_usage_beside_it_evaluates_the_usage_period(
+    db: asyncpg.Connection, feeder: Feeder
+) -> None:
+    """A daily usage bucket of 3 Nov UTC counts on 3 Nov in Los Angeles (its midpoint, 04:00 PST); an hourly cost
+    bucket of 3 Nov 00:00-01:00 UTC (2 Nov local) covers one of its hours and replaces it. When that cost line
+    arrives, the usage's period (3 Nov) loses 20 and its alert is resolved; when the cost line is re-polled away,
+    the usage counts again and 3 Nov alerts again, though the cost line's own window lies on 2 Nov."""
+    org = await make_org(db)
+    await add_price(db, "openai", "m1", "input_text_tokens", "1000000")  # 1 USD per token
+    budget = uuid.uuid4()
+    await db.execute(
+        "INSERT INTO ai_organization_budgets (id, organization_id, amount, period, timezone, thresholds) "
+        "VALUES ($1, $2, 10, 'daily', 'America/Los_Angeles', '{100}')",
+        budget,
+        org.id,
+    )
+    nov3 = ("2026-11-03T08:00Z", "2026-11-04T08:00Z")  # 3 November in Los Angeles (PST)
+    hour = ("2026-11-03T00:00:00", "2026-11-03T01:00:00")
+
+    async def alerts() -> list[tuple[datetime, bool]]:
+        rows = await db.fetch(
+            "SELECT period_start, resolved_at IS NULL AS open FROM budget_alerts WHERE budget_id = $1 "
+            "ORDER BY raised_at",
+            budget,
+        )
+        return [(r["period_start"], r["open"]) for r in rows]
+
+    usage = [{"project_id": "proj_a", "model": "m1", "input_tokens": 20}]
+    await feeder.buckets(
+        envelope(
+            "openai",
+            org.ai_org,
+            "usage_v1",
+            [openai_usage_bucket("2026-11-03", "2026-11-04", usage)],
+            collected_at="2026-11-04T02:00:00Z",
+        )
+    )
+    assert await spend_of(db, "organization", org, None, *nov3) == 20
+    assert await alerts() == [(datetime(2026, 11, 3, 8, tzinfo=UTC), True)]
+    await feeder.buckets(
+        envelope(
+            "openai",
+            org.ai_org,
+            "costs_v1",
+            [openai_cost_bucket(*hour, [("proj_a", "x", "1")])],
+            collected_at="2026-11-03T02:00:00Z",
+        )
+    )
+    assert await spend_of(db, "organization", org, None, *nov3) == 0
+    assert await alerts() == [(datetime(2026, 11, 3, 8, tzinfo=UTC), False)]  # resolved
+    await feeder.buckets(
+        envelope("openai", org.ai_org, "costs_v1", [openai_cost_bucket(*hour, [])], collected_at="2026-11-03T09:00:00Z")
+    )
+    assert await spend_of(db, "organization", org, None, *nov3) == 20
+    assert await alerts() == [
+        (datetime(2026, 11, 3, 8, tzinfo=UTC), False),
+        (datetime(2026, 11, 3, 8, tzinfo=UTC), True),  # the next crossing
+    ]

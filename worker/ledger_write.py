@@ -13,9 +13,11 @@ from uuid import UUID
 
 from worker.ledger import Ledger
 from worker.outcome import BestResults, Result
-from worker.rows import LedgerRow
+from worker.rows import LedgerRow, WindowKey
 from worker.store import Tx
 from worker.touches import Touch, provider_touch
+
+COSTS = "costs_v1"  # the api_version of provider cost lines (the rest is usage)
 
 
 @dataclass
@@ -35,6 +37,7 @@ async def write_ledger(tx: Tx, ledger: Ledger, tenants: dict[int, UUID], best: B
         tenants.update(windows.organizations)
         await tx.set_tenants(set(tenants.values()))
 
+    costs: set[tuple[UUID, UUID | None, WindowKey]] = set()  # changed cost lines: (organization, project, window)
     rows: list[LedgerRow] = []
     for row in ledger.rows:
         if windows.states[row.key.window] == "stale":
@@ -55,6 +58,8 @@ async def write_ledger(tx: Tx, ledger: Ledger, tenants: dict[int, UUID], best: B
             written.touched.append(
                 provider_touch(row.key.organization_id, row.key.project_id, row.line.bucket_start, row.line.bucket_end)
             )
+            if row.line.api_version == COSTS:
+                costs.add((row.key.organization_id, row.key.project_id, row.key.window))
         best.note(row.message, result)
 
     advanced = [r for r in revisions if windows.states[r.window] == "advanced"]
@@ -62,6 +67,12 @@ async def write_ledger(tx: Tx, ledger: Ledger, tenants: dict[int, UUID], best: B
         written.lines[(retired.api_version, Result.SUPERSEDED)] += 1
         window = retired.window
         written.touched.append(provider_touch(retired.organization_id, retired.project_id, window.start, window.end))
+        if retired.api_version == COSTS:
+            costs.add((retired.organization_id, retired.project_id, window))
         for index in ledger.messages.get(window, []):
             best.note(index, Result.UPDATED)
+    # A cost line that starts or stops counting releases or replaces the usage lines beside it, which count in
+    # the periods of their own windows: those are touched too.
+    for organization, project, start, end in await tx.usage_beside_costs(sorted(costs, key=str)) if costs else []:
+        written.touched.append(provider_touch(organization, project, start, end))
     return written

@@ -177,6 +177,29 @@ WHERE c.provider = i.provider AND c.ai_organization_id = i.ai_organization_id AN
 RETURNING c.organization_id, c.project_id, c.provider, c.ai_organization_id, c.report,
           c.api_version::text AS api_version, c.bucket_start_time, c.bucket_end_time;
 
+-- name: usage_beside_costs
+-- The counted usage lines a change of these cost lines may replace or release (README "What counts as spend",
+-- rule 2: a cost row of the provider account covering one of a usage line's hours for the same project, or
+-- either without a project). Each counts in the period of ITS window's midpoint, which may lie outside the cost
+-- line's window (a daily usage bucket beside an hourly cost bucket), so budgets re-evaluate those periods too.
+-- Overlap of the raw windows is a superset of overlap by covered hours: at worst a period is evaluated for
+-- nothing. Windows are at most 31 days long, which bounds the organization's index range.
+WITH changed AS (
+    SELECT *
+    FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[])
+        AS t(organization_id, project_id, provider, ai_organization_id, bucket_start_time, bucket_end_time)
+)
+SELECT DISTINCT u.organization_id, u.project_id, u.bucket_start_time, u.bucket_end_time
+FROM changed c
+JOIN cost_data u
+  ON u.organization_id = c.organization_id
+ AND u.bucket_start_time >= c.bucket_start_time - interval '31 days'
+ AND u.bucket_start_time < c.bucket_end_time
+ AND u.bucket_end_time > c.bucket_start_time
+ AND u.provider = c.provider AND u.ai_organization_id = c.ai_organization_id
+ AND (u.project_id = c.project_id OR u.project_id IS NULL OR c.project_id IS NULL)
+WHERE u.api_version = 'usage_v1' AND u.superseded_at IS NULL AND u.amount IS NOT NULL;
+
 -- name: upsert_cost_data
 -- Set-based upsert of the lines of windows at their current revision (already one row per key, ordered by key
 -- so concurrent writers lock rows in the same order). A line of a newer revision replaces the row (and revives

@@ -149,6 +149,22 @@ class Tx:
             for r in records
         ]
 
+    async def usage_beside_costs(
+        self, costs: Sequence[tuple[UUID, UUID | None, WindowKey]]
+    ) -> list[tuple[UUID, UUID | None, datetime, datetime]]:
+        """The counted usage lines whose windows overlap these changed cost lines' (organization, project, window):
+        (organization, project, window start, window end) of each."""
+        records = await self.conn.fetch(
+            query("usage_beside_costs"),
+            [org for org, _, _ in costs],
+            [project for _, project, _ in costs],
+            [w.provider for _, _, w in costs],
+            [w.ai_organization_id for _, _, w in costs],
+            [w.start for _, _, w in costs],
+            [w.end for _, _, w in costs],
+        )
+        return [(r["organization_id"], r["project_id"], r["bucket_start_time"], r["bucket_end_time"]) for r in records]
+
     async def insert_api_usage(self, rows: UsageRows) -> UsageStored:
         """Insert events (a redelivery is a no-op) with their hourly rollups."""
         inserted = 0
