@@ -181,21 +181,25 @@ RETURNING c.organization_id, c.project_id, c.provider, c.ai_organization_id, c.r
 -- The counted usage lines a change of these cost lines may replace or release (README "What counts as spend",
 -- rule 2: a cost row of the provider account covering one of a usage line's hours for the same project, or
 -- either without a project). Each counts in the period of ITS window's midpoint, which may lie outside the cost
--- line's window (a daily usage bucket beside an hourly cost bucket), so budgets re-evaluate those periods too.
--- Overlap of the raw windows is a superset of overlap by covered hours: at worst a period is evaluated for
--- nothing. Windows are at most 31 days long, which bounds the organization's index range.
+-- line's window (a daily usage bucket beside an hourly cost bucket), so budgets re-evaluate those periods too;
+-- a usage window inside the cost line's window is left out (its periods are the cost line's own). Overlap of the
+-- raw windows is a superset of overlap by covered hours: at worst a period is evaluated for nothing. The
+-- organization's longest window (spend_reach, kept by the ledger's triggers; else the longest allowed, 31 days)
+-- bounds the index range.
 WITH changed AS (
-    SELECT *
+    SELECT DISTINCT *
     FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[])
         AS t(organization_id, project_id, provider, ai_organization_id, bucket_start_time, bucket_end_time)
 )
 SELECT DISTINCT u.organization_id, u.project_id, u.bucket_start_time, u.bucket_end_time
 FROM changed c
+LEFT JOIN spend_reach r ON r.organization_id = c.organization_id
 JOIN cost_data u
   ON u.organization_id = c.organization_id
- AND u.bucket_start_time >= c.bucket_start_time - interval '31 days'
+ AND u.bucket_start_time >= c.bucket_start_time - coalesce(r.window_max, interval '31 days')
  AND u.bucket_start_time < c.bucket_end_time
  AND u.bucket_end_time > c.bucket_start_time
+ AND (u.bucket_start_time < c.bucket_start_time OR u.bucket_end_time > c.bucket_end_time)
  AND u.provider = c.provider AND u.ai_organization_id = c.ai_organization_id
  AND (u.project_id = c.project_id OR u.project_id IS NULL OR c.project_id IS NULL)
 WHERE u.api_version = 'usage_v1' AND u.superseded_at IS NULL AND u.amount IS NOT NULL;
