@@ -169,6 +169,8 @@ def test_webhook_ids_follow_the_coordination_contract() -> None:
         alert(organization_id="x"),
         alert(threshold_percent="NaN"),
         b"\xff\xfe",
+        b"[" * 60_000,  # under the size cap, but deeper than the JSON decoder's recursion limit
+        b'{"a":' * 12_000,
     ],
 )
 def test_bad_messages_are_invalid_not_crashes(value: bytes | None) -> None:

@@ -45,8 +45,8 @@ def parse(value: bytes | None) -> AlertMessage:
     try:
         payload = value.decode("utf-8")
         body = json.loads(payload)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise Invalid(f"not JSON: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deep
+        raise Invalid(f"not JSON: {type(exc).__name__}: {exc}"[:200]) from None
     if not isinstance(body, dict):
         raise Invalid("not a JSON object")
     kind = body.get("type", TRIGGERED)
