@@ -32,8 +32,9 @@ from worker.config import Settings
 from worker.notify import admin
 from worker.notify.messages import RESOLVED, TRIGGERED
 from worker.notify.sealing import Sealer
+from worker.notify.sender import Sender
 from worker.notify.service import NotifyService
-from worker.notify.urls import UrlRefused
+from worker.notify.urls import UrlPolicy, UrlRefused
 
 KEY = base64.b64encode(os.urandom(32)).decode()
 CLAIM_SLACK = 0.25  # seconds a claim may take beyond the poll interval on a loaded 2-core CI machine
@@ -534,3 +535,36 @@ async def test_a_receiver_that_never_recovers_is_given_up_at_the_maximum_age(
     # time on a loaded machine.
     age = (row["last_attempt_at"] - row["created_at"]).total_seconds()
     assert age <= settings.notify_max_age + settings.notify_poll_interval + CLAIM_SLACK
+
+
+async def test_an_error_text_never_carries_the_url_token() -> None:
+    """aiohttp reports a malformed answer with the URL as it normalised it (%7E as ~), not as configured: the
+    token in the URL's path or query is still not in the error text that becomes last_error and the logs."""
+
+    async def malformed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: not-a-number\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(malformed, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    token = uuid.uuid4().hex
+    settings = Settings(notify_allow_http=True, notify_allowed_networks="127.0.0.0/8")
+    sender = Sender(settings, UrlPolicy.from_settings(settings))
+    payload = json.dumps({"type": TRIGGERED, "scope": "organization", "budget_name": "b"})
+    try:
+        for url in (
+            f"http://127.0.0.1:{port}/services/T0/B0/x%7E{token}",
+            f"http://127.0.0.1:{port}/hook?token=x%7E{token}",
+        ):
+            attempt = await sender.send("slack", url, None, str(uuid.uuid4()), payload)
+            assert attempt.status is None
+            assert attempt.error.startswith("ClientResponseError: 400"), attempt.error
+            assert token not in attempt.error
+            assert "/services" not in attempt.error
+            assert "token=" not in attempt.error
+    finally:
+        await sender.close()
+        server.close()
+        await server.wait_closed()

@@ -11,6 +11,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+import aiohttp
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
@@ -20,10 +21,11 @@ from worker.notify import messages, slack
 from worker.notify.admin import new_secret, sample_alert
 from worker.notify.backoff import JITTER_FLOOR, Backoff
 from worker.notify.sealing import SealBroken, Sealer
-from worker.notify.sender import signed_headers
+from worker.notify.sender import error_text, signed_headers
 from worker.notify.urls import UrlPolicy, UrlRefused, origin
 
 STRICT = UrlPolicy()
+SECRET_URL = "https://hooks.example.com/services/T0/B0/abc%7Edef0123?token=s%7Ecret99"
 LOOPBACK_OK = UrlPolicy(allow_http=True, allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),))
 
 
@@ -83,6 +85,30 @@ async def test_names_are_resolved_and_every_address_checked() -> None:
 
 def test_origin_hides_the_path() -> None:
     assert origin(STRICT.check_url("https://hooks.slack.com/services/T0/B0/secret")) == "https://hooks.slack.com"
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        aiohttp.InvalidURL(SECRET_URL),
+        OSError(f"failed: {SECRET_URL}"),  # as configured
+        OSError("failed: https://hooks.example.com/services/T0/B0/abc~def0123?token=s~cret99"),  # decoded
+        ValueError("segment abc~def0123 rejected"),  # a path segment alone
+        ValueError("rejected query s%7Ecret99"),
+    ],
+)
+def test_error_texts_never_carry_the_url_path_or_query(exc: Exception) -> None:
+    text = error_text(exc, SECRET_URL)
+    assert text.startswith(type(exc).__name__)
+    assert "abc" not in text
+    assert "cret99" not in text
+
+
+def test_error_texts_keep_what_does_not_name_the_url() -> None:
+    assert error_text(ConnectionRefusedError("Connect call failed"), SECRET_URL) == (
+        "ConnectionRefusedError: Connect call failed"
+    )
+    assert error_text(OSError(f"failed: {SECRET_URL}"), SECRET_URL) == "OSError: failed: https://hooks.example.com/…"
 
 
 def test_policy_from_settings() -> None:

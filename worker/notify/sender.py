@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from urllib.parse import unquote, urlsplit
 
 import aiohttp
 from standardwebhooks.webhooks import Webhook
@@ -24,10 +26,12 @@ from standardwebhooks.webhooks import Webhook
 from worker import __version__
 from worker.config import Settings
 from worker.notify import slack
-from worker.notify.urls import SafeResolver, UrlPolicy, UrlRefused, origin
+from worker.notify.urls import SafeResolver, UrlPolicy, UrlRefused
 
 RESPONSE_EXCERPT_BYTES = 256  # bytes of a response body kept (as the delivery's last error)
 ERROR_EXCERPT_CHARS = 500  # characters of an error kept
+HIDDEN = "…"  # what a URL's path, query or fragment becomes in an error text
+MIN_PIECE_CHARS = 6  # a path segment or query part at least this long never appears in an error text
 CONNECT_SHARE = 0.6  # of the attempt timeout that connecting may use
 USER_AGENT = f"cost-worker-notify/{__version__}"
 
@@ -52,6 +56,64 @@ def signed_headers(secret: str, webhook_id: str, body: bytes, at: float | None =
     timestamp = int(time.time() if at is None else at)
     signature = Webhook(secret).sign(webhook_id, datetime.fromtimestamp(timestamp, UTC), body.decode())
     return {"webhook-id": webhook_id, "webhook-timestamp": str(timestamp), "webhook-signature": signature}
+
+
+def error_text(exc: BaseException, url: str) -> str:
+    """The error of an attempt that got no usable response, as kept and logged: its type and what it says,
+    without the URL's path, query or fragment (a Slack URL's path is its token).
+
+    aiohttp reports the URL as it normalised it (``%7E`` decoded, the host lower-cased, a default port
+    dropped), not as configured, so the URL cannot be matched as a whole: every spelling of its path, query
+    and fragment is cut, in the URL as configured and in every URL the exception carries. Should any
+    segment of them still be in the text, only the exception's type (and HTTP status) is kept.
+    """
+    if isinstance(exc, aiohttp.ClientResponseError):
+        detail = f"{exc.status}, message={exc.message!r}"  # its str() ends with the URL
+    elif isinstance(exc, aiohttp.InvalidURL):
+        detail = ""  # its str() is the URL
+    else:
+        detail = str(exc)
+    text = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    spellings = _spellings([url, *_reported_urls(exc)])
+    for part in sorted(spellings, key=len, reverse=True):
+        text = text.replace(part, "/" + HIDDEN if part.startswith("/") else HIDDEN)
+    pieces = {
+        piece
+        for part in spellings
+        for piece in part.replace("?", "/").replace("&", "/").replace("=", "/").split("/")
+        if len(piece) >= MIN_PIECE_CHARS
+    }
+    if any(piece in text for piece in pieces):
+        status = f": {exc.status}" if isinstance(exc, aiohttp.ClientResponseError) else ""
+        return f"{type(exc).__name__}{status}"
+    return text
+
+
+def _reported_urls(exc: BaseException) -> list[str]:
+    """The URLs an aiohttp exception carries (the request's, the redirect's, an invalid one)."""
+    found = []
+    info = getattr(exc, "request_info", None)
+    for value in (getattr(info, "url", None), getattr(info, "real_url", None), getattr(exc, "url", None)):
+        if value is not None:
+            found.append(str(value))
+            human = getattr(value, "human_repr", None)
+            if callable(human):
+                found.append(str(human()))
+    return found
+
+
+def _spellings(urls: Iterable[str]) -> set[str]:
+    """Path (with query), path, query and fragment of each URL, raw and percent-decoded; not the bare "/"."""
+    found: set[str] = set()
+    for url in urls:
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            continue
+        path_qs = parts.path + (f"?{parts.query}" if parts.query else "")
+        for value in (path_qs, parts.path, parts.query, parts.fragment):
+            found |= {value, unquote(value)}
+    return {value for value in found if value.strip("/")}
 
 
 class Sender:
@@ -95,7 +157,7 @@ class Sender:
             headers.update(signed_headers(secret, webhook_id, body))
         started = time.perf_counter()
         try:
-            parts = self.policy.check_url(url)  # IP literals never reach the resolver: check them here
+            self.policy.check_url(url)  # IP literals never reach the resolver: check them here
         except UrlRefused as exc:
             return Attempt(None, 0.0, f"refused: {exc}"[:ERROR_EXCERPT_CHARS], refused=True)
         try:
@@ -107,8 +169,7 @@ class Sender:
         except TimeoutError:
             return Attempt(None, time.perf_counter() - started, f"timeout after {self.settings.notify_timeout:g}s")
         except (aiohttp.ClientError, OSError, ValueError) as exc:
-            text = f"{type(exc).__name__}: {exc}".replace(url, origin(parts))
-            return Attempt(None, time.perf_counter() - started, text[:ERROR_EXCERPT_CHARS])
+            return Attempt(None, time.perf_counter() - started, error_text(exc, url)[:ERROR_EXCERPT_CHARS])
         seconds = time.perf_counter() - started
         if 200 <= status < 300:
             return Attempt(status, seconds)
