@@ -238,6 +238,7 @@ async def test_signed_retried_isolated_and_disabled_deliveries(
     first, second = str(uuid.uuid4()), str(uuid.uuid4())
     sent = [
         b"[" * 60_000,  # nested deeper than the JSON decoder goes: invalid, skipped, not a crash loop
+        alert_message(org, alert_id="abc\r\nX-Injected: 1"),  # not a uuid (a header injection): invalid
         alert_message(org, alert_id=first),
         alert_message(org, alert_id=first),  # the outbox publishes at least once: a duplicate
         alert_message(org, alert_id=second, threshold="100"),

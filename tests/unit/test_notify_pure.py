@@ -153,9 +153,12 @@ def test_backoff_gives_up_past_the_maximum_age() -> None:
 # --- messages and filters -------------------------------------------------------------------------------
 
 
+ALERT_ID = str(uuid.uuid5(uuid.NAMESPACE_URL, "alert"))
+
+
 def alert(**changes: object) -> bytes:
     body: dict[str, object] = {
-        "alert_id": "a1",
+        "alert_id": ALERT_ID,
         "scope": "project",
         "organization_id": str(uuid.UUID(int=1)),
         "project_id": str(uuid.UUID(int=2)),
@@ -175,10 +178,11 @@ def alert(**changes: object) -> bytes:
 
 
 def test_webhook_ids_follow_the_coordination_contract() -> None:
-    assert messages.parse(alert()).webhook_id == "a1"  # no type: triggered
-    assert messages.parse(alert(type=messages.TRIGGERED)).webhook_id == "a1"
+    assert messages.parse(alert()).webhook_id == ALERT_ID  # no type: triggered
+    assert messages.parse(alert(type=messages.TRIGGERED)).webhook_id == ALERT_ID
     resolved = messages.parse(alert(type=messages.RESOLVED, resolved_at="2026-11-22T00:00:00Z"))
-    assert resolved.webhook_id == "a1:resolved"
+    assert resolved.webhook_id == f"{ALERT_ID}:resolved"
+    assert messages.parse(alert(alert_id=ALERT_ID.upper())).webhook_id == ALERT_ID.upper()
     assert resolved.payload == alert(type=messages.RESOLVED, resolved_at="2026-11-22T00:00:00Z").decode()
 
 
@@ -191,6 +195,12 @@ def test_webhook_ids_follow_the_coordination_contract() -> None:
         b"[]",
         alert(type="other"),
         alert(alert_id=""),
+        alert(alert_id=7),
+        alert(alert_id="a1"),  # the contract: a uuid
+        alert(alert_id="abc\r\nX-Injected: 1"),  # would be the webhook-id header
+        alert(alert_id="\r\n" + "0" * 30),  # UUID() takes it (int() skips whitespace); not canonical
+        alert(alert_id="{" + ALERT_ID + "}"),
+        alert(alert_id=f"{ALERT_ID}:resolved"),
         alert(scope="team"),
         alert(organization_id="x"),
         alert(threshold_percent="NaN"),

@@ -1,8 +1,8 @@
 """Alert messages as consumed from the alerts topic, and which destinations want them.
 
 The message format is ``worker.alerts`` (COORDINATION "Alert messages"): ``type`` is
-``budget.alert.triggered`` or ``budget.alert.resolved`` (absent: triggered). The stable delivery id is the
-``alert_id`` for a triggered message and ``<alert_id>:resolved`` for a resolved one.
+``budget.alert.triggered`` or ``budget.alert.resolved`` (absent: triggered); ``alert_id`` is a uuid. The
+stable delivery id is the ``alert_id`` for a triggered message and ``<alert_id>:resolved`` for a resolved one.
 """
 
 from __future__ import annotations
@@ -53,8 +53,10 @@ def parse(value: bytes | None) -> AlertMessage:
     if kind not in (TRIGGERED, RESOLVED):
         raise Invalid(f"unknown type {kind!r}")
     alert_id = body.get("alert_id")
-    if not isinstance(alert_id, str) or not alert_id or len(alert_id) > 128:
+    if not isinstance(alert_id, str) or not alert_id:
         raise Invalid("alert_id missing")
+    if not _is_uuid(alert_id):  # it becomes the webhook-id header: nothing else may get through
+        raise Invalid(f"alert_id not a uuid: {alert_id[:40]!r}")
     scope = body.get("scope")
     if scope not in SCOPES:
         raise Invalid(f"unknown scope {scope!r}")
@@ -66,6 +68,15 @@ def parse(value: bytes | None) -> AlertMessage:
     if not threshold.is_finite():
         raise Invalid("threshold_percent invalid")
     return AlertMessage(kind, alert_id, organization, str(scope), threshold, body, payload)
+
+
+def _is_uuid(value: str) -> bool:
+    """The canonical form only (``str(uuid)``, as ``worker.alerts`` publishes it; upper-case hex too): UUID()
+    alone also takes braces, ``urn:uuid:`` and, through int(), whitespace such as CR LF."""
+    try:
+        return str(UUID(value)) == value.lower()
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
