@@ -253,7 +253,9 @@ def _notify_parser(sub: Any) -> None:
     add.add_argument("--kind", choices=["webhook", "slack"], default="webhook")
     add.add_argument("--url", required=True)
     add.add_argument("--scope", action="append", default=[], help="deliver only this scope (repeatable; default all)")
-    add.add_argument("--min-threshold", default="0", help="deliver only thresholds at or above this percent (0)")
+    add.add_argument(
+        "--min-threshold", default="0", help="deliver only thresholds at or above this percent, 0 to 1000 (0)"
+    )
     add.add_argument("--no-resolved", action="store_true", help="do not deliver resolved messages")
     dlist = dsub.add_parser("list", help="list an organization's destinations")
     dlist.add_argument("--organization", metavar="ID", required=True)

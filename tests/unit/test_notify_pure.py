@@ -18,7 +18,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from worker.config import Settings, load_settings
 from worker.errors import ConfigError
 from worker.notify import messages, slack
-from worker.notify.admin import new_secret, sample_alert
+from worker.notify.admin import new_secret, parse_min_threshold, sample_alert
 from worker.notify.backoff import JITTER_FLOOR, Backoff
 from worker.notify.sealing import SealBroken, Sealer
 from worker.notify.sender import error_text, signed_headers
@@ -313,3 +313,39 @@ def test_cli_refuses_a_private_url_with_one_line_and_no_traceback(
     monkeypatch.delenv("COST_WORKER_NOTIFY_SECRETS_KEY")
     assert main([*args, "--url", "https://hooks.example.com/x"]) == 2
     assert "COST_WORKER_NOTIFY_SECRETS_KEY: required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("0", "0"),
+        ("80", "80"),
+        ("80.50", "80.5"),
+        ("1e3", "1000"),
+        ("1000.000", "1000"),
+        ("-0", "0"),
+        ("0.000000000001", "0.000000000001"),
+    ],
+)
+def test_min_threshold_is_a_percent_a_budget_can_reach(text: str, value: str) -> None:
+    assert parse_min_threshold(text) == Decimal(value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["1e100000000", "1e-100000000", "1e5", "1000.0001", "-1", "NaN", "Infinity", "0.0000000000001", "x", ""],
+)
+def test_cli_refuses_a_min_threshold_no_budget_reaches_or_the_database_cannot_store(
+    text: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from worker.cli import main  # noqa: PLC0415
+
+    with pytest.raises(ValueError, match="a percent from 0 to 1000"):
+        parse_min_threshold(text)
+    monkeypatch.setenv("COST_WORKER_DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
+    monkeypatch.setenv("COST_WORKER_NOTIFY_SECRETS_KEY", base64.b64encode(bytes(32)).decode())
+    args = ["notify", "destinations", "add", "--organization", str(uuid.uuid4()), "--name", "x"]
+    assert main([*args, "--url", "https://hooks.example.com/x", f"--min-threshold={text}"]) == 2
+    error = capsys.readouterr().err
+    assert "--min-threshold: a percent from 0 to 1000 with at most 12 decimal places" in error
+    assert "Traceback" not in error

@@ -28,6 +28,26 @@ from worker.store import Database
 SECRET_BYTES = 32  # random bytes of a generated signing secret (Standard Webhooks: 24 to 64)
 SECRET_PREFIX = "whsec_"  # noqa: S105 - the Standard Webhooks secret prefix, not a secret
 KINDS = ("webhook", "slack")
+# A destination's lowest threshold, in percent: budgets' thresholds are in (0, 1000] (0003_budgets.sql), so a
+# higher one would match no alert; finer than 12 decimal places says nothing (and PostgreSQL's numeric
+# rejects exponents as large as 1e100000000 or 1e-100000000).
+MAX_MIN_THRESHOLD = Decimal(1000)
+MIN_THRESHOLD_QUANTUM = Decimal("1e-12")
+
+
+def parse_min_threshold(text: str) -> Decimal:
+    """``--min-threshold``: a percent from 0 to 1000 with at most 12 decimal places (ValueError otherwise)."""
+    problem = f"a percent from 0 to {MAX_MIN_THRESHOLD} with at most 12 decimal places"
+    try:
+        value = Decimal(text)
+        if not value.is_finite() or not 0 <= value <= MAX_MIN_THRESHOLD:
+            raise ValueError(problem)
+        exact = value.quantize(MIN_THRESHOLD_QUANTUM)  # at most 16 digits: exact in the default context
+    except ArithmeticError:
+        raise ValueError(problem) from None
+    if exact != value:
+        raise ValueError(problem)
+    return abs(Decimal(format(exact.normalize(), "f")))  # 80.000 is 80, not 8E+1; -0 is 0
 
 
 def new_secret() -> str:
@@ -94,11 +114,9 @@ async def add(
         if scope not in SCOPES:
             problems.append(f"--scope: one of {', '.join(SCOPES)}, got {scope!r}")
     try:
-        threshold = Decimal(min_threshold)
-        if not threshold.is_finite() or threshold < 0:
-            raise ValueError
-    except (ArithmeticError, ValueError):
-        problems.append(f"--min-threshold: a non-negative number, got {min_threshold!r}")
+        threshold = parse_min_threshold(min_threshold)
+    except ValueError as exc:
+        problems.append(f"--min-threshold: {exc}, got {min_threshold[:40]!r}")
         threshold = Decimal(0)
     if not name.strip() or len(name) > 200:
         problems.append("--name: 1 to 200 characters")
