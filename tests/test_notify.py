@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import os
 import signal
@@ -28,6 +29,7 @@ from standardwebhooks.webhooks import Webhook
 from tests.factories import Org, dumps, make_org
 from tests.kafka_helpers import create_topics, produce, run_worker, worker_env
 from tests.test_budgets import add_budget, spend_event
+from worker import logs
 from worker.config import Settings
 from worker.notify import admin
 from worker.notify.messages import RESOLVED, TRIGGERED
@@ -569,3 +571,45 @@ async def test_an_error_text_never_carries_the_url_token() -> None:
         await sender.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_wrong_secrets_key_keeps_deliveries_pending_until_the_key_is_fixed(
+    db: asyncpg.Connection, notify_settings: Settings, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A key that does not open the destinations' sealed values is the operator's error, not the alert's:
+    logged at error level and counted, the delivery stays pending, and it goes out once the key is fixed."""
+    right = notify_settings
+    wrong = right.model_copy(update={"notify_secrets_key": SecretStr(base64.b64encode(os.urandom(32)).decode())})
+    await create_topics(right)
+    org = await make_org(db)
+    receiver = await serve(ok)
+    _, receiver.secret = await add(right, capsys, org, receiver.url)
+    alert_id = str(uuid.uuid4())
+    await produce(right, right.topic_budget_alerts, [alert_message(org, alert_id=alert_id)])
+    sample = ("cost_worker_notify_attempts_total", {"kind": "webhook", "outcome": "key_mismatch"})
+    before = REGISTRY.get_sample_value(*sample) or 0
+    buffer = io.StringIO()
+    logs.configure(level="INFO", fmt="json", secrets=wrong.secrets(), stream=buffer)
+
+    async def retried() -> bool:
+        return bool(await db.fetchval("SELECT attempts >= 3 OR status <> 'pending' FROM notify_deliveries"))
+
+    await run_notify(wrong, retried)  # deployed with the wrong key
+    row = await db.fetchrow("SELECT status, last_status, last_error FROM notify_deliveries")
+    assert row is not None
+    assert row["status"] == "pending"
+    assert row["last_status"] is None
+    assert row["last_error"].startswith("COST_WORKER_NOTIFY_SECRETS_KEY does not open this destination")
+    assert receiver.requests == []
+    assert (REGISTRY.get_sample_value(*sample) or 0) >= before + 3
+    lines = [json.loads(line) for line in buffer.getvalue().splitlines() if line.startswith("{")]
+    mismatches = [line for line in lines if line.get("event") == "notify_secrets_key_mismatch"]
+    assert mismatches
+    assert {line["level"] for line in mismatches} == {"error"}
+
+    async def delivered() -> bool:
+        return bool(await db.fetchval("SELECT status FROM notify_deliveries") == "delivered")
+
+    await run_notify(right, delivered)  # the key is fixed: the same delivery goes out, signed
+    assert receiver.ids == [alert_id]
+    assert len(receiver.verified) == 1

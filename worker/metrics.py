@@ -138,7 +138,8 @@ NOTIFY_DELIVERIES_CREATED = Counter(
 )
 NOTIFY_ATTEMPTS = Counter(
     "cost_worker_notify_attempts_total",
-    "Delivery attempts by destination kind and outcome (delivered, retried, failed, disabled, refused, fenced).",
+    "Delivery attempts by destination kind and outcome (delivered, retried, failed, disabled, refused, fenced, "
+    "key_mismatch: the secrets key does not open the destination, retried).",
     ["kind", "outcome"],
 )
 NOTIFY_ATTEMPT_DURATION = Histogram(

@@ -8,7 +8,9 @@ a crash anywhere in between leaves it pending, and it is sent again when the lea
 Isolation: each destination's claimed deliveries run in their own task, and a destination that is still
 busy is left out of the next claim; so a slow or dead receiver (bounded by the attempt timeout) holds
 only its own deliveries, never the others'. A failure backs off the whole destination (exponential, with
-jitter, up to the maximum age, then ``failed``); 410 Gone disables it.
+jitter, up to the maximum age, then ``failed``); 410 Gone disables it. A destination whose sealed URL or
+secret does not open with the configured key is a configuration error, not the alert's: its deliveries
+stay pending and are retried the same way (at most ``KEY_RETRY_MAX`` apart) until the key is fixed.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from uuid import UUID
 import structlog
 
 from worker import metrics
-from worker.config import Settings
+from worker.config import Settings, env_name
 from worker.errors import TransientError
 from worker.faults import NO_FAULTS, FaultPoint, Faults
 from worker.notify.backoff import Backoff
@@ -36,6 +38,10 @@ log = structlog.get_logger("worker.notify.dispatcher")
 LEASE_MARGIN = 2.0  # seconds a claim outlives the attempt timeout (twice over: the send, then the record)
 STATS_INTERVAL = 5.0  # seconds between backlog/oldest-age refreshes
 ERROR_PAUSE = 1.0  # seconds to wait after the database failed a claim
+KEY_RETRY_MAX = 60.0  # seconds at most between attempts of a delivery the secrets key does not open
+KEY_MISMATCH_ERROR = (
+    f"{env_name('notify_secrets_key')} does not open this destination's sealed URL or secret (wrong key?)"
+)
 
 
 class Dispatcher:
@@ -48,6 +54,11 @@ class Dispatcher:
         self.sender = sender
         self.faults = faults
         self.backoff = Backoff(settings.notify_backoff_initial, settings.notify_backoff_max, settings.notify_max_age)
+        self.key_backoff = Backoff(
+            min(settings.notify_backoff_initial, KEY_RETRY_MAX),
+            min(settings.notify_backoff_max, KEY_RETRY_MAX),
+            settings.notify_max_age,
+        )
         self.lease = settings.notify_timeout * 2 + LEASE_MARGIN
         self.wake = asyncio.Event()
         self.busy: dict[UUID, asyncio.Task[None]] = {}
@@ -138,7 +149,16 @@ class Dispatcher:
             url = self.sealer.open(item.url_sealed, item.destination_id)
             secret = self.sealer.open(item.secret_sealed, item.destination_id) if item.secret_sealed else None
         except SealBroken as exc:
-            await self._record(item, "failed", Attempt(None, 0.0, str(exc)))
+            # The configured key is wrong (or was rotated without re-sealing): the operator's to fix, not a
+            # property of the alert. The delivery stays pending and is tried again (at most KEY_RETRY_MAX
+            # apart, so it goes out soon after a restart with the right key) until its maximum age.
+            log.error(
+                "notify_secrets_key_mismatch",
+                delivery=item.id,
+                destination=str(item.destination_id),
+                error=str(exc),
+            )
+            await self._record(item, "key_mismatch", Attempt(None, 0.0, KEY_MISMATCH_ERROR))
             return
         attempt = await self.sender.send(item.kind, url, secret, item.webhook_id, item.payload)
         metrics.NOTIFY_ATTEMPT_DURATION.labels(kind=item.kind).observe(attempt.seconds)
@@ -165,10 +185,11 @@ class Dispatcher:
             elif outcome == "disabled":
                 await self.store.disable(item, f"410 Gone at {datetime.now(UTC).isoformat(timespec='seconds')}")
                 recorded = True
-            elif outcome in ("refused", "failed"):
+            elif outcome == "refused":
                 recorded = await self.store.failed(item, attempt.status, attempt.error)
             else:
-                at = self.backoff.next_attempt(item.attempts, item.created_at, datetime.now(UTC))
+                backoff = self.key_backoff if outcome == "key_mismatch" else self.backoff
+                at = backoff.next_attempt(item.attempts, item.created_at, datetime.now(UTC))
                 if at is None:
                     outcome = "failed"
                     error = f"gave up: {attempt.error}"[:ERROR_EXCERPT_CHARS]
