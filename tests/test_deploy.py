@@ -66,6 +66,7 @@ EXPECTED_ALERTS = {
     "CostWorkerNotifyDown",
     "CostWorkerNotifyDeliveriesDelayed",
     "CostWorkerNotifyDeliveriesFailed",
+    "CostWorkerNotifySecretsKeyMismatch",
     "CostCollectorDown",
     "CostCollectorNoActivePoller",
     "CostCollectorStale",
