@@ -303,6 +303,38 @@ async def test_collect_end_to_end_ledger_equals_the_providers_truth(
     )
 
 
+async def test_a_response_that_is_not_valid_http_fails_only_that_account(world: World, db: asyncpg.Connection) -> None:
+    """A provider (or a proxy in front of it) answering something aiohttp cannot parse fails that account's
+    endpoints, typed and retried; the other accounts are polled as usual and the process does not stop."""
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: not-a-number\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(garbage, "127.0.0.1", 0)
+    seed_truth(world.fake)
+    settings = world.settings.model_copy(
+        update={"collect_anthropic_base_url": f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"}
+    )
+    try:
+        assert await asyncio.wait_for(Collector(settings).run(once=True), 60) == 0
+    finally:
+        server.close()
+        await server.wait_closed()
+    states = await db.fetch(
+        "SELECT k.ai_organization_id, s.report FROM collector_state s JOIN organization_api_keys k "
+        "ON k.id = s.account_id"
+    )
+    assert {r["report"] for r in states if r["ai_organization_id"] == "org-oa"} == {e.report for e in OPENAI_ENDPOINTS}
+    assert not [r for r in states if r["ai_organization_id"] == "org-an"]
+    lines = [json.loads(line) for line in world.log.getvalue().splitlines() if line.startswith("{")]
+    failed = {e["report"] for e in lines if e.get("event") == "collect_endpoint_failed" and e["account"] == "org-an"}
+    assert failed == {e.report for e in ANTHROPIC_ENDPOINTS}
+    assert all("not valid HTTP" in e["error"] for e in lines if e.get("event") == "collect_endpoint_failed")
+
+
 async def test_keys_are_readable_only_by_the_collector_role(world: World, db: asyncpg.Connection) -> None:
     for role in ("cost_worker_writer", "cost_worker_reader"):
         async with db.transaction():

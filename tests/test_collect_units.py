@@ -10,6 +10,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import jiter
 import pytest
 from hypothesis import given
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 
 from worker.collect import keys as keystore
 from worker.collect.client import ProviderClient, retry_after_seconds
-from worker.collect.errors import KeyStoreError, ProviderRejected
+from worker.collect.errors import KeyStoreError, ProviderRejected, ProviderUnavailable
 from worker.collect.publisher import dump_exact, envelope
 from worker.collect.sources import ANTHROPIC_ENDPOINTS, ENDPOINTS, OPENAI_ENDPOINTS, Endpoint, headers
 from worker.collect.windows import read_window, window_for
@@ -266,3 +267,65 @@ def test_any_split_of_buckets_over_pages_gives_each_bucket_whole_once(days: list
     by_start = {b["start_time"]: b["results"] for b in got.buckets}
     assert len(by_start) == len(got.buckets)  # each bucket once
     assert by_start == {b["start_time"]: b["results"] for b in truth}
+
+
+# --- the HTTP boundary: every aiohttp error comes out typed ------------------------------------------------
+
+
+async def _raw_server(answer: bytes) -> tuple[asyncio.AbstractServer, str, list[bytes]]:
+    """A server that answers every request with ``answer``, byte for byte (e.g. not valid HTTP)."""
+    seen: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", seen
+
+
+async def _no_wait(_seconds: float) -> None:
+    return None
+
+
+async def _get(client: ProviderClient, base_url: str, endpoint: Endpoint, key: str) -> dict[str, Any]:
+    return await client.get_page(
+        base_url, endpoint, "org-1", headers(endpoint.provider, key), endpoint.params(TODAY - DAY, TODAY + DAY, None)
+    )
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: not-a-number\r\n\r\n{}",
+        b"HTTP/1.1 two hundred OK\r\nContent-Length: 2\r\n\r\n{}",
+    ],
+)
+async def test_a_response_that_is_not_valid_http_is_retried_as_unavailable(answer: bytes) -> None:
+    server, url, seen = await _raw_server(answer)
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = ProviderClient(session, max_attempts=3, max_retry_after=5.0, sleep=_no_wait)
+            with pytest.raises(ProviderUnavailable, match="not valid HTTP"):
+                await _get(client, url, OPENAI_ENDPOINTS[0], "sk-admin-x")
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert len(seen) == 3  # retried like a 5xx
+
+
+@pytest.mark.parametrize("base_url", ["ftp://127.0.0.1:1", "http://[::1"])
+async def test_an_invalid_base_url_is_rejected_without_retrying(base_url: str) -> None:
+    waits: list[float] = []
+
+    async def record(seconds: float) -> None:
+        waits.append(seconds)
+
+    async with aiohttp.ClientSession() as session:
+        client = ProviderClient(session, max_attempts=3, max_retry_after=5.0, sleep=record)
+        with pytest.raises(ProviderRejected, match="not a valid URL") as refused:
+            await _get(client, base_url, OPENAI_ENDPOINTS[0], "sk-admin-x")
+    assert waits == []
+    assert base_url not in str(refused.value)

@@ -3,9 +3,11 @@
 - 429: wait the ``Retry-After`` the provider sent (seconds or an HTTP date), at most
   ``collect_max_retry_after``; without one, back off like a 5xx.
 - 5xx, timeouts, connection errors: exponential backoff with jitter (tenacity), ``collect_max_attempts`` in all.
+- A response that is not valid HTTP (a bad Content-Length, a broken status line): like a 5xx, retried.
 - 401/403: ``ProviderAuthFailed`` at once (no retry): that account stops, the others go on.
-- Any other status or a body that is not a page: ``ProviderRejected``.
-The admin key travels only in the request headers; nothing here logs or raises it.
+- Any other status, an invalid URL or a body that is not a page: ``ProviderRejected``.
+Every aiohttp error ends here, as one of the collector's errors (``raise ... from exc``). The admin key travels
+only in the request headers; nothing here logs or raises it.
 """
 
 from __future__ import annotations
@@ -129,6 +131,14 @@ class ProviderClient:
         except aiohttp.ClientConnectionError as exc:
             _count(endpoint, "connection_error")
             raise ProviderUnavailable(f"{where}: cannot reach the provider ({type(exc).__name__})") from exc
+        except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:  # the base URL (never repeated)
+            raise ProviderRejected(f"{where}: the base URL is not a valid URL ({type(exc).__name__})") from exc
+        except aiohttp.ClientResponseError as exc:  # the response is not valid HTTP (aiohttp's parser refused it)
+            _count(endpoint, "invalid_response")
+            raise ProviderUnavailable(f"{where}: the response is not valid HTTP ({type(exc).__name__})") from exc
+        except aiohttp.ClientError as exc:  # anything else aiohttp raises: retried like an unreachable provider
+            _count(endpoint, "connection_error")
+            raise ProviderUnavailable(f"{where}: the request failed ({type(exc).__name__})") from exc
         try:
             page = jiter.from_json(body, float_mode="decimal")  # exact numbers, passed on as written
         except ValueError as exc:
