@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import jiter
 import pytest
+from aiohttp import web
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -269,7 +270,7 @@ def test_any_split_of_buckets_over_pages_gives_each_bucket_whole_once(days: list
     assert by_start == {b["start_time"]: b["results"] for b in truth}
 
 
-# --- the HTTP boundary: every aiohttp error comes out typed ------------------------------------------------
+# --- the HTTP boundary: every aiohttp error comes out typed, redirects are not followed ----------------------
 
 
 async def _raw_server(answer: bytes) -> tuple[asyncio.AbstractServer, str, list[bytes]]:
@@ -329,3 +330,37 @@ async def test_an_invalid_base_url_is_rejected_without_retrying(base_url: str) -
             await _get(client, base_url, OPENAI_ENDPOINTS[0], "sk-admin-x")
     assert waits == []
     assert base_url not in str(refused.value)
+
+
+@pytest.mark.parametrize("endpoint", [OPENAI_ENDPOINTS[0], ANTHROPIC_ENDPOINTS[0]], ids=lambda e: e.provider)
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_a_redirect_is_rejected_and_the_admin_key_never_reaches_the_other_host(
+    endpoint: Endpoint, status: int
+) -> None:
+    other, other_url, reached = await _raw_server(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 27\r\n\r\n" + b'{"data": [], "has_more": 0}'
+    )
+
+    async def redirect(request: web.Request) -> web.Response:
+        return web.Response(status=status, headers={"Location": f"{other_url}/collect"})
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", redirect)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    key = "sk-admin-SECRET-0123456789"
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = ProviderClient(session, max_attempts=3, max_retry_after=5.0, sleep=_no_wait)
+            with pytest.raises(ProviderRejected, match=f"HTTP {status}, a redirect") as refused:
+                await _get(client, f"http://127.0.0.1:{port}", endpoint, key)
+    finally:
+        await runner.cleanup()
+        other.close()
+        await other.wait_closed()
+    assert reached == []
+    assert key not in str(refused.value)
+    assert other_url not in str(refused.value)

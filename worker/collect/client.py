@@ -5,7 +5,9 @@
 - 5xx, timeouts, connection errors: exponential backoff with jitter (tenacity), ``collect_max_attempts`` in all.
 - A response that is not valid HTTP (a bad Content-Length, a broken status line): like a 5xx, retried.
 - 401/403: ``ProviderAuthFailed`` at once (no retry): that account stops, the others go on.
-- Any other status, an invalid URL or a body that is not a page: ``ProviderRejected``.
+- Redirects are never followed (a header such as Anthropic's ``x-api-key`` would go to the other host): a 3xx
+  is a ``ProviderRejected`` naming its status, like any other status, an invalid URL or a body that is not a
+  page.
 Every aiohttp error ends here, as one of the collector's errors (``raise ... from exc``). The admin key travels
 only in the request headers; nothing here logs or raises it.
 """
@@ -102,7 +104,8 @@ class ProviderClient:
         where = f"{endpoint.report} of {endpoint.provider} account {account}"
         url = base_url.rstrip("/") + endpoint.path
         try:
-            async with self.session.get(url, params=params, headers=headers) as response:
+            # allow_redirects=False: the admin key must never follow a redirect to another host.
+            async with self.session.get(url, params=params, headers=headers, allow_redirects=False) as response:
                 status = response.status
                 _count(endpoint, str(status))
                 if status == 429:
@@ -119,6 +122,11 @@ class ProviderClient:
                     )
                 if status >= 500:
                     raise ProviderUnavailable(f"{where}: provider error HTTP {status}")
+                if 300 <= status < 400:
+                    raise ProviderRejected(
+                        f"{where}: HTTP {status}, a redirect (not followed: the admin key stays with the configured "
+                        "base URL; point the base URL setting at the new address)"
+                    )
                 if status != 200:
                     raise ProviderRejected(f"{where}: HTTP {status}{_error_type(await _read(response))}")
                 body = await _read(response)
