@@ -373,6 +373,56 @@ async def test_keys_commands_show_fingerprints_and_rotation_resumes_a_refused_ac
     assert_no_key(world, out, world.log.getvalue())
 
 
+async def test_a_key_file_with_a_second_line_stops_only_its_account(
+    world: World, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """A mounted secret rewritten with a second line (or any whitespace inside the key): `keys add` refuses it
+    with one line, and at poll time only that account stops (logged); the others are polled as usual."""
+    org = await make_org(db, provider="anthropic", ai_org="org-an-file", project_ids=("wrk_z",))
+    key = f"sk-ant-admin-file-{uuid.uuid4().hex}"
+    world.keys["org-an-file"] = key
+    world.fake.keys[("anthropic", "org-an-file")] = key
+    secret = tmp_path / "anthropic-key"
+    secret.write_text(f"{key}\nsk-ant-admin-second-line\n")
+    with pytest.raises(KeyStoreError, match="not a single token"):
+        await admin.add(
+            world.settings,
+            organization=org.id,
+            provider="anthropic",
+            account="org-an-file",
+            name="file",
+            secret_file=secret,
+        )
+    assert not await db.fetchval("SELECT count(*) FROM organization_api_keys WHERE ai_organization_id = 'org-an-file'")
+    secret.write_text(key + "\n")
+    await admin.add(
+        world.settings,
+        organization=org.id,
+        provider="anthropic",
+        account="org-an-file",
+        name="file",
+        secret_file=secret,
+    )
+    secret.write_text(f"{key}\nsk-ant-admin-second-line\n")  # the mounted secret changes under the collector
+    seed_truth(world.fake)
+
+    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+
+    states = await db.fetch(
+        "SELECT k.ai_organization_id FROM collector_state s JOIN organization_api_keys k ON k.id = s.account_id"
+    )
+    polled = [r["ai_organization_id"] for r in states]
+    assert polled.count("org-oa") == len(OPENAI_ENDPOINTS)
+    assert polled.count("org-an") == len(ANTHROPIC_ENDPOINTS)
+    assert "org-an-file" not in polled
+    assert not [r for r in world.fake.requests if r[0] == "org-an-file"]
+    lines = [json.loads(line) for line in world.log.getvalue().splitlines() if line.startswith("{")]
+    unreadable = [e for e in lines if e.get("event") == "collect_key_unreadable"]
+    assert [e["account"] for e in unreadable] == ["org-an-file"]
+    assert "not a single token" in unreadable[0]["error"]
+    assert_no_key(world, world.log.getvalue())
+
+
 async def test_keys_add_names_why_the_database_refused_a_key(world: World, db: asyncpg.Connection) -> None:
     """A second key for an account, or a key for no organization: one line naming the cause, no row stored."""
     before = await db.fetchval("SELECT count(*) FROM organization_api_keys")

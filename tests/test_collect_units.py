@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
 import json
 from datetime import UTC, date, datetime, timedelta
@@ -18,12 +19,14 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
+from worker.collect import admin
 from worker.collect import keys as keystore
 from worker.collect.client import ProviderClient, retry_after_seconds
 from worker.collect.errors import KeyStoreError, ProviderRejected, ProviderUnavailable
 from worker.collect.publisher import dump_exact, envelope
 from worker.collect.sources import ANTHROPIC_ENDPOINTS, ENDPOINTS, OPENAI_ENDPOINTS, Endpoint, headers
 from worker.collect.windows import read_window, window_for
+from worker.errors import ConfigError
 from worker.models import ProviderEnvelope
 
 NOW = datetime(2026, 11, 20, 15, 30, tzinfo=UTC)
@@ -76,6 +79,37 @@ def test_sealed_keys_open_only_with_their_kek_and_their_account(tmp_path: Path) 
         keystore.unseal(bytes(32), "openai", "org-a", sealed)
     assert "sk-admin-secret" not in str(moved.value)
     assert "sk-admin" not in repr(keystore.AdminKey("sk-admin-secret"))
+
+
+BAD_KEYS = [
+    "sk-admin-first-line\nsk-admin-second-line",  # a secret file with a second line
+    "sk-admin-abc def",
+    "sk-admin-\u00e9\u2019abc",  # not ASCII: no HTTP header can carry it
+    "sk-admin-" + "x" * 4096,
+]
+
+
+@pytest.mark.parametrize("key", BAD_KEYS, ids=["newline", "space", "non-ascii", "too-long"])
+def test_a_key_that_is_not_one_token_is_refused_on_every_path(tmp_path: Path, key: str) -> None:
+    secret = tmp_path / "key"
+    secret.write_text(f"\n {key}\n", encoding="utf-8")
+    with pytest.raises(KeyStoreError, match="not a single token") as from_file:
+        keystore.read_secret_file(secret, "anthropic", "org-a")
+    stdin_line = key.replace("\n", " ")  # standard input is read one line at a time
+    with pytest.raises(ConfigError, match="not a single token") as from_stdin:
+        admin.read_key(io.StringIO(stdin_line + "\n"))
+    kek = bytes(range(32))
+    legacy = keystore.seal(kek, "anthropic", "org-a", key)  # sealed before keys were checked
+    with pytest.raises(KeyStoreError, match="not a single token") as from_store:
+        keystore.unseal(kek, "anthropic", "org-a", legacy)
+    for error in (from_file, from_stdin, from_store):
+        assert key[:12] not in str(error.value)
+
+
+def test_a_key_file_may_end_with_a_newline(tmp_path: Path) -> None:
+    secret = tmp_path / "key"
+    secret.write_text("  sk-ant-admin01-abc_DEF-123\n\n")
+    assert keystore.read_secret_file(secret, "anthropic", "org-a").reveal() == "sk-ant-admin01-abc_DEF-123"
 
 
 @pytest.mark.parametrize(
@@ -364,3 +398,19 @@ async def test_a_redirect_is_rejected_and_the_admin_key_never_reaches_the_other_
     assert reached == []
     assert key not in str(refused.value)
     assert other_url not in str(refused.value)
+
+
+@pytest.mark.parametrize("key", [BAD_KEYS[0], BAD_KEYS[2], "sk-admin-\x00"], ids=["newline", "non-ascii", "nul"])
+async def test_a_header_http_cannot_carry_is_rejected_before_anything_is_sent(key: str) -> None:
+    server, url, seen = await _raw_server(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n")
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = ProviderClient(session, max_attempts=3, max_retry_after=5.0, sleep=_no_wait)
+            for endpoint in (OPENAI_ENDPOINTS[0], ANTHROPIC_ENDPOINTS[0]):
+                with pytest.raises(ProviderRejected, match="HTTP cannot carry") as refused:
+                    await _get(client, url, endpoint, key)
+                assert key[:12] not in str(refused.value)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert seen == []

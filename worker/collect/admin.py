@@ -20,7 +20,6 @@ from worker.errors import ConfigError, DataRejected
 from worker.store import connect, foreign_key_violation, unique_violation
 
 EXIT_OK, EXIT_FAILURE = 0, 1
-MAX_ADMIN_KEY_LENGTH = 4096  # characters; longer input is not an admin key
 
 
 def read_key(stream: TextIO | None = None) -> str:
@@ -29,8 +28,8 @@ def read_key(stream: TextIO | None = None) -> str:
     key = text.strip()
     if not key:
         raise ConfigError(["admin key: nothing on standard input (pipe the key in, or use --secret-file)"])
-    if len(key) > MAX_ADMIN_KEY_LENGTH or any(ch.isspace() for ch in key):
-        raise ConfigError(["admin key: not a single token of at most 4096 characters"])
+    if not keystore.is_admin_key(key):
+        raise ConfigError([f"admin key: {keystore.NOT_A_KEY}"])
     return key
 
 

@@ -86,6 +86,12 @@ class ProviderClient:
         self, base_url: str, endpoint: Endpoint, account: str, headers: dict[str, str], params: list[tuple[str, str]]
     ) -> dict[str, Any]:
         """One page of one endpoint, retried per the policy above."""
+        if not all(_is_header_value(value) for value in headers.values()):
+            # aiohttp would raise a bare ValueError/UnicodeEncodeError while writing the request; never the value.
+            raise ProviderRejected(
+                f"{endpoint.report} of {endpoint.provider} account {account}: a request header holds a character "
+                "HTTP cannot carry (a line break or non-ASCII text in the admin key?)"
+            )
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.max_attempts),
             wait=_RetryAfterOrBackoff(self.backoff_initial, self.backoff_max, self.max_retry_after),
@@ -154,6 +160,11 @@ class ProviderClient:
         if not isinstance(page, dict) or not isinstance(page.get("data"), list):
             raise ProviderRejected(f"{where}: the response is not a page of buckets")
         return page
+
+
+def _is_header_value(value: str) -> bool:
+    """Visible ASCII and inner spaces only (RFC 9110 field-value, without obs-text)."""
+    return all(" " <= ch <= "~" for ch in value)
 
 
 async def _read(response: aiohttp.ClientResponse) -> bytes:

@@ -25,6 +25,8 @@ from worker.collect.errors import KeyStoreError
 KEK_BYTES = 32  # AES-256
 NONCE_BYTES = 12  # the GCM nonce size NIST SP 800-38D recommends
 MAX_KEY_FILE_BYTES = 64 * 1024  # bytes; a key file larger than this is a mistake
+MAX_ADMIN_KEY_LENGTH = 4096  # characters; longer input is not an admin key
+NOT_A_KEY = f"not a single token of at most {MAX_ADMIN_KEY_LENGTH} printable ASCII characters"
 
 
 class AdminKey:
@@ -42,6 +44,12 @@ class AdminKey:
         return "AdminKey('***')"
 
     __str__ = __repr__
+
+
+def is_admin_key(key: str) -> bool:
+    """An admin key is one token of visible ASCII: no whitespace or line break inside (a second line of a secret
+    file, a pasted note) and nothing an HTTP header cannot carry. Both providers' keys are such tokens."""
+    return 0 < len(key) <= MAX_ADMIN_KEY_LENGTH and all("!" <= ch <= "~" for ch in key)
 
 
 def fingerprint(key: str) -> str:
@@ -106,7 +114,10 @@ def unseal(kek: bytes, provider: str, organization_id: str, sealed: Sealed) -> A
         plain = AESGCM(data_key).decrypt(sealed.ciphertext[:NONCE_BYTES], sealed.ciphertext[NONCE_BYTES:], aad)
     except (InvalidTag, ValueError):
         raise KeyStoreError(f"the admin key of {provider} account {organization_id} does not decrypt") from None
-    return AdminKey(plain.decode())
+    key = plain.decode("utf-8", errors="replace")
+    if not is_admin_key(key):  # sealed by an older version that let it in: refused here, for this account only
+        raise KeyStoreError(f"the stored admin key of {provider} account {organization_id} is {NOT_A_KEY}")
+    return AdminKey(key)
 
 
 def read_secret_file(path: Path, provider: str, organization_id: str) -> AdminKey:
@@ -117,4 +128,6 @@ def read_secret_file(path: Path, provider: str, organization_id: str) -> AdminKe
         raise KeyStoreError(f"cannot read the admin key file of {provider} account {organization_id}") from None
     if not text:
         raise KeyStoreError(f"the admin key file of {provider} account {organization_id} is empty")
+    if not is_admin_key(text):  # surrounding whitespace (a trailing newline) is fine; whitespace inside is not
+        raise KeyStoreError(f"the admin key file of {provider} account {organization_id} is {NOT_A_KEY}")
     return AdminKey(text)
