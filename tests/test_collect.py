@@ -88,6 +88,8 @@ async def world(db: asyncpg.Connection, settings: Settings, tmp_path: Path) -> A
             "collect_trailing_days": 2,
             "collect_backfill_start": D2.date(),
             "collect_max_retry_after": 5.0,
+            "collect_retry_initial_backoff": 0.05,  # production: 1 s (test_collect_units checks the defaults)
+            "collect_retry_max_backoff": 0.5,
         }
     )
     orgs = {

@@ -223,6 +223,8 @@ def test_check_config_reports_bad_collector_settings_together(tmp_path: Path) ->
     ).problems()
     assert any("COLLECT_ANTHROPIC_BASE_URL" in p for p in problems)
     assert any("COLLECT_KEY_ENCRYPTION_KEY_FILE" in p for p in problems)
+    backwards = Settings(collect_retry_initial_backoff=10, collect_retry_max_backoff=5).problems()
+    assert any("COLLECT_RETRY_INITIAL_BACKOFF: larger than" in p for p in backwards)
 
 
 class _ScriptedClient(ProviderClient):
@@ -414,3 +416,32 @@ async def test_a_header_http_cannot_carry_is_rejected_before_anything_is_sent(ke
         server.close()
         await server.wait_closed()
     assert seen == []
+
+
+async def test_the_collector_rides_out_a_provider_outage_of_half_a_minute_with_its_defaults() -> None:
+    """The production retry budget for a 5xx, timeout or unreachable provider: 1, 2, 4, 8, 16 s (plus up to 1 s
+    of jitter each) between the 6 attempts, not the database batch's 0.1 s start (which gave up after ~3 s)."""
+    from worker.config import Settings  # noqa: PLC0415
+
+    settings = Settings(retry_initial_backoff=0.1, retry_max_backoff=30.0)  # the batch retry: not used here
+    server, url, seen = await _raw_server(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+    waits: list[float] = []
+
+    async def record(seconds: float) -> None:
+        waits.append(seconds)
+
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = ProviderClient.from_settings(session, settings, sleep=record)
+            with pytest.raises(ProviderUnavailable, match="HTTP 503"):
+                await _get(client, url, OPENAI_ENDPOINTS[0], "sk-admin-x")
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert len(seen) == settings.collect_max_attempts == 6
+    assert [int(w) for w in waits] == [1, 2, 4, 8, 16]
+    assert 31 <= sum(waits) < 36
+    tuned = Settings(collect_retry_initial_backoff=0.5, collect_retry_max_backoff=1.5)
+    async with aiohttp.ClientSession() as session:
+        client = ProviderClient.from_settings(session, tuned)
+        assert (client.backoff_initial, client.backoff_max) == (0.5, 1.5)

@@ -88,6 +88,8 @@ COLLECT_BACKFILL_DAYS = 30  # days collected on the first poll when no start dat
 COLLECT_REQUEST_TIMEOUT = 60.0  # seconds one provider request may take
 COLLECT_MAX_ATTEMPTS = 6  # attempts per provider request (429, 5xx, timeouts, connection errors)
 COLLECT_MAX_RETRY_AFTER = 120.0  # seconds; a longer Retry-After fails the request (the next poll retries)
+COLLECT_RETRY_INITIAL_BACKOFF = 1.0  # seconds before the first retry of a provider request (5xx, timeout, ...)
+COLLECT_RETRY_MAX_BACKOFF = 60.0  # seconds; the longest backoff between two attempts of a provider request
 COLLECT_STALE_AFTER = 7200.0  # seconds without a successful poll before /readyz of the collector says not ready
 
 
@@ -370,6 +372,15 @@ class Settings(BaseSettings):
         gt=0,
         description="Longest Retry-After honoured, in seconds; longer fails the endpoint until the next poll",
     )
+    collect_retry_initial_backoff: float = Field(
+        default=COLLECT_RETRY_INITIAL_BACKOFF,
+        gt=0,
+        description="Seconds before the first retry of a provider request on 5xx, timeouts and connection errors "
+        "(exponential, with jitter)",
+    )
+    collect_retry_max_backoff: float = Field(
+        default=COLLECT_RETRY_MAX_BACKOFF, gt=0, description="Longest wait between two provider attempts, in seconds"
+    )
     collect_stale_after: float = Field(
         default=COLLECT_STALE_AFTER,
         gt=0,
@@ -436,6 +447,10 @@ class Settings(BaseSettings):
             found.append(f"{env_name('kafka_heartbeat_interval')}: must be at most a third of the session timeout")
         if self.retry_initial_backoff > self.retry_max_backoff:
             found.append(f"{env_name('retry_initial_backoff')}: larger than {env_name('retry_max_backoff')}")
+        if self.collect_retry_initial_backoff > self.collect_retry_max_backoff:
+            found.append(
+                f"{env_name('collect_retry_initial_backoff')}: larger than {env_name('collect_retry_max_backoff')}"
+            )
         topics = [
             self.topic_provider_buckets,
             self.topic_api_usage,

@@ -2,7 +2,9 @@
 
 - 429: wait the ``Retry-After`` the provider sent (seconds or an HTTP date), at most
   ``collect_max_retry_after``; without one, back off like a 5xx.
-- 5xx, timeouts, connection errors: exponential backoff with jitter (tenacity), ``collect_max_attempts`` in all.
+- 5xx, timeouts, connection errors: exponential backoff with jitter (tenacity) from ``collect_retry_initial_backoff``
+  up to ``collect_retry_max_backoff``, ``collect_max_attempts`` in all (by default 1+2+4+8+16 s and jitter: an
+  outage of about half a minute is ridden out within one poll).
 - A response that is not valid HTTP (a bad Content-Length, a broken status line): like a 5xx, retried.
 - 401/403: ``ProviderAuthFailed`` at once (no retry): that account stops, the others go on.
 - Redirects are never followed (a header such as Anthropic's ``x-api-key`` would go to the other host): a 3xx
@@ -29,9 +31,8 @@ from tenacity.wait import wait_base
 from worker import metrics
 from worker.collect.errors import ProviderAuthFailed, ProviderRejected, ProviderUnavailable, RateLimited
 from worker.collect.sources import Endpoint
+from worker.config import COLLECT_RETRY_INITIAL_BACKOFF, COLLECT_RETRY_MAX_BACKOFF, Settings
 
-BACKOFF_INITIAL = 1.0  # seconds before the first retry of a 5xx, timeout or connection error
-BACKOFF_MAX = 60.0  # seconds; the longest backoff between two attempts
 MAX_PAGE_BYTES = 64 * 1_048_576  # bytes of one response body; larger is refused
 
 
@@ -71,8 +72,8 @@ class ProviderClient:
         *,
         max_attempts: int,
         max_retry_after: float,
-        backoff_initial: float = BACKOFF_INITIAL,
-        backoff_max: float = BACKOFF_MAX,
+        backoff_initial: float = COLLECT_RETRY_INITIAL_BACKOFF,
+        backoff_max: float = COLLECT_RETRY_MAX_BACKOFF,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.session = session
@@ -81,6 +82,24 @@ class ProviderClient:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.sleep = sleep
+
+    @classmethod
+    def from_settings(
+        cls,
+        session: aiohttp.ClientSession,
+        settings: Settings,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> ProviderClient:
+        """The collector's client: the provider retry settings (not the database batch's)."""
+        return cls(
+            session,
+            max_attempts=settings.collect_max_attempts,
+            max_retry_after=settings.collect_max_retry_after,
+            backoff_initial=settings.collect_retry_initial_backoff,
+            backoff_max=settings.collect_retry_max_backoff,
+            sleep=sleep,
+        )
 
     async def get_page(
         self, base_url: str, endpoint: Endpoint, account: str, headers: dict[str, str], params: list[tuple[str, str]]

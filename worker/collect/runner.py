@@ -108,13 +108,7 @@ class Collector:
             await until_ready("kafka", self.stop, publisher.start)
             await self._deliver(publisher)  # what a previous run staged but did not deliver
             async with aiohttp.ClientSession(timeout=timeout, raise_for_status=False) as session:
-                client = ProviderClient(
-                    session,
-                    max_attempts=settings.collect_max_attempts,
-                    max_retry_after=settings.collect_max_retry_after,
-                    backoff_initial=settings.retry_initial_backoff,
-                    backoff_max=settings.retry_max_backoff,
-                )
+                client = ProviderClient.from_settings(session, settings)
                 return await self._loop(poller, publisher, client, once=once)
         finally:
             if publisher is not None:
