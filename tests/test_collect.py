@@ -501,6 +501,55 @@ async def test_only_the_replica_holding_the_lock_polls(world: World, database_ur
     assert world.fake.requests
 
 
+async def test_a_lost_publisher_connection_is_replaced_and_polling_goes_on(
+    world: World, db: asyncpg.Connection, settings: Settings
+) -> None:
+    """The publisher's database connection dropped while idle (a server restart, an idle-session timeout, a NAT
+    or pooler): the next delivery opens a new one; staged windows go out and the next polls run. (Before, every
+    delivery failed with "connection is closed" forever, no poll ran again, and /readyz said ok.)"""
+    seed_truth(world.fake)
+    collector = Collector(world.settings.model_copy(update={"collect_interval": 0.3}))
+    running = asyncio.ensure_future(collector.run())
+
+    async def settled() -> bool:
+        return bool(await db.fetchval("SELECT count(*) FROM collector_state")) and not await db.fetchval(
+            "SELECT count(*) FROM collector_outbox"
+        )
+
+    try:
+        for _ in range(300):
+            await asyncio.sleep(0.1)
+            if await settled():
+                break
+        # Only the publisher's connection: the collector role's backend that does not hold the advisory lock.
+        killed = await db.fetch(
+            "SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a WHERE a.datname = current_database() "
+            "AND a.usename = session_user AND a.pid <> pg_backend_pid() "
+            "AND a.backend_type = 'client backend' "
+            "AND NOT EXISTS (SELECT FROM pg_locks l WHERE l.pid = a.pid AND l.locktype = 'advisory')"
+        )
+        assert len(killed) == 1
+        revise_truth(world.fake)
+        requests = len(world.fake.requests)
+        reconnected = False
+        for _ in range(300):
+            await asyncio.sleep(0.1)
+            reconnected = "collect_outbox_reconnecting" in world.log.getvalue()
+            if reconnected and len(world.fake.requests) > 2 * requests and await settled():
+                break
+        assert reconnected
+        assert len(world.fake.requests) > 2 * requests  # more than one poll after the loss
+        assert await settled()
+        assert collector.health.readiness() == (True, "ok: active poller")
+        assert not running.done()
+    finally:
+        collector.stop.set()
+        assert await asyncio.wait_for(running, 30) == 0
+    messages = await consume_all(settings, settings.topic_provider_buckets, expect=1, timeout=10)
+    revised = [m for m in messages if b'"value":2.75' in m.value]
+    assert revised  # the revision made after the loss was published
+
+
 async def test_staged_windows_survive_a_broker_outage_and_go_out_whole_on_the_next_start(
     world: World, db: asyncpg.Connection, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

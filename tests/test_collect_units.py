@@ -445,3 +445,38 @@ async def test_the_collector_rides_out_a_provider_outage_of_half_a_minute_with_i
     async with aiohttp.ClientSession() as session:
         client = ProviderClient.from_settings(session, tuned)
         assert (client.backoff_initial, client.backoff_max) == (0.5, 1.5)
+
+
+async def test_delivery_retries_a_lost_database_and_readiness_fails_while_it_lasts() -> None:
+    """The publisher's connection cannot be reopened for a while: delivery retries with backoff (it neither
+    gives up nor re-polls), /readyz says so after ready_max_retrying, and is ready again once it went out."""
+    from worker.collect.runner import Collector  # noqa: PLC0415
+    from worker.collect.store import OutboxConnection  # noqa: PLC0415
+    from worker.config import Settings  # noqa: PLC0415
+    from worker.errors import DatabaseUnavailable  # noqa: PLC0415
+
+    opened: list[int] = []
+
+    async def refused() -> Any:
+        opened.append(1)
+        raise ConnectionRefusedError("connection refused")
+
+    outbox = OutboxConnection(refused)
+    with pytest.raises(DatabaseUnavailable):  # typed at the PostgreSQL boundary, never the driver's error
+        await outbox.connect()
+
+    collector = Collector(Settings(retry_initial_backoff=0.01, retry_max_backoff=0.02, ready_max_retrying=0.03))
+    collector.health.database_ok = collector.health.active = True
+    seen: list[tuple[bool, str]] = []
+
+    class Publisher:
+        async def drain(self) -> None:
+            seen.append(collector.health.readiness())
+            if len(seen) < 6:
+                await outbox.connect()
+
+    await collector._deliver(Publisher())  # type: ignore[arg-type]
+    assert len(opened) == 6
+    assert seen[0] == (True, "ok: active poller")
+    assert any(not ready and "publishing staged buckets has failed" in why for ready, why in seen)
+    assert collector.health.readiness() == (True, "ok: active poller")

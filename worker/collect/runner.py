@@ -67,6 +67,8 @@ class CollectorHealth(Health):
             return False, "shutting down"
         if not self.database_ok:
             return False, "database unreachable"
+        if self.retrying_since is not None and time.monotonic() - self.retrying_since > self.ready_max_retrying:
+            return False, f"publishing staged buckets has failed for {time.monotonic() - self.retrying_since:.0f}s"
         if not self.active:
             return True, "ok: standby (another replica polls)"
         if self.stale:
@@ -92,19 +94,17 @@ class Collector:
         port = await http.start()
         log.info("http_listening", port=port)
         poller: PollerConnection | None = None
-        outbox_conn = None
+        outbox = OutboxConnection(
+            lambda: connect(settings.dsn(), role=settings.database_role, timeout=settings.database_connect_timeout)
+        )
         publisher: CollectorPublisher | None = None
         timeout = aiohttp.ClientTimeout(total=settings.collect_request_timeout)
         try:
             # Unreachable services at startup are waited for (as `run` does); a misconfiguration is not.
             poller = await until_ready("database", self.stop, self._open_poller)
-            outbox_conn = await until_ready(
-                "database",
-                self.stop,
-                lambda: connect(settings.dsn(), role=settings.database_role, timeout=settings.database_connect_timeout),
-            )
+            await until_ready("database", self.stop, outbox.connect)
             self.health.database_ok = True
-            publisher = CollectorPublisher(settings, OutboxConnection(outbox_conn))
+            publisher = CollectorPublisher(settings, outbox)
             await until_ready("kafka", self.stop, publisher.start)
             await self._deliver(publisher)  # what a previous run staged but did not deliver
             async with aiohttp.ClientSession(timeout=timeout, raise_for_status=False) as session:
@@ -115,8 +115,7 @@ class Collector:
                 with contextlib.suppress(CostWorkerError, TimeoutError):
                     await asyncio.wait_for(publisher.drain(), timeout=settings.shutdown_grace * 0.5)
                 await publisher.close()
-            if outbox_conn is not None:
-                await outbox_conn.close()
+            await outbox.close()
             if poller is not None:
                 await poller.close()
             metrics.COLLECT_ACTIVE.set(0)
@@ -171,16 +170,20 @@ class Collector:
         return EXIT_OK
 
     async def _deliver(self, publisher: CollectorPublisher) -> None:
-        """Publish everything staged, retrying the broker with backoff (never re-polling for it)."""
+        """Publish everything staged, retrying the broker and the publisher's database connection (replaced when
+        lost) with backoff, never re-polling for it. /readyz fails once this lasts over ``ready_max_retrying``."""
         delay = self.settings.retry_initial_backoff
         while True:
             try:
                 await publisher.drain()
+                self.health.retrying_since = None
                 return
             except TransientError as exc:
                 if self.stop.is_set():
                     log.warning("collect_publish_left_for_next_start", error=str(exc))
                     return
+                if self.health.retrying_since is None:
+                    self.health.retrying_since = time.monotonic()
                 log.warning("collect_publish_failed", error=str(exc), retry_in=delay)
                 await sleep_or_stop(self.stop, delay)
                 delay = min(delay * 2, self.settings.retry_max_backoff)

@@ -8,16 +8,19 @@ dies before that commit leaves nothing staged and the state where it was; the ne
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
 import asyncpg
+import structlog
 
 from worker.sql import query
 from worker.store import close, connect, translated
+
+log = structlog.get_logger("worker.collect")
 
 
 @dataclass(frozen=True)
@@ -116,16 +119,37 @@ class PollerConnection:
 
 
 class OutboxConnection:
-    """The publisher's connection to the staged messages."""
+    """The publisher's own connection to the staged messages.
 
-    def __init__(self, conn: asyncpg.Connection) -> None:
-        self.conn = conn
+    It holds no lock, so losing it (a restarted server, an idle-session timeout, a NAT or pooler dropping an
+    idle connection) ends nothing: the call that finds it closed opens a new one, and a failure to open is
+    ``DatabaseUnavailable``, retried by the caller with backoff."""
+
+    def __init__(self, opener: Callable[[], Awaitable[asyncpg.Connection]]) -> None:
+        self._opener = opener
+        self.conn: asyncpg.Connection | None = None
+
+    @translated
+    async def connect(self) -> asyncpg.Connection:
+        """The open connection: the current one, or a new one when there is none or it was lost."""
+        if self.conn is not None and not self.conn.is_closed():
+            return self.conn
+        if self.conn is not None:
+            log.warning("collect_outbox_reconnecting", reason="the publisher's database connection was lost")
+            self.conn = None
+        self.conn = await self._opener()
+        return self.conn
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            await close(self.conn)
 
     @translated
     async def claim_and_send(self, limit: int, send: Any) -> int:
         """Claim up to ``limit`` staged rows, ``await send(rows)``, then delete them, all in one transaction."""
-        async with self.conn.transaction():
-            rows = await self.conn.fetch(query("collect_outbox_claim"), limit)
+        conn = await self.connect()
+        async with conn.transaction():
+            rows = await conn.fetch(query("collect_outbox_claim"), limit)
             if not rows:
                 return 0
             staged = [
@@ -140,12 +164,13 @@ class OutboxConnection:
                 for r in rows
             ]
             await send(staged)
-            await self.conn.execute(query("collect_outbox_delete"), [row.id for row in staged])
+            await conn.execute(query("collect_outbox_delete"), [row.id for row in staged])
             return len(staged)
 
     @translated
     async def backlog(self) -> int:
-        return int(await self.conn.fetchval(query("collect_outbox_count")))
+        conn = await self.connect()
+        return int(await conn.fetchval(query("collect_outbox_count")))
 
 
 # --- keys (the operator commands) ----------------------------------------------------------------------------
