@@ -337,6 +337,44 @@ async def test_a_response_that_is_not_valid_http_fails_only_that_account(world: 
     assert all("not valid HTTP" in e["error"] for e in lines if e.get("event") == "collect_endpoint_failed")
 
 
+async def test_an_endpoint_that_never_succeeded_turns_stale_counted_from_its_key(
+    world: World, db: asyncpg.Connection
+) -> None:
+    """No collector_state row (the endpoint never succeeded) is no excuse: it counts from when its account got
+    its current key, reported as its last success, and turns stale collect_stale_after later."""
+    refused = [Canned(400, body='{"error": {"type": "invalid_request_error"}}')]
+    labels = {"provider": "openai", "account": "org-oa", "report": "openai.costs"}
+    seed_truth(world.fake)
+    world.fake.script[("org-oa", COSTS)] = list(refused)
+    collector = Collector(world.settings)
+    assert await asyncio.wait_for(collector.run(once=True), 60) == 0
+    added = await db.fetchval("SELECT created_at FROM organization_api_keys WHERE ai_organization_id = 'org-oa'")
+    assert _sample("cost_worker_collect_last_success_timestamp_seconds", **labels) == added.timestamp()
+    assert collector.health.stale == []  # the key is new: within collect_stale_after
+
+    # The same, three hours after the key was added (beyond the default 2 h): stale, and /readyz says so.
+    await db.execute(
+        "UPDATE organization_api_keys SET created_at = now() - interval '3 hours' WHERE ai_organization_id = 'org-oa'"
+    )
+    world.fake.script[("org-oa", COSTS)] = list(refused)
+    collector = Collector(world.settings)
+    assert await asyncio.wait_for(collector.run(once=True), 60) == 0
+    assert collector.health.stale == ["openai/org-oa/openai.costs"]  # its other reports succeeded
+    collector.health.active = True
+    ready, why = collector.health.readiness()
+    assert not ready
+    assert "openai/org-oa/openai.costs" in why
+    assert _sample("cost_worker_collect_seconds_since_last_success", **labels) > 3 * 3600 - 60
+
+    # A new key (keys rotate) starts the clock again for the endpoints it has not polled yet.
+    key_id = await db.fetchval("SELECT id FROM organization_api_keys WHERE ai_organization_id = 'org-oa'")
+    await admin.rotate(world.settings, key_id=key_id, secret_file=None, stdin=io.StringIO(world.keys["org-oa"] + "\n"))
+    world.fake.script[("org-oa", COSTS)] = list(refused)
+    collector = Collector(world.settings)
+    assert await asyncio.wait_for(collector.run(once=True), 60) == 0
+    assert collector.health.stale == []
+
+
 async def test_keys_are_readable_only_by_the_collector_role(world: World, db: asyncpg.Connection) -> None:
     for role in ("cost_worker_writer", "cost_worker_reader"):
         async with db.transaction():

@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import aiohttp
+import asyncpg
 import structlog
 
 from worker import logs, metrics
@@ -293,17 +295,32 @@ class Collector:
         self.refused.pop((provider, name), None)
 
     async def _freshness(self, poller: PollerConnection) -> None:
-        """Seconds since the last success per account and report, and readiness, from the stored state."""
+        """Seconds since the last success per account and report, and readiness, from the stored state.
+
+        Every endpoint of every active account counts, also one that has never succeeded: its clock starts when
+        its account got its current key (``keys add``, or ``keys rotate``), and that time is reported as its last
+        success, so it turns stale (readiness, ``CostCollectorStale``) ``collect_stale_after`` later."""
         now = time.time()
         stale = []
+        keys_set: dict[UUID, tuple[str, str, datetime]] = {}
+        state: dict[tuple[UUID, str], asyncpg.Record] = {}
         for row in await poller.all_state():
-            labels = {"provider": row["provider"], "account": row["ai_organization_id"], "report": row["report"]}
-            success = row["last_success_at"].timestamp()
-            metrics.COLLECT_LAST_SUCCESS.labels(**labels).set(success)
-            metrics.COLLECT_SINCE_SUCCESS.labels(**labels).set(now - success)
-            metrics.COLLECT_DATA_FRESHNESS.labels(**labels).set(row["collected_through"].timestamp())
-            if now - success > self.settings.collect_stale_after:
-                stale.append(f"{row['provider']}/{row['ai_organization_id']}/{row['report']}")
+            keys_set[row["account_id"]] = (row["provider"], row["ai_organization_id"], row["key_set_at"])
+            if row["report"] is not None:
+                state[(row["account_id"], row["report"])] = row
+        for account_id, (provider, name, key_set_at) in keys_set.items():
+            for endpoint in ENDPOINTS[provider]:  # type: ignore[index]
+                labels = {"provider": provider, "account": name, "report": endpoint.report}
+                polled = state.get((account_id, endpoint.report))
+                if polled is None:
+                    success = key_set_at.timestamp()  # never succeeded: counted from the key
+                else:
+                    success = polled["last_success_at"].timestamp()
+                    metrics.COLLECT_DATA_FRESHNESS.labels(**labels).set(polled["collected_through"].timestamp())
+                metrics.COLLECT_LAST_SUCCESS.labels(**labels).set(success)
+                metrics.COLLECT_SINCE_SUCCESS.labels(**labels).set(now - success)
+                if now - success > self.settings.collect_stale_after:
+                    stale.append(f"{provider}/{name}/{endpoint.report}")
         self.health.stale = stale
 
     # --- helpers ------------------------------------------------------------------------------------------

@@ -21,8 +21,11 @@ FROM collector_state
 WHERE account_id = $1;
 
 -- name: collect_state_all
-SELECT k.provider, k.ai_organization_id, s.report, s.collected_through, s.last_success_at
-FROM collector_state s JOIN organization_api_keys k ON k.id = s.account_id
+-- Every active account, with when it got its current key (keys add or rotate), and the state of each report
+-- it has polled successfully (one row with NULLs when it has none yet).
+SELECT k.id AS account_id, k.provider, k.ai_organization_id, greatest(k.created_at, k.rotated_at) AS key_set_at,
+       s.report, s.collected_through, s.last_success_at
+FROM organization_api_keys k LEFT JOIN collector_state s ON s.account_id = k.id
 WHERE k.is_active;
 
 -- name: collect_state_advance
