@@ -588,6 +588,35 @@ async def test_a_lost_publisher_connection_is_replaced_and_polling_goes_on(
     assert revised  # the revision made after the loss was published
 
 
+async def test_a_lost_poller_connection_stops_the_poller_and_frees_the_lock(
+    world: World, db: asyncpg.Connection
+) -> None:
+    """README: the advisory lock lives on the poller's own connection; when that connection is lost the poller
+    stops with a transient error (`cost-worker collect` exits 1, the pod restarts) and another replica may take
+    over. Unlike the publisher's connection, it is never silently replaced (a new one would not hold the lock)."""
+    seed_truth(world.fake)
+    collector = Collector(world.settings.model_copy(update={"collect_interval": 0.3}))
+    running = asyncio.ensure_future(collector.run())
+    try:
+        for _ in range(300):
+            await asyncio.sleep(0.1)
+            if await db.fetchval("SELECT count(*) FROM collector_state"):
+                break
+        killed = await db.fetch(
+            "SELECT pg_terminate_backend(l.pid) FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted"
+        )
+        assert len(killed) == 1
+        with pytest.raises(TransientError):
+            await asyncio.wait_for(running, 30)
+    finally:
+        collector.stop.set()
+        if not running.done():
+            running.cancel()
+    assert collector.health.active is False
+    assert await db.fetchval("SELECT pg_try_advisory_lock(hashtextextended('cost_worker.collector', 0))")
+    await db.fetchval("SELECT pg_advisory_unlock(hashtextextended('cost_worker.collector', 0))")
+
+
 async def test_staged_windows_survive_a_broker_outage_and_go_out_whole_on_the_next_start(
     world: World, db: asyncpg.Connection, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
