@@ -209,7 +209,7 @@ async def test_the_command_line_plans_by_default_and_says_what_is_wrong_in_one_l
 
     negative = cli(settings, "retention", "--months", "-1")
     assert negative.returncode == 2
-    assert negative.stderr.strip() == "cost-worker: config error: --months: must be 0 (keep everything) or more, not -1"
+    assert negative.stderr.strip() == "cost-worker: usage error: --months: must be 0 (keep everything) or more, not -1"
 
     both = cli(settings, "retention", "--execute", "--dry-run")
     assert both.returncode == 2

@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 from worker.batch import decode_batch
 from worker.budgets import BudgetEngine, Candidate
 from worker.config import Settings
-from worker.errors import ConfigError
+from worker.errors import UsageError
 from worker.pipeline import Pipeline
 from worker.quarantine import Reason
 from worker.store import Database, Spend
@@ -144,7 +144,7 @@ async def quarantine_replay(settings: Settings, *, reason: str | None, limit: in
 
 def _check_reason(reason: str | None) -> None:
     if reason is not None and reason not in {r.value for r in Reason}:
-        raise ConfigError([f"--reason: unknown reason {reason!r}; known: {', '.join(r.value for r in Reason)}"])
+        raise UsageError([f"--reason: unknown reason {reason!r}; known: {', '.join(r.value for r in Reason)}"])
 
 
 # ================================================================================================ budgets
@@ -156,7 +156,7 @@ async def budgets_status(settings: Settings, *, organization: str | None) -> int
         try:
             org_id = UUID(organization)
         except ValueError:
-            raise ConfigError([f"--organization: not a uuid: {organization!r}"]) from None
+            raise UsageError([f"--organization: not a uuid: {organization!r}"]) from None
     db = await _open(settings)
     try:
         organizations = [org_id] if org_id else await db.budget_sweep_organizations()
@@ -195,7 +195,7 @@ async def budgets_rebuild_spend(settings: Settings, *, organization: str | None)
         try:
             org_id = UUID(organization)
         except ValueError:
-            raise ConfigError([f"--organization: not a uuid: {organization!r}"]) from None
+            raise UsageError([f"--organization: not a uuid: {organization!r}"]) from None
     db = await _open(settings)
     try:
         organizations = [org_id] if org_id else await db.budget_sweep_organizations()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import sys
 import traceback
@@ -17,7 +18,7 @@ from typing import Any, NoReturn
 from worker import __version__
 from worker.collect import cli as collect_cli
 from worker.config import Settings, load_settings
-from worker.errors import ConfigError, CostWorkerError
+from worker.errors import ConfigError, CostWorkerError, UsageError
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -40,6 +41,17 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds above 0 (``nan`` and ``inf`` would make a wait endless)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds above 0, not {text!r}")
     return value
 
 
@@ -68,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--exit-when-idle",
-        type=float,
+        type=_positive_seconds,
         metavar="SECONDS",
         help="exit 0 once every assigned partition is caught up and nothing arrived for SECONDS",
     )
@@ -312,8 +324,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from worker import app  # noqa: PLC0415
 
     settings = _settings(require=("database_url", "kafka_bootstrap_servers"))
-    if args.exit_when_idle is not None and args.exit_when_idle <= 0:
-        raise ConfigError(["--exit-when-idle: must be a positive number of seconds"])
     return app.run(settings, exit_when_idle=args.exit_when_idle)
 
 
@@ -351,7 +361,7 @@ def cmd_prices(args: argparse.Namespace) -> int:
     def when(text: str | None, flag: str) -> Any:
         instant = None if text is None else prices.parse_instant(text)
         if text is not None and instant is None:
-            raise ConfigError([f"{flag}: not a date or a time with zone: {text!r}"])
+            raise UsageError([f"{flag}: not a date or a time with zone: {text!r}"])
         return instant
 
     if args.prices_command == "show":
@@ -430,9 +440,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except ConfigError as exc:
+    except ConfigError as exc:  # a bad argument (UsageError) or a bad setting: both exit 2
+        kind = "usage error" if isinstance(exc, UsageError) else "config error"
         for problem in exc.problems:
-            print(f"cost-worker: config error: {problem}", file=sys.stderr)
+            print(f"cost-worker: {kind}: {problem}", file=sys.stderr)
         return EXIT_USAGE
     except CostWorkerError as exc:
         print(f"cost-worker: error: {exc}", file=sys.stderr)

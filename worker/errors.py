@@ -79,6 +79,14 @@ class ConfigError(FatalError):
         super().__init__("invalid configuration: " + "; ".join(problems))
 
 
+class UsageError(ConfigError):
+    """Invalid command-line arguments: a flag's or argument's value, not a setting (printed as ``usage error``)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__(problems)
+        self.args = ("invalid arguments: " + "; ".join(problems),)
+
+
 class MigrationError(FatalError):
     """The database schema cannot be migrated."""
 

@@ -26,7 +26,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from worker.config import Settings
-from worker.errors import ConfigError
+from worker.errors import ConfigError, UsageError
 from worker.rows import Rate
 from worker.store import Database
 
@@ -69,7 +69,7 @@ def _rows(text: str) -> list[tuple[int, list[str]]]:
 def parse(text: str, fmt: str = DEFAULT_FORMAT) -> list[Rate]:
     """Rates of a file; raises ``ConfigError`` listing every problem (with line numbers)."""
     if fmt not in FORMATS:
-        raise ConfigError([f"--format: unknown format {fmt!r}; known: {', '.join(FORMATS)}"])
+        raise UsageError([f"--format: unknown format {fmt!r}; known: {', '.join(FORMATS)}"])
     rows = _rows(text)
     if not rows:
         raise ConfigError(["the file has no rows"])
@@ -166,7 +166,7 @@ async def list_rates(settings: Settings, *, base: str | None, quote: str | None)
 
     for name, code in (("--base", base), ("--quote", quote)):
         if code is not None and not _CODE.match(code):
-            raise ConfigError([f"{name}: not a currency code: {code!r}"])
+            raise UsageError([f"{name}: not a currency code: {code!r}"])
     db = await Database.open(settings.dsn(), role=settings.database_role, max_size=1)
     try:
         rows = await db.exchange_rate_pairs(base, quote)

@@ -28,7 +28,7 @@ import structlog
 
 from worker import metrics, store
 from worker.config import Settings, env_name, load_settings
-from worker.errors import ConfigError, CostWorkerError, FatalError
+from worker.errors import CostWorkerError, FatalError, UsageError
 from worker.partitions import add_months, month_of
 from worker.sql import query
 
@@ -301,7 +301,7 @@ def command(months_flag: int | None, days_flag: int | None, deliveries_flag: int
     if deliveries < 0:
         problems.append(f"--deliveries-days: must be 0 (keep them) or more, not {deliveries}")
     if problems:
-        raise ConfigError(problems)
+        raise UsageError(problems)  # only the flags can be negative: the settings are validated ge=0
     found, result = asyncio.run(
         run_once(
             settings,

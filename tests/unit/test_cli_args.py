@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from worker import app
 from worker.cli import EXIT_USAGE, main
+from worker.config import Settings
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "ten"])
@@ -21,3 +23,49 @@ def test_quarantine_limit_must_be_a_positive_whole_number(
     assert err.count("\n") == 1
     assert "argument --limit:" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0"])
+def test_exit_when_idle_must_be_finite_seconds_above_zero(
+    value: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `nan` compared false with every idle time, so the worker never exited; refused before any connection.
+    monkeypatch.setenv("COST_WORKER_DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
+    monkeypatch.setenv("COST_WORKER_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")
+
+    def started(settings: Settings, *, exit_when_idle: float | None = None) -> int:
+        raise AssertionError(f"the worker was started with --exit-when-idle {exit_when_idle}")
+
+    monkeypatch.setattr(app, "run", started)
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--exit-when-idle", value])
+    assert exited.value.code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "argument --exit-when-idle:" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "problem"),
+    [
+        (["budgets", "status", "--organization", "acme"], "--organization: not a uuid: 'acme'"),
+        (["budgets", "rebuild-spend", "--organization", "acme"], "--organization: not a uuid: 'acme'"),
+        (["quarantine", "list", "--reason", "nonsense"], "--reason: unknown reason 'nonsense'"),
+        (["notify", "status", "--organization", "acme"], "--organization: not a uuid: 'acme'"),
+        (["notify", "destinations", "list", "--organization", "acme"], "--organization: not a uuid: 'acme'"),
+        (["rates", "list", "--base", "usd"], "--base: not a currency code: 'usd'"),
+        (["prices", "unpriced", "--since", "yesterday"], "--since: not a date or a time with zone: 'yesterday'"),
+        (["retention", "--months", "-1"], "--months: must be 0 (keep everything) or more, not -1"),
+    ],
+)
+def test_a_bad_argument_value_is_a_usage_error_not_a_config_error(
+    argv: list[str], problem: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The settings are fine (the database is never reached): the problem is the argument, and the message says so.
+    monkeypatch.setenv("COST_WORKER_DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
+    assert main(argv) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"cost-worker: usage error: {problem}"), err
+    assert "config error" not in err

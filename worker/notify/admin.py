@@ -17,7 +17,7 @@ from decimal import Decimal
 
 from worker.admin import table
 from worker.config import Settings
-from worker.errors import ConfigError, CostWorkerError
+from worker.errors import ConfigError, CostWorkerError, UsageError
 from worker.notify.messages import SCOPES, TRIGGERED
 from worker.notify.sealing import Sealer
 from worker.notify.sender import Sender
@@ -87,7 +87,7 @@ def _uuid(value: str, what: str) -> uuid.UUID:
     try:
         return uuid.UUID(value)
     except ValueError:
-        raise ConfigError([f"{what}: not a uuid: {value!r}"]) from None
+        raise UsageError([f"{what}: not a uuid: {value!r}"]) from None
 
 
 async def _open(settings: Settings) -> NotifyStore:
