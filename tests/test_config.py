@@ -243,3 +243,124 @@ def test_check_config_with_secret_files_shows_them_redacted(tmp_path: Path) -> N
     assert result.returncode == 0, result.stderr
     assert "postgresql://app:***@db:5432/x" in result.stdout
     assert "filesecretpw" not in result.stdout + result.stderr
+
+
+# --- URLs: secrets anywhere in them stay hidden; a URL asyncpg or aiohttp would trip on is a config error ---------
+
+
+def test_a_password_in_the_query_string_is_redacted_and_masked_in_logs() -> None:
+    from worker.logs import Redactor  # noqa: PLC0415
+
+    url = "postgresql://u@h/db?sslmode=disable&password=hunter2secret&sslpassword=keypass%2Fword&sslkey=/k.pem"
+    assert redact_url(url) == "postgresql://u@h/db?sslmode=disable&password=***&sslpassword=***&sslkey=/k.pem"
+    settings = Settings(database_url=url)
+    assert {"hunter2secret", "keypass%2Fword", "keypass/word"} <= set(settings.secrets())
+    logged = Redactor(settings.secrets()).scrub(f"connecting to {url} with keypass/word")
+    assert "hunter2secret" not in logged
+    assert "keypass" not in logged
+    result = run_cli("check-config", env={"COST_WORKER_DATABASE_URL": url})
+    assert result.returncode == 0, result.stderr
+    assert "COST_WORKER_DATABASE_URL" in result.stdout
+    assert "hunter2secret" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://cost:Zm9v/YmFy+cXV4@db.internal:5432/costs",  # '/' in the password: host "cost", port "Zm9v"
+        "postgresql://cost:4711/YmFy@db.internal:5432/costs",  # '/' after digits: a valid port, a path with '@'
+        "postgresql://cost:Zm9v?YmFy@db.internal/costs",
+        "postgresql://cost:Zm9v#YmFy@db.internal/costs",
+        "postgresql://cost:Zm9v@YmFy@db.internal/costs",  # asyncpg splits at the first '@', urllib at the last
+    ],
+)
+def test_an_unencoded_character_in_the_password_is_a_config_error_that_does_not_echo_it(url: str) -> None:
+    for command in (["check-config"], ["keys", "list"]):
+        result = run_cli(*command, env={"COST_WORKER_DATABASE_URL": url})
+        assert result.returncode == 2, (command, result.stderr)
+        assert result.stderr.startswith("cost-worker: config error: COST_WORKER_DATABASE_URL: "), result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr
+        assert "percent-encode" in result.stderr
+        assert "internal error" not in result.stderr
+        for fragment in ("Zm9v", "YmFy", "4711"):
+            assert fragment not in result.stdout + result.stderr, (command, fragment)
+
+
+def test_unparseable_urls_and_bad_ports_are_config_errors_reported_with_the_others() -> None:
+    result = run_cli(
+        "check-config",
+        env={
+            "COST_WORKER_DATABASE_URL": "postgresql://u:pw@[::1/db",
+            "COST_WORKER_COLLECT_OPENAI_BASE_URL": "https://[::1",
+            "COST_WORKER_COLLECT_ANTHROPIC_BASE_URL": "https://proxy.example:99999/",
+            "COST_WORKER_KAFKA_BOOTSTRAP_SERVERS": "k1:9092,k2:70000",
+            "COST_WORKER_BATCH_MAX_WAIT": "-1",
+        },
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert all(line.startswith("cost-worker: config error: ") for line in lines), lines
+    named = [line.split(": ")[2] for line in lines]
+    assert sorted(named) == sorted(
+        [
+            "COST_WORKER_BATCH_MAX_WAIT",
+            "COST_WORKER_DATABASE_URL",
+            "COST_WORKER_COLLECT_OPENAI_BASE_URL",
+            "COST_WORKER_COLLECT_ANTHROPIC_BASE_URL",
+            "COST_WORKER_KAFKA_BOOTSTRAP_SERVERS",
+        ]
+    ), lines
+    assert "1 to 65535" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:pw@db:99999/x",
+        "postgresql://u:pw@db:0/x",
+        "postgresql://u:pw@db1:5432,db2:65536/x",
+        "postgresql://u:pw@[::1]:99999/x",
+        "postgresql://u:pw@db/x?port=99999",
+    ],
+)
+def test_the_database_port_must_be_1_to_65535(url: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(database_url=url)
+    assert len(caught.value.problems) == 1
+    assert caught.value.problems[0].startswith("COST_WORKER_DATABASE_URL: ")
+    assert "1 to 65535" in caught.value.problems[0]
+
+
+def test_the_url_checks_accept_what_asyncpg_and_aiohttp_accept() -> None:
+    from worker.config import base_url_problems, database_url_problems  # noqa: PLC0415
+
+    for url in (
+        "postgresql://u:pw@db1:5432,db2:5433/x",  # asyncpg's list of hosts
+        "postgresql://u:pw@[::1]:5432/x",
+        "postgresql:///x",  # the local socket
+        "postgresql://u:p%2Fw%40x@db:65535/x?sslmode=require&user=me@corp",  # encoded; '@' in the query is data
+    ):
+        assert database_url_problems(url) == [], url
+        assert load_settings(database_url=url).dsn() == url
+    for url in ("https://api.openai.com", "http://[::1]:8080/v1", "https://user:pw@proxy.example:1/"):
+        assert base_url_problems(url) == [], url
+
+
+def test_base_url_credentials_are_redacted_the_user_only_one_and_the_query_token_too() -> None:
+    result = run_cli(
+        "check-config",
+        env={
+            "COST_WORKER_COLLECT_OPENAI_BASE_URL": "https://sk-proxytoken@proxy.example/",
+            "COST_WORKER_COLLECT_ANTHROPIC_BASE_URL": "https://proxy.example/anthropic?token=tok-9f8e7d&region=eu",
+        },
+    )
+    assert result.returncode == 0, result.stderr
+    assert "https://***@proxy.example/" in result.stdout
+    assert "https://proxy.example/anthropic?token=***&region=eu" in result.stdout
+    assert "sk-proxytoken" not in result.stdout + result.stderr
+    assert "tok-9f8e7d" not in result.stdout + result.stderr
+    settings = Settings(
+        collect_openai_base_url="https://sk-proxytoken@proxy.example/",
+        collect_anthropic_base_url="https://proxy.example/anthropic?token=tok-9f8e7d",
+    )
+    assert {"sk-proxytoken", "tok-9f8e7d"} <= set(settings.secrets())

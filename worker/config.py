@@ -13,7 +13,7 @@ import ssl
 from datetime import date
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qs, unquote, unquote_plus, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -68,6 +68,12 @@ METRICS_HOST = "0.0.0.0"  # noqa: S104 - the metrics port must be reachable by P
 METRICS_PORT = 9108
 
 VERIFYING_SSLMODES = ("verify-ca", "verify-full")  # libpq modes that check the server's certificate
+# URL query parameters whose values are secrets (asyncpg reads ?password= and ?sslpassword=; a proxy may take
+# ?token= or ?key=): a name containing one of these words, or ending in "key", except the parameters that name files.
+SECRET_PARAM_WORDS = ("password", "passwd", "pwd", "token", "secret", "signature")
+NOT_SECRET_PARAMS = frozenset({"passfile", "sslkey", "sslcert", "sslrootcert", "sslcrl", "sslcrldir"})
+MASK = "***"
+PERCENT_ENCODE = "percent-encode '/', '?', '#' and '@' in the user name and password (e.g. '/' as %2F, '@' as %40)"
 # --- notify (issue 15) ---
 NOTIFY_GROUP_ID = "cost-worker-notify"  # consumer group of the alerts topic (offsets stored in PostgreSQL)
 NOTIFY_TIMEOUT = 5.0  # seconds one HTTP attempt may take, connecting included
@@ -413,10 +419,8 @@ class Settings(BaseSettings):
             if getattr(self, name) is None:
                 found.append(f"{env_name(name)}: required")
         if self.database_url is not None:
-            scheme = urlsplit(self.database_url.get_secret_value()).scheme
-            if scheme not in ("postgres", "postgresql"):
-                found.append(f"{env_name('database_url')}: must be a postgresql:// URL, got {scheme or 'none'}://")
-            found += database_ca_problems(self.database_url.get_secret_value())
+            url_found = database_url_problems(self.database_url.get_secret_value())
+            found += url_found or database_ca_problems(self.database_url.get_secret_value())
         if self.database_pool_min > self.database_pool_max:
             found.append(f"{env_name('database_pool_min')}: larger than {env_name('database_pool_max')}")
         if self.kafka_bootstrap_servers is not None:
@@ -424,6 +428,8 @@ class Settings(BaseSettings):
                 host, _, port = server.strip().rpartition(":")
                 if not host or not port.isdigit():
                     found.append(f"{env_name('kafka_bootstrap_servers')}: {server.strip()!r} is not host:port")
+                elif not valid_port(port):
+                    found.append(f"{env_name('kafka_bootstrap_servers')}: {server.strip()!r}: {PORT_RANGE}")
         sasl = self.kafka_security_protocol.startswith("SASL")
         if sasl:
             for name in ("kafka_sasl_mechanism", "kafka_sasl_username", "kafka_sasl_password"):
@@ -436,9 +442,7 @@ class Settings(BaseSettings):
             if path is not None and not path.is_file():
                 found.append(f"{env_name(name)}: no such file: {path}")
         for name in ("collect_openai_base_url", "collect_anthropic_base_url"):
-            parts = urlsplit(getattr(self, name))
-            if parts.scheme not in ("http", "https") or not parts.netloc:
-                found.append(f"{env_name(name)}: must be an http(s):// URL")
+            found += [f"{env_name(name)}: {problem}" for problem in base_url_problems(getattr(self, name))]
         if self.collect_key_encryption_key_file is not None and not self.collect_key_encryption_key_file.is_file():
             found.append(f"{env_name('collect_key_encryption_key_file')}: no such file")
         if (self.kafka_ssl_certfile is None) != (self.kafka_ssl_keyfile is None):
@@ -522,7 +526,7 @@ class Settings(BaseSettings):
             if name == "database_url" and value is not None:
                 text = redact_url(value.get_secret_value())
             elif name in ("collect_openai_base_url", "collect_anthropic_base_url"):
-                text = redact_url(value)  # an egress proxy URL may carry credentials
+                text = redact_url(value, user_is_secret=True)  # an egress proxy URL may carry a token as its user
             elif isinstance(value, SecretStr):
                 text = "**********"
             elif value is None:
@@ -536,21 +540,14 @@ class Settings(BaseSettings):
         """Secret values that must never appear in logs (the log redactor scrubs them)."""
         values: list[str] = []
         if self.database_url is not None:
-            password = urlsplit(self.database_url.get_secret_value()).password
-            if password:
-                values.append(password)
+            values += url_secrets(self.database_url.get_secret_value(), user_is_secret=False)
         if self.kafka_sasl_password is not None and self.kafka_sasl_password.get_secret_value():
             values.append(self.kafka_sasl_password.get_secret_value())
         if self.notify_secrets_key is not None and self.notify_secrets_key.get_secret_value():
             values.append(self.notify_secrets_key.get_secret_value())
         for url in (self.collect_openai_base_url, self.collect_anthropic_base_url):
-            try:
-                password = urlsplit(url).password
-            except ValueError:
-                continue
-            if password:
-                values.append(password)
-        return values
+            values += url_secrets(url, user_is_secret=True)
+        return list(dict.fromkeys(values))
 
 
 def database_ca_problems(url: str) -> list[str]:
@@ -589,17 +586,145 @@ def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
 
-def redact_url(url: str) -> str:
-    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``."""
+def redact_url(url: str, *, user_is_secret: bool = False) -> str:
+    """``postgresql://user:secret@host/db?sslpassword=x`` -> ``postgresql://user:***@host/db?sslpassword=***``.
+
+    With ``user_is_secret`` (a proxy's base URL: ``https://TOKEN@proxy/``) the whole user part is masked. A URL
+    whose user part cannot be told from its host (an unencoded '/', '?', '#' or '@' in a password) is not shown.
+    """
+    parts = _split(url)
+    if parts is None or _cut_credentials(parts):
+        return "<unparseable URL: not shown>"
+    userinfo, at, hostinfo = parts.netloc.rpartition("@")
+    netloc = parts.netloc
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        if user_is_secret:
+            netloc = f"{MASK}@{hostinfo}"
+        elif colon:
+            netloc = f"{user}:{MASK}@{hostinfo}"
+    query = "&".join(
+        f"{name}={MASK}" if eq and is_secret_param(name) else f"{name}{eq}{value}"
+        for name, eq, value in (pair.partition("=") for pair in parts.query.split("&"))
+    )
+    if netloc == parts.netloc and query == parts.query:
+        return url  # nothing to hide: shown as written (urlunsplit would drop an empty host: postgresql:///db)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def url_secrets(url: str, *, user_is_secret: bool) -> list[str]:
+    """The secret values in a URL (password, secret query parameters; with ``user_is_secret`` a user without a
+    password too), as written and decoded, for the log redactor."""
+    parts = _split(url)
+    if parts is None:
+        return []
+    found: list[str] = []
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    if at:
+        user, colon, password = userinfo.partition(":")
+        found += [password] if colon else []
+        found += [user] if user_is_secret and not colon else []  # https://TOKEN@proxy/: the user is the secret
+    for name, eq, value in (pair.partition("=") for pair in parts.query.split("&")):
+        if eq and is_secret_param(name):
+            found.append(value)
+    decoded = [unquote(value) for value in found] + [unquote_plus(value) for value in found]
+    return [value for value in dict.fromkeys(found + decoded) if value]
+
+
+def is_secret_param(name: str) -> bool:
+    key = unquote_plus(name).strip().lower().replace("-", "_")
+    if key in NOT_SECRET_PARAMS:
+        return False
+    return any(word in key for word in SECRET_PARAM_WORDS) or key.endswith("key")
+
+
+PORT_RANGE = "the port must be a number from 1 to 65535"
+
+
+def valid_port(text: str) -> bool:
+    return text.isascii() and text.isdigit() and 1 <= int(text) <= 65_535
+
+
+def _split(url: str) -> SplitResult | None:
     try:
-        parts = urlsplit(url)
+        return urlsplit(url)
+    except ValueError:  # an unclosed '[', or characters that change under NFKC normalization in the host
+        return None
+
+
+def _cut_credentials(parts: SplitResult) -> bool:
+    """An unencoded '/', '?' or '#' in a password ends the host part early (``user:pa/ss@host`` reads as host
+    ``user``, port ``pa``); an unencoded '@' leaves two '@' (asyncpg splits at the first, urllib at the last)."""
+    if parts.netloc.count("@") > 1:
+        return True
+    after = parts.path + parts.fragment + ("" if "@" in parts.netloc else parts.query)
+    return "@" in after
+
+
+def _url_shape_problems(url: str) -> tuple[SplitResult | None, list[str]]:
+    """Problems every URL setting shares; they never quote the URL, which may hold a password."""
+    parts = _split(url)
+    if parts is None:
+        return None, [f"not a valid URL (an unclosed '[' of an IPv6 address, or invalid characters); {PERCENT_ENCODE}"]
+    if _cut_credentials(parts):
+        return None, [f"cannot tell the password from the host: {PERCENT_ENCODE}"]
+    return parts, []
+
+
+def database_url_problems(url: str) -> list[str]:
+    """What asyncpg would fail on later (with a message that may quote the password), said now without it."""
+    name = env_name("database_url")
+    parts, found = _url_shape_problems(url)
+    if parts is None:
+        return [f"{name}: {problem}" for problem in found]
+    if parts.scheme not in ("postgres", "postgresql"):
+        return [f"{name}: must be a postgresql:// URL, got {parts.scheme or 'none'}://"]
+    hostlist = parts.netloc.rpartition("@")[2]
+    specs = hostlist.split(",") if hostlist else []
+    for number, spec in enumerate(specs, start=1):
+        which = f"host {number} of {len(specs)}" if len(specs) > 1 else "the host"
+        if not spec:
+            found.append(f"{name}: {which} is empty")
+            continue
+        if spec.startswith("["):
+            bracketed = spec.partition("]")
+            if not bracketed[1] or len(bracketed[0]) < 2 or (bracketed[2] and not bracketed[2].startswith(":")):
+                found.append(f"{name}: {which}: an IPv6 address is written [address] or [address]:port")
+                continue
+            port = bracketed[2][1:]
+        else:
+            port = spec.partition(":")[2]
+        if port and not valid_port(unquote(port)):
+            hint = "" if port.isdigit() else f" ({PERCENT_ENCODE})"
+            found.append(f"{name}: {which}: {PORT_RANGE}{hint}")
+    try:
+        query = parse_qs(parts.query, strict_parsing=True) if parts.query else {}
     except ValueError:
-        return "<unparseable URL>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[-1]}"))
+        found.append(f"{name}: the query string must be name=value pairs joined by '&'")
+        query = {}
+    for port in query["port"][-1].split(",") if "port" in query else []:  # asyncpg: the last port=, a list
+        if not valid_port(port.strip()):
+            found.append(f"{name}: port= in the query: {PORT_RANGE}")
+    return found
+
+
+def base_url_problems(url: str) -> list[str]:
+    parts, found = _url_shape_problems(url)
+    if parts is None:
+        return found
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return ["must be an http(s):// URL"]
+    hostinfo = parts.netloc.rpartition("@")[2]
+    if hostinfo.startswith("["):
+        port = hostinfo.partition("]")[2].removeprefix(":")
+    else:
+        port = hostinfo.rpartition(":")[2] if ":" in hostinfo else ""
+    if not parts.hostname:
+        return ["the URL has no host"]
+    if port and not valid_port(port):
+        hint = "" if port.isdigit() else f" ({PERCENT_ENCODE})"
+        return [f"{PORT_RANGE}{hint}"]
+    return []
 
 
 def load_settings(*, require: tuple[str, ...] = (), **overrides: Any) -> Settings:
