@@ -364,3 +364,20 @@ def test_base_url_credentials_are_redacted_the_user_only_one_and_the_query_token
         collect_anthropic_base_url="https://proxy.example/anthropic?token=tok-9f8e7d",
     )
     assert {"sk-proxytoken", "tok-9f8e7d"} <= set(settings.secrets())
+
+
+def test_check_config_notes_which_commands_need_each_missing_setting() -> None:
+    # `migrate` needs the database only: the note used to say it also needed the brokers.
+    result = run_cli("check-config", env={"COST_WORKER_DATABASE_URL": "postgresql://app@db/x"})
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note:")]
+    assert "note: COST_WORKER_KAFKA_BOOTSTRAP_SERVERS is not set: needed by `run`, `collect` and `notify run`" in notes
+    assert not any("DATABASE_URL" in note for note in notes), notes
+    assert not any("migrate" in note for note in notes), notes
+
+    nothing = run_cli("check-config")
+    assert nothing.returncode == 0, nothing.stderr
+    assert (
+        "note: COST_WORKER_DATABASE_URL is not set: needed by every command but `check-config`, `dev` and "
+        "`prices show`" in nothing.stdout.splitlines()
+    )

@@ -285,15 +285,25 @@ def _run(coro_fn: Callable[[], Coroutine[Any, Any, int]]) -> int:
     return asyncio.run(coro_fn())
 
 
+# The settings that are optional for check-config and dev but required by other commands (the require= of
+# each command below and in worker/collect/cli.py; the keys by worker/notify/sealing.py, worker/collect/keys.py).
+NEEDED_BY = {
+    "database_url": "every command but `check-config`, `dev` and `prices show`",
+    "kafka_bootstrap_servers": "`run`, `collect` and `notify run`",
+    "notify_secrets_key": "`notify run`, `notify destinations add` and `notify destinations test`",
+    "collect_key_encryption_key_file": "`collect` and `keys add`",
+}
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _settings()
     width = max(len(name) for name in settings.redacted())
     for name, value in settings.redacted().items():
         print(f"{name:<{width}}  {value}")
-    missing = [name for name in ("database_url", "kafka_bootstrap_servers") if getattr(settings, name) is None]
-    if missing:
-        # Not fatal for check-config itself (dev fills them in), but `run` needs them.
-        print("note: `run` and `migrate` also need " + ", ".join(f"COST_WORKER_{m.upper()}" for m in missing))
+    # Not fatal for check-config itself (dev fills them in), but the commands named need them.
+    for name, commands in NEEDED_BY.items():
+        if getattr(settings, name) is None:
+            print(f"note: COST_WORKER_{name.upper()} is not set: needed by {commands}")
     print("configuration OK")
     return EXIT_OK
 
