@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -381,3 +382,55 @@ def test_check_config_notes_which_commands_need_each_missing_setting() -> None:
         "note: COST_WORKER_DATABASE_URL is not set: needed by every command but `check-config`, `dev` and "
         "`prices show`" in nothing.stdout.splitlines()
     )
+
+
+# --- the metrics port: a start failure is one fatal line naming the setting, not an internal error -------------
+
+SERVICE_ENV = {
+    "COST_WORKER_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",  # never reached: the HTTP server is first
+    "COST_WORKER_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1",
+    "COST_WORKER_NOTIFY_SECRETS_KEY": "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE=",
+    "COST_WORKER_LOG_LEVEL": "ERROR",
+}
+
+
+@pytest.mark.parametrize("command", [["run"], ["collect", "--once"], ["notify", "run"]])
+def test_a_metrics_port_in_use_is_a_fatal_error_naming_the_setting(command: list[str]) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {**SERVICE_ENV, "COST_WORKER_METRICS_HOST": "127.0.0.1", "COST_WORKER_METRICS_PORT": str(port)}
+        result = run_cli(*command, env=env)
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("cost-worker: error: cannot serve /metrics"), result.stderr
+    assert "COST_WORKER_METRICS_PORT" in last
+    assert "internal error" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_metrics_host_that_is_not_ours_is_a_fatal_error_naming_the_setting() -> None:
+    # 192.0.2.1 (TEST-NET-1) is on no interface here: binding fails locally, nothing is contacted.
+    result = run_cli("run", env={**SERVICE_ENV, "COST_WORKER_METRICS_HOST": "192.0.2.1"})
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("cost-worker: error: cannot serve /metrics"), result.stderr
+    assert "COST_WORKER_METRICS_HOST" in last
+    assert "internal error" not in result.stderr
+
+
+async def test_a_metrics_host_that_does_not_resolve_is_a_fatal_error_naming_the_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from worker.errors import FatalError  # noqa: PLC0415
+    from worker.http import Health, HealthServer  # noqa: PLC0415
+
+    def no_such_host(*args: object, **kwargs: object) -> list[object]:  # no resolver is asked
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_host)
+    server = HealthServer(Health(ready_max_retrying=1.0), "not.a.host.invalid", 0)
+    with pytest.raises(FatalError, match=r"COST_WORKER_METRICS_HOST 'not\.a\.host\.invalid' does not resolve"):
+        await server.start()
+    await server.stop()

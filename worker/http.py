@@ -7,6 +7,8 @@ normally), the database answers, and it is not stuck retrying a batch for longer
 
 from __future__ import annotations
 
+import errno
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -14,6 +16,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from worker import metrics
+from worker.errors import FatalError
 
 ASSIGNMENT_GRACE = 60.0  # seconds after start during which "no assignment yet" is still normal
 
@@ -61,7 +64,11 @@ class HealthServer:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:  # a port in use, a host that does not resolve or is not ours: the settings' fault
+            await self.stop()
+            raise FatalError(self._cannot_listen(exc)) from None
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         self.port = int(sockets[0].getsockname()[1]) if sockets else self.port
@@ -69,7 +76,18 @@ class HealthServer:
 
     async def stop(self) -> None:
         if self._runner is not None:
-            await self._runner.cleanup()
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    def _cannot_listen(self, exc: OSError) -> str:
+        where = f"cannot serve /metrics, /healthz and /readyz on {self.host}:{self.port}"
+        if isinstance(exc, socket.gaierror):
+            return f"{where}: COST_WORKER_METRICS_HOST {self.host!r} does not resolve ({exc.strerror or exc})"
+        if exc.errno == errno.EADDRNOTAVAIL:
+            return f"{where}: COST_WORKER_METRICS_HOST {self.host!r} is not an address of this machine"
+        if exc.errno == errno.EADDRINUSE:
+            return f"{where}: the port is in use: set COST_WORKER_METRICS_PORT to a free port (0 picks one)"
+        return f"{where}: {exc.strerror or exc}: check COST_WORKER_METRICS_HOST and COST_WORKER_METRICS_PORT"
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
