@@ -322,6 +322,7 @@ def test_unparseable_urls_and_bad_ports_are_config_errors_reported_with_the_othe
         "postgresql://u:pw@db1:5432,db2:65536/x",
         "postgresql://u:pw@[::1]:99999/x",
         "postgresql://u:pw@db/x?port=99999",
+        "postgresql://u:pw@/x?host=db1:5432,db2:99999",
     ],
 )
 def test_the_database_port_must_be_1_to_65535(url: str) -> None:
@@ -340,6 +341,7 @@ def test_the_url_checks_accept_what_asyncpg_and_aiohttp_accept() -> None:
         "postgresql://u:pw@[::1]:5432/x",
         "postgresql:///x",  # the local socket
         "postgresql://u:p%2Fw%40x@db:65535/x?sslmode=require&user=me@corp",  # encoded; '@' in the query is data
+        "postgresql://u@/x?host=/var/run/postgresql",  # a socket directory
     ):
         assert database_url_problems(url) == [], url
         assert load_settings(database_url=url).dsn() == url

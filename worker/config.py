@@ -679,32 +679,42 @@ def database_url_problems(url: str) -> list[str]:
         return [f"{name}: {problem}" for problem in found]
     if parts.scheme not in ("postgres", "postgresql"):
         return [f"{name}: must be a postgresql:// URL, got {parts.scheme or 'none'}://"]
-    hostlist = parts.netloc.rpartition("@")[2]
-    specs = hostlist.split(",") if hostlist else []
-    for number, spec in enumerate(specs, start=1):
-        which = f"host {number} of {len(specs)}" if len(specs) > 1 else "the host"
-        if not spec:
-            found.append(f"{name}: {which} is empty")
-            continue
-        if spec.startswith("["):
-            bracketed = spec.partition("]")
-            if not bracketed[1] or len(bracketed[0]) < 2 or (bracketed[2] and not bracketed[2].startswith(":")):
-                found.append(f"{name}: {which}: an IPv6 address is written [address] or [address]:port")
-                continue
-            port = bracketed[2][1:]
-        else:
-            port = spec.partition(":")[2]
-        if port and not valid_port(unquote(port)):
-            hint = "" if port.isdigit() else f" ({PERCENT_ENCODE})"
-            found.append(f"{name}: {which}: {PORT_RANGE}{hint}")
+    found += _hostlist_problems(parts.netloc.rpartition("@")[2], f"{name}: ", after_password=True)
     try:
         query = parse_qs(parts.query, strict_parsing=True) if parts.query else {}
     except ValueError:
         found.append(f"{name}: the query string must be name=value pairs joined by '&'")
         query = {}
+    if "host" in query:  # asyncpg: the last host=, a list like the one before the path
+        found += _hostlist_problems(query["host"][-1], f"{name}: host= in the query, ", after_password=False)
     for port in query["port"][-1].split(",") if "port" in query else []:  # asyncpg: the last port=, a list
         if not valid_port(port.strip()):
             found.append(f"{name}: port= in the query: {PORT_RANGE}")
+    return found
+
+
+def _hostlist_problems(hostlist: str, prefix: str, *, after_password: bool) -> list[str]:
+    """asyncpg's host list: ``host[:port]``, ``[IPv6][:port]`` or a socket directory, comma-separated."""
+    found: list[str] = []
+    specs = hostlist.split(",") if hostlist else []
+    for number, spec in enumerate(specs, start=1):
+        which = f"host {number} of {len(specs)}" if len(specs) > 1 else "the host"
+        if not spec:
+            found.append(f"{prefix}{which} is empty")
+            continue
+        if spec.startswith("/"):
+            continue  # a Unix socket directory (host=/var/run/postgresql)
+        if spec.startswith("["):
+            bracketed = spec.partition("]")
+            if not bracketed[1] or len(bracketed[0]) < 2 or (bracketed[2] and not bracketed[2].startswith(":")):
+                found.append(f"{prefix}{which}: an IPv6 address is written [address] or [address]:port")
+                continue
+            port = bracketed[2][1:]
+        else:
+            port = spec.partition(":")[2]
+        if port and not valid_port(unquote(port)):
+            hint = f" ({PERCENT_ENCODE})" if after_password and not port.isdigit() else ""
+            found.append(f"{prefix}{which}: {PORT_RANGE}{hint}")
     return found
 
 
