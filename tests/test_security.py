@@ -175,11 +175,14 @@ async def test_secrets_never_reach_the_output_on_any_path(login: Login, kafka_bo
     assert '"event": "waiting_for"' in output
     assert_no_secret(output, secrets)
 
-    # 5. A URL the driver cannot parse (it passes configuration checks), with tracebacks on.
+    # 5. A URL the driver cannot parse, with tracebacks on: refused by the configuration checks (it used to pass
+    # them and end as the driver's error), one line that does not quote the URL.
     broken = f"postgresql://{login.role}:{quote(login.password, safe='')}@127.0.0.1:notaport/{login.database}"
     code, output = await run_process({**env, "COST_WORKER_DATABASE_URL": broken}, "run")
-    assert code == 1, output
-    assert "notaport" in output
+    assert code == 2, output
+    assert "COST_WORKER_DATABASE_URL: the host: the port must be a number from 1 to 65535" in output
+    assert "Traceback" not in output
+    assert "notaport" not in output
     assert_no_secret(output, secrets)
 
     # 6. Configuration errors, the URL and the SASL password among them.
