@@ -589,7 +589,7 @@ def env_name(field: str) -> str:
 def redact_url(url: str, *, user_is_secret: bool = False) -> str:
     """``postgresql://user:secret@host/db?sslpassword=x`` -> ``postgresql://user:***@host/db?sslpassword=***``.
 
-    With ``user_is_secret`` (a proxy's base URL: ``https://TOKEN@proxy/``) the whole user part is masked. A URL
+    With ``user_is_secret`` (a proxy's base URL: ``https://TOKEN@proxy/``) a user without a password is masked. A URL
     whose user part cannot be told from its host (an unencoded '/', '?', '#' or '@' in a password) is not shown.
     """
     parts = _split(url)
@@ -599,10 +599,10 @@ def redact_url(url: str, *, user_is_secret: bool = False) -> str:
     netloc = parts.netloc
     if at:
         user, colon, _ = userinfo.partition(":")
-        if user_is_secret:
-            netloc = f"{MASK}@{hostinfo}"
-        elif colon:
+        if colon:
             netloc = f"{user}:{MASK}@{hostinfo}"
+        elif user_is_secret:
+            netloc = f"{MASK}@{hostinfo}"
     query = "&".join(
         f"{name}={MASK}" if eq and is_secret_param(name) else f"{name}{eq}{value}"
         for name, eq, value in (pair.partition("=") for pair in parts.query.split("&"))
