@@ -19,7 +19,7 @@ from typing import Any
 
 from worker.admin import table
 from worker.config import Settings
-from worker.errors import ConfigError
+from worker.errors import ConfigError, UsageError
 from worker.models import ISO_4217
 from worker.pricing import PER_MILLION, Overrides, Price, Quote, catalogue_model, catalogue_quote
 from worker.providers import PRICE_DIMENSIONS, TOKEN_TYPE_UNITS
@@ -48,7 +48,7 @@ def parse_token_type(token_type: str) -> tuple[str, tuple[tuple[str, str], ...]]
     for qualifier in qualifiers:
         name, sep, value = qualifier.partition("=")
         if not sep or name not in PRICE_DIMENSIONS or not value:
-            raise ConfigError([f"token type {token_type!r}: {qualifier!r} is not name=value of {PRICE_DIMENSIONS}"])
+            raise UsageError([f"token type {token_type!r}: {qualifier!r} is not name=value of {PRICE_DIMENSIONS}"])
         dimensions.append((name, value))
     dimensions.sort(key=lambda item: PRICE_DIMENSIONS.index(item[0]))
     return base, tuple(dimensions)
@@ -77,12 +77,12 @@ async def show(
     if provider is None:
         provider = next((p for p in PROVIDERS if catalogue_model(p, model) is not None), None)
         if provider is None:
-            raise ConfigError([f"the catalogue does not know {model!r}: name its provider with --provider"])
+            raise UsageError([f"the catalogue does not know {model!r}: name its provider with --provider"])
     if token_type is not None:
         parse_token_type(token_type)  # a usage error before any connection
         if token_type.split("/")[0] not in TOKEN_TYPE_UNITS[provider]:
             known = ", ".join(TOKEN_TYPE_UNITS[provider])
-            raise ConfigError([f"{provider} has no token type {token_type.split('/')[0]!r} (known: {known})"])
+            raise UsageError([f"{provider} has no token type {token_type.split('/')[0]!r} (known: {known})"])
     when = at or datetime.now(UTC)
     rows: list[Price] = []
     if settings.database_url is not None:

@@ -10,7 +10,7 @@ from typing import Any
 from uuid import UUID
 
 from worker.config import Settings, load_settings
-from worker.errors import ConfigError
+from worker.errors import UsageError
 
 
 def add_parsers(sub: Any) -> None:
@@ -60,7 +60,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     action: Callable[[Settings], Any]
     if args.keys_command == "add":
         if not args.account.strip():
-            raise ConfigError(["--account: must not be empty"])
+            raise UsageError(["--account: must not be empty"])
 
         def action(s: Settings) -> Any:
             return admin.add(

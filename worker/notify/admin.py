@@ -17,7 +17,7 @@ from decimal import Decimal
 
 from worker.admin import table
 from worker.config import Settings
-from worker.errors import ConfigError, CostWorkerError, UsageError
+from worker.errors import CostWorkerError, UsageError
 from worker.notify.messages import SCOPES, TRIGGERED
 from worker.notify.sealing import Sealer
 from worker.notify.sender import Sender
@@ -123,7 +123,7 @@ async def add(
     if url == "-":
         url = sys.stdin.readline().strip()  # keeps a token-bearing URL out of shell history and ps
     if problems:
-        raise ConfigError(problems)
+        raise UsageError(problems)
     parts = await UrlPolicy.from_settings(settings).check(url)  # refused: a one-line error, exit 1
     destination = uuid.uuid4()
     secret = new_secret() if kind == "webhook" else None
