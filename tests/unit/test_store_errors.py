@@ -7,6 +7,7 @@ import pytest
 
 from worker.errors import DatabaseUnavailable, FatalError
 from worker.store import translate
+from worker.store.errors import translated
 
 
 async def _connect_error(dsn: str) -> BaseException:
@@ -26,3 +27,16 @@ async def test_a_missing_unix_socket_is_an_outage(tmp_path: object) -> None:
     exc = await _connect_error(f"postgresql://u@/db?host={tmp_path}/no-server-here")
     assert isinstance(exc, FileNotFoundError)
     assert isinstance(translate(exc), DatabaseUnavailable)
+
+
+async def test_a_broken_connection_state_is_an_outage_at_the_boundary() -> None:
+    """asyncpg raises InternalClientError ("cannot switch to state ...") on a connection the server terminated in
+    the middle of an operation; it is not an InterfaceError, and the boundary must still let it out translated."""
+
+    @translated
+    async def statement() -> None:
+        raise asyncpg.InternalClientError("cannot switch to state 15; another operation (2) is in progress")
+
+    with pytest.raises(DatabaseUnavailable) as caught:
+        await statement()
+    assert isinstance(caught.value.__cause__, asyncpg.InternalClientError)

@@ -24,7 +24,7 @@ T = TypeVar("T")
 TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
 TRANSIENT_SQLSTATES = frozenset({"55P03"})  # lock_not_available
 DATA_SQLSTATE_CLASSES = frozenset({"22", "23"})  # data exception, integrity constraint violation
-DRIVER_ERRORS = (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError)
+DRIVER_ERRORS = (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.InternalClientError)
 
 
 def translate(exc: BaseException) -> Exception:
