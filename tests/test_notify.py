@@ -91,6 +91,10 @@ async def slack_like(receiver: Receiver, request: web.Request, body: bytes) -> w
     return web.Response(status=200, text="ok")
 
 
+# A receiver that hangs (`hangs`) would hold the test's teardown for aiohttp's default 60 s shutdown timeout.
+RECEIVER_SHUTDOWN_SECONDS = 1.0
+
+
 @pytest.fixture
 async def serve() -> AsyncIterator[Callable[..., Awaitable[Receiver]]]:
     runners: list[web.AppRunner] = []
@@ -99,7 +103,7 @@ async def serve() -> AsyncIterator[Callable[..., Awaitable[Receiver]]]:
         receiver = Receiver(behave, secret)
         app = web.Application()
         app.router.add_post("/hook/{token}", receiver.handle)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=RECEIVER_SHUTDOWN_SECONDS)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
