@@ -182,27 +182,39 @@ RETURNING c.organization_id, c.project_id, c.provider, c.ai_organization_id, c.r
 -- rule 2: a cost row of the provider account covering one of a usage line's hours for the same project, or
 -- either without a project). Each counts in the period of ITS window's midpoint, which may lie outside the cost
 -- line's window (a daily usage bucket beside an hourly cost bucket), so budgets re-evaluate those periods too;
--- a usage window inside the cost line's window is left out (its periods are the cost line's own). Overlap of the
--- raw windows is a superset of overlap by covered hours: at worst a period is evaluated for nothing. The
--- organization's longest window (spend_reach, kept by the ledger's triggers; else the longest allowed, 31 days)
--- bounds the index range.
+-- a usage window inside the cost line's window is left out (its periods are the cost line's own). A superset is
+-- harmless (at worst a period is evaluated for nothing), so the project is not matched: one index range per
+-- organization and provider account (its longest window from spend_reach, else the longest allowed, 31 days,
+-- before the changed windows' span), then the distinct usage windows there against the distinct changed windows.
 WITH changed AS (
-    SELECT DISTINCT *
+    SELECT DISTINCT organization_id, provider, ai_organization_id, bucket_start_time, bucket_end_time
     FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[])
         AS t(organization_id, project_id, provider, ai_organization_id, bucket_start_time, bucket_end_time)
+),
+accounts AS (
+    SELECT c.organization_id, c.provider, c.ai_organization_id,
+           min(c.bucket_start_time) AS span_start, max(c.bucket_end_time) AS span_end
+    FROM changed c
+    GROUP BY c.organization_id, c.provider, c.ai_organization_id
+),
+usage_windows AS MATERIALIZED (
+    SELECT DISTINCT u.organization_id, u.project_id, u.provider, u.ai_organization_id,
+           u.bucket_start_time, u.bucket_end_time
+    FROM accounts a
+    LEFT JOIN spend_reach r ON r.organization_id = a.organization_id
+    JOIN cost_data u
+      ON u.organization_id = a.organization_id
+     AND u.bucket_start_time >= a.span_start - coalesce(r.window_max, interval '31 days')
+     AND u.bucket_start_time < a.span_end
+    WHERE u.provider = a.provider AND u.ai_organization_id = a.ai_organization_id AND u.bucket_end_time > a.span_start
+      AND u.api_version = 'usage_v1' AND u.superseded_at IS NULL AND u.amount IS NOT NULL
 )
 SELECT DISTINCT u.organization_id, u.project_id, u.bucket_start_time, u.bucket_end_time
-FROM changed c
-LEFT JOIN spend_reach r ON r.organization_id = c.organization_id
-JOIN cost_data u
-  ON u.organization_id = c.organization_id
- AND u.bucket_start_time >= c.bucket_start_time - coalesce(r.window_max, interval '31 days')
- AND u.bucket_start_time < c.bucket_end_time
- AND u.bucket_end_time > c.bucket_start_time
- AND (u.bucket_start_time < c.bucket_start_time OR u.bucket_end_time > c.bucket_end_time)
- AND u.provider = c.provider AND u.ai_organization_id = c.ai_organization_id
- AND (u.project_id = c.project_id OR u.project_id IS NULL OR c.project_id IS NULL)
-WHERE u.api_version = 'usage_v1' AND u.superseded_at IS NULL AND u.amount IS NOT NULL;
+FROM usage_windows u
+JOIN changed c
+  ON c.organization_id = u.organization_id AND c.provider = u.provider AND c.ai_organization_id = u.ai_organization_id
+WHERE u.bucket_start_time < c.bucket_end_time AND u.bucket_end_time > c.bucket_start_time
+  AND (u.bucket_start_time < c.bucket_start_time OR u.bucket_end_time > c.bucket_end_time);
 
 -- name: upsert_cost_data
 -- Set-based upsert of the lines of windows at their current revision (already one row per key, ordered by key
