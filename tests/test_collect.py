@@ -424,7 +424,8 @@ async def test_a_key_file_with_a_second_line_stops_only_its_account(
     world.fake.keys[("anthropic", "org-an-file")] = key
     secret = tmp_path / "anthropic-key"
     secret.write_text(f"{key}\nsk-ant-admin-second-line\n")
-    with pytest.raises(KeyStoreError, match="not a single token"):
+
+    async def add_file_account() -> None:
         await admin.add(
             world.settings,
             organization=org.id,
@@ -433,16 +434,12 @@ async def test_a_key_file_with_a_second_line_stops_only_its_account(
             name="file",
             secret_file=secret,
         )
+
+    with pytest.raises(KeyStoreError, match="not a single token"):
+        await add_file_account()
     assert not await db.fetchval("SELECT count(*) FROM organization_api_keys WHERE ai_organization_id = 'org-an-file'")
     secret.write_text(key + "\n")
-    await admin.add(
-        world.settings,
-        organization=org.id,
-        provider="anthropic",
-        account="org-an-file",
-        name="file",
-        secret_file=secret,
-    )
+    await add_file_account()
     secret.write_text(f"{key}\nsk-ant-admin-second-line\n")  # the mounted secret changes under the collector
     seed_truth(world.fake)
 
