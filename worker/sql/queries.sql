@@ -552,12 +552,12 @@ matched AS (
 -- once each and joined back: a batch's touched rows share a few hours and its budgets a few (kind, zone) pairs, so
 -- this is tens of period computations where one per (budget, touched row) was thousands (cost_worker_period is a
 -- SQL function called per row: ~9,000 calls, ~60 ms, for a batch spread over 1,000 organizations).
-instants AS (
+instants AS MATERIALIZED (
     SELECT x.period, x.timezone, x.at, p.period_start, p.period_end
     FROM (SELECT DISTINCT m.period, m.timezone, m.at FROM matched m) x
     CROSS JOIN LATERAL cost_worker_period(x.period, x.timezone, x.at) p
 ),
-spans AS (
+spans AS MATERIALIZED (
     SELECT x.period, x.timezone, x.span_start, x.span_end, p.period_start, p.period_end
     FROM (SELECT DISTINCT m.period, m.timezone, m.span_start, m.span_end FROM matched m
           WHERE m.span_start IS NOT NULL) x
@@ -593,13 +593,21 @@ ORDER BY 1;
 -- name: budget_active
 -- Every active budget of the given organizations in the period containing $2 (the sweep; `budgets status`),
 -- with its alert history at its current amount and currency (as in budget_candidates).
+-- The period of each distinct (kind, time zone) is computed once and joined back (as in budget_candidates).
+WITH active AS (
+    SELECT * FROM cost_worker_budgets WHERE is_active AND organization_id = ANY($1::uuid[])
+),
+periods AS MATERIALIZED (
+    SELECT k.period, k.timezone, p.period_start, p.period_end
+    FROM (SELECT DISTINCT period, timezone FROM active) k
+    CROSS JOIN LATERAL cost_worker_period(k.period, k.timezone, $2::timestamptz) p
+)
 SELECT b.scope, b.id, b.organization_id, b.project_id, b.user_id, b.name, b.amount, b.currency,
        b.period::text AS period, b.timezone, b.thresholds, p.period_start, p.period_end,
        a.alert_thresholds, a.alert_crossings, a.alert_open_ids
-FROM cost_worker_budgets b
-CROSS JOIN LATERAL cost_worker_period(b.period, b.timezone, $2::timestamptz) p
+FROM active b
+JOIN periods p ON p.period = b.period AND p.timezone = b.timezone
 CROSS JOIN LATERAL cost_worker_alert_history(b.scope, b.id, p.period_start, b.amount, b.currency) a
-WHERE b.is_active AND b.organization_id = ANY($1::uuid[])
 ORDER BY b.organization_id, b.scope, b.name, b.id;
 
 -- name: budget_lock_organizations
