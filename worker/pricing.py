@@ -134,14 +134,21 @@ def _variants_cover(model: ModelInfo, context: Mapping[str, str], at: datetime) 
     return True
 
 
-def _flatten(prices: ModelPrice, *, long_context: bool) -> ModelPrice:
-    """The prices with every tiered price resolved: its highest tier for long context, else its base."""
+def _flatten(prices: ModelPrice, *, long_context: bool, input_tokens: int | None) -> ModelPrice:
+    """The prices with every tiered price resolved: its highest tier for long context; for one request of
+    ``input_tokens`` input tokens, the tier they reach (genai-prices' rule: the highest tier whose start they
+    exceed, for every token of the request); else its base."""
     flat: dict[str, Decimal | None] = {}
     for key, value in prices.__dict__.items():
         if key.startswith("_") or key == PER_REQUEST:
             continue
         if isinstance(value, TieredPrices):
-            flat[key] = value.tiers[-1].price if long_context and value.tiers else value.base
+            flat[key] = value.base
+            if long_context and value.tiers:
+                flat[key] = value.tiers[-1].price
+            elif input_tokens is not None:
+                reached = [tier.price for tier in value.tiers if input_tokens > tier.start]
+                flat[key] = reached[-1] if reached else value.base
         else:
             flat[key] = value
     return ModelPrice(**flat)
@@ -149,10 +156,18 @@ def _flatten(prices: ModelPrice, *, long_context: bool) -> ModelPrice:
 
 @lru_cache(maxsize=QUOTE_CACHE)
 def catalogue_quote(
-    provider: str, model: str, unit: str, dimensions: tuple[tuple[str, str], ...], at: datetime
+    provider: str,
+    model: str,
+    unit: str,
+    dimensions: tuple[tuple[str, str], ...],
+    at: datetime,
+    *,
+    request_input_tokens: int | None = None,
 ) -> Quote | None:
     """The catalogue's price of one unit (a genai-prices usage key) of a model, or None. Remembered: a
-    catalogue lookup takes a few hundred microseconds, and the lines of one bucket share their instant."""
+    catalogue lookup takes a few hundred microseconds, and the lines of one bucket share their instant.
+    ``request_input_tokens``: the price is that of one request with this many input tokens (its tier); None:
+    a bucket of many requests (the base price, or the long-context tier its dimensions name)."""
     found = catalogue_model(provider, model)
     if found is None:
         return None
@@ -164,7 +179,9 @@ def catalogue_quote(
     if unit not in registry.units:
         return None
     prices = _flatten(
-        info.get_prices(at, context or None), long_context=(("context_window", LONG_CONTEXT) in dimensions)
+        info.get_prices(at, context or None),
+        long_context=(("context_window", LONG_CONTEXT) in dimensions),
+        input_tokens=request_input_tokens,
     )
     relevant = {unit} | registry.ancestor_usage_keys(unit)
     priced = {
@@ -242,8 +259,10 @@ def estimate_request(
 ) -> Estimate | None:
     """The catalogue's price of one API request the platform did not price (no ``cost_usd``): its prompt tokens
     at the model's input price, its completion tokens at the output price. The event does not say how many of
-    its prompt tokens were cached, so this is the uncached (upper) price. None when the catalogue cannot
-    price it (no model, no tokens, a model it does not know)."""
+    its prompt tokens were cached, so this is the uncached (upper) price. Unlike a bucket, one request's context
+    length is known: a tiered price is that of the tier its prompt tokens reach (a 300k-token prompt to a model
+    billed at long-context rates past 200k pays them on every token). None when the catalogue cannot price it
+    (no model, no tokens, a model it does not know)."""
     if provider is None or not model or (not prompt_tokens and not completion_tokens):
         return None
     total = Decimal(0)
@@ -251,7 +270,7 @@ def estimate_request(
     for unit, count in (("input_tokens", prompt_tokens), ("output_tokens", completion_tokens)):
         if not count:
             continue
-        quote = catalogue_quote(provider, model, unit, (), at)
+        quote = catalogue_quote(provider, model, unit, (), at, request_input_tokens=prompt_tokens or 0)
         if quote is None:
             return None
         total += quote.amount(Decimal(count))

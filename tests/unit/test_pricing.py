@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from worker.models import OpenAIUsageResult
-from worker.pricing import CATALOGUE_VERSION, PER_MILLION, Price, PriceBook, catalogue_quote
+from worker.pricing import CATALOGUE_VERSION, PER_MILLION, Price, PriceBook, catalogue_quote, estimate_request
 from worker.providers import COMPLETION_TOKEN_TYPES, LedgerLine, openai_counts
 
 AT = datetime(2026, 11, 1, tzinfo=UTC)
@@ -147,3 +147,15 @@ def test_a_line_without_any_price_stays_unpriced_unless_it_is_empty() -> None:
     results = {line.line_item: (ok, line.amount) for line, ok in map(book.priced, lines)}
     assert results["acme-llm:input_text_tokens"] == (False, None)
     assert results["acme-llm:output_text_tokens"] == (True, Decimal(0))
+
+
+def test_an_estimate_prices_the_request_at_the_tier_of_its_own_prompt() -> None:
+    """One request's context length is known (its prompt tokens): past a tier's start the catalogue bills every
+    token at that tier (genai-prices' "cliff" model), so the estimate must too; the base price would halve it."""
+    for provider, model in (("anthropic", "claude-sonnet-4-5"), ("google", "gemini-2.5-pro"), ("openai", "gpt-4o")):
+        for prompt, completion in ((300_000, 1_000), (100_000, 1_000), (0, 5_000)):
+            found = estimate_request(provider, model, prompt, completion, AT)
+            assert found is not None
+            usage = genai_prices.Usage(input_tokens=prompt, output_tokens=completion)
+            theirs = genai_prices.calc_price(usage, model, provider_id=provider, genai_request_timestamp=AT)
+            assert (model, prompt, found.amount) == (model, prompt, theirs.total_price)
