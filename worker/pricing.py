@@ -263,6 +263,7 @@ def estimate_request(
     length is known: a tiered price is that of the tier its prompt tokens reach (a 300k-token prompt to a model
     billed at long-context rates past 200k pays them on every token). None when the catalogue cannot price it
     (no model, no tokens, a model it does not know)."""
+    model = (model or "").strip()  # as ``model_providers.provider_of`` reads it
     if provider is None or not model or (not prompt_tokens and not completion_tokens):
         return None
     total = Decimal(0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -180,3 +181,15 @@ def test_only_events_without_a_cost_are_estimated_from_the_catalogue(cost: str |
         assert estimate > 0
         assert source is not None
         assert source.startswith("genai-prices")
+
+
+@pytest.mark.parametrize("model", ["gpt-4o", " gpt-4o", "gpt-4o\n", "GPT-4o "])
+def test_a_model_the_catalogue_maps_to_a_provider_is_estimated_by_the_same_name(model: str) -> None:
+    """provider_of reads the model name trimmed: an event it gives a provider (so that provider's data replaces
+    its estimate) must be estimated by that same name, not left at zero because of surrounding whitespace."""
+    body = event()
+    body["token_usage"] |= {"model": model, "cost_usd": None, "prompt_tokens": 1_000_000, "completion_tokens": 0}
+    decoded = decode_api_event(json.dumps(body).encode(), Source("usage", 0, 0), max_bytes=1 << 20)
+    assert isinstance(decoded, ApiEvent)
+    rows = usage_rows([decoded])
+    assert (rows.providers, rows.estimates) == (["openai"], [Decimal("2.50")])
