@@ -6,8 +6,9 @@ no worker code and no SQL:
   whole truth of that window; older lines stop counting; the same revision adds only lines not yet there;
 - a row covers the whole UTC hours whose start lies in [start, min(end, collected_at)); unpriced usage and usage
   of zero quantity cover nothing;
-- per scope: cost rows count; priced usage counts unless a cost row of its account in the scope covers one of its
-  hours for the same project (or either has no project), except usage the cost report omits; an estimate counts
+- per scope: cost rows count; priced usage counts unless a cost row of its account in the scope covers one of the
+  hours its window overlaps, up to its collection (0023), for the same project (or either has no project), except
+  usage the cost report omits; an estimate counts
   unless a counted covering row of its provider covers its hour for its project (or, organization scope, an
   ungrouped row of the account its project is mapped to); unknown providers are never replaced;
 - a provider row counts in the period containing its window's midpoint; an estimate in the period of its hour.
@@ -67,6 +68,16 @@ class Row:
         hour = self.start.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
         if hour < self.start:
             hour += HOUR
+        found = set()
+        while hour < until:
+            found.add(hour)
+            hour += HOUR
+        return found
+
+    def overlapped_hours(self) -> set[datetime]:
+        """The UTC hours [start, min(end, collected_at)) overlaps: what a cost row must cover to replace usage."""
+        until = min(self.end, self.collected_at)
+        hour = self.start.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
         found = set()
         while hour < until:
             found.add(hour)
@@ -164,7 +175,7 @@ class SpendModel:
             if r.kind != "usage" or r.amount is None:
                 continue
             if not r.outside_cost_report:
-                mine = r.hours()
+                mine = r.overlapped_hours()
                 if any(
                     k.account == r.account
                     and (k.project_id == r.project_id or k.project_id is None or r.project_id is None)

@@ -1238,3 +1238,45 @@ async def test_a_cost_line_that_flips_usage_beside_it_evaluates_the_usage_period
         (datetime(2026, 11, 3, 8, tzinfo=UTC), False),
         (datetime(2026, 11, 3, 8, tzinfo=UTC), True),  # the next crossing
     ]
+
+
+async def test_daily_costs_replace_minute_usage_buckets_of_the_same_day(db: asyncpg.Connection, feeder: Feeder) -> None:
+    """The usage APIs' bucket_width=1m: a minute bucket that does not start on the hour holds no whole hour, yet a
+    daily cost bucket of its account covers its time as much as the hourly usage inside it (it was counted beside
+    the cost, twice: 159 instead of 100)."""
+    org = await make_org(db)
+    a = org.projects["proj_a"]
+    await add_prices_once(db)
+    minutes = [
+        openai_usage_bucket(
+            f"2026-11-03T10:{m:02d}:00",
+            f"2026-11-03T10:{m + 1:02d}:00" if m < 59 else "2026-11-03T11:00:00",
+            [{"project_id": "proj_a", "model": "m1", "input_tokens": 1}],
+        )
+        for m in range(60)
+    ]
+    await feeder.buckets(envelope("openai", org.ai_org, "usage_v1", minutes, collected_at="2026-11-04T02:00:00Z"))
+    assert await spend_of(db, "project", org, a, "2026-11-03Z", "2026-11-04Z") == 60
+    cost = openai_cost_bucket("2026-11-03", "2026-11-04", [("proj_a", "x", "100")])
+    await feeder.buckets(envelope("openai", org.ai_org, "costs_v1", [cost], collected_at="2026-11-04T03:00:00Z"))
+    assert await spend_of(db, "project", org, a, "2026-11-03Z", "2026-11-04Z") == 100
+    assert await spend_of(db, "organization", org, None, "2026-11-03Z", "2026-11-04Z") == 100
+    full = await db.fetchval(
+        "SELECT spend FROM cost_worker_spend_full('project', $1, $2, NULL, '2026-11-03Z', '2026-11-04Z', 'USD')",
+        org.id,
+        a,
+    )
+    assert full == 100
+    # The other order: the cost first, then minute usage inside it (its own areas are recomputed)
+    cost = openai_cost_bucket("2026-11-05", "2026-11-06", [("proj_a", "x", "100")])
+    await feeder.buckets(envelope("openai", org.ai_org, "costs_v1", [cost], collected_at="2026-11-06T03:00:00Z"))
+    later = [
+        openai_usage_bucket(
+            f"2026-11-05T10:{m:02d}:00",
+            f"2026-11-05T10:{m + 1:02d}:00",
+            [{"project_id": "proj_a", "model": "m1", "input_tokens": 1}],
+        )
+        for m in range(5, 9)
+    ]
+    await feeder.buckets(envelope("openai", org.ai_org, "usage_v1", later, collected_at="2026-11-06T04:00:00Z"))
+    assert await spend_of(db, "project", org, a, "2026-11-05Z", "2026-11-06Z") == 100
