@@ -419,6 +419,19 @@ class AnthropicUsageResult(_Model):
     account_id: Name | None = None
     service_account_id: Name | None = None
 
+    @model_validator(mode="after")
+    def _some_usage(self) -> AnthropicUsageResult:
+        # Each count has a default (a result may leave one out), but a result with none of them is no usage result
+        # (a cost report result sent as usage_v1): read as zero tokens, it would retire the window's real usage.
+        if not self.model_fields_set & ANTHROPIC_USAGE_COUNTS:
+            raise _fail(Reason.SCHEMA_VIOLATION, "a usage result without any usage count (a cost report result?)")
+        return self
+
+
+ANTHROPIC_USAGE_COUNTS = frozenset(
+    {"uncached_input_tokens", "cache_read_input_tokens", "cache_creation", "output_tokens", "server_tool_use"}
+)
+
 
 class _AnthropicBucket(_Model):
     starting_at: Timestamp

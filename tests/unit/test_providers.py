@@ -240,3 +240,34 @@ def test_fields_the_worker_does_not_know_are_ignored_never_priced_twice() -> Non
     found = lines([{"input_tokens": 10, "input_video_tokens": 4, "output_tokens": 2, "model": "gpt-4o"}])
     assert sum(line.quantity or 0 for line in found) == 12
     assert not any("video" in line.line_item for line in found)
+
+
+def _anthropic(api_version: str, results: list[dict[str, Any]]) -> Any:
+    envelope = {
+        "provider": "anthropic",
+        "ai_organization_id": "org-x",
+        "api_version": api_version,
+        "collected_at": "2026-11-02T00:00:00Z",
+        "bucket": {"starting_at": "2026-11-01T00:00:00Z", "ending_at": "2026-11-02T00:00:00Z", "results": results},
+    }
+    return decode_provider_message(json.dumps(envelope).encode(), SOURCE, max_bytes=1 << 20, max_results=1000)
+
+
+def test_an_anthropic_cost_result_under_usage_v1_is_no_usage_snapshot() -> None:
+    """Every usage field of Anthropic's usage result has a default (older results leave some out), so a cost report
+    result sent as usage_v1 decoded as a result of zero tokens: an empty snapshot of the messages usage window that
+    retired its real usage lines (the money vanished). A result with no usage count at all is no usage result."""
+    cost = {"currency": "USD", "amount": "123.45", "workspace_id": "w", "model": "claude-sonnet-4"}
+    outcome = _anthropic("usage_v1", [cost, {"model": "claude-sonnet-4", "output_tokens": 5}])
+    assert isinstance(outcome, Quarantined)
+    assert outcome.reason is Reason.SCHEMA_VIOLATION, outcome.detail
+    assert "bucket 0" in outcome.detail
+    # A usage result that reports any of its counts is read as before (an absent count is zero)
+    present: list[dict[str, Any]] = [
+        {"uncached_input_tokens": 0},
+        {"output_tokens": 3},
+        {"cache_creation": {}},
+        {"server_tool_use": {}},
+    ]
+    for counts in present:
+        assert isinstance(_anthropic("usage_v1", [{"model": "m"} | counts]), ProviderMessage), counts
