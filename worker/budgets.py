@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -76,12 +76,6 @@ class Candidate:
 
     @classmethod
     def from_row(cls, row: Any) -> Candidate:
-        history = {
-            threshold: (crossing, open_id)
-            for threshold, crossing, open_id in zip(
-                row["alert_thresholds"] or (), row["alert_crossings"] or (), row["alert_open_ids"] or (), strict=True
-            )
-        }
         return cls(
             scope=row["scope"],
             budget_id=row["id"],
@@ -96,8 +90,12 @@ class Candidate:
             thresholds=tuple(sorted(set(row["thresholds"]))),
             period_start=row["period_start"],
             period_end=row["period_end"],
-            history=history,
+            history=_history(row),
         )
+
+    def with_history(self, row: Any) -> Candidate:
+        """This candidate with the alert history of ``row`` (read again under the organization's lock)."""
+        return replace(self, history=_history(row))
 
     def reached(self, spend: Decimal, threshold: Decimal) -> bool:
         # Exact: the default context rounds products to 28 digits, and a spend just below the level would round
@@ -154,6 +152,13 @@ class BudgetEngine:
             return []
         # Concurrent workers touching the same organization evaluate one after the other (until commit).
         await tx.lock_organizations({c.organization_id for c in candidates})
+        # The history the candidates were read with is from before the lock: an evaluation that held it may have
+        # raised or resolved since (its spend is what this one reads now). Read again, it matches the spend: an alert
+        # raised meanwhile is resolved by a spend that fell, one resolved meanwhile is raised again by a spend above.
+        fresh = await tx.budget_alert_history(
+            [(c.scope, c.budget_id, c.period_start, c.amount, c.currency) for c in candidates]
+        )
+        candidates = [c.with_history(row) for c, row in zip(candidates, fresh, strict=True)]
         # A user budget's scope is kept in the spend aggregate once it is registered (0016); the first evaluation
         # registers it and builds it from the user's rollups, in this transaction, so the read below uses it.
         await tx.track_spend(candidates, max_new=REGISTRATIONS_PER_EVALUATION)
@@ -257,6 +262,16 @@ class BudgetEngine:
             except TransientError as exc:
                 log.warning("budget_sweep_failed", error=str(exc))
             await sleep_or_stop(stop, self.settings.budget_sweep_interval)
+
+
+def _history(row: Any) -> dict[Decimal, tuple[int, UUID | None]]:
+    """threshold -> (its latest crossing, the id of its open alert or None), from cost_worker_alert_history."""
+    return {
+        threshold: (crossing, open_id)
+        for threshold, crossing, open_id in zip(
+            row["alert_thresholds"] or (), row["alert_crossings"] or (), row["alert_open_ids"] or (), strict=True
+        )
+    }
 
 
 def _fields(alert: Alert) -> dict[str, Any]:
