@@ -11,6 +11,7 @@ from typing import Any
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
+from worker.alerts import percent as percent_of
 from worker.batch import decode_batch
 from worker.budgets import BudgetEngine, Candidate
 from worker.config import Settings
@@ -223,7 +224,7 @@ def _status_row(candidate: Candidate, spend: Spend, unpriced: int) -> tuple[str,
         )
     else:
         shown = format(spend.amount.quantize(DISPLAY_QUANTUM, rounding=ROUND_HALF_EVEN), "f")
-        percent = f"{(spend.amount * 100 / candidate.amount).quantize(Decimal('0.1'), rounding=ROUND_HALF_EVEN)}%"
+        percent = f"{percent_of(spend.amount, candidate.amount, Decimal('0.1'))}%"
         rates = (
             "converted " + ", ".join(f"{c} ({n} rows)" for c, n in sorted(spend.converted.items()))
             if spend.converted

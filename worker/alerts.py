@@ -22,7 +22,8 @@ import json
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import Decimal
+from fractions import Fraction
 from zoneinfo import ZoneInfo
 
 from worker.limits import EXACT
@@ -49,6 +50,15 @@ def alert_id(
         ALERT_NAMESPACE,
         f"{scope}:{budget_id}:{period_start.isoformat()}:{_plain(threshold)}:{_plain(amount)}:{currency}:{crossing}",
     )
+
+
+def percent(spend: Decimal, amount: Decimal, quantum: Decimal = PERCENT_QUANTUM) -> Decimal:
+    """spend * 100 / amount rounded half-even to ``quantum``, once, from the exact quotient. Decimal division rounds
+    to its context's precision first (28 digits by default), and a quotient just below a half-way point (80.01499...
+    past the 28th digit) would become the half-way point and then round up (80.02)."""
+    exact = Fraction(spend) * 100 / Fraction(amount)
+    rounded = round(exact, -int(quantum.as_tuple().exponent))  # half-even, on the exact fraction
+    return EXACT.quantize(EXACT.divide(Decimal(rounded.numerator), Decimal(rounded.denominator)), quantum)
 
 
 def _plain(value: Decimal) -> str:
@@ -94,7 +104,7 @@ class Alert:
 
     @property
     def percent_used(self) -> Decimal:
-        return (self.spend * 100 / self.amount).quantize(PERCENT_QUANTUM, rounding=ROUND_HALF_EVEN)
+        return percent(self.spend, self.amount)
 
     @property
     def key(self) -> bytes:
@@ -160,7 +170,7 @@ class Resolution:
 
     @property
     def percent_used(self) -> Decimal:
-        return (self.spend * 100 / self.alert.amount).quantize(PERCENT_QUANTUM, rounding=ROUND_HALF_EVEN)
+        return percent(self.spend, self.alert.amount)
 
     def message(self) -> bytes:
         body = self.alert.body() | {

@@ -97,3 +97,18 @@ def test_a_resolution_names_the_alert_it_resolves_and_the_spend_now() -> None:
     assert body["raised_at"] == ALERT.raised_at.isoformat()
     assert resolution.delivery_id == f"{stored}:resolved"
     assert (resolution.key, resolution.scope, resolution.threshold) == (ALERT.key, "project", Decimal("80"))
+
+
+def test_percent_used_is_rounded_once_from_the_exact_quotient() -> None:
+    """80.0149999999999999999999999999 of 100 is 80.014999...%: 80.01 at display. Rounded to 28 digits first
+    (the default context: 8001.500000000000000000000000), it became 80.02, half a cent of a percent above the
+    exact figure."""
+    spend = Decimal("80.0149999999999999999999999999")
+    alert = replace(ALERT, spend=spend, amount=Decimal("100"))
+    assert alert.percent_used == Decimal("80.01")
+    assert json.loads(alert.message())["percent_used"] == "80.01"
+    resolution = Resolution(uuid.uuid4(), alert, spend, datetime(2026, 11, 22, tzinfo=UTC))
+    assert resolution.percent_used == Decimal("80.01")
+    # A quotient that does not end (spend / 3) is rounded once as well.
+    thirds = replace(ALERT, spend=Decimal("2.40044999999999999999999999999"), amount=Decimal("3"))
+    assert thirds.percent_used == Decimal("80.01")
