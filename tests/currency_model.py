@@ -122,3 +122,11 @@ class Lifecycle:
             elif not reached and current is not None:
                 self.open.discard(current)
                 self.resolved.append(current)
+        # A threshold the budget no longer has keeps its open alert at this amount and currency until spend falls
+        # below its level (then it resolves, once); it is not raised again while it is not a threshold.
+        for (threshold, at_amount, at_currency), ids in sorted(self.crossings.items()):
+            if at_amount != amount or at_currency != currency or threshold in set(thresholds):
+                continue
+            if ids and ids[-1] in self.open and Fraction(total) * 100 < Fraction(amount) * Fraction(threshold):
+                self.open.discard(ids[-1])
+                self.resolved.append(ids[-1])

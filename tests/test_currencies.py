@@ -473,6 +473,31 @@ async def test_raising_the_amount_re_arms_and_lowering_spend_resolves_then_re_cr
     assert resolved["_key"] == str(budget)
 
 
+async def test_an_open_alert_of_a_removed_threshold_resolves_when_spend_falls_below_it(
+    db: asyncpg.Connection, database: Database, settings: Settings
+) -> None:
+    """50 and 80 % of 100 USD alerted at spend 85; the budget keeps only 50 %; a revision lowers spend to 10: both
+    alerts resolve (the 80 % one stayed open with spend 10, as only current thresholds were evaluated)."""
+    org, budget = await lifecycle_setup(db, "100", "USD", (50, 80))
+    engine = BudgetEngine(settings)
+    await write_ledger(db, org, {(date(2026, 11, 3), 0): ("USD", Decimal(85))})
+    raised = await touch(database, engine, org)
+    assert [(type(a), a.threshold) for a in raised] == [(Alert, Decimal(50)), (Alert, Decimal(80))]
+    await db.execute("UPDATE ai_project_budgets SET thresholds = '{50}' WHERE id = $1", budget)
+    assert await touch(database, engine, org) == []  # spend unchanged: nothing
+    await write_ledger(db, org, {(date(2026, 11, 3), 0): ("USD", Decimal(10))})
+    resolved = await touch(database, engine, org)
+    assert sorted((type(r), r.threshold, r.spend) for r in resolved) == [
+        (Resolution, Decimal(50), Decimal(10)),
+        (Resolution, Decimal(80), Decimal(10)),
+    ]
+    assert await db.fetchval("SELECT count(*) FROM budget_alerts WHERE resolved_at IS NULL") == 0
+    # Spend rises again: 50 % alerts (its second crossing); 80 % is not a threshold any more.
+    await write_ledger(db, org, {(date(2026, 11, 3), 0): ("USD", Decimal(90))})
+    again = await touch(database, engine, org)
+    assert [(type(a), a.threshold, a.crossing) for a in again if isinstance(a, Alert)] == [(Alert, Decimal(50), 2)]
+
+
 async def test_eur_budget_converts_usd_spend_and_without_a_rate_is_unconvertible(
     db: asyncpg.Connection, database: Database, settings: Settings
 ) -> None:

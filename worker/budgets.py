@@ -107,8 +107,9 @@ class Candidate:
         return [t for t in self.thresholds if t not in self.alerted and self.reached(spend, t)]
 
     def fallen(self, spend: Decimal) -> list[Decimal]:
-        """Thresholds with an open alert whose level the spend is below now."""
-        return [t for t in self.thresholds if t in self.alerted and not self.reached(spend, t)]
+        """Thresholds with an open alert whose level the spend is below now, also one the budget no longer has (its
+        alert stays open until spend falls below its level, like any other; it is never raised again)."""
+        return [t for t in sorted(self.alerted) if not self.reached(spend, t)]
 
     def alert(self, threshold: Decimal, spend: Decimal, raised_at: datetime, *, crossing: int) -> Alert:
         return Alert(

@@ -112,3 +112,32 @@ def test_percent_used_is_rounded_once_from_the_exact_quotient() -> None:
     # A quotient that does not end (spend / 3) is rounded once as well.
     thirds = replace(ALERT, spend=Decimal("2.40044999999999999999999999999"), amount=Decimal("3"))
     assert thirds.percent_used == Decimal("80.01")
+
+
+def test_an_open_alert_of_a_removed_threshold_resolves_when_spend_falls_below_it() -> None:
+    """Thresholds 50, 80 of 100 USD, spend 85: both alerted. The budget drops the 80 % threshold (50 only), then a
+    revision lowers spend to 10: both open alerts are below their level and resolve. The 80 % alert used to stay
+    open for good (spend 10, "80 % reached"), since only the budget's current thresholds were looked at."""
+    candidate = Candidate(
+        scope="project",
+        budget_id=BUDGET,
+        name="team",
+        organization_id=uuid.uuid4(),
+        project_id=uuid.uuid4(),
+        user_id=None,
+        amount=Decimal("100"),
+        currency="USD",
+        period="monthly",
+        timezone="UTC",
+        thresholds=(Decimal("50"),),
+        period_start=datetime(2026, 11, 1, tzinfo=UTC),
+        period_end=datetime(2026, 12, 1, tzinfo=UTC),
+        history={Decimal("50"): (1, uuid.uuid4()), Decimal("80"): (1, uuid.uuid4())},
+    )
+    assert candidate.fallen(Decimal("85")) == []
+    assert candidate.fallen(Decimal("60")) == [Decimal("80")]
+    assert candidate.fallen(Decimal("10")) == [Decimal("50"), Decimal("80")]
+    assert candidate.crossed(Decimal("85")) == []  # a removed threshold is never raised again
+    resolved_80 = replace(candidate, history={Decimal("50"): (1, uuid.uuid4()), Decimal("80"): (1, None)})
+    assert resolved_80.crossed(Decimal("85")) == []
+    assert resolved_80.fallen(Decimal("10")) == [Decimal("50")]
