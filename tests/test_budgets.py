@@ -503,3 +503,38 @@ async def test_budget_queries_compute_each_period_once(db: asyncpg.Connection) -
         f"EXPLAIN (ANALYZE, FORMAT JSON) {query('budget_active')}", [org.id], datetime(2026, 11, 10, tzinfo=UTC)
     )
     assert _function_loops(json.loads(explained), "cost_worker_period") == 3
+
+
+async def test_spend_does_not_depend_on_the_session_time_zone(
+    db: asyncpg.Connection, feeder: Feeder, settings: Settings
+) -> None:
+    """A monthly budget in America/Los_Angeles: November starts at 07:00 UTC on the 1st, so its whole UTC days
+    start at 00:00 UTC on the 2nd. That first midnight was computed as the 1st's UTC midnight + interval '1 day',
+    which PostgreSQL adds in the session's TimeZone: in a database whose default zone is America/New_York (DST
+    ends on 1 November) it is 01:00 UTC on the 2nd, and the aggregate's whole day of the 2nd was skipped: 61 USD
+    of spend read as 1 USD (and nothing alerted)."""
+    org = await make_org(db)
+    project = org.projects["proj_a"]
+    await feeder.events(
+        spend_event(org, "1", at="2026-11-01T10:00:00Z", event_id="first"),
+        spend_event(org, "60", at="2026-11-02T10:00:00Z", event_id="second"),
+    )
+    budget = await add_budget(db, "project", org, "100", project=project, timezone="America/Los_Angeles")
+    november = (datetime(2026, 11, 1, 7, tzinfo=UTC), datetime(2026, 12, 1, 8, tzinfo=UTC))
+    for zone in ("UTC", "America/New_York", "Europe/Berlin", "Australia/Lord_Howe"):
+        await db.execute(f"SET TimeZone = '{zone}'")
+        spend = await db.fetchval(
+            "SELECT spend FROM cost_worker_spend('project', $1, $2, NULL, $3, $4, 'USD')", org.id, project, *november
+        )
+        assert spend == Decimal(61), zone
+    await db.execute("RESET TimeZone")
+    # The worker's own sessions take the database's default zone.
+    name = await db.fetchval("SELECT current_database()")
+    await db.execute(f"ALTER DATABASE \"{name}\" SET TimeZone = 'America/New_York'")
+    pool = await Database.open(settings.dsn(), role=settings.database_role)
+    try:
+        raised = await BudgetEngine(settings).sweep(pool, at=datetime(2026, 11, 20, tzinfo=UTC))
+    finally:
+        await pool.close()
+        await db.execute(f'ALTER DATABASE "{name}" RESET TimeZone')
+    assert [(a.budget_id, a.threshold, a.spend) for a in raised] == [(budget, Decimal(50), Decimal(61))]
