@@ -538,3 +538,30 @@ async def test_spend_does_not_depend_on_the_session_time_zone(
         await pool.close()
         await db.execute(f'ALTER DATABASE "{name}" RESET TimeZone')
     assert [(a.budget_id, a.threshold, a.spend) for a in raised] == [(budget, Decimal(50), Decimal(61))]
+
+
+async def test_a_budget_changed_to_a_longer_period_alerts_in_it(
+    db: asyncpg.Connection, feeder: Feeder, database: Database, settings: Settings
+) -> None:
+    """A daily budget of 100 USD alerted at 80 % on 1 November (90 USD that day). On the 20th it becomes monthly:
+    November's spend is 500 USD, 500 % of the budget, and the month's 80 % must alert. Its period starts at the same
+    instant as the 1st's daily period, and the alert history was looked up by start only: the daily alert counted
+    as the month's open one, so the monthly budget never alerted. The month's alert is the next crossing (its own
+    id; the first crossing's id is the daily alert's)."""
+    org = await make_org(db)
+    budget = await add_budget(db, "organization", org, "100", period="daily", thresholds=(80,))
+    first = await feeder.events(spend_event(org, "90", at="2026-11-01T10:00:00Z", event_id="first"))
+    assert [(a.threshold, a.period_end) for a in first.alerts] == [(Decimal(80), datetime(2026, 11, 2, tzinfo=UTC))]
+    await feeder.events(spend_event(org, "10", at="2026-11-10T10:00:00Z", event_id="second"))  # 10 %: nothing
+    await db.execute("UPDATE ai_organization_budgets SET period = 'monthly' WHERE id = $1", budget)
+    await feeder.events(spend_event(org, "400", at="2026-11-12T10:00:00Z", event_id="third"))
+    rows = await db.fetch(
+        "SELECT period_end, threshold, spend, crossing, resolved_at IS NULL AS open FROM budget_alerts "
+        "WHERE budget_id = $1 ORDER BY raised_at",
+        budget,
+    )
+    assert [tuple(r) for r in rows] == [
+        (datetime(2026, 11, 2, tzinfo=UTC), Decimal(80), Decimal(90), 1, True),
+        (datetime(2026, 12, 1, tzinfo=UTC), Decimal(80), Decimal(500), 2, True),
+    ]
+    assert await BudgetEngine(settings).sweep(database, at=datetime(2026, 11, 20, tzinfo=UTC)) == []

@@ -157,7 +157,7 @@ class BudgetEngine:
         # raised or resolved since (its spend is what this one reads now). Read again, it matches the spend: an alert
         # raised meanwhile is resolved by a spend that fell, one resolved meanwhile is raised again by a spend above.
         fresh = await tx.budget_alert_history(
-            [(c.scope, c.budget_id, c.period_start, c.amount, c.currency) for c in candidates]
+            [(c.scope, c.budget_id, c.period_start, c.period_end, c.amount, c.currency) for c in candidates]
         )
         candidates = [c.with_history(row) for c, row in zip(candidates, fresh, strict=True)]
         # A user budget's scope is kept in the spend aggregate once it is registered (0016); the first evaluation

@@ -516,9 +516,9 @@ FROM outbox;
 -- name: budget_candidates
 -- The (budget, period) pairs a batch touched: active budgets (cost_worker_budgets, 0012) whose scope matches a
 -- touched row, for the period containing the touched time (late data re-evaluates the period it belongs to),
--- each with its alert history at its current amount and currency (cost_worker_alert_history: per threshold, the
--- latest crossing and its id while it is open). Every pair is evaluated, also when all its thresholds alerted:
--- spend may have fallen.
+-- each with its alert history in that period (start and end, 0024) at its current amount and currency
+-- (cost_worker_alert_history: per threshold, the latest crossing and its id while it is open). Every pair is
+-- evaluated, also when all its thresholds alerted: spend may have fallen.
 -- Each scope's active budgets are found through that scope's own index (organization, project, user) from the
 -- distinct touched ids, so the cost follows the touched scopes, not the number of budgets an organization has.
 WITH touched AS (
@@ -579,7 +579,7 @@ periods AS (
 )
 SELECT p.*, a.alert_thresholds, a.alert_crossings, a.alert_open_ids
 FROM periods p
-CROSS JOIN LATERAL cost_worker_alert_history(p.scope, p.id, p.period_start, p.amount, p.currency) a;
+CROSS JOIN LATERAL cost_worker_alert_history(p.scope, p.id, p.period_start, p.period_end, p.amount, p.currency) a;
 
 -- name: budget_sweep_organizations
 -- Organizations with at least one active budget (the sweep evaluates them a chunk at a time).
@@ -607,7 +607,7 @@ SELECT b.scope, b.id, b.organization_id, b.project_id, b.user_id, b.name, b.amou
        a.alert_thresholds, a.alert_crossings, a.alert_open_ids
 FROM active b
 JOIN periods p ON p.period = b.period AND p.timezone = b.timezone
-CROSS JOIN LATERAL cost_worker_alert_history(b.scope, b.id, p.period_start, b.amount, b.currency) a
+CROSS JOIN LATERAL cost_worker_alert_history(b.scope, b.id, p.period_start, p.period_end, b.amount, b.currency) a
 ORDER BY b.organization_id, b.scope, b.name, b.id;
 
 -- name: budget_alert_history
@@ -615,9 +615,10 @@ ORDER BY b.organization_id, b.scope, b.name, b.id;
 -- again once the organizations are locked: what budget_candidates / budget_active read before the lock may be older
 -- than the spend read after it (an evaluation that held the lock raised or resolved meanwhile).
 SELECT i.ord, a.alert_thresholds, a.alert_crossings, a.alert_open_ids
-FROM unnest($1::text[], $2::uuid[], $3::timestamptz[], $4::numeric[], $5::text[])
-    WITH ORDINALITY AS i(scope, budget_id, period_start, amount, currency, ord)
-CROSS JOIN LATERAL cost_worker_alert_history(i.scope, i.budget_id, i.period_start, i.amount, i.currency) a;
+FROM unnest($1::text[], $2::uuid[], $3::timestamptz[], $4::timestamptz[], $5::numeric[], $6::text[])
+    WITH ORDINALITY AS i(scope, budget_id, period_start, period_end, amount, currency, ord)
+CROSS JOIN LATERAL cost_worker_alert_history(i.scope, i.budget_id, i.period_start, i.period_end, i.amount,
+                                             i.currency) a;
 
 -- name: budget_lock_organizations
 -- Serialises budget evaluation per organization across workers until this transaction ends, so the
