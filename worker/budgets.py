@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -93,10 +93,6 @@ class Candidate:
             history=_history(row),
         )
 
-    def with_history(self, row: Any) -> Candidate:
-        """This candidate with the alert history of ``row`` (read again under the organization's lock)."""
-        return replace(self, history=_history(row))
-
     def reached(self, spend: Decimal, threshold: Decimal) -> bool:
         # Exact: the default context rounds products to 28 digits, and a spend just below the level would round
         # up to it (money has up to 46 significant digits).
@@ -143,23 +139,20 @@ class BudgetEngine:
         if not touches:
             return []
         started = time.perf_counter()
+        # Concurrent workers touching the same organization evaluate one after the other (until commit). The lock
+        # comes first: the candidates' alert history is then read after whatever an evaluation that held the lock
+        # committed, so it matches the spend read below (read before the lock, an alert raised meanwhile stayed
+        # open below its level, and one resolved meanwhile was not raised again).
+        await tx.lock_organizations({t.organization_id for t in touches})
         rows = await tx.budget_candidates(touches)
         alerts = await self._evaluate(tx, [Candidate.from_row(row) for row in rows], trigger)
         metrics.BUDGET_EVALUATION_DURATION.labels(trigger=trigger).observe(time.perf_counter() - started)
         return alerts
 
     async def _evaluate(self, tx: Tx, candidates: list[Candidate], trigger: str) -> list[Alert | Resolution]:
+        """The callers hold the locks of the candidates' organizations, taken before the candidates were read."""
         if not candidates:
             return []
-        # Concurrent workers touching the same organization evaluate one after the other (until commit).
-        await tx.lock_organizations({c.organization_id for c in candidates})
-        # The history the candidates were read with is from before the lock: an evaluation that held it may have
-        # raised or resolved since (its spend is what this one reads now). Read again, it matches the spend: an alert
-        # raised meanwhile is resolved by a spend that fell, one resolved meanwhile is raised again by a spend above.
-        fresh = await tx.budget_alert_history(
-            [(c.scope, c.budget_id, c.period_start, c.period_end, c.amount, c.currency) for c in candidates]
-        )
-        candidates = [c.with_history(row) for c, row in zip(candidates, fresh, strict=True)]
         # A user budget's scope is kept in the spend aggregate once it is registered (0016); the first evaluation
         # registers it and builds it from the user's rollups, in this transaction, so the read below uses it.
         await tx.track_spend(candidates, max_new=REGISTRATIONS_PER_EVALUATION)
@@ -243,6 +236,7 @@ class BudgetEngine:
             chunk = set(organizations[offset : offset + SWEEP_CHUNK])
             async with db.transaction() as tx:
                 await tx.set_tenants(chunk)
+                await tx.lock_organizations(chunk)  # before reading the alert history (as in ``evaluate``)
                 rows = await tx.budget_active(chunk, at)
                 # Budgets with a threshold to cross (a new or changed budget, a rate import). Resolutions follow
                 # the data that lowers spend (batches), so budgets whose thresholds are all open are skipped.

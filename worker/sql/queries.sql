@@ -610,16 +610,6 @@ JOIN periods p ON p.period = b.period AND p.timezone = b.timezone
 CROSS JOIN LATERAL cost_worker_alert_history(b.scope, b.id, p.period_start, p.period_end, b.amount, b.currency) a
 ORDER BY b.organization_id, b.scope, b.name, b.id;
 
--- name: budget_alert_history
--- The alert history of each candidate (budget, period) at its amount and currency (cost_worker_alert_history), read
--- again once the organizations are locked: what budget_candidates / budget_active read before the lock may be older
--- than the spend read after it (an evaluation that held the lock raised or resolved meanwhile).
-SELECT i.ord, a.alert_thresholds, a.alert_crossings, a.alert_open_ids
-FROM unnest($1::text[], $2::uuid[], $3::timestamptz[], $4::timestamptz[], $5::numeric[], $6::text[])
-    WITH ORDINALITY AS i(scope, budget_id, period_start, period_end, amount, currency, ord)
-CROSS JOIN LATERAL cost_worker_alert_history(i.scope, i.budget_id, i.period_start, i.period_end, i.amount,
-                                             i.currency) a;
-
 -- name: budget_lock_organizations
 -- Serialises budget evaluation per organization across workers until this transaction ends, so the
 -- second of two concurrent batches sees the first one's committed spend (no threshold slips between

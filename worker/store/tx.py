@@ -213,22 +213,6 @@ class Tx:
     async def budget_active(self, organizations: set[UUID], at: datetime) -> list[asyncpg.Record]:
         return await self.conn.fetch(query("budget_active"), sorted(organizations), at)
 
-    async def budget_alert_history(
-        self, budgets: Sequence[tuple[str, UUID, datetime, datetime, Decimal, str]]
-    ) -> list[asyncpg.Record]:
-        """The alert history of each (scope, budget, period start, period end, amount, currency), in order."""
-        rows = await self.conn.fetch(
-            query("budget_alert_history"),
-            [b[0] for b in budgets],
-            [b[1] for b in budgets],
-            [b[2] for b in budgets],
-            [b[3] for b in budgets],
-            [b[4] for b in budgets],
-            [b[5] for b in budgets],
-        )
-        by_ord = {row["ord"]: row for row in rows}
-        return [by_ord[i] for i in range(1, len(budgets) + 1)]
-
     async def lock_organizations(self, organizations: set[UUID]) -> None:
         await self.conn.fetchval(query("budget_lock_organizations"), sorted(organizations))
 
