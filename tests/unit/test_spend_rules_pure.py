@@ -23,6 +23,14 @@ DAY = timedelta(days=1)
         ("claude-sonnet-4-20250514", "anthropic"),
         ("claude-3-5-haiku-latest", "anthropic"),
         ("gemini-1.5-pro", "google"),
+        # no provider's name pattern matches these: the one model maker whose catalogue list has the name (Azure and
+        # OpenRouter list them too, as hosts); before, they had no provider, and OpenAI's own data never replaced
+        # their estimates (counted twice beside it)
+        ("text-embedding-3-small", "openai"),
+        ("text-embedding-3-large", "openai"),
+        ("chatgpt-4o-latest", "openai"),
+        ("codex-mini", "openai"),
+        ("ft:gpt-4o-2024-08-06:acme::abc123", "openai"),
         ("a-model-nobody-knows", None),
         ("", None),
         ("   ", None),
