@@ -112,6 +112,10 @@ class FakeProviders:
     async def _anthropic(self, request: web.Request) -> web.Response:
         if request.headers.get("anthropic-version") != "2023-06-01":
             return web.json_response({"type": "error", "error": {"type": "invalid_request_error"}}, status=400)
+        beta = {value.strip() for value in request.headers.get("anthropic-beta", "").split(",")}
+        if "speed" in request.query.getall("group_by[]", []) and "fast-mode-2026-02-01" not in beta:
+            # get-messages-usage-report: "Grouping by speed requires the fast-mode-2026-02-01 beta header."
+            return web.json_response({"type": "error", "error": {"type": "invalid_request_error"}}, status=400)
         return await self._serve(request, "anthropic", request.headers.get("x-api-key", ""))
 
     async def _serve(self, request: web.Request, provider: str, key: str) -> web.Response:
@@ -241,4 +245,5 @@ def anthropic_usage(workspace: str | None, model: str, uncached: int, output: in
         "service_tier": "standard",
         "context_window": "0-200k",
         "inference_geo": None,
+        "speed": "standard",  # the collector groups by speed (with the fast-mode beta header)
     }

@@ -206,6 +206,17 @@ def test_request_parameters_per_provider() -> None:
     assert headers("anthropic", "k")["anthropic-version"] == "2023-06-01"
 
 
+def test_anthropic_usage_is_grouped_by_speed_with_the_beta_header_it_requires() -> None:
+    """Fast mode bills at its own rates: ungrouped, its tokens would be estimated at standard prices. The
+    messages usage page documents that grouping by ``speed`` requires the ``fast-mode-2026-02-01`` beta."""
+    cost_report, messages = ANTHROPIC_ENDPOINTS
+    assert ("group_by[]", "speed") in messages.params(TODAY - DAY, TODAY + DAY, None)
+    auth = headers("anthropic", "k")
+    assert messages.headers(auth) == {**auth, "anthropic-beta": "fast-mode-2026-02-01"}
+    assert cost_report.headers(auth) == auth  # no beta where no grouping needs one
+    assert all(endpoint.headers({"a": "b"}) == {"a": "b"} for endpoint in OPENAI_ENDPOINTS)
+
+
 def test_check_config_redacts_credentials_in_the_collector_base_urls() -> None:
     from worker.config import Settings  # noqa: PLC0415
 
@@ -351,6 +362,31 @@ async def test_a_response_that_is_not_valid_http_is_retried_as_unavailable(answe
         server.close()
         await server.wait_closed()
     assert len(seen) == 3  # retried like a 5xx
+
+
+async def test_a_page_that_repeats_a_key_is_rejected_not_guessed() -> None:
+    """Two amounts for one result: which one the provider meant is not ours to guess (the worker quarantines
+    such a message; the collector must not hide the repetition by re-serialising the page). The message
+    names the position, never the body's text."""
+    body = (
+        b'{"object":"page","has_more":false,"next_page":null,"data":[{"object":"bucket","start_time":1,'
+        b'"end_time":2,"results":[{"amount":{"value":1.5,"value":150,"currency":"usd"},"secret-ish":1}]}]}'
+    )
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(body),
+        body,
+    )
+    server, url, seen = await _raw_server(answer)
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = ProviderClient(session, max_attempts=3, max_retry_after=5.0, sleep=_no_wait)
+            with pytest.raises(ProviderRejected, match=r"repeats a key in one object \(line 1 column \d+\)") as info:
+                await _get(client, url, OPENAI_ENDPOINTS[0], "sk-admin-x")
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert "value" not in str(info.value)
+    assert len(seen) == 1  # refused, not retried
 
 
 @pytest.mark.parametrize("base_url", ["ftp://127.0.0.1:1", "http://[::1"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -173,12 +174,22 @@ class ProviderClient:
             _count(endpoint, "connection_error")
             raise ProviderUnavailable(f"{where}: the request failed ({type(exc).__name__})") from exc
         try:
-            page = jiter.from_json(body, float_mode="decimal")  # exact numbers, passed on as written
+            # Exact numbers, passed on as written; a repeated key is refused, as the worker refuses it in a
+            # message (which of two amounts is the bucket's is not ours to guess, and re-serialising the page
+            # would hide that there were two).
+            page = jiter.from_json(body, float_mode="decimal", catch_duplicate_keys=True)
         except ValueError as exc:
+            if "duplicate key" in str(exc):  # the position only: nothing of the body goes into a message
+                where_in = _POSITION.search(str(exc))
+                at = f" ({where_in.group(0)})" if where_in else ""
+                raise ProviderRejected(f"{where}: the response repeats a key in one object{at}") from exc
             raise ProviderRejected(f"{where}: the response is not JSON") from exc
         if not isinstance(page, dict) or not isinstance(page.get("data"), list):
             raise ProviderRejected(f"{where}: the response is not a page of buckets")
         return page
+
+
+_POSITION = re.compile(r"line \d+ column \d+")
 
 
 def _is_header_value(value: str) -> bool:

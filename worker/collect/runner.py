@@ -254,7 +254,9 @@ class Collector:
                 backfill_days=COLLECT_BACKFILL_DAYS,
             )
             try:
-                collected = await read_window(client, endpoint, window, base_url=base_url, account=name, headers=auth)
+                collected = await read_window(
+                    client, endpoint, window, base_url=base_url, account=name, headers=endpoint.headers(auth)
+                )
                 messages = [
                     envelope(endpoint, name, bucket, collected_at, max_bytes=self.settings.max_message_bytes)
                     for bucket in collected.buckets

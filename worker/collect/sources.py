@@ -7,7 +7,8 @@ Documented at:
   ``limit`` up to 31 daily buckets; each endpoint documents its own ``group_by`` values).
 - Anthropic: https://docs.anthropic.com/en/api/admin-api/usage-cost/get-cost-report and
   .../get-messages-usage-report (``starting_at``/``ending_at`` RFC 3339, ``limit`` up to 31 daily buckets,
-  ``x-api-key`` and ``anthropic-version`` headers).
+  ``x-api-key`` and ``anthropic-version`` headers; grouping the messages usage by ``speed`` requires the
+  ``anthropic-beta: fast-mode-2026-02-01`` header, as the page's ``group_by`` parameter says).
 Every endpoint pages with ``has_more`` and the ``next_page`` cursor (sent back as ``page``).
 """
 
@@ -22,6 +23,7 @@ DAY = "1d"
 OPENAI_COSTS_PAGE_LIMIT = 180  # buckets per page, the documented maximum for 1d
 DAILY_PAGE_LIMIT = 31  # buckets per page, the documented maximum for 1d (OpenAI usage, Anthropic)
 ANTHROPIC_VERSION = "2023-06-01"  # the anthropic-version header the Admin API documents
+ANTHROPIC_FAST_MODE_BETA = "fast-mode-2026-02-01"  # the anthropic-beta value that grouping by ``speed`` requires
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,11 @@ class Endpoint:
     group_by: tuple[str, ...]
     page_limit: int
     usage_endpoint: str | None = None  # OpenAI usage only: the envelope's ``endpoint``
+    beta: str | None = None  # Anthropic only: the ``anthropic-beta`` header a grouping needs
+
+    def headers(self, auth: dict[str, str]) -> dict[str, str]:
+        """``auth`` (from ``headers``) and the beta header this endpoint needs. Holds the key: never log it."""
+        return auth if self.beta is None else {**auth, "anthropic-beta": self.beta}
 
     def params(self, start: datetime, end: datetime, page: str | None) -> list[tuple[str, str]]:
         """The query string of one page request (``group_by`` repeated, as both APIs document arrays)."""
@@ -85,8 +92,9 @@ def _openai_usage(name: str, *group_by: str) -> Endpoint:
 
 
 # Grouped by project and by every field that changes the price (model, batch, service tier, image size and
-# source, web search context level, vector store); not by user or API key, which only multiply the rows.
-# Anthropic's ``speed`` needs a beta header and is left out.
+# source, web search context level, vector store; Anthropic's context window, inference geo and speed: fast mode
+# bills at its own, higher rates, so ungrouped it would be estimated at standard prices); not by user or API
+# key, which only multiply the rows.
 OPENAI_ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(
         provider="openai",
@@ -122,8 +130,9 @@ ANTHROPIC_ENDPOINTS: tuple[Endpoint, ...] = (
         report="anthropic.usage_report.messages",
         path="/v1/organizations/usage_report/messages",
         api_version="usage_v1",
-        group_by=("workspace_id", "model", "service_tier", "context_window", "inference_geo"),
+        group_by=("workspace_id", "model", "service_tier", "context_window", "inference_geo", "speed"),
         page_limit=DAILY_PAGE_LIMIT,
+        beta=ANTHROPIC_FAST_MODE_BETA,
     ),
 )
 
