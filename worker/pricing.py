@@ -255,17 +255,27 @@ class Estimate:
 
 
 def estimate_request(
-    provider: str | None, model: str | None, prompt_tokens: int | None, completion_tokens: int | None, at: datetime
+    provider: str | None,
+    model: str | None,
+    prompt_tokens: int | None,
+    completion_tokens: int | None,
+    at: datetime,
+    *,
+    total_tokens: int | None = None,
 ) -> Estimate | None:
     """The catalogue's price of one API request the platform did not price (no ``cost_usd``): its prompt tokens
     at the model's input price, its completion tokens at the output price. The event does not say how many of
     its prompt tokens were cached, so this is the uncached (upper) price. Unlike a bucket, one request's context
     length is known: a tiered price is that of the tier its prompt tokens reach (a 300k-token prompt to a model
-    billed at long-context rates past 200k pays them on every token). None when the catalogue cannot price it
-    (no model, no tokens, a model it does not know)."""
+    billed at long-context rates past 200k pays them on every token). An event that reports only
+    ``total_tokens`` (no prompt or completion count) is priced as the dearer of all prompt or all completion,
+    rather than silently count zero. None when the
+    catalogue cannot price it (no model, no tokens, a model it does not know)."""
     model = (model or "").strip()  # as ``model_providers.provider_of`` reads it
-    if provider is None or not model or (not prompt_tokens and not completion_tokens):
+    if provider is None or not model:
         return None
+    if not prompt_tokens and not completion_tokens:
+        return _estimate_total(provider, model, total_tokens, at) if total_tokens else None
     total = Decimal(0)
     source = None
     for unit, count in (("input_tokens", prompt_tokens), ("output_tokens", completion_tokens)):
@@ -278,3 +288,19 @@ def estimate_request(
         source = quote.source
     assert source is not None
     return Estimate(total, source)
+
+
+def _estimate_total(provider: str, model: str, tokens: int, at: datetime) -> Estimate | None:
+    """``tokens`` of unknown split: the dearer of its two extreme splits, all prompt (at the tier that prompt
+    reaches) or all completion, each priced as the catalogue prices such a request (an embedding model has no
+    output price: all prompt)."""
+    quantity = Decimal(tokens)
+    quotes = [
+        quote
+        for unit, prompt in (("input_tokens", tokens), ("output_tokens", 0))
+        if (quote := catalogue_quote(provider, model, unit, (), at, request_input_tokens=prompt)) is not None
+    ]
+    if not quotes:
+        return None
+    dearest = max(quotes, key=lambda quote: quote.amount(quantity))
+    return Estimate(dearest.amount(quantity), dearest.source)

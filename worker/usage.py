@@ -83,7 +83,14 @@ def usage_rows(events: list[ApiEvent]) -> UsageRows:
     estimates = [
         None
         if event.cost_usd is not None
-        else estimate_request(provider, event.model, event.prompt_tokens, event.completion_tokens, event.occurred_at)
+        else estimate_request(
+            provider,
+            event.model,
+            event.prompt_tokens,
+            event.completion_tokens,
+            event.occurred_at,
+            total_tokens=event.total_tokens,
+        )
         for event, provider in zip(events, providers, strict=True)
     ]
     return UsageRows(

@@ -193,3 +193,12 @@ def test_a_model_the_catalogue_maps_to_a_provider_is_estimated_by_the_same_name(
     assert isinstance(decoded, ApiEvent)
     rows = usage_rows([decoded])
     assert (rows.providers, rows.estimates) == (["openai"], [Decimal("2.50")])
+
+
+def test_an_event_that_reports_only_total_tokens_is_estimated_not_counted_zero() -> None:
+    body = event()
+    body["token_usage"] = {"model": "gpt-4o", "total_tokens": 1_000_000}  # no split, no cost
+    decoded = decode_api_event(json.dumps(body).encode(), Source("usage", 0, 0), max_bytes=1 << 20)
+    assert isinstance(decoded, ApiEvent)
+    rows = usage_rows([decoded])
+    assert (rows.providers, rows.estimates) == (["openai"], [Decimal("10.00")])  # all of it at $10 output

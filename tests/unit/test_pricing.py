@@ -159,3 +159,31 @@ def test_an_estimate_prices_the_request_at_the_tier_of_its_own_prompt() -> None:
             usage = genai_prices.Usage(input_tokens=prompt, output_tokens=completion)
             theirs = genai_prices.calc_price(usage, model, provider_id=provider, genai_request_timestamp=AT)
             assert (model, prompt, found.amount) == (model, prompt, theirs.total_price)
+
+
+def test_an_event_with_only_total_tokens_is_estimated_at_the_dearer_price_not_zero() -> None:
+    """Without a prompt/completion split the estimate must not silently be zero: it is the dearer of the two
+    extreme splits (all prompt, all completion), checked against genai-prices' own calculation of each."""
+    cases = (
+        ("openai", "gpt-4o", 1_000_000),
+        ("openai", "text-embedding-3-small", 1_000_000),  # no output price: all input
+        ("anthropic", "claude-sonnet-4-5", 300_000),  # past the long-context tier
+        ("google", "gemini-2.5-pro", 10_000),
+    )
+    for provider, model, tokens in cases:
+        splits = (genai_prices.Usage(input_tokens=tokens), genai_prices.Usage(output_tokens=tokens))
+        theirs = []
+        for usage in splits:
+            try:
+                price = genai_prices.calc_price(usage, model, provider_id=provider, genai_request_timestamp=AT)
+            except LookupError:  # genai-prices: no price for that kind of token
+                continue
+            theirs.append(price.total_price)
+        found = estimate_request(provider, model, 0, 0, AT, total_tokens=tokens)
+        assert found is not None
+        assert (model, found.amount) == (model, max(theirs))
+        assert estimate_request(provider, model, None, None, AT, total_tokens=tokens) == found
+    # A split, when given, is what counts: total_tokens is not added on top.
+    split = estimate_request("openai", "gpt-4o", 100, 50, AT, total_tokens=150)
+    assert split == estimate_request("openai", "gpt-4o", 100, 50, AT)
+    assert estimate_request("openai", "gpt-4o", 0, 0, AT, total_tokens=0) is None
