@@ -2,8 +2,8 @@
 lines and amounts it must produce.
 
 The fixtures (tests/fixtures/providers/*.json) name their documentation pages. The OpenAI ones are the example
-responses of openai/openai-openapi's ``openapi.json`` for each Usage API endpoint, plus a result grouped by
-project and model; the expected amounts were worked out by hand from the catalogue's published prices (or
+responses of openai/openai-openapi's ``openapi.json`` for each Usage API endpoint and for the Costs API, plus
+results grouped as the collector asks for them; the expected amounts were worked out by hand from the catalogue's published prices (or
 the fixture's overrides), not by the code under test.
 """
 
@@ -38,6 +38,7 @@ def _load(path: Path) -> dict[str, Any]:
 def test_every_usage_endpoint_has_a_fixture_and_every_fixture_names_its_documentation() -> None:
     names = {path.name for path in FILES}
     assert {f"openai-usage-{endpoint}.json" for endpoint in ENDPOINT_OBJECTS} <= names
+    assert {"openai-costs.json", "anthropic-cost-report.json", "anthropic-usage-messages.json"} <= names
     for path in FILES:
         documentation = _load(path)["documentation"]
         assert documentation, path.name
