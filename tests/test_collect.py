@@ -40,7 +40,7 @@ from tests.fake_providers import (
 )
 from tests.kafka_helpers import consume_all, create_topics, run_worker, worker_env
 from worker import logs
-from worker.collect import admin
+from worker.collect import admin, runner
 from worker.collect.client import ProviderClient
 from worker.collect.errors import KeyStoreError, ProviderAuthFailed, ProviderRejected, ProviderUnavailable
 from worker.collect.publisher import CollectorPublisher
@@ -800,3 +800,30 @@ async def test_sigterm_stops_the_collector_cleanly(world: World, db: asyncpg.Con
     text = log_path.read_text()
     assert "shutdown_requested" in text
     assert_no_key(world, text)
+
+
+async def test_a_poller_whose_clock_is_behind_the_last_poll_still_publishes_a_newer_revision(
+    world: World, db: asyncpg.Connection, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker keeps the newest ``collected_at`` of a window and ignores older ones. A poll by a replica whose
+    clock is ahead (or before the clock was stepped back by NTP) must not freeze the ledger: the next poll's
+    revision is later than every revision already published for that report, whatever the clock says."""
+    fake = world.fake
+    seed_truth(fake)
+
+    class Ahead(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> Any:
+            return datetime.now(tz) + timedelta(hours=1)
+
+    monkeypatch.setattr(runner, "datetime", Ahead)
+    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+    assert await run_worker(settings, idle=1.5) == 0
+    assert await cost_ledger(db) == cost_truth(world)
+
+    monkeypatch.setattr(runner, "datetime", datetime)  # the next replica's clock is right: an hour "earlier"
+    revise_truth(fake)
+    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+    assert await run_worker(settings, idle=1.5) == 0
+    assert await db.fetchval("SELECT count(*) FROM quarantine") == 0
+    assert await cost_ledger(db) == cost_truth(world)  # the late revisions and today's growth are applied

@@ -3,8 +3,8 @@ lines and amounts it must produce.
 
 The fixtures (tests/fixtures/providers/*.json) name their documentation pages. The OpenAI ones are the example
 responses of openai/openai-openapi's ``openapi.json`` for each Usage API endpoint and for the Costs API, plus
-results grouped as the collector asks for them; the expected amounts were worked out by hand from the catalogue's published prices (or
-the fixture's overrides), not by the code under test.
+results grouped as the collector asks for them; the expected amounts were worked out by hand from the catalogue's
+published prices (or the fixture's overrides), not by the code under test.
 """
 
 from __future__ import annotations

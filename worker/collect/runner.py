@@ -1,8 +1,9 @@
 """``cost-worker collect``: one active poller among the replicas, polling every account on an interval.
 
-Each round: one ``collected_at`` for the whole poll; for every active account (``organization_api_keys``) and
-every endpoint of its provider, read the window (``windows``), stage it with its state in one transaction
-(``store``), and let the publisher deliver it (``publisher``). Failures stay where they happen:
+Each round: one ``collected_at`` for the whole poll (later than the previous poll's, even if the clock stepped
+back); for every active account (``organization_api_keys``) and every endpoint of its provider, read the
+window (``windows``), stage it with its state in one transaction (``store``), and let the publisher deliver it
+(``publisher``). Failures stay where they happen:
 - 401/403 stops that account (until its key changes: ``keys rotate`` or a new secret file), with an error log
   line and ``cost_worker_collect_auth_failures_total``; the other accounts go on.
 - An endpoint that still fails after its retries (or answers something undocumented) is left for the next
@@ -21,7 +22,7 @@ import signal
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -51,6 +52,7 @@ from worker.store import connect
 log = structlog.get_logger("worker.collect")
 
 EXIT_OK, EXIT_FAILURE = 0, 1
+REVISION_STEP = timedelta(milliseconds=1)  # a poll's collected_at after a clock step back: the last one + this
 
 
 @dataclass
@@ -209,7 +211,18 @@ class Collector:
         return False
 
     async def _round(self, poller: PollerConnection, publisher: CollectorPublisher, client: ProviderClient) -> None:
-        collected_at = datetime.now(UTC)  # one per poll, for every page of every endpoint
+        # One per poll, for every page of every endpoint, and later than every revision staged before: the worker
+        # ignores a revision older than the one it has, so a clock stepped back (NTP, a replica whose clock was
+        # ahead) must not freeze the ledger until the clock catches up.
+        collected_at = datetime.now(UTC)
+        newest = await poller.newest_revision()
+        if newest is not None and collected_at <= newest:
+            log.warning(
+                "collect_clock_behind_last_poll",
+                clock=collected_at.isoformat(),
+                last_collected_at=newest.isoformat(),
+            )
+            collected_at = newest + REVISION_STEP
         accounts = await poller.accounts()
         log.info("collect_round", accounts=len(accounts), collected_at=collected_at.isoformat())
         for account in accounts:

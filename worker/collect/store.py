@@ -88,6 +88,12 @@ class PollerConnection:
         return {r["report"]: r["collected_through"] for r in rows}
 
     @translated
+    async def newest_revision(self) -> datetime | None:
+        """The latest ``collected_at`` any poll staged (None before the first)."""
+        newest: datetime | None = await self.conn.fetchval(query("collect_newest_revision"))
+        return newest
+
+    @translated
     async def all_state(self) -> list[asyncpg.Record]:
         return list(await self.conn.fetch(query("collect_state_all")))
 

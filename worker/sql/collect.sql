@@ -20,6 +20,10 @@ SELECT report, collected_through, last_collected_at, last_success_at
 FROM collector_state
 WHERE account_id = $1;
 
+-- name: collect_newest_revision
+-- The latest collected_at already staged for any account and report (NULL before the first poll).
+SELECT max(last_collected_at) FROM collector_state;
+
 -- name: collect_state_all
 -- Every active account, with when it got its current key (keys add or rotate), and the state of each report
 -- it has polled successfully (one row with NULLs when it has none yet).
