@@ -827,3 +827,25 @@ async def test_a_poller_whose_clock_is_behind_the_last_poll_still_publishes_a_ne
     assert await run_worker(settings, idle=1.5) == 0
     assert await db.fetchval("SELECT count(*) FROM quarantine") == 0
     assert await cost_ledger(db) == cost_truth(world)  # the late revisions and today's growth are applied
+
+
+async def test_a_page_larger_than_one_network_read_is_read_whole(
+    world: World, db: asyncpg.Connection, settings: Settings
+) -> None:
+    """A page arrives over many TCP reads: a day of an organization with many projects and line items is a few
+    hundred kilobytes. All of it is read (not the first chunk only, which is not JSON: the window would fail on
+    every poll and its money never be collected)."""
+    fake = world.fake
+    results = [openai_cost("0.01", f"line item {n:05d} " + "x" * 150, "proj_a") for n in range(1_500)]
+    fake.openai_bucket("org-oa", COSTS, D1, results)  # about 330 kB, under the default 1 MiB message limit
+    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+    assert "the response is not JSON" not in world.log.getvalue()
+    assert await run_worker(settings, idle=1.5) == 0
+    assert await db.fetchval("SELECT count(*) FROM quarantine") == 0
+    total = await db.fetchval(
+        "SELECT sum(amount) FROM cost_data WHERE report = 'openai.costs' AND superseded_at IS NULL "
+        "AND bucket_start_time = $1",
+        D1,
+    )
+    assert total == Decimal("15.00")
+

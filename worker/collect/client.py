@@ -198,10 +198,16 @@ def _is_header_value(value: str) -> bool:
 
 
 async def _read(response: aiohttp.ClientResponse) -> bytes:
-    body = await response.content.read(MAX_PAGE_BYTES + 1)
-    if len(body) > MAX_PAGE_BYTES:
-        raise ProviderRejected(f"response larger than {MAX_PAGE_BYTES} bytes")
-    return body
+    """The whole body, up to ``MAX_PAGE_BYTES``. (``content.read(n)`` returns what one network read brought,
+    at most n bytes: a page of a few hundred kilobytes would be cut after its first chunk.)"""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_any():
+        size += len(chunk)
+        if size > MAX_PAGE_BYTES:
+            raise ProviderRejected(f"response larger than {MAX_PAGE_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _error_type(body: bytes) -> str:
