@@ -849,3 +849,25 @@ async def test_a_page_larger_than_one_network_read_is_read_whole(
     )
     assert total == Decimal("15.00")
 
+
+async def test_a_bucket_within_a_raised_message_limit_is_published_and_counted(
+    world: World, db: asyncpg.Connection, settings: Settings
+) -> None:
+    """The README's remedy for a bucket larger than COST_WORKER_MAX_MESSAGE_BYTES is to raise the limit. A bucket
+    under the raised limit (here 2.5 MB under 3 MiB) must then reach the worker whole: the producer's own request
+    limit must follow, else the row stays staged, retried forever, and blocks every window staged after it."""
+    limit = 3 * 1_048_576
+    fake = world.fake
+    results = [openai_cost("0.01", f"line item {n:05d} " + "x" * 150, "proj_a") for n in range(9_000)]
+    fake.openai_bucket("org-oa", COSTS, D1, results)
+    collector = world.settings.model_copy(update={"max_message_bytes": limit})
+    assert await asyncio.wait_for(Collector(collector).run(once=True), 60) == 0
+    assert await db.fetchval("SELECT count(*) FROM collector_outbox") == 0
+    assert await run_worker(settings.model_copy(update={"max_message_bytes": limit}), idle=1.5) == 0
+    assert await db.fetchval("SELECT count(*) FROM quarantine") == 0
+    total = await db.fetchval(
+        "SELECT sum(amount) FROM cost_data WHERE report = 'openai.costs' AND superseded_at IS NULL "
+        "AND bucket_start_time = $1",
+        D1,
+    )
+    assert total == Decimal("90.00")

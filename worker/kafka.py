@@ -59,7 +59,11 @@ def producer(settings: Settings) -> Any:
         acks="all",
         enable_idempotence=settings.kafka_producer_idempotence,
         linger_ms=PRODUCER_LINGER,
-        max_request_size=max(PRODUCER_MAX_REQUEST, settings.dead_letter_max_bytes * 2),
+        # Dead letters, and the collector's bucket messages (up to max_message_bytes, plus key and batch framing):
+        # a message the producer refuses would stay staged, retried forever, ahead of every later one.
+        max_request_size=max(
+            PRODUCER_MAX_REQUEST, settings.dead_letter_max_bytes * 2, settings.max_message_bytes + 65_536
+        ),
     )
 
 
