@@ -871,3 +871,30 @@ async def test_a_bucket_within_a_raised_message_limit_is_published_and_counted(
         D1,
     )
     assert total == Decimal("90.00")
+
+
+async def test_a_bucket_with_more_results_than_the_worker_takes_waits_instead_of_being_quarantined(
+    world: World, db: asyncpg.Connection, settings: Settings
+) -> None:
+    """The worker quarantines a message of more than COST_WORKER_MAX_RESULTS_PER_MESSAGE results, and a
+    quarantined message is no revision. Published anyway, the window's state would advance and, once the day left
+    the trailing re-read, the bucket would never be read again: its money lost even after the limit is raised. So
+    the collector refuses it like an oversized bucket: the window waits and is read whole once the limit allows."""
+    fake = world.fake
+    results = [openai_cost("0.01", f"line item {n}", "proj_a") for n in range(150)]
+    fake.openai_bucket("org-oa", COSTS, D1, results)
+    small = {"max_results_per_message": 100}
+    assert await asyncio.wait_for(Collector(world.settings.model_copy(update=small)).run(once=True), 60) == 0
+    assert "more than COST_WORKER_MAX_RESULTS_PER_MESSAGE" in world.log.getvalue()
+    assert await db.fetchval("SELECT count(*) FROM collector_state WHERE report = 'openai.costs'") == 0
+    assert await run_worker(settings.model_copy(update=small), idle=1.5) == 0
+    assert await db.fetchval("SELECT count(*) FROM quarantine") == 0
+
+    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0  # the limit raised
+    assert await run_worker(settings, idle=1.5) == 0
+    total = await db.fetchval(
+        "SELECT sum(amount) FROM cost_data WHERE report = 'openai.costs' AND superseded_at IS NULL "
+        "AND bucket_start_time = $1",
+        D1,
+    )
+    assert total == Decimal("1.50")

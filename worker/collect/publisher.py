@@ -51,9 +51,22 @@ def dump_exact(value: Any) -> str:
 
 
 def envelope(
-    endpoint: Endpoint, account: str, bucket: dict[str, Any], collected_at: datetime, *, max_bytes: int
+    endpoint: Endpoint,
+    account: str,
+    bucket: dict[str, Any],
+    collected_at: datetime,
+    *,
+    max_bytes: int,
+    max_results: int | None = None,
 ) -> tuple[bytes, bytes]:
-    """(key, value) of one bucket's message. A bucket too large for one message is refused, never split."""
+    """(key, value) of one bucket's message. A bucket too large for one message (bytes, or results: the worker's
+    two limits, beyond which it would quarantine the message) is refused, never split."""
+    results = len(bucket.get("results") or ())
+    if max_results is not None and results > max_results:
+        raise ProviderRejected(
+            f"{endpoint.report} of account {account}: one bucket has {results} results, more than "
+            f"COST_WORKER_MAX_RESULTS_PER_MESSAGE ({max_results}); a bucket is never split, so this window waits"
+        )
     body: dict[str, Any] = {
         "provider": endpoint.provider,
         "ai_organization_id": account,

@@ -271,7 +271,14 @@ class Collector:
                     client, endpoint, window, base_url=base_url, account=name, headers=endpoint.headers(auth)
                 )
                 messages = [
-                    envelope(endpoint, name, bucket, collected_at, max_bytes=self.settings.max_message_bytes)
+                    envelope(
+                        endpoint,
+                        name,
+                        bucket,
+                        collected_at,
+                        max_bytes=self.settings.max_message_bytes,
+                        max_results=self.settings.max_results_per_message,
+                    )
                     for bucket in collected.buckets
                 ]
             except ProviderAuthFailed as exc:
