@@ -24,6 +24,7 @@ from worker.collect import keys as keystore
 from worker.collect.client import ProviderClient, retry_after_seconds
 from worker.collect.errors import KeyStoreError, ProviderRejected, ProviderUnavailable
 from worker.collect.publisher import dump_exact, envelope
+from worker.collect.runner import revision_after
 from worker.collect.sources import ANTHROPIC_ENDPOINTS, ENDPOINTS, OPENAI_ENDPOINTS, Endpoint, headers
 from worker.collect.windows import read_window, window_for
 from worker.errors import ConfigError
@@ -56,6 +57,18 @@ def test_after_an_outage_the_poll_resumes_where_the_last_one_stopped() -> None:
     stopped = TODAY - 9 * DAY  # the last poll's open bucket was the day before this
     window = window_for(NOW, collected_through=stopped, trailing_days=3, backfill_start=None, backfill_days=30)
     assert window.start == stopped - DAY
+
+
+def test_a_poll_revision_is_later_than_the_last_one_unless_the_worker_would_refuse_that() -> None:
+    assert revision_after(NOW, None) == NOW  # the first poll
+    assert revision_after(NOW, NOW - DAY) == NOW  # the clock moved on
+    # The clock is behind the last poll's (stepped back, or the previous replica's was ahead): just after it.
+    assert revision_after(NOW, NOW + timedelta(hours=3)) == NOW + timedelta(hours=3, milliseconds=1)
+    assert revision_after(NOW, NOW) == NOW + timedelta(milliseconds=1)
+    # Beyond what the worker accepts (2 days ahead, quarantined, never a revision): the clock again, so that a
+    # clock that was once far ahead does not make every later poll a quarantined one.
+    assert revision_after(NOW, NOW + timedelta(days=2)) == NOW
+    assert revision_after(NOW, NOW + timedelta(days=400)) == NOW
 
 
 @pytest.mark.parametrize(

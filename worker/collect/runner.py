@@ -46,6 +46,7 @@ from worker.config import COLLECT_BACKFILL_DAYS, Settings
 from worker.errors import CostWorkerError, TransientError
 from worker.http import Health, HealthServer
 from worker.migrate import check_current
+from worker.models import MAX_FUTURE
 from worker.retry import sleep_or_stop
 from worker.store import connect
 
@@ -53,6 +54,7 @@ log = structlog.get_logger("worker.collect")
 
 EXIT_OK, EXIT_FAILURE = 0, 1
 REVISION_STEP = timedelta(milliseconds=1)  # a poll's collected_at after a clock step back: the last one + this
+REVISION_MARGIN = timedelta(hours=1)  # consumer lag: a revision this close to the worker's future bound is not followed
 
 
 @dataclass
@@ -211,18 +213,14 @@ class Collector:
         return False
 
     async def _round(self, poller: PollerConnection, publisher: CollectorPublisher, client: ProviderClient) -> None:
-        # One per poll, for every page of every endpoint, and later than every revision staged before: the worker
-        # ignores a revision older than the one it has, so a clock stepped back (NTP, a replica whose clock was
-        # ahead) must not freeze the ledger until the clock catches up.
-        collected_at = datetime.now(UTC)
-        newest = await poller.newest_revision()
-        if newest is not None and collected_at <= newest:
+        # One per poll, for every page of every endpoint, and later than every revision staged before (see
+        # ``revision_after``).
+        clock = datetime.now(UTC)
+        collected_at = revision_after(clock, await poller.newest_revision())
+        if collected_at != clock:
             log.warning(
-                "collect_clock_behind_last_poll",
-                clock=collected_at.isoformat(),
-                last_collected_at=newest.isoformat(),
+                "collect_clock_behind_last_poll", clock=clock.isoformat(), collected_at=collected_at.isoformat()
             )
-            collected_at = newest + REVISION_STEP
         accounts = await poller.accounts()
         log.info("collect_round", accounts=len(accounts), collected_at=collected_at.isoformat())
         for account in accounts:
@@ -366,6 +364,16 @@ class Collector:
     @staticmethod
     def _polled(endpoint: Endpoint, result: str) -> None:
         metrics.COLLECT_POLLS.labels(provider=endpoint.provider, report=endpoint.report, result=result).inc()
+
+
+def revision_after(clock: datetime, newest: datetime | None) -> datetime:
+    """A poll's ``collected_at``: the clock, or just after the newest one already staged when the clock is not past
+    it. The worker ignores a revision older than the one it has, so a clock stepped back (NTP, a replica whose
+    clock was ahead) must not freeze the ledger until the clock catches up. A newest revision beyond what the worker
+    accepts (``MAX_FUTURE`` ahead: quarantined, never stored) is not followed: the clock is used."""
+    if newest is None or clock > newest or newest >= clock + MAX_FUTURE - REVISION_MARGIN:
+        return clock
+    return newest + REVISION_STEP
 
 
 def run(settings: Settings, *, once: bool = False) -> int:
