@@ -1,9 +1,9 @@
 """``cost-worker collect``: one active poller among the replicas, polling every account on an interval.
 
-Each round: one ``collected_at`` for the whole poll (later than the previous poll's, even if the clock stepped
-back); for every active account (``organization_api_keys``) and every endpoint of its provider, read the
-window (``windows``), stage it with its state in one transaction (``store``), and let the publisher deliver it
-(``publisher``). Failures stay where they happen:
+Each round: for every active account (``organization_api_keys``) and every endpoint of its provider, take the
+window's ``collected_at`` (the clock just before reading it, later than every revision before it even if the
+clock stepped back: ``Revisions``), read the window (``windows``), stage it with its state in one transaction
+(``store``), and let the publisher deliver it (``publisher``). Failures stay where they happen:
 - 401/403 stops that account (until its key changes: ``keys rotate`` or a new secret file), with an error log
   line and ``cost_worker_collect_auth_failures_total``; the other accounts go on.
 - An endpoint that still fails after its retries (or answers something undocumented) is left for the next
@@ -213,20 +213,13 @@ class Collector:
         return False
 
     async def _round(self, poller: PollerConnection, publisher: CollectorPublisher, client: ProviderClient) -> None:
-        # One per poll, for every page of every endpoint, and later than every revision staged before (see
-        # ``revision_after``).
-        clock = datetime.now(UTC)
-        collected_at = revision_after(clock, await poller.newest_revision())
-        if collected_at != clock:
-            log.warning(
-                "collect_clock_behind_last_poll", clock=clock.isoformat(), collected_at=collected_at.isoformat()
-            )
+        revisions = Revisions(await poller.newest_revision())
         accounts = await poller.accounts()
-        log.info("collect_round", accounts=len(accounts), collected_at=collected_at.isoformat())
+        log.info("collect_round", accounts=len(accounts))
         for account in accounts:
             if self.stop.is_set():
                 return
-            await self._poll_account(poller, publisher, client, account, collected_at)
+            await self._poll_account(poller, publisher, client, account, revisions)
 
     async def _poll_account(
         self,
@@ -234,7 +227,7 @@ class Collector:
         publisher: CollectorPublisher,
         client: ProviderClient,
         account: Account,
-        collected_at: datetime,
+        revisions: Revisions,
     ) -> None:
         provider, name = account.provider, account.organization_id
         try:
@@ -257,6 +250,7 @@ class Collector:
         for endpoint in ENDPOINTS[provider]:  # type: ignore[index]
             if self.stop.is_set():
                 return
+            collected_at = revisions.next()
             window = window_for(
                 collected_at,
                 collected_through=state.get(endpoint.report),
@@ -364,6 +358,27 @@ class Collector:
     @staticmethod
     def _polled(endpoint: Endpoint, result: str) -> None:
         metrics.COLLECT_POLLS.labels(provider=endpoint.provider, report=endpoint.report, result=result).inc()
+
+
+class Revisions:
+    """The ``collected_at`` of each window: the clock just before the window is read, so that a provider row's
+    coverage (the hours before its ``collected_at``, README rule 2) ends as close as possible to when the
+    provider was asked (a revision taken at the start of a round of many accounts, retries and Retry-After waits
+    would leave the estimates of the hours in between counting beside the provider's figure for them), and later
+    than every revision staged before (``revision_after``)."""
+
+    def __init__(self, newest: datetime | None) -> None:
+        self.newest = newest
+
+    def next(self) -> datetime:
+        clock = datetime.now(UTC)
+        collected_at = revision_after(clock, self.newest)
+        if collected_at != clock:
+            log.warning(
+                "collect_clock_behind_last_poll", clock=clock.isoformat(), collected_at=collected_at.isoformat()
+            )
+        self.newest = collected_at
+        return collected_at
 
 
 def revision_after(clock: datetime, newest: datetime | None) -> datetime:
