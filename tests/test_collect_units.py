@@ -529,3 +529,25 @@ async def test_delivery_retries_a_lost_database_and_readiness_fails_while_it_las
     assert seen[0] == (True, "ok: active poller")
     assert any(not ready and "publishing staged buckets has failed" in why for ready, why in seen)
     assert collector.health.readiness() == (True, "ok: active poller")
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [("-0.0", "invalid_number"), ("1e400", "invalid_number")],
+)
+def test_a_bucket_the_worker_would_quarantine_is_refused_so_its_window_waits(value: str, reason: str) -> None:
+    """Published, the worker would quarantine the whole bucket for good (a 12.50 line beside a negative zero
+    with it) while the collector's state moved on: once the day left the trailing re-read, never collected."""
+    start, end = int(TODAY.timestamp()), int((TODAY + DAY).timestamp())
+    page = (
+        f'{{"object": "bucket", "start_time": {start}, "end_time": {end}, "results": ['
+        f'{{"object": "organization.costs.result", "amount": {{"value": {value}, "currency": "usd"}}, '
+        '"line_item": "Input tokens", "project_id": "proj_a"}, '
+        '{"object": "organization.costs.result", "amount": {"value": 12.50, "currency": "usd"}, '
+        '"line_item": "Output tokens", "project_id": "proj_a"}]}'
+    )
+    bucket = jiter.from_json(page.encode(), float_mode="decimal", allow_inf_nan=True)
+    with pytest.raises(ProviderRejected, match=rf"worker would quarantine a bucket \({reason}: .*this window waits"):
+        envelope(OPENAI_ENDPOINTS[0], "org-a", bucket, NOW, max_bytes=1_000_000)
+    good = jiter.from_json(page.replace(value, "0", 1).encode(), float_mode="decimal")
+    assert envelope(OPENAI_ENDPOINTS[0], "org-a", good, NOW, max_bytes=1_000_000)[0] == b"org-a"

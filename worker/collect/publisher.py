@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
@@ -28,10 +29,13 @@ from worker.collect.errors import ProviderRejected
 from worker.collect.sources import Endpoint
 from worker.collect.store import OutboxConnection, StagedRow
 from worker.config import Settings
+from worker.decode import decode_provider_message
 from worker.errors import TransientError
 from worker.kafka import Producer
+from worker.quarantine import Quarantined, Source
 
 log = structlog.get_logger("worker.collect.publisher")
+COLLECTED = Source("collect", 0, 0)  # where a bucket checked before staging "comes from"
 
 PUBLISH_TIMEOUT = 30.0  # seconds to wait for the broker to acknowledge a round
 PUBLISH_BATCH = 500  # staged messages per round
@@ -81,6 +85,18 @@ def envelope(
         raise ProviderRejected(
             f"{endpoint.report} of account {account}: one bucket is {len(value)} bytes, more than "
             f"COST_WORKER_MAX_MESSAGE_BYTES ({max_bytes}); a bucket is never split, so this window waits"
+        )
+    # The worker's own decoder, before anything is staged: a bucket it would quarantine (a negative zero, a
+    # number beyond its bounds, a field it cannot read) is not published and left behind while the state moves
+    # on (quarantined for good, its money never collected once the day left the trailing re-read); its window
+    # waits instead, named in the log, until the provider's data or the worker's limits change.
+    checked = decode_provider_message(
+        value, COLLECTED, max_bytes=max_bytes, max_results=sys.maxsize if max_results is None else max_results
+    )
+    if isinstance(checked, Quarantined):
+        raise ProviderRejected(
+            f"{endpoint.report} of account {account}: the worker would quarantine a bucket "
+            f"({checked.reason.value}: {checked.detail}), so this window waits"
         )
     return account.encode(), value
 
