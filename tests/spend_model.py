@@ -4,8 +4,8 @@ Restated from README "What counts as spend" and the rules in ``schema/migrations
 no worker code and no SQL:
 - a bucket is a snapshot of one report: the newest ``collected_at`` of (provider, account, report, window) is the
   whole truth of that window; older lines stop counting; the same revision adds only lines not yet there;
-- a row covers the whole UTC hours whose start lies in [start, min(end, collected_at)); unpriced usage and usage
-  of zero quantity cover nothing;
+- a row covers, for the estimates, the UTC hours [start, min(end, collected_at)) overlaps (0025); unpriced usage and
+  usage of zero quantity cover nothing;
 - per scope: cost rows count; priced usage counts unless a cost row of its account in the scope covers one of the
   hours its window overlaps, up to its collection (0023), for the same project (or either has no project), except
   usage the cost report omits; an estimate counts
@@ -75,7 +75,8 @@ class Row:
         return found
 
     def overlapped_hours(self) -> set[datetime]:
-        """The UTC hours [start, min(end, collected_at)) overlaps: what a cost row must cover to replace usage."""
+        """The UTC hours [start, min(end, collected_at)) overlaps: what a cost row must cover to replace usage, and
+        what a counted row covers for the estimates (0025)."""
         until = min(self.end, self.collected_at)
         hour = self.start.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
         found = set()
@@ -207,7 +208,9 @@ class SpendModel:
             if r.currency == currency and start <= r.midpoint < end:
                 assert r.amount is not None
                 total += r.amount
-        covering = [(r, r.hours()) for r in counted if r.kind == "cost" or r.quantity is None or r.quantity != 0]
+        covering = [
+            (r, r.overlapped_hours()) for r in counted if r.kind == "cost" or r.quantity is None or r.quantity != 0
+        ]
         for e in self.estimates:
             if e.organization_id != org or not start <= e.hour < end or currency != "USD":
                 continue
@@ -255,7 +258,9 @@ class SpendModel:
             if start <= r.midpoint < end:
                 assert r.amount is not None
                 found.append((r.currency, r.start, r.amount))
-        covering = [(r, r.hours()) for r in counted if r.kind == "cost" or r.quantity is None or r.quantity != 0]
+        covering = [
+            (r, r.overlapped_hours()) for r in counted if r.kind == "cost" or r.quantity is None or r.quantity != 0
+        ]
         rollup: dict[tuple[uuid.UUID | None, str | None, datetime], Decimal] = {}
         for e in self.estimates:
             if e.organization_id != org or not start <= e.hour < end:

@@ -1280,3 +1280,49 @@ async def test_daily_costs_replace_minute_usage_buckets_of_the_same_day(db: asyn
     ]
     await feeder.buckets(envelope("openai", org.ai_org, "usage_v1", later, collected_at="2026-11-06T04:00:00Z"))
     assert await spend_of(db, "project", org, a, "2026-11-05Z", "2026-11-06Z") == 100
+
+
+async def test_minute_usage_buckets_replace_the_estimate_of_their_hour(db: asyncpg.Connection, feeder: Feeder) -> None:
+    """A minute usage bucket (bucket_width=1m) covers, for the estimates, the hour it lies in (migration 0025).
+    Calls through the platform at 10:05 and 10:40 (estimates of 3 and 4 USD in the hour 10:00), reported by OpenAI
+    in the minute buckets 10:05 and 10:40 (3 and 4 USD; the bucket of 10:00 is empty, so no line starts on the
+    hour): it was 14 (the estimates and the usage of the same calls), it is 7. An unaligned hourly bucket (10:30 to
+    11:30, the only one reported) covers both hours it overlaps the same way."""
+    org = await make_org(db)
+    a = org.projects["proj_a"]
+    await add_prices_once(db)
+    await feeder.events(
+        api_event(org, project=a, cost="3", occurred_at="2026-11-03T10:05:10Z", model="gpt-4o"),
+        api_event(org, project=a, cost="4", occurred_at="2026-11-03T10:40:10Z", model="gpt-4o"),
+    )
+    minutes = [
+        openai_usage_bucket(
+            f"2026-11-03T10:{m:02d}:00",
+            f"2026-11-03T10:{m + 1:02d}:00",
+            [{"project_id": "proj_a", "model": "m1", "input_tokens": tokens}] if tokens else [],
+        )
+        for m, tokens in ((0, 0), (5, 3), (40, 4))
+    ]
+    await feeder.buckets(envelope("openai", org.ai_org, "usage_v1", minutes, collected_at="2026-11-03T12:00:00Z"))
+    day = ("2026-11-03Z", "2026-11-04Z")
+    assert await spend_of(db, "project", org, a, *day) == 7
+    assert await spend_of(db, "organization", org, None, *day) == 7
+    for scope, project in (("project", a), ("organization", None)):
+        full = await db.fetchval(
+            "SELECT spend FROM cost_worker_spend_full($1, $2, $3, NULL, '2026-11-03Z', '2026-11-04Z', 'USD')",
+            scope,
+            org.id,
+            project,
+        )
+        assert full == 7
+
+    await feeder.events(
+        api_event(org, project=a, cost="2", occurred_at="2026-11-05T10:45:00Z", model="gpt-4o"),
+        api_event(org, project=a, cost="1", occurred_at="2026-11-05T11:10:00Z", model="gpt-4o"),
+    )
+    hourly = openai_usage_bucket(
+        "2026-11-05T10:30:00", "2026-11-05T11:30:00", [{"project_id": "proj_a", "model": "m1", "input_tokens": 3}]
+    )
+    await feeder.buckets(envelope("openai", org.ai_org, "usage_v1", [hourly], collected_at="2026-11-05T13:00:00Z"))
+    assert await spend_of(db, "project", org, a, "2026-11-05Z", "2026-11-06Z") == 3
+    assert await spend_of(db, "organization", org, None, "2026-11-05Z", "2026-11-06Z") == 3
