@@ -6,7 +6,7 @@ The ledger and API-usage steps produce ``Touch``es; ``worker.budgets`` consumes 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from uuid import UUID
 
 
@@ -31,5 +31,8 @@ def midpoint(start: datetime, end: datetime) -> datetime:
 
 def provider_touch(organization: UUID, project: UUID | None, start: datetime, end: datetime) -> Touch:
     """The scope a provider row's change touches: its own (and its organization's). A row without a project
-    touches only the organization: project budgets see their projects' own rows."""
-    return Touch(organization, project, None, midpoint(start, end), start, end)
+    touches only the organization: project budgets see their projects' own rows. The span starts at the UTC hour
+    the window starts in: a row covers the estimates of every hour its window overlaps (migration 0025), and a
+    minute bucket at 18:40 UTC covers the estimate of 18:00, which counts in the Asia/Kolkata day before it."""
+    hour = start.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    return Touch(organization, project, None, midpoint(start, end), hour, end)
