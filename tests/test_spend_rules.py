@@ -1,10 +1,10 @@
 """What counts as spend, on realistic provider data: the database against the independent model.
 
-A hypothesis property test feeds random mixes of provider snapshots (hourly and daily windows, costs and usage,
-grouped and ungrouped lines, revisions that add, drop and move lines, open buckets, unpriced lines, Anthropic's
-Priority Tier) and API-usage events (several providers, unknown models) through the real pipeline, one message
-per batch, and compares every budget's spend in every period, and the set of alerts raised, with
-``tests/spend_model.py`` exactly. Budgets are daily and monthly in UTC, America/Los_Angeles, Europe/Berlin,
+A hypothesis property test feeds random mixes of provider snapshots (hourly and daily windows, minute usage buckets
+not on the hour, costs and usage, grouped and ungrouped lines, revisions that add, drop and move lines, open buckets,
+unpriced lines, Anthropic's Priority Tier) and API-usage events (several providers, unknown models) through the
+real pipeline, one message per batch, and compares every budget's spend in every period, and the set of alerts
+raised, with ``tests/spend_model.py`` exactly. Budgets are daily and monthly in UTC, America/Los_Angeles, Europe/Berlin,
 Asia/Kolkata, Pacific/Chatham, America/Havana and Atlantic/Azores, around DST changes (the last two repeat a
 local midnight).
 """
@@ -91,6 +91,7 @@ class Snapshot:
     hour: int | None  # None: a daily window
     collected_after: int  # hours after the window start
     lines: tuple[tuple[str | None, str, int], ...]  # (project, item / model / tier, amount or tokens)
+    minute: int | None = None  # a usage bucket of bucket_width=1m at this minute of the hour (not on the hour)
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,8 @@ def snapshots(draw: st.DrawFn) -> Snapshot:
         line = st.tuples(anthropic_projects, st.sampled_from(["standard", "priority"]), st.integers(1, 9))
     lines = draw(st.lists(line, min_size=0 if draw(st.integers(0, 5)) == 0 else 1, max_size=3))
     day = draw(st.sampled_from([0, 0, 1]))
-    return Snapshot(report, day, hour, collected_after, tuple(lines))
+    minute = draw(st.sampled_from([None, None, 5, 40])) if hour is not None and report.endswith("usage") else None
+    return Snapshot(report, day, hour, collected_after, tuple(lines), minute)
 
 
 # Events cluster on a few hours (early, late, across midnight UTC) so that coverage decisions meet them often.
@@ -232,6 +234,9 @@ def _iso(moment: datetime) -> str:
 
 def window_of(world: World, snap: Snapshot) -> tuple[datetime, datetime]:
     start = world.base + snap.day * DAY + (HOUR * snap.hour if snap.hour is not None else timedelta(0))
+    if snap.minute is not None:
+        start += timedelta(minutes=snap.minute)
+        return start, start + timedelta(minutes=1)
     return start, start + (HOUR if snap.hour is not None else DAY)
 
 
@@ -1326,3 +1331,33 @@ async def test_minute_usage_buckets_replace_the_estimate_of_their_hour(db: async
     await feeder.buckets(envelope("openai", org.ai_org, "usage_v1", [hourly], collected_at="2026-11-05T13:00:00Z"))
     assert await spend_of(db, "project", org, a, "2026-11-05Z", "2026-11-06Z") == 3
     assert await spend_of(db, "organization", org, None, "2026-11-05Z", "2026-11-06Z") == 3
+
+
+async def test_a_minute_bucket_after_a_local_midnight_covers_the_estimate_before_it(
+    db: asyncpg.Connection, feeder: Feeder
+) -> None:
+    """Asia/Kolkata's day ends at 18:30 UTC. A call at 18:10 UTC (an estimate of the hour 18:00: the day before)
+    reported in the minute bucket of 18:40 (after the midnight): the bucket covers the hour 18:00 (0025), so the day
+    before has no spend left and the next one has the bucket's, in the full computation as in the aggregate."""
+    org = await make_org(db)
+    a = org.projects["proj_a"]
+    await add_prices_once(db)
+    await feeder.events(api_event(org, project=a, cost="5", occurred_at="2026-11-03T18:10:00Z", model="gpt-4o"))
+    minute = openai_usage_bucket(
+        "2026-11-03T18:40:00", "2026-11-03T18:41:00", [{"project_id": "proj_a", "model": "m1", "input_tokens": 5}]
+    )
+    await feeder.buckets(envelope("openai", org.ai_org, "usage_v1", [minute], collected_at="2026-11-03T20:00:00Z"))
+    before = ("2026-11-02T18:30:00Z", "2026-11-03T18:30:00Z")  # 3 November in Kolkata
+    after = ("2026-11-03T18:30:00Z", "2026-11-04T18:30:00Z")  # 4 November
+    for fn in ("cost_worker_spend", "cost_worker_spend_full"):
+        for scope, project in (("organization", None), ("project", a)):
+            for (start, end), wanted in ((before, 0), (after, 5)):
+                value = await db.fetchval(
+                    f"SELECT spend FROM {fn}($1, $2, $3, NULL, $4::text::timestamptz, $5::text::timestamptz, 'USD')",
+                    scope,
+                    org.id,
+                    project,
+                    start,
+                    end,
+                )
+                assert value == wanted, (fn, scope, start, value)

@@ -10,8 +10,12 @@
 -- one is "nothing used"), so the lines of the buckets overlapping an hour are the provider's whole report of it.
 -- Windows that start on the hour (every hourly and daily bucket the collector reads) cover the same hours as before,
 -- and so is every result. cost_worker_spend_rows and cost_worker_spend_regions keep their signatures; only their
--- `covered` step changes (r_from, the hour the window starts in, instead of h_from, the first hour starting in it);
--- the aggregate of organizations with a line that does not start on the hour is rebuilt.
+-- `covered` step changes (r_from, the hour the window starts in, instead of h_from, the first hour starting in it),
+-- and cost_worker_spend_rows reads the usage starting before the end of the hour its period ends in (a period ending
+-- at 18:30, Asia/Kolkata's midnight, holds the estimate of 18:00, which a minute bucket at 18:40 now covers:
+-- tests/test_spend_rules.py::test_a_minute_bucket_after_a_local_midnight_covers_the_estimate_before_it; the
+-- aggregate's areas are whole hours already). The aggregate of organizations with a line that does not start on the
+-- hour is rebuilt.
 
 CREATE OR REPLACE FUNCTION cost_worker_spend_rows(
     scope text, org uuid, project uuid, usr uuid, period_start timestamptz, period_end timestamptz
@@ -54,8 +58,11 @@ BEGIN
               AND bucket_start_time >= period_start - reach AND bucket_start_time < period_end + ahead
         ) c
         WHERE CASE WHEN c.api_version = 'usage_v1'
-                   -- usage matters when it counts in the period or covers one of its hours
-                   THEN c.bucket_start_time >= period_start - window_max AND c.bucket_start_time < period_end
+                   -- usage matters when it counts in the period or covers one of its hours (0025: a row
+                   -- starting after a period's end not on the hour, 18:40 after Kolkata's 18:30, covers the
+                   -- estimate of 18:00, which is the period's)
+                   THEN c.bucket_start_time >= period_start - window_max
+                        AND c.bucket_start_time < cost_worker_hour_ceil(period_end)
                         AND c.bucket_end_time > period_start
                    -- costs also when they overlap such usage
                    ELSE c.bucket_end_time > period_start - window_max END
