@@ -595,3 +595,32 @@ async def test_registration_builds_at_most_max_new_scopes_per_call(db: asyncpg.C
             assert fast == wanted
     assert await db.fetchval(register, *args) == 0
     await assert_incremental_equals_rebuilt(db, org.id)
+
+
+async def test_a_project_moved_to_another_organization_and_account_rebuilds_both(db: asyncpg.Connection) -> None:
+    """A project's mapping and organization changed in one update (migration 0026): the organization it leaves keeps
+    its rows (they name their organization) and their estimates lose the ungrouped row that covered them, so its
+    aggregate is rebuilt too, not only the new organization's (it said 7, the full computation 12)."""
+    org = await make_org(db, project_ids=("proj_a",))
+    other = await make_org(db, project_ids=())
+    a = org.projects["proj_a"]
+    await db.execute(
+        "INSERT INTO project_metrics (organization_id, project_id, hour, provider, request_count, estimated_cost_usd) "
+        "VALUES ($1, $2, '2026-11-03T10:00Z', 'openai', 1, 5)",
+        org.id,
+        a,
+    )
+    await db.execute(
+        "INSERT INTO cost_data (organization_id, project_id, provider, ai_organization_id, api_version, "
+        "bucket_start_time, bucket_end_time, line_item, currency, amount, collected_at) "
+        "VALUES ($1, NULL, 'openai', $2, 'costs_v1', '2026-11-03Z', '2026-11-04Z', 'all', 'USD', 7, '2026-11-05Z')",
+        org.id,
+        org.ai_org,
+    )
+    assert await spend(db, "cost_worker_spend", "organization", org.id, None) == 7
+    await db.execute(
+        "UPDATE projects SET organization_id = $2, ai_organization_id = $3 WHERE id = $1", a, other.id, other.ai_org
+    )
+    assert await spend(db, "cost_worker_spend_full", "organization", org.id, None) == 12
+    assert await spend(db, "cost_worker_spend", "organization", org.id, None) == 12
+    await assert_incremental_equals_rebuilt(db, org.id)
