@@ -125,11 +125,13 @@ def snapshots(draw: st.DrawFn) -> Snapshot:
     lines = draw(st.lists(line, min_size=0 if draw(st.integers(0, 5)) == 0 else 1, max_size=3))
     day = draw(st.sampled_from([0, 0, 1]))
     minute = draw(st.sampled_from([None, None, 5, 40])) if hour is not None and report.endswith("usage") else None
+    if minute is not None:  # often in an hour holding a local midnight (Chatham 10:15 or 11:15, Kolkata 18:30 UTC)
+        hour = draw(st.sampled_from([hour, 10, 11, 18]))
     return Snapshot(report, day, hour, collected_after, tuple(lines), minute)
 
 
 # Events cluster on a few hours (early, late, across midnight UTC) so that coverage decisions meet them often.
-EVENT_HOURS = (0, 3, 7, 10, 16, 20, 23, 24, 26, 31)
+EVENT_HOURS = (0, 3, 7, 10, 11, 16, 18, 20, 23, 24, 26, 31)
 events = st.builds(
     Event,
     project=st.sampled_from(["proj_a", "proj_a", "proj_b", "ws_c", "ws_c", None]),
