@@ -1,0 +1,239 @@
+"""Spend on window shapes the pipeline's property tests rarely or never produce, written straight into the ledger and
+the rollups (the triggers keep the aggregate): minute buckets (10:05, 10:20, 18:40: after Asia/Kolkata's midnight),
+hourly and daily windows not on the hour, windows of three and five days, open buckets, EUR lines, Anthropic's
+Priority Tier, unpriced and zero-quantity usage, lines retired, revived and deleted, rollups added to and deleted, a
+project moved to another provider account. After every step, for daily (UTC, Asia/Kolkata, America/Los_Angeles),
+monthly (UTC) and weekly (Pacific/Chatham) periods, organization and project scopes, USD and EUR: the aggregate
+(``cost_worker_spend``) equals the full computation (``cost_worker_spend_full``), which equals the independent model
+(``tests/spend_model.py`` rows converted by ``tests/currency_model.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests import currency_model
+from tests.factories import make_org
+from tests.spend_model import Estimate, Row, SpendModel, periods_overlapping
+
+BASE = datetime(2026, 11, 1, tzinfo=UTC)
+H = timedelta(hours=1)
+M = timedelta(minutes=1)
+
+windows = st.sampled_from(
+    [
+        (timedelta(0), 24 * H),  # day 0
+        (24 * H, 48 * H),  # day 1
+        (10 * H, 11 * H),
+        (10 * H + 5 * M, 10 * H + 6 * M),
+        (10 * H + 30 * M, 11 * H + 30 * M),
+        (23 * H, 24 * H),
+        (23 * H + 59 * M, 24 * H),
+        (20 * H, 44 * H),  # a day not on midnight
+        (timedelta(0), 72 * H),  # three days
+        (-48 * H, 72 * H),
+        (30 * H, 31 * H),
+        (18 * H + 40 * M, 18 * H + 41 * M),
+        (10 * H + 20 * M, 10 * H + 21 * M),
+    ]
+)
+
+line = st.fixed_dictionaries(
+    {
+        "op": st.just("line"),
+        "kind": st.sampled_from(["costs_v1", "usage_v1", "usage_v1"]),
+        "project": st.sampled_from(["a", "b", None]),
+        "window": windows,
+        "item": st.sampled_from(["x", "y"]),
+        "amount": st.sampled_from([None, Decimal(0), Decimal(3), Decimal("7.5"), Decimal(11)]),
+        "quantity": st.sampled_from([None, Decimal(0), Decimal(5)]),
+        "collected": st.sampled_from([H, 6 * H, 30 * H, 100 * H]),
+        "currency": st.sampled_from(["USD", "USD", "EUR"]),
+        "provider": st.sampled_from(["openai", "openai", "anthropic"]),
+        "outside": st.sampled_from([False, False, True]),
+    }
+)
+estimate = st.fixed_dictionaries(
+    {
+        "op": st.just("estimate"),
+        "project": st.sampled_from(["a", "b", None]),
+        "hour": st.sampled_from([-1, 0, 3, 10, 11, 18, 20, 23, 24, 30, 43, 47, 60]),
+        "provider": st.sampled_from(["openai", "openai", "anthropic", None]),
+        "amount": st.sampled_from([Decimal(1), Decimal(2), Decimal("0.5")]),
+    }
+)
+retire = st.fixed_dictionaries({"op": st.just("retire"), "index": st.integers(0, 30)})
+delete = st.fixed_dictionaries({"op": st.just("delete"), "index": st.integers(0, 30)})
+drop_estimate = st.fixed_dictionaries({"op": st.just("drop_estimate"), "index": st.integers(0, 30)})
+remap = st.fixed_dictionaries({"op": st.just("remap"), "project": st.sampled_from(["a", "b"])})
+plans = st.lists(st.one_of(line, line, line, estimate, estimate, retire, delete, drop_estimate, remap), max_size=14)
+
+BUDGETS = [
+    ("daily", "UTC"),
+    ("daily", "Asia/Kolkata"),
+    ("daily", "America/Los_Angeles"),
+    ("monthly", "UTC"),
+    ("weekly", "Pacific/Chatham"),
+]
+
+
+async def run(db: asyncpg.Connection, plan: list[dict[str, Any]]) -> None:
+    org = await make_org(db, project_ids=("a", "b"))
+    projects = {"a": org.projects["a"], "b": org.projects["b"], None: None}
+    await db.execute(
+        "INSERT INTO exchange_rates (base, quote, effective_date, rate, source) VALUES "
+        "('EUR', 'USD', '2026-10-27', 1.25, 't'), ('EUR', 'USD', '2026-11-01', 1.25, 't') ON CONFLICT DO NOTHING"
+    )
+    lines: list[tuple[Any, ...]] = []
+    estimates: list[tuple[Any, ...]] = []
+    mlines: dict[tuple[Any, ...], Row] = {}
+    mest: dict[tuple[Any, ...], Decimal] = {}
+    accounts: dict[uuid.UUID, tuple[str, str]] = {
+        org.projects["a"]: ("openai", org.ai_org),
+        org.projects["b"]: ("openai", org.ai_org),
+    }
+    rates = {
+        ("EUR", "USD", datetime(2026, 10, 27).date()): Decimal("1.25"),
+        ("EUR", "USD", datetime(2026, 11, 1).date()): Decimal("1.25"),
+    }
+    for step in plan:
+        op = step["op"]
+        if op == "line":
+            s, e = step["window"]
+            account = org.ai_org if step["provider"] == "openai" else "anth"
+            key = (projects[step["project"]], BASE + s, BASE + e, step["item"], step["kind"], step["provider"], account)
+            await db.execute(
+                "INSERT INTO cost_data (organization_id, project_id, provider, ai_organization_id, api_version, "
+                "bucket_start_time, bucket_end_time, line_item, currency, amount, quantity, collected_at, "
+                "outside_cost_report) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) "
+                "ON CONFLICT (project_id, bucket_start_time, bucket_end_time, line_item, report, organization_id, "
+                "provider, ai_organization_id) DO UPDATE SET amount = EXCLUDED.amount, quantity = EXCLUDED.quantity, "
+                "currency = EXCLUDED.currency, collected_at = EXCLUDED.collected_at, superseded_at = NULL, "
+                "outside_cost_report = EXCLUDED.outside_cost_report",
+                org.id,
+                key[0],
+                step["provider"],
+                account,
+                step["kind"],
+                key[1],
+                key[2],
+                step["item"],
+                step["currency"],
+                step["amount"] if step["kind"] == "usage_v1" else (step["amount"] or Decimal(2)),
+                step["quantity"] if step["kind"] == "usage_v1" else None,
+                BASE + s + step["collected"],
+                step["outside"] and step["kind"] == "usage_v1",
+            )
+            lines.append(key)
+            kind = "cost" if step["kind"] == "costs_v1" else "usage"
+            mlines[key] = Row(
+                org.id,
+                key[0],
+                step["provider"],
+                account,
+                "r",
+                kind,
+                key[1],
+                key[2],
+                step["item"],
+                step["amount"] if step["kind"] == "usage_v1" else (step["amount"] or Decimal(2)),
+                BASE + s + step["collected"],
+                step["currency"],
+                step["quantity"] if step["kind"] == "usage_v1" else None,
+                step["outside"] and step["kind"] == "usage_v1",
+            )
+        elif op == "estimate":
+            hour = BASE + step["hour"] * H
+            await db.execute(
+                "INSERT INTO project_metrics AS m (organization_id, project_id, hour, provider, request_count, "
+                "estimated_cost_usd) VALUES ($1, $2, $3, $4, 1, $5) "
+                "ON CONFLICT (organization_id, project_id, hour, provider) DO UPDATE SET "
+                "estimated_cost_usd = m.estimated_cost_usd + EXCLUDED.estimated_cost_usd",
+                org.id,
+                projects[step["project"]],
+                hour,
+                step["provider"],
+                step["amount"],
+            )
+            estimates.append((projects[step["project"]], hour, step["provider"]))
+            mk = (projects[step["project"]], hour, step["provider"])
+            mest[mk] = mest.get(mk, Decimal(0)) + step["amount"]
+        elif op in ("retire", "delete") and lines:
+            p, s, e, item, kind, provider, account = lines[step["index"] % len(lines)]
+            sql = "UPDATE cost_data SET superseded_at = now()" if op == "retire" else "DELETE FROM cost_data"
+            await db.execute(
+                sql + " WHERE organization_id = $1 AND project_id IS NOT DISTINCT FROM $2 AND bucket_start_time = $3 "
+                "AND bucket_end_time = $4 AND line_item = $5 AND api_version = $6 AND provider = $7",
+                org.id,
+                p,
+                s,
+                e,
+                item,
+                kind,
+                provider,
+            )
+            mlines.pop((p, s, e, item, kind, provider, account), None)
+        elif op == "drop_estimate" and estimates:
+            p, hour, provider = estimates[step["index"] % len(estimates)]
+            await db.execute(
+                "DELETE FROM project_metrics WHERE organization_id = $1 AND project_id IS NOT DISTINCT FROM $2 "
+                "AND hour = $3 AND provider IS NOT DISTINCT FROM $4",
+                org.id,
+                p,
+                hour,
+                provider,
+            )
+            mest.pop((p, hour, provider), None)
+        elif op == "remap":
+            await db.execute(
+                "UPDATE projects SET ai_organization_id = "
+                "CASE WHEN ai_organization_id = $2 THEN 'other-' || $2 ELSE $2 END WHERE id = $1",
+                projects[step["project"]],
+                org.ai_org,
+            )
+            pid = org.projects[step["project"]]
+            accounts[pid] = ("openai", "other-" + org.ai_org if accounts[pid][1] == org.ai_org else org.ai_org)
+        model = SpendModel(
+            [r for r in mlines.values() if r.amount is not None or r.kind == "usage"],
+            [Estimate(org.id, k[0], None, k[1], k[2], v) for k, v in mest.items()],
+            accounts,
+        )
+        for kind, zone in BUDGETS:
+            for start, end in periods_overlapping(kind, zone, BASE - 3 * 24 * H, BASE + 4 * 24 * H):
+                for scope, project in (("organization", None), ("project", projects["a"]), ("project", projects["b"])):
+                    for currency in ("USD", "EUR"):
+                        args = (scope, org.id, project, None, start, end, currency)
+                        q = "SELECT spend, foreign_rows, missing_rates FROM {}($1, $2, $3, $4, $5, $6, $7)"
+                        fast = await db.fetchrow(q.format("cost_worker_spend"), *args)
+                        full = await db.fetchrow(q.format("cost_worker_spend_full"), *args)
+                        assert fast is not None
+                        assert full is not None
+                        where = (op, kind, zone, scope, start, currency)
+                        assert fast["spend"] == full["spend"], (*where, fast["spend"], full["spend"])
+                        assert json.loads(fast["foreign_rows"]) == json.loads(full["foreign_rows"]), where
+                        rows = [
+                            currency_model.Row(c, at, amount)
+                            for c, at, amount in model.spend_rows(scope, org.id, project, None, start, end)
+                        ]
+                        wanted = currency_model.spend(rows, currency, rates)
+                        assert full["spend"] == wanted, (*where, full["spend"], wanted)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(plan=plans)
+async def test_spend_of_unusual_window_shapes_equals_the_model_and_the_aggregate(
+    plan: list[dict[str, Any]], db: asyncpg.Connection
+) -> None:
+    await run(db, plan)
