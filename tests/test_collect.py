@@ -205,6 +205,16 @@ def assert_no_key(world: World, *texts: str) -> None:
             assert key[-16:] not in text  # not even the key's tail
 
 
+async def costs_of_day(db: asyncpg.Connection, day: datetime) -> Decimal:
+    """What the ledger counts of the OpenAI costs bucket of ``day``."""
+    total: Decimal = await db.fetchval(
+        "SELECT sum(amount) FROM cost_data WHERE report = 'openai.costs' AND superseded_at IS NULL "
+        "AND bucket_start_time = $1",
+        day,
+    )
+    return total
+
+
 async def test_collect_end_to_end_ledger_equals_the_providers_truth(
     world: World, db: asyncpg.Connection, settings: Settings
 ) -> None:
@@ -853,11 +863,7 @@ async def test_a_page_larger_than_one_network_read_is_read_whole(
     assert "the response is not JSON" not in world.log.getvalue()
     assert await run_worker(settings, idle=1.5) == 0
     assert await db.fetchval("SELECT count(*) FROM quarantine") == 0
-    total = await db.fetchval(
-        "SELECT sum(amount) FROM cost_data WHERE report = 'openai.costs' AND superseded_at IS NULL "
-        "AND bucket_start_time = $1",
-        D1,
-    )
+    total = await costs_of_day(db, D1)
     assert total == Decimal("15.00")
 
 
@@ -876,11 +882,7 @@ async def test_a_bucket_within_a_raised_message_limit_is_published_and_counted(
     assert await db.fetchval("SELECT count(*) FROM collector_outbox") == 0
     assert await run_worker(settings.model_copy(update={"max_message_bytes": limit}), idle=1.5) == 0
     assert await db.fetchval("SELECT count(*) FROM quarantine") == 0
-    total = await db.fetchval(
-        "SELECT sum(amount) FROM cost_data WHERE report = 'openai.costs' AND superseded_at IS NULL "
-        "AND bucket_start_time = $1",
-        D1,
-    )
+    total = await costs_of_day(db, D1)
     assert total == Decimal("90.00")
 
 
@@ -903,9 +905,5 @@ async def test_a_bucket_with_more_results_than_the_worker_takes_waits_instead_of
 
     assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0  # the limit raised
     assert await run_worker(settings, idle=1.5) == 0
-    total = await db.fetchval(
-        "SELECT sum(amount) FROM cost_data WHERE report = 'openai.costs' AND superseded_at IS NULL "
-        "AND bucket_start_time = $1",
-        D1,
-    )
+    total = await costs_of_day(db, D1)
     assert total == Decimal("1.50")

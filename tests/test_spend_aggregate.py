@@ -302,16 +302,14 @@ async def test_a_rate_import_changes_spend_at_once(db: asyncpg.Connection) -> No
     assert await spend(db, "cost_worker_spend_full", "project", org.id, a, "GBP") == Decimal(81)
 
 
-async def test_a_project_mapped_to_another_account_changes_what_covers_its_estimates(db: asyncpg.Connection) -> None:
-    """An ungrouped cost row of an account covers the estimates of the projects mapped to it (organization scope):
-    moving a project to another account is seen by the aggregate (rebuilt for its organization)."""
-    org = await make_org(db, project_ids=("proj_a",))
-    a = org.projects["proj_a"]
+async def estimate_beside_an_ungrouped_cost(db: asyncpg.Connection, org: Any, project: uuid.UUID) -> None:
+    """A 5 USD estimate of ``project`` at 10:00 on 3 Nov, and a 7 USD ungrouped cost row of the organization's
+    account for that day (it covers the estimate in organization scope)."""
     await db.execute(
         "INSERT INTO project_metrics (organization_id, project_id, hour, provider, request_count, estimated_cost_usd) "
         "VALUES ($1, $2, '2026-11-03T10:00Z', 'openai', 1, 5)",
         org.id,
-        a,
+        project,
     )
     await db.execute(
         "INSERT INTO cost_data (organization_id, project_id, provider, ai_organization_id, api_version, "
@@ -320,6 +318,14 @@ async def test_a_project_mapped_to_another_account_changes_what_covers_its_estim
         org.id,
         org.ai_org,
     )
+
+
+async def test_a_project_mapped_to_another_account_changes_what_covers_its_estimates(db: asyncpg.Connection) -> None:
+    """An ungrouped cost row of an account covers the estimates of the projects mapped to it (organization scope):
+    moving a project to another account is seen by the aggregate (rebuilt for its organization)."""
+    org = await make_org(db, project_ids=("proj_a",))
+    a = org.projects["proj_a"]
+    await estimate_beside_an_ungrouped_cost(db, org, a)
     assert await spend(db, "cost_worker_spend", "organization", org.id, None) == 7  # the estimate is covered
     await db.execute("UPDATE projects SET ai_organization_id = 'elsewhere' WHERE id = $1", a)
     assert await spend(db, "cost_worker_spend", "organization", org.id, None) == 12
@@ -604,19 +610,7 @@ async def test_a_project_moved_to_another_organization_and_account_rebuilds_both
     org = await make_org(db, project_ids=("proj_a",))
     other = await make_org(db, project_ids=())
     a = org.projects["proj_a"]
-    await db.execute(
-        "INSERT INTO project_metrics (organization_id, project_id, hour, provider, request_count, estimated_cost_usd) "
-        "VALUES ($1, $2, '2026-11-03T10:00Z', 'openai', 1, 5)",
-        org.id,
-        a,
-    )
-    await db.execute(
-        "INSERT INTO cost_data (organization_id, project_id, provider, ai_organization_id, api_version, "
-        "bucket_start_time, bucket_end_time, line_item, currency, amount, collected_at) "
-        "VALUES ($1, NULL, 'openai', $2, 'costs_v1', '2026-11-03Z', '2026-11-04Z', 'all', 'USD', 7, '2026-11-05Z')",
-        org.id,
-        org.ai_org,
-    )
+    await estimate_beside_an_ungrouped_cost(db, org, a)
     assert await spend(db, "cost_worker_spend", "organization", org.id, None) == 7
     await db.execute(
         "UPDATE projects SET organization_id = $2, ai_organization_id = $3 WHERE id = $1", a, other.id, other.ai_org
