@@ -283,7 +283,7 @@ async def test_signed_retried_isolated_and_disabled_deliveries(
     # Slack gets a readable message, not the raw alert.
     assert len(slack_r.requests) == 3
     texts = [json.loads(body)["text"] for _, _, body in slack_r.requests]
-    assert any("Team budget" in t and "81.00 / 100 USD" in t for t in texts)
+    assert any("Team budget" in t and "81.00 / 100.00 USD" in t for t in texts)
     assert any("back below" in t for t in texts)
 
     rows = await deliveries(db)

@@ -236,16 +236,49 @@ def test_slack_message_is_readable_and_escaped() -> None:
     rendered = slack.message(body, link_template="https://costs.example.com/b/{budget_id}")
     details = rendered["blocks"][1]["text"]["text"]
     assert "Team &lt;b&gt;&amp;" in rendered["blocks"][0]["text"]["text"]  # no injected markup
-    assert "812.50 / 1000 EUR" in details
+    assert "812.50 / 1000.00 EUR" in details
     assert "81.25%" in details
     assert f"project {uuid.UUID(int=2)}" in details
-    assert "monthly 2026-11-01 to 2026-12-01" in details
+    assert "monthly 2026-11-01 to 2026-11-30" in details  # the last day: period_end is exclusive
     assert f"<https://costs.example.com/b/{uuid.UUID(int=3)}|Open the budget>" in details
     assert "<b>" not in text
     assert "crossed 80%" in rendered["text"]
     resolved = slack.message(json.loads(alert(type=messages.RESOLVED)))
     assert "back below its 80% threshold" in resolved["text"]
     assert "Open the budget" not in json.dumps(resolved)  # no template, no link
+
+
+@pytest.mark.parametrize(
+    ("spend", "amount", "currency", "shown"),
+    [
+        ("46.29629629629629629629", "100", "EUR", "46.30 / 100.00 EUR"),  # a converted spend: 20 places
+        ("50.00000000000000000000", "100.5", "EUR", "50.00 / 100.50 EUR"),
+        ("0E-20", "1E+3", "USD", "0.00 / 1000.00 USD"),  # never exponent notation
+        ("-0.001", "100", "USD", "0.00 / 100.00 USD"),  # never "-0.00"
+        ("12.125", "100", "USD", "12.12 / 100.00 USD"),  # half-even, as `budgets status`
+        ("12345.6", "20000", "JPY", "12346 / 20000 JPY"),  # no minor unit
+        ("12.34567", "50", "KWD", "12.346 / 50.000 KWD"),  # three minor digits
+        ("0.5", "0.005", "USD", "0.50 / 0.005 USD"),  # an amount finer than cents is shown exactly
+    ],
+)
+def test_slack_money_is_rounded_to_the_currency(spend: str, amount: str, currency: str, shown: str) -> None:
+    rendered = slack.message(json.loads(alert(spend=spend, amount=amount, currency=currency)))
+    assert f"*Spend:* {shown} (81.25%)" in rendered["blocks"][1]["text"]["text"]
+    assert f"({shown})" in rendered["text"]
+
+
+@pytest.mark.parametrize(
+    ("period", "start", "end", "shown"),
+    [
+        ("monthly", "2026-11-01T00:00:00+01:00", "2026-12-01T00:00:00+01:00", "monthly 2026-11-01 to 2026-11-30"),
+        ("daily", "2026-11-05T00:00:00-05:00", "2026-11-06T00:00:00-05:00", "daily 2026-11-05"),
+        ("weekly", "2026-10-26T00:00:00+01:00", "2026-11-02T00:00:00+01:00", "weekly 2026-10-26 to 2026-11-01"),
+        ("yearly", "2026-01-01T00:00:00+09:00", "2027-01-01T00:00:00+09:00", "yearly 2026-01-01 to 2026-12-31"),
+    ],
+)
+def test_slack_period_shows_its_last_day_not_the_exclusive_end(period: str, start: str, end: str, shown: str) -> None:
+    rendered = slack.message(json.loads(alert(period=period, period_start=start, period_end=end)))
+    assert rendered["blocks"][1]["text"]["text"].endswith(f"*Period:* {shown}")
 
 
 def test_a_bad_link_template_drops_the_link_not_the_message() -> None:

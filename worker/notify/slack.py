@@ -8,9 +8,54 @@ mentions.
 from __future__ import annotations
 
 import json
+from datetime import datetime, timedelta
+from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Any
 
 from worker.notify.messages import RESOLVED
+
+# ISO 4217 minor units where they are not 2 (the message carries exact spend; a person reads it in the
+# currency's smallest unit, rounded half-even like `budgets status`).
+MINOR_DIGITS: dict[str, int] = {}
+for _digits, _codes in (
+    (0, "BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX UYI VND VUV XAF XOF XPF"),
+    (3, "BHD IQD JOD KWD LYD OMR TND"),
+    (4, "CLF UYW"),
+):
+    MINOR_DIGITS.update(dict.fromkeys(_codes.split(), _digits))
+
+
+def money(value: object, currency: str, *, keep_finer: bool = False) -> str:
+    """A decimal string of the message as a person reads it: rounded half-even to the currency's minor unit
+    (with ``keep_finer``, a value set finer than that, such as a budget amount of 0.005 USD, is shown exactly),
+    never in exponent notation, never ``-0``. Anything that is not a finite decimal is shown as it is."""
+    try:
+        exact = Decimal(str(value))
+    except InvalidOperation:
+        return str(value)
+    if not exact.is_finite():
+        return str(value)
+    quantum = Decimal(1).scaleb(-MINOR_DIGITS.get(currency, 2))
+    try:
+        shown = exact.quantize(quantum, rounding=ROUND_HALF_EVEN)
+    except ArithmeticError:  # more digits than the context holds: no amount or spend is this large
+        return format(exact, "f")
+    if keep_finer and shown != exact:
+        shown = exact.normalize()
+    return format(shown if shown else abs(shown), "f")
+
+
+def period(body: dict[str, Any]) -> str:
+    """The period as a person reads it, in the budget's time zone (the message's offsets): its first and last
+    day. ``period_end`` is exclusive (the next period's first instant), so the last day is the day before it."""
+    kind = str(body.get("period", ""))
+    try:
+        start = datetime.fromisoformat(str(body.get("period_start"))).date()
+        last = (datetime.fromisoformat(str(body.get("period_end"))) - timedelta(microseconds=1)).date()
+    except ValueError:
+        return f"{kind} {str(body.get('period_start', ''))[:10]} to {str(body.get('period_end', ''))[:10]}".strip()
+    days = start.isoformat() if last <= start else f"{start.isoformat()} to {last.isoformat()}"
+    return f"{kind} {days}".strip()
 
 
 def escape(text: str) -> str:
@@ -41,10 +86,10 @@ def message(body: dict[str, Any], *, link_template: str = "") -> dict[str, Any]:
     name = escape(str(body.get("budget_name") or body.get("budget_id") or "budget"))
     currency = escape(str(body.get("currency", "")))
     threshold = escape(str(body.get("threshold_percent", "?")))
-    spend = f"{escape(str(body.get('spend', '?')))} / {escape(str(body.get('amount', '?')))} {currency}".strip()
-    period = (
-        f"{escape(str(body.get('period', '')))} {escape(str(body.get('period_start', '')))[:10]} to "
-        f"{escape(str(body.get('period_end', '')))[:10]}"
+    code = str(body.get("currency", ""))
+    spend = (
+        f"{escape(money(body.get('spend', '?'), code))} / "
+        f"{escape(money(body.get('amount', '?'), code, keep_finer=True))} {currency}"
     ).strip()
     if body.get("type") == RESOLVED:
         headline = f":white_check_mark: Budget *{name}* is back below its {threshold}% threshold"
@@ -52,7 +97,7 @@ def message(body: dict[str, Any], *, link_template: str = "") -> dict[str, Any]:
         headline = f":warning: Budget *{name}* crossed {threshold}%: {escape(str(body.get('percent_used', '?')))}% used"
     details = (
         f"*Scope:* {escape(_scope(body))}\n*Spend:* {spend} ({escape(str(body.get('percent_used', '?')))}%)\n"
-        f"*Period:* {period}"
+        f"*Period:* {escape(period(body))}"
     )
     url = link(link_template, body)
     if url:
