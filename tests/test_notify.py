@@ -36,7 +36,9 @@ from worker.notify.messages import RESOLVED, TRIGGERED
 from worker.notify.sealing import Sealer
 from worker.notify.sender import Sender
 from worker.notify.service import NotifyService
+from worker.notify.store import NotifyStore
 from worker.notify.urls import UrlPolicy, UrlRefused
+from worker.store import Database
 
 KEY = base64.b64encode(os.urandom(32)).decode()
 CLAIM_SLACK = 0.25  # seconds a claim may take beyond the poll interval on a loaded 2-core CI machine
@@ -617,3 +619,83 @@ async def test_a_wrong_secrets_key_keeps_deliveries_pending_until_the_key_is_fix
     await run_notify(right, delivered)  # the key is fixed: the same delivery goes out, signed
     assert receiver.ids == [alert_id]
     assert len(receiver.verified) == 1
+
+
+async def _pending(
+    db: asyncpg.Connection, org: Org, destination: uuid.UUID, webhook_id: str, kind: str, *, due_in: float = 0.0
+) -> None:
+    """A delivery row as the consumer writes it, due ``due_in`` seconds from now."""
+    alert_id = webhook_id.removesuffix(":resolved")
+    await db.execute(
+        "INSERT INTO notify_deliveries (organization_id, destination_id, webhook_id, event_type, payload, "
+        "next_attempt_at) VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6))",
+        org.id,
+        destination,
+        webhook_id,
+        kind,
+        alert_message(org, kind=kind, alert_id=alert_id).decode(),
+        due_in,
+    )
+
+
+async def test_a_resolved_alert_is_not_sent_before_its_triggered_alert(
+    db: asyncpg.Connection, database: Database, notify_settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A receiver that opens an incident on ``triggered`` and closes it on ``resolved`` must not get them the
+    other way round: a resolved delivery waits while its triggered delivery to the same destination is pending
+    (in its backoff, or in flight), and goes once that one is delivered or given up."""
+    org = await make_org(db)
+    destination, _ = await add(notify_settings, capsys, org, "http://127.0.0.1:9/hook/t0ken-order")
+    other, _ = await add(notify_settings, capsys, org, "http://127.0.0.1:9/hook/t0ken-other")
+    store = NotifyStore(database)
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    await _pending(db, org, destination, first, TRIGGERED, due_in=30)  # failed once: backing off
+    await _pending(db, org, destination, f"{first}:resolved", RESOLVED)  # consumed since: due now
+    await _pending(db, org, destination, second, TRIGGERED)
+    await _pending(db, org, destination, f"{second}:resolved", RESOLVED)  # both due: the triggered goes first
+    await _pending(db, org, other, f"{first}:resolved", RESOLVED)  # no triggered row for it here: goes now
+
+    claimed = await store.claim([], 8, 16, 5.0)
+    assert sorted((c.destination_id == destination, c.webhook_id) for c in claimed) == sorted(
+        [(True, second), (False, f"{first}:resolved")]
+    )
+    second_claim = next(c for c in claimed if c.webhook_id == second)
+    assert await store.delivered(second_claim, 204)
+    await db.execute("UPDATE notify_deliveries SET next_attempt_at = now() WHERE webhook_id = $1", first)
+    claimed = await store.claim([], 8, 16, 5.0)
+    assert sorted(c.webhook_id for c in claimed) == sorted([first, f"{second}:resolved"])
+    first_claim = next(c for c in claimed if c.webhook_id == first)
+    assert await store.failed(first_claim, 503, "gave up")  # given up: the resolved is still worth sending
+    await db.execute(
+        "UPDATE notify_deliveries SET next_attempt_at = now() WHERE destination_id = $1 AND webhook_id = $2",
+        destination,
+        f"{first}:resolved",
+    )
+    claimed = await store.claim([], 8, 16, 5.0)
+    assert [(c.destination_id, c.webhook_id) for c in claimed] == [(destination, f"{first}:resolved")]
+
+
+async def test_deliveries_left_pending_on_a_disabled_destination_are_failed_not_blocking(
+    db: asyncpg.Connection, database: Database, notify_settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A delivery the consumer inserted while the dispatcher disabled its destination (410 Gone: the
+    consumer read the destination as enabled, the disable's update of pending deliveries did not see the
+    uncommitted row), or pending when an operator disabled it: never sent, never left pending (the backlog and
+    oldest-age alerts would fire for ever), and never holding the claim's window from other destinations."""
+    org = await make_org(db)
+    disabled, _ = await add(notify_settings, capsys, org, "http://127.0.0.1:9/hook/t0ken-off")
+    live, _ = await add(notify_settings, capsys, org, "http://127.0.0.1:9/hook/t0ken-live")
+    await db.execute(
+        "UPDATE notify_destinations SET enabled = false, disabled_reason = '410 Gone' WHERE id = $1", disabled
+    )
+    for _ in range(8):
+        await _pending(db, org, disabled, str(uuid.uuid4()), TRIGGERED, due_in=-60)  # the oldest due
+    await _pending(db, org, live, str(uuid.uuid4()), TRIGGERED)
+    store = NotifyStore(database)
+
+    claimed = await store.claim([], 2, 2, 5.0)  # a window of 2 x 4 rows: all of them the disabled one's
+    claimed += await store.claim([], 2, 2, 5.0)
+    assert [c.destination_id for c in claimed] == [live]
+    rows = await db.fetch("SELECT status, last_error FROM notify_deliveries WHERE destination_id = $1", disabled)
+    assert {r["status"] for r in rows} == {"failed"}
+    assert {r["last_error"] for r in rows} == {"destination disabled: 410 Gone"}

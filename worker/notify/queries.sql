@@ -53,17 +53,33 @@ LIMIT $2;
 -- dispatcher is already busy with). The claim is a lease: next_attempt_at moves $4 seconds ahead, so a
 -- dispatcher that dies mid-attempt leaves the delivery due again after the lease; `attempts` counts
 -- started attempts and fences the result (a late answer of an expired lease does not overwrite).
+-- A resolved delivery waits while the triggered delivery of its alert to the same destination is pending
+-- (backing off or in flight): a receiver never gets an alert's resolution before the alert. A due delivery
+-- of a disabled destination (inserted by the consumer while a 410 disabled it, or disabled by an operator)
+-- is failed here, as the 410 fails the others, instead of staying pending and filling the claim's window.
 WITH due AS (
-    SELECT id, destination_id
-    FROM notify_deliveries
-    WHERE status = 'pending' AND next_attempt_at <= now() AND NOT (destination_id = ANY($1::uuid[]))
-    ORDER BY next_attempt_at, id
+    SELECT d.id, d.destination_id, t.enabled, t.disabled_reason
+    FROM notify_deliveries d
+    JOIN notify_destinations t ON t.id = d.destination_id
+    WHERE d.status = 'pending' AND d.next_attempt_at <= now() AND NOT (d.destination_id = ANY($1::uuid[]))
+      AND NOT (d.webhook_id LIKE '%:resolved' AND EXISTS (
+          SELECT FROM notify_deliveries a
+          WHERE a.destination_id = d.destination_id AND a.status = 'pending'
+            AND a.webhook_id = left(d.webhook_id, -length(':resolved'))
+      ))
+    ORDER BY d.next_attempt_at, d.id
     LIMIT $3 * 4
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF d SKIP LOCKED
+),
+off AS (
+    UPDATE notify_deliveries d
+    SET status = 'failed', last_error = left('destination disabled: ' || coalesce(due.disabled_reason, ''), 500)
+    FROM due
+    WHERE d.id = due.id AND NOT due.enabled
 ),
 picked AS (
     SELECT id FROM (
-        SELECT id, row_number() OVER (PARTITION BY destination_id ORDER BY id) AS n FROM due
+        SELECT id, row_number() OVER (PARTITION BY destination_id ORDER BY id) AS n FROM due WHERE enabled
     ) ranked
     WHERE n <= $2
     ORDER BY id
