@@ -699,3 +699,29 @@ async def test_deliveries_left_pending_on_a_disabled_destination_are_failed_not_
     rows = await db.fetch("SELECT status, last_error FROM notify_deliveries WHERE destination_id = $1", disabled)
     assert {r["status"] for r in rows} == {"failed"}
     assert {r["last_error"] for r in rows} == {"destination disabled: 410 Gone"}
+
+
+async def test_a_429_is_retried_after_its_retry_after_not_sooner(
+    db: asyncpg.Connection, notify_settings: Settings, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Slack and most webhook receivers rate-limit with 429 and ``Retry-After``: the next attempt waits that long
+    (here 2 s, where the backoff alone would be 0.1-0.2 s), with the same webhook-id."""
+
+    async def limited(receiver: Receiver, request: web.Request, body: bytes) -> web.StreamResponse:
+        if len(receiver.requests) == 1:
+            return web.Response(status=429, headers={"Retry-After": "2"}, text="rate_limited")
+        return web.Response(status=204)
+
+    await create_topics(notify_settings)
+    org = await make_org(db)
+    receiver = await serve(limited)
+    _, receiver.secret = await add(notify_settings, capsys, org, receiver.url)
+    alert_id = str(uuid.uuid4())
+    await produce(notify_settings, notify_settings.topic_budget_alerts, [alert_message(org, alert_id=alert_id)])
+
+    async def delivered() -> bool:
+        return bool(await db.fetchval("SELECT status FROM notify_deliveries") == "delivered")
+
+    await run_notify(notify_settings, delivered)
+    assert receiver.ids == [alert_id, alert_id]
+    assert receiver.requests[1][0] - receiver.requests[0][0] >= 2.0

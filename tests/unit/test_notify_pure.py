@@ -150,6 +150,19 @@ def test_backoff_gives_up_past_the_maximum_age() -> None:
     assert backoff.next_attempt(5, created, created + timedelta(seconds=55)) is None
 
 
+def test_backoff_waits_at_least_the_receivers_retry_after() -> None:
+    """A 429 (or 503) with ``Retry-After: 30`` is not tried again in 1-2 s: the receiver said when."""
+    backoff = Backoff(initial=2.0, maximum=900.0, max_age=3600.0)
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    at = backoff.next_attempt(1, now, now, not_before=30.0)
+    assert at is not None
+    assert at >= now + timedelta(seconds=30)
+    assert backoff.next_attempt(1, now, now, not_before=4000.0) is None  # past the maximum age: given up
+    later = backoff.next_attempt(12, now, now, not_before=1.0)  # the backoff is longer: it stands
+    assert later is not None
+    assert later >= now + timedelta(seconds=450)
+
+
 # --- messages and filters -------------------------------------------------------------------------------
 
 

@@ -23,10 +23,17 @@ class Backoff:
         return base * (rng or random).uniform(JITTER_FLOOR, 1.0)
 
     def next_attempt(
-        self, attempts: int, created_at: datetime, now: datetime, rng: random.Random | None = None
+        self,
+        attempts: int,
+        created_at: datetime,
+        now: datetime,
+        rng: random.Random | None = None,
+        *,
+        not_before: float | None = None,
     ) -> datetime | None:
-        """When to try again after a failure, or None: the next attempt would be past the maximum age."""
-        at = now + timedelta(seconds=self.delay(attempts, rng))
+        """When to try again after a failure, or None: the next attempt would be past the maximum age.
+        ``not_before``: seconds the receiver asked to wait (``Retry-After``), the least delay."""
+        at = now + timedelta(seconds=max(self.delay(attempts, rng), not_before or 0.0))
         if at > created_at + timedelta(seconds=self.max_age):
             return None
         return at

@@ -189,7 +189,9 @@ class Dispatcher:
                 recorded = await self.store.failed(item, attempt.status, attempt.error)
             else:
                 backoff = self.key_backoff if outcome == "key_mismatch" else self.backoff
-                at = backoff.next_attempt(item.attempts, item.created_at, datetime.now(UTC))
+                at = backoff.next_attempt(
+                    item.attempts, item.created_at, datetime.now(UTC), not_before=attempt.retry_after
+                )
                 if at is None:
                     outcome = "failed"
                     error = f"gave up: {attempt.error}"[:ERROR_EXCERPT_CHARS]

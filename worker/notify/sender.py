@@ -7,7 +7,8 @@ the alert message exactly as consumed.
 
 Safety: redirects are not followed, proxies from the environment are not used, every connection goes
 through ``SafeResolver`` (no private addresses), an attempt has a hard timeout, and at most
-``RESPONSE_EXCERPT_BYTES`` of a response are read. Error texts never carry the URL's path or query (a
+``RESPONSE_EXCERPT_BYTES`` of a response are read. A 429 or 503's ``Retry-After`` (seconds or an HTTP date) is
+the least wait before the next attempt (``Attempt.retry_after``). Error texts never carry the URL's path or query (a
 Slack URL's path is its token); secrets are never logged.
 """
 
@@ -24,6 +25,7 @@ import aiohttp
 from standardwebhooks.webhooks import Webhook
 
 from worker import __version__
+from worker.collect.client import retry_after_seconds
 from worker.config import Settings
 from worker.notify import slack
 from worker.notify.urls import SafeResolver, UrlPolicy, UrlRefused
@@ -42,6 +44,7 @@ class Attempt:
     seconds: float
     error: str = ""  # excerpt: the error, or the start of a non-2xx response body
     refused: bool = False  # the URL or the address it resolved to is not allowed
+    retry_after: float | None = None  # seconds the receiver asked to wait (Retry-After of a 429 or 503)
 
     @property
     def ok(self) -> bool:
@@ -164,6 +167,7 @@ class Sender:
             async with self._client().post(url, data=body, headers=headers, allow_redirects=False) as response:
                 excerpt = await response.content.read(RESPONSE_EXCERPT_BYTES)
                 status = response.status
+                retry_after = retry_after_seconds(response.headers.get("Retry-After")) if status in (429, 503) else None
         except UrlRefused as exc:  # from the resolver: the name resolves to a refused address now
             return Attempt(None, time.perf_counter() - started, f"refused: {exc}"[:ERROR_EXCERPT_CHARS], refused=True)
         except TimeoutError:
@@ -174,4 +178,4 @@ class Sender:
         if 200 <= status < 300:
             return Attempt(status, seconds)
         text = excerpt.decode("utf-8", "replace").strip()
-        return Attempt(status, seconds, f"HTTP {status}: {text}"[:ERROR_EXCERPT_CHARS])
+        return Attempt(status, seconds, f"HTTP {status}: {text}"[:ERROR_EXCERPT_CHARS], retry_after=retry_after)
