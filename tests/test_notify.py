@@ -36,7 +36,7 @@ from worker.notify.messages import RESOLVED, TRIGGERED
 from worker.notify.sealing import Sealer
 from worker.notify.sender import Sender
 from worker.notify.service import NotifyService
-from worker.notify.store import NotifyStore
+from worker.notify.store import NewDelivery, NotifyStore, destinations_for, insert_deliveries
 from worker.notify.urls import UrlPolicy, UrlRefused
 from worker.store import Database
 
@@ -725,3 +725,27 @@ async def test_a_429_is_retried_after_its_retry_after_not_sooner(
     await run_notify(notify_settings, delivered)
     assert receiver.ids == [alert_id, alert_id]
     assert receiver.requests[1][0] - receiver.requests[0][0] >= 2.0
+
+
+async def test_a_destination_removed_while_the_consumer_matches_alerts_is_not_a_fatal_error(
+    db: asyncpg.Connection, database: Database, notify_settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``destinations remove`` committing between the consumer's read of the destinations and its insert of
+    their deliveries: the insert must not hit the foreign key (a ``DataRejected``, which stops the service as
+    fatal). The removal waits for the batch instead, and its cascade takes the new deliveries with it."""
+    org = await make_org(db)
+    destination, _ = await add(notify_settings, capsys, org, "http://127.0.0.1:9/hook/t0ken-removed")
+    alert_id = str(uuid.uuid4())
+    async with database.transaction() as tx:
+        await tx.set_tenants({org.id})
+        assert [r["id"] for r in await destinations_for(tx, [org.id])] == [destination]
+        removing = asyncio.create_task(db.execute("DELETE FROM notify_destinations WHERE id = $1", destination))
+        await asyncio.sleep(0.5)  # `remove` commits now, unless the batch holds it off
+        created = await insert_deliveries(
+            tx,
+            [NewDelivery(org.id, destination, alert_id, TRIGGERED, alert_message(org, alert_id=alert_id).decode())],
+        )
+        assert created == 1
+    await asyncio.wait_for(removing, 10)
+    assert await db.fetchval("SELECT count(*) FROM notify_destinations WHERE id = $1", destination) == 0
+    assert await db.fetchval("SELECT count(*) FROM notify_deliveries WHERE destination_id = $1", destination) == 0

@@ -27,11 +27,14 @@ WHERE id = $1 AND organization_id = $2;
 DELETE FROM notify_destinations WHERE id = $1 AND organization_id = $2 RETURNING id;
 
 -- name: notify_destinations_for
--- The enabled destinations of some organizations, with their filters (the consumer matches alerts).
+-- The enabled destinations of some organizations, with their filters (the consumer matches alerts). Locked
+-- FOR KEY SHARE until the batch commits: a `destinations remove` waits for it (and its cascade takes the new
+-- deliveries) instead of committing in between and failing the batch's insert on the foreign key.
 SELECT id, organization_id, scopes, min_threshold, include_resolved
 FROM notify_destinations
 WHERE enabled AND organization_id = ANY($1::uuid[])
-ORDER BY id;
+ORDER BY id
+FOR KEY SHARE;
 
 -- name: notify_deliveries_insert
 -- One delivery per (destination, webhook id); a replayed alert finds its row and adds nothing.
