@@ -45,10 +45,16 @@ ON CONFLICT (destination_id, webhook_id) DO NOTHING
 RETURNING id;
 
 -- name: notify_due_organizations
--- Organizations with deliveries due now (read across tenants: policy notify_dispatch).
-SELECT DISTINCT organization_id
-FROM notify_deliveries
-WHERE status = 'pending' AND next_attempt_at <= now() AND NOT (destination_id = ANY($1::uuid[]))
+-- Organizations with deliveries due now (read across tenants: policy notify_dispatch); a resolved delivery
+-- waiting for its triggered one (notify_claim) is not due.
+SELECT DISTINCT d.organization_id
+FROM notify_deliveries d
+WHERE d.status = 'pending' AND d.next_attempt_at <= now() AND NOT (d.destination_id = ANY($1::uuid[]))
+  AND NOT (d.webhook_id LIKE '%:resolved' AND EXISTS (
+      SELECT FROM notify_deliveries a
+      WHERE a.destination_id = d.destination_id AND a.status = 'pending'
+        AND a.webhook_id = left(d.webhook_id, -length(':resolved'))
+  ))
 LIMIT $2;
 
 -- name: notify_claim
