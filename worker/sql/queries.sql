@@ -494,12 +494,18 @@ WHERE q.id = i.id;
 
 -- name: outbox_claim
 -- The oldest unpublished rows, locked so several replicas split the backlog instead of racing on it.
--- Rows that failed before go last, so one poison message cannot hold up the rest.
-SELECT id, topic, key, value, headers
-FROM outbox
-ORDER BY attempts, id
+-- Rows that failed before go last, so one poison message cannot hold up the rest of the outbox.
+-- Ordering guarantee, enforced here: the rows of one (topic, key) reach the topic in the order they were written.
+-- A row is claimed only when no earlier row of its key is left (failed, or locked by another replica publishing
+-- it; index outbox_key_order, 0027): a resolved alert never overtakes its triggered one. A poison row holds up
+-- its own key only. Rows of one key are written in commit order (an organization's alerts are written under its
+-- lock), so a smaller id is never committed after a larger one of the same key.
+SELECT o.id, o.topic, o.key, o.value, o.headers
+FROM outbox o
+WHERE NOT EXISTS (SELECT 1 FROM outbox e WHERE e.topic = o.topic AND e.key = o.key AND e.id < o.id)
+ORDER BY o.attempts, o.id
 LIMIT $1
-FOR UPDATE SKIP LOCKED;
+FOR UPDATE OF o SKIP LOCKED;
 
 -- name: outbox_delete
 DELETE FROM outbox WHERE id = ANY($1::bigint[]);
