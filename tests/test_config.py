@@ -13,6 +13,7 @@ import pytest
 from worker.config import Settings, load_settings, redact_url
 from worker.errors import ConfigError
 from worker.faults import Faults
+from worker.kafka import consumer
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -436,3 +437,21 @@ async def test_a_metrics_host_that_does_not_resolve_is_a_fatal_error_naming_the_
     with pytest.raises(FatalError, match=r"COST_WORKER_METRICS_HOST 'not\.a\.host\.invalid' does not resolve"):
         await server.start()
     await server.stop()
+
+
+async def test_the_input_consumer_never_reads_an_aborted_transaction_unless_told_to() -> None:
+    """Spend a transactional producer withdrew (aborted) must not count: the group consumer reads committed
+    messages only, by default. (The development broker has no transactions, so what the broker then skips is
+    Kafka's part; this pins that the worker asks for it.)"""
+    chosen = Settings(kafka_bootstrap_servers="127.0.0.1:1", kafka_isolation_level="read_uncommitted")
+    for settings, level in (
+        (Settings(kafka_bootstrap_servers="127.0.0.1:1"), "read_committed"),
+        (chosen, chosen.kafka_isolation_level),
+    ):
+        client = consumer(settings)
+        try:
+            assert client._isolation_level == level
+        finally:
+            await client.stop()
+    with pytest.raises(ConfigError, match="KAFKA_ISOLATION_LEVEL"):
+        load_settings(kafka_isolation_level="committed")

@@ -101,6 +101,7 @@ COLLECT_STALE_AFTER = 7200.0  # seconds without a successful poll before /readyz
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+IsolationLevel = Literal["read_committed", "read_uncommitted"]
 
 
 class Settings(BaseSettings):
@@ -169,6 +170,10 @@ class Settings(BaseSettings):
         default=KAFKA_MAX_POLL_INTERVAL,
         gt=0,
         description="Seconds between polls before the member is evicted from the group",
+    )
+    kafka_isolation_level: IsolationLevel = Field(
+        default="read_committed",
+        description="read_committed: messages of an aborted producer transaction are never read, so never counted",
     )
     kafka_fetch_max_wait: float = Field(
         default=KAFKA_FETCH_MAX_WAIT,

@@ -44,6 +44,10 @@ def consumer(settings: Settings) -> Any:
         group_id=settings.kafka_group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        # read_committed (the default): a producer that publishes in Kafka transactions and aborts one has those
+        # messages skipped by the broker, so spend it withdrew is never counted; the consumer reads up to the last
+        # stable offset, so an open transaction holds back what follows it until it commits or aborts.
+        isolation_level=settings.kafka_isolation_level,
         max_poll_records=settings.batch_max_records,
         session_timeout_ms=int(settings.kafka_session_timeout * 1000),
         heartbeat_interval_ms=int(settings.kafka_heartbeat_interval * 1000),
