@@ -39,9 +39,13 @@ async def produce(
     *,
     keys: Sequence[bytes | None] | None = None,
     partition: int | None = None,
+    compression: str | None = None,
 ) -> int:
     producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap_servers, linger_ms=5, max_request_size=8 * 1024 * 1024
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        linger_ms=5,
+        max_request_size=8 * 1024 * 1024,
+        compression_type=compression,
     )
     await producer.start()
     count = 0

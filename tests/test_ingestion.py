@@ -161,6 +161,21 @@ async def test_stream_lands_once_and_a_full_replay_changes_nothing(
     assert await db.fetchval("SELECT count(*) FROM outbox") == 0  # nothing new to publish
 
 
+@pytest.mark.parametrize("codec", ["gzip", "snappy", "lz4", "zstd"])
+async def test_events_from_a_producer_that_compresses_are_counted(
+    db: asyncpg.Connection, settings: Settings, orgs: list[Org], codec: str
+) -> None:
+    """Producers compress (Java and librdkafka clients are often set to lz4, zstd or snappy). The worker must read
+    every codec Kafka has: without its library a fetched batch is an error the worker retries for ever, and the
+    partition's spend never arrives."""
+    await create_topics(settings)
+    events, _, expected = stream(orgs, 60)
+    await produce(settings, settings.topic_api_usage, events, compression=codec)
+    assert await run_worker(settings) == 0
+    assert await db.fetchval("SELECT count(*) FROM api_usage") == 60
+    assert await db.fetchval("SELECT sum(cost_usd) FROM api_usage") == expected
+
+
 async def test_batches_are_timed_from_fetch_to_commit_with_the_wait_for_the_batch_before(
     db: asyncpg.Connection, settings: Settings, orgs: list[Org]
 ) -> None:
