@@ -59,6 +59,7 @@ EXPECTED_ALERTS = {
     "CostWorkerTargetDown",
     "CostWorkerConsumerLagGrowing",
     "CostWorkerNoCommits",
+    "CostWorkerInputLostToRetention",
     "CostWorkerQuarantineRateHigh",
     "CostWorkerOutboxBacklogHigh",
     "CostWorkerOutboxOldestAgeHigh",

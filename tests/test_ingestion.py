@@ -176,6 +176,27 @@ async def test_events_from_a_producer_that_compresses_are_counted(
     assert await db.fetchval("SELECT sum(cost_usd) FROM api_usage") == expected
 
 
+async def test_a_restart_at_stored_positions_reports_nothing_lost_to_retention(
+    db: asyncpg.Connection, settings: Settings, orgs: list[Org]
+) -> None:
+    """At assignment the worker compares its stored positions with each partition's first offset (the broker's
+    ListOffsets): after an ordinary restart nothing was deleted before it was consumed, so nothing is reported."""
+    await create_topics(settings)
+    events, _, _ = stream(orgs, 40)
+    await produce(settings, settings.topic_api_usage, events)
+
+    def lost() -> float:
+        labels = {"topic": settings.topic_api_usage}
+        return REGISTRY.get_sample_value("cost_worker_input_lost_to_retention_messages_total", labels) or 0.0
+
+    assert await run_worker(settings) == 0
+    assert await db.fetchval("SELECT sum(next_offset) FROM consumer_offsets") == len(events)
+    await produce(settings, settings.topic_api_usage, events[:5])  # redeliveries after the restart
+    assert await run_worker(settings) == 0  # starts from the stored positions, all of them above 0
+    assert await db.fetchval("SELECT sum(next_offset) FROM consumer_offsets") == len(events) + 5
+    assert lost() == 0.0  # this topic is this test's own
+
+
 async def test_batches_are_timed_from_fetch_to_commit_with_the_wait_for_the_batch_before(
     db: asyncpg.Connection, settings: Settings, orgs: list[Org]
 ) -> None:

@@ -71,6 +71,9 @@ class Consumer:
     # --- lifecycle ----------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        for topic in self.settings.input_topics:
+            # Exported at 0 from the start, so a loss found at the first assignment is a change the alert sees.
+            metrics.INPUT_LOST_TO_RETENTION.labels(topic=topic)
         await self.kafka.start()
 
     async def stop(self) -> None:
@@ -280,6 +283,7 @@ class Consumer:
             (o.topic, o.partition): o.next_offset
             for o in await self.db.load_offsets(self.settings.kafka_group_id, partitions)
         }
+        await self._check_retention({tp: stored[tp] for tp in partitions if tp in stored and tp in self.assigned})
         for tp in partitions:
             if tp in self.assigned:
                 await self.kafka.seek(tp, stored.get(tp))
@@ -287,6 +291,24 @@ class Consumer:
                 self.seeks[tp] = self.seeks.get(tp, 0) + 1
                 self.unsynced.discard(tp)
         log.info("positions_synced", positions={f"{t}:{p}": stored.get((t, p)) for t, p in partitions})
+
+    async def _check_retention(self, stored: dict[TP, int]) -> None:
+        """Say so, loudly, when the topic's retention deleted messages this group had not consumed yet (the worker
+        was stopped, or stuck, for longer than the topic keeps data). Kafka then resumes at the partition's first
+        offset; what lay between is gone and can only be published again by its producer."""
+        if not stored:
+            return
+        first = await self.kafka.beginning_offsets(sorted(stored))
+        for tp, lost in lost_to_retention(stored, first).items():
+            metrics.INPUT_LOST_TO_RETENTION.labels(topic=tp[0]).inc(lost)
+            log.error(
+                "input_lost_to_retention",
+                topic=tp[0],
+                partition=tp[1],
+                stored_offset=stored[tp],
+                first_offset=first[tp],
+                lost_messages=lost,
+            )
 
     # --- lag and idleness ---------------------------------------------------------------------------
 
@@ -386,3 +408,8 @@ def _record(outcome: Outcome) -> None:
         metrics.UNKNOWN_MODEL_EVENTS.inc(outcome.unknown_models)
     if outcome.catalogue_estimates:
         metrics.CATALOGUE_ESTIMATES.inc(outcome.catalogue_estimates)
+
+
+def lost_to_retention(stored: dict[TP, int], first: dict[TP, int]) -> dict[TP, int]:
+    """Per partition, how many offsets below its first one the stored position is (only those it is below)."""
+    return {tp: first[tp] - position for tp, position in stored.items() if tp in first and first[tp] > position}

@@ -134,6 +134,14 @@ class GroupConsumer:
         except CLIENT_ERRORS as exc:
             raise translate(exc) from exc
 
+    async def beginning_offsets(self, partitions: list[TP]) -> dict[TP, int]:
+        """The first offset each partition still holds (the topic's retention deletes what comes before)."""
+        try:
+            found = await self._client.beginning_offsets([TopicPartition(*tp) for tp in partitions])
+        except CLIENT_ERRORS as exc:
+            raise translate(exc, "cannot read the partitions' first offsets") from exc
+        return {(tp.topic, tp.partition): int(offset) for tp, offset in found.items()}
+
     async def seek(self, tp: TP, offset: int | None) -> None:
         """Fetch the partition from ``offset`` next (None: from its beginning)."""
         if offset is None:

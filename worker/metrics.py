@@ -68,6 +68,12 @@ LAST_COMMIT = Gauge(
     "(or of the partition's assignment to this worker, when that is later).",
     ["topic", "partition"],
 )
+INPUT_LOST_TO_RETENTION = Counter(
+    "cost_worker_input_lost_to_retention_messages_total",
+    "Offsets the topic's retention deleted before the worker consumed them (stored position below the partition's "
+    "first offset at assignment): messages that can never be counted.",
+    ["topic"],
+)
 ASSIGNED_PARTITIONS = Gauge("cost_worker_assigned_partitions", "Partitions currently assigned to this worker.")
 REBALANCES = Counter("cost_worker_rebalances_total", "Partition assignments and revocations.", ["event"])
 CIRCUIT_INVALID_RATIO = Gauge(
