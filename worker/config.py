@@ -57,6 +57,8 @@ BUDGET_SWEEP_INTERVAL = 300.0  # seconds between sweeps of every active budget
 API_USAGE_RETENTION_MONTHS = 0  # whole months of API-usage detail kept before the current one; 0 keeps everything
 QUARANTINE_RETENTION_DAYS = 30  # days a replayed quarantine row is kept; 0 keeps them
 NOTIFY_RETENTION_DAYS = 90  # days a finished notify delivery (delivered, failed for good) is kept; 0 keeps them
+MAX_RETENTION_MONTHS = 1_200  # 100 years: further back than any month a partition can hold (2015 on)
+MAX_RETENTION_DAYS = 36_500  # 100 years: `now - days` stays a date (800,000 days overflowed, stopping the worker)
 RETENTION_INTERVAL = 3_600.0  # seconds between the worker's retention runs (partitions ahead, expired ones dropped)
 SHUTDOWN_GRACE = 20.0  # seconds to finish the in-flight batch and flush the outbox after SIGTERM
 
@@ -245,7 +247,7 @@ class Settings(BaseSettings):
     api_usage_retention_months: int = Field(
         default=API_USAGE_RETENTION_MONTHS,
         ge=0,
-        le=1_200,
+        le=MAX_RETENTION_MONTHS,
         description="Whole months of per-request API-usage detail kept before the current month: older monthly "
         "partitions are dropped by `cost-worker retention --execute` and the worker's periodic run (rollups and the "
         "ledger stay; months an open budget period needs are kept); 0: keep everything",
@@ -253,14 +255,16 @@ class Settings(BaseSettings):
     quarantine_retention_days: int = Field(
         default=QUARANTINE_RETENTION_DAYS,
         ge=0,
+        le=MAX_RETENTION_DAYS,
         description="Days a replayed quarantine row is kept before retention deletes it (pending rows are never "
-        "deleted); 0: keep them",
+        "deleted); 0: keep them; at most 36500",
     )
     notify_retention_days: int = Field(
         default=NOTIFY_RETENTION_DAYS,
         ge=0,
+        le=MAX_RETENTION_DAYS,
         description="Days a finished notify delivery (delivered, or failed for good) is kept after it finished before "
-        "retention deletes it (pending deliveries are never deleted); 0: keep them",
+        "retention deletes it (pending deliveries are never deleted); 0: keep them; at most 36500",
     )
     retention_interval: float = Field(
         default=RETENTION_INTERVAL,

@@ -27,7 +27,7 @@ import asyncpg
 import structlog
 
 from worker import metrics, store
-from worker.config import Settings, env_name, load_settings
+from worker.config import MAX_RETENTION_DAYS, MAX_RETENTION_MONTHS, Settings, env_name, load_settings
 from worker.errors import CostWorkerError, FatalError, UsageError
 from worker.partitions import add_months, month_of
 from worker.sql import query
@@ -296,12 +296,15 @@ def command(months_flag: int | None, days_flag: int | None, deliveries_flag: int
     deliveries = settings.notify_retention_days if deliveries_flag is None else deliveries_flag
     if months < 0:
         problems.append(f"--months: must be 0 (keep everything) or more, not {months}")
-    if days < 0:
-        problems.append(f"--quarantine-days: must be 0 (keep them) or more, not {days}")
-    if deliveries < 0:
-        problems.append(f"--deliveries-days: must be 0 (keep them) or more, not {deliveries}")
+    elif months > MAX_RETENTION_MONTHS:
+        problems.append(f"--months: must be at most {MAX_RETENTION_MONTHS}, not {months}")
+    for flag, value in (("--quarantine-days", days), ("--deliveries-days", deliveries)):
+        if value < 0:
+            problems.append(f"{flag}: must be 0 (keep them) or more, not {value}")
+        elif value > MAX_RETENTION_DAYS:
+            problems.append(f"{flag}: must be at most {MAX_RETENTION_DAYS}, not {value}")
     if problems:
-        raise UsageError(problems)  # only the flags can be negative: the settings are validated ge=0
+        raise UsageError(problems)  # only the flags can be out of range: the settings are validated the same way
     found, result = asyncio.run(
         run_once(
             settings,

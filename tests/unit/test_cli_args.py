@@ -69,3 +69,34 @@ def test_a_bad_argument_value_is_a_usage_error_not_a_config_error(
     assert err.count("\n") == 1, err
     assert err.startswith(f"cost-worker: usage error: {problem}"), err
     assert "config error" not in err
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--months", "30000"), ("--quarantine-days", "800000"), ("--deliveries-days", "800000")],
+)
+def test_retention_refuses_an_age_beyond_the_calendar_before_it_connects(
+    flag: str, value: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `--months 30000` reached `date(-474, ...)` (ValueError) and `--quarantine-days 800000` `now - 800000 days`
+    # (OverflowError): "internal error" after connecting, instead of a usage error naming the flag.
+    monkeypatch.setenv("COST_WORKER_DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
+    assert main(["retention", flag, value]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"cost-worker: usage error: {flag}: ")
+    assert "internal error" not in err
+
+
+@pytest.mark.parametrize("name", ["QUARANTINE_RETENTION_DAYS", "NOTIFY_RETENTION_DAYS"])
+def test_a_retention_age_beyond_the_calendar_is_a_config_error(
+    name: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # check-config said OK to 800000 days, and the worker's periodic retention run then raised OverflowError
+    # (not a CostWorkerError): the background task ended and the worker stopped, at every start.
+    monkeypatch.setenv("COST_WORKER_DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
+    monkeypatch.setenv(f"COST_WORKER_{name}", "800000")
+    assert main(["check-config"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"COST_WORKER_{name}" in err
+    assert err.startswith("cost-worker: config error: ")
