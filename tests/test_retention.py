@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -15,6 +16,7 @@ from pydantic import SecretStr
 from tests.factories import api_event, dumps, envelope, make_org, openai_cost_bucket
 from tests.feeding import Feeder
 from tests.kafka_helpers import create_topics, produce
+from tests.spend_model import Estimate, Row, SpendModel, periods_overlapping
 from tests.test_admin import cli
 from tests.test_budgets import add_budget
 from tests.test_operations import eventually
@@ -292,3 +294,93 @@ async def test_retention_during_a_drain_loses_nothing_the_rules_still_need(
 
 async def _some(db: asyncpg.Connection, n: int) -> bool:
     return bool(await db.fetchval("SELECT count(*) FROM api_usage") >= n)
+
+
+async def test_budgets_read_the_same_spend_after_retention_as_before_and_as_the_model(
+    db: asyncpg.Connection, feeder: Feeder, settings: Settings
+) -> None:
+    """Budgets read the rollups and the ledger only: dropping the old months' detail changes no period's spend,
+    in any time zone or period kind, at organization or project scope; both equal the independent model."""
+    months = [add_months(CURRENT, -k) for k in range(6, -1, -1)]
+    org = await history(db, feeder, [])  # no partition of the legacy table left; nothing fed yet
+    project = org.projects["proj_a"]
+    events, buckets, rows, estimates = [], [], [], []
+    collected = NOW.replace(microsecond=0)
+    for m in months:
+        for day, amount in ((3, "0.25"), (17, "1.5")):
+            if datetime.fromisoformat(at(m, day)) > NOW:
+                continue
+            events.append(api_event(org, project=project, occurred_at=at(m, day), cost=amount))
+            estimates.append(
+                Estimate(org.id, project, None, datetime.fromisoformat(at(m, day)), "openai", Decimal(amount))
+            )
+        # A cost line covering the hour of the day-3 event (it replaces that estimate) and one of its own hour.
+        for day, hour, amount in ((3, 12, "2"), (1, 0, "3.125")):
+            start = datetime.fromisoformat(at(m, day, hour))
+            if start + timedelta(hours=1) > NOW:
+                continue
+            iso = start.strftime("%Y-%m-%dT%H:%M:%S")
+            end = (start + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%S")
+            buckets.append(openai_cost_bucket(iso, end, [("proj_a", "x", amount)]))
+            rows.append(
+                Row(
+                    org.id,
+                    project,
+                    "openai",
+                    org.ai_org,
+                    "costs",
+                    "cost",
+                    start,
+                    start + timedelta(hours=1),
+                    "x",
+                    Decimal(amount),
+                    collected,
+                )
+            )
+    await feeder.events(*events)
+    envelope_ = envelope(
+        "openai", org.ai_org, "costs_v1", buckets, collected_at=collected.strftime("%Y-%m-%dT%H:%M:%SZ")
+    )
+    assert not (await feeder.buckets(envelope_)).quarantine
+    await add_budget(db, "organization", org, "1000", period="monthly", timezone="Pacific/Kiritimati")
+    model = SpendModel(rows, estimates, {project: ("openai", org.ai_org)})
+
+    first = datetime.combine(months[0], time(), UTC) - timedelta(days=1)
+    asked = [
+        (scope, p)
+        for tz in ("UTC", "Pacific/Kiritimati", "America/Los_Angeles", "Europe/Berlin")
+        for kind in ("daily", "weekly", "monthly")
+        for p in periods_overlapping(kind, tz, first, NOW)
+        for scope in ("organization", "project")
+    ]
+    asked += [(scope, (first, NOW + timedelta(days=1))) for scope in ("organization", "project")]
+
+    async def spends() -> list[Decimal]:
+        found = await db.fetch(
+            "SELECT ord, spend FROM cost_worker_spend_many($1::text[], $2::uuid[], $3::uuid[], $4::uuid[], "
+            "$5::timestamptz[], $6::timestamptz[], $7::text[]) ORDER BY ord",
+            [scope for scope, _ in asked],
+            [org.id] * len(asked),
+            [project if scope == "project" else None for scope, _ in asked],
+            [None] * len(asked),
+            [p[0] for _, p in asked],
+            [p[1] for _, p in asked],
+            ["USD"] * len(asked),
+        )
+        return [r["spend"] for r in found]
+
+    before = await spends()
+    expected = [model.spend(scope, org.id, project, None, *p) for scope, p in asked]
+    assert before == expected
+    assert before[-1] > 0
+
+    found, result = await retention.run_once(
+        settings, months=2, ages=retention.Ages(30, 90), execute_plan=True, role=None, try_owner=True
+    )
+    assert result is not None
+    assert len(result.dropped) == 4, result.dropped  # months[0..3]: the Kiritimati period keeps only this month
+    assert not found.kept_for_budgets
+    assert await spends() == before
+    rebuilt = await asyncio.to_thread(cli, settings, "budgets", "rebuild-spend", "--organization", str(org.id))
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert await spends() == before, "rebuilt from the ledger and the rollups: the same spend"
