@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import uuid
 from decimal import Decimal
 from pathlib import Path
 
@@ -73,6 +74,31 @@ async def test_quarantine_list_and_replay_after_the_mapping_exists(
     wrong = await asyncio.to_thread(cli, settings, "quarantine", "replay", "--reason", "nonsense")
     assert wrong.returncode == 2
     assert "unknown reason 'nonsense'" in wrong.stderr
+
+
+async def test_replay_leaves_messages_of_a_topic_no_longer_consumed_as_they_were(
+    db: asyncpg.Connection, feeder: Feeder, settings: Settings
+) -> None:
+    """Decoding picks the message kind by topic: an API-usage event replayed after COST_WORKER_TOPIC_API_USAGE was
+    renamed was decoded as a provider message and its replayable `unknown_project` row overwritten with
+    `schema_violation` (not replayable): its cost (1.25) would never count. It is left as it was, and said so."""
+    org = await make_org(db)
+    missing = uuid.uuid4()
+    await feeder.events(api_event(org, project=missing, occurred_at="2026-11-21T10:00:00Z", cost="1.25"))
+    await db.execute("INSERT INTO projects (id, organization_id, name) VALUES ($1, $2, 'x')", missing, org.id)
+
+    renamed = settings.model_copy(update={"topic_api_usage": f"{settings.topic_api_usage}-v2"})
+    replay = await asyncio.to_thread(cli, renamed, "quarantine", "replay")
+    assert replay.returncode == 0, replay.stderr
+    assert "nothing to replay" in replay.stdout
+    assert f"left 1 pending message(s) of {settings.topic_api_usage}: not an input topic" in replay.stdout
+    row = await db.fetchrow("SELECT reason, status, replay_count FROM quarantine")
+    assert row is not None
+    assert (row["reason"], row["status"], row["replay_count"]) == ("unknown_project", "pending", 0)
+
+    replay = await asyncio.to_thread(cli, settings, "quarantine", "replay")
+    assert "replayed 1 message(s); 0 still quarantined" in replay.stdout
+    assert await db.fetchval("SELECT sum(estimated_cost_usd) FROM project_metrics") == Decimal("1.25")
 
 
 async def test_budgets_status_prints_period_spend_and_alerts(

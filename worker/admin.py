@@ -99,8 +99,17 @@ async def quarantine_replay(settings: Settings, *, reason: str | None, limit: in
     db = await _open(settings)
     try:
         pipeline = Pipeline(db, settings, budgets=BudgetEngine(settings))
+        # A message's kind is its topic's (``decode_batch``): one of a topic this configuration does not consume
+        # (a renamed input topic) would be decoded as the wrong kind and lose its reason. Those are left as they are.
+        topics = [settings.topic_api_usage, settings.topic_provider_buckets]
         async with db.transaction() as tx:
-            rows = await tx.quarantine_pending(reason, limit)
+            elsewhere = await tx.quarantine_pending_elsewhere(reason, topics)
+            for row in elsewhere:
+                print(
+                    f"left {row['messages']} pending message(s) of {row['source_topic']}: not an input topic of this "
+                    f"configuration ({', '.join(topics)})"
+                )
+            rows = await tx.quarantine_pending(reason, limit, topics)
             if not rows:
                 print("nothing to replay")
                 return 0

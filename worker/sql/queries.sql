@@ -472,13 +472,22 @@ ORDER BY id DESC
 LIMIT $3;
 
 -- name: quarantine_pending
--- Pending quarantined messages to replay, oldest first, locked so two replays never take the same rows.
+-- Pending quarantined messages to replay, oldest first, locked so two replays never take the same rows. Only those
+-- of the input topics $3 (the kind of a message is its topic's: another topic's would be decoded as the wrong kind).
 SELECT id, reason, source_topic, source_partition, source_offset, message_key, payload, headers
 FROM quarantine
-WHERE status = 'pending' AND ($1::text IS NULL OR reason = $1)
+WHERE status = 'pending' AND ($1::text IS NULL OR reason = $1) AND source_topic = ANY($3::text[])
 ORDER BY id
 LIMIT $2
 FOR UPDATE SKIP LOCKED;
+
+-- name: quarantine_pending_elsewhere
+-- Pending quarantined messages of topics other than the input topics $2 (replay leaves them), per topic.
+SELECT source_topic, count(*) AS messages
+FROM quarantine
+WHERE status = 'pending' AND ($1::text IS NULL OR reason = $1) AND NOT (source_topic = ANY($2::text[]))
+GROUP BY source_topic
+ORDER BY source_topic;
 
 -- name: quarantine_mark_replayed
 UPDATE quarantine SET status = 'replayed', replayed_at = now(), replay_count = replay_count + 1

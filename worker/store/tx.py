@@ -188,8 +188,11 @@ class Tx:
         )
         return len(rows)
 
-    async def quarantine_pending(self, reason: str | None, limit: int) -> list[asyncpg.Record]:
-        return await self.conn.fetch(query("quarantine_pending"), reason, limit)
+    async def quarantine_pending(self, reason: str | None, limit: int, topics: list[str]) -> list[asyncpg.Record]:
+        return await self.conn.fetch(query("quarantine_pending"), reason, limit, topics)
+
+    async def quarantine_pending_elsewhere(self, reason: str | None, topics: list[str]) -> list[asyncpg.Record]:
+        return await self.conn.fetch(query("quarantine_pending_elsewhere"), reason, topics)
 
     async def quarantine_mark_replayed(self, ids: list[int]) -> None:
         await self.conn.execute(query("quarantine_mark_replayed"), ids)
