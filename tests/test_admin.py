@@ -101,6 +101,29 @@ async def test_replay_leaves_messages_of_a_topic_no_longer_consumed_as_they_were
     assert await db.fetchval("SELECT sum(estimated_cost_usd) FROM project_metrics") == Decimal("1.25")
 
 
+async def test_replaying_a_bucket_whose_window_has_a_newer_revision_changes_nothing(
+    db: asyncpg.Connection, feeder: Feeder, settings: Settings
+) -> None:
+    """A message quarantined in part (an unmapped project) whose window then got a newer snapshot: once the mapping
+    exists, replaying it is a stale revision (marked replayed), and only the newer snapshot counts."""
+    org = await make_org(db, project_ids=("proj_a",))
+    old = openai_cost_bucket("2026-11-01", "2026-11-02", [("proj_a", "x", 1), ("proj_new", "x", 2)])
+    await feeder.buckets(envelope("openai", org.ai_org, "costs_v1", [old], collected_at="2026-11-03T00:00:00Z"))
+    new = openai_cost_bucket("2026-11-01", "2026-11-02", [("proj_a", "x", 5)])
+    await feeder.buckets(envelope("openai", org.ai_org, "costs_v1", [new], collected_at="2026-11-04T00:00:00Z"))
+    await db.execute(
+        "INSERT INTO projects (organization_id, name, ai_provider, ai_organization_id, ai_project_id) "
+        "VALUES ($1, 'new', 'openai', $2, 'proj_new')",
+        org.id,
+        org.ai_org,
+    )
+    replay = await asyncio.to_thread(cli, settings, "quarantine", "replay")
+    assert replay.returncode == 0, replay.stderr
+    assert "replayed 1 message(s); 0 still quarantined" in replay.stdout
+    assert "1 stale_revision" in replay.stdout
+    assert await db.fetchval("SELECT sum(amount) FROM cost_data WHERE superseded_at IS NULL") == Decimal(5)
+
+
 async def test_budgets_status_prints_period_spend_and_alerts(
     db: asyncpg.Connection, feeder: Feeder, settings: Settings
 ) -> None:

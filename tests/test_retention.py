@@ -5,6 +5,7 @@ line; and a retention run while a worker drains a backlog loses nothing the rule
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
@@ -384,3 +385,27 @@ async def test_budgets_read_the_same_spend_after_retention_as_before_and_as_the_
     rebuilt = await asyncio.to_thread(cli, settings, "budgets", "rebuild-spend", "--organization", str(org.id))
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert await spends() == before, "rebuilt from the ledger and the rollups: the same spend"
+
+
+async def test_a_quarantined_event_of_a_dropped_month_stays_quarantined_on_replay_saying_why(
+    db: asyncpg.Connection, feeder: Feeder, settings: Settings
+) -> None:
+    months = [add_months(CURRENT, -k) for k in range(4, 0, -1)]
+    org = await history(db, feeder, months)
+    unknown = uuid.uuid4()
+    await feeder.events(api_event(org, project=unknown, occurred_at=at(months[0], 20), cost="7"))
+    before = await kept_state(db)
+    _, result = await retention.run_once(
+        settings, months=2, ages=retention.Ages(30, 90), execute_plan=True, role=None, try_owner=True
+    )
+    assert result is not None
+    assert result.kept_from == months[2]
+    await db.execute("INSERT INTO projects (id, organization_id, name) VALUES ($1, $2, 'late')", unknown, org.id)
+    replay = await asyncio.to_thread(cli, settings, "quarantine", "replay")
+    assert replay.returncode == 0, replay.stderr
+    assert "replayed 0 message(s); 1 still quarantined" in replay.stdout
+    row = await db.fetchrow("SELECT reason, detail, status FROM quarantine")
+    assert row is not None
+    assert (row["reason"], row["status"]) == ("invalid_timestamp", "pending")
+    assert f"is before {months[2].isoformat()}: retention dropped the per-request detail" in row["detail"]
+    assert await kept_state(db) == before
