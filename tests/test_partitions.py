@@ -13,8 +13,10 @@ import pytest
 
 from tests.factories import api_event, make_org
 from tests.feeding import Feeder
+from worker.breaker import CircuitBreaker
 from worker.budgets import BudgetEngine
 from worker.config import Settings
+from worker.errors import CircuitOpen
 from worker.partitions import add_months, month_of
 from worker.pipeline import Pipeline
 from worker.store import Database
@@ -148,6 +150,31 @@ async def test_events_before_the_first_month_kept_are_quarantined(db: asyncpg.Co
     assert "before 2026-11-01: retention dropped" in row["detail"]
     assert await db.fetchval("SELECT sum(request_count) FROM project_metrics") == 1
     assert await db.fetchval("SELECT count(*) FROM api_usage WHERE occurred_at < '2026-11-01'") == 0
+
+
+async def test_events_of_a_dropped_month_do_not_open_the_circuit_breaker(
+    db: asyncpg.Connection, settings: Settings, database: Database
+) -> None:
+    """Events of a month retention dropped are valid input refused by policy, not a broken producer: a backlog of
+    them (a producer's backfill, a re-read topic) was 300 of 310 "invalid" messages and stopped the worker
+    (CircuitOpen, at every restart: the same batch). Events with a timestamp that is really bad still count."""
+    org = await make_org(db)
+    await db.execute("UPDATE api_usage_retention SET kept_from = '2026-11-01'")
+    breaker = CircuitBreaker(window=1000, min_messages=200, invalid_ratio=settings.breaker_invalid_ratio)
+    feeder = Feeder(Pipeline(database, settings, budgets=BudgetEngine(settings), breaker=breaker), settings)
+    topic = settings.topic_api_usage
+    old = [api_event(org, occurred_at=f"2026-10-{1 + i % 30:02d}T{i % 24:02d}:00:00Z") for i in range(300)]
+    kept = [api_event(org, occurred_at=f"2026-11-{1 + i:02d}T00:00:00Z") for i in range(10)]
+    outcome = await feeder.events(*old, *kept)
+    assert outcome.quarantined[(topic, "invalid_timestamp")] == 300
+    assert outcome.messages[(topic, "inserted")] == 10
+
+    broken = [api_event(org, occurred_at="2014-12-31T00:00:00Z") for _ in range(300)]
+    feeder.pipeline.breaker = CircuitBreaker(
+        window=1000, min_messages=200, invalid_ratio=settings.breaker_invalid_ratio
+    )
+    with pytest.raises(CircuitOpen):
+        await feeder.events(*broken)
 
 
 async def test_the_writer_cannot_make_or_drop_partitions_itself(db: asyncpg.Connection) -> None:

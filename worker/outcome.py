@@ -45,6 +45,9 @@ class Outcome:
     unknown_models: int = 0  # API-usage events whose model has no known provider (their estimate always counts)
     catalogue_estimates: int = 0  # API-usage events without cost_usd that the price catalogue estimated
     new_quarantine_rows: int = 0
+    # API-usage events of a month retention dropped (quarantined as invalid_timestamp): valid input refused by the
+    # operator's retention, so the circuit breaker counts them as good, not as a sign of a broken producer.
+    retained_out: int = 0
     alerts: list[Alert | Resolution] = field(default_factory=list)
     quarantine: list[Quarantined] = field(default_factory=list)  # every message quarantined by this batch
 

@@ -32,7 +32,7 @@ from worker.ledger import Ledger, reduce_ledger
 from worker.ledger_write import write_ledger
 from worker.outcome import BestResults, Outcome, Result
 from worker.pricing import PriceBook, price_keys
-from worker.quarantine import Quarantined
+from worker.quarantine import Quarantined, Reason
 from worker.rows import UsageRows
 from worker.store import Database, Tx
 from worker.touches import Touch, midpoint
@@ -90,7 +90,9 @@ class Pipeline:
                     raise StaleOffsets()
                 outcome = await self.write(tx, batch)
                 if self.breaker is not None:
-                    bad = [reason for (_, reason), n in outcome.quarantined.items() for _ in range(n)]
+                    quarantined = outcome.quarantined.copy()
+                    quarantined[(self.settings.topic_api_usage, Reason.INVALID_TIMESTAMP.value)] -= outcome.retained_out
+                    bad = [reason for (_, reason), n in quarantined.items() for _ in range(n)]
                     self.breaker.check(len(batch) - len(bad), bad)
                     checked = True
                 self.faults.hit(FaultPoint.BEFORE_DB_COMMIT)
@@ -151,7 +153,9 @@ class Pipeline:
         self, tx: Tx, checked: UsageRows, quarantine: list[Quarantined], outcome: Outcome, touched: list[Touch]
     ) -> None:
         """Checked API-usage rows into their partitions (a month retention dropped is quarantined), counted."""
+        before = len(quarantine)
         checked = await partitions.admit(tx, checked, quarantine)  # monthly partitions, retention (issue 18)
+        outcome.retained_out += len(quarantine) - before
         if not checked.events:
             return
         usage = await write_usage(tx, checked)
