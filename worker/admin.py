@@ -101,7 +101,7 @@ async def quarantine_replay(settings: Settings, *, reason: str | None, limit: in
         pipeline = Pipeline(db, settings, budgets=BudgetEngine(settings))
         # A message's kind is its topic's (``decode_batch``): one of a topic this configuration does not consume
         # (a renamed input topic) would be decoded as the wrong kind and lose its reason. Those are left as they are.
-        topics = [settings.topic_api_usage, settings.topic_provider_buckets]
+        topics = list(settings.input_topics)
         async with db.transaction() as tx:
             elsewhere = await tx.quarantine_pending_elsewhere(reason, topics)
             for row in elsewhere:
