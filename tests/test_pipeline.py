@@ -416,6 +416,47 @@ async def test_order_of_deliveries_does_not_matter(
     assert sorted(r["amount"] for r in await db.fetch("SELECT amount FROM cost_data")) == [Decimal(3), Decimal(3)]
 
 
+async def test_an_event_the_catalogue_prices_past_the_request_bound_is_quarantined_not_fatal(
+    db: asyncpg.Connection, feeder: Feeder
+) -> None:
+    """Valid counts (below 1e15 tokens) at a model's price can make an estimate of 1e9 USD or more, which
+    api_usage's CHECK rejects: that failed the whole batch as fatal (the worker stopped, and stopped again on the
+    same message after a restart). It is invalid_number, and the event beside it lands."""
+    org = await make_org(db)
+    project = org.projects["proj_a"]
+    good = api_event(org, project=project, model="gpt-4o", prompt=1000, completion=100)
+    del good["token_usage"]["cost_usd"]
+    absurd = api_event(org, project=project, model="gpt-4o", prompt=0, completion=999_999_999_999_999)
+    del absurd["token_usage"]["cost_usd"]  # at 10 USD per million output tokens: 9,999,999,999.99 USD
+    outcome = await feeder.events(good, absurd)
+    assert dict(outcome.quarantined) == {(feeder.settings.topic_api_usage, "invalid_number"): 1}
+    stored = {r["event_id"]: r["catalogue_cost_usd"] for r in await db.fetch("SELECT * FROM api_usage")}
+    assert stored == {good["event_id"]: Decimal("0.0035")}
+
+
+async def test_a_usage_bucket_priced_past_the_ledger_bound_is_quarantined_not_fatal(
+    db: asyncpg.Connection, feeder: Feeder
+) -> None:
+    """1e14 web searches (a valid count) at the catalogue's 10 USD per thousand are 1e12 USD, which cost_data's
+    CHECK rejects: that failed the whole batch as fatal. The message is invalid_number, the one beside it lands."""
+    org = await make_org(db, provider="anthropic", project_ids=("wrkspc_01",))
+
+    def usage(searches: int, hour: int) -> dict[str, Any]:
+        result = {
+            "output_tokens": 0,
+            "server_tool_use": {"web_search_requests": searches},
+            "model": "claude-sonnet-4-5",
+            "workspace_id": "wrkspc_01",
+        }
+        start, end = f"2026-11-01T0{hour}:00:00Z", f"2026-11-01T0{hour + 1}:00:00Z"
+        return envelope("anthropic", org.ai_org, "usage_v1", [anthropic_usage_bucket(start, end, [result])])
+
+    outcome = await feeder.buckets(usage(100_000_000_000_000, 0), usage(3, 1))
+    assert dict(outcome.quarantined) == {(feeder.settings.topic_provider_buckets, "invalid_number"): 1}
+    rows = await db.fetch("SELECT line_item, amount FROM cost_data WHERE line_item LIKE '%web_search%'")
+    assert [(r["line_item"], r["amount"]) for r in rows] == [("claude-sonnet-4-5:web_search_requests", Decimal("0.03"))]
+
+
 async def test_events_without_cost_are_estimated_from_the_catalogue(db: asyncpg.Connection, feeder: Feeder) -> None:
     """The rollups say how much of the estimate the platform priced and how much the catalogue did."""
     org = await make_org(db)

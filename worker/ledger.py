@@ -17,6 +17,7 @@ from uuid import UUID
 from worker.attribution import Attribution, Unattributed
 from worker.decode import ProviderMessage
 from worker.limits import EXACT, MAX_DETAIL
+from worker.models import MAX_AMOUNT
 from worker.outcome import BestResults, Result
 from worker.pricing import PriceBook
 from worker.providers import LedgerLine
@@ -96,7 +97,9 @@ def _attributed_lines(
     message: ProviderMessage, attribution: Attribution, book: PriceBook, ledger: Ledger
 ) -> dict[LedgerKey, LedgerLine] | None:
     """One message's lines by key, attributed, priced and summed. A line that cannot be attributed quarantines
-    the message (its attributed lines are still written); two currencies for one key quarantine it whole (None)."""
+    the message (its attributed lines are still written); two currencies for one key quarantine it whole (None),
+    and so do priced amounts adding up to ``MAX_AMOUNT`` or more (valid quantities, below 1e15 a message, at a
+    price of 1,000 per million units or more: cost_data's CHECK would reject them, failing the batch as fatal)."""
     summed: dict[LedgerKey, LedgerLine] = {}
     problems: list[str] = []
     problem_reason: Reason | None = None
@@ -132,6 +135,15 @@ def _attributed_lines(
             )
             return None
         summed[key] = total
+    with localcontext(EXACT):
+        priced = sum(
+            (abs(line.amount) for line in summed.values() if line.price_model is not None and line.amount is not None),
+            Decimal(0),
+        )
+    if priced >= MAX_AMOUNT:
+        detail = f"the message's usage is priced at {priced:.3E} in all, {MAX_AMOUNT} or more"
+        ledger.quarantined.append(Quarantined(message.source, message.payload, Reason.INVALID_NUMBER, detail))
+        return None
     if problem_reason is not None:
         detail = "; ".join(sorted(set(problems))[:MAX_PROBLEMS])
         ledger.quarantined.append(Quarantined(message.source, message.payload, problem_reason, detail[:MAX_DETAIL]))

@@ -12,6 +12,7 @@ from uuid import UUID
 
 from worker.decode import ApiEvent
 from worker.model_providers import provider_of
+from worker.models import MAX_REQUEST_COST
 from worker.pricing import estimate_request
 from worker.quarantine import Quarantined, Reason
 from worker.rows import Scope, ScopeKey, UsageRows, scope_key
@@ -32,10 +33,18 @@ class UsageWritten:
 async def checked_events(tx: Tx, rows: UsageRows) -> tuple[UsageRows, list[Quarantined]]:
     """Reference checks against the platform tables (one delivery per key, in key order): the
     rows that pass, and the others' events quarantined. Checked per distinct (organization, project, user),
-    prepared before the transaction; the events are walked only when one of those fails."""
+    prepared before the transaction; the events are walked only when one of those fails.
+
+    An event the catalogue prices at ``MAX_REQUEST_COST`` or more (valid token counts, up to 1e15, at a model's
+    price) is ``invalid_number``: api_usage's CHECK would reject it, failing the whole batch as fatal."""
     events = rows.events
     if not events:
         return rows, []
+    absurd = {
+        index: estimate
+        for index, estimate in enumerate(rows.estimates)
+        if estimate is not None and estimate >= MAX_REQUEST_COST
+    }
     scopes = rows.scopes if rows.scopes is not None else event_scopes(events)
     known = await tx.lookup_event_references(
         {scope[0] for scope in scopes.values()},
@@ -43,12 +52,15 @@ async def checked_events(tx: Tx, rows: UsageRows) -> tuple[UsageRows, list[Quara
         {scope[2] for scope in scopes.values() if scope[2] is not None},
     )
     problems = {key: problem for key, scope in scopes.items() if (problem := _problem(scope, known)) is not None}
-    if not problems:
+    if not problems and not absurd:
         return rows, []
     checked = []
     quarantined = []
     for index, event in enumerate(events):
         problem = problems.get(scope_key(event))
+        if index in absurd:
+            detail = f"the catalogue prices this request at {absurd[index]:.3E} USD, {MAX_REQUEST_COST} or more"
+            problem = Reason.INVALID_NUMBER, detail
         if problem is None:
             checked.append(index)
         else:
