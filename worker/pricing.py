@@ -269,13 +269,18 @@ def estimate_request(
     length is known: a tiered price is that of the tier its prompt tokens reach (a 300k-token prompt to a model
     billed at long-context rates past 200k pays them on every token). An event that reports only
     ``total_tokens`` (no prompt or completion count) is priced as the dearer of all prompt or all completion,
-    rather than silently count zero. None when the
+    rather than silently count zero; one that reports one count and ``total_tokens`` has the rest of the total as
+    its other count (total = prompt + completion; a missing count reads as 0). None when the
     catalogue cannot price it (no model, no tokens, a model it does not know)."""
     model = (model or "").strip()  # as ``model_providers.provider_of`` reads it
     if provider is None or not model:
         return None
     if not prompt_tokens and not completion_tokens:
         return _estimate_total(provider, model, total_tokens, at) if total_tokens else None
+    if total_tokens and not completion_tokens and prompt_tokens and total_tokens > prompt_tokens:
+        completion_tokens = total_tokens - prompt_tokens
+    elif total_tokens and not prompt_tokens and completion_tokens and total_tokens > completion_tokens:
+        prompt_tokens = total_tokens - completion_tokens
     total = Decimal(0)
     source = None
     for unit, count in (("input_tokens", prompt_tokens), ("output_tokens", completion_tokens)):

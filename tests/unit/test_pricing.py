@@ -183,6 +183,26 @@ def test_an_event_with_only_total_tokens_is_estimated_at_the_dearer_price_not_ze
         assert found is not None
         assert (model, found.amount) == (model, max(theirs))
         assert estimate_request(provider, model, None, None, AT, total_tokens=tokens) == found
+    # One count and total_tokens: the other count is the rest of the total (the contract's total = prompt +
+    # completion; a missing count reads as 0). 150 prompt tokens and a total of 950 to gpt-4o are 0.008375 USD
+    # (800 completion tokens at 10 per million), not 0.000375 (the 800 dropped).
+    assert estimate_request("openai", "gpt-4o", 150, 0, AT, total_tokens=950) == estimate_request(
+        "openai", "gpt-4o", 150, 800, AT
+    )
+    assert estimate_request("openai", "gpt-4o", 150, None, AT, total_tokens=950) == estimate_request(
+        "openai", "gpt-4o", 150, 800, AT
+    )
+    # ... and the prompt, when only the completion is given, with the tier it reaches (300k to claude-sonnet-4-5)
+    assert estimate_request("anthropic", "claude-sonnet-4-5", 0, 1_000, AT, total_tokens=301_000) == estimate_request(
+        "anthropic", "claude-sonnet-4-5", 300_000, 1_000, AT
+    )
+    found = estimate_request("openai", "gpt-4o", 150, 0, AT, total_tokens=950)
+    assert found is not None
+    assert found.amount == Decimal("0.008375")
+    # A total below the given count says nothing more.
+    assert estimate_request("openai", "gpt-4o", 150, 0, AT, total_tokens=100) == estimate_request(
+        "openai", "gpt-4o", 150, 0, AT
+    )
     # A split, when given, is what counts: total_tokens is not added on top.
     split = estimate_request("openai", "gpt-4o", 100, 50, AT, total_tokens=150)
     assert split == estimate_request("openai", "gpt-4o", 100, 50, AT)
