@@ -391,8 +391,36 @@ def _usage_lines(
         )
 
 
+# The count each Usage API endpoint's result must report (openapi.json: required, not nullable). A result without
+# it is no usage result: read as zero it would be an empty snapshot of its window, retiring the usage stored for
+# it. A completions result needs one of its token counts (missing breakdowns are inferred from the others).
+OPENAI_REQUIRED_COUNTS: dict[str, tuple[str, ...]] = {
+    "completions": (
+        "input_tokens",
+        "output_tokens",
+        "input_cached_tokens",
+        "input_cache_write_tokens",
+        "input_uncached_tokens",
+        *(name for name, _ in COMPLETION_TOKEN_TYPES if name != "input_cache_write_tokens"),
+    ),
+    "embeddings": ("input_tokens",),
+    "moderations": ("input_tokens",),
+    "images": ("images",),
+    "audio_speeches": ("characters",),
+    "audio_transcriptions": ("seconds",),
+    "vector_stores": ("usage_bytes",),
+    "code_interpreter_sessions": ("num_sessions",),
+    "file_search_calls": ("num_requests",),
+    "web_search_calls": ("num_requests",),
+}
+
+
 def openai_counts(endpoint: str, result: OpenAIUsageResult) -> list[Count]:
-    """The quantities of one Usage API result of the given endpoint."""
+    """The quantities of one Usage API result of the given endpoint (``schema_violation`` without its count)."""
+    required = OPENAI_REQUIRED_COUNTS[endpoint]
+    if all(getattr(result, name) is None for name in required):
+        wanted = "any token count" if endpoint == "completions" else required[0]
+        raise InvalidInput(Reason.SCHEMA_VIOLATION, f"a {endpoint} usage result without {wanted} (missing or null)")
     if endpoint == "completions":
         split = completion_tokens(result)
         return [Count(name, split[name], TOKENS, unit) for name, unit in COMPLETION_TOKEN_TYPES]

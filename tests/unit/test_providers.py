@@ -13,7 +13,13 @@ from hypothesis import strategies as st
 
 from worker.decode import ProviderMessage, decode_provider_message
 from worker.models import OpenAIUsageResult
-from worker.providers import COMPLETION_TOKEN_TYPES, ENDPOINT_OBJECTS, LedgerLine, completion_tokens
+from worker.providers import (
+    COMPLETION_TOKEN_TYPES,
+    ENDPOINT_OBJECTS,
+    OPENAI_REQUIRED_COUNTS,
+    LedgerLine,
+    completion_tokens,
+)
 from worker.quarantine import Quarantined, Reason, Source
 
 SOURCE = Source("cost.provider-buckets", 0, 0)
@@ -69,9 +75,25 @@ def test_the_issue_example_no_longer_inflates_tokens() -> None:
 
 @pytest.mark.parametrize("endpoint", sorted(ENDPOINT_OBJECTS))
 def test_reports_follow_the_object_or_the_envelope(endpoint: str) -> None:
-    result = {"object": ENDPOINT_OBJECTS[endpoint], "model": "m"}
+    counted = {"model": "m", OPENAI_REQUIRED_COUNTS[endpoint][0]: 1}
+    result = {"object": ENDPOINT_OBJECTS[endpoint]} | counted
     assert {line.report for line in lines([result])} == {f"openai.usage.{endpoint}"}
-    assert {line.report for line in lines([{"model": "m"}], endpoint=endpoint)} == {f"openai.usage.{endpoint}"}
+    assert {line.report for line in lines([counted], endpoint=endpoint)} == {f"openai.usage.{endpoint}"}
+
+
+@pytest.mark.parametrize("endpoint", sorted(ENDPOINT_OBJECTS))
+def test_a_result_without_its_count_is_no_usage_snapshot(endpoint: str) -> None:
+    """Each endpoint's count is required and not nullable (openapi.json). Missing or null, it read as zero: an
+    empty snapshot of the window that retired its stored usage (3 dall-e-3 images at 0.04 USD, re-polled with
+    "images": null, went from 0.12 USD to 0). It is schema_violation, like Anthropic's result without counts."""
+    for count in ({}, dict.fromkeys(OPENAI_REQUIRED_COUNTS[endpoint])):
+        result = {"object": ENDPOINT_OBJECTS[endpoint], "model": "m", "num_model_requests": 3} | count
+        outcome = decode([result])
+        assert isinstance(outcome, Quarantined), (endpoint, count)
+        assert outcome.reason is Reason.SCHEMA_VIOLATION, outcome.detail
+        assert endpoint in outcome.detail
+    # One count is enough for completions: the others are inferred from it.
+    assert lines([{"output_tokens": 0}], endpoint="completions")
 
 
 def test_a_result_without_object_nor_endpoint_is_completions() -> None:
