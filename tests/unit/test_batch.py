@@ -33,6 +33,9 @@ LATER = {
     Reason.CONFLICTING_DUPLICATE,
     Reason.INCONSISTENT_DATA,
 }
+# Valid counts the prices make absurd: invalid_number once priced (the catalogue's estimate, the line's price),
+# which happens after decoding.
+PRICED_LATER = {"api_usage/estimate-beyond-1e9.json", "provider_buckets/openai-usage-priced-beyond-1e12.json"}
 
 
 def event(**overrides: Any) -> dict[str, Any]:
@@ -142,7 +145,7 @@ def test_every_hostile_message_decodes_to_its_reason_or_passes_to_the_database()
             assert [q.reason.value for q in batch.quarantined] == [message.reason], message.name
             assert len(batch.quarantined[0].detail) <= 500, message.name
         else:
-            assert Reason(message.reason) in LATER, message.name
+            assert Reason(message.reason) in LATER or message.name in PRICED_LATER, message.name
 
 
 def test_the_usage_row_has_exactly_the_fields_of_insert_api_usage_s_row_type() -> None:
