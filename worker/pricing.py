@@ -154,6 +154,11 @@ def _flatten(prices: ModelPrice, *, long_context: bool, input_tokens: int | None
     return ModelPrice(**flat)
 
 
+def _is_audio_tokens(unit: str) -> bool:
+    """A genai-prices usage key that counts audio tokens (input, cached, output; not seconds)."""
+    return "audio" in unit.split("_") and unit.endswith("_tokens")
+
+
 @lru_cache(maxsize=QUOTE_CACHE)
 def catalogue_quote(
     provider: str,
@@ -191,6 +196,14 @@ def catalogue_quote(
     }
     if priced and not any(registry.unit_for_price_key(key).usage_key in relevant for key in priced):
         return None  # the model is priced, but not for this unit
+    if _is_audio_tokens(unit) and not any(
+        _is_audio_tokens(usage_key) and usage_key in relevant
+        for usage_key in (registry.unit_for_price_key(key).usage_key for key in priced)
+    ):
+        # Audio tokens are never billed as text (OpenAI: gpt-4o-audio-preview's audio input is $40 per million,
+        # its text $2.50), but the catalogue falls back to the text price where a model has no audio price. A
+        # line priced 16x too low would count silently; unpriced, it shows in `prices unpriced` for an override.
+        return None
     per = registry.units[unit].per
     with localcontext(EXACT), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # genai-prices warns about price keys it does not use; they stay unused

@@ -94,16 +94,45 @@ def _genai_usage(truth: dict[str, int]) -> genai_prices.Usage:
     )
 
 
+AUDIO = ("input_audio_tokens", "input_cached_audio_tokens", "output_audio_tokens")
+# Models the catalogue gives audio prices (their audio tokens are priced as genai-prices prices them) and models
+# it does not (audio tokens there would fall back to the text price: the worker leaves them unpriced).
+AUDIO_PRICED = ("gpt-audio", "gpt-realtime", "gpt-realtime-mini")
+NO_AUDIO_PRICE = ("gpt-4o", "gpt-4o-mini", "gpt-image-1", "gpt-4.1-mini", "o3", "gpt-4o-audio-preview")
+
+
 @settings(max_examples=200, deadline=None)
-@given(truth=truths, model=st.sampled_from(["gpt-4o", "gpt-4o-mini", "gpt-image-1", "gpt-4.1-mini", "o3"]))
+@given(truth=truths, model=st.sampled_from(AUDIO_PRICED + NO_AUDIO_PRICE))
 def test_catalogue_prices_amount_to_genai_prices_whole_calculation(truth: dict[str, int], model: str) -> None:
+    """Every token the catalogue prices for this model is priced as genai-prices prices the whole result; audio
+    tokens of a model without an audio price are left unpriced (never at the text price), the rest still priced."""
     book = PriceBook([])
     priced = [book.priced(line) for line in usage_lines(model, truth)]
-    assert all(ok for _, ok in priced)
-    lines = [line for line, _ in priced]
-    ours = sum((line.amount for line in lines if line.amount is not None), Decimal(0))
-    theirs = genai_prices.calc_price(_genai_usage(truth), model, provider_id="openai", genai_request_timestamp=AT)
+    unpriced = {line.price_token_type for line, ok in priced if not ok}
+    if model in AUDIO_PRICED:
+        assert unpriced == set()
+        comparable = truth
+    else:
+        assert unpriced == {name for name in AUDIO if truth[name] > 0}
+        comparable = truth | dict.fromkeys(AUDIO, 0)
+    ours = sum((line.amount for line, ok in priced if ok and line.amount is not None), Decimal(0))
+    usage = _genai_usage(comparable)
+    theirs = genai_prices.calc_price(usage, model, provider_id="openai", genai_request_timestamp=AT)
     assert ours == theirs.total_price
+
+
+def test_audio_tokens_are_never_priced_as_text() -> None:
+    """gpt-4o-audio-preview: the catalogue has only its text prices ($2.50 / $10 per million); OpenAI bills its
+    audio at $40 / $80. Priced by fallback, 1M audio tokens in and out would count $12.50 instead of $120."""
+    truth = dict.fromkeys(CATEGORIES, 0) | {"input_audio_tokens": 1_000_000, "output_audio_tokens": 1_000_000}
+    truth |= {"input_text_tokens": 1_000_000}
+    priced = {
+        line.price_token_type: (line.amount, ok)
+        for line, ok in map(PriceBook([]).priced, usage_lines("gpt-4o-audio-preview", truth))
+    }
+    assert priced["input_audio_tokens"] == (None, False)
+    assert priced["output_audio_tokens"] == (None, False)
+    assert priced["input_text_tokens"] == (Decimal("2.5"), True)  # its text is priced as before
 
 
 def test_every_priced_line_names_the_catalogue_version() -> None:
