@@ -301,11 +301,13 @@ def estimate_request(
             continue
         quote = catalogue_quote(provider, model, unit, (), at, request_input_tokens=prompt_tokens or 0)
         if quote is None:
-            return None
+            if catalogue_model(provider, model) is None:
+                return None
+            continue  # a model the catalogue prices, but not for this kind of token (an embedding's output): free,
+            # as genai-prices' own calculation has it, and its other tokens are still priced
         total += quote.amount(Decimal(count))
         source = quote.source
-    assert source is not None
-    return Estimate(total, source)
+    return None if source is None else Estimate(total, source)
 
 
 def _estimate_total(provider: str, model: str, tokens: int, at: datetime) -> Estimate | None:

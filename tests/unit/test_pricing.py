@@ -190,6 +190,20 @@ def test_an_estimate_prices_the_request_at_the_tier_of_its_own_prompt() -> None:
             assert (model, prompt, found.amount) == (model, prompt, theirs.total_price)
 
 
+def test_tokens_the_model_has_no_price_for_leave_the_rest_of_the_request_priced() -> None:
+    """An embedding event that reports completion tokens (or a total above its prompt): the embedding model has no
+    output price, which must not void the request's estimate (it counted 0); genai-prices prices its input."""
+    usage = genai_prices.Usage(input_tokens=1000, output_tokens=100)
+    theirs = genai_prices.calc_price(usage, "text-embedding-3-small", provider_id="openai", genai_request_timestamp=AT)
+    for found in (
+        estimate_request("openai", "text-embedding-3-small", 1000, 100, AT),
+        estimate_request("openai", "text-embedding-3-small", 1000, None, AT, total_tokens=1100),
+    ):
+        assert found is not None
+        assert found.amount == theirs.total_price == Decimal("0.00002")
+    assert estimate_request("openai", "no-such-model-anywhere", 1000, 100, AT) is None
+
+
 def test_an_event_with_only_total_tokens_is_estimated_at_the_dearer_price_not_zero() -> None:
     """Without a prompt/completion split the estimate must not silently be zero: it is the dearer of the two
     extreme splits (all prompt, all completion), checked against genai-prices' own calculation of each."""
