@@ -33,14 +33,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+MAX_LIMIT = 2**63 - 1  # rows: PostgreSQL's bigint, the type a LIMIT is compared as
+
+
 def _positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1 (a count or a limit)."""
+    """An argparse type: a whole number from 1 to ``MAX_LIMIT`` (a count or a limit)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    if value > MAX_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_LIMIT}, not {value}")
     return value
 
 

@@ -9,7 +9,7 @@ from worker.cli import EXIT_USAGE, main
 from worker.config import Settings
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "ten"])
+@pytest.mark.parametrize("value", ["0", "-1", "ten", "100000000000000000000"])
 @pytest.mark.parametrize("action", ["list", "replay"])
 def test_quarantine_limit_must_be_a_positive_whole_number(
     action: str, value: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
