@@ -618,3 +618,41 @@ async def test_a_project_moved_to_another_organization_and_account_rebuilds_both
     assert await spend(db, "cost_worker_spend_full", "organization", org.id, None) == 12
     assert await spend(db, "cost_worker_spend", "organization", org.id, None) == 12
     await assert_incremental_equals_rebuilt(db, org.id)
+
+
+async def test_a_deleted_project_takes_its_rows_out_of_the_aggregate(db: asyncpg.Connection) -> None:
+    """Deleting a project deletes its ledger lines and rollups (ON DELETE CASCADE). PostgreSQL runs the cascade as the
+    tables' owner, to whom row-level security applies (FORCE), with no tenant set: the triggers saw none of the rows'
+    organizations and left the project's spend in the aggregate (the organization read 16 USD, the full computation
+    and a rebuild 1), so its budgets kept alerts open on spend that no longer counts (migration 0028)."""
+    org = await make_org(db, project_ids=("proj_a", "proj_b"))
+    a, b = org.projects["proj_a"], org.projects["proj_b"]
+    await db.execute(
+        "INSERT INTO project_metrics (organization_id, project_id, hour, provider, request_count, estimated_cost_usd) "
+        "VALUES ($1, $2, '2026-11-03T10:00Z', 'openai', 1, 5), ($1, $3, '2026-11-03T11:00Z', 'openai', 1, 1)",
+        org.id,
+        a,
+        b,
+    )
+    await db.execute(
+        "INSERT INTO cost_data (organization_id, project_id, provider, ai_organization_id, api_version, "
+        "bucket_start_time, bucket_end_time, line_item, currency, amount, collected_at) "
+        "VALUES ($1, $2, 'openai', $3, 'costs_v1', '2026-11-04Z', '2026-11-05Z', 'x', 'USD', 10, '2026-11-05T06:00Z')",
+        org.id,
+        a,
+        org.ai_org,
+    )
+    assert await spend(db, "cost_worker_spend", "organization", org.id, None) == 16
+    async with db.transaction():
+        await db.execute("DELETE FROM projects WHERE id = $1", a)
+        # The tenants the triggers widened for their own work are set back (none here).
+        assert await db.fetchval("SELECT current_setting('cost_worker.organization_ids', true)") in (None, "")
+    assert await db.fetchval("SELECT count(*) FROM cost_data WHERE organization_id = $1", org.id) == 0
+    assert await spend(db, "cost_worker_spend_full", "organization", org.id, None) == 1
+    assert await spend(db, "cost_worker_spend", "organization", org.id, None) == 1
+    assert await spend(db, "cost_worker_spend", "project", org.id, b) == 1
+    await assert_incremental_equals_rebuilt(db, org.id)
+    # Deleting the organization takes the rest (and its aggregate) with it, as before.
+    await db.execute("DELETE FROM organizations WHERE id = $1", org.id)
+    assert await db.fetchval("SELECT count(*) FROM spend_hourly WHERE organization_id = $1", org.id) == 0
+    assert await db.fetchval("SELECT count(*) FROM spend_daily WHERE organization_id = $1", org.id) == 0
