@@ -565,3 +565,26 @@ async def test_a_budget_changed_to_a_longer_period_alerts_in_it(
         (datetime(2026, 12, 1, tzinfo=UTC), Decimal(80), Decimal(500), 2, True),
     ]
     assert await BudgetEngine(settings).sweep(database, at=datetime(2026, 11, 20, tzinfo=UTC)) == []
+
+
+async def test_a_time_zone_postgresql_knows_and_python_does_not_alerts_instead_of_failing_the_batch(
+    db: asyncpg.Connection, feeder: Feeder, database: Database, settings: Settings
+) -> None:
+    """The budgets' CHECK accepts every name PostgreSQL knows: its zone names in any case (`europe/berlin`), its
+    abbreviations (`PST`) and POSIX specs. The alert message rendered the period in ``ZoneInfo(timezone)``, which knows
+    neither: ZoneInfoNotFoundError failed the whole batch, every time it was redelivered (ingestion stopped for every
+    organization of its partitions), and the sweep with it. A name of another case is the zone it names (as in
+    PostgreSQL); one Python cannot resolve is shown in UTC (the instants are PostgreSQL's, and right)."""
+    org = await make_org(db)
+    berlin = await add_budget(db, "organization", org, "10", timezone="europe/berlin", thresholds=(50,))
+    pacific = await add_budget(db, "organization", org, "10", timezone="PST", thresholds=(50,))
+    outcome = await feeder.events(spend_event(org, "6"))
+    assert {a.budget_id for a in outcome.alerts} == {berlin, pacific}
+    messages = {m["budget_id"]: m for m in await outbox_alerts(db, settings)}
+    assert messages[str(berlin)]["period_start"] == "2026-11-01T00:00:00+01:00"  # Europe/Berlin
+    assert messages[str(berlin)]["timezone"] == "europe/berlin"
+    assert messages[str(pacific)]["period_start"] == "2026-11-01T08:00:00+00:00"  # midnight at UTC-8, shown in UTC
+    await db.execute("UPDATE ai_organization_budgets SET amount = 5 WHERE organization_id = $1", org.id)
+    engine = BudgetEngine(settings)
+    raised = await engine.sweep(database, at=datetime(2026, 11, 20, tzinfo=UTC))
+    assert {a.budget_id for a in raised} == {berlin, pacific}

@@ -9,9 +9,9 @@ from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 from uuid import UUID
-from zoneinfo import ZoneInfo
 
 from worker.alerts import percent as percent_of
+from worker.alerts import zone
 from worker.batch import decode_batch
 from worker.budgets import BudgetEngine, Candidate
 from worker.config import Settings
@@ -224,7 +224,7 @@ DISPLAY_QUANTUM = Decimal("0.01")  # spend is exact; `budgets status` shows it r
 
 
 def _status_row(candidate: Candidate, spend: Spend, unpriced: int) -> tuple[str, ...]:
-    zone = ZoneInfo(candidate.timezone)
+    local = zone(candidate.timezone)
     if spend.amount is None:
         shown, percent = "unconvertible", "?"
         rates = "missing " + "; ".join(
@@ -243,8 +243,8 @@ def _status_row(candidate: Candidate, spend: Spend, unpriced: int) -> tuple[str,
         candidate.scope,
         candidate.name or str(candidate.budget_id)[:8],
         candidate.period,
-        f"{candidate.period_start.astimezone(zone):%Y-%m-%d %H:%M} .. "
-        f"{candidate.period_end.astimezone(zone):%Y-%m-%d %H:%M} {candidate.timezone}",
+        f"{candidate.period_start.astimezone(local):%Y-%m-%d %H:%M} .. "
+        f"{candidate.period_end.astimezone(local):%Y-%m-%d %H:%M} {candidate.timezone}",
         f"{shown} / {format(candidate.amount, 'f')} {candidate.currency}",
         percent,
         ",".join(format(t.normalize(), "f") for t in sorted(candidate.alerted)) or "-",

@@ -21,10 +21,11 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, tzinfo
 from decimal import Decimal
 from fractions import Fraction
-from zoneinfo import ZoneInfo
+from functools import lru_cache
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from worker.limits import EXACT
 
@@ -50,6 +51,30 @@ def alert_id(
         ALERT_NAMESPACE,
         f"{scope}:{budget_id}:{period_start.isoformat()}:{_plain(threshold)}:{_plain(amount)}:{currency}:{crossing}",
     )
+
+
+@lru_cache(maxsize=1)
+def _zone_names() -> dict[str, str]:
+    return {name.lower(): name for name in available_timezones()}
+
+
+@lru_cache(maxsize=256)
+def zone(name: str) -> tzinfo:
+    """The budget's time zone for showing its period. The budgets' CHECK accepts every name PostgreSQL knows, which
+    computes the periods: its zone names in any case (``europe/berlin`` is Europe/Berlin there, and here), and also
+    abbreviations (``PST``) and POSIX specs (``UTC+3``) that are no IANA zone. Those are shown in UTC: the instants
+    stay PostgreSQL's (right), only their offset is not the local one. Never raises (a batch must not fail on it)."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        pass
+    canonical = _zone_names().get(name.lower())
+    if canonical is not None:
+        try:
+            return ZoneInfo(canonical)
+        except (ZoneInfoNotFoundError, ValueError):
+            pass
+    return UTC
 
 
 def percent(spend: Decimal, amount: Decimal, quantum: Decimal = PERCENT_QUANTUM) -> Decimal:
@@ -114,7 +139,7 @@ class Alert:
         return _dumps(self.body())
 
     def body(self) -> dict[str, object]:
-        zone = ZoneInfo(self.timezone)
+        local = zone(self.timezone)
         return {
             "type": TRIGGERED,
             "alert_id": str(self.id),
@@ -127,8 +152,8 @@ class Alert:
             "budget_name": self.budget_name,
             "period": self.period,
             "timezone": self.timezone,
-            "period_start": self.period_start.astimezone(zone).isoformat(),
-            "period_end": self.period_end.astimezone(zone).isoformat(),
+            "period_start": self.period_start.astimezone(local).isoformat(),
+            "period_end": self.period_end.astimezone(local).isoformat(),
             "threshold_percent": _plain(self.threshold),
             "spend": _money(self.spend),
             "amount": _money(self.amount),

@@ -7,8 +7,9 @@ import uuid
 from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
+from zoneinfo import ZoneInfo
 
-from worker.alerts import Alert, Resolution
+from worker.alerts import Alert, Resolution, zone
 from worker.budgets import Candidate
 
 BUDGET = uuid.uuid4()
@@ -141,3 +142,13 @@ def test_an_open_alert_of_a_removed_threshold_resolves_when_spend_falls_below_it
     resolved_80 = replace(candidate, history={Decimal("50"): (1, uuid.uuid4()), Decimal("80"): (1, None)})
     assert resolved_80.crossed(Decimal("85")) == []
     assert resolved_80.fallen(Decimal("10")) == [Decimal("50")]
+
+
+def test_a_time_zone_is_shown_in_its_canonical_zone_or_in_utc_never_an_error() -> None:
+    """PostgreSQL accepts zone names in any case, abbreviations and POSIX specs (the budgets' CHECK); the period is
+    shown in the zone a name means there when Python knows it, else in UTC."""
+    assert zone("Europe/Berlin") == ZoneInfo("Europe/Berlin")
+    assert zone("europe/berlin") == ZoneInfo("Europe/Berlin")
+    assert zone("AMERICA/LOS_ANGELES") == ZoneInfo("America/Los_Angeles")
+    for name in ("PST", "UTC+3", "+03:00", "", "/etc/passwd", "../UTC", "Nowhere/City"):
+        assert zone(name) is UTC, name
