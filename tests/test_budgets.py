@@ -588,3 +588,28 @@ async def test_a_time_zone_postgresql_knows_and_python_does_not_alerts_instead_o
     engine = BudgetEngine(settings)
     raised = await engine.sweep(database, at=datetime(2026, 11, 20, tzinfo=UTC))
     assert {a.budget_id for a in raised} == {berlin, pacific}
+
+
+async def test_thresholds_holding_null_or_nested_alert_on_the_others_instead_of_failing_the_batch(
+    db: asyncpg.Connection, feeder: Feeder, database: Database, settings: Settings
+) -> None:
+    """The thresholds' CHECK (`0 < ALL (thresholds)`) is NULL, so it passes, for an array holding a NULL, and a
+    two-dimensional array passes it too. Candidate.from_row sorted the thresholds: a NULL among numbers raised TypeError
+    (a nested list: unhashable), failing every batch that touched the organization and the sweep, again on each
+    redelivery. A NULL is no threshold; a nested array's numbers are its thresholds."""
+    org = await make_org(db)
+    with_null = await add_budget(db, "organization", org, "10", thresholds=(50,))
+    nested = await add_budget(db, "organization", org, "10", thresholds=(50,))
+    only_null = await add_budget(db, "organization", org, "10", thresholds=(50,))
+    await db.execute("UPDATE ai_organization_budgets SET thresholds = '{50,NULL}' WHERE id = $1", with_null)
+    await db.execute("UPDATE ai_organization_budgets SET thresholds = '{{50,80}}' WHERE id = $1", nested)
+    await db.execute("UPDATE ai_organization_budgets SET thresholds = '{NULL}' WHERE id = $1", only_null)
+    outcome = await feeder.events(spend_event(org, "9"))
+    assert sorted((str(a.budget_id), a.threshold) for a in outcome.alerts) == sorted(
+        [(str(with_null), Decimal(50)), (str(nested), Decimal(50)), (str(nested), Decimal(80))]
+    )
+    await db.execute("UPDATE ai_organization_budgets SET amount = 5 WHERE organization_id = $1", org.id)
+    raised = await BudgetEngine(settings).sweep(database, at=datetime(2026, 11, 20, tzinfo=UTC))
+    assert sorted((str(a.budget_id), a.threshold) for a in raised) == sorted(
+        [(str(with_null), Decimal(50)), (str(nested), Decimal(50)), (str(nested), Decimal(80))]
+    )

@@ -87,7 +87,7 @@ class Candidate:
             currency=row["currency"].strip(),
             period=row["period"],
             timezone=row["timezone"],
-            thresholds=tuple(sorted(set(row["thresholds"]))),
+            thresholds=_thresholds(row["thresholds"]),
             period_start=row["period_start"],
             period_end=row["period_end"],
             history=_history(row),
@@ -257,6 +257,21 @@ class BudgetEngine:
             except TransientError as exc:
                 log.warning("budget_sweep_failed", error=str(exc))
             await sleep_or_stop(stop, self.settings.budget_sweep_interval)
+
+
+def _thresholds(value: Any) -> tuple[Decimal, ...]:
+    """A budget's thresholds, ascending and distinct. The tables' CHECK (`0 < ALL (thresholds)`) is NULL, so it
+    passes, for an array holding a NULL, and a two-dimensional array passes it too: a NULL is no threshold, and a
+    nested array's numbers are its thresholds (sorting a NULL among numbers, or hashing a list, failed the batch)."""
+    found: set[Decimal] = set()
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, (list, tuple)):
+            pending.extend(item)
+        elif item is not None:
+            found.add(item)
+    return tuple(sorted(found))
 
 
 def _history(row: Any) -> dict[Decimal, tuple[int, UUID | None]]:
