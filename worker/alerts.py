@@ -66,13 +66,13 @@ def zone(name: str) -> tzinfo:
     stay PostgreSQL's (right), only their offset is not the local one. Never raises (a batch must not fail on it)."""
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):
         pass
     canonical = _zone_names().get(name.lower())
     if canonical is not None:
         try:
             return ZoneInfo(canonical)
-        except (ZoneInfoNotFoundError, ValueError):
+        except (ZoneInfoNotFoundError, ValueError, OSError):
             pass
     return UTC
 
