@@ -56,6 +56,19 @@ def test_ecb_daily_file_with_spelled_out_date() -> None:
     assert len(rates) == 4
 
 
+def test_an_empty_cell_in_the_last_column_is_no_rate_not_a_broken_line() -> None:
+    """The ECB ends every line with a comma. Every trailing empty cell was dropped as that comma, so an empty cell of
+    the last currency (no rate that day, like N/A) left the line a cell short and rejected the whole file."""
+    rates = parse("Date,USD,ZAR,\n2026-11-27,1.08,,\n2026-11-26,1.07,20.1,\n")
+    assert sorted((r.quote, r.effective_date, r.rate) for r in rates) == [
+        ("USD", date(2026, 11, 26), Decimal("1.07")),
+        ("USD", date(2026, 11, 27), Decimal("1.08")),
+        ("ZAR", date(2026, 11, 26), Decimal("20.1")),
+    ]
+    without_the_comma = parse("Date,USD,ZAR\n2026-11-27,1.08,\n")
+    assert [(r.quote, r.rate) for r in without_the_comma] == [("USD", Decimal("1.08"))]
+
+
 def test_pairs_format() -> None:
     rates = parse("date,base,quote,rate\n2026-11-03,usd,GBP,0.79\n2026-11-04,USD,GBP,0.8\n", "pairs")
     assert [(r.base, r.quote, r.effective_date, r.rate) for r in rates] == [

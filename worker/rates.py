@@ -79,13 +79,16 @@ def parse(text: str, fmt: str = DEFAULT_FORMAT) -> list[Rate]:
     if fmt == "ecb":
         if not header or header[0].lower() != "date":
             raise ConfigError([f"line {rows[0][0]}: an ECB file starts with a 'Date' column, found {header[:1]}"])
-        while header and header[-1] == "":  # the ECB ends every line with a comma
+        terminated = bool(header) and header[-1] == ""  # the ECB ends every line with a comma
+        while header and header[-1] == "":
             header = header[:-1]
         quotes = header[1:]
         problems += [f"line {rows[0][0]}: not a currency code: {code!r}" for code in quotes if not _CODE.match(code)]
         for number, row in body:
             cells = list(row)
-            while cells and cells[-1] == "":  # the trailing comma
+            # The trailing comma ends the line: one empty cell, not more (an empty cell before it is a currency's
+            # missing rate, like N/A; dropping every trailing empty cell rejected the file when the last was empty).
+            if terminated and cells and cells[-1] == "":
                 cells.pop()
             if len(cells) != len(header):
                 problems.append(f"line {number}: {len(cells)} cells, the header has {len(header)}")
