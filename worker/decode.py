@@ -109,9 +109,18 @@ class ProviderMessage:
     windows: list[tuple[str, datetime, datetime]] = field(default_factory=list)
 
 
+# Confluent Schema Registry's wire format, as its JSON Schema serializer writes it: a zero magic byte and a 4-byte
+# schema id before the JSON. JSON never starts with a zero byte, so the frame is unambiguous. The id is not looked
+# up (nothing is fetched at run time): the message is validated against the worker's own models, as any other.
+SCHEMA_REGISTRY_MAGIC = b"\x00"
+SCHEMA_REGISTRY_HEADER = 5  # bytes: the magic byte and the big-endian schema id
+
+
 def parse_json(payload: bytes, *, max_bytes: int) -> dict[str, Any]:
     if len(payload) > max_bytes:
         raise InvalidInput(Reason.OVERSIZED, f"{len(payload)} bytes, more than the limit of {max_bytes}")
+    if payload[:1] == SCHEMA_REGISTRY_MAGIC and len(payload) > SCHEMA_REGISTRY_HEADER:
+        payload = payload[SCHEMA_REGISTRY_HEADER:]
     try:
         parsed = jiter.from_json(
             payload, float_mode="decimal", catch_duplicate_keys=True, allow_inf_nan=True, cache_mode="keys"

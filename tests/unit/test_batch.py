@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 
-from tests.factories import FakeRecord, dumps
+from tests.factories import FakeRecord, dumps, envelope, openai_cost_bucket
 from tests.hostile import corpus
 from worker.batch import Batch, decode_batch, decode_into, finish_batch
 from worker.config import Settings
-from worker.decode import ApiEvent, decode_api_event
-from worker.quarantine import Reason, Source
+from worker.decode import ApiEvent, decode_api_event, decode_provider_message
+from worker.quarantine import Quarantined, Reason, Source
 from worker.rows import UsageRows
 from worker.usage import usage_rows
 
@@ -205,3 +205,30 @@ def test_an_event_that_reports_only_total_tokens_is_estimated_not_counted_zero()
     assert isinstance(decoded, ApiEvent)
     rows = usage_rows([decoded])
     assert (rows.providers, rows.estimates) == (["openai"], [Decimal("10.00")])  # all of it at $10 output
+
+
+def test_a_message_in_schema_registry_framing_decodes_as_its_json() -> None:
+    """Producers using Confluent's JSON Schema serializer put a zero magic byte and a 4-byte schema id before the
+    JSON. Read as JSON, every such message was not_json: the whole stream quarantined and the breaker open."""
+
+    source = Source("usage", 0, 0)
+    plain = dumps(event())
+    framed = b"\x00" + (1234).to_bytes(4, "big") + plain
+    decoded = decode_api_event(framed, source, max_bytes=SETTINGS.max_message_bytes)
+    assert isinstance(decoded, ApiEvent)
+    expected = decode_api_event(plain, source, max_bytes=SETTINGS.max_message_bytes)
+    assert isinstance(expected, ApiEvent)
+    assert decoded[:-1] == expected[:-1]  # the same event; only the payload kept for the quarantine differs
+    assert decoded.payload == framed  # kept as it came, so a replay reads it the same way
+    costs = openai_cost_bucket("2026-11-20T00:00:00Z", "2026-11-21T00:00:00Z", [("proj_a", "gpt-4o", "1.25")])
+    bucket = dumps(envelope("openai", "org-abc", "costs_v1", [costs]))
+    provider = decode_provider_message(
+        b"\x00\x00\x00\x00\x07" + bucket, source, max_bytes=SETTINGS.max_message_bytes, max_results=100
+    )
+    assert not isinstance(provider, Quarantined)
+    assert [line.amount for line in provider.lines] == [Decimal("1.25")]
+    # A zero byte that frames no JSON is still what it is.
+    for bad in (b"\x00\x00\x00\x00\x07{not json", b"\x00"):
+        outcome = decode_api_event(bad, source, max_bytes=SETTINGS.max_message_bytes)
+        assert isinstance(outcome, Quarantined)
+        assert outcome.reason is Reason.NOT_JSON
