@@ -27,10 +27,10 @@ EXIT_INTERRUPTED = 130
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line instead of the usage block."""
+    """argparse, but a usage error is one ``usage error:`` line instead of the usage block."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: usage error: {message} (see {self.prog} --help)\n")
 
 
 MAX_LIMIT = 2**63 - 1  # rows: PostgreSQL's bigint, the type a LIMIT is compared as

@@ -100,3 +100,26 @@ def test_a_retention_age_beyond_the_calendar_is_a_config_error(
     err = capsys.readouterr().err
     assert f"COST_WORKER_{name}" in err
     assert err.startswith("cost-worker: config error: ")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["budgets", "status", "--foo"],
+        ["quarantine", "list", "--status", "x"],
+        ["quarantine", "list", "--limit", "0"],
+        ["prices"],
+        [],
+    ],
+)
+def test_a_wrong_flag_is_one_usage_error_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    # README: "A wrong flag or a bad argument value prints one `usage error:` line per problem". argparse's own
+    # refusals said "cost-worker: error: ...", the form of a runtime failure (exit 1), though they exit 2.
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith("cost-worker"), err
+    assert ": usage error: " in err, err
+    assert "--help)" in err
