@@ -378,6 +378,9 @@ def test_check_config_notes_which_commands_need_each_missing_setting() -> None:
     assert "note: COST_WORKER_KAFKA_BOOTSTRAP_SERVERS is not set: needed by `run`, `collect` and `notify run`" in notes
     assert not any("DATABASE_URL" in note for note in notes), notes
     assert not any("migrate" in note for note in notes), notes
+    # `keys rotate` with a key on standard input seals it too: without the file it stops with "no key-encryption key".
+    kek = next(note for note in notes if "COLLECT_KEY_ENCRYPTION_KEY_FILE" in note)
+    assert "`keys rotate`" in kek, kek
 
     nothing = run_cli("check-config")
     assert nothing.returncode == 0, nothing.stderr
