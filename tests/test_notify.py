@@ -434,6 +434,19 @@ async def test_operator_commands(
         await admin.remove(settings, organization=str(stranger.id), destination=str(ident))
 
 
+async def test_status_without_organization_lists_every_destination(
+    db: asyncpg.Connection, notify_settings: Settings, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # README: `notify status [--organization ID]` shows deliveries per destination. Without the flag it listed only
+    # the organizations that already had a delivery: a destination just added (or never matched) was missing from
+    # the table, though `notify status --organization ORG` showed it.
+    org = await make_org(db)
+    receiver = await serve(ok)
+    await add(notify_settings, capsys, org, receiver.url, name="fresh-destination")
+    await admin.status(notify_settings, organization=None)
+    assert "fresh-destination" in capsys.readouterr().out
+
+
 async def test_a_budget_crossing_in_the_worker_arrives_signed_once(
     db: asyncpg.Connection, notify_settings: Settings, serve: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -149,7 +149,8 @@ FROM notify_deliveries
 WHERE status = 'pending';
 
 -- name: notify_status_organizations
-SELECT DISTINCT organization_id FROM notify_deliveries;
+-- Every organization (the tenancy table is read across tenants): a destination without any delivery yet is listed too.
+SELECT id AS organization_id FROM organizations;
 
 -- name: notify_status
 -- Per destination: counts by status, the oldest pending delivery's age, the latest error.
