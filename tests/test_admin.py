@@ -195,3 +195,5 @@ def test_dev_runs_the_demo_end_to_end(tmp_path: Path) -> None:
     assert "Alice daily" in alerts
     assert "unattributed" in out
     assert "not_json" in out
+    # The connect section's URLs name servers that `--once` stops as it exits: it says so.
+    assert "the embedded servers stop" in out[out.index("== connect") :]

@@ -55,6 +55,7 @@ def main(settings: Settings, *, state_dir: Path, once: bool) -> int:
 async def _main(settings: Settings, state_dir: Path, once: bool) -> int:
     broker: devstack.EmbeddedBroker | None = None
     updates: dict[str, Any] = {}
+    embedded = settings.database_url is None or settings.kafka_bootstrap_servers is None
     try:
         if settings.database_url is None:
             server = devstack.start_postgres(state_dir / "postgres")
@@ -96,6 +97,8 @@ async def _main(settings: Settings, state_dir: Path, once: bool) -> int:
         await summary(settings)
         _connection_help(settings, state_dir)
         if once:
+            if embedded:
+                print("  (--once: the embedded servers stop now; run `cost-worker dev` without --once to keep them)")
             return 0
         print("\nthe worker keeps running (Ctrl-C to stop); publish more to the topics above.")
         worker = Worker(settings)
