@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 from uuid import UUID
+from zoneinfo import ZoneInfo
 
 from worker.alerts import percent as percent_of
 from worker.alerts import zone
@@ -223,6 +224,11 @@ async def budgets_rebuild_spend(settings: Settings, *, organization: str | None)
 DISPLAY_QUANTUM = Decimal("0.01")  # spend is exact; `budgets status` shows it rounded half-even to cents
 
 
+def _zone_label(name: str, local: tzinfo) -> str:
+    """The budget's zone name, or ``UTC (PST)`` where ``zone`` shows it in UTC (no IANA zone of that name)."""
+    return name if isinstance(local, ZoneInfo) else f"UTC ({name})"
+
+
 def _status_row(candidate: Candidate, spend: Spend, unpriced: int) -> tuple[str, ...]:
     local = zone(candidate.timezone)
     if spend.amount is None:
@@ -244,7 +250,7 @@ def _status_row(candidate: Candidate, spend: Spend, unpriced: int) -> tuple[str,
         candidate.name or str(candidate.budget_id)[:8],
         candidate.period,
         f"{candidate.period_start.astimezone(local):%Y-%m-%d %H:%M} .. "
-        f"{candidate.period_end.astimezone(local):%Y-%m-%d %H:%M} {candidate.timezone}",
+        f"{candidate.period_end.astimezone(local):%Y-%m-%d %H:%M} {_zone_label(candidate.timezone, local)}",
         f"{shown} / {format(candidate.amount, 'f')} {candidate.currency}",
         percent,
         ",".join(format(t.normalize(), "f") for t in sorted(candidate.alerted)) or "-",

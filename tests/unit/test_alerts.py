@@ -152,3 +152,32 @@ def test_a_time_zone_is_shown_in_its_canonical_zone_or_in_utc_never_an_error() -
     assert zone("AMERICA/LOS_ANGELES") == ZoneInfo("America/Los_Angeles")
     for name in ("PST", "UTC+3", "+03:00", "", "/etc/passwd", "../UTC", "Nowhere/City", "x\x00y", "A" * 300):
         assert zone(name) is UTC, name
+
+
+def test_budgets_status_labels_a_period_shown_in_utc_as_utc() -> None:
+    """README: a PostgreSQL abbreviation that is no IANA zone (`PST`) is shown in UTC. `budgets status` printed the
+    UTC times with the budget's name for the zone ("2026-12-03 08:00 .. 2026-12-04 08:00 PST"), 8 hours off for a
+    reader; a zone it can show keeps its own name."""
+    from worker.admin import _status_row  # noqa: PLC0415
+    from worker.store.tx import Spend  # noqa: PLC0415
+
+    candidate = Candidate(
+        scope="organization",
+        budget_id=BUDGET,
+        name="team",
+        organization_id=uuid.uuid4(),
+        project_id=None,
+        user_id=None,
+        amount=Decimal("10"),
+        currency="USD",
+        period="daily",
+        timezone="PST",
+        thresholds=(Decimal("50"),),
+        period_start=datetime(2026, 12, 3, 8, tzinfo=UTC),
+        period_end=datetime(2026, 12, 4, 8, tzinfo=UTC),
+        history={},
+    )
+    spend = Spend(amount=Decimal("1"), converted={}, missing_rates={})
+    assert _status_row(candidate, spend, 0)[3] == "2026-12-03 08:00 .. 2026-12-04 08:00 UTC (PST)"
+    berlin = replace(candidate, timezone="europe/berlin", period_start=datetime(2026, 12, 2, 23, tzinfo=UTC))
+    assert _status_row(berlin, spend, 0)[3] == "2026-12-03 00:00 .. 2026-12-04 09:00 europe/berlin"
