@@ -303,7 +303,7 @@ class Settings(BaseSettings):
         default="INFO", description="DEBUG, INFO, WARNING or ERROR"
     )
     log_format: Literal["auto", "json", "console"] = Field(
-        default="auto", description="auto: console on a terminal, JSON lines otherwise"
+        default="auto", description="auto, json or console; auto: console on a terminal, JSON lines otherwise"
     )
 
     # notify (issue 15)
