@@ -454,7 +454,12 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # here, not at exit, so that a reader gone away is caught below
+        return code
+    except BrokenPipeError:  # the reader went away (`| head`): nothing to report, and nothing more to print
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
     except ConfigError as exc:  # a bad argument (UsageError) or a bad setting: both exit 2
         kind = "usage error" if isinstance(exc, UsageError) else "config error"
         for problem in exc.problems:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from worker import app
-from worker.cli import EXIT_USAGE, main
+from worker.cli import EXIT_FAILURE, EXIT_USAGE, main
 from worker.config import Settings
 
 
@@ -123,3 +127,22 @@ def test_a_wrong_flag_is_one_usage_error_line(argv: list[str], capsys: pytest.Ca
     assert err.startswith("cost-worker"), err
     assert ": usage error: " in err, err
     assert "--help)" in err
+
+
+def test_a_reader_that_goes_away_is_no_error() -> None:
+    # `cost-worker quarantine list | head -3` printed "internal error: BrokenPipeError" (exit 1), or Python's
+    # "Exception ignored ... BrokenPipeError" at exit (exit 120): the reader closing the pipe is no bug to report.
+    env = {"PATH": os.environ.get("PATH", ""), "COST_WORKER_LOG_LEVEL": "INFO"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker", "prices", "show", "gpt-4o"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    proc.stdout.close()  # before the command writes anything
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=60) == EXIT_FAILURE
+    assert err == ""
