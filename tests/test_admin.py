@@ -167,6 +167,22 @@ async def test_budgets_status_prints_period_spend_and_alerts(
     assert "not a uuid" in bad.stderr
 
 
+async def test_replay_prints_only_the_outcomes_that_happened(
+    db: asyncpg.Connection, feeder: Feeder, settings: Settings
+) -> None:
+    # Replaying an API-usage event once its project exists printed "usage.api-events: 0 duplicate" beside
+    # "1 inserted": an outcome of no message is no line.
+    org = await make_org(db)
+    project = uuid.uuid4()
+    await feeder.events(api_event(org, project=project))
+    await db.execute("INSERT INTO projects (id, organization_id, name) VALUES ($1, $2, 'late')", project, org.id)
+    replay = await asyncio.to_thread(cli, settings, "quarantine", "replay", "--reason", "unknown_project")
+    assert replay.returncode == 0, replay.stderr
+    assert "replayed 1 message(s); 0 still quarantined" in replay.stdout
+    assert "1 inserted" in replay.stdout
+    assert not [line for line in replay.stdout.splitlines() if ": 0 " in line], replay.stdout
+
+
 def test_dev_runs_the_demo_end_to_end(tmp_path: Path) -> None:
     """README's first command, minus the venv: embedded servers, migrate, demo, worker, summary."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("COST_WORKER_")}

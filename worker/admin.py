@@ -144,7 +144,7 @@ async def quarantine_replay(settings: Settings, *, reason: str | None, limit: in
         await db.close()
     print(f"replayed {len(replayed)} message(s); {len(failed)} still quarantined")
     for (topic, result), count in sorted(outcome.messages.items()):
-        if result != "quarantined":
+        if result != "quarantined" and count:
             print(f"  {topic}: {count} {result}")
     for (topic, why), count in sorted(outcome.quarantined.items()):
         print(f"  {topic}: {count} still {why}")
