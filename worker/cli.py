@@ -87,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
         "--exit-when-idle",
         type=_positive_seconds,
         metavar="SECONDS",
-        help="exit 0 once every assigned partition is caught up and nothing arrived for SECONDS",
+        help="exit 0 once every assigned partition is caught up and nothing arrived for SECONDS (not before the"
+        " assignment is 1.5 session timeouts old)",
     )
 
     dev = sub.add_parser(
