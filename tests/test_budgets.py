@@ -613,3 +613,23 @@ async def test_thresholds_holding_null_or_nested_alert_on_the_others_instead_of_
     assert sorted((str(a.budget_id), a.threshold) for a in raised) == sorted(
         [(str(with_null), Decimal(50)), (str(nested), Decimal(50)), (str(nested), Decimal(80))]
     )
+
+
+async def test_a_tiny_budget_amount_alerts_instead_of_failing_the_batch(
+    db: asyncpg.Connection, feeder: Feeder, database: Database, settings: Settings
+) -> None:
+    """The budgets' CHECK is `amount > 0`, so 1e-60 USD is a budget. Its percent used (1 USD: 1e62 %) has 65 digits
+    at cents, more than the exact context's 60, and quantize raised InvalidOperation: every batch that touched the
+    organization failed, again on each redelivery (ingestion stopped for its partitions), and so did the sweep."""
+    org = await make_org(db)
+    tiny = "0." + "0" * 59 + "1"  # 1e-60
+    budget = await add_budget(db, "organization", org, tiny, thresholds=(100,))
+    outcome = await feeder.events(spend_event(org, "1"))
+    assert [(a.budget_id, a.threshold) for a in outcome.alerts] == [(budget, Decimal(100))]
+    [message] = await outbox_alerts(db, settings)
+    assert message["percent_used"] == "1" + "0" * 62 + ".00"
+    assert message["amount"] == tiny
+    assert await db.fetchval("SELECT percent_used FROM budget_alerts WHERE budget_id = $1", budget) == Decimal("1e62")
+    await db.execute("UPDATE ai_organization_budgets SET thresholds = '{100,200}' WHERE id = $1", budget)
+    raised = await BudgetEngine(settings).sweep(database, at=datetime(2026, 11, 20, tzinfo=UTC))
+    assert [(a.budget_id, a.threshold) for a in raised] == [(budget, Decimal(200))]

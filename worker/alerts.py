@@ -80,10 +80,13 @@ def zone(name: str) -> tzinfo:
 def percent(spend: Decimal, amount: Decimal, quantum: Decimal = PERCENT_QUANTUM) -> Decimal:
     """spend * 100 / amount rounded half-even to ``quantum``, once, from the exact quotient. Decimal division rounds
     to its context's precision first (28 digits by default), and a quotient just below a half-way point (80.01499...
-    past the 28th digit) would become the half-way point and then round up (80.02)."""
+    past the 28th digit) would become the half-way point and then round up (80.02). The result is built from its
+    digits, never through a context: a tiny budget (the CHECK is `amount > 0`: 1e-60 USD) has a percentage of more
+    digits than any context holds (1 USD of it: 1e62 %, 65 digits at cents), and quantize raised InvalidOperation."""
+    places = -int(quantum.as_tuple().exponent)
     exact = Fraction(spend) * 100 / Fraction(amount)
-    rounded = round(exact, -int(quantum.as_tuple().exponent))  # half-even, on the exact fraction
-    return EXACT.quantize(EXACT.divide(Decimal(rounded.numerator), Decimal(rounded.denominator)), quantum)
+    scaled = round(exact * 10**places)  # half-even, on the exact fraction: an int
+    return Decimal(f"{scaled}E{-places}")  # exact, whatever its length
 
 
 def _plain(value: Decimal) -> str:
