@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 from uuid import UUID
 
@@ -34,7 +35,6 @@ from worker import metrics
 from worker.alerts import Alert, Resolution
 from worker.config import Settings
 from worker.errors import TransientError
-from worker.limits import EXACT
 from worker.retry import sleep_or_stop
 from worker.store import Database, Spend, Tx
 from worker.touches import Touch
@@ -94,9 +94,10 @@ class Candidate:
         )
 
     def reached(self, spend: Decimal, threshold: Decimal) -> bool:
-        # Exact: the default context rounds products to 28 digits, and a spend just below the level would round
-        # up to it (money has up to 46 significant digits).
-        return EXACT.multiply(spend, 100) >= EXACT.multiply(self.amount, threshold)
+        # Exact, whatever the digits: a context rounds products (the default one to 28 digits, EXACT to 60), and a
+        # spend just below the level would round up to it. Money has up to 46 significant digits, but a budget's
+        # amount and thresholds as many as NUMERIC holds (1 + 1e-69 USD at 100 % rounded to 1 USD at 60 digits).
+        return Fraction(spend) * 100 >= Fraction(self.amount) * Fraction(threshold)
 
     def crossed(self, spend: Decimal) -> list[Decimal]:
         """Thresholds without an open alert whose level the spend has reached (each of them, if several)."""

@@ -74,6 +74,40 @@ def test_a_level_is_reached_exactly_beyond_28_digits() -> None:
     assert open_at_100.fallen(Decimal("10")) == []
 
 
+def test_a_level_is_reached_exactly_beyond_60_digits() -> None:
+    """A budget's amount has as many digits as NUMERIC holds (its CHECK bounds only the value): 1 plus 1e-69 USD.
+    Reached was decided on 60-digit products, where 100 % of it rounds to 1 USD: 1 USD of spend, below the level,
+    raised the 100 % alert (and fell() kept it open at that spend). The model (tests/currency_model.py) compares
+    exact fractions."""
+    amount = Decimal("1." + "0" * 68 + "1")
+    candidate = Candidate(
+        scope="organization",
+        budget_id=BUDGET,
+        name="team",
+        organization_id=uuid.uuid4(),
+        project_id=None,
+        user_id=None,
+        amount=amount,
+        currency="USD",
+        period="daily",
+        timezone="UTC",
+        thresholds=(Decimal("50"), Decimal("100")),
+        period_start=datetime(2026, 11, 3, tzinfo=UTC),
+        period_end=datetime(2026, 11, 4, tzinfo=UTC),
+        history={},
+    )
+    assert candidate.crossed(Decimal(1)) == [Decimal("50")]
+    assert candidate.crossed(amount) == [Decimal("50"), Decimal("100")]
+    open_at_100 = replace(candidate, history={Decimal("100"): (1, uuid.uuid4())})
+    assert open_at_100.fallen(Decimal(1)) == [Decimal("100")]
+    assert open_at_100.fallen(amount) == []
+    # a threshold with as many digits: 1e-70 % of spend below its level
+    third = Decimal("33." + "3" * 70)
+    thirds = replace(candidate, amount=Decimal(3), thresholds=(third,))
+    assert thirds.crossed(Decimal("0." + "9" * 72)) == [third]  # exactly its level
+    assert thirds.crossed(Decimal("0." + "9" * 71 + "8")) == []
+
+
 def test_the_message_carries_exact_money_in_the_budgets_zone() -> None:
     body = json.loads(ALERT.message())
     assert body["type"] == "budget.alert.triggered"
