@@ -27,8 +27,6 @@ from fractions import Fraction
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
-from worker.limits import EXACT
-
 ALERT_NAMESPACE = uuid.UUID("6d1b6c3e-2f0a-4c55-9a1e-8b7f6c1d2e3f")
 PERCENT_QUANTUM = Decimal("0.01")
 
@@ -90,8 +88,11 @@ def percent(spend: Decimal, amount: Decimal, quantum: Decimal = PERCENT_QUANTUM)
 
 
 def _plain(value: Decimal) -> str:
-    """Decimal without exponent or trailing zeros: 80, 80.5, 0.000001 (thresholds)."""
-    return format(value.normalize(EXACT), "f")  # the default context would round at 28 digits
+    """Decimal without exponent or trailing zeros, exactly: 80, 80.5, 0.000001 (thresholds, amounts in the id).
+    No context: normalize rounds (the default context at 28 digits, EXACT at 60), and 1 and 1 + 1e-69 USD gave one
+    alert id, so the alert at the second amount was dropped as a conflict with the first's."""
+    text = format(value, "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def _money(value: Decimal) -> str:

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
+from tests.currency_model import alert_id as model_alert_id
 from worker.alerts import Alert, Resolution, zone
 from worker.budgets import Candidate
 
@@ -46,6 +47,26 @@ def test_the_id_is_the_crossing_not_the_publication() -> None:
     ]
     assert len({ALERT.id, *(o.id for o in others)}) == 1 + len(others)
     assert ALERT.id == replace(ALERT, amount=Decimal("1000.000000000000000000000000000")).id
+
+
+def test_amounts_and_thresholds_differing_beyond_60_digits_are_other_alerts() -> None:
+    """The id's amount and threshold were normalized in the 60-digit context, so 1 and 1 + 1e-69 USD gave one id: the
+    budget raised to 1 + 1e-69 alerted as crossing 1 at its new amount, with the id of the open alert at 1, and the
+    insert's ON CONFLICT DO NOTHING (the primary key) dropped it: the alert was lost. The model spells them exactly."""
+    longer = Decimal("1." + "0" * 68 + "1")
+    assert replace(ALERT, amount=Decimal(1)).id != replace(ALERT, amount=longer).id
+    assert replace(ALERT, threshold=Decimal(80)).id != replace(ALERT, threshold=Decimal("80." + "0" * 68 + "1")).id
+    assert replace(ALERT, amount=Decimal(1)).id == replace(ALERT, amount=Decimal("1." + "0" * 80)).id
+    for alert in (ALERT, replace(ALERT, amount=longer, threshold=Decimal("33." + "3" * 70), crossing=3)):
+        assert alert.id == model_alert_id(
+            alert.scope,
+            alert.budget_id,
+            alert.period_start,
+            alert.threshold,
+            alert.amount,
+            alert.currency,
+            alert.crossing,
+        )
 
 
 def test_a_level_is_reached_exactly_beyond_28_digits() -> None:
