@@ -633,3 +633,26 @@ async def test_a_tiny_budget_amount_alerts_instead_of_failing_the_batch(
     await db.execute("UPDATE ai_organization_budgets SET thresholds = '{100,200}' WHERE id = $1", budget)
     raised = await BudgetEngine(settings).sweep(database, at=datetime(2026, 11, 20, tzinfo=UTC))
     assert [(a.budget_id, a.threshold) for a in raised] == [(budget, Decimal(200))]
+
+
+async def test_a_zone_name_postgresql_reads_as_an_abbreviation_is_shown_at_its_offset(
+    db: asyncpg.Connection, feeder: Feeder, settings: Settings
+) -> None:
+    """`CET`, `EET`, `MET` and `WET` are IANA zones (with summer time) and also abbreviations of PostgreSQL's Default
+    set (fixed: +1, +2, +1, 0), which is how PostgreSQL reads them, so a `CET` budget's day starts at 00:00+01:00 all
+    year. The message showed that instant in ZoneInfo('CET'): in summer `2026-07-01T01:00:00+02:00`, a period starting
+    at 01:00 local. It is shown at the offset PostgreSQL computed it in."""
+    org = await make_org(db)
+    budgets = {
+        name: await add_budget(db, "organization", org, "10", period="daily", timezone=name, thresholds=(50,))
+        for name in ("CET", "eet", "MET", "WET")
+    }
+    await feeder.events(spend_event(org, "6", at="2026-07-01T10:00:00Z"))
+    messages = {m["budget_id"]: m for m in await outbox_alerts(db, settings)}
+    shown = {name: (messages[str(b)]["period_start"], messages[str(b)]["period_end"]) for name, b in budgets.items()}
+    assert shown == {
+        "CET": ("2026-07-01T00:00:00+01:00", "2026-07-02T00:00:00+01:00"),
+        "eet": ("2026-07-01T00:00:00+02:00", "2026-07-02T00:00:00+02:00"),
+        "MET": ("2026-07-01T00:00:00+01:00", "2026-07-02T00:00:00+01:00"),
+        "WET": ("2026-07-01T00:00:00+00:00", "2026-07-02T00:00:00+00:00"),
+    }

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime, tzinfo
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from decimal import Decimal
 from fractions import Fraction
 from functools import lru_cache
@@ -51,6 +51,17 @@ def alert_id(
     )
 
 
+# IANA zones that PostgreSQL's Default abbreviation set also names, with another meaning: it reads them as these fixed
+# offsets (`SELECT abbrev, utc_offset FROM pg_timezone_abbrevs`), in any case. The others both know (EST, MST, HST,
+# GMT, UTC, UCT, Zulu) are fixed offsets in both.
+ABBREVIATION_ZONES: dict[str, tzinfo] = {
+    "cet": timezone(timedelta(hours=1)),
+    "eet": timezone(timedelta(hours=2)),
+    "met": timezone(timedelta(hours=1)),
+    "wet": timezone(timedelta(hours=0)),
+}
+
+
 @lru_cache(maxsize=1)
 def _zone_names() -> dict[str, str]:
     return {name.lower(): name for name in available_timezones()}
@@ -61,7 +72,13 @@ def zone(name: str) -> tzinfo:
     """The budget's time zone for showing its period. The budgets' CHECK accepts every name PostgreSQL knows, which
     computes the periods: its zone names in any case (``europe/berlin`` is Europe/Berlin there, and here), and also
     abbreviations (``PST``) and POSIX specs (``UTC+3``) that are no IANA zone. Those are shown in UTC: the instants
-    stay PostgreSQL's (right), only their offset is not the local one. Never raises (a batch must not fail on it)."""
+    stay PostgreSQL's (right), only their offset is not the local one. Never raises (a batch must not fail on it).
+    A name that is an IANA zone and also an abbreviation of PostgreSQL's Default set (``timezone_abbreviations``)
+    means the abbreviation's fixed offset there, so it is shown at that offset (``CET``: +01:00 all year, as its
+    periods are computed; ZoneInfo('CET') showed a summer day as starting at 01:00+02:00)."""
+    fixed = ABBREVIATION_ZONES.get(name.lower())
+    if fixed is not None:
+        return fixed
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError, OSError):
