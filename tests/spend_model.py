@@ -8,7 +8,8 @@ no worker code and no SQL:
   usage of zero quantity cover nothing;
 - per scope: cost rows count; priced usage counts unless a cost row of its account in the scope covers one of the
   hours its window overlaps, up to its collection (0023), for the same project (or either has no project), except
-  usage the cost report omits; an estimate counts
+  usage the cost report omits; and (0031) unless an unpriced usage line of nonzero quantity of its account (same
+  project, or either has none) overlaps one of its hours that no such cost row covers; an estimate counts
   unless a counted covering row of its provider covers its hour for its project (or, organization scope, an
   ungrouped row of the account its project is mapped to); unknown providers are never replaced;
 - a provider row counts in the period containing its window's midpoint; an estimate in the period of its hour.
@@ -171,19 +172,28 @@ class SpendModel:
     def _counted(rows: list[Row]) -> list[Row]:
         costs = [r for r in rows if r.kind == "cost"]
         cost_hours = [(r, r.hours()) for r in costs]
+        unpriced_hours = [
+            (r, r.overlapped_hours())
+            for r in rows
+            if r.kind == "usage" and r.amount is None and (r.quantity is None or r.quantity != 0)
+        ]
+
+        def beside(k: Row, r: Row) -> bool:  # same account, and the same project or either without one
+            return k.account == r.account and (
+                k.project_id == r.project_id or k.project_id is None or r.project_id is None
+            )
+
         counted = list(costs)
         for r in rows:
             if r.kind != "usage" or r.amount is None:
                 continue
-            if not r.outside_cost_report:
-                mine = r.overlapped_hours()
-                if any(
-                    k.account == r.account
-                    and (k.project_id == r.project_id or k.project_id is None or r.project_id is None)
-                    and hours & mine
-                    for k, hours in cost_hours
-                ):
-                    continue
+            mine = r.overlapped_hours()
+            if not r.outside_cost_report and any(beside(k, r) and hours & mine for k, hours in cost_hours):
+                continue
+            # An unpriced line's hours: where no cost row of r's covers them, r neither counts nor covers.
+            unpriced = {h for k, hours in unpriced_hours if beside(k, r) for h in hours & mine}
+            if unpriced - {h for k, hours in cost_hours if beside(k, r) for h in hours}:
+                continue
             counted.append(r)
         return counted
 

@@ -680,6 +680,128 @@ async def test_row5_an_unpriced_usage_line_covers_nothing(db: asyncpg.Connection
     assert await spend_of(db, "project", org, a, "2026-11-03Z", "2026-11-04Z") == 24  # not 0
 
 
+async def test_an_unpriced_model_beside_a_priced_one_keeps_the_estimate_of_its_hour(
+    db: asyncpg.Connection, feeder: Feeder
+) -> None:
+    """README rule 2: where a usage line of the hour is unpriced, the usage lines of that (account, project, hour)
+    neither count nor cover the estimate, which holds every model's calls. Before, the priced model's line (3 USD)
+    replaced the whole hour's estimate (9 USD) and the unpriced model's calls counted nothing: 3 where they cost 9."""
+    org = await make_org(db)
+    await add_prices(db)
+    a = org.projects["proj_a"]
+    await feeder.events(
+        api_event(org, project=a, cost="3", occurred_at="2026-11-03T10:10:00Z", model="gpt-4o"),
+        api_event(org, project=a, cost="6", occurred_at="2026-11-03T10:20:00Z", model="gpt-4o"),
+    )
+    outcome = await feeder.buckets(
+        envelope(
+            "openai",
+            org.ai_org,
+            "usage_v1",
+            [
+                openai_usage_bucket(
+                    "2026-11-03T10:00:00",
+                    "2026-11-03T11:00:00",
+                    [
+                        {"project_id": "proj_a", "model": "m1", "input_tokens": 3},
+                        {"project_id": "proj_a", "model": "mx", "input_tokens": 6},
+                    ],
+                )
+            ],
+            collected_at="2026-11-03T12:00:00Z",
+        )
+    )
+    assert outcome.unpriced["openai"] == 1
+    assert await spend_of(db, "project", org, a, "2026-11-03Z", "2026-11-04Z") == 9  # not 3
+    assert await spend_of(db, "organization", org, None, "2026-11-03Z", "2026-11-04Z") == 9
+    full = await db.fetchval(
+        "SELECT spend FROM cost_worker_spend_full('project', $1, $2, NULL, '2026-11-03Z', '2026-11-04Z', 'USD')",
+        org.id,
+        a,
+    )
+    assert full == 9
+    # The provider's cost report still beats both: it replaces the usage and the estimate of its hours.
+    await feeder.buckets(
+        envelope(
+            "openai",
+            org.ai_org,
+            "costs_v1",
+            [openai_cost_bucket("2026-11-03", "2026-11-04", [("proj_a", "x", "8")])],
+            collected_at="2026-11-04T02:00:00Z",
+        )
+    )
+    assert await spend_of(db, "project", org, a, "2026-11-03Z", "2026-11-04Z") == 8
+
+
+async def test_an_unpriced_line_stops_a_daily_usage_line_in_another_local_period(
+    db: asyncpg.Connection, feeder: Feeder
+) -> None:
+    """An unpriced hourly line at 20:00 UTC (Kolkata's next day) stops the priced daily usage line of its UTC day
+    counting; that line counts in the Kolkata day of its midpoint (12:00 UTC), whose spend goes from 4 (the usage)
+    to 9 (the estimate of 10:00 it no longer covers). That period is evaluated (the alert is raised) and the
+    aggregate kept incrementally equals the one rebuilt and the full computation."""
+    from tests.test_spend_aggregate import assert_incremental_equals_rebuilt  # noqa: PLC0415
+
+    org = await make_org(db)
+    await add_prices(db)
+    a = org.projects["proj_a"]
+    budget = uuid.uuid4()
+    await db.execute(
+        "INSERT INTO ai_organization_budgets (id, organization_id, amount, period, timezone, thresholds) "
+        "VALUES ($1, $2, 8, 'daily', 'Asia/Kolkata', '{100}')",
+        budget,
+        org.id,
+    )
+    await feeder.events(api_event(org, project=a, cost="9", occurred_at="2026-11-03T10:10:00Z", model="gpt-4o"))
+    daily = [{"project_id": "proj_a", "model": "m1", "input_tokens": 4}]
+    await feeder.buckets(
+        envelope(
+            "openai",
+            org.ai_org,
+            "usage_v1",
+            [openai_usage_bucket("2026-11-03", "2026-11-04", daily)],
+            collected_at="2026-11-04T02:00:00Z",
+        )
+    )
+    kolkata_nov3 = ("2026-11-02T18:30:00Z", "2026-11-03T18:30:00Z")
+    assert await spend_of(db, "organization", org, None, *kolkata_nov3) == 4
+    open_alerts = "SELECT period_start, spend FROM budget_alerts WHERE budget_id = $1 AND resolved_at IS NULL"
+    assert not await db.fetch(open_alerts, budget)  # the estimate's alert (9) was resolved by the usage (4)
+    unpriced = [{"project_id": "proj_a", "model": "mx", "input_tokens": 6}]
+    await feeder.buckets(
+        envelope(
+            "openai",
+            org.ai_org,
+            "usage_v1",
+            [openai_usage_bucket("2026-11-03T20:00:00", "2026-11-03T21:00:00", unpriced)],
+            collected_at="2026-11-03T22:00:00Z",
+        )
+    )
+    assert await spend_of(db, "organization", org, None, *kolkata_nov3) == 9
+    full = await db.fetchval(
+        "SELECT spend FROM cost_worker_spend_full('organization', $1, NULL, NULL, $2::text::timestamptz, "
+        "$3::text::timestamptz, 'USD')",
+        org.id,
+        *kolkata_nov3,
+    )
+    assert full == 9
+    await assert_incremental_equals_rebuilt(db, org.id)
+    alerts = await db.fetch(open_alerts, budget)
+    assert [(r["period_start"], r["spend"]) for r in alerts] == [(datetime(2026, 11, 2, 18, 30, tzinfo=UTC), 9)]
+    # A re-poll of the hour without the unpriced line: the daily usage counts and covers again.
+    await feeder.buckets(
+        envelope(
+            "openai",
+            org.ai_org,
+            "usage_v1",
+            [openai_usage_bucket("2026-11-03T20:00:00", "2026-11-03T21:00:00", [])],
+            collected_at="2026-11-03T23:00:00Z",
+        )
+    )
+    assert await spend_of(db, "organization", org, None, *kolkata_nov3) == 4
+    await assert_incremental_equals_rebuilt(db, org.id)
+
+
 async def test_row6_provider_rows_count_in_the_local_period_of_their_midpoint(
     db: asyncpg.Connection, feeder: Feeder
 ) -> None:

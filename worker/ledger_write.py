@@ -37,7 +37,9 @@ async def write_ledger(tx: Tx, ledger: Ledger, tenants: dict[int, UUID], best: B
         tenants.update(windows.organizations)
         await tx.set_tenants(set(tenants.values()))
 
-    costs: set[tuple[UUID, UUID | None, WindowKey]] = set()  # changed cost lines: (organization, project, window)
+    # Changed lines that decide the usage beside them: cost lines, and usage lines that may be (or have been)
+    # unpriced (README rule 2: an unpriced line's hours keep the estimate). (organization, project, window)
+    costs: set[tuple[UUID, UUID | None, WindowKey]] = set()
     rows: list[LedgerRow] = []
     for row in ledger.rows:
         if windows.states[row.key.window] == "stale":
@@ -58,7 +60,8 @@ async def write_ledger(tx: Tx, ledger: Ledger, tenants: dict[int, UUID], best: B
             written.touched.append(
                 provider_touch(row.key.organization_id, row.key.project_id, row.line.bucket_start, row.line.bucket_end)
             )
-            if row.line.api_version == COSTS:
+            # A usage line updated may have been unpriced before (a price imported since): a superset is harmless.
+            if row.line.api_version == COSTS or row.line.amount is None or result == Result.UPDATED:
                 costs.add((row.key.organization_id, row.key.project_id, row.key.window))
         best.note(row.message, result)
 
@@ -67,12 +70,11 @@ async def write_ledger(tx: Tx, ledger: Ledger, tenants: dict[int, UUID], best: B
         written.lines[(retired.api_version, Result.SUPERSEDED)] += 1
         window = retired.window
         written.touched.append(provider_touch(retired.organization_id, retired.project_id, window.start, window.end))
-        if retired.api_version == COSTS:
-            costs.add((retired.organization_id, retired.project_id, window))
+        costs.add((retired.organization_id, retired.project_id, window))  # a cost line, or usage (maybe unpriced)
         for index in ledger.messages.get(window, []):
             best.note(index, Result.UPDATED)
-    # A cost line that starts or stops counting releases or replaces the usage lines beside it, which count in
-    # the periods of their own windows: those are touched too.
+    # A cost line (or an unpriced usage line) that starts or stops counting releases or replaces the usage lines
+    # beside it, which count in the periods of their own windows: those are touched too.
     for organization, project, start, end in await tx.usage_beside_costs(sorted(costs, key=str)) if costs else []:
         written.touched.append(provider_touch(organization, project, start, end))
     return written

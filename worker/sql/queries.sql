@@ -178,9 +178,9 @@ RETURNING c.organization_id, c.project_id, c.provider, c.ai_organization_id, c.r
           c.api_version::text AS api_version, c.bucket_start_time, c.bucket_end_time;
 
 -- name: usage_beside_costs
--- The counted usage lines a change of these cost lines may replace or release (README "What counts as spend",
--- rule 2: a cost row of the provider account covering one of a usage line's hours for the same project, or
--- either without a project). Each counts in the period of ITS window's midpoint, which may lie outside the cost
+-- The counted usage lines a change of these cost lines (or unpriced usage lines, migration 0031) may replace or
+-- release (README "What counts as spend", rule 2: a cost row or an unpriced usage line of the provider account
+-- covering one of a usage line's hours for the same project, or either without a project). Each counts in the period of ITS window's midpoint, which may lie outside the cost
 -- line's window (a daily usage bucket beside an hourly cost bucket), so budgets re-evaluate those periods too;
 -- a usage window inside the cost line's window is left out (its periods are the cost line's own). A superset is
 -- harmless (at worst a period is evaluated for nothing), so the project is not matched: one index range per
@@ -652,7 +652,8 @@ FROM cost_worker_spend_many($1::text[], $2::uuid[], $3::uuid[], $4::uuid[], $5::
 SELECT cost_worker_spend_rebuild(ARRAY[$1::uuid]);
 
 -- name: budget_unpriced
--- Unpriced usage lines counting in each (scope, period): they count nothing and keep the estimate.
+-- Unpriced usage lines counting in each (scope, period): they count nothing and keep the estimate of their
+-- hours, and the priced usage beside them counts nothing there either (migration 0031).
 SELECT i.ord, cost_worker_unpriced_lines(i.scope, i.organization_id, i.project_id, i.period_start, i.period_end) AS n
 FROM unnest($1::text[], $2::uuid[], $3::uuid[], $4::timestamptz[], $5::timestamptz[])
     WITH ORDINALITY AS i(scope, organization_id, project_id, period_start, period_end, ord);
