@@ -916,6 +916,39 @@ async def test_anthropic_priority_tier_usage_counts_once_next_to_the_cost_report
     assert await spend_of(db, "project", org, org.projects["ws_c"], "2026-11-03Z", "2026-11-04Z") == 49
 
 
+async def test_priority_tier_usage_beside_an_unpriced_model_counts_once(db: asyncpg.Connection, feeder: Feeder) -> None:
+    """Without the cost report, an unpriced model's line stops the Priority Tier usage of its hours counting (the
+    estimate, 20, holds those calls); the cost report then beats both and the usage it omits counts on top."""
+    org = await make_org(db, provider="anthropic", project_ids=("ws_c",))
+    await add_prices(db)
+    ws = org.projects["ws_c"]
+    day = ("2026-11-03T00:00:00Z", "2026-11-04T00:00:00Z")
+    await feeder.events(
+        api_event(org, project=ws, cost="20", occurred_at="2026-11-03T10:00:00Z", model="claude-sonnet-4-0")
+    )
+    lines = [
+        {"workspace_id": "ws_c", "model": "a-new", "uncached_input_tokens": 40, "service_tier": "standard"},
+        {"workspace_id": "ws_c", "model": "a1", "uncached_input_tokens": 9, "service_tier": "priority"},
+    ]
+    usage = envelope(
+        "anthropic", org.ai_org, "usage_v1", [anthropic_usage_bucket(*day, lines)], collected_at="2026-11-04T02:00:00Z"
+    )
+    assert (await feeder.buckets(usage)).unpriced["anthropic"] == 1
+    assert await spend_of(db, "project", org, ws, "2026-11-03Z", "2026-11-04Z") == 20  # not 9, not 29
+    cost = [{"workspace_id": "ws_c", "amount": "4000", "currency": "USD", "description": "tokens"}]
+    await feeder.buckets(
+        envelope(
+            "anthropic",
+            org.ai_org,
+            "costs_v1",
+            [anthropic_cost_bucket(*day, cost)],
+            collected_at="2026-11-04T03:00:00Z",
+        )
+    )
+    assert await spend_of(db, "project", org, ws, "2026-11-03Z", "2026-11-04Z") == 49
+    assert await spend_of(db, "organization", org, None, "2026-11-03Z", "2026-11-04Z") == 49
+
+
 async def test_usage_of_zero_tokens_covers_no_estimate(db: asyncpg.Connection, feeder: Feeder) -> None:
     org = await make_org(db)
     await add_prices(db)

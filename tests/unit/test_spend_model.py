@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -88,3 +89,44 @@ def test_row10_estimates_are_replaced_by_their_provider_only() -> None:
     cost = row(A, "openai.costs", DAY, DAY + 24 * H, "6", DAY + 26 * H)
     estimates = [*hourly_estimates(A), *hourly_estimates(A, "google"), *hourly_estimates(A, None)]
     assert spend([cost], estimates) == 6 + 24 + 24
+
+
+def test_an_unpriced_line_keeps_the_estimate_of_its_hours_and_the_usage_beside_it_counts_nothing() -> None:
+    """README rule 2 (migration 0031): gpt-4o calls of 3 + 6 at 10:00, a priced (3) and an unpriced line."""
+    estimates = [Estimate(ORG, A, None, DAY + 10 * H, "openai", Decimal(n)) for n in (3, 6)]
+    ten = (DAY + 10 * H, DAY + 11 * H)
+    priced = row(A, "openai.usage.completions", *ten, "3", DAY + 12 * H, item="m1", quantity=Decimal(3))
+    unpriced = row(A, "openai.usage.completions", *ten, None, DAY + 12 * H, item="mx", quantity=Decimal(6))
+    assert spend([priced], estimates) == 3
+    assert spend([priced, unpriced], estimates) == 9
+    assert spend([priced, unpriced], estimates, scope="project", project=A) == 9
+    # An unpriced line of zero quantity reports nothing: the priced line counts.
+    nothing = row(A, "openai.usage.completions", *ten, None, DAY + 12 * H, item="mz", quantity=Decimal(0))
+    assert spend([priced, nothing], estimates) == 3
+    # Another report of the account, a daily line overlapping the hour: it stops counting for the whole day.
+    daily = row(A, "openai.usage.embeddings", DAY, DAY + 24 * H, "5", DAY + 26 * H, item="e1", quantity=Decimal(5))
+    assert spend([daily], estimates) == 5
+    assert spend([daily, unpriced], estimates) == 9
+    # An ungrouped unpriced line: in the organization scope it reaches every project's usage, not in A's own.
+    ungrouped = row(None, "openai.usage.completions", *ten, None, DAY + 12 * H, item="mx", quantity=Decimal(6))
+    assert spend([priced, ungrouped], estimates) == 9
+    assert spend([priced, ungrouped], estimates, scope="project", project=A) == 3
+    # A cost row of the hour beats both, as before.
+    cost = row(A, "openai.costs", DAY, DAY + 24 * H, "8", DAY + 26 * H)
+    assert spend([priced, unpriced, cost], estimates) == 8
+
+
+def test_priority_tier_usage_counts_beside_a_cost_row_also_next_to_an_unpriced_line() -> None:
+    """Usage the cost report leaves out counts beside the cost row as before; without a cost row of the hour an
+    unpriced line of it stops it counting too (the estimate holds its calls)."""
+    estimates = [Estimate(ORG, A, None, DAY + 10 * H, "openai", Decimal(9))]
+    ten = (DAY + 10 * H, DAY + 11 * H)
+    priority = replace(
+        row(A, "openai.usage.completions", *ten, "2", DAY + 12 * H, item="p", quantity=Decimal(2)),
+        outside_cost_report=True,
+    )
+    unpriced = row(A, "openai.usage.completions", *ten, None, DAY + 12 * H, item="mx", quantity=Decimal(6))
+    cost = row(A, "openai.costs", DAY, DAY + 24 * H, "8", DAY + 26 * H)
+    assert spend([priority, cost], estimates) == 10
+    assert spend([priority, unpriced, cost], estimates) == 10
+    assert spend([priority, unpriced], estimates) == 9
