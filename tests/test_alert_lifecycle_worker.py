@@ -63,7 +63,7 @@ async def test_eur_budget_converts_usd_costs_at_the_ecb_rate(db: asyncpg.Connect
     assert "60 rate(s) of 6 pair(s), 2026-11-02 .. 2026-11-13, source ECB: 60 new" in loaded.stdout
     again = await asyncio.to_thread(cli, settings, "rates", "import", str(ECB_FILE))
     assert "0 new, 0 changed, 60 unchanged" in again.stdout
-    listed = await asyncio.to_thread(cli, settings, "rates", "list", "--quote", "USD")
+    listed = await asyncio.to_thread(cli, settings, "rates", "list", "--quote", "usd")  # any case, as in files
     assert "EUR   USD    2026-11-02  2026-11-13  10    1.2500" in listed.stdout
     # 54 USD on 3 November, when 1 EUR = 1.08 USD: 50 EUR, 50 % of the budget.
     await costs(settings, org, "2026-11-03", "2026-11-04", "54.00", "2026-11-04T06:00:00Z")

@@ -119,7 +119,9 @@ def _parser() -> argparse.ArgumentParser:
         "list", help="list quarantined messages", description="List quarantined messages, newest first."
     )
     qlist.add_argument("--reason", help="only this reason")
-    qlist.add_argument("--status", choices=["pending", "replayed", "all"], default="pending")
+    qlist.add_argument(
+        "--status", choices=["pending", "replayed", "all"], default="pending", help="which rows (pending)"
+    )
     qlist.add_argument("--limit", type=_positive_int, default=50, help="at most this many rows (50)")
     qreplay = qsub.add_parser(
         "replay",

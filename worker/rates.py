@@ -168,8 +168,10 @@ async def list_rates(settings: Settings, *, base: str | None, quote: str | None)
     from worker.admin import table  # noqa: PLC0415 - admin imports the pipeline; keep this module light
 
     for name, code in (("--base", base), ("--quote", quote)):
-        if code is not None and not _CODE.match(code):
+        if code is not None and not _CODE.match(code.upper()):
             raise UsageError([f"{name}: not a currency code: {code!r}"])
+    # Codes in any case, as `rates import` reads them from a file (`usd` is USD).
+    base, quote = (None if code is None else code.upper() for code in (base, quote))
     db = await Database.open(settings.dsn(), role=settings.database_role, max_size=1)
     try:
         rows = await db.exchange_rate_pairs(base, quote)

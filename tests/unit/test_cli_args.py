@@ -58,7 +58,7 @@ def test_exit_when_idle_must_be_finite_seconds_above_zero(
         (["quarantine", "list", "--reason", "nonsense"], "--reason: unknown reason 'nonsense'"),
         (["notify", "status", "--organization", "acme"], "--organization: not a uuid: 'acme'"),
         (["notify", "destinations", "list", "--organization", "acme"], "--organization: not a uuid: 'acme'"),
-        (["rates", "list", "--base", "usd"], "--base: not a currency code: 'usd'"),
+        (["rates", "list", "--base", "dollar"], "--base: not a currency code: 'dollar'"),
         (["prices", "unpriced", "--since", "yesterday"], "--since: not a date or a time with zone: 'yesterday'"),
         (["retention", "--months", "-1"], "--months: must be 0 (keep everything) or more, not -1"),
     ],
