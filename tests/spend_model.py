@@ -142,6 +142,16 @@ class Ledger:
     def current(self) -> list[Row]:
         return [line for key, line in self.lines.items() if key not in self.superseded]
 
+    def overlaps(self, window: tuple[str, str, str, datetime, datetime]) -> bool:
+        """README rule 1: another window of the same report (provider, account, report) that overlaps this one is
+        stored, so the pipeline quarantines the message bringing it (``overlapping_window``) and writes nothing of
+        it. (The database's functions, fed directly, still take any windows: ``apply`` does not refuse.)"""
+        provider, account, report, start, end = window
+        return any(
+            (p, a, r) == (provider, account, report) and (s, e) != (start, end) and s < end and e > start
+            for p, a, r, s, e in self.windows
+        )
+
 
 def sum_lines(rows: Iterable[Row]) -> list[Row]:
     """Lines of one message that share a key are summed (an unpriced one makes the sum unpriced)."""

@@ -81,9 +81,15 @@ async def test_each_hostile_message_alone_gets_its_reason(db: asyncpg.Connection
             wrong.append(f"{hostile.name}: expected {hostile.reason}, got {got or 'accepted'} ({detail})")
     assert not wrong, "\n".join(wrong)
     assert await db.fetchval("SELECT count(*) FROM quarantine") == len(corpus)
-    assert await db.fetchval("SELECT count(*) FROM cost_data") == 0
+    # The originals only: the stored day an hourly bucket overlaps.
+    assert await db.fetchval("SELECT count(*) FROM cost_data") == len(COMPLETION_TOKEN_TYPES)
+    assert await db.fetchval("SELECT sum(quantity) FROM cost_data") == OVERLAPPED_DAY_TOKENS
     assert await db.fetchval("SELECT array_agg(event_id) FROM api_usage") == ["hostile-reused"]  # the original
 
+
+# The original of provider_buckets/openai-usage-hour-inside-a-stored-day.json: a daily usage bucket of this many
+# input tokens, which lands (one line per completions token type) before the hourly bucket inside it is refused.
+OVERLAPPED_DAY_TOKENS = 4000
 
 # ------------------------------------------------------------------------------------------- good messages
 
@@ -167,9 +173,10 @@ def good_stream(world: World, events: int, pages: int) -> Good:
                     "workspace_id": "wrkspc_a",
                     "description": f"good-{i}",
                 }
+                hour = i // 28 % 24  # distinct hourly windows: windows of one report never overlap
                 bucket = {
-                    "starting_at": f"2025-11-{1 + i % 28:02d}T00:00:00Z",
-                    "ending_at": f"2025-11-{1 + i % 28:02d}T{1 + i % 23:02d}:00:00Z",
+                    "starting_at": f"2025-11-{1 + i % 28:02d}T{hour:02d}:00:00Z",
+                    "ending_at": f"2025-11-{1 + i % 28:02d}T{hour:02d}:59:00Z",
                     "results": [result],
                 }
                 good.pages.append(
@@ -354,10 +361,10 @@ async def test_hostile_corpus_end_to_end(db: asyncpg.Connection, settings: Setti
     }
     assert ledger[("openai", "costs_v1", None)][0] == good.cost["openai"]
     assert ledger[("anthropic", "costs_v1", None)][0] == good.cost["anthropic"]
-    assert ledger[("openai", "usage_v1", "tokens")][1] == good.tokens["openai"]
+    assert ledger[("openai", "usage_v1", "tokens")][1] == good.tokens["openai"] + OVERLAPPED_DAY_TOKENS
     assert ledger[("anthropic", "usage_v1", "tokens")][1] == good.tokens["anthropic"]
     assert ledger[("anthropic", "usage_v1", "requests")][1] == good.requests
-    assert sum(rows for *_, rows in ledger.values()) == good.ledger_rows
+    assert sum(rows for *_, rows in ledger.values()) == good.ledger_rows + len(COMPLETION_TOKEN_TYPES)
     owners = {r["organization_id"] for r in await db.fetch("SELECT DISTINCT organization_id FROM cost_data")}
     assert owners == {world.org.id, world.anthropic.id}
 

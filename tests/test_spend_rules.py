@@ -35,6 +35,7 @@ from tests.factories import (
     make_org,
     openai_cost_bucket,
     openai_usage_bucket,
+    ts,
 )
 from tests.feeding import Feeder
 from tests.kafka_helpers import create_topics, produce, run_worker
@@ -425,6 +426,9 @@ async def apply_step(feeder: Feeder, world: World, expected: Expected, base: dat
     if isinstance(step, Snapshot):
         message, rows, window = payload_and_rows(world, step)
         outcome = await feeder.buckets(message)
+        if expected.ledger.overlaps(window):  # another width of a stored window of its report (rule 1)
+            assert [q.reason.value for q in outcome.quarantine] == ["overlapping_window"]
+            return
         assert not outcome.quarantine, [q.detail for q in outcome.quarantine]
         expected.snapshot(rows, window, window[3] + HOUR * step.collected_after)
         return
@@ -736,7 +740,8 @@ async def test_an_unpriced_model_beside_a_priced_one_keeps_the_estimate_of_its_h
 async def test_an_unpriced_line_stops_a_daily_usage_line_in_another_local_period(
     db: asyncpg.Connection, feeder: Feeder
 ) -> None:
-    """An unpriced hourly line at 20:00 UTC (Kolkata's next day) stops the priced daily usage line of its UTC day
+    """An unpriced hourly line at 20:00 UTC (Kolkata's next day; of the embeddings report: another width of the
+    completions report would be an overlapping window) stops the priced daily usage line of its UTC day
     counting; that line counts in the Kolkata day of its midpoint (12:00 UTC), whose spend goes from 4 (the usage)
     to 9 (the estimate of 10:00 it no longer covers). That period is evaluated (the alert is raised) and the
     aggregate kept incrementally equals the one rebuilt and the full computation."""
@@ -767,16 +772,18 @@ async def test_an_unpriced_line_stops_a_daily_usage_line_in_another_local_period
     assert await spend_of(db, "organization", org, None, *kolkata_nov3) == 4
     open_alerts = "SELECT period_start, spend FROM budget_alerts WHERE budget_id = $1 AND resolved_at IS NULL"
     assert not await db.fetch(open_alerts, budget)  # the estimate's alert (9) was resolved by the usage (4)
+
+    def embeddings(results: list[dict[str, Any]]) -> dict[str, Any]:
+        bucket = {"object": "bucket", "start_time": ts("2026-11-03T20:00:00"), "end_time": ts("2026-11-03T21:00:00")}
+        shape = {"object": "organization.usage.embeddings.result", "num_model_requests": 1, "user_id": None}
+        return {**bucket, "results": [{**shape, "api_key_id": None, **result} for result in results]}
+
     unpriced = [{"project_id": "proj_a", "model": "mx", "input_tokens": 6}]
-    await feeder.buckets(
-        envelope(
-            "openai",
-            org.ai_org,
-            "usage_v1",
-            [openai_usage_bucket("2026-11-03T20:00:00", "2026-11-03T21:00:00", unpriced)],
-            collected_at="2026-11-03T22:00:00Z",
-        )
+    unpriced_hour = envelope(
+        "openai", org.ai_org, "usage_v1", [embeddings(unpriced)], collected_at="2026-11-03T22:00:00Z"
     )
+    outcome = await feeder.buckets({**unpriced_hour, "endpoint": "embeddings"})
+    assert not outcome.quarantine, [q.detail for q in outcome.quarantine]
     assert await spend_of(db, "organization", org, None, *kolkata_nov3) == 9
     full = await db.fetchval(
         "SELECT spend FROM cost_worker_spend_full('organization', $1, NULL, NULL, $2::text::timestamptz, "
@@ -789,15 +796,9 @@ async def test_an_unpriced_line_stops_a_daily_usage_line_in_another_local_period
     alerts = await db.fetch(open_alerts, budget)
     assert [(r["period_start"], r["spend"]) for r in alerts] == [(datetime(2026, 11, 2, 18, 30, tzinfo=UTC), 9)]
     # A re-poll of the hour without the unpriced line: the daily usage counts and covers again.
-    await feeder.buckets(
-        envelope(
-            "openai",
-            org.ai_org,
-            "usage_v1",
-            [openai_usage_bucket("2026-11-03T20:00:00", "2026-11-03T21:00:00", [])],
-            collected_at="2026-11-03T23:00:00Z",
-        )
-    )
+    empty = envelope("openai", org.ai_org, "usage_v1", [embeddings([])], collected_at="2026-11-03T23:00:00Z")
+    outcome = await feeder.buckets({**empty, "endpoint": "embeddings"})  # without it, an empty bucket is completions'
+    assert not outcome.quarantine, [q.detail for q in outcome.quarantine]
     assert await spend_of(db, "organization", org, None, *kolkata_nov3) == 4
     await assert_incremental_equals_rebuilt(db, org.id)
 
@@ -1518,3 +1519,79 @@ async def test_a_minute_bucket_after_a_local_midnight_covers_the_estimate_before
                     end,
                 )
                 assert value == wanted, (fn, scope, start, value)
+
+
+async def test_a_window_overlapping_another_of_its_report_is_quarantined_not_counted_twice(
+    db: asyncpg.Connection, feeder: Feeder
+) -> None:
+    """Hourly and daily buckets of one report are the same calls at two widths: the window stored first stays the
+    truth of its hours, and a message bringing another window of the same report (provider account, report) that
+    overlaps it is quarantined (`overlapping_window`) for that window: 4 USD published both ways count 4, not 8.
+    The other windows of the message are written; the same window again is a revision, not an overlap."""
+    org = await make_org(db)
+    await add_prices(db)
+    project = org.projects["proj_a"]
+
+    def usage(start: str, end: str, tokens: int) -> dict[str, Any]:
+        return openai_usage_bucket(start, end, [{"project_id": "proj_a", "model": "m1", "input_tokens": tokens}])
+
+    hourly = [
+        usage("2026-11-03T10:00:00", "2026-11-03T11:00:00", 2),
+        usage("2026-11-03T11:00:00", "2026-11-03T12:00:00", 2),
+    ]
+    await feeder.buckets(envelope("openai", org.ai_org, "usage_v1", hourly, collected_at="2026-11-03T13:00:00Z"))
+    assert await spend_of(db, "project", org, project, "2026-11-03Z", "2026-11-04Z") == 4
+
+    # A daily bucket around them, on a page with a daily bucket of another day that overlaps nothing.
+    daily = envelope(
+        "openai",
+        org.ai_org,
+        "usage_v1",
+        [usage("2026-11-03", "2026-11-04", 4), usage("2026-11-05", "2026-11-06", 3)],
+        collected_at="2026-11-06T02:00:00Z",
+    )
+    outcome = await feeder.buckets(daily)
+    assert [(q.reason.value, q.detail) for q in outcome.quarantine] == [
+        (
+            "overlapping_window",
+            "openai.usage.completions window 2026-11-03T00:00:00+00:00/2026-11-04T00:00:00+00:00 overlaps the stored "
+            "window 2026-11-03T10:00:00+00:00/2026-11-03T11:00:00+00:00 of its report",
+        )
+    ]
+    assert await spend_of(db, "project", org, project, "2026-11-03Z", "2026-11-04Z") == 4  # not 8
+    assert await spend_of(db, "project", org, project, "2026-11-05Z", "2026-11-06Z") == 3
+    assert await db.fetchval("SELECT count(*) FROM quarantine WHERE reason = 'overlapping_window'") == 1
+
+    # The stored hourly window re-polled: a revision of itself, not an overlap.
+    again = envelope("openai", org.ai_org, "usage_v1", [hourly[0]], collected_at="2026-11-03T20:00:00Z")
+    again["page"]["data"][0]["results"][0]["input_tokens"] = 5
+    outcome = await feeder.buckets(again)
+    assert not outcome.quarantine
+    assert await spend_of(db, "project", org, project, "2026-11-03Z", "2026-11-04Z") == 7
+
+    # Within one batch the first message's window is kept: an hourly bucket inside a daily one published before it.
+    first = envelope(
+        "openai", org.ai_org, "usage_v1", [usage("2026-11-07", "2026-11-08", 6)], collected_at="2026-11-08T01:00:00Z"
+    )
+    second = envelope(
+        "openai",
+        org.ai_org,
+        "usage_v1",
+        [usage("2026-11-07T09:00:00", "2026-11-07T10:00:00", 6)],
+        collected_at="2026-11-08T01:00:00Z",
+    )
+    outcome = await feeder.buckets(first, second)
+    assert [q.reason.value for q in outcome.quarantine] == ["overlapping_window"]
+    assert outcome.quarantine[0].source.offset == feeder.next[(feeder.settings.topic_provider_buckets, 0)] - 1
+    assert await spend_of(db, "project", org, project, "2026-11-07Z", "2026-11-08Z") == 6  # not 12
+
+    # Other reports are never compared: daily costs beside the hourly usage are the coverage rules' business.
+    costs = envelope(
+        "openai",
+        org.ai_org,
+        "costs_v1",
+        [openai_cost_bucket("2026-11-03", "2026-11-04", [("proj_a", "x", "9")])],
+        collected_at="2026-11-04T03:00:00Z",
+    )
+    assert not (await feeder.buckets(costs)).quarantine
+    assert await spend_of(db, "project", org, project, "2026-11-03Z", "2026-11-04Z") == 9

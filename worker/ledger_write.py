@@ -8,11 +8,15 @@ changed (for budgets).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from uuid import UUID
 
+from worker.decode import ProviderMessage
 from worker.ledger import Ledger
 from worker.outcome import BestResults, Result
+from worker.overlaps import quarantined, refused_windows
+from worker.quarantine import Quarantined
 from worker.rows import LedgerRow, WindowKey
 from worker.store import Tx
 from worker.touches import Touch, provider_touch
@@ -24,13 +28,21 @@ COSTS = "costs_v1"  # the api_version of provider cost lines (the rest is usage)
 class LedgerWritten:
     lines: Counter[tuple[str, Result]] = field(default_factory=Counter)  # (api_version, outcome)
     touched: list[Touch] = field(default_factory=list)
+    quarantined: list[Quarantined] = field(default_factory=list)  # messages bringing an overlapping window
 
 
-async def write_ledger(tx: Tx, ledger: Ledger, tenants: dict[int, UUID], best: BestResults) -> LedgerWritten:
+async def write_ledger(
+    tx: Tx, ledger: Ledger, tenants: dict[int, UUID], best: BestResults, messages: Sequence[ProviderMessage]
+) -> LedgerWritten:
     """``tenants`` are the organizations the transaction may write for: widened (and set again) when a window
-    held lines of other organizations before, which retiring must reach. ``best`` gets each message's outcome."""
+    held lines of other organizations before, which retiring must reach. ``best`` gets each message's outcome;
+    ``messages`` are the batch's provider messages (``ledger``'s indices), for the quarantine of overlaps."""
     written = LedgerWritten()
-    revisions = ledger.revisions()
+    # A window overlapping another window of its report (stored, or of an earlier message) is not written at all:
+    # not its revision, not its lines (worker.overlaps).
+    refused = refused_windows(ledger, await tx.overlapping_cost_windows(sorted(ledger.windows)))
+    written.quarantined = quarantined(ledger, refused, messages)
+    revisions = [r for r in ledger.revisions() if r.window not in refused]
     windows = await tx.upsert_cost_windows(revisions)
     # Retiring must see every organization that ever had lines in the window (a line may have moved away).
     if windows.organizations.keys() - tenants.keys():
@@ -42,6 +54,8 @@ async def write_ledger(tx: Tx, ledger: Ledger, tenants: dict[int, UUID], best: B
     costs: set[tuple[UUID, UUID | None, WindowKey]] = set()
     rows: list[LedgerRow] = []
     for row in ledger.rows:
+        if row.key.window in refused:
+            continue
         if windows.states[row.key.window] == "stale":
             written.lines[(row.line.api_version, Result.STALE)] += 1
             best.note(row.message, Result.STALE)

@@ -125,7 +125,8 @@ class Pipeline:
             await tx.set_tenants(set(organizations.values()))
         best = BestResults(ledger.best)  # a copy: a retried transaction starts from the prepared ledger again
         if ledger.windows:
-            written = await write_ledger(tx, ledger, organizations, best)
+            written = await write_ledger(tx, ledger, organizations, best, batch.messages)
+            quarantine.extend(written.quarantined)
             outcome.ledger_lines.update(written.lines)
             touched.extend(written.touched)
         flagged = {q.source for q in quarantine}

@@ -29,6 +29,7 @@ class Reason(StrEnum):
     INVALID_TEXT = "invalid_text"  # NUL bytes or unencodable characters
     TOO_MANY_RESULTS = "too_many_results"  # more than COST_WORKER_MAX_RESULTS_PER_MESSAGE
     INCONSISTENT_DATA = "inconsistent_data"  # e.g. token breakdowns beyond their totals, two currencies for a key
+    OVERLAPPING_WINDOW = "overlapping_window"  # a bucket overlapping another window of its report (another width)
     # references (replayable once the platform has them)
     UNKNOWN_ORGANIZATION = "unknown_organization"
     UNKNOWN_PROJECT = "unknown_project"  # missing, or belongs to another organization

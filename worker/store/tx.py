@@ -112,6 +112,22 @@ class Tx:
             for r in rows
         ]
 
+    async def overlapping_cost_windows(self, windows: Sequence[WindowKey]) -> dict[WindowKey, WindowKey]:
+        """Per window, a stored window of its report that overlaps it without being it (none: not in the map)."""
+        rows = await self.conn.fetch(
+            query("overlapping_cost_windows"),
+            [w.provider for w in windows],
+            [w.ai_organization_id for w in windows],
+            [w.report for w in windows],
+            [w.start for w in windows],
+            [w.end for w in windows],
+        )
+        found: dict[WindowKey, WindowKey] = {}
+        for row in rows:
+            window = windows[row["ord"] - 1]
+            found.setdefault(window, window._replace(start=row["bucket_start_time"], end=row["bucket_end_time"]))
+        return found
+
     async def upsert_cost_windows(self, revisions: Sequence[WindowRevision]) -> WindowStates:
         """Advance each window to its revision; per window 'advanced', 'same' or 'stale'."""
         rows = await self.conn.fetch(
