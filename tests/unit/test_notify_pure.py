@@ -248,17 +248,31 @@ def test_slack_message_is_readable_and_escaped() -> None:
     text = json.dumps(slack.message(body, link_template="https://costs.example.com/b/{budget_id}?o={organization_id}"))
     rendered = slack.message(body, link_template="https://costs.example.com/b/{budget_id}")
     details = rendered["blocks"][1]["text"]["text"]
-    assert "Team &lt;b&gt;&amp;" in rendered["blocks"][0]["text"]["text"]  # no injected markup
+    headline = rendered["blocks"][0]["text"]
+    assert headline["type"] == "plain_text"  # Slack formats none of it: the name shows as written
+    assert "Budget Team <b>& crossed 80%" in headline["text"]
+    assert "Budget Team &lt;b&gt;&amp; crossed 80%" in rendered["text"]  # the fallback is escaped
     assert "812.50 / 1000.00 EUR" in details
     assert "81.25%" in details
     assert f"project {uuid.UUID(int=2)}" in details
     assert "monthly 2026-11-01 to 2026-11-30" in details  # the last day: period_end is exclusive
     assert f"<https://costs.example.com/b/{uuid.UUID(int=3)}|Open the budget>" in details
-    assert "<b>" not in text
+    assert "<b>" not in rendered["text"]  # mrkdwn: escaped
+    assert "<b>" not in details
+    assert "Team <b>&" in text  # only in the plain_text block
     assert "crossed 80%" in rendered["text"]
     resolved = slack.message(json.loads(alert(type=messages.RESOLVED)))
     assert "back below its 80% threshold" in resolved["text"]
     assert "Open the budget" not in json.dumps(resolved)  # no template, no link
+
+
+def test_a_budget_name_with_slack_formatting_characters_is_shown_as_written() -> None:
+    rendered = slack.message(json.loads(alert(budget_name="*prod* _eu_ ~old~ `x`")))
+    assert rendered["blocks"][0]["text"] == {
+        "type": "plain_text",
+        "text": ":warning: Budget *prod* _eu_ ~old~ `x` crossed 80%: 81.25% used",
+        "emoji": True,
+    }
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,9 @@
 """The Slack incoming-webhook body of an alert: a message a person can read at a glance.
 
 Slack's format: https://api.slack.com/messaging/webhooks (``text`` is the notification fallback, ``blocks``
-the message). User-provided text is escaped (``&``, ``<``, ``>``) so a budget name cannot inject links or
-mentions.
+the message). The one user-provided text, the budget name, is shown in a ``plain_text`` block, which Slack does not
+format: a name such as ``*prod* _eu_`` stays as written, and cannot inject links or mentions. In the fallback,
+``&``, ``<`` and ``>`` are escaped for the same reason (Slack's documented escaping; it has none for ``*_~``).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def link(template: str, body: dict[str, Any]) -> str | None:
 
 
 def message(body: dict[str, Any], *, link_template: str = "") -> dict[str, Any]:
-    name = escape(str(body.get("budget_name") or body.get("budget_id") or "budget"))
+    name = str(body.get("budget_name") or body.get("budget_id") or "budget")
     currency = escape(str(body.get("currency", "")))
     threshold = escape(str(body.get("threshold_percent", "?")))
     code = str(body.get("currency", ""))
@@ -92,9 +93,9 @@ def message(body: dict[str, Any], *, link_template: str = "") -> dict[str, Any]:
         f"{escape(money(body.get('amount', '?'), code, keep_finer=True))} {currency}"
     ).strip()
     if body.get("type") == RESOLVED:
-        headline = f":white_check_mark: Budget *{name}* is back below its {threshold}% threshold"
+        headline = f":white_check_mark: Budget {name} is back below its {threshold}% threshold"
     else:
-        headline = f":warning: Budget *{name}* crossed {threshold}%: {escape(str(body.get('percent_used', '?')))}% used"
+        headline = f":warning: Budget {name} crossed {threshold}%: {escape(str(body.get('percent_used', '?')))}% used"
     details = (
         f"*Scope:* {escape(_scope(body))}\n*Spend:* {spend} ({escape(str(body.get('percent_used', '?')))}%)\n"
         f"*Period:* {escape(period(body))}"
@@ -103,9 +104,9 @@ def message(body: dict[str, Any], *, link_template: str = "") -> dict[str, Any]:
     if url:
         details += f"\n<{url}|Open the budget>"
     return {
-        "text": f"{headline} ({spend})",
+        "text": f"{escape(headline)} ({spend})",
         "blocks": [
-            {"type": "section", "text": {"type": "mrkdwn", "text": headline}},
+            {"type": "section", "text": {"type": "plain_text", "text": headline, "emoji": True}},
             {"type": "section", "text": {"type": "mrkdwn", "text": details}},
         ],
     }
