@@ -1555,7 +1555,7 @@ async def test_a_window_overlapping_another_of_its_report_is_quarantined_not_cou
         (
             "overlapping_window",
             "openai.usage.completions window 2026-11-03T00:00:00+00:00/2026-11-04T00:00:00+00:00 overlaps the stored "
-            "window 2026-11-03T10:00:00+00:00/2026-11-03T11:00:00+00:00 of its report",
+            "window 2026-11-03T11:00:00+00:00/2026-11-03T12:00:00+00:00 of its report",
         )
     ]
     assert await spend_of(db, "project", org, project, "2026-11-03Z", "2026-11-04Z") == 4  # not 8

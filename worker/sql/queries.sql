@@ -115,34 +115,27 @@ WHERE (provider, model) IN (SELECT * FROM unnest($1::text[], $2::text[]));
 -- name: overlapping_cost_windows
 -- Per input window (ord), a stored window of the same (provider, provider account, report) that overlaps it without
 -- being it: the same calls at another width (an hourly bucket inside a daily one), which would count twice (README
--- "What counts as spend", rule 1). Two index probes per window on cost_windows' primary key: the first stored window
--- starting inside it, and the last one starting before it. Complete while the stored windows of a report do not
--- overlap one another, which this check keeps true from the first window on.
+-- "What counts as spend", rule 1). One index probe per window on cost_windows' primary key: the stored window that
+-- starts last before the input window ends. The stored windows of a report do not overlap one another (this check
+-- keeps that true from the first window on), so it is the only one that can overlap, unless it is the input window
+-- itself, whose stored neighbours then cannot.
 WITH input AS (
     SELECT *
     FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[])
         WITH ORDINALITY AS t(provider, ai_organization_id, report, bucket_start_time, bucket_end_time, ord)
 )
-SELECT i.ord, o.bucket_start_time, o.bucket_end_time
+SELECT i.ord, w.bucket_start_time, w.bucket_end_time
 FROM input i
 CROSS JOIN LATERAL (
-    (SELECT w.bucket_start_time, w.bucket_end_time
-     FROM cost_windows w
-     WHERE w.provider = i.provider AND w.ai_organization_id = i.ai_organization_id AND w.report = i.report
-       AND w.bucket_start_time >= i.bucket_start_time AND w.bucket_start_time < i.bucket_end_time
-       AND (w.bucket_start_time, w.bucket_end_time) <> (i.bucket_start_time, i.bucket_end_time)
-     ORDER BY w.bucket_start_time, w.bucket_end_time
-     LIMIT 1)
-    UNION ALL
-    (SELECT w.bucket_start_time, w.bucket_end_time
-     FROM cost_windows w
-     WHERE w.provider = i.provider AND w.ai_organization_id = i.ai_organization_id AND w.report = i.report
-       AND w.bucket_start_time < i.bucket_start_time
-     ORDER BY w.bucket_start_time DESC, w.bucket_end_time DESC
-     LIMIT 1)
-) o
-WHERE o.bucket_end_time > i.bucket_start_time
-ORDER BY i.ord, o.bucket_start_time;
+    SELECT c.bucket_start_time, c.bucket_end_time
+    FROM cost_windows c
+    WHERE c.provider = i.provider AND c.ai_organization_id = i.ai_organization_id AND c.report = i.report
+      AND c.bucket_start_time < i.bucket_end_time
+    ORDER BY c.bucket_start_time DESC, c.bucket_end_time DESC
+    LIMIT 1
+) w
+WHERE w.bucket_end_time > i.bucket_start_time
+  AND (w.bucket_start_time, w.bucket_end_time) <> (i.bucket_start_time, i.bucket_end_time);
 
 -- name: upsert_cost_windows
 -- The revision of each (provider, provider account, report, window) a batch brings (one row per window, ordered
