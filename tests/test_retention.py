@@ -22,9 +22,10 @@ from tests.test_admin import cli
 from tests.test_budgets import add_budget
 from tests.test_operations import eventually
 from tests.test_partitions import at, drop_legacy, partitions
-from worker import retention
+from worker import retention, sql
 from worker.app import Worker
 from worker.config import Settings
+from worker.errors import CostWorkerError
 from worker.partitions import add_months, month_of
 
 NOW = datetime.now(UTC)
@@ -409,3 +410,206 @@ async def test_a_quarantined_event_of_a_dropped_month_stays_quarantined_on_repla
     assert (row["reason"], row["status"]) == ("invalid_timestamp", "pending")
     assert f"is before {months[2].isoformat()}: retention dropped the per-request detail" in row["detail"]
     assert await kept_state(db) == before
+
+
+# ---------------------------------------------------------------------------------------- interrupted runs
+
+
+async def _leave_detach_pending(database_url: str, partition: str) -> None:
+    """A ``DETACH PARTITION ... CONCURRENTLY`` cancelled during its wait (as when a run's connection is killed):
+    a reader holds the parent, the detach marks the partition pending and waits for it, and is cancelled."""
+    reader = await asyncpg.connect(database_url)
+    detacher = await asyncpg.connect(database_url)
+    try:
+        async with reader.transaction():
+            await reader.execute("SELECT count(*) FROM api_usage")
+            detach = asyncio.create_task(
+                detacher.execute(f"ALTER TABLE api_usage DETACH PARTITION {partition} CONCURRENTLY")
+            )
+
+            async def pending() -> bool:
+                return bool(
+                    await reader.fetchval(
+                        "SELECT inhdetachpending FROM pg_inherits WHERE inhrelid = $1::regclass", partition
+                    )
+                )
+
+            await eventually(pending)
+            assert await reader.fetchval("SELECT pg_cancel_backend($1)", detacher.get_server_pid())
+            with pytest.raises(asyncpg.QueryCanceledError):
+                await detach
+    finally:
+        await reader.close()
+        await detacher.close()
+    assert await _pending(database_url) == [partition]
+
+
+async def _pending(database_url: str) -> list[str]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT inhrelid::regclass::text AS name FROM pg_inherits "
+            "WHERE inhparent = 'api_usage'::regclass AND inhdetachpending"
+        )
+        return [r["name"] for r in rows]
+    finally:
+        await conn.close()
+
+
+async def _tables(db: asyncpg.Connection) -> set[str]:
+    rows = await db.fetch(
+        "SELECT relname::text AS name FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relkind = 'r' "
+        "AND relname ~ '^api_usage_y'"
+    )
+    return {r["name"] for r in rows}
+
+
+def _name(month: date) -> str:
+    return f"api_usage_y{month.year}m{month.month:02d}"
+
+
+@pytest.mark.parametrize(("role", "as_owner"), [(None, True), ("cost_worker_writer", False)])
+async def test_a_detach_left_pending_on_a_month_that_is_not_the_oldest_is_finished_by_the_next_run(
+    db: asyncpg.Connection,
+    feeder: Feeder,
+    settings: Settings,
+    database_url: str,
+    role: str | None,
+    as_owner: bool,
+) -> None:
+    """An interrupted run had moved the first month kept forward and left a later month's detach pending: the
+    next run finishes it first (a pending detach makes every other ``DETACH ... CONCURRENTLY`` fail), says so, and
+    drops the rest."""
+    months = [add_months(CURRENT, -k) for k in range(7, 0, -1)]
+    await history(db, feeder, months)
+    before = await kept_state(db)
+    await db.execute("SELECT cost_worker_retention_advance($1)", months[4])  # the interrupted run's first step
+    await _leave_detach_pending(database_url, _name(months[2]))
+    assert await db.fetchval("SELECT count(*) FROM api_usage") == 12, "a pending partition is no longer read"
+
+    found, result = await retention.run_once(
+        settings, months=3, ages=retention.Ages(30, 90), execute_plan=False, role=role, try_owner=as_owner
+    )
+    assert result is None
+    assert await _pending(database_url) == [_name(months[2])], "a dry run changes nothing"
+    planned = found
+
+    found, result = await retention.run_once(
+        settings, months=3, ages=retention.Ages(30, 90), execute_plan=True, role=role, try_owner=as_owner
+    )
+    assert result is not None
+    assert await _pending(database_url) == []
+    assert not {_name(m) for m in months[:4]} & await _tables(db)
+    assert await kept_state(db) == before
+    assert result.dropped == [_name(m) for m in (months[0], months[1], months[3])]
+    assert result.finished == [(_name(months[2]), "finalized and dropped")]
+    assert planned.leftovers == [retention.Leftover(_name(months[2]), "detach pending")]
+    assert "detach pending: finished by --execute" in retention.report(planned, None)
+    _, again = await retention.run_once(
+        settings, months=3, ages=retention.Ages(30, 90), execute_plan=True, role=role, try_owner=as_owner
+    )
+    assert again is not None
+    assert (again.dropped, again.finished) == ([], [])
+
+
+async def test_a_pending_detach_of_a_month_a_budget_now_needs_is_finished_not_reattached(
+    db: asyncpg.Connection, feeder: Feeder, settings: Settings, database_url: str
+) -> None:
+    """The run that chose the month moved the first month kept past it (its events are refused since), and a
+    pending partition is no longer read through api_usage: a budget made since then does not bring it back (budgets
+    read the rollups and the ledger only), and the later owner runs are not stuck behind it."""
+    months = [add_months(CURRENT, -k) for k in range(4, 0, -1)]
+    org = await history(db, feeder, months)
+    before = await kept_state(db)
+    await db.execute("SELECT cost_worker_retention_advance($1)", months[2])
+    await _leave_detach_pending(database_url, _name(months[1]))
+    await add_budget(db, "organization", org, "1000", period="yearly", timezone="Pacific/Kiritimati")
+    found, result = await retention.run_once(
+        settings, months=1, ages=retention.Ages(30, 90), execute_plan=True, role="cost_worker_writer", try_owner=False
+    )
+    assert result is not None
+    assert await _pending(database_url) == []
+    assert _name(months[1]) not in await _tables(db)
+    assert await kept_state(db) == before
+    assert result.finished == [(_name(months[1]), "finalized and dropped")]
+    # Months kept for the budget and never started on stay (attached, read through api_usage).
+    if months[0].year == CURRENT.year and months[0].month > 1:
+        assert _name(months[0]) in {p.name for p in found.kept_for_budgets}
+        assert _name(months[0]) in await partitions(db)
+
+
+async def test_a_table_detached_but_not_dropped_is_dropped_by_the_next_run_and_a_human_one_never(
+    db: asyncpg.Connection,
+    feeder: Feeder,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The connection dies between the detach and the drop: the next run (the worker's, as the writer) drops the
+    table it detached, and reports it; a table a human made under a partition's name is never dropped, only named."""
+    months = [add_months(CURRENT, -k) for k in range(5, 0, -1)]
+    await history(db, feeder, months)
+    before = await kept_state(db)
+    real_query = sql.query
+    drops = []
+
+    def dying(name: str) -> str:  # the process dies right where it would drop the second detached table
+        if name == "retention_finish_drop":
+            drops.append(name)
+            if len(drops) == 2:
+                return "SELECT pg_terminate_backend(pg_backend_pid())"
+        return real_query(name)
+
+    monkeypatch.setattr(retention, "query", dying)
+    with pytest.raises(CostWorkerError):
+        await retention.run_once(
+            settings, months=2, ages=retention.Ages(30, 90), execute_plan=True, role=None, try_owner=True
+        )
+    monkeypatch.setattr(retention, "query", real_query)
+    left = _name(months[1])
+    assert left in await _tables(db), "detached, not dropped"
+    assert left not in await partitions(db)
+    assert _name(months[0]) not in await _tables(db)
+    # A human's copy, named like a partition retention would drop: never retention's to drop.
+    human = _name(add_months(months[0], -2))
+    await db.execute(f"CREATE TABLE {human} (LIKE api_usage)")
+
+    planned, _ = await retention.run_once(
+        settings, months=2, ages=retention.Ages(30, 90), execute_plan=False, role="cost_worker_writer", try_owner=False
+    )
+    found, result = await retention.run_once(
+        settings, months=2, ages=retention.Ages(30, 90), execute_plan=True, role="cost_worker_writer", try_owner=False
+    )
+    assert result is not None
+    assert await _tables(db) & {left, human} == {human}
+    assert await kept_state(db) == before
+    assert result.dropped == [_name(months[2])]
+    assert result.finished == [(left, "dropped")]
+    assert planned.leftovers == [
+        retention.Leftover(human, "not detached by retention: left alone"),
+        retention.Leftover(left, "detached, not dropped"),
+    ]
+    report = retention.report(found, result)
+    assert f"{human}: not detached by retention: left alone" in report
+    _, again = await retention.run_once(
+        settings, months=2, ages=retention.Ages(30, 90), execute_plan=True, role="cost_worker_writer", try_owner=False
+    )
+    assert again is not None
+    assert again.finished == []
+    assert human in await _tables(db)
+
+
+async def test_two_runs_at_once_are_serialized(db: asyncpg.Connection, settings: Settings) -> None:
+    """The worker's periodic run and the CLI: the second one is refused while the first holds the lock."""
+    holder = await asyncpg.connect(settings.dsn())
+    try:
+        assert await holder.fetchval(sql.query("retention_try_lock"))
+        with pytest.raises(retention.Busy):
+            await retention.run_once(
+                settings, months=2, ages=retention.Ages(30, 90), execute_plan=True, role=None, try_owner=True
+            )
+        busy = await asyncio.to_thread(cli, settings, "retention", "--execute")
+        assert busy.returncode == 1
+        assert "another retention run holds the lock" in busy.stderr
+    finally:
+        await holder.close()

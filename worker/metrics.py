@@ -243,6 +243,19 @@ RETENTION_QUARANTINE_DELETED = Counter(
 RETENTION_DELIVERIES_DELETED = Counter(
     "cost_worker_retention_deliveries_deleted_total", "Finished notify deliveries retention deleted."
 )
+RETENTION_RESUMED = Counter(
+    "cost_worker_retention_resumed_total",
+    "api_usage partitions an interrupted retention run left that a later run finished, by action "
+    "(finalized_and_dropped: left detach pending; dropped: detached, not dropped).",
+    ["action"],
+)
+for _action in ("finalized_and_dropped", "dropped"):
+    RETENTION_RESUMED.labels(action=_action)
+RETENTION_LEFT_ALONE = Gauge(
+    "cost_worker_retention_tables_left_alone",
+    "Tables named like api_usage partitions that retention will not drop (not detached by it, or detach pending "
+    "but not started by it), at the last run: for a human to decide.",
+)
 RETENTION_KEPT_BY_BUDGETS = Gauge(
     "cost_worker_retention_partitions_kept_for_budgets",
     "api_usage partitions older than the retention period kept because an open budget period starts before their end.",

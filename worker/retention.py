@@ -54,6 +54,19 @@ class Partition:
     size_bytes: int
 
 
+FINISHED_BY_NEXT_RUN = ("detach pending", "detached, not dropped")  # leftover states a run finishes
+FOREIGN_PENDING = "detach pending, not started by retention"
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """What an interrupted run (or a human) left: a partition detach pending, or a standalone table named like one
+    (states: ``cost_worker_retention_leftovers`` in schema/migrations/0030)."""
+
+    name: str
+    state: str
+
+
 @dataclass
 class Plan:
     """What a run would do at ``now``."""
@@ -69,6 +82,7 @@ class Plan:
     quarantine_rows: int = 0
     deliveries_cutoff: datetime | None = None
     deliveries_rows: int = 0
+    leftovers: list[Leftover] = field(default_factory=list)
 
     @property
     def wanted_from(self) -> date | None:
@@ -86,6 +100,7 @@ class Plan:
 @dataclass
 class Result:
     dropped: list[str] = field(default_factory=list)
+    finished: list[tuple[str, str]] = field(default_factory=list)  # (table, what was done) left by an earlier run
     created: list[str] = field(default_factory=list)
     quarantine_deleted: int = 0
     deliveries_deleted: int = 0
@@ -107,6 +122,7 @@ async def plan(conn: asyncpg.Connection, *, months: int, ages: Ages, now: dateti
     deliveries_cutoff = now - timedelta(days=ages.deliveries_days) if ages.deliveries_days else None
     with store.translating():
         rows = await conn.fetch(query("api_usage_partitions"))
+        leftovers = [Leftover(r["partition_name"], r["state"]) for r in await conn.fetch(query("retention_leftovers"))]
         kept_from = await conn.fetchval(query("retention_kept_from"))
         oldest_open = await conn.fetchval(query("retention_oldest_open_period"), now)
         due = int(await conn.fetchval(query("retention_quarantine_due"), cutoff)) if cutoff else 0
@@ -133,6 +149,7 @@ async def plan(conn: asyncpg.Connection, *, months: int, ages: Ages, now: dateti
         quarantine_rows=due,
         deliveries_cutoff=deliveries_cutoff,
         deliveries_rows=deliveries_due,
+        leftovers=leftovers,
     )
     wanted = found.wanted_from
     if wanted is not None:
@@ -148,31 +165,52 @@ async def plan(conn: asyncpg.Connection, *, months: int, ages: Ages, now: dateti
     return found
 
 
+async def resume(conn: asyncpg.Connection) -> list[tuple[str, str]]:
+    """Finish what an interrupted run left (a detach pending, a table detached and not dropped); returns
+    (table, what was done). Tables retention did not detach are never dropped (see ``plan``'s leftovers)."""
+    with store.translating():
+        done = [(r["partition_name"], r["action"]) for r in await conn.fetch(query("retention_resume"))]
+    for name, action in done:
+        metrics.RETENTION_RESUMED.labels(action=action.replace(" ", "_")).inc()
+        log.warning("retention_interrupted_run_finished", partition=name, action=action)
+    return done
+
+
 async def execute(conn: asyncpg.Connection, found: Plan, *, as_owner: bool) -> Result:
     """Carry a plan out on a connection outside any transaction (DETACH CONCURRENTLY needs that)."""
     started = time.monotonic()
     result = Result(kept_from=found.kept_from)
+    drop_names = {p.name for p in found.drop}
+    foreign = [left.name for left in found.leftovers if left.state == FOREIGN_PENDING]
+    if as_owner and any(name not in drop_names for name in foreign):
+        # Any other DETACH ... CONCURRENTLY fails while a partition is detach pending: a plain one does not.
+        log.warning("retention_detach_pending_not_ours", partitions=foreign)
+        as_owner = False
     with store.translating():
-        if found.new_kept_from is not None:
-            result.kept_from = await conn.fetchval(query("retention_advance"), found.new_kept_from)
-        for partition in found.drop:
-            name = _checked(partition.name)
-            if as_owner:
-                detach = "retention_detach_finalize" if partition.detach_pending else "retention_detach_concurrently"
-                await conn.execute(query(detach).format(partition=name))
-                await conn.execute(query("retention_drop_table").format(partition=name))
-            else:
-                await conn.execute(query("retention_drop"), partition.name)
-            result.dropped.append(partition.name)
-            metrics.RETENTION_PARTITIONS_DROPPED.inc()
-            log.info("retention_partition_dropped", partition=partition.name, estimated_rows=partition.estimated_rows)
+        # First what needs no partition dropped, so that a drop that fails (lock_timeout) holds none of it back.
+        result.created = await ensure_ahead(conn, found.now)
         if found.quarantine_cutoff is not None and found.quarantine_rows:
             result.quarantine_deleted = await _delete_aged(conn, "retention_quarantine", found.quarantine_cutoff)
             metrics.RETENTION_QUARANTINE_DELETED.inc(result.quarantine_deleted)
         if found.deliveries_cutoff is not None and found.deliveries_rows:
             result.deliveries_deleted = await _delete_aged(conn, "retention_deliveries", found.deliveries_cutoff)
             metrics.RETENTION_DELIVERIES_DELETED.inc(result.deliveries_deleted)
-        result.created = await ensure_ahead(conn, found.now)
+        if found.new_kept_from is not None:
+            result.kept_from = await conn.fetchval(query("retention_advance"), found.new_kept_from)
+        # A partition detach pending first: no other can be detached concurrently before it is finalized.
+        for partition in sorted(found.drop, key=lambda p: (not p.detach_pending, p.from_at)):
+            name = _checked(partition.name)
+            if as_owner:
+                # Recorded before the detach, so that a run interrupted before the drop is finished by the next.
+                await conn.execute(query("retention_begin_drop"), partition.name)
+                detach = "retention_detach_finalize" if partition.detach_pending else "retention_detach_concurrently"
+                await conn.execute(query(detach).format(partition=name))
+                await conn.execute(query("retention_finish_drop"), partition.name)
+            else:
+                await conn.execute(query("retention_drop"), partition.name)
+            result.dropped.append(partition.name)
+            metrics.RETENTION_PARTITIONS_DROPPED.inc()
+            log.info("retention_partition_dropped", partition=partition.name, estimated_rows=partition.estimated_rows)
     result.seconds = time.monotonic() - started
     return result
 
@@ -205,6 +243,7 @@ def _record(found: Plan, result: Result) -> None:
     remaining = len(found.partitions) - len(result.dropped) + len(result.created)
     metrics.API_USAGE_PARTITIONS.set(remaining)
     metrics.RETENTION_KEPT_BY_BUDGETS.set(len(found.kept_for_budgets))
+    metrics.RETENTION_LEFT_ALONE.set(sum(left.state not in FINISHED_BY_NEXT_RUN for left in found.leftovers))
     kept = result.kept_from
     metrics.API_USAGE_OLDEST_KEPT.set(_utc(kept).timestamp() if kept else 0)
     metrics.RETENTION_DURATION.observe(result.seconds)
@@ -229,10 +268,15 @@ async def run_once(
         if not mine:
             raise Busy("another retention run holds the lock (a worker replica or the CLI); try again later")
         try:
+            finished = await resume(conn) if execute_plan else []
             found = await plan(conn, months=months, ages=ages, now=datetime.now(UTC))
+            for left in found.leftovers:
+                if left.state not in FINISHED_BY_NEXT_RUN:
+                    log.warning("retention_table_left_alone", table=left.name, state=left.state)
             if not execute_plan:
                 return found, None
             result = await execute(conn, found, as_owner=as_owner)
+            result.finished = finished
             _record(found, result)
             return found, result
         finally:
@@ -262,11 +306,16 @@ async def run_periodically(settings: Settings, stop: asyncio.Event) -> None:
             )
             metrics.RETENTION_RUNS.labels(result="ok").inc()
             if result is not None and (
-                result.dropped or result.created or result.quarantine_deleted or result.deliveries_deleted
+                result.dropped
+                or result.finished
+                or result.created
+                or result.quarantine_deleted
+                or result.deliveries_deleted
             ):
                 log.info(
                     "retention_run",
                     dropped=result.dropped,
+                    finished=result.finished,
                     created=result.created,
                     quarantine_deleted=result.quarantine_deleted,
                     deliveries_deleted=result.deliveries_deleted,
@@ -366,6 +415,13 @@ def report(found: Plan, result: Result | None) -> str:
             f"notify deliveries finished before {found.deliveries_cutoff.isoformat(timespec='seconds')}: "
             f"{found.deliveries_rows}"
         )
+    if result is not None:
+        lines += [f"{name}: left by an interrupted run: {action}" for name, action in result.finished]
+    for left in found.leftovers:
+        if left.state in FINISHED_BY_NEXT_RUN:
+            lines.append(f"{left.name}: left by an interrupted run, {left.state}: finished by --execute")
+        else:
+            lines.append(f"{left.name}: {left.state} (drop it by hand if it is not needed)")
     if result is None:
         lines.append(
             f"dry run: nothing changed (--execute drops {len(found.drop)} partition(s) and deletes "

@@ -56,6 +56,23 @@ SELECT cost_worker_retention_advance($1::date);
 -- Detach (plain, a moment of ACCESS EXCLUSIVE) and drop one partition wholly before the first month kept.
 SELECT cost_worker_retention_drop($1::text);
 
+-- name: retention_leftovers
+-- What an interrupted run (or a human) left: partitions detach pending, standalone tables named like partitions
+-- (schema/migrations/0030), and whether the next run finishes them.
+SELECT partition_name, state FROM cost_worker_retention_leftovers();
+
+-- name: retention_resume
+-- Finish what an interrupted run left (FINALIZE and DROP; DROP what it recorded detaching); returns what it did.
+SELECT partition_name, action FROM cost_worker_retention_resume();
+
+-- name: retention_begin_drop
+-- The owner's way, before the detach: record the partition (by oid), so that the next run drops it if this one dies.
+SELECT cost_worker_retention_begin_drop($1::text);
+
+-- name: retention_finish_drop
+-- ... and after it: drop the detached table and its record, in one transaction.
+SELECT cost_worker_retention_finish_drop($1::text);
+
 -- name: retention_detach_concurrently
 -- The owner's way: no ACCESS EXCLUSIVE lock on the parent. Outside a transaction. {partition}: a checked name.
 ALTER TABLE api_usage DETACH PARTITION {partition} CONCURRENTLY;
@@ -63,9 +80,6 @@ ALTER TABLE api_usage DETACH PARTITION {partition} CONCURRENTLY;
 -- name: retention_detach_finalize
 -- A concurrent detach that was interrupted (the partition stays "detach pending") is finished by this.
 ALTER TABLE api_usage DETACH PARTITION {partition} FINALIZE;
-
--- name: retention_drop_table
-DROP TABLE {partition};
 
 -- name: retention_quarantine
 -- Delete up to $2 replayed quarantine rows replayed before $1; returns how many.
