@@ -613,3 +613,24 @@ async def test_two_runs_at_once_are_serialized(db: asyncpg.Connection, settings:
         assert "another retention run holds the lock" in busy.stderr
     finally:
         await holder.close()
+
+
+async def test_a_detach_a_human_left_pending_is_left_alone_and_the_owner_run_still_drops(
+    db: asyncpg.Connection, feeder: Feeder, settings: Settings, database_url: str
+) -> None:
+    """A detach pending on a month retention keeps was not started by retention: it is not finished (a human
+    decides), it is reported, and the owner's run, whose concurrent detaches would all fail behind it, detaches the
+    old months plainly instead."""
+    months = [add_months(CURRENT, -k) for k in range(6, 0, -1)]
+    await history(db, feeder, months)
+    kept = _name(months[4])
+    await _leave_detach_pending(database_url, kept)
+    found, result = await retention.run_once(
+        settings, months=2, ages=retention.Ages(30, 90), execute_plan=True, role=None, try_owner=True
+    )
+    assert result is not None
+    assert result.dropped == [_name(m) for m in months[:4]]
+    assert result.finished == []
+    assert await _pending(database_url) == [kept]
+    assert found.leftovers == [retention.Leftover(kept, retention.FOREIGN_PENDING)]
+    assert f"{kept}: {retention.FOREIGN_PENDING}" in retention.report(found, result)
