@@ -573,6 +573,8 @@ async def test_a_table_detached_but_not_dropped_is_dropped_by_the_next_run_and_a
     # A human's copy, named like a partition retention would drop: never retention's to drop.
     human = _name(add_months(months[0], -2))
     await db.execute(f"CREATE TABLE {human} (LIKE api_usage)")
+    with pytest.raises(asyncpg.RaiseError, match="not a table retention detached"):
+        await db.execute("SELECT cost_worker_retention_finish_drop($1)", human)
 
     planned, _ = await retention.run_once(
         settings, months=2, ages=retention.Ages(30, 90), execute_plan=False, role="cost_worker_writer", try_owner=False
