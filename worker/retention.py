@@ -7,7 +7,10 @@ Dropping is two steps: first the first month kept moves forward (``cost_worker_r
 the batches in flight, and later batches quarantine events before it), then each partition is detached and
 dropped: ``DETACH PARTITION ... CONCURRENTLY`` when the login can act as the owner role, else through
 ``cost_worker_retention_drop`` (a plain DETACH: a moment of ACCESS EXCLUSIVE, bounded by lock_timeout). Never a
-``DELETE`` of detail rows. The outbox needs nothing here: the publisher deletes each row once the broker
+``DELETE`` of detail rows. Every run first finishes what an interrupted one left (``resume``, migration 0030): a
+partition left detach pending before the first month kept is finalized and dropped, a table the owner's way
+recorded and detached but did not drop is dropped; a table named like a partition that retention did not record
+is never dropped, only reported. The outbox needs nothing here: the publisher deletes each row once the broker
 acknowledged it.
 
 ``cost-worker retention`` shows the plan (dry run) unless ``--execute``; the worker runs it every
