@@ -12,6 +12,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from prometheus_client import REGISTRY
 from pydantic import SecretStr
 
 from tests.factories import api_event, dumps, envelope, make_org, openai_cost_bucket
@@ -579,10 +580,13 @@ async def test_a_table_detached_but_not_dropped_is_dropped_by_the_next_run_and_a
     planned, _ = await retention.run_once(
         settings, months=2, ages=retention.Ages(30, 90), execute_plan=False, role="cost_worker_writer", try_owner=False
     )
+    resumed_before = _sample("cost_worker_retention_resumed_total", {"action": "dropped"})
     found, result = await retention.run_once(
         settings, months=2, ages=retention.Ages(30, 90), execute_plan=True, role="cost_worker_writer", try_owner=False
     )
     assert result is not None
+    assert _sample("cost_worker_retention_resumed_total", {"action": "dropped"}) == resumed_before + 1
+    assert _sample("cost_worker_retention_tables_left_alone", {}) == 1
     assert await _tables(db) & {left, human} == {human}
     assert await kept_state(db) == before
     assert result.dropped == [_name(months[2])]
@@ -599,6 +603,10 @@ async def test_a_table_detached_but_not_dropped_is_dropped_by_the_next_run_and_a
     assert again is not None
     assert again.finished == []
     assert human in await _tables(db)
+
+
+def _sample(name: str, labels: dict[str, str]) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 async def test_two_runs_at_once_are_serialized(db: asyncpg.Connection, settings: Settings) -> None:
