@@ -644,3 +644,23 @@ async def test_a_detach_a_human_left_pending_is_left_alone_and_the_owner_run_sti
     assert await _pending(database_url) == [kept]
     assert found.leftovers == [retention.Leftover(kept, retention.FOREIGN_PENDING)]
     assert f"{kept}: {retention.FOREIGN_PENDING}" in retention.report(found, result)
+
+
+@pytest.mark.parametrize(("role", "as_owner"), [(None, True), ("cost_worker_writer", False)])
+async def test_the_partition_from_the_start_goes_with_the_months_after_it(
+    db: asyncpg.Connection, feeder: Feeder, settings: Settings, role: str | None, as_owner: bool
+) -> None:
+    """The table of before 0011 starts at MINVALUE (read back as a naive datetime.min): dropped first, in order."""
+    months = [add_months(CURRENT, -k) for k in range(4, 0, -1)]
+    await history(db, feeder, months)
+    async with db.transaction():
+        await db.execute("SET LOCAL ROLE cost_worker_owner")
+        await db.execute(
+            "CREATE TABLE api_usage_legacy PARTITION OF api_usage "
+            f"FOR VALUES FROM (MINVALUE) TO ('{months[0].isoformat()} 00:00:00+00')"
+        )
+    _, result = await retention.run_once(
+        settings, months=2, ages=retention.Ages(30, 90), execute_plan=True, role=role, try_owner=as_owner
+    )
+    assert result is not None
+    assert result.dropped == ["api_usage_legacy", _name(months[0]), _name(months[1])]

@@ -200,8 +200,9 @@ async def execute(conn: asyncpg.Connection, found: Plan, *, as_owner: bool) -> R
             metrics.RETENTION_DELIVERIES_DELETED.inc(result.deliveries_deleted)
         if found.new_kept_from is not None:
             result.kept_from = await conn.fetchval(query("retention_advance"), found.new_kept_from)
-        # A partition detach pending first: no other can be detached concurrently before it is finalized.
-        for partition in sorted(found.drop, key=lambda p: (not p.detach_pending, p.from_at)):
+        # A partition detach pending first: no other can be detached concurrently before it is finalized. (The
+        # sort is stable: the others stay oldest first. from_at is no key: MINVALUE is read back naive.)
+        for partition in sorted(found.drop, key=lambda p: not p.detach_pending):
             name = _checked(partition.name)
             if as_owner:
                 # Recorded before the detach, so that a run interrupted before the drop is finished by the next.
