@@ -664,3 +664,41 @@ async def test_the_partition_from_the_start_goes_with_the_months_after_it(
     )
     assert result is not None
     assert result.dropped == ["api_usage_legacy", _name(months[0]), _name(months[1])]
+
+
+async def test_a_drop_that_fails_holds_back_neither_the_months_ahead_nor_the_aged_rows(
+    db: asyncpg.Connection, feeder: Feeder, settings: Settings, database_url: str
+) -> None:
+    """The plain DETACH queues at most 5 s behind a long reader, then the run fails (the next one tries again): the
+    partitions ahead are made and the aged rows deleted all the same."""
+    months = [add_months(CURRENT, -k) for k in range(4, 0, -1)]
+    await history(db, feeder, months)
+    ahead = _name(add_months(CURRENT, 2))
+    await db.execute(f"ALTER TABLE api_usage DETACH PARTITION {ahead}")
+    await db.execute(f"DROP TABLE {ahead}")
+    await db.execute(
+        "INSERT INTO quarantine (reason, source_topic, source_partition, source_offset, payload, status, replayed_at) "
+        "VALUES ('unknown_project', 't', 0, 1, 'x', 'replayed', now() - interval '40 days')"
+    )
+    reader = await asyncpg.connect(database_url)
+    try:
+        async with reader.transaction():
+            await reader.execute("SELECT count(*) FROM api_usage")
+            with pytest.raises(CostWorkerError, match="lock"):
+                await retention.run_once(
+                    settings,
+                    months=2,
+                    ages=retention.Ages(30, 90),
+                    execute_plan=True,
+                    role="cost_worker_writer",
+                    try_owner=False,
+                )
+    finally:
+        await reader.close()
+    assert ahead in await partitions(db)
+    assert await db.fetchval("SELECT count(*) FROM quarantine") == 0
+    _, result = await retention.run_once(
+        settings, months=2, ages=retention.Ages(30, 90), execute_plan=True, role="cost_worker_writer", try_owner=False
+    )
+    assert result is not None
+    assert result.dropped == [_name(months[0]), _name(months[1])]
