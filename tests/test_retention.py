@@ -702,3 +702,48 @@ async def test_a_drop_that_fails_holds_back_neither_the_months_ahead_nor_the_age
     )
     assert result is not None
     assert result.dropped == [_name(months[0]), _name(months[1])]
+
+
+async def test_a_run_killed_while_its_concurrent_detach_waits_is_finished_by_the_workers_next_run(
+    db: asyncpg.Connection, feeder: Feeder, settings: Settings, database_url: str
+) -> None:
+    """The owner's run (the CLI) is killed while its DETACH ... CONCURRENTLY waits for a long reader: the worker's
+    next run (as the writer) finalizes and drops that month, then drops the rest."""
+    months = [add_months(CURRENT, -k) for k in range(5, 0, -1)]
+    await history(db, feeder, months)
+    before = await kept_state(db)
+    reader = await asyncpg.connect(database_url)
+    try:
+        async with reader.transaction():
+            await reader.execute("SELECT count(*) FROM api_usage")
+            run = asyncio.create_task(
+                retention.run_once(
+                    settings, months=2, ages=retention.Ages(30, 90), execute_plan=True, role=None, try_owner=True
+                )
+            )
+
+            async def waiting() -> bool:
+                return bool(
+                    await db.fetchval(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE query LIKE '%ALTER TABLE api_usage DETACH PARTITION % CONCURRENTLY%' "
+                        "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+                    )
+                )
+
+            await eventually(waiting)
+            with pytest.raises(CostWorkerError):
+                await run
+    finally:
+        await reader.close()
+    assert await _pending(database_url) == [_name(months[0])]
+    _, result = await retention.run_once(
+        settings, months=2, ages=retention.Ages(30, 90), execute_plan=True, role="cost_worker_writer", try_owner=False
+    )
+    assert result is not None
+    assert result.finished == [(_name(months[0]), "finalized and dropped")]
+    assert result.dropped == [_name(months[1]), _name(months[2])]
+    assert await _pending(database_url) == []
+    assert not {_name(m) for m in months[:3]} & await _tables(db)
+    assert await db.fetchval("SELECT count(*) FROM api_usage_retention_drops") == 0
+    assert await kept_state(db) == before
