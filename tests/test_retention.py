@@ -14,6 +14,7 @@ import asyncpg
 import pytest
 from prometheus_client import REGISTRY
 from pydantic import SecretStr
+from structlog.testing import capture_logs
 
 from tests.factories import api_event, dumps, envelope, make_org, openai_cost_bucket
 from tests.feeding import Feeder
@@ -747,3 +748,37 @@ async def test_a_run_killed_while_its_concurrent_detach_waits_is_finished_by_the
     assert not {_name(m) for m in months[:3]} & await _tables(db)
     assert await db.fetchval("SELECT count(*) FROM api_usage_retention_drops") == 0
     assert await kept_state(db) == before
+
+
+async def test_the_workers_periodic_run_finishes_a_leftover_and_logs_it_and_the_table_left_alone(
+    db: asyncpg.Connection, feeder: Feeder, settings: Settings, database_url: str
+) -> None:
+    months = [add_months(CURRENT, -k) for k in range(4, 0, -1)]
+    await history(db, feeder, months)
+    await db.execute("SELECT cost_worker_retention_advance($1)", months[2])
+    await _leave_detach_pending(database_url, _name(months[1]))
+    human = _name(add_months(months[0], -3))
+    await db.execute(f"CREATE TABLE {human} (LIKE api_usage)")
+    periodic = settings.model_copy(update={"retention_interval": 3600.0, "api_usage_retention_months": 2})
+    stop = asyncio.Event()
+    with capture_logs() as logs:
+        task = asyncio.create_task(retention.run_periodically(periodic, stop))
+
+        async def finished() -> bool:
+            return not await _pending(database_url)
+
+        await eventually(finished)
+        await eventually(lambda: _true(any(e["event"] == "retention_run" for e in logs)))
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    events = {e["event"]: e for e in logs}
+    assert events["retention_interrupted_run_finished"]["partition"] == _name(months[1])
+    assert events["retention_interrupted_run_finished"]["log_level"] == "warning"
+    assert events["retention_table_left_alone"]["table"] == human
+    assert events["retention_run"]["finished"] == [(_name(months[1]), "finalized and dropped")]
+    assert events["retention_run"]["dropped"] == [_name(months[0])]
+    assert human in await _tables(db)
+
+
+async def _true(value: bool) -> bool:
+    return value
