@@ -245,12 +245,12 @@ RETENTION_DELIVERIES_DELETED = Counter(
 )
 RETENTION_RESUMED = Counter(
     "cost_worker_retention_resumed_total",
-    "api_usage partitions an interrupted retention run left that a later run finished, by action "
-    "(finalized_and_dropped: left detach pending; dropped: detached, not dropped).",
-    ["action"],
+    "api_usage partitions an interrupted retention run left that a later run dropped, by the state it was left in "
+    "(detach_pending; detached: detached, not dropped).",
+    ["state"],
 )
-for _action in ("finalized_and_dropped", "dropped"):
-    RETENTION_RESUMED.labels(action=_action)
+for _state in ("detach_pending", "detached"):
+    RETENTION_RESUMED.labels(state=_state)
 RETENTION_LEFT_ALONE = Gauge(
     "cost_worker_retention_tables_left_alone",
     "Tables named like api_usage partitions that retention will not drop (not detached by it, or detach pending "

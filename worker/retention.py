@@ -8,7 +8,7 @@ the batches in flight, and later batches quarantine events before it), then each
 dropped: ``DETACH PARTITION ... CONCURRENTLY`` when the login can act as the owner role, else through
 ``cost_worker_retention_drop`` (a plain DETACH: a moment of ACCESS EXCLUSIVE, bounded by lock_timeout). Never a
 ``DELETE`` of detail rows. Every run first finishes what an interrupted one left (``resume``, migration 0030): a
-partition left detach pending before the first month kept is finalized and dropped, a table the owner's way
+partition left detach pending before the first month kept is dropped, a table the owner's way
 recorded and detached but did not drop is dropped; a table named like a partition that retention did not record
 is never dropped, only reported. The outbox needs nothing here: the publisher deletes each row once the broker
 acknowledged it.
@@ -59,6 +59,7 @@ class Partition:
 
 FINISHED_BY_NEXT_RUN = ("detach pending", "detached, not dropped")  # leftover states a run finishes
 FOREIGN_PENDING = "detach pending, not started by retention"
+_LABELS = {"detach pending": "detach_pending", "detached, not dropped": "detached"}  # metric label of each state
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ class Plan:
 @dataclass
 class Result:
     dropped: list[str] = field(default_factory=list)
-    finished: list[tuple[str, str]] = field(default_factory=list)  # (table, what was done) left by an earlier run
+    finished: list[tuple[str, str]] = field(default_factory=list)  # (table, state) an earlier run left, now dropped
     created: list[str] = field(default_factory=list)
     quarantine_deleted: int = 0
     deliveries_deleted: int = 0
@@ -172,10 +173,10 @@ async def resume(conn: asyncpg.Connection) -> list[tuple[str, str]]:
     """Finish what an interrupted run left (a detach pending, a table detached and not dropped); returns
     (table, what was done). Tables retention did not detach are never dropped (see ``plan``'s leftovers)."""
     with store.translating():
-        done = [(r["partition_name"], r["action"]) for r in await conn.fetch(query("retention_resume"))]
-    for name, action in done:
-        metrics.RETENTION_RESUMED.labels(action=action.replace(" ", "_")).inc()
-        log.warning("retention_interrupted_run_finished", partition=name, action=action)
+        done = [(r["partition_name"], r["state"]) for r in await conn.fetch(query("retention_resume"))]
+    for name, state in done:
+        metrics.RETENTION_RESUMED.labels(state=_LABELS[state]).inc()
+        log.warning("retention_interrupted_run_finished", partition=name, state=state, action="dropped")
     return done
 
 
@@ -200,17 +201,16 @@ async def execute(conn: asyncpg.Connection, found: Plan, *, as_owner: bool) -> R
             metrics.RETENTION_DELIVERIES_DELETED.inc(result.deliveries_deleted)
         if found.new_kept_from is not None:
             result.kept_from = await conn.fetchval(query("retention_advance"), found.new_kept_from)
-        # A partition detach pending first: no other can be detached concurrently before it is finalized. (The
+        # A partition detach pending first: no other can be detached concurrently while it is there. (The
         # sort is stable: the others stay oldest first. from_at is no key: MINVALUE is read back naive.)
         for partition in sorted(found.drop, key=lambda p: not p.detach_pending):
             name = _checked(partition.name)
-            if as_owner:
+            if as_owner and not partition.detach_pending:
                 # Recorded before the detach, so that a run interrupted before the drop is finished by the next.
                 await conn.execute(query("retention_begin_drop"), partition.name)
-                detach = "retention_detach_finalize" if partition.detach_pending else "retention_detach_concurrently"
-                await conn.execute(query(detach).format(partition=name))
+                await conn.execute(query("retention_detach_concurrently").format(partition=name))
                 await conn.execute(query("retention_finish_drop"), partition.name)
-            else:
+            else:  # plain DETACH and DROP in one transaction (a pending partition: DROP, not FINALIZE, see 0030)
                 await conn.execute(query("retention_drop"), partition.name)
             result.dropped.append(partition.name)
             metrics.RETENTION_PARTITIONS_DROPPED.inc()
@@ -420,7 +420,7 @@ def report(found: Plan, result: Result | None) -> str:
             f"{found.deliveries_rows}"
         )
     if result is not None:
-        lines += [f"{name}: left by an interrupted run: {action}" for name, action in result.finished]
+        lines += [f"{name}: left by an interrupted run, {state}: dropped" for name, state in result.finished]
     for left in found.leftovers:
         if left.state in FINISHED_BY_NEXT_RUN:
             lines.append(f"{left.name}: left by an interrupted run, {left.state}: finished by --execute")

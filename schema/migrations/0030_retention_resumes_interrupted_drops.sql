@@ -6,7 +6,8 @@
 -- later run saw (the month's detail stayed for ever). So, before its first detach, a run records the table it is
 -- about to drop, by oid, here; the DROP deletes the record in the same transaction. Every run first finishes:
 --   * a partition of api_usage detach pending and wholly before the first month kept (only retention moves that
---     month, and it moves it before it detaches anything): FINALIZE, then DROP;
+--     month, and it moves it before it detaches anything): DROP (as cost_worker_retention_drop does: not FINALIZE,
+--     which waits for every older snapshot in the database, whatever it reads, and failed at lock_timeout);
 --   * a standalone table recorded here under the same oid and name, no longer a partition: DROP.
 -- A standalone table named like a partition that is not recorded here (a human's copy, a restore, or one left by a
 -- release before this one) is never dropped: it is reported, for a human to decide.
@@ -20,7 +21,7 @@ COMMENT ON TABLE api_usage_retention_drops IS
     'api_usage partitions retention started to drop and has not dropped yet (0030); read by the next run';
 
 -- What an earlier interrupted run left, and what this run would do about it (changes nothing).
---   'detach pending'                          finished: FINALIZE, DROP
+--   'detach pending'                          finished: DROP
 --   'detached, not dropped'                   finished: DROP
 --   'detach pending, not started by retention' left alone: not before the first month kept
 --   'not detached by retention: left alone'   left alone: named like a partition, not recorded
@@ -44,9 +45,10 @@ AS $$
     ORDER BY 1
 $$;
 
--- Retention, step 0 of every run: finish what an interrupted run left (see above). Returns what it did.
+-- Retention, step 0 of every run: finish what an interrupted run left (see above). Returns the tables it dropped and
+-- the state each was left in.
 CREATE FUNCTION cost_worker_retention_resume()
-RETURNS TABLE (partition_name text, action text)
+RETURNS TABLE (partition_name text, state text)
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = public, pg_temp SET lock_timeout = '5s'
 AS $$
@@ -54,16 +56,10 @@ DECLARE
     left_over record;
 BEGIN
     FOR left_over IN SELECT * FROM cost_worker_retention_leftovers() LOOP
-        IF left_over.state = 'detach pending' THEN
-            EXECUTE format('ALTER TABLE api_usage DETACH PARTITION %I FINALIZE', left_over.partition_name);
+        IF left_over.state IN ('detach pending', 'detached, not dropped') THEN
             EXECUTE format('DROP TABLE %I', left_over.partition_name);
             partition_name := left_over.partition_name;
-            action := 'finalized and dropped';
-            RETURN NEXT;
-        ELSIF left_over.state = 'detached, not dropped' THEN
-            EXECUTE format('DROP TABLE %I', left_over.partition_name);
-            partition_name := left_over.partition_name;
-            action := 'dropped';
+            state := left_over.state;
             RETURN NEXT;
         END IF;
     END LOOP;

@@ -62,8 +62,9 @@ SELECT cost_worker_retention_drop($1::text);
 SELECT partition_name, state FROM cost_worker_retention_leftovers();
 
 -- name: retention_resume
--- Finish what an interrupted run left (FINALIZE and DROP; DROP what it recorded detaching); returns what it did.
-SELECT partition_name, action FROM cost_worker_retention_resume();
+-- Finish what an interrupted run left (DROP a partition detach pending before the first month kept, DROP a table it
+-- recorded detaching); returns the tables dropped and the state each was left in.
+SELECT partition_name, state FROM cost_worker_retention_resume();
 
 -- name: retention_begin_drop
 -- The owner's way, before the detach: record the partition (by oid), so that the next run drops it if this one dies.
@@ -76,10 +77,6 @@ SELECT cost_worker_retention_finish_drop($1::text);
 -- name: retention_detach_concurrently
 -- The owner's way: no ACCESS EXCLUSIVE lock on the parent. Outside a transaction. {partition}: a checked name.
 ALTER TABLE api_usage DETACH PARTITION {partition} CONCURRENTLY;
-
--- name: retention_detach_finalize
--- A concurrent detach that was interrupted (the partition stays "detach pending") is finished by this.
-ALTER TABLE api_usage DETACH PARTITION {partition} FINALIZE;
 
 -- name: retention_quarantine
 -- Delete up to $2 replayed quarantine rows replayed before $1; returns how many.
