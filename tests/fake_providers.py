@@ -71,6 +71,9 @@ class FakeProviders:
     def __init__(self, keys: dict[tuple[str, str], str], *, page_size: int = 1) -> None:
         self.keys = keys  # (provider, account) -> the admin key the fake accepts
         self.page_size = page_size
+        # Buckets the next page repeats from the end of this one (a cursor that points at the last bucket served,
+        # not past it): a provider that serves a bucket again on the next page.
+        self.overlap = 0
         self.buckets: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
         self.script: dict[tuple[str, str], list[Canned]] = defaultdict(list)  # (account, path) -> answers
         self.holds: dict[str, tuple[int, asyncio.Event]] = {}  # path -> (requests served first, released)
@@ -147,7 +150,8 @@ class FakeProviders:
         limit = min(int(request.query.get("limit", "7")), self.page_size)
         page = chosen[offset : offset + limit]
         more = offset + limit < len(chosen)
-        cursor = base64.b64encode(str(offset + limit).encode()).decode() if more else None
+        following = offset + limit - min(self.overlap, limit - 1)
+        cursor = base64.b64encode(str(following).encode()).decode() if more else None
         if provider == "openai":
             body: dict[str, Any] = {"object": "page", "data": page, "has_more": more, "next_page": cursor}
         else:

@@ -910,3 +910,19 @@ async def test_a_bucket_with_more_results_than_the_worker_takes_waits_instead_of
     assert await run_worker(settings, idle=1.5) == 0
     total = await costs_of_day(db, D1)
     assert total == Decimal("1.50")
+
+
+async def test_a_bucket_the_provider_serves_again_on_the_next_page_is_counted_once(
+    world: World, db: asyncpg.Connection, settings: Settings
+) -> None:
+    """A provider whose cursor points at the last bucket it served (not past it) serves that bucket again on the
+    next page, whole. Taken as a bucket "continued on the next page", its results were appended to themselves and
+    the worker summed each line twice: the day cost double."""
+    fake = world.fake
+    seed_truth(fake)
+    fake.page_size, fake.overlap = 2, 1  # pages [D2, D1], [D1, D0]
+    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+    assert await run_worker(settings, idle=1.5) == 0
+    assert await db.fetchval("SELECT count(*) FROM quarantine") == 0
+    assert await costs_of_day(db, D1) == Decimal("3.25")  # 2.5 + 0.75, once
+    assert await cost_ledger(db) == cost_truth(world)

@@ -271,7 +271,8 @@ def _bucket(day: datetime, *results: str) -> dict[str, Any]:
         "object": "bucket",
         "start_time": start,
         "end_time": start + 86_400,
-        "results": [{"id": r} for r in results],
+        # One result per group (costs are grouped by project and line item), as a grouped report has.
+        "results": [{"id": r, "project_id": "proj", "line_item": r} for r in results],
     }
 
 
@@ -299,14 +300,42 @@ async def test_a_cursor_that_repeats_or_is_missing_fails_the_window() -> None:
             )
 
 
+async def test_a_bucket_served_again_on_the_next_page_is_taken_once_and_a_changed_one_fails() -> None:
+    """A cursor that points at the last bucket served, not past it, serves that bucket again whole on the next
+    page (and may add the results the first page left out). Appended again, each of its lines was in the message
+    twice and the worker summed them: the day counted double. A repeated group with other figures is refused."""
+    again = [
+        {"object": "page", "data": [_bucket(TODAY - DAY, "a", "b")], "has_more": True, "next_page": "c1"},
+        {"object": "page", "data": [_bucket(TODAY - DAY, "a", "b", "c"), _bucket(TODAY, "d")], "has_more": False},
+    ]
+    window = window_for(NOW, collected_through=None, trailing_days=1, backfill_start=None, backfill_days=1)
+    got = await read_window(
+        _ScriptedClient(again), OPENAI_ENDPOINTS[0], window, base_url="http://x", account="org", headers={}
+    )
+    assert [[r["id"] for r in b["results"]] for b in got.buckets] == [["a", "b", "c"], ["d"]]
+    assert got.repeated == 2
+
+    changed = _bucket(TODAY - DAY, "a")
+    changed["results"][0]["amount"] = "2"  # group (proj, a) again, with another figure
+    pages = [
+        {"object": "page", "data": [_bucket(TODAY - DAY, "a")], "has_more": True, "next_page": "c1"},
+        {"object": "page", "data": [changed], "has_more": False},
+    ]
+    with pytest.raises(ProviderRejected, match="other figures"):
+        await read_window(
+            _ScriptedClient(pages), OPENAI_ENDPOINTS[0], window, base_url="http://x", account="o", headers={}
+        )
+
+
 @hypothesis_settings(max_examples=150, deadline=None)
 @given(
-    days=st.lists(st.lists(st.integers(0, 999), max_size=6), min_size=0, max_size=8),
+    days=st.lists(st.lists(st.integers(0, 999), max_size=6, unique=True), min_size=0, max_size=8),
     cuts=st.lists(st.integers(0, 60), max_size=10),
 )
 def test_any_split_of_buckets_over_pages_gives_each_bucket_whole_once(days: list[list[int]], cuts: list[int]) -> None:
     """A provider may cut its pages anywhere, even inside a bucket's results: the window still has each bucket
-    once, with all its results in order (a bucket is never split across messages)."""
+    once, with all its results in order (a bucket is never split across messages). (A grouped bucket has one
+    result per group: a result served twice is a repeat, see the next test.)"""
     truth = [_bucket(TODAY - (len(days) - i) * DAY, *(str(r) for r in results)) for i, results in enumerate(days)]
     flat = [(b, r) for b in truth for r in b["results"]] or []
     positions = sorted({min(c, len(flat)) for c in cuts} | {0, len(flat)})

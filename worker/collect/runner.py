@@ -305,6 +305,7 @@ class Collector:
                 window_end=window.end.isoformat(),
                 pages=collected.pages,
                 buckets=len(messages),
+                repeated_results=collected.repeated,
             )
         self.refused.pop((provider, name), None)
 

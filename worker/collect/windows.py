@@ -5,7 +5,9 @@ today, since providers finalise costs late) or from where the last successful po
 earlier, up to the end of today's open bucket. An account's first poll starts at ``collect_backfill_start``.
 Every page is followed (``has_more`` / ``next_page``) before anything is staged: the window is published whole
 or not at all, and buckets that a provider split over pages are merged, so a bucket is never split across
-messages.
+messages. A bucket that comes again (a cursor pointing at the last bucket served rather than past it) brings
+results already collected: those are taken once (appended again, the worker would sum each line twice); a result
+for a group already collected with other figures fails the window (which one the provider meant is not guessed).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 from worker.collect.client import ProviderClient
 from worker.collect.errors import ProviderRejected
+from worker.collect.publisher import dump_exact
 from worker.collect.sources import Endpoint, bucket_bounds
 
 DAY = timedelta(days=1)
@@ -61,6 +64,23 @@ class Collected:
 
     buckets: list[dict[str, Any]]
     pages: int
+    repeated: int = 0  # results the provider served again (a bucket repeated on a later page), taken once
+
+
+@dataclass
+class _Merged:
+    """One bucket being collected, with what identifies its results (their exact text, their group)."""
+
+    bucket: dict[str, Any]
+    texts: set[str]
+    groups: set[tuple[str, ...]]
+
+
+def _group(endpoint: Endpoint, result: Any) -> tuple[str, ...]:
+    """The values of the fields the window is grouped by: one result per group in a bucket."""
+    if not isinstance(result, dict):
+        return (dump_exact(result),)
+    return tuple(dump_exact(result.get(name)) for name in endpoint.group_by)
 
 
 async def read_window(
@@ -73,10 +93,10 @@ async def read_window(
     headers: dict[str, str],
 ) -> Collected:
     """All pages of ``window``, following the cursor to the end."""
-    merged: dict[str, dict[str, Any]] = {}
+    merged: dict[str, _Merged] = {}
     cursor: str | None = None
     seen: set[str] = set()
-    pages = 0
+    pages = repeated = 0
     while True:
         params = endpoint.params(window.start, window.end, cursor)
         page = await client.get_page(base_url, endpoint, account, headers, params)
@@ -85,14 +105,34 @@ async def read_window(
             if not isinstance(bucket, dict) or not isinstance(bucket.get("results"), list):
                 raise ProviderRejected(f"{endpoint.report} of account {account}: a bucket without results")
             key = json.dumps(bucket_bounds(endpoint.provider, bucket), default=str)
-            if key in merged:  # the provider continued a bucket on the next page
-                merged[key]["results"].extend(bucket["results"])
-            else:
-                merged[key] = {**bucket, "results": list(bucket["results"])}
+            results = bucket["results"]
+            if key not in merged:
+                merged[key] = _Merged(
+                    {**bucket, "results": list(results)},
+                    {dump_exact(r) for r in results},
+                    {_group(endpoint, r) for r in results},
+                )
+                continue
+            # The bucket again: continued on this page, or served again (its results repeated).
+            known = merged[key]
+            for result in results:
+                text = dump_exact(result)
+                if text in known.texts:
+                    repeated += 1
+                    continue
+                group = _group(endpoint, result)
+                if group in known.groups:
+                    raise ProviderRejected(
+                        f"{endpoint.report} of account {account}: the bucket {key} came again with other figures "
+                        "for a group it already had"
+                    )
+                known.bucket["results"].append(result)
+                known.texts.add(text)
+                known.groups.add(group)
         if not page.get("has_more"):
             break
         cursor = page.get("next_page")
         if not isinstance(cursor, str) or not cursor or cursor in seen or pages >= MAX_PAGES:
             raise ProviderRejected(f"{endpoint.report} of account {account}: has_more without a usable next_page")
         seen.add(cursor)
-    return Collected(buckets=list(merged.values()), pages=pages)
+    return Collected(buckets=[m.bucket for m in merged.values()], pages=pages, repeated=repeated)
