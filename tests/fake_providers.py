@@ -129,6 +129,13 @@ class FakeProviders:
             self.requests.append(("?", path, query, 401, time.monotonic()))
             refusal = {"error": {"message": f"Incorrect API key provided: {key}", "type": "invalid_request_error"}}
             return web.json_response(refusal, status=401)
+        end_time = request.query.get("end_time")
+        if provider == "openai" and end_time is not None and int(end_time) > time.time():
+            # Reported of the real API (nesszer/Win-CodexBar#191, a poller asking for costs and usage up to the
+            # next midnight): an end_time in the future is refused, "end_time must not be in the future".
+            self.requests.append((account, path, query, 400, time.monotonic()))
+            refusal = {"error": {"message": "end_time must not be in the future", "type": "invalid_request_error"}}
+            return web.json_response(refusal, status=400)
         if path in self.holds and self.served[path] >= self.holds[path][0]:
             self.held.set()
             await self.holds[path][1].wait()

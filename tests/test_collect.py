@@ -926,3 +926,21 @@ async def test_a_bucket_the_provider_serves_again_on_the_next_page_is_counted_on
     assert await db.fetchval("SELECT count(*) FROM quarantine") == 0
     assert await costs_of_day(db, D1) == Decimal("3.25")  # 2.5 + 0.75, once
     assert await cost_ledger(db) == cost_truth(world)
+
+
+async def test_openai_windows_never_ask_for_an_end_time_in_the_future(
+    world: World, db: asyncpg.Connection, settings: Settings
+) -> None:
+    """The window ends at the end of today's open bucket, the next midnight. Sent as ``end_time``, that is in the
+    provider's future, which the API is reported to refuse (HTTP 400): every OpenAI window failed on every poll and
+    no OpenAI money was ever collected. Without ``end_time`` the report runs up to now, open bucket included."""
+    fake = world.fake
+    seed_truth(fake)
+    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+    openai = [(query, status) for acc, path, query, status, _ in fake.requests if acc == "org-oa"]
+    assert openai
+    assert [status for _, status in openai if status != 200] == []
+    assert all("end_time" not in query for query, _ in openai)
+    assert await run_worker(settings, idle=1.5) == 0
+    assert await costs_of_day(db, D0) == Decimal("0.1")  # the open bucket
+    assert await cost_ledger(db) == cost_truth(world)

@@ -211,6 +211,7 @@ def test_request_parameters_per_provider() -> None:
     assert ("bucket_width", "1d") in openai_params
     assert ("group_by", "line_item") in openai_params
     assert ("page", "cursor") in openai_params
+    assert "end_time" not in dict(openai_params)  # in the future (the next midnight) it is refused: up to now
     anthropic_params = ANTHROPIC_ENDPOINTS[0].params(TODAY - DAY, TODAY + DAY, None)
     assert ("starting_at", "2026-11-19T00:00:00Z") in anthropic_params
     assert ("group_by[]", "workspace_id") in anthropic_params

@@ -44,19 +44,22 @@ class Endpoint:
         return auth if self.beta is None else {**auth, "anthropic-beta": self.beta}
 
     def params(self, start: datetime, end: datetime, page: str | None) -> list[tuple[str, str]]:
-        """The query string of one page request (``group_by`` repeated, as both APIs document arrays)."""
+        """The query string of one page request (``group_by`` repeated, as both APIs document arrays).
+
+        Neither end is sent (``end`` is always the open bucket's end, the next midnight): OpenAI's ``end_time``
+        in the future is refused (HTTP 400 "end_time must not be in the future", reported in
+        nesszer/Win-CodexBar#191: every OpenAI window failed on every poll), and "now" by our clock may be in the
+        provider's future too; Anthropic's ``ending_at`` returns buckets that "end before" it, which may or may
+        not include the open bucket ending exactly there. Without them both reports run up to now, open bucket
+        included."""
         if self.provider == "openai":
             params = [
                 ("start_time", str(int(start.timestamp()))),
-                ("end_time", str(int(end.timestamp()))),
                 ("bucket_width", DAY),
                 ("limit", str(self.page_limit)),
             ]
             params += [("group_by", field) for field in self.group_by]
         else:
-            # No ending_at: the documentation returns buckets that "end before" it, which may or may not
-            # include the open bucket ending exactly there; without it the report runs up to now, open
-            # bucket included. (``end`` is always the open bucket's end.)
             params = [
                 ("starting_at", _rfc3339(start)),
                 ("bucket_width", DAY),
