@@ -27,7 +27,7 @@ import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
@@ -74,6 +74,10 @@ class FakeProviders:
         # Buckets the next page repeats from the end of this one (a cursor that points at the last bucket served,
         # not past it): a provider that serves a bucket again on the next page.
         self.overlap = 0
+        # Days a request without an end covers from its start, when set (else: up to now). Anthropic documents
+        # this for its Usage and Cost Analytics API ("when omitted, the earlier of now and starting_at plus 31
+        # days"); the legacy reports do not say what they do without an end.
+        self.open_end_days: int | None = None
         self.buckets: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
         self.script: dict[tuple[str, str], list[Canned]] = defaultdict(list)  # (account, path) -> answers
         self.holds: dict[str, tuple[int, asyncio.Event]] = {}  # path -> (requests served first, released)
@@ -150,6 +154,8 @@ class FakeProviders:
         start = _parse_time(provider, request.query.get("start_time" if provider == "openai" else "starting_at"))
         end = _parse_time(provider, request.query.get("end_time" if provider == "openai" else "ending_at"))
         assert start is not None, "start is required by both APIs"
+        if end is None and self.open_end_days is not None:
+            end = start + timedelta(days=self.open_end_days)
         assert request.query.get("bucket_width", "1d") == "1d"
         assert query.get(group_key), "the collector always groups"
         chosen = [b for b in self.buckets[(provider, account, path)] if self._within(provider, b, start, end)]

@@ -944,3 +944,27 @@ async def test_openai_windows_never_ask_for_an_end_time_in_the_future(
     assert await run_worker(settings, idle=1.5) == 0
     assert await costs_of_day(db, D0) == Decimal("0.1")  # the open bucket
     assert await cost_ledger(db) == cost_truth(world)
+
+
+@pytest.mark.parametrize("open_end_days", [31, None])
+async def test_a_window_longer_than_a_report_covers_from_one_start_is_read_whole(
+    world: World, db: asyncpg.Connection, settings: Settings, open_end_days: int | None
+) -> None:
+    """A first poll from a backfill start 40 days back (or the poll after an outage of weeks) asks for one window
+    from its start, without an end. A report that covers 31 days from a start it was given without an end (as
+    Anthropic documents for its analytics API) answered the first 31 days, has_more false; the state moved to the
+    end of today, so the nine days after were never asked for again: their money was lost for good. (A report that
+    runs up to now answers the first stretch with every day: each day is still counted once.)"""
+    fake = world.fake
+    fake.page_size, fake.open_end_days = 31, open_end_days
+    start = D0 - 40 * DAY
+    for n in range(41):
+        fake.openai_bucket("org-oa", COSTS, start + n * DAY, [openai_cost("1", "Input tokens", "proj_a")])
+    backfill = world.settings.model_copy(update={"collect_backfill_start": start.date()})
+    assert await asyncio.wait_for(Collector(backfill).run(once=True), 60) == 0
+    assert await run_worker(settings, idle=1.5) == 0
+    assert await db.fetchval("SELECT count(*) FROM quarantine") == 0
+    total = await db.fetchval(
+        "SELECT sum(amount) FROM cost_data WHERE report = 'openai.costs' AND superseded_at IS NULL"
+    )
+    assert total == Decimal("41")

@@ -26,7 +26,7 @@ from worker.collect.errors import KeyStoreError, ProviderRejected, ProviderUnava
 from worker.collect.publisher import dump_exact, envelope
 from worker.collect.runner import revision_after
 from worker.collect.sources import ANTHROPIC_ENDPOINTS, ENDPOINTS, OPENAI_ENDPOINTS, Endpoint, headers
-from worker.collect.windows import read_window, window_for
+from worker.collect.windows import Window, read_window, spans, window_for
 from worker.errors import ConfigError
 from worker.models import ProviderEnvelope
 
@@ -46,6 +46,18 @@ def test_first_poll_backfills_from_the_start_date_to_the_open_bucket() -> None:
 def test_first_poll_without_a_start_date_reads_the_backfill_days() -> None:
     window = window_for(NOW, collected_through=None, trailing_days=3, backfill_start=None, backfill_days=30)
     assert (window.start, window.end) == (TODAY - 30 * DAY, TODAY + DAY)
+
+
+def test_a_window_is_asked_for_in_stretches_a_request_without_an_end_covers() -> None:
+    """A request names its start only; a report may cover 31 days from it. The default backfill (30 days and the
+    open bucket) is one request; a longer window is asked for in stretches of 31 days, the last up to now."""
+    assert spans(Window(TODAY - 30 * DAY, TODAY + DAY)) == [(TODAY - 30 * DAY, None)]
+    assert spans(Window(TODAY - 31 * DAY, TODAY + DAY)) == [(TODAY - 31 * DAY, TODAY), (TODAY, None)]
+    assert spans(Window(TODAY - 70 * DAY, TODAY + DAY)) == [
+        (TODAY - 70 * DAY, TODAY - 39 * DAY),
+        (TODAY - 39 * DAY, TODAY - 8 * DAY),
+        (TODAY - 8 * DAY, None),
+    ]
 
 
 def test_later_polls_reread_the_trailing_window_plus_the_open_bucket() -> None:

@@ -24,6 +24,11 @@ from worker.collect.sources import Endpoint, bucket_bounds
 
 DAY = timedelta(days=1)
 MAX_PAGES = 10_000  # pages of one window; more means a cursor that never ends
+# The longest stretch one request (a start, no end) is trusted to cover. A report asked without an end may stop
+# 31 days after its start (Anthropic documents that for its analytics API, and the legacy reports say nothing),
+# has_more false: a longer window (a backfill, the poll after an outage) is asked for in stretches of this, each
+# keeping its own buckets, so no day after the 31st is skipped while the state moves on to today.
+SPAN = timedelta(days=31)
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,59 @@ def _group(endpoint: Endpoint, result: Any) -> tuple[str, ...]:
     return tuple(dump_exact(result.get(name)) for name in endpoint.group_by)
 
 
+def spans(window: Window) -> list[tuple[datetime, datetime | None]]:
+    """The stretches ``window`` is asked for in: from each start, ``SPAN`` at most; the last one up to now."""
+    stretches: list[tuple[datetime, datetime | None]] = []
+    start = window.start
+    while window.end - start > SPAN:
+        stretches.append((start, start + SPAN))
+        start += SPAN
+    stretches.append((start, None))
+    return stretches
+
+
+def bucket_start(provider: str, bucket: dict[str, Any]) -> datetime | None:
+    """When a bucket starts, as the provider wrote it (None when it cannot be read: the decoder says why)."""
+    value = bucket.get("start_time" if provider == "openai" else "starting_at")
+    try:
+        if provider == "openai":
+            return datetime.fromtimestamp(int(value), tz=UTC) if isinstance(value, int) else None
+        return datetime.fromisoformat(value.replace("Z", "+00:00")) if isinstance(value, str) else None
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
+def _merge(endpoint: Endpoint, account: str, merged: dict[str, _Merged], bucket: dict[str, Any]) -> int:
+    """Add one bucket of a page to the window's; the number of its results that were already there."""
+    key = json.dumps(bucket_bounds(endpoint.provider, bucket), default=str)
+    results = bucket["results"]
+    if key not in merged:
+        merged[key] = _Merged(
+            {**bucket, "results": list(results)},
+            {dump_exact(r) for r in results},
+            {_group(endpoint, r) for r in results},
+        )
+        return 0
+    # The bucket again: continued on this page, or served again (its results repeated).
+    known = merged[key]
+    repeated = 0
+    for result in results:
+        text = dump_exact(result)
+        if text in known.texts:
+            repeated += 1
+            continue
+        group = _group(endpoint, result)
+        if group in known.groups:
+            raise ProviderRejected(
+                f"{endpoint.report} of account {account}: the bucket {key} came again with other figures "
+                "for a group it already had"
+            )
+        known.bucket["results"].append(result)
+        known.texts.add(text)
+        known.groups.add(group)
+    return repeated
+
+
 async def read_window(
     client: ProviderClient,
     endpoint: Endpoint,
@@ -92,47 +150,27 @@ async def read_window(
     account: str,
     headers: dict[str, str],
 ) -> Collected:
-    """All pages of ``window``, following the cursor to the end."""
+    """All pages of ``window``, following the cursor to the end, one span of at most ``SPAN`` at a time."""
     merged: dict[str, _Merged] = {}
-    cursor: str | None = None
-    seen: set[str] = set()
     pages = repeated = 0
-    while True:
-        params = endpoint.params(window.start, window.end, cursor)
-        page = await client.get_page(base_url, endpoint, account, headers, params)
-        pages += 1
-        for bucket in page["data"]:
-            if not isinstance(bucket, dict) or not isinstance(bucket.get("results"), list):
-                raise ProviderRejected(f"{endpoint.report} of account {account}: a bucket without results")
-            key = json.dumps(bucket_bounds(endpoint.provider, bucket), default=str)
-            results = bucket["results"]
-            if key not in merged:
-                merged[key] = _Merged(
-                    {**bucket, "results": list(results)},
-                    {dump_exact(r) for r in results},
-                    {_group(endpoint, r) for r in results},
-                )
-                continue
-            # The bucket again: continued on this page, or served again (its results repeated).
-            known = merged[key]
-            for result in results:
-                text = dump_exact(result)
-                if text in known.texts:
-                    repeated += 1
-                    continue
-                group = _group(endpoint, result)
-                if group in known.groups:
-                    raise ProviderRejected(
-                        f"{endpoint.report} of account {account}: the bucket {key} came again with other figures "
-                        "for a group it already had"
-                    )
-                known.bucket["results"].append(result)
-                known.texts.add(text)
-                known.groups.add(group)
-        if not page.get("has_more"):
-            break
-        cursor = page.get("next_page")
-        if not isinstance(cursor, str) or not cursor or cursor in seen or pages >= MAX_PAGES:
-            raise ProviderRejected(f"{endpoint.report} of account {account}: has_more without a usable next_page")
-        seen.add(cursor)
+    for lo, hi in spans(window):
+        cursor: str | None = None
+        seen: set[str] = set()
+        while True:
+            params = endpoint.params(lo, window.end, cursor)
+            page = await client.get_page(base_url, endpoint, account, headers, params)
+            pages += 1
+            for bucket in page["data"]:
+                if not isinstance(bucket, dict) or not isinstance(bucket.get("results"), list):
+                    raise ProviderRejected(f"{endpoint.report} of account {account}: a bucket without results")
+                begins = bucket_start(endpoint.provider, bucket)
+                if begins is not None and ((lo != window.start and begins < lo) or (hi is not None and begins >= hi)):
+                    continue  # another span's bucket: read by that span
+                repeated += _merge(endpoint, account, merged, bucket)
+            if not page.get("has_more"):
+                break
+            cursor = page.get("next_page")
+            if not isinstance(cursor, str) or not cursor or cursor in seen or pages >= MAX_PAGES:
+                raise ProviderRejected(f"{endpoint.report} of account {account}: has_more without a usable next_page")
+            seen.add(cursor)
     return Collected(buckets=[m.bucket for m in merged.values()], pages=pages, repeated=repeated)
