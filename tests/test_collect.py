@@ -968,3 +968,40 @@ async def test_a_window_longer_than_a_report_covers_from_one_start_is_read_whole
         "SELECT sum(amount) FROM cost_data WHERE report = 'openai.costs' AND superseded_at IS NULL"
     )
     assert total == Decimal("41")
+
+
+async def test_retry_after_is_read_on_the_providers_clock_and_honoured_on_a_5xx_too() -> None:
+    """A Retry-After date is a moment on the provider's clock: read against ours, a provider clock an hour behind
+    made a 20 s wait no wait at all (every attempt spent at once on a rate-limited provider), and an hour ahead
+    made it an hour (the request failed). The response's Date says what the provider's clock reads. A 503 with
+    Retry-After (RFC 9110: how long the service expects to be unavailable) is waited for like a 429's."""
+    key = f"sk-admin-{uuid.uuid4().hex}"
+    fake = FakeProviders({("openai", "org-1"): key})
+    url = await fake.start()
+    waits: list[float] = []
+
+    async def record(seconds: float) -> None:
+        waits.append(seconds)
+
+    endpoint = OPENAI_ENDPOINTS[0]
+    params = endpoint.params(D1, D0 + DAY, None)
+    auth = {"Authorization": f"Bearer {key}"}
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = ProviderClient(session, max_attempts=3, max_retry_after=30.0, backoff_initial=0.5, sleep=record)
+            for skew in (timedelta(hours=-1), timedelta(hours=1)):
+                theirs = datetime.now(UTC) + skew
+                headers = {
+                    "Date": email.utils.format_datetime(theirs, usegmt=True),
+                    "Retry-After": email.utils.format_datetime(theirs + timedelta(seconds=20), usegmt=True),
+                }
+                waits.clear()
+                fake.script[("org-1", COSTS)] = [Canned(429, headers)]
+                assert (await client.get_page(url, endpoint, "org-1", auth, params))["object"] == "page"
+                assert waits == [20.0], skew
+            waits.clear()
+            fake.script[("org-1", COSTS)] = [Canned(503, {"Retry-After": "7"})]
+            assert (await client.get_page(url, endpoint, "org-1", auth, params))["object"] == "page"
+            assert waits == [7.0]
+    finally:
+        await fake.stop()

@@ -1,7 +1,8 @@
 """HTTP to the providers' admin APIs (aiohttp), with the retry policy.
 
-- 429: wait the ``Retry-After`` the provider sent (seconds or an HTTP date), at most
-  ``collect_max_retry_after``; without one, back off like a 5xx.
+- 429: wait the ``Retry-After`` the provider sent (seconds, or an HTTP date read against the provider's own
+  ``Date``), at most ``collect_max_retry_after``; without one, back off like a 5xx. A 5xx with a Retry-After
+  (a 503's) waits for it too, up to the same ceiling.
 - 5xx, timeouts, connection errors: exponential backoff with jitter (tenacity) from ``collect_retry_initial_backoff``
   up to ``collect_retry_max_backoff``, ``collect_max_attempts`` in all (by default 1+2+4+8+16 s and jitter: an
   outage of about half a minute is ridden out within one poll).
@@ -47,13 +48,25 @@ class _RetryAfterOrBackoff(wait_base):
     def __call__(self, retry_state: Any) -> float:
         outcome = retry_state.outcome
         error = outcome.exception() if outcome is not None else None
-        if isinstance(error, RateLimited) and error.retry_after is not None:
+        if isinstance(error, ProviderUnavailable) and error.retry_after is not None:
             return min(error.retry_after, self.ceiling)
         return float(self.backoff(retry_state))
 
 
+def provider_clock(date: str | None) -> float | None:
+    """What the provider's clock read when it answered (its ``Date`` header), None when it did not say."""
+    if date is None:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(date).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
 def retry_after_seconds(value: str | None, *, now: float | None = None) -> float | None:
-    """``Retry-After`` as seconds to wait: delta-seconds or an HTTP date (RFC 9110 10.2.3)."""
+    """``Retry-After`` as seconds to wait: delta-seconds or an HTTP date (RFC 9110 10.2.3). ``now``: the moment
+    the date is counted from, the provider's own clock (its ``Date`` header) when it sent one, for a date is a
+    moment on the provider's clock, and ours may be minutes off."""
     if value is None or not value.strip():
         return None
     text = value.strip()
@@ -134,8 +147,10 @@ class ProviderClient:
             async with self.session.get(url, params=params, headers=headers, allow_redirects=False) as response:
                 status = response.status
                 _count(endpoint, str(status))
+                wait = retry_after_seconds(
+                    response.headers.get("Retry-After"), now=provider_clock(response.headers.get("Date"))
+                )
                 if status == 429:
-                    wait = retry_after_seconds(response.headers.get("Retry-After"))
                     if wait is not None and wait > self.max_retry_after:
                         raise ProviderRejected(
                             f"{where}: rate limited, Retry-After {wait:.0f}s exceeds the configured maximum"
@@ -147,7 +162,7 @@ class ProviderClient:
                         "rotate it with `cost-worker keys rotate`"
                     )
                 if status >= 500:
-                    raise ProviderUnavailable(f"{where}: provider error HTTP {status}")
+                    raise ProviderUnavailable(f"{where}: provider error HTTP {status}", wait)
                 if 300 <= status < 400:
                     raise ProviderRejected(
                         f"{where}: HTTP {status}, a redirect (not followed: the admin key stays with the configured "

@@ -14,15 +14,16 @@ class CollectError(CostWorkerError):
 
 
 class ProviderUnavailable(TransientError):
-    """The provider answered 5xx, timed out or could not be reached; retried with backoff."""
+    """The provider answered 5xx, timed out or could not be reached; retried after its Retry-After (a 503 may
+    send one) or with backoff."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after  # seconds the provider asked to wait, when it said
 
 
 class RateLimited(ProviderUnavailable):
     """The provider answered 429; retried after its Retry-After."""
-
-    def __init__(self, message: str, retry_after: float | None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 class ProviderAuthFailed(CollectError):
