@@ -56,3 +56,14 @@ def test_every_command_and_both_make_targets_are_documented() -> None:
     assert "make dev" in README
     assert "make test" in README
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_every_collector_log_line_is_documented() -> None:
+    """Operators search the collector's log by event name: each one it writes is named in its README section."""
+    section = README[README.index("## Collecting from the providers") : README.index("## Configuration")]
+    events = set()
+    for path in (ROOT / "worker" / "collect").glob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        events |= set(re.findall(r'\blog\.(?:debug|info|warning|error|exception)\(\s*"([a-z_]+)"', text))
+    assert len(events) > 10
+    assert sorted(name for name in events if f"`{name}`" not in section) == []
