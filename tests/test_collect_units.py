@@ -344,18 +344,23 @@ async def test_a_bucket_served_again_on_the_next_page_is_taken_once_and_a_change
 @given(
     days=st.lists(st.lists(st.integers(0, 999), max_size=6, unique=True), min_size=0, max_size=8),
     cuts=st.lists(st.integers(0, 60), max_size=10),
+    overlaps=st.lists(st.integers(0, 4), max_size=10),
 )
-def test_any_split_of_buckets_over_pages_gives_each_bucket_whole_once(days: list[list[int]], cuts: list[int]) -> None:
-    """A provider may cut its pages anywhere, even inside a bucket's results: the window still has each bucket
-    once, with all its results in order (a bucket is never split across messages). (A grouped bucket has one
-    result per group: a result served twice is a repeat, see the next test.)"""
+def test_any_split_of_buckets_over_pages_gives_each_bucket_whole_once(
+    days: list[list[int]], cuts: list[int], overlaps: list[int]
+) -> None:
+    """A provider may cut its pages anywhere, even inside a bucket's results, and may start a page with results
+    the page before already served (a cursor pointing at the last result served, not past it): the window still
+    has each bucket once, with each of its results once, in order (a bucket is never split across messages). (A
+    grouped bucket has one result per group: a result served twice is a repeat.)"""
     truth = [_bucket(TODAY - (len(days) - i) * DAY, *(str(r) for r in results)) for i, results in enumerate(days)]
     flat = [(b, r) for b in truth for r in b["results"]] or []
     positions = sorted({min(c, len(flat)) for c in cuts} | {0, len(flat)})
     pages: list[dict[str, Any]] = []
     for n, (lo, hi) in enumerate(itertools.pairwise(positions)):
         chunk: list[dict[str, Any]] = []
-        for bucket, result in flat[lo:hi]:
+        again = overlaps[n] if n < len(overlaps) else 0
+        for bucket, result in flat[max(0, lo - again) : hi]:
             if chunk and chunk[-1]["start_time"] == bucket["start_time"]:
                 chunk[-1]["results"].append(result)
             else:
