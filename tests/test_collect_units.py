@@ -26,7 +26,7 @@ from worker.collect.errors import KeyStoreError, ProviderRejected, ProviderUnava
 from worker.collect.publisher import dump_exact, envelope
 from worker.collect.runner import revision_after
 from worker.collect.sources import ANTHROPIC_ENDPOINTS, ENDPOINTS, OPENAI_ENDPOINTS, Endpoint, headers
-from worker.collect.windows import Window, read_window, spans, window_for
+from worker.collect.windows import MAX_EMPTY_PAGES, Window, read_window, spans, window_for
 from worker.errors import ConfigError
 from worker.models import ProviderEnvelope
 
@@ -338,6 +338,24 @@ async def test_a_bucket_served_again_on_the_next_page_is_taken_once_and_a_change
         await read_window(
             _ScriptedClient(pages), OPENAI_ENDPOINTS[0], window, base_url="http://x", account="o", headers={}
         )
+
+
+async def test_empty_pages_that_say_has_more_end_the_window_after_a_few() -> None:
+    """An empty page with has_more and a fresh cursor brings nothing; a provider bug answering that for ever made
+    10 000 requests for one window of one endpoint (hours, with Retry-After waits, while every other account of
+    the round waited). A few in a row are followed (then the data came), more fail the window."""
+    window = window_for(NOW, collected_through=None, trailing_days=1, backfill_start=None, backfill_days=1)
+    endless = [{"object": "page", "data": [], "has_more": True, "next_page": f"c{n}"} for n in range(10_000)]
+    client = _ScriptedClient(endless)
+    with pytest.raises(ProviderRejected, match="empty pages"):
+        await read_window(client, OPENAI_ENDPOINTS[0], window, base_url="http://x", account="o", headers={})
+    assert len(client.cursors) == MAX_EMPTY_PAGES + 1
+
+    late = [*endless[:MAX_EMPTY_PAGES], {"object": "page", "data": [_bucket(TODAY, "a")], "has_more": False}]
+    got = await read_window(
+        _ScriptedClient(late), OPENAI_ENDPOINTS[0], window, base_url="http://x", account="o", headers={}
+    )
+    assert [[r["id"] for r in b["results"]] for b in got.buckets] == [["a"]]
 
 
 @hypothesis_settings(max_examples=150, deadline=None)

@@ -24,6 +24,7 @@ from worker.collect.sources import Endpoint, bucket_bounds
 
 DAY = timedelta(days=1)
 MAX_PAGES = 10_000  # pages of one window; more means a cursor that never ends
+MAX_EMPTY_PAGES = 5  # pages in a row without a bucket yet saying has_more; more: a cursor that goes nowhere
 # The longest stretch one request (a start, no end) is trusted to cover. A report asked without an end may stop
 # 31 days after its start (Anthropic documents that for its analytics API, and the legacy reports say nothing),
 # has_more false: a longer window (a backfill, the poll after an outage) is asked for in stretches of this, each
@@ -156,6 +157,7 @@ async def read_window(
     for lo, hi in spans(window):
         cursor: str | None = None
         seen: set[str] = set()
+        empty = 0  # pages in a row without a bucket
         while True:
             params = endpoint.params(lo, window.end, cursor)
             page = await client.get_page(base_url, endpoint, account, headers, params)
@@ -169,6 +171,12 @@ async def read_window(
                 repeated += _merge(endpoint, account, merged, bucket)
             if not page.get("has_more"):
                 break
+            empty = 0 if page["data"] else empty + 1
+            if empty > MAX_EMPTY_PAGES:
+                raise ProviderRejected(
+                    f"{endpoint.report} of account {account}: more than {MAX_EMPTY_PAGES} empty pages in a row, "
+                    "each with has_more"
+                )
             cursor = page.get("next_page")
             if not isinstance(cursor, str) or not cursor or cursor in seen or pages >= MAX_PAGES:
                 raise ProviderRejected(f"{endpoint.report} of account {account}: has_more without a usable next_page")
