@@ -1005,3 +1005,26 @@ async def test_retry_after_is_read_on_the_providers_clock_and_honoured_on_a_5xx_
             assert waits == [7.0]
     finally:
         await fake.stop()
+
+
+async def test_a_deactivated_account_leaves_the_freshness_metrics_and_raises_no_stale_alert(
+    world: World, db: asyncpg.Connection
+) -> None:
+    """`keys deactivate` stops polling an account. Its freshness series stayed in the registry with their last
+    values, the timestamp frozen: two hours later CostCollectorStale (time() - last success > 2 h) fired for an
+    account nobody polls any more, and kept firing until the collector restarted."""
+    seed_truth(world.fake)
+    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+    labels = {"provider": "anthropic", "account": "org-an", "report": "anthropic.cost_report"}
+    assert _sample("cost_worker_collect_last_success_timestamp_seconds", **labels) > 0
+    key_id = await db.fetchval("SELECT id FROM organization_api_keys WHERE ai_organization_id = 'org-an'")
+    await admin.deactivate(world.settings, key_id=key_id)
+    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+    for name in (
+        "cost_worker_collect_last_success_timestamp_seconds",
+        "cost_worker_collect_seconds_since_last_success",
+        "cost_worker_collect_newest_bucket_end_timestamp_seconds",
+    ):
+        assert REGISTRY.get_sample_value(name, labels) is None, name
+    oa = {"provider": "openai", "account": "org-oa", "report": "openai.costs"}
+    assert _sample("cost_worker_collect_last_success_timestamp_seconds", **oa) > 0  # the active ones stay

@@ -318,6 +318,7 @@ class Collector:
         now = time.time()
         stale = []
         keys_set: dict[UUID, tuple[str, str, datetime]] = {}
+        polled_now: set[tuple[str, str, str]] = set()
         state: dict[tuple[UUID, str], asyncpg.Record] = {}
         for row in await poller.all_state():
             keys_set[row["account_id"]] = (row["provider"], row["ai_organization_id"], row["key_set_at"])
@@ -336,7 +337,17 @@ class Collector:
                 metrics.COLLECT_SINCE_SUCCESS.labels(**labels).set(now - success)
                 if now - success > self.settings.collect_stale_after:
                     stale.append(f"{provider}/{name}/{endpoint.report}")
+                polled_now.add((provider, name, endpoint.report))
         self.health.stale = stale
+        # An account no longer polled (deactivated) leaves the series: frozen at its last values, its timestamp
+        # would age past CostCollectorStale's 2 h and fire for ever for an account nobody polls.
+        for gauge in (metrics.COLLECT_LAST_SUCCESS, metrics.COLLECT_SINCE_SUCCESS, metrics.COLLECT_DATA_FRESHNESS):
+            for family in gauge.collect():
+                for sample in family.samples:
+                    series = (sample.labels["provider"], sample.labels["account"], sample.labels["report"])
+                    if series not in polled_now:
+                        with contextlib.suppress(KeyError):
+                            gauge.remove(*series)
 
     # --- helpers ------------------------------------------------------------------------------------------
 
