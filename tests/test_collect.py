@@ -954,7 +954,7 @@ async def test_a_window_longer_than_a_report_covers_from_one_start_is_read_whole
     from its start, without an end. A report that covers 31 days from a start it was given without an end (as
     Anthropic documents for its analytics API) answered the first 31 days, has_more false; the state moved to the
     end of today, so the nine days after were never asked for again: their money was lost for good. (A report that
-    runs up to now answers the first stretch with every day: each day is still counted once.)"""
+    runs up to now answers every day at once: each day is still counted once.)"""
     fake = world.fake
     fake.page_size, fake.open_end_days = 31, open_end_days
     start = D0 - 40 * DAY

@@ -26,7 +26,7 @@ from worker.collect.errors import KeyStoreError, ProviderRejected, ProviderUnava
 from worker.collect.publisher import dump_exact, envelope
 from worker.collect.runner import revision_after
 from worker.collect.sources import ANTHROPIC_ENDPOINTS, ENDPOINTS, OPENAI_ENDPOINTS, Endpoint, headers
-from worker.collect.windows import MAX_EMPTY_PAGES, Window, read_window, spans, window_for
+from worker.collect.windows import MAX_EMPTY_PAGES, read_window, window_for
 from worker.errors import ConfigError
 from worker.models import ProviderEnvelope
 
@@ -46,18 +46,6 @@ def test_first_poll_backfills_from_the_start_date_to_the_open_bucket() -> None:
 def test_first_poll_without_a_start_date_reads_the_backfill_days() -> None:
     window = window_for(NOW, collected_through=None, trailing_days=3, backfill_start=None, backfill_days=30)
     assert (window.start, window.end) == (TODAY - 30 * DAY, TODAY + DAY)
-
-
-def test_a_window_is_asked_for_in_stretches_a_request_without_an_end_covers() -> None:
-    """A request names its start only; a report may cover 31 days from it. The default backfill (30 days and the
-    open bucket) is one request; a longer window is asked for in stretches of 31 days, the last up to now."""
-    assert spans(Window(TODAY - 30 * DAY, TODAY + DAY)) == [(TODAY - 30 * DAY, None)]
-    assert spans(Window(TODAY - 31 * DAY, TODAY + DAY)) == [(TODAY - 31 * DAY, TODAY), (TODAY, None)]
-    assert spans(Window(TODAY - 70 * DAY, TODAY + DAY)) == [
-        (TODAY - 70 * DAY, TODAY - 39 * DAY),
-        (TODAY - 39 * DAY, TODAY - 8 * DAY),
-        (TODAY - 8 * DAY, None),
-    ]
 
 
 def test_later_polls_reread_the_trailing_window_plus_the_open_bucket() -> None:
@@ -275,7 +263,8 @@ class _ScriptedClient(ProviderClient):
         self, base_url: str, endpoint: Endpoint, account: str, headers: dict[str, str], params: list[tuple[str, str]]
     ) -> dict[str, Any]:
         self.cursors.append(dict(params).get("page"))
-        return self.pages.pop(0)
+        # Asked again after its last page (the window's newest bucket ended before today's): nothing more.
+        return self.pages.pop(0) if self.pages else {"object": "page", "data": [], "has_more": False}
 
 
 def _bucket(day: datetime, *results: str) -> dict[str, Any]:
@@ -393,6 +382,55 @@ def test_any_split_of_buckets_over_pages_gives_each_bucket_whole_once(
     by_start = {b["start_time"]: b["results"] for b in got.buckets}
     assert len(by_start) == len(got.buckets)  # each bucket once
     assert by_start == {b["start_time"]: b["results"] for b in truth}
+
+
+class _TruncatingProvider(ProviderClient):
+    """A provider of one bucket per day up to today: from the request's start, ``covers`` days at most when set
+    (a report asked without an end that stops 31 days on), ``size`` buckets a page, each page starting ``overlap``
+    buckets before where the last one stopped (an inclusive cursor)."""
+
+    def __init__(self, first: datetime, covers: int | None, size: int, overlap: int) -> None:
+        self.days = [first + n * DAY for n in range((TODAY - first) // DAY + 1)]
+        self.covers, self.size, self.overlap = covers, size, overlap
+
+    async def get_page(
+        self, base_url: str, endpoint: Endpoint, account: str, headers: dict[str, str], params: list[tuple[str, str]]
+    ) -> dict[str, Any]:
+        query = dict(params)
+        assert "end_time" not in query
+        start = datetime.fromtimestamp(int(query["start_time"]), tz=UTC)
+        end = start + self.covers * DAY if self.covers is not None else TODAY + DAY
+        chosen = [day for day in self.days if start <= day < end]
+        offset = int(query.get("page", "0"))
+        page = chosen[offset : offset + self.size]
+        more = offset + self.size < len(chosen)
+        return {
+            "object": "page",
+            "data": [_bucket(day, f"r{int(day.timestamp())}") for day in page],
+            "has_more": more,
+            "next_page": str(offset + self.size - self.overlap) if more else None,
+        }
+
+
+@hypothesis_settings(max_examples=100, deadline=None)
+@given(
+    days=st.integers(0, 120),
+    covers=st.sampled_from([None, 7, 31, 40]),
+    size=st.integers(1, 40),
+    overlap=st.integers(0, 3),
+)
+def test_any_window_length_truncation_and_page_cut_gives_every_day_once(
+    days: int, covers: int | None, size: int, overlap: int
+) -> None:
+    """Whatever the window's length (a first poll, an outage of months), however far a report asked without an
+    end reaches (31 days or more, or up to now) and however it cuts and repeats its pages, every day of the
+    window arrives, each once with its result once."""
+    first = TODAY - days * DAY
+    provider = _TruncatingProvider(first, covers, size, min(overlap, size - 1))
+    window = window_for(NOW, collected_through=None, trailing_days=3, backfill_start=first.date(), backfill_days=30)
+    got = asyncio.run(read_window(provider, OPENAI_ENDPOINTS[0], window, base_url="http://x", account="o", headers={}))
+    assert sorted(b["start_time"] for b in got.buckets) == [int(day.timestamp()) for day in provider.days]
+    assert all(len(b["results"]) == 1 for b in got.buckets)
 
 
 # --- the HTTP boundary: every aiohttp error comes out typed, redirects are not followed ----------------------

@@ -25,11 +25,6 @@ from worker.collect.sources import Endpoint, bucket_bounds
 DAY = timedelta(days=1)
 MAX_PAGES = 10_000  # pages of one window; more means a cursor that never ends
 MAX_EMPTY_PAGES = 5  # pages in a row without a bucket yet saying has_more; more: a cursor that goes nowhere
-# The longest stretch one request (a start, no end) is trusted to cover. A report asked without an end may stop
-# 31 days after its start (Anthropic documents that for its analytics API, and the legacy reports say nothing),
-# has_more false: a longer window (a backfill, the poll after an outage) is asked for in stretches of this, each
-# keeping its own buckets, so no day after the 31st is skipped while the state moves on to today.
-SPAN = timedelta(days=31)
 
 
 @dataclass(frozen=True)
@@ -89,26 +84,21 @@ def _group(endpoint: Endpoint, result: Any) -> tuple[str, ...]:
     return tuple(dump_exact(result.get(name)) for name in endpoint.group_by)
 
 
-def spans(window: Window) -> list[tuple[datetime, datetime | None]]:
-    """The stretches ``window`` is asked for in: from each start, ``SPAN`` at most; the last one up to now."""
-    stretches: list[tuple[datetime, datetime | None]] = []
-    start = window.start
-    while window.end - start > SPAN:
-        stretches.append((start, start + SPAN))
-        start += SPAN
-    stretches.append((start, None))
-    return stretches
-
-
-def bucket_start(provider: str, bucket: dict[str, Any]) -> datetime | None:
-    """When a bucket starts, as the provider wrote it (None when it cannot be read: the decoder says why)."""
-    value = bucket.get("start_time" if provider == "openai" else "starting_at")
+def _moment(provider: str, value: Any) -> datetime | None:
+    """A bucket bound as the provider wrote it (unix seconds, RFC 3339), None when it cannot be read (the
+    decoder says why)."""
     try:
         if provider == "openai":
-            return datetime.fromtimestamp(int(value), tz=UTC) if isinstance(value, int) else None
+            return datetime.fromtimestamp(value, tz=UTC) if isinstance(value, int) else None
         return datetime.fromisoformat(value.replace("Z", "+00:00")) if isinstance(value, str) else None
     except (ValueError, OverflowError, OSError):
         return None
+
+
+def bucket_edges(provider: str, bucket: dict[str, Any]) -> tuple[datetime | None, datetime | None]:
+    """When a bucket starts and ends."""
+    start, end = bucket_bounds(provider, bucket)  # type: ignore[arg-type]
+    return _moment(provider, start), _moment(provider, end)
 
 
 def _merge(endpoint: Endpoint, account: str, merged: dict[str, _Merged], bucket: dict[str, Any]) -> int:
@@ -151,24 +141,35 @@ async def read_window(
     account: str,
     headers: dict[str, str],
 ) -> Collected:
-    """All pages of ``window``, following the cursor to the end, one span of at most ``SPAN`` at a time."""
+    """All pages of ``window``, following the cursor to the end; then again from where the report stopped, until
+    it reaches the open bucket or brings nothing new.
+
+    A request names the window's start only (see ``Endpoint.params``). A report asked without an end may stop
+    short of today with has_more false (Anthropic documents 31 days from the start for its analytics API; the
+    legacy reports and OpenAI's say nothing): the state moves on to the end of today, so the days after would
+    never be asked for again. So when the newest bucket ends before the open bucket's end, the report is asked
+    again from there (one more request when the last days simply have no bucket)."""
     merged: dict[str, _Merged] = {}
     pages = repeated = 0
-    for lo, hi in spans(window):
+    start = window.start
+    while True:
         cursor: str | None = None
         seen: set[str] = set()
         empty = 0  # pages in a row without a bucket
+        reached: datetime | None = None  # the end of the newest bucket this request brought
         while True:
-            params = endpoint.params(lo, window.end, cursor)
+            params = endpoint.params(start, window.end, cursor)
             page = await client.get_page(base_url, endpoint, account, headers, params)
             pages += 1
             for bucket in page["data"]:
                 if not isinstance(bucket, dict) or not isinstance(bucket.get("results"), list):
                     raise ProviderRejected(f"{endpoint.report} of account {account}: a bucket without results")
-                begins = bucket_start(endpoint.provider, bucket)
-                if begins is not None and ((lo != window.start and begins < lo) or (hi is not None and begins >= hi)):
-                    continue  # another span's bucket: read by that span
+                begins, ends = bucket_edges(endpoint.provider, bucket)
+                if start != window.start and begins is not None and begins < start:
+                    continue  # read by the request before
                 repeated += _merge(endpoint, account, merged, bucket)
+                if ends is not None and (reached is None or ends > reached):
+                    reached = ends
             if not page.get("has_more"):
                 break
             empty = 0 if page["data"] else empty + 1
@@ -181,4 +182,7 @@ async def read_window(
             if not isinstance(cursor, str) or not cursor or cursor in seen or pages >= MAX_PAGES:
                 raise ProviderRejected(f"{endpoint.report} of account {account}: has_more without a usable next_page")
             seen.add(cursor)
+        if reached is None or reached >= window.end or reached <= start:
+            break  # the open bucket reached, or nothing after ``start``: the whole window was read
+        start = reached
     return Collected(buckets=[m.bucket for m in merged.values()], pages=pages, repeated=repeated)
