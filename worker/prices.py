@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
@@ -20,6 +21,7 @@ from typing import Any
 from worker.admin import table
 from worker.config import Settings
 from worker.errors import ConfigError, UsageError
+from worker.files import read_input_file
 from worker.models import ISO_4217
 from worker.pricing import PER_MILLION, Overrides, Price, Quote, catalogue_model, catalogue_quote
 from worker.providers import PRICE_DIMENSIONS, TOKEN_TYPE_UNITS
@@ -145,12 +147,13 @@ async def list_overrides(settings: Settings, *, provider: str | None, model: str
 
 def read_csv(path: Path) -> list[tuple[str, str, str, Decimal, str, datetime, str | None]]:
     """The rows of an overrides CSV file, every problem reported at once (``ConfigError``)."""
+    # newline="": a quoted field's line break reaches the csv module (and is refused below), not dropped.
+    reader = csv.DictReader(io.StringIO(read_input_file(path), newline=""))
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{path}: cannot read: {exc}"]) from None
-    reader = csv.DictReader(text.splitlines())
-    header = reader.fieldnames or []
+        header = reader.fieldnames or []
+        records = list(reader)
+    except csv.Error as exc:  # a field over the csv module's limit, a NUL byte, ...
+        raise ConfigError([f"{path}:{reader.line_num}: not CSV: {exc}"]) from None
     missing = [column for column in CSV_COLUMNS if column not in header]
     unknown = [column for column in header if column not in CSV_COLUMNS + CSV_OPTIONAL]
     if missing or unknown:
@@ -162,7 +165,7 @@ def read_csv(path: Path) -> list[tuple[str, str, str, Decimal, str, datetime, st
     rows = []
     problems: list[str] = []
     seen: dict[tuple[str, str, str, datetime], int] = {}
-    for number, record in enumerate(reader, start=2):
+    for number, record in enumerate(records, start=2):
         where = f"{path}:{number}"
         row, trouble = _row(record, where)
         problems += trouble
@@ -192,8 +195,8 @@ def _row(
         problems.append(f"{where}: provider {provider!r} is not one of {', '.join(PROVIDERS)}")
     model, token_type = values.get("model", ""), values.get("token_type", "")
     for name, value in (("model", model), ("token_type", token_type)):
-        if not value or len(value) > MAX_NAME or "\x00" in value:
-            problems.append(f"{where}: {name} must be 1 to {MAX_NAME} characters")
+        if not value or len(value) > MAX_NAME or not value.isprintable():
+            problems.append(f"{where}: {name} must be 1 to {MAX_NAME} printable characters (no line break)")
     if token_type:
         try:
             parse_token_type(token_type)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import io
 import re
 from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from worker.config import Settings
 from worker.errors import ConfigError, UsageError
+from worker.files import read_input_file
 from worker.rows import Rate
 from worker.store import Database
 
@@ -62,8 +62,19 @@ def _rate(text: str) -> Decimal:
 def _rows(text: str) -> list[tuple[int, list[str]]]:
     lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
     lines = [(n, line) for n, line in lines if not line.lstrip().startswith("#")]
-    reader = csv.reader(io.StringIO("\n".join(line for _, line in lines)), skipinitialspace=True)
-    return [(n, [cell.strip() for cell in row]) for (n, _), row in zip(lines, reader, strict=True)]
+    # One record per line, each read on its own: an unclosed quote (which would swallow the next lines) or a
+    # field over the csv module's limit is a problem of its line, not an internal error.
+    rows, problems = [], []
+    for n, line in lines:
+        try:
+            row = next(csv.reader([line], skipinitialspace=True, strict=True))
+        except csv.Error as exc:
+            problems.append(f"line {n}: not CSV: {exc}")
+            continue
+        rows.append((n, [cell.strip() for cell in row]))
+    if problems:
+        raise ConfigError(problems[:MAX_PROBLEMS_SHOWN])
+    return rows
 
 
 def parse(text: str, fmt: str = DEFAULT_FORMAT) -> list[Rate]:
@@ -140,10 +151,7 @@ def _add(rates: dict[tuple[str, str, date], Rate], rate: Rate, number: int, prob
 
 
 def _read(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{path}: cannot read: {exc}"]) from None
+    return read_input_file(path)
 
 
 async def import_rates(settings: Settings, path: Path, *, fmt: str, source: str | None) -> int:

@@ -1,0 +1,103 @@
+"""The command line against hostile and boundary input, run as a user runs it (the real CLI in a subprocess):
+one line on stderr, exit 2 for a bad argument or input file, 1 for an operational failure, never a traceback,
+and nothing written that the output does not own up to."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+
+from tests.kafka_helpers import worker_env
+from worker.config import Settings
+from worker.files import MAX_INPUT_FILE_BYTES
+
+COLLECTOR = "cost_worker_collector"  # the role `keys` runs as (README)
+KEY = base64.b64encode(b"k" * 32).decode()
+
+
+def cli(
+    settings: Settings, *args: str, stdin: str = "", stdout: int | None = None, **extra: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        env=worker_env(settings, **extra),
+        input=stdin,
+        stdout=subprocess.PIPE if stdout is None else stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def one_line(done: subprocess.CompletedProcess[str]) -> str:
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    return lines[0]
+
+
+async def test_an_input_file_larger_than_any_real_one_is_refused_before_it_is_read_whole(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """`prices import /dev/zero` (or a multi-gigabyte file named by mistake) read the whole file into memory: a
+    MemoryError shown as an internal error, exit 1, after eating the machine's memory. Now: exit 2, one line."""
+    sparse = tmp_path / "huge.csv"
+    with sparse.open("wb") as out:
+        out.truncate(MAX_INPUT_FILE_BYTES + 1)  # sparse: costs no disk
+    for args in (("prices", "import"), ("rates", "import"), ("rates", "import", "--format", "pairs")):
+        for path in (str(sparse), "/dev/zero"):
+            done = await asyncio.to_thread(cli, settings, *args[:2], path, *args[2:])
+            assert done.returncode == 2, (args, path, done.stderr)
+            line = one_line(done)
+            assert "config error" in line
+            assert f"larger than {MAX_INPUT_FILE_BYTES // 2**20} MiB" in line
+
+
+async def test_a_csv_field_longer_than_the_csv_module_reads_is_an_input_error(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A field over 131072 characters (the csv module's limit) was `internal error: Error: field larger than field
+    limit (131072)`, exit 1, as if the worker had a bug."""
+    overrides = "provider,model,token_type,price_per_million,effective_from\nopenai,{long},x,1,2026-01-01\n"
+    cases = {
+        ("prices", "import"): overrides,
+        ("rates", "import", "--format", "pairs"): "date,base,quote,rate\n2026-01-01,USD,EUR,{long}\n",
+        ("rates", "import"): "Date,USD,{long}\n27 November 2026,1.05,1\n",
+    }
+    for args, text in cases.items():
+        path = tmp_path / "long.csv"
+        path.write_text(text.replace("{long}", '"' + "9" * 200_000 + '"'), encoding="utf-8")
+        done = await asyncio.to_thread(cli, settings, *args[:2], str(path), *args[2:])
+        assert done.returncode == 2, (args, done.stderr)
+        assert "config error" in done.stderr
+        assert "Traceback" not in done.stderr
+        assert "internal error" not in done.stderr
+
+
+async def test_quotes_that_do_not_close_or_hold_a_line_break_are_refused(
+    db: asyncpg.Connection, settings: Settings, tmp_path: Path
+) -> None:
+    """`rates import` of a line with an unclosed quote was `internal error: ValueError: zip() argument 2 is shorter
+    than argument 1` (exit 1); `prices import` of a quoted model name holding a line break ("gpt<LF>4o") stored an
+    override for `gpt4o`, a model the file does not name, and said `imported 1 overrides`."""
+    path = tmp_path / "quote.csv"
+    path.write_text('date,base,quote,rate\n2026-01-01,USD,EUR,"1\n2026-01-02,USD,EUR,1\n', encoding="utf-8")
+    done = await asyncio.to_thread(cli, settings, "rates", "import", str(path), "--format", "pairs")
+    assert done.returncode == 2, done.stderr
+    assert "config error: line 2: not CSV" in one_line(done)
+    assert await db.fetchval("SELECT count(*) FROM exchange_rates") == 0
+
+    path.write_text(
+        'provider,model,token_type,price_per_million,effective_from\nopenai,"gpt\n4o",input_tokens,1,2026-01-01\n',
+        encoding="utf-8",
+    )
+    done = await asyncio.to_thread(cli, settings, "prices", "import", str(path))
+    assert done.returncode == 2, done.stdout
+    assert "model must be 1 to 255 printable characters" in one_line(done)
+    assert await db.fetchval("SELECT count(*) FROM model_prices") == 0
