@@ -8,10 +8,12 @@ import asyncio
 import base64
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import asyncpg
 
+from tests.factories import make_org
 from tests.kafka_helpers import worker_env
 from worker.config import Settings
 from worker.files import MAX_INPUT_FILE_BYTES
@@ -101,3 +103,26 @@ async def test_quotes_that_do_not_close_or_hold_a_line_break_are_refused(
     assert done.returncode == 2, done.stdout
     assert "model must be 1 to 255 printable characters" in one_line(done)
     assert await db.fetchval("SELECT count(*) FROM model_prices") == 0
+
+
+async def test_an_empty_organization_is_a_usage_error_not_every_organization(settings: Settings) -> None:
+    """`notify status --organization ''` (an unset shell variable) listed every organization's destinations."""
+    done = await asyncio.to_thread(cli, settings, "notify", "status", "--organization", "")
+    assert done.returncode == 2, done.stdout
+    assert "--organization: not a uuid: ''" in one_line(done)
+    assert done.stdout == ""
+
+
+async def test_budgets_commands_name_an_unknown_organization(db: asyncpg.Connection, settings: Settings) -> None:
+    """`budgets rebuild-spend --organization <a mistyped id>` printed `rebuilt <id>` and exit 0; `budgets status`
+    said `no active budgets`. Nothing was rebuilt or looked at: the id names no organization."""
+    unknown = uuid.uuid4()
+    for action in ("rebuild-spend", "status"):
+        done = await asyncio.to_thread(cli, settings, "budgets", action, "--organization", str(unknown))
+        assert done.returncode == 1, (action, done.stdout)
+        assert one_line(done) == f"cost-worker: error: no organization {unknown}"
+        assert "rebuilt" not in done.stdout
+    org = await make_org(db)
+    done = await asyncio.to_thread(cli, settings, "budgets", "rebuild-spend", "--organization", str(org.id))
+    assert done.returncode == 0, done.stderr
+    assert f"rebuilt {org.id}" in done.stdout

@@ -16,7 +16,7 @@ from worker.alerts import zone
 from worker.batch import decode_batch
 from worker.budgets import BudgetEngine, Candidate
 from worker.config import Settings
-from worker.errors import UsageError
+from worker.errors import CostWorkerError, UsageError
 from worker.pipeline import Pipeline
 from worker.quarantine import Reason
 from worker.store import Database, Spend
@@ -176,6 +176,8 @@ async def budgets_status(settings: Settings, *, organization: str | None) -> int
         if organizations:
             async with db.transaction() as tx:
                 await tx.set_tenants(set(organizations))
+                if org_id is not None and not await tx.organization_exists(org_id):
+                    raise CostWorkerError(f"no organization {org_id}")
                 candidates = [Candidate.from_row(r) for r in await tx.budget_active(set(organizations), now)]
                 spends = await tx.budget_spend(candidates) if candidates else []
                 unpriced = await tx.budget_unpriced(candidates) if candidates else []
@@ -213,6 +215,9 @@ async def budgets_rebuild_spend(settings: Settings, *, organization: str | None)
         for org in organizations:
             async with db.transaction() as tx:
                 await tx.set_tenants({org})
+                if org_id is not None and not await tx.organization_exists(org):
+                    # A mistyped id would be "rebuilt" (nothing, exit 0), and the organization meant never was.
+                    raise CostWorkerError(f"no organization {org}")
                 await tx.spend_rebuild(org)
             print(f"rebuilt {org}")
     finally:

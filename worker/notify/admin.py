@@ -224,7 +224,8 @@ async def remove(settings: Settings, *, organization: str, destination: str) -> 
 
 
 async def status(settings: Settings, *, organization: str | None) -> int:
-    org = _uuid(organization, "--organization") if organization else None
+    # `is not None`: an empty --organization (an unset shell variable) is not a uuid, not "every organization".
+    org = _uuid(organization, "--organization") if organization is not None else None
     store = await _open(settings)
     try:
         rows = await store.status(org)

@@ -812,6 +812,10 @@ LEFT JOIN ai_project_budgets p ON a.scope = 'project' AND p.id = a.budget_id
 LEFT JOIN ai_budgets u ON a.scope = 'user' AND u.id = a.budget_id
 ORDER BY a.raised_at, a.scope, a.threshold;
 
+-- name: organization_exists
+-- Whether an organization named on the command line exists (read in its tenant scope: any role that may see it).
+SELECT EXISTS (SELECT FROM organizations WHERE id = $1);
+
 -- name: report_organizations
 -- Every organization, or just the one asked for.
 SELECT id FROM organizations WHERE $1::uuid IS NULL OR id = $1

@@ -140,6 +140,10 @@ class Tx:
             {o.int: o for row in rows for o in row["organization_ids"]},
         )
 
+    async def organization_exists(self, organization: UUID) -> bool:
+        """Whether the organization exists (call after ``set_tenants`` including it)."""
+        return bool(await self.conn.fetchval(query("organization_exists"), organization))
+
     async def spend_rebuild(self, organization: UUID) -> None:
         """Rebuild the organization's spend aggregate from its ledger lines and rollups (0012)."""
         await self.conn.execute(query("spend_rebuild"), organization)
