@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import subprocess
 import sys
 import uuid
@@ -126,3 +127,73 @@ async def test_budgets_commands_name_an_unknown_organization(db: asyncpg.Connect
     done = await asyncio.to_thread(cli, settings, "budgets", "rebuild-spend", "--organization", str(org.id))
     assert done.returncode == 0, done.stderr
     assert f"rebuilt {org.id}" in done.stdout
+
+
+async def test_names_and_accounts_with_control_characters_are_refused(
+    db: asyncpg.Connection, settings: Settings, tmp_path: Path
+) -> None:
+    """A provider account id with a line break or a control character (or 5000 characters) was stored: `keys list`
+    then printed a broken table, the collector polled an account that cannot exist, and the long one was a
+    `database refused` error (exit 1). A destination name with a line break broke `notify destinations list`."""
+    org = await make_org(db)
+    kek = tmp_path / "kek"
+    kek.write_bytes(os.urandom(32))
+    key = "sk-admin-" + "a" * 40 + "\n"
+    for account in ("a\nb", "acc\x01", "a b", "x" * 5000):
+        done = await asyncio.to_thread(
+            cli,
+            settings,
+            *("keys", "add", "--organization", str(org.id), "--provider", "openai", "--account", account),
+            stdin=key,
+            COST_WORKER_COLLECT_KEY_ENCRYPTION_KEY_FILE=str(kek),
+            COST_WORKER_DATABASE_ROLE=COLLECTOR,
+        )
+        assert done.returncode == 2, (account[:20], done.stdout, done.stderr)
+        assert "usage error: --account:" in one_line(done)
+    name_done = await asyncio.to_thread(
+        cli,
+        settings,
+        *("keys", "add", "--organization", str(org.id), "--provider", "openai", "--account", "org-ok"),
+        *("--name", "line\nbreak"),
+        stdin=key,
+        COST_WORKER_COLLECT_KEY_ENCRYPTION_KEY_FILE=str(kek),
+        COST_WORKER_DATABASE_ROLE=COLLECTOR,
+    )
+    assert name_done.returncode == 2, name_done.stdout
+    assert "usage error: --name:" in one_line(name_done)
+    assert await db.fetchval("SELECT count(*) FROM organization_api_keys") == 0
+
+    done = await asyncio.to_thread(
+        cli,
+        settings,
+        *("notify", "destinations", "add", "--organization", str(org.id), "--name", "two\nlines"),
+        *("--url", "http://127.0.0.1:9/hook"),
+        COST_WORKER_NOTIFY_SECRETS_KEY=KEY,
+        COST_WORKER_NOTIFY_ALLOW_HTTP="true",
+        COST_WORKER_NOTIFY_ALLOWED_NETWORKS="127.0.0.0/8",
+    )
+    assert done.returncode == 2, done.stdout
+    assert "usage error: --name:" in one_line(done)
+    assert await db.fetchval("SELECT count(*) FROM notify_destinations") == 0
+
+
+async def test_a_secret_file_that_cannot_be_read_is_an_input_error_naming_the_file(
+    db: asyncpg.Connection, settings: Settings, tmp_path: Path
+) -> None:
+    """`keys add --secret-file` naming a missing file or a directory was exit 1, `cannot read the admin key file of
+    openai account x`, without the file or why: it is the command's input, as a key on standard input is (exit 2)."""
+    org = await make_org(db)
+    for path, why in ((tmp_path / "missing", "No such file"), (tmp_path, "Is a directory")):
+        done = await asyncio.to_thread(
+            cli,
+            settings,
+            *("keys", "add", "--organization", str(org.id), "--provider", "openai", "--account", "org-x"),
+            *("--secret-file", str(path)),
+            COST_WORKER_DATABASE_ROLE=COLLECTOR,
+        )
+        assert done.returncode == 2, done.stderr
+        line = one_line(done)
+        assert "config error: --secret-file" in line
+        assert str(path) in line
+        assert why in line
+    assert await db.fetchval("SELECT count(*) FROM organization_api_keys") == 0

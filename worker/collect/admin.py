@@ -39,7 +39,17 @@ def _material(
     """(ciphertext, wrapped key, KEK id, secret file, fingerprint) for a new or rotated key."""
     if secret_file is not None:
         path = secret_file.resolve()
-        key = keystore.read_secret_file(path, provider, account)
+        # The file is this command's input, as a key on standard input is: a problem with it is a config error
+        # (exit 2) that names the file and why, not the collector's run-time "cannot read the admin key file".
+        try:
+            with path.open("rb") as stream:
+                stream.read(1)
+        except OSError as exc:
+            raise ConfigError([f"--secret-file: cannot read {path}: {exc.strerror or exc}"]) from None
+        try:
+            key = keystore.read_secret_file(path, provider, account)
+        except KeyStoreError as exc:
+            raise ConfigError([f"--secret-file {path}: {exc}"]) from None
         return None, None, None, str(path), keystore.fingerprint(key.reveal())
     plain = read_key(stdin)
     sealed = keystore.seal(keystore.load_kek(settings.collect_key_encryption_key_file), provider, account, plain)

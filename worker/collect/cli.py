@@ -46,6 +46,25 @@ def add_parsers(sub: Any) -> None:
     ksub.add_parser("list", help="accounts, fingerprints and last successful poll")
 
 
+MAX_ACCOUNT_CHARS = 255  # organization_api_keys.ai_organization_id and .name are varchar(255)
+
+
+def _account_problems(account: str) -> list[str]:
+    """A provider organization id is one token (OpenAI's ``org-...``, Anthropic's uuid): a line break, a control
+    character or a space inside would be stored, break ``keys list`` and name an account that cannot exist."""
+    if not account:
+        return ["--account: must not be empty"]
+    if len(account) > MAX_ACCOUNT_CHARS or not all(ch.isprintable() and not ch.isspace() for ch in account):
+        return [f"--account: 1 to {MAX_ACCOUNT_CHARS} printable characters without spaces, got {account[:40]!r}"]
+    return []
+
+
+def _name_problems(name: str) -> list[str]:
+    if len(name) > MAX_ACCOUNT_CHARS or not name.isprintable():
+        return [f"--name: at most {MAX_ACCOUNT_CHARS} printable characters (no line break), got {name[:40]!r}"]
+    return []
+
+
 def cmd_collect(args: argparse.Namespace) -> int:
     from worker.collect import runner  # noqa: PLC0415 - keep `--help` fast
 
@@ -59,8 +78,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
     settings = load_settings(require=("database_url",))
     action: Callable[[Settings], Any]
     if args.keys_command == "add":
-        if not args.account.strip():
-            raise UsageError(["--account: must not be empty"])
+        problems = _account_problems(args.account.strip()) + _name_problems(args.name)
+        if problems:
+            raise UsageError(problems)
 
         def action(s: Settings) -> Any:
             return admin.add(

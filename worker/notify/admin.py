@@ -28,6 +28,7 @@ from worker.store import Database
 SECRET_BYTES = 32  # random bytes of a generated signing secret (Standard Webhooks: 24 to 64)
 SECRET_PREFIX = "whsec_"  # noqa: S105 - the Standard Webhooks secret prefix, not a secret
 KINDS = ("webhook", "slack")
+MAX_NAME_CHARS = 200  # notify_destinations.name is varchar(200)
 # A destination's lowest threshold, in percent: budgets' thresholds are in (0, 1000] (0003_budgets.sql), so a
 # higher one would match no alert; finer than 12 decimal places says nothing (and PostgreSQL's numeric
 # rejects exponents as large as 1e100000000 or 1e-100000000).
@@ -118,8 +119,8 @@ async def add(
     except ValueError as exc:
         problems.append(f"--min-threshold: {exc}, got {min_threshold[:40]!r}")
         threshold = Decimal(0)
-    if not name.strip() or len(name) > 200:
-        problems.append("--name: 1 to 200 characters")
+    if not name.strip() or len(name) > MAX_NAME_CHARS or not name.isprintable():
+        problems.append(f"--name: 1 to {MAX_NAME_CHARS} printable characters (no line break)")
     if url == "-":
         url = sys.stdin.readline().strip()  # keeps a token-bearing URL out of shell history and ps
     if problems:
