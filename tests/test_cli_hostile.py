@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import asyncpg
+from pydantic import SecretStr
 
 from tests.factories import make_org
 from tests.kafka_helpers import worker_env
@@ -197,3 +198,16 @@ async def test_a_secret_file_that_cannot_be_read_is_an_input_error_naming_the_fi
         assert str(path) in line
         assert why in line
     assert await db.fetchval("SELECT count(*) FROM organization_api_keys") == 0
+
+
+async def test_a_database_without_migrations_is_one_line_that_says_to_migrate(
+    empty_database_url: str, settings: Settings
+) -> None:
+    """Every admin command against an unmigrated database said `relation "quarantine" does not exist` (or, for
+    `retention`, that and a second `HINT:` line): neither names the cause."""
+    bare = settings.model_copy(update={"database_url": SecretStr(empty_database_url)})
+    for args in (("quarantine", "list"), ("retention",), ("prices", "overrides"), ("budgets", "status")):
+        done = await asyncio.to_thread(cli, bare, *args)
+        assert done.returncode == 1, (args, done.stdout)
+        line = one_line(done)
+        assert "run `cost-worker migrate`" in line, line

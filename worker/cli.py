@@ -454,6 +454,11 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def _one_line(text: str) -> str:
+    """A message as one line: a database error's DETAIL and HINT lines follow its message, joined with " | "."""
+    return " | ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -469,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"cost-worker: {kind}: {problem}", file=sys.stderr)
         return EXIT_USAGE
     except CostWorkerError as exc:
-        print(f"cost-worker: error: {exc}", file=sys.stderr)
+        print(f"cost-worker: error: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
@@ -477,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("COST_WORKER_LOG_LEVEL", "").upper() == "DEBUG":
             traceback.print_exc()
         print(
-            f"cost-worker: internal error: {type(exc).__name__}: {exc} "
+            f"cost-worker: internal error: {type(exc).__name__}: {_one_line(str(exc))} "
             "(set COST_WORKER_LOG_LEVEL=DEBUG for the traceback)",
             file=sys.stderr,
         )

@@ -24,6 +24,9 @@ T = TypeVar("T")
 TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
 TRANSIENT_SQLSTATES = frozenset({"55P03"})  # lock_not_available
 DATA_SQLSTATE_CLASSES = frozenset({"22", "23"})  # data exception, integrity constraint violation
+# A table or function the code names does not exist: almost always a database `migrate` never ran on.
+SCHEMA_MISSING_SQLSTATES = frozenset({"42P01", "42883"})  # undefined_table, undefined_function
+NOT_MIGRATED_HINT = " (is the database migrated? run `cost-worker migrate`)"
 DRIVER_ERRORS = (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.InternalClientError)
 
 
@@ -35,7 +38,8 @@ def translate(exc: BaseException) -> Exception:
             return DatabaseUnavailable(f"database: {type(exc).__name__}: {exc}")
         if sqlstate[:2] in DATA_SQLSTATE_CLASSES:
             return DataRejected(f"database rejected data: {type(exc).__name__} ({sqlstate}): {exc}")
-        return FatalError(f"database error {type(exc).__name__} ({sqlstate}): {exc}")
+        hint = NOT_MIGRATED_HINT if sqlstate in SCHEMA_MISSING_SQLSTATES else ""
+        return FatalError(f"database error {type(exc).__name__} ({sqlstate}): {exc}{hint}")
     if isinstance(exc, asyncpg.ClientConfigurationError) or (
         isinstance(exc, FileNotFoundError) and _raised_reading_settings(exc)
     ):
