@@ -211,3 +211,28 @@ async def test_a_database_without_migrations_is_one_line_that_says_to_migrate(
         assert done.returncode == 1, (args, done.stdout)
         line = one_line(done)
         assert "run `cost-worker migrate`" in line, line
+
+
+async def test_a_signing_secret_that_cannot_be_shown_is_not_kept(db: asyncpg.Connection, settings: Settings) -> None:
+    """`notify destinations add` committed the destination, then printed its signing secret, which no command shows
+    again: with standard output closed the print failed and the command exited 1 with nothing on stderr, leaving a
+    webhook destination whose secret nobody has (its receiver can verify nothing). Now nothing is kept, and said."""
+    org = await make_org(db)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # a reader that went away
+    try:
+        done = await asyncio.to_thread(
+            cli,
+            settings,
+            *("notify", "destinations", "add", "--organization", str(org.id), "--name", "hook"),
+            *("--url", "http://127.0.0.1:9/hook"),
+            stdout=write_end,
+            COST_WORKER_NOTIFY_SECRETS_KEY=KEY,
+            COST_WORKER_NOTIFY_ALLOW_HTTP="true",
+            COST_WORKER_NOTIFY_ALLOWED_NETWORKS="127.0.0.0/8",
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 1
+    assert "not added" in one_line(done)
+    assert await db.fetchval("SELECT count(*) FROM notify_destinations") == 0

@@ -36,6 +36,10 @@ MAX_MIN_THRESHOLD = Decimal(1000)
 MIN_THRESHOLD_QUANTUM = Decimal("1e-12")
 
 
+class OutputLost(CostWorkerError):
+    """Standard output could not be written (closed, full): what it was to show was never seen."""
+
+
 def parse_min_threshold(text: str) -> Decimal:
     """``--min-threshold``: a percent from 0 to 1000 with at most 12 decimal places (ValueError otherwise)."""
     problem = f"a percent from 0 to {MAX_MIN_THRESHOLD} with at most 12 decimal places"
@@ -128,6 +132,18 @@ async def add(
     parts = await UrlPolicy.from_settings(settings).check(url)  # refused: a one-line error, exit 1
     destination = uuid.uuid4()
     secret = new_secret() if kind == "webhook" else None
+
+    def show() -> None:
+        try:
+            print(f"added {kind} destination {destination} ({name}) -> {origin(parts)}")
+            if secret:
+                # Shown once: only the sealed form is stored, and no command prints it again.
+                print(f"signing secret (shown once; verify with any Standard Webhooks library): {secret}")
+            sys.stdout.flush()  # before the commit: a secret that could not be shown is not kept
+        except OSError as exc:  # standard output closed or full (BrokenPipeError, ENOSPC)
+            # Not an OSError any more: the transaction would take that for the database's.
+            raise OutputLost(exc.strerror or type(exc).__name__) from None
+
     store = await _open(settings)
     try:
         added = await store.add_destination(
@@ -141,17 +157,19 @@ async def add(
             scopes=sorted(set(scopes)),
             min_threshold=threshold,
             include_resolved=include_resolved,
+            before_commit=show,
         )
     except LookupError as exc:
         raise CostWorkerError(str(exc)) from None
+    except OutputLost as exc:  # the insert rolled back
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the unwritten rest goes nowhere at exit
+        raise CostWorkerError(
+            f"destination not added: its id and signing secret could not be written to standard output ({exc})"
+        ) from None
     finally:
         await store.db.close()
     if not added:
         raise CostWorkerError(f"organization {org} already has a destination named {name!r}")
-    print(f"added {kind} destination {destination} ({name}) -> {origin(parts)}")
-    if secret:
-        # Shown once: only the sealed form is stored, and no command prints it again.
-        print(f"signing secret (shown once; verify with any Standard Webhooks library): {secret}")
     return 0
 
 

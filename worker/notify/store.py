@@ -6,7 +6,7 @@ translated by ``worker.store`` (``DatabaseUnavailable`` is retried by the caller
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -139,7 +139,10 @@ class NotifyStore:
         scopes: Sequence[str],
         min_threshold: Decimal,
         include_resolved: bool,
+        before_commit: Callable[[], None] | None = None,
     ) -> bool:
+        """Add a destination; ``before_commit`` runs once it is inserted, inside the transaction (what it raises
+        rolls the insert back: the signing secret is shown before the destination that needs it is kept)."""
         async with self.tenant(organization) as tx:
             exists = await tx.conn.fetchval(q("notify_organization_exists"), organization)
             if not exists:
@@ -157,6 +160,8 @@ class NotifyStore:
                 min_threshold,
                 include_resolved,
             )
+            if row is not None and before_commit is not None:
+                before_commit()
         return row is not None
 
     async def list_destinations(self, organization: UUID) -> list[asyncpg.Record]:
