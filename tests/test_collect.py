@@ -48,7 +48,7 @@ from worker.collect.runner import Collector
 from worker.collect.sources import ANTHROPIC_ENDPOINTS, OPENAI_ENDPOINTS
 from worker.collect.windows import day_start
 from worker.config import Settings
-from worker.errors import TransientError
+from worker.errors import ConfigError, TransientError
 
 COSTS = "/v1/organization/costs"
 COMPLETIONS = "/v1/organization/usage/completions"
@@ -450,7 +450,8 @@ async def test_a_key_file_with_a_second_line_stops_only_its_account(
             secret_file=secret,
         )
 
-    with pytest.raises(KeyStoreError, match="not a single token"):
+    # The command's input, as a key on standard input is: a config error (exit 2) naming the file.
+    with pytest.raises(ConfigError, match=f"--secret-file {secret}: .*not a single token"):
         await add_file_account()
     assert not await db.fetchval("SELECT count(*) FROM organization_api_keys WHERE ai_organization_id = 'org-an-file'")
     secret.write_text(key + "\n")
