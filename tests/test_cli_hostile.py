@@ -16,9 +16,13 @@ import asyncpg
 from pydantic import SecretStr
 
 from tests.factories import make_org
+from tests.feeding import Feeder
 from tests.kafka_helpers import worker_env
+from tests.test_partitions import partitions
+from tests.test_retention import CURRENT, history
 from worker.config import Settings
 from worker.files import MAX_INPUT_FILE_BYTES
+from worker.partitions import add_months
 
 COLLECTOR = "cost_worker_collector"  # the role `keys` runs as (README)
 KEY = base64.b64encode(b"k" * 32).decode()
@@ -236,3 +240,21 @@ async def test_a_signing_secret_that_cannot_be_shown_is_not_kept(db: asyncpg.Con
     assert done.returncode == 1
     assert "not added" in one_line(done)
     assert await db.fetchval("SELECT count(*) FROM notify_destinations") == 0
+
+
+async def test_retention_that_fails_half_way_says_what_it_had_done(
+    db: asyncpg.Connection, feeder: Feeder, settings: Settings
+) -> None:
+    """`retention --execute` that failed on its third partition (here: a view an analyst made on it) said only the
+    database's error: the two partitions already dropped, and the retention boundary already moved, went unsaid."""
+    months = [add_months(CURRENT, -k) for k in range(7, 0, -1)]
+    await history(db, feeder, months)
+    doomed = [f"api_usage_y{m.year}m{m.month:02d}" for m in months[:4]]
+    await db.execute(f"CREATE VIEW analyst_view AS SELECT * FROM {doomed[2]}")
+    done = await asyncio.to_thread(cli, settings, "retention", "--months", "3", "--execute")
+    assert done.returncode == 1, done.stdout
+    line = one_line(done)
+    assert "DependentObjectsStillExist" in line
+    assert f"done before the failure: dropped {doomed[0]}, {doomed[1]}" in line, line
+    assert f"kept from {add_months(CURRENT, -3)}" in line
+    assert not {doomed[0], doomed[1]} & set(await partitions(db))

@@ -110,6 +110,20 @@ class Result:
     deliveries_deleted: int = 0
     kept_from: date | None = None
     seconds: float = 0.0
+    advanced: bool = False  # the first month kept moved (retention_advance ran)
+
+    def summary(self) -> str:
+        """What this run changed so far, in a few words ("" when nothing)."""
+        parts = [f"kept from {self.kept_from}"] if self.advanced else []
+        if self.dropped:
+            parts.insert(0, f"dropped {', '.join(self.dropped)}")
+        if self.quarantine_deleted:
+            parts.append(f"{self.quarantine_deleted} quarantine row(s) deleted")
+        if self.deliveries_deleted:
+            parts.append(f"{self.deliveries_deleted} notify deliveries deleted")
+        if self.created:
+            parts.append(f"created {', '.join(self.created)}")
+        return "; ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -190,6 +204,19 @@ async def execute(conn: asyncpg.Connection, found: Plan, *, as_owner: bool) -> R
         # Any other DETACH ... CONCURRENTLY fails while a partition is detach pending: a plain one does not.
         log.warning("retention_detach_pending_not_ours", partitions=foreign)
         as_owner = False
+    try:
+        await _carry_out(conn, found, result, as_owner=as_owner)
+    except CostWorkerError as exc:
+        # Each step commits on its own: what was done before the failure stays done, and the error says so.
+        done = result.summary()
+        if done:
+            exc.args = (f"{exc} (done before the failure: {done})",)
+        raise
+    result.seconds = time.monotonic() - started
+    return result
+
+
+async def _carry_out(conn: asyncpg.Connection, found: Plan, result: Result, *, as_owner: bool) -> None:
     with store.translating():
         # First what needs no partition dropped, so that a drop that fails (lock_timeout) holds none of it back.
         result.created = await ensure_ahead(conn, found.now)
@@ -201,6 +228,7 @@ async def execute(conn: asyncpg.Connection, found: Plan, *, as_owner: bool) -> R
             metrics.RETENTION_DELIVERIES_DELETED.inc(result.deliveries_deleted)
         if found.new_kept_from is not None:
             result.kept_from = await conn.fetchval(query("retention_advance"), found.new_kept_from)
+            result.advanced = True
         # A partition detach pending first: no other can be detached concurrently while it is there. (The
         # sort is stable: the others stay oldest first. from_at is no key: MINVALUE is read back naive.)
         for partition in sorted(found.drop, key=lambda p: not p.detach_pending):
@@ -215,8 +243,6 @@ async def execute(conn: asyncpg.Connection, found: Plan, *, as_owner: bool) -> R
             result.dropped.append(partition.name)
             metrics.RETENTION_PARTITIONS_DROPPED.inc()
             log.info("retention_partition_dropped", partition=partition.name, estimated_rows=partition.estimated_rows)
-    result.seconds = time.monotonic() - started
-    return result
 
 
 async def _delete_aged(conn: asyncpg.Connection, statement: str, cutoff: datetime) -> int:
