@@ -258,3 +258,33 @@ async def test_retention_that_fails_half_way_says_what_it_had_done(
     assert f"done before the failure: dropped {doomed[0]}, {doomed[1]}" in line, line
     assert f"kept from {add_months(CURRENT, -3)}" in line
     assert not {doomed[0], doomed[1]} & set(await partitions(db))
+
+
+async def test_text_from_outside_is_shown_with_its_control_characters_escaped(
+    db: asyncpg.Connection, settings: Settings
+) -> None:
+    """A webhook receiver's response body is kept as the delivery's last error and `notify status` printed it raw:
+    a receiver answering `HTTP 500` with terminal escape sequences (clear the screen, retitle the window, a line
+    break that forges a row) had them run in the operator's terminal. Every table cell now shows them escaped."""
+    org = await make_org(db)
+    destination = uuid.uuid4()
+    await db.execute(
+        "INSERT INTO notify_destinations (id, organization_id, name, kind, url_origin, url_sealed, secret_sealed) "
+        "VALUES ($1, $2, 'hook', 'webhook', 'https://example.com', '\\x00', '\\x00')",
+        destination,
+        org.id,
+    )
+    hostile = "HTTP 500: \x1b]0;owned\x07\x1b[2Jfake\nrow"
+    await db.execute(
+        "INSERT INTO notify_deliveries (organization_id, destination_id, webhook_id, event_type, payload, status, "
+        "attempts, last_error) VALUES ($1, $2, 'w1', 'budget.threshold_crossed', '{}', 'failed', 3, $3)",
+        org.id,
+        destination,
+        hostile,
+    )
+    done = await asyncio.to_thread(cli, settings, "notify", "status", "--organization", str(org.id))
+    assert done.returncode == 0, done.stderr
+    assert "\x1b" not in done.stdout
+    assert "\x07" not in done.stdout
+    assert "HTTP 500: \\x1b]0;owned\\x07\\x1b[2Jfake\\nrow"[:60] in done.stdout
+    assert len(done.stdout.splitlines()) == 4  # header, rule, one row, backlog

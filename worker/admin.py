@@ -39,7 +39,15 @@ def _cell(value: Any) -> str:
         return value.isoformat(timespec="seconds")
     if isinstance(value, Decimal):
         return format(value, "f")
-    return str(value)
+    return printable(str(value))
+
+
+def printable(text: str) -> str:
+    """Text from outside (a receiver's response body, a model name from a producer, a name) as the terminal should
+    show it: a control character (an escape sequence, a line break that would forge a row) escaped, as ``\x1b``."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 async def _open(settings: Settings) -> Database:

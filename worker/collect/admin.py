@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TextIO
 from uuid import UUID
 
+from worker.admin import printable
 from worker.collect import keys as keystore
 from worker.collect import store
 from worker.collect.errors import KeyStoreError
@@ -129,8 +130,9 @@ async def list_keys(settings: Settings) -> int:
     for r in rows:
         source = "secret file" if r["in_secret_file"] else "sealed"
         last = r["last_success_at"].isoformat(timespec="seconds") if r["last_success_at"] else "never"
+        account = printable(r["ai_organization_id"])  # stored before `keys add` refused control characters
         print(
-            f"{r['id']}  {r['provider']:<9}  {r['ai_organization_id']:<25}  {'yes' if r['is_active'] else 'no':<6}  "
+            f"{r['id']}  {r['provider']:<9}  {account:<25}  {'yes' if r['is_active'] else 'no':<6}  "
             f"{r['fingerprint']:<23}  {source:<11}  {last}"
         )
     return EXIT_OK
