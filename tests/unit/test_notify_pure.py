@@ -4,6 +4,8 @@ signing and sealing."""
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import ipaddress
 import json
 import random
@@ -329,6 +331,21 @@ def test_signatures_verify_with_the_standardwebhooks_library() -> None:
         Webhook(new_secret()).verify(body, headers)
     with pytest.raises(WebhookVerificationError):  # same body, another id: another signature
         Webhook(secret).verify(body, {**headers, "webhook-id": "a2"})
+
+
+def test_signatures_follow_the_standard_webhooks_spec_not_only_its_library() -> None:
+    """Computed here as the spec says (standardwebhooks.com, "Signature scheme"), without the library that signs:
+    secret ``whsec_`` + base64 of 24 to 64 random bytes; signed content ``{webhook-id}.{webhook-timestamp}.{body}``;
+    HMAC-SHA256 keyed by the decoded secret; header ``v1,<base64 signature>``; timestamp in integer Unix seconds."""
+    secret = new_secret()
+    key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    assert 24 <= len(key) <= 64
+    body = sample_alert(uuid.uuid4()).encode()
+    headers = signed_headers(secret, "a1", body, at=1_767_225_600.9)
+    assert set(headers) == {"webhook-id", "webhook-timestamp", "webhook-signature"}
+    assert headers["webhook-timestamp"] == "1767225600"
+    digest = hmac.new(key, b"a1.1767225600." + body, hashlib.sha256).digest()
+    assert headers["webhook-signature"] == "v1," + base64.b64encode(digest).decode()
 
 
 def test_sealed_values_open_only_with_the_key_and_on_their_row() -> None:
