@@ -288,3 +288,19 @@ async def test_text_from_outside_is_shown_with_its_control_characters_escaped(
     assert "\x07" not in done.stdout
     assert "HTTP 500: \\x1b]0;owned\\x07\\x1b[2Jfake\\nrow"[:60] in done.stdout
     assert len(done.stdout.splitlines()) == 4  # header, rule, one row, backlog
+
+
+async def test_a_rates_source_label_with_a_line_break_or_5000_characters_is_refused(
+    db: asyncpg.Connection, settings: Settings, tmp_path: Path
+) -> None:
+    """`rates import --source` stored any text as the rates' source: 5000 characters (one `rates list` row 5,000
+    columns wide) or a line break that forged a row of the listing."""
+    path = tmp_path / "rates.csv"
+    path.write_text("date,base,quote,rate\n2026-01-01,USD,EUR,0.9\n", encoding="utf-8")
+    for source in ("a\nb", "s" * 5000):
+        done = await asyncio.to_thread(
+            cli, settings, "rates", "import", str(path), "--format", "pairs", "--source", source
+        )
+        assert done.returncode == 2, done.stdout
+        assert "usage error: --source:" in one_line(done)
+    assert await db.fetchval("SELECT count(*) FROM exchange_rates") == 0

@@ -36,6 +36,7 @@ ECB_BASE = "EUR"
 ECB_SOURCE = "ECB"
 MAX_RATE = Decimal("1e12")  # exclusive (matches the database CHECK)
 MAX_PROBLEMS_SHOWN = 20
+MAX_SOURCE_CHARS = 200  # characters of a --source label (a name such as ECB, not a note)
 _CODE = re.compile(r"^[A-Z]{3}$")
 _MISSING = {"", "N/A", "NA", "-"}
 
@@ -155,6 +156,10 @@ def _read(path: Path) -> str:
 
 
 async def import_rates(settings: Settings, path: Path, *, fmt: str, source: str | None) -> int:
+    if source is not None and (not source.strip() or len(source) > MAX_SOURCE_CHARS or not source.isprintable()):
+        raise UsageError(
+            [f"--source: 1 to {MAX_SOURCE_CHARS} printable characters (no line break), got {source[:40]!r}"]
+        )
     rates = parse(await asyncio.to_thread(_read, path), fmt)
     label = source or (ECB_SOURCE if fmt == "ecb" else path.name)
     db = await Database.open(settings.dsn(), role=settings.database_role, max_size=1)
