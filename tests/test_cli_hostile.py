@@ -304,3 +304,27 @@ async def test_a_rates_source_label_with_a_line_break_or_5000_characters_is_refu
         assert done.returncode == 2, done.stdout
         assert "usage error: --source:" in one_line(done)
     assert await db.fetchval("SELECT count(*) FROM exchange_rates") == 0
+
+
+def test_a_state_directory_that_cannot_be_one_is_a_usage_error(tmp_path: Path) -> None:
+    """`dev --state-dir` naming a file was `internal error: FileExistsError` (exit 1); an empty one (an unset shell
+    variable) put the embedded PostgreSQL and the broker's log into the current directory (here: a git checkout)."""
+    a_file = tmp_path / "file"
+    a_file.write_text("x", encoding="utf-8")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("COST_WORKER_")}
+    for state_dir, why in ((str(a_file), "File exists"), ("", "must not be empty"), ("/proc/none/x", "No such file")):
+        done = subprocess.run(
+            [sys.executable, "-m", "worker", "dev", "--once", "--state-dir", state_dir],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 2, (state_dir, done.stdout, done.stderr)
+        line = one_line(done)
+        assert "usage error:" in line
+        assert "--state-dir" in line
+        assert why in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

@@ -60,6 +60,13 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _state_dir(text: str) -> str:
+    """An argparse type: a directory path, not empty (an unset shell variable would mean the current directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty (it would be the current directory)")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="cost-worker",
@@ -98,7 +105,9 @@ def _parser() -> argparse.ArgumentParser:
         "state directory, migrate, seed a demo organization, publish a demo stream, run the worker until "
         "idle and print a summary. URLs set in the environment are used instead of the embedded servers.",
     )
-    dev.add_argument("--state-dir", default=".dev", help="where the embedded servers keep their data (.dev)")
+    dev.add_argument(
+        "--state-dir", type=_state_dir, default=".dev", help="where the embedded servers keep their data (.dev)"
+    )
     dev.add_argument("--once", action="store_true", help="exit after the demo summary instead of running on")
 
     sub.add_parser(

@@ -26,6 +26,7 @@ from pydantic import SecretStr
 from worker import admin, devstack, kafka, logs, store
 from worker.app import Worker
 from worker.config import Settings
+from worker.errors import UsageError
 from worker.migrate import migrate
 
 DEV_DATABASE = "cost_worker_dev"
@@ -48,7 +49,10 @@ def main(settings: Settings, *, state_dir: Path, once: bool) -> int:
         secrets=settings.secrets(),
     )
     state_dir = state_dir.resolve()
-    state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file of that name, a parent that cannot exist, no permission
+        raise UsageError([f"--state-dir {state_dir}: cannot use it as a directory: {exc.strerror or exc}"]) from None
     return asyncio.run(_main(settings, state_dir, once))
 
 
