@@ -328,3 +328,28 @@ def test_a_state_directory_that_cannot_be_one_is_a_usage_error(tmp_path: Path) -
         assert "--state-dir" in line
         assert why in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_check_config_names_a_misspelt_setting(tmp_path: Path) -> None:
+    """A misspelt variable (COST_WORKER_DATABASE_STATEMENT_TIMOUT=5) was ignored without a word: `check-config` said
+    `configuration OK` and the worker ran with the default 30 s. It still runs (a note, not an error), but says so."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("COST_WORKER_")}
+    env |= {
+        "COST_WORKER_DATABASE_URL": "postgresql://u@h/db",
+        "COST_WORKER_DATABASE_STATEMENT_TIMOUT": "5",
+        "COST_WORKER_TEST_DATABASE_URL": "postgresql://u@h/t",  # the test suite's own: not a setting, not noted
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "check-config"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (
+        "note: COST_WORKER_DATABASE_STATEMENT_TIMOUT is not a setting and is ignored "
+        "(did you mean COST_WORKER_DATABASE_STATEMENT_TIMEOUT?)"
+    ) in done.stdout
+    assert "COST_WORKER_TEST_DATABASE_URL" not in done.stdout

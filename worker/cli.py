@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import math
 import os
 import sys
 import traceback
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, NoReturn
 
 from worker import __version__
 from worker.collect import cli as collect_cli
-from worker.config import Settings, load_settings
+from worker.config import ENV_PREFIX, Settings, env_name, load_settings
 from worker.errors import ConfigError, CostWorkerError, UsageError
 
 EXIT_OK = 0
@@ -321,8 +322,28 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for name, commands in NEEDED_BY.items():
         if getattr(settings, name) is None:
             print(f"note: COST_WORKER_{name.upper()} is not set: needed by {commands}")
+    for variable, likely in _unknown_variables(os.environ):
+        guess = f" (did you mean {likely}?)" if likely else ""
+        print(f"note: {variable} is not a setting and is ignored{guess}")
     print("configuration OK")
     return EXIT_OK
+
+
+# COST_WORKER_ variables read outside the settings, and the prefix of the test suite's own (tests/conftest.py).
+OTHER_VARIABLES = frozenset({"COST_WORKER_SECRETS_DIR", "COST_WORKER_SCHEMA_DIR", "COST_WORKER_FAULT_POINTS"})
+NOT_SETTINGS_PREFIX = "COST_WORKER_TEST_"
+
+
+def _unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """COST_WORKER_ variables that no setting reads (a misspelt name is otherwise ignored in silence), each with the
+    closest setting's name, if one is close."""
+    known = {env_name(field) for field in Settings.model_fields} | OTHER_VARIABLES
+    unknown = sorted(
+        name
+        for name in environ
+        if name.startswith(ENV_PREFIX) and name not in known and not name.startswith(NOT_SETTINGS_PREFIX)
+    )
+    return [(name, next(iter(difflib.get_close_matches(name, known, n=1, cutoff=0.8)), None)) for name in unknown]
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
