@@ -32,6 +32,7 @@ LATER = {
     Reason.AMBIGUOUS_ATTRIBUTION,
     Reason.CONFLICTING_DUPLICATE,
     Reason.INCONSISTENT_DATA,
+    Reason.OVERLAPPING_WINDOW,  # decided against the stored windows, in the transaction
 }
 # Valid counts the prices make absurd: invalid_number once priced (the catalogue's estimate, the line's price),
 # which happens after decoding.
