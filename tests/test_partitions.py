@@ -186,7 +186,7 @@ async def test_the_writer_cannot_make_or_drop_partitions_itself(db: asyncpg.Conn
         ("UPDATE api_usage_retention SET kept_from = NULL", asyncpg.InsufficientPrivilegeError),
         # Only a partition wholly before the first month kept (nothing was dropped yet: none).
         ("SELECT cost_worker_retention_drop('api_usage_legacy')", asyncpg.RaiseError),
-        # Recording a drop and dropping what was recorded are the owner's steps (0030); the writer only resumes.
+        # Recording a drop and dropping what was recorded are the owner's steps (0032); the writer only resumes.
         ("SELECT cost_worker_retention_begin_drop('api_usage_legacy')", asyncpg.InsufficientPrivilegeError),
         ("SELECT cost_worker_retention_finish_drop('api_usage_legacy')", asyncpg.InsufficientPrivilegeError),
         (

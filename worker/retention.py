@@ -7,7 +7,7 @@ Dropping is two steps: first the first month kept moves forward (``cost_worker_r
 the batches in flight, and later batches quarantine events before it), then each partition is detached and
 dropped: ``DETACH PARTITION ... CONCURRENTLY`` when the login can act as the owner role, else through
 ``cost_worker_retention_drop`` (a plain DETACH: a moment of ACCESS EXCLUSIVE, bounded by lock_timeout). Never a
-``DELETE`` of detail rows. Every run first finishes what an interrupted one left (``resume``, migration 0030): a
+``DELETE`` of detail rows. Every run first finishes what an interrupted one left (``resume``, migration 0032): a
 partition left detach pending before the first month kept is dropped, a table the owner's way
 recorded and detached but did not drop is dropped; a table named like a partition that retention did not record
 is never dropped, only reported. The outbox needs nothing here: the publisher deletes each row once the broker
@@ -65,7 +65,7 @@ _LABELS = {"detach pending": "detach_pending", "detached, not dropped": "detache
 @dataclass(frozen=True)
 class Leftover:
     """What an interrupted run (or a human) left: a partition detach pending, or a standalone table named like one
-    (states: ``cost_worker_retention_leftovers`` in schema/migrations/0030)."""
+    (states: ``cost_worker_retention_leftovers`` in schema/migrations/0032)."""
 
     name: str
     state: str
@@ -238,7 +238,7 @@ async def _carry_out(conn: asyncpg.Connection, found: Plan, result: Result, *, a
                 await conn.execute(query("retention_begin_drop"), partition.name)
                 await conn.execute(query("retention_detach_concurrently").format(partition=name))
                 await conn.execute(query("retention_finish_drop"), partition.name)
-            else:  # plain DETACH and DROP in one transaction (a pending partition: DROP, not FINALIZE, see 0030)
+            else:  # plain DETACH and DROP in one transaction (a pending partition: DROP, not FINALIZE, see 0032)
                 await conn.execute(query("retention_drop"), partition.name)
             result.dropped.append(partition.name)
             metrics.RETENTION_PARTITIONS_DROPPED.inc()

@@ -58,7 +58,7 @@ SELECT cost_worker_retention_drop($1::text);
 
 -- name: retention_leftovers
 -- What an interrupted run (or a human) left: partitions detach pending, standalone tables named like partitions
--- (schema/migrations/0030), and whether the next run finishes them.
+-- (schema/migrations/0032), and whether the next run finishes them.
 SELECT partition_name, state FROM cost_worker_retention_leftovers();
 
 -- name: retention_resume

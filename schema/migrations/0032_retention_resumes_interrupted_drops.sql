@@ -18,7 +18,7 @@ CREATE TABLE api_usage_retention_drops (
     started_at     timestamptz NOT NULL DEFAULT now()
 );
 COMMENT ON TABLE api_usage_retention_drops IS
-    'api_usage partitions retention started to drop and has not dropped yet (0030); read by the next run';
+    'api_usage partitions retention started to drop and has not dropped yet (0032); read by the next run';
 
 -- What an earlier interrupted run left, and what this run would do about it (changes nothing).
 --   'detach pending'                          finished: DROP
