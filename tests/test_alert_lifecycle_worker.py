@@ -182,3 +182,62 @@ async def test_rates_import_reports_every_problem_and_loads_nothing(
     loaded = await asyncio.to_thread(cli, settings, "rates", "import", "--format", "pairs", str(pairs))
     assert loaded.returncode == 0, loaded.stderr
     assert "source pairs.csv: 1 new" in loaded.stdout
+
+
+def last_month(day: int) -> str:
+    """A day of the month before the running one (UTC), as YYYY-MM-DD: a period that has ended."""
+    first = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    return (first - timedelta(days=1)).replace(day=day).strftime("%Y-%m-%d")
+
+
+async def test_late_data_of_an_ended_month_is_judged_by_the_amount_in_force_then(
+    db: asyncpg.Connection, settings: Settings
+) -> None:
+    """1000 USD a month, 400 spent last month (no alert); lowered to 100 this month. Last month's late 100 USD make
+    500: 50 % of the 1000 in force when that month ended (one alert), not 500 % of today's 100 (three)."""
+    await create_topics(settings)
+    org = await make_org(db)
+    budget_id = await budget(db, org, "1000", "USD", [50, 80, 100])
+    await costs(settings, org, last_month(3), last_month(4), "400", f"{last_month(4)}T06:00:00Z")
+    assert await db.fetchval("SELECT count(*) FROM budget_alerts") == 0
+    await db.execute("UPDATE ai_project_budgets SET amount = 100 WHERE id = $1", budget_id)
+    await costs(settings, org, last_month(5), last_month(6), "100", datetime.now(UTC).isoformat())
+    (alert,) = await messages(settings, 1)
+    assert (alert["threshold_percent"], alert["spend"], alert["amount"], alert["currency"]) == (
+        "50",
+        "500",
+        "1000",
+        "USD",
+    )
+    assert alert["period_start"].startswith(last_month(1))
+    assert await db.fetchval("SELECT count(*) FROM budget_alerts") == 1
+
+
+async def test_late_data_of_an_ended_month_alerts_at_the_lower_amount_in_force_then(
+    db: asyncpg.Connection, settings: Settings
+) -> None:
+    """The reverse: 100 USD a month, 40 spent last month; raised to 1000 this month. Last month's late 45 USD make 85:
+    50 % and 80 % of the 100 in force then (8.5 % of today's 1000 alerted nothing)."""
+    await create_topics(settings)
+    org = await make_org(db)
+    budget_id = await budget(db, org, "100", "USD", [50, 80, 100])
+    await costs(settings, org, last_month(3), last_month(4), "40", f"{last_month(4)}T06:00:00Z")
+    await db.execute("UPDATE ai_project_budgets SET amount = 1000 WHERE id = $1", budget_id)
+    await costs(settings, org, last_month(5), last_month(6), "45", datetime.now(UTC).isoformat())
+    alerts = await messages(settings, 2)
+    assert sorted((a["threshold_percent"], a["spend"], a["amount"]) for a in alerts) == [
+        ("50", "85", "100"),
+        ("80", "85", "100"),
+    ]
+    # This month is judged by today's amount, as before: 85 USD more now is 8.5 % of 1000, nothing.
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    await costs(
+        settings,
+        org,
+        today.strftime("%Y-%m-%d"),
+        (today + timedelta(days=1)).strftime("%Y-%m-%d"),
+        "85",
+        datetime.now(UTC).isoformat(),
+    )
+    assert len(await messages(settings, 2)) == 2
+    assert await db.fetchval("SELECT count(*) FROM budget_alerts") == 2
