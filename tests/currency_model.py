@@ -8,14 +8,17 @@ Restated from the contract (README "Budgets in any currency" and "Alerts"), neve
 - one row without a rate makes the budget unconvertible: no spend, nothing raised or resolved;
 - per (budget, period, threshold, amount, currency) at most one alert is open: reaching the level with none
   open raises crossing n+1; falling below it with one open resolves it; ids are uuid5 of
-  scope:budget:period start:threshold:amount:currency:crossing.
+  scope:budget:period start:threshold:amount:currency:crossing;
+- a period is judged by the budget's terms (amount, currency, thresholds) as they are while it is open, and once it
+  has ended by those in force when it ended: the newest change made before its end (a budget's first terms hold
+  since ever).
 """
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_DOWN, Decimal, localcontext
 from fractions import Fraction
 
@@ -130,3 +133,28 @@ class Lifecycle:
             if ids and ids[-1] in self.open and Fraction(total) * 100 < Fraction(amount) * Fraction(threshold):
                 self.open.discard(ids[-1])
                 self.resolved.append(ids[-1])
+
+
+BudgetTerms = tuple[Decimal, str, tuple[Decimal, ...]]  # amount, currency, thresholds
+
+
+@dataclass
+class Terms:
+    """A budget's terms through its changes: each version since when it holds, and today's (the last change made,
+    whatever the moment it holds from)."""
+
+    current: BudgetTerms
+    versions: list[tuple[datetime, BudgetTerms]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.versions.append((datetime.min.replace(tzinfo=UTC), self.current))
+
+    def change(self, at: datetime, terms: BudgetTerms) -> None:
+        self.current = terms
+        self.versions.append((at, terms))
+
+    def judging(self, period_end: datetime, now: datetime) -> BudgetTerms:
+        """The terms that judge the period ending at ``period_end``."""
+        if period_end > now:
+            return self.current
+        return max((v for v in self.versions if v[0] < period_end), key=lambda v: v[0])[1]

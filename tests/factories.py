@@ -214,3 +214,12 @@ def anthropic_cost_bucket(start: str, end: str, results: list[dict[str, Any]]) -
 
 def anthropic_usage_bucket(start: str, end: str, results: list[dict[str, Any]]) -> dict[str, Any]:
     return {"starting_at": start, "ending_at": end, "results": results}
+
+
+async def change_budget(db: asyncpg.Connection, statement: str, *args: Any, at: datetime) -> None:
+    """Run an UPDATE of a budget table as if the platform ran it at ``at``: the version of the terms it wrote
+    (budget_terms, migration 0029: since now()) holds from ``at`` instead. Tests whose periods lie in the past
+    change their budgets "during" those periods this way; a change made today holds for ended periods no more."""
+    async with db.transaction():
+        await db.execute(statement, *args)
+        await db.execute("UPDATE budget_terms SET valid_from = $1 WHERE valid_from = now()", at)

@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 
-from tests.factories import Org, dumps, envelope, make_org, openai_cost_bucket
+from tests.factories import Org, change_budget, dumps, envelope, make_org, openai_cost_bucket
 from tests.kafka_helpers import consume_all, create_topics, produce, run_worker
 from tests.test_admin import cli
 from worker.config import Settings
@@ -123,7 +123,10 @@ async def test_raising_a_budget_from_100_to_200_re_arms_its_thresholds(
     org = await make_org(db)
     budget_id = await budget(db, org, "100", "USD", [80])
     await costs(settings, org, "2026-11-03", "2026-11-04", "85", "2026-11-04T06:00:00Z")
-    await db.execute("UPDATE ai_project_budgets SET amount = 200 WHERE id = $1", budget_id)
+    # Raised during November (the period, which has ended by now, is judged by the terms in force at its end).
+    await change_budget(
+        db, "UPDATE ai_project_budgets SET amount = 200 WHERE id = $1", budget_id, at=datetime(2026, 11, 4, tzinfo=UTC)
+    )
     await costs(settings, org, "2026-11-04", "2026-11-05", "75", "2026-11-05T06:00:00Z")  # 160: 80 % of 200
     first, second = await messages(settings, 2)
     assert (first["amount"], first["spend"], second["amount"], second["spend"]) == ("100", "85", "200", "160")

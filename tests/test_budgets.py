@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import pytest
 
-from tests.factories import Org, api_event, envelope, make_org, openai_cost_bucket
+from tests.factories import Org, api_event, change_budget, envelope, make_org, openai_cost_bucket
 from tests.feeding import Feeder
 from tests.spend_model import period as model_period
 from worker.alerts import Alert
@@ -74,6 +74,11 @@ async def alerts(db: asyncpg.Connection) -> list[tuple[Any, ...]]:
 async def outbox_alerts(db: asyncpg.Connection, settings: Settings) -> list[dict[str, Any]]:
     rows = await db.fetch("SELECT key, value FROM outbox WHERE topic = $1 ORDER BY id", settings.topic_budget_alerts)
     return [json.loads(r["value"]) | {"_key": r["key"].decode()} for r in rows]
+
+
+# A moment inside November 2026, the month most tests' data lies in (ended by now): budgets changed "during" it
+# (change_budget), so the month is judged by the changed terms (migration 0029: the terms in force at its end).
+DURING = datetime(2026, 11, 10, 11, tzinfo=UTC)
 
 
 def spend_event(
@@ -553,7 +558,7 @@ async def test_a_budget_changed_to_a_longer_period_alerts_in_it(
     first = await feeder.events(spend_event(org, "90", at="2026-11-01T10:00:00Z", event_id="first"))
     assert [(a.threshold, a.period_end) for a in first.alerts] == [(Decimal(80), datetime(2026, 11, 2, tzinfo=UTC))]
     await feeder.events(spend_event(org, "10", at="2026-11-10T10:00:00Z", event_id="second"))  # 10 %: nothing
-    await db.execute("UPDATE ai_organization_budgets SET period = 'monthly' WHERE id = $1", budget)
+    await change_budget(db, "UPDATE ai_organization_budgets SET period = 'monthly' WHERE id = $1", budget, at=DURING)
     await feeder.events(spend_event(org, "400", at="2026-11-12T10:00:00Z", event_id="third"))
     rows = await db.fetch(
         "SELECT period_end, threshold, spend, crossing, resolved_at IS NULL AS open FROM budget_alerts "
@@ -584,7 +589,9 @@ async def test_a_time_zone_postgresql_knows_and_python_does_not_alerts_instead_o
     assert messages[str(berlin)]["period_start"] == "2026-11-01T00:00:00+01:00"  # Europe/Berlin
     assert messages[str(berlin)]["timezone"] == "europe/berlin"
     assert messages[str(pacific)]["period_start"] == "2026-11-01T08:00:00+00:00"  # midnight at UTC-8, shown in UTC
-    await db.execute("UPDATE ai_organization_budgets SET amount = 5 WHERE organization_id = $1", org.id)
+    await change_budget(
+        db, "UPDATE ai_organization_budgets SET amount = 5 WHERE organization_id = $1", org.id, at=DURING
+    )
     engine = BudgetEngine(settings)
     raised = await engine.sweep(database, at=datetime(2026, 11, 20, tzinfo=UTC))
     assert {a.budget_id for a in raised} == {berlin, pacific}
@@ -601,14 +608,25 @@ async def test_thresholds_holding_null_or_nested_alert_on_the_others_instead_of_
     with_null = await add_budget(db, "organization", org, "10", thresholds=(50,))
     nested = await add_budget(db, "organization", org, "10", thresholds=(50,))
     only_null = await add_budget(db, "organization", org, "10", thresholds=(50,))
-    await db.execute("UPDATE ai_organization_budgets SET thresholds = '{50,NULL}' WHERE id = $1", with_null)
-    await db.execute("UPDATE ai_organization_budgets SET thresholds = '{{50,80}}' WHERE id = $1", nested)
-    await db.execute("UPDATE ai_organization_budgets SET thresholds = '{NULL}' WHERE id = $1", only_null)
+    await change_budget(
+        db, "UPDATE ai_organization_budgets SET thresholds = '{50,NULL}' WHERE id = $1", with_null, at=DURING
+    )
+    await change_budget(
+        db, "UPDATE ai_organization_budgets SET thresholds = '{{50,80}}' WHERE id = $1", nested, at=DURING
+    )
+    await change_budget(
+        db, "UPDATE ai_organization_budgets SET thresholds = '{NULL}' WHERE id = $1", only_null, at=DURING
+    )
     outcome = await feeder.events(spend_event(org, "9"))
     assert sorted((str(a.budget_id), a.threshold) for a in outcome.alerts) == sorted(
         [(str(with_null), Decimal(50)), (str(nested), Decimal(50)), (str(nested), Decimal(80))]
     )
-    await db.execute("UPDATE ai_organization_budgets SET amount = 5 WHERE organization_id = $1", org.id)
+    await change_budget(
+        db,
+        "UPDATE ai_organization_budgets SET amount = 5 WHERE organization_id = $1",
+        org.id,
+        at=DURING + timedelta(hours=1),  # after the first change
+    )
     raised = await BudgetEngine(settings).sweep(database, at=datetime(2026, 11, 20, tzinfo=UTC))
     assert sorted((str(a.budget_id), a.threshold) for a in raised) == sorted(
         [(str(with_null), Decimal(50)), (str(nested), Decimal(50)), (str(nested), Decimal(80))]
@@ -630,7 +648,9 @@ async def test_a_tiny_budget_amount_alerts_instead_of_failing_the_batch(
     assert message["percent_used"] == "1" + "0" * 62 + ".00"
     assert message["amount"] == tiny
     assert await db.fetchval("SELECT percent_used FROM budget_alerts WHERE budget_id = $1", budget) == Decimal("1e62")
-    await db.execute("UPDATE ai_organization_budgets SET thresholds = '{100,200}' WHERE id = $1", budget)
+    await change_budget(
+        db, "UPDATE ai_organization_budgets SET thresholds = '{100,200}' WHERE id = $1", budget, at=DURING
+    )
     raised = await BudgetEngine(settings).sweep(database, at=datetime(2026, 11, 20, tzinfo=UTC))
     assert [(a.budget_id, a.threshold) for a in raised] == [(budget, Decimal(200))]
 

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests import currency_model as model
-from tests.factories import Org, make_org
+from tests.factories import Org, change_budget, make_org
 from tests.test_migrate import copy_schema
 from worker import metrics
 from worker.alerts import Alert, Resolution
@@ -34,6 +34,7 @@ from worker.touches import Touch
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "rates"
 NOVEMBER = datetime(2026, 11, 1, tzinfo=UTC)
+DECEMBER = datetime(2026, 12, 1, tzinfo=UTC)
 SWEEP_AT = datetime(2026, 11, 20, tzinfo=UTC)  # inside November: the sweep evaluates November
 
 
@@ -300,7 +301,8 @@ async def published(db: asyncpg.Connection, settings: Settings) -> list[dict[str
 
 
 # One step of a budget's month: new rows or a revision of some (which may lower spend), rates loaded or
-# withdrawn, or the budget edited (amount, currency, thresholds). After each, the sweep evaluates November.
+# withdrawn, or the budget edited (amount, currency, thresholds) during November or today. After each, a batch's
+# evaluation of November.
 ledger_changes = st.dictionaries(
     st.tuples(st.sampled_from(DAYS[1:20]), st.integers(0, 1)),
     st.one_of(st.none(), st.tuples(st.sampled_from(("USD", "USD", "USD", "EUR", "GBP", "JPY")), money)),
@@ -314,6 +316,8 @@ budget_edits = st.tuples(
         lambda s: tuple(sorted(s))
     ),
 )
+# A budget edited during November (which has ended by now: it judges November) or today (it does not).
+budget_changes = st.tuples(budget_edits, st.sampled_from(("during", "during", "today")))
 # Rates for every day of the month (so most steps convert), with some dates withdrawn or pairs added.
 FULL_RATES: model.Rates = {
     ("EUR", quote, day): rate
@@ -340,7 +344,7 @@ steps = st.lists(
         st.tuples(st.just("ledger"), swings),
         st.tuples(st.just("ledger"), ledger_changes),
         st.tuples(st.just("rates"), month_rates),
-        st.tuples(st.just("budget"), budget_edits),
+        st.tuples(st.just("budget"), budget_changes),
     ),
     min_size=1,
     max_size=10,
@@ -375,8 +379,9 @@ async def test_alerts_and_resolutions_equal_the_model(
     rows: dict[tuple[date, int], tuple[str, Decimal]] = {}
     estimates: dict[datetime, Decimal] = {}
     life = model.Lifecycle("project", budget, NOVEMBER)
+    terms = model.Terms((amount, currency, thresholds))
     engine = BudgetEngine(settings)
-    for kind, change in plan:
+    for step, (kind, change) in enumerate(plan):
         if kind == "ledger":
             for key, value in change.items():
                 if value is None:
@@ -391,14 +396,18 @@ async def test_alerts_and_resolutions_equal_the_model(
             rates = dict(change)
             await load_rates(db, rates)
         else:
-            amount, currency, thresholds = change
-            await db.execute(
-                "UPDATE ai_project_budgets SET amount = $2, currency = $3, thresholds = $4 WHERE id = $1",
-                budget,
-                amount,
-                currency,
-                list(thresholds),
-            )
+            edit, when = change
+            statement = "UPDATE ai_project_budgets SET amount = $2, currency = $3, thresholds = $4 WHERE id = $1"
+            args = (budget, edit[0], edit[1], list(edit[2]))
+            if when == "during" and terms.versions[-1][0] < DECEMBER:  # time runs forward: none after a today's
+                at = NOVEMBER + timedelta(hours=step + 1)  # in the order they are made
+                await change_budget(db, statement, *args, at=at)
+            else:
+                await db.execute(statement, *args)
+                at = datetime.now(UTC)
+            terms.change(at, edit)
+        # November has ended (by now): judged by the terms in force at its end.
+        amount, currency, thresholds = terms.judging(DECEMBER, datetime.now(UTC))
         total = model.spend(model_rows(rows, estimates), currency, rates)
         spend, missing = await spend_of(db, org, currency)
         assert spend == total
@@ -443,7 +452,7 @@ async def test_raising_the_amount_re_arms_and_lowering_spend_resolves_then_re_cr
     assert [(type(a), a.threshold) for a in first] == [(Alert, Decimal(80))]
     assert isinstance(first[0], Alert)
     # 100 -> 200: 85 is 42.5 % of 200, nothing; at 160 (80 % of 200) the threshold alerts again, new id.
-    await db.execute("UPDATE ai_project_budgets SET amount = 200 WHERE id = $1", budget)
+    await change_budget(db, "UPDATE ai_project_budgets SET amount = 200 WHERE id = $1", budget, at=SWEEP_AT)
     assert await engine.sweep(database, at=SWEEP_AT) == []
     await write_ledger(
         db, org, {(date(2026, 11, 3), 0): ("USD", Decimal(85)), (date(2026, 11, 4), 0): ("USD", Decimal(75))}
@@ -496,7 +505,7 @@ async def test_an_open_alert_of_a_removed_threshold_resolves_when_spend_falls_be
     await write_ledger(db, org, {(date(2026, 11, 3), 0): ("USD", Decimal(85))})
     raised = await touch(database, engine, org)
     assert [(type(a), a.threshold) for a in raised] == [(Alert, Decimal(50)), (Alert, Decimal(80))]
-    await db.execute("UPDATE ai_project_budgets SET thresholds = '{50}' WHERE id = $1", budget)
+    await change_budget(db, "UPDATE ai_project_budgets SET thresholds = '{50}' WHERE id = $1", budget, at=SWEEP_AT)
     assert await touch(database, engine, org) == []  # spend unchanged: nothing
     await write_ledger(db, org, {(date(2026, 11, 3), 0): ("USD", Decimal(10))})
     resolved = await touch(database, engine, org)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from decimal import Decimal
 
 import asyncpg
 import pytest
@@ -122,6 +123,7 @@ async def test_every_tenant_table_is_covered(db: asyncpg.Connection) -> None:
         "ai_project_budgets",
         "ai_budgets",
         "budget_alerts",
+        "budget_terms",
         "notify_destinations",
         "notify_deliveries",
         "spend_hourly",
@@ -289,3 +291,34 @@ async def test_reader_cannot_write_or_read_worker_state(db: asyncpg.Connection, 
                 await db.execute("SET LOCAL ROLE cost_worker_reader")
                 await db.execute(SCOPE, str(tenants.a))
                 await db.execute(statement)
+
+
+async def test_budget_terms_follow_every_writer_of_the_budgets(db: asyncpg.Connection, tenants: Tenants) -> None:
+    """budget_terms (migration 0029) is written by the budget tables' triggers, in the writer's transaction: a role
+    under row-level security (the platform's; here the owner, which FORCE binds) in its tenant's scope, and a cascade
+    from a deleted project, which names no tenant. Neither fails, and each version lands in its budget's
+    organization."""
+
+    async def versions() -> list[tuple[str, uuid.UUID, bool, Decimal]]:
+        rows = await db.fetch(
+            "SELECT scope, organization_id, valid_from = '-infinity' AS seeded, amount FROM budget_terms "
+            "ORDER BY scope, organization_id, valid_from"
+        )
+        return [(r["scope"], r["organization_id"], r["seeded"], r["amount"]) for r in rows]
+
+    before = await versions()
+    assert sorted((s, o) for s, o, seeded, _ in before if seeded) == sorted(
+        (s, o) for s in ("organization", "project", "user") for o in (tenants.a, tenants.b)
+    )
+    async with db.transaction():
+        await db.execute("SET LOCAL ROLE cost_worker_owner")
+        await db.execute(SCOPE, str(tenants.a))
+        await db.execute("UPDATE ai_organization_budgets SET amount = 20, name = 'renamed'")  # a's only
+        await db.execute("UPDATE ai_budgets SET name = 'renamed'")  # not a term: no version
+    after = await versions()
+    assert [v for v in after if v not in before] == [("organization", tenants.a, False, Decimal(20))]
+    await db.execute("DELETE FROM projects WHERE organization_id = $1", tenants.b)  # cascades to b's project budget
+    assert [v for v in await versions() if v[:2] == ("project", tenants.b)] == []
+    assert [v for v in await versions() if v[:2] == ("project", tenants.a)] == [
+        ("project", tenants.a, True, Decimal(10))
+    ]

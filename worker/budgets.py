@@ -4,7 +4,9 @@ What counts as spend is defined once, in SQL (``schema/migrations/0006_spend_rul
 ``cost_worker_spend_rows``), and converted into the budget's currency and summed by ``cost_worker_spend``
 (``0007_currencies_and_alert_lifecycle.sql``); this module decides *when* to evaluate and turns crossings into
 alerts. An alert belongs to the budget as it was when it was raised (amount, currency): changing either re-arms
-every threshold for the running period. Per (budget, period, threshold, amount, currency) at most one alert is
+every threshold for the running period; a period that has ended is judged by the amount, currency and thresholds
+in force when it ended (``budget_terms``, migration 0029: late data of last month, after the budget was lowered this
+month, is judged by last month's amount). Per (budget, period, threshold, amount, currency) at most one alert is
 open; spend falling below its level resolves it (once), and reaching the level again raises the next crossing,
 with a new id. A budget whose spend needs a missing exchange rate is *unconvertible*: nothing is raised or
 resolved from a partial sum. Evaluations run:
@@ -54,7 +56,8 @@ REGISTRATIONS_PER_EVALUATION = 200
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
-    """A budget in one period, with its alert history at its current amount and currency."""
+    """A budget in one period, with the amount, currency and thresholds that judge it (today's; for a period that
+    has ended, those in force at its end) and its alert history at that amount and currency."""
 
     scope: str
     budget_id: UUID

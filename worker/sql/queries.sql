@@ -556,7 +556,7 @@ FROM outbox;
 -- name: budget_candidates
 -- The (budget, period) pairs a batch touched: active budgets (cost_worker_budgets, 0012) whose scope matches a
 -- touched row, for the period containing the touched time (late data re-evaluates the period it belongs to),
--- each with its alert history in that period (start and end, 0024) at its current amount and currency
+-- each with its alert history in that period (start and end, 0024) at the amount and currency that judge it
 -- (cost_worker_alert_history: per threshold, the latest crossing and its id while it is open). Every pair is
 -- evaluated, also when all its thresholds alerted: spend may have fallen.
 -- Each scope's active budgets are found through that scope's own index (organization, project, user) from the
@@ -617,9 +617,15 @@ periods AS (
           JOIN spans s ON s.period = m.period AND s.timezone = m.timezone AND s.span_start = m.span_start
                       AND s.span_end = m.span_end) p
 )
-SELECT p.*, a.alert_thresholds, a.alert_crossings, a.alert_open_ids
+-- A period that has ended is judged by the terms in force when it ended (0029: one index probe each; none for an
+-- open period, judged by today's terms), and its alert history read at that amount and currency.
+SELECT p.scope, p.id, p.organization_id, p.project_id, p.user_id, p.name, j.amount, j.currency, p.period,
+       p.timezone, j.thresholds, p.period_start, p.period_end, a.alert_thresholds, a.alert_crossings, a.alert_open_ids
 FROM periods p
-CROSS JOIN LATERAL cost_worker_alert_history(p.scope, p.id, p.period_start, p.period_end, p.amount, p.currency) a;
+LEFT JOIN LATERAL cost_worker_budget_terms_at(p.scope, p.id, p.period, p.timezone, p.period_end) t ON true
+CROSS JOIN LATERAL (SELECT coalesce(t.amount, p.amount) AS amount, coalesce(t.currency, p.currency) AS currency,
+                           coalesce(t.thresholds, p.thresholds) AS thresholds) j
+CROSS JOIN LATERAL cost_worker_alert_history(p.scope, p.id, p.period_start, p.period_end, j.amount, j.currency) a;
 
 -- name: budget_sweep_organizations
 -- Organizations with at least one active budget (the sweep evaluates them a chunk at a time).
@@ -632,7 +638,8 @@ ORDER BY 1;
 
 -- name: budget_active
 -- Every active budget of the given organizations in the period containing $2 (the sweep; `budgets status`),
--- with its alert history at its current amount and currency (as in budget_candidates).
+-- with its alert history at its current amount and currency (as in budget_candidates; a period containing $2 that
+-- has ended, `budgets status --at` in the past, by the terms in force when it ended).
 -- The period of each distinct (kind, time zone) is computed once and joined back (as in budget_candidates).
 WITH active AS (
     SELECT * FROM cost_worker_budgets WHERE is_active AND organization_id = ANY($1::uuid[])
@@ -642,12 +649,15 @@ periods AS MATERIALIZED (
     FROM (SELECT DISTINCT period, timezone FROM active) k
     CROSS JOIN LATERAL cost_worker_period(k.period, k.timezone, $2::timestamptz) p
 )
-SELECT b.scope, b.id, b.organization_id, b.project_id, b.user_id, b.name, b.amount, b.currency,
-       b.period::text AS period, b.timezone, b.thresholds, p.period_start, p.period_end,
+SELECT b.scope, b.id, b.organization_id, b.project_id, b.user_id, b.name, j.amount, j.currency,
+       b.period::text AS period, b.timezone, j.thresholds, p.period_start, p.period_end,
        a.alert_thresholds, a.alert_crossings, a.alert_open_ids
 FROM active b
 JOIN periods p ON p.period = b.period AND p.timezone = b.timezone
-CROSS JOIN LATERAL cost_worker_alert_history(b.scope, b.id, p.period_start, p.period_end, b.amount, b.currency) a
+LEFT JOIN LATERAL cost_worker_budget_terms_at(b.scope, b.id, b.period::text, b.timezone, p.period_end) t ON true
+CROSS JOIN LATERAL (SELECT coalesce(t.amount, b.amount) AS amount, coalesce(t.currency, b.currency) AS currency,
+                           coalesce(t.thresholds, b.thresholds) AS thresholds) j
+CROSS JOIN LATERAL cost_worker_alert_history(b.scope, b.id, p.period_start, p.period_end, j.amount, j.currency) a
 ORDER BY b.organization_id, b.scope, b.name, b.id;
 
 -- name: budget_lock_organizations
