@@ -601,3 +601,22 @@ async def test_an_alert_raised_before_0007_keeps_its_id_counts_as_open_and_resol
     finally:
         await database.close()
         await db.close()
+
+
+async def test_a_revision_of_an_ended_month_resolves_at_the_amount_in_force_then(
+    db: asyncpg.Connection, database: Database, settings: Settings
+) -> None:
+    """80 % of 100 USD alerted at 85 in November; the budget is raised to 1000 today (after November ended); then a
+    revision lowers November to 50: the alert at 100 resolves (it was looked up at today's 1000, and stayed open
+    with spend 50, forever)."""
+    org, budget = await lifecycle_setup(db, "100", "USD", (80,))
+    engine = BudgetEngine(settings)
+    await write_ledger(db, org, {(date(2026, 11, 3), 0): ("USD", Decimal(85))})
+    [raised] = await touch(database, engine, org)
+    assert isinstance(raised, Alert)
+    await db.execute("UPDATE ai_project_budgets SET amount = 1000 WHERE id = $1", budget)
+    await write_ledger(db, org, {(date(2026, 11, 3), 0): ("USD", Decimal(50))})
+    [resolved] = await touch(database, engine, org)
+    assert isinstance(resolved, Resolution)
+    assert (resolved.alert_id, resolved.alert.amount, resolved.spend) == (raised.id, Decimal(100), Decimal(50))
+    assert await db.fetchval("SELECT count(*) FROM budget_alerts WHERE resolved_at IS NULL") == 0

@@ -638,8 +638,8 @@ ORDER BY 1;
 
 -- name: budget_active
 -- Every active budget of the given organizations in the period containing $2 (the sweep; `budgets status`),
--- with its alert history at its current amount and currency (as in budget_candidates; a period containing $2 that
--- has ended, `budgets status --at` in the past, by the terms in force when it ended).
+-- with its alert history at its current amount and currency (as in budget_candidates: a period containing $2 that
+-- has ended, a sweep at a past instant, by the terms in force when it ended).
 -- The period of each distinct (kind, time zone) is computed once and joined back (as in budget_candidates).
 WITH active AS (
     SELECT * FROM cost_worker_budgets WHERE is_active AND organization_id = ANY($1::uuid[])
