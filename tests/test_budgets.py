@@ -676,3 +676,33 @@ async def test_a_zone_name_postgresql_reads_as_an_abbreviation_is_shown_at_its_o
         "MET": ("2026-07-01T00:00:00+01:00", "2026-07-02T00:00:00+01:00"),
         "WET": ("2026-07-01T00:00:00+00:00", "2026-07-02T00:00:00+00:00"),
     }
+
+
+async def test_late_data_of_a_day_that_ended_when_the_budget_was_daily_is_judged_as_that_day(
+    db: asyncpg.Connection, feeder: Feeder
+) -> None:
+    """A daily budget of 100 USD, made monthly at 1000 today (after November ended). Late data of 10 November, 90 USD:
+    that day was a period of the budget then, and 90 is 80 % of its 100 (it was judged as November at 1000, 9 %)."""
+    org = await make_org(db)
+    budget = await add_budget(db, "organization", org, "100", period="daily", thresholds=(80,))
+    await db.execute("UPDATE ai_organization_budgets SET period = 'monthly', amount = 1000 WHERE id = $1", budget)
+    outcome = await feeder.events(spend_event(org, "90", at="2026-11-10T10:00:00Z"))
+    assert [(a.period, a.period_start, a.period_end, a.amount, a.threshold) for a in outcome.alerts] == [
+        ("daily", datetime(2026, 11, 10, tzinfo=UTC), datetime(2026, 11, 11, tzinfo=UTC), Decimal(100), Decimal(80))
+    ]
+
+
+async def test_late_data_of_a_month_that_ended_when_the_budget_was_monthly_is_judged_as_that_month(
+    db: asyncpg.Connection, feeder: Feeder
+) -> None:
+    """A monthly budget of 1000 USD with 450 spent in November, made daily at 50 today. Late data of 15 November, 60
+    USD: November makes 510, 51 % of 1000 (the 50 % alert of the month), not 120 % of a daily 50 for a day that was
+    no period of the budget then."""
+    org = await make_org(db)
+    budget = await add_budget(db, "organization", org, "1000", thresholds=(50,))
+    assert (await feeder.events(spend_event(org, "450", at="2026-11-05T10:00:00Z", event_id="early"))).alerts == []
+    await db.execute("UPDATE ai_organization_budgets SET period = 'daily', amount = 50 WHERE id = $1", budget)
+    outcome = await feeder.events(spend_event(org, "60", at="2026-11-15T10:00:00Z", event_id="late"))
+    assert [(a.period, a.period_start, a.period_end, a.amount, a.spend) for a in outcome.alerts] == [
+        ("monthly", datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC), Decimal(1000), Decimal(510))
+    ]

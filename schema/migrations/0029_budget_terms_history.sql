@@ -16,10 +16,13 @@
 -- is not evaluated, as before).
 --
 -- cost_worker_budget_terms_at() gives the version in force when a period ended (the newest that holds from before
--- its end): one index probe (the primary key). The worker asks it only for periods that have ended (an open period
--- is judged by today's terms, as before) and only uses a version of the same period kind and time zone as today's:
--- after a change of kind or zone the period evaluated (computed with today's kind and zone) was no period of the
--- budget then, and today's terms judge it, as before.
+-- its end): one index probe (the primary key), only for periods that have ended (an open period is judged by
+-- today's terms, as before). The worker computes a budget's periods with today's kind and zone; where the version
+-- at an ended period's end has another kind or zone, that period was no period of the budget then: it evaluates
+-- instead the periods the touched data had under that kind and zone, judged by the versions at their ends when
+-- those have that kind and zone (a daily budget made monthly today: late data of 10 November is judged as that
+-- day, at the daily amount). Where they do not either (changed back and forth), today's terms judge the period
+-- computed today, as before.
 --
 -- The trigger function runs as the owner (SECURITY DEFINER: the platform's role needs no right on budget_terms)
 -- and widens the transaction's tenants to the rows' organizations for its own work (0028's pair: a cascade from a
@@ -131,23 +134,20 @@ CREATE TRIGGER budget_terms_updated AFTER UPDATE ON ai_budgets
 CREATE TRIGGER budget_terms_deleted AFTER DELETE ON ai_budgets
     REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION cost_worker_budget_terms_changed();
 
--- The terms that judge a budget's period ending at period_end, when it has ended: the version in force when it
--- ended (the newest that holds from before its end), if it has today's period kind and time zone. No row: today's
--- terms judge it (an open period, no version, or another kind or zone then). One primary-key probe per ended period.
+-- The version of a budget's terms in force when a period ending at period_end ended (the newest that holds from
+-- before its end), if it has ended: one primary-key probe. No row for an open period, or a budget without versions.
 CREATE FUNCTION cost_worker_budget_terms_at(
-    scope text, budget uuid, period text, timezone text, period_end timestamptz,
-    OUT amount numeric, OUT currency text, OUT thresholds numeric[]
+    scope text, budget uuid, period_end timestamptz,
+    OUT amount numeric, OUT currency text, OUT thresholds numeric[], OUT period text, OUT timezone text
 ) RETURNS SETOF record
 LANGUAGE sql STABLE
 AS $$
-    SELECT h.amount, h.currency::text, h.thresholds
-    FROM (SELECT t.amount, t.currency, t.thresholds, t.period, t.timezone
-          FROM budget_terms t
-          WHERE $5 <= now() AND t.scope = $1 AND t.budget_id = $2 AND t.valid_from < $5
-          ORDER BY t.valid_from DESC
-          LIMIT 1) h
-    WHERE h.period::text = $3 AND h.timezone = $4
+    SELECT t.amount, t.currency::text, t.thresholds, t.period::text, t.timezone::text
+    FROM budget_terms t
+    WHERE $3 <= now() AND t.scope = $1 AND t.budget_id = $2 AND t.valid_from < $3
+    ORDER BY t.valid_from DESC
+    LIMIT 1
 $$;
 
-GRANT EXECUTE ON FUNCTION cost_worker_budget_terms_at(text, uuid, text, text, timestamptz)
+GRANT EXECUTE ON FUNCTION cost_worker_budget_terms_at(text, uuid, timestamptz)
     TO cost_worker_writer, cost_worker_reader;

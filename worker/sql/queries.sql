@@ -616,16 +616,64 @@ periods AS (
           FROM matched m
           JOIN spans s ON s.period = m.period AND s.timezone = m.timezone AND s.span_start = m.span_start
                       AND s.span_end = m.span_end) p
+),
+-- A period that has ended is judged by the version of the budget's terms in force when it ended (0029: one index
+-- probe each; none for an open period, judged by today's terms).
+judged AS MATERIALIZED (
+    SELECT p.*, t.amount AS then_amount, t.currency AS then_currency, t.thresholds AS then_thresholds,
+           t.period AS then_period, t.timezone AS then_timezone,
+           t.period IS NOT NULL AND (t.period, t.timezone) IS DISTINCT FROM (p.period, p.timezone::text) AS moved
+    FROM periods p
+    LEFT JOIN LATERAL cost_worker_budget_terms_at(p.scope, p.id, p.period_end) t ON true
+),
+-- Rare: the version at an ended period's end had another kind or zone, so that period was no period of the budget
+-- then. The periods the touched data had under that kind and zone instead, each judged by the version at its end
+-- when that has the same kind and zone.
+moved AS (
+    SELECT x.*, w.amount AS then_amount, w.currency AS then_currency, w.thresholds AS then_thresholds
+    FROM (SELECT DISTINCT j.scope, j.id, j.organization_id, j.project_id, j.user_id, j.name,
+                 j.period_start AS was_start, j.then_period AS period, j.then_timezone AS timezone, q.period_start,
+                 q.period_end
+          FROM judged j
+          JOIN matched m
+            ON m.scope = j.scope AND m.id = j.id
+           AND ((m.at >= j.period_start AND m.at < j.period_end)
+                OR (m.span_start < j.period_end AND m.span_end > j.period_start))
+          CROSS JOIN LATERAL (
+              SELECT c.period_start, c.period_end
+              FROM cost_worker_period(j.then_period::budget_period, j.then_timezone, m.at) c
+              UNION
+              SELECT c.period_start, c.period_end
+              FROM cost_worker_periods(j.then_period::budget_period, j.then_timezone, m.span_start, m.span_end) c
+              WHERE m.span_start IS NOT NULL) q
+          WHERE j.moved) x
+    JOIN LATERAL cost_worker_budget_terms_at(x.scope, x.id, x.period_end) w
+      ON w.period = x.period AND w.timezone = x.timezone
+),
+candidates AS (
+    SELECT j.scope, j.id, j.organization_id, j.project_id, j.user_id, j.name,
+           CASE WHEN j.then_period IS NULL THEN j.amount ELSE j.then_amount END AS amount,
+           CASE WHEN j.then_period IS NULL THEN j.currency ELSE j.then_currency END AS currency,
+           j.period, j.timezone,
+           CASE WHEN j.then_period IS NULL THEN j.thresholds ELSE j.then_thresholds END AS thresholds,
+           j.period_start, j.period_end
+    FROM judged j
+    WHERE NOT j.moved
+    UNION
+    SELECT v.scope, v.id, v.organization_id, v.project_id, v.user_id, v.name, v.then_amount, v.then_currency,
+           v.period, v.timezone, v.then_thresholds, v.period_start, v.period_end
+    FROM moved v
+    UNION
+    -- Neither (the kind or zone changed back and forth): today's terms judge the period computed today, as before.
+    SELECT j.scope, j.id, j.organization_id, j.project_id, j.user_id, j.name, j.amount, j.currency, j.period,
+           j.timezone, j.thresholds, j.period_start, j.period_end
+    FROM judged j
+    WHERE j.moved AND NOT EXISTS (SELECT FROM moved v WHERE v.scope = j.scope AND v.id = j.id
+                                                        AND v.was_start = j.period_start)
 )
--- A period that has ended is judged by the terms in force when it ended (0029: one index probe each; none for an
--- open period, judged by today's terms), and its alert history read at that amount and currency.
-SELECT p.scope, p.id, p.organization_id, p.project_id, p.user_id, p.name, j.amount, j.currency, p.period,
-       p.timezone, j.thresholds, p.period_start, p.period_end, a.alert_thresholds, a.alert_crossings, a.alert_open_ids
-FROM periods p
-LEFT JOIN LATERAL cost_worker_budget_terms_at(p.scope, p.id, p.period, p.timezone, p.period_end) t ON true
-CROSS JOIN LATERAL (SELECT coalesce(t.amount, p.amount) AS amount, coalesce(t.currency, p.currency) AS currency,
-                           coalesce(t.thresholds, p.thresholds) AS thresholds) j
-CROSS JOIN LATERAL cost_worker_alert_history(p.scope, p.id, p.period_start, p.period_end, j.amount, j.currency) a;
+SELECT c.*, a.alert_thresholds, a.alert_crossings, a.alert_open_ids
+FROM candidates c
+CROSS JOIN LATERAL cost_worker_alert_history(c.scope, c.id, c.period_start, c.period_end, c.amount, c.currency) a;
 
 -- name: budget_sweep_organizations
 -- Organizations with at least one active budget (the sweep evaluates them a chunk at a time).
@@ -639,7 +687,7 @@ ORDER BY 1;
 -- name: budget_active
 -- Every active budget of the given organizations in the period containing $2 (the sweep; `budgets status`),
 -- with its alert history at its current amount and currency (as in budget_candidates: a period containing $2 that
--- has ended, a sweep at a past instant, by the terms in force when it ended).
+-- has ended, a sweep at a past instant, by the terms in force when it ended if they had today's kind and zone).
 -- The period of each distinct (kind, time zone) is computed once and joined back (as in budget_candidates).
 WITH active AS (
     SELECT * FROM cost_worker_budgets WHERE is_active AND organization_id = ANY($1::uuid[])
@@ -654,7 +702,8 @@ SELECT b.scope, b.id, b.organization_id, b.project_id, b.user_id, b.name, j.amou
        a.alert_thresholds, a.alert_crossings, a.alert_open_ids
 FROM active b
 JOIN periods p ON p.period = b.period AND p.timezone = b.timezone
-LEFT JOIN LATERAL cost_worker_budget_terms_at(b.scope, b.id, b.period::text, b.timezone, p.period_end) t ON true
+LEFT JOIN LATERAL cost_worker_budget_terms_at(b.scope, b.id, p.period_end) t
+       ON t.period = b.period::text AND t.timezone = b.timezone
 CROSS JOIN LATERAL (SELECT coalesce(t.amount, b.amount) AS amount, coalesce(t.currency, b.currency) AS currency,
                            coalesce(t.thresholds, b.thresholds) AS thresholds) j
 CROSS JOIN LATERAL cost_worker_alert_history(b.scope, b.id, p.period_start, p.period_end, j.amount, j.currency) a
