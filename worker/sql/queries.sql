@@ -627,26 +627,36 @@ judged AS MATERIALIZED (
     LEFT JOIN LATERAL cost_worker_budget_terms_at(p.scope, p.id, p.period_end) t ON true
 ),
 -- Rare: the version at an ended period's end had another kind or zone, so that period was no period of the budget
--- then. The periods the touched data had under that kind and zone instead, each judged by the version at its end
--- when that has the same kind and zone.
+-- then. The periods the touched data had under that kind and zone instead (each distinct kind, zone and instant or
+-- span computed once, as above), each judged by the version at its end when that has the same kind and zone.
+moved_from AS MATERIALIZED (
+    SELECT DISTINCT j.scope, j.id, j.organization_id, j.project_id, j.user_id, j.name, j.period_start AS was_start,
+           j.then_period AS period, j.then_timezone AS timezone, m.at, m.span_start, m.span_end
+    FROM judged j
+    JOIN matched m
+      ON m.scope = j.scope AND m.id = j.id
+     AND ((m.at >= j.period_start AND m.at < j.period_end)
+          OR (m.span_start < j.period_end AND m.span_end > j.period_start))
+    WHERE j.moved
+),
+moved_periods AS MATERIALIZED (
+    SELECT k.period, k.timezone, k.at, k.span_start, k.span_end, q.period_start, q.period_end
+    FROM (SELECT DISTINCT f.period, f.timezone, f.at, f.span_start, f.span_end FROM moved_from f) k
+    CROSS JOIN LATERAL (
+        SELECT c.period_start, c.period_end FROM cost_worker_period(k.period::budget_period, k.timezone, k.at) c
+        UNION
+        SELECT c.period_start, c.period_end
+        FROM cost_worker_periods(k.period::budget_period, k.timezone, k.span_start, k.span_end) c
+        WHERE k.span_start IS NOT NULL) q
+),
 moved AS (
     SELECT x.*, w.amount AS then_amount, w.currency AS then_currency, w.thresholds AS then_thresholds
-    FROM (SELECT DISTINCT j.scope, j.id, j.organization_id, j.project_id, j.user_id, j.name,
-                 j.period_start AS was_start, j.then_period AS period, j.then_timezone AS timezone, q.period_start,
-                 q.period_end
-          FROM judged j
-          JOIN matched m
-            ON m.scope = j.scope AND m.id = j.id
-           AND ((m.at >= j.period_start AND m.at < j.period_end)
-                OR (m.span_start < j.period_end AND m.span_end > j.period_start))
-          CROSS JOIN LATERAL (
-              SELECT c.period_start, c.period_end
-              FROM cost_worker_period(j.then_period::budget_period, j.then_timezone, m.at) c
-              UNION
-              SELECT c.period_start, c.period_end
-              FROM cost_worker_periods(j.then_period::budget_period, j.then_timezone, m.span_start, m.span_end) c
-              WHERE m.span_start IS NOT NULL) q
-          WHERE j.moved) x
+    FROM (SELECT DISTINCT f.scope, f.id, f.organization_id, f.project_id, f.user_id, f.name, f.was_start, f.period,
+                 f.timezone, p.period_start, p.period_end
+          FROM moved_from f
+          JOIN moved_periods p
+            ON p.period = f.period AND p.timezone = f.timezone AND p.at = f.at
+           AND p.span_start IS NOT DISTINCT FROM f.span_start AND p.span_end IS NOT DISTINCT FROM f.span_end) x
     JOIN LATERAL cost_worker_budget_terms_at(x.scope, x.id, x.period_end) w
       ON w.period = x.period AND w.timezone = x.timezone
 ),
@@ -668,8 +678,7 @@ candidates AS (
     SELECT j.scope, j.id, j.organization_id, j.project_id, j.user_id, j.name, j.amount, j.currency, j.period,
            j.timezone, j.thresholds, j.period_start, j.period_end
     FROM judged j
-    WHERE j.moved AND NOT EXISTS (SELECT FROM moved v WHERE v.scope = j.scope AND v.id = j.id
-                                                        AND v.was_start = j.period_start)
+    WHERE j.moved AND (j.scope, j.id, j.period_start) NOT IN (SELECT v.scope, v.id, v.was_start FROM moved v)
 )
 SELECT c.*, a.alert_thresholds, a.alert_crossings, a.alert_open_ids
 FROM candidates c
