@@ -706,3 +706,20 @@ async def test_late_data_of_a_month_that_ended_when_the_budget_was_monthly_is_ju
     assert [(a.period, a.period_start, a.period_end, a.amount, a.spend) for a in outcome.alerts] == [
         ("monthly", datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC), Decimal(1000), Decimal(510))
     ]
+
+
+async def test_a_late_provider_bucket_of_a_budget_that_was_daily_is_judged_in_the_days_it_had(
+    db: asyncpg.Connection, feeder: Feeder
+) -> None:
+    """The same through a provider row, whose window reaches other periods: a daily budget of 100 USD made monthly at
+    1000 today; a late cost bucket of 90 USD over 10-12 November counts on the 11th (its midpoint), and is judged in
+    the days of the budget then: 80 % of the 11th's 100 (as November at 1000: 9 %, nothing)."""
+    org = await make_org(db)
+    budget = await add_budget(db, "organization", org, "100", period="daily", thresholds=(80,))
+    await db.execute("UPDATE ai_organization_budgets SET period = 'monthly', amount = 1000 WHERE id = $1", budget)
+    outcome = await feeder.buckets(
+        envelope("openai", org.ai_org, "costs_v1", [openai_cost_bucket("2026-11-10", "2026-11-12", [(None, "x", 90)])])
+    )
+    assert [(a.period, a.period_start, a.amount, a.spend) for a in outcome.alerts] == [
+        ("daily", datetime(2026, 11, 11, tzinfo=UTC), Decimal(100), Decimal(90))
+    ]
