@@ -218,7 +218,7 @@ def anthropic_usage_bucket(start: str, end: str, results: list[dict[str, Any]]) 
 
 async def change_budget(db: asyncpg.Connection, statement: str, *args: Any, at: datetime) -> None:
     """Run an UPDATE of a budget table as if the platform ran it at ``at``: the version of the terms it wrote
-    (budget_terms, migration 0029: since now()) holds from ``at`` instead. Tests whose periods lie in the past
+    (budget_terms, migration 0033: since now()) holds from ``at`` instead. Tests whose periods lie in the past
     change their budgets "during" those periods this way; a change made today holds for ended periods no more."""
     async with db.transaction():
         await db.execute(statement, *args)

@@ -77,7 +77,7 @@ async def outbox_alerts(db: asyncpg.Connection, settings: Settings) -> list[dict
 
 
 # A moment inside November 2026, the month most tests' data lies in (ended by now): budgets changed "during" it
-# (change_budget), so the month is judged by the changed terms (migration 0029: the terms in force at its end).
+# (change_budget), so the month is judged by the changed terms (migration 0033: the terms in force at its end).
 DURING = datetime(2026, 11, 10, 11, tzinfo=UTC)
 
 

@@ -294,7 +294,7 @@ async def test_reader_cannot_write_or_read_worker_state(db: asyncpg.Connection, 
 
 
 async def test_budget_terms_follow_every_writer_of_the_budgets(db: asyncpg.Connection, tenants: Tenants) -> None:
-    """budget_terms (migration 0029) is written by the budget tables' triggers, in the writer's transaction: a role
+    """budget_terms (migration 0033) is written by the budget tables' triggers, in the writer's transaction: a role
     under row-level security (the platform's; here the owner, which FORCE binds) in its tenant's scope, and a cascade
     from a deleted project, which names no tenant. Neither fails, and each version lands in its budget's
     organization."""

@@ -5,7 +5,7 @@ What counts as spend is defined once, in SQL (``schema/migrations/0006_spend_rul
 (``0007_currencies_and_alert_lifecycle.sql``); this module decides *when* to evaluate and turns crossings into
 alerts. An alert belongs to the budget as it was when it was raised (amount, currency): changing either re-arms
 every threshold for the running period; a period that has ended is judged by the amount, currency and thresholds
-in force when it ended (``budget_terms``, migration 0029: late data of last month, after the budget was lowered this
+in force when it ended (``budget_terms``, migration 0033: late data of last month, after the budget was lowered this
 month, is judged by last month's amount). Per (budget, period, threshold, amount, currency) at most one alert is
 open; spend falling below its level resolves it (once), and reaching the level again raises the next crossing,
 with a new id. A budget whose spend needs a missing exchange rate is *unconvertible*: nothing is raised or

@@ -617,7 +617,7 @@ periods AS (
           JOIN spans s ON s.period = m.period AND s.timezone = m.timezone AND s.span_start = m.span_start
                       AND s.span_end = m.span_end) p
 ),
--- A period that has ended is judged by the version of the budget's terms in force when it ended (0029: one index
+-- A period that has ended is judged by the version of the budget's terms in force when it ended (0033: one index
 -- probe each; none for an open period, judged by today's terms).
 judged AS MATERIALIZED (
     SELECT p.*, t.amount AS then_amount, t.currency AS then_currency, t.thresholds AS then_thresholds,

@@ -43,7 +43,7 @@ CREATE TABLE budget_terms (
     thresholds      numeric[]     NOT NULL,
     CONSTRAINT budget_terms_key PRIMARY KEY (scope, budget_id, valid_from)
 );
-COMMENT ON TABLE budget_terms IS 'every version of each budget''s terms, since when it holds (migration 0029)';
+COMMENT ON TABLE budget_terms IS 'every version of each budget''s terms, since when it holds (migration 0033)';
 
 INSERT INTO budget_terms (scope, budget_id, valid_from, organization_id, amount, currency, period, timezone,
                           thresholds)
