@@ -22,6 +22,8 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_DOWN, Decimal, localcontext
 from fractions import Fraction
 
+from tests.spend_model import EXACT
+
 ALERT_NAMESPACE = uuid.UUID("6d1b6c3e-2f0a-4c55-9a1e-8b7f6c1d2e3f")
 RATE_VALID = timedelta(days=7)  # a rate's date and the 6 days after it
 QUANTUM = Decimal("1e-20")
@@ -73,7 +75,9 @@ def spend(rows: list[Row], currency: str, rates: Rates) -> Decimal | None:
         found = factor(rates, row.currency, currency, row.rate_at.date())
         if found is None:
             return None
-        total += convert(row.amount, *found)
+        converted = convert(row.amount, *found)
+        with localcontext(EXACT):  # summed exactly, as NUMERIC does (not at the default context's 28 digits)
+            total += converted
     return total
 
 

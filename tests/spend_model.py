@@ -21,10 +21,13 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal
+from decimal import Context, Decimal, Inexact, InvalidOperation, localcontext
 from zoneinfo import ZoneInfo
 
 HOUR = timedelta(hours=1)
+# Sums are exact, as NUMERIC's are: Python's default context keeps 28 significant digits, and a 30-digit amount (a
+# JSON number as a provider may send it) summed in it lost its last digits. A sum that would round raises instead.
+EXACT = Context(prec=1000, traps=[Inexact, InvalidOperation])
 Account = tuple[str, str]  # (provider, provider organization id)
 
 
@@ -156,14 +159,15 @@ class Ledger:
 def sum_lines(rows: Iterable[Row]) -> list[Row]:
     """Lines of one message that share a key are summed (an unpriced one makes the sum unpriced)."""
     summed: dict[tuple[object, ...], Row] = {}
-    for row in rows:
-        earlier = summed.get(row.key)
-        if earlier is None:
-            summed[row.key] = row
-        else:
-            amount = None if earlier.amount is None or row.amount is None else earlier.amount + row.amount
-            quantity = (earlier.quantity or Decimal(0)) + (row.quantity or Decimal(0))
-            summed[row.key] = replace(earlier, amount=amount, quantity=quantity)
+    with localcontext(EXACT):
+        for row in rows:
+            earlier = summed.get(row.key)
+            if earlier is None:
+                summed[row.key] = row
+            else:
+                amount = None if earlier.amount is None or row.amount is None else earlier.amount + row.amount
+                quantity = (earlier.quantity or Decimal(0)) + (row.quantity or Decimal(0))
+                summed[row.key] = replace(earlier, amount=amount, quantity=quantity)
     return list(summed.values())
 
 
@@ -217,6 +221,19 @@ class SpendModel:
         end: datetime,
         currency: str = "USD",
     ) -> Decimal:
+        with localcontext(EXACT):
+            return self._spend(scope, org, project, user, start, end, currency)
+
+    def _spend(
+        self,
+        scope: str,
+        org: uuid.UUID,
+        project: uuid.UUID | None,
+        user: uuid.UUID | None,
+        start: datetime,
+        end: datetime,
+        currency: str,
+    ) -> Decimal:
         total = Decimal(0)
         if scope == "user":
             for e in self.estimates:
@@ -265,6 +282,18 @@ class SpendModel:
         """The rows that count in the period, in their own currency: (currency, rate instant, amount). A provider
         row converts at its window start, an estimate at its hour (``tests/currency_model.py`` converts them).
         The same rules as ``spend`` (which sums the rows already in the budget's currency)."""
+        with localcontext(EXACT):
+            return self._spend_rows(scope, org, project, user, start, end)
+
+    def _spend_rows(
+        self,
+        scope: str,
+        org: uuid.UUID,
+        project: uuid.UUID | None,
+        user: uuid.UUID | None,
+        start: datetime,
+        end: datetime,
+    ) -> list[tuple[str, datetime, Decimal]]:
         found: list[tuple[str, datetime, Decimal]] = []
         if scope == "user":
             hourly: dict[tuple[uuid.UUID | None, str | None, datetime], Decimal] = {}

@@ -130,3 +130,16 @@ def test_priority_tier_usage_counts_beside_a_cost_row_also_next_to_an_unpriced_l
     assert spend([priority, cost], estimates) == 10
     assert spend([priority, unpriced, cost], estimates) == 10
     assert spend([priority, unpriced], estimates) == 9
+
+
+def test_sums_are_exact_beyond_28_digits() -> None:
+    """Money is exact end to end: two cost lines of 30 decimal places (a JSON number as OpenAI may send it) sum to
+    every digit, as NUMERIC does, not to the 28 significant digits of Python's default context (the end-to-end test
+    found the model 4.31e-28 USD short: 6.504219775004514509089898113 for 6.504219775004514509089898113231)."""
+    a = row(A, "openai.costs", DAY, DAY + 24 * H, "1.123456789012345678901234567891", DAY + 26 * H, item="a")
+    b = row(B, "openai.costs", DAY, DAY + 24 * H, "2.000000000000000000000000000002", DAY + 26 * H, item="b")
+    estimates = [Estimate(ORG, None, None, DAY, None, Decimal("0.000000000000000000000000000001"))]
+    assert spend([a, b], estimates) == Decimal("3.123456789012345678901234567894")
+    model = SpendModel([a, b], estimates, {A: ACCOUNT, B: ACCOUNT})
+    rows = model.spend_rows("organization", ORG, None, None, DAY, DAY + 24 * H)
+    assert sorted(amount for _, _, amount in rows)[0] == Decimal("1e-30")
