@@ -21,12 +21,15 @@ period (``cost_worker_spend_many``: what the evaluation and ``budgets status`` r
   lines of an older one already stored; older ones arriving late change nothing), a fifth of them published twice;
 - budgets in UTC, Asia/Kolkata and America/Los_Angeles (days around a DST change), organization, project and user
   (also within a project, weekly); the open alerts must be those the model's final spend reaches, and ``budgets
-  status`` must show the model's spend in cents, its percentage and those alerts.
+  status`` must show the model's spend in cents, its percentage and those alerts;
+- then the missing project mapping is added and ``quarantine replay`` runs: the same comparison again, with the
+  replayed lines counted as if they had been consumed in their revisions.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import uuid
@@ -136,6 +139,7 @@ class World:
     anthropic_account: str
     projects: dict[str, uuid.UUID]
     budgets: list[dict[str, Any]] = field(default_factory=list)
+    gone: uuid.UUID = field(default_factory=uuid.uuid4)  # proj_gone's project, once its mapping is added
 
     @property
     def account_of_project(self) -> dict[uuid.UUID, tuple[str, str]]:
@@ -143,9 +147,12 @@ class World:
             self.projects["proj_a"]: ("openai", self.openai_account),
             self.projects["proj_b"]: ("openai", self.openai_account),
             self.projects["ws_c"]: ("anthropic", self.anthropic_account),
+            self.gone: ("openai", self.openai_account),
         }
 
     def project(self, name: str | None) -> uuid.UUID | None:
+        if name == "proj_gone":
+            return self.gone
         return self.projects[name] if name else None
 
 
@@ -272,6 +279,12 @@ class Stream:
         self.events.append(dumps(payload))
         if rng.random() < 0.25:  # a redelivery: the producer retried, or the relay replayed
             self.events.append(dumps(payload))
+        if rng.random() < 0.1:  # a relay that re-serialized it: the same instant and numbers, written otherwise
+            again = json.loads(dumps(payload))
+            again["occurred_at"] = at.astimezone(rng.choice(OFFSETS)).isoformat()
+            if token_usage is not None and isinstance(usage.get("cost_usd"), float):
+                again["token_usage"]["cost_usd"] = str(Decimal(repr(usage["cost_usd"])).scaleb(1)) + "e-1"
+            self.events.append(json.dumps(dict(reversed(again.items()))).encode())
         self.estimates.append(Estimate(world.org, world.project(project), user, at, provider, amount))
 
     # --- provider messages ----------------------------------------------------------------------------
@@ -349,8 +362,6 @@ class Stream:
                         "batch": False,
                     }
                 )
-                if project == "proj_gone":  # no project maps it: quarantined (unattributed), the rest lands
-                    continue
                 quantities = dict.fromkeys(OPENAI_TYPES, 0) | {
                     "input_text_tokens": inputs - cached,
                     "input_cached_text_tokens": cached,
@@ -595,10 +606,13 @@ def generate(world: World, seed: int, now: datetime) -> Stream:
 # ------------------------------------------------------------------------------------------------- the test
 
 
-def model_of(stream: Stream) -> SpendModel:
+def model_of(stream: Stream, *, replayed: bool) -> SpendModel:
+    """The newest revision of every window; proj_gone's lines (quarantined as unattributed: no project maps them)
+    only once they were replayed after the mapping was added, as if consumed then."""
     ledger = Ledger()
     for collected, _, rows, windows in sorted(stream.buckets, key=lambda b: b[0]):
-        ledger.apply(windows, rows, collected)
+        mine = [r for r in rows if replayed or r.project_id != stream.world.gone]
+        ledger.apply(windows, mine, collected)
     return SpendModel(ledger.current(), stream.estimates, stream.world.account_of_project)
 
 
@@ -614,9 +628,15 @@ def reached(spend: Decimal, amount: Decimal, threshold: Decimal) -> bool:
 
 
 async def check(
-    db: asyncpg.Connection, settings: Settings, stream: Stream, now: datetime, capsys: pytest.CaptureFixture[str]
+    db: asyncpg.Connection,
+    settings: Settings,
+    stream: Stream,
+    now: datetime,
+    capsys: pytest.CaptureFixture[str],
+    *,
+    replayed: bool,
 ) -> None:
-    world, model = stream.world, model_of(stream)
+    world, model = stream.world, model_of(stream, replayed=replayed)
     open_alerts = {
         (r["budget_id"], r["period_start"], r["threshold"])
         for r in await db.fetch(
@@ -707,4 +727,16 @@ async def test_a_realistic_stream_through_the_worker_counts_what_the_model_count
     assert await db.fetchval("SELECT count(*) FROM api_usage WHERE organization_id = $1", world.org) == len(
         stream.estimates
     )
-    await check(db, settings, stream, now, capsys)
+    await check(db, settings, stream, now, capsys, replayed=False)
+    # The operator adds the missing mapping and replays: proj_gone's lines join their revisions (or, of a revision
+    # a newer one replaced meanwhile, change nothing), and the budgets are evaluated as if they had been consumed.
+    await db.execute(
+        "INSERT INTO projects (id, organization_id, name, ai_provider, ai_organization_id, ai_project_id) "
+        "VALUES ($1, $2, 'proj_gone', 'openai', $3, 'proj_gone')",
+        world.gone,
+        world.org,
+        world.openai_account,
+    )
+    assert await admin.quarantine_replay(settings, reason="unattributed", limit=10_000) == 0
+    assert not await db.fetchval("SELECT count(*) FROM quarantine WHERE status = 'pending'")
+    await check(db, settings, stream, now, capsys, replayed=True)
