@@ -681,8 +681,17 @@ async def check(
         cents = format(spend.quantize(Decimal("0.01"), rounding=ROUND_HALF_EVEN), "f")
         used = Decimal(f"{round(Fraction(spend) * 1000 / Fraction(budget['amount']))}E-1")  # half-even, once
         alerted = ",".join(str(t) for t in THRESHOLDS if reached(spend, budget["amount"], t)) or "-"
+        unpriced = sum(  # the current unpriced usage lines of the scope counting in the period (by their midpoint)
+            1
+            for r in model.rows
+            if r.amount is None
+            and budget["scope"] != "user"
+            and (budget["scope"] == "organization" or r.project_id == budget["project"])
+            and start <= r.midpoint < end
+        )
+        shows = (cents, f"{used}%", alerted, "-", str(unpriced or "-"))
         cells = shown[budget["name"]]
-        assert (cells[0], cells[4], cells[5], cells[7]) == (cents, f"{used}%", alerted, "-"), (budget["name"], cells)
+        assert (cells[0], cells[4], cells[5], cells[7], cells[8]) == shows, (budget["name"], cells)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
