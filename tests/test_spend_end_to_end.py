@@ -48,7 +48,7 @@ from tests.kafka_helpers import INPUT_PARTITIONS, create_topics, produce
 from tests.spend_model import Estimate, Ledger, Row, SpendModel, period, periods_overlapping, sum_lines
 from worker import admin
 from worker.app import Worker
-from worker.config import Settings
+from worker.config import BATCH_MAX_RECORDS, Settings
 from worker.sql import query
 
 HOUR = timedelta(hours=1)
@@ -710,7 +710,8 @@ async def test_a_realistic_stream_through_the_worker_counts_what_the_model_count
     await create_topics(settings)
     # In waves, each drained before the next is published: a newer revision then retires the lines of an older one
     # already stored (within one batch the older one would never be written), and spend rises and falls in between.
-    worker = Worker(settings)
+    # Batch boundaries anywhere: a few messages per transaction, or all of a wave in one.
+    worker = Worker(settings.model_copy(update={"batch_max_records": rng.choice([3, 20, BATCH_MAX_RECORDS])}))
     running = asyncio.create_task(worker.run())
     try:
         total = 0
