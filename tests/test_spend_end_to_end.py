@@ -93,6 +93,7 @@ ANTHROPIC_TYPES = (
     "cache_creation_5m_input_tokens",
     "output_tokens",
 )
+WEB_SEARCH_PER_MILLION = Decimal(10_000)  # $10 per thousand requests (genai-prices; the fixture's 10 for $0.10)
 PRIORITY_PRICE = Decimal("4.5")  # the override Priority Tier input needs (the catalogue has no priority variant)
 BUDGETS: tuple[tuple[str, str | None, str, str, Decimal], ...] = (  # scope, project, period, zone, amount
     ("organization", None, "daily", "UTC", Decimal(8)),
@@ -484,10 +485,14 @@ class Stream:
                         "speed": None,
                     }
                 )
+                if tier != "priority" and rng.random() < 0.4:  # the web search tool: $10 per thousand searches
+                    counts["web_search_requests"] = rng.randint(0, 40)
+                    results[-1]["server_tool_use"] = {"web_search_requests": counts["web_search_requests"]}
                 prices = {
                     "uncached_input_tokens": CLAUDE_SONNET_4[0],
                     "cache_read_input_tokens": CLAUDE_SONNET_4[1],
                     "output_tokens": CLAUDE_SONNET_4[2],
+                    "web_search_requests": WEB_SEARCH_PER_MILLION,
                 }
                 if tier == "priority":
                     prices = {"uncached_input_tokens": PRIORITY_PRICE}
