@@ -104,7 +104,7 @@ class Worker:
         self.http = HealthServer(self.health, settings.metrics_host, settings.metrics_port)
         port = await self.http.start()
         log.info("http_listening", port=port)
-        self.db = await _until_ready("database", self.stop, self._open_database)
+        self.db = await until_ready("database", self.stop, self._open_database)
         self.health.database_ok = True
         self.publisher = OutboxPublisher(settings, self.db, faults=self.faults)
         breaker = CircuitBreaker(
@@ -117,7 +117,7 @@ class Worker:
             settings, self.db, pipeline, self.health, on_commit=self._committed, faults=self.faults
         )
         consumer = self.consumer
-        await _until_ready("kafka", self.stop, consumer.start)
+        await until_ready("kafka", self.stop, consumer.start)
 
     async def _open_database(self) -> Database:
         settings = self.settings
@@ -146,7 +146,7 @@ class Worker:
         background = [
             asyncio.create_task(self.publisher.run(self.stop), name="outbox"),
             asyncio.create_task(self.budgets.run_sweeps(self.db, self.stop, on_alerts=self._alerts), name="sweep"),
-            asyncio.create_task(self._watch_database(), name="database-check"),
+            asyncio.create_task(watch_database(self.db, self.health, self.stop), name="database-check"),
             asyncio.create_task(retention.run_periodically(self.settings, self.stop), name="retention"),
         ]
         stopping = asyncio.create_task(self.stop.wait(), name="stop")
@@ -208,18 +208,6 @@ class Worker:
         if self.publisher is not None:
             self.publisher.wake.set()
 
-    async def _watch_database(self) -> None:
-        assert self.db is not None
-        while not self.stop.is_set():
-            try:
-                await self.db.ping()
-                self.health.database_ok = True
-            except TransientError as exc:
-                if self.health.database_ok:
-                    log.warning("database_unreachable", error=str(exc))
-                self.health.database_ok = False
-            await sleep_or_stop(self.stop, DATABASE_CHECK_INTERVAL)
-
     async def _close(self) -> None:
         if self.consumer is not None:
             await self.consumer.stop()
@@ -233,7 +221,22 @@ class Worker:
             await self.http.stop()
 
 
-async def _until_ready(what: str, stop: asyncio.Event, attempt: Callable[[], Awaitable[T]]) -> T:
+async def watch_database(db: Database | None, health: Health, stop: asyncio.Event) -> None:
+    """Readiness follows the database: ping it every ``DATABASE_CHECK_INTERVAL`` until ``stop``; one warning when
+    it becomes unreachable, ``/readyz`` not ready while it stays so."""
+    assert db is not None
+    while not stop.is_set():
+        try:
+            await db.ping()
+            health.database_ok = True
+        except TransientError as exc:
+            if health.database_ok:
+                log.warning("database_unreachable", error=str(exc))
+            health.database_ok = False
+        await sleep_or_stop(stop, DATABASE_CHECK_INTERVAL)
+
+
+async def until_ready(what: str, stop: asyncio.Event, attempt: Callable[[], Awaitable[T]]) -> T:
     """Retry a startup step while its service is unreachable (not while it is misconfigured: the store and the
     Kafka boundary raise ``TransientError`` only for the former)."""
 
@@ -248,7 +251,7 @@ async def _until_ready(what: str, stop: asyncio.Event, attempt: Callable[[], Awa
         raise FatalError(f"stopped while waiting for the {what}") from None
 
 
-def _exit_after(seconds: float, code: int) -> None:
+def exit_after(seconds: float, code: int) -> None:
     """The hard deadline: if the interpreter has not exited ``seconds`` after shutdown began (a library task
     that ignores cancellation, a connection that never closes), leave anyway with ``code``."""
 
@@ -286,7 +289,7 @@ def run(settings: Settings, *, exit_when_idle: float | None = None) -> int:
             code = await worker.run(exit_when_idle=exit_when_idle)
             return code
         finally:
-            _exit_after(EXIT_DEADLINE, code)
+            exit_after(EXIT_DEADLINE, code)
             tracing.shutdown(provider)
 
     return run_loop(main())

@@ -32,9 +32,7 @@ import asyncpg
 import structlog
 
 from worker import logs, metrics
-from worker.app import EXIT_DEADLINE, run_loop
-from worker.app import _exit_after as exit_after
-from worker.app import _until_ready as until_ready
+from worker.app import EXIT_DEADLINE, exit_after, run_loop, until_ready
 from worker.collect import keys as keystore
 from worker.collect.client import ProviderClient
 from worker.collect.errors import KeyStoreError, ProviderAuthFailed, ProviderRejected, ProviderUnavailable

@@ -8,7 +8,6 @@ they are sent again by the next process: at least once, same ``webhook-id``). A 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import time
@@ -16,9 +15,18 @@ import time
 import structlog
 
 from worker import logs
-from worker.app import EXIT_DEADLINE, EXIT_FATAL, EXIT_OK, EXIT_SECOND_SIGNAL, _exit_after, _until_ready, run_loop
+from worker.app import (
+    EXIT_DEADLINE,
+    EXIT_FATAL,
+    EXIT_OK,
+    EXIT_SECOND_SIGNAL,
+    exit_after,
+    run_loop,
+    until_ready,
+    watch_database,
+)
 from worker.config import Settings
-from worker.errors import FatalError, TransientError
+from worker.errors import FatalError
 from worker.faults import Faults
 from worker.http import Health, HealthServer
 from worker.migrate import check_current
@@ -31,8 +39,6 @@ from worker.notify.urls import UrlPolicy
 from worker.store import Database, connect
 
 log = structlog.get_logger("worker.notify")
-
-DATABASE_CHECK_INTERVAL = 5.0  # seconds between readiness pings of the database
 
 
 class NotifyService:
@@ -75,11 +81,11 @@ class NotifyService:
         settings = self.settings
         self.http = HealthServer(self.health, settings.metrics_host, settings.metrics_port)
         log.info("http_listening", port=await self.http.start())
-        self.db = await _until_ready("database", self.stop, self._open_database)
+        self.db = await until_ready("database", self.stop, self._open_database)
         self.health.database_ok = True
         self.dispatcher = Dispatcher(settings, NotifyStore(self.db), self.sealer, self.sender, faults=self.faults)
         self.consumer = AlertConsumer(settings, self.db, self.health, on_created=self.dispatcher.wake.set)
-        await _until_ready("kafka", self.stop, self.consumer.start)
+        await until_ready("kafka", self.stop, self.consumer.start)
 
     async def _open_database(self) -> Database:
         settings = self.settings
@@ -103,7 +109,7 @@ class NotifyService:
         tasks = [
             asyncio.create_task(self.consumer.run(self.stop), name="notify-consume"),
             asyncio.create_task(self.dispatcher.run(self.stop), name="notify-dispatch"),
-            asyncio.create_task(self._watch_database(), name="database-check"),
+            asyncio.create_task(watch_database(self.db, self.health, self.stop), name="database-check"),
         ]
         stopping = asyncio.create_task(self.stop.wait(), name="stop")
         code = EXIT_OK
@@ -127,19 +133,6 @@ class NotifyService:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, stopping, return_exceptions=True)
-
-    async def _watch_database(self) -> None:
-        assert self.db is not None
-        while not self.stop.is_set():
-            try:
-                await self.db.ping()
-                self.health.database_ok = True
-            except TransientError as exc:
-                if self.health.database_ok:
-                    log.warning("database_unreachable", error=str(exc))
-                self.health.database_ok = False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), timeout=DATABASE_CHECK_INTERVAL)
 
     async def _close(self) -> None:
         if self.consumer is not None:
@@ -166,6 +159,6 @@ def run(settings: Settings) -> int:
             log.error("fatal", error=str(exc))
             raise
         finally:
-            _exit_after(EXIT_DEADLINE, code)
+            exit_after(EXIT_DEADLINE, code)
 
     return run_loop(main())
