@@ -50,6 +50,49 @@ def test_every_metric_is_documented() -> None:
         assert f"`{documented}" in README, name
 
 
+def exported_metrics() -> dict[str, tuple[str, ...]]:
+    """Every metric /metrics serves (counters with and without `_total`) -> its label names."""
+    names: dict[str, tuple[str, ...]] = {}
+    # prometheus_client has no public accessor for a metric's label names before it has a sample.
+    for collector in list(REGISTRY._collector_to_names):
+        name = getattr(collector, "_name", "")
+        if name.startswith("cost_worker_"):
+            names[name] = tuple(getattr(collector, "_labelnames", ()))
+            if getattr(collector, "_type", "") == "counter":
+                names[f"{name}_total"] = names[name]
+    return names
+
+
+def test_every_documented_metric_is_exported_with_its_labels() -> None:
+    """The other direction: a name or label the READMEs give must be what /metrics serves.
+
+    A `cost_worker_` name in README.md or deploy/README.md is an exported metric, a database object of schema/
+    (functions, views, roles) or one of the example logins deploy/README.md creates; a name written with labels
+    (`name{a,b}`) has exactly those labels.
+    """
+    exported = exported_metrics()
+    assert len(exported) > 15
+    schema = "\n".join(path.read_text(encoding="utf-8") for path in (ROOT / "schema").rglob("*.sql"))
+    deploy_readme = (ROOT / "deploy" / "README.md").read_text(encoding="utf-8")
+    logins = set(re.findall(r"CREATE ROLE (cost_worker_[a-z_]+) +LOGIN", deploy_readme))
+    assert logins
+    wrong: list[str] = []
+    for source, text in (("README.md", README), ("deploy/README.md", deploy_readme)):
+        for match in re.finditer(r"(cost_worker_[a-z0-9_]*[a-z0-9])(\{([a-z_, ]*)\})?(_\*)?", text):
+            name, labels, wildcard = match.group(1), match.group(3), match.group(4)
+            if wildcard:
+                if not any(known.startswith(f"{name}_") for known in exported):
+                    wrong.append(f"{source}: {name}_* matches no metric")
+                continue
+            if name in exported:
+                if labels is not None and sorted(x.strip() for x in labels.split(",")) != sorted(exported[name]):
+                    wrong.append(f"{source}: {name}{{{labels}}}, exported with {{{','.join(exported[name])}}}")
+                continue
+            if re.search(rf"\b{name}\b", schema) is None and name not in logins:
+                wrong.append(f"{source}: {name} is neither an exported metric nor a schema object")
+    assert sorted(set(wrong)) == []
+
+
 def test_every_command_and_both_make_targets_are_documented() -> None:
     for command in COMMANDS:
         assert re.search(rf"`cost-worker {re.escape(command)}\b", README), command
