@@ -7,6 +7,7 @@ from pathlib import Path
 
 from prometheus_client import REGISTRY
 
+from tests.hostile import corpus
 from worker import metrics  # noqa: F401 - registers the metrics
 from worker.cli import COMMANDS
 from worker.config import settings_table
@@ -110,3 +111,15 @@ def test_every_collector_log_line_is_documented() -> None:
         events |= set(re.findall(r'\blog\.(?:debug|info|warning|error|exception)\(\s*"([a-z_]+)"', text))
     assert len(events) > 10
     assert sorted(name for name in events if f"`{name}`" not in section) == []
+
+
+def test_the_hostile_corpus_is_described_as_it_is() -> None:
+    """README's Reliability section counts the hostile corpus; the counts follow the manifest."""
+    manifest = corpus.manifest()
+    files = sum(1 for entry in manifest if "file" in entry)
+    generated = sum(1 for entry in manifest if "generate" in entry)
+    reasons = {entry["reason"] for entry in manifest}
+    assert reasons == {reason.value for reason in Reason}
+    claim = f"{len(manifest)} bad messages ({files} files and {generated} generated"
+    assert claim in README, claim
+    assert f"covering all {len(reasons)} quarantine reasons" in README, len(reasons)
