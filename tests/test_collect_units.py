@@ -119,6 +119,26 @@ def test_a_key_that_is_not_one_token_is_refused_on_every_path(tmp_path: Path, ke
         assert key[:12] not in str(error.value)
 
 
+def test_a_key_input_larger_than_the_limit_is_refused_without_reading_it_whole(tmp_path: Path) -> None:
+    """README: a key file or standard input past the limit is refused, not read whole (`/dev/zero` named by
+    mistake filled the memory: MemoryError, exit 1). A valid key padded past the limit is no key either."""
+    limit = keystore.MAX_KEY_FILE_BYTES
+    secret = tmp_path / "key"
+    secret.write_bytes(b"sk-ant-admin01-abc_DEF-123" + b" " * limit)
+    with pytest.raises(KeyStoreError, match=f"larger than {limit // 1024} KiB"):
+        keystore.read_secret_file(secret, "anthropic", "org-a")
+    stdin = io.StringIO("x" * (limit * 4))  # no line break: an endless stream looks like this
+    with pytest.raises(ConfigError, match=f"more than {limit // 1024} KiB"):
+        admin.read_key(stdin)
+    assert stdin.tell() <= limit + 1
+    exactly = "sk-admin-" + "x" * (4096 - len("sk-admin-"))
+    assert admin.read_key(io.StringIO(exactly + "\n")) == exactly
+    kek_file = tmp_path / "kek"
+    kek_file.write_bytes(("cd" * 32).encode() + b"\n" * limit)
+    with pytest.raises(KeyStoreError, match=f"larger than {limit // 1024} KiB"):
+        keystore.load_kek(kek_file)
+
+
 def test_a_key_file_may_end_with_a_newline(tmp_path: Path) -> None:
     secret = tmp_path / "key"
     secret.write_text("  sk-ant-admin01-abc_DEF-123\n\n")

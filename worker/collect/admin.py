@@ -25,7 +25,12 @@ EXIT_OK, EXIT_FAILURE = 0, 1
 
 def read_key(stream: TextIO | None = None) -> str:
     stream = stream or sys.stdin
-    text = getpass.getpass("admin key: ") if stream.isatty() else stream.readline()
+    # One line, read up to the limit only: an endless stream (`< /dev/zero`) never fills the memory.
+    text = getpass.getpass("admin key: ") if stream.isatty() else stream.readline(keystore.MAX_KEY_FILE_BYTES + 1)
+    if len(text) > keystore.MAX_KEY_FILE_BYTES and not text.endswith("\n"):
+        raise ConfigError(
+            [f"admin key: more than {keystore.MAX_KEY_FILE_BYTES // 1024} KiB on standard input: no admin key is"]
+        )
     key = text.strip()
     if not key:
         raise ConfigError(["admin key: nothing on standard input (pipe the key in, or use --secret-file)"])

@@ -66,9 +66,14 @@ def load_kek(path: Path | None) -> bytes:
     if path is None:
         raise KeyStoreError("no key-encryption key: set COST_WORKER_COLLECT_KEY_ENCRYPTION_KEY_FILE")
     try:
-        raw = path.read_bytes()[: MAX_KEY_FILE_BYTES + 1]
+        with path.open("rb") as stream:
+            raw = stream.read(MAX_KEY_FILE_BYTES + 1)  # bounded: /dev/zero named by mistake never fills the memory
     except OSError as exc:
         raise KeyStoreError(f"cannot read the key-encryption key file {path}: {exc.strerror}") from None
+    if len(raw) > MAX_KEY_FILE_BYTES:
+        raise KeyStoreError(
+            f"the key-encryption key file {path} is larger than {MAX_KEY_FILE_BYTES // 1024} KiB: it must hold 32 bytes"
+        )
     if len(raw) == KEK_BYTES:
         return raw
     text = raw.strip()
@@ -123,8 +128,18 @@ def unseal(kek: bytes, provider: str, organization_id: str, sealed: Sealed) -> A
 def read_secret_file(path: Path, provider: str, organization_id: str) -> AdminKey:
     """A key kept in a mounted secret file (read on every poll, so a rotated secret is picked up)."""
     try:
-        text = path.read_text(encoding="utf-8")[:MAX_KEY_FILE_BYTES].strip()
-    except (OSError, UnicodeDecodeError):
+        with path.open("rb") as stream:
+            raw = stream.read(MAX_KEY_FILE_BYTES + 1)  # bounded: /dev/zero named by mistake never fills the memory
+    except OSError:
+        raise KeyStoreError(f"cannot read the admin key file of {provider} account {organization_id}") from None
+    if len(raw) > MAX_KEY_FILE_BYTES:
+        raise KeyStoreError(
+            f"the admin key file of {provider} account {organization_id} is larger than "
+            f"{MAX_KEY_FILE_BYTES // 1024} KiB: no admin key is"
+        )
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
         raise KeyStoreError(f"cannot read the admin key file of {provider} account {organization_id}") from None
     if not text:
         raise KeyStoreError(f"the admin key file of {provider} account {organization_id} is empty")
