@@ -353,3 +353,34 @@ def test_check_config_names_a_misspelt_setting(tmp_path: Path) -> None:
         "(did you mean COST_WORKER_DATABASE_STATEMENT_TIMEOUT?)"
     ) in done.stdout
     assert "COST_WORKER_TEST_DATABASE_URL" not in done.stdout
+
+
+def test_check_config_names_a_misspelt_file_in_the_secrets_directory(tmp_path: Path) -> None:
+    """Settings also come from COST_WORKER_SECRETS_DIR (one file per variable, a Secret volume): a file named
+    COST_WORKER_DATABSE_URL there was ignored without a word, although README says check-config names each
+    COST_WORKER_ name that is no setting. Kubernetes' own entries (`..data`, `..2026_...`) are not noted."""
+    secrets = tmp_path / "secrets"
+    data = secrets / "..2026_12_03"
+    data.mkdir(parents=True)
+    (data / "COST_WORKER_DATABSE_URL").write_text("postgresql://u:filepw@h/db\n")
+    (data / "COST_WORKER_LOG_LEVEL").write_text("INFO\n")
+    (secrets / "..data").symlink_to(data.name)
+    for name in ("COST_WORKER_DATABSE_URL", "COST_WORKER_LOG_LEVEL"):
+        (secrets / name).symlink_to(f"..data/{name}")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("COST_WORKER_")}
+    env |= {"COST_WORKER_SECRETS_DIR": str(secrets)}
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "check-config"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    notes = [line for line in done.stdout.splitlines() if "is not a setting" in line]
+    assert notes == [
+        f"note: {secrets / 'COST_WORKER_DATABSE_URL'} is not a setting and is ignored "
+        "(did you mean COST_WORKER_DATABASE_URL?)"
+    ], done.stdout
+    assert "filepw" not in done.stdout

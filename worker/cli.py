@@ -13,7 +13,8 @@ import math
 import os
 import sys
 import traceback
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from worker import __version__
@@ -325,6 +326,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for variable, likely in _unknown_variables(os.environ):
         guess = f" (did you mean {likely}?)" if likely else ""
         print(f"note: {variable} is not a setting and is ignored{guess}")
+    for path, likely in _unknown_secret_files(settings):
+        from worker.admin import printable  # noqa: PLC0415 - keep `--help` fast
+
+        guess = f" (did you mean {likely}?)" if likely else ""
+        print(f"note: {printable(str(path))} is not a setting and is ignored{guess}")
     print("configuration OK")
     return EXIT_OK
 
@@ -334,7 +340,18 @@ OTHER_VARIABLES = frozenset({"COST_WORKER_SECRETS_DIR", "COST_WORKER_SCHEMA_DIR"
 NOT_SETTINGS_PREFIX = "COST_WORKER_TEST_"
 
 
-def _unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+def _unknown_secret_files(settings: Settings) -> list[tuple[Path, str | None]]:
+    """Files of COST_WORKER_SECRETS_DIR named like a variable that no setting reads (a Secret's key misspelt)."""
+    if settings.secrets_dir is None:
+        return []
+    try:
+        files = {entry.name: entry for entry in settings.secrets_dir.iterdir()}
+    except OSError:  # load_settings reads it; if listing it fails now, there is nothing more to say
+        return []
+    return [(files[name], likely) for name, likely in _unknown_variables(files)]
+
+
+def _unknown_variables(environ: Iterable[str]) -> list[tuple[str, str | None]]:
     """COST_WORKER_ variables that no setting reads (a misspelt name is otherwise ignored in silence), each with the
     closest setting's name, if one is close."""
     known = {env_name(field) for field in Settings.model_fields} | OTHER_VARIABLES
@@ -376,7 +393,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from pathlib import Path  # noqa: PLC0415
 
     from worker import dev  # noqa: PLC0415
 
@@ -402,7 +418,6 @@ def cmd_budgets(args: argparse.Namespace) -> int:
 
 
 def cmd_prices(args: argparse.Namespace) -> int:
-    from pathlib import Path  # noqa: PLC0415
 
     from worker import prices  # noqa: PLC0415
 
@@ -459,7 +474,6 @@ def cmd_notify(args: argparse.Namespace) -> int:
 
 
 def cmd_rates(args: argparse.Namespace) -> int:
-    from pathlib import Path  # noqa: PLC0415
 
     from worker import rates  # noqa: PLC0415
 
