@@ -393,7 +393,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-
     from worker import dev  # noqa: PLC0415
 
     return dev.main(_settings(), state_dir=Path(args.state_dir), once=args.once)
@@ -418,7 +417,6 @@ def cmd_budgets(args: argparse.Namespace) -> int:
 
 
 def cmd_prices(args: argparse.Namespace) -> int:
-
     from worker import prices  # noqa: PLC0415
 
     def when(text: str | None, flag: str) -> Any:
@@ -474,7 +472,6 @@ def cmd_notify(args: argparse.Namespace) -> int:
 
 
 def cmd_rates(args: argparse.Namespace) -> int:
-
     from worker import rates  # noqa: PLC0415
 
     settings = _settings(require=("database_url",))
