@@ -11,7 +11,14 @@ Restated from the contract (README "Budgets in any currency" and "Alerts"), neve
   scope:budget:period start:threshold:amount:currency:crossing;
 - a period is judged by the budget's terms (amount, currency, thresholds) as they are while it is open, and once it
   has ended by those in force when it ended: the newest change made before its end (a budget's first terms hold
-  since ever).
+  since ever);
+- the periods touched data is judged in are those of the budget's kind and zone as they are (the period containing
+  the data's instant, and for a provider row every period its window overlaps); where the terms in force at such a
+  period's end, ended, had another kind or zone, that period was no period of the budget then: the data's periods
+  under that kind and zone are judged instead, each by the terms in force at its end when those have that kind and
+  zone (ended periods only); where none does, the budget as it is judges the period computed today;
+- an alert is open for its period (start and end); the crossing number counts every alert at that start,
+  threshold, amount and currency, whatever its end.
 """
 
 from __future__ import annotations
@@ -21,8 +28,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_DOWN, Decimal, localcontext
 from fractions import Fraction
+from typing import NamedTuple
 
-from tests.spend_model import EXACT
+from tests.spend_model import EXACT, period, periods_overlapping
 
 ALERT_NAMESPACE = uuid.UUID("6d1b6c3e-2f0a-4c55-9a1e-8b7f6c1d2e3f")
 RATE_VALID = timedelta(days=7)  # a rate's date and the 6 days after it
@@ -100,46 +108,41 @@ def alert_id(
     return uuid.uuid5(ALERT_NAMESPACE, name)
 
 
-@dataclass
-class Lifecycle:
-    """The alerts of one budget in one period, through a sequence of evaluations."""
-
-    scope: str
-    budget: uuid.UUID
-    period_start: datetime
-    # (threshold, amount, currency) -> [crossing ids, oldest first]; the last one open or not
-    crossings: dict[tuple[Decimal, Decimal, str], list[uuid.UUID]] = field(default_factory=dict)
-    open: set[uuid.UUID] = field(default_factory=set)
-    raised: list[uuid.UUID] = field(default_factory=list)  # every alert, in order
-    resolved: list[uuid.UUID] = field(default_factory=list)  # every resolution, in order
-
-    def evaluate(self, total: Decimal | None, amount: Decimal, currency: str, thresholds: tuple[Decimal, ...]) -> None:
-        if total is None:
-            return  # unconvertible: nothing raised, nothing resolved
-        for threshold in sorted(set(thresholds)):
-            key = (threshold, amount, currency)  # equal Decimals hash equal: 10 and 10.0 are one amount
-            ids = self.crossings.setdefault(key, [])
-            current = ids[-1] if ids and ids[-1] in self.open else None
-            reached = Fraction(total) * 100 >= Fraction(amount) * Fraction(threshold)  # exact, whatever the digits
-            if reached and current is None:
-                new = alert_id(self.scope, self.budget, self.period_start, threshold, amount, currency, len(ids) + 1)
-                ids.append(new)
-                self.open.add(new)
-                self.raised.append(new)
-            elif not reached and current is not None:
-                self.open.discard(current)
-                self.resolved.append(current)
-        # A threshold the budget no longer has keeps its open alert at this amount and currency until spend falls
-        # below its level (then it resolves, once); it is not raised again while it is not a threshold.
-        for (threshold, at_amount, at_currency), ids in sorted(self.crossings.items()):
-            if at_amount != amount or at_currency != currency or threshold in set(thresholds):
-                continue
-            if ids and ids[-1] in self.open and Fraction(total) * 100 < Fraction(amount) * Fraction(threshold):
-                self.open.discard(ids[-1])
-                self.resolved.append(ids[-1])
+class BudgetTerms(NamedTuple):
+    amount: Decimal
+    currency: str
+    thresholds: tuple[Decimal, ...]
+    period: str = "monthly"  # the period kind
+    timezone: str = "UTC"
 
 
-BudgetTerms = tuple[Decimal, str, tuple[Decimal, ...]]  # amount, currency, thresholds
+class Judged(NamedTuple):
+    """A period of a budget, with the terms that judge it (the period's kind and zone: the terms', or today's)."""
+
+    period: str
+    timezone: str
+    start: datetime
+    end: datetime
+    terms: BudgetTerms
+    why: str  # "open", "ended" (the terms then), "moved" (the kind or zone then) or "as today" (neither)
+
+
+class Touched(NamedTuple):
+    """Data that changed: its instant (a provider row's window midpoint, an estimate's hour) and, for a provider row,
+    its span (from the UTC hour its window starts in to its end)."""
+
+    at: datetime
+    span: tuple[datetime, datetime] | None = None
+
+    def periods(self, kind: str, tz: str) -> set[tuple[datetime, datetime]]:
+        found = {period(kind, tz, self.at)}
+        if self.span is not None:
+            found |= set(periods_overlapping(kind, tz, *self.span))
+        return found
+
+    def within(self, start: datetime, end: datetime) -> bool:
+        inside = start <= self.at < end
+        return inside or (self.span is not None and self.span[0] < end and self.span[1] > start)
 
 
 @dataclass
@@ -157,8 +160,83 @@ class Terms:
         self.current = terms
         self.versions.append((at, terms))
 
-    def judging(self, period_end: datetime, now: datetime) -> BudgetTerms:
-        """The terms that judge the period ending at ``period_end``."""
+    def at_end(self, period_end: datetime, now: datetime) -> BudgetTerms | None:
+        """The terms in force when the period ending at ``period_end`` ended, or None while it is open."""
         if period_end > now:
-            return self.current
+            return None
         return max((v for v in self.versions if v[0] < period_end), key=lambda v: v[0])[1]
+
+    def judging(self, period_end: datetime, now: datetime) -> BudgetTerms:
+        """The amount, currency and thresholds that judge the period ending at ``period_end``."""
+        return self.at_end(period_end, now) or self.current
+
+    def judged(self, touched: list[Touched], now: datetime) -> set[Judged]:
+        """The periods an evaluation of the touched data judges, each with its terms."""
+        today = self.current
+        found: set[Judged] = set()
+        for start, end in set().union(*(t.periods(today.period, today.timezone) for t in touched)):
+            then = self.at_end(end, now)
+            if then is None:
+                found.add(Judged(today.period, today.timezone, start, end, today, "open"))
+                continue
+            if (then.period, then.timezone) == (today.period, today.timezone):
+                found.add(Judged(today.period, today.timezone, start, end, then, "ended"))
+                continue
+            # No period of the budget then: the data's periods under the kind and zone it had.
+            instead = set()
+            for data in (t for t in touched if t.within(start, end)):
+                for q_start, q_end in data.periods(then.period, then.timezone):
+                    there = self.at_end(q_end, now)
+                    if there is not None and (there.period, there.timezone) == (then.period, then.timezone):
+                        instead.add(Judged(then.period, then.timezone, q_start, q_end, there, "moved"))
+            found |= instead or {Judged(today.period, today.timezone, start, end, today, "as today")}
+        return found
+
+
+@dataclass
+class Lifecycle:
+    """The alerts of one budget, in all its periods, through a sequence of evaluations."""
+
+    scope: str
+    budget: uuid.UUID
+    # (period start, threshold, amount, currency) -> [(crossing id, period end), oldest first]
+    crossings: dict[tuple[datetime, Decimal, Decimal, str], list[tuple[uuid.UUID, datetime]]] = field(
+        default_factory=dict
+    )
+    open: set[uuid.UUID] = field(default_factory=set)
+    raised: list[uuid.UUID] = field(default_factory=list)  # every alert, in order
+    resolved: list[uuid.UUID] = field(default_factory=list)  # every resolution, in order
+    # every alert: its period, threshold and the spend that raised it
+    alerts: dict[uuid.UUID, tuple[Judged, Decimal, Decimal]] = field(default_factory=dict)
+
+    def _open(self, key: tuple[datetime, Decimal, Decimal, str], end: datetime) -> uuid.UUID | None:
+        return next((i for i, e in reversed(self.crossings.get(key, [])) if e == end and i in self.open), None)
+
+    def evaluate(self, judged: Judged, total: Decimal | None) -> None:
+        if total is None:
+            return  # unconvertible: nothing raised, nothing resolved
+        amount, currency, thresholds = judged.terms.amount, judged.terms.currency, judged.terms.thresholds
+        for threshold in sorted(set(thresholds)):
+            key = (judged.start, threshold, amount, currency)  # equal Decimals hash equal: 10 and 10.0 are one
+            current = self._open(key, judged.end)
+            reached = Fraction(total) * 100 >= Fraction(amount) * Fraction(threshold)  # exact, whatever the digits
+            if reached and current is None:
+                ids = self.crossings.setdefault(key, [])
+                new = alert_id(self.scope, self.budget, judged.start, threshold, amount, currency, len(ids) + 1)
+                ids.append((new, judged.end))
+                self.open.add(new)
+                self.raised.append(new)
+                self.alerts[new] = (judged, threshold, total)
+            elif not reached and current is not None:
+                self.open.discard(current)
+                self.resolved.append(current)
+        # A threshold the budget no longer has keeps its open alert at this amount and currency until spend falls
+        # below its level (then it resolves, once); it is not raised again while it is not a threshold.
+        for key in sorted(self.crossings):
+            start, threshold, at_amount, at_currency = key
+            if start != judged.start or at_amount != amount or at_currency != currency or threshold in thresholds:
+                continue
+            current = self._open(key, judged.end)
+            if current is not None and Fraction(total) * 100 < Fraction(amount) * Fraction(threshold):
+                self.open.discard(current)
+                self.resolved.append(current)

@@ -352,6 +352,12 @@ def period(kind: str, tz: str, at: datetime) -> tuple[datetime, datetime]:
     elif kind == "monthly":
         first = local.replace(day=1)
         after = (first + timedelta(days=32)).replace(day=1)
+    elif kind == "quarterly":
+        first = local.replace(month=local.month - (local.month - 1) % 3, day=1)
+        after = (first + timedelta(days=95)).replace(day=1)
+    elif kind == "yearly":
+        first = local.replace(month=1, day=1)
+        after = first.replace(year=first.year + 1)
     else:
         raise ValueError(kind)
     return _midnight(first, zone), _midnight(after, zone)

@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from tests import currency_model as model
@@ -211,18 +211,26 @@ async def test_conversion_equals_the_model(
 
 
 async def add_project_budget(
-    db: asyncpg.Connection, org: Org, amount: Decimal, currency: str, thresholds: tuple[Decimal, ...]
+    db: asyncpg.Connection,
+    org: Org,
+    amount: Decimal,
+    currency: str,
+    thresholds: tuple[Decimal, ...],
+    period: str = "monthly",
+    timezone: str = "UTC",
 ) -> uuid.UUID:
     budget = uuid.uuid4()
     await db.execute(
-        "INSERT INTO ai_project_budgets (id, organization_id, project_id, amount, currency, thresholds) "
-        "VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO ai_project_budgets (id, organization_id, project_id, amount, currency, thresholds, period, "
+        "timezone) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         budget,
         org.id,
         org.projects["proj_a"],
         amount,
         currency,
         list(thresholds),
+        period,
+        timezone,
     )
     return budget
 
@@ -264,33 +272,46 @@ async def write_estimates(db: asyncpg.Connection, org: Org, estimates: dict[date
 
 
 def model_rows(
-    rows: dict[tuple[date, int], tuple[str, Decimal]], estimates: dict[datetime, Decimal] | None = None
+    rows: dict[tuple[date, int], tuple[str, Decimal]],
+    estimates: dict[datetime, Decimal] | None = None,
+    within: tuple[datetime, datetime] = (NOVEMBER, DECEMBER),
 ) -> list[model.Row]:
+    """The rows that count in the period ``within``: a daily provider row in the period of its window's midpoint
+    (noon UTC), an estimate in its hour's; each converted at its window start's or its hour's rate."""
+    start, end = within
     return [
         model.Row(currency, datetime(day.year, day.month, day.day, tzinfo=UTC), amount)
         for (day, _), (currency, amount) in rows.items()
-    ] + [model.Row("USD", hour, amount) for hour, amount in (estimates or {}).items()]
+        if start <= datetime(day.year, day.month, day.day, 12, tzinfo=UTC) < end
+    ] + [model.Row("USD", hour, amount) for hour, amount in (estimates or {}).items() if start <= hour < end]
 
 
-async def spend_of(db: asyncpg.Connection, org: Org, currency: str) -> tuple[Decimal | None, dict[str, Any]]:
+async def spend_of(
+    db: asyncpg.Connection, org: Org, currency: str, within: tuple[datetime, datetime] = (NOVEMBER, DECEMBER)
+) -> tuple[Decimal | None, dict[str, Any]]:
     row = await db.fetchrow(
         "SELECT spend, missing_rates FROM cost_worker_spend('project', $1, $2, NULL, $3, $4, $5)",
         org.id,
         org.projects["proj_a"],
-        NOVEMBER,
-        datetime(2026, 12, 1, tzinfo=UTC),
+        *within,
         currency,
     )
     assert row is not None
     return row["spend"], json.loads(row["missing_rates"])
 
 
-async def touch(database: Database, engine: BudgetEngine, org: Org) -> list[Alert | Resolution]:
-    """What a batch with new or revised November rows of the project does: evaluate its budgets (in the
-    worker's role and tenant scope)."""
+async def touch(
+    database: Database, engine: BudgetEngine, org: Org, touched: list[model.Touched] | None = None
+) -> list[Alert | Resolution]:
+    """What a batch with new or revised November rows of the project does (at SWEEP_AT unless ``touched`` says
+    which data changed): evaluate its budgets (in the worker's role and tenant scope)."""
+    project = org.projects["proj_a"]
+    touches = [
+        Touch(org.id, project, None, t.at, *(t.span or (None, None))) for t in (touched or [model.Touched(SWEEP_AT)])
+    ]
     async with database.transaction() as tx:
         await tx.set_tenants({org.id})
-        return await engine.evaluate(tx, [Touch(org.id, org.projects["proj_a"], None, SWEEP_AT)])
+        return await engine.evaluate(tx, touches)
 
 
 async def published(db: asyncpg.Connection, settings: Settings) -> list[dict[str, Any]]:
@@ -301,8 +322,8 @@ async def published(db: asyncpg.Connection, settings: Settings) -> list[dict[str
 
 
 # One step of a budget's month: new rows or a revision of some (which may lower spend), rates loaded or
-# withdrawn, or the budget edited (amount, currency, thresholds) during November or today. After each, a batch's
-# evaluation of November.
+# withdrawn, or the budget edited (amount, currency, thresholds, and sometimes its period kind or time zone) during
+# November or today. After each, a batch's evaluation of the data it changed (and of SWEEP_AT and the 6th's row).
 ledger_changes = st.dictionaries(
     st.tuples(st.sampled_from(DAYS[1:20]), st.integers(0, 1)),
     st.one_of(st.none(), st.tuples(st.sampled_from(("USD", "USD", "USD", "EUR", "GBP", "JPY")), money)),
@@ -316,8 +337,17 @@ budget_edits = st.tuples(
         lambda s: tuple(sorted(s))
     ),
 )
-# A budget edited during November (which has ended by now: it judges November) or today (it does not).
-budget_changes = st.tuples(budget_edits, st.sampled_from(("during", "during", "today")))
+# Period kinds and zones: November's days, weeks (ISO, from Monday) and month have ended, the quarter has not; the
+# zones put a day's start at 00:00 UTC, 05:00 UTC (New York in November), 18:30 UTC and 11:00 UTC the day before.
+kinds_and_zones = st.tuples(
+    st.sampled_from(("monthly", "monthly", "daily", "weekly", "quarterly")),
+    st.sampled_from(("UTC", "UTC", "America/New_York", "Asia/Kolkata", "Pacific/Auckland")),
+)
+# A budget edited during November (on the step's day: it judges the periods that ended after it) or today (it
+# judges none that has ended); one edit in two also changes the period kind or zone (sometimes to the same).
+budget_changes = st.tuples(
+    budget_edits, st.one_of(st.none(), kinds_and_zones), st.sampled_from(("during", "during", "today"))
+)
 # Rates for every day of the month (so most steps convert), with some dates withdrawn or pairs added.
 FULL_RATES: model.Rates = {
     ("EUR", quote, day): rate
@@ -328,8 +358,9 @@ month_rates = st.tuples(st.sets(st.sampled_from(sorted(FULL_RATES)), max_size=3)
     lambda change: {k: v for k, v in FULL_RATES.items() if k not in change[0]} | change[1]
 )
 # A revision of one USD window by a large amount: spend swings across several thresholds, up or down.
+SWING_DAY = DAYS[5]
 swings = st.sampled_from((Decimal(0), Decimal(30), Decimal(90), Decimal(170), Decimal(250))).map(
-    lambda amount: {(DAYS[5], 0): ("USD", amount)}
+    lambda amount: {(SWING_DAY, 0): ("USD", amount)}
 )
 # The platform's estimate for some hours of days without provider rows (USD, converted at the hour's rate).
 ESTIMATE_HOURS = [datetime(2026, 11, day, hour, tzinfo=UTC) for day in (21, 24, 27) for hour in (0, 13, 23)]
@@ -345,23 +376,31 @@ steps = st.lists(
         st.tuples(st.just("ledger"), ledger_changes),
         st.tuples(st.just("rates"), month_rates),
         st.tuples(st.just("budget"), budget_changes),
+        st.tuples(st.just("budget"), budget_changes),
     ),
     min_size=1,
     max_size=10,
 )
 
 
+def provider_row(day: date) -> model.Touched:
+    """A daily provider row's change: its window's midpoint, and its window (from the UTC hour it starts in)."""
+    start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+    return model.Touched(start + timedelta(hours=12), (start, start + timedelta(days=1)))
+
+
 @settings(
-    max_examples=40,
+    max_examples=100,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(start=budget_edits, initial_rates=month_rates, plan=steps)
+@given(start=budget_edits, kind=kinds_and_zones, initial_rates=month_rates, plan=steps)
 async def test_alerts_and_resolutions_equal_the_model(
     db: asyncpg.Connection,
     database: Database,
     settings: Settings,
     start: tuple[Decimal, str, tuple[Decimal, ...]],
+    kind: tuple[str, str],
     initial_rates: model.Rates,
     plan: list[tuple[str, Any]],
 ) -> None:
@@ -372,52 +411,73 @@ async def test_alerts_and_resolutions_equal_the_model(
     await db.execute("DELETE FROM users")
     await db.execute("DELETE FROM organizations")
     org = await make_org(db)
-    amount, currency, thresholds = start
-    budget = await add_project_budget(db, org, amount, currency, thresholds)
+    budget = await add_project_budget(db, org, *start, *kind)
     rates = dict(initial_rates)
     await load_rates(db, rates)
     rows: dict[tuple[date, int], tuple[str, Decimal]] = {}
     estimates: dict[datetime, Decimal] = {}
-    life = model.Lifecycle("project", budget, NOVEMBER)
-    terms = model.Terms((amount, currency, thresholds))
+    life = model.Lifecycle("project", budget)
+    terms = model.Terms(model.BudgetTerms(*start, *kind))
     engine = BudgetEngine(settings)
-    for step, (kind, change) in enumerate(plan):
-        if kind == "ledger":
+    for step, (what, change) in enumerate(plan):
+        touched = [model.Touched(SWEEP_AT), provider_row(SWING_DAY)]
+        if what == "ledger":
             for key, value in change.items():
                 if value is None:
                     rows.pop(key, None)
                 else:
                     rows[key] = value
+                touched.append(provider_row(key[0]))
             await write_ledger(db, org, rows)
-        elif kind == "estimates":
+        elif what == "estimates":
+            touched.extend(model.Touched(hour) for hour in sorted(set(estimates) | set(change)))
             estimates = dict(change)
             await write_estimates(db, org, estimates)
-        elif kind == "rates":
+        elif what == "rates":
             rates = dict(change)
             await load_rates(db, rates)
         else:
-            edit, when = change
-            statement = "UPDATE ai_project_budgets SET amount = $2, currency = $3, thresholds = $4 WHERE id = $1"
-            args = (budget, edit[0], edit[1], list(edit[2]))
+            edit, moved, when = change
+            new = model.BudgetTerms(*edit, *(moved or (terms.current.period, terms.current.timezone)))
+            statement = (
+                "UPDATE ai_project_budgets SET amount = $2, currency = $3, thresholds = $4, period = $5, "
+                "timezone = $6 WHERE id = $1"
+            )
+            args = (budget, new.amount, new.currency, list(new.thresholds), new.period, new.timezone)
             if when == "during" and terms.versions[-1][0] < DECEMBER:  # time runs forward: none after a today's
-                at = NOVEMBER + timedelta(hours=step + 1)  # in the order they are made
+                at = NOVEMBER + timedelta(days=2 * step, hours=7)  # in the order they are made
                 await change_budget(db, statement, *args, at=at)
             else:
                 await db.execute(statement, *args)
                 at = datetime.now(UTC)
-            terms.change(at, edit)
-        # November has ended (by now): judged by the terms in force at its end.
-        amount, currency, thresholds = terms.judging(DECEMBER, datetime.now(UTC))
-        total = model.spend(model_rows(rows, estimates), currency, rates)
-        spend, missing = await spend_of(db, org, currency)
-        assert spend == total
-        assert bool(missing) == (total is None)
-        await touch(database, engine, org)
-        life.evaluate(total, amount, currency, thresholds)
+            terms.change(at, new)
+        judged = sorted(terms.judged(touched, datetime.now(UTC)))
+        totals = []
+        for period in judged:
+            total = model.spend(model_rows(rows, estimates, (period.start, period.end)), period.terms.currency, rates)
+            spend, missing = await spend_of(db, org, period.terms.currency, (period.start, period.end))
+            assert spend == total, period
+            assert bool(missing) == (total is None), period
+            totals.append(total)
+            event(f"a period judged {period.why}")
+        await touch(database, engine, org, touched)
+        for period, total in zip(judged, totals, strict=True):
+            life.evaluate(period, total)
 
-        stored = await db.fetch("SELECT id, resolved_at, amount, currency FROM budget_alerts")
-        assert {r["id"] for r in stored} == set(life.raised)
+        stored = await db.fetch(
+            "SELECT id, resolved_at, amount, currency, period_start, period_end, threshold, spend FROM budget_alerts"
+        )
+        assert {r["id"] for r in stored} == set(life.raised), (judged, [dict(r) for r in stored])
         assert {r["id"] for r in stored if r["resolved_at"] is not None} == set(life.resolved)
+        for row in stored:
+            period, threshold, spend = life.alerts[row["id"]]
+            assert (row["period_start"], row["period_end"], row["amount"], row["currency"].strip()) == (
+                period.start,
+                period.end,
+                period.terms.amount,
+                period.terms.currency,
+            )
+            assert (row["threshold"], row["spend"]) == (threshold, spend)
         messages = await published(db, settings)
         sent = Counter((m["type"], m["alert_id"]) for m in messages)
         wanted = Counter(("budget.alert.triggered", str(i)) for i in life.raised) + Counter(
@@ -431,6 +491,8 @@ async def test_alerts_and_resolutions_equal_the_model(
             assert message["_key"] == str(budget)
             row = next(r for r in stored if str(r["id"]) == message["alert_id"])
             assert (Decimal(message["amount"]), message["currency"]) == (row["amount"], row["currency"].strip())
+            period = life.alerts[uuid.UUID(message["alert_id"])][0]
+            assert (message["period"], message["timezone"]) == (period.period, period.timezone)
 
 
 # ------------------------------------------------------------------------------------------ named cases
