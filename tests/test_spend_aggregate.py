@@ -661,3 +661,55 @@ async def test_a_deleted_project_takes_its_rows_out_of_the_aggregate(db: asyncpg
     await db.execute("DELETE FROM organizations WHERE id = $1", org.id)
     assert await db.fetchval("SELECT count(*) FROM spend_hourly WHERE organization_id = $1", org.id) == 0
     assert await db.fetchval("SELECT count(*) FROM spend_daily WHERE organization_id = $1", org.id) == 0
+
+
+async def test_a_users_spend_keeps_the_usage_of_a_deleted_project(db: asyncpg.Connection) -> None:
+    """A user budget is the money the user spent (their estimates): deleting a project the user worked in does not
+    give it back. The user's rollups (`user_metrics`, no foreign key to projects) and the user's scope in the
+    aggregate keep the deleted project's usage, and the full computation agrees; the organization's and the
+    project's figures drop (their rows cascade, 0028), and a user budget within the deleted project is deleted with
+    it (README "What counts as spend", scopes)."""
+    org = await make_org(db, project_ids=("proj_a", "proj_b"))
+    a, b = org.projects["proj_a"], org.projects["proj_b"]
+    user = org.users[0]
+    for project, cost in ((a, 5), (b, 1)):  # what the worker writes for one event: both rollups
+        await db.execute(
+            "INSERT INTO project_metrics (organization_id, project_id, hour, request_count, estimated_cost_usd) "
+            "VALUES ($1, $2, '2026-11-03T10:00Z', 1, $3)",
+            org.id,
+            project,
+            cost,
+        )
+        await db.execute(
+            "INSERT INTO user_metrics (organization_id, user_id, project_id, hour, request_count, estimated_cost_usd) "
+            "VALUES ($1, $2, $3, '2026-11-03T10:00Z', 1, $4)",
+            org.id,
+            user,
+            project,
+            cost,
+        )
+    await db.execute(
+        "INSERT INTO ai_budgets (organization_id, user_id, project_id, amount) "
+        "VALUES ($1, $2, NULL, 5), ($1, $2, $3, 5)",
+        org.id,
+        user,
+        a,
+    )
+    assert await track(db, org.id, user, None) == 1
+    assert await track(db, org.id, user, a) == 1
+
+    async def user_spend(fn: str) -> Any:
+        return await db.fetchval(
+            f"SELECT spend FROM {fn}('user', $1, NULL, $2, '2026-11-01Z', '2026-12-01Z', 'USD')", org.id, user
+        )
+
+    assert (await user_spend("cost_worker_spend"), await user_spend("cost_worker_spend_full")) == (6, 6)
+    await db.execute("DELETE FROM projects WHERE id = $1", a)
+    assert await spend(db, "cost_worker_spend", "organization", org.id, None) == 1
+    assert await spend(db, "cost_worker_spend_full", "organization", org.id, None) == 1
+    # The user's figure keeps the 5 USD spent in the deleted project, in the aggregate and in full.
+    assert (await user_spend("cost_worker_spend"), await user_spend("cost_worker_spend_full")) == (6, 6)
+    assert await db.fetchval("SELECT count(*) FROM user_metrics WHERE project_id = $1", a) == 1
+    # The user's budget within the deleted project went with it; the one over the whole organization stays.
+    assert await db.fetchval("SELECT count(*) FROM ai_budgets WHERE user_id = $1", user) == 1
+    await assert_incremental_equals_rebuilt(db, org.id)
