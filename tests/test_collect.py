@@ -114,6 +114,19 @@ async def world(db: asyncpg.Connection, settings: Settings, tmp_path: Path) -> A
     await fake.stop()
 
 
+ORG_BAD_REFUSED = ["openai/org-bad: admin key refused"]  # the world's org-bad: the fake refuses its key
+ANTHROPIC_FAILED = [f"anthropic/org-an/{endpoint.report}: failed" for endpoint in ANTHROPIC_ENDPOINTS]
+
+
+async def poll_once(target: Settings | Collector, missed: list[str] = ORG_BAD_REFUSED) -> Collector:
+    """``collect --once``: exactly ``missed`` not collected (its exit code says so: 3, or 0 when nothing was)."""
+    collector = target if isinstance(target, Collector) else Collector(target)
+    code = await asyncio.wait_for(collector.run(once=True), 60)
+    assert collector.missed == missed
+    assert code == (runner.EXIT_INCOMPLETE if missed else runner.EXIT_OK)
+    return collector
+
+
 def seed_truth(fake: FakeProviders) -> None:
     """Poll 1's truth: three days (two closed, today's open bucket) of every report."""
     fake.openai_bucket(
@@ -225,7 +238,7 @@ async def test_collect_end_to_end_ledger_equals_the_providers_truth(
     fake.script[("org-an", A_COSTS)] = [Canned(503), Canned(502)]
     auth_before = _sample("cost_worker_collect_auth_failures_total", provider="openai", account="org-bad")
 
-    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+    await poll_once(world.settings)
 
     # 429: the retry waited for Retry-After; the 5xx were retried; every page of every window was followed.
     costs = [(status, at) for acc, path, _, status, at in fake.requests if acc == "org-oa" and path == COSTS]
@@ -257,7 +270,7 @@ async def test_collect_end_to_end_ledger_equals_the_providers_truth(
     assert await cost_ledger(db) == cost_truth(world)
 
     revise_truth(fake)
-    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+    await poll_once(world.settings)
     assert await db.fetchval("SELECT count(*) FROM collector_outbox") == 0
 
     messages = await consume_all(settings, settings.topic_provider_buckets, expect=1, timeout=10)
@@ -336,7 +349,7 @@ async def test_a_response_that_is_not_valid_http_fails_only_that_account(world: 
         update={"collect_anthropic_base_url": f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"}
     )
     try:
-        assert await asyncio.wait_for(Collector(settings).run(once=True), 60) == 0
+        await poll_once(settings, [*ANTHROPIC_FAILED, *ORG_BAD_REFUSED])
     finally:
         server.close()
         await server.wait_closed()
@@ -358,11 +371,12 @@ async def test_an_endpoint_that_never_succeeded_turns_stale_counted_from_its_key
     """No collector_state row (the endpoint never succeeded) is no excuse: it counts from when its account got
     its current key, reported as its last success, and turns stale collect_stale_after later."""
     refused = [Canned(400, body='{"error": {"type": "invalid_request_error"}}')]
+    costs_failed = [*ORG_BAD_REFUSED, "openai/org-oa/openai.costs: failed"]
     labels = {"provider": "openai", "account": "org-oa", "report": "openai.costs"}
     seed_truth(world.fake)
     world.fake.script[("org-oa", COSTS)] = list(refused)
     collector = Collector(world.settings)
-    assert await asyncio.wait_for(collector.run(once=True), 60) == 0
+    await poll_once(collector, costs_failed)
     added = await db.fetchval("SELECT created_at FROM organization_api_keys WHERE ai_organization_id = 'org-oa'")
     assert _sample("cost_worker_collect_last_success_timestamp_seconds", **labels) == added.timestamp()
     assert collector.health.stale == []  # the key is new: within collect_stale_after
@@ -373,7 +387,7 @@ async def test_an_endpoint_that_never_succeeded_turns_stale_counted_from_its_key
     )
     world.fake.script[("org-oa", COSTS)] = list(refused)
     collector = Collector(world.settings)
-    assert await asyncio.wait_for(collector.run(once=True), 60) == 0
+    await poll_once(collector, costs_failed)
     assert collector.health.stale == ["openai/org-oa/openai.costs"]  # its other reports succeeded
     collector.health.active = True
     ready, why = collector.health.readiness()
@@ -386,7 +400,7 @@ async def test_an_endpoint_that_never_succeeded_turns_stale_counted_from_its_key
     await admin.rotate(world.settings, key_id=key_id, secret_file=None, stdin=io.StringIO(world.keys["org-oa"] + "\n"))
     world.fake.script[("org-oa", COSTS)] = list(refused)
     collector = Collector(world.settings)
-    assert await asyncio.wait_for(collector.run(once=True), 60) == 0
+    await poll_once(collector, costs_failed)
     assert collector.health.stale == []
 
 
@@ -410,14 +424,14 @@ async def test_keys_commands_show_fingerprints_and_rotation_resumes_a_refused_ac
     assert "org-bad" in listing
     assert "sha256:" in listing
     assert_no_key(world, listing)
-    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+    await poll_once(world.settings)
     bad_id = await db.fetchval("SELECT id FROM organization_api_keys WHERE ai_organization_id = 'org-bad'")
     # The operator fixes the key: the fake now knows a new one; rotate reads it from stdin.
     new_key = f"sk-admin-rotated-{uuid.uuid4().hex}"
     world.keys["new"] = new_key
     world.fake.keys[("openai", "org-bad")] = new_key
     await admin.rotate(world.settings, key_id=bad_id, secret_file=None, stdin=io.StringIO(new_key + "\n"))
-    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+    await poll_once(world.settings, [])
     assert await db.fetchval("SELECT count(*) FROM collector_state WHERE account_id = $1", bad_id) == len(
         OPENAI_ENDPOINTS
     )
@@ -459,7 +473,7 @@ async def test_a_key_file_with_a_second_line_stops_only_its_account(
     secret.write_text(f"{key}\nsk-ant-admin-second-line\n")  # the mounted secret changes under the collector
     seed_truth(world.fake)
 
-    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+    await poll_once(world.settings, ["anthropic/org-an-file: admin key unreadable", *ORG_BAD_REFUSED])
 
     states = await db.fetch(
         "SELECT k.ai_organization_id FROM collector_state s JOIN organization_api_keys k ON k.id = s.account_id"
@@ -531,7 +545,7 @@ async def test_killed_mid_poll_publishes_nothing_of_that_window_and_the_next_pol
     before = await consume_all(settings, settings.topic_provider_buckets, expect=1, timeout=5)
     assert not [m for m in before if json.loads(m.value).get("endpoint") == "completions"]
 
-    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+    await poll_once(world.settings)
     after = await consume_all(settings, settings.topic_provider_buckets, expect=len(before) + 1, timeout=10)
     completions = [json.loads(m.value) for m in after if json.loads(m.value).get("endpoint") == "completions"]
     assert sorted(e["bucket"]["start_time"] for e in completions) == [int(d.timestamp()) for d in (D2, D1, D0)]
@@ -548,7 +562,7 @@ async def test_only_the_replica_holding_the_lock_polls(world: World, database_ur
         assert world.fake.requests == []  # the standby asked the providers nothing
     finally:
         await holder.close()  # the lock goes with the connection: the standby takes over
-    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+    await poll_once(world.settings)
     assert world.fake.requests
 
 
@@ -660,7 +674,7 @@ async def test_staged_windows_survive_a_broker_outage_and_go_out_whole_on_the_ne
     first_poll = {r["message"] for r in await db.fetch("SELECT message FROM collector_outbox")}
 
     monkeypatch.undo()
-    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+    await poll_once(world.settings, [])
     assert await db.fetchval("SELECT count(*) FROM collector_outbox") == 0
     delivered = await consume_all(settings, settings.topic_provider_buckets, expect=2 * staged, timeout=15)
     assert first_poll <= {m.value for m in delivered}  # the first poll went out whole, byte for byte
@@ -842,13 +856,13 @@ async def test_a_poller_whose_clock_is_behind_the_last_poll_still_publishes_a_ne
             return datetime.now(tz) + timedelta(hours=1)
 
     monkeypatch.setattr(runner, "datetime", Ahead)
-    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+    await poll_once(world.settings)
     assert await run_worker(settings, idle=1.5) == 0
     assert await cost_ledger(db) == cost_truth(world)
 
     monkeypatch.setattr(runner, "datetime", datetime)  # the next replica's clock is right: an hour "earlier"
     revise_truth(fake)
-    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+    await poll_once(world.settings)
     assert await run_worker(settings, idle=1.5) == 0
     assert await db.fetchval("SELECT count(*) FROM quarantine") == 0
     assert await cost_ledger(db) == cost_truth(world)  # the late revisions and today's growth are applied
@@ -863,7 +877,7 @@ async def test_a_page_larger_than_one_network_read_is_read_whole(
     fake = world.fake
     results = [openai_cost("0.01", f"line item {n:05d} " + "x" * 150, "proj_a") for n in range(1_500)]
     fake.openai_bucket("org-oa", COSTS, D1, results)  # about 330 kB, under the default 1 MiB message limit
-    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+    await poll_once(world.settings)
     assert "the response is not JSON" not in world.log.getvalue()
     assert await run_worker(settings, idle=1.5) == 0
     assert await db.fetchval("SELECT count(*) FROM quarantine") == 0
@@ -882,7 +896,7 @@ async def test_a_bucket_within_a_raised_message_limit_is_published_and_counted(
     results = [openai_cost("0.01", f"line item {n:05d} " + "x" * 150, "proj_a") for n in range(9_000)]
     fake.openai_bucket("org-oa", COSTS, D1, results)
     collector = world.settings.model_copy(update={"max_message_bytes": limit})
-    assert await asyncio.wait_for(Collector(collector).run(once=True), 60) == 0
+    await poll_once(collector)
     assert await db.fetchval("SELECT count(*) FROM collector_outbox") == 0
     assert await run_worker(settings.model_copy(update={"max_message_bytes": limit}), idle=1.5) == 0
     assert await db.fetchval("SELECT count(*) FROM quarantine") == 0
@@ -901,13 +915,13 @@ async def test_a_bucket_with_more_results_than_the_worker_takes_waits_instead_of
     results = [openai_cost("0.01", f"line item {n}", "proj_a") for n in range(150)]
     fake.openai_bucket("org-oa", COSTS, D1, results)
     small = {"max_results_per_message": 100}
-    assert await asyncio.wait_for(Collector(world.settings.model_copy(update=small)).run(once=True), 60) == 0
+    await poll_once(world.settings.model_copy(update=small), [*ORG_BAD_REFUSED, "openai/org-oa/openai.costs: failed"])
     assert "more than COST_WORKER_MAX_RESULTS_PER_MESSAGE" in world.log.getvalue()
     assert await db.fetchval("SELECT count(*) FROM collector_state WHERE report = 'openai.costs'") == 0
     assert await run_worker(settings.model_copy(update=small), idle=1.5) == 0
     assert await db.fetchval("SELECT count(*) FROM quarantine") == 0
 
-    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0  # the limit raised
+    await poll_once(world.settings)  # the limit raised
     assert await run_worker(settings, idle=1.5) == 0
     total = await costs_of_day(db, D1)
     assert total == Decimal("1.50")
@@ -922,7 +936,7 @@ async def test_a_bucket_the_provider_serves_again_on_the_next_page_is_counted_on
     fake = world.fake
     seed_truth(fake)
     fake.page_size, fake.overlap = 2, 1  # pages [D2, D1], [D1, D0]
-    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+    await poll_once(world.settings)
     assert await run_worker(settings, idle=1.5) == 0
     assert await db.fetchval("SELECT count(*) FROM quarantine") == 0
     assert await costs_of_day(db, D1) == Decimal("3.25")  # 2.5 + 0.75, once
@@ -937,7 +951,7 @@ async def test_openai_windows_never_ask_for_an_end_time_in_the_future(
     no OpenAI money was ever collected. Without ``end_time`` the report runs up to now, open bucket included."""
     fake = world.fake
     seed_truth(fake)
-    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+    await poll_once(world.settings)
     openai = [(query, status) for acc, path, query, status, _ in fake.requests if acc == "org-oa"]
     assert openai
     assert [status for _, status in openai if status != 200] == []
@@ -962,7 +976,7 @@ async def test_a_window_longer_than_a_report_covers_from_one_start_is_read_whole
     for n in range(41):
         fake.openai_bucket("org-oa", COSTS, start + n * DAY, [openai_cost("1", "Input tokens", "proj_a")])
     backfill = world.settings.model_copy(update={"collect_backfill_start": start.date()})
-    assert await asyncio.wait_for(Collector(backfill).run(once=True), 60) == 0
+    await poll_once(backfill)
     assert await run_worker(settings, idle=1.5) == 0
     assert await db.fetchval("SELECT count(*) FROM quarantine") == 0
     total = await db.fetchval(
@@ -1015,12 +1029,12 @@ async def test_a_deactivated_account_leaves_the_freshness_metrics_and_raises_no_
     values, the timestamp frozen: two hours later CostCollectorStale (time() - last success > 2 h) fired for an
     account nobody polls any more, and kept firing until the collector restarted."""
     seed_truth(world.fake)
-    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+    await poll_once(world.settings)
     labels = {"provider": "anthropic", "account": "org-an", "report": "anthropic.cost_report"}
     assert _sample("cost_worker_collect_last_success_timestamp_seconds", **labels) > 0
     key_id = await db.fetchval("SELECT id FROM organization_api_keys WHERE ai_organization_id = 'org-an'")
     await admin.deactivate(world.settings, key_id=key_id)
-    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+    await poll_once(world.settings)
     for name in (
         "cost_worker_collect_last_success_timestamp_seconds",
         "cost_worker_collect_seconds_since_last_success",
@@ -1029,3 +1043,101 @@ async def test_a_deactivated_account_leaves_the_freshness_metrics_and_raises_no_
         assert REGISTRY.get_sample_value(name, labels) is None, name
     oa = {"provider": "openai", "account": "org-oa", "report": "openai.costs"}
     assert _sample("cost_worker_collect_last_success_timestamp_seconds", **oa) > 0  # the active ones stay
+
+
+async def test_a_refused_account_is_tried_again_after_the_auth_retry_interval(
+    world: World, db: asyncpg.Connection
+) -> None:
+    """A provider's transient 401 (an incident on its side) stopped the account until its key changed or the pod
+    restarted: its money was no longer collected, for good. Now a refused key waits
+    COST_WORKER_COLLECT_AUTH_RETRY_INTERVAL, then is tried once more (one request): 200s, and the account is polled
+    again as before; refused again, it waits another interval."""
+    seed_truth(world.fake)
+    await db.execute("UPDATE organization_api_keys SET is_active = false WHERE ai_organization_id = 'org-bad'")
+    oa = {"provider": "openai", "account": "org-oa"}
+    failures = _sample("cost_worker_collect_auth_failures_total", **oa)
+    collector = Collector(world.settings.model_copy(update={"collect_auth_retry_interval": 1.0}))
+    world.fake.script[("org-oa", COSTS)] = [Canned(401)]  # one glitch, then 200s
+
+    def asked() -> int:
+        return len([1 for acc, *_ in world.fake.requests if acc == "org-oa"])
+
+    await asyncio.wait_for(collector.run(once=True), 60)
+    assert asked() == 1  # the first request refused: the account's other endpoints were not asked
+    assert _sample("cost_worker_collect_auth_failures_total", **oa) == failures + 1
+    assert _sample("cost_worker_collect_account_refused", **oa) == 1
+    await asyncio.wait_for(collector.run(once=True), 60)  # within the interval: not asked again
+    assert asked() == 1
+    assert "collect_account_stopped" in world.log.getvalue()
+
+    await asyncio.sleep(1.1)
+    await asyncio.wait_for(collector.run(once=True), 60)
+    assert asked() > 1
+    polled = await db.fetchval(
+        "SELECT count(*) FROM collector_state s JOIN organization_api_keys k ON k.id = s.account_id "
+        "WHERE k.ai_organization_id = 'org-oa'"
+    )
+    assert polled == len(OPENAI_ENDPOINTS)  # every endpoint of the account collected again
+    assert _sample("cost_worker_collect_auth_failures_total", **oa) == failures + 1
+    assert REGISTRY.get_sample_value("cost_worker_collect_account_refused", oa) is None
+
+    # Refused again on the try after the interval: one request, counted, and another interval to wait.
+    world.fake.script[("org-oa", COSTS)] = [Canned(403), Canned(403)]
+    before = asked()
+    await asyncio.wait_for(collector.run(once=True), 60)
+    assert asked() == before + 1
+    await asyncio.sleep(1.1)
+    await asyncio.wait_for(collector.run(once=True), 60)
+    assert asked() == before + 2  # the one try, not every endpoint
+    assert _sample("cost_worker_collect_auth_failures_total", **oa) == failures + 3
+    await asyncio.wait_for(collector.run(once=True), 60)
+    assert asked() == before + 2
+    assert _sample("cost_worker_collect_account_refused", **oa) == 1
+
+
+async def test_collect_once_exits_non_zero_when_the_poll_did_not_collect_everything(
+    world: World, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """`collect --once` from a cron job or a Kubernetes Job: it exited 0 even when every endpoint failed, so the
+    job "succeeded" while no money was collected. Now 3 (EXIT_INCOMPLETE) when any endpoint failed or any account
+    was refused, with one line naming what was missed; 0 only when every endpoint of every active account was read
+    and published."""
+    seed_truth(world.fake)
+    world.fake.script[("org-an", A_COSTS)] = [Canned(400, body='{"error": {"type": "invalid_request_error"}}')]
+    # org-bad's key is refused (401), org-an's cost report fails (400), the rest is read.
+    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == runner.EXIT_INCOMPLETE
+    lines = [json.loads(line) for line in world.log.getvalue().splitlines() if line.startswith("{")]
+    [incomplete] = [e for e in lines if e.get("event") == "collect_round_incomplete"]
+    assert incomplete["missed"] == [
+        "anthropic/org-an/anthropic.cost_report: failed",
+        "openai/org-bad: admin key refused",
+    ]
+
+    # The same as a process: exit 3 and one line on stderr naming what was missed.
+    env = worker_env(world.settings)
+    env["COST_WORKER_DATABASE_ROLE"] = "cost_worker_collector"
+    world.fake.script[("org-an", A_COSTS)] = [Canned(500)] * 10  # beyond every retry
+    env["COST_WORKER_COLLECT_MAX_ATTEMPTS"] = "2"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker",
+        "collect",
+        "--once",
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 3
+    stderr = err.decode()
+    assert "cost-worker: error: the poll did not collect everything" in stderr
+    assert "anthropic/org-an/anthropic.cost_report: failed" in stderr
+    assert "openai/org-bad: admin key refused" in stderr
+    assert_no_key(world, stderr)
+
+    # Everything read and published: 0.
+    world.fake.script.clear()
+    await db.execute("UPDATE organization_api_keys SET is_active = false WHERE ai_organization_id = 'org-bad'")
+    assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
+    assert await db.fetchval("SELECT count(*) FROM collector_outbox") == 0

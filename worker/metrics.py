@@ -187,7 +187,13 @@ COLLECT_POLLS = Counter(
 )
 COLLECT_AUTH_FAILURES = Counter(
     "cost_worker_collect_auth_failures_total",
-    "Polls stopped because the provider refused the account's admin key (401/403).",
+    "Requests the provider answered 401/403 (the account's admin key refused), each stopping that account's poll.",
+    ["provider", "account"],
+)
+COLLECT_ACCOUNT_REFUSED = Gauge(
+    "cost_worker_collect_account_refused",
+    "1 while the provider refuses the account's admin key (401/403): tried again every "
+    "COST_WORKER_COLLECT_AUTH_RETRY_INTERVAL; no series otherwise.",
     ["provider", "account"],
 )
 COLLECT_LAST_SUCCESS = Gauge(

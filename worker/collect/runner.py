@@ -4,11 +4,15 @@ Each round: for every active account (``organization_api_keys``) and every endpo
 window's ``collected_at`` (the clock just before reading it, later than every revision before it even if the
 clock stepped back: ``Revisions``), read the window (``windows``), stage it with its state in one transaction
 (``store``), and let the publisher deliver it (``publisher``). Failures stay where they happen:
-- 401/403 stops that account (until its key changes: ``keys rotate`` or a new secret file), with an error log
-  line and ``cost_worker_collect_auth_failures_total``; the other accounts go on.
+- 401/403 stops that account, with an error log line, ``cost_worker_collect_auth_failures_total`` and
+  ``cost_worker_collect_account_refused``; the other accounts go on. A refused key is tried again (one request)
+  every ``collect_auth_retry_interval`` (a provider's 401 during an incident must not stop collection for good),
+  and at once when it changes (``keys rotate`` or a new secret file): ``Refusals``.
 - An endpoint that still fails after its retries (or answers something undocumented) is left for the next
   poll; nothing of its window is staged. The other endpoints go on.
 - The database or the broker failing ends the round; the loop retries it after a backoff.
+What a round missed (failed endpoints, refused or unreadable keys) is logged once at its end; ``--once`` exits
+``EXIT_INCOMPLETE`` when its poll missed anything, so that a cron job or a Kubernetes Job sees it.
 Replicas that do not hold the advisory lock stay ready and idle, and try to take over every interval.
 Shutdown: SIGTERM sets ``stop``; the round in progress is abandoned (nothing of it is half-staged) and the
 staged backlog is flushed within the grace period.
@@ -19,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import sys
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -51,6 +56,8 @@ from worker.store import connect
 log = structlog.get_logger("worker.collect")
 
 EXIT_OK, EXIT_FAILURE = 0, 1
+EXIT_INCOMPLETE = 3  # --once: the poll ran but missed something (2 is the CLI's usage/config error)
+MAX_MISSED_SHOWN = 20  # what a --once that missed something names on its stderr line (the log line names all)
 REVISION_STEP = timedelta(milliseconds=1)  # a poll's collected_at after a clock step back: the last one + this
 REVISION_MARGIN = timedelta(hours=1)  # consumer lag: a revision this close to the worker's future bound is not followed
 
@@ -87,7 +94,8 @@ class Collector:
         self.health = CollectorHealth(
             ready_max_retrying=settings.ready_max_retrying, stale_after=settings.collect_stale_after
         )
-        self.refused: dict[tuple[str, str], str] = {}  # (provider, account) -> fingerprint the provider refused
+        self.refusals = Refusals(settings.collect_auth_retry_interval)
+        self.missed: list[str] = []  # what the last round did not collect, "provider/account[/report]: why"
         self._kek: bytes | None = None
 
     # --- the loop -----------------------------------------------------------------------------------------
@@ -151,8 +159,12 @@ class Collector:
                 if self.health.active:
                     if not await self._until_stopped(self._round(poller, publisher, client)):
                         break
-                    await self._deliver(publisher)
+                    delivered = await self._deliver(publisher)
                     await self._freshness(poller)
+                    if once:
+                        if not delivered:
+                            self.missed.append("staged windows left unpublished (stopped while the broker failed)")
+                        return EXIT_INCOMPLETE if self.missed else EXIT_OK
                 elif once:
                     log.error("collector_not_active", reason="another replica holds the poller lock")
                     return EXIT_FAILURE
@@ -168,24 +180,26 @@ class Collector:
                 await sleep_or_stop(self.stop, delay)
                 delay = min(delay * 2, self.settings.retry_max_backoff)
                 continue
-            if once:
-                return EXIT_OK
             await sleep_or_stop(self.stop, self.settings.collect_interval)
+        if once:  # stopped (SIGTERM) before the poll was complete
+            self.missed.append("the poll was stopped before it finished")
+            return EXIT_INCOMPLETE
         return EXIT_OK
 
-    async def _deliver(self, publisher: CollectorPublisher) -> None:
+    async def _deliver(self, publisher: CollectorPublisher) -> bool:
         """Publish everything staged, retrying the broker and the publisher's database connection (replaced when
-        lost) with backoff, never re-polling for it. /readyz fails once this lasts over ``ready_max_retrying``."""
+        lost) with backoff, never re-polling for it. /readyz fails once this lasts over ``ready_max_retrying``.
+        False when stopped before everything was published."""
         delay = self.settings.retry_initial_backoff
         while True:
             try:
                 await publisher.drain()
                 self.health.retrying_since = None
-                return
+                return True
             except TransientError as exc:
                 if self.stop.is_set():
                     log.warning("collect_publish_left_for_next_start", error=str(exc))
-                    return
+                    return False
                 if self.health.retrying_since is None:
                     self.health.retrying_since = time.monotonic()
                 log.warning("collect_publish_failed", error=str(exc), retry_in=delay)
@@ -211,6 +225,7 @@ class Collector:
         return False
 
     async def _round(self, poller: PollerConnection, publisher: CollectorPublisher, client: ProviderClient) -> None:
+        self.missed = []
         revisions = Revisions(await poller.newest_revision())
         accounts = await poller.accounts()
         log.info("collect_round", accounts=len(accounts))
@@ -218,6 +233,9 @@ class Collector:
             if self.stop.is_set():
                 return
             await self._poll_account(poller, publisher, client, account, revisions)
+        if self.missed:
+            self.missed.sort()
+            log.warning("collect_round_incomplete", missed=self.missed, count=len(self.missed))
 
     async def _poll_account(
         self,
@@ -231,15 +249,20 @@ class Collector:
         try:
             admin_key = self._admin_key(account)
         except KeyStoreError as exc:
+            self.missed.append(f"{provider}/{name}: admin key unreadable")
             log.error("collect_key_unreadable", provider=provider, account=name, error=str(exc))
             return
         fingerprint = keystore.fingerprint(admin_key.reveal())
-        if self.refused.get((provider, name)) == fingerprint:
+        waiting = self.refusals.waiting((provider, name), fingerprint, time.monotonic())
+        if waiting is not None:
+            self.missed.append(f"{provider}/{name}: admin key refused (next try in {waiting:.0f}s)")
             log.error(
                 "collect_account_stopped",
                 provider=provider,
                 account=name,
-                reason="the provider refused this admin key; rotate it with `cost-worker keys rotate`",
+                retry_in=round(waiting),
+                reason="the provider refused this admin key; tried again after retry_in seconds, at once after "
+                "`cost-worker keys rotate`",
             )
             return
         base_url = self._base_url(provider)
@@ -272,13 +295,22 @@ class Collector:
                     for bucket in collected.buckets
                 ]
             except ProviderAuthFailed as exc:
-                self.refused[(provider, name)] = fingerprint
+                self.refusals.refuse((provider, name), fingerprint, time.monotonic())
                 metrics.COLLECT_AUTH_FAILURES.labels(provider=provider, account=name).inc()
+                metrics.COLLECT_ACCOUNT_REFUSED.labels(provider=provider, account=name).set(1)
                 self._polled(endpoint, "auth_failed")
-                log.error("collect_auth_failed", provider=provider, account=name, error=str(exc))
+                self.missed.append(f"{provider}/{name}: admin key refused")
+                log.error(
+                    "collect_auth_failed",
+                    provider=provider,
+                    account=name,
+                    error=str(exc),
+                    retry_in=self.settings.collect_auth_retry_interval,
+                )
                 return
             except (ProviderUnavailable, ProviderRejected) as exc:
                 self._polled(endpoint, "failed")
+                self.missed.append(f"{provider}/{name}/{endpoint.report}: failed")
                 log.warning(
                     "collect_endpoint_failed", provider=provider, account=name, report=endpoint.report, error=str(exc)
                 )
@@ -305,7 +337,10 @@ class Collector:
                 buckets=len(messages),
                 repeated_results=collected.repeated,
             )
-        self.refused.pop((provider, name), None)
+        if self.refusals.accept((provider, name)):
+            with contextlib.suppress(KeyError):
+                metrics.COLLECT_ACCOUNT_REFUSED.remove(provider, name)
+            log.info("collect_account_resumed", provider=provider, account=name)
 
     async def _freshness(self, poller: PollerConnection) -> None:
         """Seconds since the last success per account and report, and readiness, from the stored state.
@@ -346,6 +381,11 @@ class Collector:
                     if series not in polled_now:
                         with contextlib.suppress(KeyError):
                             gauge.remove(*series)
+        # So is a refused one, and its refusal is forgotten (reactivated, it is tried at once).
+        active = {(provider, name) for provider, name, _ in keys_set.values()}
+        for account in self.refusals.forget_all_but(active):
+            with contextlib.suppress(KeyError):
+                metrics.COLLECT_ACCOUNT_REFUSED.remove(*account)
 
     # --- helpers ------------------------------------------------------------------------------------------
 
@@ -368,6 +408,41 @@ class Collector:
     @staticmethod
     def _polled(endpoint: Endpoint, result: str) -> None:
         metrics.COLLECT_POLLS.labels(provider=endpoint.provider, report=endpoint.report, result=result).inc()
+
+
+@dataclass
+class Refusals:
+    """The accounts whose admin key the provider refused (401/403): which key, and when (monotonic seconds).
+
+    A refused key is not sent again until ``retry_interval`` seconds have passed; then it is tried once more (the
+    poll of an account stops at its first refusal: one request per interval, never the retry ladder of a 5xx). A
+    changed key (``keys rotate``, a new secret file) is tried at once. Before, a refusal lasted until the key
+    changed or the process restarted: one 401 during a provider's incident stopped the account for good."""
+
+    retry_interval: float
+    refused: dict[tuple[str, str], tuple[str, float]] = field(default_factory=dict)  # (provider, account) -> ...
+
+    def waiting(self, account: tuple[str, str], fingerprint: str, now: float) -> float | None:
+        """Seconds before ``account`` is tried again with this key; None when it is to be polled now."""
+        refused = self.refused.get(account)
+        if refused is None or refused[0] != fingerprint:
+            return None
+        left = refused[1] + self.retry_interval - now
+        return left if left > 0 else None
+
+    def refuse(self, account: tuple[str, str], fingerprint: str, now: float) -> None:
+        self.refused[account] = (fingerprint, now)
+
+    def accept(self, account: tuple[str, str]) -> bool:
+        """The account was polled without a refusal; True when it had been refused."""
+        return self.refused.pop(account, None) is not None
+
+    def forget_all_but(self, active: set[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Drop the refusals of accounts no longer polled (deactivated); returns them."""
+        gone = [account for account in self.refused if account not in active]
+        for account in gone:
+            del self.refused[account]
+        return gone
 
 
 class Revisions:
@@ -413,6 +488,16 @@ def run(settings: Settings, *, once: bool = False) -> int:
         code = EXIT_FAILURE
         try:
             code = await collector.run(once=once)
+            if code == EXIT_INCOMPLETE:
+                shown = collector.missed[:MAX_MISSED_SHOWN]
+                more = len(collector.missed) - len(shown)
+                print(
+                    "cost-worker: error: the poll did not collect everything: "
+                    + "; ".join(shown)
+                    + (f"; and {more} more (log line collect_round_incomplete)" if more > 0 else ""),
+                    file=sys.stderr,
+                    flush=True,
+                )
             return code
         finally:
             exit_after(EXIT_DEADLINE, code)  # the hard deadline, as for `run`
