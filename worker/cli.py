@@ -1,7 +1,8 @@
 """``cost-worker`` command line: one subcommand per job an operator or developer has.
 
 Every failure ends as one line on stderr and a non-zero exit code, never a traceback:
-2 for usage and configuration errors, 1 for everything else.
+2 for usage and configuration errors, 1 for everything else (and 3 for a ``collect --once`` whose poll missed
+something: it ran, but did not collect everything).
 """
 
 from __future__ import annotations

@@ -21,7 +21,12 @@ def add_parsers(sub: Any) -> None:
         "and usage reports), re-reading the trailing window, and publish each complete window's buckets to the "
         "provider-bucket topic. One replica polls at a time. Runs until SIGTERM.",
     )
-    collect.add_argument("--once", action="store_true", help="poll every account once, publish, and exit")
+    collect.add_argument(
+        "--once",
+        action="store_true",
+        help="poll every account once, publish, and exit: 0 when everything was collected, 3 when an endpoint "
+        "failed or a key was refused (named on stderr), 1 when another replica holds the poller lock",
+    )
 
     keys = sub.add_parser(
         "keys",

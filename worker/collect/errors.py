@@ -27,7 +27,8 @@ class RateLimited(ProviderUnavailable):
 
 
 class ProviderAuthFailed(CollectError):
-    """The provider refused the admin key (401/403): that account stops until its key is rotated."""
+    """The provider refused the admin key (401/403): that account stops until a retry after
+    ``collect_auth_retry_interval`` is accepted, or its key changes (``keys rotate``)."""
 
 
 class ProviderRejected(CollectError):
