@@ -1141,3 +1141,25 @@ async def test_collect_once_exits_non_zero_when_the_poll_did_not_collect_everyth
     await db.execute("UPDATE organization_api_keys SET is_active = false WHERE ai_organization_id = 'org-bad'")
     assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
     assert await db.fetchval("SELECT count(*) FROM collector_outbox") == 0
+
+
+async def test_a_response_header_no_clock_can_read_is_ignored_and_polling_goes_on(world: World) -> None:
+    """A provider (or a proxy in front of it) sending a Retry-After of superscript digits, or a Date in a year no
+    clock holds: the client raised a bare ValueError / OverflowError, which no part of the collector expects, so
+    the whole collector stopped (exit 1, "internal error") and no account was polled. The header counts as
+    absent: a 429 without a usable Retry-After backs off like a 5xx, a 200 is read."""
+    seed_truth(world.fake)
+    far = "Mon, 01 Jan 99999999999 00:00:00 GMT"
+    world.fake.script[("org-oa", COSTS)] = [Canned(429, {"Retry-After": "\u00b2"}), Canned(503, {"Retry-After": far})]
+    world.fake.script[("org-an", A_COSTS)] = [Canned(503, {"Date": far})]
+    await poll_once(world.settings)  # every endpoint of the good accounts read; only org-bad missed
+    assert [s for acc, p, _, s, _ in world.fake.requests if acc == "org-oa" and p == COSTS][:3] == [429, 503, 200]
+
+
+async def test_an_error_body_nested_too_deep_to_parse_fails_only_its_endpoint(world: World) -> None:
+    """The error type of an unexpected status is read from its body (the documented error object). A body nested
+    deeper than Python's parser recurses (a broken proxy, a hostile endpoint) raised RecursionError, which ended
+    the whole collector ("internal error") instead of failing that one endpoint until the next poll."""
+    seed_truth(world.fake)
+    world.fake.script[("org-an", A_USAGE)] = [Canned(400, body="[" * 100_000)]
+    await poll_once(world.settings, [f"anthropic/org-an/{ANTHROPIC_ENDPOINTS[1].report}: failed", *ORG_BAD_REFUSED])

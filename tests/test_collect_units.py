@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from worker.collect import admin
 from worker.collect import keys as keystore
-from worker.collect.client import ProviderClient, retry_after_seconds
+from worker.collect.client import ProviderClient, provider_clock, retry_after_seconds
 from worker.collect.errors import KeyStoreError, ProviderRejected, ProviderUnavailable
 from worker.collect.publisher import dump_exact, envelope
 from worker.collect.runner import revision_after
@@ -77,6 +77,19 @@ def test_a_poll_revision_is_later_than_the_last_one_unless_the_worker_would_refu
 )
 def test_retry_after_reads_seconds_and_http_dates(header: str | None, expected: float | None) -> None:
     assert retry_after_seconds(header, now=NOW.timestamp()) == expected
+
+
+FAR_YEAR = "Mon, 01 Jan 99999999999 00:00:00 GMT"  # a date no clock can hold (OverflowError)
+
+
+@pytest.mark.parametrize("header", ["\u00b2", "\u00b9\u00b2", FAR_YEAR, "Mon, 01 Jan 2026 99:00:00 GMT"])
+def test_an_unreadable_retry_after_or_date_is_no_header_never_an_error(header: str) -> None:
+    """A superscript digit passes ``str.isdigit`` but not ``float``; a year beyond any clock overflows. Either
+    raised out of the client (ValueError, OverflowError: no collector error), ending the whole collector with an
+    internal error on one response header of one provider (a 200's too: every response's headers are read)."""
+    assert retry_after_seconds(header, now=NOW.timestamp()) is None
+    assert retry_after_seconds(header) is None
+    assert provider_clock(header) is None
 
 
 def test_sealed_keys_open_only_with_their_kek_and_their_account(tmp_path: Path) -> None:

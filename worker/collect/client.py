@@ -54,29 +54,32 @@ class _RetryAfterOrBackoff(wait_base):
 
 
 def provider_clock(date: str | None) -> float | None:
-    """What the provider's clock read when it answered (its ``Date`` header), None when it did not say."""
+    """What the provider's clock read when it answered (its ``Date`` header), None when it did not say (or said
+    something no clock can read: a year beyond any, OverflowError, is no date either)."""
     if date is None:
         return None
     try:
         return email.utils.parsedate_to_datetime(date).timestamp()
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
 
 
 def retry_after_seconds(value: str | None, *, now: float | None = None) -> float | None:
     """``Retry-After`` as seconds to wait: delta-seconds or an HTTP date (RFC 9110 10.2.3). ``now``: the moment
     the date is counted from, the provider's own clock (its ``Date`` header) when it sent one, for a date is a
-    moment on the provider's clock, and ours may be minutes off."""
+    moment on the provider's clock, and ours may be minutes off. Unreadable (superscript digits pass
+    ``str.isdigit`` but not ``float``; a year beyond any clock overflows): None, as if absent, never an error
+    (one raised here would end the whole collector, not just this request)."""
     if value is None or not value.strip():
         return None
     text = value.strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return float(text)
     try:
-        moment = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError):
+        moment = email.utils.parsedate_to_datetime(text).timestamp()
+    except (TypeError, ValueError, OverflowError):
         return None
-    return max(0.0, moment.timestamp() - (time.time() if now is None else now))
+    return max(0.0, moment - (time.time() if now is None else now))
 
 
 class ProviderClient:
@@ -226,10 +229,11 @@ async def _read(response: aiohttp.ClientResponse) -> bytes:
 
 
 def _error_type(body: bytes) -> str:
-    """The provider's error type/code, when its body is the documented error object (never the message)."""
+    """The provider's error type/code, when its body is the documented error object (never the message). A body
+    nested too deep for the parser (RecursionError) names none, like any other body that is not that object."""
     try:
         error = json.loads(body).get("error")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return ""
     if not isinstance(error, dict):
         return ""
