@@ -1163,3 +1163,23 @@ async def test_an_error_body_nested_too_deep_to_parse_fails_only_its_endpoint(wo
     seed_truth(world.fake)
     world.fake.script[("org-an", A_USAGE)] = [Canned(400, body="[" * 100_000)]
     await poll_once(world.settings, [f"anthropic/org-an/{ANTHROPIC_ENDPOINTS[1].report}: failed", *ORG_BAD_REFUSED])
+
+
+async def test_collect_once_stopped_mid_poll_exits_incomplete(world: World) -> None:
+    """SIGTERM (a Job's deadline, a node drain) while `collect --once` reads a window: the window is abandoned,
+    nothing of it staged. It exited 0 as if the poll had collected everything; now 3, saying it was stopped."""
+    seed_truth(world.fake)
+    for day in (D2, D1, D0):
+        world.fake.openai_bucket("org-oa", COMPLETIONS, day, [openai_completions("proj_a", "gpt-4o", 10, 0, 1)])
+    world.fake.holds[COMPLETIONS] = (1, asyncio.Event())  # the second page is parked
+    collector = Collector(world.settings)
+    running = asyncio.ensure_future(collector.run(once=True))
+    try:
+        await asyncio.wait_for(world.fake.held.wait(), 60)
+        collector.stop.set()
+        assert await asyncio.wait_for(running, 30) == runner.EXIT_INCOMPLETE
+    finally:
+        world.fake.holds.pop(COMPLETIONS)[1].set()
+        if not running.done():
+            running.cancel()
+    assert "the poll was stopped before it finished" in collector.missed
