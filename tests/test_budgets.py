@@ -572,6 +572,41 @@ async def test_a_budget_changed_to_a_longer_period_alerts_in_it(
     assert await BudgetEngine(settings).sweep(database, at=datetime(2026, 11, 20, tzinfo=UTC)) == []
 
 
+async def test_two_periods_of_one_start_judged_in_one_batch_each_raise_their_alert(
+    db: asyncpg.Connection, feeder: Feeder, settings: Settings
+) -> None:
+    """A daily budget of 10 USD was weekly from 5 to 12 November (migration 0033 judges an ended period by the terms in
+    force at its end). One batch brings 6 USD on Monday 2 November, judged as that day (daily then), and 1 USD on
+    the 6th, judged in its week, 2-9 November (weekly at the week's end): both periods start on the 2nd and both reach
+    50 %. Their crossings were numbered from the same history, so both were crossing 1, one alert id: the week's
+    insert hit the day's key and was dropped (ON CONFLICT DO NOTHING), and the week never alerted. Each is raised now,
+    the second as the next crossing at that start."""
+    org = await make_org(db)
+    budget = await add_budget(db, "organization", org, "10", period="daily", thresholds=(50,))
+    weekly = datetime(2026, 11, 5, 12, tzinfo=UTC)
+    await change_budget(db, "UPDATE ai_organization_budgets SET period = 'weekly' WHERE id = $1", budget, at=weekly)
+    await change_budget(
+        db, "UPDATE ai_organization_budgets SET period = 'daily' WHERE id = $1", budget, at=weekly + timedelta(days=7)
+    )
+    outcome = await feeder.events(
+        spend_event(org, "6", at="2026-11-02T10:00:00Z", event_id="monday"),
+        spend_event(org, "1", at="2026-11-06T10:00:00Z", event_id="friday"),
+    )
+    day = (datetime(2026, 11, 2, tzinfo=UTC), datetime(2026, 11, 3, tzinfo=UTC))
+    week = (datetime(2026, 11, 2, tzinfo=UTC), datetime(2026, 11, 9, tzinfo=UTC))
+    assert sorted((a.period_start, a.period_end, a.spend) for a in outcome.alerts) == [
+        (*day, Decimal(6)),
+        (*week, Decimal(7)),
+    ]
+    rows = await db.fetch(
+        "SELECT period_start, period_end, spend, crossing FROM budget_alerts WHERE budget_id = $1 ORDER BY period_end",
+        budget,
+    )
+    assert sorted(r["crossing"] for r in rows) == [1, 2]
+    assert [(r["period_start"], r["period_end"], r["spend"]) for r in rows] == [(*day, Decimal(6)), (*week, Decimal(7))]
+    assert len({m["alert_id"] for m in await outbox_alerts(db, settings)}) == 2
+
+
 async def test_a_time_zone_postgresql_knows_and_python_does_not_alerts_instead_of_failing_the_batch(
     db: asyncpg.Connection, feeder: Feeder, database: Database, settings: Settings
 ) -> None:

@@ -173,6 +173,9 @@ class BudgetEngine:
         now = datetime.now(UTC)
         alerts: list[Alert] = []
         falling: list[tuple[Candidate, Decimal, Decimal, UUID]] = []  # (candidate, threshold, spend, open alert)
+        # Periods of one start (a day and a week judged by 0033's terms in force then) share the alert id's key:
+        # the crossings this evaluation numbers at a key follow each other, or the second insert would be dropped.
+        numbered: dict[tuple[str, UUID, datetime, Decimal, Decimal, str], int] = {}
         for candidate, spend in zip(candidates, spends, strict=True):
             if spend.amount is None:
                 self._unconvertible(candidate, spend, trigger)
@@ -180,7 +183,16 @@ class BudgetEngine:
             for currency, rows in spend.converted.items():
                 metrics.CONVERTED_ROWS.labels(budget_currency=candidate.currency, row_currency=currency).inc(rows)
             for threshold in candidate.crossed(spend.amount):
-                crossing = candidate.history.get(threshold, (0, None))[0] + 1
+                key = (
+                    candidate.scope,
+                    candidate.budget_id,
+                    candidate.period_start,
+                    threshold,
+                    candidate.amount,
+                    candidate.currency,
+                )
+                crossing = max(candidate.history.get(threshold, (0, None))[0], numbered.get(key, 0)) + 1
+                numbered[key] = crossing
                 alerts.append(candidate.alert(threshold, spend.amount, now, crossing=crossing))
             for threshold in candidate.fallen(spend.amount):
                 open_id = candidate.history[threshold][1]
