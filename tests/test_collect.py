@@ -41,6 +41,7 @@ from tests.fake_providers import (
 from tests.kafka_helpers import consume_all, create_topics, run_worker, worker_env
 from worker import logs
 from worker.collect import admin, runner
+from worker.collect import keys as keystore
 from worker.collect.client import ProviderClient
 from worker.collect.errors import KeyStoreError, ProviderAuthFailed, ProviderRejected, ProviderUnavailable
 from worker.collect.publisher import CollectorPublisher
@@ -440,6 +441,74 @@ async def test_keys_commands_show_fingerprints_and_rotation_resumes_a_refused_ac
     assert "rotated" in out
     assert "deactivated" in out
     assert_no_key(world, out, world.log.getvalue())
+
+
+async def test_the_key_encryption_key_rotates_with_keys_rewrap(
+    world: World, db: asyncpg.Connection, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The KEK rotates without re-entering a single admin key: the new one current, the old one previous, `keys
+    rewrap`; then the old one can go. A key sealed under a KEK the operator no longer has is named (exit 1) and
+    every other key is still rewrapped."""
+    seed_truth(world.fake)
+    assert world.settings.collect_key_encryption_key_file is not None
+    old_kek = world.settings.collect_key_encryption_key_file
+    new_kek = tmp_path / "kek-new"
+    new_kek.write_bytes(bytes(range(100, 132)))
+    before = {r["id"]: r for r in await db.fetch("SELECT * FROM organization_api_keys")}
+    rotating = world.settings.model_copy(
+        update={"collect_key_encryption_key_file": new_kek, "collect_previous_key_encryption_key_file": old_kek}
+    )
+    # Mid-rotation, before the rewrap: the collector opens keys the old KEK wrapped.
+    await poll_once(rotating)
+    # A key the new KEK already wraps is left alone (a second run, or an account added mid-rotation).
+    world.keys["mid"] = f"sk-admin-mid-{uuid.uuid4().hex}"
+    mid = await make_org(db, provider="openai", ai_org="org-mid", project_ids=("proj_m",))
+    await admin.add(
+        rotating,
+        organization=mid.id,
+        provider="openai",
+        account="org-mid",
+        name="mid",
+        secret_file=None,
+        stdin=io.StringIO(world.keys["mid"] + "\n"),
+    )
+    mid_row = await db.fetchrow("SELECT * FROM organization_api_keys WHERE ai_organization_id = 'org-mid'")
+    assert mid_row is not None
+    assert await admin.rewrap(rotating) == admin.EXIT_OK
+    assert "rewrapped 3 admin key(s)" in capsys.readouterr().out
+    after = {r["id"]: r for r in await db.fetch("SELECT * FROM organization_api_keys")}
+    new_id = keystore.kek_id(keystore.load_kek(new_kek))
+    assert {r["kek_id"] for r in after.values()} == {new_id}
+    for key_id, row in before.items():
+        assert after[key_id]["key_ciphertext"] == row["key_ciphertext"]
+        assert after[key_id]["fingerprint"] == row["fingerprint"]
+        assert after[key_id]["wrapped_key"] != row["wrapped_key"]
+    assert after[mid_row["id"]]["wrapped_key"] == mid_row["wrapped_key"]
+    assert await admin.rewrap(rotating) == admin.EXIT_OK
+    assert "rewrapped 0 admin key(s)" in capsys.readouterr().out
+    # The old KEK gone: the collector still opens every key (org-bad is refused by the provider, as before).
+    rotated = world.settings.model_copy(update={"collect_key_encryption_key_file": new_kek})
+    world.fake.keys[("openai", "org-mid")] = world.keys["mid"]
+    await poll_once(rotated)
+    # A row under a KEK nobody has any more: named with its key id; the rest is done.
+    lost = keystore.seal(bytes(32), "openai", "org-oa", world.keys["org-oa"])
+    lost_id = await db.fetchval(
+        "UPDATE organization_api_keys SET key_ciphertext = $1, wrapped_key = $2, kek_id = $3 "
+        "WHERE ai_organization_id = 'org-oa' RETURNING id",
+        lost.ciphertext,
+        lost.wrapped_key,
+        lost.kek_id,
+    )
+    newest = tmp_path / "kek-newest"
+    newest.write_bytes(bytes(range(200, 232)))
+    again = world.settings.model_copy(
+        update={"collect_key_encryption_key_file": newest, "collect_previous_key_encryption_key_file": new_kek}
+    )
+    with pytest.raises(KeyStoreError, match=f"1 admin key\\(s\\) left as they were: key {lost_id}: .*another"):
+        await admin.rewrap(again)
+    assert "rewrapped 3 admin key(s)" in capsys.readouterr().out
+    assert await db.fetchval("SELECT kek_id FROM organization_api_keys WHERE id = $1", lost_id) == lost.kek_id
+    assert_no_key(world, world.log.getvalue())
 
 
 async def test_a_key_file_with_a_second_line_stops_only_its_account(

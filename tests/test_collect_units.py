@@ -107,6 +107,25 @@ def test_sealed_keys_open_only_with_their_kek_and_their_account(tmp_path: Path) 
     assert "sk-admin" not in repr(keystore.AdminKey("sk-admin-secret"))
 
 
+def test_a_rewrapped_key_opens_with_the_new_kek_only_and_keeps_its_admin_key() -> None:
+    old, new, other = bytes(range(32)), bytes(range(1, 33)), bytes(32)
+    sealed = keystore.seal(old, "anthropic", "org-a", "sk-ant-admin-secret")
+    # While the KEK rotates, a keyring with the retiring one as previous opens what it sealed.
+    rotating = keystore.Keyring(new, previous=old)
+    assert keystore.unseal(rotating, "anthropic", "org-a", sealed).reveal() == "sk-ant-admin-secret"
+    again = keystore.rewrap(rotating, "anthropic", "org-a", sealed)
+    assert again.kek_id == keystore.kek_id(new) != sealed.kek_id
+    assert again.ciphertext == sealed.ciphertext  # the admin key is not touched, only its data key's wrapping
+    assert keystore.unseal(new, "anthropic", "org-a", again).reveal() == "sk-ant-admin-secret"
+    with pytest.raises(KeyStoreError, match="another key-encryption key"):
+        keystore.unseal(old, "anthropic", "org-a", again)
+    # Neither KEK of the keyring: named, not rewrapped; nor a row moved to another account.
+    with pytest.raises(KeyStoreError, match="another key-encryption key"):
+        keystore.rewrap(keystore.Keyring(new, previous=other), "anthropic", "org-a", sealed)
+    with pytest.raises(KeyStoreError, match="does not decrypt"):
+        keystore.rewrap(rotating, "anthropic", "org-b", sealed)
+
+
 BAD_KEYS = [
     "sk-admin-first-line\nsk-admin-second-line",  # a secret file with a second line
     "sk-admin-abc def",

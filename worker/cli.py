@@ -311,7 +311,9 @@ NEEDED_BY = {
     "database_url": "every command but `check-config`, `dev` and `prices show`",
     "kafka_bootstrap_servers": "`run`, `collect` and `notify run`",
     "notify_secrets_key": "`notify run`, `notify destinations add` and `notify destinations test`",
-    "collect_key_encryption_key_file": "`collect`, and `keys add` and `keys rotate` with a key on standard input",
+    "collect_key_encryption_key_file": (
+        "`collect`, `keys rewrap`, and `keys add` and `keys rotate` with a key on standard input"
+    ),
 }
 
 

@@ -361,6 +361,11 @@ class Settings(BaseSettings):
         default=None,
         description="File with the 32-byte key-encryption key (raw, hex or base64) that wraps stored admin keys",
     )
+    collect_previous_key_encryption_key_file: Path | None = Field(
+        default=None,
+        description="While the key-encryption key rotates: file with the one being retired; keys it wrapped still "
+        "open, and `keys rewrap` wraps them under the current one",
+    )
     collect_interval: float = Field(
         default=COLLECT_INTERVAL, gt=0, description="Seconds between polls of every provider account"
     )
@@ -419,6 +424,7 @@ class Settings(BaseSettings):
         "kafka_sasl_username",
         "kafka_bootstrap_servers",
         "collect_key_encryption_key_file",
+        "collect_previous_key_encryption_key_file",
         "collect_backfill_start",
         mode="before",
     )
@@ -459,8 +465,10 @@ class Settings(BaseSettings):
                 found.append(f"{env_name(name)}: no such file: {path}")
         for name in ("collect_openai_base_url", "collect_anthropic_base_url"):
             found += [f"{env_name(name)}: {problem}" for problem in base_url_problems(getattr(self, name))]
-        if self.collect_key_encryption_key_file is not None and not self.collect_key_encryption_key_file.is_file():
-            found.append(f"{env_name('collect_key_encryption_key_file')}: no such file")
+        for name in ("collect_key_encryption_key_file", "collect_previous_key_encryption_key_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                found.append(f"{env_name(name)}: no such file")
         if (self.kafka_ssl_certfile is None) != (self.kafka_ssl_keyfile is None):
             found.append(f"{env_name('kafka_ssl_certfile')}/{env_name('kafka_ssl_keyfile')}: set both or neither")
         if self.kafka_heartbeat_interval * 3 > self.kafka_session_timeout:

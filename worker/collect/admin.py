@@ -1,4 +1,4 @@
-"""``cost-worker keys add|rotate|deactivate|list``: the operator's view of provider accounts and admin keys.
+"""``cost-worker keys add|rotate|rewrap|deactivate|list``: the operator's view of provider accounts and admin keys.
 
 A key is read from standard input (never from the command line, where ``ps`` shows it) and stored sealed, or
 stored as a reference to a secret file (``--secret-file``). Output shows a fingerprint, never the key.
@@ -107,6 +107,43 @@ async def rotate(settings: Settings, *, key_id: UUID, secret_file: Path | None, 
     finally:
         await conn.close()
     print(f"rotated key {key_id} of {row['provider']} account {row['ai_organization_id']} ({fingerprint})")
+    return EXIT_OK
+
+
+async def rewrap(settings: Settings) -> int:
+    """Every sealed key's data key wrapped under the current KEK, in one transaction; the admin keys unchanged.
+
+    Keys the current KEK already wraps are left alone, so a second run changes nothing. A key neither the
+    current nor the previous KEK opens is named and left as it is; the others are still rewrapped.
+    """
+    keys = keystore.Keyring.load(
+        settings.collect_key_encryption_key_file, settings.collect_previous_key_encryption_key_file
+    )
+    current = keystore.kek_id(keys.current)
+    conn = await connect(settings.dsn(), role=settings.database_role, timeout=settings.database_connect_timeout)
+    problems: list[str] = []
+    done = 0
+    try:
+        async with conn.transaction():
+            for row in await store.keys_sealed(conn, current):
+                sealed = keystore.Sealed(row["key_ciphertext"], row["wrapped_key"], row["kek_id"])
+                try:
+                    again = keystore.rewrap(keys, row["provider"], row["ai_organization_id"], sealed)
+                except KeyStoreError as exc:
+                    problems.append(f"key {row['id']}: {exc}")
+                    continue
+                await store.keys_rewrap(conn, row["id"], again.wrapped_key, again.kek_id)
+                done += 1
+    finally:
+        await conn.close()
+    print(f"rewrapped {done} admin key(s) under key-encryption key {current}")
+    if problems:
+        raise KeyStoreError(
+            f"{len(problems)} admin key(s) left as they were: "
+            + "; ".join(problems)
+            + " (set COST_WORKER_COLLECT_PREVIOUS_KEY_ENCRYPTION_KEY_FILE to their key-encryption key, or "
+            "`keys rotate` them)"
+        )
     return EXIT_OK
 
 

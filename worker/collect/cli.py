@@ -46,6 +46,14 @@ def add_parsers(sub: Any) -> None:
     rotate = ksub.add_parser("rotate", help="replace an account's admin key (key on stdin) and reactivate it")
     rotate.add_argument("key_id", type=UUID, metavar="KEY_ID")
     rotate.add_argument("--secret-file", type=Path, help="store a reference to this file instead of the key")
+    ksub.add_parser(
+        "rewrap",
+        help="wrap every stored admin key under the current key-encryption key (after rotating it)",
+        description="Every sealed admin key's data key is wrapped again under "
+        "COST_WORKER_COLLECT_KEY_ENCRYPTION_KEY_FILE; those the previous key-encryption key wrapped "
+        "(COST_WORKER_COLLECT_PREVIOUS_KEY_ENCRYPTION_KEY_FILE) open with it. The admin keys themselves do not "
+        "change. Exit 1 names any key neither opens.",
+    )
     deactivate = ksub.add_parser("deactivate", help="stop polling an account")
     deactivate.add_argument("key_id", type=UUID, metavar="KEY_ID")
     ksub.add_parser("list", help="accounts, fingerprints and last successful poll")
@@ -100,6 +108,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
         def action(s: Settings) -> Any:
             return admin.rotate(s, key_id=args.key_id, secret_file=args.secret_file)
+    elif args.keys_command == "rewrap":
+
+        def action(s: Settings) -> Any:
+            return admin.rewrap(s)
     elif args.keys_command == "deactivate":
 
         def action(s: Settings) -> Any:

@@ -3,7 +3,9 @@
 Each stored key gets its own random data key; the admin key is encrypted under the data key and the data key
 under the key-encryption key (KEK) read from ``COST_WORKER_COLLECT_KEY_ENCRYPTION_KEY_FILE``. Both encryptions
 bind the account (provider and provider organization id) as associated data, so a ciphertext copied onto
-another account's row does not decrypt. Rotating the KEK means re-adding (``keys rotate``) each key.
+another account's row does not decrypt. Each row records which KEK wrapped its data key (``kek_id``), so the KEK
+rotates without touching an admin key: with the retiring KEK in ``COST_WORKER_COLLECT_PREVIOUS_KEY_ENCRYPTION_KEY_FILE``
+both open, and ``keys rewrap`` wraps every data key again under the current one (``rewrap``).
 
 An ``AdminKey`` never shows its value in ``repr``/``str``: only ``reveal()`` gives it, for the request header.
 """
@@ -108,17 +110,52 @@ def seal(kek: bytes, provider: str, organization_id: str, key: str) -> Sealed:
     return Sealed(ciphertext=ciphertext, wrapped_key=wrapped, kek_id=kek_id(kek))
 
 
-def unseal(kek: bytes, provider: str, organization_id: str, sealed: Sealed) -> AdminKey:
-    if sealed.kek_id != kek_id(kek):
+@dataclass(frozen=True)
+class Keyring:
+    """The KEK that seals (``current``) and, while it is being retired, the one before it: both open."""
+
+    current: bytes
+    previous: bytes | None = None
+
+    @classmethod
+    def load(cls, current: Path | None, previous: Path | None) -> Keyring:
+        return cls(load_kek(current), None if previous is None else load_kek(previous))
+
+    def kek(self, wanted: str) -> bytes | None:
+        """The KEK whose id is ``wanted``, if this keyring holds it."""
+        return next((k for k in (self.current, self.previous) if k is not None and kek_id(k) == wanted), None)
+
+
+def _open(
+    keys: bytes | Keyring, aad: bytes, sealed: Sealed, provider: str, organization_id: str
+) -> tuple[bytes, bytes]:
+    """(data key, admin key bytes): a rewrap opens the whole row too, so it never carries a broken row along."""
+    kek = (keys if isinstance(keys, Keyring) else Keyring(keys)).kek(sealed.kek_id)
+    if kek is None:
         raise KeyStoreError(
-            f"the admin key of {provider} account {organization_id} was sealed with another key-encryption key"
+            f"the admin key of {provider} account {organization_id} was sealed with another key-encryption key "
+            f"({sealed.kek_id})"
         )
-    aad = _aad(provider, organization_id)
     try:
         data_key = AESGCM(kek).decrypt(sealed.wrapped_key[:NONCE_BYTES], sealed.wrapped_key[NONCE_BYTES:], aad)
         plain = AESGCM(data_key).decrypt(sealed.ciphertext[:NONCE_BYTES], sealed.ciphertext[NONCE_BYTES:], aad)
     except (InvalidTag, ValueError):
         raise KeyStoreError(f"the admin key of {provider} account {organization_id} does not decrypt") from None
+    return data_key, plain
+
+
+def rewrap(keys: Keyring, provider: str, organization_id: str, sealed: Sealed) -> Sealed:
+    """The same admin key and data key, the data key wrapped again under the current KEK (a new nonce)."""
+    aad = _aad(provider, organization_id)
+    data_key, _ = _open(keys, aad, sealed, provider, organization_id)
+    wrap_nonce = os.urandom(NONCE_BYTES)
+    wrapped = wrap_nonce + AESGCM(keys.current).encrypt(wrap_nonce, data_key, aad)
+    return Sealed(ciphertext=sealed.ciphertext, wrapped_key=wrapped, kek_id=kek_id(keys.current))
+
+
+def unseal(keys: bytes | Keyring, provider: str, organization_id: str, sealed: Sealed) -> AdminKey:
+    aad = _aad(provider, organization_id)
+    _, plain = _open(keys, aad, sealed, provider, organization_id)
     key = plain.decode("utf-8", errors="replace")
     if not is_admin_key(key):  # sealed by an older version that let it in: refused here, for this account only
         raise KeyStoreError(f"the stored admin key of {provider} account {organization_id} is {NOT_A_KEY}")

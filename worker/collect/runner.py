@@ -96,7 +96,7 @@ class Collector:
         )
         self.refusals = Refusals(settings.collect_auth_retry_interval)
         self.missed: list[str] = []  # what the last round did not collect, "provider/account[/report]: why"
-        self._kek: bytes | None = None
+        self._keys: keystore.Keyring | None = None
 
     # --- the loop -----------------------------------------------------------------------------------------
 
@@ -392,13 +392,15 @@ class Collector:
     def _admin_key(self, account: Account) -> keystore.AdminKey:
         if account.secret_file is not None:
             return keystore.read_secret_file(Path(account.secret_file), account.provider, account.organization_id)
-        if self._kek is None:
-            self._kek = keystore.load_kek(self.settings.collect_key_encryption_key_file)
+        if self._keys is None:
+            self._keys = keystore.Keyring.load(
+                self.settings.collect_key_encryption_key_file, self.settings.collect_previous_key_encryption_key_file
+            )
         assert account.ciphertext is not None
         assert account.wrapped_key is not None
         assert account.kek_id is not None
         sealed = keystore.Sealed(account.ciphertext, account.wrapped_key, account.kek_id)
-        return keystore.unseal(self._kek, account.provider, account.organization_id, sealed)
+        return keystore.unseal(self._keys, account.provider, account.organization_id, sealed)
 
     def _base_url(self, provider: str) -> str:
         if provider == "openai":

@@ -200,6 +200,16 @@ async def keys_rotate(conn: asyncpg.Connection, *args: Any) -> bool:
 
 
 @translated
+async def keys_sealed(conn: asyncpg.Connection, kek_id: str) -> list[asyncpg.Record]:
+    return list(await conn.fetch(query("keys_sealed"), kek_id))
+
+
+@translated
+async def keys_rewrap(conn: asyncpg.Connection, key_id: UUID, wrapped_key: bytes, kek_id: str) -> None:
+    await conn.execute(query("keys_rewrap"), key_id, wrapped_key, kek_id)
+
+
+@translated
 async def keys_deactivate(conn: asyncpg.Connection, key_id: UUID) -> bool:
     return await conn.fetchval(query("keys_deactivate"), key_id) is not None
 

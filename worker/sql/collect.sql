@@ -77,6 +77,21 @@ SET key_ciphertext = $2, wrapped_key = $3, kek_id = $4, secret_file = $5, finger
 WHERE id = $1
 RETURNING id;
 
+-- name: keys_sealed
+-- The sealed keys whose data key another KEK than $1 wrapped (`keys rewrap`), locked against a concurrent rotate.
+SELECT id, provider, ai_organization_id, key_ciphertext, wrapped_key, kek_id
+FROM organization_api_keys
+WHERE key_ciphertext IS NOT NULL AND kek_id IS DISTINCT FROM $1
+ORDER BY provider, ai_organization_id, team_id
+FOR UPDATE;
+
+-- name: keys_rewrap
+-- The data key wrapped again under another KEK: the admin key, its fingerprint and the account are unchanged.
+UPDATE organization_api_keys
+SET wrapped_key = $2, kek_id = $3, updated_at = now()
+WHERE id = $1
+RETURNING id;
+
 -- name: keys_deactivate
 UPDATE organization_api_keys
 SET is_active = false, deactivated_at = now(), updated_at = now()
