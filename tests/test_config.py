@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import socket
 import subprocess
@@ -63,6 +64,21 @@ def test_every_problem_is_reported_at_once(monkeypatch: pytest.MonkeyPatch) -> N
     assert "COST_WORKER_METRICS_PORT" in text
     assert "COST_WORKER_LOG_FORMAT" in text
     assert len(caught.value.problems) == 3
+
+
+def test_the_previous_keys_of_a_rotation_are_checked_like_the_current_ones(tmp_path: Path) -> None:
+    settings = Settings(
+        notify_secrets_key=base64.b64encode(bytes(32)).decode(),
+        notify_previous_secrets_key="not-32-bytes",
+        collect_key_encryption_key_file=tmp_path / "kek",
+        collect_previous_key_encryption_key_file=tmp_path / "old-kek",
+    )
+    (tmp_path / "kek").write_bytes(bytes(32))
+    assert settings.problems() == [
+        "COST_WORKER_COLLECT_PREVIOUS_KEY_ENCRYPTION_KEY_FILE: no such file",
+        "COST_WORKER_NOTIFY_PREVIOUS_SECRETS_KEY: must be base64 of 32 bytes",
+    ]
+    assert "not-32-bytes" in settings.secrets()  # redacted from every log line, as the current key is
 
 
 def test_cross_field_problems_are_all_listed() -> None:

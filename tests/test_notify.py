@@ -31,6 +31,7 @@ from tests.kafka_helpers import create_topics, produce, run_worker, worker_env
 from tests.test_budgets import add_budget, spend_event
 from worker import logs
 from worker.config import Settings
+from worker.errors import CostWorkerError
 from worker.notify import admin
 from worker.notify.messages import RESOLVED, TRIGGERED
 from worker.notify.sealing import Sealer
@@ -632,6 +633,66 @@ async def test_a_wrong_secrets_key_keeps_deliveries_pending_until_the_key_is_fix
     await run_notify(right, delivered)  # the key is fixed: the same delivery goes out, signed
     assert receiver.ids == [alert_id]
     assert len(receiver.verified) == 1
+
+
+async def test_the_secrets_key_rotates_with_notify_reseal(
+    db: asyncpg.Connection, notify_settings: Settings, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The secrets key rotates without re-adding a destination (its URL and signing secret stay): the new key
+    current, the old one previous, `notify reseal`; then the old one can go. A destination sealed under a key the
+    operator no longer has is named (exit 1) and every other one is still sealed again."""
+    old = notify_settings
+    new_key = base64.b64encode(os.urandom(32)).decode()
+    rotating = old.model_copy(
+        update={"notify_secrets_key": SecretStr(new_key), "notify_previous_secrets_key": old.notify_secrets_key}
+    )
+    rotated = old.model_copy(update={"notify_secrets_key": SecretStr(new_key)})
+    await create_topics(old)
+    org, other = await make_org(db), await make_org(db)
+    receiver = await serve(ok)
+    hook, receiver.secret = await add(old, capsys, org, receiver.url)
+    slack, _ = await add(old, capsys, other, receiver.url + "-slack", kind="slack")
+    before = {r["id"]: r for r in await db.fetch("SELECT id, url_sealed, secret_sealed FROM notify_destinations")}
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+
+    async def delivered(alert_id: str) -> bool:
+        return bool(
+            await db.fetchval("SELECT status = 'delivered' FROM notify_deliveries WHERE webhook_id = $1", alert_id)
+        )
+
+    # Mid-rotation, before the reseal: what the old key sealed opens with the previous one.
+    await produce(old, old.topic_budget_alerts, [alert_message(org, alert_id=first)])
+    await run_notify(rotating, lambda: delivered(first))
+    capsys.readouterr()
+    assert await admin.reseal(rotating) == 0
+    assert "resealed 2 destination(s)" in capsys.readouterr().out
+    after = {r["id"]: r for r in await db.fetch("SELECT id, url_sealed, secret_sealed FROM notify_destinations")}
+    fresh = Sealer.from_settings(rotated)
+    for ident, row in before.items():
+        assert after[ident]["url_sealed"] != row["url_sealed"]
+        assert fresh.open(after[ident]["url_sealed"], ident) == Sealer.from_settings(old).open(row["url_sealed"], ident)
+    assert fresh.open(after[hook]["secret_sealed"], hook) == receiver.secret
+    assert after[slack]["secret_sealed"] is None
+    assert await admin.reseal(rotating) == 0
+    assert "resealed 0 destination(s)" in capsys.readouterr().out
+    # The old key gone: the same destination, the same signing secret (the receiver verifies it).
+    await produce(old, old.topic_budget_alerts, [alert_message(org, alert_id=second)])
+    await run_notify(rotated, lambda: delivered(second))
+    assert receiver.ids == [first, second]
+    assert len(receiver.verified) == 2
+    # Sealed under a key nobody has any more: named, left alone; the others are sealed again.
+    lost = Sealer(os.urandom(32)).seal(receiver.url, hook)
+    await db.execute("UPDATE notify_destinations SET url_sealed = $2 WHERE id = $1", hook, lost)
+    newest = rotated.model_copy(
+        update={
+            "notify_secrets_key": SecretStr(base64.b64encode(os.urandom(32)).decode()),
+            "notify_previous_secrets_key": SecretStr(new_key),
+        }
+    )
+    with pytest.raises(CostWorkerError, match=f"1 destination\\(s\\) left as they were: .*{hook}"):
+        await admin.reseal(newest)
+    assert "resealed 1 destination(s)" in capsys.readouterr().out
+    assert await db.fetchval("SELECT url_sealed FROM notify_destinations WHERE id = $1", hook) == lost
 
 
 async def _pending(

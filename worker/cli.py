@@ -271,6 +271,12 @@ def _notify_parser(sub: Any) -> None:
     nsub.add_parser("run", help="consume alerts and deliver them until SIGTERM")
     nstatus = nsub.add_parser("status", help="deliveries per destination: pending, delivered, failed, last error")
     nstatus.add_argument("--organization", metavar="ID", help="only this organization (uuid)")
+    nsub.add_parser(
+        "reseal",
+        help="seal every destination's URL and secret under the current secrets key (after rotating it)",
+        description="Every destination of every organization sealed under COST_WORKER_NOTIFY_SECRETS_KEY; what "
+        "COST_WORKER_NOTIFY_PREVIOUS_SECRETS_KEY sealed opens with it. Exit 1 names any destination neither opens.",
+    )
     dest = nsub.add_parser("destinations", help="add, list, test and remove destinations")
     dsub = dest.add_subparsers(dest="destinations_command", metavar="ACTION", parser_class=_Parser)
     dsub.required = True
@@ -310,7 +316,7 @@ def _run(coro_fn: Callable[[], Coroutine[Any, Any, int]]) -> int:
 NEEDED_BY = {
     "database_url": "every command but `check-config`, `dev` and `prices show`",
     "kafka_bootstrap_servers": "`run`, `collect` and `notify run`",
-    "notify_secrets_key": "`notify run`, `notify destinations add` and `notify destinations test`",
+    "notify_secrets_key": "`notify run`, `notify reseal`, `notify destinations add` and `notify destinations test`",
     "collect_key_encryption_key_file": (
         "`collect`, `keys rewrap`, and `keys add` and `keys rotate` with a key on standard input"
     ),
@@ -453,6 +459,8 @@ def cmd_notify(args: argparse.Namespace) -> int:
     settings = _settings(require=("database_url",))
     if args.notify_command == "status":
         return _run(lambda: admin.status(settings, organization=args.organization))
+    if args.notify_command == "reseal":
+        return _run(lambda: admin.reseal(_settings(require=("database_url", "notify_secrets_key"))))
     action, org = args.destinations_command, args.organization
     if action == "add":
         return _run(

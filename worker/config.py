@@ -316,6 +316,11 @@ class Settings(BaseSettings):
         description="Base64 of 32 random bytes: the AES-GCM key of destination URLs and signing secrets "
         "(required by `notify`)",
     )
+    notify_previous_secrets_key: SecretStr | None = Field(
+        default=None,
+        description="While the secrets key rotates: the one being retired (base64 of 32 bytes); destinations it "
+        "sealed still open, and `notify reseal` seals them under the current one",
+    )
     notify_allow_http: bool = Field(
         default=False, description="Allow http:// destination URLs (tests and development only)"
     )
@@ -492,13 +497,16 @@ class Settings(BaseSettings):
 
     def _notify_problems(self) -> list[str]:
         found: list[str] = []
-        if self.notify_secrets_key is not None:
+        for name in ("notify_secrets_key", "notify_previous_secrets_key"):
+            secret = getattr(self, name)
+            if secret is None:
+                continue
             try:
-                key = base64.b64decode(self.notify_secrets_key.get_secret_value(), validate=True)
+                key = base64.b64decode(secret.get_secret_value(), validate=True)
             except ValueError:
                 key = b""
             if len(key) != NOTIFY_SECRETS_KEY_BYTES:
-                found.append(f"{env_name('notify_secrets_key')}: must be base64 of {NOTIFY_SECRETS_KEY_BYTES} bytes")
+                found.append(f"{env_name(name)}: must be base64 of {NOTIFY_SECRETS_KEY_BYTES} bytes")
         for network in split_list(self.notify_allowed_networks):
             try:
                 ipaddress.ip_network(network, strict=False)
@@ -567,8 +575,9 @@ class Settings(BaseSettings):
             values += url_secrets(self.database_url.get_secret_value(), user_is_secret=False)
         if self.kafka_sasl_password is not None and self.kafka_sasl_password.get_secret_value():
             values.append(self.kafka_sasl_password.get_secret_value())
-        if self.notify_secrets_key is not None and self.notify_secrets_key.get_secret_value():
-            values.append(self.notify_secrets_key.get_secret_value())
+        for key in (self.notify_secrets_key, self.notify_previous_secrets_key):
+            if key is not None and key.get_secret_value():
+                values.append(key.get_secret_value())
         for url in (self.collect_openai_base_url, self.collect_anthropic_base_url):
             values += url_secrets(url, user_is_secret=True)
         return list(dict.fromkeys(values))

@@ -1,7 +1,8 @@
-"""Operator commands: ``notify destinations add|list|test|remove`` and ``notify status``.
+"""Operator commands: ``notify destinations add|list|test|remove``, ``notify status`` and ``notify reseal``.
 
 Every command acts inside one organization's row-level-security scope (``--organization``), except
-``status`` without it, which reports every organization that has deliveries.
+``status`` without it, which reports every organization that has deliveries, and ``reseal``, which visits every
+organization, a page of them per transaction.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 from worker.admin import table
 from worker.config import Settings
 from worker.errors import CostWorkerError, UsageError
 from worker.notify.messages import SCOPES, TRIGGERED
-from worker.notify.sealing import Sealer
+from worker.notify.sealing import SealBroken, Sealer
 from worker.notify.sender import Sender
 from worker.notify.store import NotifyStore
 from worker.notify.urls import UrlPolicy, origin
@@ -34,6 +36,7 @@ MAX_NAME_CHARS = 200  # notify_destinations.name is varchar(200)
 # rejects exponents as large as 1e100000000 or 1e-100000000).
 MAX_MIN_THRESHOLD = Decimal(1000)
 MIN_THRESHOLD_QUANTUM = Decimal("1e-12")
+RESEAL_ORGANIZATIONS_PER_TRANSACTION = 1000  # organizations whose destinations one reseal transaction seals again
 
 
 class OutputLost(CostWorkerError):
@@ -283,4 +286,42 @@ async def status(settings: Settings, *, organization: str | None) -> int:
         )
     )
     print(f"backlog: {backlog} pending deliveries, oldest {oldest:.0f}s")
+    return 0
+
+
+async def reseal(settings: Settings) -> int:
+    """Every destination's URL and secret sealed under the current secrets key (``COST_WORKER_NOTIFY_SECRETS_KEY``);
+    what the previous key (``COST_WORKER_NOTIFY_PREVIOUS_SECRETS_KEY``) sealed opens with it. Values the current key
+    sealed are left alone, so a second run changes nothing. A destination neither key opens is named (exit 1) and
+    left as it is; the others are still sealed again."""
+    sealer = Sealer.from_settings(settings)
+    problems: list[str] = []
+
+    def change(row: Any) -> tuple[bytes, bytes | None] | None:
+        ident = row["id"]
+        try:
+            url = sealer.reseal(row["url_sealed"], ident)
+            secret = sealer.reseal(row["secret_sealed"], ident) if row["secret_sealed"] else None
+        except SealBroken as exc:
+            problems.append(f"{exc} (organization {row['organization_id']})")
+            return None
+        if url is None and secret is None:
+            return None
+        return url or row["url_sealed"], secret or row["secret_sealed"]
+
+    store = await _open(settings)
+    changed = 0
+    try:
+        after = uuid.UUID(int=0)
+        while page := await store.organizations(after, RESEAL_ORGANIZATIONS_PER_TRANSACTION):
+            changed += await store.reseal(page, change)
+            after = page[-1]
+    finally:
+        await store.db.close()
+    print(f"resealed {changed} destination(s) under the current secrets key")
+    if problems:
+        raise CostWorkerError(
+            f"{len(problems)} destination(s) left as they were: " + "; ".join(problems) + " (set "
+            "COST_WORKER_NOTIFY_PREVIOUS_SECRETS_KEY to the key that sealed them, or remove and add them again)"
+        )
     return 0

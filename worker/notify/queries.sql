@@ -23,6 +23,18 @@ SELECT id, organization_id, name, kind, url_sealed, secret_sealed, enabled
 FROM notify_destinations
 WHERE id = $1 AND organization_id = $2;
 
+-- name: notify_organizations
+-- Every organization (the worker's role reads them across tenants), in pages after $1: `notify reseal` visits
+-- each one's destinations in its own scope.
+SELECT id FROM organizations WHERE id > $1 ORDER BY id LIMIT $2;
+
+-- name: notify_destinations_sealed
+-- The sealed values of the destinations in the transaction's scope, locked until they are sealed again.
+SELECT id, organization_id, url_sealed, secret_sealed FROM notify_destinations ORDER BY id FOR UPDATE;
+
+-- name: notify_destination_reseal
+UPDATE notify_destinations SET url_sealed = $2, secret_sealed = $3 WHERE id = $1;
+
 -- name: notify_destination_delete
 DELETE FROM notify_destinations WHERE id = $1 AND organization_id = $2 RETURNING id;
 

@@ -176,6 +176,24 @@ class NotifyStore:
         async with self.tenant(organization) as tx:
             return await tx.conn.fetchval(q("notify_destination_delete"), id, organization) is not None
 
+    async def organizations(self, after: UUID, limit: int) -> list[UUID]:
+        async with self.db.transaction() as tx:
+            return [r["id"] for r in await tx.conn.fetch(q("notify_organizations"), after, limit)]
+
+    async def reseal(
+        self, organizations: Sequence[UUID], change: Callable[[asyncpg.Record], tuple[bytes, bytes | None] | None]
+    ) -> int:
+        """Seal again, in one transaction, the destinations of ``organizations`` that ``change`` gives new sealed
+        values (URL, secret) for; the number changed."""
+        changed = 0
+        async with self.tenant(*organizations) as tx:
+            for row in await tx.conn.fetch(q("notify_destinations_sealed")):
+                sealed = change(row)
+                if sealed is not None:
+                    await tx.conn.execute(q("notify_destination_reseal"), row["id"], *sealed)
+                    changed += 1
+        return changed
+
     async def status(self, organization: UUID | None) -> list[dict[str, Any]]:
         async with self.db.transaction() as tx:
             orgs = {r["organization_id"] for r in await tx.conn.fetch(q("notify_status_organizations"))}
