@@ -24,14 +24,14 @@ import pytest
 from aiohttp import ClientSession, web
 from prometheus_client import REGISTRY
 from pydantic import SecretStr
-from standardwebhooks.webhooks import Webhook
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from tests.factories import Org, dumps, make_org
 from tests.kafka_helpers import create_topics, produce, run_worker, worker_env
 from tests.test_budgets import add_budget, spend_event
 from worker import logs
 from worker.config import Settings
-from worker.errors import CostWorkerError
+from worker.errors import CostWorkerError, UsageError
 from worker.notify import admin
 from worker.notify.messages import RESOLVED, TRIGGERED
 from worker.notify.sealing import Sealer
@@ -693,6 +693,77 @@ async def test_the_secrets_key_rotates_with_notify_reseal(
         await admin.reseal(newest)
     assert "resealed 1 destination(s)" in capsys.readouterr().out
     assert await db.fetchval("SELECT url_sealed FROM notify_destinations WHERE id = $1", hook) == lost
+
+
+async def test_a_rotated_signing_secret_signs_beside_the_new_one_until_its_overlap_ends(
+    db: asyncpg.Connection, notify_settings: Settings, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`destinations rotate-secret`: the new secret is printed once; until the overlap ends every delivery carries
+    both signatures (a receiver still on the old secret and one already on the new accept it), then the new one
+    only. A reseal carries the old secret over too. A Slack destination has no secret to rotate."""
+    settings = notify_settings
+    await create_topics(settings)
+    org = await make_org(db)
+    receiver = await serve(ok)
+    hook, old_secret = await add(settings, capsys, org, receiver.url)
+    assert old_secret is not None
+    slack, _ = await add(settings, capsys, org, (await serve(ok)).url, kind="slack")
+    assert await admin.rotate_secret(settings, organization=str(org.id), destination=str(hook), overlap="3600") == 0
+    out = capsys.readouterr().out
+    new_secret = out.split("(shown once; verify with any Standard Webhooks library): ", 1)[1].strip()
+    assert new_secret.startswith("whsec_")
+    assert new_secret != old_secret
+    assert old_secret not in out
+    until = await db.fetchval("SELECT previous_secret_until - now() FROM notify_destinations WHERE id = $1", hook)
+    assert 3590 < until.total_seconds() <= 3600
+
+    async def delivered(alert_id: str) -> bool:
+        return bool(
+            await db.fetchval(  # both destinations' (the webhook's and the Slack one's)
+                "SELECT count(*) = 2 AND bool_and(status = 'delivered') FROM notify_deliveries WHERE webhook_id = $1",
+                alert_id,
+            )
+        )
+
+    def verifies(secret: str, n: int) -> bool:
+        _, headers, body = receiver.requests[n]
+        try:
+            Webhook(secret).verify(body, headers)
+        except WebhookVerificationError:
+            return False
+        return True
+
+    during, after = str(uuid.uuid4()), str(uuid.uuid4())
+    await produce(settings, settings.topic_budget_alerts, [alert_message(org, alert_id=during)])
+    await run_notify(settings, lambda: delivered(during))
+    assert receiver.requests[0][1]["webhook-signature"].count("v1,") == 2
+    assert verifies(old_secret, 0)
+    assert verifies(new_secret, 0)
+    # A secrets-key rotation meanwhile reseals the old signing secret as well: it still signs under the new key.
+    rotating = settings.model_copy(
+        update={
+            "notify_secrets_key": SecretStr(base64.b64encode(os.urandom(32)).decode()),
+            "notify_previous_secrets_key": settings.notify_secrets_key,
+        }
+    )
+    assert await admin.reseal(rotating) == 0
+    rotated = rotating.model_copy(update={"notify_previous_secrets_key": None})
+    previous = await db.fetchval("SELECT previous_secret_sealed FROM notify_destinations WHERE id = $1", hook)
+    assert Sealer.from_settings(rotated).open(previous, hook) == old_secret
+    # The overlap over: the new secret alone.
+    await db.execute(
+        "UPDATE notify_destinations SET previous_secret_until = now() - interval '1 second' WHERE id = $1", hook
+    )
+    await produce(settings, settings.topic_budget_alerts, [alert_message(org, alert_id=after)])
+    await run_notify(rotated, lambda: delivered(after))
+    assert receiver.ids == [during, after]
+    assert receiver.requests[1][1]["webhook-signature"].count("v1,") == 1
+    assert verifies(new_secret, 1)
+    assert not verifies(old_secret, 1)
+    with pytest.raises(CostWorkerError, match="no webhook destination"):
+        await admin.rotate_secret(rotated, organization=str(org.id), destination=str(slack), overlap="60")
+    with pytest.raises(UsageError, match="--overlap: seconds from 0 to 2592000"):
+        await admin.rotate_secret(rotated, organization=str(org.id), destination=str(hook), overlap="nan")
 
 
 async def _pending(

@@ -20,7 +20,14 @@ from typing import Any, NoReturn
 
 from worker import __version__
 from worker.collect import cli as collect_cli
-from worker.config import ENV_PREFIX, Settings, env_name, load_settings
+from worker.config import (
+    ENV_PREFIX,
+    NOTIFY_MAX_SECRET_OVERLAP,
+    NOTIFY_SECRET_OVERLAP,
+    Settings,
+    env_name,
+    load_settings,
+)
 from worker.errors import ConfigError, CostWorkerError, UsageError
 
 EXIT_OK = 0
@@ -297,6 +304,20 @@ def _notify_parser(sub: Any) -> None:
     add.add_argument("--no-resolved", action="store_true", help="do not deliver resolved messages")
     dlist = dsub.add_parser("list", help="list an organization's destinations")
     dlist.add_argument("--organization", metavar="ID", required=True)
+    rotate = dsub.add_parser(
+        "rotate-secret",
+        help="issue a webhook's new signing secret (printed once); the old one also signs during --overlap",
+        description="A new signing secret for a webhook destination, printed once. Until the overlap ends every "
+        "delivery carries two signatures (Standard Webhooks), so the receiver accepts either secret meanwhile.",
+    )
+    rotate.add_argument("destination", metavar="DESTINATION", help="destination id (uuid)")
+    rotate.add_argument("--organization", metavar="ID", required=True)
+    rotate.add_argument(
+        "--overlap",
+        default=f"{NOTIFY_SECRET_OVERLAP:.0f}",
+        metavar="SECONDS",
+        help=f"seconds the old secret also signs, 0 to {NOTIFY_MAX_SECRET_OVERLAP:.0f} ({NOTIFY_SECRET_OVERLAP:.0f})",
+    )
     for action in ("test", "remove"):
         cmd = dsub.add_parser(action, help="send a signed sample alert" if action == "test" else "remove a destination")
         cmd.add_argument("destination", metavar="DESTINATION", help="destination id (uuid)")
@@ -479,6 +500,15 @@ def cmd_notify(args: argparse.Namespace) -> int:
         return _run(lambda: admin.list_(settings, organization=org))
     if action == "test":
         return _run(lambda: admin.test(settings, organization=org, destination=args.destination))
+    if action == "rotate-secret":
+        return _run(
+            lambda: admin.rotate_secret(
+                _settings(require=("database_url", "notify_secrets_key")),
+                organization=org,
+                destination=args.destination,
+                overlap=args.overlap,
+            )
+        )
     return _run(lambda: admin.remove(settings, organization=org, destination=args.destination))
 
 

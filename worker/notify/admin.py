@@ -18,7 +18,7 @@ from decimal import Decimal
 from typing import Any
 
 from worker.admin import table
-from worker.config import Settings
+from worker.config import NOTIFY_MAX_SECRET_OVERLAP, Settings
 from worker.errors import CostWorkerError, UsageError
 from worker.notify.messages import SCOPES, TRIGGERED
 from worker.notify.sealing import SealBroken, Sealer
@@ -206,6 +206,53 @@ async def list_(settings: Settings, *, organization: str) -> int:
     return 0
 
 
+def parse_overlap(text: str) -> float:
+    """``--overlap``: seconds from 0 to NOTIFY_MAX_SECRET_OVERLAP (ValueError otherwise)."""
+    problem = f"seconds from 0 to {NOTIFY_MAX_SECRET_OVERLAP:.0f}"
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(problem) from None
+    if not 0 <= value <= NOTIFY_MAX_SECRET_OVERLAP:  # NaN fails both comparisons
+        raise ValueError(problem)
+    return value
+
+
+async def rotate_secret(settings: Settings, *, organization: str, destination: str, overlap: str) -> int:
+    """A webhook's new signing secret, printed once (before it is kept); the old one signs too until the overlap
+    ends, so the receiver's owner can switch to the new one without a delivery failing verification."""
+    org = _uuid(organization, "--organization")
+    ident = _uuid(destination, "DESTINATION")
+    try:
+        seconds = parse_overlap(overlap)
+    except ValueError as exc:
+        raise UsageError([f"--overlap: {exc}, got {overlap[:40]!r}"]) from None
+    sealer = Sealer.from_settings(settings)
+    secret = new_secret()
+
+    def show(until: datetime) -> None:
+        try:
+            print(
+                f"rotated the signing secret of destination {ident}; the old one also signs until {until.isoformat()}"
+            )
+            print(f"signing secret (shown once; verify with any Standard Webhooks library): {secret}")
+            sys.stdout.flush()  # before the commit: a secret that could not be shown is not kept
+        except OSError as exc:
+            raise OutputLost(exc.strerror or type(exc).__name__) from None
+
+    store = await _open(settings)
+    try:
+        until = await store.rotate_secret(org, ident, sealer.seal(secret, ident), seconds, show)
+    except OutputLost as exc:  # the update rolled back: the old secret alone still signs
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise CostWorkerError(f"secret not rotated: it could not be written to standard output ({exc})") from None
+    finally:
+        await store.db.close()
+    if until is None:
+        raise CostWorkerError(f"organization {org} has no webhook destination {ident} (a Slack one has no secret)")
+    return 0
+
+
 async def test(settings: Settings, *, organization: str, destination: str) -> int:
     org = _uuid(organization, "--organization")
     ident = _uuid(destination, "DESTINATION")
@@ -297,17 +344,18 @@ async def reseal(settings: Settings) -> int:
     sealer = Sealer.from_settings(settings)
     problems: list[str] = []
 
-    def change(row: Any) -> tuple[bytes, bytes | None] | None:
+    def change(row: Any) -> tuple[bytes, bytes | None, bytes | None] | None:
         ident = row["id"]
+        columns = ("url_sealed", "secret_sealed", "previous_secret_sealed")
         try:
-            url = sealer.reseal(row["url_sealed"], ident)
-            secret = sealer.reseal(row["secret_sealed"], ident) if row["secret_sealed"] else None
+            again = [sealer.reseal(row[column], ident) if row[column] else None for column in columns]
         except SealBroken as exc:
             problems.append(f"{exc} (organization {row['organization_id']})")
             return None
-        if url is None and secret is None:
+        if again == [None, None, None]:
             return None
-        return url or row["url_sealed"], secret or row["secret_sealed"]
+        url, secret, previous = (new or row[column] for new, column in zip(again, columns, strict=True))
+        return url, secret, previous
 
     store = await _open(settings)
     changed = 0

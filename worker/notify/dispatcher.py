@@ -148,10 +148,16 @@ class Dispatcher:
         try:
             url = self.sealer.open(item.url_sealed, item.destination_id)
             secret = self.sealer.open(item.secret_sealed, item.destination_id) if item.secret_sealed else None
+            previous = (
+                self.sealer.open(item.previous_secret_sealed, item.destination_id)
+                if item.previous_secret_sealed
+                else None
+            )
         except SealBroken as exc:
-            # The configured key is wrong (or was rotated without re-sealing): the operator's to fix, not a
-            # property of the alert. The delivery stays pending and is tried again (at most KEY_RETRY_MAX
-            # apart, so it goes out soon after a restart with the right key) until its maximum age.
+            # The configured key is wrong (or was rotated without the previous one and `notify reseal`): the
+            # operator's to fix, not a property of the alert. The delivery stays pending and is tried again (at
+            # most KEY_RETRY_MAX apart, so it goes out soon after a restart with the right key) until its maximum
+            # age.
             log.error(
                 "notify_secrets_key_mismatch",
                 delivery=item.id,
@@ -160,7 +166,9 @@ class Dispatcher:
             )
             await self._record(item, "key_mismatch", Attempt(None, 0.0, KEY_MISMATCH_ERROR))
             return
-        attempt = await self.sender.send(item.kind, url, secret, item.webhook_id, item.payload)
+        attempt = await self.sender.send(
+            item.kind, url, secret, item.webhook_id, item.payload, previous_secret=previous
+        )
         metrics.NOTIFY_ATTEMPT_DURATION.labels(kind=item.kind).observe(attempt.seconds)
         # Sent; not yet recorded. A crash here resends the delivery after its lease, same webhook-id.
         self.faults.hit(FaultPoint.NOTIFY_AFTER_SEND)

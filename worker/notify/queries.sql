@@ -30,10 +30,22 @@ SELECT id FROM organizations WHERE id > $1 ORDER BY id LIMIT $2;
 
 -- name: notify_destinations_sealed
 -- The sealed values of the destinations in the transaction's scope, locked until they are sealed again.
-SELECT id, organization_id, url_sealed, secret_sealed FROM notify_destinations ORDER BY id FOR UPDATE;
+SELECT id, organization_id, url_sealed, secret_sealed, previous_secret_sealed
+FROM notify_destinations
+ORDER BY id
+FOR UPDATE;
 
 -- name: notify_destination_reseal
-UPDATE notify_destinations SET url_sealed = $2, secret_sealed = $3 WHERE id = $1;
+UPDATE notify_destinations SET url_sealed = $2, secret_sealed = $3, previous_secret_sealed = $4 WHERE id = $1;
+
+-- name: notify_destination_rotate_secret
+-- A new signing secret; the one it replaces keeps signing for $4 seconds (a rotation during another's overlap
+-- replaces the older secret: two at most).
+UPDATE notify_destinations
+SET previous_secret_sealed = secret_sealed, previous_secret_until = now() + make_interval(secs => $4),
+    secret_sealed = $3
+WHERE id = $1 AND organization_id = $2 AND kind = 'webhook'
+RETURNING previous_secret_until;
 
 -- name: notify_destination_delete
 DELETE FROM notify_destinations WHERE id = $1 AND organization_id = $2 RETURNING id;
@@ -111,7 +123,9 @@ SET next_attempt_at = now() + make_interval(secs => $4), attempts = d.attempts +
 FROM picked p, notify_destinations t
 WHERE d.id = p.id AND t.id = d.destination_id AND t.enabled
 RETURNING d.id, d.organization_id, d.destination_id, d.webhook_id, d.event_type, d.payload, d.attempts,
-          d.created_at, t.kind, t.url_sealed, t.secret_sealed;
+          d.created_at, t.kind, t.url_sealed, t.secret_sealed,
+          -- the secret before a rotation signs too until its overlap ends (0034)
+          CASE WHEN t.previous_secret_until > now() THEN t.previous_secret_sealed END AS previous_secret_sealed;
 
 -- name: notify_record_delivered
 UPDATE notify_deliveries

@@ -55,10 +55,15 @@ class Attempt:
         return self.status == 410
 
 
-def signed_headers(secret: str, webhook_id: str, body: bytes, at: float | None = None) -> dict[str, str]:
+def signed_headers(
+    secret: str, webhook_id: str, body: bytes, at: float | None = None, *, previous: str | None = None
+) -> dict[str, str]:
+    """The Standard Webhooks headers; with ``previous`` (a rotation's overlap) the header carries both signatures,
+    space-separated, the current one first: a receiver verifying with either secret accepts the delivery."""
     timestamp = int(time.time() if at is None else at)
-    signature = Webhook(secret).sign(webhook_id, datetime.fromtimestamp(timestamp, UTC), body.decode())
-    return {"webhook-id": webhook_id, "webhook-timestamp": str(timestamp), "webhook-signature": signature}
+    moment = datetime.fromtimestamp(timestamp, UTC)
+    signatures = [Webhook(key).sign(webhook_id, moment, body.decode()) for key in (secret, previous) if key]
+    return {"webhook-id": webhook_id, "webhook-timestamp": str(timestamp), "webhook-signature": " ".join(signatures)}
 
 
 def error_text(exc: BaseException, url: str) -> str:
@@ -152,12 +157,21 @@ class Sender:
             return slack.render(json.loads(payload), link_template=self.settings.notify_link_template)
         return payload.encode()
 
-    async def send(self, kind: str, url: str, secret: str | None, webhook_id: str, payload: str) -> Attempt:
+    async def send(
+        self,
+        kind: str,
+        url: str,
+        secret: str | None,
+        webhook_id: str,
+        payload: str,
+        *,
+        previous_secret: str | None = None,
+    ) -> Attempt:
         body = self.body(kind, payload)
         headers = {"Content-Type": "application/json"}
         if kind == "webhook":
             assert secret is not None, "a webhook destination has a signing secret"
-            headers.update(signed_headers(secret, webhook_id, body))
+            headers.update(signed_headers(secret, webhook_id, body, previous=previous_secret))
         started = time.perf_counter()
         try:
             self.policy.check_url(url)  # IP literals never reach the resolver: check them here

@@ -53,6 +53,7 @@ class Claimed:
     kind: str
     url_sealed: bytes
     secret_sealed: bytes | None
+    previous_secret_sealed: bytes | None  # signs too while a rotation's overlap lasts
 
 
 # --- inside the consumer's batch transaction ------------------------------------------------------------
@@ -164,6 +165,25 @@ class NotifyStore:
                 before_commit()
         return row is not None
 
+    async def rotate_secret(
+        self,
+        organization: UUID,
+        id: UUID,
+        secret_sealed: bytes,
+        overlap: float,
+        before_commit: Callable[[datetime], None],
+    ) -> datetime | None:
+        """Replace a webhook's signing secret, the old one signing too for ``overlap`` seconds; ``before_commit``
+        gets the overlap's end inside the transaction (the new secret is shown before it is kept). None: no such
+        webhook destination."""
+        async with self.tenant(organization) as tx:
+            until: datetime | None = await tx.conn.fetchval(
+                q("notify_destination_rotate_secret"), id, organization, secret_sealed, overlap
+            )
+            if until is not None:
+                before_commit(until)
+        return until
+
     async def list_destinations(self, organization: UUID) -> list[asyncpg.Record]:
         async with self.tenant(organization) as tx:
             return await tx.conn.fetch(q("notify_destination_list"), organization)
@@ -181,10 +201,12 @@ class NotifyStore:
             return [r["id"] for r in await tx.conn.fetch(q("notify_organizations"), after, limit)]
 
     async def reseal(
-        self, organizations: Sequence[UUID], change: Callable[[asyncpg.Record], tuple[bytes, bytes | None] | None]
+        self,
+        organizations: Sequence[UUID],
+        change: Callable[[asyncpg.Record], tuple[bytes, bytes | None, bytes | None] | None],
     ) -> int:
         """Seal again, in one transaction, the destinations of ``organizations`` that ``change`` gives new sealed
-        values (URL, secret) for; the number changed."""
+        values (URL, secret, previous secret) for; the number changed."""
         changed = 0
         async with self.tenant(*organizations) as tx:
             for row in await tx.conn.fetch(q("notify_destinations_sealed")):
