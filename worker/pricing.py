@@ -7,9 +7,10 @@
   the model is matched by genai-prices' own rules, the line's non-default price dimensions select its price
   variants (``service_tier=batch`` is genai-prices' ``processing=batch``; ``speed=fast`` and an OpenAI service
   tier are variants of the same name), and ``context_window=200k-1M`` selects the long-context tier of a
-  tiered price (otherwise the base price applies: a bucket aggregates many requests, so its total is no
-  request's context length). A dimension the catalogue has no variant for (``inference_geo=us``, say) leaves
-  the line unpriced rather than priced wrongly.
+  tiered price. A bucket aggregates many requests, so its total is no request's context length: a line without
+  a context window takes the tier its result's average request reaches (``LedgerLine.request_input_tokens``, where
+  the result counts its requests: OpenAI completions), else the base price. A dimension the catalogue has no
+  variant for (``inference_geo=us``, say) leaves the line unpriced rather than priced wrongly.
 
 Every priced line records its source in ``metadata.price_source`` (``override:<model_prices.id>`` or
 ``genai-prices <version>:<provider>/<model id>``) and its unit price in ``metadata.unit_price`` (USD per
@@ -233,7 +234,12 @@ class PriceBook:
             return Quote(override.price_per_million, PER_MILLION, override.currency, f"{OVERRIDE_SOURCE}{override.id}")
         if self.catalogue and line.price_unit is not None:
             return catalogue_quote(
-                line.provider, line.price_model, line.price_unit, line.price_dimensions, line.bucket_start
+                line.provider,
+                line.price_model,
+                line.price_unit,
+                line.price_dimensions,
+                line.bucket_start,
+                request_input_tokens=_tier_reached(line),
             )
         return None
 
@@ -251,6 +257,29 @@ class PriceBook:
         if found.per != 1:
             metadata["price_per"] = found.per
         return replace(line, amount=found.amount(line.quantity), currency=found.currency, metadata=metadata), True
+
+
+def _tier_reached(line: LedgerLine) -> int | None:
+    """For a line that knows its average request's input tokens and names no context window: the fewest input
+    tokens that reach the same tier of the model's tiered prices (so that quotes stay remembered per tier), or None
+    (the base price)."""
+    tokens = line.request_input_tokens
+    if tokens is None or any(name == "context_window" for name, _ in line.price_dimensions):
+        return None
+    assert line.price_model is not None
+    reached = [start for start in tier_starts(line.provider, line.price_model, line.bucket_start) if tokens > start]
+    return max(reached) + 1 if reached else None
+
+
+@lru_cache(maxsize=QUOTE_CACHE)
+def tier_starts(provider: str, model: str, at: datetime) -> tuple[int, ...]:
+    """Where the model's prices tiered by input tokens (long context) change, at ``at``: () when none is."""
+    found = catalogue_model(provider, model)
+    if found is None:
+        return ()
+    prices = found[1].get_prices(at)
+    tiered = [value for value in prices.__dict__.values() if isinstance(value, TieredPrices)]
+    return tuple(sorted({tier.start for value in tiered for tier in value.tiers}))
 
 
 def price_keys(lines: Iterable[LedgerLine]) -> set[tuple[str, str]]:

@@ -155,6 +155,10 @@ class LedgerLine:
     outside_cost_report: bool = False  # usage the provider's cost report omits: never replaced by cost rows
     price_unit: str | None = None  # the genai-prices usage key the catalogue prices the line by
     price_dimensions: tuple[tuple[str, str], ...] = ()  # non-default price dimensions, PRICE_DIMENSIONS order
+    # The input tokens of the result's average request (its input tokens over its request count, rounded up), where
+    # the result counts its requests and reports no context window (OpenAI completions): the tier of a price tiered
+    # by context length that such a request reaches (``pricing``).
+    request_input_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,8 +280,9 @@ def lines_for(
                 model=_openai_model(name, counted),
                 suffixes=(*_openai_suffixes(name, counted), tier),
                 dimensions=_dimensions(service_tier=tier, size=counted.size, source=counted.source),
-                counts=openai_counts(name, counted),
+                counts=(counts := openai_counts(name, counted)),
                 outside_cost_report=False,
+                request_input_tokens=_average_request_input(name, counted, counts),
                 metadata=_present(
                     user_id=counted.user_id,
                     api_key_id=counted.api_key_id,
@@ -366,6 +371,7 @@ def _usage_lines(
     counts: list[Count],
     metadata: dict[str, Any],
     outside_cost_report: bool,
+    request_input_tokens: int | None = None,
 ) -> Iterator[LedgerLine]:
     qualifier = "".join(f"/{name}={value}" for name, value in dimensions)
     for count in counts:
@@ -388,7 +394,17 @@ def _usage_lines(
             price_unit=count.price_unit,
             price_dimensions=dimensions,
             outside_cost_report=outside_cost_report,
+            request_input_tokens=request_input_tokens,
         )
+
+
+def _average_request_input(endpoint: str, result: OpenAIUsageResult, counts: list[Count]) -> int | None:
+    """The input tokens of a completions result's average request, rounded up (a total above requests x a tier's
+    start proves requests past it), or None without a request count."""
+    if endpoint != "completions" or not result.num_model_requests:
+        return None
+    inputs = sum(count.quantity for count in counts if count.token_type.startswith("input_"))
+    return -(-inputs // result.num_model_requests)
 
 
 # The count each Usage API endpoint's result must report (openapi.json: required, not nullable). A result without

@@ -11,9 +11,9 @@ import genai_prices
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.models import OpenAIUsageResult
+from worker.models import OpenAIUsageBucket, OpenAIUsageResult
 from worker.pricing import CATALOGUE_VERSION, PER_MILLION, Price, PriceBook, catalogue_quote, estimate_request
-from worker.providers import COMPLETION_TOKEN_TYPES, LedgerLine, openai_counts
+from worker.providers import COMPLETION_TOKEN_TYPES, LedgerLine, lines_for, openai_counts
 
 AT = datetime(2026, 11, 1, tzinfo=UTC)
 CATEGORIES = [name for name, _ in COMPLETION_TOKEN_TYPES]
@@ -250,3 +250,49 @@ def test_an_event_with_only_total_tokens_is_estimated_at_the_dearer_price_not_ze
     split = estimate_request("openai", "gpt-4o", 100, 50, AT, total_tokens=150)
     assert split == estimate_request("openai", "gpt-4o", 100, 50, AT)
     assert estimate_request("openai", "gpt-4o", 0, 0, AT, total_tokens=0) is None
+
+
+def test_a_bucket_whose_requests_average_past_a_tier_is_priced_at_that_tier() -> None:
+    """OpenAI's Usage API reports no context length, but a completions result counts its requests: 10 requests of
+    3,000,000 input tokens average 300,000, past gpt-5.4's 272k tier, where every token of such a request is billed
+    at the tier (2x input, 1.5x output: $15 for the input, not the base $7.50). The line is priced as that many
+    requests of the average size, as genai-prices prices one; a bucket whose average stays under the tier keeps the
+    base price (its requests may all be short)."""
+
+    def priced(requests: int) -> dict[str, Decimal | None]:
+        bucket = OpenAIUsageBucket.model_validate(
+            {
+                "start_time": int(AT.timestamp()),
+                "end_time": int(AT.timestamp()) + 86_400,
+                "results": [
+                    {
+                        "object": "organization.usage.completions.result",
+                        "model": "gpt-5.4",
+                        "input_tokens": 3_000_000,
+                        "input_cached_tokens": 1_000_000,
+                        "output_tokens": 20_000,
+                        "num_model_requests": requests,
+                    }
+                ],
+            }
+        )
+        book = PriceBook([])
+        lines = [book.priced(line)[0] for line in lines_for("openai", "usage_v1", "org-x", bucket, "completions")]
+        return {line.line_item: line.amount for line in lines if line.quantity}
+
+    def theirs(requests: int) -> Decimal:
+        inputs, cached, outputs = 3_000_000 // requests, 1_000_000 // requests, 20_000 // requests
+        each = genai_prices.Usage(input_tokens=inputs, cache_read_tokens=cached, output_tokens=outputs)
+        one = genai_prices.calc_price(each, "gpt-5.4", provider_id="openai", genai_request_timestamp=AT).total_price
+        return one * requests
+
+    long = priced(10)
+    assert long == {
+        "gpt-5.4:input_text_tokens": Decimal(10),  # 2,000,000 at $5
+        "gpt-5.4:input_cached_text_tokens": Decimal("0.5"),  # 1,000,000 at $0.50
+        "gpt-5.4:output_text_tokens": Decimal("0.45"),  # 20,000 at $22.50
+    }
+    assert sum(amount or 0 for amount in long.values()) == theirs(10)
+    short = priced(20)  # 150,000 input tokens a request: under the tier
+    assert sum(amount or 0 for amount in short.values()) == theirs(20) == Decimal("5.55")
+    assert priced(0) == short  # no request count: the base price, as before
