@@ -1595,3 +1595,44 @@ async def test_a_window_overlapping_another_of_its_report_is_quarantined_not_cou
     )
     assert not (await feeder.buckets(costs)).quarantine
     assert await spend_of(db, "project", org, project, "2026-11-03Z", "2026-11-04Z") == 9
+
+
+async def test_anthropic_default_workspace_is_the_organizations_and_counted_once(
+    db: asyncpg.Connection, feeder: Feeder
+) -> None:
+    """Anthropic reports the Default Workspace with ``workspace_id`` null ("Null if not grouping by workspace or for
+    the default workspace", cost_report; the collector always groups by workspace). It has no id a project could be
+    mapped to: its lines are the organization's, and like every row without a project they stand for the whole
+    account in their hours. Nothing of it is lost or counted twice beside the named workspaces."""
+    org = await make_org(db, provider="anthropic", project_ids=("ws_c", "ws_d"))
+    await add_prices(db)
+    day = ("2026-11-03T00:00:00Z", "2026-11-04T00:00:00Z")
+    usage: list[dict[str, Any]] = [
+        {"workspace_id": "ws_c", "model": "a1", "uncached_input_tokens": 40, "service_tier": "standard"},
+        {"workspace_id": None, "model": "a1", "uncached_input_tokens": 25, "service_tier": "standard"},
+        {"workspace_id": None, "model": "a1", "uncached_input_tokens": 7, "service_tier": "priority"},
+    ]
+    costs: list[dict[str, Any]] = [
+        {"workspace_id": "ws_c", "amount": "4000", "currency": "USD", "description": "tokens"},
+        {"workspace_id": None, "amount": "2500", "currency": "USD", "description": "tokens"},
+    ]
+    for api_version, bucket, at in (
+        ("usage_v1", anthropic_usage_bucket(*day, usage), "2026-11-04T02:00:00Z"),
+        ("costs_v1", anthropic_cost_bucket(*day, costs), "2026-11-04T03:00:00Z"),
+    ):
+        outcome = await feeder.buckets(envelope("anthropic", org.ai_org, api_version, [bucket], collected_at=at))
+        assert not outcome.quarantine, outcome.quarantine
+    for project, cost in (("ws_c", "100"), ("ws_d", "30")):  # the platform's own figures for its calls
+        event = api_event(
+            org, project=org.projects[project], occurred_at="2026-11-03T10:30:00Z", cost=cost, model="claude-sonnet-4-0"
+        )
+        assert not (await feeder.events(event)).quarantine
+    span = ("2026-11-03Z", "2026-11-04Z")
+    # The two workspaces' costs (40 + 25) and the Priority Tier usage the cost report leaves out (7), once each;
+    # the estimates of the hour are the calls those rows hold (ws_d's calls, in no workspace of its own, were made
+    # with another workspace's keys: the snapshot holds every call of the account in its hours).
+    assert await spend_of(db, "organization", org, None, *span) == 72
+    # A project budget sees its workspace's rows (ws_c) or, with none, its estimates (ws_d); the Default
+    # Workspace's spend is in no project's.
+    assert await spend_of(db, "project", org, org.projects["ws_c"], *span) == 40
+    assert await spend_of(db, "project", org, org.projects["ws_d"], *span) == 30
