@@ -58,6 +58,26 @@ UYI UYU UYW UZS VED VES VND VUV WST XAF XAG XAU XBA XBB XBC XBD XCD XCG XDR XOF 
 YER ZAR ZMW ZWG ZWL
 """
 ISO_4217 = frozenset(_ISO_4217_CODES.split())  # active codes, minus XTS (testing) and XXX (none)
+# ISO 4217's minor unit (digits after the point) of the codes whose minor unit is not 2; None: the code has none
+# (precious metals, bond market and accounting units). Anthropic's cost report gives amounts in the lowest unit.
+_MINOR_UNITS = {  # digits -> codes; None: no minor unit
+    0: "BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX UYI VND VUV XAF XOF XPF",
+    3: "BHD IQD JOD KWD LYD OMR TND",
+    4: "CLF UYW",
+    None: "XAG XAU XBA XBB XBC XBD XDR XPD XPT XSU XUA",
+}
+MINOR_UNIT_EXCEPTIONS: dict[str, int | None] = {
+    code: digits for digits, codes in _MINOR_UNITS.items() for code in codes.split()
+}
+
+
+def minor_unit_digits(currency: str) -> int:
+    """How many digits of a currency's lowest unit make one unit (USD 2: cents; JPY 0; KWD 3). A code without a
+    minor unit is ``unknown_currency``: an amount in its lowest unit cannot be read."""
+    digits = MINOR_UNIT_EXCEPTIONS.get(currency, 2)
+    if digits is None:
+        raise InvalidInput(Reason.UNKNOWN_CURRENCY, f"{currency} has no minor unit to read an amount in")
+    return digits
 
 
 def _fail(reason: Reason, message: str, **context: Any) -> PydanticCustomError:
@@ -377,7 +397,7 @@ class OpenAIUsageBucket(_OpenAIBucket):
 
 
 class AnthropicCostResult(_Model):
-    amount: Money  # a decimal string, in cents of ``currency``
+    amount: Money  # a decimal string, in the lowest unit of ``currency`` (cents of USD: ``minor_unit_digits``)
     currency: Currency
     cost_type: ShortText | None = None
     description: LongText | None = None

@@ -4,8 +4,8 @@ Every line names its *report* (``LedgerLine.report``): ``openai.costs``, ``opena
 ``anthropic.cost_report``, ``anthropic.usage_report.messages``.
 
 Costs (``costs_v1``): one line per result, the provider's amount converted exactly (Anthropic reports a
-decimal string in cents); every dimension the provider reports (model, token type, context window, service
-tier, speed, inference geo) is kept, in the line item and the metadata, as reported.
+decimal string in the currency's lowest unit: cents of USD); every dimension the provider reports (model, token
+type, context window, service tier, speed, inference geo) is kept, in the line item and the metadata, as reported.
 
 Usage (``usage_v1``): lines of deterministic ``line_item`` such as ``gpt-4o:input_text_tokens`` or
 ``claude-sonnet-4:uncached_input_tokens:batch:0-200k``; the amount is filled in later (``pricing.py``).
@@ -51,6 +51,7 @@ from worker.models import (
     OpenAICostBucket,
     OpenAIUsageBucket,
     OpenAIUsageResult,
+    minor_unit_digits,
 )
 from worker.quarantine import Reason
 
@@ -249,7 +250,8 @@ def lines_for(
                 )
                 or ALL_LINE_ITEMS,
                 currency=charge.currency,
-                amount=charge.amount.scaleb(-2, EXACT),  # cents -> units, exact (only the exponent changes)
+                # the lowest unit (cents of USD, yen, fils of KWD) -> units, exact (only the exponent changes)
+                amount=charge.amount.scaleb(-minor_unit_digits(charge.currency), EXACT),
                 quantity=None,
                 unit=None,
                 metadata=_present(

@@ -293,3 +293,26 @@ def test_an_anthropic_cost_result_under_usage_v1_is_no_usage_snapshot() -> None:
     ]
     for counts in present:
         assert isinstance(_anthropic("usage_v1", [{"model": "m"} | counts]), ProviderMessage), counts
+
+
+def test_an_anthropic_cost_amount_is_read_in_its_currencys_lowest_unit() -> None:
+    """The cost report's ``amount`` is "in lowest currency units (e.g. cents) as a decimal string": cents for USD
+    ("123.45" is $1.2345), but the lowest unit of JPY is the yen and of KWD the fils (a thousandth). Divided by 100
+    whatever the currency, 500 JPY counted 5 and 1234 fils 12.34 KWD instead of 1.234. A currency without a minor
+    unit (gold, XAU) has no lowest unit to read the amount in: it is refused, not guessed."""
+    read = {}
+    for currency, amount in (("USD", "123.45"), ("JPY", "500"), ("KWD", "1234"), ("CLF", "12345"), ("EUR", "7")):
+        outcome = _anthropic("costs_v1", [{"currency": currency, "amount": amount, "workspace_id": "w"}])
+        assert isinstance(outcome, ProviderMessage), outcome
+        [line] = outcome.lines
+        read[currency] = (line.currency, line.amount)
+    assert read == {
+        "USD": ("USD", Decimal("1.2345")),
+        "JPY": ("JPY", Decimal(500)),
+        "KWD": ("KWD", Decimal("1.234")),
+        "CLF": ("CLF", Decimal("1.2345")),
+        "EUR": ("EUR", Decimal("0.07")),
+    }
+    refused = _anthropic("costs_v1", [{"currency": "XAU", "amount": "1", "workspace_id": "w"}])
+    assert isinstance(refused, Quarantined)
+    assert refused.reason is Reason.UNKNOWN_CURRENCY, refused.detail

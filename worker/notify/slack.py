@@ -13,17 +13,12 @@ from datetime import datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Any
 
+from worker.models import MINOR_UNIT_EXCEPTIONS
 from worker.notify.messages import RESOLVED
 
 # ISO 4217 minor units where they are not 2 (the message carries exact spend; a person reads it in the
 # currency's smallest unit, rounded half-even like `budgets status`).
-MINOR_DIGITS: dict[str, int] = {}
-for _digits, _codes in (
-    (0, "BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX UYI VND VUV XAF XOF XPF"),
-    (3, "BHD IQD JOD KWD LYD OMR TND"),
-    (4, "CLF UYW"),
-):
-    MINOR_DIGITS.update(dict.fromkeys(_codes.split(), _digits))
+MINOR_DIGITS: dict[str, int] = {code: digits for code, digits in MINOR_UNIT_EXCEPTIONS.items() if digits is not None}
 
 
 def money(value: object, currency: str, *, keep_finer: bool = False) -> str:
