@@ -181,7 +181,13 @@ def test_a_line_without_any_price_stays_unpriced_unless_it_is_empty() -> None:
 def test_an_estimate_prices_the_request_at_the_tier_of_its_own_prompt() -> None:
     """One request's context length is known (its prompt tokens): past a tier's start the catalogue bills every
     token at that tier (genai-prices' "cliff" model), so the estimate must too; the base price would halve it."""
-    for provider, model in (("anthropic", "claude-sonnet-4-5"), ("google", "gemini-2.5-pro"), ("openai", "gpt-4o")):
+    models = (
+        ("anthropic", "claude-sonnet-4-5"),
+        ("google", "gemini-2.5-pro"),
+        ("openai", "gpt-4o"),
+        ("openai", "gpt-5.4"),  # tiered past 272k, input and output
+    )
+    for provider, model in models:
         for prompt, completion in ((300_000, 1_000), (100_000, 1_000), (0, 5_000)):
             found = estimate_request(provider, model, prompt, completion, AT)
             assert found is not None
