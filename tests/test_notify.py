@@ -760,6 +760,13 @@ async def test_a_rotated_signing_secret_signs_beside_the_new_one_until_its_overl
     assert receiver.requests[1][1]["webhook-signature"].count("v1,") == 1
     assert verifies(new_secret, 1)
     assert not verifies(old_secret, 1)
+    # `destinations test` during an overlap signs with the new secret only: it tells whether the receiver switched.
+    await db.execute(
+        "UPDATE notify_destinations SET previous_secret_until = now() + interval '1 hour' WHERE id = $1", hook
+    )
+    assert await admin.test(rotated, organization=str(org.id), destination=str(hook)) == 0
+    assert receiver.requests[2][1]["webhook-signature"].count("v1,") == 1
+    assert verifies(new_secret, 2)
     with pytest.raises(CostWorkerError, match="no webhook destination"):
         await admin.rotate_secret(rotated, organization=str(org.id), destination=str(slack), overlap="60")
     with pytest.raises(UsageError, match="--overlap: seconds from 0 to 2592000"):
