@@ -1150,8 +1150,9 @@ async def test_a_refused_account_is_tried_again_after_the_auth_retry_interval(
     assert _sample("cost_worker_collect_auth_failures_total", **oa) == failures + 1
     assert REGISTRY.get_sample_value("cost_worker_collect_account_refused", oa) is None
 
-    # Refused again on the try after the interval: one request, counted, and another interval to wait.
-    world.fake.script[("org-oa", COSTS)] = [Canned(403), Canned(403)]
+    # Refused again on the try after the interval: one request, counted, and another interval to wait. (A 403 is
+    # one endpoint's missing permission: test_a_403_on_one_endpoint_refuses_that_endpoint_only.)
+    world.fake.script[("org-oa", COSTS)] = [Canned(401), Canned(401)]
     before = asked()
     await asyncio.wait_for(collector.run(once=True), 60)
     assert asked() == before + 1
@@ -1162,6 +1163,66 @@ async def test_a_refused_account_is_tried_again_after_the_auth_retry_interval(
     await asyncio.wait_for(collector.run(once=True), 60)
     assert asked() == before + 2
     assert _sample("cost_worker_collect_account_refused", **oa) == 1
+
+
+async def test_a_403_on_one_endpoint_refuses_that_endpoint_only(world: World, db: asyncpg.Connection) -> None:
+    """An admin key allowed to read usage but not costs (a 403 on /costs, 200 elsewhere) stopped the whole account
+    until the auth retry interval: none of its usage was collected for the permission it lacked on one report.
+    Now a 403 refuses that endpoint only (tried again after COST_WORKER_COLLECT_AUTH_RETRY_INTERVAL, at once after
+    a new key); the account's other endpoints go on; the gauge, the log line and --once's missed list name the
+    endpoint. A 401 (the key itself refused) still refuses the whole account."""
+    seed_truth(world.fake)
+    await db.execute("UPDATE organization_api_keys SET is_active = false WHERE ai_organization_id = 'org-bad'")
+    oa = {"provider": "openai", "account": "org-oa"}
+    costs = {**oa, "report": "openai.costs"}
+    refusals = _sample("cost_worker_collect_endpoint_refusals_total", **costs)
+    account_failures = _sample("cost_worker_collect_auth_failures_total", **oa)
+    collector = Collector(world.settings.model_copy(update={"collect_auth_retry_interval": 1.0}))
+    world.fake.script[("org-oa", COSTS)] = [Canned(403), Canned(403)]
+
+    def asked(path: str) -> int:
+        return len([1 for acc, p, *_ in world.fake.requests if acc == "org-oa" and p == path])
+
+    async def polled() -> set[str]:
+        rows = await db.fetch(
+            "SELECT s.report FROM collector_state s JOIN organization_api_keys k ON k.id = s.account_id "
+            "WHERE k.ai_organization_id = 'org-oa'"
+        )
+        return {r["report"] for r in rows}
+
+    await poll_once(collector, ["openai/org-oa/openai.costs: endpoint refused (HTTP 403)"])
+    assert asked(COSTS) == 1
+    assert await polled() == {e.report for e in OPENAI_ENDPOINTS} - {"openai.costs"}  # the rest was collected
+    assert not collector.refusals.refused  # the account is not refused (its gauge is process-wide: not asked)
+    assert _sample("cost_worker_collect_endpoint_refused", **costs) == 1
+    assert _sample("cost_worker_collect_endpoint_refusals_total", **costs) == refusals + 1
+    assert _sample("cost_worker_collect_auth_failures_total", **oa) == account_failures  # not the account's key
+    lines = [json.loads(line) for line in world.log.getvalue().splitlines() if line.startswith("{")]
+    [refused] = [e for e in lines if e.get("event") == "collect_endpoint_refused"]
+    assert (refused["account"], refused["report"], refused["status"]) == ("org-oa", "openai.costs", 403)
+
+    # Within the interval: that endpoint is not asked, the others are.
+    completions = asked(COMPLETIONS)
+    code = await asyncio.wait_for(collector.run(once=True), 60)
+    assert code == runner.EXIT_INCOMPLETE
+    [missed] = collector.missed
+    assert missed.startswith("openai/org-oa/openai.costs: endpoint refused (HTTP 403, next try in ")
+    assert asked(COSTS) == 1
+    assert asked(COMPLETIONS) > completions
+    assert "collect_endpoint_stopped" in world.log.getvalue()
+
+    # After the interval: tried again (one request), refused again, counted again.
+    await asyncio.sleep(1.1)
+    await poll_once(collector, ["openai/org-oa/openai.costs: endpoint refused (HTTP 403)"])
+    assert asked(COSTS) == 2
+    assert _sample("cost_worker_collect_endpoint_refusals_total", **costs) == refusals + 2
+
+    # The permission granted: the next try is accepted, the endpoint collected, its gauge series gone.
+    await asyncio.sleep(1.1)
+    await poll_once(collector, [])
+    assert await polled() == {e.report for e in OPENAI_ENDPOINTS}
+    assert REGISTRY.get_sample_value("cost_worker_collect_endpoint_refused", costs) is None
+    assert "collect_endpoint_resumed" in world.log.getvalue()
 
 
 async def test_collect_once_exits_non_zero_when_the_poll_did_not_collect_everything(

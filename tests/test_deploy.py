@@ -72,6 +72,7 @@ EXPECTED_ALERTS = {
     "CostCollectorNoActivePoller",
     "CostCollectorStale",
     "CostCollectorAuthFailures",
+    "CostCollectorEndpointRefused",
 }
 
 # --- tools ------------------------------------------------------------------------------------------------

@@ -20,9 +20,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from tests.factories import api_event, dumps, envelope, make_org, openai_cost_bucket, openai_usage_bucket
+from tests.fake_providers import Canned
 from tests.kafka_helpers import create_topics, produce, worker_env
 from tests.test_budgets import add_budget
-from tests.test_collect import World, seed_truth, world  # noqa: F401 - `world`: the collector's fake providers
+from tests.test_collect import COMPLETIONS, World, seed_truth, world  # noqa: F401 - `world`: the fake providers
 from tests.test_notify import KEY, Receiver, add, alert_message, ok
 from tests.test_operations import eventually, http_get
 from worker.app import Worker
@@ -340,6 +341,7 @@ async def test_every_documented_collector_metric_is_exported_by_a_running_collec
     tmp_path: Path,
 ) -> None:
     seed_truth(world.fake)  # one good account per provider; org-bad's key is refused (401)
+    world.fake.script[("org-oa", COMPLETIONS)] = [Canned(403)]  # one endpoint refused to org-oa's key (403)
     port = free_port()
     log = tmp_path / "collector.log"
     process = spawn(
@@ -353,6 +355,7 @@ async def test_every_documented_collector_metric_is_exported_by_a_running_collec
         wanted = {
             "cost_worker_collect_buckets_published_total",
             "cost_worker_collect_auth_failures_total",
+            "cost_worker_collect_endpoint_refused",
             "cost_worker_collect_seconds_since_last_success",
         }
         samples, _ = await scrape_process(process, port, wanted, log)

@@ -101,7 +101,7 @@ COLLECT_MAX_RETRY_AFTER = 120.0  # seconds; a longer Retry-After fails the reque
 COLLECT_RETRY_INITIAL_BACKOFF = 1.0  # seconds before the first retry of a provider request (5xx, timeout, ...)
 COLLECT_RETRY_MAX_BACKOFF = 60.0  # seconds; the longest backoff between two attempts of a provider request
 COLLECT_STALE_AFTER = 7200.0  # seconds without a successful poll before /readyz of the collector says not ready
-COLLECT_AUTH_RETRY_INTERVAL = 1800.0  # seconds before an account whose admin key was refused (401/403) is tried again
+COLLECT_AUTH_RETRY_INTERVAL = 1800.0  # seconds before a refused account (401) or endpoint (403) is tried again
 
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
@@ -417,8 +417,8 @@ class Settings(BaseSettings):
     collect_auth_retry_interval: float = Field(
         default=COLLECT_AUTH_RETRY_INTERVAL,
         gt=0,
-        description="Seconds before an account whose admin key the provider refused (401/403) is tried again, with "
-        "one request (a changed key is tried at once)",
+        description="Seconds before an account whose admin key the provider refused (401), or an endpoint it "
+        "refused to that key (403), is tried again, with one request (a changed key is tried at once)",
     )
 
     @field_validator("log_level", mode="before")

@@ -187,14 +187,26 @@ COLLECT_POLLS = Counter(
 )
 COLLECT_AUTH_FAILURES = Counter(
     "cost_worker_collect_auth_failures_total",
-    "Requests the provider answered 401/403 (the account's admin key refused), each stopping that account's poll.",
+    "Requests the provider answered 401 (the account's admin key refused), each stopping that account's poll.",
     ["provider", "account"],
 )
 COLLECT_ACCOUNT_REFUSED = Gauge(
     "cost_worker_collect_account_refused",
-    "1 while the provider refuses the account's admin key (401/403): tried again every "
+    "1 while the provider refuses the account's admin key (401): tried again every "
     "COST_WORKER_COLLECT_AUTH_RETRY_INTERVAL; no series otherwise.",
     ["provider", "account"],
+)
+COLLECT_ENDPOINT_REFUSALS = Counter(
+    "cost_worker_collect_endpoint_refusals_total",
+    "Requests the provider answered 403 (the admin key lacks the permission for this report), each stopping that "
+    "endpoint only; the account's other endpoints go on.",
+    ["provider", "account", "report"],
+)
+COLLECT_ENDPOINT_REFUSED = Gauge(
+    "cost_worker_collect_endpoint_refused",
+    "1 while the provider refuses the account's admin key for this report (403): tried again every "
+    "COST_WORKER_COLLECT_AUTH_RETRY_INTERVAL; no series otherwise.",
+    ["provider", "account", "report"],
 )
 COLLECT_LAST_SUCCESS = Gauge(
     "cost_worker_collect_last_success_timestamp_seconds",

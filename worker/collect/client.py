@@ -7,7 +7,8 @@
   up to ``collect_retry_max_backoff``, ``collect_max_attempts`` in all (by default 1+2+4+8+16 s and jitter: an
   outage of about half a minute is ridden out within one poll).
 - A response that is not valid HTTP (a bad Content-Length, a broken status line): like a 5xx, retried.
-- 401/403: ``ProviderAuthFailed`` at once (no retry): that account stops, the others go on.
+- 401/403: ``ProviderAuthFailed`` at once (no retry), with its status: a 401 stops that account, a 403 (a key
+  without the permission for this endpoint) that endpoint; the others go on.
 - Redirects are never followed (a header such as Anthropic's ``x-api-key`` would go to the other host): a 3xx
   is a ``ProviderRejected`` naming its status, like any other status, an invalid URL or a body that is not a
   page.
@@ -159,10 +160,17 @@ class ProviderClient:
                             f"{where}: rate limited, Retry-After {wait:.0f}s exceeds the configured maximum"
                         )
                     raise RateLimited(f"{where}: rate limited (429)", wait)
-                if status in (401, 403):
+                if status == 401:
                     raise ProviderAuthFailed(
-                        f"{where}: the provider refused the admin key (HTTP {status}); "
-                        "rotate it with `cost-worker keys rotate`"
+                        f"{where}: the provider refused the admin key (HTTP 401); "
+                        "rotate it with `cost-worker keys rotate`",
+                        status,
+                    )
+                if status == 403:
+                    raise ProviderAuthFailed(
+                        f"{where}: the admin key is not allowed this endpoint (HTTP 403); grant the key this "
+                        "permission in the provider's console, or rotate it with `cost-worker keys rotate`",
+                        status,
                     )
                 if status >= 500:
                     raise ProviderUnavailable(f"{where}: provider error HTTP {status}", wait)

@@ -27,8 +27,18 @@ class RateLimited(ProviderUnavailable):
 
 
 class ProviderAuthFailed(CollectError):
-    """The provider refused the admin key (401/403): that account stops until a retry after
-    ``collect_auth_retry_interval`` is accepted, or its key changes (``keys rotate``)."""
+    """The provider refused the admin key: 401, the key itself (that account stops), or 403, the key lacks the
+    permission for this endpoint (that endpoint stops, the account's others go on); either until a retry after
+    ``collect_auth_retry_interval`` is accepted, or the key changes (``keys rotate``)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status  # 401 or 403
+
+    @property
+    def endpoint_only(self) -> bool:
+        """403 Forbidden: the key is valid (other endpoints may answer it) but not allowed this endpoint."""
+        return self.status == 403
 
 
 class ProviderRejected(CollectError):

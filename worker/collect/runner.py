@@ -4,10 +4,14 @@ Each round: for every active account (``organization_api_keys``) and every endpo
 window's ``collected_at`` (the clock just before reading it, later than every revision before it even if the
 clock stepped back: ``Revisions``), read the window (``windows``), stage it with its state in one transaction
 (``store``), and let the publisher deliver it (``publisher``). Failures stay where they happen:
-- 401/403 stops that account, with an error log line, ``cost_worker_collect_auth_failures_total`` and
+- 401 stops that account, with an error log line, ``cost_worker_collect_auth_failures_total`` and
   ``cost_worker_collect_account_refused``; the other accounts go on. A refused key is tried again (one request)
   every ``collect_auth_retry_interval`` (a provider's 401 during an incident must not stop collection for good),
   and at once when it changes (``keys rotate`` or a new secret file): ``Refusals``.
+- 403 (a key without the permission for one endpoint: usage but not costs) stops that endpoint only, the same
+  way (``collect_endpoint_refused``, ``cost_worker_collect_endpoint_refusals_total`` and
+  ``cost_worker_collect_endpoint_refused``, tried again every ``collect_auth_retry_interval``); the account's other
+  endpoints go on.
 - An endpoint that still fails after its retries (or answers something undocumented) is left for the next
   poll; nothing of its window is staged. The other endpoints go on.
 - The database or the broker failing ends the round; the loop retries it after a backoff.
@@ -94,7 +98,8 @@ class Collector:
         self.health = CollectorHealth(
             ready_max_retrying=settings.ready_max_retrying, stale_after=settings.collect_stale_after
         )
-        self.refusals = Refusals(settings.collect_auth_retry_interval)
+        self.refusals = Refusals(settings.collect_auth_retry_interval)  # (provider, account): 401
+        self.endpoint_refusals = Refusals(settings.collect_auth_retry_interval)  # (provider, account, report): 403
         self.missed: list[str] = []  # what the last round did not collect, "provider/account[/report]: why"
         self._keys: keystore.Keyring | None = None
 
@@ -271,6 +276,22 @@ class Collector:
         for endpoint in ENDPOINTS[provider]:  # type: ignore[index]
             if self.stop.is_set():
                 return
+            where = (provider, name, endpoint.report)
+            waiting = self.endpoint_refusals.waiting(where, fingerprint, time.monotonic())
+            if waiting is not None:
+                self.missed.append(
+                    f"{provider}/{name}/{endpoint.report}: endpoint refused (HTTP 403, next try in {waiting:.0f}s)"
+                )
+                log.error(
+                    "collect_endpoint_stopped",
+                    provider=provider,
+                    account=name,
+                    report=endpoint.report,
+                    retry_in=round(waiting),
+                    reason="the provider refused this admin key for this endpoint (403: a missing permission); "
+                    "tried again after retry_in seconds, at once after `cost-worker keys rotate`",
+                )
+                continue
             collected_at = revisions.next()
             window = window_for(
                 collected_at,
@@ -295,6 +316,22 @@ class Collector:
                     for bucket in collected.buckets
                 ]
             except ProviderAuthFailed as exc:
+                if exc.endpoint_only:  # 403: this endpoint only, the account's others go on
+                    self.endpoint_refusals.refuse(where, fingerprint, time.monotonic())
+                    metrics.COLLECT_ENDPOINT_REFUSALS.labels(*where).inc()
+                    metrics.COLLECT_ENDPOINT_REFUSED.labels(*where).set(1)
+                    self._polled(endpoint, "auth_failed")
+                    self.missed.append(f"{provider}/{name}/{endpoint.report}: endpoint refused (HTTP {exc.status})")
+                    log.error(
+                        "collect_endpoint_refused",
+                        provider=provider,
+                        account=name,
+                        report=endpoint.report,
+                        status=exc.status,
+                        error=str(exc),
+                        retry_in=self.settings.collect_auth_retry_interval,
+                    )
+                    continue
                 self.refusals.refuse((provider, name), fingerprint, time.monotonic())
                 metrics.COLLECT_AUTH_FAILURES.labels(provider=provider, account=name).inc()
                 metrics.COLLECT_ACCOUNT_REFUSED.labels(provider=provider, account=name).set(1)
@@ -337,6 +374,10 @@ class Collector:
                 buckets=len(messages),
                 repeated_results=collected.repeated,
             )
+            if self.endpoint_refusals.accept(where):
+                with contextlib.suppress(KeyError):
+                    metrics.COLLECT_ENDPOINT_REFUSED.remove(*where)
+                log.info("collect_endpoint_resumed", provider=provider, account=name, report=endpoint.report)
         if self.refusals.accept((provider, name)):
             with contextlib.suppress(KeyError):
                 metrics.COLLECT_ACCOUNT_REFUSED.remove(provider, name)
@@ -386,6 +427,9 @@ class Collector:
         for account in self.refusals.forget_all_but(active):
             with contextlib.suppress(KeyError):
                 metrics.COLLECT_ACCOUNT_REFUSED.remove(*account)
+        for where in self.endpoint_refusals.forget_all_but(active):
+            with contextlib.suppress(KeyError):
+                metrics.COLLECT_ENDPOINT_REFUSED.remove(*where)
 
     # --- helpers ------------------------------------------------------------------------------------------
 
@@ -414,7 +458,8 @@ class Collector:
 
 @dataclass
 class Refusals:
-    """The accounts whose admin key the provider refused (401/403): which key, and when (monotonic seconds).
+    """The accounts whose admin key the provider refused (401), or the endpoints (403, one instance each): which
+    key, and when (monotonic seconds). Keys are ``(provider, account)`` or ``(provider, account, report)``.
 
     A refused key is not sent again until ``retry_interval`` seconds have passed; then it is tried once more (the
     poll of an account stops at its first refusal: one request per interval, never the retry ladder of a 5xx). A
@@ -422,9 +467,9 @@ class Refusals:
     changed or the process restarted: one 401 during a provider's incident stopped the account for good."""
 
     retry_interval: float
-    refused: dict[tuple[str, str], tuple[str, float]] = field(default_factory=dict)  # (provider, account) -> ...
+    refused: dict[tuple[str, ...], tuple[str, float]] = field(default_factory=dict)  # key -> (fingerprint, when)
 
-    def waiting(self, account: tuple[str, str], fingerprint: str, now: float) -> float | None:
+    def waiting(self, account: tuple[str, ...], fingerprint: str, now: float) -> float | None:
         """Seconds before ``account`` is tried again with this key; None when it is to be polled now."""
         refused = self.refused.get(account)
         if refused is None or refused[0] != fingerprint:
@@ -432,16 +477,16 @@ class Refusals:
         left = refused[1] + self.retry_interval - now
         return left if left > 0 else None
 
-    def refuse(self, account: tuple[str, str], fingerprint: str, now: float) -> None:
+    def refuse(self, account: tuple[str, ...], fingerprint: str, now: float) -> None:
         self.refused[account] = (fingerprint, now)
 
-    def accept(self, account: tuple[str, str]) -> bool:
+    def accept(self, account: tuple[str, ...]) -> bool:
         """The account was polled without a refusal; True when it had been refused."""
         return self.refused.pop(account, None) is not None
 
-    def forget_all_but(self, active: set[tuple[str, str]]) -> list[tuple[str, str]]:
-        """Drop the refusals of accounts no longer polled (deactivated); returns them."""
-        gone = [account for account in self.refused if account not in active]
+    def forget_all_but(self, active: set[tuple[str, str]]) -> list[tuple[str, ...]]:
+        """Drop the refusals of accounts (and their endpoints) no longer polled (deactivated); returns them."""
+        gone = [key for key in self.refused if key[:2] not in active]
         for account in gone:
             del self.refused[account]
         return gone
