@@ -47,8 +47,10 @@ from worker.collect.errors import KeyStoreError, ProviderAuthFailed, ProviderRej
 from worker.collect.publisher import CollectorPublisher
 from worker.collect.runner import Collector
 from worker.collect.sources import ANTHROPIC_ENDPOINTS, OPENAI_ENDPOINTS
+from worker.collect.store import Account, PollerConnection
 from worker.collect.windows import day_start
 from worker.config import Settings
+from worker.devstack import free_port
 from worker.errors import ConfigError, TransientError
 
 COSTS = "/v1/organization/costs"
@@ -1271,6 +1273,74 @@ async def test_collect_once_exits_non_zero_when_the_poll_did_not_collect_everyth
     await db.execute("UPDATE organization_api_keys SET is_active = false WHERE ai_organization_id = 'org-bad'")
     assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 0
     assert await db.fetchval("SELECT count(*) FROM collector_outbox") == 0
+
+
+async def _collect_once_process(env: dict[str, str]) -> tuple[int | None, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker", "collect", "--once", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
+    )
+    try:
+        _, err = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    return process.returncode, err.decode()
+
+
+@pytest.mark.parametrize("service", ["database", "kafka"])
+async def test_collect_once_gives_up_on_an_unreachable_database_or_broker(world: World, service: str) -> None:
+    """`collect --once` from a CronJob while PostgreSQL or the broker is down waited for it without limit: a job
+    hung until someone noticed. Now it waits COST_WORKER_COLLECT_ONCE_MAX_WAIT, then exits 1 with one line naming
+    the service and the setting (the long-running collector still waits as long as it takes)."""
+    env = worker_env(world.settings, COST_WORKER_DATABASE_ROLE="cost_worker_collector")
+    env["COST_WORKER_COLLECT_ONCE_MAX_WAIT"] = "2"
+    closed = f"127.0.0.1:{free_port()}"
+    if service == "database":
+        env["COST_WORKER_DATABASE_URL"] = f"postgresql://postgres@{closed}/postgres"
+    else:
+        env["COST_WORKER_KAFKA_BOOTSTRAP_SERVERS"] = closed
+    code, stderr = await _collect_once_process(env)
+    assert code == 1, stderr
+    [line] = [line for line in stderr.splitlines() if line.startswith("cost-worker: error:")]
+    assert line.startswith(f"cost-worker: error: {service} unreachable for ")
+    assert "COST_WORKER_COLLECT_ONCE_MAX_WAIT" in line
+
+
+async def test_collect_once_gives_up_publishing_when_the_broker_keeps_failing(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker reachable at the start, then failing every delivery: `--once` retried publishing without limit.
+    Now it stops after COST_WORKER_COLLECT_ONCE_MAX_WAIT; the windows stay staged for the next start and the exit
+    code is 3, naming them."""
+    seed_truth(world.fake)
+
+    async def failing(_: CollectorPublisher) -> None:
+        raise TransientError("broker down")
+
+    monkeypatch.setattr(CollectorPublisher, "drain", failing)
+    collector = Collector(world.settings.model_copy(update={"collect_once_max_wait": 1.0}))
+    assert await asyncio.wait_for(collector.run(once=True), 60) == runner.EXIT_INCOMPLETE
+    assert any(m.startswith("staged windows left unpublished") for m in collector.missed), collector.missed
+    assert "collect_publish_left_for_next_start" in world.log.getvalue()
+
+
+async def test_collect_once_gives_up_a_poll_the_database_keeps_failing(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round failing on the database after the poller lock was taken (a statement timeout, a serialization
+    failure on every try) was retried without limit by `--once`. Now it gives up after
+    COST_WORKER_COLLECT_ONCE_MAX_WAIT with exit 3, saying why."""
+
+    async def failing(_: PollerConnection) -> list[Account]:
+        raise TransientError("statement timeout")
+
+    monkeypatch.setattr(PollerConnection, "accounts", failing)
+    collector = Collector(world.settings.model_copy(update={"collect_once_max_wait": 1.0}))
+    assert await asyncio.wait_for(collector.run(once=True), 60) == runner.EXIT_INCOMPLETE
+    [missed] = collector.missed
+    assert missed.startswith("the poll failed on the database or the broker for over COST_WORKER_COLLECT_ONCE_MAX_WAIT")
+    assert "statement timeout" in missed
 
 
 async def test_a_response_header_no_clock_can_read_is_ignored_and_polling_goes_on(world: World) -> None:

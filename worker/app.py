@@ -236,11 +236,26 @@ async def watch_database(db: Database | None, health: Health, stop: asyncio.Even
         await sleep_or_stop(stop, DATABASE_CHECK_INTERVAL)
 
 
-async def until_ready(what: str, stop: asyncio.Event, attempt: Callable[[], Awaitable[T]]) -> T:
+async def until_ready(
+    what: str,
+    stop: asyncio.Event,
+    attempt: Callable[[], Awaitable[T]],
+    *,
+    give_up_after: float | None = None,
+    limit_name: str = "",
+) -> T:
     """Retry a startup step while its service is unreachable (not while it is misconfigured: the store and the
-    Kafka boundary raise ``TransientError`` only for the former)."""
+    Kafka boundary raise ``TransientError`` only for the former). With ``give_up_after``, a ``FatalError`` naming
+    ``limit_name`` once the next try would come later than that many seconds after the first (a one-off command
+    must not hang)."""
+    began = time.monotonic()
 
     def waiting(error: BaseException, _attempt: int, wait: float) -> None:
+        if give_up_after is not None and time.monotonic() - began + wait > give_up_after:
+            raise FatalError(
+                f"{what} unreachable for {time.monotonic() - began:.0f}s, gave up ({limit_name} is "
+                f"{give_up_after:g}s): {error}"
+            )
         log.warning("waiting_for", service=what, error=str(error), retry_in=wait)
         if stop.is_set():
             raise FatalError(f"stopped while waiting for the {what}")

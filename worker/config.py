@@ -102,6 +102,7 @@ COLLECT_RETRY_INITIAL_BACKOFF = 1.0  # seconds before the first retry of a provi
 COLLECT_RETRY_MAX_BACKOFF = 60.0  # seconds; the longest backoff between two attempts of a provider request
 COLLECT_STALE_AFTER = 7200.0  # seconds without a successful poll before /readyz of the collector says not ready
 COLLECT_AUTH_RETRY_INTERVAL = 1800.0  # seconds before a refused account (401) or endpoint (403) is tried again
+COLLECT_ONCE_MAX_WAIT = 300.0  # seconds `collect --once` waits for an unreachable database or broker, then gives up
 
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
@@ -419,6 +420,13 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds before an account whose admin key the provider refused (401), or an endpoint it "
         "refused to that key (403), is tried again, with one request (a changed key is tried at once)",
+    )
+    collect_once_max_wait: float = Field(
+        default=COLLECT_ONCE_MAX_WAIT,
+        gt=0,
+        description="`collect --once` only: seconds it waits for an unreachable database or broker (at its start, "
+        "a poll failing on them, publishing) before it gives up (exit 1 before the poll, 3 after it started); the "
+        "long-running collector waits as long as it takes",
     )
 
     @field_validator("log_level", mode="before")

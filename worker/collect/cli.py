@@ -25,7 +25,8 @@ def add_parsers(sub: Any) -> None:
         "--once",
         action="store_true",
         help="poll every account once, publish, and exit: 0 when everything was collected, 3 when an endpoint "
-        "failed or a key was refused (named on stderr), 1 when another replica holds the poller lock",
+        "failed or a key was refused (named on stderr), 1 when another replica holds the poller lock or the "
+        "database or broker stayed unreachable for COST_WORKER_COLLECT_ONCE_MAX_WAIT",
     )
 
     keys = sub.add_parser(

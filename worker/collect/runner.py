@@ -29,11 +29,11 @@ import contextlib
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 import aiohttp
@@ -49,8 +49,8 @@ from worker.collect.publisher import CollectorPublisher, envelope
 from worker.collect.sources import ENDPOINTS, Endpoint, headers
 from worker.collect.store import Account, OutboxConnection, PollerConnection
 from worker.collect.windows import read_window, window_for
-from worker.config import COLLECT_BACKFILL_DAYS, Settings
-from worker.errors import CostWorkerError, TransientError
+from worker.config import COLLECT_BACKFILL_DAYS, Settings, env_name
+from worker.errors import CostWorkerError, FatalError, TransientError
 from worker.http import Health, HealthServer
 from worker.migrate import check_current
 from worker.models import MAX_FUTURE
@@ -58,9 +58,11 @@ from worker.retry import sleep_or_stop
 from worker.store import connect
 
 log = structlog.get_logger("worker.collect")
+T = TypeVar("T")
 
 EXIT_OK, EXIT_FAILURE = 0, 1
 EXIT_INCOMPLETE = 3  # --once: the poll ran but missed something (2 is the CLI's usage/config error)
+MAX_WAIT_SETTING = env_name("collect_once_max_wait")  # named in what `--once` says when it gives up
 MAX_MISSED_SHOWN = 20  # what a --once that missed something names on its stderr line (the log line names all)
 REVISION_STEP = timedelta(milliseconds=1)  # a poll's collected_at after a clock step back: the last one + this
 REVISION_MARGIN = timedelta(hours=1)  # consumer lag: a revision this close to the worker's future bound is not followed
@@ -101,6 +103,7 @@ class Collector:
         self.refusals = Refusals(settings.collect_auth_retry_interval)  # (provider, account): 401
         self.endpoint_refusals = Refusals(settings.collect_auth_retry_interval)  # (provider, account, report): 403
         self.missed: list[str] = []  # what the last round did not collect, "provider/account[/report]: why"
+        self.max_wait: float | None = None  # --once: how long an unreachable database or broker is waited for
         self._keys: keystore.Keyring | None = None
 
     # --- the loop -----------------------------------------------------------------------------------------
@@ -116,13 +119,15 @@ class Collector:
         )
         publisher: CollectorPublisher | None = None
         timeout = aiohttp.ClientTimeout(total=settings.collect_request_timeout)
+        # `--once` (a CronJob, a Job) must not hang on a service that is down: it waits collect_once_max_wait.
+        self.max_wait = settings.collect_once_max_wait if once else None
         try:
             # Unreachable services at startup are waited for (as `run` does); a misconfiguration is not.
-            poller = await until_ready("database", self.stop, self._open_poller)
-            await until_ready("database", self.stop, outbox.connect)
+            poller = await self._until_ready("database", self._open_poller)
+            await self._until_ready("database", outbox.connect)
             self.health.database_ok = True
             publisher = CollectorPublisher(settings, outbox)
-            await until_ready("kafka", self.stop, publisher.start)
+            await self._until_ready("kafka", publisher.start)
             await self._deliver(publisher)  # what a previous run staged but did not deliver
             async with aiohttp.ClientSession(timeout=timeout, raise_for_status=False) as session:
                 client = ProviderClient.from_settings(session, settings)
@@ -137,6 +142,9 @@ class Collector:
                 await poller.close()
             metrics.COLLECT_ACTIVE.set(0)
             await http.stop()
+
+    async def _until_ready(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        return await until_ready(what, self.stop, attempt, give_up_after=self.max_wait, limit_name=MAX_WAIT_SETTING)
 
     async def _open_poller(self) -> PollerConnection:
         settings = self.settings
@@ -154,6 +162,7 @@ class Collector:
         self, poller: PollerConnection, publisher: CollectorPublisher, client: ProviderClient, *, once: bool
     ) -> int:
         delay = self.settings.retry_initial_backoff
+        failing_since: float | None = None  # monotonic time of the first of consecutive failed rounds
         while not self.stop.is_set():
             try:
                 if not self.health.active:
@@ -168,20 +177,41 @@ class Collector:
                     await self._freshness(poller)
                     if once:
                         if not delivered:
-                            self.missed.append("staged windows left unpublished (stopped while the broker failed)")
+                            self.missed.append(
+                                "staged windows left unpublished (stopped while the broker failed)"
+                                if self.stop.is_set()
+                                else f"staged windows left unpublished (the broker failed for over {MAX_WAIT_SETTING}"
+                                f", {self.max_wait:g}s; published on the next start)"
+                            )
                         return EXIT_INCOMPLETE if self.missed else EXIT_OK
                 elif once:
                     log.error("collector_not_active", reason="another replica holds the poller lock")
                     return EXIT_FAILURE
                 self.health.database_ok = True
                 delay = self.settings.retry_initial_backoff
+                failing_since = None
             except TransientError as exc:
                 self.health.database_ok = not poller.conn.is_closed()
-                log.warning("collect_round_failed", error=str(exc), retry_in=delay)
                 if poller.conn.is_closed():  # the lock went with the connection: stop polling at once
+                    log.warning("collect_round_failed", error=str(exc))
                     self.health.active = False
                     metrics.COLLECT_ACTIVE.set(0)
                     raise
+                now = time.monotonic()
+                failing_since = now if failing_since is None else failing_since
+                if once and self.max_wait is not None and now - failing_since + delay > self.max_wait:
+                    log.warning("collect_round_failed", error=str(exc), gave_up_after=round(now - failing_since))
+                    if not self.health.active:  # the lock was never taken: nothing was polled
+                        raise FatalError(
+                            f"database unreachable for {now - failing_since:.0f}s, gave up ({MAX_WAIT_SETTING} "
+                            f"is {self.max_wait:g}s): {exc}"
+                        ) from exc
+                    self.missed.append(
+                        f"the poll failed on the database or the broker for over {MAX_WAIT_SETTING}, "
+                        f"{self.max_wait:g}s: {exc}"
+                    )
+                    return EXIT_INCOMPLETE
+                log.warning("collect_round_failed", error=str(exc), retry_in=delay)
                 await sleep_or_stop(self.stop, delay)
                 delay = min(delay * 2, self.settings.retry_max_backoff)
                 continue
@@ -194,8 +224,10 @@ class Collector:
     async def _deliver(self, publisher: CollectorPublisher) -> bool:
         """Publish everything staged, retrying the broker and the publisher's database connection (replaced when
         lost) with backoff, never re-polling for it. /readyz fails once this lasts over ``ready_max_retrying``.
-        False when stopped before everything was published."""
+        False when stopped before everything was published, or (``--once``) after ``max_wait`` of failures: what
+        is staged stays staged for the next start."""
         delay = self.settings.retry_initial_backoff
+        failing_since: float | None = None
         while True:
             try:
                 await publisher.drain()
@@ -205,8 +237,17 @@ class Collector:
                 if self.stop.is_set():
                     log.warning("collect_publish_left_for_next_start", error=str(exc))
                     return False
+                now = time.monotonic()
                 if self.health.retrying_since is None:
-                    self.health.retrying_since = time.monotonic()
+                    self.health.retrying_since = now
+                failing_since = now if failing_since is None else failing_since
+                if self.max_wait is not None and now - failing_since + delay > self.max_wait:
+                    log.warning(
+                        "collect_publish_left_for_next_start",
+                        error=str(exc),
+                        reason=f"publishing failed for over {MAX_WAIT_SETTING} ({self.max_wait:g}s)",
+                    )
+                    return False
                 log.warning("collect_publish_failed", error=str(exc), retry_in=delay)
                 await sleep_or_stop(self.stop, delay)
                 delay = min(delay * 2, self.settings.retry_max_backoff)
