@@ -631,6 +631,14 @@ async def test_only_the_replica_holding_the_lock_polls(world: World, database_ur
         assert await holder.fetchval("SELECT pg_try_advisory_lock(hashtextextended('cost_worker.collector', 0))")
         assert await asyncio.wait_for(Collector(world.settings).run(once=True), 60) == 1
         assert world.fake.requests == []  # the standby asked the providers nothing
+        # As a process: exit 1 said nothing on stderr (only a JSON log line on stdout), unlike every other error.
+        code, stderr = await _collect_once_process(
+            worker_env(world.settings, COST_WORKER_DATABASE_ROLE="cost_worker_collector")
+        )
+        assert code == 1
+        assert stderr.strip() == (
+            "cost-worker: error: another replica holds the poller lock (cost_worker.collector): nothing was polled"
+        )
     finally:
         await holder.close()  # the lock goes with the connection: the standby takes over
     await poll_once(world.settings)

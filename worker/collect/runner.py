@@ -104,6 +104,7 @@ class Collector:
         self.endpoint_refusals = Refusals(settings.collect_auth_retry_interval)  # (provider, account, report): 403
         self.missed: list[str] = []  # what the last round did not collect, "provider/account[/report]: why"
         self.max_wait: float | None = None  # --once: how long an unreachable database or broker is waited for
+        self.failure: str | None = None  # --once: why it exits EXIT_FAILURE without raising (its stderr line)
         self._keys: keystore.Keyring | None = None
 
     # --- the loop -----------------------------------------------------------------------------------------
@@ -186,6 +187,7 @@ class Collector:
                         return EXIT_INCOMPLETE if self.missed else EXIT_OK
                 elif once:
                     log.error("collector_not_active", reason="another replica holds the poller lock")
+                    self.failure = "another replica holds the poller lock (cost_worker.collector): nothing was polled"
                     return EXIT_FAILURE
                 self.health.database_ok = True
                 delay = self.settings.retry_initial_backoff
@@ -586,6 +588,8 @@ def run(settings: Settings, *, once: bool = False) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
+            if code == EXIT_FAILURE and collector.failure is not None:
+                print(f"cost-worker: error: {collector.failure}", file=sys.stderr, flush=True)
             return code
         finally:
             exit_after(EXIT_DEADLINE, code)  # the hard deadline, as for `run`
