@@ -169,7 +169,8 @@ NOTIFY_OLDEST_PENDING_AGE = Gauge(
 # Accounts are labelled by the provider's organization id (never by a key or its fingerprint).
 COLLECT_REQUESTS = Counter(
     "cost_worker_collect_requests_total",
-    "Provider admin API requests, by provider, report and HTTP status (or timeout, connection_error).",
+    "Provider admin API requests, by provider, report and HTTP status (or timeout, connection_error, "
+    "invalid_response).",
     ["provider", "report", "status"],
 )
 COLLECT_PAGES = Counter(
