@@ -2,7 +2,10 @@
 the rollups (the triggers keep the aggregate): minute buckets (10:05, 10:20, 18:40: after Asia/Kolkata's midnight),
 hourly and daily windows not on the hour, windows of three and five days, open buckets, EUR lines, Anthropic's
 Priority Tier, unpriced and zero-quantity usage, lines retired, revived and deleted, rollups added to and deleted, a
-project moved to another provider account. After every step, for daily (UTC, Asia/Kolkata, America/Los_Angeles),
+project moved to another provider account, OpenAI lines of a second account beside the organization's (coverage is
+per account), EUR and GBP lines with another exchange rate on every UTC date (so the date a row converts at, its
+window start's, is checked: windows of 22:00-02:00, 23:30-00:30 and noon to noon have their midpoint on the next
+date; and the direct, inverse and cross-through-EUR rates all occur). After every step, for daily (UTC, Asia/Kolkata, America/Los_Angeles),
 monthly (UTC) and weekly (Pacific/Chatham) periods, organization and project scopes, USD and EUR: the aggregate
 (``cost_worker_spend``) equals the full computation (``cost_worker_spend_full``), which equals the independent model
 (``tests/spend_model.py`` rows converted by ``tests/currency_model.py``).
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -43,6 +46,10 @@ windows = st.sampled_from(
         (30 * H, 31 * H),
         (18 * H + 40 * M, 18 * H + 41 * M),
         (10 * H + 20 * M, 10 * H + 21 * M),
+        # windows whose midpoint lies on the UTC date after their start's: converted at the start's rate
+        (22 * H, 26 * H),
+        (23 * H + 30 * M, 24 * H + 30 * M),
+        (12 * H, 36 * H),
     ]
 )
 
@@ -56,8 +63,11 @@ line = st.fixed_dictionaries(
         "amount": st.sampled_from([None, Decimal(0), Decimal(3), Decimal("7.5"), Decimal(11)]),
         "quantity": st.sampled_from([None, Decimal(0), Decimal(5)]),
         "collected": st.sampled_from([H, 6 * H, 30 * H, 100 * H]),
-        "currency": st.sampled_from(["USD", "USD", "EUR"]),
+        "currency": st.sampled_from(["USD", "USD", "EUR", "GBP"]),
         "provider": st.sampled_from(["openai", "openai", "anthropic"]),
+        # OpenAI lines of the organization's account, or of another OpenAI account (a project mapped there by
+        # ``remap``, or moved back): coverage is per provider *account*, not per provider (README rule 2)
+        "other_account": st.sampled_from([False, False, True]),
         "outside": st.sampled_from([False, False, True]),
     }
 )
@@ -76,6 +86,16 @@ drop_estimate = st.fixed_dictionaries({"op": st.just("drop_estimate"), "index": 
 remap = st.fixed_dictionaries({"op": st.just("remap"), "project": st.sampled_from(["a", "b"])})
 plans = st.lists(st.one_of(line, line, line, estimate, estimate, retire, delete, drop_estimate, remap), max_size=14)
 
+# A different rate on every UTC date the rows' windows start on (a row converts at its window start's date, an
+# estimate at its hour's: a window of 20:00-20:00 or of three days has its midpoint on another date), EUR -> USD
+# and EUR -> GBP: USD budgets take EUR rows by the direct rate and GBP rows by the cross rate through EUR, EUR
+# budgets take USD and GBP rows by the inverse rate. A GBP row converted by the cross rate is truncated at 20 places.
+RATES: dict[tuple[str, str, date], Decimal] = {
+    (base, quote, date(2026, 10, 27) + timedelta(days=n)): Decimal(rate) + Decimal(n) * Decimal("0.0173")
+    for n in range(9)
+    for base, quote, rate in (("EUR", "USD", "1.0837"), ("EUR", "GBP", "0.8691"))
+}
+
 BUDGETS = [
     ("daily", "UTC"),
     ("daily", "Asia/Kolkata"),
@@ -85,12 +105,19 @@ BUDGETS = [
 ]
 
 
-async def run(db: asyncpg.Connection, plan: list[dict[str, Any]]) -> None:
+async def run(
+    db: asyncpg.Connection,
+    plan: list[dict[str, Any]],
+    budgets: list[tuple[str, str]] = BUDGETS,
+    currencies: tuple[str, ...] = ("USD", "EUR"),
+    every_step: bool = True,
+) -> None:
     org = await make_org(db, project_ids=("a", "b"))
     projects = {"a": org.projects["a"], "b": org.projects["b"], None: None}
-    await db.execute(
-        "INSERT INTO exchange_rates (base, quote, effective_date, rate, source) VALUES "
-        "('EUR', 'USD', '2026-10-27', 1.25, 't'), ('EUR', 'USD', '2026-11-01', 1.25, 't') ON CONFLICT DO NOTHING"
+    await db.execute("DELETE FROM exchange_rates")
+    await db.executemany(
+        "INSERT INTO exchange_rates (base, quote, effective_date, rate, source) VALUES ($1, $2, $3, $4, 't')",
+        [(b, q, d, r) for (b, q, d), r in RATES.items()],
     )
     lines: list[tuple[Any, ...]] = []
     estimates: list[tuple[Any, ...]] = []
@@ -100,15 +127,15 @@ async def run(db: asyncpg.Connection, plan: list[dict[str, Any]]) -> None:
         org.projects["a"]: ("openai", org.ai_org),
         org.projects["b"]: ("openai", org.ai_org),
     }
-    rates = {
-        ("EUR", "USD", datetime(2026, 10, 27).date()): Decimal("1.25"),
-        ("EUR", "USD", datetime(2026, 11, 1).date()): Decimal("1.25"),
-    }
-    for step in plan:
+    rates = RATES
+    for number, step in enumerate(plan, 1):
         op = step["op"]
         if op == "line":
             s, e = step["window"]
-            account = org.ai_org if step["provider"] == "openai" else "anth"
+            if step["provider"] == "openai":
+                account = "other-" + org.ai_org if step["other_account"] else org.ai_org
+            else:
+                account = "anth"
             key = (projects[step["project"]], BASE + s, BASE + e, step["item"], step["kind"], step["provider"], account)
             await db.execute(
                 "INSERT INTO cost_data (organization_id, project_id, provider, ai_organization_id, api_version, "
@@ -201,15 +228,17 @@ async def run(db: asyncpg.Connection, plan: list[dict[str, Any]]) -> None:
             )
             pid = org.projects[step["project"]]
             accounts[pid] = ("openai", "other-" + org.ai_org if accounts[pid][1] == org.ai_org else org.ai_org)
+        if not every_step and number < len(plan):
+            continue
         model = SpendModel(
             [r for r in mlines.values() if r.amount is not None or r.kind == "usage"],
             [Estimate(org.id, k[0], None, k[1], k[2], v) for k, v in mest.items()],
             accounts,
         )
-        for kind, zone in BUDGETS:
+        for kind, zone in budgets:
             for start, end in periods_overlapping(kind, zone, BASE - 3 * 24 * H, BASE + 4 * 24 * H):
                 for scope, project in (("organization", None), ("project", projects["a"]), ("project", projects["b"])):
-                    for currency in ("USD", "EUR"):
+                    for currency in currencies:
                         args = (scope, org.id, project, None, start, end, currency)
                         q = "SELECT spend, foreign_rows, missing_rates FROM {}($1, $2, $3, $4, $5, $6, $7)"
                         fast = await db.fetchrow(q.format("cost_worker_spend"), *args)
@@ -237,3 +266,74 @@ async def test_spend_of_unusual_window_shapes_equals_the_model_and_the_aggregate
     plan: list[dict[str, Any]], db: asyncpg.Connection
 ) -> None:
     await run(db, plan)
+
+
+# Coverage is decided per provider *account*, not per provider (README rule 2): OpenAI lines of the organization's
+# account and of another one, all within one day and overlapping one another's hours often (costs, priced, unpriced
+# and zero-token usage, open buckets), estimates of both projects and of none, projects remapped between the two
+# accounts. The random plans above rarely put lines of two accounts of one provider side by side; these always may.
+account_line = st.fixed_dictionaries(
+    {
+        "op": st.just("line"),
+        "kind": st.sampled_from(["costs_v1", "usage_v1", "usage_v1"]),
+        "project": st.sampled_from(["a", "b", None]),
+        "window": st.sampled_from(
+            [
+                (timedelta(0), 24 * H),
+                (9 * H, 12 * H),
+                (10 * H, 11 * H),
+                (10 * H + 5 * M, 10 * H + 6 * M),
+                (10 * H + 30 * M, 11 * H + 30 * M),
+            ]
+        ),
+        "item": st.sampled_from(["x", "y"]),
+        "amount": st.sampled_from([None, Decimal(3), Decimal("7.5")]),
+        "quantity": st.sampled_from([Decimal(5), Decimal(5), Decimal(5), Decimal(0)]),
+        "collected": st.sampled_from([H, 30 * H]),
+        "currency": st.just("USD"),
+        "provider": st.just("openai"),
+        "other_account": st.booleans(),
+        "outside": st.just(False),
+    }
+)
+account_estimate = st.fixed_dictionaries(
+    {
+        "op": st.just("estimate"),
+        "project": st.sampled_from(["a", "b", None]),
+        "hour": st.sampled_from([0, 9, 10, 11, 20]),
+        "provider": st.just("openai"),
+        "amount": st.sampled_from([Decimal(1), Decimal(2)]),
+    }
+)
+
+
+@st.composite
+def account_plans(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """Random lines, estimates and remaps, and always a priced usage line and, of the other account, a cost line or
+    an unpriced usage line (which decide the usage of their own account only), at random places in the plan."""
+    plan: list[dict[str, Any]] = draw(
+        st.lists(st.one_of(account_line, account_line, account_estimate, remap), max_size=8)
+    )
+    usage = draw(account_line) | {"kind": "usage_v1", "amount": draw(st.sampled_from([Decimal(3), Decimal("7.5")]))}
+    kind, amount = draw(st.sampled_from([("costs_v1", Decimal(3)), ("usage_v1", None)]))
+    beside = draw(account_line) | {
+        "kind": kind,
+        "amount": amount,
+        "quantity": Decimal(5),
+        "other_account": not usage["other_account"],
+    }
+    for line in (usage, beside):
+        plan.insert(draw(st.integers(0, len(plan))), line)
+    return plan
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(plan=account_plans())
+async def test_lines_of_two_accounts_of_one_provider_equal_the_model(
+    plan: list[dict[str, Any]], db: asyncpg.Connection
+) -> None:
+    await run(db, plan, budgets=[("daily", "UTC")], currencies=("USD",), every_step=False)
