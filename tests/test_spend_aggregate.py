@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -713,3 +714,52 @@ async def test_a_users_spend_keeps_the_usage_of_a_deleted_project(db: asyncpg.Co
     # The user's budget within the deleted project went with it; the one over the whole organization stays.
     assert await db.fetchval("SELECT count(*) FROM ai_budgets WHERE user_id = $1", user) == 1
     await assert_incremental_equals_rebuilt(db, org.id)
+
+
+@pytest.mark.parametrize("case", ["unpriced", "cost"])
+async def test_a_line_deciding_usage_in_the_hour_beyond_its_window_recomputes_that_usage(
+    db: asyncpg.Connection, case: str
+) -> None:
+    """A cost line covers the whole hours that start in its window, and an unpriced usage line marks every hour its
+    window overlaps (README rule 2): both decide usage lines of their account that overlap those hours without
+    overlapping their window. Written after such a usage line, they must take it out of the aggregate, as the full
+    computation does: an unpriced 10:05 minute line stops a priced 10:30-11:30 line (both overlap the hour 10:00), a
+    10:30-11:30 cost line replaces an 11:40-12:40 line (it covers the hour 11:00). Each line counts at its midpoint,
+    outside the hours of the line written after it."""
+    org = await make_org(db, project_ids=("proj_a",))
+    a = org.projects["proj_a"]
+
+    async def line(kind: str, start: str, end: str, item: str, amount: str | None, collected: str) -> None:
+        await db.execute(
+            "INSERT INTO cost_data (organization_id, project_id, provider, ai_organization_id, api_version, "
+            "bucket_start_time, bucket_end_time, line_item, currency, amount, quantity, collected_at) "
+            "VALUES ($1, $2, 'openai', $3, $4, $5::text::timestamptz, $6::text::timestamptz, $7, 'USD', "
+            "$8::text::numeric, $9, $10::text::timestamptz)",
+            org.id,
+            a,
+            org.ai_org,
+            kind,
+            start,
+            end,
+            item,
+            amount,
+            Decimal(5) if kind == "usage_v1" else None,
+            collected,
+        )
+
+    async def check(wanted: int) -> None:
+        for fn in ("cost_worker_spend", "cost_worker_spend_full"):
+            assert await spend(db, fn, "organization", org.id, None) == wanted, fn
+            assert await spend(db, fn, "project", org.id, a) == wanted, fn
+        await assert_incremental_equals_rebuilt(db, org.id)
+
+    if case == "unpriced":
+        await line("usage_v1", "2026-11-03T10:30Z", "2026-11-03T11:30Z", "m1:input", "3", "2026-11-03T12:00Z")
+        await check(3)
+        await line("usage_v1", "2026-11-03T10:05Z", "2026-11-03T10:06Z", "mx:input", None, "2026-11-03T12:00Z")
+        await check(0)  # the hour 10:00 holds unpriced calls: its estimate counts (none here), not the priced line
+        return
+    await line("usage_v1", "2026-11-04T11:40Z", "2026-11-04T12:40Z", "m1:input", "4", "2026-11-04T13:00Z")
+    await check(4)
+    await line("costs_v1", "2026-11-04T10:30Z", "2026-11-04T11:30Z", "x", "7", "2026-11-04T12:00Z")
+    await check(7)  # the cost line covers the hour 11:00: the 11:40-12:40 usage stops counting
