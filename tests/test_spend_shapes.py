@@ -1,14 +1,15 @@
 """Spend on window shapes the pipeline's property tests rarely or never produce, written straight into the ledger and
 the rollups (the triggers keep the aggregate): minute buckets (10:05, 10:20, 18:40: after Asia/Kolkata's midnight),
-hourly and daily windows not on the hour, windows of three and five days, open buckets, EUR lines, Anthropic's
+hourly and daily windows not on the hour, windows of three and five days, open buckets, EUR and GBP lines, Anthropic's
 Priority Tier, unpriced and zero-quantity usage, lines retired, revived and deleted, rollups added to and deleted, a
 project moved to another provider account, OpenAI lines of a second account beside the organization's (coverage is
-per account), EUR and GBP lines with another exchange rate on every UTC date (so the date a row converts at, its
-window start's, is checked: windows of 22:00-02:00, 23:30-00:30 and noon to noon have their midpoint on the next
-date; and the direct, inverse and cross-through-EUR rates all occur). After every step, for daily (UTC, Asia/Kolkata, America/Los_Angeles),
-monthly (UTC) and weekly (Pacific/Chatham) periods, organization and project scopes, USD and EUR: the aggregate
-(``cost_worker_spend``) equals the full computation (``cost_worker_spend_full``), which equals the independent model
-(``tests/spend_model.py`` rows converted by ``tests/currency_model.py``).
+per account), a project deleted (its rows cascade; its user's rollups stay). Every UTC date has another exchange
+rate, so the date a row converts at (its window start's) is checked: windows of 22:00-02:00, 23:30-00:30 and noon to
+noon have their midpoint on the next date; direct, inverse and cross-through-EUR rates all occur. After every step,
+for daily (UTC, Asia/Kolkata, America/Los_Angeles), monthly (UTC) and weekly (Pacific/Chatham) periods,
+organization and project scopes, and (UTC and Asia/Kolkata) the user's and the user's within the deletable project,
+USD and EUR: the aggregate (``cost_worker_spend``) equals the full computation (``cost_worker_spend_full``), which
+equals the independent model (``tests/spend_model.py`` rows converted by ``tests/currency_model.py``).
 """
 
 from __future__ import annotations
@@ -84,7 +85,12 @@ retire = st.fixed_dictionaries({"op": st.just("retire"), "index": st.integers(0,
 delete = st.fixed_dictionaries({"op": st.just("delete"), "index": st.integers(0, 30)})
 drop_estimate = st.fixed_dictionaries({"op": st.just("drop_estimate"), "index": st.integers(0, 30)})
 remap = st.fixed_dictionaries({"op": st.just("remap"), "project": st.sampled_from(["a", "b"])})
-plans = st.lists(st.one_of(line, line, line, estimate, estimate, retire, delete, drop_estimate, remap), max_size=14)
+# Project b deleted (an administrator's clean-up): its ledger lines and rollups cascade out of the organization's and
+# the project's figures, its user's rollups stay in the user's (README rule 4); later steps naming b are skipped.
+delete_project = st.just({"op": "delete_project"})
+plans = st.lists(
+    st.one_of(line, line, line, estimate, estimate, retire, delete, drop_estimate, remap, delete_project), max_size=14
+)
 
 # A different rate on every UTC date the rows' windows start on (a row converts at its window start's date, an
 # estimate at its hour's: a window of 20:00-20:00 or of three days has its midpoint on another date), EUR -> USD
@@ -95,6 +101,9 @@ RATES: dict[tuple[str, str, date], Decimal] = {
     for n in range(9)
     for base, quote, rate in (("EUR", "USD", "1.0837"), ("EUR", "GBP", "0.8691"))
 }
+
+# The user's scopes are the user's estimates by their hour: two zones (one not on the UTC hour) are enough for them.
+USER_ZONES = ("UTC", "Asia/Kolkata")
 
 BUDGETS = [
     ("daily", "UTC"),
@@ -128,8 +137,20 @@ async def run(
         org.projects["b"]: ("openai", org.ai_org),
     }
     rates = RATES
+    user = org.users[0]
+    # The user's scope, and the user's within b, kept in the aggregate (what a user budget's evaluation registers)
+    await db.execute(
+        "SELECT cost_worker_spend_track('{user,user}', $1, $2, $3)",
+        [org.id, org.id],
+        [None, projects["b"]],
+        [user, user],
+    )
+    muser: dict[tuple[Any, ...], Decimal] = {}  # the user's rollups: (project, hour, provider) -> USD
+    deleted = False
     for number, step in enumerate(plan, 1):
         op = step["op"]
+        if deleted and (step.get("project") == "b" or op == "delete_project"):
+            continue
         if op == "line":
             s, e = step["window"]
             if step["provider"] == "openai":
@@ -190,6 +211,20 @@ async def run(
                 step["provider"],
                 step["amount"],
             )
+            await db.execute(
+                "INSERT INTO user_metrics AS m (organization_id, user_id, project_id, hour, provider, request_count, "
+                "estimated_cost_usd) VALUES ($1, $2, $3, $4, $5, 1, $6) "
+                "ON CONFLICT (user_id, hour, project_id, provider) DO UPDATE SET "
+                "estimated_cost_usd = m.estimated_cost_usd + EXCLUDED.estimated_cost_usd",
+                org.id,
+                user,
+                projects[step["project"]],
+                hour,
+                step["provider"],
+                step["amount"],
+            )
+            uk = (projects[step["project"]], hour, step["provider"])
+            muser[uk] = muser.get(uk, Decimal(0)) + step["amount"]
             estimates.append((projects[step["project"]], hour, step["provider"]))
             mk = (projects[step["project"]], hour, step["provider"])
             mest[mk] = mest.get(mk, Decimal(0)) + step["amount"]
@@ -198,7 +233,8 @@ async def run(
             sql = "UPDATE cost_data SET superseded_at = now()" if op == "retire" else "DELETE FROM cost_data"
             await db.execute(
                 sql + " WHERE organization_id = $1 AND project_id IS NOT DISTINCT FROM $2 AND bucket_start_time = $3 "
-                "AND bucket_end_time = $4 AND line_item = $5 AND api_version = $6 AND provider = $7",
+                "AND bucket_end_time = $4 AND line_item = $5 AND api_version = $6 AND provider = $7 "
+                "AND ai_organization_id = $8",
                 org.id,
                 p,
                 s,
@@ -206,6 +242,7 @@ async def run(
                 item,
                 kind,
                 provider,
+                account,
             )
             mlines.pop((p, s, e, item, kind, provider, account), None)
         elif op == "drop_estimate" and estimates:
@@ -228,6 +265,11 @@ async def run(
             )
             pid = org.projects[step["project"]]
             accounts[pid] = ("openai", "other-" + org.ai_org if accounts[pid][1] == org.ai_org else org.ai_org)
+        elif op == "delete_project":
+            await db.execute("DELETE FROM projects WHERE id = $1", projects["b"])
+            deleted = True
+            mlines = {k: r for k, r in mlines.items() if r.project_id != projects["b"]}
+            mest = {k: v for k, v in mest.items() if k[0] != projects["b"]}
         if not every_step and number < len(plan):
             continue
         model = SpendModel(
@@ -235,11 +277,18 @@ async def run(
             [Estimate(org.id, k[0], None, k[1], k[2], v) for k, v in mest.items()],
             accounts,
         )
+        users = SpendModel([], [Estimate(org.id, k[0], user, k[1], k[2], v) for k, v in muser.items()], accounts)
         for kind, zone in budgets:
             for start, end in periods_overlapping(kind, zone, BASE - 3 * 24 * H, BASE + 4 * 24 * H):
-                for scope, project in (("organization", None), ("project", projects["a"]), ("project", projects["b"])):
+                for scope, project in (
+                    ("organization", None),
+                    ("project", projects["a"]),
+                    ("project", projects["b"]),
+                    *((("user", None), ("user", projects["b"])) if zone in USER_ZONES else ()),
+                ):
                     for currency in currencies:
-                        args = (scope, org.id, project, None, start, end, currency)
+                        who = user if scope == "user" else None
+                        args = (scope, org.id, project, who, start, end, currency)
                         q = "SELECT spend, foreign_rows, missing_rates FROM {}($1, $2, $3, $4, $5, $6, $7)"
                         fast = await db.fetchrow(q.format("cost_worker_spend"), *args)
                         full = await db.fetchrow(q.format("cost_worker_spend_full"), *args)
@@ -250,7 +299,9 @@ async def run(
                         assert json.loads(fast["foreign_rows"]) == json.loads(full["foreign_rows"]), where
                         rows = [
                             currency_model.Row(c, at, amount)
-                            for c, at, amount in model.spend_rows(scope, org.id, project, None, start, end)
+                            for c, at, amount in (users if scope == "user" else model).spend_rows(
+                                scope, org.id, project, who, start, end
+                            )
                         ]
                         wanted = currency_model.spend(rows, currency, rates)
                         assert full["spend"] == wanted, (*where, full["spend"], wanted)
@@ -271,7 +322,8 @@ async def test_spend_of_unusual_window_shapes_equals_the_model_and_the_aggregate
 # Coverage is decided per provider *account*, not per provider (README rule 2): OpenAI lines of the organization's
 # account and of another one, all within one day and overlapping one another's hours often (costs, priced, unpriced
 # and zero-token usage, open buckets), estimates of both projects and of none, projects remapped between the two
-# accounts. The random plans above rarely put lines of two accounts of one provider side by side; these always may.
+# accounts, project b deleted (the user's rollups stay in the user's scopes). The random plans above rarely put lines
+# of two accounts of one provider side by side, or a user's rollups of b before b's deletion; these often do.
 account_line = st.fixed_dictionaries(
     {
         "op": st.just("line"),
@@ -312,7 +364,9 @@ def account_plans(draw: st.DrawFn) -> list[dict[str, Any]]:
     """Random lines, estimates and remaps, and always a priced usage line and, of the other account, a cost line or
     an unpriced usage line (which decide the usage of their own account only), at random places in the plan."""
     plan: list[dict[str, Any]] = draw(
-        st.lists(st.one_of(account_line, account_line, account_estimate, remap), max_size=8)
+        st.lists(
+            st.one_of(account_line, account_line, account_estimate, account_estimate, remap, delete_project), max_size=8
+        )
     )
     usage = draw(account_line) | {"kind": "usage_v1", "amount": draw(st.sampled_from([Decimal(3), Decimal("7.5")]))}
     kind, amount = draw(st.sampled_from([("costs_v1", Decimal(3)), ("usage_v1", None)]))
