@@ -361,24 +361,41 @@ account_estimate = st.fixed_dictionaries(
 
 @st.composite
 def account_plans(draw: st.DrawFn) -> list[dict[str, Any]]:
-    """Random lines, estimates and remaps, and always a priced usage line and, of the other account, a cost line or
-    an unpriced usage line (which decide the usage of their own account only), at random places in the plan."""
+    """Random lines, estimates and remaps, and always a priced usage line and, last, a cost line or an unpriced
+    usage line of the other account or of its own, of its project or of none (a line of its own account decides it).
+    Their windows are chosen so that the later line often decides the usage line in an hour beyond its own window
+    (a 10:30-11:30 cost line covers the hour 11:00 of an 11:40-12:40 line; an unpriced 10:05 line marks the hour
+    10:00 of a 10:30-11:30 line), where the usage line's midpoint lies outside the later line's hours."""
     plan: list[dict[str, Any]] = draw(
         st.lists(
             st.one_of(account_line, account_line, account_estimate, account_estimate, remap, delete_project), max_size=8
         )
     )
-    usage = draw(account_line) | {"kind": "usage_v1", "amount": draw(st.sampled_from([Decimal(3), Decimal("7.5")]))}
+    usage = draw(account_line) | {
+        "kind": "usage_v1",
+        "amount": draw(st.sampled_from([Decimal(3), Decimal("7.5")])),
+        "window": draw(st.sampled_from([(10 * H + 30 * M, 11 * H + 30 * M), (11 * H + 40 * M, 12 * H + 40 * M)])),
+    }
     kind, amount = draw(st.sampled_from([("costs_v1", Decimal(3)), ("usage_v1", None)]))
     beside = draw(account_line) | {
         "kind": kind,
         "amount": amount,
         "quantity": Decimal(5),
-        "other_account": not usage["other_account"],
+        "project": draw(st.sampled_from([usage["project"], None])),
+        "window": draw(
+            st.sampled_from(
+                [
+                    (10 * H + 5 * M, 10 * H + 6 * M),
+                    (10 * H, 11 * H),
+                    (10 * H + 30 * M, 11 * H + 30 * M),
+                    (timedelta(0), 24 * H),
+                ]
+            )
+        ),
+        "other_account": usage["other_account"] != draw(st.booleans()),
     }
-    for line in (usage, beside):
-        plan.insert(draw(st.integers(0, len(plan))), line)
-    return plan
+    plan.insert(draw(st.integers(0, len(plan))), usage)
+    return [*plan, beside]  # last: a remap or a deletion after it rebuilds the organization's aggregate
 
 
 @settings(
