@@ -408,3 +408,32 @@ async def test_lines_of_two_accounts_of_one_provider_equal_the_model(
     plan: list[dict[str, Any]], db: asyncpg.Connection
 ) -> None:
     await run(db, plan, budgets=[("daily", "UTC")], currencies=("USD",), every_step=False)
+
+
+async def test_a_deleted_project_whose_cost_line_covered_its_estimate_leaves_the_aggregate_equal(
+    db: asyncpg.Connection,
+) -> None:
+    """Found by the property above: project b's 2 USD cost line covers its 1 USD estimate; deleting b left the
+    organization's aggregate at 4 where the full computation (and the model) said 5 (migration 0036)."""
+
+    def cost(project: str) -> dict[str, Any]:
+        return {
+            "op": "line",
+            "kind": "costs_v1",
+            "project": project,
+            "window": (timedelta(0), timedelta(days=1)),
+            "item": "x",
+            "amount": None,
+            "quantity": Decimal(5),
+            "collected": timedelta(hours=1),
+            "currency": "USD",
+            "provider": "openai",
+            "other_account": False,
+            "outside": False,
+        }
+
+    usage = {**cost("a"), "kind": "usage_v1", "window": (timedelta(hours=10.5), timedelta(hours=11.5))}
+    usage["amount"] = Decimal(3)
+    estimates = [{"op": "estimate", "project": p, "hour": 0, "provider": "openai", "amount": Decimal(1)} for p in "aab"]
+    plan = [usage, *estimates, cost("a"), cost("b"), {"op": "delete_project"}]
+    await run(db, plan, budgets=[("daily", "UTC")], currencies=("USD",))
