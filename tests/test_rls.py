@@ -92,6 +92,7 @@ async def tenants(db: asyncpg.Connection) -> Tenants:
             org,
             destination,
         )
+        await db.execute("INSERT INTO spend_rebuilds (organization_id, reason) VALUES ($1, 'test')", org)
     return Tenants(a=a, b=b)
 
 
@@ -131,6 +132,7 @@ async def test_every_tenant_table_is_covered(db: asyncpg.Connection) -> None:
         "spend_cover",
         "spend_reach",
         "spend_subjects",
+        "spend_rebuilds",
     }
 
 
@@ -166,8 +168,9 @@ async def test_nothing_set_means_nothing_visible(db: asyncpg.Connection, tenants
                 "ai_project_budgets",
                 "ai_budgets",
                 "notify_deliveries",
+                "spend_rebuilds",
             ):
-                continue  # the worker reads mappings, budgets and due deliveries across tenants
+                continue  # the worker reads mappings, budgets, due deliveries and queued rebuilds across tenants
             assert count == 0, (role, table)
 
 

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -52,8 +52,11 @@ from tests.test_spend_rules import (
     payload_and_rows,
     snapshots,
 )
+from worker import metrics
+from worker.budgets import BudgetEngine
 from worker.config import Settings
 from worker.migrate import migrate, schema_dir
+from worker.store import Database
 
 EXAMPLES = 40
 REPLAY_EXAMPLES = 15
@@ -281,9 +284,17 @@ async def test_a_replay_or_a_redelivery_changes_nothing_in_the_aggregate(
 # ------------------------------------------------------------------------------------------------- named cases
 
 
-async def spend(db: asyncpg.Connection, fn: str, scope: str, org: Any, project: Any, currency: str = "USD") -> Any:
+async def spend(
+    db: asyncpg.Connection,
+    fn: str,
+    scope: str,
+    org: Any,
+    project: Any,
+    currency: str = "USD",
+    period: tuple[datetime, datetime] = (datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)),
+) -> Any:
     return await db.fetchval(
-        f"SELECT spend FROM {fn}($1, $2, $3, NULL, '2026-11-01Z', '2026-12-01Z', $4)", scope, org, project, currency
+        f"SELECT spend FROM {fn}($1, $2, $3, NULL, $5, $6, $4)", scope, org, project, currency, *period
     )
 
 
@@ -523,6 +534,9 @@ async def test_rows_loaded_with_triggers_off_are_counted_after_rebuild_spend(
         org.ai_org,
     )
     await db.execute("SET session_replication_role = origin")
+    # A second organization without any budget that a migration queued: rebuilt (and dequeued) as well.
+    queued = await make_org(db, ai_org="org-queued")
+    await db.execute("INSERT INTO spend_rebuilds (organization_id, reason) VALUES ($1, 'test')", queued.id)
     assert await spend(db, "cost_worker_spend_full", "organization", org.id, None) == 7  # the cost covers the hour
     assert await spend(db, "cost_worker_spend", "organization", org.id, None) == 5  # the aggregate never saw it
 
@@ -536,7 +550,8 @@ async def test_rows_loaded_with_triggers_off_are_counted_after_rebuild_spend(
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert "rebuilt for 1 organization(s)" in result.stdout
+    assert "rebuilt for 2 organization(s)" in result.stdout
+    assert await db.fetchval("SELECT count(*) FROM spend_rebuilds") == 0
     for scope, project in (("organization", None), ("project", a)):
         assert await spend(db, "cost_worker_spend", scope, org.id, project) == 7
     await assert_incremental_equals_rebuilt(db, org.id)
@@ -763,3 +778,94 @@ async def test_a_line_deciding_usage_in_the_hour_beyond_its_window_recomputes_th
     await check(4)
     await line("costs_v1", "2026-11-04T10:30Z", "2026-11-04T11:30Z", "x", "7", "2026-11-04T12:00Z")
     await check(7)  # the cost line covers the hour 11:00: the 11:40-12:40 usage stops counting
+
+
+async def test_the_migration_queues_every_organization_for_a_spend_rebuild(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """0044 queues every organization that exists when it runs (aggregates kept before 0035 and 0036 hold their
+    error until rebuilt); the writer finds them across tenants, the reader only within its tenants."""
+    before = tmp_path / "schema"
+    shutil.copytree(schema_dir(), before)
+    for path in (before / "migrations").glob("*.sql"):
+        if int(path.name[:4]) >= 44:
+            path.unlink()
+    await migrate(empty_database_url, directory=before)
+    db = await asyncpg.connect(empty_database_url)
+    try:
+        orgs = {(await make_org(db)).id, (await make_org(db, ai_org="org-second")).id}
+        await migrate(empty_database_url)
+        rows = await db.fetch("SELECT organization_id, reason FROM spend_rebuilds")
+        assert {row["organization_id"] for row in rows} == orgs
+        assert all(row["reason"].startswith("migration 0044") for row in rows)
+        async with db.transaction():
+            await db.execute("SET LOCAL ROLE cost_worker_writer")
+            assert await db.fetchval("SELECT count(*) FROM spend_rebuilds") == 2
+        async with db.transaction():
+            await db.execute("SET LOCAL ROLE cost_worker_reader")
+            assert await db.fetchval("SELECT count(*) FROM spend_rebuilds") == 0  # no tenant set
+        # An organization created after the migration is not queued: its aggregate is kept from its first row.
+        await make_org(db, ai_org="org-third")
+        assert await db.fetchval("SELECT count(*) FROM spend_rebuilds") == 2
+    finally:
+        await db.close()
+
+
+async def test_the_sweep_rebuilds_a_queued_organization_before_it_evaluates(
+    db: asyncpg.Connection, database: Database, settings: Settings
+) -> None:
+    """An organization whose aggregate holds an error (here: a cost line loaded with triggers off, as aggregates
+    written before 0035/0036 held theirs) and that a migration queued: the worker's sweep rebuilds it, takes it off
+    the queue and then raises the alert the corrected spend crosses. Before 0044 the sweep read the stale 5 of 10
+    and raised nothing until someone ran `budgets rebuild-spend`."""
+    org = await make_org(db, project_ids=("proj_a",))
+    a = org.projects["proj_a"]
+    start = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    month = (start, (start + timedelta(days=32)).replace(day=1))
+    await db.execute(
+        "INSERT INTO ai_organization_budgets (organization_id, name, amount, period, timezone, thresholds) "
+        "VALUES ($1, 'Monthly', 10, 'monthly', 'UTC', '{100}')",
+        org.id,
+    )
+    await db.execute(
+        "INSERT INTO project_metrics (organization_id, project_id, hour, provider, request_count, estimated_cost_usd) "
+        "VALUES ($1, $2, $3, 'openai', 1, 5)",
+        org.id,
+        a,
+        start,
+    )
+    await db.execute("SET session_replication_role = replica")
+    await db.execute(
+        "INSERT INTO cost_data (organization_id, project_id, provider, ai_organization_id, api_version, report, "
+        "bucket_start_time, bucket_end_time, line_item, currency, amount, collected_at) VALUES "
+        "($1, $2, 'openai', $3, 'costs_v1', 'openai.costs', $4, $5, 'x', 'USD', 12, $5)",
+        org.id,
+        a,
+        org.ai_org,
+        start,
+        start + timedelta(hours=1),
+    )
+    await db.execute("SET session_replication_role = origin")
+    await db.execute("INSERT INTO spend_rebuilds (organization_id, reason) VALUES ($1, 'test')", org.id)
+    assert await spend(db, "cost_worker_spend", "organization", org.id, None, period=month) == 5  # stale: under 10
+
+    engine = BudgetEngine(settings)
+    stop = asyncio.Event()
+    raised: list[Any] = []
+
+    async def on_alerts(alerts: list[Any]) -> None:
+        raised.extend(alerts)
+        stop.set()
+
+    sweeps = asyncio.create_task(engine.run_sweeps(database, stop, on_alerts=on_alerts))
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=30)
+    finally:
+        stop.set()
+        await sweeps
+    assert [(a.threshold, a.spend, a.amount) for a in raised] == [(Decimal(100), Decimal(12), Decimal(10))]
+    assert await db.fetchval("SELECT count(*) FROM spend_rebuilds") == 0
+    assert metrics.SPEND_REBUILDS_QUEUED._value.get() == 0
+    assert await spend(db, "cost_worker_spend", "organization", org.id, None, period=month) == 12
+    await assert_incremental_equals_rebuilt(db, org.id)
+    assert await engine.rebuild_queued(database) == 0  # nothing queued: nothing rebuilt twice

@@ -209,8 +209,9 @@ async def budgets_status(settings: Settings, *, organization: str | None) -> int
 
 
 async def budgets_rebuild_spend(settings: Settings, *, organization: str | None) -> int:
-    """Rebuild the spend aggregate of one organization, or of every organization with an active budget, each in
-    its own transaction (it holds the organization's spend lock for its length, as a provider batch does)."""
+    """Rebuild the spend aggregate of one organization, or of every organization with an active budget or queued
+    for a rebuild by a migration (0044), each in its own transaction (it holds the organization's spend lock for
+    its length, as a provider batch does), and take each off the rebuild queue."""
     org_id: UUID | None = None
     if organization is not None:
         try:
@@ -219,13 +220,18 @@ async def budgets_rebuild_spend(settings: Settings, *, organization: str | None)
             raise UsageError([f"--organization: not a uuid: {organization!r}"]) from None
     db = await _open(settings)
     try:
-        organizations = [org_id] if org_id else await db.budget_sweep_organizations()
+        if org_id is not None:
+            organizations = [org_id]
+        else:
+            active, queued = await db.budget_sweep_organizations(), await db.spend_rebuilds_queued()
+            organizations = sorted({*active, *queued})
         for org in organizations:
             async with db.transaction() as tx:
                 await tx.set_tenants({org})
                 if org_id is not None and not await tx.organization_exists(org):
                     # A mistyped id would be "rebuilt" (nothing, exit 0), and the organization meant never was.
                     raise CostWorkerError(f"no organization {org}")
+                await tx.spend_rebuild_dequeue(org)
                 await tx.spend_rebuild(org)
             print(f"rebuilt {org}")
     finally:

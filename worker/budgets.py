@@ -269,12 +269,41 @@ class BudgetEngine:
         metrics.BUDGET_EVALUATION_DURATION.labels(trigger="sweep").observe(time.perf_counter() - started)
         return raised
 
+    async def rebuild_queued(self, db: Database, stop: asyncio.Event | None = None) -> int:
+        """Rebuild the spend aggregate of every organization a migration queued (0044), one transaction each, before
+        the sweep evaluates their budgets from it; returns how many this call rebuilt. Stops between organizations
+        when ``stop`` is set (the rest stay queued for the next sweep)."""
+        queued = await db.spend_rebuilds_queued()
+        metrics.SPEND_REBUILDS_QUEUED.set(len(queued))
+        rebuilt = 0
+        for left, organization in enumerate(queued, start=1):
+            if stop is not None and stop.is_set():
+                break
+            started = time.perf_counter()
+            async with db.transaction() as tx:
+                await tx.set_tenants({organization})
+                reason = await tx.spend_rebuild_dequeue(organization)
+                if reason is not None:  # None: `budgets rebuild-spend` or a deleted organization took it first
+                    await tx.spend_rebuild(organization)
+            metrics.SPEND_REBUILDS_QUEUED.set(len(queued) - left)
+            if reason is not None:
+                rebuilt += 1
+                log.info(
+                    "spend_rebuilt",
+                    organization_id=str(organization),
+                    reason=reason,
+                    seconds=round(time.perf_counter() - started, 3),
+                )
+        return rebuilt
+
     async def run_sweeps(self, db: Database, stop: asyncio.Event, *, on_alerts: Any = None) -> None:
-        """Sweep every ``budget_sweep_interval`` seconds (one replica at a time; the others skip)."""
+        """Sweep every ``budget_sweep_interval`` seconds (one replica at a time; the others skip); queued spend
+        rebuilds first, so the sweep right after them raises what the corrected spend crosses."""
         while not stop.is_set():
             try:
                 async with db.sweep_lock() as mine:
                     if mine:
+                        await self.rebuild_queued(db, stop)
                         alerts = await self.sweep(db)
                         if alerts and on_alerts is not None:
                             await on_alerts(alerts)

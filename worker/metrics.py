@@ -108,6 +108,10 @@ BUDGET_EVALUATION_DURATION = Histogram(
     ["trigger"],
     buckets=DURATION_BUCKETS,
 )
+SPEND_REBUILDS_QUEUED = Gauge(
+    "cost_worker_spend_rebuilds_queued",
+    "Organizations whose spend aggregate a migration queued for a rebuild and the budget sweep has not rebuilt yet.",
+)
 # --- budgets: currencies and the alert lifecycle (issue 12) -------------------------------------------------
 ALERTS_RESOLVED = Counter(
     "cost_worker_alerts_resolved_total",

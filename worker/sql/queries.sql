@@ -744,6 +744,16 @@ FROM cost_worker_spend_many($1::text[], $2::uuid[], $3::uuid[], $4::uuid[], $5::
 -- the triggers off (pg_restore --disable-triggers, session_replication_role = replica, logical replication).
 SELECT cost_worker_spend_rebuild(ARRAY[$1::uuid]);
 
+-- name: spend_rebuilds_queued
+-- Organizations whose spend aggregate a migration queued for a rebuild (0044), oldest first (across tenants: the
+-- writer's worker_sweep policy).
+SELECT organization_id FROM spend_rebuilds ORDER BY queued_at, organization_id;
+
+-- name: spend_rebuild_dequeue
+-- Take one organization off the queue (inside its own scope), in the transaction that rebuilds it: the row lock
+-- makes a second rebuilder wait for this commit and then find nothing to do.
+DELETE FROM spend_rebuilds WHERE organization_id = $1 RETURNING reason;
+
 -- name: budget_unpriced
 -- Unpriced usage lines counting in each (scope, period): they count nothing and keep the estimate of their
 -- hours, and the priced usage beside them counts nothing there either (migration 0031).

@@ -125,6 +125,11 @@ class Database:
         async with self.pool.acquire() as conn:
             return [row["organization_id"] for row in await conn.fetch(query("budget_sweep_organizations"))]
 
+    @translated
+    async def spend_rebuilds_queued(self) -> list[UUID]:
+        async with self.pool.acquire() as conn:
+            return [row["organization_id"] for row in await conn.fetch(query("spend_rebuilds_queued"))]
+
     @asynccontextmanager
     async def sweep_lock(self) -> AsyncIterator[bool]:
         """Hold the cluster-wide sweep lock for the block, if no other replica holds it (yields False then)."""

@@ -148,6 +148,11 @@ class Tx:
         """Rebuild the organization's spend aggregate from its ledger lines and rollups (0012)."""
         await self.conn.execute(query("spend_rebuild"), organization)
 
+    async def spend_rebuild_dequeue(self, organization: UUID) -> str | None:
+        """Take the organization off the rebuild queue; its queued reason, or None when it was not queued."""
+        reason: str | None = await self.conn.fetchval(query("spend_rebuild_dequeue"), organization)
+        return reason
+
     async def upsert_cost_data(self, rows: Sequence[LedgerRow]) -> list[tuple[str | None, datetime | None]]:
         """Per row, in order: what was written ('inserted', 'updated' or None) and the revision kept."""
         records = await self.conn.fetch(query("upsert_cost_data"), *ledger_columns(rows))
