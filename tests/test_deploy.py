@@ -64,6 +64,7 @@ EXPECTED_ALERTS = {
     "CostWorkerOutboxBacklogHigh",
     "CostWorkerOutboxOldestAgeHigh",
     "CostWorkerNotReady",
+    "CostWorkerSpendRebuildsPending",
     "CostWorkerNotifyDown",
     "CostWorkerNotifyDeliveriesDelayed",
     "CostWorkerNotifyDeliveriesFailed",

@@ -302,7 +302,9 @@ class BudgetEngine:
         while not stop.is_set():
             try:
                 async with db.sweep_lock() as mine:
-                    if mine:
+                    if not mine:
+                        metrics.SPEND_REBUILDS_QUEUED.set(0)  # the replica holding the lock reports the queue
+                    else:
                         await self.rebuild_queued(db, stop)
                         alerts = await self.sweep(db)
                         if alerts and on_alerts is not None:
