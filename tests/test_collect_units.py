@@ -24,7 +24,7 @@ from worker.collect import keys as keystore
 from worker.collect.client import ProviderClient, provider_clock, retry_after_seconds
 from worker.collect.errors import KeyStoreError, ProviderRejected, ProviderUnavailable
 from worker.collect.publisher import dump_exact, envelope
-from worker.collect.runner import revision_after
+from worker.collect.revisions import revision_after
 from worker.collect.sources import ANTHROPIC_ENDPOINTS, ENDPOINTS, OPENAI_ENDPOINTS, Endpoint, headers
 from worker.collect.windows import MAX_EMPTY_PAGES, read_window, window_for
 from worker.errors import ConfigError

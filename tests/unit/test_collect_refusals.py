@@ -1,8 +1,8 @@
-"""When the collector sends a refused admin key again (``worker.collect.runner.Refusals``)."""
+"""When the collector sends a refused admin key again (``worker.collect.refusals.Refusals``)."""
 
 from __future__ import annotations
 
-from worker.collect.runner import Refusals
+from worker.collect.refusals import Refusals
 from worker.config import COLLECT_AUTH_RETRY_INTERVAL, Settings
 
 OA = ("openai", "org-oa")

@@ -31,7 +31,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 from uuid import UUID
@@ -46,6 +46,8 @@ from worker.collect import keys as keystore
 from worker.collect.client import ProviderClient
 from worker.collect.errors import KeyStoreError, ProviderAuthFailed, ProviderRejected, ProviderUnavailable
 from worker.collect.publisher import CollectorPublisher, envelope
+from worker.collect.refusals import Refusals
+from worker.collect.revisions import Revisions
 from worker.collect.sources import ENDPOINTS, Endpoint, headers
 from worker.collect.store import Account, OutboxConnection, PollerConnection
 from worker.collect.windows import read_window, window_for
@@ -53,7 +55,6 @@ from worker.config import COLLECT_BACKFILL_DAYS, Settings, env_name
 from worker.errors import CostWorkerError, FatalError, TransientError
 from worker.http import Health, HealthServer
 from worker.migrate import check_current
-from worker.models import MAX_FUTURE
 from worker.retry import sleep_or_stop
 from worker.store import connect
 
@@ -64,8 +65,6 @@ EXIT_OK, EXIT_FAILURE = 0, 1
 EXIT_INCOMPLETE = 3  # --once: the poll ran but missed something (2 is the CLI's usage/config error)
 MAX_WAIT_SETTING = env_name("collect_once_max_wait")  # named in what `--once` says when it gives up
 MAX_MISSED_SHOWN = 20  # what a --once that missed something names on its stderr line (the log line names all)
-REVISION_STEP = timedelta(milliseconds=1)  # a poll's collected_at after a clock step back: the last one + this
-REVISION_MARGIN = timedelta(hours=1)  # consumer lag: a revision this close to the worker's future bound is not followed
 
 
 @dataclass
@@ -91,6 +90,19 @@ class CollectorHealth(Health):
         if self.stale:
             return False, f"no successful poll for over {self.stale_after:.0f}s: {', '.join(self.stale[:5])}"
         return True, "ok: active poller"
+
+
+@dataclass(frozen=True)
+class AccountPoll:
+    """What every endpoint of one account's poll shares: its key (as a fingerprint and as headers), its state and
+    the round's revisions."""
+
+    account: Account
+    revisions: Revisions
+    fingerprint: str
+    base_url: str
+    auth: dict[str, str] = field(repr=False)  # holds the key: never shown
+    state: dict[str, datetime] = field(default_factory=dict)
 
 
 class Collector:
@@ -313,118 +325,144 @@ class Collector:
                 "`cost-worker keys rotate`",
             )
             return
-        base_url = self._base_url(provider)
-        auth = headers(account.provider, admin_key.reveal())  # type: ignore[arg-type]
-        state = await poller.state(account.id)
+        poll = AccountPoll(
+            account=account,
+            revisions=revisions,
+            fingerprint=fingerprint,
+            base_url=self._base_url(provider),
+            auth=headers(account.provider, admin_key.reveal()),  # type: ignore[arg-type]
+            state=await poller.state(account.id),
+        )
         for endpoint in ENDPOINTS[provider]:  # type: ignore[index]
             if self.stop.is_set():
                 return
-            where = (provider, name, endpoint.report)
-            waiting = self.endpoint_refusals.waiting(where, fingerprint, time.monotonic())
-            if waiting is not None:
-                self.missed.append(
-                    f"{provider}/{name}/{endpoint.report}: endpoint refused (HTTP 403, next try in {waiting:.0f}s)"
-                )
-                log.error(
-                    "collect_endpoint_stopped",
-                    provider=provider,
-                    account=name,
-                    report=endpoint.report,
-                    retry_in=round(waiting),
-                    reason="the provider refused this admin key for this endpoint (403: a missing permission); "
-                    "tried again after retry_in seconds, at once after `cost-worker keys rotate`",
-                )
-                continue
-            collected_at = revisions.next()
-            window = window_for(
-                collected_at,
-                collected_through=state.get(endpoint.report),
-                trailing_days=self.settings.collect_trailing_days,
-                backfill_start=self.settings.collect_backfill_start,
-                backfill_days=COLLECT_BACKFILL_DAYS,
-            )
-            try:
-                collected = await read_window(
-                    client, endpoint, window, base_url=base_url, account=name, headers=endpoint.headers(auth)
-                )
-                messages = [
-                    envelope(
-                        endpoint,
-                        name,
-                        bucket,
-                        collected_at,
-                        max_bytes=self.settings.max_message_bytes,
-                        max_results=self.settings.max_results_per_message,
-                    )
-                    for bucket in collected.buckets
-                ]
-            except ProviderAuthFailed as exc:
-                if exc.endpoint_only:  # 403: this endpoint only, the account's others go on
-                    self.endpoint_refusals.refuse(where, fingerprint, time.monotonic())
-                    metrics.COLLECT_ENDPOINT_REFUSALS.labels(*where).inc()
-                    metrics.COLLECT_ENDPOINT_REFUSED.labels(*where).set(1)
-                    self._polled(endpoint, "auth_failed")
-                    self.missed.append(f"{provider}/{name}/{endpoint.report}: endpoint refused (HTTP {exc.status})")
-                    log.error(
-                        "collect_endpoint_refused",
-                        provider=provider,
-                        account=name,
-                        report=endpoint.report,
-                        status=exc.status,
-                        error=str(exc),
-                        retry_in=self.settings.collect_auth_retry_interval,
-                    )
-                    continue
-                self.refusals.refuse((provider, name), fingerprint, time.monotonic())
-                metrics.COLLECT_AUTH_FAILURES.labels(provider=provider, account=name).inc()
-                metrics.COLLECT_ACCOUNT_REFUSED.labels(provider=provider, account=name).set(1)
-                self._polled(endpoint, "auth_failed")
-                self.missed.append(f"{provider}/{name}: admin key refused")
-                log.error(
-                    "collect_auth_failed",
-                    provider=provider,
-                    account=name,
-                    error=str(exc),
-                    retry_in=self.settings.collect_auth_retry_interval,
-                )
-                return
-            except (ProviderUnavailable, ProviderRejected) as exc:
-                self._polled(endpoint, "failed")
-                self.missed.append(f"{provider}/{name}/{endpoint.report}: failed")
-                log.warning(
-                    "collect_endpoint_failed", provider=provider, account=name, report=endpoint.report, error=str(exc)
-                )
-                continue
-            await poller.stage(
-                account.id,
-                endpoint.report,
-                self.settings.topic_provider_buckets,
-                messages,
-                collected_through=window.end,
-                collected_at=collected_at,
-            )
-            publisher.wake.set()
-            self._polled(endpoint, "ok")
-            metrics.COLLECT_PAGES.labels(provider=provider, report=endpoint.report).inc(collected.pages)
-            log.info(
-                "collect_window_staged",
-                provider=provider,
-                account=name,
-                report=endpoint.report,
-                window_start=window.start.isoformat(),
-                window_end=window.end.isoformat(),
-                pages=collected.pages,
-                buckets=len(messages),
-                repeated_results=collected.repeated,
-            )
-            if self.endpoint_refusals.accept(where):
-                with contextlib.suppress(KeyError):
-                    metrics.COLLECT_ENDPOINT_REFUSED.remove(*where)
-                log.info("collect_endpoint_resumed", provider=provider, account=name, report=endpoint.report)
+            if not await self._poll_endpoint(poller, publisher, client, poll, endpoint):
+                return  # 401: the key is refused, the account's other endpoints would be refused too
         if self.refusals.accept((provider, name)):
             with contextlib.suppress(KeyError):
                 metrics.COLLECT_ACCOUNT_REFUSED.remove(provider, name)
             log.info("collect_account_resumed", provider=provider, account=name)
+
+    async def _poll_endpoint(
+        self,
+        poller: PollerConnection,
+        publisher: CollectorPublisher,
+        client: ProviderClient,
+        poll: AccountPoll,
+        endpoint: Endpoint,
+    ) -> bool:
+        """Read one endpoint's window and stage it. False when the provider refused the account's key (401): the
+        account's poll stops there. A 403, a failure or an endpoint still refused is recorded and the poll goes on."""
+        provider, name = poll.account.provider, poll.account.organization_id
+        where = (provider, name, endpoint.report)
+        waiting = self.endpoint_refusals.waiting(where, poll.fingerprint, time.monotonic())
+        if waiting is not None:
+            self.missed.append(
+                f"{provider}/{name}/{endpoint.report}: endpoint refused (HTTP 403, next try in {waiting:.0f}s)"
+            )
+            log.error(
+                "collect_endpoint_stopped",
+                provider=provider,
+                account=name,
+                report=endpoint.report,
+                retry_in=round(waiting),
+                reason="the provider refused this admin key for this endpoint (403: a missing permission); "
+                "tried again after retry_in seconds, at once after `cost-worker keys rotate`",
+            )
+            return True
+        collected_at = poll.revisions.next()
+        window = window_for(
+            collected_at,
+            collected_through=poll.state.get(endpoint.report),
+            trailing_days=self.settings.collect_trailing_days,
+            backfill_start=self.settings.collect_backfill_start,
+            backfill_days=COLLECT_BACKFILL_DAYS,
+        )
+        try:
+            collected = await read_window(
+                client, endpoint, window, base_url=poll.base_url, account=name, headers=endpoint.headers(poll.auth)
+            )
+            messages = [
+                envelope(
+                    endpoint,
+                    name,
+                    bucket,
+                    collected_at,
+                    max_bytes=self.settings.max_message_bytes,
+                    max_results=self.settings.max_results_per_message,
+                )
+                for bucket in collected.buckets
+            ]
+        except ProviderAuthFailed as exc:
+            self._polled(endpoint, "auth_failed")
+            if exc.endpoint_only:  # 403: this endpoint only, the account's others go on
+                self._refuse_endpoint(where, poll.fingerprint, exc)
+                return True
+            self._refuse_account(provider, name, poll.fingerprint, exc)
+            return False
+        except (ProviderUnavailable, ProviderRejected) as exc:
+            self._polled(endpoint, "failed")
+            self.missed.append(f"{provider}/{name}/{endpoint.report}: failed")
+            log.warning(
+                "collect_endpoint_failed", provider=provider, account=name, report=endpoint.report, error=str(exc)
+            )
+            return True
+        await poller.stage(
+            poll.account.id,
+            endpoint.report,
+            self.settings.topic_provider_buckets,
+            messages,
+            collected_through=window.end,
+            collected_at=collected_at,
+        )
+        publisher.wake.set()
+        self._polled(endpoint, "ok")
+        metrics.COLLECT_PAGES.labels(provider=provider, report=endpoint.report).inc(collected.pages)
+        log.info(
+            "collect_window_staged",
+            provider=provider,
+            account=name,
+            report=endpoint.report,
+            window_start=window.start.isoformat(),
+            window_end=window.end.isoformat(),
+            pages=collected.pages,
+            buckets=len(messages),
+            repeated_results=collected.repeated,
+        )
+        if self.endpoint_refusals.accept(where):
+            with contextlib.suppress(KeyError):
+                metrics.COLLECT_ENDPOINT_REFUSED.remove(*where)
+            log.info("collect_endpoint_resumed", provider=provider, account=name, report=endpoint.report)
+        return True
+
+    def _refuse_endpoint(self, where: tuple[str, str, str], fingerprint: str, exc: ProviderAuthFailed) -> None:
+        provider, name, report = where
+        self.endpoint_refusals.refuse(where, fingerprint, time.monotonic())
+        metrics.COLLECT_ENDPOINT_REFUSALS.labels(*where).inc()
+        metrics.COLLECT_ENDPOINT_REFUSED.labels(*where).set(1)
+        self.missed.append(f"{provider}/{name}/{report}: endpoint refused (HTTP {exc.status})")
+        log.error(
+            "collect_endpoint_refused",
+            provider=provider,
+            account=name,
+            report=report,
+            status=exc.status,
+            error=str(exc),
+            retry_in=self.settings.collect_auth_retry_interval,
+        )
+
+    def _refuse_account(self, provider: str, name: str, fingerprint: str, exc: ProviderAuthFailed) -> None:
+        self.refusals.refuse((provider, name), fingerprint, time.monotonic())
+        metrics.COLLECT_AUTH_FAILURES.labels(provider=provider, account=name).inc()
+        metrics.COLLECT_ACCOUNT_REFUSED.labels(provider=provider, account=name).set(1)
+        self.missed.append(f"{provider}/{name}: admin key refused")
+        log.error(
+            "collect_auth_failed",
+            provider=provider,
+            account=name,
+            error=str(exc),
+            retry_in=self.settings.collect_auth_retry_interval,
+        )
 
     async def _freshness(self, poller: PollerConnection) -> None:
         """Seconds since the last success per account and report, and readiness, from the stored state.
@@ -497,73 +535,6 @@ class Collector:
     @staticmethod
     def _polled(endpoint: Endpoint, result: str) -> None:
         metrics.COLLECT_POLLS.labels(provider=endpoint.provider, report=endpoint.report, result=result).inc()
-
-
-@dataclass
-class Refusals:
-    """The accounts whose admin key the provider refused (401), or the endpoints (403, one instance each): which
-    key, and when (monotonic seconds). Keys are ``(provider, account)`` or ``(provider, account, report)``.
-
-    A refused key is not sent again until ``retry_interval`` seconds have passed; then it is tried once more (the
-    poll of an account stops at its first refusal: one request per interval, never the retry ladder of a 5xx). A
-    changed key (``keys rotate``, a new secret file) is tried at once. Before, a refusal lasted until the key
-    changed or the process restarted: one 401 during a provider's incident stopped the account for good."""
-
-    retry_interval: float
-    refused: dict[tuple[str, ...], tuple[str, float]] = field(default_factory=dict)  # key -> (fingerprint, when)
-
-    def waiting(self, account: tuple[str, ...], fingerprint: str, now: float) -> float | None:
-        """Seconds before ``account`` is tried again with this key; None when it is to be polled now."""
-        refused = self.refused.get(account)
-        if refused is None or refused[0] != fingerprint:
-            return None
-        left = refused[1] + self.retry_interval - now
-        return left if left > 0 else None
-
-    def refuse(self, account: tuple[str, ...], fingerprint: str, now: float) -> None:
-        self.refused[account] = (fingerprint, now)
-
-    def accept(self, account: tuple[str, ...]) -> bool:
-        """The account was polled without a refusal; True when it had been refused."""
-        return self.refused.pop(account, None) is not None
-
-    def forget_all_but(self, active: set[tuple[str, str]]) -> list[tuple[str, ...]]:
-        """Drop the refusals of accounts (and their endpoints) no longer polled (deactivated); returns them."""
-        gone = [key for key in self.refused if key[:2] not in active]
-        for account in gone:
-            del self.refused[account]
-        return gone
-
-
-class Revisions:
-    """The ``collected_at`` of each window: the clock just before the window is read, so that a provider row's
-    coverage (the hours before its ``collected_at``, README rule 2) ends as close as possible to when the
-    provider was asked (a revision taken at the start of a round of many accounts, retries and Retry-After waits
-    would leave the estimates of the hours in between counting beside the provider's figure for them), and later
-    than every revision staged before (``revision_after``)."""
-
-    def __init__(self, newest: datetime | None) -> None:
-        self.newest = newest
-
-    def next(self) -> datetime:
-        clock = datetime.now(UTC)
-        collected_at = revision_after(clock, self.newest)
-        if collected_at != clock:
-            log.warning(
-                "collect_clock_behind_last_poll", clock=clock.isoformat(), collected_at=collected_at.isoformat()
-            )
-        self.newest = collected_at
-        return collected_at
-
-
-def revision_after(clock: datetime, newest: datetime | None) -> datetime:
-    """A poll's ``collected_at``: the clock, or just after the newest one already staged when the clock is not past
-    it. The worker ignores a revision older than the one it has, so a clock stepped back (NTP, a replica whose
-    clock was ahead) must not freeze the ledger until the clock catches up. A newest revision beyond what the worker
-    accepts (``MAX_FUTURE`` ahead: quarantined, never stored) is not followed: the clock is used."""
-    if newest is None or clock > newest or newest >= clock + MAX_FUTURE - REVISION_MARGIN:
-        return clock
-    return newest + REVISION_STEP
 
 
 def run(settings: Settings, *, once: bool = False) -> int:
