@@ -27,7 +27,8 @@ Anthropic's token fields are already disjoint; ``cache_creation.ephemeral_1h_inp
 
 The price key is ``(provider, model, token type)``, where the token type carries every non-default price
 dimension as ``/name=value`` in the order of ``PRICE_DIMENSIONS``: ``output_tokens``,
-``uncached_input_tokens/service_tier=batch/context_window=200k-1M``, ``images/size=1024x1024/source=image.edit``.
+``uncached_input_tokens/service_tier=batch/context_window=200k-1M``, ``images/size=1024x1024/source=image.edit``,
+``usage_bytes/bucket_width=1h`` (vector storage is a level held through the bucket: ``LEVEL_ENDPOINTS``).
 (OpenAI's ``batch`` is the tier ``batch``.) ``LedgerLine.price_unit`` and ``price_dimensions`` tell the
 catalogue the same.
 """
@@ -83,7 +84,7 @@ ENDPOINT_OBJECTS: dict[str, str] = {
 OBJECT_ENDPOINTS = {obj: endpoint for endpoint, obj in ENDPOINT_OBJECTS.items()}
 
 # --- price dimensions -------------------------------------------------------------------------------------
-PRICE_DIMENSIONS = ("service_tier", "context_window", "speed", "inference_geo", "size", "source")
+PRICE_DIMENSIONS = ("service_tier", "context_window", "speed", "inference_geo", "size", "source", "bucket_width")
 # Values that price like the dimension's absence.
 DEFAULT_DIMENSION_VALUES: dict[str, frozenset[str]] = {
     "service_tier": frozenset({"default", "standard", "auto"}),
@@ -92,7 +93,13 @@ DEFAULT_DIMENSION_VALUES: dict[str, frozenset[str]] = {
     "inference_geo": frozenset({"global", "not_available"}),
     "size": frozenset(),  # images: each size and source has its own price
     "source": frozenset(),
+    "bucket_width": frozenset({"1d"}),  # levels (vector store bytes): a price is per bucket of this width
 }
+# Usage API endpoints whose count is a level held through the bucket (bytes stored), not a count of the bucket's
+# events: priced per bucket, so the bucket's width is a price dimension (``bucket_width``). Their price (billed
+# per GB and day) is per daily bucket; an hourly bucket holding as much is a 24th of it, and needs a price of its
+# own rather than the daily one 24 times a day.
+LEVEL_ENDPOINTS = frozenset({"vector_stores"})
 
 # Completions token categories: (line token type, genai-prices usage key). Their quantities partition
 # input_tokens + output_tokens.
@@ -281,7 +288,12 @@ def lines_for(
                 project=counted.project_id,
                 model=_openai_model(name, counted),
                 suffixes=(*_openai_suffixes(name, counted), tier),
-                dimensions=_dimensions(service_tier=tier, size=counted.size, source=counted.source),
+                dimensions=_dimensions(
+                    service_tier=tier,
+                    size=counted.size,
+                    source=counted.source,
+                    bucket_width=_width(bucket.start_time, bucket.end_time) if name in LEVEL_ENDPOINTS else None,
+                ),
                 counts=(counts := openai_counts(name, counted)),
                 outside_cost_report=False,
                 request_input_tokens=_average_request_input(name, counted, counts),
@@ -565,6 +577,15 @@ def _dimensions(**values: str | None) -> tuple[tuple[str, str], ...]:
         if value is not None and value.lower() not in DEFAULT_DIMENSION_VALUES[name]:
             found.append((name, value))
     return tuple(found)
+
+
+def _width(start: datetime, end: datetime) -> str:
+    """A bucket's width as the Usage API's ``bucket_width`` names it (``1d``, ``1h``, ``1m``; else in seconds)."""
+    seconds = int((end - start).total_seconds())
+    for unit, length in (("d", 86_400), ("h", 3_600), ("m", 60)):
+        if seconds % length == 0:
+            return f"{seconds // length}{unit}"
+    return f"{seconds}s"
 
 
 def _tier(service_tier: str | None) -> str | None:

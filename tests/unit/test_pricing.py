@@ -302,3 +302,41 @@ def test_a_bucket_whose_requests_average_past_a_tier_is_priced_at_that_tier() ->
     short = priced(20)  # 150,000 input tokens a request: under the tier
     assert sum(amount or 0 for amount in short.values()) == theirs(20) == Decimal("5.55")
     assert priced(0) == short  # no request count: the base price, as before
+
+
+def _vector_storage(width: int, held: int) -> list[LedgerLine]:
+    """One day of a vector store holding ``held`` bytes, in buckets of ``width`` seconds (the documented shape:
+    https://platform.openai.com/docs/api-reference/usage/vector_stores, ``bucket_width`` 1m, 1h or 1d)."""
+    start = 1_793_491_200  # 2026-11-01T00:00:00Z
+    found: list[LedgerLine] = []
+    for index in range(86_400 // width):
+        bucket = OpenAIUsageBucket.model_validate(
+            {
+                "object": "bucket",
+                "start_time": start + index * width,
+                "end_time": start + (index + 1) * width,
+                "results": [{"object": "organization.usage.vector_stores.result", "usage_bytes": held}],
+            }
+        )
+        found += lines_for("openai", "usage_v1", "org-x", bucket)
+    return found
+
+
+def test_vector_storage_held_for_a_day_costs_a_day_in_any_bucket_width() -> None:
+    """``usage_bytes`` is what the stores hold in the bucket (a level, billed per GB and day), not a count of the
+    bucket's events: the same gigabyte reported in 24 hourly buckets is 24 times its daily quantity. A price for
+    daily buckets must not apply to hourly ones (24 x 2.40 = 57.60 for a day that costs 2.40); hourly buckets
+    need a price of their own (``usage_bytes/bucket_width=1h``), and without one they stay unpriced."""
+    since = datetime(2020, 1, 1, tzinfo=UTC)
+    per_day = Price("openai", "vector_stores", "usage_bytes", Decimal("0.0024"), "USD", since, 1)
+    per_hour = Price("openai", "vector_stores", "usage_bytes/bucket_width=1h", Decimal("0.0001"), "USD", since, 2)
+
+    def total(width: int, *prices: Price) -> tuple[Decimal, list[str]]:
+        priced = [PriceBook(list(prices), catalogue=False).priced(line) for line in _vector_storage(width, 10**9)]
+        unpriced = [line.metadata["unpriced"]["token_type"] for line, ok in priced if not ok]
+        return sum((line.amount for line, ok in priced if ok and line.amount is not None), Decimal(0)), unpriced
+
+    assert total(86_400, per_day) == (Decimal("2.40"), [])
+    assert total(3_600, per_day) == (Decimal(0), ["usage_bytes/bucket_width=1h"] * 24)
+    assert total(3_600, per_day, per_hour) == (Decimal("2.40"), [])
+    assert total(60, per_day)[1] == ["usage_bytes/bucket_width=1m"] * 1440
