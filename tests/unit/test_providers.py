@@ -316,3 +316,27 @@ def test_an_anthropic_cost_amount_is_read_in_its_currencys_lowest_unit() -> None
     refused = _anthropic("costs_v1", [{"currency": "XAU", "amount": "1", "workspace_id": "w"}])
     assert isinstance(refused, Quarantined)
     assert refused.reason is Reason.UNKNOWN_CURRENCY, refused.detail
+
+
+@pytest.mark.parametrize("api_version", ["costs_v1", "usage_v1"])
+def test_the_analytics_api_shape_is_refused_not_read_as_zero(api_version: str) -> None:
+    """Anthropic's Usage and Cost Analytics API (beta; https://platform.claude.com/docs/en/manage-claude/
+    usage-cost-analytics-api, ``GET /v1/organizations/analytics/cost``) returns rows of ``cost`` (in fractional
+    cents) and ``group``, without ``results``: the worker does not read it, and says so."""
+    row = {
+        "starting_at": "2026-11-01T00:00:00Z",
+        "ending_at": "2026-11-02T00:00:00Z",
+        "cost": {"amount": "123.45", "currency": "USD"},
+        "group": {"model": "claude-sonnet-4-5", "workspace_id": "wrkspc_01"},
+    }
+    envelope = {
+        "provider": "anthropic",
+        "ai_organization_id": "anthropic-x",
+        "api_version": api_version,
+        "collected_at": "2026-11-02T00:00:00Z",
+        "page": {"data": [row], "has_more": False, "next_page": None},
+    }
+    outcome = decode_provider_message(json.dumps(envelope).encode(), SOURCE, max_bytes=1 << 20, max_results=10)
+    assert isinstance(outcome, Quarantined)
+    assert outcome.reason is Reason.SCHEMA_VIOLATION
+    assert "results" in outcome.detail
