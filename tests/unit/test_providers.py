@@ -340,3 +340,44 @@ def test_the_analytics_api_shape_is_refused_not_read_as_zero(api_version: str) -
     assert isinstance(outcome, Quarantined)
     assert outcome.reason is Reason.SCHEMA_VIOLATION
     assert "results" in outcome.detail
+
+
+def test_a_documented_page_of_minute_buckets_is_read_whatever_its_buckets_add_up_to() -> None:
+    """OpenAI documents ``bucket_width=1m`` with up to 1,440 buckets a page
+    (https://platform.openai.com/docs/api-reference/usage/vector_stores). A vector store holding 700 GB reports
+    7e11 bytes in each: no row ever holds more than one bucket's lines, but the page's quantities add up to
+    1.008e15, and a bound on the whole message's total quarantined the day as ``invalid_number``."""
+    held = 700 * 10**9
+    buckets = [
+        {
+            "object": "bucket",
+            "start_time": START + 60 * minute,
+            "end_time": START + 60 * (minute + 1),
+            "results": [{"object": ENDPOINT_OBJECTS["vector_stores"], "usage_bytes": held}],
+        }
+        for minute in range(1440)
+    ]
+    envelope = {
+        "provider": "openai",
+        "ai_organization_id": "org-x",
+        "api_version": "usage_v1",
+        "collected_at": "2026-11-02T00:00:00Z",
+        "endpoint": "vector_stores",
+        "page": {"object": "page", "data": buckets, "has_more": False, "next_page": None},
+    }
+    message = decode_provider_message(json.dumps(envelope).encode(), SOURCE, max_bytes=1 << 22, max_results=50_000)
+    assert isinstance(message, ProviderMessage), message
+    assert len(message.lines) == 1440
+    assert sum(line.quantity or 0 for line in message.lines) == 1440 * held
+
+
+def test_one_buckets_lines_still_may_not_add_up_past_the_bound() -> None:
+    """The bound stays where lines do add up: the results of one bucket may sum into one row."""
+    outcome = decode(
+        [
+            {"object": ENDPOINT_OBJECTS["vector_stores"], "usage_bytes": 6 * 10**14, "project_id": "proj_a"},
+            {"object": ENDPOINT_OBJECTS["vector_stores"], "usage_bytes": 6 * 10**14, "project_id": "proj_b"},
+        ]
+    )
+    assert isinstance(outcome, Quarantined)
+    assert outcome.reason is Reason.INVALID_NUMBER, outcome.detail
