@@ -56,6 +56,13 @@ def parse_token_type(token_type: str) -> tuple[str, tuple[tuple[str, str], ...]]
     return base, tuple(dimensions)
 
 
+def canonical_token_type(token_type: str) -> str:
+    """The token type with its dimensions in the order lines carry them (``PRICE_DIMENSIONS``): the only form an
+    override is looked up by."""
+    base, dimensions = parse_token_type(token_type)
+    return base + "".join(f"/{name}={value}" for name, value in dimensions)
+
+
 def effective_prices(
     provider: str, model: str, token_types: list[str], at: datetime, overrides: Overrides
 ) -> list[Effective]:
@@ -81,7 +88,7 @@ async def show(
         if provider is None:
             raise UsageError([f"the catalogue does not know {model!r}: name its provider with --provider"])
     if token_type is not None:
-        parse_token_type(token_type)  # a usage error before any connection
+        token_type = canonical_token_type(token_type)  # a usage error before any connection
         if token_type.split("/")[0] not in TOKEN_TYPE_UNITS[provider]:
             known = ", ".join(TOKEN_TYPE_UNITS[provider])
             raise UsageError([f"{provider} has no token type {token_type.split('/')[0]!r} (known: {known})"])
@@ -199,7 +206,7 @@ def _row(
             problems.append(f"{where}: {name} must be 1 to {MAX_NAME} printable characters (no line break)")
     if token_type:
         try:
-            parse_token_type(token_type)
+            token_type = canonical_token_type(token_type)  # stored as lines name it, else it would never match
         except ConfigError as exc:
             problems += [f"{where}: {p}" for p in exc.problems]
     price: Decimal | None = None

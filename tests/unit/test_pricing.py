@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import genai_prices
@@ -12,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from worker.models import OpenAIUsageBucket, OpenAIUsageResult
+from worker.prices import read_csv
 from worker.pricing import CATALOGUE_VERSION, PER_MILLION, Price, PriceBook, catalogue_quote, estimate_request
 from worker.providers import COMPLETION_TOKEN_TYPES, LedgerLine, lines_for, openai_counts
 
@@ -340,3 +342,17 @@ def test_vector_storage_held_for_a_day_costs_a_day_in_any_bucket_width() -> None
     assert total(3_600, per_day) == (Decimal(0), ["usage_bytes/bucket_width=1h"] * 24)
     assert total(3_600, per_day, per_hour) == (Decimal("2.40"), [])
     assert total(60, per_day)[1] == ["usage_bytes/bucket_width=1m"] * 1440
+
+
+def test_an_imported_override_names_its_dimensions_in_the_order_lines_do(tmp_path: Path) -> None:
+    """Lines carry their price dimensions in one order (``service_tier`` before ``context_window``); an override
+    imported with them in another order was stored as written and never matched a line (the line stayed unpriced
+    and its estimate counted instead of the negotiated price). The import stores the order lines use."""
+    path = tmp_path / "prices.csv"
+    path.write_text(
+        "provider,model,token_type,price_per_million,effective_from\n"
+        "anthropic,claude-sonnet-4-5,uncached_input_tokens/context_window=200k-1M/service_tier=batch,3.00,2026-01-01\n",
+        encoding="utf-8",
+    )
+    (row,) = read_csv(path)
+    assert row[2] == "uncached_input_tokens/service_tier=batch/context_window=200k-1M"
