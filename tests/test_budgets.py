@@ -758,3 +758,62 @@ async def test_a_late_provider_bucket_of_a_budget_that_was_daily_is_judged_in_th
     assert [(a.period, a.period_start, a.amount, a.spend) for a in outcome.alerts] == [
         ("daily", datetime(2026, 11, 11, tzinfo=UTC), Decimal(100), Decimal(90))
     ]
+
+
+async def _versions_moved_back_to(db: asyncpg.Connection, budget: uuid.UUID, newest: datetime) -> None:
+    """Move a budget's dated versions (budget_terms, 0033) back in time, in their order, the newest to ``newest``: as
+    if the changes had been made then (a test cannot wait for a period to end after them)."""
+    await db.execute(
+        "UPDATE budget_terms SET valid_from = valid_from - ((SELECT max(valid_from) FROM budget_terms "
+        "WHERE budget_id = $1) - $2::timestamptz) WHERE budget_id = $1 AND valid_from > '-infinity'",
+        budget,
+        newest,
+    )
+
+
+async def test_the_last_change_committed_is_the_budgets_newest_terms(
+    db: asyncpg.Connection, database_url: str, feeder: Feeder
+) -> None:
+    """A budget of 100 USD. An operator's psql transaction starts; meanwhile the platform raises the budget to 1000
+    (committed); then the operator's transaction sets it back to 100 and commits. The budget is 100, and a period that
+    ends after both changes must be judged at 100. 0033 dated each version by its transaction's start, so the
+    platform's 1000 (the later start) stayed the newest version: November (both changes made during it, moved back
+    into it here) was judged at 1000, and its 90 USD (90 % of 100) alerted nothing."""
+    org = await make_org(db)
+    budget = await add_budget(db, "organization", org, "100", thresholds=(80,))
+    operator = await asyncpg.connect(database_url)
+    try:
+        async with operator.transaction():
+            await operator.fetchval("SELECT now()")  # the transaction has started
+            await db.execute("UPDATE ai_organization_budgets SET amount = 1000 WHERE id = $1", budget)
+            await operator.execute("UPDATE ai_organization_budgets SET amount = 100 WHERE id = $1", budget)
+    finally:
+        await operator.close()
+    assert await db.fetchval("SELECT amount FROM ai_organization_budgets WHERE id = $1", budget) == 100
+    await _versions_moved_back_to(db, budget, DURING)
+    outcome = await feeder.events(spend_event(org, "90", at="2026-11-20T10:00:00Z"))
+    assert [(a.amount, a.threshold, a.spend) for a in outcome.alerts] == [(Decimal(100), Decimal(80), Decimal(90))]
+    assert await db.fetchval("SELECT amount FROM cost_worker_budget_terms_at('organization', $1, now())", budget) == 100
+
+
+async def test_a_budget_re_created_with_the_same_id_after_a_truncate_holds_only_its_own_terms(
+    db: asyncpg.Connection, feeder: Feeder
+) -> None:
+    """An operator empties the budget table (TRUNCATE: no row trigger, budget_terms keeps the versions) and loads the
+    budgets again with their ids, at 100 USD. A version of the budget before (lowered to 1000 during November) stayed,
+    and judged November at 1000 (0033's insert kept the old versions): 90 USD alerted nothing instead of 80 % of 100."""
+    org = await make_org(db)
+    budget = await add_budget(db, "organization", org, "50", thresholds=(80,))
+    await change_budget(db, "UPDATE ai_organization_budgets SET amount = 1000 WHERE id = $1", budget, at=DURING)
+    await db.execute("TRUNCATE ai_organization_budgets")
+    await db.execute(
+        "INSERT INTO ai_organization_budgets (id, organization_id, amount, thresholds) VALUES ($1, $2, 100, '{80}')",
+        budget,
+        org.id,
+    )
+    outcome = await feeder.events(spend_event(org, "90", at="2026-11-20T10:00:00Z"))
+    assert [(a.amount, a.threshold, a.spend) for a in outcome.alerts] == [(Decimal(100), Decimal(80), Decimal(90))]
+    versions = await db.fetch(
+        "SELECT valid_from = '-infinity' AS since_ever, amount FROM budget_terms WHERE budget_id = $1", budget
+    )
+    assert [tuple(v) for v in versions] == [(True, Decimal(100))]
