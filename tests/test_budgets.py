@@ -190,7 +190,7 @@ async def test_periods_follow_the_budget_time_zone_across_dst(db: asyncpg.Connec
 
 # Zones whose clocks change at or across local midnight (Havana and the Azores turn back from 01:00 to 00:00, so
 # midnight happens twice; Santiago springs forward from 00:00, so it does not happen), half-hour and 45-minute
-# changes (Lord Howe, Chatham), and the usual ones.
+# changes (Lord Howe, Chatham), a 45-minute offset without changes (Kathmandu), and the usual ones.
 PERIOD_ZONES = (
     "America/Havana",
     "Atlantic/Azores",
@@ -200,6 +200,9 @@ PERIOD_ZONES = (
     "Europe/Berlin",
     "America/Los_Angeles",
     "Asia/Kolkata",
+    "Asia/Kathmandu",
+    "America/New_York",
+    "Europe/London",
     "UTC",
 )
 
@@ -817,3 +820,30 @@ async def test_a_budget_re_created_with_the_same_id_after_a_truncate_holds_only_
         "SELECT valid_from = '-infinity' AS since_ever, amount FROM budget_terms WHERE budget_id = $1", budget
     )
     assert [tuple(v) for v in versions] == [(True, Decimal(100))]
+
+
+async def test_a_budget_deleted_and_created_again_with_the_same_name_alerts_as_a_new_budget(
+    db: asyncpg.Connection, feeder: Feeder, settings: Settings
+) -> None:
+    """'Team' (100 USD a month) alerts at 80 % with 85 USD in November; it is deleted and created again with the same
+    name and terms (a new id). The next November data (5 USD more: 90) alerts the new budget at 80 % once, crossing 1,
+    with its own id and the month's whole spend; the deleted budget's alert stays open, not resolved, not repeated."""
+    org = await make_org(db)
+    insert = (
+        "INSERT INTO ai_organization_budgets (id, organization_id, name, amount, thresholds) "
+        "VALUES ($1, $2, 'Team', 100, '{80}')"
+    )
+    old, new = uuid.uuid4(), uuid.uuid4()
+    await db.execute(insert, old, org.id)
+    first = await feeder.events(spend_event(org, "85", at="2026-11-05T10:00:00Z", event_id="a"))
+    assert [(a.budget_id, a.crossing, a.spend) for a in first.alerts] == [(old, 1, Decimal(85))]
+    await db.execute("DELETE FROM ai_organization_budgets WHERE id = $1", old)
+    await db.execute(insert, new, org.id)
+    again = await feeder.events(spend_event(org, "5", at="2026-11-06T10:00:00Z", event_id="b"))
+    assert [(a.budget_id, a.budget_name, a.crossing, a.spend, a.amount) for a in again.alerts] == [
+        (new, "Team", 1, Decimal(90), Decimal(100))
+    ]
+    assert again.alerts[0].id != first.alerts[0].id
+    stored = await db.fetch("SELECT budget_id, resolved_at FROM budget_alerts ORDER BY raised_at")
+    assert [(r["budget_id"], r["resolved_at"]) for r in stored] == [(old, None), (new, None)]
+    assert [m["type"] for m in await outbox_alerts(db, settings)] == ["budget.alert.triggered"] * 2
