@@ -206,6 +206,7 @@ class Lifecycle:
     open: set[uuid.UUID] = field(default_factory=set)
     raised: list[uuid.UUID] = field(default_factory=list)  # every alert, in order
     resolved: list[uuid.UUID] = field(default_factory=list)  # every resolution, in order
+    resolved_spend: dict[uuid.UUID, Decimal] = field(default_factory=dict)  # the spend that resolved each alert
     # every alert: its period, threshold and the spend that raised it
     alerts: dict[uuid.UUID, tuple[Judged, Decimal, Decimal]] = field(default_factory=dict)
 
@@ -230,6 +231,7 @@ class Lifecycle:
             elif not reached and current is not None:
                 self.open.discard(current)
                 self.resolved.append(current)
+                self.resolved_spend[current] = total
         # A threshold the budget no longer has keeps its open alert at this amount and currency until spend falls
         # below its level (then it resolves, once); it is not raised again while it is not a threshold.
         for key in sorted(self.crossings):
@@ -240,3 +242,4 @@ class Lifecycle:
             if current is not None and Fraction(total) * 100 < Fraction(amount) * Fraction(threshold):
                 self.open.discard(current)
                 self.resolved.append(current)
+                self.resolved_spend[current] = total

@@ -11,8 +11,10 @@ import uuid
 from collections import Counter
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import pytest
@@ -338,10 +340,14 @@ budget_edits = st.tuples(
     ),
 )
 # Period kinds and zones: November's days, weeks (ISO, from Monday) and month have ended, the quarter has not; the
-# zones put a day's start at 00:00 UTC, 05:00 UTC (New York in November), 18:30 UTC and 11:00 UTC the day before.
+# zones put a day's start at 00:00 UTC, 05:00 UTC (New York in November; 04:00 on the 1st, a 25-hour day), 18:30 UTC
+# and 11:00 UTC the day before, and off the UTC hour at 18:15 (Kathmandu, +05:45) and 10:15 (Chatham, +13:45): an
+# estimate hour straddling such a midnight counts in the day it starts.
 kinds_and_zones = st.tuples(
     st.sampled_from(("monthly", "monthly", "daily", "weekly", "quarterly")),
-    st.sampled_from(("UTC", "UTC", "America/New_York", "Asia/Kolkata", "Pacific/Auckland")),
+    st.sampled_from(
+        ("UTC", "UTC", "America/New_York", "Asia/Kolkata", "Pacific/Auckland", "Asia/Kathmandu", "Pacific/Chatham")
+    ),
 )
 # A budget edited during November (on the step's day: it judges the periods that ended after it) or today (it
 # judges none that has ended); one edit in two also changes the period kind or zone (sometimes to the same).
@@ -465,7 +471,8 @@ async def test_alerts_and_resolutions_equal_the_model(
             life.evaluate(period, total)
 
         stored = await db.fetch(
-            "SELECT id, resolved_at, amount, currency, period_start, period_end, threshold, spend FROM budget_alerts"
+            "SELECT id, resolved_at, resolved_spend, amount, currency, period_start, period_end, threshold, spend "
+            "FROM budget_alerts"
         )
         assert {r["id"] for r in stored} == set(life.raised), (judged, [dict(r) for r in stored])
         assert {r["id"] for r in stored if r["resolved_at"] is not None} == set(life.resolved)
@@ -478,6 +485,7 @@ async def test_alerts_and_resolutions_equal_the_model(
                 period.terms.currency,
             )
             assert (row["threshold"], row["spend"]) == (threshold, spend)
+            assert row["resolved_spend"] == life.resolved_spend.get(row["id"])
         messages = await published(db, settings)
         sent = Counter((m["type"], m["alert_id"]) for m in messages)
         wanted = Counter(("budget.alert.triggered", str(i)) for i in life.raised) + Counter(
@@ -491,8 +499,21 @@ async def test_alerts_and_resolutions_equal_the_model(
             assert message["_key"] == str(budget)
             row = next(r for r in stored if str(r["id"]) == message["alert_id"])
             assert (Decimal(message["amount"]), message["currency"]) == (row["amount"], row["currency"].strip())
-            period = life.alerts[uuid.UUID(message["alert_id"])][0]
+            period, threshold, spend = life.alerts[uuid.UUID(message["alert_id"])]
             assert (message["period"], message["timezone"]) == (period.period, period.timezone)
+            # The payload's money and period: the spend that raised it (a resolved message: the spend that resolved
+            # it), its percentage of the amount rounded half-even once, the threshold, the period in the budget's zone.
+            if message["type"] == "budget.alert.resolved":
+                spend = life.resolved_spend[uuid.UUID(message["alert_id"])]
+            local = ZoneInfo(period.timezone)
+            assert (Decimal(message["spend"]), Decimal(message["threshold_percent"])) == (spend, threshold)
+            assert Fraction(Decimal(message["percent_used"])) == round(
+                Fraction(spend) * 100 / Fraction(period.terms.amount), 2
+            )
+            assert (message["period_start"], message["period_end"]) == (
+                period.start.astimezone(local).isoformat(),
+                period.end.astimezone(local).isoformat(),
+            )
 
 
 # ------------------------------------------------------------------------------------------ named cases
