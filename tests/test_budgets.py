@@ -12,6 +12,8 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.factories import Org, api_event, change_budget, envelope, make_org, openai_cost_bucket
 from tests.feeding import Feeder
@@ -847,3 +849,88 @@ async def test_a_budget_deleted_and_created_again_with_the_same_name_alerts_as_a
     stored = await db.fetch("SELECT budget_id, resolved_at FROM budget_alerts ORDER BY raised_at")
     assert [(r["budget_id"], r["resolved_at"]) for r in stored] == [(old, None), (new, None)]
     assert [m["type"] for m in await outbox_alerts(db, settings)] == ["budget.alert.triggered"] * 2
+
+
+# Edits of a budget's terms: (amount, currency, thresholds, period kind, zone), each column one of two values, so that
+# an edit sometimes changes nothing (no version) and sometimes changes a column back.
+term_edits = st.tuples(
+    st.sampled_from((Decimal(100), Decimal(1000), Decimal("100.0"))),
+    st.sampled_from(("USD", "EUR")),
+    st.sampled_from(((Decimal(80),), (Decimal(50), Decimal(80)))),
+    st.sampled_from(("monthly", "daily")),
+    st.sampled_from(("UTC", "America/New_York")),
+)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    before=st.lists(term_edits, max_size=3),
+    operator=st.lists(term_edits, max_size=3),
+    after=st.lists(term_edits, max_size=2),
+    recreate=st.sampled_from((None, "delete", "truncate")),
+    again=term_edits,
+)
+async def test_the_newest_terms_are_the_budget_as_it_is_property(
+    db: asyncpg.Connection,
+    database_url: str,
+    before: list[tuple[Any, ...]],
+    operator: list[tuple[Any, ...]],
+    after: list[tuple[Any, ...]],
+    recreate: str | None,
+    again: tuple[Any, ...],
+) -> None:
+    """Whatever the order budget changes are made and committed in: the platform's edits (each its own transaction)
+    while an operator's transaction that started before them is open, the operator's edits after them in it, more
+    edits after it committed, the budget deleted or its table truncated and the budget loaded again with its id: the
+    version in force now (cost_worker_budget_terms_at, 0033) is the budget's row, column by column (0040)."""
+    await db.execute("TRUNCATE ai_organization_budgets, budget_terms")
+    org = await make_org(db)
+    budget = uuid.uuid4()
+    columns = "amount = $2, currency = $3, thresholds = $4, period = $5, timezone = $6"
+    update = f"UPDATE ai_organization_budgets SET {columns} WHERE id = $1"
+    await db.execute(
+        "INSERT INTO ai_organization_budgets (id, organization_id, amount) VALUES ($1, $2, 100)", budget, org.id
+    )
+    other = await asyncpg.connect(database_url)
+    try:
+        async with other.transaction():
+            await other.fetchval("SELECT now()")  # the operator's transaction starts before the platform's edits
+            for edit in before:
+                await db.execute(update, budget, *edit)
+            for edit in operator:
+                await other.execute(update, budget, *edit)
+    finally:
+        await other.close()
+    for edit in after:
+        await db.execute(update, budget, *edit)
+    if recreate is not None:
+        statement = (
+            "TRUNCATE ai_organization_budgets" if recreate == "truncate" else "DELETE FROM ai_organization_budgets"
+        )
+        await db.execute(statement)
+        await db.execute(
+            "INSERT INTO ai_organization_budgets (id, organization_id, amount, currency, thresholds, period, "
+            "timezone) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            budget,
+            org.id,
+            *again,
+        )
+    row = await db.fetchrow(
+        "SELECT amount, currency::text, thresholds, period::text, timezone::text FROM ai_organization_budgets "
+        "WHERE id = $1",
+        budget,
+    )
+    now = await db.fetchrow(
+        "SELECT amount, currency, thresholds, period, timezone "
+        "FROM cost_worker_budget_terms_at('organization', $1, now())",
+        budget,
+    )
+    assert row is not None
+    assert now is not None
+    assert tuple(now) == tuple(row)
+    if recreate is not None:
+        assert await db.fetchval("SELECT count(*) FROM budget_terms WHERE budget_id = $1", budget) == 1

@@ -368,8 +368,9 @@ SWING_DAY = DAYS[5]
 swings = st.sampled_from((Decimal(0), Decimal(30), Decimal(90), Decimal(170), Decimal(250))).map(
     lambda amount: {(SWING_DAY, 0): ("USD", amount)}
 )
-# The platform's estimate for some hours of days without provider rows (USD, converted at the hour's rate).
-ESTIMATE_HOURS = [datetime(2026, 11, day, hour, tzinfo=UTC) for day in (21, 24, 27) for hour in (0, 13, 23)]
+# The platform's estimate for some hours of days without provider rows (USD, converted at the hour's rate); 10:00 and
+# 18:00 straddle a local midnight (Chatham 10:15, Kathmandu 18:15, Kolkata 18:30 UTC): they count in the day they start.
+ESTIMATE_HOURS = [datetime(2026, 11, day, hour, tzinfo=UTC) for day in (21, 24, 27) for hour in (0, 10, 13, 18, 23)]
 estimate_changes = st.dictionaries(
     st.sampled_from(ESTIMATE_HOURS), st.decimals(min_value=Decimal(0), max_value=Decimal(60), places=6), max_size=4
 )
