@@ -940,3 +940,87 @@ async def test_the_newest_terms_are_the_budget_as_it_is_property(
         assert versions == 1  # the budget loaded again holds its own terms only
     else:
         assert versions >= kept  # an edit (an upsert's too) keeps the versions before it
+
+
+# Zones whose local midnight is off the UTC hour or moves with DST: New York (a 23-hour 8 March, a 25-hour 1
+# November), London (29 March, 25 October), Lord Howe (+10:30/+11: its midnight is 13:30 or 13:00 UTC, a 30-minute
+# change on 5 April and 4 October), Kathmandu (+05:45: 18:15 UTC) and Chatham (+12:45/+13:45: 11:15 or 10:15 UTC).
+EDGE_ZONES = {
+    "America/New_York": (datetime(2026, 3, 8, 7, tzinfo=UTC), datetime(2026, 11, 1, 6, tzinfo=UTC)),
+    "Europe/London": (datetime(2026, 3, 29, 1, tzinfo=UTC), datetime(2026, 10, 25, 1, tzinfo=UTC)),
+    "Australia/Lord_Howe": (datetime(2026, 4, 4, 15, tzinfo=UTC), datetime(2026, 10, 3, 15, tzinfo=UTC)),
+    "Asia/Kathmandu": (datetime(2026, 11, 1, 18, tzinfo=UTC),),
+    "Pacific/Chatham": (datetime(2026, 4, 4, 14, tzinfo=UTC), datetime(2026, 9, 26, 14, tzinfo=UTC)),
+}
+edge_amounts = st.decimals(min_value=Decimal("0.000001"), max_value=Decimal(50), places=6)
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    zone_and_change=st.sampled_from([(z, c) for z, changes in EDGE_ZONES.items() for c in changes]),
+    kind=st.sampled_from(("daily", "daily", "weekly", "monthly")),
+    estimates=st.dictionaries(st.integers(-60, 60), edge_amounts, max_size=12),
+    buckets=st.dictionaries(st.integers(-360, 360), edge_amounts, max_size=10),
+)
+async def test_periods_off_the_utc_hour_hold_exactly_their_rows_property(
+    db: asyncpg.Connection,
+    zone_and_change: tuple[str, datetime],
+    kind: str,
+    estimates: dict[int, Decimal],
+    buckets: dict[int, Decimal],
+) -> None:
+    """Spend is kept per instant (spend_hourly.at: an estimate's hour, a provider row's window midpoint) and read per
+    period from whole UTC days and the period's edges: for periods starting and ending off the UTC hour and across
+    clock changes, every period holds exactly the estimates whose hour starts in it (an hour straddling a local
+    midnight counts in the period of its start) and the 10-minute cost buckets whose midpoint lies in it, as the
+    independent model (tests/spend_model.py's calendar) says; the aggregate and the full computation alike."""
+    zone, change = zone_and_change
+    await db.execute("TRUNCATE cost_data, project_metrics CASCADE")
+    await db.execute("DELETE FROM projects")
+    await db.execute("DELETE FROM users")
+    await db.execute("DELETE FROM organizations")
+    org = await make_org(db)
+    project = org.projects["proj_a"]
+    hours = {change + timedelta(hours=h): amount for h, amount in estimates.items()}  # the model never replaces these
+    for hour, amount in sorted(hours.items()):
+        await db.execute(
+            "INSERT INTO project_metrics (organization_id, project_id, hour, request_count, estimated_cost_usd) "
+            "VALUES ($1, $2, $3, 1, $4)",
+            org.id,
+            project,
+            hour,
+            amount,
+        )
+    windows = {change + timedelta(minutes=10 * k): amount for k, amount in buckets.items()}  # distinct 10-minute slots
+    for start, amount in sorted(windows.items()):
+        await db.execute(
+            "INSERT INTO cost_data (organization_id, project_id, provider, ai_organization_id, ai_project_id, "
+            "api_version, report, bucket_start_time, bucket_end_time, line_item, currency, amount, collected_at) "
+            "VALUES ($1, $2, 'openai', $3, 'proj_a', 'costs_v1', 'openai.costs', $4, $5, 'x', 'USD', $6, $7)",
+            org.id,
+            project,
+            org.ai_org,
+            start,
+            start + timedelta(minutes=10),
+            amount,
+            start + timedelta(hours=1),
+        )
+    instants = [*hours, *(s + timedelta(minutes=5) for s in windows), change]
+    for start, end in sorted({model_period(kind, zone, at) for at in instants}):
+        wanted = sum((a for h, a in hours.items() if start <= h < end), Decimal(0)) + sum(
+            (a for s, a in windows.items() if start <= s + timedelta(minutes=5) < end), Decimal(0)
+        )
+        for fn in ("cost_worker_spend", "cost_worker_spend_full"):
+            found = await db.fetchval(
+                f"SELECT spend FROM {fn}('project', $1, $2, NULL, $3, $4, 'USD')", org.id, project, start, end
+            )
+            assert found == wanted, (fn, zone, kind, start, end)
+        database_period = await db.fetchrow(
+            "SELECT * FROM cost_worker_period($1::budget_period, $2, $3)", kind, zone, start
+        )
+        assert database_period is not None
+        assert (database_period["period_start"], database_period["period_end"]) == (start, end)
