@@ -7,6 +7,7 @@ import json
 import uuid
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -18,9 +19,11 @@ from hypothesis import strategies as st
 from tests.factories import Org, api_event, change_budget, envelope, make_org, openai_cost_bucket
 from tests.feeding import Feeder
 from tests.spend_model import period as model_period
+from tests.test_migrate import copy_schema
 from worker.alerts import Alert
 from worker.budgets import BudgetEngine
 from worker.config import Settings
+from worker.migrate import migrate
 from worker.pipeline import Pipeline
 from worker.sql import query
 from worker.store import Database
@@ -1024,3 +1027,56 @@ async def test_periods_off_the_utc_hour_hold_exactly_their_rows_property(
         )
         assert database_period is not None
         assert (database_period["period_start"], database_period["period_end"]) == (start, end)
+
+
+async def test_upgrading_gives_a_budget_whose_newest_version_is_not_it_a_version_now(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """A database where 0033's triggers left stale versions (a transaction that started before another's change and
+    committed after it; a budget loaded again with its id after TRUNCATE) and a budget written with triggers off (no
+    version): after 0040 the version in force now is each budget as it is, and one whose newest version already was
+    gets none."""
+    schema = copy_schema(tmp_path)
+    later = {path: path.read_text() for path in (schema / "migrations").glob("*.sql") if path.name >= "0040"}
+    for path in later:
+        path.unlink()
+    await migrate(empty_database_url, directory=schema)
+    db = await asyncpg.connect(empty_database_url)
+    try:
+        org = await make_org(db)
+        ordered, truncated, untracked, fine = (uuid.uuid4() for _ in range(4))
+        insert = "INSERT INTO ai_organization_budgets (id, organization_id, amount) VALUES ($1, $2, $3)"
+        await db.execute(insert, ordered, org.id, 100)
+        await db.execute(insert, fine, org.id, 5)
+        operator = await asyncpg.connect(empty_database_url)
+        try:
+            async with operator.transaction():
+                await operator.fetchval("SELECT now()")
+                await db.execute("UPDATE ai_organization_budgets SET amount = 1000 WHERE id = $1", ordered)
+                await operator.execute("UPDATE ai_organization_budgets SET amount = 100 WHERE id = $1", ordered)
+        finally:
+            await operator.close()
+        await db.execute(insert, truncated, org.id, 50)
+        await db.execute("UPDATE ai_organization_budgets SET thresholds = '{80}' WHERE id = $1", truncated)
+        await db.execute("CREATE TEMP TABLE kept AS SELECT * FROM ai_organization_budgets WHERE id <> $1", truncated)
+        await db.execute("TRUNCATE ai_organization_budgets")
+        await db.execute("INSERT INTO ai_organization_budgets SELECT * FROM kept")
+        await db.execute(insert, truncated, org.id, 50)  # thresholds {50,80,100} again; the stale version says {80}
+        async with db.transaction():
+            await db.execute("SET LOCAL session_replication_role = replica")
+            await db.execute(insert, untracked, org.id, 7)
+        now_terms = "SELECT amount, thresholds FROM cost_worker_budget_terms_at('organization', $1, now())"
+        assert (await db.fetchrow(now_terms, ordered))["amount"] == 1000  # type: ignore[index]
+        assert (await db.fetchrow(now_terms, truncated))["thresholds"] == [Decimal(80)]  # type: ignore[index]
+        assert await db.fetchrow(now_terms, untracked) is None
+        for path, text in later.items():
+            path.write_text(text)
+        await migrate(empty_database_url, directory=schema)
+        for budget in (ordered, truncated, untracked, fine):
+            row = await db.fetchrow("SELECT amount, thresholds FROM ai_organization_budgets WHERE id = $1", budget)
+            assert row is not None
+            assert tuple(await db.fetchrow(now_terms, budget) or ()) == tuple(row), budget
+        versions = "SELECT count(*) FROM budget_terms WHERE budget_id = $1"
+        assert [await db.fetchval(versions, b) for b in (ordered, truncated, untracked, fine)] == [4, 3, 1, 1]
+    finally:
+        await db.close()

@@ -18,8 +18,12 @@
 -- changes of one budget; in READ COMMITTED the trigger's query sees the version the first one committed (in
 -- REPEATABLE READ the second change fails as a serialization failure, as before).
 --
--- Expand (compat.toml): the trigger function is replaced, same signature and triggers; the previous release writes no
--- budget (the platform does) and reads budget_terms as before.
+-- Existing budgets whose newest version is not the budget as it is get a version holding their terms from now (and
+-- one without any version, since ever), below (tests/test_budgets.py::test_upgrading_gives_a_budget_whose_newest_
+-- version_is_not_it_a_version_now).
+--
+-- Expand (compat.toml): the trigger function is replaced, same signature and triggers, and versions are added; the
+-- previous release writes no budget (the platform does) and reads budget_terms as before.
 
 CREATE OR REPLACE FUNCTION cost_worker_budget_terms_changed() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
@@ -75,3 +79,40 @@ BEGIN
     RETURN NULL;
 END
 $$;
+
+-- Budgets whose newest version is not the budget as it is (left by either case above before this migration, or by
+-- budget rows written with triggers off) get a version holding their terms from now: periods ending from now on are
+-- judged by the budget as it is. Periods that ended before keep the versions recorded then (which of those were
+-- stale cannot be told). A budget without any version holds its terms since ever, as 0033 seeded. The owner lifts
+-- FORCE on these tables for the length of this transaction to see every tenant (as 0044 did on organizations).
+ALTER TABLE budget_terms NO FORCE ROW LEVEL SECURITY;
+ALTER TABLE ai_organization_budgets NO FORCE ROW LEVEL SECURITY;
+ALTER TABLE ai_project_budgets NO FORCE ROW LEVEL SECURITY;
+ALTER TABLE ai_budgets NO FORCE ROW LEVEL SECURITY;
+INSERT INTO budget_terms AS t (scope, budget_id, valid_from, organization_id, amount, currency, period, timezone,
+                               thresholds)
+SELECT b.scope, b.id,
+       CASE WHEN v.valid_from IS NULL THEN '-infinity'::timestamptz ELSE greatest(now(), v.valid_from) END,
+       b.organization_id, b.amount, b.currency, b.period, b.timezone, b.thresholds
+FROM (SELECT 'organization' AS scope, id, organization_id, amount, currency, period, timezone, thresholds
+      FROM ai_organization_budgets
+      UNION ALL
+      SELECT 'project', id, organization_id, amount, currency, period, timezone, thresholds FROM ai_project_budgets
+      UNION ALL
+      SELECT 'user', id, organization_id, amount, currency, period, timezone, thresholds FROM ai_budgets) b
+LEFT JOIN LATERAL (
+    SELECT x.valid_from, x.amount, x.currency, x.period, x.timezone, x.thresholds FROM budget_terms x
+    WHERE x.scope = b.scope AND x.budget_id = b.id
+    ORDER BY x.valid_from DESC
+    LIMIT 1
+) v ON true
+WHERE v.valid_from IS NULL
+   OR (v.amount, v.currency, v.period, v.timezone, v.thresholds)
+      IS DISTINCT FROM (b.amount, b.currency, b.period, b.timezone, b.thresholds)
+ON CONFLICT ON CONSTRAINT budget_terms_key DO UPDATE
+SET organization_id = excluded.organization_id, amount = excluded.amount, currency = excluded.currency,
+    period = excluded.period, timezone = excluded.timezone, thresholds = excluded.thresholds;
+ALTER TABLE budget_terms FORCE ROW LEVEL SECURITY;
+ALTER TABLE ai_organization_budgets FORCE ROW LEVEL SECURITY;
+ALTER TABLE ai_project_budgets FORCE ROW LEVEL SECURITY;
+ALTER TABLE ai_budgets FORCE ROW LEVEL SECURITY;
