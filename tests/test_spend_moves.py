@@ -1,0 +1,252 @@
+"""A project moved to another organization, against the independent model (README "What counts as spend", rule 4).
+
+Every ledger line and rollup row names its own organization, and counts there: a project moved to another
+organization leaves the lines and estimates it had in the organization it left (they stay that organization's
+spend, in its organization scope and in its budget of the project), and what arrives for it afterwards counts in
+the organization that now owns it. The project's provider mapping is what an ungrouped provider row of an account
+covers (organization scope): moving the project with its account changes which estimates such rows cover, in both
+organizations. Written straight into the ledger and the rollups (the triggers keep the aggregate), in any order:
+lines of the project in its current organization and late ones in the organization it left, ungrouped lines of
+either organization's account, estimates in either, lines retired, and moves back and forth (with the account, or
+the organization alone). After every step, for both organizations, the organization scope and the project scopes of
+both projects (daily UTC and Asia/Kolkata periods): the aggregate (``cost_worker_spend``) equals the full
+computation (``cost_worker_spend_full``), which equals ``tests/spend_model.py``; at the end the aggregate kept
+incrementally equals the aggregate rebuilt from scratch, in both organizations (Asia/Kolkata's days after the last
+step only).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.factories import make_org
+from tests.spend_model import Estimate, Row, SpendModel, periods_overlapping
+from tests.test_spend_aggregate import assert_incremental_equals_rebuilt
+
+BASE = datetime(2026, 11, 1, tzinfo=UTC)
+H = timedelta(hours=1)
+M = timedelta(minutes=1)
+
+line = st.fixed_dictionaries(
+    {
+        "op": st.just("line"),
+        "kind": st.sampled_from(["costs_v1", "usage_v1", "usage_v1"]),
+        # p: the project that moves; q: a project that stays in organization A; None: an ungrouped line
+        "project": st.sampled_from(["p", "p", "q", None]),
+        # "current": the organization that owns p now (q's and ungrouped lines: see below); "left": the other one
+        # (a late line of the organization p left, with that organization's account)
+        "where": st.sampled_from(["current", "current", "left"]),
+        "window": st.sampled_from(
+            [(timedelta(0), 24 * H), (10 * H, 11 * H), (10 * H + 30 * M, 11 * H + 30 * M), (20 * H, 21 * H)]
+        ),
+        "item": st.sampled_from(["x", "y"]),
+        "amount": st.sampled_from([None, Decimal(3), Decimal("7.5")]),
+        "collected": st.sampled_from([H, 30 * H]),
+    }
+)
+estimate = st.fixed_dictionaries(
+    {
+        "op": st.just("estimate"),
+        "project": st.sampled_from(["p", "p", "q", None]),
+        "where": st.sampled_from(["current", "current", "left"]),
+        "hour": st.sampled_from([0, 10, 11, 20, 23]),
+        "amount": st.sampled_from([Decimal(1), Decimal(2)]),
+    }
+)
+# p goes to the other organization: with that organization's account (its provider mapping too), or alone
+move = st.fixed_dictionaries({"op": st.just("move"), "account": st.booleans()})
+retire = st.fixed_dictionaries({"op": st.just("retire"), "index": st.integers(0, 20)})
+plans = st.lists(st.one_of(line, line, line, estimate, estimate, move, retire), min_size=1, max_size=12)
+
+ZONES = ("UTC", "Asia/Kolkata")
+
+
+async def run(db: asyncpg.Connection, plan: list[dict[str, Any]]) -> None:
+    org_a = await make_org(db, project_ids=("p", "q"))
+    org_b = await make_org(db, project_ids=())
+    orgs = {"A": org_a.id, "B": org_b.id}
+    account = {"A": org_a.ai_org, "B": org_b.ai_org}
+    p, q = org_a.projects["p"], org_a.projects["q"]
+    owner = "A"  # p's organization
+    mapped = {p: ("openai", org_a.ai_org), q: ("openai", org_a.ai_org)}
+    lines: dict[tuple[Any, ...], Row] = {}
+    keys: list[tuple[Any, ...]] = []
+    estimates: dict[tuple[Any, ...], Decimal] = {}
+    for number, step in enumerate(plan, 1):
+        op = step["op"]
+        if op in ("line", "estimate"):
+            if step["project"] == "q":
+                where = "A"  # q never leaves A
+            else:
+                where = owner if step["where"] == "current" else ("B" if owner == "A" else "A")
+            project = {"p": p, "q": q, None: None}[step["project"]]
+        if op == "line":
+            s, e = step["window"]
+            kind = step["kind"]
+            amount = step["amount"] if kind == "usage_v1" else (step["amount"] or Decimal(2))
+            quantity = Decimal(5) if kind == "usage_v1" else None
+            key = (orgs[where], project, BASE + s, BASE + e, step["item"], kind, account[where])
+            await db.execute(
+                "INSERT INTO cost_data (organization_id, project_id, provider, ai_organization_id, api_version, "
+                "bucket_start_time, bucket_end_time, line_item, currency, amount, quantity, collected_at) "
+                "VALUES ($1, $2, 'openai', $3, $4, $5, $6, $7, 'USD', $8, $9, $10) "
+                "ON CONFLICT (project_id, bucket_start_time, bucket_end_time, line_item, report, organization_id, "
+                "provider, ai_organization_id) DO UPDATE SET amount = EXCLUDED.amount, quantity = EXCLUDED.quantity, "
+                "collected_at = EXCLUDED.collected_at, superseded_at = NULL",
+                orgs[where],
+                project,
+                account[where],
+                kind,
+                BASE + s,
+                BASE + e,
+                step["item"],
+                amount,
+                quantity,
+                BASE + s + step["collected"],
+            )
+            keys.append(key)
+            lines[key] = Row(
+                orgs[where],
+                project,
+                "openai",
+                account[where],
+                kind,
+                "cost" if kind == "costs_v1" else "usage",
+                BASE + s,
+                BASE + e,
+                step["item"],
+                amount,
+                BASE + s + step["collected"],
+                quantity=quantity,
+            )
+        elif op == "estimate":
+            hour = BASE + step["hour"] * H
+            await db.execute(
+                "INSERT INTO project_metrics AS m (organization_id, project_id, hour, provider, request_count, "
+                "estimated_cost_usd) VALUES ($1, $2, $3, 'openai', 1, $4) "
+                "ON CONFLICT (organization_id, project_id, hour, provider) DO UPDATE SET "
+                "estimated_cost_usd = m.estimated_cost_usd + EXCLUDED.estimated_cost_usd",
+                orgs[where],
+                project,
+                hour,
+                step["amount"],
+            )
+            mk = (orgs[where], project, hour)
+            estimates[mk] = estimates.get(mk, Decimal(0)) + step["amount"]
+        elif op == "move":
+            owner = "B" if owner == "A" else "A"
+            if step["account"]:
+                await db.execute(
+                    "UPDATE projects SET organization_id = $2, ai_organization_id = $3 WHERE id = $1",
+                    p,
+                    orgs[owner],
+                    account[owner],
+                )
+                mapped[p] = ("openai", account[owner])
+            else:
+                await db.execute("UPDATE projects SET organization_id = $2 WHERE id = $1", p, orgs[owner])
+        elif op == "retire" and keys:
+            org, project, s, e, item, kind, acct = keys[step["index"] % len(keys)]
+            await db.execute(
+                "UPDATE cost_data SET superseded_at = now() WHERE organization_id = $1 "
+                "AND project_id IS NOT DISTINCT FROM $2 AND bucket_start_time = $3 AND bucket_end_time = $4 "
+                "AND line_item = $5 AND api_version = $6 AND ai_organization_id = $7",
+                org,
+                project,
+                s,
+                e,
+                item,
+                kind,
+                acct,
+            )
+            lines.pop((org, project, s, e, item, kind, acct), None)
+        model = SpendModel(
+            list(lines.values()), [Estimate(o, pr, None, h, "openai", v) for (o, pr, h), v in estimates.items()], mapped
+        )
+        for zone in ZONES if number == len(plan) else ZONES[:1]:  # Kolkata's days after the last step
+            for start, end in periods_overlapping("daily", zone, BASE - 24 * H, BASE + 48 * H):
+                for org in orgs.values():
+                    for scope, project in (("organization", None), ("project", p), ("project", q)):
+                        args = (scope, org, project, None, start, end, "USD")
+                        fast = await db.fetchval(
+                            "SELECT spend FROM cost_worker_spend($1, $2, $3, $4, $5, $6, $7)", *args
+                        )
+                        full = await db.fetchval(
+                            "SELECT spend FROM cost_worker_spend_full($1, $2, $3, $4, $5, $6, $7)", *args
+                        )
+                        wanted = model.spend(scope, org, project, None, start, end)
+                        where_ = (op, zone, start, org == orgs["A"], scope, project == p)
+                        assert (fast, full) == (wanted, wanted), (*where_, fast, full, wanted)
+    for org in orgs.values():
+        await assert_incremental_equals_rebuilt(db, org)
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(plan=plans)
+async def test_spend_of_a_project_moved_between_organizations_equals_the_model(
+    plan: list[dict[str, Any]], db: asyncpg.Connection
+) -> None:
+    await run(db, plan)
+
+
+async def test_a_project_moved_to_another_organization_keeps_its_rows_where_they_name(db: asyncpg.Connection) -> None:
+    """Project p of organization A (a 10 USD cost line of 3 November, a 5 USD estimate of the 5th) moves to B with
+    B's account; B then has a 7 USD line of p for the same day, A a late 3 USD line of the 8th. Each counts in the
+    organization it names: A's project scope 18, B's 7. Before 0037 the full computation said 25 and 20 (p's lines of
+    both organizations, the estimates of its own), the aggregate 8 and 17 (one project scope per project: B's
+    recomputation of p's 3rd deleted A's 10 USD there and put its own 7 plus A's 10 under B)."""
+    org_a = await make_org(db, project_ids=("p",))
+    org_b = await make_org(db, project_ids=())
+    p = org_a.projects["p"]
+
+    async def cost(org: Any, day: int, amount: int) -> None:
+        await db.execute(
+            "INSERT INTO cost_data (organization_id, project_id, provider, ai_organization_id, api_version, "
+            "bucket_start_time, bucket_end_time, line_item, currency, amount, collected_at) "
+            "VALUES ($1, $2, 'openai', $3, 'costs_v1', $4, $5, 'x', 'USD', $6, $7)",
+            org.id,
+            p,
+            org.ai_org,
+            BASE + timedelta(days=day),
+            BASE + timedelta(days=day + 1),
+            Decimal(amount),
+            BASE + timedelta(days=20),
+        )
+
+    await cost(org_a, 2, 10)
+    await db.execute(
+        "INSERT INTO project_metrics (organization_id, project_id, hour, provider, request_count, estimated_cost_usd) "
+        "VALUES ($1, $2, $3, 'openai', 1, 5)",
+        org_a.id,
+        p,
+        BASE + timedelta(days=4, hours=10),
+    )
+    await db.execute(
+        "UPDATE projects SET organization_id = $2, ai_organization_id = $3 WHERE id = $1", p, org_b.id, org_b.ai_org
+    )
+    await cost(org_b, 2, 7)
+    await cost(org_a, 7, 3)
+    found = {}
+    for name, org in (("A", org_a.id), ("B", org_b.id)):
+        for scope, project in (("organization", None), ("project", p)):
+            for fn in ("cost_worker_spend", "cost_worker_spend_full"):
+                found[(name, scope, fn)] = await db.fetchval(
+                    f"SELECT spend FROM {fn}($1, $2, $3, NULL, '2026-11-01Z', '2026-12-01Z', 'USD')",
+                    scope,
+                    org,
+                    project,
+                )
+    wanted = {"A": Decimal(18), "B": Decimal(7)}
+    assert found == {key: wanted[key[0]] for key in found}
+    for org in (org_a.id, org_b.id):
+        await assert_incremental_equals_rebuilt(db, org)
