@@ -7,12 +7,12 @@ the organization that now owns it. The project's provider mapping is what an ung
 covers (organization scope): moving the project with its account changes which estimates such rows cover, in both
 organizations. Written straight into the ledger and the rollups (the triggers keep the aggregate), in any order:
 lines of the project in its current organization and late ones in the organization it left, ungrouped lines of
-either organization's account, estimates in either, lines retired, and moves back and forth (with the account, or
-the organization alone). After every step, for both organizations, the organization scope and the project scopes of
-both projects (daily UTC and Asia/Kolkata periods): the aggregate (``cost_worker_spend``) equals the full
-computation (``cost_worker_spend_full``), which equals ``tests/spend_model.py``; at the end the aggregate kept
-incrementally equals the aggregate rebuilt from scratch, in both organizations (Asia/Kolkata's days after the last
-step only).
+either organization's account, estimates in either, lines retired, moves back and forth (with the account, or the
+organization alone), and the project deleted (its rows in both organizations cascade). After every step, for both
+organizations, the organization scope and the project scopes of both projects (daily UTC periods; Asia/Kolkata's
+too after the last step): the aggregate (``cost_worker_spend``) equals the full computation
+(``cost_worker_spend_full``), which equals ``tests/spend_model.py``; at the end the aggregate kept incrementally
+equals the aggregate rebuilt from scratch, in both organizations.
 """
 
 from __future__ import annotations
@@ -62,7 +62,32 @@ estimate = st.fixed_dictionaries(
 # p goes to the other organization: with that organization's account (its provider mapping too), or alone
 move = st.fixed_dictionaries({"op": st.just("move"), "account": st.booleans()})
 retire = st.fixed_dictionaries({"op": st.just("retire"), "index": st.integers(0, 20)})
-plans = st.lists(st.one_of(line, line, line, estimate, estimate, move, retire), min_size=1, max_size=12)
+# p deleted (its rows cascade out of both organizations; later steps naming p are skipped)
+delete = st.just({"op": "delete"})
+steps = st.lists(st.one_of(line, line, line, estimate, estimate, move, retire, delete), min_size=1, max_size=12)
+# Often ending with a move and then the deletion (the rows p left behind cascade out of the organization it left),
+# after a cost line of p covering its estimate there (a deletion's deltas against the coverage of the moment, 0038).
+TAILS: dict[str, list[dict[str, Any]]] = {
+    "none": [],
+    "move": [{"op": "move", "account": True}],
+    "move, delete": [{"op": "move", "account": True}, {"op": "delete"}],
+    "cover, move, delete": [
+        {
+            "op": "line",
+            "kind": "costs_v1",
+            "project": "p",
+            "where": "current",
+            "window": (timedelta(0), 24 * H),
+            "item": "z",
+            "amount": Decimal(3),
+            "collected": 30 * H,
+        },
+        {"op": "estimate", "project": "p", "where": "current", "hour": 10, "amount": Decimal(1)},
+        {"op": "move", "account": True},
+        {"op": "delete"},
+    ],
+}
+plans = st.tuples(steps, st.sampled_from(sorted(TAILS))).map(lambda t: [*t[0], *TAILS[t[1]]])
 
 ZONES = ("UTC", "Asia/Kolkata")
 
@@ -78,8 +103,11 @@ async def run(db: asyncpg.Connection, plan: list[dict[str, Any]]) -> None:
     lines: dict[tuple[Any, ...], Row] = {}
     keys: list[tuple[Any, ...]] = []
     estimates: dict[tuple[Any, ...], Decimal] = {}
+    deleted = False
     for number, step in enumerate(plan, 1):
         op = step["op"]
+        if deleted and (op in ("move", "delete") or step.get("project") == "p"):
+            continue
         if op in ("line", "estimate"):
             if step["project"] == "q":
                 where = "A"  # q never leaves A
@@ -151,6 +179,11 @@ async def run(db: asyncpg.Connection, plan: list[dict[str, Any]]) -> None:
                 mapped[p] = ("openai", account[owner])
             else:
                 await db.execute("UPDATE projects SET organization_id = $2 WHERE id = $1", p, orgs[owner])
+        elif op == "delete":
+            await db.execute("DELETE FROM projects WHERE id = $1", p)
+            deleted = True
+            lines = {k: r for k, r in lines.items() if r.project_id != p}
+            estimates = {k: v for k, v in estimates.items() if k[1] != p}
         elif op == "retire" and keys:
             org, project, s, e, item, kind, acct = keys[step["index"] % len(keys)]
             await db.execute(
@@ -248,5 +281,48 @@ async def test_a_project_moved_to_another_organization_keeps_its_rows_where_they
                 )
     wanted = {"A": Decimal(18), "B": Decimal(7)}
     assert found == {key: wanted[key[0]] for key in found}
+    for org in (org_a.id, org_b.id):
+        await assert_incremental_equals_rebuilt(db, org)
+
+
+async def test_a_moved_project_deleted_leaves_the_organization_it_left_equal(db: asyncpg.Connection) -> None:
+    """Project p of A: a 2 USD cost line covers its 1 USD estimate, beside q's 4 USD estimate; p moves to B, then is
+    deleted. Its rows in A cascade: A's organization spend is q's 4 (the aggregate said 0 before 0038: 0036 rebuilt
+    only B, the organization p belonged to when deleted, and A kept the deltas applied against the coverage of the
+    moment)."""
+    org_a = await make_org(db, project_ids=("p", "q"))
+    org_b = await make_org(db, project_ids=())
+    p, q = org_a.projects["p"], org_a.projects["q"]
+    await db.execute(
+        "INSERT INTO cost_data (organization_id, project_id, provider, ai_organization_id, api_version, "
+        "bucket_start_time, bucket_end_time, line_item, currency, amount, collected_at) "
+        "VALUES ($1, $2, 'openai', $3, 'costs_v1', $4, $5, 'x', 'USD', 2, $6)",
+        org_a.id,
+        p,
+        org_a.ai_org,
+        BASE,
+        BASE + timedelta(days=1),
+        BASE + timedelta(days=2),
+    )
+    for project, amount in ((p, 1), (q, 4)):
+        await db.execute(
+            "INSERT INTO project_metrics (organization_id, project_id, hour, provider, request_count, "
+            "estimated_cost_usd) VALUES ($1, $2, $3, 'openai', 1, $4)",
+            org_a.id,
+            project,
+            BASE + timedelta(hours=3),
+            Decimal(amount),
+        )
+    await db.execute(
+        "UPDATE projects SET organization_id = $2, ai_organization_id = $3 WHERE id = $1", p, org_b.id, org_b.ai_org
+    )
+    await db.execute("DELETE FROM projects WHERE id = $1", p)
+    found = [
+        await db.fetchval(
+            f"SELECT spend FROM {fn}('organization', $1, NULL, NULL, '2026-11-01Z', '2026-12-01Z', 'USD')", org_a.id
+        )
+        for fn in ("cost_worker_spend", "cost_worker_spend_full")
+    ]
+    assert found == [4, 4]
     for org in (org_a.id, org_b.id):
         await assert_incremental_equals_rebuilt(db, org)
