@@ -17,8 +17,10 @@ equals the aggregate rebuilt from scratch, in both organizations.
 
 from __future__ import annotations
 
+import shutil
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -28,6 +30,7 @@ from hypothesis import strategies as st
 from tests.factories import make_org
 from tests.spend_model import Estimate, Row, SpendModel, periods_overlapping
 from tests.test_spend_aggregate import assert_incremental_equals_rebuilt
+from worker.migrate import migrate, schema_dir
 
 BASE = datetime(2026, 11, 1, tzinfo=UTC)
 H = timedelta(hours=1)
@@ -326,3 +329,66 @@ async def test_a_moved_project_deleted_leaves_the_organization_it_left_equal(db:
     assert found == [4, 4]
     for org in (org_a.id, org_b.id):
         await assert_incremental_equals_rebuilt(db, org)
+
+
+async def test_the_migration_keeps_a_moved_projects_scope_per_organization(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """A database before 0037 whose moved project has rows in both organizations: after the migration both
+    organizations' aggregates equal the full computation and the model (A's project scope 18, B's 7), and a later
+    write in one organization leaves the other's scope of the project as it is."""
+    before = tmp_path / "schema"
+    shutil.copytree(schema_dir(), before)
+    for path in (before / "migrations").glob("*.sql"):
+        if int(path.name[:4]) >= 37:
+            path.unlink()
+    await migrate(empty_database_url, directory=before)
+    db = await asyncpg.connect(empty_database_url)
+    try:
+        org_a = await make_org(db, project_ids=("p",))
+        org_b = await make_org(db, project_ids=())
+        p = org_a.projects["p"]
+        line = (
+            "INSERT INTO cost_data (organization_id, project_id, provider, ai_organization_id, api_version, "
+            "bucket_start_time, bucket_end_time, line_item, currency, amount, collected_at) "
+            "VALUES ($1, $2, 'openai', $3, 'costs_v1', $4, $5, $6, 'USD', $7, $8)"
+        )
+
+        async def cost(org: Any, day: int, amount: int, item: str = "x") -> None:
+            start = BASE + timedelta(days=day)
+            end = start + timedelta(days=1)
+            await db.execute(line, org.id, p, org.ai_org, start, end, item, Decimal(amount), BASE + timedelta(days=20))
+
+        await cost(org_a, 2, 10)
+        await db.execute(
+            "INSERT INTO project_metrics (organization_id, project_id, hour, provider, request_count, "
+            "estimated_cost_usd) VALUES ($1, $2, $3, 'openai', 1, 5)",
+            org_a.id,
+            p,
+            BASE + timedelta(days=4, hours=10),
+        )
+        await db.execute(
+            "UPDATE projects SET organization_id = $2, ai_organization_id = $3 WHERE id = $1",
+            p,
+            org_b.id,
+            org_b.ai_org,
+        )
+        await cost(org_b, 2, 7)
+        await cost(org_a, 7, 3)
+
+        await migrate(empty_database_url)
+
+        async def spend(fn: str, org: Any) -> Any:
+            return await db.fetchval(
+                f"SELECT spend FROM {fn}('project', $1, $2, NULL, '2026-11-01Z', '2026-12-01Z', 'USD')", org.id, p
+            )
+
+        for fn in ("cost_worker_spend", "cost_worker_spend_full"):
+            assert (await spend(fn, org_a), await spend(fn, org_b)) == (18, 7), fn
+        await cost(org_b, 2, 1, item="y")  # B's scope of p recomputed over the 3rd: A's stays
+        for fn in ("cost_worker_spend", "cost_worker_spend_full"):
+            assert (await spend(fn, org_a), await spend(fn, org_b)) == (18, 8), fn
+        for org in (org_a.id, org_b.id):
+            await assert_incremental_equals_rebuilt(db, org)
+    finally:
+        await db.close()
