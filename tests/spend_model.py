@@ -12,7 +12,9 @@ no worker code and no SQL:
   project, or either has none) overlaps one of its hours that no such cost row covers; an estimate counts
   unless a counted covering row of its provider covers its hour for its project (or, organization scope, an
   ungrouped row of the account its project is mapped to); unknown providers are never replaced;
-- a provider row counts in the period containing its window's midpoint; an estimate in the period of its hour.
+- a provider row counts in the period containing its window's midpoint; an estimate in the period of its hour;
+- every row counts in the organization it names: a project's or a user's scope is its rows that name the
+  organization (0037, 0045), wherever the project or the user belongs now.
 """
 
 from __future__ import annotations
@@ -235,9 +237,14 @@ class SpendModel:
         currency: str,
     ) -> Decimal:
         total = Decimal(0)
-        if scope == "user":
+        if scope == "user":  # the user's rollups that name the organization (0045), wherever the user is now
             for e in self.estimates:
-                if e.user_id == user and start <= e.hour < end and (project is None or e.project_id == project):
+                if (
+                    e.organization_id == org
+                    and e.user_id == user
+                    and start <= e.hour < end
+                    and (project is None or e.project_id == project)
+                ):
                     total += e.amount if currency == "USD" else 0
             return total
         counted = self._counted(self._scope_rows(scope, org, project))
@@ -298,7 +305,12 @@ class SpendModel:
         if scope == "user":
             hourly: dict[tuple[uuid.UUID | None, str | None, datetime], Decimal] = {}
             for e in self.estimates:
-                if e.user_id == user and start <= e.hour < end and (project is None or e.project_id == project):
+                if (
+                    e.organization_id == org
+                    and e.user_id == user
+                    and start <= e.hour < end
+                    and (project is None or e.project_id == project)
+                ):
                     key = (e.project_id, e.provider, e.hour)
                     hourly[key] = hourly.get(key, Decimal(0)) + e.amount
             return [("USD", hour, amount) for (_, _, hour), amount in hourly.items()]

@@ -392,3 +392,113 @@ async def test_the_migration_keeps_a_moved_projects_scope_per_organization(
             await assert_incremental_equals_rebuilt(db, org)
     finally:
         await db.close()
+
+
+async def test_a_user_moved_to_another_organization_keeps_its_rollups_where_they_name(db: asyncpg.Connection) -> None:
+    """User u of organization A has a user budget there (registered in the aggregate) and a 5 USD rollup of the 3rd;
+    u moves to B (users.organization_id) and has a 3 USD rollup there on the 5th. Each rollup counts in the
+    organization it names: A's user budget of u reads 5, B's 3, in the aggregate and the full computation alike,
+    whether or not B's budget of u is registered. Before 0045 A's read 5 from the aggregate (B's rollup touched no
+    registered subject of B: the trigger returned early) and 8 in full (u's rollups of every organization); B's read
+    5 from the aggregate (u registered, by A: its rows of any organization) and 8 in full."""
+    org_a = await make_org(db, project_ids=())
+    org_b = await make_org(db, project_ids=())
+    u = org_a.users[0]
+    rollup = (
+        "INSERT INTO user_metrics (organization_id, user_id, project_id, hour, provider, request_count, "
+        "estimated_cost_usd) VALUES ($1, $2, NULL, $3, 'openai', 1, $4)"
+    )
+    await db.execute("SELECT cost_worker_spend_track('{user}', $1, '{NULL}', $2)", [org_a.id], [u])
+    await db.execute(rollup, org_a.id, u, BASE + timedelta(days=2, hours=10), Decimal(5))
+    await db.execute("UPDATE users SET organization_id = $2 WHERE id = $1", u, org_b.id)
+    await db.execute(rollup, org_b.id, u, BASE + timedelta(days=4, hours=10), Decimal(3))
+
+    async def spend() -> dict[tuple[str, str], Any]:
+        return {
+            (name, fn): await db.fetchval(
+                f"SELECT spend FROM {fn}('user', $1, NULL, $2, '2026-11-01Z', '2026-12-01Z', 'USD')", org, u
+            )
+            for name, org in (("A", org_a.id), ("B", org_b.id))
+            for fn in ("cost_worker_spend", "cost_worker_spend_full")
+        }
+
+    def wanted(a: int, b: int) -> dict[tuple[str, str], Any]:
+        return {
+            (n, fn): Decimal(v)
+            for n, v in (("A", a), ("B", b))
+            for fn in ("cost_worker_spend", "cost_worker_spend_full")
+        }
+
+    model = SpendModel(
+        [],
+        [
+            Estimate(org_a.id, None, u, BASE + timedelta(days=2, hours=10), "openai", Decimal(5)),
+            Estimate(org_b.id, None, u, BASE + timedelta(days=4, hours=10), "openai", Decimal(3)),
+        ],
+        {},
+    )
+    month = (BASE, BASE + timedelta(days=30))
+    assert [model.spend("user", org, None, u, *month) for org in (org_a.id, org_b.id)] == [5, 3]
+    assert await spend() == wanted(5, 3)
+    # B's budget of u registered: its aggregate is B's rollups, and a later one of B's stays out of A's.
+    await db.execute("SELECT cost_worker_spend_track('{user}', $1, '{NULL}', $2)", [org_b.id], [u])
+    assert await spend() == wanted(5, 3)
+    await db.execute(rollup, org_b.id, u, BASE + timedelta(days=5, hours=10), Decimal(2))
+    assert await spend() == wanted(5, 5)
+    for org in (org_a.id, org_b.id):
+        await assert_incremental_equals_rebuilt(db, org)
+
+
+async def test_the_migration_keeps_a_moved_users_scope_per_organization(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """A database before 0045: user u of A (its budget registered there, a 5 USD rollup) moves to B, where another
+    user's budget is registered, and has a 3 USD rollup there, which 0019's trigger added under u's scope in B's
+    aggregate. Before the migration A's budget of u read 8 from the aggregate and in full; after it, 5 and 5, B's
+    budget of u 3 and 3; the migration queued B (not A) for a rebuild, after which B's aggregate equals one rebuilt
+    from scratch (the stale row of u is gone)."""
+    before = tmp_path / "schema"
+    shutil.copytree(schema_dir(), before)
+    for path in (before / "migrations").glob("*.sql"):
+        if int(path.name[:4]) >= 45:
+            path.unlink()
+    await migrate(empty_database_url, directory=before)
+    db = await asyncpg.connect(empty_database_url)
+    try:
+        org_a = await make_org(db, project_ids=())
+        org_b = await make_org(db, project_ids=())
+        u, v = org_a.users[0], org_b.users[0]
+        track = "SELECT cost_worker_spend_track('{user}', $1, '{NULL}', $2)"
+        await db.execute(track, [org_a.id], [u])
+        await db.execute(track, [org_b.id], [v])
+        rollup = (
+            "INSERT INTO user_metrics (organization_id, user_id, project_id, hour, provider, request_count, "
+            "estimated_cost_usd) VALUES ($1, $2, NULL, $3, 'openai', 1, $4)"
+        )
+        await db.execute(rollup, org_a.id, u, BASE + timedelta(days=2, hours=10), Decimal(5))
+        await db.execute("UPDATE users SET organization_id = $2 WHERE id = $1", u, org_b.id)
+        await db.execute(rollup, org_b.id, u, BASE + timedelta(days=4, hours=10), Decimal(3))
+
+        async def spend(org: Any) -> list[Any]:
+            return [
+                await db.fetchval(
+                    f"SELECT spend FROM {fn}('user', $1, NULL, $2, '2026-11-01Z', '2026-12-01Z', 'USD')", org.id, u
+                )
+                for fn in ("cost_worker_spend", "cost_worker_spend_full")
+            ]
+
+        assert await spend(org_a) == [8, 8]
+        await migrate(empty_database_url)
+        assert (await spend(org_a), await spend(org_b)) == ([5, 5], [3, 3])
+        queued = await db.fetch("SELECT organization_id, reason FROM spend_rebuilds")
+        assert [(r["organization_id"], r["reason"][:14]) for r in queued] == [(org_b.id, "migration 0045")]
+        stale = "SELECT count(*) FROM spend_hourly WHERE organization_id = $1 AND subject = $2"
+        assert await db.fetchval(stale, org_b.id, u) == 1  # not read any more; the rebuild drops it
+        await db.execute("SELECT cost_worker_spend_rebuild(ARRAY[$1::uuid])", org_b.id)
+        await db.execute("DELETE FROM spend_rebuilds")
+        assert await db.fetchval(stale, org_b.id, u) == 0
+        assert (await spend(org_a), await spend(org_b)) == ([5, 5], [3, 3])
+        for org in (org_a.id, org_b.id):
+            await assert_incremental_equals_rebuilt(db, org)
+    finally:
+        await db.close()
