@@ -14,7 +14,8 @@ too after the last step): the aggregate (``cost_worker_spend``) equals the full 
 (``cost_worker_spend_full``), which equals ``tests/spend_model.py``; at the end the aggregate kept incrementally
 equals the aggregate rebuilt from scratch, in both organizations. A user moved to another organization the same
 way (0045): its rollups count in the organization they name, in that organization's budgets of the user, registered
-in the aggregate or not.
+in the aggregate or not; and its rollups are keyed by organization (0046), so its events of the hour it moved count
+in each organization they name, through the worker too.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.factories import make_org
+from tests.factories import api_event, make_org
+from tests.feeding import Feeder
 from tests.spend_model import Estimate, Row, SpendModel, periods_overlapping
 from tests.test_spend_aggregate import assert_incremental_equals_rebuilt
 from worker.migrate import migrate, schema_dir
@@ -37,6 +40,7 @@ from worker.migrate import migrate, schema_dir
 BASE = datetime(2026, 11, 1, tzinfo=UTC)
 H = timedelta(hours=1)
 M = timedelta(minutes=1)
+HOUR_OF_MOVE = datetime(2026, 11, 21, 10, tzinfo=UTC)
 
 line = st.fixed_dictionaries(
     {
@@ -451,6 +455,64 @@ async def test_a_user_moved_to_another_organization_keeps_its_rollups_where_they
         await assert_incremental_equals_rebuilt(db, org)
 
 
+@pytest.mark.parametrize("a_in_the_batch", [False, True], ids=["alone", "beside-an-event-of-A"])
+async def test_a_moved_users_events_of_the_same_hour_count_in_the_organization_each_names(
+    db: asyncpg.Connection, feeder: Feeder, a_in_the_batch: bool
+) -> None:
+    """Through the worker: user u of A spends 5 USD at 10:05 without a project, moves to B, and spends 3 USD at 10:40
+    of the same hour in B (alone in its batch, or beside 1 USD of another user of A). Each organization's user rollup
+    holds its own events (u: A 5, B 3), as its project rollup does, and so do A's and B's budgets of u, registered
+    or not. Before 0046 user_metrics' key had no organization, and the worker's upsert of B's event reached A's row:
+    alone, the batch's tenant scope (B) refused it (row-level security, a fatal error: the worker stopped, and would
+    meet the same batch again on restart); beside an event of A, it added B's 3 USD to A's row (A 8, B nothing)."""
+    org_a = await make_org(db, project_ids=(), users=2)
+    org_b = await make_org(db, project_ids=())
+    u, v = org_a.users
+    await db.execute("SELECT cost_worker_spend_track('{user}', $1, '{NULL}', $2)", [org_a.id], [u])
+    first = api_event(org_a, user=u, occurred_at="2026-11-21T10:05:00Z", cost="5")
+    outcome = await feeder.events(first)
+    assert outcome.messages[(feeder.settings.topic_api_usage, "inserted")] == 1
+    await db.execute("UPDATE users SET organization_id = $2 WHERE id = $1", u, org_b.id)
+    moved = [api_event(org_b, user=u, occurred_at="2026-11-21T10:40:00Z", cost="3")]
+    if a_in_the_batch:
+        moved.append(api_event(org_a, user=v, occurred_at="2026-11-21T10:40:00Z", cost="1"))
+    outcome = await feeder.events(*moved)
+    assert outcome.messages[(feeder.settings.topic_api_usage, "inserted")] == len(moved)
+
+    names = {org_a.id: "A", org_b.id: "B"}
+    users = await db.fetch("SELECT organization_id, estimated_cost_usd FROM user_metrics WHERE user_id = $1", u)
+    projects = await db.fetch("SELECT organization_id, estimated_cost_usd FROM project_metrics")
+    assert sorted((names[r[0]], r[1]) for r in users) == [("A", Decimal(5)), ("B", Decimal(3))]
+    a_total = Decimal(6) if a_in_the_batch else Decimal(5)
+    assert sorted((names[r[0]], r[1]) for r in projects) == [("A", a_total), ("B", Decimal(3))]
+    model = SpendModel(
+        [],
+        [
+            Estimate(org_a.id, None, u, HOUR_OF_MOVE, "openai", Decimal(5)),
+            Estimate(org_b.id, None, u, HOUR_OF_MOVE, "openai", Decimal(3)),
+        ],
+        {},
+    )
+
+    async def spend(org: Any) -> list[Any]:
+        return [
+            await db.fetchval(
+                f"SELECT spend FROM {fn}('user', $1, NULL, $2, '2026-11-01Z', '2026-12-01Z', 'USD')", org, u
+            )
+            for fn in ("cost_worker_spend", "cost_worker_spend_full")
+        ]
+
+    month = (BASE, BASE + timedelta(days=30))
+    for org in (org_a.id, org_b.id):
+        wanted = model.spend("user", org, None, u, *month)
+        assert await spend(org) == [wanted, wanted], names[org]
+    assert [model.spend("user", org, None, u, *month) for org in (org_a.id, org_b.id)] == [5, 3]
+    await db.execute("SELECT cost_worker_spend_track('{user}', $1, '{NULL}', $2)", [org_b.id], [u])
+    assert await spend(org_b.id) == [Decimal(3), Decimal(3)]
+    for org in (org_a.id, org_b.id):
+        await assert_incremental_equals_rebuilt(db, org)
+
+
 async def test_the_migration_keeps_a_moved_users_scope_per_organization(
     empty_database_url: str, tmp_path: Path
 ) -> None:
@@ -506,6 +568,54 @@ async def test_the_migration_keeps_a_moved_users_scope_per_organization(
         await db.close()
 
 
+async def test_the_migration_keys_user_rollups_by_organization_online(empty_database_url: str, tmp_path: Path) -> None:
+    """A database before 0046 with a user's rollups, and the invalid index a failed concurrent build of the new key
+    leaves behind: migrate drops it, builds the key again and swaps it in. The rows are kept as they were, and the
+    worker's upsert of the same user, hour and project in another organization writes a row of its own."""
+    before = tmp_path / "schema"
+    shutil.copytree(schema_dir(), before)
+    for path in (before / "migrations").glob("*.sql"):
+        if int(path.name[:4]) >= 46:
+            path.unlink()
+    await migrate(empty_database_url, directory=before)
+    db = await asyncpg.connect(empty_database_url)
+    try:
+        org_a = await make_org(db, project_ids=())
+        org_b = await make_org(db, project_ids=())
+        u = org_a.users[0]
+        hour = BASE + timedelta(days=2, hours=10)
+        upsert = (
+            "INSERT INTO user_metrics AS m (organization_id, user_id, project_id, hour, provider, request_count, "
+            "estimated_cost_usd) VALUES ($1, $2, NULL, $3, 'openai', 1, $4) ON CONFLICT ({key}) DO UPDATE SET "
+            "estimated_cost_usd = m.estimated_cost_usd + EXCLUDED.estimated_cost_usd"
+        )
+        await db.execute(upsert.format(key="user_id, hour, project_id, provider"), org_a.id, u, hour, Decimal(5))
+        # What a failed CREATE INDEX CONCURRENTLY leaves: an index marked invalid.
+        await db.execute("CREATE UNIQUE INDEX user_metrics_organization_key ON user_metrics (user_id)")
+        await db.execute(
+            "UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'user_metrics_organization_key'::regclass"
+        )
+        await migrate(empty_database_url)
+        columns = await db.fetchval(
+            "SELECT array_agg(a.attname ORDER BY k.n) FROM pg_index i "
+            "CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, n) "
+            "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
+            "WHERE i.indexrelid = 'user_metrics_key'::regclass AND i.indisvalid AND i.indisunique"
+        )
+        assert columns == ["user_id", "hour", "project_id", "provider", "organization_id"]
+        assert await db.fetchval("SELECT count(*) FROM pg_class WHERE relname = 'user_metrics_organization_key'") == 0
+        key = "user_id, hour, project_id, provider, organization_id"
+        await db.execute("UPDATE users SET organization_id = $2 WHERE id = $1", u, org_b.id)
+        await db.execute(upsert.format(key=key), org_b.id, u, hour, Decimal(3))
+        await db.execute(upsert.format(key=key), org_a.id, u, hour, Decimal(1))
+        rows = await db.fetch("SELECT organization_id, estimated_cost_usd FROM user_metrics ORDER BY 2")
+        assert [(r[0], r[1]) for r in rows] == [(org_b.id, Decimal(3)), (org_a.id, Decimal(6))]
+        for org in (org_a.id, org_b.id):
+            await assert_incremental_equals_rebuilt(db, org)
+    finally:
+        await db.close()
+
+
 # ------------------------------------------------------------------------------------------------- users that move
 
 # A user's rollup: user u (starts in A and moves) or w (always in B); in u's current organization or the one it left
@@ -543,9 +653,9 @@ async def run_users(db: asyncpg.Connection, plan: list[dict[str, Any]]) -> None:
     p = org_a.projects["p"]
     users = {"u": org_a.users[0], "w": org_b.users[0]}
     owner = "A"  # u's organization
-    # The rollups as user_metrics keys them: (user, hour, project) -> [organization, amount]. The worker's upsert
-    # (worker/sql/queries.sql) adds to the row of the key, which keeps the organization it was written with.
-    rollups: dict[tuple[Any, ...], list[Any]] = {}
+    # The rollups as user_metrics keys them (0046): (user, hour, project, organization) -> amount. The worker's
+    # upsert (worker/sql/queries.sql) adds to the row of the key.
+    rollups: dict[tuple[Any, ...], Any] = {}
     for number, step in enumerate(plan, 1):
         op = step["op"]
         if op == "rollup":
@@ -557,7 +667,7 @@ async def run_users(db: asyncpg.Connection, plan: list[dict[str, Any]]) -> None:
             await db.execute(
                 "INSERT INTO user_metrics AS m (organization_id, user_id, project_id, hour, provider, request_count, "
                 "estimated_cost_usd) VALUES ($1, $2, $3, $4, 'openai', 1, $5) "
-                "ON CONFLICT (user_id, hour, project_id, provider) DO UPDATE SET "
+                "ON CONFLICT (user_id, hour, project_id, provider, organization_id) DO UPDATE SET "
                 "request_count = m.request_count + 1, "
                 "estimated_cost_usd = m.estimated_cost_usd + EXCLUDED.estimated_cost_usd",
                 orgs[where],
@@ -566,11 +676,8 @@ async def run_users(db: asyncpg.Connection, plan: list[dict[str, Any]]) -> None:
                 hour,
                 step["amount"],
             )
-            key = (user, hour, project)
-            if key in rollups:
-                rollups[key][1] += step["amount"]
-            else:
-                rollups[key] = [orgs[where], step["amount"]]
+            key = (user, hour, project, orgs[where])
+            rollups[key] = rollups.get(key, 0) + step["amount"]
         elif op == "move":
             owner = "B" if owner == "A" else "A"
             await db.execute("UPDATE users SET organization_id = $2 WHERE id = $1", users["u"], orgs[owner])
@@ -584,12 +691,13 @@ async def run_users(db: asyncpg.Connection, plan: list[dict[str, Any]]) -> None:
         elif op == "drop" and rollups:
             key = sorted(rollups, key=str)[step["index"] % len(rollups)]
             await db.execute(
-                "DELETE FROM user_metrics WHERE user_id = $1 AND hour = $2 AND project_id IS NOT DISTINCT FROM $3",
+                "DELETE FROM user_metrics WHERE user_id = $1 AND hour = $2 AND project_id IS NOT DISTINCT FROM $3 "
+                "AND organization_id = $4",
                 *key,
             )
             del rollups[key]
         model = SpendModel(
-            [], [Estimate(o, pr, us, h, "openai", v) for (us, h, pr), (o, v) in rollups.items()], {p: ("openai", "x")}
+            [], [Estimate(o, pr, us, h, "openai", v) for (us, h, pr, o), v in rollups.items()], {p: ("openai", "x")}
         )
         for zone in ZONES if number == len(plan) else ZONES[:1]:
             for start, end in periods_overlapping("daily", zone, BASE, BASE + 31 * H):

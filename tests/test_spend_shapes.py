@@ -214,7 +214,7 @@ async def run(
             await db.execute(
                 "INSERT INTO user_metrics AS m (organization_id, user_id, project_id, hour, provider, request_count, "
                 "estimated_cost_usd) VALUES ($1, $2, $3, $4, $5, 1, $6) "
-                "ON CONFLICT (user_id, hour, project_id, provider) DO UPDATE SET "
+                "ON CONFLICT (user_id, hour, project_id, provider, organization_id) DO UPDATE SET "
                 "estimated_cost_usd = m.estimated_cost_usd + EXCLUDED.estimated_cost_usd",
                 org.id,
                 user,

@@ -421,8 +421,8 @@ user_rollup AS (
            catalogue_cost
     FROM hourly
     WHERE user_id IS NOT NULL
-    ORDER BY user_id, hour, project_id, provider
-    ON CONFLICT (user_id, hour, project_id, provider) DO UPDATE SET
+    ORDER BY user_id, hour, project_id, provider, organization_id
+    ON CONFLICT (user_id, hour, project_id, provider, organization_id) DO UPDATE SET
         request_count = m.request_count + EXCLUDED.request_count,
         total_tokens = m.total_tokens + EXCLUDED.total_tokens,
         estimated_cost_usd = m.estimated_cost_usd + EXCLUDED.estimated_cost_usd,
