@@ -2,8 +2,9 @@
 
 The rule (README "Dedupe"): the first write of a key (organization, occurred_at, event_id) wins, a later delivery
 with the stored content is a duplicate, one with other content is a ``conflicting_duplicate``; a delivery whose
-project the platform does not know is quarantined and leaves the store as it was. The independent model applies
-the deliveries one at a time, in plain Python with Decimal; the database sees the same deliveries cut into
+project the platform does not know is quarantined and leaves the store as it was, unless its key is stored already
+(dedupe comes first: it is then judged by its content, like any other delivery of the key). The independent model
+applies the deliveries one at a time, in plain Python with Decimal; the database sees the same deliveries cut into
 batches anywhere.
 """
 
@@ -62,7 +63,8 @@ def model(deliveries: list[Delivery]) -> tuple[dict[tuple[int, int], Decimal], l
     for delivery in deliveries:
         key = (delivery.event, delivery.instant)
         if delivery.content == UNKNOWN:
-            outcomes.append("unknown_project")
+            # dedupe before the reference check: a stored key is judged by its content (another project here)
+            outcomes.append("conflicting_duplicate" if key in stored else "unknown_project")
         elif key not in stored:
             stored[key] = delivery.content
             outcomes.append("inserted")
@@ -158,3 +160,30 @@ async def test_a_corrected_copy_after_an_unknown_project_in_one_batch_is_stored_
     assert outcome.quarantined[(topic, "conflicting_duplicate")] == 1
     assert await db.fetchval("SELECT count(*) FROM api_usage") == 1
     assert await db.fetchval("SELECT request_count FROM project_metrics") == 1
+
+
+async def test_a_redelivery_after_its_user_or_project_moved_is_a_duplicate(
+    db: asyncpg.Connection, feeder: Feeder
+) -> None:
+    """An event of user u in project p of A is stored; u moves to B, then p does too. Its redeliveries (a
+    rebalance, a full replay) are duplicates, and one with other content a conflicting duplicate: dedupe comes
+    before the reference check, so nothing already counted is quarantined and the rollups stay as they were. A new
+    event of A naming u is still ``unknown_user``: the worker knows where u is now, not where it was."""
+    org_a = await make_org(db)
+    org_b = await make_org(db, project_ids=())
+    u, p = org_a.users[0], org_a.projects["proj_a"]
+    topic = feeder.settings.topic_api_usage
+    event = api_event(org_a, event_id="e1", project=p, user=u, cost="5")
+    assert (await feeder.events(event)).messages[(topic, "inserted")] == 1
+    await db.execute("UPDATE users SET organization_id = $2 WHERE id = $1", u, org_b.id)
+    outcome = await feeder.events(event, dict(event, endpoint="/v1/other"), dict(event, event_id="e2"))
+    assert outcome.messages[(topic, "duplicate")] == 1
+    assert dict(outcome.quarantined) == {(topic, "conflicting_duplicate"): 1, (topic, "unknown_user"): 1}
+    await db.execute("UPDATE projects SET organization_id = $2 WHERE id = $1", p, org_b.id)
+    outcome = await feeder.events(event)
+    assert outcome.messages[(topic, "duplicate")] == 1
+    assert not outcome.quarantined
+    assert await db.fetchval("SELECT count(*) FROM api_usage") == 1
+    assert [tuple(r) for r in await db.fetch("SELECT request_count, estimated_cost_usd FROM user_metrics")] == [
+        (1, Decimal(5))
+    ]

@@ -54,10 +54,22 @@ async def checked_events(tx: Tx, rows: UsageRows) -> tuple[UsageRows, list[Quara
     problems = {key: problem for key, scope in scopes.items() if (problem := _problem(scope, known)) is not None}
     if not problems and not absurd:
         return rows, []
+    # Dedupe comes before the reference checks: an event already stored is a redelivery (or a conflicting reuse of
+    # its id, which the insert tells), whatever the platform's tables say now. A user or project moved to another
+    # organization since (or a full replay after such moves) would otherwise quarantine events already counted.
+    stored = await tx.stored_event_keys(
+        [
+            (event.organization_id, event.occurred_at, event.event_id)
+            for event in events
+            if scope_key(event) in problems and problems[scope_key(event)][0] in REFERENCE_REASONS
+        ]
+    )
     checked = []
     quarantined = []
     for index, event in enumerate(events):
         problem = problems.get(scope_key(event))
+        if problem is not None and (event.organization_id, event.occurred_at, event.event_id) in stored:
+            problem = None
         if index in absurd:
             detail = f"the catalogue prices this request at {absurd[index]:.3E} USD, {MAX_REQUEST_COST} or more"
             problem = Reason.INVALID_NUMBER, detail
@@ -66,6 +78,9 @@ async def checked_events(tx: Tx, rows: UsageRows) -> tuple[UsageRows, list[Quara
         else:
             quarantined.append(Quarantined(event.source, event.payload, *problem, event.organization_id))
     return rows.only(checked), quarantined
+
+
+REFERENCE_REASONS = frozenset({Reason.UNKNOWN_PROJECT, Reason.UNKNOWN_USER})  # the organization exists
 
 
 def event_scopes(events: list[ApiEvent]) -> dict[ScopeKey, Scope]:

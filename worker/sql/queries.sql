@@ -97,6 +97,14 @@ SELECT 'project', id, organization_id FROM projects WHERE id = ANY($2::uuid[])
 UNION ALL
 SELECT 'user', id, organization_id FROM users WHERE id = ANY($3::uuid[]);
 
+-- name: stored_event_keys
+-- Which of these API-usage event keys (organization, occurred_at, event_id) api_usage holds, under the transaction's
+-- tenant scope: an event whose project or user the platform now places elsewhere is still a redelivery when stored.
+SELECT a.organization_id, a.occurred_at, a.event_id
+FROM unnest($1::uuid[], $2::timestamptz[], $3::text[]) AS k(organization_id, occurred_at, event_id)
+JOIN api_usage a ON a.organization_id = k.organization_id AND a.occurred_at = k.occurred_at
+                AND a.event_id = k.event_id;
+
 -- name: lookup_provider_projects
 -- Every project of the given provider organizations, plus projects known by their legacy OpenAI id.
 SELECT id, organization_id, ai_provider, ai_organization_id, ai_project_id, openai_project_id

@@ -48,6 +48,7 @@ class Tx:
 
     def __init__(self, conn: asyncpg.pool.PoolConnectionProxy) -> None:
         self.conn = conn
+        self.tenants: frozenset[UUID] = frozenset()  # the row-level security scope set last (set_tenants)
 
     async def advance_offsets(self, group_id: str, moves: list[tuple[str, int, int | None, int]]) -> bool:
         """Compare-and-set (topic, partition, expected, next). False when any partition did not move."""
@@ -64,6 +65,20 @@ class Tx:
 
     async def set_tenants(self, organization_ids: set[UUID]) -> None:
         await self.conn.execute(query("set_tenants"), ",".join(sorted(str(o) for o in organization_ids)))
+        self.tenants = frozenset(organization_ids)
+
+    async def stored_event_keys(self, events: Sequence[tuple[UUID, datetime, str]]) -> set[tuple[UUID, datetime, str]]:
+        """Which of these (organization, occurred_at, event_id) keys ``api_usage`` holds. Widens the transaction's
+        tenant scope to their organizations (never narrows it: a later round writes under the scope set before)."""
+        if not events:
+            return set()
+        organizations = {event[0] for event in events}
+        if not organizations <= self.tenants:
+            await self.set_tenants(set(self.tenants | organizations))
+        rows = await self.conn.fetch(
+            query("stored_event_keys"), [e[0] for e in events], [e[1] for e in events], [e[2] for e in events]
+        )
+        return {(row["organization_id"], row["occurred_at"], row["event_id"]) for row in rows}
 
     async def api_usage_admit(self, months: list[date]) -> date | None:
         """Partitions for these UTC months (made if missing); the first month retention keeps (None: all)."""
