@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tests.factories import FakeRecord, dumps
-from worker.batch import decode_batch
+from worker.batch import Batch, decode_batch
 from worker.config import Settings
 from worker.pipeline import Pipeline
 
@@ -26,6 +26,14 @@ class Feeder:
 
     async def apply(self, records: list[FakeRecord]) -> Any:
         batch = decode_batch(records, self.settings)
+        outcome = await self.pipeline.apply(batch, dict(self.stored))
+        for tp, last in batch.last_offsets.items():
+            self.stored[tp] = last + 1
+        return outcome
+
+    async def apply_prepared(self, batch: Batch) -> Any:
+        """Apply a batch decoded (and perhaps prepared: ``Pipeline.prepare``) earlier, as the consumer does with the
+        batch it prepared while the one before it was in the database."""
         outcome = await self.pipeline.apply(batch, dict(self.stored))
         for tp, last in batch.last_offsets.items():
             self.stored[tp] = last + 1

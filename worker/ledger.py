@@ -22,7 +22,7 @@ from worker.outcome import BestResults, Result
 from worker.pricing import PriceBook
 from worker.providers import LedgerLine
 from worker.quarantine import Quarantined, Reason
-from worker.rows import LedgerKey, LedgerRow, WindowKey, WindowRevision
+from worker.rows import LedgerKey, LedgerRow, ProjectLink, WindowKey, WindowRevision
 
 MAX_PROBLEMS = 5  # distinct attribution problems named in a quarantined message's detail
 
@@ -40,6 +40,9 @@ class Ledger:
     lines: Counter[tuple[str, Result]] = field(default_factory=Counter)  # (api_version, outcome)
     unpriced: Counter[str] = field(default_factory=Counter)  # provider
     best: BestResults = field(default_factory=BestResults)  # message index -> best outcome of its lines
+    # The projects the lines were attributed by (``Pipeline._reduce``): a ledger prepared before the batch's
+    # transaction is reduced again in it when the projects it sees differ (``Pipeline._attribution_holds``).
+    links: frozenset[ProjectLink] = frozenset()
 
     def organizations(self) -> set[UUID]:
         """Every organization the batch writes for: the rows' and the windows' owners (retiring needs them)."""

@@ -33,7 +33,7 @@ from worker.ledger_write import write_ledger
 from worker.outcome import BestResults, Outcome, Result
 from worker.pricing import PriceBook, price_keys
 from worker.quarantine import Quarantined, Reason
-from worker.rows import UsageRows
+from worker.rows import ProjectLink, UsageRows
 from worker.store import Database, Tx
 from worker.touches import Touch, midpoint
 from worker.usage import checked_events, usage_rows, write_usage
@@ -112,7 +112,9 @@ class Pipeline:
             tx, batch.usage if batch.usage is not None else usage_rows(batch.events)
         )
         quarantine.extend(unknown)
-        ledger = batch.ledger if batch.ledger is not None else await self._reduce(tx, batch.messages)
+        ledger = batch.ledger
+        if ledger is None or not await self._attribution_holds(tx, ledger, batch.messages):
+            ledger = await self._reduce(tx, batch.messages)
         quarantine.extend(ledger.quarantined)
         outcome.ledger_lines.update(ledger.lines)
         outcome.unpriced.update(ledger.unpriced)
@@ -192,7 +194,9 @@ class Pipeline:
         """Everything that needs no write, done before the batch's transaction opens, so that it does not hold
         the transaction (the consumer calls it while the previous batch is still in the database): the API-usage
         rows priced, the provider messages attributed, priced and reduced, their lookups in a short transaction
-        of their own (projects and prices are never written by batches). Idempotent."""
+        of their own (projects and prices are never written by batches; the platform's changes to projects since
+        are caught by the batch's transaction, which attributes the lines again then: ``_attribution_holds``).
+        Idempotent."""
         if batch.usage is None:
             batch.usage = usage_rows(batch.events)
         if batch.ledger is None and batch.messages:
@@ -200,14 +204,32 @@ class Pipeline:
                 batch.ledger = await self._reduce(tx, batch.messages)
 
     @staticmethod
-    async def _reduce(tx: Tx, messages: list[ProviderMessage]) -> Ledger:
+    async def _links(tx: Tx, messages: list[ProviderMessage]) -> list[ProjectLink]:
+        """The projects attribution needs: those of the messages' provider accounts and legacy project ids."""
+        provider_orgs, legacy = accounts(line for message in messages for line in message.lines)
+        provider_orgs.update((m.provider, m.ai_organization_id) for m in messages if m.windows)
+        return await tx.lookup_provider_projects(provider_orgs, legacy) if provider_orgs else []
+
+    @classmethod
+    async def _reduce(cls, tx: Tx, messages: list[ProviderMessage]) -> Ledger:
         """Look up what attribution and pricing need, then reduce the messages to ledger rows."""
         if not messages:
             return Ledger()
-        lines = [line for message in messages for line in message.lines]
-        provider_orgs, legacy = accounts(lines)
-        provider_orgs.update((m.provider, m.ai_organization_id) for m in messages if m.windows)
-        attribution = Attribution(await tx.lookup_provider_projects(provider_orgs, legacy) if provider_orgs else [])
-        keys = price_keys(lines)
+        links = await cls._links(tx, messages)
+        keys = price_keys(line for message in messages for line in message.lines)
         book = PriceBook(await tx.lookup_prices(keys) if keys else [])
-        return reduce_ledger(messages, attribution, book)
+        ledger = reduce_ledger(messages, Attribution(links), book)
+        ledger.links = frozenset(links)
+        return ledger
+
+    @classmethod
+    async def _attribution_holds(cls, tx: Tx, ledger: Ledger, messages: list[ProviderMessage]) -> bool:
+        """Whether the projects a prepared ledger was attributed by are still what the batch's transaction sees.
+        The platform may delete, move or remap a project between ``prepare`` and the transaction (the consumer
+        prepares a batch while the one before it is in the database): lines written as prepared would then name a
+        deleted project or organization (a foreign-key violation, which stops the worker) or the organization a
+        project has left. One lookup of the projects; the ledger is reduced again, in the transaction, when they
+        changed (README "What counts as spend", rule 4)."""
+        if not messages:
+            return True
+        return frozenset(await cls._links(tx, messages)) == ledger.links
