@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import shutil
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import asyncpg
+
+from worker.migrate import migrate, schema_dir
 
 
 @dataclass(frozen=True)
@@ -223,3 +227,14 @@ async def change_budget(db: asyncpg.Connection, statement: str, *args: Any, at: 
     async with db.transaction():
         await db.execute(statement, *args)
         await db.execute("UPDATE budget_terms SET valid_from = $1 WHERE valid_from = now()", at)
+
+
+async def migrate_before(database_url: str, tmp_path: Path, version: int) -> None:
+    """Migrate the database with this repository's migrations before ``version`` only: the database an upgrade test
+    starts from (a copy of the schema directory under ``tmp_path``)."""
+    before = tmp_path / "schema"
+    shutil.copytree(schema_dir(), before)
+    for path in (before / "migrations").glob("*.sql"):
+        if int(path.name[:4]) >= version:
+            path.unlink()
+    await migrate(database_url, directory=before)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import subprocess
 import sys
 import uuid
@@ -31,7 +30,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests import currency_model
-from tests.factories import api_event, dumps, envelope, make_org, openai_cost_bucket, openai_usage_bucket
+from tests.factories import (
+    api_event,
+    dumps,
+    envelope,
+    make_org,
+    migrate_before,
+    openai_cost_bucket,
+    openai_usage_bucket,
+)
 from tests.feeding import Feeder
 from tests.kafka_helpers import worker_env
 from tests.spend_model import Ledger, periods_overlapping
@@ -55,7 +62,7 @@ from tests.test_spend_rules import (
 from worker import metrics
 from worker.budgets import BudgetEngine
 from worker.config import Settings
-from worker.migrate import migrate, schema_dir
+from worker.migrate import migrate
 from worker.store import Database
 
 EXAMPLES = 40
@@ -352,12 +359,7 @@ async def test_a_project_mapped_to_another_account_changes_what_covers_its_estim
 async def test_the_migration_backfills_the_aggregate(empty_database_url: str, tmp_path: Path) -> None:
     """A database before 0012 with ledger lines, rollups and user rollups: after the migration the aggregate gives
     what the full computation gives, and later writes keep it so."""
-    before = tmp_path / "schema"
-    shutil.copytree(schema_dir(), before)
-    for path in (before / "migrations").glob("*.sql"):
-        if int(path.name[:4]) >= 12:
-            path.unlink()
-    await migrate(empty_database_url, directory=before)
+    await migrate_before(empty_database_url, tmp_path, 12)
     db = await asyncpg.connect(empty_database_url)
     try:
         org = await make_org(db, project_ids=("proj_a", "proj_b"))
@@ -785,12 +787,7 @@ async def test_the_migration_queues_every_organization_for_a_spend_rebuild(
 ) -> None:
     """0044 queues every organization that exists when it runs (aggregates kept before 0035 and 0036 hold their
     error until rebuilt); the writer finds them across tenants, the reader only within its tenants."""
-    before = tmp_path / "schema"
-    shutil.copytree(schema_dir(), before)
-    for path in (before / "migrations").glob("*.sql"):
-        if int(path.name[:4]) >= 44:
-            path.unlink()
-    await migrate(empty_database_url, directory=before)
+    await migrate_before(empty_database_url, tmp_path, 44)
     db = await asyncpg.connect(empty_database_url)
     try:
         orgs = {(await make_org(db)).id, (await make_org(db, ai_org="org-second")).id}

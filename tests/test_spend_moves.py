@@ -20,7 +20,6 @@ in each organization they name, through the worker too.
 
 from __future__ import annotations
 
-import shutil
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -31,11 +30,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.factories import api_event, make_org
+from tests.factories import api_event, make_org, migrate_before
 from tests.feeding import Feeder
 from tests.spend_model import Estimate, Row, SpendModel, periods_overlapping
 from tests.test_spend_aggregate import assert_incremental_equals_rebuilt
-from worker.migrate import migrate, schema_dir
+from worker.migrate import migrate
 
 BASE = datetime(2026, 11, 1, tzinfo=UTC)
 H = timedelta(hours=1)
@@ -343,12 +342,7 @@ async def test_the_migration_keeps_a_moved_projects_scope_per_organization(
     """A database before 0037 whose moved project has rows in both organizations: after the migration both
     organizations' aggregates equal the full computation and the model (A's project scope 18, B's 7), and a later
     write in one organization leaves the other's scope of the project as it is."""
-    before = tmp_path / "schema"
-    shutil.copytree(schema_dir(), before)
-    for path in (before / "migrations").glob("*.sql"):
-        if int(path.name[:4]) >= 37:
-            path.unlink()
-    await migrate(empty_database_url, directory=before)
+    await migrate_before(empty_database_url, tmp_path, 37)
     db = await asyncpg.connect(empty_database_url)
     try:
         org_a = await make_org(db, project_ids=("p",))
@@ -521,12 +515,7 @@ async def test_the_migration_keeps_a_moved_users_scope_per_organization(
     aggregate. Before the migration A's budget of u read 8 from the aggregate and in full; after it, 5 and 5, B's
     budget of u 3 and 3; the migration queued B (not A) for a rebuild, after which B's aggregate equals one rebuilt
     from scratch (the stale row of u is gone)."""
-    before = tmp_path / "schema"
-    shutil.copytree(schema_dir(), before)
-    for path in (before / "migrations").glob("*.sql"):
-        if int(path.name[:4]) >= 45:
-            path.unlink()
-    await migrate(empty_database_url, directory=before)
+    await migrate_before(empty_database_url, tmp_path, 45)
     db = await asyncpg.connect(empty_database_url)
     try:
         org_a = await make_org(db, project_ids=())
@@ -572,12 +561,7 @@ async def test_the_migration_keys_user_rollups_by_organization_online(empty_data
     """A database before 0046 with a user's rollups, and the invalid index a failed concurrent build of the new key
     leaves behind: migrate drops it, builds the key again and swaps it in. The rows are kept as they were, and the
     worker's upsert of the same user, hour and project in another organization writes a row of its own."""
-    before = tmp_path / "schema"
-    shutil.copytree(schema_dir(), before)
-    for path in (before / "migrations").glob("*.sql"):
-        if int(path.name[:4]) >= 46:
-            path.unlink()
-    await migrate(empty_database_url, directory=before)
+    await migrate_before(empty_database_url, tmp_path, 46)
     db = await asyncpg.connect(empty_database_url)
     try:
         org_a = await make_org(db, project_ids=())

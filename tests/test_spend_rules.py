@@ -11,7 +11,6 @@ local midnight).
 
 from __future__ import annotations
 
-import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from tests.factories import (
     dumps,
     envelope,
     make_org,
+    migrate_before,
     openai_cost_bucket,
     openai_usage_bucket,
     ts,
@@ -41,7 +41,7 @@ from tests.feeding import Feeder
 from tests.kafka_helpers import create_topics, produce, run_worker
 from tests.spend_model import Estimate, Ledger, Row, SpendModel, periods_overlapping, sum_lines
 from worker.config import Settings
-from worker.migrate import migrate, schema_dir
+from worker.migrate import migrate
 from worker.providers import COMPLETION_TOKEN_TYPES
 
 EXAMPLES = 60
@@ -979,12 +979,7 @@ async def test_migration_0006_moves_an_existing_database_to_the_new_rules(
 ) -> None:
     """A database at 0005 with data written by the old worker: lines get their report, lines an old re-poll no
     longer had are marked superseded (kept), rollups get their project's provider, alerts stay as they were."""
-    before = tmp_path / "schema"
-    shutil.copytree(schema_dir(), before)
-    for path in (before / "migrations").glob("*.sql"):
-        if int(path.name[:4]) >= 6:
-            path.unlink()
-    await migrate(empty_database_url, directory=before)
+    await migrate_before(empty_database_url, tmp_path, 6)
     db = await asyncpg.connect(empty_database_url)
     try:
         org = await make_org(db, project_ids=("proj_a", "proj_b"))
