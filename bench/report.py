@@ -123,7 +123,13 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"{_get(results, 'tenants', 'single', 'per_second')} events/s from one; "
             f"{_get(results, 'tenants', 'spread', 'periods_per_batch')} budget periods evaluated per batch in "
             f"{_get(results, 'tenants', 'spread', 'evaluation_mean_ms')} ms"
-            + (" (time-boxed)" if _get(results, "tenants", "spread", "time_boxed") else ""),
+            + (" (time-boxed)" if _get(results, "tenants", "spread", "time_boxed") else "")
+            + (
+                f"; {_get(results, 'tenants', 'floor', 'spread_over_single')} with no budgets and no spend "
+                "aggregate (the floor)"
+                if _get(results, "tenants", "floor", "spread_over_single")
+                else ""
+            ),
         ),
         "budgets_full_periods": (
             _get(results, "budgets", "cases", "full_periods", "median_ms"),
@@ -561,8 +567,15 @@ def _tenants_section(results: dict[str, Any]) -> list[str]:
         "",
     ]
     rows = []
-    for name, orgs in (("single", 1), ("spread", t.get("organizations"))):
-        d = t.get(name) or {}
+    floor = t.get("floor") or {}
+    for name, orgs, d in (
+        ("single", 1, t.get("single") or {}),
+        ("spread", t.get("organizations"), t.get("spread") or {}),
+        ("floor: single", 1, floor.get("single") or {}),
+        ("floor: spread", t.get("organizations"), floor.get("spread") or {}),
+    ):
+        if not d:
+            continue
         stages = _get(d, "worker_metrics", "batch_stage_seconds") or {}
         rows.append(
             [
@@ -590,6 +603,18 @@ def _tenants_section(results: dict[str, Any]) -> list[str]:
         rows,
     )
     out += ["", f"Spread over single: **{_fmt(t.get('spread_over_single'))}** (target >= 0.8).", ""]
+    if floor:
+        rollups = floor.get("rollups") or {}
+        out += [
+            f"The floor: the same backlogs drained into a second database with no budgets and the spend "
+            f"aggregate's triggers disabled ({_fmt(rollups.get('spend_hourly'))} aggregate rows after the drains), "
+            "so each batch wrote only what its transaction holds without budgets: the `api_usage` rows, the two "
+            f"hourly rollups ({_fmt(rollups.get('project_metrics'))} project and "
+            f"{_fmt(rollups.get('user_metrics'))} user rows in the end) and the offsets. Spread over single there: "
+            f"**{_fmt(floor.get('spread_over_single'))}**, the bound on the figure above for any budget design "
+            "that keeps the rollups in the batch's transaction.",
+            "",
+        ]
     return out
 
 

@@ -303,19 +303,49 @@ class Run:
             "events": cfg.tenant_events,
         }
         self.results["tenants"] = out
+        await self._tenant_drains(out, database, backlogs, produced, budgets=world)
+        # The floor: the same three backlogs drained into a second database where nothing of budgets runs (no
+        # budgets, the spend aggregate's triggers disabled), so each batch writes only what the mission puts in
+        # its transaction without budgets: the rows, the two hourly rollups and the offsets. Whatever budgets
+        # cost, the ratio above cannot pass this one.
+        floor_database = await self.database("tenants_floor")
+        floor_url = self.servers.url(floor_database)
+        await tenants.install(floor_url, world)
+        await tenants.without_budget_machinery(floor_url)
+        floor: dict[str, Any] = {}
+        out["floor"] = floor
+        await self._tenant_drains(floor, floor_database, backlogs, produced, budgets=None)
+        floor["rollups"] = await tenants.rollup_counts(floor_url)
+        await services.drop_database(self.servers, floor_database)
+
+    async def _tenant_drains(
+        self,
+        out: dict[str, Any],
+        database: str,
+        backlogs: dict[str, str],
+        produced: dict[str, Any],
+        *,
+        budgets: w.World | None,
+    ) -> None:
+        """History, then the single and the spread backlog, each by a fresh group, into ``database``; with
+        ``budgets``, that world's 3 budgets per organization are added once the history is in."""
+        cfg = self.cfg
+        url = self.servers.url(database)
+        label = "tenants" if budgets is not None else "tenants floor"
+        prefix = f"bench-{self.servers.run_id}-{label.replace(' ', '-')}"
         for name, boxed in (
             ("history", None),
             ("single", cfg.tenant_max_seconds[0]),
             ("spread", cfg.tenant_max_seconds[1]),
         ):
-            if name == "single":  # the history is in: now the budgets, and the periods they read are full
-                out["budgets"], out["registration_ms"] = await tenants.add_budgets(url, world)
+            if name == "single" and budgets is not None:  # the history is in: the budgets, the periods are full
+                out["budgets"], out["registration_ms"] = await tenants.add_budgets(url, budgets)
                 out["rollups"] = await tenants.rollup_counts(url)
             end = produced[name].end
-            task = self.console.task(f"tenants: {name}", end, "events")
+            task = self.console.task(f"{label}: {name}", end, "events")
             result = await drain(
                 self.servers,
-                label=f"tenants-{name}",
+                label=f"{label.replace(' ', '-')}-{name}",
                 database=database,
                 group=f"{prefix}-{name}",
                 topics=Topics(backlogs[name], self.none.buckets, self.none.alerts, self.none.dead_letter),

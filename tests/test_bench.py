@@ -133,6 +133,17 @@ def test_tiny_benchmark_writes_every_section(tmp_path: Path) -> None:
     assert tenants["single"]["periods_per_batch"] > 0
     assert tenants["spread"]["periods_per_batch"] > tenants["single"]["periods_per_batch"]
     assert tenants["spread_over_single"] > 0
+    assert tenants["rollups"]["spend_hourly"] > 0  # the aggregate is kept beside the rollups
+    # The floor: the same backlogs stored whole where no budget exists and the aggregate is not maintained.
+    floor = tenants["floor"]
+    for name in ("history", "single", "spread"):
+        assert floor[name]["complete"], name
+        assert floor[name]["units"] == tenants[name]["units"], name
+        assert not floor[name]["periods_per_batch"], name
+    assert floor["rollups"]["spend_hourly"] == 0
+    assert floor["rollups"]["api_usage"] == tenants["history_backlog"]["events"] + 2 * config["tenant_events"]
+    assert floor["spread_over_single"] > 0
+    assert "(the floor)" in (out / "latest.md").read_text()
 
     # Bytes per row (partitions and indexes included) for the capacity model, measured where the worker wrote.
     for table in ("api_usage", "cost_data"):
