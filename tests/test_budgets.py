@@ -278,6 +278,28 @@ async def test_spend_lands_in_the_period_of_the_budget_time_zone(db: asyncpg.Con
     assert rows == {berlin: datetime(2026, 10, 31, 23, tzinfo=UTC), utc: datetime(2026, 10, 1, tzinfo=UTC)}
 
 
+async def test_a_day_that_starts_after_a_spring_forward_gap_alerts_on_its_own_spend(
+    db: asyncpg.Connection, feeder: Feeder
+) -> None:
+    """America/Santiago springs forward from 00:00 to 01:00 on 6 September 2026: midnight does not happen, so
+    the 5th (UTC-4) ends and the 6th (UTC-3) starts at 04:00 UTC, and the 6th is 23 hours long. Spend on both
+    sides of the jump belongs to two days: neither alerts, and the 6th alerts once its own spend crosses, with
+    its own start (an hour off at the gap would put 6 + 6 into one day and alert early, or the 6th's last
+    hour into the 7th)."""
+    org = await make_org(db)
+    budget = await add_budget(
+        db, "organization", org, "10", period="daily", timezone="America/Santiago", thresholds=(100,)
+    )
+    await feeder.events(spend_event(org, "6", at="2026-09-06T03:30:00Z"))  # 23:30 on the 5th, UTC-4
+    await feeder.events(spend_event(org, "6", at="2026-09-06T04:30:00Z"))  # 01:30 on the 6th, UTC-3
+    assert await alerts(db) == []
+    await feeder.events(spend_event(org, "5", at="2026-09-07T02:30:00Z"))  # 23:30 on the 6th
+    await feeder.events(spend_event(org, "5", at="2026-09-07T03:30:00Z"))  # 00:30 on the 7th
+    sixth = datetime(2026, 9, 6, 4, tzinfo=UTC)
+    assert sixth == datetime(2026, 9, 6, 1, tzinfo=ZoneInfo("America/Santiago"))
+    assert await alerts(db) == [("organization", budget, sixth, Decimal(100), Decimal(11))]
+
+
 async def test_provider_costs_replace_estimates_never_add_to_them(db: asyncpg.Connection, feeder: Feeder) -> None:
     org = await make_org(db, project_ids=("proj_a", "proj_b"))
     a = org.projects["proj_a"]
