@@ -235,12 +235,21 @@ usage_windows AS MATERIALIZED (
            u.bucket_start_time, u.bucket_end_time
     FROM accounts a
     LEFT JOIN spend_reach r ON r.organization_id = a.organization_id
-    JOIN cost_data u
-      ON u.organization_id = a.organization_id
-     AND u.bucket_start_time >= a.span_start - coalesce(r.window_max, interval '31 days')
-     AND u.bucket_start_time < a.span_end
-    WHERE u.provider = a.provider AND u.ai_organization_id = a.ai_organization_id AND u.bucket_end_time > a.span_start
-      AND u.api_version = 'usage_v1' AND u.superseded_at IS NULL AND u.amount IS NOT NULL
+    CROSS JOIN LATERAL (
+        -- OFFSET 0 keeps this a probe per account: flattened into a join, the planner (which cannot count the
+        -- tenants' rows under row-level security) hashed every row of the batch's organizations instead, 2.1
+        -- million rows for 20 accounts in the benchmark's grown tables (1.4 s per batch).
+        SELECT c.organization_id, c.project_id, c.provider, c.ai_organization_id, c.bucket_start_time,
+               c.bucket_end_time
+        FROM cost_data c
+        WHERE c.organization_id = a.organization_id
+          AND c.bucket_start_time >= a.span_start - coalesce(r.window_max, interval '31 days')
+          AND c.bucket_start_time < a.span_end
+          AND c.provider = a.provider AND c.ai_organization_id = a.ai_organization_id
+          AND c.bucket_end_time > a.span_start
+          AND c.api_version = 'usage_v1' AND c.superseded_at IS NULL AND c.amount IS NOT NULL
+        OFFSET 0
+    ) u
 )
 SELECT DISTINCT u.organization_id, u.project_id, u.bucket_start_time, u.bucket_end_time
 FROM usage_windows u
